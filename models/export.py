@@ -6,12 +6,17 @@ Behaviour measured on torch 2.13 / onnxscript 0.7 (see also DESIGN.md §9):
   currently 20).
 
   - ``fold_bn=True`` passes ``optimize=True``: onnxscript's optimizer folds every BatchNorm that
-    directly follows a Conv/ConvTranspose into it (a bias-free Conv gains a new bias
-    initializer named ``val_N``), and constant-folds shape arithmetic.  BatchNorms that follow
-    anything else (DenseNet's pre-activation BN after a Concat or a ReLU) stay.
+    directly follows a Conv into it and constant-folds shape arithmetic.  The folded tensors
+    keep the torch names (``0.0.weight``, ``0.0.bias``) although their values differ from the
+    torch parameters; a bias-free Conv gains a bias initializer named ``<weight name>_bias``.
+    BatchNorms that follow anything else (DenseNet's pre-activation BN after a Concat or a
+    ReLU) stay.
   - ``fold_bn=False`` passes ``optimize=False``: every BatchNorm stays, and the graph is left
     unoptimised, e.g. a bias-free Conv receives a zero bias built at run time from
     ``Shape``/``Expand``/``CastLike`` nodes, and ``Flatten`` is a ``Concat``+``Reshape``.
+    For a bias-free Conv3d that zero bias has the wrong shape ``[C_out, 2]`` in onnxscript 0.7
+    (microsoft/onnxscript#2931) and onnxruntime rejects the model; the optimised export is
+    fine.
 
 * ``exporter="legacy"`` (TorchScript, ``dynamo=False``; deprecated), opset 17 by default.
   The model is exported in eval mode (``training=TrainingMode.EVAL``).
