@@ -1,0 +1,216 @@
+"""Run the rule table over a graph and solve: the symmetry analysis.
+
+``analyze(model)`` walks the nodes in topological order.  Graph inputs get one
+pinned neuron each; every node's rule (or, when the op is unknown or its rule
+does not apply, a pin of all its neurons with the reason) states constraints;
+graph outputs are pinned.  Weights used by several nodes must scale the same
+way under every use: uses with the same structure are tied factor by factor,
+others become monomials; weights whose elements are all equal (exporters merge
+such initializers, e.g. every LayerNorm weight = 1 at initialization) are
+instead given a private copy per use when their scalings differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphteleport.analysis.constraints import Absorb, Factor, Unsupported
+from graphteleport.analysis.context import Context
+from graphteleport.analysis.graphinfo import GraphInfo
+from graphteleport.analysis.rules import RULES, SHAPE_ONLY
+from graphteleport.analysis.solve import Solution, solve
+
+log = logging.getLogger(__name__)
+
+
+def run_rules(ctx: Context) -> None:
+    """Seed the graph inputs, apply every node's rule, pin the graph outputs."""
+    graph = ctx.info.graph
+    for v in graph.inputs:
+        if ctx.info.is_float(v) and not ctx.const(v):
+            ctx.begin_value()
+            shape = ctx.info.shape(v)
+            ids = ctx.new([1] * len(shape) if shape is not None else [], v.name or "input")
+            ctx.pin(ids, "graph input")
+            ctx.set(v, ids)
+            ctx.commit()
+    for node in graph:
+        apply_rule(ctx, node)
+    for v in graph.outputs:
+        if ctx.act(v):
+            ctx.pin(ctx.ids(v), "graph output")
+
+
+def apply_rule(ctx: Context, node: ir.Node) -> None:
+    """Apply ``node``'s rule; on :class:`Unsupported`, undo it and pin the node."""
+    if all(ctx.const(o) for o in node.outputs) or node.op_type in SHAPE_ONLY:
+        return
+    mark = ctx.begin(node)
+    rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    try:
+        if _has_subgraph(node):
+            raise Unsupported(f"{node.op_type} has subgraphs")
+        if rule is None:
+            raise Unsupported(f"unknown op {_op_name(node)}")
+        rule(ctx, node)
+        _seed_untracked_outputs(ctx, node)
+    except Unsupported as e:
+        ctx.abort(mark)
+        _pin_node(ctx, node, _reason(node, str(e), rule is None))
+    except (ValueError, IndexError, TypeError) as e:  # a rule met a case it did not foresee
+        log.debug("rule for %s failed", node.name, exc_info=True)
+        ctx.abort(mark)
+        _pin_node(ctx, node, f"{node.op_type}: rule failed ({type(e).__name__})")
+    ctx.commit()
+
+
+def _op_name(node: ir.Node) -> str:
+    return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _reason(node: ir.Node, message: str, unknown: bool) -> str:
+    return message if unknown else f"{node.op_type}: {message}"
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for a in node.attributes.values()
+    )
+
+
+def _seed_untracked_outputs(ctx: Context, node: ir.Node) -> None:
+    for v in node.outputs:
+        if ctx.info.is_float(v) and not ctx.const(v) and not ctx.act(v):
+            raise Unsupported(f"output {v.name!r} was not tracked")
+
+
+def _pin_node(ctx: Context, node: ir.Node, reason: str) -> None:
+    """Pin every neuron the node touches: inputs (also those its subgraphs read) and outputs."""
+    for v in [*node.inputs, *_captured(node)]:
+        if v is not None and ctx.act(v):
+            ctx.pin(ctx.ids(v), reason)
+    for v in node.outputs:
+        if ctx.info.is_float(v) and not ctx.const(v):
+            shape = ctx.info.shape(v)
+            ids = ctx.new([1] * len(shape) if shape is not None else [], v.name or "")
+            ctx.pin(ids, reason)
+            ctx.set(v, ids)
+
+
+def _captured(node: ir.Node) -> list[ir.Value]:
+    """Values of the outer graph read inside the node's subgraphs."""
+    out: list[ir.Value] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        else:
+            continue
+        for g in graphs:
+            for inner in g.all_nodes() if hasattr(g, "all_nodes") else g:
+                out.extend(v for v in inner.inputs if v is not None and v.graph is not g)
+    return out
+
+
+# -- shared weights -------------------------------------------------------------------------
+def is_uniform(tensor: np.ndarray) -> bool:
+    """All elements equal: sharing such a tensor between uses is an exporter's accident."""
+    flat = tensor.reshape(-1)
+    return flat.size == 0 or bool(np.all(flat == flat[0]))
+
+
+def tie_shared_weights(ctx: Context) -> set[int]:
+    """Make every weight used more than once scale consistently.
+
+    Returns the ids of the sources that get a private copy per use instead.
+    """
+    by_source: dict[int, list[Absorb]] = defaultdict(list)
+    for ab in ctx.c.absorbs:
+        by_source[id(ab.source.value)].append(ab)
+    private: set[int] = set()
+    for key, uses in by_source.items():
+        if len(uses) < 2:
+            continue
+        if is_uniform(_source_array(uses[0])):
+            private.add(key)
+            continue
+        first = uses[0]
+        for other in uses[1:]:
+            _consistent(ctx, first, other)
+    return private
+
+
+def _source_array(ab: Absorb) -> np.ndarray:
+    ref = ab.source
+    if ref.is_node:
+        return np.asarray(ref.value.attributes["value"].as_tensor().numpy())  # type: ignore[attr-defined]
+    return np.asarray(ref.value.const_value.numpy())  # type: ignore[attr-defined]
+
+
+def _in_source_space(ab: Absorb, size: int) -> tuple[IntArrayPair, list[Factor]]:
+    """Each factor's ids at the source's flat elements, with the elements covered."""
+    index = np.arange(size) if ab.index is None else ab.index.reshape(-1)
+    if ab.expand:
+        raise Unsupported("broadcast-expanded weight shared by several uses")
+    return index, [Factor(np.broadcast_to(f.ids, ab.shape).reshape(-1), f.exp) for f in ab.factors]
+
+
+IntArrayPair = np.ndarray
+
+
+def _consistent(ctx: Context, a: Absorb, b: Absorb) -> None:
+    """Uses a and b of one weight must give each element the same scale."""
+    size = _source_array(a).size
+    try:
+        ia, fa = _in_source_space(a, size)
+        ib, fb = _in_source_space(b, size)
+    except Unsupported:
+        for ab in (a, b):
+            for f in ab.factors:
+                ctx.pin(f.ids, f"weight {ab.source.name} is shared and broadcast")
+        return
+    common, pa, pb = np.intersect1d(ia, ib, return_indices=True)
+    if not common.size:
+        return
+    if [f.exp for f in fa] == [f.exp for f in fb]:
+        for x, y in zip(fa, fb):
+            ctx.tie(x.ids[pa], y.ids[pb])
+        return
+    ctx.monomial([(f.ids[pa], f.exp) for f in fa] + [(f.ids[pb], -f.exp) for f in fb])
+
+
+# -- entry point ----------------------------------------------------------------------------
+class Analysis:
+    """The result of the analysis: the rules' context and the solved classes."""
+
+    def __init__(self, ctx: Context, solution: Solution, private: set[int]) -> None:
+        self.ctx = ctx
+        self.solution = solution
+        self.private = private
+
+    @property
+    def absorbs(self) -> list[Absorb]:
+        return self.ctx.c.absorbs
+
+
+def analyze_model(
+    model: ir.Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    mode: str = "absorb",
+) -> Analysis:
+    """Find every cofactor ``model`` admits (see DESIGN.md §3)."""
+    info = GraphInfo(model, input_shapes)
+    ctx = Context(info, mode)
+    run_rules(ctx)
+    private = tie_shared_weights(ctx)
+    touched = [f.ids.reshape(-1) for ab in ctx.c.absorbs for f in ab.factors]
+    touched_ids = np.unique(np.concatenate(touched)) if touched else np.zeros(0, np.int64)
+    solution = solve(ctx.c, touched_ids)
+    return Analysis(ctx, solution, private)

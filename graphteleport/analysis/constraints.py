@@ -1,0 +1,158 @@
+"""The constraint store the op rules write into.
+
+Neurons are integers ``0 .. n-1``.  An activation tensor carries a *compact id
+array*: the same rank as the tensor, each axis either full size (a feature axis:
+neurons differ along it) or size 1 (a broadcast axis: one cofactor along it).
+Rules emit:
+
+* ``tie(a, b)``: τ_a = τ_b elementwise (after broadcasting);
+* ``relate(a, b)``: τ_a = 1/τ_b;
+* ``restrict(ids, flag, reason)``: the neurons' cofactors lie in a group;
+* ``monomial([(ids, e), ...])``: Π τ^e = 1 elementwise, resolved after a first
+  solve (products of activations, weights shared by several uses);
+* ``absorb(...)``: how a constant tensor scales, ``W' = W · Π τ[ids]^e``.
+
+Emissions made while a rule runs can be rolled back if the rule turns out not to
+apply (it raises :class:`Unsupported`); the node is then pinned instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntFlag
+
+import numpy as np
+
+IntArray = np.ndarray
+
+
+class Flag(IntFlag):
+    """Group restrictions as bits; the group of a class is the meet of its members'."""
+
+    NONE = 0
+    POSITIVE = 1  # τ > 0: ReLU family, MaxPool
+    SIGN = 2  # τ = ±1: odd activations, self-inverse classes
+    PIN = 4  # τ = 1
+
+
+def group_name(flags: int) -> str:
+    """Name the group a set of flags leaves: any, positive, sign or pinned."""
+    if flags & Flag.PIN or (flags & Flag.POSITIVE and flags & Flag.SIGN):
+        return "pinned"
+    if flags & Flag.SIGN:
+        return "sign"
+    if flags & Flag.POSITIVE:
+        return "positive"
+    return "any"
+
+
+class Unsupported(Exception):  # noqa: N818 - a signal between rules and the runner
+    """Raised by a rule whose preconditions fail; the node's neurons are pinned."""
+
+
+@dataclass
+class Factor:
+    """One factor ``τ[ids]^exp`` of a scaling; ``ids`` broadcasts to the target shape."""
+
+    ids: IntArray
+    exp: int
+
+
+@dataclass
+class ConstRef:
+    """Where a constant tensor lives: an initializer value or a Constant node."""
+
+    name: str
+    value: object  # onnx_ir.Value (initializer) or onnx_ir.Node (Constant)
+    is_node: bool = False
+
+
+@dataclass
+class Absorb:
+    """A constant used by ``node`` absorbs ``S = Π τ[f.ids]^f.exp``.
+
+    ``shape`` is the shape S is computed in (the used tensor's shape, possibly a
+    broadcast-expanded one); ``index`` maps each element of that used tensor to a
+    flat element of the source (None: the used tensor *is* the source).
+    """
+
+    source: ConstRef
+    shape: tuple[int, ...]
+    factors: list[Factor]
+    node: object  # the onnx_ir.Node that uses the constant
+    input_index: int
+    index: IntArray | None = None
+    expand: bool = False
+
+
+@dataclass
+class Block:
+    """A run of neurons created together (a layer's outputs): a vertex of the quiver."""
+
+    start: int
+    size: int
+    name: str
+    op: str
+
+
+@dataclass
+class Constraints:
+    """Everything the rules said, in flat lists of numpy arrays."""
+
+    n: int = 0
+    ties: list[tuple[IntArray, IntArray]] = field(default_factory=list)
+    relations: list[tuple[IntArray, IntArray]] = field(default_factory=list)
+    flags: list[tuple[IntArray, int, str]] = field(default_factory=list)
+    monomials: list[list[Factor]] = field(default_factory=list)
+    absorbs: list[Absorb] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+
+    def new(self, shape: tuple[int, ...], name: str, op: str) -> IntArray:
+        """Allocate ``prod(shape)`` fresh neurons laid out in ``shape``."""
+        size = int(np.prod(shape, dtype=np.int64))
+        ids = np.arange(self.n, self.n + size, dtype=np.int64).reshape(shape)
+        self.blocks.append(Block(self.n, size, name, op))
+        self.n += size
+        return ids
+
+    def tie(self, a: IntArray, b: IntArray) -> None:
+        a, b = np.broadcast_arrays(a, b)
+        if a.size:
+            self.ties.append((a.ravel().copy(), b.ravel().copy()))
+
+    def relate(self, a: IntArray, b: IntArray) -> None:
+        a, b = np.broadcast_arrays(a, b)
+        if a.size:
+            self.relations.append((a.ravel().copy(), b.ravel().copy()))
+
+    def restrict(self, ids: IntArray, flag: int, reason: str) -> None:
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        if ids.size:
+            self.flags.append((ids, int(flag), reason))
+
+    def rollback_last_block(self) -> None:
+        """Forget the most recent allocation (it turned out not to be needed)."""
+        block = self.blocks.pop()
+        assert block.start + block.size == self.n
+        self.n = block.start
+
+    def mark(self) -> tuple[int, ...]:
+        """A snapshot to roll back to if a rule does not apply."""
+        return (
+            self.n,
+            len(self.ties),
+            len(self.relations),
+            len(self.flags),
+            len(self.monomials),
+            len(self.absorbs),
+            len(self.blocks),
+        )
+
+    def rollback(self, mark: tuple[int, ...]) -> None:
+        self.n = mark[0]
+        del self.ties[mark[1] :]
+        del self.relations[mark[2] :]
+        del self.flags[mark[3] :]
+        del self.monomials[mark[4] :]
+        del self.absorbs[mark[5] :]
+        del self.blocks[mark[6] :]

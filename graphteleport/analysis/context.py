@@ -1,0 +1,193 @@
+"""What a rule sees: the node's values as compact id arrays, and the constraint store.
+
+A rule is ``rule(ctx, node) -> None``.  It reads input ids with ``ctx.ids``,
+writes output ids with ``ctx.set``, and states constraints with ``ctx.tie``,
+``ctx.relate``, ``ctx.restrict``/``ctx.pin``, ``ctx.monomial`` and
+``ctx.absorb``.  When a precondition fails it raises :class:`Unsupported` with a
+human reason; the runner then undoes what the rule emitted and pins the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from graphteleport.analysis.constraints import (
+    Absorb,
+    Constraints,
+    Factor,
+    Flag,
+    Unsupported,
+)
+from graphteleport.analysis.graphinfo import GraphInfo
+
+IntArray = np.ndarray
+MAX_TRACKED_ELEMENTS = 64_000_000
+
+
+def align(ids: IntArray, rank: int) -> IntArray:
+    """Prepend size-1 axes so ``ids`` has ``rank`` axes (numpy broadcasting rules)."""
+    if ids.ndim > rank:
+        if any(s != 1 for s in ids.shape[: ids.ndim - rank]):
+            raise Unsupported("broadcast to a lower rank")
+        return ids.reshape(ids.shape[ids.ndim - rank :])
+    return ids.reshape((1,) * (rank - ids.ndim) + ids.shape)
+
+
+def compress(full: IntArray) -> IntArray:
+    """Shrink every axis along which the ids do not change to size 1."""
+    for ax in range(full.ndim):
+        if full.shape[ax] > 1:
+            first = full.take([0], axis=ax)
+            if np.array_equal(full, np.broadcast_to(first, full.shape)):
+                full = first
+    return np.ascontiguousarray(full)
+
+
+class Context:
+    """The state of one analysis: id arrays per value, and the constraints so far."""
+
+    def __init__(self, info: GraphInfo, mode: str = "absorb") -> None:
+        self.info = info
+        self.mode = mode
+        self.c = Constraints()
+        self.values: dict[int, IntArray] = {}
+        self.names: dict[int, str] = {}
+        self._pending: dict[int, tuple[ir.Value, IntArray]] = {}
+        self.node: ir.Node | None = None
+
+    # -- values -------------------------------------------------------------------------
+    def act(self, v: ir.Value | None) -> bool:
+        """True when ``v`` carries neurons (a float tensor that is not a constant)."""
+        return v is not None and (id(v) in self.values or id(v) in self._pending)
+
+    def const(self, v: ir.Value | None) -> bool:
+        return self.info.is_const(v)
+
+    def shape(self, v: ir.Value) -> tuple[int, ...]:
+        shape = self.info.shape(v)
+        if shape is None:
+            raise Unsupported(f"shape of {v.name!r} is unknown")
+        return shape
+
+    def ids(self, v: ir.Value) -> IntArray:
+        key = id(v)
+        if key in self._pending:
+            return self._pending[key][1]
+        if key not in self.values:
+            raise Unsupported(f"{v.name!r} carries no neurons")
+        return self.values[key]
+
+    def full(self, v: ir.Value) -> IntArray:
+        """The ids of ``v`` broadcast to its whole shape."""
+        shape = self.shape(v)
+        if int(np.prod(shape, dtype=np.int64)) > MAX_TRACKED_ELEMENTS:
+            raise Unsupported(f"{v.name!r} is too large to track element by element")
+        return np.broadcast_to(align(self.ids(v), len(shape)), shape)
+
+    def set(self, v: ir.Value | None, ids: IntArray) -> None:
+        """Give output ``v`` the id array ``ids`` (committed when the rule succeeds)."""
+        if v is None or not self.info.is_float(v) or self.const(v):
+            return
+        shape = self.info.shape(v)
+        if shape is not None:
+            ids = align(np.asarray(ids, dtype=np.int64), len(shape))
+            if any(s not in (1, t) for s, t in zip(ids.shape, shape)):
+                raise Unsupported(f"id layout {ids.shape} does not fit {v.name!r} {shape}")
+        self._pending[id(v)] = (v, ids)
+
+    def new(self, shape: Sequence[int], name: str = "") -> IntArray:
+        node = self.node
+        label = name or (node.name if node is not None else "") or ""
+        return self.c.new(tuple(int(s) for s in shape), label, node.op_type if node else "")
+
+    def new_for(self, v: ir.Value, feature_axes: Sequence[int]) -> IntArray:
+        """Fresh neurons for ``v``, one per position along ``feature_axes``."""
+        shape = self.shape(v)
+        axes = {a % len(shape) for a in feature_axes}
+        return self.new([s if k in axes else 1 for k, s in enumerate(shape)], v.name or "")
+
+    # -- constraints --------------------------------------------------------------------
+    def tie(self, a: IntArray, b: IntArray) -> None:
+        self.c.tie(a, b)
+
+    def relate(self, a: IntArray, b: IntArray) -> None:
+        self.c.relate(a, b)
+
+    def restrict(self, ids: IntArray, flag: int, reason: str) -> None:
+        self.c.restrict(ids, flag, reason)
+
+    def pin(self, ids: IntArray, reason: str) -> None:
+        self.c.restrict(ids, Flag.PIN, reason)
+
+    def monomial(self, factors: list[tuple[IntArray, int]]) -> None:
+        """Π τ[ids]^e = 1 elementwise; resolved once pins are known."""
+        arrays = np.broadcast_arrays(*[f for f, _ in factors])
+        self.c.monomials.append([Factor(a.copy(), e) for a, (_, e) in zip(arrays, factors)])
+
+    def collapse(self, ids: IntArray, axes: Sequence[int]) -> IntArray:
+        """Tie the neurons along ``axes`` together; return the ids with those axes at size 1."""
+        axes = sorted({a % ids.ndim for a in axes if ids.shape[a % ids.ndim] > 1})
+        if not axes:
+            return ids
+        rep = ids[tuple(slice(0, 1) if k in axes else slice(None) for k in range(ids.ndim))]
+        self.tie(ids, rep)
+        return rep
+
+    def absorb(
+        self, v: ir.Value, factors: list[tuple[IntArray, int]], *, expand: bool = False
+    ) -> bool:
+        """Constant ``v`` (input of the current node) takes ``W' = W · Π τ[ids]^e``.
+
+        The factors broadcast to ``v``'s shape, or, with ``expand``, to a larger
+        shape the constant may be broadcast-expanded to.  Returns False when the
+        constant cannot be rewritten (it is computed, not stored).
+        """
+        node = self.node
+        assert node is not None
+        src = self.info.source(v) if self.info.is_float(v) else None
+        if src is None:
+            return False
+        ref, index = src
+        shape = tuple(self.info.value(v).shape)
+        target = np.broadcast_shapes(shape, *[np.shape(f) for f, _ in factors])
+        if target != shape and (not expand or index is not None):
+            return False
+        arrays = [align(np.asarray(f, dtype=np.int64), len(target)) for f, _ in factors]
+        if index is not None and np.unique(index).size != index.size:
+            return False
+        self.c.absorbs.append(
+            Absorb(
+                source=ref,
+                shape=target,
+                factors=[Factor(a, e) for a, (_, e) in zip(arrays, factors)],
+                node=node,
+                input_index=list(node.inputs).index(v),
+                index=index,
+                expand=target != shape,
+            )
+        )
+        return True
+
+    # -- node bookkeeping ---------------------------------------------------------------
+    def begin_value(self) -> None:
+        """Start work outside any node (seeding graph inputs)."""
+        self.node = None
+        self._pending = {}
+
+    def begin(self, node: ir.Node) -> tuple[int, ...]:
+        self.node = node
+        self._pending = {}
+        return self.c.mark()
+
+    def commit(self) -> None:
+        for key, (v, ids) in self._pending.items():
+            self.values[key] = ids
+            self.names[key] = v.name or ""
+        self._pending = {}
+
+    def abort(self, mark: tuple[int, ...]) -> None:
+        self.c.rollback(mark)
+        self._pending = {}

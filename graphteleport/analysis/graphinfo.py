@@ -1,0 +1,240 @@
+"""Static facts about an ONNX graph the rules need: shapes, constants, provenance.
+
+* Shapes come from ``onnx.shape_inference`` run on a light copy of the graph
+  (large initializers declared as inputs, so no weight bytes are copied), with
+  the graph inputs' dynamic dimensions replaced by concrete sizes.
+* A value is *constant* when it is an initializer, a Constant node's output, a
+  ``Shape``/``Size`` of a statically shaped value, or computed only from
+  constants.  Constants are evaluated lazily, one node at a time, with
+  ``onnx.reference``.
+* The *provenance* of a constant tells which elements of which stored tensor it
+  is made of, when it was derived from one tensor by data-movement ops only
+  (e.g. ``Transpose(embedding)`` used as an LM head): running the same ops on the
+  element indices of the source gives the map.  Such a constant can absorb a
+  scaling, which is then written back to the stored tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+from graphteleport.analysis.constraints import ConstRef
+from graphteleport.errors import AnalysisError
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+)
+_SMALL_INITIALIZER = 4096  # bytes kept in the copy given to shape inference
+_NOT_CONSTANT_OPS = frozenset(
+    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+     "Bernoulli"}
+)
+# Ops through which a constant keeps a one-to-one element map to its source.
+INDEX_OPS = frozenset(
+    {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather",
+     "Split", "Concat", "DepthToSpace", "SpaceToDepth"}
+)
+
+
+def default_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13)))
+
+
+def _shape_of(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims = type_proto.tensor_type.shape.dim
+    if any(not d.HasField("dim_value") for d in dims):
+        return None
+    return tuple(int(d.dim_value) for d in dims)
+
+
+def _light_graph(graph: ir.Graph, input_shapes: Mapping[str, Sequence[int]]) -> onnx.GraphProto:
+    """A GraphProto with the same nodes, big weights declared as typed inputs."""
+    gp = onnx.GraphProto(name=graph.name or "g")
+    for v in graph.inputs:
+        if v.name in graph.initializers:
+            continue
+        shape = input_shapes.get(v.name or "", v.shape)
+        elem = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
+        dims = [d if isinstance(d, int) else None for d in (shape or [])]
+        gp.input.append(onnx.helper.make_tensor_value_info(v.name, elem, dims))
+    for name, v in graph.initializers.items():
+        t = v.const_value
+        if t is not None and t.nbytes <= _SMALL_INITIALIZER:
+            gp.initializer.append(ir.serde.serialize_tensor(t))
+        elif t is not None:
+            gp.input.append(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape)))
+    for node in graph:
+        gp.node.append(ir.serde.serialize_node(node))
+    for v in graph.outputs:
+        gp.output.append(onnx.ValueInfoProto(name=v.name))
+    return gp
+
+
+def static_shapes(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every value shape inference can resolve, by value name."""
+    shapes = {k: tuple(int(d) for d in s) for k, s in (input_shapes or {}).items()}
+    gp = _light_graph(model.graph, shapes)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(gp, opset_imports=opsets, ir_version=model.ir_version)
+    proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - any failure of onnx's C++ inference
+        raise AnalysisError(f"shape inference failed: {str(e).splitlines()[0]}") from e
+    g = inferred.graph
+    for vi in [*g.input, *g.value_info, *g.output]:
+        shape = _shape_of(vi.type)
+        if shape is not None:
+            shapes.setdefault(vi.name, shape)
+    for name, v in model.graph.initializers.items():
+        if v.const_value is not None:
+            shapes[name] = tuple(v.const_value.shape)
+    return shapes
+
+
+def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """Run one node on numpy inputs with ``onnx.reference``."""
+    proto = ir.serde.serialize_node(node)
+    names = [f"i{k}" if x is not None else "" for k, x in enumerate(inputs)]
+    del proto.input[:]
+    proto.input.extend(names)
+    outs = [o.name or f"o{k}" for k, o in enumerate(node.outputs)]
+    del proto.output[:]
+    proto.output.extend(outs)
+    opsets = {node.domain or "": opset}
+    feeds = {n: x for n, x in zip(names, inputs) if n}
+    return list(ReferenceEvaluator(proto, opsets=opsets).run(None, feeds))
+
+
+class GraphInfo:
+    """Shapes, constants and provenance of one graph, computed once."""
+
+    def __init__(
+        self, model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.opset = default_opset(model)
+        self.shapes = static_shapes(model, input_shapes)
+        self._values: dict[int, np.ndarray] = {}
+        self._sources: dict[int, tuple[ConstRef, np.ndarray | None] | None] = {}
+        self.constant: set[int] = set()
+        self._find_constants()
+
+    # -- shapes -------------------------------------------------------------------------
+    def shape(self, v: ir.Value | None) -> tuple[int, ...] | None:
+        if v is None:
+            return None
+        if v.const_value is not None:
+            return tuple(v.const_value.shape)
+        return self.shapes.get(v.name or "")
+
+    def is_float(self, v: ir.Value) -> bool:
+        return v.dtype in FLOAT_TYPES
+
+    # -- constants ----------------------------------------------------------------------
+    def _find_constants(self) -> None:
+        for v in self.graph.initializers.values():
+            self.constant.add(id(v))
+        for node in self.graph:
+            if self._node_is_constant(node):
+                self.constant.update(id(o) for o in node.outputs)
+
+    def _node_is_constant(self, node: ir.Node) -> bool:
+        if node.op_type in _NOT_CONSTANT_OPS or node.domain not in ("", "ai.onnx"):
+            return False
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for a in node.attributes.values()):
+            return False
+        if node.op_type in ("Shape", "Size"):
+            return self.shape(node.inputs[0]) is not None
+        return all(v is None or id(v) in self.constant for v in node.inputs)
+
+    def is_const(self, v: ir.Value | None) -> bool:
+        return v is not None and id(v) in self.constant
+
+    def is_activation(self, v: ir.Value | None) -> bool:
+        """A float tensor computed from the graph inputs: it carries neurons."""
+        return v is not None and not self.is_const(v) and self.is_float(v)
+
+    def value(self, v: ir.Value) -> np.ndarray:
+        """The numpy value of a constant (evaluated and cached on first use)."""
+        key = id(v)
+        if key not in self._values:
+            self._values[key] = self._compute(v)
+        return self._values[key]
+
+    def _compute(self, v: ir.Value) -> np.ndarray:
+        tensor = ir.convenience.get_const_tensor(v)
+        if tensor is not None:
+            return np.asarray(tensor.numpy())
+        node = v.producer()
+        if node is None:
+            raise AnalysisError(f"value {v.name!r} has no constant value")
+        if node.op_type == "Shape":
+            return self._shape_op(node)
+        if node.op_type == "Size":
+            return np.array(int(np.prod(self.shape(node.inputs[0]) or ())), dtype=np.int64)
+        ins = [None if x is None else self.value(x) for x in node.inputs]
+        outs = evaluate(node, ins, self.opset)
+        for o, arr in zip(node.outputs, outs):
+            self._values[id(o)] = np.asarray(arr)
+        return self._values[id(v)]
+
+    def _shape_op(self, node: ir.Node) -> np.ndarray:
+        shape = np.array(self.shape(node.inputs[0]), dtype=np.int64)
+        start = node.attributes.get("start")
+        end = node.attributes.get("end")
+        lo = start.as_int() if start is not None else 0
+        hi = end.as_int() if end is not None else len(shape)
+        return shape[lo:hi]
+
+    # -- provenance ---------------------------------------------------------------------
+    def source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
+        """The stored tensor a constant is made of, and the element map (None: itself)."""
+        key = id(v)
+        if key not in self._sources:
+            self._sources[key] = self._trace_source(v)
+        return self._sources[key]
+
+    def _trace_source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
+        if v.is_initializer() and v.const_value is not None:
+            return ConstRef(v.name or "", v), None
+        node = v.producer()
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.attributes.get("value") is not None:
+            return ConstRef(v.name or node.name or "", node, is_node=True), None
+        if node.op_type not in INDEX_OPS:
+            return None
+        data = node.inputs[0]
+        if data is None or not self.is_const(data):
+            return None
+        return self._derive_source(node, v, data)
+
+    def _derive_source(
+        self, node: ir.Node, v: ir.Value, data: ir.Value
+    ) -> tuple[ConstRef, np.ndarray | None] | None:
+        src = self.source(data)
+        if src is None or node.op_type == "Concat":
+            return None
+        ref, index = src
+        if index is None:
+            index = np.arange(self.value(data).size, dtype=np.int64).reshape(self.value(data).shape)
+        rest: list[Any] = [None if x is None else self.value(x) for x in node.inputs[1:]]
+        outs = evaluate(node, [index, *rest], self.opset)
+        mapped = np.asarray(outs[list(node.outputs).index(v)])
+        return ref, mapped

@@ -1,0 +1,579 @@
+"""The op rule table: the one place that says how each op constrains cofactors.
+
+Notation (DESIGN.md §1): τ_s, τ_t are the cofactors of the source and target
+neurons of a weight; a rewritten weight is ``W' = τ_t · W / τ_s``.  Every rule
+takes ``(ctx, node)``; see :mod:`graphteleport.analysis.context` for the calls.
+Ops missing from :data:`RULES` are pinned with the op named in the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from graphteleport.analysis.constraints import Flag, Unsupported
+from graphteleport.analysis.context import Context, align, compress
+from graphteleport.analysis.graphinfo import evaluate
+
+Rule = Callable[[Context, ir.Node], None]
+IntArray = np.ndarray
+
+
+def _attr(node: ir.Node, name: str, default: object = None) -> object:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _x(node: ir.Node, k: int = 0) -> ir.Value:
+    if len(node.inputs) <= k or node.inputs[k] is None:
+        raise Unsupported(f"input {k} is missing")
+    v = node.inputs[k]
+    assert v is not None
+    return v
+
+
+def _require_act(ctx: Context, v: ir.Value, what: str) -> IntArray:
+    if not ctx.act(v):
+        raise Unsupported(f"{what} is not an activation")
+    return ctx.ids(v)
+
+
+def _require_const(ctx: Context, v: ir.Value | None, what: str) -> np.ndarray:
+    if v is None or not ctx.const(v):
+        raise Unsupported(f"{what} is not a constant")
+    return ctx.info.value(v)
+
+
+# -- elementwise ----------------------------------------------------------------------------
+def _alias(ctx: Context, node: ir.Node) -> None:
+    """Identity-like: ``f(τx) = τ f(x)`` for any τ; the output is the same neurons."""
+    ctx.set(node.outputs[0], _require_act(ctx, _x(node), "input"))
+
+
+def _positive(reason: str) -> Rule:
+    def rule(ctx: Context, node: ir.Node) -> None:
+        """Positively homogeneous: ``f(τx) = τ f(x)`` for τ > 0 (ReLU family, max)."""
+        ids = _require_act(ctx, _x(node), "input")
+        ctx.restrict(ids, Flag.POSITIVE, reason)
+        ctx.set(node.outputs[0], ids)
+
+    return rule
+
+
+def _odd(ctx: Context, node: ir.Node) -> None:
+    """Odd: ``f(−x) = −f(x)``, so τ = ±1 passes through (absorb mode)."""
+    ids = _require_act(ctx, _x(node), "input")
+    ctx.restrict(ids, Flag.SIGN, f"{node.op_type} is odd, not homogeneous: τ = ±1 only")
+    ctx.set(node.outputs[0], ids)
+
+
+def _not_equivariant(ctx: Context, node: ir.Node) -> None:
+    """``f(τx) ≠ τ f(x)``: input and output neurons keep τ = 1 (insert mode frees them)."""
+    ids = _require_act(ctx, _x(node), "input")
+    reason = f"{node.op_type} is not equivariant (use --mode insert)"
+    ctx.pin(ids, reason)
+    ctx.set(node.outputs[0], ids)
+
+
+def _abs(ctx: Context, node: ir.Node) -> None:
+    """``|τx| = τ|x|`` for τ > 0."""
+    _positive("Abs: |τx| = τ|x| for τ > 0 only")(ctx, node)
+
+
+def _reciprocal(ctx: Context, node: ir.Node) -> None:
+    """``1/(τx) = τ^{-1} (1/x)``: the output relates to the input with exponent −1."""
+    ids = _require_act(ctx, _x(node), "input")
+    out = ctx.new(ids.shape)
+    ctx.relate(out, ids)
+    ctx.set(node.outputs[0], out)
+
+
+def _clip(ctx: Context, node: ir.Node) -> None:
+    """Clip(x, 0, ∞) is ReLU; Clip with no bounds is the identity; other bounds pin."""
+    lo, hi = _clip_bounds(ctx, node)
+    if lo is None and hi is None:
+        return _alias(ctx, node)
+    if hi is None and lo is not None and float(lo) == 0.0:
+        return _positive("Clip(x, 0): ReLU, τ > 0")(ctx, node)
+    return _not_equivariant(ctx, node)
+
+
+def _clip_bounds(ctx: Context, node: ir.Node) -> tuple[object, object]:
+    if ctx.info.opset < 11:
+        return _attr(node, "min"), _attr(node, "max")
+    bounds: list[object] = []
+    for k in (1, 2):
+        v = node.inputs[k] if len(node.inputs) > k else None
+        bounds.append(None if v is None else _require_const(ctx, v, "Clip bound"))
+    return bounds[0], bounds[1]
+
+
+def _cast(ctx: Context, node: ir.Node) -> None:
+    """A float-to-float Cast commutes with scaling (up to rounding); to integers it pins."""
+    if ctx.info.is_float(node.outputs[0]):
+        return _alias(ctx, node)
+    ctx.pin(_require_act(ctx, _x(node), "input"), "Cast to a non-float type")
+    return None
+
+
+def _dropout(ctx: Context, node: ir.Node) -> None:
+    """Dropout at inference is the identity (its mask output carries no neurons)."""
+    _alias(ctx, node)
+
+
+# -- broadcasting n-ary ops -------------------------------------------------------------
+def _out_rank(ctx: Context, node: ir.Node) -> int:
+    return len(ctx.shape(node.outputs[0]))
+
+
+def _same_cofactor(ctx: Context, node: ir.Node, inputs: list[ir.Value], flag: int = 0) -> None:
+    """``f(τa, τb, …) = τ f(a, b, …)``: all activation inputs and the output share τ.
+
+    A constant operand ``c`` absorbs the output cofactor, ``c' = τ_out · c`` (a bias);
+    one that cannot be rewritten pins the output.
+    """
+    rank = _out_rank(ctx, node)
+    acts = [align(ctx.ids(v), rank) for v in inputs if ctx.act(v)]
+    if not acts:
+        raise Unsupported("no activation input")
+    shape = np.broadcast_shapes(*[a.shape for a in acts])
+    out = np.broadcast_to(acts[0], shape).copy()
+    for a in acts[1:]:
+        ctx.tie(a, out)
+    for v in inputs:
+        if not ctx.act(v) and not ctx.absorb(v, [(out, 1)], expand=True):
+            ctx.pin(out, f"{node.op_type} with a computed constant operand")
+    if flag:
+        ctx.restrict(out, flag, f"{node.op_type} commutes with τ > 0 only")
+    ctx.set(node.outputs[0], out)
+
+
+def _add(ctx: Context, node: ir.Node) -> None:
+    """Add/Sub/Sum/Mean/Where branches: ``τa ± τb = τ(a ± b)``; constants act as biases."""
+    data = list(node.inputs[1:]) if node.op_type == "Where" else list(node.inputs)
+    _same_cofactor(ctx, node, [v for v in data if v is not None])
+
+
+def _max(ctx: Context, node: ir.Node) -> None:
+    """Max/Min: ``max(τa, τb) = τ max(a, b)`` for τ > 0."""
+    _same_cofactor(ctx, node, [v for v in node.inputs if v is not None], Flag.POSITIVE)
+
+
+def _mul(ctx: Context, node: ir.Node) -> None:
+    """Mul/Div.
+
+    * activation · constant: a diagonal linear map; ``c' = c · τ_out / τ_x``
+      (``c' = c · τ_out · τ_x`` for ``c / x``), or ``τ_out = τ_x`` if ``c`` is computed;
+    * activation · activation: ``τ_out = τ_a · τ_b^{±1}``, a monomial resolved once
+      the pins are known (one side is usually pinned, e.g. a gate).
+    """
+    a, b = _x(node, 0), _x(node, 1)
+    rank = _out_rank(ctx, node)
+    div = node.op_type == "Div"
+    if ctx.act(a) and ctx.act(b):
+        ia, ib = align(ctx.ids(a), rank), align(ctx.ids(b), rank)
+        out = ctx.new(np.broadcast_shapes(ia.shape, ib.shape))
+        ctx.monomial([(out, 1), (ia, -1), (ib, 1 if div else -1)])
+        ctx.set(node.outputs[0], out)
+        return
+    x, c = (a, b) if ctx.act(a) else (b, a)
+    ix = align(_require_act(ctx, x, "input"), rank)
+    reciprocal = div and c is a  # c / x
+    out = ctx.new(ix.shape)
+    # x·c and x/c: c' = c · (τ_out/τ_x)^{±1};  c/x: c' = c · τ_out · τ_x
+    factors = [(out, 1), (ix, 1)] if reciprocal else [(out, -1 if div else 1), (ix, 1 if div else -1)]
+    if ctx.absorb(c, factors, expand=True):
+        ctx.set(node.outputs[0], out)
+        return
+    ctx.c.rollback_last_block()
+    if reciprocal:
+        out = ctx.new(ix.shape)
+        ctx.relate(out, ix)
+        ctx.set(node.outputs[0], out)
+    else:
+        ctx.set(node.outputs[0], ix)
+
+
+def _pow(ctx: Context, node: ir.Node) -> None:
+    """``(τx)^p = τ^p x^p``: p = 1 is the identity; otherwise pinned."""
+    p = _require_const(ctx, node.inputs[1], "exponent")
+    if p.size == 1 and float(p.ravel()[0]) == 1.0:
+        return _alias(ctx, node)
+    return _not_equivariant(ctx, node)
+
+
+# -- linear layers --------------------------------------------------------------------------
+def _matmul(ctx: Context, node: ir.Node) -> None:
+    """``Y[..., n] = Σ_k X[..., k] W[k, n]``: ``W'[k, n] = W[k, n] · τ_out[n] / τ_in[k]``.
+
+    The input's cofactor may not vary along its rows (they share W), so those axes
+    collapse.  Activation × activation products are handled by :func:`_matmul_acts`.
+    """
+    a, b = _x(node, 0), _x(node, 1)
+    if ctx.act(a) and ctx.act(b):
+        return _matmul_acts(ctx, node, a, b)
+    if ctx.act(a) and len(ctx.shape(b)) >= 2:
+        ia = ctx.ids(a)
+        tin = ctx.collapse(ia, range(ia.ndim - 1)).reshape(-1)
+        tin = np.broadcast_to(tin, (ctx.shape(a)[-1],))
+        out = ctx.new_for(node.outputs[0], [-1])
+        if not ctx.absorb(b, [(out.reshape(1, -1), 1), (tin.reshape(-1, 1), -1)]):
+            raise Unsupported("MatMul weight is computed, not stored")
+        ctx.set(node.outputs[0], out)
+        return None
+    if ctx.act(b) and len(ctx.shape(a)) >= 2 and len(ctx.shape(b)) >= 2:
+        ib = ctx.ids(b)
+        tin = ctx.collapse(ib, [k for k in range(ib.ndim) if k != ib.ndim - 2]).reshape(-1)
+        tin = np.broadcast_to(tin, (ctx.shape(b)[-2],))
+        out = ctx.new_for(node.outputs[0], [-2])
+        if not ctx.absorb(a, [(out.reshape(-1, 1), 1), (tin.reshape(1, -1), -1)]):
+            raise Unsupported("MatMul weight is computed, not stored")
+        ctx.set(node.outputs[0], out)
+        return None
+    raise Unsupported("MatMul with a vector operand")
+
+
+def _matmul_acts(ctx: Context, node: ir.Node, a: ir.Value, b: ir.Value) -> None:
+    """Activation × activation: ``Y = A B`` with ``A[..., m, k]``, ``B[..., k, n]``.
+
+    * one operand uniform over its matrix axes (e.g. softmax probabilities): it is
+      pinned and the output carries the other operand's cofactors (P·V);
+    * otherwise the contracted sides cancel: ``τ_A[k] · τ_B[k] = 1`` (Q·Kᵀ), with
+      rows of A and columns of B collapsed, and the output pinned.
+    """
+    ia, ib = ctx.ids(a), ctx.ids(b)
+    if ia.ndim < 2 or ib.ndim < 2:
+        raise Unsupported("MatMul of activation vectors")
+    rank = _out_rank(ctx, node)
+    if ia.shape[-2:] == (1, 1):
+        ctx.pin(ia, "left operand of an activation MatMul carries no cofactor")
+        out = ctx.collapse(ib, [ib.ndim - 2])
+        ctx.set(node.outputs[0], _batch_join(ctx, align(ia, rank), align(out, rank)))
+        return
+    if ib.shape[-2:] == (1, 1):
+        ctx.pin(ib, "right operand of an activation MatMul carries no cofactor")
+        out = ctx.collapse(ia, [ia.ndim - 1])
+        ctx.set(node.outputs[0], _batch_join(ctx, align(ib, rank), align(out, rank)))
+        return
+    ka = ctx.collapse(ia, [ia.ndim - 2])
+    kb = ctx.collapse(ib, [ib.ndim - 1])
+    ka = np.swapaxes(align(ka, rank), -1, -2)
+    ctx.relate(ka, align(kb, rank))
+    out = ctx.new([1] * rank)
+    ctx.pin(out, "product of activations whose cofactors cancel (Q·Kᵀ)")
+    ctx.set(node.outputs[0], out)
+
+
+def _batch_join(ctx: Context, pinned: IntArray, carried: IntArray) -> IntArray:
+    """The carried operand's ids, with the batch axes tied to the pinned operand's."""
+    shape = np.broadcast_shapes(pinned.shape[:-2], carried.shape[:-2]) + carried.shape[-2:]
+    return np.broadcast_to(carried, shape)
+
+
+def _gemm(ctx: Context, node: ir.Node) -> None:
+    """``Y = α A' B' + β C``: ``B'[k, n] · τ_out[n] / τ_in[k]``, ``C' = C · τ_out``."""
+    a, b = _x(node, 0), _x(node, 1)
+    ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))  # type: ignore[call-overload]
+    if not ctx.act(a) or ctx.act(b):
+        raise Unsupported("Gemm whose A is not an activation or B is not a constant")
+    tin = ctx.collapse(ctx.ids(a), [1 if ta else 0]).reshape(-1)
+    tin = np.broadcast_to(tin, (ctx.shape(a)[0 if ta else 1],))
+    out = ctx.new_for(node.outputs[0], [1])
+    fo, fi = out.reshape(-1), tin
+    factors = (
+        [(fo.reshape(-1, 1), 1), (fi.reshape(1, -1), -1)]
+        if tb
+        else [(fo.reshape(1, -1), 1), (fi.reshape(-1, 1), -1)]
+    )
+    if not ctx.absorb(b, factors):
+        raise Unsupported("Gemm weight is computed, not stored")
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    if c is not None:
+        _bias(ctx, node, c, out)
+    ctx.set(node.outputs[0], out)
+
+
+def _bias(ctx: Context, node: ir.Node, c: ir.Value, out: IntArray) -> None:
+    if ctx.act(c):
+        ctx.tie(align(ctx.ids(c), out.ndim), out)
+        return
+    rank = len(ctx.shape(c))
+    ids = out.reshape(out.shape[out.ndim - rank :]) if rank < out.ndim else out
+    if not ctx.absorb(c, [(ids, 1)], expand=True):
+        raise Unsupported("bias is computed, not stored")
+
+
+def _conv_in(ctx: Context, x: ir.Value) -> IntArray:
+    """Input channel cofactors of a conv: constant over batch and spatial axes."""
+    ix = ctx.ids(x)
+    tin = ctx.collapse(ix, [0, *range(2, ix.ndim)]).reshape(-1)
+    return np.broadcast_to(tin, (ctx.shape(x)[1],))
+
+
+def _conv(ctx: Context, node: ir.Node) -> None:
+    """``W'[o, j, …] = W[o, j, …] · τ_out[o] / τ_in[g(o)·C/G + j]``, ``B' = B · τ_out``.
+
+    ``g(o) = o // (O/G)`` is the group of output channel o (G = ``group``), so
+    grouped and depthwise convolutions pair each output with its own inputs.
+    """
+    x, w = _x(node, 0), _x(node, 1)
+    _require_act(ctx, x, "Conv input")
+    wshape = ctx.shape(w)
+    groups = int(_attr(node, "group", 1))  # type: ignore[call-overload]
+    tin = _conv_in(ctx, x)
+    out = ctx.new_for(node.outputs[0], [1])
+    o_count, per = wshape[0], wshape[1]
+    o = np.arange(o_count)[:, None]
+    j = np.arange(per)[None, :]
+    idx = (o // (o_count // groups)) * per + j
+    spatial = (1,) * (len(wshape) - 2)
+    fo = out.reshape(-1).reshape((o_count, 1, *spatial))
+    fi = tin[idx].reshape((o_count, per, *spatial))
+    if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
+        raise Unsupported("Conv weight is not a stored constant")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        _bias(ctx, node, node.inputs[2], out.reshape(-1))
+    ctx.set(node.outputs[0], out)
+
+
+def _conv_transpose(ctx: Context, node: ir.Node) -> None:
+    """``W[c, j, …]`` maps input c to output ``g(c)·O/G + j``: ``W' = W · τ_out / τ_in[c]``."""
+    x, w = _x(node, 0), _x(node, 1)
+    _require_act(ctx, x, "ConvTranspose input")
+    wshape = ctx.shape(w)
+    groups = int(_attr(node, "group", 1))  # type: ignore[call-overload]
+    tin = _conv_in(ctx, x)
+    out = ctx.new_for(node.outputs[0], [1])
+    c_count, per = wshape[0], wshape[1]
+    c = np.arange(c_count)[:, None]
+    j = np.arange(per)[None, :]
+    idx = (c // (c_count // groups)) * per + j
+    spatial = (1,) * (len(wshape) - 2)
+    fo = out.reshape(-1)[idx].reshape((c_count, per, *spatial))
+    fi = tin.reshape((c_count, 1, *spatial))
+    if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
+        raise Unsupported("ConvTranspose weight is not a stored constant")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        _bias(ctx, node, node.inputs[2], out.reshape(-1))
+    ctx.set(node.outputs[0], out)
+
+
+def _batchnorm(ctx: Context, node: ir.Node) -> None:
+    """Inference BatchNorm is a per-channel affine map, so input and output are free:
+
+    ``scale' = scale · τ_out / τ_in``, ``mean' = mean · τ_in``, ``B' = B · τ_out``,
+    ``var`` unchanged — exact, since ``(τ_in x − τ_in μ) · scale/τ_in = (x − μ) · scale``.
+    """
+    if int(_attr(node, "training_mode", 0)):  # type: ignore[call-overload]
+        raise Unsupported("BatchNormalization in training mode")
+    x = _x(node)
+    _require_act(ctx, x, "BatchNormalization input")
+    tin = _conv_in(ctx, x)
+    out = ctx.new_for(node.outputs[0], [1])
+    fo = out.reshape(-1)
+    scale, bias, mean = _x(node, 1), _x(node, 2), _x(node, 3)
+    ok = (
+        ctx.absorb(scale, [(fo, 1), (tin, -1)])
+        and ctx.absorb(bias, [(fo, 1)])
+        and ctx.absorb(mean, [(tin, 1)])
+    )
+    if not ok:
+        raise Unsupported("BatchNormalization parameters are not stored constants")
+    ctx.set(node.outputs[0], out)
+
+
+def _gather(ctx: Context, node: ir.Node) -> None:
+    """Embedding lookup (constant table, integer indices): ``T'[v, c] = T[v, c] · τ_out[c]``.
+
+    Gather of an activation with constant indices is an index map.
+    """
+    data, idx = _x(node, 0), _x(node, 1)
+    if ctx.act(data):
+        return _index_map(ctx, node)
+    if not ctx.const(data) or ctx.const(idx):
+        raise Unsupported("Gather of a computed table")
+    dshape = ctx.shape(data)
+    axis = int(_attr(node, "axis", 0)) % len(dshape)  # type: ignore[call-overload]
+    table = ctx.new([1 if k == axis else s for k, s in enumerate(dshape)], data.name or "")
+    if not ctx.absorb(data, [(table, 1)]):
+        raise Unsupported("embedding table is computed, not stored")
+    ishape = ctx.shape(idx)
+    out = table.reshape(dshape[:axis] + (1,) * len(ishape) + dshape[axis + 1 :])
+    ctx.set(node.outputs[0], np.ascontiguousarray(out))
+    return None
+
+
+# -- pooling and reductions -------------------------------------------------------------
+def _pool(flag: int = 0, reason: str = "") -> Rule:
+    def rule(ctx: Context, node: ir.Node) -> None:
+        """Pooling over spatial axes: one cofactor per channel, ``pool(τx) = τ pool(x)``."""
+        ids = _require_act(ctx, _x(node), "input")
+        out = ctx.collapse(ids, range(2, ids.ndim))
+        if flag:
+            ctx.restrict(out, flag, reason)
+        ctx.set(node.outputs[0], out)
+
+    return rule
+
+
+def _reduce_axes(ctx: Context, node: ir.Node, rank: int) -> list[int]:
+    axes = _attr(node, "axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = _require_const(ctx, node.inputs[1], "reduce axes").tolist()
+    if axes is None or len(axes) == 0:  # type: ignore[arg-type]
+        if int(_attr(node, "noop_with_empty_axes", 0)):  # type: ignore[call-overload]
+            return []
+        return list(range(rank))
+    return sorted(int(a) % rank for a in axes)  # type: ignore[union-attr]
+
+
+def _reduce(flag: int = 0) -> Rule:
+    def rule(ctx: Context, node: ir.Node) -> None:
+        """Reduce over axes: neurons along them tie (``Σ τ_k x_k = τ Σ x_k`` needs equal τ_k)."""
+        ids = _require_act(ctx, _x(node), "input")
+        axes = _reduce_axes(ctx, node, ids.ndim)
+        out = ctx.collapse(ids, axes)
+        if flag:
+            ctx.restrict(out, flag, f"{node.op_type} commutes with τ > 0 only")
+        if not int(_attr(node, "keepdims", 1)):  # type: ignore[call-overload]
+            out = out.reshape([s for k, s in enumerate(out.shape) if k not in axes])
+        ctx.set(node.outputs[0], out)
+
+    return rule
+
+
+def _resize(ctx: Context, node: ir.Node) -> None:
+    """Resize/Upsample interpolate within a channel: channels keep their cofactor."""
+    x = _x(node)
+    ids = _require_act(ctx, x, "input")
+    ishape, oshape = ctx.shape(x), ctx.shape(node.outputs[0])
+    if ishape[:2] != oshape[:2]:
+        raise Unsupported("Resize changes the batch or channel axis")
+    ctx.set(node.outputs[0], ctx.collapse(ids, range(2, ids.ndim)))
+
+
+def _softmax(ctx: Context, node: ir.Node) -> None:
+    """Softmax/LogSoftmax/Hardmax: ``softmax(τx) ≠ softmax(x)``; input and output pinned."""
+    ids = _require_act(ctx, _x(node), "input")
+    ctx.pin(ids, f"{node.op_type} axis")
+    ctx.set(node.outputs[0], ids)
+
+
+def _prelu(ctx: Context, node: ir.Node) -> None:
+    """``PRelu(τx) = τ PRelu(x)`` for τ > 0; the slope stays as it is."""
+    if not ctx.const(_x(node, 1)):
+        raise Unsupported("PRelu slope is not a constant")
+    _positive("PRelu commutes with τ > 0 only")(ctx, node)
+
+
+# -- data movement ----------------------------------------------------------------------
+def _transpose(ctx: Context, node: ir.Node) -> None:
+    """Transpose permutes the id array's axes."""
+    ids = _require_act(ctx, _x(node), "input")
+    perm = _attr(node, "perm") or list(reversed(range(ids.ndim)))
+    ctx.set(node.outputs[0], np.transpose(ids, perm))  # type: ignore[arg-type]
+
+
+def _reshape(ctx: Context, node: ir.Node) -> None:
+    """Reshape/Flatten/Squeeze/Unsqueeze: reshape the full id array, then compress it."""
+    full = ctx.full(_x(node))
+    if _require_act(ctx, _x(node), "input").size == 1:
+        ctx.set(node.outputs[0], ctx.ids(_x(node)).reshape(-1)[:1].reshape(
+            [1] * len(ctx.shape(node.outputs[0]))))
+        return
+    ctx.set(node.outputs[0], compress(full.reshape(ctx.shape(node.outputs[0]))))
+
+
+def _index_map(ctx: Context, node: ir.Node) -> None:
+    """Any data-movement op: run it on the neuron ids (``onnx.reference``) to learn
+    where each neuron goes.  Constant data inputs (a class token, a pad value) get
+    fresh neurons that absorb their cofactor, like a bias.
+    """
+    ins: list[np.ndarray | None] = []
+    for k, v in enumerate(node.inputs):
+        ins.append(_index_input(ctx, node, k, v))
+    outs = evaluate(node, ins, ctx.info.opset)
+    pad_fill = _pad_fill(ctx, node, outs[0])
+    for v, arr in zip(node.outputs, outs):
+        if ctx.info.is_float(v):
+            ctx.set(v, compress(np.where(arr == 0, pad_fill, arr) - 1) if pad_fill is not None
+                    else compress(arr - 1))
+
+
+_DATA_INPUTS = {"Concat": None, "Pad": (0,), "Tile": (0,), "Expand": (0,), "Slice": (0,),
+                "Gather": (0,), "Split": (0,), "DepthToSpace": (0,), "SpaceToDepth": (0,)}
+
+
+def _index_input(ctx: Context, node: ir.Node, k: int, v: ir.Value | None) -> np.ndarray | None:
+    if v is None:
+        return None
+    data = _DATA_INPUTS.get(node.op_type)
+    is_data = data is None or k in data
+    if not is_data:
+        return _require_const(ctx, v, f"{node.op_type} input {k}")
+    if ctx.act(v):
+        return np.asarray(ctx.full(v)) + 1
+    shape = ctx.shape(v)
+    fresh = ctx.new(shape, v.name or "")
+    if not ctx.absorb(v, [(fresh, 1)]):
+        ctx.pin(fresh, f"{node.op_type} joins a computed constant")
+    return fresh + 1
+
+
+def _pad_fill(ctx: Context, node: ir.Node, out: np.ndarray) -> np.ndarray | None:
+    """Padded positions (id 0) become fresh neurons: free for a zero pad, else pinned."""
+    if node.op_type != "Pad" or not (out == 0).any():
+        return None
+    fresh = ctx.new(out.shape) + 1
+    mode = _attr(node, "mode", "constant")
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    nonzero = value is not None and np.any(_require_const(ctx, value, "pad value") != 0)
+    if mode in ("constant", b"constant") and (nonzero or _attr(node, "value", 0.0)):
+        ctx.pin(fresh[out == 0] - 1, "Pad with a non-zero constant")
+    return fresh
+
+
+# -- the table --------------------------------------------------------------------------
+_POS = "commutes with τ > 0 only"
+ODD = ("Tanh", "Softsign", "Asinh", "Atan", "Sin", "Sinh", "Tan", "Asin", "Atanh", "Erf",
+       "Sign")
+NOT_EQUIVARIANT = ("Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Gelu",
+                   "Softplus", "Exp", "Log", "Sqrt", "Mish", "Cos", "Cosh", "Acos", "Acosh",
+                   "ThresholdedRelu", "Round", "Floor", "Ceil", "Shrink", "Swish")
+
+RULES: dict[str, Rule] = {
+    # identity-like
+    "Identity": _alias, "Dropout": _dropout, "Neg": _alias, "Cast": _cast,
+    "CastLike": _cast,
+    # activations
+    "Relu": _positive(f"Relu {_POS}"), "LeakyRelu": _positive(f"LeakyRelu {_POS}"),
+    "PRelu": _prelu, "Abs": _abs, "Clip": _clip, "Reciprocal": _reciprocal,
+    **dict.fromkeys(ODD, _odd),
+    **dict.fromkeys(NOT_EQUIVARIANT, _not_equivariant),
+    "Softmax": _softmax, "LogSoftmax": _softmax, "Hardmax": _softmax,
+    # arithmetic
+    "Add": _add, "Sub": _add, "Sum": _add, "Mean": _add, "Where": _add,
+    "Max": _max, "Min": _max, "Mul": _mul, "Div": _mul, "Pow": _pow,
+    # linear layers
+    "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "ConvTranspose": _conv_transpose,
+    "BatchNormalization": _batchnorm, "Gather": _gather,
+    # pooling and reductions
+    "MaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"), "AveragePool": _pool(),
+    "GlobalAveragePool": _pool(), "GlobalMaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"),
+    "LpPool": _pool(Flag.POSITIVE, f"LpPool {_POS}"),
+    "GlobalLpPool": _pool(Flag.POSITIVE, f"LpPool {_POS}"),
+    "ReduceMean": _reduce(), "ReduceSum": _reduce(), "ReduceMax": _reduce(Flag.POSITIVE),
+    "ReduceMin": _reduce(Flag.POSITIVE), "ReduceL1": _reduce(Flag.POSITIVE),
+    "ReduceL2": _reduce(Flag.POSITIVE),
+    "Resize": _resize, "Upsample": _resize,
+    # data movement
+    "Transpose": _transpose, "Reshape": _reshape, "Flatten": _reshape, "Squeeze": _reshape,
+    "Unsqueeze": _reshape, "Concat": _index_map, "Split": _index_map, "Slice": _index_map,
+    "Pad": _index_map, "Tile": _index_map, "Expand": _index_map,
+    "DepthToSpace": _index_map, "SpaceToDepth": _index_map,
+}
+
+# Ops that read only their input's shape, never its values: no constraint at all.
+SHAPE_ONLY = frozenset({"Shape", "Size", "IsNaN", "IsInf"})

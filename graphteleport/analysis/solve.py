@@ -1,0 +1,181 @@
+"""Solve the rules' constraints: classes of neurons that share one cofactor.
+
+The ties and relations go to the signed union-find
+(:mod:`graphteleport.analysis.unionfind`).  Monomials ``Π τ^e = 1`` (products of
+two activations, weights shared by several uses) are resolved in rounds: once
+the pins of a round are known, the pinned terms of each monomial drop out and
+pairs of terms that cancel are removed; two remaining terms become a tie or a
+relation, one remaining term is pinned, and any extra terms are pinned too (a
+sound, if not maximal, choice).  Rounds stop when nothing changes.
+
+A *cofactor pair* is a class C together with its mirror C̄ (the class of the
+inverses); one value ``t`` per pair gives ``τ = t`` to the neurons in C and
+``τ = 1/t`` to those in C̄.  A pair is *free* when it is not pinned and some
+weight depends on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from graphteleport.analysis.constraints import Constraints, Factor, Flag, group_name
+from graphteleport.analysis.unionfind import union_pairs, compress
+
+IntArray = np.ndarray
+MAX_ROUNDS = 12
+GROUPS = ("any", "positive", "sign", "pinned")
+
+
+@dataclass
+class Solution:
+    """The cofactor pairs of every neuron and the group each pair ranges over."""
+
+    n: int
+    pair: IntArray  # per neuron: index of its cofactor pair
+    inverse: IntArray  # per neuron: True where τ = 1/t of its pair
+    flags: IntArray  # per pair: Flag bits
+    reason: list[str]  # per pair: why it is restricted ("" when free)
+    touched: IntArray  # per pair: some weight depends on it
+    group: list[str] = field(default_factory=list)  # per pair: any/positive/sign/pinned
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.reason)
+
+    @property
+    def pinned(self) -> IntArray:
+        return np.array([g == "pinned" for g in self.group], dtype=bool)
+
+    @property
+    def free(self) -> IntArray:
+        return ~self.pinned & self.touched
+
+    def cofactors(self, values: IntArray) -> IntArray:
+        """Per-neuron τ from one value per pair (``values[p]`` for pair p)."""
+        t = np.asarray(values, dtype=np.float64)[self.pair]
+        return np.where(self.inverse, 1.0 / t, t)
+
+
+def _concat(pairs: list[tuple[IntArray, IntArray]]) -> tuple[IntArray, IntArray]:
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
+
+
+class _Solver:
+    def __init__(self, c: Constraints, touched_ids: IntArray) -> None:
+        self.c = c
+        self.n = c.n
+        ta, tb = _concat(c.ties)
+        ra, rb = _concat(c.relations)
+        n = self.n
+        # Doubled-space pairs: node k is τ_k, node k + n is 1/τ_k.
+        self.a = np.concatenate([ta, ta + n, ra, ra + n])
+        self.b = np.concatenate([tb, tb + n, rb + n, rb])
+        self.extra_flags: list[tuple[IntArray, int, str]] = []
+        self.touched_ids = touched_ids
+
+    def roots(self) -> IntArray:
+        parent = np.arange(2 * self.n, dtype=np.int64)
+        union_pairs(parent, self.a, self.b)
+        return compress(parent)
+
+    def root_flags(self, roots: IntArray) -> IntArray:
+        flags = np.zeros(2 * self.n, dtype=np.int64)
+        for ids, flag, _ in [*self.c.flags, *self.extra_flags]:
+            np.bitwise_or.at(flags, roots[ids], flag)
+            np.bitwise_or.at(flags, roots[ids + self.n], flag)
+        self_inverse = roots[: self.n] == roots[self.n :]
+        np.bitwise_or.at(flags, roots[: self.n][self_inverse], int(Flag.SIGN))
+        return flags
+
+    def run(self) -> IntArray:
+        roots = self.roots()
+        for _ in range(MAX_ROUNDS):
+            flags = self.root_flags(roots)
+            pinned = (flags & Flag.PIN > 0) | ((flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0))
+            changed = False
+            for mono in self.c.monomials:
+                changed |= self._resolve(mono, roots, pinned)
+            if not changed:
+                return roots
+            roots = self.roots()
+        return roots
+
+    def _resolve(self, mono: list[Factor], roots: IntArray, pinned: IntArray) -> bool:
+        """Reduce one monomial under the current pins; True if it added a constraint."""
+        n = self.n
+        terms = np.stack([roots[f.ids.ravel() + (0 if f.exp > 0 else n)] for f in mono])
+        mirror = np.empty(2 * n, dtype=np.int64)
+        mirror[roots] = roots[(np.arange(2 * n) + n) % (2 * n)]
+        alive = ~pinned[terms]
+        for j in range(len(mono)):
+            for k in range(j + 1, len(mono)):
+                cancel = alive[j] & alive[k] & (terms[j] == mirror[terms[k]])
+                alive[j] &= ~cancel
+                alive[k] &= ~cancel
+        if not alive.any():
+            return False
+        order = np.argsort(~alive, axis=0, kind="stable")
+        ranked = np.take_along_axis(terms, order, axis=0)
+        count = alive.sum(axis=0)
+        two = count >= 2
+        # τ(r1)·τ(r2) = 1  ⇔  r1 ~ mirror(r2) in the doubled space.
+        self.a = np.concatenate([self.a, ranked[0][two]])
+        self.b = np.concatenate([self.b, mirror[ranked[1][two]]])
+        self._pin_terms(ranked[0][count == 1], roots)
+        for j in range(2, len(mono)):
+            self._pin_terms(ranked[j][count > j], roots)
+        return True
+
+    def _pin_terms(self, terms: IntArray, roots: IntArray) -> None:
+        if terms.size:
+            members = np.flatnonzero(np.isin(roots[: self.n], terms) | np.isin(roots[self.n :], terms))
+            self.extra_flags.append(
+                (members, int(Flag.PIN), "product of activations (Mul/Div/MatMul of two activations)")
+            )
+
+
+def solve(c: Constraints, touched_ids: IntArray) -> Solution:
+    """Classes, groups and reasons for every neuron the rules created."""
+    s = _Solver(c, touched_ids)
+    roots = s.run()
+    n = c.n
+    r, rb = roots[:n], roots[n:]
+    key = np.minimum(r, rb)
+    uniq, pair = np.unique(key, return_inverse=True)
+    flags_root = s.root_flags(roots)
+    flags = flags_root[uniq]
+    reason = _reasons(pair, len(uniq), [*c.flags, *s.extra_flags])
+    group = [group_name(int(f)) for f in flags]
+    for k, g in enumerate(group):
+        if g != "pinned" and g != "any" and not reason[k]:
+            reason[k] = "sign: τ = 1/τ (its cofactor is its own inverse)"
+    touched = np.zeros(len(uniq), dtype=bool)
+    touched[pair[touched_ids]] = True
+    return Solution(
+        n=n, pair=pair, inverse=r != key, flags=flags, reason=reason, touched=touched, group=group
+    )
+
+
+def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]]) -> list[str]:
+    """The first reason recorded for each pair, pins first, then group restrictions."""
+    out = [""] * count
+    pos = [""] * count
+    sign = [""] * count
+    for ids, flag, why in records:
+        for p in np.unique(pair[ids]):
+            if flag & Flag.PIN and not out[p]:
+                out[p] = why
+            if flag & Flag.POSITIVE and not pos[p]:
+                pos[p] = why
+            if flag & Flag.SIGN and not sign[p]:
+                sign[p] = why
+    for p in range(count):
+        if not out[p] and pos[p] and sign[p]:
+            out[p] = f"{pos[p]}, and {sign[p]}"
+        elif not out[p]:
+            out[p] = pos[p] or sign[p]
+    return out

@@ -1,0 +1,93 @@
+"""Draw one cofactor per free cofactor pair, as in the paper's code (DESIGN.md §4).
+
+Samplings (``r`` = ``cob_range``, ``c`` = ``center``):
+
+==================  ==========================================
+``intra_landscape``  τ ~ U[1 − r, 1 + r]          (default, r = 0.5)
+``inter_landscape``  τ = ±U[1 − r, 1 + r], fair-coin sign
+``positive``         τ ~ U[0, r]
+``negative``         τ ~ U[−r, 0]
+``centered``         τ ~ U[c − r, c + r]
+==================  ==========================================
+
+Each draw is then restricted to its pair's group: a *positive* pair (ReLU, max
+pooling in absorb mode) takes ``|τ|`` — the drawn sign is resampled to +, never
+refused; a *sign* pair (odd activations) takes ``sign(τ)``; a *pinned* pair takes
+1.  A draw of exactly 0 (possible at the ends of ``positive``/``negative``) is
+moved to the nearest non-zero float.
+
+With ``exact=True`` every |τ| is rounded to a power of two in log2
+(``2^round(log2 |τ|)``) so the rewritten weights are exact products; a draw that
+rounds to 1 is pushed to 2 or ½ (by the side it lies on) so an exact teleport
+still moves every free cofactor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphteleport.errors import InputError
+
+SAMPLINGS = ("intra_landscape", "inter_landscape", "positive", "negative", "centered")
+
+
+def draw(
+    count: int,
+    sampling: str = "intra_landscape",
+    cob_range: float = 0.5,
+    *,
+    center: float = 1.0,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``count`` raw draws from the named sampling (before group restriction)."""
+    if cob_range < 0:
+        raise InputError(f"--cob-range must be >= 0, got {cob_range}")
+    r = float(cob_range)
+    if sampling == "intra_landscape":
+        t = rng.uniform(1 - r, 1 + r, count)
+    elif sampling == "inter_landscape":
+        t = rng.uniform(1 - r, 1 + r, count) * rng.choice([-1.0, 1.0], count)
+    elif sampling == "positive":
+        t = rng.uniform(0, r, count)
+    elif sampling == "negative":
+        t = rng.uniform(-r, 0, count)
+    elif sampling == "centered":
+        t = rng.uniform(center - r, center + r, count)
+    else:
+        raise InputError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+    return np.where(t == 0, np.nextafter(0.0, 1.0), t)
+
+
+def to_power_of_two(t: np.ndarray) -> np.ndarray:
+    """``sign(τ) · 2^round(log2|τ|)``, never 1 in magnitude (1 moves to 2 or ½)."""
+    log = np.log2(np.abs(t))
+    k = np.round(log)
+    k = np.where(k == 0, np.where(log >= 0, 1.0, -1.0), k)
+    return np.sign(t) * np.exp2(k)
+
+
+def restrict(t: np.ndarray, groups: list[str]) -> np.ndarray:
+    """Restrict each draw to its pair's group (positive → |τ|, sign → ±1, pinned → 1)."""
+    g = np.asarray(groups)
+    out = np.where(g == "positive", np.abs(t), t)
+    out = np.where(g == "sign", np.sign(t), out)
+    return np.where(g == "pinned", 1.0, out)
+
+
+def sample(
+    groups: list[str],
+    free: np.ndarray,
+    sampling: str = "intra_landscape",
+    cob_range: float = 0.5,
+    *,
+    center: float = 1.0,
+    seed: int | None = None,
+    exact: bool = False,
+) -> np.ndarray:
+    """One cofactor per pair: drawn for free pairs, 1 for the others."""
+    rng = np.random.default_rng(seed)
+    t = draw(len(groups), sampling, cob_range, center=center, rng=rng)
+    if exact:
+        t = to_power_of_two(t)
+    t = restrict(t, groups)
+    return np.where(free, t, 1.0)
