@@ -1,0 +1,700 @@
+"""Check that a rewritten model computes what the original computes (DESIGN.md §5).
+
+Both models run in onnxruntime on the CPU with graph optimisations *disabled*, so the
+runtime neither hides nor duplicates the rewrite, on the same inputs: random ones drawn
+from the model's declared input types and shapes (:func:`input_specs`,
+:func:`make_feeds`), or the user's own from an ``.npz`` file.  Every output is compared
+(:func:`compare`) and the result reports the largest absolute and relative errors and
+the tolerance used.  Bit-exact rewrites (power-of-two cofactors) report 0 and
+``exact=True``.
+
+Example::
+
+    specs = input_specs("model.onnx", {"input_ids": [1, 16]})
+    result = verify("model.onnx", "teleported.onnx", make_feeds(specs, seed=0))
+    result.raise_if_failed()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphteleport.errors import InputError, VerificationError
+from graphteleport.io import (
+    external_data_files,
+    initializer_nbytes,
+    load_model,
+    save_model_atomic,
+)
+
+__all__ = [
+    "InputSpec",
+    "ModelSource",
+    "OutputReport",
+    "VerificationResult",
+    "compare",
+    "input_specs",
+    "make_feeds",
+    "run",
+    "verify",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A model given by file path, serialised bytes or an in-memory onnx_ir model.
+ModelSource = str | os.PathLike[str] | bytes | ir.Model
+
+_TINY = float(np.finfo(np.float64).tiny)
+#: In-memory models up to this size are handed to onnxruntime as bytes, larger via a file.
+_MAX_BYTES_MODEL = 1 << 30
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One real graph input (not an initializer) and the shape to feed it.
+
+    Attributes:
+        name: the graph input's name.
+        dtype: its numpy dtype (``ml_dtypes`` types for bfloat16 and float8).
+        shape: the concrete shape random feeds get; ``-1`` only for a dynamic
+            dimension left open by ``input_specs(..., allow_dynamic=True)``.
+        fixed: per axis, True where the model itself fixes the size (an ``.npz``
+            array must match those axes; the others may be any size).
+    """
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    fixed: tuple[bool, ...]
+
+
+def input_specs(
+    model: ir.Model | str | os.PathLike[str],
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    allow_dynamic: bool = False,
+) -> list[InputSpec]:
+    """Concrete specs of the model's real inputs, in graph order.
+
+    Graph inputs that are also initializers are skipped.  A dynamic (symbolic or
+    unknown) dimension takes its size from *input_shapes* (``{name: [d0, d1, ...]}``,
+    the CLI's ``--input-shape NAME=D0,D1,...``); failing that, axis 0 — the batch —
+    defaults to 1, and any other dynamic axis raises :class:`InputError` naming the
+    input and the axis, unless *allow_dynamic* leaves it as ``-1`` (for feeds that
+    come from an ``.npz`` file).  An override must name a real input, have the
+    input's rank and agree with the sizes the model fixes, or InputError is raised.
+    """
+    m = model if isinstance(model, ir.Model) else load_model(model)
+    overrides = dict(input_shapes or {})
+    inputs = [v for v in m.graph.inputs if v.name not in m.graph.initializers]
+    names = [str(v.name) for v in inputs]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise InputError(
+            f"--input-shape names {_quoted(unknown)}, which {'is' if len(unknown) == 1 else 'are'}"
+            f" not a model input; the inputs are: {_quoted(names)}"
+        )
+    return [_input_spec(v, overrides.get(str(v.name)), allow_dynamic) for v in inputs]
+
+
+def _input_spec(value: ir.Value, override: Sequence[int] | None, allow_dynamic: bool) -> InputSpec:
+    """The spec of one graph input, resolving dynamic dims as :func:`input_specs` says."""
+    name = str(value.name)
+    dtype = _input_dtype(value)
+    declared = _declared_dims(value)
+    fixed = tuple(isinstance(d, int) for d in declared) if declared is not None else None
+    if override is not None:
+        shape = _check_override(name, override, declared)
+        return InputSpec(name, dtype, shape, fixed or (False,) * len(shape))
+    if declared is None:
+        raise InputError(
+            f"input '{name}' has unknown rank; pass --input-shape {name}=D0,D1,... "
+            "with its concrete sizes"
+        )
+    shape = tuple(
+        _default_dim(name, declared, axis, allow_dynamic) for axis in range(len(declared))
+    )
+    return InputSpec(name, dtype, shape, fixed or ())
+
+
+def _input_dtype(value: ir.Value) -> np.dtype[Any]:
+    """The numpy dtype of a tensor input, or InputError for other input types."""
+    if not isinstance(value.type, ir.TensorType) or value.dtype is None:
+        raise InputError(
+            f"input '{value.name}' has type {value.type}; only tensor inputs can be verified"
+        )
+    try:
+        return np.dtype(value.dtype.numpy())
+    except (TypeError, ValueError) as e:
+        raise InputError(f"input '{value.name}' has dtype {value.dtype.name}, unsupported") from e
+
+
+def _declared_dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
+    """Declared dims: an int if fixed, the symbol (str) or None if dynamic; None if no rank."""
+    if value.shape is None:
+        return None
+    dims: list[int | str | None] = []
+    for d in value.shape.dims:
+        if isinstance(d, int) and d >= 0:
+            dims.append(d)
+        else:
+            dims.append(d.value if isinstance(d, ir.SymbolicDim) else None)
+    return tuple(dims)
+
+
+def _check_override(
+    name: str, override: Sequence[int], declared: tuple[int | str | None, ...] | None
+) -> tuple[int, ...]:
+    """Validate an --input-shape override against the declared dims; return it as a tuple."""
+    shape = tuple(override)
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise InputError(f"--input-shape {name}: sizes must be non-negative integers, got {shape}")
+    if declared is None:
+        return tuple(int(d) for d in shape)
+    if len(shape) != len(declared):
+        raise InputError(
+            f"--input-shape {name} gives {len(shape)} sizes but the input has rank "
+            f"{len(declared)} {_format_dims(declared)}"
+        )
+    for axis, (want, got) in enumerate(zip(declared, shape, strict=True)):
+        if isinstance(want, int) and want != got:
+            raise InputError(
+                f"--input-shape {name}: dimension {axis} is fixed at {want} by the model "
+                f"{_format_dims(declared)}, got {got}"
+            )
+    return tuple(int(d) for d in shape)
+
+
+def _default_dim(
+    name: str, declared: tuple[int | str | None, ...], axis: int, allow_dynamic: bool
+) -> int:
+    """The size of one declared dim with no override: fixed size, batch 1, or an error."""
+    dim = declared[axis]
+    if isinstance(dim, int):
+        return dim
+    if axis == 0:
+        logger.debug("input '%s': dynamic batch dimension %r set to 1", name, dim)
+        return 1
+    if allow_dynamic:
+        return -1
+    example = ",".join(
+        str(d) if isinstance(d, int) else ("1" if i == 0 else f"D{i}")
+        for i, d in enumerate(declared)
+    )
+    symbol = f" ('{dim}')" if dim else ""
+    raise InputError(
+        f"input '{name}' {_format_dims(declared)} has dynamic dimension {axis}{symbol}; "
+        f"pass --input-shape {name}={example} with concrete sizes"
+    )
+
+
+def _format_dims(declared: tuple[int | str | None, ...]) -> str:
+    """``[batch,128,?]``-style rendering of declared dims."""
+    return "[" + ",".join("?" if d is None else str(d) for d in declared) + "]"
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+# --------------------------------------------------------------------------- feeds
+
+
+def make_feeds(
+    specs: Sequence[InputSpec],
+    seed: int = 0,
+    *,
+    npz: str | os.PathLike[str] | None = None,
+    int_high: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Input arrays for *specs*: random and seeded, or the user's from an ``.npz`` file.
+
+    Random feeds, drawn in spec order from ``numpy.random.default_rng(seed)``: floats
+    (any width, bfloat16/float8 via ml_dtypes) ~ N(0, 1) cast to the input's dtype;
+    complex with N(0, 1) real and imaginary parts; integers uniform in
+    ``[0, int_high.get(name, 2))`` (token ids, masks); bools fair coins.  String inputs
+    and still-dynamic dims (``-1``) raise :class:`InputError`.
+
+    With *npz*, the archive must hold exactly one array per input, of the input's dtype
+    and rank and matching every size the model fixes; anything else raises InputError.
+    """
+    if npz is not None:
+        return _load_npz(Path(npz), specs)
+    rng = np.random.default_rng(seed)
+    highs = dict(int_high or {})
+    return {s.name: _random_array(s, rng, highs.get(s.name, 2)) for s in specs}
+
+
+def _random_array(spec: InputSpec, rng: np.random.Generator, high: int) -> np.ndarray:
+    """One random array for *spec* (see :func:`make_feeds` for the distributions)."""
+    if any(d < 0 for d in spec.shape):
+        axis = spec.shape.index(-1)
+        raise InputError(
+            f"input '{spec.name}' has dynamic dimension {axis}; pass --input-shape "
+            f"{spec.name}=D0,D1,... with concrete sizes"
+        )
+    kind = _dtype_class(spec.dtype)
+    if kind == "float":
+        return rng.standard_normal(spec.shape).astype(spec.dtype)
+    if kind == "complex":
+        z = rng.standard_normal(spec.shape) + 1j * rng.standard_normal(spec.shape)
+        return z.astype(spec.dtype)
+    if kind == "int":
+        return rng.integers(0, high, size=spec.shape).astype(spec.dtype)
+    if kind == "bool":
+        return rng.random(spec.shape) < 0.5
+    raise InputError(
+        f"input '{spec.name}' has dtype {spec.dtype}; random values are not supported for it, "
+        "give the inputs in an .npz file"
+    )
+
+
+def _dtype_class(dtype: np.dtype[Any]) -> str:
+    """'float', 'complex', 'int', 'bool' or 'other' (strings, objects)."""
+    if dtype == np.bool_:
+        return "bool"
+    if dtype.kind == "c":
+        return "complex"
+    try:
+        onnx_type = ir.DataType.from_numpy(dtype)
+    except (TypeError, ValueError):
+        return "other"
+    if onnx_type.is_floating_point():
+        return "float"
+    if onnx_type.is_integer():
+        return "int"
+    return "other"
+
+
+def _load_npz(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """Read and check the user's input arrays (see :func:`make_feeds`)."""
+    arrays = _read_npz(path)
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InputError(
+            f"{path} has no array for input(s) {_quoted(missing)} "
+            f"(it holds {_quoted(sorted(arrays)) or 'nothing'})"
+        )
+    extra = sorted(set(arrays) - set(names))
+    if extra:
+        raise InputError(
+            f"{path} holds {_quoted(extra)}, which the model does not take; "
+            f"its inputs are: {_quoted(names)}"
+        )
+    return {s.name: _check_npz_array(path, s, arrays[s.name]) for s in specs}
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz archive, or InputError with the reason it can't be read."""
+    if not path.is_file():
+        raise InputError(f"inputs file not found: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} is not a readable .npz archive: {_one_line(e)}") from e
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path} is not an .npz archive (write it with numpy.savez)")
+    try:
+        with loaded:
+            return {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} is not a readable .npz archive: {_one_line(e)}") from e
+
+
+def _check_npz_array(path: Path, spec: InputSpec, array: np.ndarray) -> np.ndarray:
+    """Check one user array against *spec*; return it (viewed as ml_dtypes if stored raw)."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == spec.dtype.itemsize:
+        array = array.view(spec.dtype)  # numpy stores ml_dtypes (bfloat16) as raw void
+    if array.dtype != spec.dtype:
+        raise InputError(
+            f"input '{spec.name}' in {path} is {array.dtype}, the model expects {spec.dtype}"
+        )
+    if array.ndim != len(spec.shape):
+        raise InputError(
+            f"input '{spec.name}' in {path} has shape {array.shape}, "
+            f"the model expects rank {len(spec.shape)}"
+        )
+    for axis, (size, fixed, got) in enumerate(
+        zip(spec.shape, spec.fixed, array.shape, strict=True)
+    ):
+        if fixed and size != got:
+            raise InputError(
+                f"input '{spec.name}' in {path} has shape {array.shape}; "
+                f"the model fixes dimension {axis} at {size}"
+            )
+    return array
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run(model: ModelSource, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run *model* once in onnxruntime on *feeds*; return its outputs in graph order.
+
+    CPU execution provider, graph optimisations disabled, two intra-op threads.  A
+    model onnxruntime cannot load or run raises :class:`InputError` with onnxruntime's
+    message on one line.  bfloat16/float8 tensors travel as ml_dtypes arrays.
+    """
+    return _run_named(model, feeds)[1]
+
+
+def _run_named(
+    model: ModelSource, feeds: Mapping[str, np.ndarray]
+) -> tuple[list[str], list[np.ndarray]]:
+    """Like :func:`run`, also returning the output names."""
+    if isinstance(model, ir.Model):
+        return _run_ir_model(model, feeds)
+    session = _session(model)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run_with_ort_values(names, {k: _to_ort(v) for k, v in feeds.items()})
+    except Exception as e:  # onnxruntime raises its own, unexported exception types
+        raise InputError(f"onnxruntime cannot run {_describe(model)}: {_ort_message(e)}") from e
+    return names, [_from_ort(name, v) for name, v in zip(names, values, strict=True)]
+
+
+def _run_ir_model(
+    model: ir.Model, feeds: Mapping[str, np.ndarray]
+) -> tuple[list[str], list[np.ndarray]]:
+    """Run an in-memory model: as bytes when small and inline, else via a temporary file."""
+    if not external_data_files(model) and initializer_nbytes(model) <= _MAX_BYTES_MODEL:
+        return _run_named(ir.to_proto(model).SerializeToString(), feeds)
+    with tempfile.TemporaryDirectory(prefix="graphteleport-run-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model_atomic(model, path, external_data=True)
+        return _run_named(path, feeds)
+
+
+def _session(model: str | os.PathLike[str] | bytes) -> ort.InferenceSession:
+    """An onnxruntime CPU session with graph optimisations off (InputError if it fails)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 2
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else os.fspath(model)
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own, unexported exception types
+        raise InputError(f"onnxruntime cannot load {_describe(model)}: {_ort_message(e)}") from e
+
+
+def _to_ort(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue for *array*; types numpy lacks (ml_dtypes) pass as raw bits."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.kind != "V":
+        return ort.OrtValue.ortvalue_from_numpy(array)
+    onnx_type = ir.DataType.from_numpy(array.dtype)
+    if onnx_type.bitwidth not in (8, 16):
+        raise InputError(f"arrays of dtype {array.dtype} cannot be passed to onnxruntime")
+    bits = array.view(np.uint8 if onnx_type.bitwidth == 8 else np.uint16)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=int(onnx_type))
+
+
+def _from_ort(name: str, value: ort.OrtValue) -> np.ndarray:
+    """A numpy array for an output OrtValue; bfloat16/float8 are copied out as raw bits."""
+    if not value.is_tensor():
+        raise InputError(f"output '{name}' is not a tensor; only tensor outputs can be verified")
+    onnx_type = ir.DataType(value.element_type())
+    if onnx_type not in (ir.DataType.BFLOAT16, *_FLOAT8_TYPES):
+        return np.asarray(value.numpy())
+    nbytes = value.tensor_size_in_bytes()
+    raw = ctypes.string_at(value.data_ptr(), nbytes) if nbytes else b""
+    return np.frombuffer(raw, dtype=onnx_type.numpy()).reshape(value.shape()).copy()
+
+
+_FLOAT8_TYPES = (
+    ir.DataType.FLOAT8E4M3FN,
+    ir.DataType.FLOAT8E4M3FNUZ,
+    ir.DataType.FLOAT8E5M2,
+    ir.DataType.FLOAT8E5M2FNUZ,
+)
+
+
+def _describe(model: ModelSource) -> str:
+    return "the model" if isinstance(model, (bytes, ir.Model)) else os.fspath(model)
+
+
+def _ort_message(e: BaseException) -> str:
+    """onnxruntime's error on one line, without its ``[ONNXRuntimeError] : 2 :`` prefix."""
+    text = _one_line(e)
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*", "", text)
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+class OutputReport(TypedDict):
+    """How one output of the candidate compares with the reference.
+
+    ``max_abs_err``/``max_rel_err`` are ``inf`` when the values are not comparable
+    (shape, dtype or NaN/inf placement differ); ``reason`` then says why.
+    """
+
+    name: str
+    max_abs_err: float
+    max_rel_err: float
+    atol: float
+    passed: bool
+    exact: bool
+    reason: str | None
+
+
+@dataclasses.dataclass
+class VerificationResult:
+    """The outcome of comparing every output of two models.
+
+    Attributes:
+        passed: every output within tolerance (integers, bools, strings: equal).
+        max_abs_err: the largest ``max |a - b|`` over outputs.
+        max_rel_err: the largest ``max |a - b| / max |a|`` over outputs.
+        tolerance: ``{"rtol": ..., "atol": ...}``; ``atol`` is the number given, or
+            ``"rtol*max|ref|"`` for the default per-output rule (each output's
+            ``atol`` is in its report).
+        outputs: one :class:`OutputReport` per output, in graph order.
+        exact: every output bit-identical to the reference.
+        seconds: wall time of the comparison (of both runs too, from :func:`verify`).
+        failures: one human-readable line per problem (empty when passed).
+    """
+
+    passed: bool
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: dict[str, float | str]
+    outputs: list[OutputReport]
+    exact: bool
+    seconds: float
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``json.dumps`` with ``allow_nan=False`` accepts it).
+
+        Non-finite errors (incomparable outputs) become ``None``.
+        """
+        return {
+            "passed": self.passed,
+            "max_abs_err": _finite_or_none(self.max_abs_err),
+            "max_rel_err": _finite_or_none(self.max_rel_err),
+            "tolerance": dict(self.tolerance),
+            "exact": self.exact,
+            "seconds": self.seconds,
+            "outputs": [
+                {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in o.items()}
+                for o in self.outputs
+            ],
+            "failures": list(self.failures),
+        }
+
+    def summary(self) -> str:
+        """One line for the terminal, e.g. ``verification passed: max abs err 1.2e-07, ...``."""
+        errs = f"max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g}"
+        tol = f"rtol {self.tolerance['rtol']:g}"
+        if self.passed:
+            return f"verification passed{' (bit-exact)' if self.exact else ''}: {errs} ({tol})"
+        return f"verification failed: {self.failures[0] if self.failures else errs} ({tol})"
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`VerificationError` with :meth:`summary` unless passed."""
+        if not self.passed:
+            raise VerificationError(self.summary())
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if np.isfinite(x) else None
+
+
+def compare(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    names: Sequence[str] | None = None,
+    rtol: float = 1e-5,
+    atol: float | None = None,
+) -> VerificationResult:
+    """Compare a candidate's outputs with the reference's, output by output.
+
+    Floating-point outputs (a = reference, b = candidate, over finite elements):
+
+    - ``max_abs_err = max |a - b|``;
+    - ``max_rel_err = max |a - b| / (max |a| + tiny)`` — relative to the output's
+      *scale*, not elementwise, so an element near zero (where elementwise relative
+      error explodes though the computation is fine) does not dominate;
+    - the output passes when ``|a - b| <= atol + rtol * |a|`` holds elementwise
+      (``numpy.allclose``'s rule).  The default ``atol = rtol * max |a|`` per output
+      makes the test scale-free: float rounding errors grow with the magnitudes
+      flowing through the network, not with each element's own value, and a fixed
+      atol would be too loose for outputs of order 1e-3 and too tight for 1e4.
+      Under the default, ``max_rel_err <= rtol`` guarantees a pass.
+
+    NaN and inf must sit at the same places with the same values in both (NaN equals
+    NaN); a non-finite value in only one of them fails.  Integer, bool and string
+    outputs must be exactly equal.  Outputs must agree in shape and dtype.  ``exact``
+    is True when every output is bit-identical.  *names* default to ``output_<i>``.
+    """
+    start = time.perf_counter()
+    names = list(names) if names is not None else [f"output_{i}" for i in range(len(reference))]
+    reports = [
+        _compare_one(n, a, b, rtol, atol)
+        for n, a, b in zip(names, reference, candidate, strict=False)
+    ]
+    failures = [f"output '{r['name']}': {r['reason']}" for r in reports if not r["passed"]]
+    if not len(reference) == len(candidate) == len(names):
+        failures.insert(
+            0,
+            f"the candidate has {len(candidate)} outputs, the reference {len(reference)}"
+            f" ({len(names)} names)",
+        )
+    return VerificationResult(
+        passed=not failures,
+        max_abs_err=max((r["max_abs_err"] for r in reports), default=0.0),
+        max_rel_err=max((r["max_rel_err"] for r in reports), default=0.0),
+        tolerance={"rtol": rtol, "atol": atol if atol is not None else "rtol*max|ref|"},
+        outputs=reports,
+        exact=not failures and all(r["exact"] for r in reports),
+        seconds=time.perf_counter() - start,
+        failures=failures,
+    )
+
+
+def _compare_one(
+    name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float | None
+) -> OutputReport:
+    """Compare one output pair (see :func:`compare`)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        why = f"candidate is {b.dtype}{list(b.shape)}, reference {a.dtype}{list(a.shape)}"
+        return _report(name, np.inf, np.inf, 0.0, why, exact=False)
+    exact = _bit_identical(a, b)
+    kind = _dtype_class(a.dtype)
+    if kind in ("float", "complex"):
+        return _compare_float(name, a, b, rtol, atol, exact)
+    return _compare_exact(name, a, b, exact)
+
+
+def _compare_float(
+    name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float | None, exact: bool
+) -> OutputReport:
+    """Tolerance comparison of floating-point (or complex) outputs of equal shape/dtype."""
+    wide = np.complex128 if a.dtype.kind == "c" else np.float64
+    a64, b64 = a.astype(wide), b.astype(wide)
+    finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
+    why = _nonfinite_mismatch(a64, b64, finite_a, finite_b)
+    if why is not None:
+        return _report(name, np.inf, np.inf, 0.0, why, exact=False)
+    a64, b64 = a64[finite_a], b64[finite_a]
+    scale = float(np.max(np.abs(a64), initial=0.0))
+    used_atol = rtol * scale if atol is None else atol
+    diff = np.abs(a64 - b64)
+    max_abs = float(np.max(diff, initial=0.0))
+    max_rel = max_abs / (scale + _TINY)
+    ok = bool(np.all(diff <= used_atol + rtol * np.abs(a64)))
+    why = None if ok else f"max abs err {max_abs:.3g} (max rel err {max_rel:.3g}) exceeds tolerance"
+    return _report(name, max_abs, max_rel, used_atol, why, exact=exact)
+
+
+def _nonfinite_mismatch(
+    a: np.ndarray, b: np.ndarray, finite_a: np.ndarray, finite_b: np.ndarray
+) -> str | None:
+    """Why the NaN/inf patterns of *a* and *b* differ, or None when they agree."""
+    if np.any(finite_a & ~finite_b):
+        return "NaN/inf in the candidate where the reference is finite"
+    if np.any(~finite_a & finite_b):
+        return "the reference has NaN/inf where the candidate is finite"
+    if not np.array_equal(a[~finite_a], b[~finite_b], equal_nan=True):
+        return "NaN/inf values differ"
+    return None
+
+
+def _compare_exact(name: str, a: np.ndarray, b: np.ndarray, exact: bool) -> OutputReport:
+    """Integer, bool and string outputs: equal or failed."""
+    if a.dtype.kind in "iub":
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        max_abs = float(np.max(diff, initial=0.0))
+        scale = float(np.max(np.abs(a.astype(np.float64)), initial=0.0))
+        max_rel = max_abs / (scale + _TINY)
+    else:
+        max_abs = max_rel = 0.0 if np.array_equal(a, b) else np.inf
+    equal = bool(np.array_equal(a, b))
+    why = None if equal else f"{a.dtype} values differ (max abs diff {max_abs:.3g})"
+    return _report(name, max_abs, max_rel, 0.0, why, exact=exact)
+
+
+def _bit_identical(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same bytes (same shape and dtype assumed); strings/objects compared by value."""
+    if a.dtype.kind in "OUS":
+        return bool(np.array_equal(a, b))
+    return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def _report(
+    name: str,
+    max_abs: float,
+    max_rel: float,
+    atol: float,
+    reason: str | None,
+    *,
+    exact: bool,
+) -> OutputReport:
+    return OutputReport(
+        name=name,
+        max_abs_err=float(max_abs),
+        max_rel_err=float(max_rel),
+        atol=float(atol),
+        passed=reason is None,
+        exact=exact,
+        reason=reason,
+    )
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(
+    original: ModelSource,
+    teleported: ModelSource,
+    feeds: Mapping[str, np.ndarray],
+    rtol: float = 1e-5,
+    atol: float | None = None,
+) -> VerificationResult:
+    """Run both models on *feeds* and :func:`compare` every output.
+
+    A failure to load or run *original* is the user's problem (:class:`InputError`);
+    if the original runs but *teleported* does not, that is a failed verification
+    (:class:`VerificationError`).  Outputs are matched by position; differing output
+    names fail the result.  ``seconds`` covers both runs and the comparison.
+    """
+    start = time.perf_counter()
+    names, reference = _run_named(original, feeds)
+    try:
+        cand_names, candidate = _run_named(teleported, feeds)
+    except InputError as e:
+        raise VerificationError(f"the rewritten model does not run: {e}") from e
+    result = compare(reference, candidate, names, rtol=rtol, atol=atol)
+    if cand_names != names:
+        result.failures.insert(0, f"output names differ: {cand_names} vs {names}")
+        result.passed = result.exact = False
+    result.seconds = time.perf_counter() - start
+    logger.info("%s in %.2fs", result.summary(), result.seconds)
+    return result
