@@ -57,7 +57,8 @@ def write(ref: ConstRef, array: np.ndarray) -> None:
     if ref.is_node:
         node = ref.value
         node.attributes["value"] = ir.AttrTensor("value", tensor)  # type: ignore[attr-defined]
-        node.outputs[0].shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
+        if node.outputs[0].type is not None:  # type: ignore[attr-defined]
+            node.outputs[0].shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
     else:
         ref.value.const_value = tensor  # type: ignore[attr-defined]
         ref.value.shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
@@ -99,6 +100,7 @@ class _Writer:
         if new.shape == old.shape and np.array_equal(new, old):
             return
         write(ref, new)
+        self.stats.elements_total += new.size - old.size  # a broadcast-expanded constant
         self.stats.changed.append(ref.name)
         self.stats.elements_changed += int(
             np.count_nonzero(new != old) if new.shape == old.shape else new.size
@@ -112,13 +114,19 @@ class _Writer:
             k += 1
         name = f"{base}__gt{k}"
         self.names.add(name)
-        value = ir.Value(name=name, shape=ir.Shape(new.shape), const_value=ir.tensor(new, name=name))
-        value.dtype = ir.DataType.from_numpy(new.dtype)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(new.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(new.dtype)),
+            const_value=ir.tensor(new, name=name),
+        )
         self.graph.register_initializer(value)
         ab.node.replace_input_with(ab.input_index, value)  # type: ignore[attr-defined]
         self.stats.copies.append(name)
         self.stats.changed.append(name)
         self.stats.elements_changed += new.size
+        self.stats.elements_total += new.size
+        self.stats.weights_total += 1
 
 
 def _rewrite_private(writer: _Writer, uses: list[Absorb], tau: np.ndarray) -> None:

@@ -149,7 +149,7 @@ class Context:
         assert node is not None
         src = self.info.source(v) if self.info.is_float(v) else None
         if src is None:
-            return False
+            return self._is_zero(v)
         ref, index = src
         shape = tuple(self.info.value(v).shape)
         target = np.broadcast_shapes(shape, *[np.shape(f) for f, _ in factors])
@@ -170,6 +170,13 @@ class Context:
             )
         )
         return True
+
+    def _is_zero(self, v: ir.Value) -> bool:
+        """A computed constant of zeros absorbs any scaling unchanged (0 · S = 0)."""
+        try:
+            return not np.any(self.info.value(v))
+        except Exception:  # noqa: BLE001 - a constant onnx.reference cannot evaluate
+            return False
 
     # -- node bookkeeping ---------------------------------------------------------------
     def begin_value(self) -> None:

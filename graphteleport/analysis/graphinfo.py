@@ -58,8 +58,17 @@ def _shape_of(type_proto: onnx.TypeProto) -> tuple[int, ...] | None:
     return tuple(int(d.dim_value) for d in dims)
 
 
-def _light_graph(graph: ir.Graph, input_shapes: Mapping[str, Sequence[int]]) -> onnx.GraphProto:
-    """A GraphProto with the same nodes, big weights declared as typed inputs."""
+def _light_graph(
+    graph: ir.Graph,
+    input_shapes: Mapping[str, Sequence[int]],
+    folded: Mapping[str, np.ndarray] | None = None,
+) -> onnx.GraphProto:
+    """A GraphProto with the same nodes, big weights declared as typed inputs.
+
+    Nodes all of whose outputs are in ``folded`` are replaced by those values as
+    initializers (constant axes and shapes inference cannot propagate itself).
+    """
+    folded = folded or {}
     gp = onnx.GraphProto(name=graph.name or "g")
     for v in graph.inputs:
         if v.name in graph.initializers:
@@ -75,6 +84,10 @@ def _light_graph(graph: ir.Graph, input_shapes: Mapping[str, Sequence[int]]) -> 
         elif t is not None:
             gp.input.append(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape)))
     for node in graph:
+        if node.outputs and all((o.name or "") in folded for o in node.outputs):
+            for o in node.outputs:
+                gp.initializer.append(onnx.numpy_helper.from_array(folded[o.name or ""], o.name))
+            continue
         gp.node.append(ir.serde.serialize_node(node))
     for v in graph.outputs:
         gp.output.append(onnx.ValueInfoProto(name=v.name))
@@ -82,11 +95,14 @@ def _light_graph(graph: ir.Graph, input_shapes: Mapping[str, Sequence[int]]) -> 
 
 
 def static_shapes(
-    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
-) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of every value shape inference can resolve, by value name."""
+    model: ir.Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    folded: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Concrete shapes and element types of every value inference can resolve, by name."""
     shapes = {k: tuple(int(d) for d in s) for k, s in (input_shapes or {}).items()}
-    gp = _light_graph(model.graph, shapes)
+    dtypes: dict[str, int] = {}
+    gp = _light_graph(model.graph, shapes, folded)
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     proto = onnx.helper.make_model(gp, opset_imports=opsets, ir_version=model.ir_version)
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
@@ -99,10 +115,12 @@ def static_shapes(
         shape = _shape_of(vi.type)
         if shape is not None:
             shapes.setdefault(vi.name, shape)
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            dtypes[vi.name] = int(vi.type.tensor_type.elem_type)
     for name, v in model.graph.initializers.items():
         if v.const_value is not None:
             shapes[name] = tuple(v.const_value.shape)
-    return shapes
+    return shapes, dtypes
 
 
 def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
@@ -128,11 +146,36 @@ class GraphInfo:
         self.model = model
         self.graph = model.graph
         self.opset = default_opset(model)
-        self.shapes = static_shapes(model, input_shapes)
+        self.shapes, self.dtypes = static_shapes(model, input_shapes)
         self._values: dict[int, np.ndarray] = {}
         self._sources: dict[int, tuple[ConstRef, np.ndarray | None] | None] = {}
         self.constant: set[int] = set()
         self._find_constants()
+        if self._missing_shapes():
+            self.shapes, self.dtypes = static_shapes(model, input_shapes, self._small_constants())
+            self._values.clear()
+            self.constant.clear()
+            self._find_constants()
+
+    def _missing_shapes(self) -> bool:
+        return any(
+            o.name not in self.shapes and not self.is_const(o) for n in self.graph for o in n.outputs
+        )
+
+    def _small_constants(self) -> dict[str, np.ndarray]:
+        """Evaluated values of the small computed integer constants (axes, shapes)."""
+        out: dict[str, np.ndarray] = {}
+        for node in self.graph:
+            for o in node.outputs:
+                if not self.is_const(o) or o.is_initializer() or node.op_type == "Constant":
+                    continue
+                try:
+                    arr = self.value(o)
+                except Exception:  # noqa: BLE001 - leave what onnx.reference cannot evaluate
+                    continue
+                if arr.size <= 1024 and arr.dtype.kind in "iub":
+                    out[o.name or ""] = arr
+        return out
 
     # -- shapes -------------------------------------------------------------------------
     def shape(self, v: ir.Value | None) -> tuple[int, ...] | None:
@@ -140,10 +183,25 @@ class GraphInfo:
             return None
         if v.const_value is not None:
             return tuple(v.const_value.shape)
-        return self.shapes.get(v.name or "")
+        shape = self.shapes.get(v.name or "")
+        if shape is None and self.is_const(v):
+            try:
+                shape = tuple(self.value(v).shape)  # inference gave up; evaluation does not
+            except Exception:  # noqa: BLE001 - a constant onnx.reference cannot evaluate
+                return None
+            self.shapes[v.name or ""] = shape
+        return shape
+
+    def dtype(self, v: ir.Value) -> ir.DataType | None:
+        if v.dtype is not None:
+            return v.dtype
+        code = self.dtypes.get(v.name or "")
+        return ir.DataType(code) if code is not None else None
 
     def is_float(self, v: ir.Value) -> bool:
-        return v.dtype in FLOAT_TYPES
+        """Float, or of unknown type (treated as carrying neurons, to stay sound)."""
+        dtype = self.dtype(v)
+        return dtype is None or dtype in FLOAT_TYPES
 
     # -- constants ----------------------------------------------------------------------
     def _find_constants(self) -> None:
@@ -161,7 +219,8 @@ class GraphInfo:
             return False
         if node.op_type in ("Shape", "Size"):
             return self.shape(node.inputs[0]) is not None
-        return all(v is None or id(v) in self.constant for v in node.inputs)
+        inputs = node.inputs[:1] if node.op_type == "CastLike" else node.inputs  # type only
+        return all(v is None or id(v) in self.constant for v in inputs)
 
     def is_const(self, v: ir.Value | None) -> bool:
         return v is not None and id(v) in self.constant
@@ -188,11 +247,17 @@ class GraphInfo:
             return self._shape_op(node)
         if node.op_type == "Size":
             return np.array(int(np.prod(self.shape(node.inputs[0]) or ())), dtype=np.int64)
-        ins = [None if x is None else self.value(x) for x in node.inputs]
+        ins = [None if x is None else self._input_value(node, k, x) for k, x in enumerate(node.inputs)]
         outs = evaluate(node, ins, self.opset)
         for o, arr in zip(node.outputs, outs):
             self._values[id(o)] = np.asarray(arr)
         return self._values[id(v)]
+
+    def _input_value(self, node: ir.Node, k: int, x: ir.Value) -> np.ndarray:
+        if node.op_type == "CastLike" and k == 1 and not self.is_const(x):
+            dtype = self.dtype(x)
+            return np.zeros(0, dtype=dtype.numpy() if dtype is not None else np.float32)
+        return self.value(x)
 
     def _shape_op(self, node: ir.Node) -> np.ndarray:
         shape = np.array(self.shape(node.inputs[0]), dtype=np.int64)

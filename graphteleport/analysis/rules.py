@@ -384,6 +384,49 @@ def _batchnorm(ctx: Context, node: ir.Node) -> None:
     ctx.set(node.outputs[0], out)
 
 
+def _norm(ctx: Context, node: ir.Node, axes: list[int], feature: list[int]) -> None:
+    """Normalization ``y = γ · (x − μ)/σ + β`` over ``axes``.
+
+    The input's scale only cancels up to ``eps``, so its neurons are pinned; the
+    output is a per-feature affine map: ``γ' = γ · τ_out``, ``β' = β · τ_out``.
+    """
+    x = _x(node)
+    ids = _require_act(ctx, x, "input")
+    ctx.pin(ids, f"{node.op_type} input (normalized: scale cancels only up to eps)")
+    out = ctx.new_for(node.outputs[0], feature)
+    rank = out.ndim
+    for k in (1, 2):
+        v = node.inputs[k] if len(node.inputs) > k else None
+        if v is None:
+            continue
+        prank = len(ctx.shape(v))
+        ids_k = out if node.op_type != "InstanceNormalization" else out.reshape(-1)
+        ids_k = ids_k.reshape(ids_k.shape[ids_k.ndim - prank:]) if prank < ids_k.ndim else ids_k
+        if not ctx.absorb(v, [(ids_k, 1)], expand=True):
+            raise Unsupported("normalization parameters are computed, not stored")
+    del rank
+    ctx.set(node.outputs[0], out)
+    for extra in node.outputs[1:]:
+        if ctx.info.is_float(extra) and not ctx.const(extra):
+            pinned = ctx.new([1] * len(ctx.shape(extra)))
+            ctx.pin(pinned, f"{node.op_type} statistics output")
+            ctx.set(extra, pinned)
+
+
+def _layernorm(ctx: Context, node: ir.Node) -> None:
+    """LayerNormalization over axes ``axis..``: features are the normalized axes."""
+    rank = len(ctx.shape(_x(node)))
+    axis = int(_attr(node, "axis", -1)) % rank  # type: ignore[call-overload]
+    axes = list(range(axis, rank))
+    _norm(ctx, node, axes, axes)
+
+
+def _instancenorm(ctx: Context, node: ir.Node) -> None:
+    """InstanceNormalization normalizes each channel over space: features are channels."""
+    rank = len(ctx.shape(_x(node)))
+    _norm(ctx, node, list(range(2, rank)), [1])
+
+
 def _gather(ctx: Context, node: ir.Node) -> None:
     """Embedding lookup (constant table, integer indices): ``T'[v, c] = T[v, c] · τ_out[c]``.
 
@@ -559,6 +602,7 @@ RULES: dict[str, Rule] = {
     # linear layers
     "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "ConvTranspose": _conv_transpose,
     "BatchNormalization": _batchnorm, "Gather": _gather,
+    "LayerNormalization": _layernorm, "InstanceNormalization": _instancenorm,
     # pooling and reductions
     "MaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"), "AveragePool": _pool(),
     "GlobalAveragePool": _pool(), "GlobalMaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"),
