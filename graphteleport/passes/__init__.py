@@ -1,0 +1,7 @@
+"""Passes over onnx_ir models, one per module, in onnx_ir's pass shape."""
+
+from __future__ import annotations
+
+from graphteleport.passes.teleport import TeleportPass, TeleportResult
+
+__all__ = ["TeleportPass", "TeleportResult"]

@@ -1,0 +1,166 @@
+"""The quiver: neuron groups and the weights between them, as a networkx graph.
+
+A *neuron group* is a set of neurons created together by a rule (a layer's
+outputs, a norm's outputs, a graph input), merged with every other group it
+shares a cofactor with (a residual Add merges the groups it adds).  Each vertex
+carries its size, its number of free cofactors, its groups (any / positive /
+sign / pinned) and, for pinned cofactors, the reasons.  Each arrow is a weight
+tensor from the group of its source neurons to the group of its target neurons
+(``W' = τ_t · W / τ_s``); a bias or an embedding table, which has targets only,
+is listed on its target vertex.
+
+:meth:`Quiver.to_neurons` expands it to the paper's neuron-level quiver (one
+vertex per neuron, one arrow per distinct source → target pair of a weight), for
+small models.
+
+Example::
+
+    q = Quiver.from_analysis(analyze_model(model))
+    q.free_cofactors        # the teleportation dimension
+    q.graph.nodes(data=True)
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from graphteleport.analysis.analyze import Analysis
+from graphteleport.analysis.unionfind import compress, union_pairs
+
+MAX_NEURON_QUIVER = 200_000
+
+
+@dataclass
+class PinGroup:
+    """Cofactors pinned for one reason, and the values whose neurons they hold."""
+
+    reason: str
+    cofactors: int
+    neurons: int
+    values: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "cofactors": self.cofactors,
+            "neurons": self.neurons,
+            "values": self.values,
+        }
+
+
+class Quiver:
+    """Neuron groups and weights of an analysed model (see the module docstring)."""
+
+    def __init__(self, analysis: Analysis, graph: nx.MultiDiGraph, group_of: np.ndarray) -> None:
+        self.analysis = analysis
+        self.graph = graph
+        self.group_of = group_of  # per neuron: its vertex
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_analysis(cls, analysis: Analysis) -> Quiver:
+        blocks = analysis.ctx.c.blocks
+        sol = analysis.solution
+        block_of = np.repeat(np.arange(len(blocks)), [b.size for b in blocks])
+        group_of = _merge_blocks(block_of, sol.pair, len(blocks))
+        g = nx.MultiDiGraph()
+        for vid in np.unique(group_of):
+            members = np.flatnonzero(group_of == vid)
+            g.add_node(int(vid), **_vertex(analysis, members, [blocks[k] for k in
+                                                                np.unique(block_of[members])]))
+        for ab in analysis.absorbs:
+            _add_weight(g, ab, group_of)
+        return cls(analysis, g, group_of)
+
+    # -- figures ------------------------------------------------------------------------
+    @property
+    def free_cofactors(self) -> int:
+        """The teleportation dimension: cofactors that are free and move some weight."""
+        return int(self.analysis.solution.free.sum())
+
+    @property
+    def neurons(self) -> int:
+        return int(self.analysis.solution.n)
+
+    def groups(self) -> dict[str, int]:
+        """Free cofactors by the group they range over."""
+        sol = self.analysis.solution
+        return dict(Counter(g for g, f in zip(sol.group, sol.free) if f))
+
+    def pinned(self) -> list[PinGroup]:
+        """Pinned cofactors grouped by reason, most cofactors first."""
+        sol = self.analysis.solution
+        pinned = sol.pinned & sol.touched
+        count = Counter(sol.reason[p] for p in np.flatnonzero(pinned))
+        neurons: Counter[str] = Counter()
+        pin_mask = pinned[sol.pair]
+        for p, k in zip(*np.unique(sol.pair[pin_mask], return_counts=True)):
+            neurons[sol.reason[p]] += int(k)
+        values: dict[str, list[str]] = defaultdict(list)
+        ctx = self.analysis.ctx
+        for key, ids in ctx.values.items():
+            pairs = np.unique(sol.pair[ids.reshape(-1)])
+            for reason in {sol.reason[p] for p in pairs if pinned[p]}:
+                values[reason].append(ctx.names[key])
+        return [
+            PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()
+        ]
+
+    def to_neurons(self) -> nx.DiGraph:
+        """The neuron-level quiver: a vertex per neuron, an arrow per weight entry."""
+        sol = self.analysis.solution
+        if sol.n > MAX_NEURON_QUIVER:
+            raise ValueError(f"{sol.n} neurons: too many for a neuron-level quiver")
+        g = nx.DiGraph()
+        for k in range(sol.n):
+            g.add_node(k, pair=int(sol.pair[k]), group=sol.group[sol.pair[k]])
+        for ab in self.analysis.absorbs:
+            src = [f.ids for f in ab.factors if f.exp < 0]
+            dst = [f.ids for f in ab.factors if f.exp > 0]
+            if len(src) == 1 and len(dst) == 1:
+                s, t = np.broadcast_arrays(src[0], dst[0])
+                for a, b in set(zip(s.reshape(-1).tolist(), t.reshape(-1).tolist())):
+                    g.add_edge(a, b, weight=ab.source.name)
+        return g
+
+
+def _merge_blocks(block_of: np.ndarray, pair: np.ndarray, count: int) -> np.ndarray:
+    """Vertex of each neuron: blocks that share a cofactor pair merge."""
+    order = np.argsort(pair, kind="stable")
+    same = pair[order][1:] == pair[order][:-1]
+    parent = np.arange(max(count, 1), dtype=np.int64)
+    union_pairs(parent, block_of[order][:-1][same], block_of[order][1:][same])
+    return compress(parent)[block_of]
+
+
+def _vertex(analysis: Analysis, members: np.ndarray, blocks: list[Any]) -> dict[str, Any]:
+    sol = analysis.solution
+    pairs = np.unique(sol.pair[members])
+    free = pairs[sol.free[pairs]]
+    pinned = pairs[sol.pinned[pairs] & sol.touched[pairs]]
+    return {
+        "name": blocks[0].name if blocks else "",
+        "ops": sorted({b.op for b in blocks if b.op}),
+        "size": int(members.size),
+        "free": int(free.size),
+        "groups": dict(Counter(sol.group[p] for p in free)),
+        "pinned": dict(Counter(sol.reason[p] for p in pinned)),
+        "biases": [],
+    }
+
+
+def _add_weight(g: nx.MultiDiGraph, ab: Any, group_of: np.ndarray) -> None:
+    src = {int(v) for f in ab.factors if f.exp < 0 for v in np.unique(group_of[f.ids])}
+    dst = {int(v) for f in ab.factors if f.exp > 0 for v in np.unique(group_of[f.ids])}
+    if not src:
+        for t in dst:
+            g.nodes[t]["biases"].append(ab.source.name)
+        return
+    for s in src:
+        for t in dst:
+            g.add_edge(s, t, key=ab.source.name, weight=ab.source.name, node=ab.node.name)

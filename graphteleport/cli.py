@@ -1,0 +1,207 @@
+"""The ``graphteleport`` command: parse, call the library, format the result.
+
+Exit codes: 0 done; 1 verification failed (no model written); 2 bad input or
+usage (one line on stderr, no traceback); 3 an internal error (one line; rerun
+with ``--debug`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from graphteleport import __version__
+from graphteleport.cofactors import SAMPLINGS
+from graphteleport.errors import GraphTeleportError, InputError, VerificationError
+from graphteleport.passes.teleport import MODES
+from graphteleport.pipeline import TeleportOptions, inspect_file, teleport_file
+
+EXAMPLES = """examples:
+  graphteleport model.onnx -o teleported.onnx
+  graphteleport model.onnx -o t.onnx --sampling inter_landscape --cob-range 0.9 --seed 1
+  graphteleport model.onnx -o t.onnx --input-shape input_ids=1,16 --report report.json
+  graphteleport inspect model.onnx
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"graphteleport: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _shape(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.split(",")) if dims else ()
+    except ValueError:
+        shape = (-1,)
+    if not sep or not name or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(
+            f"--input-shape expects NAME=D1,D2,... with positive sizes, got {text!r}"
+        )
+    return name, shape
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
+                   help="concrete sizes for an input with dynamic dimensions (repeatable)")
+    p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def teleport_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="graphteleport",
+        description="Teleport a neural network: rescale its neurons so its weights change "
+        "and its function does not, then prove it with onnxruntime.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="the ONNX model to teleport (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the teleported model")
+    p.add_argument("--mode", choices=MODES, default="absorb",
+                   help="absorb: change weights only (default)")
+    p.add_argument("--sampling", choices=SAMPLINGS, default="intra_landscape",
+                   help="how cofactors are drawn (default intra_landscape)")
+    p.add_argument("--cob-range", type=float, default=0.5, metavar="R",
+                   help="half-width r of the sampling interval (default 0.5)")
+    p.add_argument("--center", type=float, default=1.0, help="centre c for --sampling centered")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--exact", action="store_true",
+                   help="powers-of-two cofactors: bit-identical outputs")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--inputs", metavar="FEEDS.npz", help="verify on these inputs")
+    p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
+    p.add_argument("--version", action="version", version=f"graphteleport {__version__}")
+    _common(p)
+    return p
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphteleport inspect",
+                description="Analyse a model: free cofactors, their groups, what is pinned and why.")
+    p.add_argument("model", help="the ONNX model to analyse")
+    p.add_argument("--mode", choices=MODES, default="absorb")
+    _common(p)
+    return p
+
+
+# -- formatting ---------------------------------------------------------------------------------
+def format_analysis(r: dict[str, Any]) -> list[str]:
+    groups = ", ".join(f"{k} {v}" for k, v in sorted(r["groups"].items())) or "none"
+    lines = [f"  free cofactors: {r['free_cofactors']} of {r['cofactor_pairs']} ({groups})"]
+    pinned = r["pinned"]
+    total = sum(p["cofactors"] for p in pinned)
+    lines.append(f"  pinned: {total} cofactor{'s' if total != 1 else ''}"
+                 + (" by reason:" if pinned else ""))
+    for p in pinned[:12]:
+        where = ", ".join(p["values"][:3]) + (", ..." if len(p["values"]) > 3 else "")
+        lines.append(f"    {p['cofactors']:>7}  {p['reason']}" + (f"  [{where}]" if where else ""))
+    if len(pinned) > 12:
+        lines.append(f"    ... {len(pinned) - 12} more reasons in --report")
+    return lines
+
+
+def format_teleport(r: dict[str, Any]) -> str:
+    lines = [f"graphteleport: {r['model']} -> {r['output']}"]
+    rng = f" (r={r['cob_range']})"
+    lines.append(f"  mode {r['mode']}, sampling {r['sampling']}{rng}, seed {r['seed']}"
+                 + (", exact (powers of two)" if r["exact"] else ""))
+    lines += format_analysis(r)
+    frac = r["elements_changed"] / max(r["elements_total"], 1)
+    lines.append(f"  weights changed: {r['initializers_changed']}/{r['initializers_total']} "
+                 f"tensors, {r['elements_changed']}/{r['elements_total']} elements ({frac:.2%})")
+    v = r.get("verification")
+    if v is None:
+        lines.append("  verification: skipped (--no-verify)")
+    else:
+        state = "passed" + (" (bit-exact)" if v["exact"] else "") if v["passed"] else "FAILED"
+        lines.append(f"  verification: {state}: max abs err {v['max_abs_err']:.3g}, "
+                     f"max rel err {v['max_rel_err']:.3g} (rtol {v['tolerance']['rtol']:g})")
+    s = r["seconds"]
+    lines.append("  time: " + ", ".join(f"{k} {s[k]:.2f}s" for k in
+                                         ("analyze", "rewrite", "save", "verify", "total") if k in s))
+    return "\n".join(lines)
+
+
+def format_inspect(r: dict[str, Any]) -> str:
+    lines = [f"graphteleport inspect: {r['model']} (mode {r['mode']})",
+             f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
+             f"{r['weights_in_quiver']} weights between groups"]
+    return "\n".join(lines + format_analysis(r))
+
+
+# -- running ------------------------------------------------------------------------------------
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    """Write the report atomically (a temp file in the same directory, then rename)."""
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=".report-", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise InputError(f"cannot write report {path}: {e.strerror or e}") from e
+
+
+def _run(argv: list[str]) -> int:
+    if argv and argv[0] == "inspect":
+        args = inspect_parser().parse_args(argv[1:])
+        report = inspect_file(args.model, dict(args.input_shape), args.mode)
+        if not args.quiet:
+            print(format_inspect(report))
+        if args.report:
+            _write_json(args.report, report)
+        return 0
+    args = teleport_parser().parse_args(argv)
+    opts = TeleportOptions(
+        mode=args.mode, sampling=args.sampling, cob_range=args.cob_range, center=args.center,
+        seed=args.seed, exact=args.exact, verify=not args.no_verify, rtol=args.rtol,
+        inputs=args.inputs, input_shapes=dict(args.input_shape),
+    )
+    progress = (lambda _m: None) if args.quiet else (lambda m: print(f"  ... {m}", file=sys.stderr))
+    try:
+        report = teleport_file(args.model, args.output, opts, progress)
+    except VerificationError as e:
+        report = getattr(e, "report", None)
+        if report is not None and args.report:
+            _write_json(args.report, report)
+        raise
+    if not args.quiet:
+        print(format_teleport(report))
+    if args.report:
+        _write_json(args.report, report)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``graphteleport`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="graphteleport: %(message)s")
+    debug = "--debug" in args
+    try:
+        return _run(args)
+    except VerificationError as e:
+        print(f"graphteleport: {e}", file=sys.stderr)
+        return 1
+    except GraphTeleportError as e:
+        print(f"graphteleport: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphteleport: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: one line, traceback with --debug
+        if debug:
+            raise
+        print(f"graphteleport: internal error: {type(e).__name__}: {e} "
+              "(rerun with --debug and report it)", file=sys.stderr)
+        return 3
