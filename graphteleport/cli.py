@@ -69,7 +69,10 @@ def teleport_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the ONNX model to teleport (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the teleported model")
     p.add_argument("--mode", choices=MODES, default="absorb",
-                   help="absorb: change weights only (default)")
+                   help="absorb: change weights only (default); insert: also add Mul nodes "
+                   "so non-equivariant activations and negative cofactors work")
+    p.add_argument("--rescale-residual", action="store_true",
+                   help="insert mode: let a residual Add rescale one branch (more cofactors)")
     p.add_argument("--sampling", choices=SAMPLINGS, default="intra_landscape",
                    help="how cofactors are drawn (default intra_landscape)")
     p.add_argument("--cob-range", type=float, default=0.5, metavar="R",
@@ -120,6 +123,10 @@ def format_teleport(r: dict[str, Any]) -> str:
     frac = r["elements_changed"] / max(r["elements_total"], 1)
     lines.append(f"  weights changed: {r['initializers_changed']}/{r['initializers_total']} "
                  f"tensors, {r['elements_changed']}/{r['elements_total']} elements ({frac:.2%})")
+    if r["mode"] == "insert":
+        ins = r["inserted"]
+        lines.append(f"  nodes added: {r['nodes_added']} ({ins['wraps']} activations wrapped, "
+                     f"{ins['edge_scales']} edges scaled, {ins['merged']} Mul pairs merged)")
     v = r.get("verification")
     if v is None:
         lines.append("  verification: skipped (--no-verify)")
@@ -137,7 +144,14 @@ def format_inspect(r: dict[str, Any]) -> str:
     lines = [f"graphteleport inspect: {r['model']} (mode {r['mode']})",
              f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
              f"{r['weights_in_quiver']} weights between groups"]
-    return "\n".join(lines + format_analysis(r))
+    lines += format_analysis(r)
+    for mode, m in r["modes"].items():
+        extra = ""
+        if mode == "insert":
+            extra = (f"; may wrap {len(m['wrap_nodes'])} nodes, scale {len(m['edge_scales'])}"
+                     " edges")
+        lines.append(f"  {mode} mode: {m['free_cofactors']} free cofactors{extra}")
+    return "\n".join(lines)
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -166,6 +180,7 @@ def _run(argv: list[str]) -> int:
     opts = TeleportOptions(
         mode=args.mode, sampling=args.sampling, cob_range=args.cob_range, center=args.center,
         seed=args.seed, exact=args.exact, verify=not args.no_verify, rtol=args.rtol,
+        rescale_residual=args.rescale_residual,
         inputs=args.inputs, input_shapes=dict(args.input_shape),
     )
     progress = (lambda _m: None) if args.quiet else (lambda m: print(f"  ... {m}", file=sys.stderr))

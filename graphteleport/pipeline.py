@@ -45,6 +45,7 @@ class TeleportOptions:
     center: float = 1.0
     seed: int | None = 0
     exact: bool = False
+    rescale_residual: bool = False
     verify: bool = True
     rtol: float | None = None
     inputs: str | None = None  # an .npz of feeds
@@ -89,15 +90,32 @@ def inspect_file(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     mode: str = "absorb",
 ) -> dict[str, Any]:
-    """Analyse a model file only: free cofactors, groups, pins with reasons."""
+    """Analyse a model file only: free cofactors, groups, pins with reasons, per mode.
+
+    ``report["modes"]`` gives, for absorb and insert mode, the free cofactors and the
+    nodes insert mode may wrap (a Mul before and after each, where the drawn
+    cofactors need it) and the edges it may scale.
+    """
     t0 = time.perf_counter()
     model = load_model(path)
     specs = verify_mod.input_specs(model, input_shapes or {})
     shapes = {s.name: s.shape for s in specs}
-    analysis = analyze_model(model, shapes, mode)
-    quiver = Quiver.from_analysis(analysis)
-    report = analysis_report(quiver)
-    report.update(model=str(path), mode=mode, seconds={"total": time.perf_counter() - t0})
+    per_mode: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    for m in ("absorb", "insert"):
+        analysis = analyze_model(model, shapes, m)
+        quiver = Quiver.from_analysis(analysis)
+        c = analysis.ctx.c
+        per_mode[m] = {
+            "free_cofactors": quiver.free_cofactors,
+            "wrap_nodes": [getattr(w.node, "name", "") for w in c.wraps],
+            "edge_scales": [f"{getattr(e.node, 'name', '')}:{e.index}" for e in c.edges],
+        }
+        if m == mode:
+            report = analysis_report(quiver)
+    report.update(
+        model=str(path), mode=mode, modes=per_mode, seconds={"total": time.perf_counter() - t0}
+    )
     return report
 
 
@@ -138,6 +156,7 @@ def teleport_file(
         seed=opts.seed,
         exact=opts.exact,
         input_shapes=shapes,
+        rescale_residual=opts.rescale_residual,
     )(model)
     report = _teleport_report(result, src, dst, opts)
     _save_verified(model, src, dst, feeds, report, opts, progress)
@@ -192,6 +211,12 @@ def _teleport_report(
         elements_changed=stats.elements_changed,
         elements_total=stats.elements_total,
         private_copies=stats.copies,
+        nodes_added=result.inserted.nodes_added,
+        inserted={
+            "wraps": result.inserted.wraps,
+            "edge_scales": result.inserted.edge_scales,
+            "merged": result.inserted.merged,
+        },
         verification=None,
         seconds=dict(result.seconds),
     )

@@ -92,8 +92,11 @@ def _seed_untracked_outputs(ctx: Context, node: ir.Node) -> None:
 
 def _pin_node(ctx: Context, node: ir.Node, reason: str) -> None:
     """Pin every neuron the node touches: inputs (also those its subgraphs read) and outputs."""
-    for v in [*node.inputs, *_captured(node)]:
-        if v is not None and ctx.act(v):
+    for k, v in enumerate(node.inputs):
+        if v is not None and ctx.act(v) and not _unscaled(ctx, k):
+            ctx.pin(ctx.ids(v), reason)
+    for v in _captured(node):
+        if ctx.act(v):
             ctx.pin(ctx.ids(v), reason)
     for v in node.outputs:
         if ctx.info.is_float(v) and not ctx.const(v):
@@ -101,6 +104,17 @@ def _pin_node(ctx: Context, node: ir.Node, reason: str) -> None:
             ids = ctx.new([1] * len(shape) if shape is not None else [], v.name or "")
             ctx.pin(ids, reason)
             ctx.set(v, ids)
+
+
+def _unscaled(ctx: Context, k: int) -> bool:
+    """Insert mode: the node sees input k unscaled (a Mul by 1/τ on the edge) instead."""
+    if not ctx.insert:
+        return False
+    try:
+        ctx.unscale(k)
+    except Unsupported:
+        return False
+    return True
 
 
 def _captured(node: ir.Node) -> list[ir.Value]:
@@ -204,13 +218,16 @@ def analyze_model(
     model: ir.Model,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     mode: str = "absorb",
+    rescale_residual: bool = False,
 ) -> Analysis:
     """Find every cofactor ``model`` admits (see DESIGN.md §3)."""
     info = GraphInfo(model, input_shapes)
-    ctx = Context(info, mode)
+    ctx = Context(info, mode, rescale_residual)
     run_rules(ctx)
     private = tie_shared_weights(ctx)
     touched = [f.ids.reshape(-1) for ab in ctx.c.absorbs for f in ab.factors]
+    touched += [w.ids.reshape(-1) for w in ctx.c.wraps]
+    touched += [f.ids.reshape(-1) for e in ctx.c.edges for f in e.factors]
     touched_ids = np.unique(np.concatenate(touched)) if touched else np.zeros(0, np.int64)
     solution = solve(ctx.c, touched_ids)
     return Analysis(ctx, solution, private)

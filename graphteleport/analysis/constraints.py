@@ -86,6 +86,28 @@ class Absorb:
 
 
 @dataclass
+class Wrap:
+    """Insert mode: ``node`` (one activation input, same layout out) becomes τ·f(x/τ).
+
+    ``group`` is the group the op already commutes with (any: never, positive:
+    τ > 0, sign: τ = ±1); the nodes are only inserted where some τ falls outside it.
+    """
+
+    node: object  # onnx_ir.Node
+    ids: IntArray
+    group: str
+
+
+@dataclass
+class EdgeScale:
+    """Insert mode: multiply input ``index`` of ``node`` by ``Π τ[ids]^e`` on its edge."""
+
+    node: object  # onnx_ir.Node
+    index: int
+    factors: list[Factor]
+
+
+@dataclass
 class Block:
     """A run of neurons created together (a layer's outputs): a vertex of the quiver."""
 
@@ -106,6 +128,8 @@ class Constraints:
     monomials: list[list[Factor]] = field(default_factory=list)
     absorbs: list[Absorb] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
+    wraps: list[Wrap] = field(default_factory=list)
+    edges: list[EdgeScale] = field(default_factory=list)
 
     def new(self, shape: tuple[int, ...], name: str, op: str) -> IntArray:
         """Allocate ``prod(shape)`` fresh neurons laid out in ``shape``."""
@@ -146,6 +170,8 @@ class Constraints:
             len(self.monomials),
             len(self.absorbs),
             len(self.blocks),
+            len(self.wraps),
+            len(self.edges),
         )
 
     def rollback(self, mark: tuple[int, ...]) -> None:
@@ -156,3 +182,5 @@ class Constraints:
         del self.monomials[mark[4] :]
         del self.absorbs[mark[5] :]
         del self.blocks[mark[6] :]
+        del self.wraps[mark[7] :]
+        del self.edges[mark[8] :]

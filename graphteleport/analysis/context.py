@@ -17,9 +17,11 @@ import onnx_ir as ir
 from graphteleport.analysis.constraints import (
     Absorb,
     Constraints,
+    EdgeScale,
     Factor,
     Flag,
     Unsupported,
+    Wrap,
 )
 from graphteleport.analysis.graphinfo import GraphInfo
 
@@ -49,9 +51,12 @@ def compress(full: IntArray) -> IntArray:
 class Context:
     """The state of one analysis: id arrays per value, and the constraints so far."""
 
-    def __init__(self, info: GraphInfo, mode: str = "absorb") -> None:
+    def __init__(
+        self, info: GraphInfo, mode: str = "absorb", rescale_residual: bool = False
+    ) -> None:
         self.info = info
         self.mode = mode
+        self.rescale_residual = rescale_residual and mode == "insert"
         self.c = Constraints()
         self.values: dict[int, IntArray] = {}
         self.names: dict[int, str] = {}
@@ -121,6 +126,33 @@ class Context:
 
     def pin(self, ids: IntArray, reason: str) -> None:
         self.c.restrict(ids, Flag.PIN, reason)
+
+    @property
+    def insert(self) -> bool:
+        """Insert mode: non-equivariant ops get cofactor nodes instead of pins."""
+        return self.mode == "insert"
+
+    def wrap(self, ids: IntArray, group: str = "any") -> None:
+        """Insert mode: the current node becomes τ·f(x/τ) (its output keeps ``ids``)."""
+        assert self.node is not None
+        self.c.wraps.append(Wrap(self.node, ids, group))
+
+    def wrapped_output(self, v: ir.Value) -> bool:
+        """``v`` is the only-used output of a wrapped node (its post-Mul can cancel)."""
+        node = v.producer()
+        return len(v.uses()) == 1 and any(w.node is node for w in self.c.wraps)
+
+    def unscale(self, k: int, factors: list[tuple[IntArray, int]] | None = None) -> None:
+        """Insert mode: the current node sees input ``k`` times ``Π τ^e`` (default ``1/τ``)."""
+        node = self.node
+        assert node is not None
+        v = node.inputs[k]
+        assert v is not None
+        rank = len(self.shape(v))
+        fs = factors if factors is not None else [(self.ids(v), -1)]
+        self.c.edges.append(
+            EdgeScale(node, k, [Factor(align(np.asarray(f), rank), e) for f, e in fs])
+        )
 
     def monomial(self, factors: list[tuple[IntArray, int]]) -> None:
         """Π τ[ids]^e = 1 elementwise; resolved once pins are known."""

@@ -56,7 +56,10 @@ def _positive(reason: str) -> Rule:
     def rule(ctx: Context, node: ir.Node) -> None:
         """Positively homogeneous: ``f(τx) = τ f(x)`` for τ > 0 (ReLU family, max)."""
         ids = _require_act(ctx, _x(node), "input")
-        ctx.restrict(ids, Flag.POSITIVE, reason)
+        if ctx.insert:
+            ctx.wrap(ids, "positive")
+        else:
+            ctx.restrict(ids, Flag.POSITIVE, reason)
         ctx.set(node.outputs[0], ids)
 
     return rule
@@ -65,15 +68,20 @@ def _positive(reason: str) -> Rule:
 def _odd(ctx: Context, node: ir.Node) -> None:
     """Odd: ``f(−x) = −f(x)``, so τ = ±1 passes through (absorb mode)."""
     ids = _require_act(ctx, _x(node), "input")
-    ctx.restrict(ids, Flag.SIGN, f"{node.op_type} is odd, not homogeneous: τ = ±1 only")
+    if ctx.insert:
+        ctx.wrap(ids, "sign")
+    else:
+        ctx.restrict(ids, Flag.SIGN, f"{node.op_type} is odd, not homogeneous: τ = ±1 only")
     ctx.set(node.outputs[0], ids)
 
 
 def _not_equivariant(ctx: Context, node: ir.Node) -> None:
-    """``f(τx) ≠ τ f(x)``: input and output neurons keep τ = 1 (insert mode frees them)."""
+    """``f(τx) ≠ τ f(x)``: absorb mode pins the neurons; insert mode makes f' = τ·f(x/τ)."""
     ids = _require_act(ctx, _x(node), "input")
-    reason = f"{node.op_type} is not equivariant (use --mode insert)"
-    ctx.pin(ids, reason)
+    if ctx.insert:
+        ctx.wrap(ids, "any")
+    else:
+        ctx.pin(ids, f"{node.op_type} is not equivariant (use --mode insert)")
     ctx.set(node.outputs[0], ids)
 
 
@@ -140,6 +148,12 @@ def _same_cofactor(ctx: Context, node: ir.Node, inputs: list[ir.Value], flag: in
         raise Unsupported("no activation input")
     shape = np.broadcast_shapes(*[a.shape for a in acts])
     out = np.broadcast_to(acts[0], shape).copy()
+    if ctx.rescale_residual and not flag and len(acts) > 1:
+        out = ctx.new(shape)
+        for k, v in enumerate(node.inputs):
+            if v is not None and ctx.act(v) and (node.op_type != "Where" or k > 0):
+                ctx.unscale(k, [(out, 1), (ctx.ids(v), -1)])
+        acts = []
     for a in acts[1:]:
         ctx.tie(a, out)
     for v in inputs:
@@ -164,14 +178,19 @@ def _max(ctx: Context, node: ir.Node) -> None:
 def _mul(ctx: Context, node: ir.Node) -> None:
     """Mul/Div.
 
-    * activation · constant: a diagonal linear map; ``c' = c · τ_out / τ_x``
+    * activation · per-channel constant: a diagonal linear map, ``c' = c · τ_out / τ_x``
       (``c' = c · τ_out · τ_x`` for ``c / x``), or ``τ_out = τ_x`` if ``c`` is computed;
+    * activation · scalar: ``τ_out = τ_x``, c unchanged — except in insert mode right
+      before an activation that would be wrapped: there c absorbs ``τ_x`` (it becomes
+      per-channel) and the activation sees unscaled values, so no node is inserted;
     * activation · activation: ``τ_out = τ_a · τ_b^{±1}``, a monomial resolved once
       the pins are known (one side is usually pinned, e.g. a gate).
     """
     a, b = _x(node, 0), _x(node, 1)
     rank = _out_rank(ctx, node)
     div = node.op_type == "Div"
+    if ctx.act(a) and ctx.act(b) and ctx.insert:
+        return _mul_insert(ctx, node, rank)
     if ctx.act(a) and ctx.act(b):
         ia, ib = align(ctx.ids(a), rank), align(ctx.ids(b), rank)
         out = ctx.new(np.broadcast_shapes(ia.shape, ib.shape))
@@ -181,10 +200,17 @@ def _mul(ctx: Context, node: ir.Node) -> None:
     x, c = (a, b) if ctx.act(a) else (b, a)
     ix = align(_require_act(ctx, x, "input"), rank)
     reciprocal = div and c is a  # c / x
+    scalar = int(np.prod(ctx.shape(c))) == 1
+    fold = scalar and ctx.insert and _feeds_wrap(node)
+    if scalar and not fold and not reciprocal:
+        ctx.set(node.outputs[0], ix)
+        return
     out = ctx.new(ix.shape)
     # x·c and x/c: c' = c · (τ_out/τ_x)^{±1};  c/x: c' = c · τ_out · τ_x
     factors = [(out, 1), (ix, 1)] if reciprocal else [(out, -1 if div else 1), (ix, 1 if div else -1)]
     if ctx.absorb(c, factors, expand=True):
+        if fold:
+            ctx.pin(out, f"cofactor folded into {node.op_type} (no node inserted)")
         ctx.set(node.outputs[0], out)
         return
     ctx.c.rollback_last_block()
@@ -194,6 +220,24 @@ def _mul(ctx: Context, node: ir.Node) -> None:
         ctx.set(node.outputs[0], out)
     else:
         ctx.set(node.outputs[0], ix)
+
+
+def _feeds_wrap(node: ir.Node) -> bool:
+    """The output's only consumer is an activation insert mode would wrap."""
+    uses = list(node.outputs[0].uses())
+    return len(uses) == 1 and uses[0].node.op_type in WRAPPED_OPS
+
+
+def _mul_insert(ctx: Context, node: ir.Node, rank: int) -> None:
+    """Insert mode, activation × activation: one operand is seen unscaled (a Mul by
+    ``1/τ`` on its edge), the output carries the other's cofactors.  The unscaled
+    operand is preferably a wrapped activation's output (SiLU = x·σ(x)), where the
+    inserted Muls cancel."""
+    keep, drop = (1, 0) if ctx.wrapped_output(_x(node, 0)) and node.op_type == "Mul" else (0, 1)
+    ik = align(ctx.ids(_x(node, keep)), rank)
+    idr = align(ctx.ids(_x(node, drop)), rank)
+    ctx.unscale(drop)
+    ctx.set(node.outputs[0], np.broadcast_to(ik, np.broadcast_shapes(ik.shape, idr.shape)))
 
 
 def _pow(ctx: Context, node: ir.Node) -> None:
@@ -392,7 +436,10 @@ def _norm(ctx: Context, node: ir.Node, axes: list[int], feature: list[int]) -> N
     """
     x = _x(node)
     ids = _require_act(ctx, x, "input")
-    ctx.pin(ids, f"{node.op_type} input (normalized: scale cancels only up to eps)")
+    if ctx.insert:
+        ctx.unscale(0)
+    else:
+        ctx.pin(ids, f"{node.op_type} input (normalized: scale cancels only up to eps)")
     out = ctx.new_for(node.outputs[0], feature)
     rank = out.ndim
     for k in (1, 2):
@@ -454,7 +501,9 @@ def _pool(flag: int = 0, reason: str = "") -> Rule:
         """Pooling over spatial axes: one cofactor per channel, ``pool(τx) = τ pool(x)``."""
         ids = _require_act(ctx, _x(node), "input")
         out = ctx.collapse(ids, range(2, ids.ndim))
-        if flag:
+        if flag and ctx.insert:
+            ctx.wrap(out, "positive")
+        elif flag:
             ctx.restrict(out, flag, reason)
         ctx.set(node.outputs[0], out)
 
@@ -498,9 +547,13 @@ def _resize(ctx: Context, node: ir.Node) -> None:
 
 
 def _softmax(ctx: Context, node: ir.Node) -> None:
-    """Softmax/LogSoftmax/Hardmax: ``softmax(τx) ≠ softmax(x)``; input and output pinned."""
+    """Softmax/LogSoftmax/Hardmax: ``softmax(τx) ≠ softmax(x)``: pinned in absorb mode;
+    insert mode wraps it, ``τ ⊙ softmax(x'/τ)``, valid since both Muls are per neuron."""
     ids = _require_act(ctx, _x(node), "input")
-    ctx.pin(ids, f"{node.op_type} axis")
+    if ctx.insert:
+        ctx.wrap(ids, "any")
+    else:
+        ctx.pin(ids, f"{node.op_type} axis")
     ctx.set(node.outputs[0], ids)
 
 
@@ -585,6 +638,10 @@ ODD = ("Tanh", "Softsign", "Asinh", "Atan", "Sin", "Sinh", "Tan", "Asin", "Atanh
 NOT_EQUIVARIANT = ("Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Gelu",
                    "Softplus", "Exp", "Log", "Sqrt", "Mish", "Cos", "Cosh", "Acos", "Acosh",
                    "ThresholdedRelu", "Round", "Floor", "Ceil", "Shrink", "Swish")
+
+WRAPPED_OPS = frozenset(
+    {*ODD, *NOT_EQUIVARIANT, "Relu", "LeakyRelu", "PRelu", "Clip", "Softmax", "LogSoftmax"}
+)
 
 RULES: dict[str, Rule] = {
     # identity-like

@@ -5,7 +5,9 @@ cofactor per free cofactor pair (:mod:`graphteleport.cofactors`), and rewrite th
 weights (:mod:`graphteleport.rewrite`): for a weight between neurons s → t,
 ``W' = τ_t · W / τ_s``.  In absorb mode the graph's nodes are unchanged; only
 weight values change (plus a private copy of a uniform weight an exporter shared
-by accident, where its uses now differ).
+by accident, where its uses now differ).  Insert mode also adds ``Mul`` nodes
+around activations that are not equivariant for the drawn cofactors
+(:mod:`graphteleport.insertion`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import onnx_ir as ir
 from graphteleport import cofactors
 from graphteleport.analysis.analyze import Analysis, analyze_model
 from graphteleport.errors import InputError
+from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.rewrite import RewriteStats, rewrite
 
 log = logging.getLogger(__name__)
-MODES = ("absorb",)
+MODES = ("absorb", "insert")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class TeleportResult(ir.passes.PassResult):
     pair_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
     tau: np.ndarray = field(default_factory=lambda: np.zeros(0))
     stats: RewriteStats = field(default_factory=RewriteStats)
+    inserted: InsertStats = field(default_factory=InsertStats)
     seconds: dict[str, float] = field(default_factory=dict)
     exact: bool = False
 
@@ -67,6 +71,7 @@ class TeleportPass(ir.passes.InPlacePass):
         seed: int | None = None,
         exact: bool = False,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
+        rescale_residual: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -82,10 +87,11 @@ class TeleportPass(ir.passes.InPlacePass):
         self.seed = seed
         self.exact = exact
         self.input_shapes = dict(input_shapes or {})
+        self.rescale_residual = rescale_residual
 
     def call(self, model: ir.Model) -> TeleportResult:
         t0 = time.perf_counter()
-        analysis = analyze_model(model, self.input_shapes, self.mode)
+        analysis = analyze_model(model, self.input_shapes, self.mode, self.rescale_residual)
         t1 = time.perf_counter()
         sol = analysis.solution
         values = cofactors.sample(
@@ -99,6 +105,7 @@ class TeleportPass(ir.passes.InPlacePass):
         )
         tau = sol.cofactors(values)
         stats = rewrite(model, analysis, tau)
+        inserted = insert_nodes(model, analysis, tau) if self.mode == "insert" else InsertStats()
         t2 = time.perf_counter()
         log.info(
             "teleported: %d free cofactors, %d/%d weights changed",
@@ -108,7 +115,8 @@ class TeleportPass(ir.passes.InPlacePass):
         )
         return TeleportResult(
             model=model,
-            modified=bool(stats.changed),
+            modified=bool(stats.changed) or inserted.nodes_added > 0,
+            inserted=inserted,
             analysis=analysis,
             pair_values=values,
             tau=tau,
