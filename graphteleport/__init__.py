@@ -26,15 +26,15 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AnalysisError",
+    "GraphTeleportError",
+    "InputError",
     "Quiver",
     "TeleportOptions",
     "TeleportPass",
     "TeleportResult",
+    "VerificationError",
+    "__version__",
     "analyze",
     "inspect_file",
     "teleport_file",
-    "GraphTeleportError",
-    "InputError",
-    "VerificationError",
-    "__version__",
 ]

@@ -51,8 +51,14 @@ def _shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=DIMS",
-                   help="concrete sizes for an input with dynamic dimensions (repeatable)")
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="concrete sizes for an input with dynamic dimensions (repeatable)",
+    )
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -68,19 +74,36 @@ def teleport_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="the ONNX model to teleport (never modified)")
     p.add_argument("-o", "--output", required=True, help="where to write the teleported model")
-    p.add_argument("--mode", choices=MODES, default="absorb",
-                   help="absorb: change weights only (default); insert: also add Mul nodes "
-                   "so non-equivariant activations and negative cofactors work")
-    p.add_argument("--rescale-residual", action="store_true",
-                   help="insert mode: let a residual Add rescale one branch (more cofactors)")
-    p.add_argument("--sampling", choices=SAMPLINGS, default="intra_landscape",
-                   help="how cofactors are drawn (default intra_landscape)")
-    p.add_argument("--cob-range", type=float, default=0.5, metavar="R",
-                   help="half-width r of the sampling interval (default 0.5)")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="absorb",
+        help="absorb: change weights only (default); insert: also add Mul nodes "
+        "so non-equivariant activations and negative cofactors work",
+    )
+    p.add_argument(
+        "--rescale-residual",
+        action="store_true",
+        help="insert mode: let a residual Add rescale one branch (more cofactors)",
+    )
+    p.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="intra_landscape",
+        help="how cofactors are drawn (default intra_landscape)",
+    )
+    p.add_argument(
+        "--cob-range",
+        type=float,
+        default=0.5,
+        metavar="R",
+        help="half-width r of the sampling interval (default 0.5)",
+    )
     p.add_argument("--center", type=float, default=1.0, help="centre c for --sampling centered")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--exact", action="store_true",
-                   help="powers-of-two cofactors: bit-identical outputs")
+    p.add_argument(
+        "--exact", action="store_true", help="powers-of-two cofactors: bit-identical outputs"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--inputs", metavar="FEEDS.npz", help="verify on these inputs")
     p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
@@ -90,8 +113,10 @@ def teleport_parser() -> argparse.ArgumentParser:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="graphteleport inspect",
-                description="Analyse a model: free cofactors, their groups, what is pinned and why.")
+    p = _Parser(
+        prog="graphteleport inspect",
+        description="Analyse a model: free cofactors, their groups, what is pinned and why.",
+    )
     p.add_argument("model", help="the ONNX model to analyse")
     p.add_argument("--mode", choices=MODES, default="absorb")
     _common(p)
@@ -104,8 +129,9 @@ def format_analysis(r: dict[str, Any]) -> list[str]:
     lines = [f"  free cofactors: {r['free_cofactors']} of {r['cofactor_pairs']} ({groups})"]
     pinned = r["pinned"]
     total = sum(p["cofactors"] for p in pinned)
-    lines.append(f"  pinned: {total} cofactor{'s' if total != 1 else ''}"
-                 + (" by reason:" if pinned else ""))
+    lines.append(
+        f"  pinned: {total} cofactor{'s' if total != 1 else ''}" + (" by reason:" if pinned else "")
+    )
     for p in pinned[:12]:
         where = ", ".join(p["values"][:3]) + (", ..." if len(p["values"]) > 3 else "")
         lines.append(f"    {p['cofactors']:>7}  {p['reason']}" + (f"  [{where}]" if where else ""))
@@ -117,39 +143,52 @@ def format_analysis(r: dict[str, Any]) -> list[str]:
 def format_teleport(r: dict[str, Any]) -> str:
     lines = [f"graphteleport: {r['model']} -> {r['output']}"]
     rng = f" (r={r['cob_range']})"
-    lines.append(f"  mode {r['mode']}, sampling {r['sampling']}{rng}, seed {r['seed']}"
-                 + (", exact (powers of two)" if r["exact"] else ""))
+    lines.append(
+        f"  mode {r['mode']}, sampling {r['sampling']}{rng}, seed {r['seed']}"
+        + (", exact (powers of two)" if r["exact"] else "")
+    )
     lines += format_analysis(r)
     frac = r["elements_changed"] / max(r["elements_total"], 1)
-    lines.append(f"  weights changed: {r['initializers_changed']}/{r['initializers_total']} "
-                 f"tensors, {r['elements_changed']}/{r['elements_total']} elements ({frac:.2%})")
+    lines.append(
+        f"  weights changed: {r['initializers_changed']}/{r['initializers_total']} "
+        f"tensors, {r['elements_changed']}/{r['elements_total']} elements ({frac:.2%})"
+    )
     if r["mode"] == "insert":
         ins = r["inserted"]
-        lines.append(f"  nodes added: {r['nodes_added']} ({ins['wraps']} activations wrapped, "
-                     f"{ins['edge_scales']} edges scaled, {ins['merged']} Mul pairs merged)")
+        lines.append(
+            f"  nodes added: {r['nodes_added']} ({ins['wraps']} activations wrapped, "
+            f"{ins['edge_scales']} edges scaled, {ins['merged']} Mul pairs merged)"
+        )
     v = r.get("verification")
     if v is None:
         lines.append("  verification: skipped (--no-verify)")
     else:
         state = "passed" + (" (bit-exact)" if v["exact"] else "") if v["passed"] else "FAILED"
-        lines.append(f"  verification: {state}: max abs err {v['max_abs_err']:.3g}, "
-                     f"max rel err {v['max_rel_err']:.3g} (rtol {v['tolerance']['rtol']:g})")
+        lines.append(
+            f"  verification: {state}: max abs err {v['max_abs_err']:.3g}, "
+            f"max rel err {v['max_rel_err']:.3g} (rtol {v['tolerance']['rtol']:g})"
+        )
     s = r["seconds"]
-    lines.append("  time: " + ", ".join(f"{k} {s[k]:.2f}s" for k in
-                                         ("analyze", "rewrite", "save", "verify", "total") if k in s))
+    lines.append(
+        "  time: "
+        + ", ".join(
+            f"{k} {s[k]:.2f}s" for k in ("analyze", "rewrite", "save", "verify", "total") if k in s
+        )
+    )
     return "\n".join(lines)
 
 
 def format_inspect(r: dict[str, Any]) -> str:
-    lines = [f"graphteleport inspect: {r['model']} (mode {r['mode']})",
-             f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
-             f"{r['weights_in_quiver']} weights between groups"]
+    lines = [
+        f"graphteleport inspect: {r['model']} (mode {r['mode']})",
+        f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
+        f"{r['weights_in_quiver']} weights between groups",
+    ]
     lines += format_analysis(r)
     for mode, m in r["modes"].items():
         extra = ""
         if mode == "insert":
-            extra = (f"; may wrap {len(m['wrap_nodes'])} nodes, scale {len(m['edge_scales'])}"
-                     " edges")
+            extra = f"; may wrap {len(m['wrap_nodes'])} nodes, scale {len(m['edge_scales'])} edges"
         lines.append(f"  {mode} mode: {m['free_cofactors']} free cofactors{extra}")
     return "\n".join(lines)
 
@@ -178,18 +217,25 @@ def _run(argv: list[str]) -> int:
         return 0
     args = teleport_parser().parse_args(argv)
     opts = TeleportOptions(
-        mode=args.mode, sampling=args.sampling, cob_range=args.cob_range, center=args.center,
-        seed=args.seed, exact=args.exact, verify=not args.no_verify, rtol=args.rtol,
+        mode=args.mode,
+        sampling=args.sampling,
+        cob_range=args.cob_range,
+        center=args.center,
+        seed=args.seed,
+        exact=args.exact,
+        verify=not args.no_verify,
+        rtol=args.rtol,
         rescale_residual=args.rescale_residual,
-        inputs=args.inputs, input_shapes=dict(args.input_shape),
+        inputs=args.inputs,
+        input_shapes=dict(args.input_shape),
     )
     progress = (lambda _m: None) if args.quiet else (lambda m: print(f"  ... {m}", file=sys.stderr))
     try:
         report = teleport_file(args.model, args.output, opts, progress)
     except VerificationError as e:
-        report = getattr(e, "report", None)
-        if report is not None and args.report:
-            _write_json(args.report, report)
+        failed = getattr(e, "report", None)
+        if failed is not None and args.report:
+            _write_json(args.report, failed)
         raise
     if not args.quiet:
         print(format_teleport(report))
@@ -217,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # an internal error: one line, traceback with --debug
         if debug:
             raise
-        print(f"graphteleport: internal error: {type(e).__name__}: {e} "
-              "(rerun with --debug and report it)", file=sys.stderr)
+        print(
+            f"graphteleport: internal error: {type(e).__name__}: {e} "
+            "(rerun with --debug and report it)",
+            file=sys.stderr,
+        )
         return 3

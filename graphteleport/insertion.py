@@ -59,9 +59,11 @@ class _Inserter:
         self.graph = model.graph
         self.tau = tau
         self.stats = stats
-        self.names = {v.name for v in self.graph.initializers.values()} | {
-            o.name for n in self.graph for o in n.outputs
-        } | {v.name for v in self.graph.inputs}
+        self.names = (
+            {v.name for v in self.graph.initializers.values()}
+            | {o.name for n in self.graph for o in n.outputs}
+            | {v.name for v in self.graph.inputs}
+        )
 
     def _name(self, base: str) -> str:
         k = 0
@@ -75,8 +77,12 @@ class _Inserter:
         dtype = value.dtype or ir.DataType.FLOAT
         arr = s.astype(dtype.numpy())
         name = self._name(f"{value.name or 'v'}_cofactor")
-        c = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(dtype),
-                     const_value=ir.tensor(arr, name=name))
+        c = ir.Value(
+            name=name,
+            shape=ir.Shape(arr.shape),
+            type=ir.TensorType(dtype),
+            const_value=ir.tensor(arr, name=name),
+        )
         self.graph.register_initializer(c)
         return c
 

@@ -74,7 +74,7 @@ def _int_ranges(model: ir.Model) -> dict[str, int]:
             if node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
                 table = node.inputs[0].const_value
                 if table is not None and table.shape:
-                    out[v.name or ""] = int(table.shape[0])
+                    out[v.name or ""] = int(table.shape.numpy()[0])
     return out
 
 
@@ -148,7 +148,7 @@ def teleport_file(
     seed = 0 if opts.seed is None else opts.seed
     feeds, shapes = _feeds(model, opts, seed)
     progress("analysing and rewriting")
-    result = TeleportPass(
+    result: Any = TeleportPass(
         mode=opts.mode,
         sampling=opts.sampling,
         cob_range=opts.cob_range,

@@ -46,7 +46,7 @@ def group_name(flags: int) -> str:
     return "any"
 
 
-class Unsupported(Exception):  # noqa: N818 - a signal between rules and the runner
+class Unsupported(Exception):
     """Raised by a rule whose preconditions fail; the node's neurons are pinned."""
 
 

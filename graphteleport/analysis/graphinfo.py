@@ -35,13 +35,31 @@ FLOAT_TYPES = frozenset(
 )
 _SMALL_INITIALIZER = 4096  # bytes kept in the copy given to shape inference
 _NOT_CONSTANT_OPS = frozenset(
-    {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-     "Bernoulli"}
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+    }
 )
 # Ops through which a constant keeps a one-to-one element map to its source.
 INDEX_OPS = frozenset(
-    {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather",
-     "Split", "Concat", "DepthToSpace", "SpaceToDepth"}
+    {
+        "Transpose",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+        "Slice",
+        "Gather",
+        "Split",
+        "Concat",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
 )
 
 
@@ -76,13 +94,14 @@ def _light_graph(
         shape = input_shapes.get(v.name or "", v.shape)
         elem = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
         dims = [d if isinstance(d, int) else None for d in (shape or [])]
-        gp.input.append(onnx.helper.make_tensor_value_info(v.name, elem, dims))
+        gp.input.append(onnx.helper.make_tensor_value_info(v.name or "", elem, dims))
     for name, v in graph.initializers.items():
         t = v.const_value
         if t is not None and t.nbytes <= _SMALL_INITIALIZER:
             gp.initializer.append(ir.serde.serialize_tensor(t))
         elif t is not None:
-            gp.input.append(onnx.helper.make_tensor_value_info(name, int(t.dtype), list(t.shape)))
+            dims = list(t.shape.numpy())
+            gp.input.append(onnx.helper.make_tensor_value_info(name, int(t.dtype), dims))
     for node in graph:
         if node.outputs and all((o.name or "") in folded for o in node.outputs):
             for o in node.outputs:
@@ -108,7 +127,7 @@ def static_shapes(
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - any failure of onnx's C++ inference
+    except Exception as e:
         raise AnalysisError(f"shape inference failed: {str(e).splitlines()[0]}") from e
     g = inferred.graph
     for vi in [*g.input, *g.value_info, *g.output]:
@@ -119,7 +138,7 @@ def static_shapes(
             dtypes[vi.name] = int(vi.type.tensor_type.elem_type)
     for name, v in model.graph.initializers.items():
         if v.const_value is not None:
-            shapes[name] = tuple(v.const_value.shape)
+            shapes[name] = tuple(v.const_value.shape.numpy())
     return shapes, dtypes
 
 
@@ -159,7 +178,9 @@ class GraphInfo:
 
     def _missing_shapes(self) -> bool:
         return any(
-            o.name not in self.shapes and not self.is_const(o) for n in self.graph for o in n.outputs
+            o.name not in self.shapes and not self.is_const(o)
+            for n in self.graph
+            for o in n.outputs
         )
 
     def _small_constants(self) -> dict[str, np.ndarray]:
@@ -171,7 +192,7 @@ class GraphInfo:
                     continue
                 try:
                     arr = self.value(o)
-                except Exception:  # noqa: BLE001 - leave what onnx.reference cannot evaluate
+                except Exception:
                     continue
                 if arr.size <= 1024 and arr.dtype.kind in "iub":
                     out[o.name or ""] = arr
@@ -182,12 +203,12 @@ class GraphInfo:
         if v is None:
             return None
         if v.const_value is not None:
-            return tuple(v.const_value.shape)
+            return tuple(v.const_value.shape.numpy())
         shape = self.shapes.get(v.name or "")
         if shape is None and self.is_const(v):
             try:
                 shape = tuple(self.value(v).shape)  # inference gave up; evaluation does not
-            except Exception:  # noqa: BLE001 - a constant onnx.reference cannot evaluate
+            except Exception:
                 return None
             self.shapes[v.name or ""] = shape
         return shape
@@ -214,8 +235,10 @@ class GraphInfo:
     def _node_is_constant(self, node: ir.Node) -> bool:
         if node.op_type in _NOT_CONSTANT_OPS or node.domain not in ("", "ai.onnx"):
             return False
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for a in node.attributes.values()):
+        if any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        ):
             return False
         if node.op_type in ("Shape", "Size"):
             return self.shape(node.inputs[0]) is not None
@@ -247,7 +270,9 @@ class GraphInfo:
             return self._shape_op(node)
         if node.op_type == "Size":
             return np.array(int(np.prod(self.shape(node.inputs[0]) or ())), dtype=np.int64)
-        ins = [None if x is None else self._input_value(node, k, x) for k, x in enumerate(node.inputs)]
+        ins = [
+            None if x is None else self._input_value(node, k, x) for k, x in enumerate(node.inputs)
+        ]
         outs = evaluate(node, ins, self.opset)
         for o, arr in zip(node.outputs, outs):
             self._values[id(o)] = np.asarray(arr)

@@ -71,8 +71,10 @@ class Quiver:
         g = nx.MultiDiGraph()
         for vid in np.unique(group_of):
             members = np.flatnonzero(group_of == vid)
-            g.add_node(int(vid), **_vertex(analysis, members, [blocks[k] for k in
-                                                                np.unique(block_of[members])]))
+            g.add_node(
+                int(vid),
+                **_vertex(analysis, members, [blocks[k] for k in np.unique(block_of[members])]),
+            )
         for ab in analysis.absorbs:
             _add_weight(g, ab, group_of)
         return cls(analysis, g, group_of)
@@ -107,9 +109,7 @@ class Quiver:
             pairs = np.unique(sol.pair[ids.reshape(-1)])
             for reason in {sol.reason[p] for p in pairs if pinned[p]}:
                 values[reason].append(ctx.names[key])
-        return [
-            PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()
-        ]
+        return [PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()]
 
     def to_neurons(self) -> nx.DiGraph:
         """The neuron-level quiver: a vertex per neuron, an arrow per weight entry."""

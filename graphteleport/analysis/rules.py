@@ -9,6 +9,7 @@ Ops missing from :data:`RULES` are pinned with the op named in the reason.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -21,7 +22,7 @@ Rule = Callable[[Context, ir.Node], None]
 IntArray = np.ndarray
 
 
-def _attr(node: ir.Node, name: str, default: object = None) -> object:
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     a = node.attributes.get(name)
     return default if a is None else a.value
 
@@ -108,10 +109,10 @@ def _clip(ctx: Context, node: ir.Node) -> None:
     return _not_equivariant(ctx, node)
 
 
-def _clip_bounds(ctx: Context, node: ir.Node) -> tuple[object, object]:
+def _clip_bounds(ctx: Context, node: ir.Node) -> tuple[Any, Any]:
     if ctx.info.opset < 11:
         return _attr(node, "min"), _attr(node, "max")
-    bounds: list[object] = []
+    bounds: list[Any] = []
     for k in (1, 2):
         v = node.inputs[k] if len(node.inputs) > k else None
         bounds.append(None if v is None else _require_const(ctx, v, "Clip bound"))
@@ -207,7 +208,9 @@ def _mul(ctx: Context, node: ir.Node) -> None:
         return
     out = ctx.new(ix.shape)
     # x·c and x/c: c' = c · (τ_out/τ_x)^{±1};  c/x: c' = c · τ_out · τ_x
-    factors = [(out, 1), (ix, 1)] if reciprocal else [(out, -1 if div else 1), (ix, 1 if div else -1)]
+    factors = (
+        [(out, 1), (ix, 1)] if reciprocal else [(out, -1 if div else 1), (ix, 1 if div else -1)]
+    )
     if ctx.absorb(c, factors, expand=True):
         if fold:
             ctx.pin(out, f"cofactor folded into {node.op_type} (no node inserted)")
@@ -319,7 +322,7 @@ def _batch_join(ctx: Context, pinned: IntArray, carried: IntArray) -> IntArray:
 def _gemm(ctx: Context, node: ir.Node) -> None:
     """``Y = α A' B' + β C``: ``B'[k, n] · τ_out[n] / τ_in[k]``, ``C' = C · τ_out``."""
     a, b = _x(node, 0), _x(node, 1)
-    ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))  # type: ignore[call-overload]
+    ta, tb = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
     if not ctx.act(a) or ctx.act(b):
         raise Unsupported("Gemm whose A is not an activation or B is not a constant")
     tin = ctx.collapse(ctx.ids(a), [1 if ta else 0]).reshape(-1)
@@ -365,7 +368,7 @@ def _conv(ctx: Context, node: ir.Node) -> None:
     x, w = _x(node, 0), _x(node, 1)
     _require_act(ctx, x, "Conv input")
     wshape = ctx.shape(w)
-    groups = int(_attr(node, "group", 1))  # type: ignore[call-overload]
+    groups = int(_attr(node, "group", 1))
     tin = _conv_in(ctx, x)
     out = ctx.new_for(node.outputs[0], [1])
     o_count, per = wshape[0], wshape[1]
@@ -387,7 +390,7 @@ def _conv_transpose(ctx: Context, node: ir.Node) -> None:
     x, w = _x(node, 0), _x(node, 1)
     _require_act(ctx, x, "ConvTranspose input")
     wshape = ctx.shape(w)
-    groups = int(_attr(node, "group", 1))  # type: ignore[call-overload]
+    groups = int(_attr(node, "group", 1))
     tin = _conv_in(ctx, x)
     out = ctx.new_for(node.outputs[0], [1])
     c_count, per = wshape[0], wshape[1]
@@ -410,7 +413,7 @@ def _batchnorm(ctx: Context, node: ir.Node) -> None:
     ``scale' = scale · τ_out / τ_in``, ``mean' = mean · τ_in``, ``B' = B · τ_out``,
     ``var`` unchanged — exact, since ``(τ_in x − τ_in μ) · scale/τ_in = (x − μ) · scale``.
     """
-    if int(_attr(node, "training_mode", 0)):  # type: ignore[call-overload]
+    if int(_attr(node, "training_mode", 0)):
         raise Unsupported("BatchNormalization in training mode")
     x = _x(node)
     _require_act(ctx, x, "BatchNormalization input")
@@ -448,7 +451,7 @@ def _norm(ctx: Context, node: ir.Node, axes: list[int], feature: list[int]) -> N
             continue
         prank = len(ctx.shape(v))
         ids_k = out if node.op_type != "InstanceNormalization" else out.reshape(-1)
-        ids_k = ids_k.reshape(ids_k.shape[ids_k.ndim - prank:]) if prank < ids_k.ndim else ids_k
+        ids_k = ids_k.reshape(ids_k.shape[ids_k.ndim - prank :]) if prank < ids_k.ndim else ids_k
         if not ctx.absorb(v, [(ids_k, 1)], expand=True):
             raise Unsupported("normalization parameters are computed, not stored")
     del rank
@@ -463,7 +466,7 @@ def _norm(ctx: Context, node: ir.Node, axes: list[int], feature: list[int]) -> N
 def _layernorm(ctx: Context, node: ir.Node) -> None:
     """LayerNormalization over axes ``axis..``: features are the normalized axes."""
     rank = len(ctx.shape(_x(node)))
-    axis = int(_attr(node, "axis", -1)) % rank  # type: ignore[call-overload]
+    axis = int(_attr(node, "axis", -1)) % rank
     axes = list(range(axis, rank))
     _norm(ctx, node, axes, axes)
 
@@ -485,7 +488,7 @@ def _gather(ctx: Context, node: ir.Node) -> None:
     if not ctx.const(data) or ctx.const(idx):
         raise Unsupported("Gather of a computed table")
     dshape = ctx.shape(data)
-    axis = int(_attr(node, "axis", 0)) % len(dshape)  # type: ignore[call-overload]
+    axis = int(_attr(node, "axis", 0)) % len(dshape)
     table = ctx.new([1 if k == axis else s for k, s in enumerate(dshape)], data.name or "")
     if not ctx.absorb(data, [(table, 1)]):
         raise Unsupported("embedding table is computed, not stored")
@@ -514,11 +517,11 @@ def _reduce_axes(ctx: Context, node: ir.Node, rank: int) -> list[int]:
     axes = _attr(node, "axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = _require_const(ctx, node.inputs[1], "reduce axes").tolist()
-    if axes is None or len(axes) == 0:  # type: ignore[arg-type]
-        if int(_attr(node, "noop_with_empty_axes", 0)):  # type: ignore[call-overload]
+    if axes is None or len(axes) == 0:
+        if int(_attr(node, "noop_with_empty_axes", 0)):
             return []
         return list(range(rank))
-    return sorted(int(a) % rank for a in axes)  # type: ignore[union-attr]
+    return sorted(int(a) % rank for a in axes)
 
 
 def _reduce(flag: int = 0) -> Rule:
@@ -529,7 +532,7 @@ def _reduce(flag: int = 0) -> Rule:
         out = ctx.collapse(ids, axes)
         if flag:
             ctx.restrict(out, flag, f"{node.op_type} commutes with τ > 0 only")
-        if not int(_attr(node, "keepdims", 1)):  # type: ignore[call-overload]
+        if not int(_attr(node, "keepdims", 1)):
             out = out.reshape([s for k, s in enumerate(out.shape) if k not in axes])
         ctx.set(node.outputs[0], out)
 
@@ -569,15 +572,17 @@ def _transpose(ctx: Context, node: ir.Node) -> None:
     """Transpose permutes the id array's axes."""
     ids = _require_act(ctx, _x(node), "input")
     perm = _attr(node, "perm") or list(reversed(range(ids.ndim)))
-    ctx.set(node.outputs[0], np.transpose(ids, perm))  # type: ignore[arg-type]
+    ctx.set(node.outputs[0], np.transpose(ids, perm))
 
 
 def _reshape(ctx: Context, node: ir.Node) -> None:
     """Reshape/Flatten/Squeeze/Unsqueeze: reshape the full id array, then compress it."""
     full = ctx.full(_x(node))
     if _require_act(ctx, _x(node), "input").size == 1:
-        ctx.set(node.outputs[0], ctx.ids(_x(node)).reshape(-1)[:1].reshape(
-            [1] * len(ctx.shape(node.outputs[0]))))
+        ctx.set(
+            node.outputs[0],
+            ctx.ids(_x(node)).reshape(-1)[:1].reshape([1] * len(ctx.shape(node.outputs[0]))),
+        )
         return
     ctx.set(node.outputs[0], compress(full.reshape(ctx.shape(node.outputs[0]))))
 
@@ -594,12 +599,25 @@ def _index_map(ctx: Context, node: ir.Node) -> None:
     pad_fill = _pad_fill(ctx, node, outs[0])
     for v, arr in zip(node.outputs, outs):
         if ctx.info.is_float(v):
-            ctx.set(v, compress(np.where(arr == 0, pad_fill, arr) - 1) if pad_fill is not None
-                    else compress(arr - 1))
+            ctx.set(
+                v,
+                compress(np.where(arr == 0, pad_fill, arr) - 1)
+                if pad_fill is not None
+                else compress(arr - 1),
+            )
 
 
-_DATA_INPUTS = {"Concat": None, "Pad": (0,), "Tile": (0,), "Expand": (0,), "Slice": (0,),
-                "Gather": (0,), "Split": (0,), "DepthToSpace": (0,), "SpaceToDepth": (0,)}
+_DATA_INPUTS = {
+    "Concat": None,
+    "Pad": (0,),
+    "Tile": (0,),
+    "Expand": (0,),
+    "Slice": (0,),
+    "Gather": (0,),
+    "Split": (0,),
+    "DepthToSpace": (0,),
+    "SpaceToDepth": (0,),
+}
 
 
 def _index_input(ctx: Context, node: ir.Node, k: int, v: ir.Value | None) -> np.ndarray | None:
@@ -633,11 +651,31 @@ def _pad_fill(ctx: Context, node: ir.Node, out: np.ndarray) -> np.ndarray | None
 
 # -- the table --------------------------------------------------------------------------
 _POS = "commutes with τ > 0 only"
-ODD = ("Tanh", "Softsign", "Asinh", "Atan", "Sin", "Sinh", "Tan", "Asin", "Atanh", "Erf",
-       "Sign")
-NOT_EQUIVARIANT = ("Sigmoid", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu", "Gelu",
-                   "Softplus", "Exp", "Log", "Sqrt", "Mish", "Cos", "Cosh", "Acos", "Acosh",
-                   "ThresholdedRelu", "Round", "Floor", "Ceil", "Shrink", "Swish")
+ODD = ("Tanh", "Softsign", "Asinh", "Atan", "Sin", "Sinh", "Tan", "Asin", "Atanh", "Erf", "Sign")
+NOT_EQUIVARIANT = (
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Gelu",
+    "Softplus",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Mish",
+    "Cos",
+    "Cosh",
+    "Acos",
+    "Acosh",
+    "ThresholdedRelu",
+    "Round",
+    "Floor",
+    "Ceil",
+    "Shrink",
+    "Swish",
+)
 
 WRAPPED_OPS = frozenset(
     {*ODD, *NOT_EQUIVARIANT, "Relu", "LeakyRelu", "PRelu", "Clip", "Softmax", "LogSoftmax"}
@@ -645,35 +683,72 @@ WRAPPED_OPS = frozenset(
 
 RULES: dict[str, Rule] = {
     # identity-like
-    "Identity": _alias, "Dropout": _dropout, "Neg": _alias, "Cast": _cast,
+    "Identity": _alias,
+    "Dropout": _dropout,
+    "Neg": _alias,
+    "Cast": _cast,
     "CastLike": _cast,
     # activations
-    "Relu": _positive(f"Relu {_POS}"), "LeakyRelu": _positive(f"LeakyRelu {_POS}"),
-    "PRelu": _prelu, "Abs": _abs, "Clip": _clip, "Reciprocal": _reciprocal,
+    "Relu": _positive(f"Relu {_POS}"),
+    "LeakyRelu": _positive(f"LeakyRelu {_POS}"),
+    "PRelu": _prelu,
+    "Abs": _abs,
+    "Clip": _clip,
+    "Reciprocal": _reciprocal,
     **dict.fromkeys(ODD, _odd),
     **dict.fromkeys(NOT_EQUIVARIANT, _not_equivariant),
-    "Softmax": _softmax, "LogSoftmax": _softmax, "Hardmax": _softmax,
+    "Softmax": _softmax,
+    "LogSoftmax": _softmax,
+    "Hardmax": _softmax,
     # arithmetic
-    "Add": _add, "Sub": _add, "Sum": _add, "Mean": _add, "Where": _add,
-    "Max": _max, "Min": _max, "Mul": _mul, "Div": _mul, "Pow": _pow,
+    "Add": _add,
+    "Sub": _add,
+    "Sum": _add,
+    "Mean": _add,
+    "Where": _add,
+    "Max": _max,
+    "Min": _max,
+    "Mul": _mul,
+    "Div": _mul,
+    "Pow": _pow,
     # linear layers
-    "MatMul": _matmul, "Gemm": _gemm, "Conv": _conv, "ConvTranspose": _conv_transpose,
-    "BatchNormalization": _batchnorm, "Gather": _gather,
-    "LayerNormalization": _layernorm, "InstanceNormalization": _instancenorm,
+    "MatMul": _matmul,
+    "Gemm": _gemm,
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "BatchNormalization": _batchnorm,
+    "Gather": _gather,
+    "LayerNormalization": _layernorm,
+    "InstanceNormalization": _instancenorm,
     # pooling and reductions
-    "MaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"), "AveragePool": _pool(),
-    "GlobalAveragePool": _pool(), "GlobalMaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"),
+    "MaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"),
+    "AveragePool": _pool(),
+    "GlobalAveragePool": _pool(),
+    "GlobalMaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"),
     "LpPool": _pool(Flag.POSITIVE, f"LpPool {_POS}"),
     "GlobalLpPool": _pool(Flag.POSITIVE, f"LpPool {_POS}"),
-    "ReduceMean": _reduce(), "ReduceSum": _reduce(), "ReduceMax": _reduce(Flag.POSITIVE),
-    "ReduceMin": _reduce(Flag.POSITIVE), "ReduceL1": _reduce(Flag.POSITIVE),
+    "ReduceMean": _reduce(),
+    "ReduceSum": _reduce(),
+    "ReduceMax": _reduce(Flag.POSITIVE),
+    "ReduceMin": _reduce(Flag.POSITIVE),
+    "ReduceL1": _reduce(Flag.POSITIVE),
     "ReduceL2": _reduce(Flag.POSITIVE),
-    "Resize": _resize, "Upsample": _resize,
+    "Resize": _resize,
+    "Upsample": _resize,
     # data movement
-    "Transpose": _transpose, "Reshape": _reshape, "Flatten": _reshape, "Squeeze": _reshape,
-    "Unsqueeze": _reshape, "Concat": _index_map, "Split": _index_map, "Slice": _index_map,
-    "Pad": _index_map, "Tile": _index_map, "Expand": _index_map,
-    "DepthToSpace": _index_map, "SpaceToDepth": _index_map,
+    "Transpose": _transpose,
+    "Reshape": _reshape,
+    "Flatten": _reshape,
+    "Squeeze": _reshape,
+    "Unsqueeze": _reshape,
+    "Concat": _index_map,
+    "Split": _index_map,
+    "Slice": _index_map,
+    "Pad": _index_map,
+    "Tile": _index_map,
+    "Expand": _index_map,
+    "DepthToSpace": _index_map,
+    "SpaceToDepth": _index_map,
 }
 
 # Ops that read only their input's shape, never its values: no constraint at all.

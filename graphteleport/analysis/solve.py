@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphteleport.analysis.constraints import Constraints, Factor, Flag, group_name
-from graphteleport.analysis.unionfind import union_pairs, compress
+from graphteleport.analysis.unionfind import compress, union_pairs
 
 IntArray = np.ndarray
 MAX_ROUNDS = 12
@@ -95,7 +95,9 @@ class _Solver:
         roots = self.roots()
         for _ in range(MAX_ROUNDS):
             flags = self.root_flags(roots)
-            pinned = (flags & Flag.PIN > 0) | ((flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0))
+            pinned = (flags & Flag.PIN > 0) | (
+                (flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0)
+            )
             changed = False
             for mono in self.c.monomials:
                 changed |= self._resolve(mono, roots, pinned)
@@ -132,9 +134,15 @@ class _Solver:
 
     def _pin_terms(self, terms: IntArray, roots: IntArray) -> None:
         if terms.size:
-            members = np.flatnonzero(np.isin(roots[: self.n], terms) | np.isin(roots[self.n :], terms))
+            members = np.flatnonzero(
+                np.isin(roots[: self.n], terms) | np.isin(roots[self.n :], terms)
+            )
             self.extra_flags.append(
-                (members, int(Flag.PIN), "product of activations (Mul/Div/MatMul of two activations)")
+                (
+                    members,
+                    int(Flag.PIN),
+                    "product of activations (Mul/Div/MatMul of two activations)",
+                )
             )
 
 
