@@ -72,11 +72,12 @@ def _apply(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (np.broadcast_to(w, s.shape).astype(np.float64) * s).astype(w.dtype)
 
 
-def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
-    """One scaled copy of a weight all of whose uses agree (ties made them agree)."""
-    if len(uses) == 1 and uses[0].index is None:
-        return _apply(w, scale(uses[0], tau))
-    s = np.ones(w.size, dtype=np.float64)
+def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
+    """The one ``S`` (in the source's ``shape``) that every use of a weight agrees on."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if len(uses) == 1 and uses[0].index is None and not uses[0].expand:
+        return np.broadcast_to(scale(uses[0], tau), shape)
+    s = np.ones(size, dtype=np.float64)
     for ab in uses:
         part = scale(ab, tau).reshape(-1)
         if ab.index is None:
@@ -85,7 +86,22 @@ def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
             s = part
         else:
             s[ab.index.reshape(-1)] = part
-    return (w.astype(np.float64) * s.reshape(w.shape)).astype(w.dtype)
+    return s.reshape(shape)
+
+
+def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
+    """One scaled copy of a weight all of whose uses agree (ties made them agree)."""
+    if len(uses) == 1 and uses[0].index is None:
+        return _apply(w, scale(uses[0], tau))
+    return (w.astype(np.float64) * source_scale(w.shape, uses, tau)).astype(w.dtype)
+
+
+def by_source(absorbs: list[Absorb]) -> dict[int, list[Absorb]]:
+    """Absorbs grouped by the stored tensor they rewrite."""
+    out: dict[int, list[Absorb]] = defaultdict(list)
+    for ab in absorbs:
+        out[id(ab.source.value)].append(ab)
+    return out
 
 
 class _Writer:
@@ -162,11 +178,8 @@ def rewrite(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> RewriteStat
     """Scale every absorbing weight of ``model`` in place by per-neuron cofactors ``tau``."""
     stats = RewriteStats()
     stats.weights_total, stats.elements_total = count_weights(model)
-    by_source: dict[int, list[Absorb]] = defaultdict(list)
-    for ab in analysis.absorbs:
-        by_source[id(ab.source.value)].append(ab)
     writer = _Writer(model, stats)
-    for key, uses in by_source.items():
+    for key, uses in by_source(analysis.absorbs).items():
         if key in analysis.private and all(ab.index is None for ab in uses):
             _rewrite_private(writer, uses, tau)
         else:

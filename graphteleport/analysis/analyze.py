@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -219,10 +219,18 @@ def analyze_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     mode: str = "absorb",
     rescale_residual: bool = False,
+    *,
+    writable: Callable[[str], bool] | None = None,
+    training: bool = False,
 ) -> Analysis:
-    """Find every cofactor ``model`` admits (see DESIGN.md §3)."""
-    info = GraphInfo(model, input_shapes)
-    ctx = Context(info, mode, rescale_residual)
+    """Find every cofactor ``model`` admits (see DESIGN.md §3).
+
+    ``writable`` limits the stored tensors that may absorb a scaling (the torch
+    frontend: parameters and buffers only); ``training`` keeps BatchNorm right in
+    training mode and stored tensors at their shapes.
+    """
+    info = GraphInfo(model, input_shapes, writable)
+    ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
     private = tie_shared_weights(ctx)
     touched = [f.ids.reshape(-1) for ab in ctx.c.absorbs for f in ab.factors]

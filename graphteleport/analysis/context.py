@@ -52,10 +52,17 @@ class Context:
     """The state of one analysis: id arrays per value, and the constraints so far."""
 
     def __init__(
-        self, info: GraphInfo, mode: str = "absorb", rescale_residual: bool = False
+        self,
+        info: GraphInfo,
+        mode: str = "absorb",
+        rescale_residual: bool = False,
+        training: bool = False,
     ) -> None:
         self.info = info
         self.mode = mode
+        # torch frontend: BatchNorm must stay right in training mode too, and stored
+        # tensors keep their shapes (a parameter cannot be broadcast-expanded).
+        self.training = training
         self.rescale_residual = rescale_residual and mode == "insert"
         self.c = Constraints()
         self.values: dict[int, IntArray] = {}
@@ -185,7 +192,7 @@ class Context:
         ref, index = src
         shape = tuple(self.info.value(v).shape)
         target = np.broadcast_shapes(shape, *[np.shape(f) for f, _ in factors])
-        if target != shape and (not expand or index is not None):
+        if target != shape and (not expand or index is not None or self.training):
             return False
         arrays = [align(np.asarray(f, dtype=np.int64), len(target)) for f, _ in factors]
         if index is not None and np.unique(index).size != index.size:

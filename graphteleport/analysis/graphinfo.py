@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,9 +160,13 @@ class GraphInfo:
     """Shapes, constants and provenance of one graph, computed once."""
 
     def __init__(
-        self, model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+        self,
+        model: ir.Model,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        writable: Callable[[str], bool] | None = None,
     ) -> None:
         self.model = model
+        self.writable = writable  # which stored tensors may be rewritten (None: all)
         self.graph = model.graph
         self.opset = default_opset(model)
         self.shapes, self.dtypes = static_shapes(model, input_shapes)
@@ -302,6 +306,8 @@ class GraphInfo:
 
     def _trace_source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
         if v.is_initializer() and v.const_value is not None:
+            if self.writable is not None and not self.writable(v.name or ""):
+                return None
             return ConstRef(v.name or "", v), None
         node = v.producer()
         if node is None:

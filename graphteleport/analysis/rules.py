@@ -420,7 +420,9 @@ def _batchnorm(ctx: Context, node: ir.Node) -> None:
     tin = _conv_in(ctx, x)
     out = ctx.new_for(node.outputs[0], [1])
     fo = out.reshape(-1)
-    scale, bias, mean = _x(node, 1), _x(node, 2), _x(node, 3)
+    scale, bias, mean, var = _x(node, 1), _x(node, 2), _x(node, 3), _x(node, 4)
+    if ctx.training:
+        return _batchnorm_training(ctx, node, tin, out, [scale, bias, mean, var])
     ok = (
         ctx.absorb(scale, [(fo, 1), (tin, -1)])
         and ctx.absorb(bias, [(fo, 1)])
@@ -428,6 +430,30 @@ def _batchnorm(ctx: Context, node: ir.Node) -> None:
     )
     if not ok:
         raise Unsupported("BatchNormalization parameters are not stored constants")
+    ctx.set(node.outputs[0], out)
+
+
+def _batchnorm_training(
+    ctx: Context, node: ir.Node, tin: IntArray, out: IntArray, params: list[ir.Value]
+) -> None:
+    """BatchNorm that must stay right in training mode (torch frontend).
+
+    Batch statistics normalise a positive input cofactor away, so ``τ_in > 0`` and
+    ``scale' = scale · τ_out``, ``B' = B · τ_out``; the running statistics follow the
+    input, ``mean' = mean · τ_in``, ``var' = var · τ_in²``, so eval mode stays right
+    (exact up to BatchNorm's eps).
+    """
+    scale, bias, mean, var = params
+    fo = out.reshape(-1)
+    ctx.restrict(tin, Flag.POSITIVE, "BatchNorm input: batch statistics need τ > 0")
+    ok = (
+        ctx.absorb(scale, [(fo, 1)])
+        and ctx.absorb(bias, [(fo, 1)])
+        and ctx.absorb(mean, [(tin, 1)])
+        and ctx.absorb(var, [(tin, 1), (tin, 1)])
+    )
+    if not ok:
+        raise Unsupported("BatchNormalization parameters are not stored tensors")
     ctx.set(node.outputs[0], out)
 
 

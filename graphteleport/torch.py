@@ -1,0 +1,305 @@
+"""Teleport an ``nn.Module`` in place, for training-time use (the paper's headline).
+
+``teleport(model, example_inputs)`` traces the module (:mod:`graphteleport.frontends.torch`),
+runs the same symmetry analysis as for ONNX files, draws cofactors and rescales the
+module's own parameters and buffers in place (``W' = τ_t · W / τ_s``), so an
+optimizer created before the teleport keeps updating the teleported tensors.
+BatchNorm is analysed in its training form: its input cofactors are positive,
+``γ' = γ·τ_out``, ``β' = β·τ_out``, running mean ``· τ_in`` and running var ``· τ_in²``,
+so both train and eval mode stay right (eval exact up to BatchNorm's eps).
+
+``mode="insert"`` also makes non-equivariant activation *modules* compute
+``τ_out · f(x / τ_in)``: each such leaf module gets two buffers,
+``graphteleport_in`` (``1/τ_in``) and ``graphteleport_out`` (``τ_out``), applied by
+forward hooks — so ``state_dict()`` carries them and a freshly teleported module that
+loads it computes exactly the same function.  Activations called functionally
+(``torch.sigmoid(x)`` in ``forward``) cannot carry hooks; insert mode names them.
+
+Example::
+
+    from graphteleport.torch import teleport
+    result = teleport(model, torch.randn(8, 784), mode="insert",
+                      sampling="inter_landscape", cob_range=0.9, seed=0)
+    result.free_cofactors, result.changed[:3]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+
+from graphteleport import cofactors
+from graphteleport.analysis.analyze import Analysis, analyze_model
+from graphteleport.analysis.quiver import Quiver
+from graphteleport.errors import InputError
+from graphteleport.frontends.torch import TorchGraph, trace
+from graphteleport.insertion import _needed, _product
+from graphteleport.rewrite import by_source, source_scale
+
+IN, OUT = "graphteleport_in", "graphteleport_out"
+
+
+@dataclass
+class TorchTeleport:
+    """The outcome of :func:`teleport`: what changed and by how much."""
+
+    model: nn.Module
+    analysis: Analysis
+    pair_values: np.ndarray
+    tau: np.ndarray
+    mode: str
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    hooked: list[str] = field(default_factory=list)
+
+    @property
+    def free_cofactors(self) -> int:
+        return int(self.analysis.solution.free.sum())
+
+    @property
+    def changed(self) -> list[str]:
+        return sorted(self.scales)
+
+    @property
+    def quiver(self) -> Quiver:
+        return Quiver.from_analysis(self.analysis)
+
+    def undo(self) -> None:
+        """Put the parameters and buffers back (``W = W' / S``; exact in exact mode)."""
+        tensors = dict(_named_tensors(self.model))
+        with torch.no_grad():
+            for name, s in self.scales.items():  # cofactor buffers of hooked modules too
+                tensors[name].div_(s)
+
+
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+
+
+def teleport(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    mode: str = "absorb",
+    sampling: str = "intra_landscape",
+    cob_range: float = 0.5,
+    center: float = 1.0,
+    seed: int | None = None,
+    exact: bool = False,
+    values: np.ndarray | None = None,
+) -> TorchTeleport:
+    """Teleport ``model`` in place; ``values`` gives the cofactor of each pair directly."""
+    if mode not in ("absorb", "insert"):
+        raise InputError(f"unknown mode {mode!r}; choose absorb or insert")
+    graph = trace(model, example_inputs)
+    analysis = analyze(graph, mode)
+    sol = analysis.solution
+    if values is None:
+        values = cofactors.sample(
+            sol.group, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
+        )
+    tau = sol.cofactors(values)
+    result = TorchTeleport(model, analysis, np.asarray(values), tau, mode)
+    result.scales = _absorb(graph, analysis, tau)
+    if mode == "insert":
+        _insert_hooks(model, graph, analysis, tau, result)
+    return result
+
+
+def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
+    """The analysis of a traced module: only its own tensors may absorb a scaling."""
+    names = set(graph.tensors)
+    return analyze_model(
+        graph.model, graph.input_shapes, mode, writable=names.__contains__, training=True
+    )
+
+
+def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str, torch.Tensor]:
+    """Multiply every absorbing parameter/buffer in place by its ``S``; return the ``S``."""
+    scales: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for uses in by_source(analysis.absorbs).values():
+            name = uses[0].source.name
+            t = graph.tensors[name]
+            s = source_scale(tuple(t.shape), uses, tau)
+            if np.all(s == 1):
+                continue
+            st = torch.from_numpy(np.array(s)).to(device=t.device, dtype=t.dtype)
+            t.mul_(st)
+            scales[name] = st
+    return scales
+
+
+# -- insert mode: forward hooks on activation modules ------------------------------------------
+def _scope(node: ir.Node) -> str | None:
+    """The module path a node was traced in (``pkg.torch.onnx.name_scopes``)."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    scopes = [s.strip(" '\"") for s in raw.strip("[]").split(",")]
+    return scopes[-2] if len(scopes) >= 2 else ""
+
+
+def _insert_hooks(
+    model: nn.Module,
+    graph: TorchGraph,
+    analysis: Analysis,
+    tau: np.ndarray,
+    result: TorchTeleport,
+) -> None:
+    """Wrap each activation module that needs it: ``τ_out · f(x / τ_in)`` by hooks."""
+    c = analysis.ctx.c
+    needed: dict[str, list[ir.Node]] = defaultdict(list)
+    for w in c.wraps:
+        if _needed(tau[w.ids], w.group):
+            needed[_module_of(model, w.node)].append(w.node)  # type: ignore[arg-type]
+    for e in c.edges:
+        if np.any(_product(e.factors, tau) != 1):
+            needed[_module_of(model, e.node)].append(e.node)  # type: ignore[arg-type]
+    members = _members(graph)
+    for path in needed:
+        x, y = _boundary(path, members[path], analysis)
+        s_in = 1.0 / tau[analysis.ctx.values[id(x)]]
+        s_out = tau[analysis.ctx.values[id(y)]]
+        _hook(model.get_submodule(path), path, s_in, s_out, result)
+
+
+def _module_of(model: nn.Module, node: ir.Node) -> str:
+    path = _scope(node)
+    what = f"{node.op_type} ({node.name})"
+    if path is None or path == "":
+        raise InputError(
+            f"insert mode: {what} is not inside an activation module "
+            "(a functional call in forward?); use mode='absorb' or an nn.Module"
+        )
+    module = model.get_submodule(path)
+    if list(module.children()) or any(True for _ in module.parameters(recurse=False)):
+        raise InputError(
+            f"insert mode: {what} is inside module {path!r}, which is not a "
+            "parameter-free leaf module; use mode='absorb'"
+        )
+    return path
+
+
+def _members(graph: TorchGraph) -> dict[str, list[ir.Node]]:
+    out: dict[str, list[ir.Node]] = defaultdict(list)
+    for node in graph.model.graph:
+        path = _scope(node)
+        if path:
+            out[path].append(node)
+    return out
+
+
+def _boundary(path: str, nodes: Sequence[ir.Node], analysis: Analysis) -> tuple[Any, Any]:
+    """The one activation a module reads and the one it returns."""
+    inside = {id(n) for n in nodes}
+    values = analysis.ctx.values
+    ins = {
+        id(v): v
+        for n in nodes
+        for v in n.inputs
+        if v is not None
+        and id(v) in values
+        and (v.producer() is None or id(v.producer()) not in inside)
+    }
+    outs = {
+        id(o): o
+        for n in nodes
+        for o in n.outputs
+        if id(o) in values
+        and (o.is_graph_output() or any(id(u.node) not in inside for u in o.uses()))
+    }
+    if len(ins) != 1 or len(outs) != 1:
+        raise InputError(
+            f"insert mode: module {path!r} does not read and return one tensor (is it "
+            "called more than once? give each call its own module, or use mode='absorb')"
+        )
+    return next(iter(ins.values())), next(iter(outs.values()))
+
+
+def _hook(
+    module: nn.Module, path: str, s_in: np.ndarray, s_out: np.ndarray, result: TorchTeleport
+) -> None:
+    ref = next(iter(result.model.parameters()), None)
+    kw: dict[str, Any] = {
+        "dtype": ref.dtype if ref is not None else torch.float32,
+        "device": ref.device if ref is not None else None,
+    }
+    t_in = torch.as_tensor(np.ascontiguousarray(s_in), **kw)
+    t_out = torch.as_tensor(np.ascontiguousarray(s_out), **kw)
+    if hasattr(module, IN):  # teleported before: compose with the cofactors it has
+        with torch.no_grad():
+            getattr(module, IN).mul_(t_in)
+            getattr(module, OUT).mul_(t_out)
+    else:
+        module.register_buffer(IN, t_in)
+        module.register_buffer(OUT, t_out)
+        module.register_forward_pre_hook(_scale_input)
+        module.register_forward_hook(_scale_output)
+    result.hooked.append(path)
+    result.scales[f"{path}.{IN}"] = t_in
+    result.scales[f"{path}.{OUT}"] = t_out
+
+
+def _scale_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0] * getattr(module, IN), *args[1:])
+
+
+def _scale_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    return output * getattr(module, OUT)
+
+
+def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Pair values of one teleport equal to teleporting by ``first`` then ``second``.
+
+    Both must come from the same analysis (same pairs); cofactors multiply.
+    """
+    return np.asarray(first) * np.asarray(second)
+
+
+def orbit_tangent(
+    model: nn.Module, example_inputs: Any, direction: np.ndarray | None = None, *, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The micro-teleportation direction at τ = 1: ``dW/dε`` for ``τ = 1 + ε·v``.
+
+    ``W(τ) = W · Π τ[ids]^e`` gives ``dW/dε = W · Σ e · v[ids]``.  ``direction`` is
+    ``v`` per cofactor pair (default: standard normal on the free pairs).  The model
+    is not changed.  The loss is constant along the orbit, so its gradient is
+    orthogonal to this tangent.
+    """
+    graph = trace(model, example_inputs)
+    analysis = analyze(graph, "absorb")
+    sol = analysis.solution
+    if direction is None:
+        direction = np.random.default_rng(seed).standard_normal(sol.num_pairs)
+    v = np.where(sol.free, direction, 0.0)
+    per_neuron = np.where(sol.inverse, -1.0, 1.0) * v[sol.pair]  # d(1/τ)/dε = −v at τ = 1
+    out: dict[str, torch.Tensor] = {}
+    for uses in by_source(analysis.absorbs).values():
+        name = uses[0].source.name
+        t = graph.tensors[name]
+        d = np.zeros(tuple(t.shape))
+        for ab in uses:
+            part = np.zeros(ab.shape)
+            for f in ab.factors:
+                part = part + f.exp * per_neuron[f.ids]
+            d = _scatter(d, ab, part)
+        out[name] = t.detach() * torch.as_tensor(d, dtype=t.dtype, device=t.device)
+    return out
+
+
+def _scatter(d: np.ndarray, ab: Any, part: np.ndarray) -> np.ndarray:
+    if ab.index is None:
+        return np.broadcast_to(part, d.shape).copy()
+    flat = d.reshape(-1).copy()
+    flat[ab.index.reshape(-1)] = part.reshape(-1)
+    return flat.reshape(d.shape)
