@@ -38,10 +38,15 @@ class RewriteStats:
 
 
 def scale(ab: Absorb, tau: np.ndarray) -> np.ndarray:
-    """``S = Π τ[f.ids]^f.exp`` in the absorb's shape (float64)."""
-    s = np.ones(ab.shape, dtype=np.float64)
+    """``S = Π τ[f.ids]^f.exp`` (float64), broadcastable to the absorb's shape.
+
+    The factors are kept in their compact layout (a conv's ``S`` is ``[O, C, 1, 1]``
+    for an ``[O, C, k, k]`` weight), so this is cheap next to the weight itself.
+    """
+    s: np.ndarray = np.ones((1,) * len(ab.shape), dtype=np.float64)
     for f in ab.factors:
-        s = s * tau[f.ids] ** f.exp
+        t = tau[f.ids]
+        s = s * (t if f.exp == 1 else t**f.exp)
     return s
 
 
@@ -64,18 +69,25 @@ def write(ref: ConstRef, array: np.ndarray) -> None:
         ref.value.shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
 
 
-def _apply(w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``W · S`` in W's dtype; a uniform S keeps W's shape (no needless broadcast)."""
+def _apply(w: np.ndarray, s: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """``W · S`` in W's dtype (S rounded to it first: exact for powers of two).
+
+    ``shape`` is the shape the result must have (a broadcast-expanded constant); a
+    uniform ``S`` keeps W's own shape.
+    """
     flat = s.reshape(-1)
     if flat.size and np.all(flat == flat[0]):
-        return (w.astype(np.float64) * flat[0]).astype(w.dtype)
-    return (np.broadcast_to(w, s.shape).astype(np.float64) * s).astype(w.dtype)
+        return w * w.dtype.type(flat[0])
+    target = np.broadcast_shapes(w.shape, s.shape, shape or w.shape)
+    return np.broadcast_to(w, target) * s.astype(w.dtype)
 
 
 def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
     """The one ``S`` (in the source's ``shape``) that every use of a weight agrees on."""
     size = int(np.prod(shape, dtype=np.int64))
     if len(uses) == 1 and uses[0].index is None and not uses[0].expand:
+        return np.broadcast_to(scale(uses[0], tau), shape)
+    if all(ab.index is None and not ab.expand for ab in uses):  # tied uses agree
         return np.broadcast_to(scale(uses[0], tau), shape)
     s = np.ones(size, dtype=np.float64)
     for ab in uses:
@@ -92,8 +104,8 @@ def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) ->
 def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
     """One scaled copy of a weight all of whose uses agree (ties made them agree)."""
     if len(uses) == 1 and uses[0].index is None:
-        return _apply(w, scale(uses[0], tau))
-    return (w.astype(np.float64) * source_scale(w.shape, uses, tau)).astype(w.dtype)
+        return _apply(w, scale(uses[0], tau), uses[0].shape)
+    return _apply(w, source_scale(w.shape, uses, tau))
 
 
 def by_source(absorbs: list[Absorb]) -> dict[int, list[Absorb]]:
@@ -113,14 +125,13 @@ class _Writer:
         }
 
     def store(self, ref: ConstRef, old: np.ndarray, new: np.ndarray) -> None:
-        if new.shape == old.shape and np.array_equal(new, old):
+        changed = int(np.count_nonzero(new != old)) if new.shape == old.shape else new.size
+        if not changed:
             return
         write(ref, new)
         self.stats.elements_total += new.size - old.size  # a broadcast-expanded constant
         self.stats.changed.append(ref.name)
-        self.stats.elements_changed += int(
-            np.count_nonzero(new != old) if new.shape == old.shape else new.size
-        )
+        self.stats.elements_changed += changed
 
     def private_copy(self, ab: Absorb, new: np.ndarray) -> None:
         """Give one use of a shared weight its own initializer."""
@@ -147,7 +158,7 @@ class _Writer:
 
 def _rewrite_private(writer: _Writer, uses: list[Absorb], tau: np.ndarray) -> None:
     w = read(uses[0].source)
-    news = [_apply(w, scale(ab, tau)) for ab in uses]
+    news = [_apply(w, scale(ab, tau), ab.shape) for ab in uses]
     same = all(n.shape == news[0].shape and np.array_equal(n, news[0]) for n in news)
     writer.store(uses[0].source, w, news[0])
     if same:

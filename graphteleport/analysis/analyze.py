@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -200,6 +200,15 @@ def _consistent(ctx: Context, a: Absorb, b: Absorb) -> None:
     ctx.monomial([(f.ids[pa], f.exp) for f in fa] + [(f.ids[pb], -f.exp) for f in fb])
 
 
+def _scaled_ids(ctx: Context) -> Iterator[np.ndarray]:
+    """Ids of every neuron some weight or inserted node depends on."""
+    for ab in ctx.c.absorbs:
+        yield from (f.ids for f in ab.factors)
+    yield from (w.ids for w in ctx.c.wraps)
+    for e in ctx.c.edges:
+        yield from (f.ids for f in e.factors)
+
+
 # -- entry point ----------------------------------------------------------------------------
 class Analysis:
     """The result of the analysis: the rules' context and the solved classes."""
@@ -233,9 +242,8 @@ def analyze_model(
     ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
     private = tie_shared_weights(ctx)
-    touched = [f.ids.reshape(-1) for ab in ctx.c.absorbs for f in ab.factors]
-    touched += [w.ids.reshape(-1) for w in ctx.c.wraps]
-    touched += [f.ids.reshape(-1) for e in ctx.c.edges for f in e.factors]
-    touched_ids = np.unique(np.concatenate(touched)) if touched else np.zeros(0, np.int64)
-    solution = solve(ctx.c, touched_ids)
+    touched = np.zeros(ctx.c.n, dtype=bool)
+    for ids in _scaled_ids(ctx):
+        touched[ids] = True
+    solution = solve(ctx.c, np.flatnonzero(touched))
     return Analysis(ctx, solution, private)

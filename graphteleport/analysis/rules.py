@@ -372,12 +372,14 @@ def _conv(ctx: Context, node: ir.Node) -> None:
     tin = _conv_in(ctx, x)
     out = ctx.new_for(node.outputs[0], [1])
     o_count, per = wshape[0], wshape[1]
-    o = np.arange(o_count)[:, None]
-    j = np.arange(per)[None, :]
-    idx = (o // (o_count // groups)) * per + j
     spatial = (1,) * (len(wshape) - 2)
     fo = out.reshape(-1).reshape((o_count, 1, *spatial))
-    fi = tin[idx].reshape((o_count, per, *spatial))
+    if groups == 1:  # keep the factor broadcastable: every output sees every input
+        fi = tin.reshape((1, per, *spatial))
+    else:
+        o = np.arange(o_count)[:, None]
+        j = np.arange(per)[None, :]
+        fi = tin[(o // (o_count // groups)) * per + j].reshape((o_count, per, *spatial))
     if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
         raise Unsupported("Conv weight is not a stored constant")
     if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -394,11 +396,13 @@ def _conv_transpose(ctx: Context, node: ir.Node) -> None:
     tin = _conv_in(ctx, x)
     out = ctx.new_for(node.outputs[0], [1])
     c_count, per = wshape[0], wshape[1]
-    c = np.arange(c_count)[:, None]
-    j = np.arange(per)[None, :]
-    idx = (c // (c_count // groups)) * per + j
     spatial = (1,) * (len(wshape) - 2)
-    fo = out.reshape(-1)[idx].reshape((c_count, per, *spatial))
+    if groups == 1:
+        fo = out.reshape(-1).reshape((1, per, *spatial))
+    else:
+        c = np.arange(c_count)[:, None]
+        j = np.arange(per)[None, :]
+        fo = out.reshape(-1)[(c // (c_count // groups)) * per + j].reshape((c_count, per, *spatial))
     fi = tin.reshape((c_count, 1, *spatial))
     if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
         raise Unsupported("ConvTranspose weight is not a stored constant")

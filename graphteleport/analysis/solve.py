@@ -17,10 +17,11 @@ weight depends on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
-from graphteleport.analysis.constraints import Constraints, Factor, Flag, group_name
+from graphteleport.analysis.constraints import Constraints, Factor, Flag
 from graphteleport.analysis.unionfind import compress, union_pairs
 
 IntArray = np.ndarray
@@ -44,11 +45,11 @@ class Solution:
     def num_pairs(self) -> int:
         return len(self.reason)
 
-    @property
+    @cached_property
     def pinned(self) -> IntArray:
         return np.array([g == "pinned" for g in self.group], dtype=bool)
 
-    @property
+    @cached_property
     def free(self) -> IntArray:
         return ~self.pinned & self.touched
 
@@ -157,7 +158,7 @@ def solve(c: Constraints, touched_ids: IntArray) -> Solution:
     flags_root = s.root_flags(roots)
     flags = flags_root[uniq]
     reason = _reasons(pair, len(uniq), [*c.flags, *s.extra_flags])
-    group = [group_name(int(f)) for f in flags]
+    group = group_names(flags)
     for k, g in enumerate(group):
         if g != "pinned" and g != "any" and not reason[k]:
             reason[k] = "sign: τ = 1/τ (its cofactor is its own inverse)"
@@ -170,20 +171,34 @@ def solve(c: Constraints, touched_ids: IntArray) -> Solution:
 
 def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]]) -> list[str]:
     """The first reason recorded for each pair, pins first, then group restrictions."""
-    out = [""] * count
-    pos = [""] * count
-    sign = [""] * count
-    for ids, flag, why in records:
-        for p in np.unique(pair[ids]):
-            if flag & Flag.PIN and not out[p]:
-                out[p] = why
-            if flag & Flag.POSITIVE and not pos[p]:
-                pos[p] = why
-            if flag & Flag.SIGN and not sign[p]:
-                sign[p] = why
+    texts = [why for _, _, why in records]
+    first = {
+        bit: np.full(count, -1, dtype=np.int64) for bit in (Flag.PIN, Flag.POSITIVE, Flag.SIGN)
+    }
+    for k, (ids, flag, _) in enumerate(records):
+        pairs = pair[ids]
+        for bit, seen in first.items():
+            if flag & bit:
+                hit = pairs[seen[pairs] < 0]
+                seen[hit] = k
+    out: list[str] = []
+    pin, pos, sign = first[Flag.PIN], first[Flag.POSITIVE], first[Flag.SIGN]
     for p in range(count):
-        if not out[p] and pos[p] and sign[p]:
-            out[p] = f"{pos[p]}, and {sign[p]}"
-        elif not out[p]:
-            out[p] = pos[p] or sign[p]
+        if pin[p] >= 0:
+            out.append(texts[pin[p]])
+        elif pos[p] >= 0 and sign[p] >= 0:
+            out.append(f"{texts[pos[p]]}, and {texts[sign[p]]}")
+        elif pos[p] >= 0 or sign[p] >= 0:
+            out.append(texts[max(pos[p], sign[p])])
+        else:
+            out.append("")
     return out
+
+
+def group_names(flags: IntArray) -> list[str]:
+    """:func:`group_name` for an array of flag sets, vectorised."""
+    pinned = (flags & Flag.PIN > 0) | ((flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0))
+    code = np.where(
+        pinned, 3, np.where(flags & Flag.SIGN > 0, 2, np.where(flags & Flag.POSITIVE > 0, 1, 0))
+    )
+    return [GROUPS[c] for c in code.tolist()]
