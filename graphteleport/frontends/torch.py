@@ -62,7 +62,7 @@ class TorchGraph:
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
-            v.name or "": tuple(int(d) for d in v.shape)  # type: ignore[union-attr,arg-type]
+            v.name or "": tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
             for v in self.model.graph.inputs
             if v.shape is not None and all(isinstance(d, int) for d in v.shape)
         }
