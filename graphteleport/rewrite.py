@@ -91,7 +91,7 @@ def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) ->
         return np.broadcast_to(scale(uses[0], tau), shape)
     s = np.ones(size, dtype=np.float64)
     for ab in uses:
-        part = scale(ab, tau).reshape(-1)
+        part = np.broadcast_to(scale(ab, tau), ab.shape).reshape(-1)
         if ab.index is None:
             if ab.expand:
                 continue  # pinned by the analysis: a shared weight cannot expand
