@@ -229,7 +229,9 @@ def _run(argv: list[str]) -> int:
         inputs=args.inputs,
         input_shapes=dict(args.input_shape),
     )
-    progress = (lambda _m: None) if args.quiet else (lambda m: print(f"  ... {m}", file=sys.stderr))
+    # Progress goes to an interactive terminal only: logs and pipes see just the result.
+    show = not args.quiet and sys.stderr.isatty()
+    progress = (lambda m: print(f"  ... {m}", file=sys.stderr)) if show else (lambda _m: None)
     try:
         report = teleport_file(args.model, args.output, opts, progress)
     except VerificationError as e:

@@ -141,14 +141,13 @@ def teleport_file(
 ) -> dict[str, Any]:
     """Teleport the model at ``src`` into ``dst``, verified unless ``opts.verify`` is False."""
     t0 = time.perf_counter()
-    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
-        raise InputError(f"refusing to overwrite the input model {src}; choose another -o")
-    progress(f"loading {src}")
+    check_output_path(src, dst)
+    if opts.cob_range < 0:
+        raise InputError(f"--cob-range must be >= 0, got {opts.cob_range}")
     model = load_model(src)
     seed = 0 if opts.seed is None else opts.seed
     feeds, shapes = _feeds(model, opts, seed)
-    progress("analysing and rewriting")
-    result: Any = TeleportPass(
+    teleport = TeleportPass(
         mode=opts.mode,
         sampling=opts.sampling,
         cob_range=opts.cob_range,
@@ -157,11 +156,24 @@ def teleport_file(
         exact=opts.exact,
         input_shapes=shapes,
         rescale_residual=opts.rescale_residual,
-    )(model)
+    )
+    progress("analysing and rewriting")  # every check on the user's input has passed
+    result: Any = teleport(model)
     report = _teleport_report(result, src, dst, opts)
     _save_verified(model, src, dst, feeds, report, opts, progress)
     report["seconds"]["total"] = time.perf_counter() - t0
     return report
+
+
+def check_output_path(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, an output that is the input or lies in no directory."""
+    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
+        raise InputError(f"refusing to overwrite the input model {src}; choose another -o")
+    parent = Path(os.path.abspath(dst)).parent
+    if not parent.is_dir():
+        raise InputError(f"output directory does not exist: {parent}")
+    if Path(dst).is_dir():
+        raise InputError(f"-o names a directory, not a file: {dst}")
 
 
 def _save_verified(

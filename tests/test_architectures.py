@@ -80,10 +80,9 @@ def test_cli_teleports_architecture(
     assert named, f"no pin names {activation}: {reasons}"
     if (arch, exporter) not in NO_INSERT_HINT:
         assert all("--mode insert" in x for x in named)
-    assert changed > 0  # TODO(insert mode): ≥ 95 % — see test_insert_mode_changes_95_percent
+    assert changed > 0  # insert mode moves ≥ 95 %: test_insert_mode_changes_95_percent
 
 
-@pytest.mark.xfail(strict=False, reason="insert mode is issue 5")
 @pytest.mark.parametrize("key", sorted(NOT_EQUIVARIANT), ids=lambda k: "-".join(k))
 def test_insert_mode_changes_95_percent(
     exported: ExportCache, tmp_path: Path, key: tuple[str, str]
@@ -100,11 +99,6 @@ def test_insert_mode_changes_95_percent(
     assert not [p for p in r["pinned"] if "not equivariant" in p["reason"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the legacy-exported GELU (x·0.5·(1+erf(x/√2))) is pinned as 'product of "
-    "activations' without the '--mode insert' hint, though insert mode frees those neurons",
-)
 def test_decomposed_gelu_pin_points_to_insert_mode(exported: ExportCache, tmp_path: Path) -> None:
     rc, r = run_cli(exported("transformer_mlp", "legacy"), tmp_path / "out.onnx")
     assert rc == 0

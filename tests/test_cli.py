@@ -164,18 +164,6 @@ BAD_CASES = [
     "missing --inputs file",
     "output directory missing",
 ]
-# Cases whose error comes after the CLI has started printing progress lines to stderr.
-PROGRESS_FIRST = {
-    "missing file",
-    "not onnx",
-    "truncated onnx",
-    "empty file",
-    "dynamic non-batch dim",
-    "--input-shape of an unknown input",
-    "negative --cob-range",
-    "missing --inputs file",
-    "output directory missing",
-}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -191,16 +179,7 @@ def test_bad_input_quiet(work: Path, capsys: pytest.CaptureFixture[str], case: s
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: without -q, progress lines ('  ... loading X') go to "
-                "stderr before the error, so stderr has more than one line",
-            ),
-        )
-        if c in PROGRESS_FIRST
-        else c
+        c
         for c in BAD_CASES
     ],
 )

@@ -62,7 +62,7 @@ def apply_rule(ctx: Context, node: ir.Node) -> None:
     except Unsupported as e:
         ctx.abort(mark)
         _pin_node(ctx, node, _reason(node, str(e), rule is None))
-    except (ValueError, IndexError, TypeError) as e:  # a rule met a case it did not foresee
+    except (ValueError, IndexError, TypeError, ArithmeticError) as e:  # an unforeseen case
         log.debug("rule for %s failed", node.name, exc_info=True)
         ctx.abort(mark)
         _pin_node(ctx, node, f"{node.op_type}: rule failed ({type(e).__name__})")

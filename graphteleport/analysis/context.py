@@ -38,6 +38,14 @@ def align(ids: IntArray, rank: int) -> IntArray:
     return ids.reshape((1,) * (rank - ids.ndim) + ids.shape)
 
 
+def _fit_rank(ids: IntArray, rank: int) -> IntArray:
+    """Drop leading size-1 axes beyond ``rank`` (a ``[C]`` bias stays ``[C]``)."""
+    extra = ids.ndim - rank
+    if extra > 0 and all(s == 1 for s in ids.shape[:extra]):
+        return ids.reshape(ids.shape[extra:])
+    return ids
+
+
 def compress(full: IntArray) -> IntArray:
     """Shrink every axis along which the ids do not change to size 1."""
     for ax in range(full.ndim):
@@ -168,6 +176,8 @@ class Context:
 
     def collapse(self, ids: IntArray, axes: Sequence[int]) -> IntArray:
         """Tie the neurons along ``axes`` together; return the ids with those axes at size 1."""
+        if ids.ndim == 0:  # one neuron for the whole tensor (its shape is unknown)
+            return ids
         axes = sorted({a % ids.ndim for a in axes if ids.shape[a % ids.ndim] > 1})
         if not axes:
             return ids
@@ -191,6 +201,7 @@ class Context:
             return self._is_zero(v)
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
+        factors = [(_fit_rank(np.asarray(f, dtype=np.int64), len(shape)), e) for f, e in factors]
         target = np.broadcast_shapes(shape, *[np.shape(f) for f, _ in factors])
         if target != shape and (not expand or index is not None or self.training):
             return False

@@ -94,6 +94,8 @@ def _light_graph(
         shape = input_shapes.get(v.name or "", v.shape)
         elem = int(v.dtype) if v.dtype is not None else onnx.TensorProto.FLOAT
         dims = [d if isinstance(d, int) else None for d in (shape or [])]
+        if dims and dims[0] is None and (v.name or "") not in input_shapes:
+            dims[0] = 1  # a dynamic batch axis: analyse with batch 1
         gp.input.append(onnx.helper.make_tensor_value_info(v.name or "", elem, dims))
     for name, v in graph.initializers.items():
         t = v.const_value
@@ -209,6 +211,8 @@ class GraphInfo:
         if v.const_value is not None:
             return tuple(v.const_value.shape.numpy())
         shape = self.shapes.get(v.name or "")
+        if shape is None and v.shape is not None and all(isinstance(d, int) for d in v.shape):
+            shape = tuple(int(d) for d in v.shape)  # type: ignore[arg-type] # declared value_info
         if shape is None and self.is_const(v):
             try:
                 shape = tuple(self.value(v).shape)  # inference gave up; evaluation does not

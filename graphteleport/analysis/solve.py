@@ -142,7 +142,7 @@ class _Solver:
                 (
                     members,
                     int(Flag.PIN),
-                    "product of activations (Mul/Div/MatMul of two activations)",
+                    "product of activations (Mul/Div/MatMul of two activations; use --mode insert)",
                 )
             )
 

@@ -56,9 +56,14 @@ def torch_case(name: str, device: str, dtype: torch.dtype, mode: str) -> dict[st
     with torch.no_grad():
         err = rel_err(model(x), ref(x))
     where = {(p.device.type, p.dtype) for p in model.parameters()}
-    return {"case": f"torch {name} {device} {dtype} {mode}", "rel_err": err,
-            "free": r.free_cofactors, "changed": len(r.changed), "seconds": dt,
-            "params_stay": where == {(torch.device(device).type, dtype)}}
+    return {
+        "case": f"torch {name} {device} {dtype} {mode}",
+        "rel_err": err,
+        "free": r.free_cofactors,
+        "changed": len(r.changed),
+        "seconds": dt,
+        "params_stay": where == {(torch.device(device).type, dtype)},
+    }
 
 
 def _zoo() -> list[tuple[str, Any, tuple[int, ...]]]:
@@ -66,17 +71,27 @@ def _zoo() -> list[tuple[str, Any, tuple[int, ...]]]:
     try:
         import torchvision.models as tvm
 
-        for n in ("resnet18", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
-                  "regnet_y_400mf", "swin_t"):
-            out.append((f"torchvision.{n}", lambda n=n: getattr(tvm, n)(weights=None), (1, 3, 224, 224)))
-    except Exception as e:  # noqa: BLE001
+        for n in (
+            "resnet18",
+            "mobilenet_v2",
+            "efficientnet_b0",
+            "convnext_tiny",
+            "regnet_y_400mf",
+            "swin_t",
+        ):
+            out.append(
+                (f"torchvision.{n}", lambda n=n: getattr(tvm, n)(weights=None), (1, 3, 224, 224))
+            )
+    except Exception as e:
         print("torchvision unavailable:", e)
     try:
         import timm
 
         for n in ("resnet50", "convnext_nano", "vit_tiny_patch16_224", "mobilenetv3_small_100"):
-            out.append((f"timm.{n}", lambda n=n: timm.create_model(n, pretrained=False), (1, 3, 224, 224)))
-    except Exception as e:  # noqa: BLE001
+            out.append(
+                (f"timm.{n}", lambda n=n: timm.create_model(n, pretrained=False), (1, 3, 224, 224))
+            )
+    except Exception as e:
         print("timm unavailable:", e)
     return out
 
@@ -98,19 +113,30 @@ def zoo_case(name: str, make: Any, shape: tuple[int, ...], out: Path, mode: str)
         model = make().eval()
         _randomize_bn(model)
         t = time.perf_counter()
-        torch.onnx.export(model, (torch.randn(*shape),), str(path), dynamo=True,
-                          external_data=False, verbose=False)
+        torch.onnx.export(
+            model,
+            (torch.randn(*shape),),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
         print(f"  exported {name} in {time.perf_counter() - t:.1f}s", flush=True)
     opts = TeleportOptions(mode=mode, seed=0, rtol=1e-4)
     if mode == "insert":
         opts.sampling, opts.cob_range = "inter_landscape", 0.9
     rep = teleport_file(path, out / f"{name}.{mode}.teleported.onnx", opts)
     v = rep["verification"]
-    return {"case": f"onnx {name} {mode}", "passed": v["passed"], "rel_err": v["max_rel_err"],
-            "free": rep["free_cofactors"],
-            "changed": rep["elements_changed"] / max(rep["elements_total"], 1),
-            "pins": {p["reason"]: p["cofactors"] for p in rep["pinned"]},
-            "nodes_added": rep["nodes_added"], "seconds": rep["seconds"]["total"]}
+    return {
+        "case": f"onnx {name} {mode}",
+        "passed": v["passed"],
+        "rel_err": v["max_rel_err"],
+        "free": rep["free_cofactors"],
+        "changed": rep["elements_changed"] / max(rep["elements_total"], 1),
+        "pins": {p["reason"]: p["cofactors"] for p in rep["pinned"]},
+        "nodes_added": rep["nodes_added"],
+        "seconds": rep["seconds"]["total"],
+    }
 
 
 def guarded(fn: Any, *args: Any, limit: int = 90) -> dict[str, Any]:
@@ -120,9 +146,12 @@ def guarded(fn: Any, *args: Any, limit: int = 90) -> dict[str, Any]:
         return fn(*args)
     except Timeout:
         return {"case": " ".join(map(str, args[:2])), "error": f"timeout {limit}s"}
-    except Exception as e:  # noqa: BLE001 - a report of what broke, not a crash
-        return {"case": " ".join(map(str, args[:2])), "error": f"{type(e).__name__}: {e}"[:400],
-                "trace": traceback.format_exc()[-1500:]}
+    except Exception as e:
+        return {
+            "case": " ".join(map(str, args[:2])),
+            "error": f"{type(e).__name__}: {e}"[:400],
+            "trace": traceback.format_exc()[-1500:],
+        }
     finally:
         signal.alarm(0)
 
