@@ -72,14 +72,32 @@ def write(ref: ConstRef, array: np.ndarray) -> None:
 def _apply(w: np.ndarray, s: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """``W · S`` in W's dtype (S rounded to it first: exact for powers of two).
 
-    ``shape`` is the shape the result must have (a broadcast-expanded constant); a
-    uniform ``S`` keeps W's own shape.
+    A constant is broadcast-expanded only along the axes where ``S`` really varies
+    (a scalar becoming per-channel); along the others — a sequence axis whose
+    neurons the analysis tied — W keeps its size, so the model still accepts any
+    length there.
     """
+    del shape  # the expanded shape follows from S itself
+    s = _shrink(s, w.shape)
     flat = s.reshape(-1)
     if flat.size and np.all(flat == flat[0]):
         return w * w.dtype.type(flat[0])
-    target = np.broadcast_shapes(w.shape, s.shape, shape or w.shape)
+    target = np.broadcast_shapes(w.shape, s.shape)
     return np.broadcast_to(w, target) * s.astype(w.dtype)
+
+
+def _shrink(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Reduce ``S`` to size 1 along axes where W has size 1 and S does not vary."""
+    ranked = (1,) * (s.ndim - len(shape)) + tuple(shape)
+    for ax in range(s.ndim):
+        if ranked[ax] == 1 and s.shape[ax] > 1:
+            first = s.take([0], axis=ax)
+            if np.array_equal(s, np.broadcast_to(first, s.shape)):
+                s = first
+    extra = s.ndim - len(shape)
+    if extra > 0 and all(d == 1 for d in s.shape[:extra]):
+        s = s.reshape(s.shape[extra:])
+    return s
 
 
 def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) -> np.ndarray:

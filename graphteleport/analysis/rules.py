@@ -637,6 +637,28 @@ def _index_map(ctx: Context, node: ir.Node) -> None:
             )
 
 
+def _concat(ctx: Context, node: ir.Node) -> None:
+    """Concat along a feature axis is an index map; along an axis no input varies on
+    (a sequence axis: a class token joined to patch embeddings) the inputs share
+    their cofactors, so the output keeps one cofactor along it and the model stays
+    valid for any length there.  Constant inputs absorb the output's cofactors.
+    """
+    rank = _out_rank(ctx, node)
+    axis = int(_attr(node, "axis", 0)) % rank
+    acts = [align(ctx.ids(v), rank) for v in node.inputs if v is not None and ctx.act(v)]
+    if not acts or any(a.shape[axis] != 1 for a in acts):
+        return _index_map(ctx, node)
+    shape = np.broadcast_shapes(*[a.shape for a in acts])
+    out = np.broadcast_to(acts[0], shape).copy()
+    for a in acts[1:]:
+        ctx.tie(a, out)
+    for v in node.inputs:
+        if v is not None and not ctx.act(v) and not ctx.absorb(v, [(out, 1)]):
+            ctx.pin(out, "Concat joins a computed constant")
+    ctx.set(node.outputs[0], out)
+    return None
+
+
 _DATA_INPUTS = {
     "Concat": None,
     "Pad": (0,),
@@ -771,7 +793,7 @@ RULES: dict[str, Rule] = {
     "Flatten": _reshape,
     "Squeeze": _reshape,
     "Unsqueeze": _reshape,
-    "Concat": _index_map,
+    "Concat": _concat,
     "Split": _index_map,
     "Slice": _index_map,
     "Pad": _index_map,
