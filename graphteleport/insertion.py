@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.analyze import Analysis
 from graphteleport.analysis.constraints import EdgeScale, Factor, Wrap
 from graphteleport.analysis.context import align
+from graphteleport.analysis.driver import Analysis
 
 
 @dataclass

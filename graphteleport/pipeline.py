@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport import verify as verify_mod
-from graphteleport.analysis.analyze import analyze_model
+from graphteleport.analysis.driver import analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.io import load_model, save_model_atomic, staged_save

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.analyze import Analysis
 from graphteleport.analysis.constraints import Absorb, ConstRef
+from graphteleport.analysis.driver import Analysis
 from graphteleport.analysis.graphinfo import FLOAT_TYPES
 
 
@@ -113,7 +113,7 @@ def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) ->
         if ab.index is None:
             if ab.expand:
                 continue  # pinned by the analysis: a shared weight cannot expand
-            s = part
+            s = part.copy()
         else:
             s[ab.index.reshape(-1)] = part
     return s.reshape(shape)

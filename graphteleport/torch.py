@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from graphteleport import cofactors
-from graphteleport.analysis.analyze import Analysis, analyze_model
+from graphteleport.analysis.driver import Analysis, analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace

@@ -16,7 +16,7 @@ torch 2.13 / transformers 5.24 / onnxscript 0.7 (absorb mode, seed 0):
     mobilenet_v2             256              89.2%  (ReLU6 = Clip pins 6496)
 
 Library bugs these models found have regression tests below, with minimal reproductions in
-their docstrings; the one still open is a strict xfail.
+their docstrings.
 
 Exports are cached per session (one temp dir); the whole file takes about 1.5 minutes on two
 cores.  timm and torchvision are not tested: they cannot be installed on the CPU-only machines
@@ -248,16 +248,10 @@ def test_decomposed_layernorm_weights_keep_their_size(hf_dir: Path) -> None:
     assert not grown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (crash, exit 3): a weight used directly by one node and through a data-movement "
-    "node by another (the legacy exporter feeds ALBERT's shared layer weights through Identity) "
-    "makes rewrite.source_scale assign into a read-only broadcast view: 'ValueError: assignment "
-    "destination is read-only' (rewrite.py, s[ab.index.reshape(-1)] = part after s = part).  "
-    "Repro: x[6,8] -> MatMul W0 -> MatMul W -> MatMul Identity(W) (or Transpose(W)) -> MatMul "
-    "W2; `graphteleport repro_shared_identity.onnx -o out.onnx` exits 3.",
-)
 def test_albert_legacy_export_teleports(hf_dir: Path) -> None:
+    """Regression: a weight used directly by one node and through Identity/Transpose by
+    another (the legacy exporter feeds ALBERT's shared layer weights through Identity)
+    once crashed the rewrite (an assignment into a read-only broadcast view)."""
     path = hf_dir / "albert_legacy.onnx"
     if not path.exists():
         model, inputs = HF_MODELS["albert"].build(0)

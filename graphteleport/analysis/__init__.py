@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 
-from graphteleport.analysis.analyze import Analysis, analyze_model
+from graphteleport.analysis.driver import Analysis, analyze_model
 from graphteleport.analysis.quiver import PinGroup, Quiver
 from graphteleport.analysis.rules import RULES
 

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from graphteleport.analysis.constraints import (
     Absorb,
     Constraints,
+    ConstRef,
     EdgeScale,
     Factor,
     Flag,
@@ -44,6 +45,21 @@ def _fit_rank(ids: IntArray, rank: int) -> IntArray:
     if extra > 0 and all(s == 1 for s in ids.shape[:extra]):
         return ids.reshape(ids.shape[extra:])
     return ids
+
+
+def _consistent_repeats(index: IntArray, factors: list[IntArray], shape: tuple[int, ...]) -> bool:
+    """A source element used at several places (a row gathered for every position)
+    can absorb only if every place asks for the same scaling: the same ids per factor."""
+    flat = index.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    repeat = flat[order][1:] == flat[order][:-1]
+    if not repeat.any():
+        return True
+    for f in factors:
+        ids = np.broadcast_to(f, shape).reshape(-1)[order]
+        if np.any(ids[1:][repeat] != ids[:-1][repeat]):
+            return False
+    return True
 
 
 def compress(full: IntArray) -> IntArray:
@@ -203,10 +219,12 @@ class Context:
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
         factors = [(_fit_rank(np.asarray(f, dtype=np.int64), len(shape)), e) for f, e in factors]
         target = np.broadcast_shapes(shape, *[np.shape(f) for f, _ in factors])
-        if target != shape and (not expand or index is not None or self.training):
-            return False
+        if target != shape and (
+            not expand or index is not None or self.training or self._shared(ref)
+        ):
+            return False  # the rule then leaves the constant as it is, if it can
         arrays = [align(np.asarray(f, dtype=np.int64), len(target)) for f, _ in factors]
-        if index is not None and np.unique(index).size != index.size:
+        if index is not None and not _consistent_repeats(index, arrays, target):
             return False
         self.c.absorbs.append(
             Absorb(
@@ -220,6 +238,14 @@ class Context:
             )
         )
         return True
+
+    def _shared(self, ref: ConstRef) -> bool:
+        """A stored tensor several nodes read (not an exporter's merge of equal values)."""
+        value: ir.Value = ref.value.outputs[0] if ref.is_node else ref.value  # type: ignore[attr-defined, assignment]
+        if len(value.uses()) < 2:
+            return False
+        array = self.info.value(value)
+        return bool(array.size) and not bool(np.all(array == array.reshape(-1)[0]))
 
     def _is_zero(self, v: ir.Value) -> bool:
         """A computed constant of zeros absorbs any scaling unchanged (0 · S = 0)."""

@@ -144,8 +144,23 @@ def static_shapes(
     return shapes, dtypes
 
 
+def _gather_elements(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """GatherElements (onnx.reference's uses ``np.choose``, limited to 64 choices)."""
+    data, idx = inputs[0], inputs[1]
+    assert data is not None and idx is not None
+    axis = node.attributes.get("axis")
+    ax = axis.as_int() if axis is not None else 0
+    return [np.take_along_axis(data, np.where(idx < 0, idx + data.shape[ax], idx), axis=ax)]
+
+
+_OWN_EVALUATORS = {"GatherElements": _gather_elements}
+
+
 def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
     """Run one node on numpy inputs with ``onnx.reference``."""
+    own = _OWN_EVALUATORS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if own is not None:
+        return own(node, inputs)
     proto = ir.serde.serialize_node(node)
     names = [f"i{k}" if x is not None else "" for k, x in enumerate(inputs)]
     del proto.input[:]
@@ -323,7 +338,11 @@ class GraphInfo:
         data = node.inputs[0]
         if data is None or not self.is_const(data):
             return None
-        return self._derive_source(node, v, data)
+        try:
+            return self._derive_source(node, v, data)
+        except Exception:
+            log.debug("no element map for %s", v.name, exc_info=True)
+            return None
 
     def _derive_source(
         self, node: ir.Node, v: ir.Value, data: ir.Value

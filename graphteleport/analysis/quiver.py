@@ -29,7 +29,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from graphteleport.analysis.analyze import Analysis
+from graphteleport.analysis.driver import Analysis
 from graphteleport.analysis.unionfind import compress, union_pairs
 
 MAX_NEURON_QUIVER = 200_000

@@ -319,6 +319,58 @@ def _batch_join(ctx: Context, pinned: IntArray, carried: IntArray) -> IntArray:
     return np.broadcast_to(carried, shape)
 
 
+def _heads(ctx: Context, v: ir.Value, heads: int | None) -> IntArray:
+    """Per-(head, head-dim) ids of an attention operand, uniform over batch and sequence:
+    ``[B, H, T, D]`` directly, ``[B, T, H·D]`` split with the op's head count."""
+    ids = ctx.ids(v)
+    if ids.ndim == 4:
+        full = np.broadcast_to(ctx.collapse(ids, [0, 2]), (1, ctx.shape(v)[1], 1, ctx.shape(v)[3]))
+        return full.reshape(full.shape[1], full.shape[3])
+    if ids.ndim == 3 and heads:
+        width = ctx.shape(v)[2]
+        full = np.broadcast_to(ctx.collapse(ids, [0, 1]), (1, 1, width))
+        return full.reshape(heads, width // heads)
+    raise Unsupported("attention operands must be [B, H, T, D], or [B, T, H·D] with head counts")
+
+
+def _attention(ctx: Context, node: ir.Node) -> None:
+    """ONNX ``Attention`` (opset 23): ``softmax(Q·Kᵀ·s + mask)·V`` per head.
+
+    Q's head dimension d of head h and K's d of its key/value head ``g(h) = h // (Hq/Hkv)``
+    take inverse cofactors (the scores do not change); the output carries V's cofactors
+    per head dimension, repeated over the query heads of each group.  Cached keys and
+    values share K's and V's cofactors; a float mask is pinned.
+    """
+    q, k, v = _x(node, 0), _x(node, 1), _x(node, 2)
+    for x in (q, k, v):
+        _require_act(ctx, x, "Attention Q/K/V")
+    hq, hkv = _attr(node, "q_num_heads"), _attr(node, "kv_num_heads")
+    iq, ik, iv = _heads(ctx, q, hq), _heads(ctx, k, hkv), _heads(ctx, v, hkv)
+    group = iq.shape[0] // ik.shape[0]
+    ctx.relate(iq, np.repeat(ik, group, axis=0))
+    y = np.repeat(iv, group, axis=0)
+    rank = len(ctx.shape(node.outputs[0]))
+    ctx.set(node.outputs[0], y[None, :, None, :] if rank == 4 else y.reshape(1, 1, -1))
+    _attention_extras(ctx, node, ik, iv)
+
+
+def _attention_extras(ctx: Context, node: ir.Node, ik: IntArray, iv: IntArray) -> None:
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    if mask is not None and ctx.act(mask):
+        ctx.pin(ctx.ids(mask), "Attention mask is added to the scores")
+    for k_in, k_out, ids in ((4, 1, ik), (5, 2, iv)):  # past -> present key / value
+        cached = ids[None, :, None, :]
+        past = node.inputs[k_in] if len(node.inputs) > k_in else None
+        if past is not None and ctx.act(past):
+            ctx.tie(ctx.collapse(ctx.ids(past), [0, 2]), cached)
+        if len(node.outputs) > k_out:
+            ctx.set(node.outputs[k_out], cached)
+    if len(node.outputs) > 3 and ctx.info.is_float(node.outputs[3]):
+        scores = ctx.new([1] * len(ctx.shape(node.outputs[3])))
+        ctx.pin(scores, "attention scores (Q·Kᵀ cofactors cancel)")
+        ctx.set(node.outputs[3], scores)
+
+
 def _gemm(ctx: Context, node: ir.Node) -> None:
     """``Y = α A' B' + β C``: ``B'[k, n] · τ_out[n] / τ_in[k]``, ``C' = C · τ_out``."""
     a, b = _x(node, 0), _x(node, 1)
@@ -771,6 +823,8 @@ RULES: dict[str, Rule] = {
     "BatchNormalization": _batchnorm,
     "Gather": _gather,
     "LayerNormalization": _layernorm,
+    "RMSNormalization": _layernorm,
+    "Attention": _attention,
     "InstanceNormalization": _instancenorm,
     # pooling and reductions
     "MaxPool": _pool(Flag.POSITIVE, f"MaxPool {_POS}"),

@@ -1,6 +1,6 @@
 """TeleportPass: rescale a model's neurons without changing its function.
 
-Analyse the model (:func:`graphteleport.analysis.analyze_model`), draw one
+Analyse the model (:func:`graphteleport.analysis.driver_model`), draw one
 cofactor per free cofactor pair (:mod:`graphteleport.cofactors`), and rewrite the
 weights (:mod:`graphteleport.rewrite`): for a weight between neurons s → t,
 ``W' = τ_t · W / τ_s``.  In absorb mode the graph's nodes are unchanged; only
@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport import cofactors
-from graphteleport.analysis.analyze import Analysis, analyze_model
+from graphteleport.analysis.driver import Analysis, analyze_model
 from graphteleport.errors import InputError
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.rewrite import RewriteStats, rewrite
