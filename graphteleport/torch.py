@@ -107,17 +107,36 @@ def teleport(
         values = cofactors.sample(
             sol.group, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
         )
+    else:
+        values = _given_values(values, sol.num_pairs, sol.group, sol.free)
     tau = sol.cofactors(values)
     result = TorchTeleport(model, analysis, np.asarray(values), tau, mode)
-    result.scales = _absorb(graph, analysis, tau)
-    if mode == "insert":
-        _insert_hooks(model, graph, analysis, tau, result)
+    hooks = _plan_hooks(model, graph, analysis, tau) if mode == "insert" else []
+    result.scales = _absorb(graph, analysis, tau)  # nothing changes before every check passed
+    for path, s_in, s_out in hooks:
+        _hook(model.get_submodule(path), path, s_in, s_out, result)
     return result
 
 
+def _given_values(
+    values: np.ndarray, count: int, groups: list[str], free: np.ndarray
+) -> np.ndarray:
+    """Explicit pair values, restricted like drawn ones (pinned pairs stay at 1)."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size != count:
+        raise InputError(f"values has {v.size} entries; this model has {count} cofactor pairs")
+    if np.any(v == 0) or not np.all(np.isfinite(v)):
+        raise InputError("cofactor values must be finite and non-zero")
+    return np.where(free, cofactors.restrict(v, groups), 1.0)
+
+
 def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
-    """The analysis of a traced module: only its own tensors may absorb a scaling."""
-    names = set(graph.tensors)
+    """The analysis of a traced module: only its own tensors may absorb a scaling.
+
+    Cofactor buffers of an earlier insert-mode teleport are left to the hooks: the
+    analysis sees them as fixed constants, and :func:`_hook` composes with them.
+    """
+    names = {n for n in graph.tensors if not n.endswith((f".{IN}", f".{OUT}"))}
     return analyze_model(
         graph.model, graph.input_shapes, mode, writable=names.__contains__, training=True
     )
@@ -149,14 +168,10 @@ def _scope(node: ir.Node) -> str | None:
     return scopes[-2] if len(scopes) >= 2 else ""
 
 
-def _insert_hooks(
-    model: nn.Module,
-    graph: TorchGraph,
-    analysis: Analysis,
-    tau: np.ndarray,
-    result: TorchTeleport,
-) -> None:
-    """Wrap each activation module that needs it: ``τ_out · f(x / τ_in)`` by hooks."""
+def _plan_hooks(
+    model: nn.Module, graph: TorchGraph, analysis: Analysis, tau: np.ndarray
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The activation modules to wrap, ``τ_out · f(x / τ_in)``, with their cofactors."""
     c = analysis.ctx.c
     needed: dict[str, list[ir.Node]] = defaultdict(list)
     for w in c.wraps:
@@ -166,11 +181,11 @@ def _insert_hooks(
         if np.any(_product(e.factors, tau) != 1):
             needed[_module_of(model, e.node)].append(e.node)  # type: ignore[arg-type]
     members = _members(graph)
+    plan = []
     for path in needed:
         x, y = _boundary(path, members[path], analysis)
-        s_in = 1.0 / tau[analysis.ctx.values[id(x)]]
-        s_out = tau[analysis.ctx.values[id(y)]]
-        _hook(model.get_submodule(path), path, s_in, s_out, result)
+        plan.append((path, 1.0 / tau[analysis.ctx.values[id(x)]], tau[analysis.ctx.values[id(y)]]))
+    return plan
 
 
 def _module_of(model: nn.Module, node: ir.Node) -> str:

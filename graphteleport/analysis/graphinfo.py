@@ -332,6 +332,8 @@ class GraphInfo:
         if node is None:
             return None
         if node.op_type == "Constant" and node.attributes.get("value") is not None:
+            if self.writable is not None and not self.writable(v.name or ""):
+                return None  # not a tensor the caller can rewrite (torch frontend)
             return ConstRef(v.name or node.name or "", node, is_node=True), None
         if node.op_type not in INDEX_OPS:
             return None
