@@ -214,7 +214,6 @@ def test_insert_refuses_reused_activation_module(name: str) -> None:
         teleport(model, x, mode="insert", sampling="inter_landscape", cob_range=0.5, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_NOT_ATOMIC)
 def test_failed_insert_leaves_module_unchanged() -> None:
     model, x = registry("residual_mlp")
     before = state(model)
@@ -298,7 +297,6 @@ def hf_model(name: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return model, inputs
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CONSTANT_NODE)
 def test_absorb_preserves_hf_bert() -> None:
     """``BertModel``: dropout 0.1 in train mode, same RNG state for both models."""
     model, inputs = hf_model("bert")
@@ -306,7 +304,6 @@ def test_absorb_preserves_hf_bert() -> None:
     assert_preserved(model, inputs, RTOL, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CONSTANT_NODE)
 def test_absorb_preserves_hf_gpt2() -> None:
     """``GPT2LMHeadModel`` with its LM head tied to the token embedding."""
     model, inputs = hf_model("gpt2")
@@ -328,7 +325,6 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_CONSTANT_NODE)
 def test_sdpa_with_boolean_mask() -> None:
     """Minimal reproduction of BUG_CONSTANT_NODE (v's 8 output neurons are free)."""
     torch.manual_seed(0)
@@ -465,7 +461,6 @@ def test_compose(name: str) -> None:
         torch.testing.assert_close(twice_state[k], t, rtol=1e-6, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_RETELEPORT_HOOKED)
 def test_reteleport_insert_mode() -> None:
     """Two insert-mode teleports in a row (negative cofactors both times) preserve the
     function; the second composes with the hook buffers the first registered."""
@@ -479,7 +474,6 @@ def test_reteleport_insert_mode() -> None:
     assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_VALUES_UNCHECKED)
 def test_values_are_restricted_to_their_groups() -> None:
     """``values=2`` for every pair, pinned ones included: either refused or applied to the
     free pairs only — never a silently different function."""
@@ -493,7 +487,6 @@ def test_values_are_restricted_to_their_groups() -> None:
     assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_VALUES_UNCHECKED)
 def test_values_of_the_wrong_length_are_refused() -> None:
     model, x = registry("mlp")
     with pytest.raises(InputError):
