@@ -150,11 +150,13 @@ def _same_cofactor(ctx: Context, node: ir.Node, inputs: list[ir.Value], flag: in
     shape = np.broadcast_shapes(*[a.shape for a in acts])
     out = np.broadcast_to(acts[0], shape).copy()
     if ctx.rescale_residual and not flag and len(acts) > 1:
-        out = ctx.new(shape)
+        # The output keeps the first branch's cofactors; every other branch is rescaled
+        # on its edge by τ_out/τ_branch (one Mul), so its cofactors become free.
+        first = next(k for k, v in enumerate(node.inputs) if v is not None and ctx.act(v))
         for k, v in enumerate(node.inputs):
-            if v is not None and ctx.act(v) and (node.op_type != "Where" or k > 0):
+            if k > first and v is not None and ctx.act(v) and (node.op_type != "Where" or k > 0):
                 ctx.unscale(k, [(out, 1), (ctx.ids(v), -1)])
-        acts = []
+        acts = acts[:1]
     for a in acts[1:]:
         ctx.tie(a, out)
     for v in inputs:
