@@ -259,3 +259,27 @@ def test_albert_legacy_export_teleports(hf_dir: Path) -> None:
     rc, report, _, err = teleport(path)
     assert rc == 0, err
     assert report["verification"]["max_rel_err"] <= MAX_REL_ERR
+
+
+# -- transformers in both modes (issue 3) ------------------------------------------------------
+TRANSFORMERS = ["bert", "distilbert", "gpt2", "llama", "vit", "swin", "convnext"]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformers_absorb_and_insert(hf_dir: Path, name: str) -> None:
+    """Each transformer teleports in absorb and in insert mode (inter_landscape, r = 0.9)
+    with verification at 1e-4; insert mode moves ≥ 80 % of the weight elements; whatever
+    stays pinned is listed by reason."""
+    src = exported(hf_dir, name)
+    rc, absorb, _, err = teleport(src)
+    assert rc == 0, err
+    assert absorb["verification"]["passed"] and absorb["verification"]["max_rel_err"] <= 1e-4
+    rc, insert, _, err = teleport(
+        src, "--mode", "insert", "--sampling", "inter_landscape", "--cob-range", "0.9"
+    )
+    assert rc == 0, err
+    assert insert["verification"]["passed"] and insert["verification"]["max_rel_err"] <= 1e-4
+    assert changed_fraction(insert) >= 0.80, changed_fraction(insert)
+    assert insert["free_cofactors"] > absorb["free_cofactors"]
+    for report in (absorb, insert):
+        assert all(p["reason"].strip() and p["cofactors"] > 0 for p in report["pinned"])
