@@ -114,6 +114,10 @@ def input_specs(
     return [_input_spec(v, overrides.get(str(v.name)), allow_dynamic) for v in inputs]
 
 
+#: The sequence length given to a dynamic axis of an integer input (token ids, masks).
+DEFAULT_SEQUENCE = 16
+
+
 def _input_spec(value: ir.Value, override: Sequence[int] | None, allow_dynamic: bool) -> InputSpec:
     """The spec of one graph input, resolving dynamic dims as :func:`input_specs` says."""
     name = str(value.name)
@@ -128,8 +132,9 @@ def _input_spec(value: ir.Value, override: Sequence[int] | None, allow_dynamic: 
             f"input '{name}' has unknown rank; pass --input-shape {name}=D0,D1,... "
             "with its concrete sizes"
         )
+    integer = dtype.kind in "iu"
     shape = tuple(
-        _default_dim(name, declared, axis, allow_dynamic) for axis in range(len(declared))
+        _default_dim(name, declared, axis, allow_dynamic, integer) for axis in range(len(declared))
     )
     return InputSpec(name, dtype, shape, fixed or ())
 
@@ -183,9 +188,14 @@ def _check_override(
 
 
 def _default_dim(
-    name: str, declared: tuple[int | str | None, ...], axis: int, allow_dynamic: bool
+    name: str,
+    declared: tuple[int | str | None, ...],
+    axis: int,
+    allow_dynamic: bool,
+    integer: bool = False,
 ) -> int:
-    """The size of one declared dim with no override: fixed size, batch 1, or an error."""
+    """The size of one declared dim with no override: fixed size, batch 1, a sequence
+    length of :data:`DEFAULT_SEQUENCE` for integer inputs (token ids, masks), or an error."""
     dim = declared[axis]
     if isinstance(dim, int):
         return dim
@@ -194,6 +204,9 @@ def _default_dim(
         return 1
     if allow_dynamic:
         return -1
+    if integer:
+        logger.debug("input '%s': dynamic dimension %r set to %d", name, dim, DEFAULT_SEQUENCE)
+        return DEFAULT_SEQUENCE
     example = ",".join(
         str(d) if isinstance(d, int) else ("1" if i == 0 else f"D{i}")
         for i, d in enumerate(declared)
@@ -256,6 +269,8 @@ def _random_array(spec: InputSpec, rng: np.random.Generator, high: int) -> np.nd
     if kind == "complex":
         z = rng.standard_normal(spec.shape) + 1j * rng.standard_normal(spec.shape)
         return z.astype(spec.dtype)
+    if kind == "int" and "mask" in spec.name.lower():
+        return np.ones(spec.shape, dtype=spec.dtype)  # attention masks: attend everywhere
     if kind == "int":
         return rng.integers(0, high, size=spec.shape).astype(spec.dtype)
     if kind == "bool":

@@ -106,13 +106,20 @@ def test_specs_from_a_path(tmp_path: Path) -> None:
     assert [s.shape for s in input_specs(path, {"x": [5, 4]})] == [(5, 4)]
 
 
-def test_dynamic_non_batch_dim_is_an_error_naming_input_and_dim() -> None:
+def test_dynamic_sequence_of_integer_input_defaults_to_16() -> None:
+    """Token ids and masks get a small concrete sequence length (documented choice)."""
     model = identity_model([("input_ids", TensorProto.INT64, ["batch", "sequence"])])
+    (spec_,) = input_specs(as_ir(model))
+    assert spec_.shape == (1, 16)
+
+
+def test_dynamic_non_batch_dim_of_a_float_input_is_an_error_naming_input_and_dim() -> None:
+    model = identity_model([("x", TensorProto.FLOAT, ["batch", "sequence", 8])])
     with pytest.raises(InputError) as info:
         input_specs(as_ir(model))
     assert error_of(info) == (
-        "input 'input_ids' [batch,sequence] has dynamic dimension 1 ('sequence'); "
-        "pass --input-shape input_ids=1,D1 with concrete sizes"
+        "input 'x' [batch,sequence,8] has dynamic dimension 1 ('sequence'); "
+        "pass --input-shape x=1,D1,8 with concrete sizes"
     )
 
 
@@ -204,11 +211,12 @@ def test_random_floats_are_standard_normal_in_the_input_dtype(dtype: npt.DTypeLi
 
 
 def test_random_ints_and_bools() -> None:
-    specs = [spec("ids", np.int64, (1000,)), spec("mask", np.int32, (1000,))]
-    specs.append(spec("flag", np.bool_, (1000,)))
+    specs = [spec("ids", np.int64, (1000,)), spec("types", np.int32, (1000,))]
+    specs += [spec("flag", np.bool_, (1000,)), spec("attention_mask", np.int64, (1000,))]
     feeds = make_feeds(specs, seed=1, int_high={"ids": 50})
     assert feeds["ids"].dtype == np.int64 and set(np.unique(feeds["ids"])) == set(range(50))
-    assert feeds["mask"].dtype == np.int32 and set(np.unique(feeds["mask"])) == {0, 1}
+    assert feeds["types"].dtype == np.int32 and set(np.unique(feeds["types"])) == {0, 1}
+    assert feeds["attention_mask"].dtype == np.int64 and np.all(feeds["attention_mask"] == 1)
     assert feeds["flag"].dtype == np.bool_ and 400 < feeds["flag"].sum() < 600
 
 

@@ -173,6 +173,37 @@ def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> 
     return list(ReferenceEvaluator(proto, opsets=opsets).run(None, feeds))
 
 
+def run_for_shapes(
+    model: ir.Model, names: Sequence[str], shapes: Mapping[str, Sequence[int]]
+) -> dict[str, np.ndarray]:
+    """Values ``names`` of one onnxruntime run on zeros of the inputs' shapes."""
+    import onnxruntime as ort
+
+    proto = ir.to_proto(model)
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        dims = shapes.get(i.name) or [d if isinstance(d, int) else 1 for d in i.shape]
+        dtype = _ORT_TYPES.get(i.type, np.float32)
+        feeds[i.name] = np.zeros(tuple(dims), dtype=dtype)  # zeros: valid ids, masks, data
+    return dict(zip(names, sess.run(list(names), feeds)))
+
+
+_ORT_TYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
 class GraphInfo:
     """Shapes, constants and provenance of one graph, computed once."""
 
@@ -196,6 +227,8 @@ class GraphInfo:
             self._values.clear()
             self.constant.clear()
             self._find_constants()
+        if self._missing_shapes():
+            self._shapes_from_a_run(input_shapes or {})
 
     def _missing_shapes(self) -> bool:
         return any(
@@ -203,6 +236,24 @@ class GraphInfo:
             for n in self.graph
             for o in n.outputs
         )
+
+    def _shapes_from_a_run(self, input_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Shapes inference could not give (ops it does not type, e.g. GroupNormalization):
+        run the model once in onnxruntime with every missing value as an output."""
+        missing = [
+            o.name
+            for n in self.graph
+            for o in n.outputs
+            if o.name and o.name not in self.shapes and not self.is_const(o)
+        ]
+        try:
+            arrays = run_for_shapes(self.model, missing, {**self.shapes, **input_shapes})
+        except Exception:  # ORT cannot run it either: those values stay unknown (pinned)
+            log.debug("could not run the model for shapes", exc_info=True)
+            return
+        for name, arr in arrays.items():
+            self.shapes[name] = tuple(arr.shape)
+            self.dtypes.setdefault(name, int(ir.DataType.from_numpy(arr.dtype)))
 
     def _small_constants(self) -> dict[str, np.ndarray]:
         """Evaluated values of the small computed integer constants (axes, shapes)."""

@@ -561,6 +561,28 @@ def _instancenorm(ctx: Context, node: ir.Node) -> None:
     _norm(ctx, node, list(range(2, rank)), [1])
 
 
+def _groupnorm(ctx: Context, node: ir.Node) -> None:
+    """GroupNormalization: the input is normalized per group (pinned, or unscaled in
+    insert mode); the output is an affine map per channel (``scale``/``bias`` of size C,
+    opset 21) or per group (size G, opset 18), so its cofactors are per channel or
+    per group: ``γ' = γ · τ_out``, ``β' = β · τ_out``."""
+    x = _x(node)
+    ids = _require_act(ctx, x, "input")
+    if ctx.insert:
+        ctx.unscale(0)
+    else:
+        ctx.pin(ids, "GroupNormalization input (normalized: scale cancels only up to eps)")
+    channels = ctx.shape(x)[1]
+    size = ctx.shape(_x(node, 1))[0]
+    own = ctx.new([size])
+    per_channel = own[np.arange(channels) // (channels // size)]
+    for k in (1, 2):
+        if not ctx.absorb(_x(node, k), [(own, 1)]):
+            raise Unsupported("GroupNormalization parameters are computed, not stored")
+    rank = len(ctx.shape(x))  # the output has the input's shape
+    ctx.set(node.outputs[0], per_channel.reshape((1, channels) + (1,) * (rank - 2)))
+
+
 def _gather(ctx: Context, node: ir.Node) -> None:
     """Embedding lookup (constant table, integer indices): ``T'[v, c] = T[v, c] · τ_out[c]``.
 
@@ -826,6 +848,7 @@ RULES: dict[str, Rule] = {
     "Gather": _gather,
     "LayerNormalization": _layernorm,
     "RMSNormalization": _layernorm,
+    "GroupNormalization": _groupnorm,
     "Attention": _attention,
     "InstanceNormalization": _instancenorm,
     # pooling and reductions
