@@ -27,6 +27,7 @@ from graphteleport import verify as verify_mod
 from graphteleport.analysis.driver import analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError, VerificationError
+from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model, save_model_atomic, staged_save
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 
@@ -97,9 +98,8 @@ def inspect_file(
     cofactors need it) and the edges it may scale.
     """
     t0 = time.perf_counter()
-    model = load_model(path)
-    specs = verify_mod.input_specs(model, input_shapes or {})
-    shapes = {s.name: s.shape for s in specs}
+    graph = onnx_frontend.load(path, input_shapes)
+    model, shapes = graph.model, graph.input_shapes
     per_mode: dict[str, Any] = {}
     report: dict[str, Any] = {}
     for m in ("absorb", "insert"):
