@@ -38,44 +38,19 @@ exports registry entries (all of them by default) to ``DIR/NAME.onnx``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
+from graphteleport.frontends.torch import quiet
+
 Exporter = Literal["dynamo", "legacy"]
 LEGACY_DEFAULT_OPSET = 17
-_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[io.StringIO]:
-    """Silence the exporters' warnings, log lines and progress prints; yields the buffer that
-    received whatever they wrote to stdout/stderr."""
-    buffer = io.StringIO()
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(buffer),
-            contextlib.redirect_stderr(buffer),
-        ):
-            warnings.simplefilter("ignore")
-            yield buffer
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def example_input(input_shape: Sequence[int], seed: int = 0) -> torch.Tensor:
