@@ -683,14 +683,12 @@ def _transpose(ctx: Context, node: ir.Node) -> None:
 
 def _reshape(ctx: Context, node: ir.Node) -> None:
     """Reshape/Flatten/Squeeze/Unsqueeze: reshape the full id array, then compress it."""
-    full = ctx.full(_x(node))
-    if _require_act(ctx, _x(node), "input").size == 1:
-        ctx.set(
-            node.outputs[0],
-            ctx.ids(_x(node)).reshape(-1)[:1].reshape([1] * len(ctx.shape(node.outputs[0]))),
-        )
+    ids = _require_act(ctx, _x(node), "input")
+    shape = ctx.shape(node.outputs[0])
+    if ids.size == 1:  # one neuron: nothing to move
+        ctx.set(node.outputs[0], ids.reshape([1] * len(shape)))
         return
-    ctx.set(node.outputs[0], compress(full.reshape(ctx.shape(node.outputs[0]))))
+    ctx.set(node.outputs[0], compress(ctx.full(_x(node)).reshape(shape)))
 
 
 def _index_map(ctx: Context, node: ir.Node) -> None:
