@@ -61,28 +61,11 @@ INSERT_REUSES_MODULE = {
 """Registry models whose activation modules are called more than once: insert mode can't hook
 a module whose calls need different cofactors, and says so (``InputError``)."""
 
-BUG_CONSTANT_NODE = (
-    "torch path: a Constant node (not a parameter or buffer) is recorded as an absorb source, "
-    "and graphteleport.torch._absorb looks it up in the module's tensors before checking "
-    "whether its scale is 1: KeyError('val_N').  GraphInfo._trace_source honours `writable` "
-    "for initializers but not for Constant nodes; SDPA's NaN guard "
-    "Where(IsNaN(p), 0.0, p) after a boolean attention mask hits it (BERT, GPT-2, "
-    "test_sdpa_with_boolean_mask)"
-)
-BUG_RETELEPORT_HOOKED = (
-    "re-teleporting an insert-mode module: the trace now contains the hooks' Muls, whose "
-    "buffers the analysis treats as weights (they absorb a scaling) while _hook also "
-    "multiplies the same buffers by the new wrap cofactors, so both apply; with negative "
-    "cofactors the function breaks (rel err ~1)"
-)
-BUG_VALUES_UNCHECKED = (
-    "teleport(values=...) uses the values as given: pinned pairs (graph inputs/outputs) and "
-    "group restrictions are not applied, so the function silently changes; a wrong-length "
-    "array raises IndexError instead of InputError"
-)
-BUG_NOT_ATOMIC = (
-    "insert mode raises InputError (reused activation module) only after _absorb has "
-    "rewritten the parameters in place: the module is left half-teleported"
+BUG_SEQUENCE_SHAPES = (
+    "GraphInfo._shapes_from_a_run stores tuple(arr.shape) for every value onnxruntime returns, "
+    "but a sequence-typed value (SplitToSequence, which an unoptimised export of "
+    "Tensor.split emits — GPT-2's attention split) comes back as a list: AttributeError "
+    "'list' object has no attribute 'shape' (test_split_to_sequence reproduces it)"
 )
 
 
@@ -304,6 +287,7 @@ def test_absorb_preserves_hf_bert() -> None:
     assert_preserved(model, inputs, RTOL, seed=0)
 
 
+@pytest.mark.xfail(strict=True, reason=BUG_SEQUENCE_SHAPES)
 def test_absorb_preserves_hf_gpt2() -> None:
     """``GPT2LMHeadModel`` with its LM head tied to the token embedding."""
     model, inputs = hf_model("gpt2")
@@ -326,11 +310,37 @@ class Attention(nn.Module):
 
 
 def test_sdpa_with_boolean_mask() -> None:
-    """Minimal reproduction of BUG_CONSTANT_NODE (v's 8 output neurons are free)."""
+    """Regression (Constant nodes as absorb sources in the torch path, the SDPA NaN guard
+    ``Where(IsNaN(p), 0.0, p)``): v's 8 output neurons are free."""
     torch.manual_seed(0)
     mask = torch.tensor([[True, True, True, False]]).expand(4, 4)[None, None]
     result = assert_preserved(Attention().eval(), (torch.randn(2, 4, 8), mask), RTOL, seed=0)
     assert result.free_cofactors >= 8
+
+
+class Split(nn.Module):
+    """``Tensor.split`` in forward: the unoptimised export emits SplitToSequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 8), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc(x).split(4, dim=-1)
+        return self.out(torch.relu(a) * b)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_SEQUENCE_SHAPES)
+def test_split_to_sequence() -> None:
+    """Minimal reproduction of BUG_SEQUENCE_SHAPES.  The product of two halves of one Linear
+    leaves their cofactors related, so something stays free (or everything pins) — either
+    way the teleport must not raise and must preserve the function."""
+    torch.manual_seed(0)
+    model = Split().eval()
+    x = torch.randn(2, 3, 4)
+    reference = copy.deepcopy(model)
+    teleport(model, x, seed=0)
+    assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
 
 
 def test_linear_on_3d_input_frees_its_neurons() -> None:
@@ -363,7 +373,8 @@ def test_float64(
 # -- (c) training after a teleport --------------------------------------------------------------
 def test_sgd_steps_update_the_teleported_parameters() -> None:
     """The optimizer is created *before* the teleport: the teleport rewrites the very tensors
-    it holds, so each step is ``W ← W' − lr · ∇_{W'} L`` on the teleported weights."""
+    it holds, so each step is ``W ← W' − lr · ∇_{W'} L`` on the teleported weights.  The first
+    gradient is the chain rule's: ``W' = S ⊙ W`` gives ``∇_{W'} L = ∇_W L / S``."""
     model, _ = build(mlp, 0, depth=3, width=32, in_features=20, num_classes=4)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 4, (16,), generator=gen)
@@ -376,19 +387,23 @@ def test_sgd_steps_update_the_teleported_parameters() -> None:
     assert [id(p) for p in model.parameters()] == ids
     assert [id(p) for p in opt.param_groups[0]["params"]] == ids
     assert F.cross_entropy(model(x), y).item() == pytest.approx(loss0, rel=1e-5)
+    first: dict[str, torch.Tensor] = {}
     for step in range(3):
-        teleported = [p.detach().clone() for p in model.parameters()]
+        teleported = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        grads = [p.grad.detach().clone() for p in model.parameters()]
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        first = first or grads
         opt.step()
-        for p, w, g in zip(model.parameters(), teleported, grads):
-            assert torch.equal(p.detach(), w.add(g, alpha=-lr)), f"step {step}"
-    # the teleport changed the trajectory: the plain model's first gradient differs
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach(), teleported[n].add(grads[n], alpha=-lr)), (step, n)
     F.cross_entropy(plain(x), y).backward()
-    plain_grads = dict(plain.named_parameters())
-    moved = [n for n in result.changed if n in plain_grads]
-    assert moved
+    assert result.changed
+    for n, p in plain.named_parameters():
+        s = result.scales.get(n, torch.ones(()))
+        torch.testing.assert_close(first[n], p.grad / s, rtol=1e-4, atol=1e-7)
+        if n in result.scales:
+            assert not torch.allclose(first[n], p.grad)
     assert F.cross_entropy(model(x), y).item() < loss0
 
 
