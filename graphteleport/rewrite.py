@@ -101,12 +101,11 @@ def _shrink(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
-    """The one ``S`` (in the source's ``shape``) that every use of a weight agrees on."""
+    """The one ``S`` that every use of a weight agrees on: broadcastable to the source's
+    ``shape`` when no use maps elements, else in that shape."""
     size = int(np.prod(shape, dtype=np.int64))
-    if len(uses) == 1 and uses[0].index is None and not uses[0].expand:
-        return np.broadcast_to(scale(uses[0], tau), shape)
-    if all(ab.index is None and not ab.expand for ab in uses):  # tied uses agree
-        return np.broadcast_to(scale(uses[0], tau), shape)
+    if all(ab.index is None and not ab.expand for ab in uses):  # one use, or tied uses agree
+        return scale(uses[0], tau)  # broadcastable to ``shape``
     s = np.ones(size, dtype=np.float64)
     for ab in uses:
         part = np.broadcast_to(scale(ab, tau), ab.shape).reshape(-1)

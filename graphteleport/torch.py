@@ -97,25 +97,62 @@ def teleport(
     exact: bool = False,
     values: np.ndarray | None = None,
 ) -> TorchTeleport:
-    """Teleport ``model`` in place; ``values`` gives the cofactor of each pair directly."""
-    if mode not in ("absorb", "insert"):
-        raise InputError(f"unknown mode {mode!r}; choose absorb or insert")
-    graph = trace(model, example_inputs)
-    analysis = analyze(graph, mode)
-    sol = analysis.solution
-    if values is None:
-        values = cofactors.sample(
-            sol.group, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
-        )
-    else:
-        values = _given_values(values, sol.num_pairs, sol.group, sol.free)
-    tau = sol.cofactors(values)
-    result = TorchTeleport(model, analysis, np.asarray(values), tau, mode)
-    hooks = _plan_hooks(model, graph, analysis, tau) if mode == "insert" else []
-    result.scales = _absorb(graph, analysis, tau)  # nothing changes before every check passed
-    for path, s_in, s_out in hooks:
-        _hook(model.get_submodule(path), path, s_in, s_out, result)
-    return result
+    """Teleport ``model`` in place; ``values`` gives the cofactor of each pair directly.
+
+    Tracing and analysis happen on every call; to teleport one module many times (a
+    training loop, micro-teleportations), build a :class:`Teleporter` once.
+    """
+    return Teleporter(model, example_inputs, mode=mode).teleport(
+        sampling=sampling,
+        cob_range=cob_range,
+        center=center,
+        seed=seed,
+        exact=exact,
+        values=values,
+    )
+
+
+class Teleporter:
+    """A module traced and analysed once, teleported as often as needed.
+
+    The analysis depends only on the module's structure, so it stays valid after a
+    teleport (insert mode's hooks compose with later ones); each :meth:`teleport` only
+    draws cofactors and rescales tensors in place.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, *, mode: str = "absorb") -> None:
+        if mode not in ("absorb", "insert"):
+            raise InputError(f"unknown mode {mode!r}; choose absorb or insert")
+        self.model = model
+        self.mode = mode
+        self.graph = trace(model, example_inputs)
+        self.analysis = analyze(self.graph, mode)
+
+    def teleport(
+        self,
+        *,
+        sampling: str = "intra_landscape",
+        cob_range: float = 0.5,
+        center: float = 1.0,
+        seed: int | None = None,
+        exact: bool = False,
+        values: np.ndarray | None = None,
+    ) -> TorchTeleport:
+        sol = self.analysis.solution
+        if values is None:
+            values = cofactors.sample(
+                sol.group, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
+            )
+        else:
+            values = _given_values(values, sol.num_pairs, sol.group, sol.free)
+        tau = sol.cofactors(values)
+        model, graph, analysis = self.model, self.graph, self.analysis
+        result = TorchTeleport(model, analysis, np.asarray(values), tau, self.mode)
+        hooks = _plan_hooks(model, graph, analysis, tau) if self.mode == "insert" else []
+        result.scales = _absorb(graph, analysis, tau)  # nothing changes before every check
+        for path, s_in, s_out in hooks:
+            _hook(model.get_submodule(path), path, s_in, s_out, result)
+        return result
 
 
 def _given_values(
@@ -153,7 +190,7 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
             if np.all(s == 1):
                 continue
             st = torch.from_numpy(np.array(s)).to(device=t.device, dtype=t.dtype)
-            t.mul_(st)
+            t.mul_(st)  # S is broadcastable (e.g. [O, C, 1, 1] for a conv): no full copy
             scales[name] = st
     return scales
 

@@ -287,7 +287,6 @@ def test_absorb_preserves_hf_bert() -> None:
     assert_preserved(model, inputs, RTOL, seed=0)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SEQUENCE_SHAPES)
 def test_absorb_preserves_hf_gpt2() -> None:
     """``GPT2LMHeadModel`` with its LM head tied to the token embedding."""
     model, inputs = hf_model("gpt2")
@@ -330,7 +329,6 @@ class Split(nn.Module):
         return self.out(torch.relu(a) * b)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_SEQUENCE_SHAPES)
 def test_split_to_sequence() -> None:
     """Minimal reproduction of BUG_SEQUENCE_SHAPES.  The product of two halves of one Linear
     leaves their cofactors related, so something stays free (or everything pins) — either

@@ -252,6 +252,8 @@ class GraphInfo:
             log.debug("could not run the model for shapes", exc_info=True)
             return
         for name, arr in arrays.items():
+            if not isinstance(arr, np.ndarray):
+                continue  # a sequence (SplitToSequence): no tensor shape
             self.shapes[name] = tuple(arr.shape)
             self.dtypes.setdefault(name, int(ir.DataType.from_numpy(arr.dtype)))
 
