@@ -186,13 +186,30 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
         for uses in by_source(analysis.absorbs).values():
             name = uses[0].source.name
             t = graph.tensors[name]
-            s = source_scale(tuple(t.shape), uses, tau)
-            if np.all(s == 1):
-                continue
-            st = torch.from_numpy(np.array(s)).to(device=t.device, dtype=t.dtype)
-            t.mul_(st)  # S is broadcastable (e.g. [O, C, 1, 1] for a conv): no full copy
-            scales[name] = st
+            st = _scale_tensor(uses, tau, t)
+            if st is not None:
+                t.mul_(st)  # S is broadcastable (e.g. [O, C, 1, 1] for a conv): no full copy
+                scales[name] = st
     return scales
+
+
+def _scale_tensor(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
+    """``S`` for tensor ``t`` in its dtype and device, or None when it is all ones.
+
+    For the usual single (or tied) use, ``S`` is the product of small per-axis factor
+    vectors, formed in torch; uses that map elements go through :func:`source_scale`.
+    """
+    kw: dict[str, Any] = {"dtype": t.dtype, "device": t.device}
+    if not all(ab.index is None and not ab.expand for ab in uses):
+        s = source_scale(tuple(t.shape), uses, tau)
+        return None if np.all(s == 1) else torch.as_tensor(np.array(s), **kw)
+    parts = [tau[f.ids] if f.exp == 1 else tau[f.ids] ** f.exp for f in uses[0].factors]
+    if all(np.all(p == 1) for p in parts):
+        return None
+    st = torch.as_tensor(parts[0], **kw)
+    for p in parts[1:]:
+        st = st * torch.as_tensor(p, **kw)
+    return st
 
 
 # -- insert mode: forward hooks on activation modules ------------------------------------------
