@@ -156,6 +156,45 @@ def _gather_elements(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list
 _OWN_EVALUATORS = {"GatherElements": _gather_elements}
 
 
+def declared_shapes(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]] | None:
+    """The shapes and types the model itself declares, when every computed value has a
+    static one and no requested input shape differs from the declared; else None.
+
+    Values computed only from constants (a zero bias built by Shape/Expand/CastLike)
+    need none: the analysis evaluates those.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    constant = set(model.graph.initializers)
+    for v in model.graph.inputs:
+        if v.name not in constant and not _record(v, shapes, dtypes):
+            return None
+    for node in model.graph:
+        inputs = node.inputs[:1] if node.op_type in ("CastLike", "Shape", "Size") else node.inputs
+        if all(x is None or x.name in constant for x in inputs):
+            constant.update(o.name for o in node.outputs if o.name)
+            continue
+        if not all(_record(o, shapes, dtypes) for o in node.outputs):
+            return None
+    if any(tuple(shapes.get(k, ())) != tuple(s) for k, s in input_shapes.items()):
+        return None
+    for name, v in model.graph.initializers.items():
+        if v.const_value is not None:
+            shapes[name] = tuple(v.const_value.shape.numpy())
+    return shapes, dtypes
+
+
+def _record(v: ir.Value, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int]) -> bool:
+    dims = v.shape
+    if dims is None or v.dtype is None or not all(isinstance(d, int) for d in dims):
+        return False
+    shapes[v.name or ""] = tuple(int(d) for d in dims)  # type: ignore[arg-type]
+    dtypes[v.name or ""] = int(v.dtype)
+    return True
+
+
 def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
     """Run one node on numpy inputs with ``onnx.reference``."""
     own = _OWN_EVALUATORS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
@@ -217,11 +256,17 @@ class GraphInfo:
         self.writable = writable  # which stored tensors may be rewritten (None: all)
         self.graph = model.graph
         self.opset = default_opset(model)
-        self.shapes, self.dtypes = static_shapes(model, input_shapes)
         self._values: dict[int, np.ndarray] = {}
         self._sources: dict[int, tuple[ConstRef, np.ndarray | None] | None] = {}
         self.constant: set[int] = set()
-        self._find_constants()
+        declared = declared_shapes(model, input_shapes or {})
+        if declared is not None:  # the exporter typed every value (torch's dynamo does)
+            self.shapes, self.dtypes = declared
+            self._find_constants()
+        if declared is None or self._missing_shapes():
+            self.shapes, self.dtypes = static_shapes(model, input_shapes)
+            self.constant.clear()
+            self._find_constants()
         if self._missing_shapes():
             self.shapes, self.dtypes = static_shapes(model, input_shapes, self._small_constants())
             self._values.clear()

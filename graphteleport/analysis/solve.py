@@ -181,17 +181,11 @@ def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]
             if flag & bit:
                 hit = pairs[seen[pairs] < 0]
                 seen[hit] = k
-    out: list[str] = []
     pin, pos, sign = first[Flag.PIN], first[Flag.POSITIVE], first[Flag.SIGN]
-    for p in range(count):
-        if pin[p] >= 0:
-            out.append(texts[pin[p]])
-        elif pos[p] >= 0 and sign[p] >= 0:
-            out.append(f"{texts[pos[p]]}, and {texts[sign[p]]}")
-        elif pos[p] >= 0 or sign[p] >= 0:
-            out.append(texts[max(pos[p], sign[p])])
-        else:
-            out.append("")
+    table = np.array([*texts, ""], dtype=object)  # index -1 reads ""
+    out: list[str] = table[np.where(pin >= 0, pin, np.maximum(pos, sign))].tolist()
+    for p in np.flatnonzero((pin < 0) & (pos >= 0) & (sign >= 0)):
+        out[p] = f"{texts[pos[p]]}, and {texts[sign[p]]}"
     return out
 
 
