@@ -35,17 +35,6 @@ class Flag(IntFlag):
     PIN = 4  # τ = 1
 
 
-def group_name(flags: int) -> str:
-    """Name the group a set of flags leaves: any, positive, sign or pinned."""
-    if flags & Flag.PIN or (flags & Flag.POSITIVE and flags & Flag.SIGN):
-        return "pinned"
-    if flags & Flag.SIGN:
-        return "sign"
-    if flags & Flag.POSITIVE:
-        return "positive"
-    return "any"
-
-
 class Unsupported(Exception):
     """Raised by a rule whose preconditions fail; the node's neurons are pinned."""
 

@@ -190,7 +190,8 @@ def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]
 
 
 def group_names(flags: IntArray) -> list[str]:
-    """:func:`group_name` for an array of flag sets, vectorised."""
+    """The group each flag set leaves: pinned (PIN, or both POSITIVE and SIGN — only
+    τ = 1 is positive and ±1), sign, positive, or any."""
     pinned = (flags & Flag.PIN > 0) | ((flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0))
     code = np.where(
         pinned, 3, np.where(flags & Flag.SIGN > 0, 2, np.where(flags & Flag.POSITIVE > 0, 1, 0))
