@@ -69,7 +69,7 @@ def write(ref: ConstRef, array: np.ndarray) -> None:
         ref.value.shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
 
 
-def _apply(w: np.ndarray, s: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+def _apply(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     """``W · S`` in W's dtype (S rounded to it first: exact for powers of two).
 
     A constant is broadcast-expanded only along the axes where ``S`` really varies
@@ -77,7 +77,6 @@ def _apply(w: np.ndarray, s: np.ndarray, shape: tuple[int, ...] | None = None) -
     neurons the analysis tied — W keeps its size, so the model still accepts any
     length there.
     """
-    del shape  # the expanded shape follows from S itself
     s = _shrink(s, w.shape)
     flat = s.reshape(-1)
     if flat.size and np.all(flat == flat[0]):
@@ -121,7 +120,7 @@ def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) ->
 def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
     """One scaled copy of a weight all of whose uses agree (ties made them agree)."""
     if len(uses) == 1 and uses[0].index is None:
-        return _apply(w, scale(uses[0], tau), uses[0].shape)
+        return _apply(w, scale(uses[0], tau))
     return _apply(w, source_scale(w.shape, uses, tau))
 
 
@@ -175,7 +174,7 @@ class _Writer:
 
 def _rewrite_private(writer: _Writer, uses: list[Absorb], tau: np.ndarray) -> None:
     w = read(uses[0].source)
-    news = [_apply(w, scale(ab, tau), ab.shape) for ab in uses]
+    news = [_apply(w, scale(ab, tau)) for ab in uses]
     same = all(n.shape == news[0].shape and np.array_equal(n, news[0]) for n in news)
     writer.store(uses[0].source, w, news[0])
     if same:

@@ -53,37 +53,34 @@ def _alias(ctx: Context, node: ir.Node) -> None:
     ctx.set(node.outputs[0], _require_act(ctx, _x(node), "input"))
 
 
-def _positive(reason: str) -> Rule:
+def _activation(group: str, flag: int, reason: Callable[[ir.Node], str]) -> Rule:
+    """A per-neuron activation that commutes with τ only in ``group`` (positive: the ReLU
+    family, ``f(τx) = τ f(x)`` for τ > 0; sign: odd functions, τ = ±1; any: nothing but
+    τ = 1).  Absorb mode restricts its neurons to that group, with the reason; insert mode
+    wraps it, ``f' = τ·f(x/τ)``, where a cofactor falls outside the group."""
+
     def rule(ctx: Context, node: ir.Node) -> None:
-        """Positively homogeneous: ``f(τx) = τ f(x)`` for τ > 0 (ReLU family, max)."""
         ids = _require_act(ctx, _x(node), "input")
         if ctx.insert:
-            ctx.wrap(ids, "positive")
+            ctx.wrap(ids, group)
         else:
-            ctx.restrict(ids, Flag.POSITIVE, reason)
+            ctx.restrict(ids, flag, reason(node))
         ctx.set(node.outputs[0], ids)
 
     return rule
 
 
-def _odd(ctx: Context, node: ir.Node) -> None:
-    """Odd: ``f(−x) = −f(x)``, so τ = ±1 passes through (absorb mode)."""
-    ids = _require_act(ctx, _x(node), "input")
-    if ctx.insert:
-        ctx.wrap(ids, "sign")
-    else:
-        ctx.restrict(ids, Flag.SIGN, f"{node.op_type} is odd, not homogeneous: τ = ±1 only")
-    ctx.set(node.outputs[0], ids)
+def _positive(reason: str) -> Rule:
+    return _activation("positive", Flag.POSITIVE, lambda _node: reason)
 
 
-def _not_equivariant(ctx: Context, node: ir.Node) -> None:
-    """``f(τx) ≠ τ f(x)``: absorb mode pins the neurons; insert mode makes f' = τ·f(x/τ)."""
-    ids = _require_act(ctx, _x(node), "input")
-    if ctx.insert:
-        ctx.wrap(ids, "any")
-    else:
-        ctx.pin(ids, f"{node.op_type} is not equivariant (use --mode insert)")
-    ctx.set(node.outputs[0], ids)
+_odd = _activation("sign", Flag.SIGN, lambda n: f"{n.op_type} is odd, not homogeneous: τ = ±1 only")
+_not_equivariant = _activation(
+    "any", Flag.PIN, lambda n: f"{n.op_type} is not equivariant (use --mode insert)"
+)
+# Softmax/LogSoftmax/Hardmax mix a whole axis, yet τ ⊙ softmax(x'/τ) is still right in
+# insert mode: both Muls act per neuron.
+_softmax = _activation("any", Flag.PIN, lambda n: f"{n.op_type} axis")
 
 
 def _abs(ctx: Context, node: ir.Node) -> None:
@@ -653,17 +650,6 @@ def _resize(ctx: Context, node: ir.Node) -> None:
     if ishape[:2] != oshape[:2]:
         raise Unsupported("Resize changes the batch or channel axis")
     ctx.set(node.outputs[0], ctx.collapse(ids, range(2, ids.ndim)))
-
-
-def _softmax(ctx: Context, node: ir.Node) -> None:
-    """Softmax/LogSoftmax/Hardmax: ``softmax(τx) ≠ softmax(x)``: pinned in absorb mode;
-    insert mode wraps it, ``τ ⊙ softmax(x'/τ)``, valid since both Muls are per neuron."""
-    ids = _require_act(ctx, _x(node), "input")
-    if ctx.insert:
-        ctx.wrap(ids, "any")
-    else:
-        ctx.pin(ids, f"{node.op_type} axis")
-    ctx.set(node.outputs[0], ids)
 
 
 def _prelu(ctx: Context, node: ir.Node) -> None:
