@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -165,26 +165,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Export the requested registry entries, one line per model; exit status 1 if any
-    export failed, else 0."""
-    from models.architectures import ARCHITECTURES
-
-    args = _parse_args(argv)
+def export_each(names: Sequence[str], out: Path, export_one: Callable[[str, Path], object]) -> int:
+    """Export each name to ``out/NAME.onnx`` with ``export_one``, one line per model;
+    1 if any export failed, else 0."""
     failures = 0
-    for name in args.names or list(ARCHITECTURES):
-        model, shape = ARCHITECTURES[name]()
+    for name in names:
         start = time.perf_counter()
-        target = args.out / f"{name}.onnx"
+        target = out / f"{name}.onnx"
         try:
-            export(
-                model,
-                shape,
-                target,
-                exporter=args.exporter,
-                fold_bn=not args.keep_bn,
-                opset=args.opset,
-            )
+            export_one(name, target)
         except Exception as err:
             failures += 1
             print(f"FAIL {name}: {type(err).__name__}: {str(err).splitlines()[0]}", file=sys.stderr)
@@ -192,6 +181,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         kib = target.stat().st_size / 1024
         print(f"{target}  {kib:.0f} KiB  {time.perf_counter() - start:.2f}s")
     return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export the requested registry entries, one line per model; exit status 1 if any
+    export failed, else 0."""
+    from models.architectures import ARCHITECTURES
+
+    args = _parse_args(argv)
+
+    def one(name: str, target: Path) -> Path:
+        model, shape = ARCHITECTURES[name]()
+        return export(model, shape, target, exporter=args.exporter,
+                      fold_bn=not args.keep_bn, opset=args.opset)  # fmt: skip
+
+    return export_each(args.names or list(ARCHITECTURES), args.out, one)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from models.architectures import randomize_
-from models.export import LEGACY_DEFAULT_OPSET, quiet
+from models.export import LEGACY_DEFAULT_OPSET, export_each, quiet
 
 Inputs = dict[str, torch.Tensor]
 Built = tuple[nn.Module, Inputs]
@@ -680,19 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in HF_MODELS]
     if unknown:
         parser.error(f"unknown model(s): {', '.join(unknown)}")
-    failures = 0
-    for name in args.names or list(HF_MODELS):
-        start = time.perf_counter()
-        target = args.out / f"{name}.onnx"
-        try:
-            export_entry(name, target)
-        except Exception as err:
-            failures += 1
-            print(f"FAIL {name}: {type(err).__name__}: {str(err).splitlines()[0]}", file=sys.stderr)
-            continue
-        kib = target.stat().st_size / 1024
-        print(f"{target}  {kib:.0f} KiB  {time.perf_counter() - start:.2f}s")
-    return 1 if failures else 0
+    return export_each(args.names or list(HF_MODELS), args.out, export_entry)
 
 
 if __name__ == "__main__":
