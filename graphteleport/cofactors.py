@@ -24,6 +24,8 @@ still moves every free cofactor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from graphteleport.errors import InputError
@@ -66,7 +68,7 @@ def to_power_of_two(t: np.ndarray) -> np.ndarray:
     return np.sign(t) * np.exp2(k)
 
 
-def restrict(t: np.ndarray, groups: list[str]) -> np.ndarray:
+def restrict(t: np.ndarray, groups: Sequence[str] | np.ndarray) -> np.ndarray:
     """Restrict each draw to its pair's group (positive → |τ|, sign → ±1, pinned → 1)."""
     g = np.asarray(groups)
     out = np.where(g == "positive", np.abs(t), t)
@@ -75,7 +77,7 @@ def restrict(t: np.ndarray, groups: list[str]) -> np.ndarray:
 
 
 def sample(
-    groups: list[str],
+    groups: Sequence[str] | np.ndarray,
     free: np.ndarray,
     sampling: str = "intra_landscape",
     cob_range: float = 0.5,

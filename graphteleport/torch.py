@@ -156,7 +156,7 @@ class Teleporter:
 
 
 def _given_values(
-    values: np.ndarray, count: int, groups: list[str], free: np.ndarray
+    values: np.ndarray, count: int, groups: np.ndarray, free: np.ndarray
 ) -> np.ndarray:
     """Explicit pair values, restricted like drawn ones (pinned pairs stay at 1)."""
     v = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -175,7 +175,12 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     """
     names = {n for n in graph.tensors if not n.endswith((f".{IN}", f".{OUT}"))}
     return analyze_model(
-        graph.model, graph.input_shapes, mode, writable=names.__contains__, training=True
+        graph.model,
+        graph.input_shapes,
+        mode,
+        writable=names.__contains__,
+        training=True,
+        info=graph.info,
     )
 
 
@@ -197,19 +202,28 @@ def _scale_tensor(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Te
     """``S`` for tensor ``t`` in its dtype and device, or None when it is all ones.
 
     For the usual single (or tied) use, ``S`` is the product of small per-axis factor
-    vectors, formed in torch; uses that map elements go through :func:`source_scale`.
+    vectors (``[O, 1, 1, 1]·[1, C, 1, 1]`` for a conv weight), multiplied in torch;
+    uses that map elements go through :func:`source_scale`.
     """
-    kw: dict[str, Any] = {"dtype": t.dtype, "device": t.device}
     if not all(ab.index is None and not ab.expand for ab in uses):
         s = source_scale(tuple(t.shape), uses, tau)
-        return None if np.all(s == 1) else torch.as_tensor(np.array(s), **kw)
+        return _to_torch(s, t) if (s != 1).any() else None
     parts = [tau[f.ids] if f.exp == 1 else tau[f.ids] ** f.exp for f in uses[0].factors]
-    if all(np.all(p == 1) for p in parts):
+    if not any((p != 1).any() for p in parts):
         return None
-    st = torch.as_tensor(parts[0], **kw)
+    st = _to_torch(parts[0], t)
     for p in parts[1:]:
-        st = st * torch.as_tensor(p, **kw)
+        st = st * _to_torch(p, t)
     return st
+
+
+def _to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Float64 ``a`` in ``like``'s dtype and device (numpy converts: cheaper for small arrays)."""
+    out = torch.from_numpy(np.ascontiguousarray(a, dtype=_NUMPY_DTYPES.get(like.dtype, np.float32)))
+    return out.to(device=like.device, dtype=like.dtype)
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 
 
 # -- insert mode: forward hooks on activation modules ------------------------------------------

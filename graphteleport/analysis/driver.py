@@ -231,14 +231,16 @@ def analyze_model(
     *,
     writable: Callable[[str], bool] | None = None,
     training: bool = False,
+    info: GraphInfo | None = None,
 ) -> Analysis:
     """Find every cofactor ``model`` admits (see DESIGN.md §3).
 
     ``writable`` limits the stored tensors that may absorb a scaling (the torch
     frontend: parameters and buffers only); ``training`` keeps BatchNorm right in
-    training mode and stored tensors at their shapes.
+    training mode and stored tensors at their shapes.  ``info``: the graph's facts
+    when already indexed (:meth:`GraphInfo.fresh`); else computed here.
     """
-    info = GraphInfo(model, input_shapes, writable)
+    info = GraphInfo(model, input_shapes, writable) if info is None else info.fresh(writable)
     ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
     private = tie_shared_weights(ctx)

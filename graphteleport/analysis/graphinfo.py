@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -153,7 +154,63 @@ def _gather_elements(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list
     return [np.take_along_axis(data, np.where(idx < 0, idx + data.shape[ax], idx), axis=ax)]
 
 
-_OWN_EVALUATORS = {"GatherElements": _gather_elements}
+def _ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else list(attr.as_ints())
+
+
+def _expand(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """Expand: bidirectional broadcast of the data to the given shape."""
+    data, shape = inputs[0], inputs[1]
+    assert data is not None and shape is not None
+    target = np.broadcast_shapes(data.shape, tuple(int(d) for d in shape))
+    return [np.broadcast_to(data, target).copy()]
+
+
+def _cast_like(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    data, like = inputs[0], inputs[1]
+    assert data is not None and like is not None
+    return [data.astype(like.dtype)]
+
+
+def _reshape(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """Reshape: a 0 copies the input's dimension unless ``allowzero``; -1 is inferred."""
+    data, shape = inputs[0], inputs[1]
+    assert data is not None and shape is not None
+    allowzero = node.attributes.get("allowzero")
+    dims = [int(d) for d in shape]
+    if allowzero is None or not allowzero.as_int():
+        dims = [data.shape[k] if d == 0 else d for k, d in enumerate(dims)]
+    return [data.reshape(dims)]
+
+
+def _unsqueeze(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    data = inputs[0]
+    axes_in = inputs[1] if len(inputs) > 1 else None
+    axes = [int(a) for a in axes_in] if axes_in is not None else _ints(node, "axes")
+    assert data is not None and axes is not None
+    rank = data.ndim + len(axes)
+    return [np.expand_dims(data, tuple(sorted(a % rank for a in axes)))]
+
+
+def _transpose(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    data = inputs[0]
+    assert data is not None
+    return [np.transpose(data, _ints(node, "perm"))]
+
+
+# Ops evaluated directly in numpy: the shape glue exporters wrap constants in (a conv's
+# zero bias is Shape/Expand/CastLike in torch's dynamo export) and the index maps of
+# provenance.  Each is one numpy call; a ReferenceEvaluator per node costs ~100 µs.
+_OWN_EVALUATORS = {
+    "GatherElements": _gather_elements,
+    "Expand": _expand,
+    "CastLike": _cast_like,
+    "Identity": lambda node, inputs: [inputs[0]],
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Transpose": _transpose,
+}
 
 
 def declared_shapes(
@@ -263,17 +320,30 @@ class GraphInfo:
         if declared is not None:  # the exporter typed every value (torch's dynamo does)
             self.shapes, self.dtypes = declared
             self._find_constants()
-        if declared is None or self._missing_shapes():
+        missing = declared is None or self._missing_shapes()
+        if missing:
             self.shapes, self.dtypes = static_shapes(model, input_shapes)
             self.constant.clear()
             self._find_constants()
-        if self._missing_shapes():
+            missing = self._missing_shapes()
+        if missing:
             self.shapes, self.dtypes = static_shapes(model, input_shapes, self._small_constants())
             self._values.clear()
             self.constant.clear()
             self._find_constants()
-        if self._missing_shapes():
+            missing = self._missing_shapes()
+        if missing:
             self._shapes_from_a_run(input_shapes or {})
+
+    def fresh(self, writable: Callable[[str], bool] | None = None) -> GraphInfo:
+        """The same structural facts (shapes, types, which values are constant) with empty
+        value caches and the given ``writable``: to analyse the graph again after its
+        stored tensors changed (the torch frontend indexes a trace once)."""
+        other = copy.copy(self)
+        other.writable = writable
+        other._values = {}
+        other._sources = {}
+        return other
 
     def _missing_shapes(self) -> bool:
         return any(

@@ -39,7 +39,8 @@ class Solution:
     flags: IntArray  # per pair: Flag bits
     reason: list[str]  # per pair: why it is restricted ("" when free)
     touched: IntArray  # per pair: some weight depends on it
-    group: list[str] = field(default_factory=list)  # per pair: any/positive/sign/pinned
+    group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U8"))  # per pair:
+    # any / positive / sign / pinned (a numpy array of str)
 
     @property
     def num_pairs(self) -> int:
@@ -47,7 +48,7 @@ class Solution:
 
     @cached_property
     def pinned(self) -> IntArray:
-        return np.array([g == "pinned" for g in self.group], dtype=bool)
+        return np.asarray(self.group == "pinned", dtype=bool)
 
     @cached_property
     def free(self) -> IntArray:
@@ -84,15 +85,23 @@ class _Solver:
         return compress(parent)
 
     def root_flags(self, roots: IntArray) -> IntArray:
+        """Flag bits of every class: the union of its members' (and mirrors') flags."""
         flags = np.zeros(2 * self.n, dtype=np.int64)
+        by_bit: dict[int, list[IntArray]] = {}
         for ids, flag, _ in [*self.c.flags, *self.extra_flags]:
-            np.bitwise_or.at(flags, roots[ids], flag)
-            np.bitwise_or.at(flags, roots[ids + self.n], flag)
+            by_bit.setdefault(int(flag), []).append(np.ravel(ids))
+        for bit, parts in by_bit.items():
+            ids = np.concatenate(parts)
+            hit = np.zeros(2 * self.n, dtype=bool)  # fancy assignment, not ufunc.at: faster
+            hit[roots[ids]] = True
+            hit[roots[ids + self.n]] = True
+            flags[hit] |= bit
         self_inverse = roots[: self.n] == roots[self.n :]
-        np.bitwise_or.at(flags, roots[: self.n][self_inverse], int(Flag.SIGN))
+        flags[roots[: self.n][self_inverse]] |= int(Flag.SIGN)
         return flags
 
-    def run(self) -> IntArray:
+    def run(self) -> tuple[IntArray, IntArray]:
+        """The root of every doubled node and the flags of every root."""
         roots = self.roots()
         for _ in range(MAX_ROUNDS):
             flags = self.root_flags(roots)
@@ -103,9 +112,9 @@ class _Solver:
             for mono in self.c.monomials:
                 changed |= self._resolve(mono, roots, pinned)
             if not changed:
-                return roots
+                return roots, flags
             roots = self.roots()
-        return roots
+        return roots, self.root_flags(roots)
 
     def _resolve(self, mono: list[Factor], roots: IntArray, pinned: IntArray) -> bool:
         """Reduce one monomial under the current pins; True if it added a constraint."""
@@ -150,18 +159,19 @@ class _Solver:
 def solve(c: Constraints, touched_ids: IntArray) -> Solution:
     """Classes, groups and reasons for every neuron the rules created."""
     s = _Solver(c, touched_ids)
-    roots = s.run()
+    roots, flags_root = s.run()
     n = c.n
     r, rb = roots[:n], roots[n:]
     key = np.minimum(r, rb)
     uniq, pair = np.unique(key, return_inverse=True)
-    flags_root = s.root_flags(roots)
     flags = flags_root[uniq]
-    reason = _reasons(pair, len(uniq), [*c.flags, *s.extra_flags])
-    group = group_names(flags)
-    for k, g in enumerate(group):
-        if g != "pinned" and g != "any" and not reason[k]:
-            reason[k] = "sign: τ = 1/τ (its cofactor is its own inverse)"
+    reasons = _reasons(pair, len(uniq), [*c.flags, *s.extra_flags])
+    code = group_codes(flags)
+    group = np.array(GROUPS)[code]
+    reasons[((code == 1) | (code == 2)) & (reasons == "")] = (
+        "sign: τ = 1/τ (its cofactor is its own inverse)"
+    )
+    reason: list[str] = reasons.tolist()
     touched = np.zeros(len(uniq), dtype=bool)
     touched[pair[touched_ids]] = True
     return Solution(
@@ -169,31 +179,30 @@ def solve(c: Constraints, touched_ids: IntArray) -> Solution:
     )
 
 
-def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]]) -> list[str]:
-    """The first reason recorded for each pair, pins first, then group restrictions."""
+def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]]) -> IntArray:
+    """The first reason recorded for each pair (an object array; "" for none), pins
+    first, then group restrictions."""
     texts = [why for _, _, why in records]
-    first = {
-        bit: np.full(count, -1, dtype=np.int64) for bit in (Flag.PIN, Flag.POSITIVE, Flag.SIGN)
-    }
+    bits = (int(Flag.PIN), int(Flag.POSITIVE), int(Flag.SIGN))
+    first = {bit: np.full(count, -1, dtype=np.int64) for bit in bits}
     for k, (ids, flag, _) in enumerate(records):
         pairs = pair[ids]
-        for bit, seen in first.items():
-            if flag & bit:
-                hit = pairs[seen[pairs] < 0]
-                seen[hit] = k
-    pin, pos, sign = first[Flag.PIN], first[Flag.POSITIVE], first[Flag.SIGN]
+        for bit in bits:
+            if int(flag) & bit:
+                seen = first[bit]
+                seen[pairs[seen[pairs] < 0]] = k
+    pin, pos, sign = (first[b] for b in bits)
     table = np.array([*texts, ""], dtype=object)  # index -1 reads ""
-    out: list[str] = table[np.where(pin >= 0, pin, np.maximum(pos, sign))].tolist()
+    out: IntArray = table[np.where(pin >= 0, pin, np.maximum(pos, sign))]
     for p in np.flatnonzero((pin < 0) & (pos >= 0) & (sign >= 0)):
         out[p] = f"{texts[pos[p]]}, and {texts[sign[p]]}"
     return out
 
 
-def group_names(flags: IntArray) -> list[str]:
-    """The group each flag set leaves: pinned (PIN, or both POSITIVE and SIGN — only
-    τ = 1 is positive and ±1), sign, positive, or any."""
+def group_codes(flags: IntArray) -> IntArray:
+    """Index into ``GROUPS`` of the group each flag set leaves: pinned (PIN, or both
+    POSITIVE and SIGN — only τ = 1 is positive and ±1), sign, positive, or any."""
     pinned = (flags & Flag.PIN > 0) | ((flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0))
-    code = np.where(
+    return np.where(
         pinned, 3, np.where(flags & Flag.SIGN > 0, 2, np.where(flags & Flag.POSITIVE > 0, 1, 0))
     )
-    return [GROUPS[c] for c in code.tolist()]

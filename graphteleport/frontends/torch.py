@@ -7,6 +7,15 @@ frontends.  Without optimisation the exporter keeps every parameter and buffer a
 an initializer named by its ``state_dict`` key (weights a Linear transposes at
 run time stay behind a ``Transpose`` node, which the analysis traces back), and
 every value is named after the FX node that computes it.
+
+After export, the small constants the exporter builds from other constants (a
+bias-free conv's zero bias is ``Expand(CastLike(0, W), Shape(W)[:1])``) are
+evaluated once and stored on their values (:func:`fold_glue`), so each analysis of
+the trace reads them instead of evaluating the chain again.  Values computed from a
+parameter's or buffer's *elements* are never folded: those change with a teleport.
+The graph's shapes, types and constants are indexed once, too
+(:class:`~graphteleport.analysis.graphinfo.GraphInfo`); each analysis starts from a
+:meth:`~graphteleport.analysis.graphinfo.GraphInfo.fresh` copy with empty value caches.
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 from torch import nn
 
+from graphteleport.analysis.graphinfo import GraphInfo, default_opset, evaluate
 from graphteleport.errors import InputError
 
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
@@ -58,6 +69,8 @@ class TorchGraph:
     tensors: dict[str, torch.Tensor]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+
+    info: GraphInfo | None = None  # shapes, types and constants, indexed at trace time
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -105,4 +118,75 @@ def trace(model: nn.Module, example_inputs: Any) -> TorchGraph:
     del log
     if program is None:
         raise InputError("torch.onnx.export returned no program")
-    return TorchGraph(program.model, program, module_tensors(model), args, kwargs)
+    tensors = module_tensors(model)
+    fold_glue(program.model, set(tensors))
+    graph = TorchGraph(program.model, program, tensors, args, kwargs)
+    graph.info = GraphInfo(graph.model, graph.input_shapes)  # reused for its structure only
+    return graph
+
+
+_GLUE_MAX_ELEMENTS = 1 << 16  # larger computed constants are left to the analysis
+
+
+def fold_glue(model: ir.Model, module_names: set[str]) -> int:
+    """Store the value of each small constant computed without reading the elements of a
+    module tensor (``module_names``) as its ``const_value``; return how many.
+
+    The nodes stay in the graph (the model runs as before); ``onnx_ir`` only writes
+    ``const_value`` for initializers, so serialisation is unchanged.
+    """
+    opset = default_opset(model)
+    folded = 0
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
+            continue
+        outs = _glue(node, module_names, opset)
+        for v, arr in zip(node.outputs, outs or ()):
+            arr = np.asarray(arr)
+            if arr.size <= _GLUE_MAX_ELEMENTS:
+                v.const_value = ir.tensor(arr, name=v.name)
+                folded += 1
+    return folded
+
+
+def _glue(node: ir.Node, module_names: set[str], opset: int) -> list[np.ndarray] | None:
+    """The node's outputs when it computes from constants alone, else None.
+
+    ``Shape``/``Size`` read only their input's static shape, ``CastLike`` only its
+    second input's type.
+    """
+    if node.op_type in ("Shape", "Size"):
+        dims = _static_shape(node.inputs[0])
+        if dims is None:
+            return None
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(dims)), dtype=np.int64)]
+        lo, hi = _attr_int(node, "start", 0), _attr_int(node, "end", len(dims))
+        return [np.array(dims, dtype=np.int64)[lo:hi]]
+    inputs: list[np.ndarray | None] = []
+    for k, v in enumerate(node.inputs):
+        if v is None:
+            inputs.append(None)
+        elif node.op_type == "CastLike" and k == 1:
+            if v.dtype is None:
+                return None
+            inputs.append(np.zeros(0, dtype=v.dtype.numpy()))
+        elif v.name in module_names or (tensor := ir.convenience.get_const_tensor(v)) is None:
+            return None
+        else:
+            inputs.append(np.asarray(tensor.numpy()))
+    try:
+        return evaluate(node, inputs, opset)
+    except Exception:  # left to the analysis, which pins what it cannot read
+        return None
+
+
+def _static_shape(v: ir.Value | None) -> tuple[int, ...] | None:
+    if v is None or v.shape is None or not all(isinstance(d, int) for d in v.shape):
+        return None
+    return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
