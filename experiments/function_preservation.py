@@ -52,7 +52,8 @@ class Cell:
     """One (architecture, path, mode, sampling) outcome."""
 
     err: float | None = None  # max relative output error (eval mode for torch)
-    err_train: float | None = None  # torch only
+    err_train: float | None = None  # torch only: train mode on the example batch
+    err_fresh: float | None = None  # torch only: train mode on another batch
     free: int | None = None
     failure: str = ""  # exception type and first words, if it raised
 
@@ -76,18 +77,20 @@ def onnx_cell(src: Path, mode: str, opts: dict[str, Any], tmp: Path) -> Cell:
         report = teleport_file(src, tmp / "out.onnx", TeleportOptions(mode=mode, seed=0, **opts))
     except VerificationError as e:
         report = e.report  # type: ignore[attr-defined]
-        return Cell(report["verification"]["max_rel_err"], None, report["free_cofactors"],
-                    "verification failed")  # fmt: skip
+        return Cell(report["verification"]["max_rel_err"], free=report["free_cofactors"],
+                    failure="verification failed")  # fmt: skip
     except Exception as e:
         return Cell(failure=_short(e))
-    return Cell(report["verification"]["max_rel_err"], None, report["free_cofactors"])
+    return Cell(report["verification"]["max_rel_err"], free=report["free_cofactors"])
 
 
 def torch_cell(arch: str, mode: str, opts: dict[str, Any]) -> Cell:
     from graphteleport.torch import teleport
 
     model, shape = registry_model(arch)
-    x = torch.randn((BATCH, *shape[1:]), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((BATCH, *shape[1:]), generator=gen)
+    fresh = torch.randn((BATCH, *shape[1:]), generator=gen)
     reference = deepcopy(model)
     try:
         with quiet():
@@ -95,12 +98,12 @@ def torch_cell(arch: str, mode: str, opts: dict[str, Any]) -> Cell:
     except Exception as e:
         return Cell(failure=_short(e))
     errs = []
-    for train in (False, True):
+    for inputs, train in ((x, False), (x, True), (fresh, True)):
         reference.train(train)
         model.train(train)
         with torch.no_grad():
-            errs.append(rel_err(reference(x), model(x)))
-    return Cell(errs[0], errs[1], result.free_cofactors)
+            errs.append(rel_err(reference(inputs), model(inputs)))
+    return Cell(errs[0], errs[1], errs[2], result.free_cofactors)
 
 
 def run(archs: Sequence[str] | None = None) -> Results:
@@ -124,17 +127,21 @@ def run(archs: Sequence[str] | None = None) -> Results:
 
 
 # -- report --------------------------------------------------------------------------------------
-def _cell_text(c: Cell, train: bool = False) -> str:
+def _err(c: Cell, which: str) -> float | None:
+    return {"eval": c.err, "train": c.err_train, "fresh": c.err_fresh}[which]
+
+
+def _cell_text(c: Cell, which: str = "eval") -> str:
     if c.failure and c.err is None:
         return "raises"
-    text = fmt_err(c.err_train if train else c.err)
+    text = fmt_err(_err(c, which))
     return f"**{text}** ✗" if c.failure else text
 
 
-def table(res: Results, path: str, train: bool = False) -> str:
+def table(res: Results, path: str, which: str = "eval") -> str:
     header = ["architecture"] + [f"{m[:3]} · {s}" for m in MODES for s in SAMPLINGS]
     rows = [
-        [a] + [_cell_text(res.cells[a, path, m, s], train) for m in MODES for s in SAMPLINGS]
+        [a] + [_cell_text(res.cells[a, path, m, s], which) for m in MODES for s in SAMPLINGS]
         for a in res.archs
     ]
     return md_table(header, rows)
@@ -167,18 +174,18 @@ def plot(res: Results) -> str:
 
     fig, axes = plt.subplots(2, 1, figsize=(12, 8), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    markers = {("onnx", False): "o", ("torch", False): "^", ("torch", True): "x"}
+    markers = {("onnx", "eval"): "o", ("torch", "eval"): "^", ("torch", "train"): "x",
+               ("torch", "fresh"): "+"}  # fmt: skip
     xs = np.arange(len(res.archs))
     for ax, mode in zip(axes, MODES):
         for k, label in enumerate(SAMPLINGS):
-            for (path, train), marker in markers.items():
+            for (path, which), marker in markers.items():
                 ys = []
                 for a in res.archs:
-                    c = res.cells[a, path, mode, label]
-                    e = c.err_train if train else c.err
+                    e = _err(res.cells[a, path, mode, label], which)
                     ys.append(np.nan if e is None else max(e, 1e-9))
                 off = (k - 2) * 0.12
-                name = f"{path} {'train' if train else 'eval'}" if k == 0 else None
+                name = f"{path} {which}" if k == 0 else None
                 ax.scatter(xs + off, ys, marker=marker, color=colors[k], s=22, label=name)
         ax.axhline(1e-5, color="gray", lw=0.8, ls="--")
         ax.axhline(1e-4, color="gray", lw=0.8, ls=":")
@@ -196,14 +203,17 @@ def section(res: Results) -> str:
     fails = failures(res)
     onnx_max = max((c.err or 0.0) for (_, p, _, _), c in res.cells.items() if p == "onnx")
     bn = {a: _has_bn(a) for a in res.archs}
-    torch_cells = [(a, c) for (a, p, _, _), c in res.cells.items() if p == "torch"]
-    nobn_torch = [c.err for a, c in torch_cells if c.err is not None and not bn[a]]
-    bn_train = [c.err_train for a, c in torch_cells if c.err_train is not None and bn[a]]
-    bn_intra = [
-        max(c.err or 0.0, c.err_train or 0.0)
-        for (a, p, _, s), c in res.cells.items()
-        if p == "torch" and bn[a] and s.startswith("intra")
-    ]
+    torch_cells = [(a, s, c) for (a, p, _, s), c in res.cells.items() if p == "torch"]
+    nobn = [e for a, _, c in torch_cells if not bn[a] for e in (c.err, c.err_train, c.err_fresh)]
+    bn_same = [e for a, _, c in torch_cells if bn[a] for e in (c.err, c.err_train)]
+    bn_fresh = {
+        s: [c.err_fresh for a, s2, c in torch_cells if bn[a] and s2 == s] for s in SAMPLINGS
+    }
+
+    def worst(errs: Sequence[float | None]) -> str:
+        return fmt_err(max((e for e in errs if e is not None), default=None))
+
+    fresh_by_sampling = "; ".join(f"{s}: {worst(v)}" for s, v in bn_fresh.items())
     return f"""## 1. Function preservation across architectures, paths, samplings and modes
 
 `python -m experiments.function_preservation` ({res.seconds:.0f} s)
@@ -232,28 +242,33 @@ Free cofactors (intra sampling; the count does not depend on the sampling):
 
 {table(res, "torch")}
 
-**torch path, train mode** (BatchNorm uses batch statistics):
+**torch path, train mode** (BatchNorm uses batch statistics), on the example batch:
 
-{table(res, "torch", train=True)}
+{table(res, "torch", "train")}
+
+**torch path, train mode on another batch** (same shape, other values):
+
+{table(res, "torch", "fresh")}
 
 Refusals and failures:
 
 {chr(10).join(fails) if fails else "- none"}
 
 Reading the tables: the ONNX path and, for models without BatchNorm, the torch path stay at
-float32 rounding (torch max {fmt_err(max(nobn_torch) if nobn_torch else None)}).  The torch
-path keeps BatchNorm in its *training* form (γ' = γτ_out, β' = βτ_out, running var·τ_in²),
-which is exact except for BatchNorm's `eps`: it computes `τ x / sqrt(τ² var + eps)` where
-the original computes `x / sqrt(var + eps)`, an error of about `eps (1/τ² − 1) / (2 var)`
-per layer.  Samplings that allow small |τ| (positive/negative U[0, 0.9], inter r = 0.9 with
-|τ| down to 0.1) make `1/τ²` large and the error grows accordingly — most in train mode,
-where the batch variance of a deep layer at initialisation is much smaller than the
-re-randomised running variance: up to {fmt_err(max(bn_train) if bn_train else None)} here,
-i.e. *not* function-preserving.  With intra r = 0.5 the BatchNorm models stay within
-{fmt_err(max(bn_intra) if bn_intra else None)} in both modes.  So on the torch path, teleport
-BatchNorm models with cofactors near 1, or use the ONNX path for inference: it folds
-BatchNorm (inference form: `scale' = scale·τ_out/τ_in`, mean·τ_in, var unchanged), which is
-exact.
+float32 rounding (torch max {worst(nobn)}).  The torch path keeps BatchNorm in its *training*
+form (its input cofactors positive, γ and β take τ_out).  BatchNorm divides by
+`sqrt(var + eps)` and a teleport cannot scale `eps`, so it corrects for it
+(`graphteleport.torch._batchnorm_eps`): the running variance takes `τ²(rv + eps) − eps`
+(eval mode exact) and γ a factor computed from the input variances measured on the example
+inputs (train mode exact on a batch with those variances).  BatchNorm models on the torch
+path: eval mode and train mode on the example batch within {worst(bn_same)}.  On another
+batch the remaining error is `eps (1 − 1/τ²)(1/s² − 1/σ²)/2` per layer (`s²` that batch's
+variance, `σ²` the measured one): small for cofactors near 1, large where a sampling allows
+small |τ| (positive/negative U[0, 0.9], inter r = 0.9: |τ| down to 0.1, 1/τ² up to 100) and
+the batch variance of a deep layer is small.  Worst over the BatchNorm models, by sampling:
+{fresh_by_sampling}.  So on the torch path, teleport BatchNorm models in training with
+cofactors near 1; the ONNX path folds BatchNorm into its inference form
+(`scale' = scale·τ_out/τ_in`, mean·τ_in, var unchanged), which is exact.
 """
 
 

@@ -36,12 +36,13 @@ import torch
 from torch import nn
 
 from graphteleport import cofactors
+from graphteleport.analysis.constraints import Absorb
 from graphteleport.analysis.driver import Analysis, analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
 from graphteleport.insertion import _needed, _product
-from graphteleport.rewrite import by_source, source_scale
+from graphteleport.rewrite import by_source, scale, source_scale
 
 IN, OUT = "graphteleport_in", "graphteleport_out"
 
@@ -57,6 +58,9 @@ class TorchTeleport:
     mode: str
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
     hooked: list[str] = field(default_factory=list)
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # W' = W·S + O (BN var)
+    bn_input: dict[str, np.ndarray] = field(default_factory=dict)  # BN input variance factor
+    bn_var: dict[str, np.ndarray] = field(default_factory=dict)  # the trace's, kept current
 
     @property
     def free_cofactors(self) -> int:
@@ -71,11 +75,16 @@ class TorchTeleport:
         return Quiver.from_analysis(self.analysis)
 
     def undo(self) -> None:
-        """Put the parameters and buffers back (``W = W' / S``; exact in exact mode)."""
+        """Put the parameters and buffers back (``W = (W' − O) / S``; bit-exact in exact mode)."""
         tensors = dict(_named_tensors(self.model))
         with torch.no_grad():
-            for name, s in self.scales.items():  # cofactor buffers of hooked modules too
-                tensors[name].div_(s)
+            for name, factor in self.scales.items():  # cofactor buffers of hooked modules too
+                if name in self.offsets:
+                    tensors[name].sub_(self.offsets[name])
+                tensors[name].div_(factor)
+        for path, t2 in self.bn_input.items():
+            if path in self.bn_var:
+                self.bn_var[path] = self.bn_var[path] / t2
 
 
 def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -149,7 +158,9 @@ class Teleporter:
         model, graph, analysis = self.model, self.graph, self.analysis
         result = TorchTeleport(model, analysis, np.asarray(values), tau, self.mode)
         hooks = _plan_hooks(model, graph, analysis, tau) if self.mode == "insert" else []
-        result.scales = _absorb(graph, analysis, tau)  # nothing changes before every check
+        done = _absorb(graph, analysis, tau, exact)  # nothing changes before every check
+        result.scales, result.offsets = done.scales, done.offsets
+        result.bn_input, result.bn_var = done.bn_input, graph.bn_var
         for path, s_in, s_out in hooks:
             _hook(model.get_submodule(path), path, s_in, s_out, result)
         return result
@@ -184,18 +195,103 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     )
 
 
-def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str, torch.Tensor]:
-    """Multiply every absorbing parameter/buffer in place by its ``S``; return the ``S``."""
-    scales: dict[str, torch.Tensor] = {}
+def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool) -> _Rewrite:
+    """Multiply every absorbing parameter/buffer in place by its ``S`` (and add the
+    BatchNorm offsets of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
+    power-of-two multiples); return what was applied."""
+    done = _Rewrite()
+    for uses in by_source(analysis.absorbs).values():
+        name = uses[0].source.name
+        st = _scale_tensor(uses, tau, graph.tensors[name])
+        if st is not None:
+            done.scales[name] = st
+    if not exact:
+        _batchnorm_eps(graph, analysis, tau, done)
     with torch.no_grad():
-        for uses in by_source(analysis.absorbs).values():
-            name = uses[0].source.name
+        for name, st in done.scales.items():
             t = graph.tensors[name]
-            st = _scale_tensor(uses, tau, t)
-            if st is not None:
-                t.mul_(st)  # S is broadcastable (e.g. [O, C, 1, 1] for a conv): no full copy
-                scales[name] = st
-    return scales
+            t.mul_(st)  # S is broadcastable (e.g. [O, C, 1, 1] for a conv): no full copy
+            if name in done.offsets:
+                t.add_(done.offsets[name])
+    for path, s in done.bn_input.items():
+        graph.bn_var[path] = graph.bn_var[path] * s
+    return done
+
+
+@dataclass
+class _Rewrite:
+    """``W' = W·S (+ O)`` per tensor name, and each BatchNorm input's variance factor."""
+
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)
+    bn_input: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done: _Rewrite) -> None:
+    """Keep BatchNorm right although its ``ε`` cannot be scaled.
+
+    The training form scales a channel's input by ``τ`` (> 0), hence its variance by ``τ²``,
+    but BatchNorm divides by ``sqrt(var + ε)``.  With ``σ²`` the channel's input variance
+    measured on the example inputs (:func:`~graphteleport.frontends.torch.batchnorm_input_variance`)
+    and ``c = sqrt((τ²σ² + ε) / (τ²(σ² + ε)))``:
+
+    * ``γ' = γ · τ_out · c`` makes train mode exact for a batch of variance ``σ²``; for
+      another batch of variance ``s²`` the error is ``ε(1 − 1/τ²)(1/s² − 1/σ²)/2``, second
+      order instead of ``ε(1 − 1/τ²)/(2s²)``;
+    * ``rv' = c²τ²(rv + ε) − ε = S·rv + ε(S − 1)`` with ``S = c²τ²`` makes eval mode exact:
+      ``sqrt(rv' + ε) = c·τ·sqrt(rv + ε)``.
+
+    Without a measured variance (a functional batch_norm) ``c = 1``: eval stays exact.
+    """
+    for bn in _batchnorms(graph, analysis):
+        if bn.var not in done.scales:
+            continue  # every τ_in is 1
+        t = graph.tensors[bn.var]
+        t2 = scale(bn.absorb, tau).reshape(-1)  # τ_in²
+        c = np.ones_like(t2)
+        if bn.sigma2 is not None and bn.sigma2.shape == t2.shape:
+            c = np.sqrt((t2 * bn.sigma2 + bn.eps) / (t2 * (bn.sigma2 + bn.eps)))
+            g = graph.tensors[bn.gamma]
+            old = done.scales.get(bn.gamma)
+            cg = _to_torch(c.reshape(g.shape), g)
+            done.scales[bn.gamma] = cg if old is None else old * cg
+            done.bn_input[bn.path] = t2
+        s = c**2 * t2
+        done.scales[bn.var] = _to_torch(s.reshape(t.shape), t)
+        done.offsets[bn.var] = _to_torch(bn.eps * (s - 1).reshape(t.shape), t)
+
+
+@dataclass
+class _BatchNorm:
+    """A training-form BatchNorm of the trace: its running variance's absorb, tensor names,
+    eps and measured input variance (None: not measured, or no ``γ`` to correct)."""
+
+    absorb: Absorb
+    var: str
+    gamma: str
+    path: str
+    eps: float
+    sigma2: np.ndarray | None
+
+
+def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
+    out = []
+    for ab in analysis.absorbs:
+        node: Any = ab.node
+        if node.op_type != "BatchNormalization" or ab.input_index != 4:
+            continue
+        eps_attr = node.attributes.get("epsilon")
+        path = ab.source.name.rpartition(".")[0]
+        gamma = _input_name(node, 1)
+        sigma2 = graph.bn_var.get(path) if gamma in graph.tensors else None
+        eps = eps_attr.as_float() if eps_attr is not None else 1e-5
+        out.append(_BatchNorm(ab, ab.source.name, gamma, path, eps, sigma2))
+    return out
+
+
+def _input_name(node: Any, k: int) -> str:
+    v = node.inputs[k] if len(node.inputs) > k else None
+    return (v.name or "") if v is not None else ""
 
 
 def _scale_tensor(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
@@ -354,7 +450,9 @@ def orbit_tangent(
 ) -> dict[str, torch.Tensor]:
     """The micro-teleportation direction at τ = 1: ``dW/dε`` for ``τ = 1 + ε·v``.
 
-    ``W(τ) = W · Π τ[ids]^e`` gives ``dW/dε = W · Σ e · v[ids]``.  ``direction`` is
+    ``W(τ) = W · Π τ[ids]^e`` gives ``dW/dε = W · Σ e · v[ids]``, plus BatchNorm's eps
+    terms (:func:`_batchnorm_eps`: ``dc = −ε/(σ² + ε) · v_in`` on ``γ``, and
+    ``d rv = (rv + ε)(2v_in + 2dc)``).  ``direction`` is
     ``v`` per cofactor pair (default: standard normal on the free pairs).  The model
     is not changed.  The loss is constant along the orbit, so its gradient is
     orthogonal to this tangent.
@@ -366,18 +464,30 @@ def orbit_tangent(
         direction = np.random.default_rng(seed).standard_normal(sol.num_pairs)
     v = np.where(sol.free, direction, 0.0)
     per_neuron = np.where(sol.inverse, -1.0, 1.0) * v[sol.pair]  # d(1/τ)/dε = −v at τ = 1
-    out: dict[str, torch.Tensor] = {}
+    logd: dict[str, np.ndarray] = {}  # d log W / dε per tensor
     for uses in by_source(analysis.absorbs).values():
         name = uses[0].source.name
-        t = graph.tensors[name]
-        d = np.zeros(tuple(t.shape))
+        d = np.zeros(tuple(graph.tensors[name].shape))
         for ab in uses:
             part = np.zeros(ab.shape)
             for f in ab.factors:
                 part = part + f.exp * per_neuron[f.ids]
             d = _scatter(d, ab, part)
-        out[name] = t.detach() * torch.as_tensor(d, dtype=t.dtype, device=t.device)
+        logd[name] = d
+    out = {name: _times(graph.tensors[name].detach(), d) for name, d in logd.items()}
+    for bn in _batchnorms(graph, analysis):  # the eps terms of _batchnorm_eps
+        dt2 = logd[bn.var]  # d(τ²)/dε at τ = 1
+        dc = np.zeros_like(dt2)
+        if bn.sigma2 is not None and bn.sigma2.shape == dt2.reshape(-1).shape:
+            dc = -bn.eps / (bn.sigma2.reshape(dt2.shape) + bn.eps) * dt2 / 2
+            gamma = graph.tensors[bn.gamma].detach()
+            out[bn.gamma] = _times(gamma, logd.get(bn.gamma, 0.0) + dc.reshape(gamma.shape))
+        out[bn.var] = _times(graph.tensors[bn.var].detach() + bn.eps, dt2 + 2 * dc)
     return out
+
+
+def _times(t: torch.Tensor, d: np.ndarray | float) -> torch.Tensor:
+    return t * torch.as_tensor(d, dtype=t.dtype, device=t.device)
 
 
 def _scatter(d: np.ndarray, ab: Any, part: np.ndarray) -> np.ndarray:

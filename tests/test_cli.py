@@ -178,10 +178,7 @@ def test_bad_input_quiet(work: Path, capsys: pytest.CaptureFixture[str], case: s
 
 @pytest.mark.parametrize(
     "case",
-    [
-        c
-        for c in BAD_CASES
-    ],
+    [c for c in BAD_CASES],
 )
 def test_bad_input_default(work: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
     """Without -q (what users run): still exactly one line on stderr."""

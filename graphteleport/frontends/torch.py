@@ -25,7 +25,7 @@ import io
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,9 @@ class TorchGraph:
     kwargs: dict[str, Any]
 
     info: GraphInfo | None = None  # shapes, types and constants, indexed at trace time
+    # per BatchNorm module path: the per-channel variance of its input in a train-mode
+    # forward of the example inputs (``batchnorm_input_variance``)
+    bn_var: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -122,7 +125,57 @@ def trace(model: nn.Module, example_inputs: Any) -> TorchGraph:
     fold_glue(program.model, set(tensors))
     graph = TorchGraph(program.model, program, tensors, args, kwargs)
     graph.info = GraphInfo(graph.model, graph.input_shapes)  # reused for its structure only
+    graph.bn_var = batchnorm_input_variance(model, args, kwargs)
     return graph
+
+
+def batchnorm_input_variance(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Per BatchNorm module: the biased per-channel variance of its input in one train-mode
+    forward of the example inputs (what training-mode BatchNorm normalises by).
+
+    Nothing of the module changes: its buffers (running statistics), its mode and the
+    random number generators are restored afterwards.
+    """
+    bns = {
+        path: m
+        for path, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    if not bns:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    reused: set[str] = set()  # a module called twice has no one input variance
+
+    def record(path: str) -> Any:
+        def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].detach()
+            dims = [d for d in range(x.dim()) if d != 1]
+            if path in out:
+                reused.add(path)
+            out[path] = x.double().var(dim=dims, unbiased=False).cpu().numpy()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(path)) for path, m in bns.items()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    devices = sorted({b.device.index for b, _ in buffers if b.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), quiet():
+            model.train()
+            model(*args, **kwargs)
+    except Exception:  # the trace ran it; a failure here only loses the eps correction
+        out.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        model.train(was_training)
+    return {path: v for path, v in out.items() if path not in reused}
 
 
 _GLUE_MAX_ELEMENTS = 1 << 16  # larger computed constants are left to the analysis
