@@ -106,6 +106,9 @@ class Block:
     op: str
 
 
+_DEDUP_ABOVE = 4096
+
+
 @dataclass
 class Constraints:
     """Everything the rules said, in flat lists of numpy arrays."""
@@ -139,7 +142,10 @@ class Constraints:
             self.relations.append((a.ravel().copy(), b.ravel().copy()))
 
     def restrict(self, ids: IntArray, flag: int, reason: str) -> None:
-        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        """Flag ``ids`` (repeats are harmless; large broadcast arrays are deduplicated)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if ids.size > _DEDUP_ABOVE:
+            ids = np.unique(ids)
         if ids.size:
             self.flags.append((ids, int(flag), reason))
 

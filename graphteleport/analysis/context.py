@@ -39,6 +39,19 @@ def align(ids: IntArray, rank: int) -> IntArray:
     return ids.reshape((1,) * (rank - ids.ndim) + ids.shape)
 
 
+def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """``np.broadcast_shapes`` for a few short shapes, in plain Python (called per weight)."""
+    rank = max(len(s) for s in shapes)
+    out = [1] * rank
+    for s in shapes:
+        for k, d in enumerate(s, start=rank - len(s)):
+            if d != 1:
+                if out[k] not in (1, d):
+                    raise ValueError(f"shapes {shapes} do not broadcast")
+                out[k] = d
+    return tuple(out)
+
+
 def _fit_rank(ids: IntArray, rank: int) -> IntArray:
     """Drop leading size-1 axes beyond ``rank`` (a ``[C]`` bias stays ``[C]``)."""
     extra = ids.ndim - rank
@@ -217,13 +230,13 @@ class Context:
             return self._is_zero(v)
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
-        factors = [(_fit_rank(np.asarray(f, dtype=np.int64), len(shape)), e) for f, e in factors]
-        target = np.broadcast_shapes(shape, *[np.shape(f) for f, _ in factors])
+        fitted = [_fit_rank(np.asarray(f, dtype=np.int64), len(shape)) for f, _ in factors]
+        target = broadcast_shape(shape, *[f.shape for f in fitted])
         if target != shape and (
             not expand or index is not None or self.training or self._shared(ref)
         ):
             return False  # the rule then leaves the constant as it is, if it can
-        arrays = [align(np.asarray(f, dtype=np.int64), len(target)) for f, _ in factors]
+        arrays = [align(f, len(target)) for f in fitted]
         if index is not None and not _consistent_repeats(index, arrays, target):
             return False
         self.c.absorbs.append(
