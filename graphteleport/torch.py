@@ -199,12 +199,7 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
     """Multiply every absorbing parameter/buffer in place by its ``S`` (and add the
     BatchNorm offsets of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
     power-of-two multiples); return what was applied."""
-    done = _Rewrite()
-    for uses in by_source(analysis.absorbs).values():
-        name = uses[0].source.name
-        st = _scale_tensor(uses, tau, graph.tensors[name])
-        if st is not None:
-            done.scales[name] = st
+    done = _Rewrite(scales=_scales(graph, analysis, tau))
     if not exact:
         _batchnorm_eps(graph, analysis, tau, done)
     with torch.no_grad():
@@ -242,23 +237,48 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
       ``sqrt(rv' + ε) = c·τ·sqrt(rv + ε)``.
 
     Without a measured variance (a functional batch_norm) ``c = 1``: eval stays exact.
+    All layers are computed together, in float64, then split per layer.
     """
-    for bn in _batchnorms(graph, analysis):
-        if bn.var not in done.scales:
-            continue  # every τ_in is 1
+    bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.scales]  # τ_in ≠ 1
+    if not bns:
+        return
+    t2s = [scale(bn.absorb, tau).reshape(-1) for bn in bns]  # τ_in² per layer
+    sizes = [t.size for t in t2s]
+    t2 = np.concatenate(t2s)
+    eps = np.repeat([bn.eps for bn in bns], sizes)
+    sigma2 = np.concatenate([_measured(bn, n) for bn, n in zip(bns, sizes)])
+    c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
+    c = np.where(np.isnan(sigma2), 1.0, c)
+    s = c * c * t2
+    arrays = (c, s, eps * (s - 1))  # γ's factor, running var's S and O
+    like = graph.tensors[bns[0].var]
+    if all(_alike(graph.tensors[bn.var], like) for bn in bns):  # one conversion each
+        cs, ss, os = (_to_torch(a, like).split(sizes) for a in arrays)
+    else:
+        spans = list(zip(bns, np.cumsum([0, *sizes]), np.cumsum(sizes)))
+        cs, ss, os = (
+            [_to_torch(a[lo:hi], graph.tensors[bn.var]) for bn, lo, hi in spans] for a in arrays
+        )
+    for bn, t2k, ck, sk, ok in zip(bns, t2s, cs, ss, os):
         t = graph.tensors[bn.var]
-        t2 = scale(bn.absorb, tau).reshape(-1)  # τ_in²
-        c = np.ones_like(t2)
-        if bn.sigma2 is not None and bn.sigma2.shape == t2.shape:
-            c = np.sqrt((t2 * bn.sigma2 + bn.eps) / (t2 * (bn.sigma2 + bn.eps)))
+        done.scales[bn.var] = sk.reshape(t.shape)
+        done.offsets[bn.var] = ok.reshape(t.shape)
+        if bn.sigma2 is not None:
             g = graph.tensors[bn.gamma]
+            cg = ck.reshape(g.shape).to(dtype=g.dtype, device=g.device)
             old = done.scales.get(bn.gamma)
-            cg = _to_torch(c.reshape(g.shape), g)
             done.scales[bn.gamma] = cg if old is None else old * cg
-            done.bn_input[bn.path] = t2
-        s = c**2 * t2
-        done.scales[bn.var] = _to_torch(s.reshape(t.shape), t)
-        done.offsets[bn.var] = _to_torch(bn.eps * (s - 1).reshape(t.shape), t)
+            done.bn_input[bn.path] = t2k
+
+
+def _measured(bn: _BatchNorm, size: int) -> np.ndarray:
+    """The layer's measured input variance, or NaN (no correction) where there is none."""
+    ok = bn.sigma2 is not None and bn.sigma2.size == size
+    return np.asarray(bn.sigma2, dtype=np.float64).reshape(-1) if ok else np.full(size, np.nan)
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.device == b.device
 
 
 @dataclass
@@ -284,14 +304,72 @@ def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
         path = ab.source.name.rpartition(".")[0]
         gamma = _input_name(node, 1)
         sigma2 = graph.bn_var.get(path) if gamma in graph.tensors else None
+        if sigma2 is not None and sigma2.size != _channels(ab):
+            sigma2 = None  # not this node's channels (a module traced in another layout)
         eps = eps_attr.as_float() if eps_attr is not None else 1e-5
         out.append(_BatchNorm(ab, ab.source.name, gamma, path, eps, sigma2))
     return out
 
 
+def _channels(ab: Absorb) -> int:
+    return int(np.prod(ab.shape))
+
+
 def _input_name(node: Any, k: int) -> str:
     v = node.inputs[k] if len(node.inputs) > k else None
     return (v.name or "") if v is not None else ""
+
+
+def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str, torch.Tensor]:
+    """``S`` per tensor (None-free: all-ones scales are left out), in its dtype and device.
+
+    Tensors with one use (or tied uses) and no element map — all of them, in most models —
+    take ``S = Π τ[f.ids]^e`` as a product of small per-axis factors.  Their factors are
+    gathered from ``τ`` in one numpy operation and converted to torch in one, then split into
+    views per factor (per dtype and device); the rest go through :func:`_scale_tensor`.
+    """
+    simple: list[tuple[str, list[Any]]] = []
+    out: dict[str, torch.Tensor] = {}
+    for uses in by_source(analysis.absorbs).values():
+        name = uses[0].source.name
+        if all(ab.index is None and not ab.expand for ab in uses):
+            simple.append((name, uses[0].factors))
+        elif (st := _scale_tensor(uses, tau, graph.tensors[name])) is not None:
+            out[name] = st
+    by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, list[Any]]]] = {}
+    for name, factors in simple:
+        t = graph.tensors[name]
+        by_kind.setdefault((t.dtype, t.device), []).append((name, factors))
+    for group in by_kind.values():
+        out.update(_factor_products(graph, group, tau))
+    return out
+
+
+def _factor_products(
+    graph: TorchGraph, group: list[tuple[str, list[Any]]], tau: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """``Π τ[f.ids]^e`` for tensors of one dtype and device, factors converted at once."""
+    factors = [f for _, fs in group for f in fs]
+    ids = np.concatenate([f.ids.reshape(-1) for f in factors])
+    sizes = [f.ids.size for f in factors]
+    exps = np.repeat([float(f.exp) for f in factors], sizes)
+    values = tau[ids] ** exps
+    edges = np.cumsum([0, *sizes[:-1]])
+    moved: Any = np.maximum.reduceat(np.abs(values - 1), edges) > 0 if ids.size else []
+    like = graph.tensors[group[0][0]]
+    views = _to_torch(values, like).split(sizes)
+    out: dict[str, torch.Tensor] = {}
+    k = 0
+    for name, fs in group:
+        parts = range(k, k + len(fs))
+        k += len(fs)
+        if not any(moved[j] for j in parts):
+            continue
+        st = views[parts[0]].view(factors[parts[0]].ids.shape)
+        for j in parts[1:]:
+            st = st * views[j].view(factors[j].ids.shape)
+        out[name] = st
+    return out
 
 
 def _scale_tensor(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
