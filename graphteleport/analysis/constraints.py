@@ -18,6 +18,7 @@ apply (it raises :class:`Unsupported`); the node is then pinned instead.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntFlag
 
@@ -125,7 +126,7 @@ class Constraints:
 
     def new(self, shape: tuple[int, ...], name: str, op: str) -> IntArray:
         """Allocate ``prod(shape)`` fresh neurons laid out in ``shape``."""
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         ids = np.arange(self.n, self.n + size, dtype=np.int64).reshape(shape)
         self.blocks.append(Block(self.n, size, name, op))
         self.n += size

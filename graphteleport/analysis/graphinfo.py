@@ -391,10 +391,12 @@ class GraphInfo:
     def shape(self, v: ir.Value | None) -> tuple[int, ...] | None:
         if v is None:
             return None
+        shape = self.shapes.get(v.name) if v.name else None  # initializers' too (unique names)
+        if shape is not None:
+            return shape
         if v.const_value is not None:
             return tuple(v.const_value.shape.numpy())
-        shape = self.shapes.get(v.name or "")
-        if shape is None and v.shape is not None and all(isinstance(d, int) for d in v.shape):
+        if v.shape is not None and all(isinstance(d, int) for d in v.shape):
             shape = tuple(int(d) for d in v.shape)  # type: ignore[arg-type] # declared value_info
         if shape is None and self.is_const(v):
             try:
