@@ -7,7 +7,10 @@ machine's noise), with ``gc.collect()`` between measurements; the medians are co
 
 * **teleport**: ``graphteleport.torch.teleport(model, x, seed=k)`` with the module's trace
   (``graphteleport.frontends.torch.trace``, run once up front and reused) standing in for the
-  call's own tracing — so what is timed is everything ``teleport`` does after tracing: the
+  call's own tracing.  Tracing is ``torch.onnx.export`` plus what the frontend does with the
+  exported graph once: evaluate the constant glue (a bias-free conv's zero bias), index the
+  declared shapes and types, and measure BatchNorm input variances with one forward of the
+  example inputs.  What is timed is everything ``teleport`` does after tracing: the
   symmetry analysis (``graphteleport.torch.analyze``), cofactor sampling, the in-place
   rewrite of parameters and BatchNorm buffers, and the result.  Each round is undone
   (untimed) before the next;
@@ -76,7 +79,7 @@ def plain_loop(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def check_function(model: torch.nn.Module, x: torch.Tensor, graph: Any) -> float:
-    """One teleport from the cached trace must keep the output (eval mode, BN eps aside)."""
+    """One teleport from the cached trace must keep the output (eval mode)."""
     with torch.no_grad():
         before = model(x)
     with mock.patch.object(gtorch, "trace", lambda *_: graph):
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"of the teleport: analysis {med['analyze'] * 1e3:.1f} ms "
           f"(graphteleport.torch.analyze alone), the rest {rest * 1e3:.1f} ms "
           "(sampling, rewrite, result)")  # fmt: skip
-    print(f"function check: max rel output change {err:.1e} (BatchNorm eps; see test_torch.py)")
+    print(f"function check: max rel output change {err:.1e} (eval mode)")
     if profile:
         print("\nhotspots of one teleport (cProfile, cumulative):\n" + profile)
     if err > 1e-3:

@@ -48,7 +48,7 @@ from torch.nn import functional as F  # noqa: E402
 import graphteleport.frontends.torch as gt_frontend  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends.torch import as_args  # noqa: E402
-from graphteleport.torch import compose, orbit_tangent, teleport  # noqa: E402
+from graphteleport.torch import Teleporter, compose, orbit_tangent, teleport  # noqa: E402
 from models.architectures import ARCHITECTURES, build, cnn_2d, mlp  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -540,6 +540,25 @@ def test_reteleport_insert_mode() -> None:
     assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
     teleport(model, x, seed=2, **kw)
     assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
+
+
+def test_teleporter_keeps_batchnorm_statistics_current() -> None:
+    """A prepared ``Teleporter`` measures BatchNorm input variances once and rescales them with
+    each teleport (and ``undo``), so repeated teleports stay exact in train mode on the
+    example batch, as one-shot ones do."""
+    model, x = small_variance_bn()
+    reference = copy.deepcopy(model)
+    prepared = Teleporter(model, x)
+    measured = dict(prepared.graph.bn_var)
+    first = prepared.teleport(seed=1)
+    second = prepared.teleport(seed=2)
+    for train in (False, True):
+        err = rel_err(forward(reference, x, train), forward(model, x, train))
+        assert err <= RTOL, f"{'train' if train else 'eval'}: {err:.1e}"
+    second.undo()
+    first.undo()
+    for path, var in measured.items():
+        np.testing.assert_allclose(prepared.graph.bn_var[path], var, rtol=1e-12)
 
 
 def test_values_are_restricted_to_their_groups() -> None:
