@@ -37,14 +37,26 @@ class Solution:
     pair: IntArray  # per neuron: index of its cofactor pair
     inverse: IntArray  # per neuron: True where τ = 1/t of its pair
     flags: IntArray  # per pair: Flag bits
-    reason: list[str]  # per pair: why it is restricted ("" when free)
     touched: IntArray  # per pair: some weight depends on it
     group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U8"))  # per pair:
     # any / positive / sign / pinned (a numpy array of str)
+    records: list[tuple[IntArray, int, str]] = field(default_factory=list)  # the flags given
 
     @property
     def num_pairs(self) -> int:
-        return len(self.reason)
+        return len(self.flags)
+
+    @cached_property
+    def reason(self) -> list[str]:
+        """Per pair: why it is restricted ("" when free); worked out on first use (reports
+        need it, a teleport does not)."""
+        reasons = _reasons(self.pair, self.num_pairs, self.records)
+        code = group_codes(self.flags)
+        reasons[((code == 1) | (code == 2)) & (reasons == "")] = (
+            "sign: τ = 1/τ (its cofactor is its own inverse)"
+        )
+        out: list[str] = reasons.tolist()
+        return out
 
     @cached_property
     def pinned(self) -> IntArray:
@@ -165,17 +177,12 @@ def solve(c: Constraints, touched_ids: IntArray) -> Solution:
     key = np.minimum(r, rb)
     uniq, pair = np.unique(key, return_inverse=True)
     flags = flags_root[uniq]
-    reasons = _reasons(pair, len(uniq), [*c.flags, *s.extra_flags])
-    code = group_codes(flags)
-    group = np.array(GROUPS)[code]
-    reasons[((code == 1) | (code == 2)) & (reasons == "")] = (
-        "sign: τ = 1/τ (its cofactor is its own inverse)"
-    )
-    reason: list[str] = reasons.tolist()
+    group = np.array(GROUPS)[group_codes(flags)]
     touched = np.zeros(len(uniq), dtype=bool)
     touched[pair[touched_ids]] = True
+    records = [*c.flags, *s.extra_flags]
     return Solution(
-        n=n, pair=pair, inverse=r != key, flags=flags, reason=reason, touched=touched, group=group
+        n=n, pair=pair, inverse=r != key, flags=flags, touched=touched, group=group, records=records
     )
 
 
