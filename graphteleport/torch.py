@@ -202,15 +202,34 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
     done = _Rewrite(scales=_scales(graph, analysis, tau))
     if not exact:
         _batchnorm_eps(graph, analysis, tau, done)
-    with torch.no_grad():
-        for name, st in done.scales.items():
-            t = graph.tensors[name]
-            t.mul_(st)  # S is broadcastable (e.g. [O, C, 1, 1] for a conv): no full copy
-            if name in done.offsets:
-                t.add_(done.offsets[name])
+    _apply(graph.tensors, done.scales, done.offsets)
     for path, s in done.bn_input.items():
         graph.bn_var[path] = graph.bn_var[path] * s
     return done
+
+
+def _apply(
+    tensors: dict[str, torch.Tensor],
+    scales: dict[str, torch.Tensor],
+    offsets: dict[str, torch.Tensor],
+) -> None:
+    """``W ← W·S + O`` in place.  ``S`` is broadcastable (``[O, C, 1, 1]`` for a conv: no full
+    copy); the many small tensors whose ``S`` has their own shape (BatchNorm's, biases) are
+    done by one ``torch._foreach_mul_`` per dtype and device (the optimizers' batched ops)."""
+    batched: dict[tuple[torch.dtype, torch.device], tuple[list[Any], list[Any]]] = {}
+    with torch.no_grad():
+        for name, st in scales.items():
+            t = tensors[name]
+            if st.shape == t.shape and st.dtype == t.dtype and st.device == t.device:
+                ts, ss = batched.setdefault((t.dtype, t.device), ([], []))
+                ts.append(t)
+                ss.append(st)
+            else:
+                t.mul_(st)
+        for ts, ss in batched.values():
+            torch._foreach_mul_(ts, ss)
+        if offsets:
+            torch._foreach_add_([tensors[n] for n in offsets], list(offsets.values()))
 
 
 @dataclass

@@ -52,6 +52,11 @@ def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _fits(part: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """``part`` has ``shape``'s rank and broadcasts to it."""
+    return len(part) == len(shape) and all(p == 1 or p == s for p, s in zip(part, shape))
+
+
 def _fit_rank(ids: IntArray, rank: int) -> IntArray:
     """Drop leading size-1 axes beyond ``rank`` (a ``[C]`` bias stays ``[C]``)."""
     extra = ids.ndim - rank
@@ -231,12 +236,15 @@ class Context:
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
         fitted = [_fit_rank(np.asarray(f, dtype=np.int64), len(shape)) for f, _ in factors]
-        target = broadcast_shape(shape, *[f.shape for f in fitted])
-        if target != shape and (
-            not expand or index is not None or self.training or self._shared(ref)
-        ):
-            return False  # the rule then leaves the constant as it is, if it can
-        arrays = [align(f, len(target)) for f in fitted]
+        if all(_fits(f.shape, shape) for f in fitted):
+            target, arrays = shape, fitted  # the usual case: factors laid out in the weight's axes
+        else:
+            target = broadcast_shape(shape, *[f.shape for f in fitted])
+            if target != shape and (
+                not expand or index is not None or self.training or self._shared(ref)
+            ):
+                return False  # the rule then leaves the constant as it is, if it can
+            arrays = [align(f, len(target)) for f in fitted]
         if index is not None and not _consistent_repeats(index, arrays, target):
             return False
         self.c.absorbs.append(
@@ -245,7 +253,7 @@ class Context:
                 shape=target,
                 factors=[Factor(a, e) for a, (_, e) in zip(arrays, factors)],
                 node=node,
-                input_index=list(node.inputs).index(v),
+                input_index=node.inputs.index(v),
                 index=index,
                 expand=target != shape,
             )

@@ -53,7 +53,7 @@ def apply_rule(ctx: Context, node: ir.Node) -> None:
     mark = ctx.begin(node)
     rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     try:
-        if _has_subgraph(node):
+        if id(node) in ctx.info.with_subgraphs:
             raise Unsupported(f"{node.op_type} has subgraphs")
         if rule is None:
             raise Unsupported(f"unknown op {_op_name(node)}")
@@ -75,13 +75,6 @@ def _op_name(node: ir.Node) -> str:
 
 def _reason(node: ir.Node, message: str, unknown: bool) -> str:
     return message if unknown else f"{node.op_type}: {message}"
-
-
-def _has_subgraph(node: ir.Node) -> bool:
-    return any(
-        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for a in node.attributes.values()
-    )
 
 
 def _seed_untracked_outputs(ctx: Context, node: ir.Node) -> None:

@@ -213,6 +213,13 @@ _OWN_EVALUATORS = {
 }
 
 
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for a in node.attributes.values()
+    )
+
+
 def declared_shapes(
     model: ir.Model, input_shapes: Mapping[str, Sequence[int]]
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]] | None:
@@ -320,6 +327,7 @@ class GraphInfo:
         if declared is not None:  # the exporter typed every value (torch's dynamo does)
             self.shapes, self.dtypes = declared
             self._find_constants()
+        self.with_subgraphs = {id(n) for n in self.graph if _has_subgraph(n)}
         missing = declared is None or self._missing_shapes()
         if missing:
             self.shapes, self.dtypes = static_shapes(model, input_shapes)
@@ -428,10 +436,7 @@ class GraphInfo:
     def _node_is_constant(self, node: ir.Node) -> bool:
         if node.op_type in _NOT_CONSTANT_OPS or node.domain not in ("", "ai.onnx"):
             return False
-        if any(
-            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-            for a in node.attributes.values()
-        ):
+        if _has_subgraph(node):
             return False
         if node.op_type in ("Shape", "Size"):
             return self.shape(node.inputs[0]) is not None

@@ -407,7 +407,8 @@ def _conv_in(ctx: Context, x: ir.Value) -> IntArray:
     """Input channel cofactors of a conv: constant over batch and spatial axes."""
     ix = ctx.ids(x)
     tin = ctx.collapse(ix, [0, *range(2, ix.ndim)]).reshape(-1)
-    return np.broadcast_to(tin, (ctx.shape(x)[1],))
+    channels = ctx.shape(x)[1]
+    return tin if tin.shape == (channels,) else np.broadcast_to(tin, (channels,))
 
 
 def _conv(ctx: Context, node: ir.Node) -> None:

@@ -11,7 +11,8 @@ every value is named after the FX node that computes it.
 After export, the small constants the exporter builds from other constants (a
 bias-free conv's zero bias is ``Expand(CastLike(0, W), Shape(W)[:1])``) are
 evaluated once and stored on their values (:func:`fold_glue`), so each analysis of
-the trace reads them instead of evaluating the chain again.  Values computed from a
+the trace reads them instead of evaluating the chain again; a convolution's computed
+zero bias is dropped altogether (:func:`drop_zero_biases`).  Values computed from a
 parameter's or buffer's *elements* are never folded: those change with a teleport.
 The graph's shapes, types and constants are indexed once, too
 (:class:`~graphteleport.analysis.graphinfo.GraphInfo`); each analysis starts from a
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import torch
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
 from graphteleport.analysis.graphinfo import GraphInfo, default_opset, evaluate
@@ -123,6 +125,7 @@ def trace(model: nn.Module, example_inputs: Any) -> TorchGraph:
         raise InputError("torch.onnx.export returned no program")
     tensors = module_tensors(model)
     fold_glue(program.model, set(tensors))
+    drop_zero_biases(program.model)
     graph = TorchGraph(program.model, program, tensors, args, kwargs)
     graph.info = GraphInfo(graph.model, graph.input_shapes)  # reused for its structure only
     graph.bn_var = batchnorm_input_variance(model, args, kwargs)
@@ -200,6 +203,25 @@ def fold_glue(model: ir.Model, module_names: set[str]) -> int:
                 v.const_value = ir.tensor(arr, name=v.name)
                 folded += 1
     return folded
+
+
+def drop_zero_biases(model: ir.Model) -> int:
+    """Give bias-free convolutions no bias input (the exporter passes a computed zero one) and
+    remove the glue that built it; return how many.  The function is the same; the analysis
+    then has no constant to check per convolution."""
+    dropped = 0
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or bias.is_initializer() or bias.const_value is None:
+            continue
+        if not np.any(bias.const_value.numpy()):
+            node.replace_input_with(2, None)
+            dropped += 1
+    if dropped:
+        RemoveUnusedNodesPass()(model)
+    return dropped
 
 
 def _glue(node: ir.Node, module_names: set[str], opset: int) -> list[np.ndarray] | None:
