@@ -7,7 +7,9 @@ shaped the way a third-party library shapes them: HF's ResNet (basic and bottlen
 BERT/DistilBERT/ALBERT encoders, a T5 encoder, GPT-2 with its tied LM head, a LLaMA-style
 decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) and a wav2vec2 audio classifier.
 
-Every builder returns ``(model, inputs)``: the HF model in eval mode and a dict of example
+The registry ``HF_MODELS`` is a table: each entry names a ``transformers`` model class, its
+config class and values, its example inputs; ``HF_MODELS[name].build(seed)`` returns
+``(model, inputs)``: the HF model in eval mode and a dict of example
 inputs (keyword name -> tensor) in the order of the exported graph's inputs.  Sizes are
 test-sized (one to three layers, hidden sizes 16-64, 32-px images, 8 tokens).  Weights are
 seeded and made non-degenerate (DESIGN.md §9):
@@ -17,8 +19,9 @@ seeded and made non-degenerate (DESIGN.md §9):
   does not recognise get U[0.5, 1.5];
 * ``initializer_range=0.2`` instead of HF's 0.02 for transformers and ConvNeXt, whose outputs
   are otherwise nearly independent of the input;
-* BatchNorm running statistics are measured on a seeded random batch (made-up statistics on
-  top of HF's std-0.02 convolutions make MobileNetV2 and EfficientNet constant functions).
+* BatchNorm running statistics are measured on a seeded random batch, under a seeded RNG
+  (made-up statistics on top of HF's std-0.02 convolutions make MobileNetV2 and EfficientNet
+  constant functions).
 
 ``gpt2_init`` keeps HF's own initialisation instead (all-ones LayerNorm weights, zero biases),
 which the dynamo exporter merges into shared initializers.
@@ -79,7 +82,9 @@ def _seeded(
         _randomize_scales(model, seed)
         randomize_(model, seed)
     if calibrate is not None:
-        _calibrate_batchnorm(model, calibrate)
+        with torch.random.fork_rng(devices=[]):  # dropout in the train-mode pass: seeded too
+            torch.manual_seed(seed + 2000)
+            _calibrate_batchnorm(model, calibrate)
     return model.eval()
 
 
@@ -140,411 +145,215 @@ def _tokens(seed: int = 0, length: int = SEQ, mask: bool = False, types: bool = 
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# vision
-# --------------------------------------------------------------------------------------------
-
-
-def resnet_basic(seed: int = 0) -> Built:
-    """``ResNetForImageClassification``, basic blocks, widths 16-64, depths (1, 1, 1)."""
-    t = _transformers()
-    cfg = t.ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64],
-        depths=[1, 1, 1],
-        layer_type="basic",
-        num_labels=10,
-    )
-    return _seeded(
-        lambda: t.ResNetForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def resnet_bottleneck(seed: int = 0) -> Built:
-    """``ResNetForImageClassification``, bottleneck blocks (1x1-3x3-1x1, reduction 4)."""
-    t = _transformers()
-    cfg = t.ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[32, 64],
-        depths=[2, 1],
-        layer_type="bottleneck",
-        num_labels=10,
-    )
-    return _seeded(
-        lambda: t.ResNetForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def convnext(seed: int = 0) -> Built:
-    """``ConvNextForImageClassification``: depthwise 7x7, channels-last LayerNorm, GELU MLP,
-    layer scale; widths 16-64, depths (1, 1, 1)."""
-    t = _transformers()
-    cfg = t.ConvNextConfig(
-        num_stages=3,
-        hidden_sizes=[16, 32, 64],
-        depths=[1, 1, 1],
-        patch_size=4,
-        image_size=IMAGE,
-        num_labels=10,
-        initializer_range=INIT_RANGE,
-    )
-    return _seeded(
-        lambda: t.ConvNextForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def convnext_relu(seed: int = 0) -> Built:
-    """ConvNeXt with ``hidden_act="relu"``: the MLP's hidden neurons become teleportable."""
-    t = _transformers()
-    cfg = t.ConvNextConfig(
-        num_stages=3,
-        hidden_sizes=[16, 32, 64],
-        depths=[1, 1, 1],
-        patch_size=4,
-        image_size=IMAGE,
-        num_labels=10,
-        hidden_act="relu",
-        initializer_range=INIT_RANGE,
-    )
-    return _seeded(
-        lambda: t.ConvNextForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def mobilenet_v2(seed: int = 0) -> Built:
-    """``MobileNetV2ForImageClassification`` at depth multiplier 0.35 (ReLU6, TF padding)."""
-    t = _transformers()
-    cfg = t.MobileNetV2Config(
-        image_size=IMAGE, depth_multiplier=0.35, num_labels=10, classifier_dropout_prob=0.0
-    )
-    return _seeded(
-        lambda: t.MobileNetV2ForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def regnet_x(seed: int = 0) -> Built:
-    """``RegNetForImageClassification``, X blocks (grouped 3x3 conv, no squeeze-excite)."""
-    t = _transformers()
-    cfg = t.RegNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64],
-        depths=[1, 1, 1],
-        groups_width=8,
-        layer_type="x",
-        num_labels=10,
-    )
-    return _seeded(
-        lambda: t.RegNetForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def regnet_y(seed: int = 0) -> Built:
-    """``RegNetForImageClassification``, Y blocks (X plus a sigmoid squeeze-excite)."""
-    t = _transformers()
-    cfg = t.RegNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32],
-        depths=[1, 1],
-        groups_width=8,
-        layer_type="y",
-        num_labels=10,
-    )
-    return _seeded(
-        lambda: t.RegNetForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def efficientnet(seed: int = 0) -> Built:
-    """``EfficientNetForImageClassification``: three MBConv stages, swish, squeeze-excite.
-    ``hidden_dim`` must equal the top conv's width ``round_filters(1280)`` (HF sizes the top
-    BatchNorm by one and the conv by the other)."""
-    t = _transformers()
-    cfg = t.EfficientNetConfig(
-        image_size=IMAGE,
-        width_coefficient=0.25,
-        depth_coefficient=0.5,
-        kernel_sizes=[3, 3, 5],
-        in_channels=[32, 16, 24],
-        out_channels=[16, 24, 40],
-        strides=[1, 2, 2],
-        num_block_repeats=[1, 2, 1],
-        expand_ratios=[1, 6, 6],
-        hidden_dim=320,
-        num_labels=10,
-        dropout_rate=0.0,
-        drop_connect_rate=0.0,
-    )
-    return _seeded(
-        lambda: t.EfficientNetForImageClassification(cfg), seed, True, _calibration(seed)
-    ), _image(seed)
-
-
-def convnext_v2(seed: int = 0) -> Built:
-    """``ConvNextV2ForImageClassification``: ConvNeXt with global response normalisation
-    (a per-channel L2 norm over space) in place of layer scale."""
-    t = _transformers()
-    cfg = t.ConvNextV2Config(
-        num_stages=2,
-        hidden_sizes=[16, 32],
-        depths=[1, 1],
-        patch_size=4,
-        image_size=IMAGE,
-        num_labels=10,
-        initializer_range=INIT_RANGE,
-    )
-    return _seeded(lambda: t.ConvNextV2ForImageClassification(cfg), seed, True), _image(seed)
-
-
-def mobilevit(seed: int = 0) -> Built:
-    """``MobileViTForImageClassification``: MobileNetV2 blocks (SiLU) around transformer blocks
-    that unfold the feature map into patches and fold it back."""
-    t = _transformers()
-    cfg = t.MobileViTConfig(
-        image_size=IMAGE,
-        patch_size=2,
-        hidden_sizes=[16, 24, 32],
-        neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
-        num_attention_heads=2,
-        num_labels=10,
-        classifier_dropout_prob=0.0,
-    )
-    return (
-        _seeded(lambda: t.MobileViTForImageClassification(cfg), seed, True, _calibration(seed)),
-        _image(seed),
-    )
-
-
-def wav2vec2(seed: int = 0) -> Built:
-    """``Wav2Vec2ForSequenceClassification`` on 400 audio samples: a strided Conv1d feature
-    encoder with GroupNorm, a grouped positional convolution, 2 transformer layers."""
-    t = _transformers()
-    cfg = t.Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16, 16),
-        conv_stride=(5, 2),
-        conv_kernel=(10, 3),
-        num_conv_pos_embeddings=8,
-        num_conv_pos_embedding_groups=4,
-        num_labels=3,
-        initializer_range=INIT_RANGE,
-        feat_extract_norm="group",
-        classifier_proj_size=16,
-    )
+def _audio(seed: int = 0, samples: int = 400) -> Inputs:
     gen = torch.Generator().manual_seed(seed)
-    audio = {"input_values": torch.randn(1, 400, generator=gen)}
-    return _seeded(lambda: t.Wav2Vec2ForSequenceClassification(cfg), seed, True), audio
-
-
-def vit(seed: int = 0) -> Built:
-    """``ViTForImageClassification``: 8-px patches of a 32-px image, 2 layers, width 32."""
-    t = _transformers()
-    cfg = t.ViTConfig(
-        image_size=IMAGE,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=10,
-        initializer_range=INIT_RANGE,
-    )
-    return _seeded(lambda: t.ViTForImageClassification(cfg), seed, True), _image(seed)
-
-
-def swin(seed: int = 0) -> Built:
-    """``SwinForImageClassification``: 2-px patches, window 4, two stages (shifted windows,
-    patch merging)."""
-    t = _transformers()
-    cfg = t.SwinConfig(
-        image_size=16,
-        patch_size=2,
-        embed_dim=16,
-        depths=[2, 1],
-        num_heads=[2, 4],
-        window_size=4,
-        num_labels=10,
-        drop_path_rate=0.0,
-        initializer_range=INIT_RANGE,
-    )
-    return _seeded(lambda: t.SwinForImageClassification(cfg), seed, True), _image(seed, 16)
+    return {"input_values": torch.randn(1, samples, generator=gen)}
 
 
 # --------------------------------------------------------------------------------------------
-# text
-# --------------------------------------------------------------------------------------------
-
-
-def _bert_config(**kw: Any) -> Any:
-    t = _transformers()
-    return t.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        initializer_range=INIT_RANGE,
-        **kw,
-    )
-
-
-def bert(seed: int = 0) -> Built:
-    """``BertModel`` (encoder + tanh pooler) on ``input_ids``, ``attention_mask``,
-    ``token_type_ids``; exported outputs: last hidden state and pooled output."""
-    t = _transformers()
-    cfg = _bert_config()
-    return (_seeded(lambda: t.BertModel(cfg), seed, True), _tokens(seed, mask=True, types=True))
-
-
-def bert_classifier(seed: int = 0) -> Built:
-    """``BertForSequenceClassification`` (3 labels) on ``input_ids`` only."""
-    t = _transformers()
-    cfg = _bert_config(num_labels=3)
-    return _seeded(lambda: t.BertForSequenceClassification(cfg), seed, True), _tokens(seed)
-
-
-def distilbert(seed: int = 0) -> Built:
-    """``DistilBertForSequenceClassification`` on ``input_ids`` and ``attention_mask``."""
-    t = _transformers()
-    cfg = t.DistilBertConfig(
-        vocab_size=VOCAB,
-        dim=32,
-        n_layers=2,
-        n_heads=2,
-        hidden_dim=64,
-        max_position_embeddings=32,
-        num_labels=3,
-        initializer_range=INIT_RANGE,
-        seq_classif_dropout=0.0,
-    )
-    return (
-        _seeded(lambda: t.DistilBertForSequenceClassification(cfg), seed, True),
-        _tokens(seed, mask=True),
-    )
-
-
-def _gpt2(seed: int, randomize: bool) -> Built:
-    t = _transformers()
-    cfg = t.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        initializer_range=INIT_RANGE,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return _seeded(lambda: t.GPT2LMHeadModel(cfg), seed, randomize), _tokens(seed)
-
-
-def gpt2(seed: int = 0) -> Built:
-    """``GPT2LMHeadModel``: Conv1D projections, gelu_new, the LM head tied to ``wte``."""
-    return _gpt2(seed, True)
-
-
-def gpt2_init(seed: int = 0) -> Built:
-    """GPT-2 with HF's own initialisation: every LayerNorm weight is ones and every bias zero,
-    so the exporter merges them into shared initializers (DESIGN.md §9)."""
-    return _gpt2(seed, False)
-
-
-def llama(seed: int = 0) -> Built:
-    """``LlamaForCausalLM``: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention (4 query
-    heads, 2 key/value heads), untied LM head."""
-    t = _transformers()
-    cfg = t.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        initializer_range=INIT_RANGE,
-        tie_word_embeddings=False,
-    )
-    return _seeded(lambda: t.LlamaForCausalLM(cfg), seed, True), _tokens(seed)
-
-
-def albert(seed: int = 0) -> Built:
-    """``AlbertForSequenceClassification``: one transformer layer's weights shared by all three
-    layers (real weight ties, DESIGN.md §3), factorised 16-wide embedding."""
-    t = _transformers()
-    cfg = t.AlbertConfig(
-        vocab_size=VOCAB,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        initializer_range=INIT_RANGE,
-        num_labels=3,
-        classifier_dropout_prob=0.0,
-    )
-    return _seeded(lambda: t.AlbertForSequenceClassification(cfg), seed, True), _tokens(seed)
-
-
-def t5_encoder(seed: int = 0) -> Built:
-    """``T5EncoderModel``: bias-free projections, T5's RMS LayerNorm, relative position bias
-    (a bucketed embedding added to the attention scores), ReLU feed-forward."""
-    t = _transformers()
-    cfg = t.T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-    )
-    return _seeded(lambda: t.T5EncoderModel(cfg), seed, True), _tokens(seed)
-
-
-# --------------------------------------------------------------------------------------------
-# registry and export
+# the registry: a transformers model class, its config, and how it is seeded and fed
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A registry entry: the builder, which outputs to export (indices into the model's
-    ``return_dict=False`` tuple) and the kind of model (vision, transformer, text, audio)."""
+    """A registry entry: ``transformers.<model>(<config>(**values))``, built under a seeded RNG
+    (constants re-randomised unless ``randomize`` is off; BatchNorm statistics measured on a
+    calibration batch if ``calibrate``), fed ``inputs(seed)``; which outputs to export (indices
+    into the model's ``return_dict=False`` tuple) and the kind of model."""
 
-    build: Callable[..., Built]
+    model: str
+    config: str
+    values: Mapping[str, Any]
+    doc: str
+    inputs: Callable[[int], Inputs] = _image
+    calibrate: bool = False
+    randomize: bool = True
     outputs: tuple[int, ...] = (0,)
     kind: str = "vision"
 
+    def build(self, seed: int = 0) -> Built:
+        t = _transformers()
+        cfg = getattr(t, self.config)(**self.values)
+        calibration = _calibration(seed) if self.calibrate else None
+        model = _seeded(lambda: getattr(t, self.model)(cfg), seed, self.randomize, calibration)
+        return model, self.inputs(seed)
+
+
+def _cnn(model: str, config: str, doc: str, **values: Any) -> Entry:
+    """An image CNN with BatchNorm: statistics from a calibration batch."""
+    return Entry(model, config, {"num_labels": 10, **values}, doc, calibrate=True)
+
+
+def _text(model: str, config: str, doc: str, values: Mapping[str, Any], **kw: Any) -> Entry:
+    return Entry(model, config, values, doc, **{"inputs": _tokens, "kind": "text", **kw})
+
+
+_RESNET = {"embedding_size": 16, "hidden_sizes": [16, 32, 64], "depths": [1, 1, 1]}
+_CONVNEXT = {"hidden_sizes": [16, 32, 64], "depths": [1, 1, 1], "num_stages": 3, "patch_size": 4,
+             "image_size": IMAGE}  # fmt: skip
+_BERT = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+    "initializer_range": INIT_RANGE,
+}
+_GPT2 = {
+    "vocab_size": VOCAB,
+    "n_positions": 32,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 2,
+    "initializer_range": INIT_RANGE,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+_GPT2_DOC = "``GPT2LMHeadModel``: Conv1D projections, gelu_new, the LM head tied to ``wte``."
 
 HF_MODELS: dict[str, Entry] = {
-    "resnet_basic": Entry(resnet_basic),
-    "resnet_bottleneck": Entry(resnet_bottleneck),
-    "convnext": Entry(convnext),
-    "convnext_relu": Entry(convnext_relu),
-    "mobilenet_v2": Entry(mobilenet_v2),
-    "regnet_x": Entry(regnet_x),
-    "regnet_y": Entry(regnet_y),
-    "efficientnet": Entry(efficientnet),
-    "convnext_v2": Entry(convnext_v2),
-    "mobilevit": Entry(mobilevit),
-    "vit": Entry(vit, kind="transformer"),
-    "swin": Entry(swin, kind="transformer"),
-    "bert": Entry(bert, outputs=(0, 1), kind="text"),
-    "bert_classifier": Entry(bert_classifier, kind="text"),
-    "distilbert": Entry(distilbert, kind="text"),
-    "gpt2": Entry(gpt2, kind="text"),
-    "gpt2_init": Entry(gpt2_init, kind="text"),
-    "llama": Entry(llama, kind="text"),
-    "albert": Entry(albert, kind="text"),
-    "t5_encoder": Entry(t5_encoder, kind="text"),
-    "wav2vec2": Entry(wav2vec2, kind="audio"),
-}
+    "resnet_basic": _cnn(
+        "ResNetForImageClassification", "ResNetConfig",
+        "``ResNetForImageClassification``, basic blocks, widths 16-64, depths (1, 1, 1).",
+        **_RESNET, layer_type="basic",
+    ),
+    "resnet_bottleneck": _cnn(
+        "ResNetForImageClassification", "ResNetConfig",
+        "``ResNetForImageClassification``, bottleneck blocks (1x1-3x3-1x1, reduction 4).",
+        embedding_size=16, hidden_sizes=[32, 64], depths=[2, 1], layer_type="bottleneck",
+    ),
+    "convnext": _cnn(
+        "ConvNextForImageClassification", "ConvNextConfig",
+        "``ConvNextForImageClassification``: depthwise 7x7, channels-last LayerNorm, GELU MLP, "
+        "layer scale; widths 16-64, depths (1, 1, 1).",
+        **_CONVNEXT, initializer_range=INIT_RANGE,
+    ),
+    "convnext_relu": _cnn(
+        "ConvNextForImageClassification", "ConvNextConfig",
+        "ConvNeXt with ``hidden_act=\"relu\"``: the MLP's hidden neurons become teleportable.",
+        **_CONVNEXT, hidden_act="relu", initializer_range=INIT_RANGE,
+    ),
+    "mobilenet_v2": _cnn(
+        "MobileNetV2ForImageClassification", "MobileNetV2Config",
+        "``MobileNetV2ForImageClassification`` at depth multiplier 0.35 (ReLU6, TF padding).",
+        image_size=IMAGE, depth_multiplier=0.35, classifier_dropout_prob=0.0,
+    ),
+    "regnet_x": _cnn(
+        "RegNetForImageClassification", "RegNetConfig",
+        "``RegNetForImageClassification``, X blocks (grouped 3x3 conv, no squeeze-excite).",
+        **_RESNET, groups_width=8, layer_type="x",
+    ),
+    "regnet_y": _cnn(
+        "RegNetForImageClassification", "RegNetConfig",
+        "``RegNetForImageClassification``, Y blocks (X plus a sigmoid squeeze-excite).",
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, layer_type="y",
+    ),
+    "efficientnet": _cnn(
+        "EfficientNetForImageClassification", "EfficientNetConfig",
+        "``EfficientNetForImageClassification``: three MBConv stages, swish, squeeze-excite. "
+        "``hidden_dim`` must equal the top conv's width ``round_filters(1280)`` (HF sizes the "
+        "top BatchNorm by one and the conv by the other).",
+        image_size=IMAGE, width_coefficient=0.25, depth_coefficient=0.5, kernel_sizes=[3, 3, 5],
+        in_channels=[32, 16, 24], out_channels=[16, 24, 40], strides=[1, 2, 2],
+        num_block_repeats=[1, 2, 1], expand_ratios=[1, 6, 6], hidden_dim=320, dropout_rate=0.0,
+        drop_connect_rate=0.0,
+    ),
+    "convnext_v2": Entry(
+        "ConvNextV2ForImageClassification", "ConvNextV2Config",
+        {"num_stages": 2, "hidden_sizes": [16, 32], "depths": [1, 1], "patch_size": 4,
+         "image_size": IMAGE, "num_labels": 10, "initializer_range": INIT_RANGE},
+        "``ConvNextV2ForImageClassification``: ConvNeXt with global response normalisation "
+        "(a per-channel L2 norm over space) in place of layer scale.",
+    ),
+    "mobilevit": _cnn(
+        "MobileViTForImageClassification", "MobileViTConfig",
+        "``MobileViTForImageClassification``: MobileNetV2 blocks (SiLU) around transformer "
+        "blocks that unfold the feature map into patches and fold it back.",
+        image_size=IMAGE, patch_size=2, hidden_sizes=[16, 24, 32],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_attention_heads=2,
+        classifier_dropout_prob=0.0,
+    ),
+    "vit": Entry(
+        "ViTForImageClassification", "ViTConfig",
+        {"image_size": IMAGE, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "intermediate_size": 64, "num_labels": 10,
+         "initializer_range": INIT_RANGE},
+        "``ViTForImageClassification``: 8-px patches of a 32-px image, 2 layers, width 32.",
+        kind="transformer",
+    ),
+    "swin": Entry(
+        "SwinForImageClassification", "SwinConfig",
+        {"image_size": 16, "patch_size": 2, "embed_dim": 16, "depths": [2, 1],
+         "num_heads": [2, 4], "window_size": 4, "num_labels": 10, "drop_path_rate": 0.0,
+         "initializer_range": INIT_RANGE},
+        "``SwinForImageClassification``: 2-px patches, window 4, two stages (shifted windows, "
+        "patch merging).",
+        inputs=lambda seed: _image(seed, 16), kind="transformer",
+    ),
+    "bert": _text(
+        "BertModel", "BertConfig",
+        "``BertModel`` (encoder + tanh pooler) on ``input_ids``, ``attention_mask``, "
+        "``token_type_ids``; exported outputs: last hidden state and pooled output.",
+        _BERT, inputs=lambda seed: _tokens(seed, mask=True, types=True), outputs=(0, 1),
+    ),
+    "bert_classifier": _text(
+        "BertForSequenceClassification", "BertConfig",
+        "``BertForSequenceClassification`` (3 labels) on ``input_ids`` only.",
+        {**_BERT, "num_labels": 3},
+    ),
+    "distilbert": _text(
+        "DistilBertForSequenceClassification", "DistilBertConfig",
+        "``DistilBertForSequenceClassification`` on ``input_ids`` and ``attention_mask``.",
+        {"vocab_size": VOCAB, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64,
+         "max_position_embeddings": 32, "num_labels": 3, "initializer_range": INIT_RANGE,
+         "seq_classif_dropout": 0.0},
+        inputs=lambda seed: _tokens(seed, mask=True),
+    ),
+    "gpt2": _text("GPT2LMHeadModel", "GPT2Config", _GPT2_DOC, _GPT2),
+    "gpt2_init": _text(
+        "GPT2LMHeadModel", "GPT2Config",
+        "GPT-2 with HF's own initialisation: every LayerNorm weight is ones and every bias "
+        "zero, so the exporter merges them into shared initializers (DESIGN.md §9).",
+        _GPT2, randomize=False,
+    ),
+    "llama": _text(
+        "LlamaForCausalLM", "LlamaConfig",
+        "``LlamaForCausalLM``: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention (4 query "
+        "heads, 2 key/value heads), untied LM head.",
+        {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "max_position_embeddings": 32, "initializer_range": INIT_RANGE,
+         "tie_word_embeddings": False},
+    ),
+    "albert": _text(
+        "AlbertForSequenceClassification", "AlbertConfig",
+        "``AlbertForSequenceClassification``: one transformer layer's weights shared by all "
+        "three layers (real weight ties, DESIGN.md §3), factorised 16-wide embedding.",
+        {**_BERT, "embedding_size": 16, "num_hidden_layers": 3, "num_labels": 3,
+         "classifier_dropout_prob": 0.0},
+    ),
+    "t5_encoder": _text(
+        "T5EncoderModel", "T5Config",
+        "``T5EncoderModel``: bias-free projections, T5's RMS LayerNorm, relative position bias "
+        "(a bucketed embedding added to the attention scores), ReLU feed-forward.",
+        {"vocab_size": VOCAB, "d_model": 32, "d_kv": 16, "d_ff": 64, "num_layers": 2,
+         "num_heads": 2, "relative_attention_num_buckets": 8, "dropout_rate": 0.0},
+    ),
+    "wav2vec2": Entry(
+        "Wav2Vec2ForSequenceClassification", "Wav2Vec2Config",
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "conv_dim": (16, 16), "conv_stride": (5, 2),
+         "conv_kernel": (10, 3), "num_conv_pos_embeddings": 8,
+         "num_conv_pos_embedding_groups": 4, "num_labels": 3, "initializer_range": INIT_RANGE,
+         "feat_extract_norm": "group", "classifier_proj_size": 16},
+        "``Wav2Vec2ForSequenceClassification`` on 400 audio samples: a strided Conv1d feature "
+        "encoder with GroupNorm, a grouped positional convolution, 2 transformer layers.",
+        inputs=_audio, kind="audio",
+    ),
+}  # fmt: skip
 """Test-sized Hugging Face configurations by name."""
 
 
