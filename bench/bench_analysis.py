@@ -41,8 +41,14 @@ def export_bert(layers: int) -> Path:
     mask = torch.ones(1, SEQ, dtype=torch.long)
     print(f"exporting a {layers}-layer BERT-base to {path} (once)", flush=True)
     with quiet():
-        torch.onnx.export(model, (ids, mask), str(path), dynamo=True, external_data=True,
-                          input_names=["input_ids", "attention_mask"])
+        torch.onnx.export(
+            model,
+            (ids, mask),
+            str(path),
+            dynamo=True,
+            external_data=True,
+            input_names=["input_ids", "attention_mask"],
+        )
     return path
 
 
@@ -73,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(times)
         results[layers] = med
         nodes = "?"
-        print(f"{layers:2d} layers: analysis median {med:.3f}s (min {min(times):.3f}, "
-              f"max {max(times):.3f}) over {len(times)} runs; {free} free cofactors{nodes and ''}")
+        print(
+            f"{layers:2d} layers: analysis median {med:.3f}s (min {min(times):.3f}, "
+            f"max {max(times):.3f}) over {len(times)} runs; {free} free cofactors{nodes and ''}"
+        )
     lo, hi = args.layers // 2, args.layers
-    print(f"growth {hi}/{lo} layers: {results[hi] / results[lo]:.2f}x (linear would be "
-          f"{hi / lo:.2f}x)")
+    print(
+        f"growth {hi}/{lo} layers: {results[hi] / results[lo]:.2f}x (linear would be "
+        f"{hi / lo:.2f}x)"
+    )
     if args.max_seconds is not None and results[hi] > args.max_seconds:
         print(f"FAILED: {results[hi]:.3f}s > {args.max_seconds}s")
         return 3
