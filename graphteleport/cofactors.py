@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from graphteleport.analysis.solve import GROUPS
 from graphteleport.errors import InputError
 
 SAMPLINGS = ("intra_landscape", "inter_landscape", "positive", "negative", "centered")
@@ -69,11 +70,18 @@ def to_power_of_two(t: np.ndarray) -> np.ndarray:
 
 
 def restrict(t: np.ndarray, groups: Sequence[str] | np.ndarray) -> np.ndarray:
-    """Restrict each draw to its pair's group (positive → |τ|, sign → ±1, pinned → 1)."""
+    """Restrict each draw to its pair's group (positive → |τ|, sign → ±1, pinned → 1).
+
+    ``groups``: names, or integer codes indexing :data:`~graphteleport.analysis.solve.GROUPS`.
+    """
     g = np.asarray(groups)
-    out = np.where(g == "positive", np.abs(t), t)
-    out = np.where(g == "sign", np.sign(t), out)
-    return np.where(g == "pinned", 1.0, out)
+    keys = [GROUPS.index(k) for k in ("positive", "sign", "pinned")] if g.dtype.kind in "iu" else (
+        "positive", "sign", "pinned"
+    )  # fmt: skip
+    positive, sign, pinned = (g == k for k in keys)
+    out = np.where(positive, np.abs(t), t)
+    out = np.where(sign, np.sign(t), out)
+    return np.where(pinned, 1.0, out)
 
 
 def sample(

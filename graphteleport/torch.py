@@ -150,10 +150,10 @@ class Teleporter:
         sol = self.analysis.solution
         if values is None:
             values = cofactors.sample(
-                sol.group, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
+                sol.code, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
             )
         else:
-            values = _given_values(values, sol.num_pairs, sol.group, sol.free)
+            values = _given_values(values, sol.num_pairs, sol.code, sol.free)
         tau = sol.cofactors(values)
         model, graph, analysis = self.model, self.graph, self.analysis
         result = TorchTeleport(model, analysis, np.asarray(values), tau, self.mode)

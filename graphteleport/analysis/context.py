@@ -54,7 +54,12 @@ def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
 
 def _fits(part: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     """``part`` has ``shape``'s rank and broadcasts to it."""
-    return len(part) == len(shape) and all(p == 1 or p == s for p, s in zip(part, shape))
+    if len(part) != len(shape):
+        return False
+    for p, s in zip(part, shape):  # noqa: SIM110 - a loop: cheaper than all() on a generator
+        if p != 1 and p != s:
+            return False
+    return True
 
 
 def _fit_rank(ids: IntArray, rank: int) -> IntArray:

@@ -237,8 +237,9 @@ def analyze_model(
     ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
     private = tie_shared_weights(ctx)
+    scaled = [ids.reshape(-1) for ids in _scaled_ids(ctx)]
     touched = np.zeros(ctx.c.n, dtype=bool)
-    for ids in _scaled_ids(ctx):
-        touched[ids] = True
+    if scaled:
+        touched[np.concatenate(scaled)] = True
     solution = solve(ctx.c, np.flatnonzero(touched))
     return Analysis(ctx, solution, private)

@@ -323,6 +323,7 @@ class GraphInfo:
         self._values: dict[int, np.ndarray] = {}
         self._sources: dict[int, tuple[ConstRef, np.ndarray | None] | None] = {}
         self.constant: set[int] = set()
+        self._float: dict[int, bool] = {}  # is_float per value: types do not change
         declared = declared_shapes(model, input_shapes or {})
         if declared is not None:  # the exporter typed every value (torch's dynamo does)
             self.shapes, self.dtypes = declared
@@ -342,6 +343,7 @@ class GraphInfo:
             missing = self._missing_shapes()
         if missing:
             self._shapes_from_a_run(input_shapes or {})
+        self._float.clear()  # the types are final now
 
     def fresh(self, writable: Callable[[str], bool] | None = None) -> GraphInfo:
         """The same structural facts (shapes, types, which values are constant) with empty
@@ -422,8 +424,11 @@ class GraphInfo:
 
     def is_float(self, v: ir.Value) -> bool:
         """Float, or of unknown type (treated as carrying neurons, to stay sound)."""
-        dtype = self.dtype(v)
-        return dtype is None or dtype in FLOAT_TYPES
+        known = self._float.get(id(v))
+        if known is None:
+            dtype = self.dtype(v)
+            known = self._float[id(v)] = dtype is None or dtype in FLOAT_TYPES
+        return known
 
     # -- constants ----------------------------------------------------------------------
     def _find_constants(self) -> None:

@@ -27,6 +27,7 @@ from graphteleport.analysis.unionfind import compress, union_pairs
 IntArray = np.ndarray
 MAX_ROUNDS = 12
 GROUPS = ("any", "positive", "sign", "pinned")
+PINNED = GROUPS.index("pinned")
 
 
 @dataclass
@@ -38,9 +39,13 @@ class Solution:
     inverse: IntArray  # per neuron: True where τ = 1/t of its pair
     flags: IntArray  # per pair: Flag bits
     touched: IntArray  # per pair: some weight depends on it
-    group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U8"))  # per pair:
-    # any / positive / sign / pinned (a numpy array of str)
+    code: IntArray  # per pair: index into GROUPS
     records: list[tuple[IntArray, int, str]] = field(default_factory=list)  # the flags given
+
+    @cached_property
+    def group(self) -> np.ndarray:
+        """Per pair: any / positive / sign / pinned (a numpy array of str)."""
+        return np.array(GROUPS)[self.code]
 
     @property
     def num_pairs(self) -> int:
@@ -60,7 +65,7 @@ class Solution:
 
     @cached_property
     def pinned(self) -> IntArray:
-        return np.asarray(self.group == "pinned", dtype=bool)
+        return np.asarray(self.code == PINNED, dtype=bool)
 
     @cached_property
     def free(self) -> IntArray:
@@ -175,15 +180,24 @@ def solve(c: Constraints, touched_ids: IntArray) -> Solution:
     n = c.n
     r, rb = roots[:n], roots[n:]
     key = np.minimum(r, rb)
-    uniq, pair = np.unique(key, return_inverse=True)
+    uniq, pair = _dense_unique(key, 2 * n)
     flags = flags_root[uniq]
-    group = np.array(GROUPS)[group_codes(flags)]
+    code = group_codes(flags)
     touched = np.zeros(len(uniq), dtype=bool)
     touched[pair[touched_ids]] = True
     records = [*c.flags, *s.extra_flags]
     return Solution(
-        n=n, pair=pair, inverse=r != key, flags=flags, touched=touched, group=group, records=records
+        n=n, pair=pair, inverse=r != key, flags=flags, touched=touched, code=code, records=records
     )
+
+
+def _dense_unique(key: IntArray, bound: int) -> tuple[IntArray, IntArray]:
+    """``np.unique(key, return_inverse=True)`` for keys in ``[0, bound)``, without a sort."""
+    present = np.zeros(bound, dtype=bool)
+    present[key] = True
+    uniq = np.flatnonzero(present)
+    rank = np.cumsum(present) - 1
+    return uniq, rank[key]
 
 
 def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]]) -> IntArray:

@@ -95,7 +95,7 @@ class TeleportPass(ir.passes.InPlacePass):
         t1 = time.perf_counter()
         sol = analysis.solution
         values = cofactors.sample(
-            sol.group,
+            sol.code,
             sol.free,
             self.sampling,
             self.cob_range,
