@@ -127,7 +127,9 @@ class Constraints:
     def new(self, shape: tuple[int, ...], name: str, op: str) -> IntArray:
         """Allocate ``prod(shape)`` fresh neurons laid out in ``shape``."""
         size = math.prod(shape)
-        ids = np.arange(self.n, self.n + size, dtype=np.int64).reshape(shape)
+        ids = np.arange(self.n, self.n + size, dtype=np.int64)
+        if len(shape) != 1:
+            ids = ids.reshape(shape)
         self.blocks.append(Block(self.n, size, name, op))
         self.n += size
         return ids

@@ -52,6 +52,10 @@ def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _int_ids(ids: IntArray) -> IntArray:
+    return ids if type(ids) is np.ndarray and ids.dtype == np.int64 else np.asarray(ids, np.int64)
+
+
 def _fits(part: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     """``part`` has ``shape``'s rank and broadcasts to it."""
     if len(part) != len(shape):
@@ -240,8 +244,14 @@ class Context:
             return self._is_zero(v)
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
-        fitted = [_fit_rank(np.asarray(f, dtype=np.int64), len(shape)) for f, _ in factors]
-        if all(_fits(f.shape, shape) for f in fitted):
+        fitted, fits = [], True
+        for f, _ in factors:
+            a = _int_ids(f)
+            if a.ndim != len(shape):
+                a = _fit_rank(a, len(shape))
+            fits = fits and _fits(a.shape, shape)
+            fitted.append(a)
+        if fits:
             target, arrays = shape, fitted  # the usual case: factors laid out in the weight's axes
         else:
             target = broadcast_shape(shape, *[f.shape for f in fitted])

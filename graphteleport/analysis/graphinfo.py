@@ -321,7 +321,8 @@ class GraphInfo:
         self.graph = model.graph
         self.opset = default_opset(model)
         self._values: dict[int, np.ndarray] = {}
-        self._sources: dict[int, tuple[ConstRef, np.ndarray | None] | None] = {}
+        # per value: its stored tensor, element map and the name ``writable`` is asked about
+        self._sources: dict[int, tuple[ConstRef, np.ndarray | None, str] | None] = {}
         self.constant: set[int] = set()
         self._float: dict[int, bool] = {}  # is_float per value: types do not change
         declared = declared_shapes(model, input_shapes or {})
@@ -346,13 +347,13 @@ class GraphInfo:
         self._float.clear()  # the types are final now
 
     def fresh(self, writable: Callable[[str], bool] | None = None) -> GraphInfo:
-        """The same structural facts (shapes, types, which values are constant) with empty
-        value caches and the given ``writable``: to analyse the graph again after its
-        stored tensors changed (the torch frontend indexes a trace once)."""
+        """The same structural facts (shapes, types, which values are constant, which stored
+        tensor each constant comes from) with an empty value cache and the given
+        ``writable``: to analyse the graph again after its stored tensors changed (the torch
+        frontend indexes a trace once)."""
         other = copy.copy(self)
         other.writable = writable
         other._values = {}
-        other._sources = {}
         return other
 
     def _missing_shapes(self) -> bool:
@@ -497,24 +498,27 @@ class GraphInfo:
 
     # -- provenance ---------------------------------------------------------------------
     def source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
-        """The stored tensor a constant is made of, and the element map (None: itself)."""
+        """The stored tensor a constant is made of, and the element map (None: itself);
+        None too when ``writable`` says that tensor may not be rewritten."""
         key = id(v)
-        if key not in self._sources:
+        if key not in self._sources:  # structural: shared by fresh() copies
             self._sources[key] = self._trace_source(v)
-        return self._sources[key]
+        found = self._sources[key]
+        if found is None:
+            return None
+        ref, index, stored_as = found
+        if self.writable is not None and not self.writable(stored_as):
+            return None  # not a tensor the caller can rewrite (torch frontend)
+        return ref, index
 
-    def _trace_source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
+    def _trace_source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None, str] | None:
         if v.is_initializer() and v.const_value is not None:
-            if self.writable is not None and not self.writable(v.name or ""):
-                return None
-            return ConstRef(v.name or "", v), None
+            return ConstRef(v.name or "", v), None, v.name or ""
         node = v.producer()
         if node is None:
             return None
         if node.op_type == "Constant" and node.attributes.get("value") is not None:
-            if self.writable is not None and not self.writable(v.name or ""):
-                return None  # not a tensor the caller can rewrite (torch frontend)
-            return ConstRef(v.name or node.name or "", node, is_node=True), None
+            return ConstRef(v.name or node.name or "", node, is_node=True), None, v.name or ""
         if node.op_type not in INDEX_OPS:
             return None
         data = node.inputs[0]
@@ -528,14 +532,16 @@ class GraphInfo:
 
     def _derive_source(
         self, node: ir.Node, v: ir.Value, data: ir.Value
-    ) -> tuple[ConstRef, np.ndarray | None] | None:
-        src = self.source(data)
+    ) -> tuple[ConstRef, np.ndarray | None, str] | None:
+        if id(data) not in self._sources:
+            self._sources[id(data)] = self._trace_source(data)
+        src = self._sources[id(data)]
         if src is None or node.op_type == "Concat":
             return None
-        ref, index = src
+        ref, index, stored_as = src
         if index is None:
             index = np.arange(self.value(data).size, dtype=np.int64).reshape(self.value(data).shape)
         rest: list[Any] = [None if x is None else self.value(x) for x in node.inputs[1:]]
         outs = evaluate(node, [index, *rest], self.opset)
         mapped = np.asarray(outs[list(node.outputs).index(v)])
-        return ref, mapped
+        return ref, mapped, stored_as

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport.analysis.constraints import Flag, Unsupported
-from graphteleport.analysis.context import Context, align, compress
+from graphteleport.analysis.context import Context, align, broadcast_shape, compress
 from graphteleport.analysis.graphinfo import evaluate
 
 Rule = Callable[[Context, ir.Node], None]
@@ -144,8 +144,8 @@ def _same_cofactor(ctx: Context, node: ir.Node, inputs: list[ir.Value], flag: in
     acts = [align(ctx.ids(v), rank) for v in inputs if ctx.act(v)]
     if not acts:
         raise Unsupported("no activation input")
-    shape = np.broadcast_shapes(*[a.shape for a in acts])
-    out = np.broadcast_to(acts[0], shape).copy()
+    shape = broadcast_shape(*[a.shape for a in acts])
+    out = acts[0].copy() if acts[0].shape == shape else np.broadcast_to(acts[0], shape).copy()
     if ctx.rescale_residual and not flag and len(acts) > 1:
         # The output keeps the first branch's cofactors; every other branch is rescaled
         # on its edge by τ_out/τ_branch (one Mul), so its cofactors become free.

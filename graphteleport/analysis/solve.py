@@ -223,7 +223,7 @@ def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]
 def group_codes(flags: IntArray) -> IntArray:
     """Index into ``GROUPS`` of the group each flag set leaves: pinned (PIN, or both
     POSITIVE and SIGN — only τ = 1 is positive and ±1), sign, positive, or any."""
-    pinned = (flags & Flag.PIN > 0) | ((flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0))
-    return np.where(
-        pinned, 3, np.where(flags & Flag.SIGN > 0, 2, np.where(flags & Flag.POSITIVE > 0, 1, 0))
-    )
+    pin, positive, sign = (flags & int(bit) > 0 for bit in (Flag.PIN, Flag.POSITIVE, Flag.SIGN))
+    code = np.where(sign, 2, np.where(positive, 1, 0))
+    code[pin | (positive & sign)] = PINNED
+    return code
