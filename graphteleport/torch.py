@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -261,9 +262,8 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
     bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.scales]  # τ_in ≠ 1
     if not bns:
         return
-    t2s = [scale(bn.absorb, tau).reshape(-1) for bn in bns]  # τ_in² per layer
-    sizes = [t.size for t in t2s]
-    t2 = np.concatenate(t2s)
+    t2, sizes = _variance_factors(bns, tau)  # τ_in², all layers
+    t2s = np.split(t2, np.cumsum(sizes)[:-1])
     eps = np.repeat([bn.eps for bn in bns], sizes)
     sigma2 = np.concatenate([_measured(bn, n) for bn, n in zip(bns, sizes)])
     c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
@@ -288,6 +288,22 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
             old = done.scales.get(bn.gamma)
             done.scales[bn.gamma] = cg if old is None else old * cg
             done.bn_input[bn.path] = t2k
+
+
+def _variance_factors(bns: list[_BatchNorm], tau: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """``τ_in²`` of every layer (its running variance's ``Π τ[f.ids]^e``), concatenated, and
+    the layers' sizes; gathered at once when every layer has the same factor layout."""
+    counts = {len(bn.absorb.factors) for bn in bns}
+    if len(counts) != 1:
+        parts = [scale(bn.absorb, tau).reshape(-1) for bn in bns]
+        return np.concatenate(parts), [p.size for p in parts]
+    sizes = [math.prod(bn.absorb.shape) for bn in bns]
+    t2 = np.ones(sum(sizes))
+    for j in range(counts.pop()):
+        fs = [bn.absorb.factors[j] for bn in bns]
+        ids = np.concatenate([_flat_ids(f.ids, bn.absorb.shape) for f, bn in zip(fs, bns)])
+        t2 *= _powers(tau[ids], np.repeat([f.exp for f in fs], sizes))
+    return t2, sizes
 
 
 def _measured(bn: _BatchNorm, size: int) -> np.ndarray:
@@ -317,7 +333,7 @@ def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
     out = []
     for ab in analysis.absorbs:
         node: Any = ab.node
-        if node.op_type != "BatchNormalization" or ab.input_index != 4:
+        if ab.input_index != 4 or node.op_type != "BatchNormalization":
             continue
         eps_attr = node.attributes.get("epsilon")
         path = ab.source.name.rpartition(".")[0]
@@ -331,7 +347,14 @@ def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
 
 
 def _channels(ab: Absorb) -> int:
-    return int(np.prod(ab.shape))
+    return math.prod(ab.shape)
+
+
+def _flat_ids(ids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``ids`` broadcast to ``shape``, flat (no copy when it has that many elements)."""
+    if ids.size == math.prod(shape):
+        return ids.reshape(-1)
+    return np.broadcast_to(ids, shape).reshape(-1)
 
 
 def _input_name(node: Any, k: int) -> str:
@@ -364,6 +387,15 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
     return out
 
 
+def _powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
+    """``values ** exps`` for integer exponents, almost all ±1 (a reciprocal, not a power)."""
+    out = np.where(exps < 0, 1.0 / values, values)
+    other = np.abs(exps) != 1
+    if other.any():
+        out[other] = values[other] ** exps[other].astype(np.float64)
+    return out
+
+
 def _factor_products(
     graph: TorchGraph, group: list[tuple[str, list[Any]]], tau: np.ndarray
 ) -> dict[str, torch.Tensor]:
@@ -371,8 +403,7 @@ def _factor_products(
     factors = [f for _, fs in group for f in fs]
     ids = np.concatenate([f.ids.reshape(-1) for f in factors])
     sizes = [f.ids.size for f in factors]
-    exps = np.repeat([float(f.exp) for f in factors], sizes)
-    values = tau[ids] ** exps
+    values = _powers(tau[ids], np.repeat([f.exp for f in factors], sizes))
     edges = np.cumsum([0, *sizes[:-1]])
     moved: Any = np.maximum.reduceat(np.abs(values - 1), edges) > 0 if ids.size else []
     like = graph.tensors[group[0][0]]
