@@ -12,8 +12,11 @@ so both train and eval mode stay right (eval exact up to BatchNorm's eps).
 ``τ_out · f(x / τ_in)``: each such leaf module gets two buffers,
 ``graphteleport_in`` (``1/τ_in``) and ``graphteleport_out`` (``τ_out``), applied by
 forward hooks — so ``state_dict()`` carries them and a freshly teleported module that
-loads it computes exactly the same function.  Activations called functionally
-(``torch.sigmoid(x)`` in ``forward``) cannot carry hooks; insert mode names them.
+loads it computes exactly the same function.  A module called at several places in
+``forward`` (one ``nn.ReLU`` for a whole block) gets a pair per call
+(``graphteleport_in_1``, …), applied in call order; the calls are told apart by the traced
+data flow and checked against a counted forward of the example inputs.  Activations called
+functionally (``torch.sigmoid(x)`` in ``forward``) cannot carry hooks; insert mode names them.
 
 Example::
 
@@ -462,8 +465,10 @@ def _scope(node: ir.Node) -> str | None:
 
 def _plan_hooks(
     model: nn.Module, graph: TorchGraph, analysis: Analysis, tau: np.ndarray
-) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The activation modules to wrap, ``τ_out · f(x / τ_in)``, with their cofactors."""
+) -> list[tuple[str, list[np.ndarray], list[np.ndarray]]]:
+    """The activation modules to wrap, ``τ_out · f(x / τ_in)``, with their cofactors: one
+    ``(1/τ_in, τ_out)`` pair per call of the module (a module called at several places in
+    ``forward`` gets one pair per call, in call order)."""
     c = analysis.ctx.c
     needed: dict[str, list[ir.Node]] = defaultdict(list)
     for w in c.wraps:
@@ -473,11 +478,85 @@ def _plan_hooks(
         if np.any(_product(e.factors, tau) != 1):
             needed[_module_of(model, e.node)].append(e.node)  # type: ignore[arg-type]
     members = _members(graph)
+    values = analysis.ctx.values
     plan = []
     for path in needed:
-        x, y = _boundary(path, members[path], analysis)
-        plan.append((path, 1.0 / tau[analysis.ctx.values[id(x)]], tau[analysis.ctx.values[id(y)]]))
+        bounds = [_boundary(path, nodes, analysis) for nodes in _calls(members[path])]
+        s_in = [1.0 / tau[values[id(x)]] for x, _ in bounds]
+        s_out = [tau[values[id(y)]] for _, y in bounds]
+        plan.append((path, s_in, s_out))
+    _check_calls(model, graph, plan)
     return plan
+
+
+def _calls(nodes: Sequence[ir.Node]) -> list[list[ir.Node]]:
+    """A module's nodes split into its calls: the connected pieces of its data flow, in
+    graph (execution) order."""
+    inside = {id(n): k for k, n in enumerate(nodes)}
+    parent = list(range(len(nodes)))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for k, node in enumerate(nodes):
+        for v in node.inputs:
+            producer = v.producer() if v is not None else None
+            if producer is not None and id(producer) in inside:
+                parent[root(k)] = root(inside[id(producer)])
+    pieces: dict[int, list[ir.Node]] = {}
+    for k, node in enumerate(nodes):
+        pieces.setdefault(root(k), []).append(node)
+    return sorted(pieces.values(), key=lambda piece: inside[id(piece[0])])
+
+
+def _check_calls(
+    model: nn.Module, graph: TorchGraph, plan: list[tuple[str, list[np.ndarray], list[np.ndarray]]]
+) -> None:
+    """Each hooked module must be called once per piece of its data flow (or, for one piece
+    whose output keeps its input's cofactors, any number of times in a chain), since its
+    hooks take the pieces' cofactors in call order."""
+    ambiguous = [path for path, s_in, s_out in plan if len(s_in) > 1 or not _keeps(s_in, s_out)]
+    if not ambiguous:
+        return
+    counts = _count_calls(model, graph, ambiguous)
+    for path, s_in, _ in plan:
+        if path in counts and counts[path] != len(s_in):
+            raise InputError(
+                f"insert mode: module {path!r} is called {counts[path]} times but its traced "
+                f"calls form {len(s_in)} separate pieces (calls chained into each other?); give "
+                "each call its own module, or use mode='absorb'"
+            )
+
+
+def _keeps(s_in: list[np.ndarray], s_out: list[np.ndarray]) -> bool:
+    """Every call's output keeps its input's cofactors (``τ_out = τ_in``)."""
+    return all(np.allclose(a * b, 1.0, rtol=1e-12, atol=0.0) for a, b in zip(s_in, s_out))
+
+
+def _count_calls(model: nn.Module, graph: TorchGraph, paths: list[str]) -> dict[str, int]:
+    """How often one eval-mode forward of the example inputs calls each module."""
+    counts = dict.fromkeys(paths, 0)
+
+    def counter(path: str) -> Any:
+        def hook(_module: nn.Module, _args: tuple[Any, ...]) -> None:
+            counts[path] += 1
+
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_pre_hook(counter(p)) for p in paths]
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            model(*graph.args, **graph.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return counts
 
 
 def _module_of(model: nn.Module, node: ir.Node) -> str:
@@ -527,42 +606,77 @@ def _boundary(path: str, nodes: Sequence[ir.Node], analysis: Analysis) -> tuple[
     }
     if len(ins) != 1 or len(outs) != 1:
         raise InputError(
-            f"insert mode: module {path!r} does not read and return one tensor (is it "
-            "called more than once? give each call its own module, or use mode='absorb')"
+            f"insert mode: module {path!r} does not read and return one tensor per call; "
+            "use mode='absorb'"
         )
     return next(iter(ins.values())), next(iter(outs.values()))
 
 
 def _hook(
-    module: nn.Module, path: str, s_in: np.ndarray, s_out: np.ndarray, result: TorchTeleport
+    module: nn.Module,
+    path: str,
+    s_in: list[np.ndarray],
+    s_out: list[np.ndarray],
+    result: TorchTeleport,
 ) -> None:
+    """Give ``module`` its cofactor buffers (call 0: ``graphteleport_in``/``_out``, call k > 0:
+    ``graphteleport_in_k``/``_out_k``) and, the first time, the hooks that apply them."""
     ref = next(iter(result.model.parameters()), None)
     kw: dict[str, Any] = {
         "dtype": ref.dtype if ref is not None else torch.float32,
         "device": ref.device if ref is not None else None,
     }
-    t_in = torch.as_tensor(np.ascontiguousarray(s_in), **kw)
-    t_out = torch.as_tensor(np.ascontiguousarray(s_out), **kw)
-    if hasattr(module, IN):  # teleported before: compose with the cofactors it has
-        with torch.no_grad():
-            getattr(module, IN).mul_(t_in)
-            getattr(module, OUT).mul_(t_out)
-    else:
-        module.register_buffer(IN, t_in)
-        module.register_buffer(OUT, t_out)
+    calls = len(s_in)
+    fresh = not hasattr(module, IN)
+    for k, (a, b) in enumerate(zip(s_in, s_out)):
+        names = _buffer_names(k)
+        for name, arr in zip(names, (a, b)):
+            t = torch.as_tensor(np.ascontiguousarray(arr), **kw)
+            if fresh:
+                module.register_buffer(name, t)
+            else:  # teleported before: compose with the cofactors it has
+                with torch.no_grad():
+                    getattr(module, name).mul_(t)
+            result.scales[f"{path}.{name}"] = t
+    if fresh:
+        module._graphteleport_calls = calls  # type: ignore[assignment]
+        module._graphteleport_next = 0  # type: ignore[assignment]
         module.register_forward_pre_hook(_scale_input)
         module.register_forward_hook(_scale_output)
+        if calls > 1:
+            _reset_on_forward(result.model, module)
     result.hooked.append(path)
-    result.scales[f"{path}.{IN}"] = t_in
-    result.scales[f"{path}.{OUT}"] = t_out
+
+
+def _buffer_names(call: int) -> tuple[str, str]:
+    return (IN, OUT) if call == 0 else (f"{IN}_{call}", f"{OUT}_{call}")
+
+
+def _reset_on_forward(root: nn.Module, module: nn.Module) -> None:
+    """Start ``module``'s call count over at every forward of ``root`` (one hook for all)."""
+    reset: list[nn.Module] | None = getattr(root, "_graphteleport_reset", None)
+    if reset is None:
+        reset = []
+        root._graphteleport_reset = reset  # type: ignore[assignment]
+
+        def start_over(*_: Any) -> None:
+            for m in reset:
+                m._graphteleport_next = 0  # type: ignore[assignment]
+
+        root.register_forward_pre_hook(start_over)
+    reset.append(module)
 
 
 def _scale_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (args[0] * getattr(module, IN), *args[1:])
+    name = _buffer_names(getattr(module, "_graphteleport_next", 0))[0]
+    return (args[0] * getattr(module, name), *args[1:])
 
 
 def _scale_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-    return output * getattr(module, OUT)
+    call = getattr(module, "_graphteleport_next", 0)
+    calls = getattr(module, "_graphteleport_calls", 1)
+    module._graphteleport_next = (call + 1) % calls  # type: ignore[assignment]
+    return output * getattr(module, _buffer_names(call)[1])
 
 
 def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:

@@ -58,12 +58,12 @@ RTOL_BN_FRESH = 1e-4  # BatchNorm in train mode on a batch other than the exampl
 RTOL_F64 = 1e-12
 BATCH = 4
 
-INSERT_REUSES_MODULE = {
-    "residual_mlp": "act",  # one nn.ReLU called once per residual block
-    "unet": "pool",  # one nn.MaxPool2d called once per encoder stage
+REUSED_MODULES = {
+    "residual_mlp": ("act", 4),  # one nn.ReLU called once per residual block
+    "unet": ("pool", 3),  # one nn.MaxPool2d called once per encoder stage
 }
-"""Registry models whose activation modules are called more than once: insert mode can't hook
-a module whose calls need different cofactors, and says so (``InputError``)."""
+"""Registry models whose activation modules are called more than once: in insert mode each
+call gets its own cofactor buffers, applied in call order."""
 
 BUG_SEQUENCE_SHAPES = (
     "GraphInfo._shapes_from_a_run stores tuple(arr.shape) for every value onnxruntime returns, "
@@ -168,10 +168,7 @@ def test_absorb_preserves_registry_model(name: str) -> None:
     assert_preserved(model, x, *tolerances(model), seed=0)
 
 
-INSERT_CASES = [n for n in sorted(ARCHITECTURES) if n not in INSERT_REUSES_MODULE]
-
-
-@pytest.mark.parametrize("name", INSERT_CASES)
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_insert_preserves_registry_model(name: str) -> None:
     """Inter-landscape cofactors (a fair-coin sign) make ReLU-family neurons negative, so the
     activation modules must be hooked: ``τ_out · f(x / τ_in)``."""
@@ -240,18 +237,54 @@ def test_batchnorm_eps_correction() -> None:
     assert rel_err(forward(reference, x, True), forward(plain, x, True)) > 1e-2
 
 
-@pytest.mark.parametrize("name", sorted(INSERT_REUSES_MODULE))
-def test_insert_refuses_reused_activation_module(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(REUSED_MODULES))
+def test_insert_hooks_every_call_of_a_reused_module(name: str) -> None:
+    """A module called k times gets k buffer pairs (``graphteleport_in``, ``_in_1``, …), applied
+    in call order (function preserved above); they round-trip through ``state_dict``."""
+    path, calls = REUSED_MODULES[name]
+    tele = {"mode": "insert", "sampling": "inter_landscape", "cob_range": 0.5}
     model, x = registry(name)
-    with pytest.raises(InputError, match=repr(INSERT_REUSES_MODULE[name])):
-        teleport(model, x, mode="insert", sampling="inter_landscape", cob_range=0.5, seed=0)
+    result = teleport(model, x, seed=0, **tele)
+    assert path in result.hooked
+    names = {n for n, _ in model.get_submodule(path).named_buffers()}
+    assert names == {f"graphteleport_{d}{f'_{k}' if k else ''}" for d in ("in", "out")
+                     for k in range(calls)}  # fmt: skip
+    fresh, _ = registry(name)
+    teleport(fresh, x, seed=1, **tele)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(forward(fresh, x, False)[0], forward(model, x, False)[0])
+    assert torch.equal(forward(fresh, x, True)[0], forward(model, x, True)[0])
+
+
+class Chained(nn.Module):
+    """One activation module called on its own output: ``act(act(x))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(4, 6), nn.Linear(6, 2), nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.act(self.fc1(x))))
+
+
+def test_insert_chained_calls_of_one_module() -> None:
+    """Chained calls trace as one piece whose output keeps its input's cofactors, so one
+    buffer pair serves both calls."""
+    torch.manual_seed(0)
+    model = Chained()
+    x = torch.randn(BATCH, 4, generator=torch.Generator().manual_seed(0))
+    result = assert_preserved(
+        model, x, RTOL, mode="insert", sampling="inter_landscape", cob_range=0.9, seed=0
+    )
+    assert result.hooked == ["act"]
+    assert (result.tau < 0).any()
 
 
 def test_failed_insert_leaves_module_unchanged() -> None:
-    model, x = registry("residual_mlp")
+    model = FunctionalSigmoid()
     before = state(model)
     with pytest.raises(InputError):
-        teleport(model, x, mode="insert", sampling="inter_landscape", cob_range=0.5, seed=0)
+        teleport(model, torch.randn(BATCH, 6), mode="insert", seed=0)
     after = state(model)
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
 
