@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from graphteleport.insertion import _needed, _product
 from graphteleport.rewrite import by_source, scale, source_scale
 
 IN, OUT = "graphteleport_in", "graphteleport_out"
+_COFACTOR_BUFFER = re.compile(rf"(.*\.)?({IN}|{OUT})(_\d+)?")  # a hooked module's buffers
 
 
 @dataclass
@@ -188,7 +190,7 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     Cofactor buffers of an earlier insert-mode teleport are left to the hooks: the
     analysis sees them as fixed constants, and :func:`_hook` composes with them.
     """
-    names = {n for n in graph.tensors if not n.endswith((f".{IN}", f".{OUT}"))}
+    names = {n for n in graph.tensors if not _COFACTOR_BUFFER.fullmatch(n)}
     return analyze_model(
         graph.model,
         graph.input_shapes,

@@ -256,6 +256,17 @@ def test_insert_hooks_every_call_of_a_reused_module(name: str) -> None:
     assert torch.equal(forward(fresh, x, True)[0], forward(model, x, True)[0])
 
 
+@pytest.mark.parametrize("name", sorted(REUSED_MODULES))
+def test_reteleport_reused_module(name: str) -> None:
+    """A second insert-mode teleport composes with every call's buffers (they are the hooks'
+    constants, not tensors the analysis may rewrite)."""
+    model, x = registry(name)
+    reference = copy.deepcopy(model)
+    for seed in (0, 1):
+        teleport(model, x, mode="insert", sampling="inter_landscape", cob_range=0.5, seed=seed)
+    assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
+
+
 class Chained(nn.Module):
     """One activation module called on its own output: ``act(act(x))``."""
 
