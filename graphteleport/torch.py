@@ -203,6 +203,10 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     )
 
 
+def _is_cofactor_buffer(name: str) -> bool:
+    return "graphteleport_" in name and _COFACTOR_BUFFER.fullmatch(name) is not None
+
+
 def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool) -> _Rewrite:
     """Multiply every absorbing parameter/buffer in place by its ``S`` (and add the
     BatchNorm offsets of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
