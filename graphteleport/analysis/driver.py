@@ -48,8 +48,8 @@ def run_rules(ctx: Context) -> None:
 
 def apply_rule(ctx: Context, node: ir.Node) -> None:
     """Apply ``node``'s rule; on :class:`Unsupported`, undo it and pin the node."""
-    if all(ctx.const(o) for o in node.outputs) or node.op_type in SHAPE_ONLY:
-        return
+    if id(node) in ctx.info.constant_nodes or not node.outputs or node.op_type in SHAPE_ONLY:
+        return  # (a node's outputs are all constant exactly when the node is)
     mark = ctx.begin(node)
     rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     try:

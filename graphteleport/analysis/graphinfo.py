@@ -324,6 +324,7 @@ class GraphInfo:
         # per value: its stored tensor, element map and the name ``writable`` is asked about
         self._sources: dict[int, tuple[ConstRef, np.ndarray | None, str] | None] = {}
         self.constant: set[int] = set()
+        self.constant_nodes: set[int] = set()
         self._float: dict[int, bool] = {}  # is_float per value: types do not change
         declared = declared_shapes(model, input_shapes or {})
         if declared is not None:  # the exporter typed every value (torch's dynamo does)
@@ -433,11 +434,13 @@ class GraphInfo:
 
     # -- constants ----------------------------------------------------------------------
     def _find_constants(self) -> None:
+        self.constant_nodes = set()  # nodes computed from constants alone: no rule applies
         for v in self.graph.initializers.values():
             self.constant.add(id(v))
         for node in self.graph:
             if self._node_is_constant(node):
                 self.constant.update(id(o) for o in node.outputs)
+                self.constant_nodes.add(id(node))
 
     def _node_is_constant(self, node: ir.Node) -> bool:
         if node.op_type in _NOT_CONSTANT_OPS or node.domain not in ("", "ai.onnx"):
