@@ -291,14 +291,20 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
         )
     for bn, t2k, ck, sk, ok in zip(bns, t2s, cs, ss, os):
         t = graph.tensors[bn.var]
-        done.scales[bn.var] = sk.reshape(t.shape)
-        done.offsets[bn.var] = ok.reshape(t.shape)
+        done.scales[bn.var] = _as_shape(sk, t)
+        done.offsets[bn.var] = _as_shape(ok, t)
         if bn.sigma2 is not None:
             g = graph.tensors[bn.gamma]
-            cg = ck.reshape(g.shape).to(dtype=g.dtype, device=g.device)
+            cg = _as_shape(ck, g)
+            if not _alike(cg, g):
+                cg = cg.to(dtype=g.dtype, device=g.device)
             old = done.scales.get(bn.gamma)
             done.scales[bn.gamma] = cg if old is None else old * cg
             done.bn_input[bn.path] = t2k
+
+
+def _as_shape(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return part if part.shape == like.shape else part.reshape(like.shape)
 
 
 def _variance_factors(bns: list[_BatchNorm], tau: np.ndarray) -> tuple[np.ndarray, list[int]]:
