@@ -8,9 +8,9 @@ machine's noise), with ``gc.collect()`` between measurements; the medians are co
 * **teleport**: ``graphteleport.torch.teleport(model, x, seed=k)`` with the module's trace
   (``graphteleport.frontends.torch.trace``, run once up front and reused) standing in for the
   call's own tracing.  Tracing is ``torch.onnx.export`` plus what the frontend does with the
-  exported graph once: evaluate the constant glue (a bias-free conv's zero bias), index the
-  declared shapes and types, and measure BatchNorm input variances with one forward of the
-  example inputs.  What is timed is everything ``teleport`` does after tracing: the
+  exported graph once: evaluate the constant glue, drop the computed zero bias of a
+  bias-free conv, index the declared shapes and types, and measure BatchNorm input
+  variances with one forward of the example inputs.  What is timed is everything ``teleport`` does after tracing: the
   symmetry analysis (``graphteleport.torch.analyze``), cofactor sampling, the in-place
   rewrite of parameters and BatchNorm buffers, and the result.  Each round is undone
   (untimed) before the next;

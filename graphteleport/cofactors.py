@@ -75,9 +75,8 @@ def restrict(t: np.ndarray, groups: Sequence[str] | np.ndarray) -> np.ndarray:
     ``groups``: names, or integer codes indexing :data:`~graphteleport.analysis.solve.GROUPS`.
     """
     g = np.asarray(groups)
-    keys = [GROUPS.index(k) for k in ("positive", "sign", "pinned")] if g.dtype.kind in "iu" else (
-        "positive", "sign", "pinned"
-    )  # fmt: skip
+    names = ("positive", "sign", "pinned")
+    keys = [GROUPS.index(k) for k in names] if g.dtype.kind in "iu" else names
     positive, sign, pinned = (g == k for k in keys)
     out = np.where(positive, np.abs(t), t)
     out = np.where(sign, np.sign(t), out)

@@ -6,7 +6,9 @@ module's own parameters and buffers in place (``W' = τ_t · W / τ_s``), so an
 optimizer created before the teleport keeps updating the teleported tensors.
 BatchNorm is analysed in its training form: its input cofactors are positive,
 ``γ' = γ·τ_out``, ``β' = β·τ_out``, running mean ``· τ_in`` and running var ``· τ_in²``,
-so both train and eval mode stay right (eval exact up to BatchNorm's eps).
+so both train and eval mode stay right; BatchNorm's ``ε``, which no cofactor can scale, is
+corrected for (:func:`_batchnorm_eps`: eval mode exact, train mode exact on batches like
+the example inputs).
 
 ``mode="insert"`` also makes non-equivariant activation *modules* compute
 ``τ_out · f(x / τ_in)``: each such leaf module gets two buffers,
@@ -190,9 +192,7 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     Cofactor buffers of an earlier insert-mode teleport are left to the hooks: the
     analysis sees them as fixed constants, and :func:`_hook` composes with them.
     """
-    names = {
-        n for n in graph.tensors if "graphteleport_" not in n or not _COFACTOR_BUFFER.fullmatch(n)
-    }
+    names = {n for n in graph.tensors if not _is_cofactor_buffer(n)}
     return analyze_model(
         graph.model,
         graph.input_shapes,
@@ -318,15 +318,15 @@ def _variance_factors(bns: list[_BatchNorm], tau: np.ndarray) -> tuple[np.ndarra
     t2 = np.ones(sum(sizes))
     for j in range(counts.pop()):
         fs = [bn.absorb.factors[j] for bn in bns]
-        ids = np.concatenate([_flat_ids(f.ids, bn.absorb.shape) for f, bn in zip(fs, bns)])
-        t2 *= _powers(tau[ids], np.repeat([f.exp for f in fs], sizes))
+        t2 *= _gather([_flat_ids(f.ids, bn.absorb.shape) for f, bn in zip(fs, bns)], fs, tau)
     return t2, sizes
 
 
 def _measured(bn: _BatchNorm, size: int) -> np.ndarray:
     """The layer's measured input variance, or NaN (no correction) where there is none."""
-    ok = bn.sigma2 is not None and bn.sigma2.size == size
-    return np.asarray(bn.sigma2, dtype=np.float64).reshape(-1) if ok else np.full(size, np.nan)
+    if bn.sigma2 is None:
+        return np.full(size, np.nan)
+    return np.asarray(bn.sigma2, dtype=np.float64).reshape(-1)  # sized by _batchnorms
 
 
 def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -385,7 +385,7 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
     Tensors with one use (or tied uses) and no element map — all of them, in most models —
     take ``S = Π τ[f.ids]^e`` as a product of small per-axis factors.  Their factors are
     gathered from ``τ`` in one numpy operation and converted to torch in one, then split into
-    views per factor (per dtype and device); the rest go through :func:`_scale_tensor`.
+    views per factor (per dtype and device); the rest go through :func:`_mapped_scale`.
     """
     simple: list[tuple[str, list[Any]]] = []
     out: dict[str, torch.Tensor] = {}
@@ -393,7 +393,7 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
         name = uses[0].source.name
         if all(ab.index is None and not ab.expand for ab in uses):
             simple.append((name, uses[0].factors))
-        elif (st := _scale_tensor(uses, tau, graph.tensors[name])) is not None:
+        elif (st := _mapped_scale(uses, tau, graph.tensors[name])) is not None:
             out[name] = st
     by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, list[Any]]]] = {}
     for name, factors in simple:
@@ -402,6 +402,13 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
     for group in by_kind.values():
         out.update(_factor_products(graph, group, tau))
     return out
+
+
+def _gather(ids: list[np.ndarray], factors: list[Any], tau: np.ndarray) -> np.ndarray:
+    """``τ[ids_k]^e_k`` of several factors (``e_k`` = ``factors[k].exp``), concatenated:
+    one numpy gather for all of them."""
+    exps = np.repeat([f.exp for f in factors], [a.size for a in ids])
+    return _powers(tau[np.concatenate([a.reshape(-1) for a in ids])], exps)
 
 
 def _powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
@@ -418,11 +425,10 @@ def _factor_products(
 ) -> dict[str, torch.Tensor]:
     """``Π τ[f.ids]^e`` for tensors of one dtype and device, factors converted at once."""
     factors = [f for _, fs in group for f in fs]
-    ids = np.concatenate([f.ids.reshape(-1) for f in factors])
     sizes = [f.ids.size for f in factors]
-    values = _powers(tau[ids], np.repeat([f.exp for f in factors], sizes))
+    values = _gather([f.ids for f in factors], factors, tau)
     edges = np.cumsum([0, *sizes[:-1]])
-    moved: Any = np.maximum.reduceat(np.abs(values - 1), edges) > 0 if ids.size else []
+    moved: Any = np.maximum.reduceat(np.abs(values - 1), edges) > 0 if values.size else []
     like = graph.tensors[group[0][0]]
     views = _to_torch(values, like).split(sizes)
     out: dict[str, torch.Tensor] = {}
@@ -439,23 +445,11 @@ def _factor_products(
     return out
 
 
-def _scale_tensor(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
-    """``S`` for tensor ``t`` in its dtype and device, or None when it is all ones.
-
-    For the usual single (or tied) use, ``S`` is the product of small per-axis factor
-    vectors (``[O, 1, 1, 1]·[1, C, 1, 1]`` for a conv weight), multiplied in torch;
-    uses that map elements go through :func:`source_scale`.
-    """
-    if not all(ab.index is None and not ab.expand for ab in uses):
-        s = source_scale(tuple(t.shape), uses, tau)
-        return _to_torch(s, t) if (s != 1).any() else None
-    parts = [tau[f.ids] if f.exp == 1 else tau[f.ids] ** f.exp for f in uses[0].factors]
-    if not any((p != 1).any() for p in parts):
-        return None
-    st = _to_torch(parts[0], t)
-    for p in parts[1:]:
-        st = st * _to_torch(p, t)
-    return st
+def _mapped_scale(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
+    """``S`` of a tensor some use of which maps elements (or is broadcast-expanded), in ``t``'s
+    dtype and device (:func:`~graphteleport.rewrite.source_scale`); None when all ones."""
+    s = source_scale(tuple(t.shape), uses, tau)
+    return _to_torch(s, t) if (s != 1).any() else None
 
 
 def _to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
-from graphteleport.analysis.graphinfo import GraphInfo, default_opset, evaluate
+from graphteleport.analysis.graphinfo import GraphInfo
 from graphteleport.errors import InputError
 
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
@@ -188,21 +188,39 @@ def fold_glue(model: ir.Model, module_names: set[str]) -> int:
     """Store the value of each small constant computed without reading the elements of a
     module tensor (``module_names``) as its ``const_value``; return how many.
 
-    The nodes stay in the graph (the model runs as before); ``onnx_ir`` only writes
-    ``const_value`` for initializers, so serialisation is unchanged.
+    Which values are constant, and their values, come from the analysis' own
+    :class:`~graphteleport.analysis.graphinfo.GraphInfo`; ``Shape``/``Size`` read only
+    their input's shape and ``CastLike`` only its second input's type, so those inputs do
+    not make a value depend on a module tensor.  The nodes stay in the graph (the model
+    runs as before); ``onnx_ir`` only writes ``const_value`` for initializers, so
+    serialisation is unchanged.
     """
-    opset = default_opset(model)
+    info = GraphInfo(model)
+    from_module = {id(v) for v in model.graph.initializers.values() if v.name in module_names}
     folded = 0
     for node in model.graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type == "Constant":
+        if any(id(v) in from_module for v in _element_inputs(node)):
+            from_module.update(id(o) for o in node.outputs)
             continue
-        outs = _glue(node, module_names, opset)
-        for v, arr in zip(node.outputs, outs or ()):
-            arr = np.asarray(arr)
+        if id(node) not in info.constant_nodes or node.op_type == "Constant":
+            continue
+        for v in node.outputs:
+            try:
+                arr = info.value(v)
+            except Exception:  # left to the analysis, which pins what it cannot read
+                break
             if arr.size <= _GLUE_MAX_ELEMENTS:
                 v.const_value = ir.tensor(arr, name=v.name)
                 folded += 1
     return folded
+
+
+def _element_inputs(node: ir.Node) -> list[ir.Value]:
+    """The inputs whose elements (not only shape or type) a node reads."""
+    if node.op_type in ("Shape", "Size"):
+        return []
+    inputs = node.inputs[:1] if node.op_type == "CastLike" else node.inputs
+    return [v for v in inputs if v is not None]
 
 
 def drop_zero_biases(model: ir.Model) -> int:
@@ -222,46 +240,3 @@ def drop_zero_biases(model: ir.Model) -> int:
     if dropped:
         RemoveUnusedNodesPass()(model)
     return dropped
-
-
-def _glue(node: ir.Node, module_names: set[str], opset: int) -> list[np.ndarray] | None:
-    """The node's outputs when it computes from constants alone, else None.
-
-    ``Shape``/``Size`` read only their input's static shape, ``CastLike`` only its
-    second input's type.
-    """
-    if node.op_type in ("Shape", "Size"):
-        dims = _static_shape(node.inputs[0])
-        if dims is None:
-            return None
-        if node.op_type == "Size":
-            return [np.array(int(np.prod(dims)), dtype=np.int64)]
-        lo, hi = _attr_int(node, "start", 0), _attr_int(node, "end", len(dims))
-        return [np.array(dims, dtype=np.int64)[lo:hi]]
-    inputs: list[np.ndarray | None] = []
-    for k, v in enumerate(node.inputs):
-        if v is None:
-            inputs.append(None)
-        elif node.op_type == "CastLike" and k == 1:
-            if v.dtype is None:
-                return None
-            inputs.append(np.zeros(0, dtype=v.dtype.numpy()))
-        elif v.name in module_names or (tensor := ir.convenience.get_const_tensor(v)) is None:
-            return None
-        else:
-            inputs.append(np.asarray(tensor.numpy()))
-    try:
-        return evaluate(node, inputs, opset)
-    except Exception:  # left to the analysis, which pins what it cannot read
-        return None
-
-
-def _static_shape(v: ir.Value | None) -> tuple[int, ...] | None:
-    if v is None or v.shape is None or not all(isinstance(d, int) for d in v.shape):
-        return None
-    return tuple(int(d) for d in v.shape)  # type: ignore[arg-type]
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
