@@ -11,7 +11,6 @@ written once.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,14 +123,6 @@ def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
     return _apply(w, source_scale(w.shape, uses, tau))
 
 
-def by_source(absorbs: list[Absorb]) -> dict[int, list[Absorb]]:
-    """Absorbs grouped by the stored tensor they rewrite."""
-    out: dict[int, list[Absorb]] = defaultdict(list)
-    for ab in absorbs:
-        out[id(ab.source.value)].append(ab)
-    return out
-
-
 class _Writer:
     def __init__(self, model: ir.Model, stats: RewriteStats) -> None:
         self.graph = model.graph
@@ -206,7 +197,7 @@ def rewrite(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> RewriteStat
     stats = RewriteStats()
     stats.weights_total, stats.elements_total = count_weights(model)
     writer = _Writer(model, stats)
-    for key, uses in by_source(analysis.absorbs).items():
+    for key, uses in analysis.by_source.items():
         if key in analysis.private and all(ab.index is None for ab in uses):
             _rewrite_private(writer, uses, tau)
         else:

@@ -49,22 +49,29 @@ from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
 from graphteleport.insertion import _needed, _product
-from graphteleport.rewrite import by_source, scale, source_scale
+from graphteleport.rewrite import scale, source_scale
 
 IN, OUT = "graphteleport_in", "graphteleport_out"
 _COFACTOR_BUFFER = re.compile(rf"(.*\.)?({IN}|{OUT})(_\d+)?")  # a hooked module's buffers
 
 
+Factors = tuple[torch.Tensor, ...]  # S as a product of broadcastable factors
+
+
 @dataclass
 class TorchTeleport:
-    """The outcome of :func:`teleport`: what changed and by how much."""
+    """The outcome of :func:`teleport`: what changed and by how much.
+
+    ``factors[name]`` holds each changed tensor's ``S`` as broadcastable factors (a conv
+    weight's ``[O, 1, 1, 1]`` and ``[1, C, 1, 1]``); :attr:`scales` multiplies them out.
+    """
 
     model: nn.Module
     analysis: Analysis
     pair_values: np.ndarray
     tau: np.ndarray
     mode: str
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: dict[str, Factors] = field(default_factory=dict)
     hooked: list[str] = field(default_factory=list)
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # W' = W·S + O (BN var)
     bn_input: dict[str, np.ndarray] = field(default_factory=dict)  # BN input variance factor
@@ -76,7 +83,13 @@ class TorchTeleport:
 
     @property
     def changed(self) -> list[str]:
-        return sorted(self.scales)
+        return sorted(self.factors)
+
+    @property
+    def scales(self) -> dict[str, torch.Tensor]:
+        """``S`` per changed tensor (``W' = W·S + O``), in its dtype and device,
+        broadcastable to the tensor (a conv weight's is ``[O, C, 1, 1]``)."""
+        return {name: _multiply_out(fs) for name, fs in self.factors.items()}
 
     @property
     def quiver(self) -> Quiver:
@@ -86,10 +99,10 @@ class TorchTeleport:
         """Put the parameters and buffers back (``W = (W' − O) / S``; bit-exact in exact mode)."""
         tensors = dict(_named_tensors(self.model))
         with torch.no_grad():
-            for name, factor in self.scales.items():  # cofactor buffers of hooked modules too
+            for name, fs in self.factors.items():  # cofactor buffers of hooked modules too
                 if name in self.offsets:
                     tensors[name].sub_(self.offsets[name])
-                tensors[name].div_(factor)
+                tensors[name].div_(_multiply_out(fs))
         for path, t2 in self.bn_input.items():
             if path in self.bn_var:
                 self.bn_var[path] = self.bn_var[path] / t2
@@ -167,7 +180,7 @@ class Teleporter:
         result = TorchTeleport(model, analysis, np.asarray(values), tau, self.mode)
         hooks = _plan_hooks(model, graph, analysis, tau) if self.mode == "insert" else []
         done = _absorb(graph, analysis, tau, exact)  # nothing changes before every check
-        result.scales, result.offsets = done.scales, done.offsets
+        result.factors, result.offsets = done.factors, done.offsets
         result.bn_input, result.bn_var = done.bn_input, graph.bn_var
         for path, s_in, s_out in hooks:
             _hook(model.get_submodule(path), path, s_in, s_out, result)
@@ -211,10 +224,10 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
     """Multiply every absorbing parameter/buffer in place by its ``S`` (and add the
     BatchNorm offsets of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
     power-of-two multiples); return what was applied."""
-    done = _Rewrite(scales=_scales(graph, analysis, tau))
+    done = _Rewrite(factors=_scales(graph, analysis, tau))
     if not exact:
         _batchnorm_eps(graph, analysis, tau, done)
-    _apply(graph.tensors, done.scales, done.offsets)
+    _apply(graph.tensors, done.factors, done.offsets)
     for path, s in done.bn_input.items():
         graph.bn_var[path] = graph.bn_var[path] * s
     return done
@@ -222,16 +235,19 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
 
 def _apply(
     tensors: dict[str, torch.Tensor],
-    scales: dict[str, torch.Tensor],
+    factors: dict[str, Factors],
     offsets: dict[str, torch.Tensor],
 ) -> None:
     """``W ← W·S + O`` in place.  ``S`` is broadcastable (``[O, C, 1, 1]`` for a conv: no full
-    copy); the many small tensors whose ``S`` has their own shape (BatchNorm's, biases) are
-    done by one ``torch._foreach_mul_`` per dtype and device (the optimizers' batched ops)."""
+    copy), multiplied out from its factors just before it is used and freed right after (all
+    of a ResNet's at once would be megabytes of fresh pages); the many small tensors whose
+    ``S`` has their own shape (BatchNorm's, biases) are done by one ``torch._foreach_mul_``
+    per dtype and device (the optimizers' batched ops)."""
     batched: dict[tuple[torch.dtype, torch.device], tuple[list[Any], list[Any]]] = {}
     with torch.no_grad():
-        for name, st in scales.items():
+        for name, fs in factors.items():
             t = tensors[name]
+            st = _multiply_out(fs)
             if st.shape == t.shape and st.dtype == t.dtype and st.device == t.device:
                 ts, ss = batched.setdefault((t.dtype, t.device), ([], []))
                 ts.append(t)
@@ -244,11 +260,19 @@ def _apply(
             torch._foreach_add_([tensors[n] for n in offsets], list(offsets.values()))
 
 
+def _multiply_out(fs: Factors) -> torch.Tensor:
+    st = fs[0]
+    for f in fs[1:]:
+        st = st * f
+    return st
+
+
 @dataclass
 class _Rewrite:
-    """``W' = W·S (+ O)`` per tensor name, and each BatchNorm input's variance factor."""
+    """``W' = W·S (+ O)`` per tensor name (``S`` as factors), and each BatchNorm input's
+    variance factor."""
 
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)
+    factors: dict[str, Factors] = field(default_factory=dict)
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)
     bn_input: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -270,7 +294,7 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
     Without a measured variance (a functional batch_norm) ``c = 1``: eval stays exact.
     All layers are computed together, in float64, then split per layer.
     """
-    bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.scales]  # τ_in ≠ 1
+    bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.factors]  # τ_in ≠ 1
     if not bns:
         return
     t2, sizes = _variance_factors(bns, tau)  # τ_in², all layers
@@ -291,15 +315,14 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
         )
     for bn, t2k, ck, sk, ok in zip(bns, t2s, cs, ss, os):
         t = graph.tensors[bn.var]
-        done.scales[bn.var] = _as_shape(sk, t)
+        done.factors[bn.var] = (_as_shape(sk, t),)
         done.offsets[bn.var] = _as_shape(ok, t)
         if bn.sigma2 is not None:
             g = graph.tensors[bn.gamma]
             cg = _as_shape(ck, g)
             if not _alike(cg, g):
                 cg = cg.to(dtype=g.dtype, device=g.device)
-            old = done.scales.get(bn.gamma)
-            done.scales[bn.gamma] = cg if old is None else old * cg
+            done.factors[bn.gamma] = (*done.factors.get(bn.gamma, ()), cg)
             done.bn_input[bn.path] = t2k
 
 
@@ -318,7 +341,8 @@ def _variance_factors(bns: list[_BatchNorm], tau: np.ndarray) -> tuple[np.ndarra
     t2 = np.ones(sum(sizes))
     for j in range(counts.pop()):
         fs = [bn.absorb.factors[j] for bn in bns]
-        t2 *= _gather([_flat_ids(f.ids, bn.absorb.shape) for f, bn in zip(fs, bns)], fs, tau)
+        ids = [_flat_ids(f.ids, bn.absorb.shape) for f, bn in zip(fs, bns)]
+        t2 *= _gather(ids, [f.exp for f in fs], tau)
     return t2, sizes
 
 
@@ -379,8 +403,8 @@ def _input_name(node: Any, k: int) -> str:
     return (v.name or "") if v is not None else ""
 
 
-def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str, torch.Tensor]:
-    """``S`` per tensor (None-free: all-ones scales are left out), in its dtype and device.
+def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str, Factors]:
+    """``S`` per tensor as factors (all-ones scales are left out), in its dtype and device.
 
     Tensors with one use (or tied uses) and no element map — all of them, in most models —
     take ``S = Π τ[f.ids]^e`` as a product of small per-axis factors.  Their factors are
@@ -388,27 +412,26 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
     views per factor (per dtype and device); the rest go through :func:`_mapped_scale`.
     """
     simple: list[tuple[str, list[Any]]] = []
-    out: dict[str, torch.Tensor] = {}
-    for uses in by_source(analysis.absorbs).values():
+    out: dict[str, Factors] = {}
+    for uses in analysis.by_source.values():
         name = uses[0].source.name
         if all(ab.index is None and not ab.expand for ab in uses):
             simple.append((name, uses[0].factors))
         elif (st := _mapped_scale(uses, tau, graph.tensors[name])) is not None:
-            out[name] = st
+            out[name] = (st,)
     by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, list[Any]]]] = {}
     for name, factors in simple:
         t = graph.tensors[name]
         by_kind.setdefault((t.dtype, t.device), []).append((name, factors))
     for group in by_kind.values():
-        out.update(_factor_products(graph, group, tau))
+        out.update(_factor_views(graph, group, tau))
     return out
 
 
-def _gather(ids: list[np.ndarray], factors: list[Any], tau: np.ndarray) -> np.ndarray:
-    """``τ[ids_k]^e_k`` of several factors (``e_k`` = ``factors[k].exp``), concatenated:
-    one numpy gather for all of them."""
-    exps = np.repeat([f.exp for f in factors], [a.size for a in ids])
-    return _powers(tau[np.concatenate([a.reshape(-1) for a in ids])], exps)
+def _gather(ids: list[np.ndarray], exps: list[int], tau: np.ndarray) -> np.ndarray:
+    """``τ[ids_k]^exps_k`` of several factors, concatenated: one numpy gather for all."""
+    flat = tau[np.concatenate([a.reshape(-1) for a in ids])]
+    return _powers(flat, np.repeat(exps, [a.size for a in ids]))
 
 
 def _powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
@@ -420,28 +443,27 @@ def _powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
     return out
 
 
-def _factor_products(
+def _factor_views(
     graph: TorchGraph, group: list[tuple[str, list[Any]]], tau: np.ndarray
-) -> dict[str, torch.Tensor]:
-    """``Π τ[f.ids]^e`` for tensors of one dtype and device, factors converted at once."""
-    factors = [f for _, fs in group for f in fs]
-    sizes = [f.ids.size for f in factors]
-    values = _gather([f.ids for f in factors], factors, tau)
+) -> dict[str, Factors]:
+    """``τ[f.ids]^e`` of every factor of tensors of one dtype and device, converted at once
+    and split into views in the factors' layouts; tensors whose factors are all ones are
+    left out."""
+    ids = [f.ids for _, fs in group for f in fs]
+    sizes = [a.size for a in ids]
+    values = _gather(ids, [f.exp for _, fs in group for f in fs], tau)
     edges = np.cumsum([0, *sizes[:-1]])
-    moved: Any = np.maximum.reduceat(np.abs(values - 1), edges) > 0 if values.size else []
-    like = graph.tensors[group[0][0]]
-    views = _to_torch(values, like).split(sizes)
-    out: dict[str, torch.Tensor] = {}
+    off = np.append(np.abs(values - 1), 0.0)  # (a final sentinel: empty factors stay in range)
+    moved = (np.maximum.reduceat(off, edges) > 0).tolist()
+    views = _to_torch(values, graph.tensors[group[0][0]]).split(sizes)
+    out: dict[str, Factors] = {}
     k = 0
     for name, fs in group:
-        parts = range(k, k + len(fs))
-        k += len(fs)
-        if not any(moved[j] for j in parts):
-            continue
-        st = views[parts[0]].view(factors[parts[0]].ids.shape)
-        for j in parts[1:]:
-            st = st * views[j].view(factors[j].ids.shape)
-        out[name] = st
+        j, k = k, k + len(fs)
+        if any(moved[j:k]):
+            out[name] = tuple(
+                v if a.ndim == 1 else v.view(a.shape) for v, a in zip(views[j:k], ids[j:k])
+            )
     return out
 
 
@@ -645,7 +667,7 @@ def _hook(
             else:  # teleported before: compose with the cofactors it has
                 with torch.no_grad():
                     getattr(module, name).mul_(t)
-            result.scales[f"{path}.{name}"] = t
+            result.factors[f"{path}.{name}"] = (t,)
     if fresh:
         module._graphteleport_calls = calls  # type: ignore[assignment]
         module._graphteleport_next = 0  # type: ignore[assignment]
@@ -715,7 +737,7 @@ def orbit_tangent(
     v = np.where(sol.free, direction, 0.0)
     per_neuron = np.where(sol.inverse, -1.0, 1.0) * v[sol.pair]  # d(1/τ)/dε = −v at τ = 1
     logd: dict[str, np.ndarray] = {}  # d log W / dε per tensor
-    for uses in by_source(analysis.absorbs).values():
+    for uses in analysis.by_source.values():
         name = uses[0].source.name
         d = np.zeros(tuple(graph.tensors[name].shape))
         for ab in uses:

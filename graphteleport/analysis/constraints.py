@@ -40,7 +40,7 @@ class Unsupported(Exception):
     """Raised by a rule whose preconditions fail; the node's neurons are pinned."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Factor:
     """One factor ``τ[ids]^exp`` of a scaling; ``ids`` broadcasts to the target shape."""
 
@@ -48,7 +48,7 @@ class Factor:
     exp: int
 
 
-@dataclass
+@dataclass(slots=True)
 class ConstRef:
     """Where a constant tensor lives: an initializer value or a Constant node."""
 
@@ -57,7 +57,7 @@ class ConstRef:
     is_node: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Absorb:
     """A constant used by ``node`` absorbs ``S = Π τ[f.ids]^f.exp``.
 
@@ -75,7 +75,7 @@ class Absorb:
     expand: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Wrap:
     """Insert mode: ``node`` (one activation input, same layout out) becomes τ·f(x/τ).
 
@@ -88,7 +88,7 @@ class Wrap:
     group: str
 
 
-@dataclass
+@dataclass(slots=True)
 class EdgeScale:
     """Insert mode: multiply input ``index`` of ``node`` by ``Π τ[ids]^e`` on its edge."""
 
@@ -97,7 +97,7 @@ class EdgeScale:
     factors: list[Factor]
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     """A run of neurons created together (a layer's outputs): a vertex of the quiver."""
 
@@ -110,7 +110,7 @@ class Block:
 _DEDUP_ABOVE = 4096
 
 
-@dataclass
+@dataclass(slots=True)
 class Constraints:
     """Everything the rules said, in flat lists of numpy arrays."""
 

@@ -156,21 +156,29 @@ class Context:
             return
         shape = self.info.shape(v)
         if shape is not None:
-            ids = align(np.asarray(ids, dtype=np.int64), len(shape))
-            if any(s not in (1, t) for s, t in zip(ids.shape, shape)):
+            ids = _int_ids(ids)
+            if ids.ndim != len(shape):
+                ids = align(ids, len(shape))
+            if ids.shape != shape and not _fits(ids.shape, shape):
                 raise Unsupported(f"id layout {ids.shape} does not fit {v.name!r} {shape}")
         self._pending[id(v)] = (v, ids)
 
     def new(self, shape: Sequence[int], name: str = "") -> IntArray:
         node = self.node
         label = name or (node.name if node is not None else "") or ""
-        return self.c.new(tuple(int(s) for s in shape), label, node.op_type if node else "")
+        return self.c.new(tuple(map(int, shape)), label, node.op_type if node else "")
 
     def new_for(self, v: ir.Value, feature_axes: Sequence[int]) -> IntArray:
         """Fresh neurons for ``v``, one per position along ``feature_axes``."""
         shape = self.shape(v)
-        axes = {a % len(shape) for a in feature_axes}
-        return self.new([s if k in axes else 1 for k, s in enumerate(shape)], v.name or "")
+        if len(feature_axes) == 1 and len(shape) > 1:  # the usual case: one channel axis
+            axis = feature_axes[0] % len(shape)
+            layout = (1,) * axis + (int(shape[axis]),) + (1,) * (len(shape) - axis - 1)
+        else:
+            axes = {a % len(shape) for a in feature_axes}
+            layout = tuple(int(s) if k in axes else 1 for k, s in enumerate(shape))
+        node = self.node
+        return self.c.new(layout, v.name or "", node.op_type if node else "")
 
     # -- constraints --------------------------------------------------------------------
     def tie(self, a: IntArray, b: IntArray) -> None:
@@ -221,7 +229,8 @@ class Context:
         """Tie the neurons along ``axes`` together; return the ids with those axes at size 1."""
         if ids.ndim == 0:  # one neuron for the whole tensor (its shape is unknown)
             return ids
-        axes = sorted({a % ids.ndim for a in axes if ids.shape[a % ids.ndim] > 1})
+        shape = ids.shape
+        axes = sorted({a % ids.ndim for a in axes if shape[a % ids.ndim] > 1})
         if not axes:
             return ids
         rep = ids[tuple(slice(0, 1) if k in axes else slice(None) for k in range(ids.ndim))]
@@ -249,7 +258,7 @@ class Context:
             a = _int_ids(f)
             if a.ndim != len(shape):
                 a = _fit_rank(a, len(shape))
-            fits = fits and _fits(a.shape, shape)
+            fits = fits and (a.shape == shape or _fits(a.shape, shape))
             fitted.append(a)
         if fits:
             target, arrays = shape, fitted  # the usual case: factors laid out in the weight's axes

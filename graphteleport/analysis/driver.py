@@ -79,7 +79,7 @@ def _reason(node: ir.Node, message: str, unknown: bool) -> str:
 
 def _seed_untracked_outputs(ctx: Context, node: ir.Node) -> None:
     for v in node.outputs:
-        if ctx.info.is_float(v) and not ctx.const(v) and not ctx.act(v):
+        if not ctx.act(v) and ctx.info.is_float(v) and not ctx.const(v):
             raise Unsupported(f"output {v.name!r} was not tracked")
 
 
@@ -133,16 +133,22 @@ def is_uniform(tensor: np.ndarray) -> bool:
     return flat.size == 0 or bool(np.all(flat == flat[0]))
 
 
-def tie_shared_weights(ctx: Context) -> set[int]:
-    """Make every weight used more than once scale consistently.
+def by_source(absorbs: list[Absorb]) -> dict[int, list[Absorb]]:
+    """Absorbs grouped by the stored tensor they rewrite (keyed by ``id`` of its value)."""
+    out: dict[int, list[Absorb]] = defaultdict(list)
+    for ab in absorbs:
+        out[id(ab.source.value)].append(ab)
+    return out
+
+
+def tie_shared_weights(ctx: Context, sources: Mapping[int, list[Absorb]]) -> set[int]:
+    """Make every weight used more than once (``sources``: :func:`by_source`) scale
+    consistently.
 
     Returns the ids of the sources that get a private copy per use instead.
     """
-    by_source: dict[int, list[Absorb]] = defaultdict(list)
-    for ab in ctx.c.absorbs:
-        by_source[id(ab.source.value)].append(ab)
     private: set[int] = set()
-    for key, uses in by_source.items():
+    for key, uses in sources.items():
         if len(uses) < 2:
             continue
         if is_uniform(_source_array(uses[0])):
@@ -206,10 +212,17 @@ def _scaled_ids(ctx: Context) -> Iterator[np.ndarray]:
 class Analysis:
     """The result of the analysis: the rules' context and the solved classes."""
 
-    def __init__(self, ctx: Context, solution: Solution, private: set[int]) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        solution: Solution,
+        private: set[int],
+        sources: dict[int, list[Absorb]],
+    ) -> None:
         self.ctx = ctx
         self.solution = solution
         self.private = private
+        self.by_source = sources  # the absorbs per stored tensor (:func:`by_source`)
 
     @property
     def absorbs(self) -> list[Absorb]:
@@ -236,10 +249,11 @@ def analyze_model(
     info = GraphInfo(model, input_shapes, writable) if info is None else info.fresh(writable)
     ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
-    private = tie_shared_weights(ctx)
+    sources = by_source(ctx.c.absorbs)
+    private = tie_shared_weights(ctx, sources)
     scaled = [ids.reshape(-1) for ids in _scaled_ids(ctx)]
     touched = np.zeros(ctx.c.n, dtype=bool)
     if scaled:
         touched[np.concatenate(scaled)] = True
     solution = solve(ctx.c, np.flatnonzero(touched))
-    return Analysis(ctx, solution, private)
+    return Analysis(ctx, solution, private, sources)

@@ -326,6 +326,7 @@ class GraphInfo:
         self.constant: set[int] = set()
         self.constant_nodes: set[int] = set()
         self._float: dict[int, bool] = {}  # is_float per value: types do not change
+        self._shape: dict[int, tuple[int, ...]] = {}  # shape per value, once found
         declared = declared_shapes(model, input_shapes or {})
         if declared is not None:  # the exporter typed every value (torch's dynamo does)
             self.shapes, self.dtypes = declared
@@ -334,18 +335,21 @@ class GraphInfo:
         missing = declared is None or self._missing_shapes()
         if missing:
             self.shapes, self.dtypes = static_shapes(model, input_shapes)
+            self._shape.clear()
             self.constant.clear()
             self._find_constants()
             missing = self._missing_shapes()
         if missing:
             self.shapes, self.dtypes = static_shapes(model, input_shapes, self._small_constants())
+            self._shape.clear()
             self._values.clear()
             self.constant.clear()
             self._find_constants()
             missing = self._missing_shapes()
         if missing:
             self._shapes_from_a_run(input_shapes or {})
-        self._float.clear()  # the types are final now
+        self._float.clear()  # the types and shapes are final now
+        self._shape.clear()
 
     def fresh(self, writable: Callable[[str], bool] | None = None) -> GraphInfo:
         """The same structural facts (shapes, types, which values are constant, which stored
@@ -401,6 +405,16 @@ class GraphInfo:
 
     # -- shapes -------------------------------------------------------------------------
     def shape(self, v: ir.Value | None) -> tuple[int, ...] | None:
+        """``v``'s static shape, or None when unknown (cached per value)."""
+        known = self._shape.get(id(v))
+        if known is not None:
+            return known
+        shape = self._find_shape(v)
+        if shape is not None:
+            self._shape[id(v)] = shape
+        return shape
+
+    def _find_shape(self, v: ir.Value | None) -> tuple[int, ...] | None:
         if v is None:
             return None
         shape = self.shapes.get(v.name) if v.name else None  # initializers' too (unique names)

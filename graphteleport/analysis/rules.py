@@ -28,10 +28,10 @@ def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
 
 
 def _x(node: ir.Node, k: int = 0) -> ir.Value:
-    if len(node.inputs) <= k or node.inputs[k] is None:
+    inputs = node.inputs
+    v = inputs[k] if len(inputs) > k else None
+    if v is None:
         raise Unsupported(f"input {k} is missing")
-    v = node.inputs[k]
-    assert v is not None
     return v
 
 
@@ -506,7 +506,7 @@ def _batchnorm_training(
         ctx.absorb(scale, [(fo, 1)])
         and ctx.absorb(bias, [(fo, 1)])
         and ctx.absorb(mean, [(tin, 1)])
-        and ctx.absorb(var, [(tin, 1), (tin, 1)])
+        and ctx.absorb(var, [(tin, 2)])
     )
     if not ok:
         raise Unsupported("BatchNormalization parameters are not stored tensors")
