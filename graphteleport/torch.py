@@ -238,26 +238,31 @@ def _apply(
     factors: dict[str, Factors],
     offsets: dict[str, torch.Tensor],
 ) -> None:
-    """``W ← W·S + O`` in place.  ``S`` is broadcastable (``[O, C, 1, 1]`` for a conv: no full
-    copy), multiplied out from its factors just before it is used and freed right after (all
-    of a ResNet's at once would be megabytes of fresh pages); the many small tensors whose
-    ``S`` has their own shape (BatchNorm's, biases) are done by one ``torch._foreach_mul_``
-    per dtype and device (the optimizers' batched ops)."""
-    batched: dict[tuple[torch.dtype, torch.device], tuple[list[Any], list[Any]]] = {}
+    """``W ← W·S + O`` in place, every factor already in its tensor's dtype and device.
+
+    ``S`` is broadcastable (``[O, C, 1, 1]`` for a conv: no full copy), multiplied out from
+    its factors just before it is used and freed right after (all of a ResNet's at once
+    would be megabytes of fresh pages); the many small tensors whose ``S`` has their own
+    shape (BatchNorm's, biases) are done by one ``torch._foreach_mul_`` (the optimizers'
+    batched op; it groups by dtype and device itself), with the products it needs as long
+    as they are small (a linear layer's ``S`` is a full ``[O, I]`` product: used at once)."""
+    small: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     with torch.no_grad():
         for name, fs in factors.items():
             t = tensors[name]
             st = _multiply_out(fs)
-            if st.shape == t.shape and st.dtype == t.dtype and st.device == t.device:
-                ts, ss = batched.setdefault((t.dtype, t.device), ([], []))
-                ts.append(t)
-                ss.append(st)
+            if st.shape == t.shape and (len(fs) == 1 or st.numel() <= _FRESH_BATCHED):
+                small[0].append(t)
+                small[1].append(st)
             else:
                 t.mul_(st)
-        for ts, ss in batched.values():
-            torch._foreach_mul_(ts, ss)
+        if small[0]:
+            torch._foreach_mul_(*small)
         if offsets:
             torch._foreach_add_([tensors[n] for n in offsets], list(offsets.values()))
+
+
+_FRESH_BATCHED = 1 << 16  # elements of a multiplied-out S that may wait for the batched op
 
 
 def _multiply_out(fs: Factors) -> torch.Tensor:
@@ -414,11 +419,11 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
     simple: list[tuple[str, list[Any]]] = []
     out: dict[str, Factors] = {}
     for uses in analysis.by_source.values():
-        name = uses[0].source.name
-        if all(ab.index is None and not ab.expand for ab in uses):
-            simple.append((name, uses[0].factors))
-        elif (st := _mapped_scale(uses, tau, graph.tensors[name])) is not None:
-            out[name] = (st,)
+        first = uses[0]
+        if _unmapped(first) and (len(uses) == 1 or all(map(_unmapped, uses))):
+            simple.append((first.source.name, first.factors))
+        elif (st := _mapped_scale(uses, tau, graph.tensors[first.source.name])) is not None:
+            out[first.source.name] = (st,)
     by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, list[Any]]]] = {}
     for name, factors in simple:
         t = graph.tensors[name]
@@ -460,11 +465,21 @@ def _factor_views(
     k = 0
     for name, fs in group:
         j, k = k, k + len(fs)
-        if any(moved[j:k]):
-            out[name] = tuple(
-                v if a.ndim == 1 else v.view(a.shape) for v, a in zip(views[j:k], ids[j:k])
-            )
+        if k == j + 1:  # one factor (most tensors)
+            if moved[j]:
+                out[name] = (_in_layout(views[j], ids[j]),)
+        elif any(moved[j:k]):
+            out[name] = tuple(_in_layout(v, a) for v, a in zip(views[j:k], ids[j:k]))
     return out
+
+
+def _in_layout(view: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+    return view if ids.ndim == 1 else view.view(ids.shape)
+
+
+def _unmapped(ab: Absorb) -> bool:
+    """The use reads the stored tensor itself: no element map, no broadcast-expansion."""
+    return ab.index is None and not ab.expand
 
 
 def _mapped_scale(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:

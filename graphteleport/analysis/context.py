@@ -152,9 +152,10 @@ class Context:
 
     def set(self, v: ir.Value | None, ids: IntArray) -> None:
         """Give output ``v`` the id array ``ids`` (committed when the rule succeeds)."""
-        if v is None or not self.info.is_float(v) or self.const(v):
+        info = self.info
+        if v is None or id(v) in info.constant or not info.is_float(v):
             return
-        shape = self.info.shape(v)
+        shape = info.shape(v)
         if shape is not None:
             ids = _int_ids(ids)
             if ids.ndim != len(shape):
@@ -248,7 +249,7 @@ class Context:
         """
         node = self.node
         assert node is not None
-        src = self.info.source(v) if self.info.is_float(v) else None
+        src = self.info.source(v)
         if src is None:
             return self._is_zero(v)
         ref, index = src

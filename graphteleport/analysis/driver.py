@@ -22,7 +22,7 @@ import onnx_ir as ir
 from graphteleport.analysis.constraints import Absorb, Factor, Unsupported
 from graphteleport.analysis.context import Context
 from graphteleport.analysis.graphinfo import GraphInfo
-from graphteleport.analysis.rules import RULES, SHAPE_ONLY
+from graphteleport.analysis.rules import RULES, SHAPE_ONLY, Rule
 from graphteleport.analysis.solve import Solution, solve
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,35 @@ def run_rules(ctx: Context) -> None:
             ctx.pin(ids, "graph input")
             ctx.set(v, ids)
             ctx.commit()
-    for node in graph:
-        apply_rule(ctx, node)
+    for node, rule in _rule_plan(ctx.info):
+        apply_rule(ctx, node, rule)
     for v in graph.outputs:
         if ctx.act(v):
             ctx.pin(ctx.ids(v), "graph output")
 
 
-def apply_rule(ctx: Context, node: ir.Node) -> None:
-    """Apply ``node``'s rule; on :class:`Unsupported`, undo it and pin the node."""
-    if id(node) in ctx.info.constant_nodes or not node.outputs or node.op_type in SHAPE_ONLY:
-        return  # (a node's outputs are all constant exactly when the node is)
+def _rule_plan(info: GraphInfo) -> list[tuple[ir.Node, Rule | None]]:
+    """The nodes a rule must see, in order, each with its rule (None: an unknown op).
+
+    Constant nodes (their outputs are all constant exactly when the node is), nodes
+    without outputs and shape-only ops are left out.  Listed once per graph: the list is
+    structural, so :meth:`GraphInfo.fresh` copies share it.
+    """
+    plan = info.memo.get("rule_plan")
+    if plan is None:
+        plan = info.memo["rule_plan"] = [
+            (node, RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None)
+            for node in info.graph
+            if id(node) not in info.constant_nodes
+            and node.outputs
+            and node.op_type not in SHAPE_ONLY
+        ]
+    return plan
+
+
+def apply_rule(ctx: Context, node: ir.Node, rule: Rule | None) -> None:
+    """Apply ``rule`` to ``node``; on :class:`Unsupported`, undo it and pin the node."""
     mark = ctx.begin(node)
-    rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     try:
         if id(node) in ctx.info.with_subgraphs:
             raise Unsupported(f"{node.op_type} has subgraphs")

@@ -307,6 +307,9 @@ _ORT_TYPES: dict[str, Any] = {
 }
 
 
+_UNKNOWN: Any = object()
+
+
 class GraphInfo:
     """Shapes, constants and provenance of one graph, computed once."""
 
@@ -327,6 +330,7 @@ class GraphInfo:
         self.constant_nodes: set[int] = set()
         self._float: dict[int, bool] = {}  # is_float per value: types do not change
         self._shape: dict[int, tuple[int, ...]] = {}  # shape per value, once found
+        self.memo: dict[str, Any] = {}  # structural facts the analysis derives, shared by fresh()
         declared = declared_shapes(model, input_shapes or {})
         if declared is not None:  # the exporter typed every value (torch's dynamo does)
             self.shapes, self.dtypes = declared
@@ -515,12 +519,12 @@ class GraphInfo:
 
     # -- provenance ---------------------------------------------------------------------
     def source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
-        """The stored tensor a constant is made of, and the element map (None: itself);
-        None too when ``writable`` says that tensor may not be rewritten."""
+        """The stored float tensor a constant is made of, and the element map (None:
+        itself); None too when ``writable`` says that tensor may not be rewritten."""
         key = id(v)
-        if key not in self._sources:  # structural: shared by fresh() copies
-            self._sources[key] = self._trace_source(v)
-        found = self._sources[key]
+        found = self._sources.get(key, _UNKNOWN)
+        if found is _UNKNOWN:  # structural: shared by fresh() copies
+            found = self._sources[key] = self._trace_source(v) if self.is_float(v) else None
         if found is None:
             return None
         ref, index, stored_as = found

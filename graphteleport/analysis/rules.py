@@ -406,7 +406,10 @@ def _bias(ctx: Context, node: ir.Node, c: ir.Value, out: IntArray) -> None:
 def _conv_in(ctx: Context, x: ir.Value) -> IntArray:
     """Input channel cofactors of a conv: constant over batch and spatial axes."""
     ix = ctx.ids(x)
-    tin = ctx.collapse(ix, [0, *range(2, ix.ndim)]).reshape(-1)
+    if ix.ndim > 1 and ix.size == ix.shape[1]:  # already one id per channel, [1, C, 1, …]
+        tin = ix.reshape(-1)
+    else:
+        tin = ctx.collapse(ix, [0, *range(2, ix.ndim)]).reshape(-1)
     channels = ctx.shape(x)[1]
     return tin if tin.shape == (channels,) else np.broadcast_to(tin, (channels,))
 
