@@ -10,10 +10,10 @@ machine's noise), with ``gc.collect()`` between measurements; the medians are co
   call's own tracing.  Tracing is ``torch.onnx.export`` plus what the frontend does with the
   exported graph once: evaluate the constant glue, drop the computed zero bias of a
   bias-free conv, index the declared shapes and types, and measure BatchNorm input
-  variances with one forward of the example inputs.  What is timed is everything ``teleport`` does after tracing: the
-  symmetry analysis (``graphteleport.torch.analyze``), cofactor sampling, the in-place
-  rewrite of parameters and BatchNorm buffers, and the result.  Each round is undone
-  (untimed) before the next;
+  variances with one forward of the example inputs.  What is timed is everything
+  ``teleport`` does after tracing: the symmetry analysis (``graphteleport.torch.analyze``),
+  cofactor sampling, the in-place rewrite of parameters and BatchNorm buffers, and the
+  result.  Each round is undone (untimed) before the next;
 * **plain loop**: ``for p in model.parameters(): p.mul_(v)`` with ``v`` a fresh random
   vector of ``p.shape[0]`` entries broadcast over the other axes — the least any per-channel
   rescaling of the module can cost;
@@ -22,12 +22,14 @@ machine's noise), with ``gc.collect()`` between measurements; the medians are co
 
 The model is the CIFAR ResNet-18 of ``models.architectures`` at full width (64 stem
 channels, 11.2 M parameters, BatchNorm statistics re-randomised), input 1x3x32x32.  The
-target is a ratio of at most 3.  One extra teleport is profiled with cProfile and its
-hotspots printed.
+target is a ratio of medians of at most 3; the median of the per-round ratios (each round's
+teleport over the same round's plain loop) is printed beside it.  One extra teleport is
+profiled with cProfile and its hotspots printed.
 
 Usage (repository root, project venv)::
 
     python bench/bench_torch.py              # 7 rounds
+    python bench/bench_torch.py -n 31        # the figures in the README
     python bench/bench_torch.py -n 11 --width 16 --max-ratio 3
 
 Exit status: 0 done; 1 the teleport changed the module's function; 3 ``--max-ratio``
@@ -154,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = ", ".join(f"{t * 1e3:.1f}" for t in times[k])
         print(f"{k + ':':24s} {med[k] * 1e3:8.1f} ms median of {args.repeat} ({samples})")
     print(f"ratio teleport / plain:  {ratio:8.2f}x (target <= 3)")
+    paired = sorted(t / p for t, p in zip(times["teleport"], times["plain"]))
+    print(f"  per round (same round): median {statistics.median(paired):.2f}x, "
+          f"range {paired[0]:.2f}-{paired[-1]:.2f}x")  # fmt: skip
     print(f"ratio prepared / plain:  {med['prepared'] / med['plain']:8.2f}x "
           "(Teleporter.teleport: the analysis done once per module, like the trace)")  # fmt: skip
     rest = med["teleport"] - med["analyze"]

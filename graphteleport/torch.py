@@ -303,21 +303,23 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
     if not bns:
         return
     t2, sizes = _variance_factors(bns, tau)  # τ_in², all layers
-    t2s = np.split(t2, np.cumsum(sizes)[:-1])
+    ends = np.cumsum(sizes).tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
     eps = np.repeat([bn.eps for bn in bns], sizes)
     sigma2 = np.concatenate([_measured(bn, n) for bn, n in zip(bns, sizes)])
     c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
     c = np.where(np.isnan(sigma2), 1.0, c)
     s = c * c * t2
-    arrays = (c, s, eps * (s - 1))  # γ's factor, running var's S and O
+    arrays = np.stack([c, s, eps * (s - 1)])  # γ's factor, running var's S and O
     like = graph.tensors[bns[0].var]
-    if all(_alike(graph.tensors[bn.var], like) for bn in bns):  # one conversion each
-        cs, ss, os = (_to_torch(a, like).split(sizes) for a in arrays)
+    if all(_alike(graph.tensors[bn.var], like) for bn in bns):  # one conversion
+        cs, ss, os = (row.split(sizes) for row in _to_torch(arrays, like))
     else:
-        spans = list(zip(bns, np.cumsum([0, *sizes]), np.cumsum(sizes)))
         cs, ss, os = (
-            [_to_torch(a[lo:hi], graph.tensors[bn.var]) for bn, lo, hi in spans] for a in arrays
+            [_to_torch(a[lo:hi], graph.tensors[bn.var]) for bn, (lo, hi) in zip(bns, spans)]
+            for a in arrays
         )
+    t2s = [t2[lo:hi] for lo, hi in spans]
     for bn, t2k, ck, sk, ok in zip(bns, t2s, cs, ss, os):
         t = graph.tensors[bn.var]
         done.factors[bn.var] = (_as_shape(sk, t),)

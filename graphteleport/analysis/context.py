@@ -254,34 +254,27 @@ class Context:
             return self._is_zero(v)
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
+        rank = len(shape)
         fitted, fits = [], True
-        for f, _ in factors:
+        for f, e in factors:
             a = _int_ids(f)
-            if a.ndim != len(shape):
-                a = _fit_rank(a, len(shape))
+            if a.ndim != rank:
+                a = _fit_rank(a, rank)
             fits = fits and (a.shape == shape or _fits(a.shape, shape))
-            fitted.append(a)
-        if fits:
-            target, arrays = shape, fitted  # the usual case: factors laid out in the weight's axes
-        else:
-            target = broadcast_shape(shape, *[f.shape for f in fitted])
+            fitted.append(Factor(a, e))
+        target = shape  # the usual case: factors laid out in the weight's axes
+        if not fits:
+            target = broadcast_shape(shape, *[f.ids.shape for f in fitted])
             if target != shape and (
                 not expand or index is not None or self.training or self._shared(ref)
             ):
                 return False  # the rule then leaves the constant as it is, if it can
-            arrays = [align(f, len(target)) for f in fitted]
-        if index is not None and not _consistent_repeats(index, arrays, target):
+            fitted = [Factor(align(f.ids, len(target)), f.exp) for f in fitted]
+        if index is not None and not _consistent_repeats(index, [f.ids for f in fitted], target):
             return False
+        input_index = node.inputs.index(v)
         self.c.absorbs.append(
-            Absorb(
-                source=ref,
-                shape=target,
-                factors=[Factor(a, e) for a, (_, e) in zip(arrays, factors)],
-                node=node,
-                input_index=node.inputs.index(v),
-                index=index,
-                expand=target != shape,
-            )
+            Absorb(ref, target, fitted, node, input_index, index, target != shape)
         )
         return True
 

@@ -28,26 +28,27 @@ def compress(parent: IntArray) -> IntArray:
     """Point every node straight at its root (pointer jumping), in place."""
     while True:
         grand = parent[parent]
-        if np.array_equal(grand, parent):
+        if (grand == parent).all():
             return parent
         parent[:] = grand
 
 
 def union_pairs(parent: IntArray, a: IntArray, b: IntArray) -> None:
-    """Merge the classes of ``a[i]`` and ``b[i]`` for every i, in place.
+    """Merge the classes of ``a[i]`` and ``b[i]`` for every i, in place; ``parent`` must
+    point every node at its root on entry (``np.arange``: all singletons) and does on exit.
 
     The smaller root always wins, so roots only ever decrease and the loop ends.
     """
     a = np.asarray(a, dtype=np.int64).ravel()
     b = np.asarray(b, dtype=np.int64).ravel()
     while a.size:
-        compress(parent)
         ra, rb = parent[a], parent[b]
         differ = ra != rb
         if not differ.any():
             return
         a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        compress(parent)
 
 
 def solve(
