@@ -243,21 +243,23 @@ def _apply(
     ``S`` is broadcastable (``[O, C, 1, 1]`` for a conv: no full copy), multiplied out from
     its factors just before it is used and freed right after (all of a ResNet's at once
     would be megabytes of fresh pages); the many small tensors whose ``S`` has their own
-    shape (BatchNorm's, biases) are done by one ``torch._foreach_mul_`` (the optimizers'
-    batched op; it groups by dtype and device itself), with the products it needs as long
-    as they are small (a linear layer's ``S`` is a full ``[O, I]`` product: used at once)."""
-    small: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    shape (BatchNorm's, biases) are done by one ``torch._foreach_mul_`` per device (the
+    optimizers' batched op; mixed dtypes take its per-tensor path), with the products it
+    needs as long as they are small (a linear layer's ``S`` is a full ``[O, I]`` product:
+    used at once)."""
+    small: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     with torch.no_grad():
         for name, fs in factors.items():
             t = tensors[name]
             st = _multiply_out(fs)
             if st.shape == t.shape and (len(fs) == 1 or st.numel() <= _FRESH_BATCHED):
-                small[0].append(t)
-                small[1].append(st)
+                ts, ss = small.setdefault(t.device, ([], []))
+                ts.append(t)
+                ss.append(st)
             else:
                 t.mul_(st)
-        if small[0]:
-            torch._foreach_mul_(*small)
+        for ts, ss in small.values():
+            torch._foreach_mul_(ts, ss)
         if offsets:
             torch._foreach_add_([tensors[n] for n in offsets], list(offsets.values()))
 
