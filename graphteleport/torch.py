@@ -35,6 +35,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -85,10 +86,11 @@ class TorchTeleport:
     def changed(self) -> list[str]:
         return sorted(self.factors)
 
-    @property
+    @cached_property
     def scales(self) -> dict[str, torch.Tensor]:
         """``S`` per changed tensor (``W' = W·S + O``), in its dtype and device,
-        broadcastable to the tensor (a conv weight's is ``[O, C, 1, 1]``)."""
+        broadcastable to the tensor (a conv weight's is ``[O, C, 1, 1]``); made on first
+        use."""
         return {name: _multiply_out(fs) for name, fs in self.factors.items()}
 
     @property
