@@ -426,7 +426,7 @@ def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str,
     out: dict[str, Factors] = {}
     for uses in analysis.by_source.values():
         first = uses[0]
-        if _unmapped(first) and (len(uses) == 1 or all(map(_unmapped, uses))):
+        if all(map(_unmapped, uses)):
             simple.append((first.source.name, first.factors))
         elif (st := _mapped_scale(uses, tau, graph.tensors[first.source.name])) is not None:
             out[first.source.name] = (st,)

@@ -172,14 +172,8 @@ class Context:
     def new_for(self, v: ir.Value, feature_axes: Sequence[int]) -> IntArray:
         """Fresh neurons for ``v``, one per position along ``feature_axes``."""
         shape = self.shape(v)
-        if len(feature_axes) == 1 and len(shape) > 1:  # the usual case: one channel axis
-            axis = feature_axes[0] % len(shape)
-            layout = (1,) * axis + (int(shape[axis]),) + (1,) * (len(shape) - axis - 1)
-        else:
-            axes = {a % len(shape) for a in feature_axes}
-            layout = tuple(int(s) if k in axes else 1 for k, s in enumerate(shape))
-        node = self.node
-        return self.c.new(layout, v.name or "", node.op_type if node else "")
+        axes = {a % len(shape) for a in feature_axes}
+        return self.new([s if k in axes else 1 for k, s in enumerate(shape)], v.name or "")
 
     # -- constraints --------------------------------------------------------------------
     def tie(self, a: IntArray, b: IntArray) -> None:
@@ -272,9 +266,16 @@ class Context:
             fitted = [Factor(align(f.ids, len(target)), f.exp) for f in fitted]
         if index is not None and not _consistent_repeats(index, [f.ids for f in fitted], target):
             return False
-        input_index = node.inputs.index(v)
         self.c.absorbs.append(
-            Absorb(ref, target, fitted, node, input_index, index, target != shape)
+            Absorb(
+                source=ref,
+                shape=target,
+                factors=fitted,
+                node=node,
+                input_index=node.inputs.index(v),
+                index=index,
+                expand=target != shape,
+            )
         )
         return True
 
