@@ -226,9 +226,10 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
     """Multiply every absorbing parameter/buffer in place by its ``S`` (and add the
     BatchNorm offsets of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
     power-of-two multiples); return what was applied."""
-    done = _Rewrite(factors=_scales(graph, analysis, tau))
+    values = analysis.factor_table.values(tau)  # every factor's τ[ids]^e, in one gather
+    done = _Rewrite(factors=_scales(graph, analysis, tau, values))
     if not exact:
-        _batchnorm_eps(graph, analysis, tau, done)
+        _batchnorm_eps(graph, analysis, tau, values, done)
     _apply(graph.tensors, done.factors, done.offsets)
     for path, s in done.bn_input.items():
         graph.bn_var[path] = graph.bn_var[path] * s
@@ -286,7 +287,9 @@ class _Rewrite:
     bn_input: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done: _Rewrite) -> None:
+def _batchnorm_eps(
+    graph: TorchGraph, analysis: Analysis, tau: np.ndarray, values: np.ndarray, done: _Rewrite
+) -> None:
     """Keep BatchNorm right although its ``ε`` cannot be scaled.
 
     The training form scales a channel's input by ``τ`` (> 0), hence its variance by ``τ²``,
@@ -306,7 +309,7 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, done:
     bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.factors]  # τ_in ≠ 1
     if not bns:
         return
-    t2, sizes = _variance_factors(bns, tau)  # τ_in², all layers
+    t2, sizes = _variance_factors(bns, analysis, tau, values)  # τ_in², all layers
     ends = np.cumsum(sizes).tolist()
     spans = list(zip([0, *ends[:-1]], ends))
     eps = np.repeat([bn.eps for bn in bns], sizes)
@@ -341,20 +344,23 @@ def _as_shape(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return part if part.shape == like.shape else part.reshape(like.shape)
 
 
-def _variance_factors(bns: list[_BatchNorm], tau: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """``τ_in²`` of every layer (its running variance's ``Π τ[f.ids]^e``), concatenated, and
-    the layers' sizes; gathered at once when every layer has the same factor layout."""
-    counts = {len(bn.absorb.factors) for bn in bns}
-    if len(counts) != 1:
-        parts = [scale(bn.absorb, tau).reshape(-1) for bn in bns]
-        return np.concatenate(parts), [p.size for p in parts]
-    sizes = [math.prod(bn.absorb.shape) for bn in bns]
-    t2 = np.ones(sum(sizes))
-    for j in range(counts.pop()):
-        fs = [bn.absorb.factors[j] for bn in bns]
-        ids = [_flat_ids(f.ids, bn.absorb.shape) for f, bn in zip(fs, bns)]
-        t2 *= _gather(ids, [f.exp for f in fs], tau)
-    return t2, sizes
+def _variance_factors(
+    bns: list[_BatchNorm], analysis: Analysis, tau: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, list[int]]:
+    """``τ_in²`` of every layer (its running variance's ``S``), concatenated, and the layers'
+    sizes: the slice of ``values`` (:meth:`~graphteleport.analysis.driver.FactorTable.values`)
+    of its one factor when that covers the layer, else worked out from ``τ``."""
+    table = analysis.factor_table
+    parts = []
+    for bn in bns:
+        ab = bn.absorb
+        j, size = table.first[id(ab)], math.prod(ab.shape)
+        if len(ab.factors) == 1 and table.sizes[j] == size:
+            lo = int(table.starts[j])
+            parts.append(values[lo : lo + size])
+        else:
+            parts.append(np.broadcast_to(scale(ab, tau), ab.shape).reshape(-1))
+    return np.concatenate(parts), [p.size for p in parts]
 
 
 def _measured(bn: _BatchNorm, size: int) -> np.ndarray:
@@ -402,85 +408,63 @@ def _channels(ab: Absorb) -> int:
     return math.prod(ab.shape)
 
 
-def _flat_ids(ids: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``ids`` broadcast to ``shape``, flat (no copy when it has that many elements)."""
-    if ids.size == math.prod(shape):
-        return ids.reshape(-1)
-    return np.broadcast_to(ids, shape).reshape(-1)
-
-
 def _input_name(node: Any, k: int) -> str:
     v = node.inputs[k] if len(node.inputs) > k else None
     return (v.name or "") if v is not None else ""
 
 
-def _scales(graph: TorchGraph, analysis: Analysis, tau: np.ndarray) -> dict[str, Factors]:
+def _scales(
+    graph: TorchGraph, analysis: Analysis, tau: np.ndarray, values: np.ndarray
+) -> dict[str, Factors]:
     """``S`` per tensor as factors (all-ones scales are left out), in its dtype and device.
 
     Tensors with one use (or tied uses) and no element map — all of them, in most models —
-    take ``S = Π τ[f.ids]^e`` as a product of small per-axis factors.  Their factors are
-    gathered from ``τ`` in one numpy operation and converted to torch in one, then split into
-    views per factor (per dtype and device); the rest go through :func:`_mapped_scale`.
+    take ``S = Π τ[f.ids]^e`` as a product of small per-axis factors: views, in the
+    factors' layouts, of ``values`` (every factor's ``τ[f.ids]^e``, end to end:
+    :meth:`~graphteleport.analysis.driver.FactorTable.values`) converted to torch once per
+    dtype and device; the rest go through :func:`_mapped_scale`.
     """
-    simple: list[tuple[str, list[Any]]] = []
+    table = analysis.factor_table
+    simple: list[tuple[str, int, int]] = []  # name, factor range
     out: dict[str, Factors] = {}
     for uses in analysis.by_source.values():
         first = uses[0]
         if all(map(_unmapped, uses)):
-            simple.append((first.source.name, first.factors))
+            j = table.first[id(first)]
+            simple.append((first.source.name, j, j + len(first.factors)))
         elif (st := _mapped_scale(uses, tau, graph.tensors[first.source.name])) is not None:
             out[first.source.name] = (st,)
-    by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, list[Any]]]] = {}
-    for name, factors in simple:
-        t = graph.tensors[name]
-        by_kind.setdefault((t.dtype, t.device), []).append((name, factors))
+    by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, int, int]]] = {}
+    for entry in simple:
+        t = graph.tensors[entry[0]]
+        by_kind.setdefault((t.dtype, t.device), []).append(entry)
+    moved = table.moved(values)
     for group in by_kind.values():
-        out.update(_factor_views(graph, group, tau))
-    return out
-
-
-def _gather(ids: list[np.ndarray], exps: list[int], tau: np.ndarray) -> np.ndarray:
-    """``τ[ids_k]^exps_k`` of several factors, concatenated: one numpy gather for all."""
-    flat = tau[np.concatenate([a.reshape(-1) for a in ids])]
-    return _powers(flat, np.repeat(exps, [a.size for a in ids]))
-
-
-def _powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
-    """``values ** exps`` for integer exponents, almost all ±1 (a reciprocal, not a power)."""
-    out = np.where(exps < 0, 1.0 / values, values)
-    other = np.abs(exps) != 1
-    if other.any():
-        out[other] = values[other] ** exps[other].astype(np.float64)
+        views = _to_torch(values, graph.tensors[group[0][0]]).split(table.sizes)
+        out.update(_factor_views(group, views, table.shapes, moved))
     return out
 
 
 def _factor_views(
-    graph: TorchGraph, group: list[tuple[str, list[Any]]], tau: np.ndarray
+    group: list[tuple[str, int, int]],
+    views: Sequence[torch.Tensor],
+    shapes: list[tuple[int, ...]],
+    moved: list[bool],
 ) -> dict[str, Factors]:
-    """``τ[f.ids]^e`` of every factor of tensors of one dtype and device, converted at once
-    and split into views in the factors' layouts; tensors whose factors are all ones are
-    left out."""
-    ids = [f.ids for _, fs in group for f in fs]
-    sizes = [a.size for a in ids]
-    values = _gather(ids, [f.exp for _, fs in group for f in fs], tau)
-    edges = np.cumsum([0, *sizes[:-1]])
-    off = np.append(np.abs(values - 1), 0.0)  # (a final sentinel: empty factors stay in range)
-    moved = (np.maximum.reduceat(off, edges) > 0).tolist()
-    views = _to_torch(values, graph.tensors[group[0][0]]).split(sizes)
+    """Each tensor's factors (``views[j:k]``, in their ``shapes``), leaving out tensors
+    whose factors are all ones."""
     out: dict[str, Factors] = {}
-    k = 0
-    for name, fs in group:
-        j, k = k, k + len(fs)
+    for name, j, k in group:
         if k == j + 1:  # one factor (most tensors)
             if moved[j]:
-                out[name] = (_in_layout(views[j], ids[j]),)
+                out[name] = (_in_layout(views[j], shapes[j]),)
         elif any(moved[j:k]):
-            out[name] = tuple(_in_layout(v, a) for v, a in zip(views[j:k], ids[j:k]))
+            out[name] = tuple(_in_layout(views[i], shapes[i]) for i in range(j, k))
     return out
 
 
-def _in_layout(view: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
-    return view if ids.ndim == 1 else view.view(ids.shape)
+def _in_layout(view: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return view if len(shape) == 1 else view.view(shape)
 
 
 def _unmapped(ab: Absorb) -> bool:

@@ -215,13 +215,60 @@ def _consistent(ctx: Context, a: Absorb, b: Absorb) -> None:
     ctx.monomial([(f.ids[pa], f.exp) for f in fa] + [(f.ids[pb], -f.exp) for f in fb])
 
 
-def _scaled_ids(ctx: Context) -> Iterator[np.ndarray]:
-    """Ids of every neuron some weight or inserted node depends on."""
-    for ab in ctx.c.absorbs:
-        yield from (f.ids for f in ab.factors)
+def _inserted_ids(ctx: Context) -> Iterator[np.ndarray]:
+    """Ids of every neuron an inserted node (insert mode) depends on."""
     yield from (w.ids for w in ctx.c.wraps)
     for e in ctx.c.edges:
         yield from (f.ids for f in e.factors)
+
+
+def powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
+    """``values ** exps`` for integer exponents, almost all ±1 (a reciprocal, not a power)."""
+    out = np.where(exps < 0, 1.0 / values, values)
+    other = np.abs(exps) != 1
+    if other.any():
+        out[other] = values[other] ** exps[other].astype(np.float64)
+    return out
+
+
+class FactorTable:
+    """The factors of every absorb laid end to end, so that ``S`` of all of them takes
+    one gather of ``τ``.
+
+    ``ids`` holds every factor's ids (flat, in absorb order), ``exps`` each element's
+    exponent; per factor ``starts``/``sizes`` locate it and ``shapes`` give its layout;
+    ``first[id(ab)]`` is the index of absorb ``ab``'s first factor.
+    """
+
+    __slots__ = ("exps", "first", "ids", "shapes", "sizes", "starts")
+
+    def __init__(self, absorbs: Sequence[Absorb]) -> None:
+        arrays: list[np.ndarray] = []
+        exps: list[int] = []
+        self.first: dict[int, int] = {}
+        for ab in absorbs:
+            self.first[id(ab)] = len(arrays)
+            for f in ab.factors:
+                arrays.append(f.ids)
+                exps.append(f.exp)
+        self.shapes = [a.shape for a in arrays]
+        self.sizes = [a.size for a in arrays]
+        ends = np.cumsum(self.sizes, dtype=np.int64)
+        self.starts = ends - np.asarray(self.sizes, dtype=np.int64)
+        if arrays:
+            self.ids = np.concatenate([a.reshape(-1) for a in arrays])
+        else:
+            self.ids = np.zeros(0, dtype=np.int64)
+        self.exps = np.repeat(np.asarray(exps, dtype=np.int64), self.sizes)
+
+    def values(self, tau: np.ndarray) -> np.ndarray:
+        """``τ[ids]^e`` of every element, float64 (split by ``sizes`` per factor)."""
+        return powers(tau[self.ids], self.exps)
+
+    def moved(self, values: np.ndarray) -> list[bool]:
+        """Per factor: some element of ``values`` (:meth:`values`) differs from 1."""
+        off = np.append(np.abs(values - 1), 0.0)  # a final sentinel: empty factors stay in range
+        return (np.maximum.reduceat(off, self.starts) > 0).tolist() if self.sizes else []
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -234,11 +281,13 @@ class Analysis:
         solution: Solution,
         private: set[int],
         sources: dict[int, list[Absorb]],
+        table: FactorTable,
     ) -> None:
         self.ctx = ctx
         self.solution = solution
         self.private = private
         self.by_source = sources  # the absorbs per stored tensor (:func:`by_source`)
+        self.factor_table = table  # every absorb's factors, end to end
 
     @property
     def absorbs(self) -> list[Absorb]:
@@ -267,9 +316,10 @@ def analyze_model(
     run_rules(ctx)
     sources = by_source(ctx.c.absorbs)
     private = tie_shared_weights(ctx, sources)
-    scaled = [ids.reshape(-1) for ids in _scaled_ids(ctx)]
+    table = FactorTable(ctx.c.absorbs)
     touched = np.zeros(ctx.c.n, dtype=bool)
-    if scaled:
-        touched[np.concatenate(scaled)] = True
+    touched[table.ids] = True  # neurons some weight or inserted node depends on
+    for ids in _inserted_ids(ctx):
+        touched[ids.reshape(-1)] = True
     solution = solve(ctx.c, np.flatnonzero(touched))
-    return Analysis(ctx, solution, private, sources)
+    return Analysis(ctx, solution, private, sources, table)
