@@ -254,7 +254,7 @@ def _apply(
     with torch.no_grad():
         for name, fs in factors.items():
             t = tensors[name]
-            st = _multiply_out(fs)
+            st = fs[0] if len(fs) == 1 else _multiply_out(fs)
             if st.shape == t.shape and (len(fs) == 1 or st.numel() <= _FRESH_BATCHED):
                 ts, ss = small.setdefault(t.device, ([], []))
                 ts.append(t)

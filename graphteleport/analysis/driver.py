@@ -222,53 +222,55 @@ def _inserted_ids(ctx: Context) -> Iterator[np.ndarray]:
         yield from (f.ids for f in e.factors)
 
 
-def powers(values: np.ndarray, exps: np.ndarray) -> np.ndarray:
-    """``values ** exps`` for integer exponents, almost all ±1 (a reciprocal, not a power)."""
-    out = np.where(exps < 0, 1.0 / values, values)
-    other = np.abs(exps) != 1
-    if other.any():
-        out[other] = values[other] ** exps[other].astype(np.float64)
-    return out
-
-
 class FactorTable:
     """The factors of every absorb laid end to end, so that ``S`` of all of them takes
     one gather of ``τ``.
 
-    ``ids`` holds every factor's ids (flat, in absorb order), ``exps`` each element's
-    exponent; per factor ``starts``/``sizes`` locate it and ``shapes`` give its layout;
+    ``ids`` holds every factor's ids (flat, in absorb order); per factor ``starts`` and
+    ``sizes`` locate it, ``shapes`` give its layout and ``exps`` its exponent;
     ``first[id(ab)]`` is the index of absorb ``ab``'s first factor.
     """
 
-    __slots__ = ("exps", "first", "ids", "shapes", "sizes", "starts")
+    __slots__ = ("_inverse", "_powers", "exps", "first", "ids", "shapes", "sizes", "starts")
 
     def __init__(self, absorbs: Sequence[Absorb]) -> None:
         arrays: list[np.ndarray] = []
-        exps: list[int] = []
+        self.exps: list[int] = []
         self.first: dict[int, int] = {}
         for ab in absorbs:
             self.first[id(ab)] = len(arrays)
             for f in ab.factors:
                 arrays.append(f.ids)
-                exps.append(f.exp)
+                self.exps.append(f.exp)
         self.shapes = [a.shape for a in arrays]
         self.sizes = [a.size for a in arrays]
-        ends = np.cumsum(self.sizes, dtype=np.int64)
-        self.starts = ends - np.asarray(self.sizes, dtype=np.int64)
-        if arrays:
-            self.ids = np.concatenate([a.reshape(-1) for a in arrays])
-        else:
-            self.ids = np.zeros(0, dtype=np.int64)
-        self.exps = np.repeat(np.asarray(exps, dtype=np.int64), self.sizes)
+        self.starts = np.cumsum([0, *self.sizes[:-1]], dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        self.ids = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else empty
+        exps = np.repeat(np.asarray(self.exps, dtype=np.int64), self.sizes)
+        self._inverse = exps < 0
+        other = np.flatnonzero(np.abs(exps) != 1)  # powers other than ±1 (BatchNorm's τ²)
+        self._powers = (other, exps[other].astype(np.float64))
 
     def values(self, tau: np.ndarray) -> np.ndarray:
-        """``τ[ids]^e`` of every element, float64 (split by ``sizes`` per factor)."""
-        return powers(tau[self.ids], self.exps)
+        """``τ[ids]^e`` of every element, float64 (split by ``sizes`` per factor); almost
+        every exponent is ±1: a reciprocal, not a power."""
+        t = tau[self.ids]
+        out = np.divide(1.0, t, out=t.copy(), where=self._inverse)
+        other, exps = self._powers
+        if other.size:
+            out[other] = t[other] ** exps
+        return out
 
     def moved(self, values: np.ndarray) -> list[bool]:
         """Per factor: some element of ``values`` (:meth:`values`) differs from 1."""
-        off = np.append(np.abs(values - 1), 0.0)  # a final sentinel: empty factors stay in range
-        return (np.maximum.reduceat(off, self.starts) > 0).tolist() if self.sizes else []
+        if not self.sizes:
+            return []
+        off = np.append(np.abs(values - 1), 0.0)  # a sentinel: an empty last span stays in range
+        peaks = np.maximum.reduceat(off, self.starts)
+        if 0 in self.sizes:  # reduceat gives an empty span the next span's first element
+            peaks[np.asarray(self.sizes) == 0] = 0.0
+        return (peaks > 0).tolist()
 
 
 # -- entry point ----------------------------------------------------------------------------

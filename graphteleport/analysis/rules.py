@@ -672,13 +672,21 @@ def _transpose(ctx: Context, node: ir.Node) -> None:
 
 
 def _reshape(ctx: Context, node: ir.Node) -> None:
-    """Reshape/Flatten/Squeeze/Unsqueeze: reshape the full id array, then compress it."""
-    ids = _require_act(ctx, _x(node), "input")
+    """Reshape/Flatten/Squeeze/Unsqueeze: reshape the full id array, then compress it
+    (an op that only adds or drops size-1 axes moves the compact ids' axes along)."""
+    x = _x(node)
+    ids = _require_act(ctx, x, "input")
     shape = ctx.shape(node.outputs[0])
     if ids.size == 1:  # one neuron: nothing to move
         ctx.set(node.outputs[0], ids.reshape([1] * len(shape)))
         return
-    ctx.set(node.outputs[0], compress(ctx.full(_x(node)).reshape(shape)))
+    in_shape = ctx.shape(x)
+    kept = [d for d in in_shape if d != 1]
+    if kept == [d for d in shape if d != 1]:
+        axes = iter([n for n, d in zip(align(ids, len(in_shape)).shape, in_shape) if d != 1])
+        ctx.set(node.outputs[0], ids.reshape([1 if d == 1 else next(axes) for d in shape]))
+        return
+    ctx.set(node.outputs[0], compress(ctx.full(x).reshape(shape)))
 
 
 def _index_map(ctx: Context, node: ir.Node) -> None:
