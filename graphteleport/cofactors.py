@@ -31,6 +31,8 @@ import numpy as np
 from graphteleport.analysis.solve import GROUPS
 from graphteleport.errors import InputError
 
+assert GROUPS == ("any", "positive", "sign", "pinned")  # restrict's order
+
 SAMPLINGS = ("intra_landscape", "inter_landscape", "positive", "negative", "centered")
 
 
@@ -75,9 +77,9 @@ def restrict(t: np.ndarray, groups: Sequence[str] | np.ndarray) -> np.ndarray:
     ``groups``: names, or integer codes indexing :data:`~graphteleport.analysis.solve.GROUPS`.
     """
     g = np.asarray(groups)
-    names = ("positive", "sign", "pinned")
-    keys = [GROUPS.index(k) for k in names] if g.dtype.kind in "iu" else names
-    positive, sign, pinned = (g == k for k in keys)
+    if g.dtype.kind in "iu":  # codes: one pass picks each pair's value, in GROUPS' order
+        return np.choose(g, (t, np.abs(t), np.sign(t), np.ones_like(t)))
+    positive, sign, pinned = (g == k for k in ("positive", "sign", "pinned"))
     out = np.where(positive, np.abs(t), t)
     out = np.where(sign, np.sign(t), out)
     return np.where(pinned, 1.0, out)

@@ -27,7 +27,8 @@ from conftest import (
 from onnx import helper
 
 from graphteleport.analysis import analyze
-from graphteleport.cofactors import SAMPLINGS
+from graphteleport.analysis.solve import GROUPS
+from graphteleport.cofactors import SAMPLINGS, restrict
 from graphteleport.errors import InputError
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 
@@ -43,6 +44,20 @@ def op_types(proto: onnx.ModelProto) -> list[tuple[str, tuple[str, ...]]]:
 @pytest.fixture(params=FIXTURE_NAMES)
 def fixture_proto(request: pytest.FixtureRequest, fixtures_dir: Path) -> onnx.ModelProto:
     return load(fixtures_dir, request.param)
+
+
+def test_restrict_by_codes_matches_restrict_by_names() -> None:
+    """Positive pairs take |τ|, sign pairs ±1, pinned pairs 1, whether the groups come as
+    names or as codes (the fast path)."""
+    rng = np.random.default_rng(0)
+    t = rng.uniform(-1.5, 1.5, 256)
+    codes = rng.integers(0, len(GROUPS), 256)
+    by_code, by_name = restrict(t, codes), restrict(t, np.array(GROUPS)[codes])
+    np.testing.assert_array_equal(by_code, by_name)
+    np.testing.assert_array_equal(by_code[codes == 0], t[codes == 0])
+    np.testing.assert_array_equal(by_code[codes == 1], np.abs(t[codes == 1]))
+    np.testing.assert_array_equal(by_code[codes == 2], np.sign(t[codes == 2]))
+    np.testing.assert_array_equal(by_code[codes == 3], 1.0)
 
 
 # -- count + structure + numerics on the fixtures ---------------------------------------------

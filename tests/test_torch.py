@@ -48,7 +48,9 @@ from torch.nn import functional as F  # noqa: E402
 import graphteleport.frontends.torch as gt_frontend  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends.torch import as_args  # noqa: E402
+from graphteleport.rewrite import scale  # noqa: E402
 from graphteleport.torch import Teleporter, compose, orbit_tangent, teleport  # noqa: E402
+from graphteleport.torch import analyze as gt_analyze  # noqa: E402
 from models.architectures import ARCHITECTURES, build, cnn_2d, mlp  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -709,3 +711,25 @@ def test_orbit_tangent_is_the_teleport_derivative() -> None:
     for name, t in tangent.items():
         fd = (states[0][name] - states[1][name]) / (2 * eps)
         torch.testing.assert_close(t, fd, rtol=1e-6, atol=1e-8 * float(t.abs().max()) + 1e-12)
+
+
+def test_factor_table_gives_every_absorbs_scale() -> None:
+    """The factor table's one gather equals ``S = Π τ[ids]^e`` absorb by absorb (BatchNorm's
+    training form has a τ² factor), and ``moved`` flags exactly the factors off 1."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    a = gt_analyze(gt_frontend.trace(net, torch.randn(2, 3, 6, 6)))
+    table = a.factor_table
+    assert 2 in table.exps and -1 in table.exps
+    tau = np.random.default_rng(0).uniform(0.5, 1.5, a.solution.n)
+    tau[a.absorbs[0].factors[1].ids] = 1.0  # the first conv's input side: all ones
+    values = table.values(tau)
+    moved = table.moved(values)
+    for ab in a.absorbs:
+        j = table.first[id(ab)]
+        s = np.ones((1,) * len(ab.shape))
+        for k in range(j, j + len(ab.factors)):
+            lo = int(table.starts[k])
+            s = s * values[lo : lo + table.sizes[k]].reshape(table.shapes[k])
+            assert moved[k] == bool(np.any(values[lo : lo + table.sizes[k]] != 1))
+        np.testing.assert_allclose(s, scale(ab, tau), rtol=1e-15)
+    assert moved.count(False) == 1
