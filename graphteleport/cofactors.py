@@ -78,7 +78,7 @@ def restrict(t: np.ndarray, groups: Sequence[str] | np.ndarray) -> np.ndarray:
     """
     g = np.asarray(groups)
     if g.dtype.kind in "iu":  # codes: one pass picks each pair's value, in GROUPS' order
-        return np.choose(g, (t, np.abs(t), np.sign(t), np.ones_like(t)))
+        return g.choose((t, np.abs(t), np.sign(t), np.ones_like(t)))
     positive, sign, pinned = (g == k for k in ("positive", "sign", "pinned"))
     out = np.where(positive, np.abs(t), t)
     out = np.where(sign, np.sign(t), out)

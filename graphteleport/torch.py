@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import defaultdict
@@ -310,14 +311,14 @@ def _batchnorm_eps(
     if not bns:
         return
     t2, sizes = _variance_factors(bns, analysis, tau, values)  # τ_in², all layers
-    ends = np.cumsum(sizes).tolist()
+    ends = list(itertools.accumulate(sizes))
     spans = list(zip([0, *ends[:-1]], ends))
-    eps = np.repeat([bn.eps for bn in bns], sizes)
+    eps = np.asarray([bn.eps for bn in bns]).repeat(sizes)
     sigma2 = np.concatenate([_measured(bn, n) for bn, n in zip(bns, sizes)])
     c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
     c = np.where(np.isnan(sigma2), 1.0, c)
     s = c * c * t2
-    arrays = np.stack([c, s, eps * (s - 1)])  # γ's factor, running var's S and O
+    arrays = np.array([c, s, eps * (s - 1)])  # γ's factor, running var's S and O
     like = graph.tensors[bns[0].var]
     if all(_alike(graph.tensors[bn.var], like) for bn in bns):  # one conversion
         cs, ss, os = (row.split(sizes) for row in _to_torch(arrays, like))
@@ -393,13 +394,12 @@ def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
         node: Any = ab.node
         if ab.input_index != 4 or node.op_type != "BatchNormalization":
             continue
-        eps_attr = node.attributes.get("epsilon")
         path = ab.source.name.rpartition(".")[0]
         gamma = _input_name(node, 1)
         sigma2 = graph.bn_var.get(path) if gamma in graph.tensors else None
         if sigma2 is not None and sigma2.size != _channels(ab):
             sigma2 = None  # not this node's channels (a module traced in another layout)
-        eps = eps_attr.as_float() if eps_attr is not None else 1e-5
+        eps = node.attributes.get_float("epsilon", 1e-5)
         out.append(_BatchNorm(ab, ab.source.name, gamma, path, eps, sigma2))
     return out
 

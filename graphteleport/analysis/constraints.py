@@ -135,12 +135,14 @@ class Constraints:
         return ids
 
     def tie(self, a: IntArray, b: IntArray) -> None:
-        a, b = np.broadcast_arrays(a, b)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         if a.size:
             self.ties.append((a.ravel().copy(), b.ravel().copy()))
 
     def relate(self, a: IntArray, b: IntArray) -> None:
-        a, b = np.broadcast_arrays(a, b)
+        if a.shape != b.shape:
+            a, b = np.broadcast_arrays(a, b)
         if a.size:
             self.relations.append((a.ravel().copy(), b.ravel().copy()))
 

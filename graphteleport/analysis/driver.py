@@ -231,7 +231,17 @@ class FactorTable:
     ``first[id(ab)]`` is the index of absorb ``ab``'s first factor.
     """
 
-    __slots__ = ("_inverse", "_powers", "exps", "first", "ids", "shapes", "sizes", "starts")
+    __slots__ = (
+        "_empty",
+        "_inverse",
+        "_powers",
+        "exps",
+        "first",
+        "ids",
+        "shapes",
+        "sizes",
+        "starts",
+    )
 
     def __init__(self, absorbs: Sequence[Absorb]) -> None:
         arrays: list[np.ndarray] = []
@@ -244,12 +254,13 @@ class FactorTable:
                 self.exps.append(f.exp)
         self.shapes = [a.shape for a in arrays]
         self.sizes = [a.size for a in arrays]
-        self.starts = np.cumsum([0, *self.sizes[:-1]], dtype=np.int64)
+        self.starts = np.asarray([0, *self.sizes[:-1]], dtype=np.int64).cumsum()
+        self._empty = [k for k, n in enumerate(self.sizes) if n == 0]
         empty = np.zeros(0, dtype=np.int64)
         self.ids = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else empty
-        exps = np.repeat(np.asarray(self.exps, dtype=np.int64), self.sizes)
+        exps = np.asarray(self.exps, dtype=np.int64).repeat(self.sizes)
         self._inverse = exps < 0
-        other = np.flatnonzero(np.abs(exps) != 1)  # powers other than ±1 (BatchNorm's τ²)
+        other = (np.abs(exps) != 1).nonzero()[0]  # powers other than ±1 (BatchNorm's τ²)
         self._powers = (other, exps[other].astype(np.float64))
 
     def values(self, tau: np.ndarray) -> np.ndarray:
@@ -266,10 +277,11 @@ class FactorTable:
         """Per factor: some element of ``values`` (:meth:`values`) differs from 1."""
         if not self.sizes:
             return []
-        off = np.append(np.abs(values - 1), 0.0)  # a sentinel: an empty last span stays in range
+        off = np.abs(values - 1)
+        if self.sizes[-1] == 0:  # a sentinel: reduceat wants every start in range
+            off = np.append(off, 0.0)
         peaks = np.maximum.reduceat(off, self.starts)
-        if 0 in self.sizes:  # reduceat gives an empty span the next span's first element
-            peaks[np.asarray(self.sizes) == 0] = 0.0
+        peaks[self._empty] = 0.0  # (reduceat gives an empty span the next one's first element)
         return (peaks > 0).tolist()
 
 
@@ -323,5 +335,5 @@ def analyze_model(
     touched[table.ids] = True  # neurons some weight or inserted node depends on
     for ids in _inserted_ids(ctx):
         touched[ids.reshape(-1)] = True
-    solution = solve(ctx.c, np.flatnonzero(touched))
+    solution = solve(ctx.c, touched.nonzero()[0])
     return Analysis(ctx, solution, private, sources, table)

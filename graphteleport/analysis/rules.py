@@ -23,8 +23,8 @@ IntArray = np.ndarray
 
 
 def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
-    a = node.attributes.get(name)
-    return default if a is None else a.value
+    attrs = node.attributes
+    return attrs[name].value if name in attrs else default  # (Mapping.get raises and catches)
 
 
 def _x(node: ir.Node, k: int = 0) -> ir.Value:

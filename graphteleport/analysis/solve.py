@@ -28,6 +28,7 @@ IntArray = np.ndarray
 MAX_ROUNDS = 12
 GROUPS = ("any", "positive", "sign", "pinned")
 PINNED = GROUPS.index("pinned")
+PIN, POSITIVE, SIGN = int(Flag.PIN), int(Flag.POSITIVE), int(Flag.SIGN)  # plain ints: numpy ops
 
 
 @dataclass
@@ -105,8 +106,8 @@ class _Solver:
         """Flag bits of every class: the union of its members' (and mirrors') flags."""
         flags = np.zeros(2 * self.n, dtype=np.int64)
         by_bit: dict[int, list[IntArray]] = {}
-        for ids, flag, _ in [*self.c.flags, *self.extra_flags]:
-            by_bit.setdefault(int(flag), []).append(np.ravel(ids))
+        for ids, flag, _ in [*self.c.flags, *self.extra_flags]:  # flat id arrays
+            by_bit.setdefault(flag, []).append(ids)
         for bit, parts in by_bit.items():
             ids = np.concatenate(parts)
             hit = np.zeros(2 * self.n, dtype=bool)  # fancy assignment, not ufunc.at: faster
@@ -114,7 +115,7 @@ class _Solver:
             hit[roots[ids + self.n]] = True
             flags[hit] |= bit
         self_inverse = roots[: self.n] == roots[self.n :]
-        flags[roots[: self.n][self_inverse]] |= int(Flag.SIGN)
+        flags[roots[: self.n][self_inverse]] |= SIGN
         return flags
 
     def run(self) -> tuple[IntArray, IntArray]:
@@ -122,9 +123,7 @@ class _Solver:
         roots = self.roots()
         for _ in range(MAX_ROUNDS):
             flags = self.root_flags(roots)
-            pinned = (flags & Flag.PIN > 0) | (
-                (flags & Flag.POSITIVE > 0) & (flags & Flag.SIGN > 0)
-            )
+            pinned = (flags & PIN > 0) | ((flags & POSITIVE > 0) & (flags & SIGN > 0))
             changed = False
             for mono in self.c.monomials:
                 changed |= self._resolve(mono, roots, pinned)
@@ -195,8 +194,8 @@ def _dense_unique(key: IntArray, bound: int) -> tuple[IntArray, IntArray]:
     """``np.unique(key, return_inverse=True)`` for keys in ``[0, bound)``, without a sort."""
     present = np.zeros(bound, dtype=bool)
     present[key] = True
-    uniq = np.flatnonzero(present)
-    rank = np.cumsum(present) - 1
+    uniq = present.nonzero()[0]
+    rank = present.cumsum() - 1
     return uniq, rank[key]
 
 
@@ -223,7 +222,7 @@ def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]
 def group_codes(flags: IntArray) -> IntArray:
     """Index into ``GROUPS`` of the group each flag set leaves: pinned (PIN, or both
     POSITIVE and SIGN — only τ = 1 is positive and ±1), sign, positive, or any."""
-    pin, positive, sign = (flags & int(bit) > 0 for bit in (Flag.PIN, Flag.POSITIVE, Flag.SIGN))
+    pin, positive, sign = (flags & bit > 0 for bit in (PIN, POSITIVE, SIGN))
     code = np.where(sign, 2, np.where(positive, 1, 0))
     code[pin | (positive & sign)] = PINNED
     return code
