@@ -257,7 +257,7 @@ class FactorTable:
         self.starts = np.asarray([0, *self.sizes[:-1]], dtype=np.int64).cumsum()
         self._empty = [k for k, n in enumerate(self.sizes) if n == 0]
         empty = np.zeros(0, dtype=np.int64)
-        self.ids = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else empty
+        self.ids = np.concatenate(arrays, axis=None) if arrays else empty  # flattened
         exps = np.asarray(self.exps, dtype=np.int64).repeat(self.sizes)
         self._inverse = exps < 0
         other = (np.abs(exps) != 1).nonzero()[0]  # powers other than ±1 (BatchNorm's τ²)
