@@ -425,19 +425,17 @@ def _scales(
     dtype and device; the rest go through :func:`_mapped_scale`.
     """
     table = analysis.factor_table
-    simple: list[tuple[str, int, int]] = []  # name, factor range
+    by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, int, int]]] = {}
     out: dict[str, Factors] = {}
     for uses in analysis.by_source.values():
         first = uses[0]
+        name = first.source.name
+        t = graph.tensors[name]
         if all(map(_unmapped, uses)):
-            j = table.first[id(first)]
-            simple.append((first.source.name, j, j + len(first.factors)))
-        elif (st := _mapped_scale(uses, tau, graph.tensors[first.source.name])) is not None:
-            out[first.source.name] = (st,)
-    by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, int, int]]] = {}
-    for entry in simple:
-        t = graph.tensors[entry[0]]
-        by_kind.setdefault((t.dtype, t.device), []).append(entry)
+            j = table.first[id(first)]  # (name, factor range) per dtype and device
+            by_kind.setdefault((t.dtype, t.device), []).append((name, j, j + len(first.factors)))
+        elif (st := _mapped_scale(uses, tau, t)) is not None:
+            out[name] = (st,)
     moved = table.moved(values)
     for group in by_kind.values():
         views = _to_torch(values, graph.tensors[group[0][0]]).split(table.sizes)
