@@ -28,8 +28,7 @@ profiled with cProfile and its hotspots printed.
 
 Usage (repository root, project venv)::
 
-    python bench/bench_torch.py              # 7 rounds
-    python bench/bench_torch.py -n 31        # the figures in the README
+    python bench/bench_torch.py              # 31 rounds: the figures in the README
     python bench/bench_torch.py -n 11 --width 16 --max-ratio 3
 
 Exit status: 0 done; 1 the teleport changed the module's function; 3 ``--max-ratio``
@@ -105,7 +104,7 @@ def hotspots(fn: Callable[[], Any], top: int = 15) -> str:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-n", "--repeat", type=int, default=7, help="timed rounds (default 7)")
+    p.add_argument("-n", "--repeat", type=int, default=31, help="timed rounds (default 31)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 stem width (default 64)")
     p.add_argument("--max-ratio", type=float, default=None, help="exit 3 above this ratio")
