@@ -22,7 +22,7 @@ from functools import cached_property
 import numpy as np
 
 from graphteleport.analysis.constraints import Constraints, Factor, Flag
-from graphteleport.analysis.unionfind import compress, union_pairs
+from graphteleport.analysis.unionfind import union_pairs
 
 IntArray = np.ndarray
 MAX_ROUNDS = 12
@@ -99,8 +99,8 @@ class _Solver:
 
     def roots(self) -> IntArray:
         parent = np.arange(2 * self.n, dtype=np.int64)
-        union_pairs(parent, self.a, self.b)
-        return compress(parent)
+        union_pairs(parent, self.a, self.b)  # leaves every node pointing at its root
+        return parent
 
     def root_flags(self, roots: IntArray) -> IntArray:
         """Flag bits of every class: the union of its members' (and mirrors') flags."""
@@ -123,6 +123,8 @@ class _Solver:
         roots = self.roots()
         for _ in range(MAX_ROUNDS):
             flags = self.root_flags(roots)
+            if not self.c.monomials:
+                return roots, flags
             pinned = (flags & PIN > 0) | ((flags & POSITIVE > 0) & (flags & SIGN > 0))
             changed = False
             for mono in self.c.monomials:
