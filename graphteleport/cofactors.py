@@ -28,10 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphteleport.analysis.solve import GROUPS
 from graphteleport.errors import InputError
-
-assert GROUPS == ("any", "positive", "sign", "pinned")  # restrict's order
 
 SAMPLINGS = ("intra_landscape", "inter_landscape", "positive", "negative", "centered")
 

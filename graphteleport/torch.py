@@ -51,7 +51,7 @@ from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
 from graphteleport.insertion import _needed, _product
-from graphteleport.rewrite import scale, source_scale
+from graphteleport.rewrite import source_scale
 
 IN, OUT = "graphteleport_in", "graphteleport_out"
 _COFACTOR_BUFFER = re.compile(rf"(.*\.)?({IN}|{OUT})(_\d+)?")  # a hooked module's buffers
@@ -230,7 +230,7 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
     values = analysis.factor_table.values(tau)  # every factor's τ[ids]^e, in one gather
     done = _Rewrite(factors=_scales(graph, analysis, tau, values))
     if not exact:
-        _batchnorm_eps(graph, analysis, tau, values, done)
+        _batchnorm_eps(graph, analysis, values, done)
     _apply(graph.tensors, done.factors, done.offsets)
     for path, s in done.bn_input.items():
         graph.bn_var[path] = graph.bn_var[path] * s
@@ -289,7 +289,7 @@ class _Rewrite:
 
 
 def _batchnorm_eps(
-    graph: TorchGraph, analysis: Analysis, tau: np.ndarray, values: np.ndarray, done: _Rewrite
+    graph: TorchGraph, analysis: Analysis, values: np.ndarray, done: _Rewrite
 ) -> None:
     """Keep BatchNorm right although its ``ε`` cannot be scaled.
 
@@ -310,7 +310,7 @@ def _batchnorm_eps(
     bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.factors]  # τ_in ≠ 1
     if not bns:
         return
-    t2, sizes = _variance_factors(bns, analysis, tau, values)  # τ_in², all layers
+    t2, sizes = _variance_factors(bns, analysis, values)  # τ_in², all layers
     ends = list(itertools.accumulate(sizes))
     spans = list(zip([0, *ends[:-1]], ends))
     eps = np.asarray([bn.eps for bn in bns]).repeat(sizes)
@@ -346,22 +346,13 @@ def _as_shape(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _variance_factors(
-    bns: list[_BatchNorm], analysis: Analysis, tau: np.ndarray, values: np.ndarray
+    bns: list[_BatchNorm], analysis: Analysis, values: np.ndarray
 ) -> tuple[np.ndarray, list[int]]:
-    """``τ_in²`` of every layer (its running variance's ``S``), concatenated, and the layers'
-    sizes: the slice of ``values`` (:meth:`~graphteleport.analysis.driver.FactorTable.values`)
-    of its one factor when that covers the layer, else worked out from ``τ``."""
-    table = analysis.factor_table
-    parts = []
-    for bn in bns:
-        ab = bn.absorb
-        j, size = table.first[id(ab)], math.prod(ab.shape)
-        if len(ab.factors) == 1 and table.sizes[j] == size:
-            lo = int(table.starts[j])
-            parts.append(values[lo : lo + size])
-        else:
-            parts.append(np.broadcast_to(scale(ab, tau), ab.shape).reshape(-1))
-    return np.concatenate(parts), [p.size for p in parts]
+    """``τ_in²`` of every layer, concatenated, and the layers' sizes: the slice of ``values``
+    (:meth:`~graphteleport.analysis.driver.FactorTable.values`) of its running variance's
+    one factor, ``(τ_in, 2)`` over the channels (the training-form rule gives it no other)."""
+    spans = [analysis.factor_table.span(bn.absorb) for bn in bns]
+    return np.concatenate([values[lo:hi] for lo, hi in spans]), [hi - lo for lo, hi in spans]
 
 
 def _measured(bn: _BatchNorm, size: int) -> np.ndarray:

@@ -28,7 +28,8 @@ from numpy.testing import assert_allclose
 from onnx import helper
 
 from graphteleport.analysis import analyze
-from graphteleport.analysis.rules import RULES
+from graphteleport.analysis.context import align, compress
+from graphteleport.analysis.rules import RULES, squeeze_ids
 
 N = helper.make_node
 H = 6
@@ -940,3 +941,33 @@ def test_every_tested_op_has_a_rule() -> None:
     }
     assert tested <= set(RULES), sorted(tested - set(RULES))
     assert "Bar" not in RULES
+
+
+@pytest.mark.parametrize(
+    ("ids_shape", "in_shape", "out_shape"),
+    [
+        ((1, 8, 1, 1), (1, 8, 1, 1), (1, 8)),  # a CNN's flatten after global pooling
+        ((1, 1, 4), (2, 3, 4), (2, 1, 3, 4)),  # unsqueeze of a per-feature layout
+        ((2, 1, 4), (2, 3, 4), (2, 3, 4, 1)),
+        ((3, 1), (3, 1), (1, 3)),
+        ((5,), (2, 5), (1, 2, 1, 5)),  # ids of lower rank than the value
+    ],
+)
+def test_squeeze_ids_matches_the_full_reshape(
+    ids_shape: tuple[int, ...], in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> None:
+    """Moving the compact ids' axes along gives the same neurons, element by element, as
+    reshaping the full id array and compressing it."""
+    ids = np.arange(int(np.prod(ids_shape))).reshape(ids_shape) + 7
+    fast = squeeze_ids(ids, in_shape, out_shape)
+    assert fast is not None
+    full = compress(np.broadcast_to(align(ids, len(in_shape)), in_shape).reshape(out_shape))
+    np.testing.assert_array_equal(
+        np.broadcast_to(fast, out_shape), np.broadcast_to(full, out_shape)
+    )
+    assert fast.size == full.size  # as compact as the compressed array
+
+
+def test_squeeze_ids_leaves_real_reshapes_to_the_full_path() -> None:
+    assert squeeze_ids(np.arange(6).reshape(2, 3), (2, 3), (3, 2)) is None
+    assert squeeze_ids(np.arange(6).reshape(2, 3), (2, 3), (6,)) is None

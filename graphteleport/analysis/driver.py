@@ -273,13 +273,17 @@ class FactorTable:
             out[other] = t[other] ** exps
         return out
 
+    def span(self, ab: Absorb) -> tuple[int, int]:
+        """Where absorb ``ab``'s first factor lies in ``ids`` (and in :meth:`values`)."""
+        j = self.first[id(ab)]
+        lo = int(self.starts[j])
+        return lo, lo + self.sizes[j]
+
     def moved(self, values: np.ndarray) -> list[bool]:
         """Per factor: some element of ``values`` (:meth:`values`) differs from 1."""
         if not self.sizes:
             return []
-        off = np.abs(values - 1)
-        if self.sizes[-1] == 0:  # a sentinel: reduceat wants every start in range
-            off = np.append(off, 0.0)
+        off = np.append(np.abs(values - 1), 0.0)  # a sentinel: an empty last span stays in range
         peaks = np.maximum.reduceat(off, self.starts)
         peaks[self._empty] = 0.0  # (reduceat gives an empty span the next one's first element)
         return (peaks > 0).tolist()

@@ -682,13 +682,19 @@ def _reshape(ctx: Context, node: ir.Node) -> None:
     if ids.size == 1:  # one neuron: nothing to move
         ctx.set(node.outputs[0], ids.reshape([1] * len(shape)))
         return
-    in_shape = ctx.shape(x)
-    kept = [d for d in in_shape if d != 1]
-    if kept == [d for d in shape if d != 1]:
-        axes = iter([n for n, d in zip(align(ids, len(in_shape)).shape, in_shape) if d != 1])
-        ctx.set(node.outputs[0], ids.reshape([1 if d == 1 else next(axes) for d in shape]))
-        return
-    ctx.set(node.outputs[0], compress(ctx.full(x).reshape(shape)))
+    moved = squeeze_ids(ids, ctx.shape(x), shape)
+    ctx.set(node.outputs[0], moved if moved is not None else compress(ctx.full(x).reshape(shape)))
+
+
+def squeeze_ids(
+    ids: IntArray, in_shape: tuple[int, ...], out_shape: tuple[int, ...]
+) -> IntArray | None:
+    """The compact ids of a reshape that only adds or drops size-1 axes (the other axes
+    keep their order): the ids' own axes, moved along; None for any other reshape."""
+    if [d for d in in_shape if d != 1] != [d for d in out_shape if d != 1]:
+        return None
+    axes = iter([n for n, d in zip(align(ids, len(in_shape)).shape, in_shape) if d != 1])
+    return ids.reshape([1 if d == 1 else next(axes) for d in out_shape])
 
 
 def _index_map(ctx: Context, node: ir.Node) -> None:
