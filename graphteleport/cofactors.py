@@ -45,19 +45,25 @@ def draw(
     if cob_range < 0:
         raise InputError(f"--cob-range must be >= 0, got {cob_range}")
     r = float(cob_range)
-    if sampling == "intra_landscape":
-        t = rng.uniform(1 - r, 1 + r, count)
-    elif sampling == "inter_landscape":
-        t = rng.uniform(1 - r, 1 + r, count) * rng.choice([-1.0, 1.0], count)
-    elif sampling == "positive":
-        t = rng.uniform(0, r, count)
-    elif sampling == "negative":
-        t = rng.uniform(-r, 0, count)
-    elif sampling == "centered":
-        t = rng.uniform(center - r, center + r, count)
-    else:
+    bounds = _BOUNDS.get(sampling)
+    if bounds is None:
         raise InputError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
-    return np.where(t == 0, np.nextafter(0.0, 1.0), t)
+    low, high = bounds(r, center)
+    t = rng.uniform(low, high, count)
+    if sampling == "inter_landscape":
+        t *= rng.choice([-1.0, 1.0], count)
+    if low <= 0 <= high:  # a draw of exactly 0 is possible here
+        t = np.where(t == 0, np.nextafter(0.0, 1.0), t)
+    return t
+
+
+_BOUNDS = {  # sampling -> (r, c) -> the uniform draw's range (inter_landscape: then ± at random)
+    "intra_landscape": lambda r, c: (1 - r, 1 + r),
+    "inter_landscape": lambda r, c: (1 - r, 1 + r),
+    "positive": lambda r, c: (0.0, r),
+    "negative": lambda r, c: (-r, 0.0),
+    "centered": lambda r, c: (c - r, c + r),
+}
 
 
 def to_power_of_two(t: np.ndarray) -> np.ndarray:

@@ -208,7 +208,7 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     Cofactor buffers of an earlier insert-mode teleport are left to the hooks: the
     analysis sees them as fixed constants, and :func:`_hook` composes with them.
     """
-    names = {n for n in graph.tensors if not _is_cofactor_buffer(n)}
+    names = {n for n in graph.tensors if "graphteleport_" not in n or not _is_cofactor_buffer(n)}
     return analyze_model(
         graph.model,
         graph.input_shapes,

@@ -165,15 +165,24 @@ class Context:
         self._pending[id(v)] = (v, ids)
 
     def new(self, shape: Sequence[int], name: str = "") -> IntArray:
+        return self._new(tuple(map(int, shape)), name)
+
+    def _new(self, shape: tuple[int, ...], name: str) -> IntArray:
         node = self.node
         label = name or (node.name if node is not None else "") or ""
-        return self.c.new(tuple(map(int, shape)), label, node.op_type if node else "")
+        return self.c.new(shape, label, node.op_type if node else "")
 
     def new_for(self, v: ir.Value, feature_axes: Sequence[int]) -> IntArray:
         """Fresh neurons for ``v``, one per position along ``feature_axes``."""
         shape = self.shape(v)
-        axes = {a % len(shape) for a in feature_axes}
-        return self.new([s if k in axes else 1 for k, s in enumerate(shape)], v.name or "")
+        rank = len(shape)
+        if len(feature_axes) == 1:  # one feature axis (a conv's channels, mostly)
+            a = feature_axes[0] % rank
+            layout = (1,) * a + (int(shape[a]),) + (1,) * (rank - a - 1)
+        else:
+            axes = {a % rank for a in feature_axes}
+            layout = tuple(int(s) if k in axes else 1 for k, s in enumerate(shape))
+        return self._new(layout, v.name or "")
 
     # -- constraints --------------------------------------------------------------------
     def tie(self, a: IntArray, b: IntArray) -> None:
