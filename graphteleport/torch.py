@@ -199,7 +199,7 @@ def _given_values(
         raise InputError(f"values has {v.size} entries; this model has {count} cofactor pairs")
     if np.any(v == 0) or not np.all(np.isfinite(v)):
         raise InputError("cofactor values must be finite and non-zero")
-    return np.where(free, cofactors.restrict(v, groups), 1.0)
+    return cofactors.restrict(v, groups, free)
 
 
 def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:

@@ -48,7 +48,7 @@ def fixture_proto(request: pytest.FixtureRequest, fixtures_dir: Path) -> onnx.Mo
 
 def test_restrict_by_codes_matches_restrict_by_names() -> None:
     """Positive pairs take |τ|, sign pairs ±1, pinned pairs 1, whether the groups come as
-    names or as codes (the fast path)."""
+    names or as codes (the fast path); with ``free``, the pairs that are not free take 1."""
     rng = np.random.default_rng(0)
     t = rng.uniform(-1.5, 1.5, 256)
     codes = rng.integers(0, len(GROUPS), 256)
@@ -58,6 +58,8 @@ def test_restrict_by_codes_matches_restrict_by_names() -> None:
     np.testing.assert_array_equal(by_code[codes == 1], np.abs(t[codes == 1]))
     np.testing.assert_array_equal(by_code[codes == 2], np.sign(t[codes == 2]))
     np.testing.assert_array_equal(by_code[codes == 3], 1.0)
+    free = rng.random(256) < 0.5
+    np.testing.assert_array_equal(restrict(t, codes, free), np.where(free, by_code, 1.0))
 
 
 # -- count + structure + numerics on the fixtures ---------------------------------------------

@@ -73,9 +73,15 @@ class Solution:
         return ~self.pinned & self.touched
 
     def cofactors(self, values: IntArray) -> IntArray:
-        """Per-neuron τ from one value per pair (``values[p]`` for pair p)."""
-        t = np.asarray(values, dtype=np.float64)[self.pair]
-        return np.where(self.inverse, 1.0 / t, t)
+        """Per-neuron τ from one value per pair (``values[p]`` for pair p): one gather from
+        the values and their reciprocals laid end to end."""
+        v = np.asarray(values, dtype=np.float64)
+        return np.concatenate((v, 1.0 / v))[self._signed_pair]
+
+    @cached_property
+    def _signed_pair(self) -> IntArray:
+        """Per neuron: its pair, plus the number of pairs where τ = 1/t."""
+        return self.pair + self.num_pairs * self.inverse
 
 
 def _concat(pairs: list[tuple[IntArray, IntArray]]) -> tuple[IntArray, IntArray]:
