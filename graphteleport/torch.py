@@ -471,6 +471,8 @@ def _mapped_scale(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Te
 def _to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """Float64 ``a`` in ``like``'s dtype and device (numpy converts: cheaper for small arrays)."""
     out = torch.from_numpy(np.ascontiguousarray(a, dtype=_NUMPY_DTYPES.get(like.dtype, np.float32)))
+    if like.is_cpu and out.dtype == like.dtype:
+        return out
     return out.to(device=like.device, dtype=like.dtype)
 
 

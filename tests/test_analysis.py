@@ -180,3 +180,23 @@ def test_analysis_does_not_modify_the_model() -> None:
     before = ir.to_proto(model).SerializeToString()
     analyze(model)
     assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_factor_table_moved_with_empty_factors() -> None:
+    """``moved`` flags each factor with an element off 1, also when factors are empty (in
+    the middle and at the end, where reduceat needs its sentinel)."""
+    from graphteleport.analysis.constraints import Absorb, ConstRef, Factor
+    from graphteleport.analysis.driver import FactorTable
+
+    def absorb(*ids: list[int]) -> Absorb:
+        factors = [Factor(np.asarray(i, dtype=np.int64), 1) for i in ids]
+        return Absorb(ConstRef("w", None), (len(ids[0]),), factors, None, 1)
+
+    for layout in ([[0, 1], [], [2]], [[0], [1, 2], []], [[], [0, 1, 2]], [[2], [], []]):
+        table = FactorTable([absorb(*layout)])
+        for off in range(3):
+            tau = np.ones(3)
+            tau[off] = 2.0
+            want = [off in ids for ids in layout]
+            assert table.moved(table.values(tau)) == want, (layout, off)
+        assert table.moved(table.values(np.ones(3))) == [False] * len(layout)

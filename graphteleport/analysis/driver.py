@@ -236,6 +236,7 @@ class FactorTable:
         "_inverse",
         "_powers",
         "_squares",
+        "_trailing_empty",
         "exps",
         "first",
         "ids",
@@ -257,6 +258,7 @@ class FactorTable:
         self.sizes = [a.size for a in arrays]
         self.starts = np.asarray([0, *self.sizes[:-1]], dtype=np.int64).cumsum()
         self._empty = [k for k, n in enumerate(self.sizes) if n == 0]
+        self._trailing_empty = bool(self.sizes) and self.sizes[-1] == 0
         empty = np.zeros(0, dtype=np.int64)
         self.ids = np.concatenate(arrays, axis=None) if arrays else empty  # flattened
         exps = np.asarray(self.exps, dtype=np.int64).repeat(self.sizes)
@@ -286,12 +288,16 @@ class FactorTable:
 
     def moved(self, values: np.ndarray) -> list[bool]:
         """Per factor: some element of ``values`` (:meth:`values`) differs from 1."""
-        if not self.sizes:
-            return []
-        off = np.append(np.abs(values - 1), 0.0)  # a sentinel: an empty last span stays in range
-        peaks = np.maximum.reduceat(off, self.starts)
-        peaks[self._empty] = 0.0  # (reduceat gives an empty span the next one's first element)
-        return (peaks > 0).tolist()
+        if not self.ids.size:
+            return [False] * len(self.sizes)
+        differ = values != 1.0
+        if self._trailing_empty:  # a sentinel keeps their start (the end) in range
+            differ = np.append(differ, False)
+        peaks = np.logical_or.reduceat(differ, self.starts)
+        if self._empty:
+            peaks[self._empty] = False  # (reduceat gives an empty span another's element)
+        out: list[bool] = peaks.tolist()
+        return out
 
 
 # -- entry point ----------------------------------------------------------------------------
