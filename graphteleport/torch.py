@@ -46,7 +46,7 @@ from torch import nn
 
 from graphteleport import cofactors
 from graphteleport.analysis.constraints import Absorb
-from graphteleport.analysis.driver import Analysis, analyze_model
+from graphteleport.analysis.driver import Analysis, FactorTable, analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
@@ -224,13 +224,14 @@ def _is_cofactor_buffer(name: str) -> bool:
 
 
 def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool) -> _Rewrite:
-    """Multiply every absorbing parameter/buffer in place by its ``S`` (and add the
-    BatchNorm offsets of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
+    """Multiply every absorbing parameter/buffer in place by its ``S`` (with BatchNorm's
+    eps corrections of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
     power-of-two multiples); return what was applied."""
     values = analysis.factor_table.values(tau)  # every factor's τ[ids]^e, in one gather
+    bns = None if exact else _batchnorm_eps(graph, analysis, values)  # folded into values
     done = _Rewrite(factors=_scales(graph, analysis, tau, values))
-    if not exact:
-        _batchnorm_eps(graph, analysis, values, done)
+    if bns is not None:
+        _batchnorm_offsets(graph, bns, done)
     _apply(graph.tensors, done.factors, done.offsets)
     for path, s in done.bn_input.items():
         graph.bn_var[path] = graph.bn_var[path] * s
@@ -288,9 +289,7 @@ class _Rewrite:
     bn_input: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _batchnorm_eps(
-    graph: TorchGraph, analysis: Analysis, values: np.ndarray, done: _Rewrite
-) -> None:
+def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, values: np.ndarray) -> _Corrected | None:
     """Keep BatchNorm right although its ``ε`` cannot be scaled.
 
     The training form scales a channel's input by ``τ`` (> 0), hence its variance by ``τ²``,
@@ -305,54 +304,88 @@ def _batchnorm_eps(
       ``sqrt(rv' + ε) = c·τ·sqrt(rv + ε)``.
 
     Without a measured variance (a functional batch_norm) ``c = 1``: eval stays exact.
-    All layers are computed together, in float64, then split per layer.
+    All layers are computed together, in float64, and written into ``values``
+    (:meth:`~graphteleport.analysis.driver.FactorTable.values`) in place: ``S`` over the
+    running variance's ``τ_in²`` and ``c`` into ``γ``'s ``τ_out``, so both reach the
+    tensors with every other factor; the offsets ``ε(S − 1)`` are returned for
+    :func:`_batchnorm_offsets`.
     """
-    bns = [bn for bn in _batchnorms(graph, analysis) if bn.var in done.factors]  # τ_in ≠ 1
+    bns = _batchnorms(graph, analysis)
     if not bns:
-        return
-    t2, sizes = _variance_factors(bns, analysis, values)  # τ_in², all layers
-    ends = list(itertools.accumulate(sizes))
-    spans = list(zip([0, *ends[:-1]], ends))
+        return None
+    table = analysis.factor_table
+    spans = [table.span(bn.absorb) for bn in bns]  # the running variance's one factor, τ_in²
+    t2 = np.concatenate([values[lo:hi] for lo, hi in spans])
+    sizes = [hi - lo for lo, hi in spans]
     eps = np.asarray([bn.eps for bn in bns]).repeat(sizes)
     sigma2 = np.concatenate([_measured(bn, n) for bn, n in zip(bns, sizes)])
     c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
     c = np.where(np.isnan(sigma2), 1.0, c)
     s = c * c * t2
-    arrays = np.array([c, s, eps * (s - 1)])  # γ's factor, running var's S and O
-    like = graph.tensors[bns[0].var]
-    if all(_alike(graph.tensors[bn.var], like) for bn in bns):  # one conversion
-        cs, ss, os = (row.split(sizes) for row in _to_torch(arrays, like))
-    else:
-        cs, ss, os = (
-            [_to_torch(a[lo:hi], graph.tensors[bn.var]) for bn, (lo, hi) in zip(bns, spans)]
-            for a in arrays
-        )
-    t2s = [t2[lo:hi] for lo, hi in spans]
-    for bn, t2k, ck, sk, ok in zip(bns, t2s, cs, ss, os):
-        t = graph.tensors[bn.var]
-        done.factors[bn.var] = (_as_shape(sk, t),)
-        done.offsets[bn.var] = _as_shape(ok, t)
+    at = 0
+    out = _Corrected(bns, eps * (s - 1), sizes)
+    for bn, (lo, hi), n in zip(bns, spans, sizes):
+        values[lo:hi] = s[at : at + n]
         if bn.sigma2 is not None:
-            g = graph.tensors[bn.gamma]
-            cg = _as_shape(ck, g)
-            if not _alike(cg, g):
-                cg = cg.to(dtype=g.dtype, device=g.device)
-            done.factors[bn.gamma] = (*done.factors.get(bn.gamma, ()), cg)
-            done.bn_input[bn.path] = t2k
+            out.bn_input[bn.path] = t2[at : at + n]
+            if not _fold_gamma(table, values, bn.gamma_uses, c[at : at + n]):
+                out.gamma[bn.gamma] = c[at : at + n]
+        at += n
+    return out
+
+
+@dataclass
+class _Corrected:
+    """What :func:`_batchnorm_eps` leaves to do: the running variances' offsets (end to
+    end, ``sizes`` per layer), the input variance factors, and ``c`` of each ``γ`` that
+    could not be folded into ``values`` (none, for BatchNorm modules)."""
+
+    bns: list[_BatchNorm]
+    offsets: np.ndarray
+    sizes: list[int]
+    bn_input: dict[str, np.ndarray] = field(default_factory=dict)
+    gamma: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _fold_gamma(table: FactorTable, values: np.ndarray, uses: list[Absorb], c: np.ndarray) -> bool:
+    """Multiply ``c`` into ``γ``'s factor in ``values`` where ``γ`` is read as stored by one
+    factor of its own size, ``τ_out`` (the training form's: :func:`_scales` then reads
+    exactly that span); False where it is not."""
+    if not uses or not all(map(_unmapped, uses)) or len(uses[0].factors) != 1:
+        return False
+    lo, hi = table.span(uses[0])
+    if hi - lo != c.size:
+        return False
+    values[lo:hi] *= c
+    return True
+
+
+def _batchnorm_offsets(graph: TorchGraph, corrected: _Corrected, done: _Rewrite) -> None:
+    """Record each moved running variance's offset ``ε(S − 1)`` (one conversion), the
+    input variance factors, and the ``c`` of any ``γ`` :func:`_fold_gamma` left over as
+    an extra factor."""
+    bns = corrected.bns
+    like = graph.tensors[bns[0].var]
+    if all(_alike(graph.tensors[bn.var], like) for bn in bns):
+        parts = _to_torch(corrected.offsets, like).split(corrected.sizes)
+    else:
+        ends = list(itertools.accumulate(corrected.sizes))
+        parts = tuple(
+            _to_torch(corrected.offsets[hi - n : hi], graph.tensors[bn.var])
+            for bn, hi, n in zip(bns, ends, corrected.sizes)
+        )
+    for bn, part in zip(bns, parts):
+        if bn.var in done.factors:  # S ≠ 1 somewhere (else the offset is 0 too)
+            done.offsets[bn.var] = _as_shape(part, graph.tensors[bn.var])
+            if bn.path in corrected.bn_input:
+                done.bn_input[bn.path] = corrected.bn_input[bn.path]
+    for name, c in corrected.gamma.items():
+        g = graph.tensors[name]
+        done.factors[name] = (*done.factors.get(name, ()), _as_shape(_to_torch(c, g), g))
 
 
 def _as_shape(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return part if part.shape == like.shape else part.reshape(like.shape)
-
-
-def _variance_factors(
-    bns: list[_BatchNorm], analysis: Analysis, values: np.ndarray
-) -> tuple[np.ndarray, list[int]]:
-    """``τ_in²`` of every layer, concatenated, and the layers' sizes: the slice of ``values``
-    (:meth:`~graphteleport.analysis.driver.FactorTable.values`) of its running variance's
-    one factor, ``(τ_in, 2)`` over the channels (the training-form rule gives it no other)."""
-    spans = [analysis.factor_table.span(bn.absorb) for bn in bns]
-    return np.concatenate([values[lo:hi] for lo, hi in spans]), [hi - lo for lo, hi in spans]
 
 
 def _measured(bn: _BatchNorm, size: int) -> np.ndarray:
@@ -377,21 +410,28 @@ class _BatchNorm:
     path: str
     eps: float
     sigma2: np.ndarray | None
+    gamma_uses: list[Absorb]  # how the rewrite reads γ (empty: γ is not a stored tensor)
 
 
 def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
+    """The training-form BatchNorms, one per running variance (a module called twice is
+    corrected once, at the use the rewrite reads: the first)."""
     out = []
     for ab in analysis.absorbs:
         node: Any = ab.node
         if ab.input_index != 4 or node.op_type != "BatchNormalization":
             continue
+        uses = analysis.by_source[id(ab.source.value)]
+        if uses[0] is not ab or not all(map(_unmapped, uses)):
+            continue  # (a module's running variance is read as stored)
         path = ab.source.name.rpartition(".")[0]
         gamma = _input_name(node, 1)
         sigma2 = graph.bn_var.get(path) if gamma in graph.tensors else None
         if sigma2 is not None and sigma2.size != _channels(ab):
             sigma2 = None  # not this node's channels (a module traced in another layout)
         eps = node.attributes.get_float("epsilon", 1e-5)
-        out.append(_BatchNorm(ab, ab.source.name, gamma, path, eps, sigma2))
+        gamma_uses = analysis.by_source.get(id(node.inputs[1]), []) if gamma else []
+        out.append(_BatchNorm(ab, ab.source.name, gamma, path, eps, sigma2, gamma_uses))
     return out
 
 
