@@ -204,8 +204,8 @@ class Teleported:
         """Per-neuron τ of a value, in its compact layout (size-1 broadcast axes)."""
         assert self.result.analysis is not None
         ctx = self.result.analysis.ctx
-        for key, name in ctx.names.items():
-            if name == value_name:
+        for key, v in ctx.outputs.items():
+            if v.name == value_name:
                 return self.result.tau[ctx.values[key]]
         raise KeyError(f"{value_name!r} carries no neurons")
 

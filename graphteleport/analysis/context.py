@@ -52,8 +52,13 @@ def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(out)
 
 
+_INT64 = np.dtype(np.int64)
+
+
 def _int_ids(ids: IntArray) -> IntArray:
-    return ids if type(ids) is np.ndarray and ids.dtype == np.int64 else np.asarray(ids, np.int64)
+    if type(ids) is np.ndarray and (ids.dtype is _INT64 or ids.dtype == _INT64):
+        return ids  # (``is``: numpy's int64 dtype is one object; == is the slow way)
+    return np.asarray(ids, np.int64)
 
 
 def _fits(part: tuple[int, ...], shape: tuple[int, ...]) -> bool:
@@ -117,7 +122,7 @@ class Context:
         self.rescale_residual = rescale_residual and mode == "insert"
         self.c = Constraints()
         self.values: dict[int, IntArray] = {}
-        self.names: dict[int, str] = {}
+        self.outputs: dict[int, ir.Value] = {}  # the value behind each key of ``values``
         self._pending: dict[int, tuple[ir.Value, IntArray]] = {}
         self.node: ir.Node | None = None
 
@@ -258,12 +263,14 @@ class Context:
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
         rank = len(shape)
-        fitted, fits = [], True
+        fitted = []
+        fits = True
         for f, e in factors:
             a = _int_ids(f)
             if a.ndim != rank:
                 a = _fit_rank(a, rank)
-            fits = fits and (a.shape == shape or _fits(a.shape, shape))
+            if fits and a.shape != shape:
+                fits = _fits(a.shape, shape)
             fitted.append(Factor(a, e))
         target = shape  # the usual case: factors laid out in the weight's axes
         if not fits:
@@ -275,17 +282,8 @@ class Context:
             fitted = [Factor(align(f.ids, len(target)), f.exp) for f in fitted]
         if index is not None and not _consistent_repeats(index, [f.ids for f in fitted], target):
             return False
-        self.c.absorbs.append(
-            Absorb(
-                source=ref,
-                shape=target,
-                factors=fitted,
-                node=node,
-                input_index=node.inputs.index(v),
-                index=index,
-                expand=target != shape,
-            )
-        )
+        k = node.inputs.index(v)
+        self.c.absorbs.append(Absorb(ref, target, fitted, node, k, index, target != shape))
         return True
 
     def _shared(self, ref: ConstRef) -> bool:
@@ -315,10 +313,12 @@ class Context:
         return self.c.mark()
 
     def commit(self) -> None:
-        for key, (v, ids) in self._pending.items():
-            self.values[key] = ids
-            self.names[key] = v.name or ""
-        self._pending = {}
+        if self._pending:
+            values, outputs = self.values, self.outputs
+            for key, (v, ids) in self._pending.items():
+                values[key] = ids
+                outputs[key] = v
+            self._pending = {}
 
     def abort(self, mark: tuple[int, ...]) -> None:
         self.c.rollback(mark)

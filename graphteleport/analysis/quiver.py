@@ -108,7 +108,7 @@ class Quiver:
         for key, ids in ctx.values.items():
             pairs = np.unique(sol.pair[ids.reshape(-1)])
             for reason in {sol.reason[p] for p in pairs if pinned[p]}:
-                values[reason].append(ctx.names[key])
+                values[reason].append(ctx.outputs[key].name or "")
         return [PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()]
 
     def to_neurons(self) -> nx.DiGraph:
