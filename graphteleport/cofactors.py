@@ -75,10 +75,15 @@ def to_power_of_two(t: np.ndarray) -> np.ndarray:
 
 
 def restrict(
-    t: np.ndarray, groups: Sequence[str] | np.ndarray, free: np.ndarray | None = None
+    t: np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    free: np.ndarray | None = None,
+    *,
+    positive: bool = False,
 ) -> np.ndarray:
     """Restrict each draw to its pair's group (positive → |τ|, sign → ±1, pinned → 1);
-    with ``free``, pairs that are not free take 1 too.
+    with ``free``, pairs that are not free take 1 too; ``positive`` promises every
+    ``τ > 0`` (one pass less: no magnitudes or signs to take).
 
     ``groups``: names, or integer codes indexing :data:`~graphteleport.analysis.solve.GROUPS`.
     A value is ``copysign(m, s)``: ``m = |τ|`` where the group keeps the magnitude (any,
@@ -88,6 +93,11 @@ def restrict(
     g = np.asarray(groups)
     if g.dtype.kind not in "iu":
         g = np.select([g == "positive", g == "sign", g == "pinned"], [1, 2, 3], 0)  # names
+    if positive:  # every τ > 0: any and positive keep it, sign and pinned take 1
+        keep = g <= 1
+        if free is not None:
+            keep &= free
+        return np.where(keep, t, 1.0)
     keep_mag, keep_sign = _KEEPS_MAG[g], _KEEPS_SIGN[g]
     if free is not None:
         keep_mag &= free
@@ -114,5 +124,6 @@ def sample(
     rng = np.random.default_rng(seed)
     t = draw(len(groups), sampling, cob_range, center=center, rng=rng)
     if exact:
-        t = to_power_of_two(t)
-    return restrict(t, groups, free)
+        t = to_power_of_two(t)  # (keeps signs)
+    low = _BOUNDS[sampling](float(cob_range), center)[0]
+    return restrict(t, groups, free, positive=sampling != "inter_landscape" and low > 0)

@@ -60,6 +60,8 @@ def test_restrict_by_codes_matches_restrict_by_names() -> None:
     np.testing.assert_array_equal(by_code[codes == 3], 1.0)
     free = rng.random(256) < 0.5
     np.testing.assert_array_equal(restrict(t, codes, free), np.where(free, by_code, 1.0))
+    t = np.abs(t) + 0.25  # all positive: the short path gives the same
+    np.testing.assert_array_equal(restrict(t, codes, free, positive=True), restrict(t, codes, free))
 
 
 # -- count + structure + numerics on the fixtures ---------------------------------------------
