@@ -46,6 +46,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import graphteleport.frontends.torch as gt_frontend  # noqa: E402
+import graphteleport.torch as gt_torch  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends.torch import as_args  # noqa: E402
 from graphteleport.rewrite import scale  # noqa: E402
@@ -237,6 +238,25 @@ def test_batchnorm_eps_correction() -> None:
         teleport(plain, x, seed=0, cob_range=0.5)
     assert rel_err(forward(reference, x, False), forward(plain, x, False)) <= RTOL
     assert rel_err(forward(reference, x, True), forward(plain, x, True)) > 1e-2
+
+
+def test_batchnorm_eps_correction_as_a_factor_of_its_own() -> None:
+    """Where γ's scale cannot take ``c`` in the factor values (``_fold_gamma`` declines),
+    ``c`` becomes an extra factor of γ: the same function, and ``undo`` puts γ back."""
+    model, x = small_variance_bn()
+    reference = copy.deepcopy(model)
+    folded = copy.deepcopy(model)
+    teleport(folded, x, seed=0)
+    gamma = model[1].weight.detach().clone()
+    with mock.patch.object(gt_torch, "_fold_gamma", lambda *_: False):
+        result = teleport(model, x, seed=0)
+    assert len(result.factors["1.weight"]) == 2  # τ_out, then c
+    for train in (False, True):
+        err = rel_err(forward(reference, x, train), forward(model, x, train))
+        assert err <= RTOL, f"{'train' if train else 'eval'}: {err:.1e}"
+    torch.testing.assert_close(model[1].weight, folded[1].weight, rtol=1e-6, atol=0)
+    result.undo()
+    torch.testing.assert_close(model[1].weight, gamma, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(REUSED_MODULES))
