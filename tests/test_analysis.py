@@ -200,3 +200,19 @@ def test_factor_table_moved_with_empty_factors() -> None:
             want = [off in ids for ids in layout]
             assert table.moved(table.values(tau)) == want, (layout, off)
         assert table.moved(table.values(np.ones(3))) == [False] * len(layout)
+
+
+def test_group_codes_of_every_flag_set() -> None:
+    """PIN, or POSITIVE with SIGN, leaves τ = 1 (pinned); SIGN alone ±1; POSITIVE alone
+    τ > 0; no flag: any τ — for every combination of the three bits."""
+    from graphteleport.analysis.constraints import Flag
+    from graphteleport.analysis.solve import GROUPS, group_codes
+
+    flags = np.arange(8)
+    got = [GROUPS[c] for c in group_codes(flags)]
+    for f, group in zip(flags.tolist(), got):
+        pin, pos, sign = (bool(f & b) for b in (Flag.PIN, Flag.POSITIVE, Flag.SIGN))
+        want = (
+            "pinned" if pin or (pos and sign) else "sign" if sign else "positive" if pos else "any"
+        )
+        assert group == want, (f, group, want)

@@ -95,11 +95,15 @@ class _Solver:
         self.c = c
         self.n = c.n
         ta, tb = _concat(c.ties)
-        ra, rb = _concat(c.relations)
         n = self.n
         # Doubled-space pairs: node k is τ_k, node k + n is 1/τ_k.
-        self.a = np.concatenate([ta, ta + n, ra, ra + n])
-        self.b = np.concatenate([tb, tb + n, rb + n, rb])
+        if c.relations:
+            ra, rb = _concat(c.relations)
+            self.a = np.concatenate([ta, ta + n, ra, ra + n])
+            self.b = np.concatenate([tb, tb + n, rb + n, rb])
+        else:  # (most models: ties only)
+            self.a = np.concatenate([ta, ta + n])
+            self.b = np.concatenate([tb, tb + n])
         self.extra_flags: list[tuple[IntArray, int, str]] = []
         self.touched_ids = touched_ids
 
@@ -227,10 +231,17 @@ def _reasons(pair: IntArray, count: int, records: list[tuple[IntArray, int, str]
     return out
 
 
-def group_codes(flags: IntArray) -> IntArray:
-    """Index into ``GROUPS`` of the group each flag set leaves: pinned (PIN, or both
+def _group_code(flags: int) -> int:
+    """Index into ``GROUPS`` of the group a flag set leaves: pinned (PIN, or both
     POSITIVE and SIGN — only τ = 1 is positive and ±1), sign, positive, or any."""
-    pin, positive, sign = (flags & bit > 0 for bit in (PIN, POSITIVE, SIGN))
-    code = np.where(sign, 2, np.where(positive, 1, 0))
-    code[pin | (positive & sign)] = PINNED
-    return code
+    if flags & PIN or (flags & POSITIVE and flags & SIGN):
+        return PINNED
+    return 2 if flags & SIGN else 1 if flags & POSITIVE else 0
+
+
+_GROUP_CODES = np.array([_group_code(f) for f in range((PIN | POSITIVE | SIGN) + 1)])
+
+
+def group_codes(flags: IntArray) -> IntArray:
+    """:func:`_group_code` of every flag set, by one lookup."""
+    return _GROUP_CODES[flags]
