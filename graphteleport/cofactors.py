@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from graphteleport.analysis.solve import GROUPS
 from graphteleport.errors import InputError
 
 SAMPLINGS = ("intra_landscape", "inter_landscape", "positive", "negative", "centered")
@@ -91,23 +92,23 @@ def restrict(
     vectorised passes (``np.choose`` over four arrays is several times slower).
     """
     g = np.asarray(groups)
-    if g.dtype.kind not in "iu":
-        g = np.select([g == "positive", g == "sign", g == "pinned"], [1, 2, 3], 0)  # names
-    if positive:  # every τ > 0: any and positive keep it, sign and pinned take 1
-        keep = g <= 1
+    if g.dtype.kind not in "iu":  # names -> codes (an unknown name is "any")
+        g = np.select([g == name for name in GROUPS[1:]], range(1, len(GROUPS)), 0)
+    keep_mag = _KEEPS_MAG[g]
+    if positive:  # every τ > 0: |τ| = τ, and a sign pair's ±1 is 1
         if free is not None:
-            keep &= free
-        return np.where(keep, t, 1.0)
-    keep_mag, keep_sign = _KEEPS_MAG[g], _KEEPS_SIGN[g]
+            keep_mag &= free
+        return np.where(keep_mag, t, 1.0)
+    keep_sign = _KEEPS_SIGN[g]
     if free is not None:
         keep_mag &= free
         keep_sign &= free
     return np.copysign(np.where(keep_mag, np.abs(t), 1.0), np.where(keep_sign, t, 1.0))
 
 
-# per group code (any, positive, sign, pinned): whether τ keeps its magnitude / its sign
-_KEEPS_MAG = np.array([True, True, False, False])
-_KEEPS_SIGN = np.array([True, False, True, False])
+# per group code (GROUPS' order): whether τ keeps its magnitude / its sign
+_KEEPS_MAG = np.array([g in ("any", "positive") for g in GROUPS])
+_KEEPS_SIGN = np.array([g in ("any", "sign") for g in GROUPS])
 
 
 def sample(
@@ -125,5 +126,10 @@ def sample(
     t = draw(len(groups), sampling, cob_range, center=center, rng=rng)
     if exact:
         t = to_power_of_two(t)  # (keeps signs)
+    return restrict(t, groups, free, positive=_positive_draws(sampling, cob_range, center))
+
+
+def _positive_draws(sampling: str, cob_range: float, center: float) -> bool:
+    """Every draw of ``sampling`` is > 0 (its range lies above 0 and no sign is drawn)."""
     low = _BOUNDS[sampling](float(cob_range), center)[0]
-    return restrict(t, groups, free, positive=sampling != "inter_landscape" and low > 0)
+    return sampling != "inter_landscape" and low > 0

@@ -208,7 +208,7 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
     Cofactor buffers of an earlier insert-mode teleport are left to the hooks: the
     analysis sees them as fixed constants, and :func:`_hook` composes with them.
     """
-    names = {n for n in graph.tensors if "graphteleport_" not in n or not _is_cofactor_buffer(n)}
+    names = {n for n in graph.tensors if not _is_cofactor_buffer(n)}
     return analyze_model(
         graph.model,
         graph.input_shapes,
@@ -228,10 +228,10 @@ def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool)
     eps corrections of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
     power-of-two multiples); return what was applied."""
     values = analysis.factor_table.values(tau)  # every factor's τ[ids]^e, in one gather
-    bns = None if exact else _batchnorm_eps(graph, analysis, values)  # folded into values
+    corrected = None if exact else _batchnorm_eps(graph, analysis, values)  # into values
     done = _Rewrite(factors=_scales(graph, analysis, tau, values))
-    if bns is not None:
-        _batchnorm_offsets(graph, bns, done)
+    if corrected is not None:
+        _batchnorm_offsets(graph, corrected, done)
     _apply(graph.tensors, done.factors, done.offsets)
     for path, s in done.bn_input.items():
         graph.bn_var[path] = graph.bn_var[path] * s
@@ -511,8 +511,6 @@ def _mapped_scale(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Te
 def _to_torch(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """Float64 ``a`` in ``like``'s dtype and device (numpy converts: cheaper for small arrays)."""
     out = torch.from_numpy(np.ascontiguousarray(a, dtype=_NUMPY_DTYPES.get(like.dtype, np.float32)))
-    if like.is_cpu and out.dtype == like.dtype:
-        return out
     return out.to(device=like.device, dtype=like.dtype)
 
 

@@ -28,7 +28,7 @@ from onnx import helper
 
 from graphteleport.analysis import analyze
 from graphteleport.analysis.solve import GROUPS
-from graphteleport.cofactors import SAMPLINGS, restrict
+from graphteleport.cofactors import SAMPLINGS, _positive_draws, draw, restrict, sample
 from graphteleport.errors import InputError
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 
@@ -62,6 +62,22 @@ def test_restrict_by_codes_matches_restrict_by_names() -> None:
     np.testing.assert_array_equal(restrict(t, codes, free), np.where(free, by_code, 1.0))
     t = np.abs(t) + 0.25  # all positive: the short path gives the same
     np.testing.assert_array_equal(restrict(t, codes, free, positive=True), restrict(t, codes, free))
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@pytest.mark.parametrize("cob_range", [0.0, 0.5, 1.0, 1.5])
+def test_sample_takes_the_positive_path_only_for_positive_draws(
+    sampling: str, cob_range: float
+) -> None:
+    """``sample`` promises ``restrict`` positive draws only where the sampling cannot draw
+    τ ≤ 0; either way its values equal the general restriction of the same draws."""
+    codes = np.random.default_rng(1).integers(0, len(GROUPS), 4000)
+    free = np.random.default_rng(2).random(4000) < 0.8
+    t = draw(4000, sampling, cob_range, center=0.5, rng=np.random.default_rng(3))
+    if _positive_draws(sampling, cob_range, 0.5):
+        assert (t > 0).all()
+    got = sample(codes, free, sampling, cob_range, center=0.5, seed=3)
+    np.testing.assert_array_equal(got, restrict(t, codes, free))
 
 
 # -- count + structure + numerics on the fixtures ---------------------------------------------
