@@ -105,7 +105,20 @@ def teleport_parser() -> argparse.ArgumentParser:
         "--exact", action="store_true", help="powers-of-two cofactors: bit-identical outputs"
     )
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    p.add_argument("--inputs", metavar="FEEDS.npz", help="verify on these inputs")
+    p.add_argument("--inputs", metavar="FEEDS.npz", help="verify on these inputs too")
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=8,
+        metavar="N",
+        help="random input draws verification compares outputs on (default 8; 0 with "
+        "--inputs: only yours)",
+    )
+    p.add_argument(
+        "--outputs-only",
+        action="store_true",
+        help="skip the per-tensor check (every intermediate tensor = τ ⊙ the original's)",
+    )
     p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
     p.add_argument("--version", action="version", version=f"graphteleport {__version__}")
     _common(p)
@@ -228,6 +241,8 @@ def _run(argv: list[str]) -> int:
         rescale_residual=args.rescale_residual,
         inputs=args.inputs,
         input_shapes=dict(args.input_shape),
+        draws=args.draws,
+        tensor_check=not args.outputs_only,
     )
     # Progress goes to an interactive terminal only: logs and pipes see just the result.
     show = not args.quiet and sys.stderr.isatty()

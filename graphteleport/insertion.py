@@ -37,6 +37,7 @@ class InsertStats:
     edge_scales: int = 0
     merged: int = 0
     names: list[str] = field(default_factory=list)
+    unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
 
 
 def _needed(t: np.ndarray, group: str) -> bool:
@@ -134,6 +135,7 @@ def _apply_wrap(
         return
     node: ir.Node = w.node  # type: ignore[assignment]
     ins.stats.wraps += 1
+    ins.stats.unscaled.append(node.outputs[0].name or "")
     ins.scale_input(node, 0, 1.0 / t)
     post = t
     uses = list(node.outputs[0].uses())

@@ -30,10 +30,12 @@ from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model, save_model_atomic, staged_save
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
+from graphteleport.tensorcheck import TensorScales
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 _LOW_PRECISION = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+MAX_DRAWS = 1024
 
 
 @dataclass
@@ -51,6 +53,8 @@ class TeleportOptions:
     rtol: float | None = None
     inputs: str | None = None  # an .npz of feeds
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    draws: int = verify_mod.DEFAULT_DRAWS  # random input draws verification compares
+    tensor_check: bool = True  # also the per-tensor (node-by-node) check
 
 
 def _quiet(_: str) -> None:
@@ -59,11 +63,15 @@ def _quiet(_: str) -> None:
 
 def _feeds(
     model: ir.Model, opts: TeleportOptions, seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
-    """Verification inputs and the concrete input shapes the analysis uses."""
+) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]]]:
+    """Verification inputs (the user's, then random draws) and the concrete input shapes
+    the analysis uses (those of the first set)."""
     specs = verify_mod.input_specs(model, opts.input_shapes, allow_dynamic=bool(opts.inputs))
-    feeds = verify_mod.make_feeds(specs, seed, npz=opts.inputs, int_high=_int_ranges(model))
-    return feeds, {k: tuple(v.shape) for k, v in feeds.items()}
+    sets = verify_mod.draw_feed_sets(
+        specs, opts.draws, seed,
+        npz=opts.inputs, int_high=_int_ranges(model),
+    )  # fmt: skip
+    return sets, {k: tuple(v.shape) for k, v in sets[0].items()}
 
 
 def _int_ranges(model: ir.Model) -> dict[str, int]:
@@ -144,6 +152,10 @@ def teleport_file(
     check_output_path(src, dst)
     if opts.cob_range < 0:
         raise InputError(f"--cob-range must be >= 0, got {opts.cob_range}")
+    if not 0 <= opts.draws <= MAX_DRAWS or (opts.draws == 0 and not opts.inputs):
+        raise InputError(
+            f"--draws must be between 1 and {MAX_DRAWS} (0 only with --inputs), got {opts.draws}"
+        )
     model = load_model(src)
     seed = 0 if opts.seed is None else opts.seed
     feeds, shapes = _feeds(model, opts, seed)
@@ -160,7 +172,7 @@ def teleport_file(
     progress("analysing and rewriting")  # every check on the user's input has passed
     result: Any = teleport(model)
     report = _teleport_report(result, src, dst, opts)
-    _save_verified(model, src, dst, feeds, report, opts, progress)
+    _save_verified(model, src, dst, feeds, report, opts, progress, result.tensor_scales())
     report["seconds"]["total"] = time.perf_counter() - t0
     return report
 
@@ -180,10 +192,11 @@ def _save_verified(
     model: ir.Model,
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    feeds: dict[str, np.ndarray],
+    feeds: list[dict[str, np.ndarray]],
     report: dict[str, Any],
     opts: TeleportOptions,
     progress: Progress,
+    scales: TensorScales | None = None,
 ) -> None:
     t = time.perf_counter()
     if not opts.verify:
@@ -194,7 +207,10 @@ def _save_verified(
         report["seconds"]["save"] = time.perf_counter() - t
         progress("verifying with onnxruntime")
         t = time.perf_counter()
-        result = verify_mod.verify(src, staged.model_path, feeds, rtol=_rtol(model, opts))
+        result = verify_mod.verify_teleport(
+            src, staged.model_path, feeds, scales if opts.tensor_check else None,
+            rtol=_rtol(model, opts), seed=0 if opts.seed is None else opts.seed,
+        )  # fmt: skip
         report["seconds"]["verify"] = time.perf_counter() - t
         report["verification"] = result.to_dict()
         if not result.passed:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -39,6 +40,12 @@ from graphteleport.io import (
     initializer_nbytes,
     load_model,
     save_model_atomic,
+)
+from graphteleport.tensorcheck import (
+    TensorCheckResult,
+    TensorScales,
+    check_tensors,
+    saturation_floors,
 )
 
 __all__ = [
@@ -58,7 +65,6 @@ logger = logging.getLogger(__name__)
 #: A model given by file path, serialised bytes or an in-memory onnx_ir model.
 ModelSource = str | os.PathLike[str] | bytes | ir.Model
 
-_TINY = float(np.finfo(np.float64).tiny)
 #: In-memory models up to this size are handed to onnxruntime as bytes, larger via a file.
 _MAX_BYTES_MODEL = 1 << 30
 
@@ -379,11 +385,7 @@ def _run_named(
         return _run_ir_model(model, feeds)
     session = _session(model)
     names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run_with_ort_values(names, {k: _to_ort(v) for k, v in feeds.items()})
-    except Exception as e:  # onnxruntime raises its own, unexported exception types
-        raise InputError(f"onnxruntime cannot run {_describe(model)}: {_ort_message(e)}") from e
-    return names, [_from_ort(name, v) for name, v in zip(names, values, strict=True)]
+    return names, _run_session(session, names, feeds, _describe(model))
 
 
 def _run_ir_model(
@@ -398,9 +400,39 @@ def _run_ir_model(
         return _run_named(path, feeds)
 
 
-def _session(model: str | os.PathLike[str] | bytes) -> ort.InferenceSession:
+def run_proto(
+    proto: onnx.ModelProto, folder: str, feeds: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """Run a model proto whose external data (if any) lives in *folder*; outputs in order.
+
+    Used for the per-tensor check's cut models (:mod:`graphteleport.tensorcheck`).
+    Errors are :class:`InputError` with onnxruntime's message on one line.
+    """
+    data = proto.SerializeToString()
+    session = _session(data, external_folder=folder)
+    names = [o.name for o in session.get_outputs()]
+    return _run_session(session, names, feeds, "the model")
+
+
+def _run_session(
+    session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray], what: str
+) -> list[np.ndarray]:
+    try:
+        values = session.run_with_ort_values(names, {k: _to_ort(v) for k, v in feeds.items()})
+    except Exception as e:  # onnxruntime raises its own, unexported exception types
+        raise InputError(f"onnxruntime cannot run {what}: {_ort_message(e)}") from e
+    return [_from_ort(name, v) for name, v in zip(names, values, strict=True)]
+
+
+def _session(
+    model: str | os.PathLike[str] | bytes, external_folder: str | None = None
+) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimisations off (InputError if it fails)."""
     options = ort.SessionOptions()
+    if external_folder is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", external_folder
+        )
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
@@ -476,6 +508,7 @@ class OutputReport(TypedDict):
     passed: bool
     exact: bool
     reason: str | None
+    elements: int
 
 
 @dataclasses.dataclass
@@ -493,6 +526,8 @@ class VerificationResult:
         exact: every output bit-identical to the reference.
         seconds: wall time of the comparison (of both runs too, from :func:`verify`).
         failures: one human-readable line per problem (empty when passed).
+        inputs: how many input draws the outputs were compared on.
+        tensors: the per-tensor check (:mod:`graphteleport.tensorcheck`), if it ran.
     """
 
     passed: bool
@@ -503,6 +538,8 @@ class VerificationResult:
     exact: bool
     seconds: float
     failures: list[str] = dataclasses.field(default_factory=list)
+    inputs: int = 1
+    tensors: TensorCheckResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``json.dumps`` with ``allow_nan=False`` accepts it).
@@ -521,12 +558,16 @@ class VerificationResult:
                 for o in self.outputs
             ],
             "failures": list(self.failures),
+            "inputs": self.inputs,
+            "tensors": self.tensors.to_dict() if self.tensors is not None else None,
         }
 
     def summary(self) -> str:
         """One line for the terminal, e.g. ``verification passed: max abs err 1.2e-07, ...``."""
         errs = f"max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g}"
         tol = f"rtol {self.tolerance['rtol']:g}"
+        if self.passed and self.tensors is not None:
+            tol += f"; {self.inputs} input draws, {self.tensors.tensors} tensors checked"
         if self.passed:
             return f"verification passed{' (bit-exact)' if self.exact else ''}: {errs} ({tol})"
         return f"verification failed: {self.failures[0] if self.failures else errs} ({tol})"
@@ -547,6 +588,7 @@ def compare(
     names: Sequence[str] | None = None,
     rtol: float = 1e-5,
     atol: float | None = None,
+    floors: Sequence[float] | None = None,
 ) -> VerificationResult:
     """Compare a candidate's outputs with the reference's, output by output.
 
@@ -562,6 +604,11 @@ def compare(
       flowing through the network, not with each element's own value, and a fixed
       atol would be too loose for outputs of order 1e-3 and too tight for 1e4.
       Under the default, ``max_rel_err <= rtol`` guarantees a pass.
+    - *floors* (per output, default 0) raise that scale to at least the range of the
+      saturating op the output comes from (:func:`~graphteleport.tensorcheck.
+      saturation_floors`): onnxruntime computes a Sigmoid's tail with absolute, not
+      relative, accuracy, so ``1e-7`` next to a ``1e-9`` probability is float rounding.
+    - ``max_rel_err = max|a - b| / scale``; an all-zero output matched exactly is 0.
 
     NaN and inf must sit at the same places with the same values in both (NaN equals
     NaN); a non-finite value in only one of them fails.  Integer, bool and string
@@ -570,9 +617,10 @@ def compare(
     """
     start = time.perf_counter()
     names = list(names) if names is not None else [f"output_{i}" for i in range(len(reference))]
+    floor = list(floors) if floors is not None else [0.0] * len(names)
     reports = [
-        _compare_one(n, a, b, rtol, atol)
-        for n, a, b in zip(names, reference, candidate, strict=False)
+        _compare_one(n, a, b, rtol, atol, f)
+        for n, a, b, f in zip(names, reference, candidate, floor, strict=False)
     ]
     failures = [f"output '{r['name']}': {r['reason']}" for r in reports if not r["passed"]]
     if not len(reference) == len(candidate) == len(names):
@@ -594,7 +642,7 @@ def compare(
 
 
 def _compare_one(
-    name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float | None
+    name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float | None, floor: float = 0.0
 ) -> OutputReport:
     """Compare one output pair (see :func:`compare`)."""
     a, b = np.asarray(a), np.asarray(b)
@@ -604,12 +652,18 @@ def _compare_one(
     exact = _bit_identical(a, b)
     kind = _dtype_class(a.dtype)
     if kind in ("float", "complex"):
-        return _compare_float(name, a, b, rtol, atol, exact)
+        return _compare_float(name, a, b, rtol, atol, exact, floor)
     return _compare_exact(name, a, b, exact)
 
 
 def _compare_float(
-    name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float | None, exact: bool
+    name: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    rtol: float,
+    atol: float | None,
+    exact: bool,
+    floor: float = 0.0,
 ) -> OutputReport:
     """Tolerance comparison of floating-point (or complex) outputs of equal shape/dtype."""
     wide = np.complex128 if a.dtype.kind == "c" else np.float64
@@ -619,14 +673,14 @@ def _compare_float(
     if why is not None:
         return _report(name, np.inf, np.inf, 0.0, why, exact=False)
     a64, b64 = a64[finite_a], b64[finite_a]
-    scale = float(np.max(np.abs(a64), initial=0.0))
+    scale = max(float(np.max(np.abs(a64), initial=0.0)), floor)
     used_atol = rtol * scale if atol is None else atol
     diff = np.abs(a64 - b64)
     max_abs = float(np.max(diff, initial=0.0))
-    max_rel = max_abs / (scale + _TINY)
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
     ok = bool(np.all(diff <= used_atol + rtol * np.abs(a64)))
     why = None if ok else f"max abs err {max_abs:.3g} (max rel err {max_rel:.3g}) exceeds tolerance"
-    return _report(name, max_abs, max_rel, used_atol, why, exact=exact)
+    return _report(name, max_abs, max_rel, used_atol, why, exact=exact, elements=a64.size)
 
 
 def _nonfinite_mismatch(
@@ -648,12 +702,12 @@ def _compare_exact(name: str, a: np.ndarray, b: np.ndarray, exact: bool) -> Outp
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
         max_abs = float(np.max(diff, initial=0.0))
         scale = float(np.max(np.abs(a.astype(np.float64)), initial=0.0))
-        max_rel = max_abs / (scale + _TINY)
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
     else:
         max_abs = max_rel = 0.0 if np.array_equal(a, b) else np.inf
     equal = bool(np.array_equal(a, b))
     why = None if equal else f"{a.dtype} values differ (max abs diff {max_abs:.3g})"
-    return _report(name, max_abs, max_rel, 0.0, why, exact=exact)
+    return _report(name, max_abs, max_rel, 0.0, why, exact=exact, elements=a.size)
 
 
 def _bit_identical(a: np.ndarray, b: np.ndarray) -> bool:
@@ -671,6 +725,7 @@ def _report(
     reason: str | None,
     *,
     exact: bool,
+    elements: int = 0,
 ) -> OutputReport:
     return OutputReport(
         name=name,
@@ -680,6 +735,7 @@ def _report(
         passed=reason is None,
         exact=exact,
         reason=reason,
+        elements=int(elements),
     )
 
 
@@ -713,3 +769,139 @@ def verify(
     result.seconds = time.perf_counter() - start
     logger.info("%s in %.2fs", result.summary(), result.seconds)
     return result
+
+
+# --------------------------------------------------------------------------- the proof
+
+#: Input draws compared by default, and the scale of each float input per draw.
+DEFAULT_DRAWS = 8
+DRAW_SCALES = (1.0, 0.1, 10.0, 0.5, 2.0, 1.0, 0.25, 4.0)
+
+
+def draw_feed_sets(
+    specs: Sequence[InputSpec],
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    *,
+    npz: str | os.PathLike[str] | None = None,
+    int_high: Mapping[str, int] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The inputs verification runs on: the user's ``.npz`` (if any) first, then *draws*
+    random draws (:func:`make_feeds`, seeds ``seed, seed+1, …``) whose float inputs are
+    scaled by :data:`DRAW_SCALES` in turn, so small and large activations are both seen."""
+    sets = [make_feeds(specs, seed, npz=npz)] if npz is not None else []
+    if npz is not None:  # the npz fixes dynamic sizes: random draws take its shapes
+        shapes = {k: v.shape for k, v in sets[0].items()}
+        specs = [dataclasses.replace(s, shape=tuple(shapes[s.name])) for s in specs]
+    for k in range(draws):
+        feeds = make_feeds(specs, seed + k, int_high=int_high)
+        factor = DRAW_SCALES[k % len(DRAW_SCALES)]
+        sets.append({n: _scaled(a, factor) for n, a in feeds.items()})
+    return sets
+
+
+def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
+    if factor == 1.0 or _dtype_class(array.dtype) not in ("float", "complex"):
+        return array
+    return (array.astype(np.float64) * factor).astype(array.dtype)
+
+
+def verify_teleport(
+    original: str | os.PathLike[str],
+    teleported: str | os.PathLike[str],
+    feed_sets: Sequence[Mapping[str, np.ndarray]],
+    scales: TensorScales | None,
+    rtol: float = 1e-5,
+    *,
+    seed: int = 0,
+) -> VerificationResult:
+    """The proof that a teleport kept the function (DESIGN.md §5).
+
+    1. Every output of both models on every feed set (end to end: rounding errors
+       accumulated over the whole network stay within *rtol*), the tolerance raised to a
+       saturating op's range where an output comes from one.
+    2. With *scales* (the analysis' promise), every intermediate tensor, node by node,
+       on the first feed set (:func:`graphteleport.tensorcheck.check_tensors`).
+
+    A check that compared no finite element is a failure ("not verified"), never a pass.
+    """
+    start = time.perf_counter()
+    if not feed_sets:
+        raise InputError("verification needs at least one set of inputs")
+    floors = _output_floors(original)
+    orig_session, tele_session = _session(os.fspath(original)), _session(os.fspath(teleported))
+    names = [o.name for o in orig_session.get_outputs()]
+    results = [
+        _compare_feeds(orig_session, tele_session, names, feeds, rtol, floors, os.fspath(original))
+        for feeds in feed_sets
+    ]
+    result = _merge(results, len(feed_sets))
+    if scales is not None:  # also after a failure: it names the tensor at fault
+        result.tensors = check_tensors(
+            original, teleported, feed_sets[0], scales, run_proto, rtol=rtol, seed=seed
+        )
+        if not result.tensors.passed:
+            result.passed = result.exact = False
+            result.failures.insert(0, _tensor_failure(result.tensors))  # it names the node
+    result.seconds = time.perf_counter() - start
+    logger.info("%s in %.2fs", result.summary(), result.seconds)
+    return result
+
+
+def _output_floors(path: str | os.PathLike[str]) -> dict[str, float]:
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    return saturation_floors(proto.graph)
+
+
+def _compare_feeds(
+    orig: ort.InferenceSession,
+    tele: ort.InferenceSession,
+    names: list[str],
+    feeds: Mapping[str, np.ndarray],
+    rtol: float,
+    floors: Mapping[str, float],
+    what: str,
+) -> VerificationResult:
+    reference = _run_session(orig, names, feeds, what)
+    cand_names = [o.name for o in tele.get_outputs()]
+    if cand_names != names:
+        raise VerificationError(f"output names differ: {cand_names} vs {names}")
+    try:
+        candidate = _run_session(tele, names, feeds, "the rewritten model")
+    except InputError as e:
+        raise VerificationError(f"the rewritten model does not run: {e}") from e
+    return compare(
+        reference, candidate, names, rtol=rtol, floors=[floors.get(n, 0.0) for n in names]
+    )
+
+
+def _merge(results: Sequence[VerificationResult], draws: int) -> VerificationResult:
+    """One result over several feed sets: worst errors, per-output worst, all failures."""
+    outputs = [
+        max((r.outputs[k] for r in results), key=lambda o: (not o["passed"], o["max_rel_err"]))
+        for k in range(len(results[0].outputs))
+    ]
+    for k, o in enumerate(outputs):
+        o["elements"] = sum(r.outputs[k]["elements"] for r in results)
+    failures = [f"input draw {i}: {f}" for i, r in enumerate(results) for f in r.failures]
+    compared = sum(o["elements"] for o in outputs)
+    if compared == 0:
+        failures.append("not verified: no finite output element was compared")
+    return VerificationResult(
+        passed=not failures,
+        max_abs_err=max(r.max_abs_err for r in results),
+        max_rel_err=max(r.max_rel_err for r in results),
+        tolerance=results[0].tolerance,
+        outputs=outputs,
+        exact=not failures and all(r.exact for r in results),
+        seconds=0.0,
+        failures=failures,
+        inputs=draws,
+    )
+
+
+def _tensor_failure(check: TensorCheckResult) -> str:
+    if check.failure is not None:
+        more = f" ({check.failures - 1} more)" if check.failures > 1 else ""
+        return f"per-tensor check: {check.failure.describe()}{more}"
+    return "per-tensor check: not verified: no finite tensor element was compared"

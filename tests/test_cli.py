@@ -327,15 +327,18 @@ def test_no_verify_still_writes(work: Path, capsys: pytest.CaptureFixture[str]) 
 def test_inputs_npz_are_used(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     x = rand([1, 784], 9)
     np.savez(work / "feeds.npz", input=x)
-    rc, _, err = cli(
-        capsys, "m.onnx", "-o", "o.onnx", "--inputs", "feeds.npz", "--report", "r.json", "-q"
-    )
+    args = ["m.onnx", "-o", "o.onnx", "--inputs", "feeds.npz", "--report", "r.json", "-q"]
+    rc, _, err = cli(capsys, *args, "--draws", "0")  # the user's inputs alone
     assert rc == 0, err
     v = json.loads((work / "r.json").read_text())["verification"]
+    assert v["inputs"] == 1
     expected = run_ort(onnx.load(work / "m.onnx"), {"input": x})[0]
     got = run_ort(onnx.load(work / "o.onnx"), {"input": x})[0]
     err_here = float(np.max(np.abs(expected - got)))
     assert v["max_abs_err"] == pytest.approx(err_here, rel=1e-6, abs=1e-12)
+    rc, _, err = cli(capsys, *args)  # by default, the 8 random draws too
+    assert rc == 0, err
+    assert json.loads((work / "r.json").read_text())["verification"]["inputs"] == 9
 
 
 @pytest.mark.parametrize(

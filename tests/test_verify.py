@@ -456,6 +456,7 @@ def test_to_dict_is_json_ready() -> None:
         "passed": True,
         "exact": True,
         "reason": None,
+        "elements": 3,
     }
 
 

@@ -25,6 +25,7 @@ from graphteleport.analysis.driver import Analysis, analyze_model
 from graphteleport.errors import InputError
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.rewrite import RewriteStats, rewrite
+from graphteleport.tensorcheck import TensorScales
 
 log = logging.getLogger(__name__)
 MODES = ("absorb", "insert")
@@ -45,6 +46,25 @@ class TeleportResult(ir.passes.PassResult):
     @property
     def free_cofactors(self) -> int:
         return int(self.analysis.solution.free.sum()) if self.analysis else 0
+
+    def tensor_scales(self) -> TensorScales:
+        """The promise the per-tensor check verifies: value ``v`` of the teleported model is
+        ``s_v ⊙`` the original's, ``s_v = τ[ids(v)]`` (1 for a wrapped activation's output
+        in insert mode: its ``Mul(τ)`` comes after it)."""
+        if self.analysis is None:
+            return TensorScales({})
+        ctx, unscaled = self.analysis.ctx, set(self.inserted.unscaled)
+        scales: dict[str, np.ndarray] = {}
+        tracked: set[str] = set()
+        for key, ids in ctx.values.items():
+            name = ctx.outputs[key].name
+            if not name:
+                continue
+            tracked.add(name)
+            s = self.tau[ids]
+            if name not in unscaled and s.size and np.any(s != 1.0):
+                scales[name] = s
+        return TensorScales(scales, frozenset(tracked))
 
 
 class TeleportPass(ir.passes.InPlacePass):

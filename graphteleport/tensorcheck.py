@@ -1,0 +1,562 @@
+"""The per-tensor proof: every intermediate tensor of a teleported model is ``τ ⊙`` the
+original's, node by node (DESIGN.md §5).
+
+Outputs alone are a weak witness: a corrupted neuron that is inactive on the drawn inputs
+(a dead ReLU, a saturated sigmoid) leaves them unchanged.  The analysis knows the cofactor
+of every neuron of every tensor, so the strong check is local.  For each value ``v`` that
+a node of the original computes (constants excluded) the analysis promises
+
+    v' = s_v ⊙ v,    s_v = τ[ids(v)]  (1 for values it does not track),
+
+where ``v'`` is the value of the same name in the teleported model (insert mode: the
+output of a wrapped activation is unscaled, ``s_v = 1``; its inserted ``Mul(τ)`` follows).
+A network is the composition of its nodes, so the promise holds for the whole model
+exactly when it holds for every node ``N`` on every input:
+
+    N'(s_in ⊙ x) = s_out ⊙ N(x).
+
+:func:`check_tensors` tests that identity for all nodes at once.  Both models are *cut*
+at every value ``v`` the original computes: each use of ``v`` reads a fresh graph input
+instead, and ``v`` becomes a graph output.  The original's cut model is fed the tensors
+it really computes on the user's inputs (recorded by one run of the whole original), the
+teleported cut model ``s ⊙`` the same tensors; then every node's output is compared with
+``s_out ⊙`` the original's.  A second pass feeds the recorded tensors plus Gaussian noise
+of half their RMS, so every neuron is exercised — one that no drawn input activates too.
+Errors do not accumulate across nodes, and the first failing tensor in topological order
+names the node at fault.
+
+Comparisons mix relative and absolute error per tensor (see :func:`tolerance_scale`): the
+absolute part is ``rtol`` times the largest of the tensor's magnitude, the magnitude of
+the node's activation inputs (a difference of large values may be small), and the range
+of a saturating op (Sigmoid, Tanh, Softmax… have absolute, not relative, accuracy in
+their tails).  Tensors are checked in groups whose recorded size stays under a byte
+budget, so memory is bounded on large models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SATURATING_OPS",
+    "TensorCheckResult",
+    "TensorFailure",
+    "TensorScales",
+    "check_tensors",
+    "saturation_floors",
+    "tolerance_scale",
+]
+
+#: Ops whose outputs are bounded by 1 in magnitude and computed with absolute accuracy there.
+SATURATING_OPS = frozenset(
+    {"Sigmoid", "HardSigmoid", "Tanh", "Softmax", "Erf", "Softsign", "HardSwish", "Mish"}
+)
+#: Ops that only move, select or repeat elements: a floor passes through them.
+_MOVING_OPS = frozenset(
+    {
+        "Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice",
+        "Concat", "Split", "Gather", "GatherElements", "Expand", "Tile", "Pad",
+        "DepthToSpace", "SpaceToDepth", "Cast", "MaxPool", "AveragePool",
+        "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample", "ReduceMax", "ReduceMin",
+    }
+)  # fmt: skip
+_CUT_SUFFIX = "__gt_cut"
+#: Recorded bytes one group of checked tensors may hold (per model, per pass).
+DEFAULT_BUDGET_BYTES = 512 * 2**20
+
+
+# --------------------------------------------------------------------------- promises
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorScales:
+    """The analysis' promise for every tensor: ``v' = s_v ⊙ v``.
+
+    ``scales`` maps a value's name to ``s_v`` in a compact layout that broadcasts to the
+    value's shape (a conv activation's is ``[1, C, 1, 1]``); names it lacks keep ``s = 1``.
+    ``tracked`` names the values whose neurons the analysis followed: the promise holds for
+    *any* values of those (they are the ones perturbed); every other value (shape
+    arithmetic, masks, a bias computed as zeros) keeps what the model computes.
+    """
+
+    scales: Mapping[str, np.ndarray]
+    tracked: frozenset[str] = frozenset()
+
+    def of(self, name: str) -> np.ndarray | None:
+        """``s_v`` of value *name*, or None when it is 1."""
+        return self.scales.get(name)
+
+    def apply(self, name: str, array: np.ndarray) -> np.ndarray:
+        """``s_v ⊙ array`` in float64 (complex stays complex); *array* unchanged if s = 1."""
+        s = self.scales.get(name)
+        if s is None or array.dtype.kind not in "fc" or not array.size:
+            return array
+        return array.astype(np.result_type(array.dtype, np.float64)) * _fit(s, array.ndim)
+
+
+def _fit(s: np.ndarray, rank: int) -> np.ndarray:
+    """``s`` with leading size-1 axes added or dropped to match *rank*."""
+    if s.ndim < rank:
+        return s.reshape((1,) * (rank - s.ndim) + s.shape)
+    if s.ndim > rank:
+        return s.reshape(s.shape[s.ndim - rank :])
+    return s
+
+
+# --------------------------------------------------------------------------- tolerance
+
+
+def saturation_floors(graph: onnx.GraphProto) -> dict[str, float]:
+    """Per value: 1.0 when it comes from a saturating op (through data movement), else 0."""
+    floors: dict[str, float] = {}
+    for node in graph.node:
+        if node.op_type in SATURATING_OPS:
+            floor = 1.0
+        elif node.op_type in _MOVING_OPS:
+            floor = max((floors.get(x, 0.0) for x in node.input if x), default=0.0)
+        else:
+            continue
+        for y in node.output:
+            if y and floor:
+                floors[y] = floor
+    return floors
+
+
+def tolerance_scale(reference: np.ndarray, floor: float = 0.0, inputs: float = 0.0) -> float:
+    """The magnitude the absolute part of a tolerance is relative to.
+
+    ``max(max|ref|, floor, inputs)`` over finite elements: ``floor`` is a saturating op's
+    range (:func:`saturation_floors`), ``inputs`` the largest magnitude among the node's
+    activation inputs (node-local checks only).
+    """
+    finite = reference[np.isfinite(reference)] if reference.size else reference
+    peak = float(np.max(np.abs(finite), initial=0.0))
+    return max(peak, floor, inputs)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorFailure:
+    """The first tensor (in topological order) whose check failed, and why."""
+
+    tensor: str
+    node: str
+    op_type: str
+    max_abs_err: float
+    max_rel_err: float
+    reason: str
+    feeds: str  # "recorded" or "perturbed"
+
+    def describe(self) -> str:
+        return (
+            f"tensor '{self.tensor}' (output of {self.op_type} node '{self.node}', "
+            f"{self.feeds} inputs): {self.reason}"
+        )
+
+
+@dataclasses.dataclass
+class TensorCheckResult:
+    """What :func:`check_tensors` compared and found.
+
+    Attributes:
+        passed: every checked tensor within tolerance, and something was compared.
+        tensors: tensors checked (per pass; the same tensors in both passes).
+        elements: finite elements compared over both passes.
+        max_rel_err: the largest ``max|a' - s⊙a| / scale`` over tensors.
+        groups: how many groups the tensors were checked in (memory bound).
+        failure: the first failing tensor, or None.
+        failures: how many tensor checks failed in all.
+    """
+
+    passed: bool
+    tensors: int
+    elements: int
+    max_rel_err: float
+    groups: int
+    failure: TensorFailure | None = None
+    failures: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["max_rel_err"] = self.max_rel_err if np.isfinite(self.max_rel_err) else None
+        if self.failure is not None:
+            for key in ("max_abs_err", "max_rel_err"):
+                v = out["failure"][key]
+                out["failure"][key] = v if np.isfinite(v) else None
+        return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class _Model:
+    """A model proto without its external data, and the folder its data lives in."""
+
+    proto: onnx.ModelProto
+    folder: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> _Model:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+        return cls(proto, os.path.dirname(os.path.abspath(path)))
+
+
+def _constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Values computed from stored tensors alone (weights and what is derived from them)."""
+    real_inputs = {v.name for v in graph.input}
+    const = {t.name for t in graph.initializer if t.name not in real_inputs}
+    const |= {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        inputs = [x for x in node.input if x]
+        from_stored = (node.op_type == "Constant" or inputs) and all(x in const for x in inputs)
+        if from_stored and not _has_subgraph(node):
+            const.update(y for y in node.output if y)
+    return const
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in kinds for a in node.attribute)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Which values are cut, in the original's topological order, with their producers."""
+
+    cut: list[str]  # computed values of the original that the teleported model also has
+    producer: dict[str, onnx.NodeProto]
+    inputs_of: dict[str, list[str]]  # per cut value: the cut values its node reads
+    graph_inputs: list[str]
+
+
+def _plan(original: onnx.GraphProto, teleported: onnx.GraphProto) -> _Plan:
+    const = _constant_names(original)
+    produced_t = {y for n in teleported.node for y in n.output if y}
+    init = {t.name for t in original.initializer}
+    graph_inputs = [v.name for v in original.input if v.name not in init]
+    cut: list[str] = []
+    producer: dict[str, onnx.NodeProto] = {}
+    inputs_of: dict[str, list[str]] = {}
+    for node in original.node:
+        acts = [x for x in node.input if x and x not in const]
+        for y in node.output:
+            if y and y not in const and y in produced_t:
+                cut.append(y)
+                producer[y] = node
+                inputs_of[y] = acts
+    return _Plan(cut, producer, inputs_of, graph_inputs)
+
+
+def _with_outputs(model: _Model, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of the model that also outputs *names* (types left to onnxruntime)."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    have = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    return proto
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cut:
+    """The part of a model that computes one group of values from fed tensors."""
+
+    keep: list[int]  # node indices, in the model's order
+    boundary: list[str]  # cut values read: fed, under a fresh name when in the group
+
+
+def _cut(model: _Model, plan: _Plan, group: Sequence[str]) -> _Cut:
+    """Walk back from the group's values: a value the original computes (a cut value) is
+    a boundary; anything else (constants, a teleported model's inserted ``Mul`` and its
+    cofactor) is computed by the kept nodes."""
+    graph = model.proto.graph
+    producer = {y: k for k, n in enumerate(graph.node) for y in n.output if y}
+    cut = set(plan.cut)
+    stored = {t.name for t in graph.initializer} | set(plan.graph_inputs)
+    keep: set[int] = set()
+    boundary: dict[str, None] = {}
+    stack = [producer[y] for y in group if y in producer]
+    while stack:
+        k = stack.pop()
+        if k in keep:
+            continue
+        keep.add(k)
+        for x in _reads(graph.node[k]):
+            if x in cut:
+                boundary.setdefault(x, None)
+            elif x not in stored and x in producer:
+                stack.append(producer[x])
+    return _Cut(sorted(keep), list(boundary))
+
+
+def _cut_proto(
+    model: _Model, cut: _Cut, group: Sequence[str], fed: Mapping[str, np.ndarray]
+) -> onnx.ModelProto:
+    """The model reduced to ``cut.keep``, reading ``cut.boundary`` as graph inputs (typed
+    after *fed*) and giving *group* as its outputs."""
+    graph = model.proto.graph
+    inside = set(group)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    del proto.graph.node[:]
+    for k in cut.keep:
+        node = proto.graph.node.add()
+        node.CopyFrom(graph.node[k])
+        for j, x in enumerate(node.input):
+            if x in inside:
+                node.input[j] = x + _CUT_SUFFIX
+    proto.graph.input.extend(_value_info(_fed_name(n, inside), fed[n]) for n in cut.boundary)
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in group)
+    return proto
+
+
+def _fed_name(name: str, inside: set[str]) -> str:
+    return name + _CUT_SUFFIX if name in inside else name
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Every name *node* reads: its inputs and the outer values its subgraphs use."""
+    names = [x for x in node.input if x]
+    for attr in node.attribute:
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            local = {t.name for t in g.initializer} | {v.name for v in g.input}
+            local |= {y for n in g.node for y in n.output}
+            for n in g.node:
+                names.extend(x for x in _reads(n) if x not in local)
+    return names
+
+
+def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+    elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    return onnx.helper.make_tensor_value_info(name, elem, list(array.shape))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _groups(plan: _Plan, sizes: Mapping[str, int], budget: int) -> Iterator[list[str]]:
+    """The cut values in topological order, split so each group's recorded bytes (its
+    values and the values its nodes read) stay under *budget* (at least one per group)."""
+    group: list[str] = []
+    used = 0
+    for name in plan.cut:
+        need = sizes.get(name, 0) + sum(sizes.get(x, 0) for x in plan.inputs_of[name])
+        if group and used + need > budget:
+            yield group
+            group, used = [], 0
+        group.append(name)
+        used += need
+    if group:
+        yield group
+
+
+def _perturbed(
+    arrays: Mapping[str, np.ndarray], tracked: frozenset[str], seed: int
+) -> dict[str, np.ndarray]:
+    """Tracked float tensors plus N(0, (RMS/2)²) noise on their finite elements; the rest
+    as recorded."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, a in arrays.items():
+        if name not in tracked or a.dtype.kind != "f" or not a.size:
+            out[name] = a
+            continue
+        wide = a.astype(np.float64)
+        finite = np.isfinite(wide)
+        rms = float(np.sqrt(np.mean(np.square(wide[finite])))) if finite.any() else 0.0
+        sigma = 0.5 * rms if rms > 0 else 1.0
+        noisy = np.where(finite, wide + sigma * rng.standard_normal(a.shape), wide)
+        limit = float(np.finfo(a.dtype).max)
+        out[name] = np.clip(noisy, -limit, limit).astype(a.dtype)
+    return out
+
+
+def check_tensors(
+    original: str | os.PathLike[str],
+    teleported: str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray],
+    scales: TensorScales,
+    run: Runner,
+    *,
+    rtol: float = 1e-5,
+    seed: int = 0,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> TensorCheckResult:
+    """Check ``N'(s_in ⊙ x) = s_out ⊙ N(x)`` for every node (see the module docstring).
+
+    *run* is ``run(proto, folder, feeds) -> list of arrays`` in the proto's output order
+    (onnxruntime, optimisations off: :func:`graphteleport.verify.run_proto`).  The
+    original's tensors are recorded on *feeds*; *scales* is the analysis' promise.
+    """
+    orig, tele = _Model.load(original), _Model.load(teleported)
+    plan = _plan(orig.proto.graph, tele.proto.graph)
+    floors = saturation_floors(orig.proto.graph)
+    acc = _Accumulator()
+    groups = list(_groups(plan, _value_sizes(orig.proto), budget_bytes))
+    for k, group in enumerate(groups):
+        cuts = (_cut(orig, plan, group), _cut(tele, plan, group))
+        needed = list(dict.fromkeys([*cuts[0].boundary, *cuts[1].boundary]))
+        recorded = _named(run, _with_outputs(orig, [*needed, *group]), orig.folder, feeds)
+        recorded.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
+        for label, arrays in (
+            ("recorded", recorded),
+            ("perturbed", _perturbed(recorded, scales.tracked, seed + 7919 * (k + 1))),
+        ):
+            job = _Job(plan, group, arrays, scales, floors, rtol, label)
+            _check_group(orig, tele, cuts, run, job, acc)
+    return acc.result(len(plan.cut), len(groups))
+
+
+Runner = Callable[[onnx.ModelProto, str, Mapping[str, np.ndarray]], list[np.ndarray]]
+
+
+def _named(
+    run: Runner, proto: onnx.ModelProto, folder: str, feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    names = [o.name for o in proto.graph.output]
+    return dict(zip(names, run(proto, folder, feeds), strict=True))
+
+
+def _value_sizes(proto: onnx.ModelProto) -> dict[str, int]:
+    """Bytes of every value whose shape onnx's inference knows (unknown dims count 1)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # advisory only: unknown sizes just share a group
+        return {}
+    out: dict[str, int] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in t.shape.dim]
+        try:
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 4
+        out[vi.name] = int(np.prod(dims, dtype=np.int64)) * item
+    return out
+
+
+@dataclasses.dataclass
+class _Accumulator:
+    elements: int = 0
+    max_rel: float = 0.0
+    failures: int = 0
+    first: TensorFailure | None = None
+    first_index: int = -1
+
+    def add(self, index: int, failure: TensorFailure | None, elements: int, rel: float) -> None:
+        self.elements += elements
+        self.max_rel = max(self.max_rel, rel)
+        if failure is None:
+            return
+        self.failures += 1
+        if self.first is None or index < self.first_index:
+            self.first, self.first_index = failure, index
+
+    def result(self, tensors: int, groups: int) -> TensorCheckResult:
+        return TensorCheckResult(
+            passed=self.first is None and self.elements > 0,
+            tensors=tensors,
+            elements=self.elements,
+            max_rel_err=self.max_rel,
+            groups=groups,
+            failure=self.first,
+            failures=self.failures,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One group checked on one set of tensors."""
+
+    plan: _Plan
+    group: Sequence[str]
+    arrays: Mapping[str, np.ndarray]  # the original's tensors (recorded or perturbed)
+    scales: TensorScales
+    floors: Mapping[str, float]
+    rtol: float
+    label: str
+
+
+def _check_group(
+    orig: _Model, tele: _Model, cuts: tuple[_Cut, _Cut], run: Runner, job: _Job,
+    acc: _Accumulator,
+) -> None:  # fmt: skip
+    """Run both cut models of one group: the original on the tensors, the teleported on
+    ``s ⊙`` them; compare each value of the group with ``s ⊙`` the original's."""
+    arrays, scales, inside = job.arrays, job.scales, set(job.group)
+    base = {n: arrays[n] for n in job.plan.graph_inputs if n in arrays}
+
+    def feeds(cut: _Cut, scaled: bool) -> dict[str, np.ndarray]:
+        out = dict(base)
+        for n in cut.boundary:
+            a = arrays[n]
+            out[_fed_name(n, inside)] = scales.apply(n, a).astype(a.dtype) if scaled else a
+        return out
+
+    ref = _named(run, _cut_proto(orig, cuts[0], job.group, arrays), orig.folder,
+                 feeds(cuts[0], False))  # fmt: skip
+    got = _named(run, _cut_proto(tele, cuts[1], job.group, arrays), tele.folder,
+                 feeds(cuts[1], True))  # fmt: skip
+    index = {n: i for i, n in enumerate(job.plan.cut)}
+    for name in job.group:
+        in_mag = max(
+            (
+                tolerance_scale(scales.apply(x, arrays[x]))
+                for x in job.plan.inputs_of[name]
+                if x in arrays
+            ),
+            default=0.0,
+        )
+        failure, elements, rel = _compare_tensor(
+            name, job.plan.producer[name], scales.apply(name, ref[name]), got[name],
+            job.rtol, job.floors.get(name, 0.0), in_mag, job.label,
+        )  # fmt: skip
+        acc.add(index[name], failure, elements, rel)
+
+
+def _compare_tensor(
+    name: str,
+    node: onnx.NodeProto,
+    expected: np.ndarray,
+    got: np.ndarray,
+    rtol: float,
+    floor: float,
+    in_mag: float,
+    label: str,
+) -> tuple[TensorFailure | None, int, float]:
+    """(failure or None, finite elements compared, relative error) for one tensor."""
+    expected, got = np.asarray(expected), np.asarray(got)
+
+    def fail(reason: str, abs_err: float = np.inf, rel: float = np.inf) -> TensorFailure:
+        return TensorFailure(name, node.name, node.op_type, abs_err, rel, reason, label)
+
+    if expected.shape != got.shape:
+        return fail(f"shape {list(got.shape)}, expected {list(expected.shape)}"), 0, np.inf
+    if expected.dtype.kind not in "fc":
+        if np.array_equal(expected, got):
+            return None, expected.size, 0.0
+        return fail(f"{expected.dtype} values differ"), 0, np.inf
+    a, b = expected.astype(np.complex128 if expected.dtype.kind == "c" else np.float64), got
+    b = b.astype(a.dtype)
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    if not np.array_equal(fa, fb) or not np.array_equal(a[~fa], b[~fb], equal_nan=True):
+        return fail("NaN/inf where the original has none, or the reverse"), 0, np.inf
+    scale = tolerance_scale(a, floor, in_mag)
+    diff = np.abs(a[fa] - b[fa])
+    max_abs = float(np.max(diff, initial=0.0))
+    rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
+    if max_abs > rtol * scale:
+        return fail(f"max abs err {max_abs:.3g} (rel {rel:.3g}) exceeds rtol", max_abs, rel), 0, rel
+    return None, int(fa.sum()), rel
