@@ -20,8 +20,8 @@ at every value ``v`` the original computes: each use of ``v`` reads a fresh grap
 instead, and ``v`` becomes a graph output.  The original's cut model is fed the tensors
 it really computes on the user's inputs (recorded by one run of the whole original), the
 teleported cut model ``s ⊙`` the same tensors; then every node's output is compared with
-``s_out ⊙`` the original's.  A second pass feeds the recorded tensors plus Gaussian noise
-of half their RMS, so every neuron is exercised — one that no drawn input activates too.
+``s_out ⊙`` the original's.  A second pass feeds them mirrored, ``−v`` plus Gaussian noise of half
+their RMS, so every neuron is exercised — one that no drawn input activates too.
 Errors do not accumulate across nodes, and the first failing tensor in topological order
 names the node at fault.
 
@@ -84,7 +84,7 @@ class TensorScales:
     ``scales`` maps a value's name to ``s_v`` in a compact layout that broadcasts to the
     value's shape (a conv activation's is ``[1, C, 1, 1]``); names it lacks keep ``s = 1``.
     ``tracked`` names the values whose neurons the analysis followed: the promise holds for
-    *any* values of those (they are the ones perturbed); every other value (shape
+    *any* values of those (they are the ones mirrored); every other value (shape
     arithmetic, masks, a bias computed as zeros) keeps what the model computes.
     """
 
@@ -156,7 +156,7 @@ class TensorFailure:
     max_abs_err: float
     max_rel_err: float
     reason: str
-    feeds: str  # "recorded" or "perturbed"
+    feeds: str  # "recorded" or "mirrored"
 
     def describe(self) -> str:
         return (
@@ -202,15 +202,39 @@ class TensorCheckResult:
 
 @dataclasses.dataclass
 class _Model:
-    """A model proto without its external data, and the folder its data lives in."""
+    """A model proto without its external data, and the folder its data lives in.
+
+    ``skeleton`` is the proto without nodes, initializers and outputs: cut models are
+    built on it with just the nodes and initializers they need (a copy of every weight
+    per cut model would dominate the check's time on a large model).
+    """
 
     proto: onnx.ModelProto
     folder: str
+    skeleton: onnx.ModelProto
+    initializers: dict[str, onnx.TensorProto]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> _Model:
         proto = onnx.load(os.fspath(path), load_external_data=False)
-        return cls(proto, os.path.dirname(os.path.abspath(path)))
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(proto) if not proto.graph.initializer else _copy_without_weights(
+            proto, skeleton
+        )
+        del skeleton.graph.node[:]
+        del skeleton.graph.output[:]
+        inits = {t.name: t for t in proto.graph.initializer}
+        return cls(proto, os.path.dirname(os.path.abspath(path)), skeleton, inits)
+
+
+def _copy_without_weights(proto: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """``out`` = ``proto`` without its initializers (moved out and back, not copied)."""
+    weights = list(proto.graph.initializer)
+    del proto.graph.initializer[:]
+    try:
+        out.CopyFrom(proto)
+    finally:
+        proto.graph.initializer.extend(weights)
 
 
 def _constant_names(graph: onnx.GraphProto) -> set[str]:
@@ -260,11 +284,13 @@ def _plan(original: onnx.GraphProto, teleported: onnx.GraphProto) -> _Plan:
 
 
 def _with_outputs(model: _Model, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of the model that also outputs *names* (types left to onnxruntime)."""
+    """The model's proto with *names* as its outputs (types left to onnxruntime); shares
+    the weights with ``model.proto``, so use it before anything else changes that."""
     proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    have = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    proto.CopyFrom(model.skeleton)
+    proto.graph.node.extend(model.proto.graph.node)
+    proto.graph.initializer.extend(model.proto.graph.initializer)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     return proto
 
 
@@ -308,16 +334,17 @@ def _cut_proto(
     graph = model.proto.graph
     inside = set(group)
     proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    del proto.graph.node[:]
+    proto.CopyFrom(model.skeleton)
+    read: set[str] = set()
     for k in cut.keep:
         node = proto.graph.node.add()
         node.CopyFrom(graph.node[k])
+        read.update(_reads(node))
         for j, x in enumerate(node.input):
             if x in inside:
                 node.input[j] = x + _CUT_SUFFIX
+    proto.graph.initializer.extend(t for n, t in model.initializers.items() if n in read)
     proto.graph.input.extend(_value_info(_fed_name(n, inside), fed[n]) for n in cut.boundary)
-    del proto.graph.output[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in group)
     return proto
 
@@ -362,11 +389,12 @@ def _groups(plan: _Plan, sizes: Mapping[str, int], budget: int) -> Iterator[list
         yield group
 
 
-def _perturbed(
+def _mirrored(
     arrays: Mapping[str, np.ndarray], tracked: frozenset[str], seed: int
 ) -> dict[str, np.ndarray]:
-    """Tracked float tensors plus N(0, (RMS/2)²) noise on their finite elements; the rest
-    as recorded."""
+    """Tracked float tensors mirrored and noised, ``−v + N(0, (RMS/2)²)`` on their finite
+    elements (every element that had a sign takes the other: a ReLU neuron dead on the
+    recorded inputs is active here, and zeros become noise); the rest as recorded."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for name, a in arrays.items():
@@ -377,7 +405,7 @@ def _perturbed(
         finite = np.isfinite(wide)
         rms = float(np.sqrt(np.mean(np.square(wide[finite])))) if finite.any() else 0.0
         sigma = 0.5 * rms if rms > 0 else 1.0
-        noisy = np.where(finite, wide + sigma * rng.standard_normal(a.shape), wide)
+        noisy = np.where(finite, sigma * rng.standard_normal(a.shape) - wide, wide)
         limit = float(np.finfo(a.dtype).max)
         out[name] = np.clip(noisy, -limit, limit).astype(a.dtype)
     return out
@@ -388,7 +416,7 @@ def check_tensors(
     teleported: str | os.PathLike[str],
     feeds: Mapping[str, np.ndarray],
     scales: TensorScales,
-    run: Runner,
+    open_model: Opener,
     *,
     rtol: float = 1e-5,
     seed: int = 0,
@@ -396,9 +424,10 @@ def check_tensors(
 ) -> TensorCheckResult:
     """Check ``N'(s_in ⊙ x) = s_out ⊙ N(x)`` for every node (see the module docstring).
 
-    *run* is ``run(proto, folder, feeds) -> list of arrays`` in the proto's output order
-    (onnxruntime, optimisations off: :func:`graphteleport.verify.run_proto`).  The
-    original's tensors are recorded on *feeds*; *scales* is the analysis' promise.
+    *open_model* is ``open_model(proto, folder) -> run`` with ``run(feeds) -> list of
+    arrays`` in the proto's output order (onnxruntime, optimisations off:
+    :func:`graphteleport.verify.open_proto`).  The original's tensors are recorded on
+    *feeds*; *scales* is the analysis' promise.
     """
     orig, tele = _Model.load(original), _Model.load(teleported)
     plan = _plan(orig.proto.graph, tele.proto.graph)
@@ -408,25 +437,36 @@ def check_tensors(
     for k, group in enumerate(groups):
         cuts = (_cut(orig, plan, group), _cut(tele, plan, group))
         needed = list(dict.fromkeys([*cuts[0].boundary, *cuts[1].boundary]))
-        recorded = _named(run, _with_outputs(orig, [*needed, *group]), orig.folder, feeds)
+        record = _named(open_model(_with_outputs(orig, [*needed, *group]), orig.folder))
+        recorded = record(feeds)
         recorded.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
+        runs = (
+            _named(open_model(_cut_proto(orig, cuts[0], group, recorded), orig.folder)),
+            _named(open_model(_cut_proto(tele, cuts[1], group, recorded), tele.folder)),
+        )
         for label, arrays in (
             ("recorded", recorded),
-            ("perturbed", _perturbed(recorded, scales.tracked, seed + 7919 * (k + 1))),
+            ("mirrored", _mirrored(recorded, scales.tracked, seed + 7919 * (k + 1))),
         ):
             job = _Job(plan, group, arrays, scales, floors, rtol, label)
-            _check_group(orig, tele, cuts, run, job, acc)
+            _check_group(cuts, runs, job, acc)
     return acc.result(len(plan.cut), len(groups))
 
 
-Runner = Callable[[onnx.ModelProto, str, Mapping[str, np.ndarray]], list[np.ndarray]]
+Feeds = Mapping[str, np.ndarray]
+Run = Callable[[Feeds], list[np.ndarray]]
+Opener = Callable[[onnx.ModelProto, str], Run]
+NamedRun = Callable[[Feeds], dict[str, np.ndarray]]
 
 
-def _named(
-    run: Runner, proto: onnx.ModelProto, folder: str, feeds: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    names = [o.name for o in proto.graph.output]
-    return dict(zip(names, run(proto, folder, feeds), strict=True))
+def _named(run: Run) -> NamedRun:
+    """*run* returning ``{output name: array}``."""
+    names: list[str] = list(getattr(run, "output_names", []))
+
+    def named(feeds: Feeds) -> dict[str, np.ndarray]:
+        return dict(zip(names, run(feeds), strict=True))
+
+    return named
 
 
 def _value_sizes(proto: onnx.ModelProto) -> dict[str, int]:
@@ -482,7 +522,7 @@ class _Job:
 
     plan: _Plan
     group: Sequence[str]
-    arrays: Mapping[str, np.ndarray]  # the original's tensors (recorded or perturbed)
+    arrays: Mapping[str, np.ndarray]  # the original's tensors (recorded or mirrored)
     scales: TensorScales
     floors: Mapping[str, float]
     rtol: float
@@ -490,9 +530,8 @@ class _Job:
 
 
 def _check_group(
-    orig: _Model, tele: _Model, cuts: tuple[_Cut, _Cut], run: Runner, job: _Job,
-    acc: _Accumulator,
-) -> None:  # fmt: skip
+    cuts: tuple[_Cut, _Cut], runs: tuple[NamedRun, NamedRun], job: _Job, acc: _Accumulator
+) -> None:
     """Run both cut models of one group: the original on the tensors, the teleported on
     ``s ⊙`` them; compare each value of the group with ``s ⊙`` the original's."""
     arrays, scales, inside = job.arrays, job.scales, set(job.group)
@@ -505,10 +544,7 @@ def _check_group(
             out[_fed_name(n, inside)] = scales.apply(n, a).astype(a.dtype) if scaled else a
         return out
 
-    ref = _named(run, _cut_proto(orig, cuts[0], job.group, arrays), orig.folder,
-                 feeds(cuts[0], False))  # fmt: skip
-    got = _named(run, _cut_proto(tele, cuts[1], job.group, arrays), tele.folder,
-                 feeds(cuts[1], True))  # fmt: skip
+    ref, got = runs[0](feeds(cuts[0], False)), runs[1](feeds(cuts[1], True))
     index = {n: i for i, n in enumerate(job.plan.cut)}
     for name in job.group:
         in_mag = max(

@@ -400,18 +400,24 @@ def _run_ir_model(
         return _run_named(path, feeds)
 
 
-def run_proto(
-    proto: onnx.ModelProto, folder: str, feeds: Mapping[str, np.ndarray]
-) -> list[np.ndarray]:
-    """Run a model proto whose external data (if any) lives in *folder*; outputs in order.
+class _ProtoRun:
+    """A session of a model proto: ``run(feeds)`` gives its outputs in order."""
+
+    def __init__(self, proto: onnx.ModelProto, folder: str) -> None:
+        self._session = _session(proto.SerializeToString(), external_folder=folder)
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return _run_session(self._session, self.output_names, feeds, "the model")
+
+
+def open_proto(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+    """A runner for a model proto whose external data (if any) lives in *folder*.
 
     Used for the per-tensor check's cut models (:mod:`graphteleport.tensorcheck`).
     Errors are :class:`InputError` with onnxruntime's message on one line.
     """
-    data = proto.SerializeToString()
-    session = _session(data, external_folder=folder)
-    names = [o.name for o in session.get_outputs()]
-    return _run_session(session, names, feeds, "the model")
+    return _ProtoRun(proto, folder)
 
 
 def _run_session(
@@ -838,7 +844,7 @@ def verify_teleport(
     result = _merge(results, len(feed_sets))
     if scales is not None:  # also after a failure: it names the tensor at fault
         result.tensors = check_tensors(
-            original, teleported, feed_sets[0], scales, run_proto, rtol=rtol, seed=seed
+            original, teleported, feed_sets[0], scales, open_proto, rtol=rtol, seed=seed
         )
         if not result.tensors.passed:
             result.passed = result.exact = False

@@ -165,9 +165,9 @@ def test_groups_under_a_small_budget_give_the_same_verdict(tmp_path: Path, mode:
     out = tmp_path / "t.onnx"
     ir.save(result.model, out)
     scales = result.tensor_scales()
-    whole = tensorcheck.check_tensors(src, out, feeds[0], scales, verify.run_proto)
+    whole = tensorcheck.check_tensors(src, out, feeds[0], scales, verify.open_proto)
     pieces = tensorcheck.check_tensors(
-        src, out, feeds[0], scales, verify.run_proto, budget_bytes=4096
+        src, out, feeds[0], scales, verify.open_proto, budget_bytes=4096
     )
     assert whole.passed and pieces.passed
     assert whole.groups == 1 and pieces.groups > 5
