@@ -533,6 +533,7 @@ class VerificationResult:
         seconds: wall time of the comparison (of both runs too, from :func:`verify`).
         failures: one human-readable line per problem (empty when passed).
         inputs: how many input draws the outputs were compared on.
+        batched: the draws ran as one batch (the model's batch axis is dynamic).
         tensors: the per-tensor check (:mod:`graphteleport.tensorcheck`), if it ran.
     """
 
@@ -545,6 +546,7 @@ class VerificationResult:
     seconds: float
     failures: list[str] = dataclasses.field(default_factory=list)
     inputs: int = 1
+    batched: bool = False
     tensors: TensorCheckResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -565,6 +567,7 @@ class VerificationResult:
             ],
             "failures": list(self.failures),
             "inputs": self.inputs,
+            "batched": self.batched,
             "tensors": self.tensors.to_dict() if self.tensors is not None else None,
         }
 
@@ -837,11 +840,23 @@ def verify_teleport(
     floors = _output_floors(original)
     orig_session, tele_session = _session(os.fspath(original)), _session(os.fspath(teleported))
     names = [o.name for o in orig_session.get_outputs()]
-    results = [
-        _compare_feeds(orig_session, tele_session, names, feeds, rtol, floors, os.fspath(original))
-        for feeds in feed_sets
-    ]
-    result = _merge(results, len(feed_sets))
+
+    def compare_all(sets: Sequence[Mapping[str, np.ndarray]]) -> list[VerificationResult]:
+        return [
+            _compare_feeds(orig_session, tele_session, names, f, rtol, floors, str(original))
+            for f in sets
+        ]
+
+    stacked = _stacked(orig_session, feed_sets)
+    try:
+        results = compare_all([stacked] if stacked is not None else feed_sets)
+    except InputError:
+        if stacked is None:
+            raise
+        stacked = None
+        results = compare_all(feed_sets)  # the batch size is baked into the graph
+    result = _merge(results, len(feed_sets))  # (draws, however they were run)
+    result.batched = stacked is not None
     if scales is not None:  # also after a failure: it names the tensor at fault
         result.tensors = check_tensors(
             original, teleported, feed_sets[0], scales, open_proto, rtol=rtol, seed=seed
@@ -852,6 +867,18 @@ def verify_teleport(
     result.seconds = time.perf_counter() - start
     logger.info("%s in %.2fs", result.summary(), result.seconds)
     return result
+
+
+def _stacked(
+    session: ort.InferenceSession, feed_sets: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray] | None:
+    """The feed sets stacked along axis 0 into one run, where every input's axis 0 is
+    dynamic and the sets agree in shapes; else None."""
+    dynamic = all(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
+    shapes = {tuple((k, v.shape) for k, v in sorted(f.items())) for f in feed_sets}
+    if len(feed_sets) < 2 or not dynamic or len(shapes) != 1:
+        return None
+    return {k: np.concatenate([f[k] for f in feed_sets]) for k in feed_sets[0]}
 
 
 def _output_floors(path: str | os.PathLike[str]) -> dict[str, float]:

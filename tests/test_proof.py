@@ -194,3 +194,25 @@ def test_insert_mode_promise_is_checked(tmp_path: Path) -> None:
     ir.save(model, tmp_path / "bad.onnx")
     bad = verify.verify_teleport(src, tmp_path / "bad.onnx", feeds, result.tensor_scales())
     assert not bad.passed and bad.tensors is not None and bad.tensors.failure is not None
+
+
+def batch_model(baked: bool) -> onnx.ModelProto:
+    """A dynamic-batch MLP; ``baked``: a Reshape to [1, 8] that only runs at batch 1."""
+    shape = np.array([1, 8] if baked else [-1, 8], np.int64)
+    nodes = [
+        gemm("x", "W1", "b1", "h"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        gemm("f", "W2", "b2", "y"),
+    ]
+    inits = {"W1": rand([8, 4], 1), "b1": rand([8], 2), "W2": rand([3, 8], 3), "b2": rand([3], 4)}
+    inits["shape"] = shape
+    return make_model(nodes, {"x": ["N", 4]}, {"y": ["N", 3]}, inits)
+
+
+@pytest.mark.parametrize("baked", [False, True])
+def test_draws_run_as_one_batch_where_the_model_allows(tmp_path: Path, baked: bool) -> None:
+    rc, r = run_cli(tmp_path, batch_model(baked))
+    assert rc == 0
+    v = r["verification"]
+    assert v["inputs"] == 8 and v["batched"] is (not baked) and v["tensors"]["passed"]
