@@ -140,6 +140,15 @@ def format_analysis(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def format_inputs(r: dict[str, Any]) -> list[str]:
+    """One line for the inputs whose dynamic axes were sized, and how (none if static)."""
+    parts = []
+    for name, entry in (r.get("input_shapes") or {}).items():
+        if entry["axes"]:
+            parts.append(f"{name} [{','.join(map(str, entry['shape']))}] ({entry['brief']})")
+    return [f"  input shapes: {', '.join(parts)}"] if parts else []
+
+
 def format_teleport(r: dict[str, Any]) -> str:
     lines = [f"graphteleport: {r['model']} -> {r['output']}"]
     rng = f" (r={r['cob_range']})"
@@ -147,6 +156,7 @@ def format_teleport(r: dict[str, Any]) -> str:
         f"  mode {r['mode']}, sampling {r['sampling']}{rng}, seed {r['seed']}"
         + (", exact (powers of two)" if r["exact"] else "")
     )
+    lines += format_inputs(r)
     lines += format_analysis(r)
     frac = r["elements_changed"] / max(r["elements_total"], 1)
     lines.append(
@@ -184,6 +194,7 @@ def format_inspect(r: dict[str, Any]) -> str:
         f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
         f"{r['weights_in_quiver']} weights between groups",
     ]
+    lines += format_inputs(r)
     lines += format_analysis(r)
     for mode, m in r["modes"].items():
         extra = ""
