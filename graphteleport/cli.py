@@ -57,7 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=DIMS",
-        help="concrete sizes for an input with dynamic dimensions (repeatable)",
+        help="concrete sizes for an input with dynamic dimensions, instead of those found "
+        "by running the model (repeatable)",
     )
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")

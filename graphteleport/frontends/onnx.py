@@ -66,12 +66,12 @@ logger = logging.getLogger(__name__)
 #: The sequence length given to a dynamic axis of an integer input (token ids, masks).
 DEFAULT_SEQUENCE = 16
 
-#: Sizes tried, in order, for the dynamic axes no other rule sizes.  Multiples of 32:
-#: a CNN whose deepest feature map is 1/32 of the input (ImageNet backbones, FPN and
-#: U-Net detectors) runs at each exactly, and 2^k-strided nets with k <= 5 too; 32 is
-#: the smallest such size, so the analysis and verification stay cheap.  96, 160, 224
-#: and 320 add the factors 3, 5, 7 and 10 that a Reshape into fixed groups may need;
-#: 64/128/256/512 cover strides up to 512.  Past 512 a model rarely needs a probe.
+#: Sizes tried, in order, for the dynamic axes no other rule sizes, every open axis at
+#: once (at most 11 runs).  Multiples of 32: a net whose total stride is 2^k, k <= 5
+#: (ImageNet backbones, FPN and U-Net detectors), runs at each; 32 is the smallest, so
+#: the probe, the analysis and the verification stay cheap.  96, 160, 224 and 320 add the
+#: factors 3, 5, 7 and 10 a Reshape into fixed groups may need; 64 to 512 cover total
+#: strides up to 512.
 LADDER = (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512)
 
 #: Runs the model once on the given feeds; raises on failure (any exception: the
@@ -329,8 +329,7 @@ class _Resolution:
             shape = tuple(sizes[a] for a in range(len(sizes)))
             return InputSpec(name, self.dtypes[name], shape, (False,) * len(shape))
         shape = tuple(d if isinstance(d, int) else sizes.get(a, -1) for a, d in enumerate(declared))
-        if -1 in shape and not allow_dynamic:
-            raise AssertionError(f"input '{name}' left open: {shape}")
+        assert allow_dynamic or -1 not in shape, f"input '{name}' left open: {shape}"
         return InputSpec(
             name, self.dtypes[name], shape, tuple(isinstance(d, int) for d in declared)
         )
@@ -418,6 +417,7 @@ class _Resolution:
         """Record the sizes that ran, with the tries that failed before them."""
         tried = "; ".join(failures[:3]) + ("; ..." if len(failures) > 3 else "")
         before = [f.split(" failed: ", 1)[0] for f in failures]
+        before = before if len(before) <= 3 else [f"{len(before)} sizes"]
         for (name, axis), (size, rule) in candidate.items():
             source = f"{rule}: {size}" + (f" ({tried})" if failures else "")
             brief = f"{rule} {size}" + (f", after {', '.join(before)} failed" if failures else "")
