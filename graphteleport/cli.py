@@ -57,7 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=DIMS",
-        help="concrete sizes for an input with dynamic dimensions (repeatable)",
+        help="concrete sizes for an input with dynamic dimensions, instead of those found "
+        "by running the model (repeatable)",
     )
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -153,6 +154,15 @@ def format_analysis(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def format_inputs(r: dict[str, Any]) -> list[str]:
+    """One line for the inputs whose dynamic axes were sized, and how (none if static)."""
+    parts = []
+    for name, entry in (r.get("input_shapes") or {}).items():
+        if entry["axes"]:
+            parts.append(f"{name} [{','.join(map(str, entry['shape']))}] ({entry['brief']})")
+    return [f"  input shapes: {', '.join(parts)}"] if parts else []
+
+
 def format_teleport(r: dict[str, Any]) -> str:
     lines = [f"graphteleport: {r['model']} -> {r['output']}"]
     rng = f" (r={r['cob_range']})"
@@ -160,6 +170,7 @@ def format_teleport(r: dict[str, Any]) -> str:
         f"  mode {r['mode']}, sampling {r['sampling']}{rng}, seed {r['seed']}"
         + (", exact (powers of two)" if r["exact"] else "")
     )
+    lines += format_inputs(r)
     lines += format_analysis(r)
     frac = r["elements_changed"] / max(r["elements_total"], 1)
     lines.append(
@@ -197,6 +208,7 @@ def format_inspect(r: dict[str, Any]) -> str:
         f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
         f"{r['weights_in_quiver']} weights between groups",
     ]
+    lines += format_inputs(r)
     lines += format_analysis(r)
     for mode, m in r["modes"].items():
         extra = ""

@@ -62,16 +62,21 @@ def _quiet(_: str) -> None:
 
 
 def _feeds(
-    model: ir.Model, opts: TeleportOptions, seed: int
-) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]]]:
-    """Verification inputs (the user's, then random draws) and the concrete input shapes
-    the analysis uses (those of the first set)."""
-    specs = verify_mod.input_specs(model, opts.input_shapes, allow_dynamic=bool(opts.inputs))
+    model: ir.Model, opts: TeleportOptions, seed: int, src: str | os.PathLike[str]
+) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]], onnx_frontend.ResolvedInputs]:
+    """Verification inputs (the user's, then random draws), the concrete input shapes the
+    analysis uses (those of the first set), and how the frontend sized the dynamic axes
+    (probing ``src`` in onnxruntime where needed)."""
+    resolved = onnx_frontend.resolve_input_shapes(
+        model,
+        opts.input_shapes,
+        allow_dynamic=bool(opts.inputs),
+        probe=onnx_frontend.ort_probe(src),
+    )
     sets = verify_mod.draw_feed_sets(
-        specs, opts.draws, seed,
-        npz=opts.inputs, int_high=_int_ranges(model),
-    )  # fmt: skip
-    return sets, {k: tuple(v.shape) for k, v in sets[0].items()}
+        resolved.specs, opts.draws, seed, npz=opts.inputs, int_high=_int_ranges(model)
+    )
+    return sets, {k: tuple(v.shape) for k, v in sets[0].items()}, resolved
 
 
 def _int_ranges(model: ir.Model) -> dict[str, int]:
@@ -124,6 +129,8 @@ def inspect_file(
     report.update(
         model=str(path), mode=mode, modes=per_mode, seconds={"total": time.perf_counter() - t0}
     )
+    if graph.inputs is not None:
+        report["input_shapes"] = graph.inputs.to_report()
     return report
 
 
@@ -158,7 +165,7 @@ def teleport_file(
         )
     model = load_model(src)
     seed = 0 if opts.seed is None else opts.seed
-    feeds, shapes = _feeds(model, opts, seed)
+    feeds, shapes, resolved = _feeds(model, opts, seed, src)
     teleport = TeleportPass(
         mode=opts.mode,
         sampling=opts.sampling,
@@ -172,6 +179,8 @@ def teleport_file(
     progress("analysing and rewriting")  # every check on the user's input has passed
     result: Any = teleport(model)
     report = _teleport_report(result, src, dst, opts)
+    report["input_shapes"] = resolved.to_report(shapes)
+    report["seconds"]["inputs"] = resolved.seconds
     _save_verified(model, src, dst, feeds, report, opts, progress, result.tensor_scales())
     report["seconds"]["total"] = time.perf_counter() - t0
     return report

@@ -35,10 +35,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphteleport.errors import InputError, VerificationError
+from graphteleport.frontends.onnx import DEFAULT_SEQUENCE, InputSpec, input_specs
 from graphteleport.io import (
     external_data_files,
     initializer_nbytes,
-    load_model,
     save_model_atomic,
 )
 from graphteleport.tensorcheck import (
@@ -49,6 +49,7 @@ from graphteleport.tensorcheck import (
 )
 
 __all__ = [
+    "DEFAULT_SEQUENCE",
     "InputSpec",
     "ModelSource",
     "OutputReport",
@@ -70,163 +71,8 @@ _MAX_BYTES_MODEL = 1 << 30
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One real graph input (not an initializer) and the shape to feed it.
-
-    Attributes:
-        name: the graph input's name.
-        dtype: its numpy dtype (``ml_dtypes`` types for bfloat16 and float8).
-        shape: the concrete shape random feeds get; ``-1`` only for a dynamic
-            dimension left open by ``input_specs(..., allow_dynamic=True)``.
-        fixed: per axis, True where the model itself fixes the size (an ``.npz``
-            array must match those axes; the others may be any size).
-    """
-
-    name: str
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-    fixed: tuple[bool, ...]
-
-
-def input_specs(
-    model: ir.Model | str | os.PathLike[str],
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    *,
-    allow_dynamic: bool = False,
-) -> list[InputSpec]:
-    """Concrete specs of the model's real inputs, in graph order.
-
-    Graph inputs that are also initializers are skipped.  A dynamic (symbolic or
-    unknown) dimension takes its size from *input_shapes* (``{name: [d0, d1, ...]}``,
-    the CLI's ``--input-shape NAME=D0,D1,...``); failing that, axis 0 — the batch —
-    defaults to 1, and any other dynamic axis raises :class:`InputError` naming the
-    input and the axis, unless *allow_dynamic* leaves it as ``-1`` (for feeds that
-    come from an ``.npz`` file).  An override must name a real input, have the
-    input's rank and agree with the sizes the model fixes, or InputError is raised.
-    """
-    m = model if isinstance(model, ir.Model) else load_model(model)
-    overrides = dict(input_shapes or {})
-    inputs = [v for v in m.graph.inputs if v.name not in m.graph.initializers]
-    names = [str(v.name) for v in inputs]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise InputError(
-            f"--input-shape names {_quoted(unknown)}, which {'is' if len(unknown) == 1 else 'are'}"
-            f" not a model input; the inputs are: {_quoted(names)}"
-        )
-    return [_input_spec(v, overrides.get(str(v.name)), allow_dynamic) for v in inputs]
-
-
-#: The sequence length given to a dynamic axis of an integer input (token ids, masks).
-DEFAULT_SEQUENCE = 16
-
-
-def _input_spec(value: ir.Value, override: Sequence[int] | None, allow_dynamic: bool) -> InputSpec:
-    """The spec of one graph input, resolving dynamic dims as :func:`input_specs` says."""
-    name = str(value.name)
-    dtype = _input_dtype(value)
-    declared = _declared_dims(value)
-    fixed = tuple(isinstance(d, int) for d in declared) if declared is not None else None
-    if override is not None:
-        shape = _check_override(name, override, declared)
-        return InputSpec(name, dtype, shape, fixed or (False,) * len(shape))
-    if declared is None:
-        raise InputError(
-            f"input '{name}' has unknown rank; pass --input-shape {name}=D0,D1,... "
-            "with its concrete sizes"
-        )
-    integer = dtype.kind in "iu"
-    shape = tuple(
-        _default_dim(name, declared, axis, allow_dynamic, integer) for axis in range(len(declared))
-    )
-    return InputSpec(name, dtype, shape, fixed or ())
-
-
-def _input_dtype(value: ir.Value) -> np.dtype[Any]:
-    """The numpy dtype of a tensor input, or InputError for other input types."""
-    if not isinstance(value.type, ir.TensorType) or value.dtype is None:
-        raise InputError(
-            f"input '{value.name}' has type {value.type}; only tensor inputs can be verified"
-        )
-    try:
-        return np.dtype(value.dtype.numpy())
-    except (TypeError, ValueError) as e:
-        raise InputError(f"input '{value.name}' has dtype {value.dtype.name}, unsupported") from e
-
-
-def _declared_dims(value: ir.Value) -> tuple[int | str | None, ...] | None:
-    """Declared dims: an int if fixed, the symbol (str) or None if dynamic; None if no rank."""
-    if value.shape is None:
-        return None
-    dims: list[int | str | None] = []
-    for d in value.shape.dims:
-        if isinstance(d, int) and d >= 0:
-            dims.append(d)
-        else:
-            dims.append(d.value if isinstance(d, ir.SymbolicDim) else None)
-    return tuple(dims)
-
-
-def _check_override(
-    name: str, override: Sequence[int], declared: tuple[int | str | None, ...] | None
-) -> tuple[int, ...]:
-    """Validate an --input-shape override against the declared dims; return it as a tuple."""
-    shape = tuple(override)
-    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
-        raise InputError(f"--input-shape {name}: sizes must be non-negative integers, got {shape}")
-    if declared is None:
-        return tuple(int(d) for d in shape)
-    if len(shape) != len(declared):
-        raise InputError(
-            f"--input-shape {name} gives {len(shape)} sizes but the input has rank "
-            f"{len(declared)} {_format_dims(declared)}"
-        )
-    for axis, (want, got) in enumerate(zip(declared, shape, strict=True)):
-        if isinstance(want, int) and want != got:
-            raise InputError(
-                f"--input-shape {name}: dimension {axis} is fixed at {want} by the model "
-                f"{_format_dims(declared)}, got {got}"
-            )
-    return tuple(int(d) for d in shape)
-
-
-def _default_dim(
-    name: str,
-    declared: tuple[int | str | None, ...],
-    axis: int,
-    allow_dynamic: bool,
-    integer: bool = False,
-) -> int:
-    """The size of one declared dim with no override: fixed size, batch 1, a sequence
-    length of :data:`DEFAULT_SEQUENCE` for integer inputs (token ids, masks), or an error."""
-    dim = declared[axis]
-    if isinstance(dim, int):
-        return dim
-    if axis == 0:
-        logger.debug("input '%s': dynamic batch dimension %r set to 1", name, dim)
-        return 1
-    if allow_dynamic:
-        return -1
-    if integer:
-        logger.debug("input '%s': dynamic dimension %r set to %d", name, dim, DEFAULT_SEQUENCE)
-        return DEFAULT_SEQUENCE
-    example = ",".join(
-        str(d) if isinstance(d, int) else ("1" if i == 0 else f"D{i}")
-        for i, d in enumerate(declared)
-    )
-    symbol = f" ('{dim}')" if dim else ""
-    raise InputError(
-        f"input '{name}' {_format_dims(declared)} has dynamic dimension {axis}{symbol}; "
-        f"pass --input-shape {name}={example} with concrete sizes"
-    )
-
-
-def _format_dims(declared: tuple[int | str | None, ...]) -> str:
-    """``[batch,128,?]``-style rendering of declared dims."""
-    return "[" + ",".join("?" if d is None else str(d) for d in declared) + "]"
+# InputSpec, input_specs and DEFAULT_SEQUENCE live in the ONNX frontend, which resolves
+# input shapes (graphteleport.frontends.onnx.resolve_input_shapes); re-exported here.
 
 
 def _quoted(names: Sequence[str]) -> str:

@@ -116,9 +116,15 @@ def _setup_bad(work: Path, case: str) -> list[str]:
     if case == "input is a symlink to -o":
         (work / "link.onnx").symlink_to("m.onnx")
         return ["link.onnx", "-o", "m.onnx"]
-    if case == "dynamic non-batch dim":
-        dynamic_model(work / "dyn.onnx")
-        return ["dyn.onnx", "-o", "o.onnx"]
+    if case == "dynamic dim no size runs":  # only T = 5 fits the Reshape
+        nodes = [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("MatMul", ["r", "W"], ["y"]),
+        ]
+        shape = np.array([1, 5, 4], dtype=np.int64)
+        inits = {"shape": shape, "W": rand([4, 3], 0)}
+        onnx.save(make_model(nodes, {"x": [1, "T", 4]}, {"y": [1, 5, 3]}, inits), work / "d.onnx")
+        return ["d.onnx", "-o", "o.onnx"]
     if case == "bad --input-shape syntax":
         return ["m.onnx", "-o", "o.onnx", "--input-shape", "input=1,x"]
     if case == "--input-shape without =":
@@ -152,7 +158,7 @@ BAD_CASES = [
     "-o is the input via absolute path",
     "-o is a symlink to the input",
     "input is a symlink to -o",
-    "dynamic non-batch dim",
+    "dynamic dim no size runs",
     "bad --input-shape syntax",
     "--input-shape without =",
     "--input-shape with a zero",
@@ -189,11 +195,13 @@ def test_bad_input_default(work: Path, capsys: pytest.CaptureFixture[str], case:
     assert listing(work) == before
 
 
-def test_dynamic_dim_error_names_the_fix(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dynamic_dim_gets_a_size_that_runs(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """T is sized by the frontend's ladder (tests/test_dynamic.py has the rules)."""
     dynamic_model(work / "dyn.onnx")
-    rc, _, err = cli(capsys, "dyn.onnx", "-o", "o.onnx", "-q")
-    assert rc == 2
-    assert "--input-shape" in err and "T" in err
+    rc, _, err = cli(capsys, "dyn.onnx", "-o", "o.onnx", "--report", "r.json", "-q")
+    assert rc == 0, err
+    shapes = json.loads((work / "r.json").read_text())["input_shapes"]
+    assert shapes["x"]["shape"] == [1, 32, 4] and shapes["x"]["axes"]["1"] == "ladder: 32"
 
 
 def test_input_shape_makes_a_dynamic_model_work(
