@@ -404,13 +404,17 @@ def input_draws(
     model: onnx.ModelProto, overrides: dict[str, np.ndarray] | None = None
 ) -> Iterator[dict[str, np.ndarray]]:
     """Six draws at growing scales; a bool input (an If condition) alternates True/False,
-    so every branch is taken; ``overrides`` are fed as they are."""
+    so every branch is taken; ``overrides`` are fed as they are, other initializers listed
+    as inputs are not fed."""
     rng = np.random.default_rng(7)
+    stored = {t.name for t in model.graph.initializer}
     for k in range(6):
         feeds: dict[str, np.ndarray] = {}
         for info in model.graph.input:
             if overrides and info.name in overrides:
                 feeds[info.name] = overrides[info.name]
+            elif info.name in stored:
+                continue  # an initializer listed as an input: its stored value
             elif info.type.tensor_type.elem_type == TensorProto.BOOL:
                 feeds[info.name] = np.array(k % 2 == 0)
             else:
@@ -422,16 +426,16 @@ def input_draws(
 def assert_same_function(
     before: onnx.ModelProto, after: onnx.ModelProto, overrides: dict[str, np.ndarray] | None = None
 ) -> None:
+    """rel err ≤ 1e-5 on every draw; a model with an If condition sees it True and False."""
     draws = list(input_draws(before, overrides))
-    assert any(f.get("cond") is not None for f in draws) or "cond" not in {
-        i.name for i in before.graph.input
-    }
+    if any(i.name == "cond" for i in before.graph.input):
+        assert {bool(f["cond"]) for f in draws} == {True, False}
     for feeds in draws:
         assert max_rel_err(before, after, feeds) <= RTOL, {k: v.shape for k, v in feeds.items()}
 
 
-def pinned_reasons(model: onnx.ModelProto) -> dict[str, int]:
-    return {p.reason: p.cofactors for p in analyze(ir.from_proto(model)).pinned()}
+def pinned_reasons(model: onnx.ModelProto, mode: str = "absorb") -> dict[str, int]:
+    return {p.reason: p.cofactors for p in analyze(ir.from_proto(model), mode=mode).pinned()}
 
 
 def check_kept(
@@ -440,15 +444,16 @@ def check_kept(
     reason: str,
     moved: set[str] = SAFE,
     overrides: dict[str, np.ndarray] | None = None,
+    mode: str = "absorb",
 ) -> None:
     """Teleported: ``kept`` unchanged, ``moved`` changed, a pin whose reason matches
     ``reason`` (a regular expression), and the original function on draws taking every
     branch."""
     proto = build_model()
-    t = teleport(proto)
+    t = teleport(proto, mode=mode)
     assert t.changed == moved, t.changed
     assert not kept & t.changed
-    reasons = pinned_reasons(proto)
+    reasons = pinned_reasons(proto, mode)
     assert any(re.search(reason, r) for r in reasons), reasons
     assert t.result.free_cofactors == WIDTHS[2]  # fc1's neurons: free; fc0's: pinned
     assert_same_function(proto, t.after, overrides)
@@ -466,10 +471,11 @@ def check_kept(
     ],
     ids=["if", "nested_if", "loop", "scan", "function"],
 )
+@pytest.mark.parametrize("mode", ["absorb", "insert"])
 def test_weight_read_by_a_body_or_function_keeps_its_value(
-    build_model: Callable[[], onnx.ModelProto], reason: str
+    build_model: Callable[[], onnx.ModelProto], reason: str, mode: str
 ) -> None:
-    check_kept(build_model, {"W0", "b0"}, reason)
+    check_kept(build_model, {"W0", "b0"}, reason, mode=mode)
 
 
 def test_if_takes_both_branches_in_the_draws() -> None:
@@ -514,6 +520,17 @@ def test_weight_that_is_a_graph_input_keeps_its_value() -> None:
     reason = r"weight 'W0' is a graph input \(callers may override it\)"
     check_kept(weight_input_model, {"W0"}, reason, overrides={"W0": w0})
     check_kept(weight_input_model, {"W0"}, reason, overrides={"W0": _rand(w0.shape, 5)})
+
+
+def test_ir3_weights_listed_as_inputs_still_move() -> None:
+    """Before IR 4 every initializer is listed as an input too (a format rule; onnxruntime
+    keeps them constant): W0 moves as in any model."""
+    proto = weight_input_model()
+    proto.ir_version, proto.opset_import[0].version = 3, 8
+    t = teleport(proto)
+    assert t.changed == {"W0", "b0", "W1", "b1", "W2"}
+    assert t.result.free_cofactors == WIDTHS[1] + WIDTHS[2]
+    assert_same_function(proto, t.after)
 
 
 @pytest.mark.parametrize(
@@ -617,3 +634,49 @@ def test_cli_if_model_report_and_both_branches(tmp_path: Path) -> None:
     assert any(p["reason"].startswith("weight 'W0' is also read inside If") for p in data["pinned"])
     assert data["free_cofactors"] == WIDTHS[2]
     assert_same_function(proto, onnx.load(dst))
+
+
+def uint8_qlinearconv_model() -> onnx.ModelProto:
+    """uint8 in, QLinearConv, uint8 out: not one float tensor between them."""
+    inits = {k: v for k, v in _QCONV_INITS.items() if k not in ("s4", "s2")}
+    ins = ["xq", "xs", "xz", "Wq", "ws", "wz", "ys", "yz"]
+    graph = helper.make_graph(
+        [helper.make_node("QLinearConv", ins, ["cq"], name="qconv")],
+        "uint8",
+        [vi("xq", [2, WIDTHS[0], 1, 1], TensorProto.UINT8)],
+        [vi("cq", [2, WIDTHS[1], 1, 1], TensorProto.UINT8)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def weightless_model() -> onnx.ModelProto:
+    """x → Relu → y: float neurons, but no weight to move them."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "relu", [vi("x", [2, 4])], [vi("y", [2, 4])]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("build_model", "reason"),
+    [
+        (uint8_qlinearconv_model, "the model computes with quantized ops (QLinearConv)"),
+        (weightless_model, "no stored float weight"),
+    ],
+    ids=["uint8", "weightless"],
+)
+def test_no_cofactor_at_all_says_why(
+    build_model: Callable[[], onnx.ModelProto], reason: str, tmp_path: Path
+) -> None:
+    """No tensor carries a cofactor: "0 of 0 free", and the report's pinned list says why."""
+    src, dst, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    onnx.save(build_model(), src)
+    assert main([str(src), "-o", str(dst), "--report", str(report), "-q"]) == 0
+    data = json.loads(report.read_text())
+    assert (data["free_cofactors"], data["cofactor_pairs"]) == (0, 0)
+    [pin] = data["pinned"]
+    assert pin["reason"].startswith("nothing to rescale: ") and reason in pin["reason"], pin
+    assert pin["cofactors"] == 0

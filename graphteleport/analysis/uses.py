@@ -8,7 +8,7 @@ input), or a data-movement constant derived from ``W`` whose own reads all quali
 a node inside an ``If``/``Loop``/``Scan`` body (captured from the outer scope), a call
 of a local function, a node whose rule is unknown or failed, a constant computed from
 ``W`` by another op, a graph output — sees the stored value, as does a caller that
-feeds a graph input whose initializer is only a default.  Such a tensor keeps its
+feeds a graph input whose initializer is only a default (IR ≥ 4).  Such a tensor keeps its
 value: every factor of its absorbs is pinned, with the first such read as the reason.
 
 A tensor of zeros is exempt (``0 · S = 0``), unless an absorb would broadcast-expand it.
@@ -25,6 +25,9 @@ from graphteleport.analysis.constraints import Absorb, ConstRef
 from graphteleport.analysis.graphinfo import INDEX_OPS, GraphInfo
 
 _SHAPE_READS = frozenset({"Shape", "Size"})
+# Before IR 4 every initializer had to be listed as a graph input too: a format rule, not
+# a default to override (onnxruntime keeps such initializers constant).
+_OVERRIDABLE_FROM_IR = 4
 
 
 def stored_value(ref: ConstRef) -> ir.Value:
@@ -40,8 +43,12 @@ def foreign_read(info: GraphInfo, uses: list[Absorb]) -> str | None:
     ref = uses[0].source
     root = stored_value(ref)
     name = ref.name or root.name or "?"
-    if root.is_graph_input():
+    if root.is_graph_input() and info.model.ir_version >= _OVERRIDABLE_FROM_IR:
         return f"weight {name!r} is a graph input (callers may override it)"
+    if len(uses) == 1 and not root.is_graph_output():  # the usual case: one read, absorbed
+        reads = root.uses()
+        if len(reads) == 1 and reads[0].node is uses[0].node:  # type: ignore[index]
+            return None
     absorbed = {(id(ab.node), ab.input_index) for ab in uses}
     reshaped = any(ab.expand for ab in uses)
     why = _first_foreign(info, ref, root, absorbed, reshaped)
