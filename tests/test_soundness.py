@@ -513,6 +513,18 @@ def test_subgraph_output_naming_an_outer_activation_pins_it() -> None:
     assert "W0" not in t.changed and "W1" in t.changed
 
 
+def test_weight_read_by_an_unknown_op_keeps_its_value() -> None:
+    """z = com.foo.Bar(x, W0): what Bar does with W0 is unknown, so W0 keeps its value
+    (onnxruntime has no Bar kernel: the weights are checked, not run)."""
+    node = helper.make_node("Bar", ["x", "W0"], ["z"], name="bar", domain="com.foo")
+    proto = build([node], [], [vi("z", [2, WIDTHS[1]])], check=False)
+    proto.opset_import.append(helper.make_opsetid("com.foo", 1))
+    t = teleport(proto)
+    assert t.changed == SAFE
+    reasons = pinned_reasons(proto)
+    assert "weight 'W0' is also read by com.foo.Bar 'bar' (not rescaled there)" in reasons
+
+
 # -- the model's interface ----------------------------------------------------------------------
 def test_weight_that_is_a_graph_input_keeps_its_value() -> None:
     """Feeding W0 explicitly (its stored value, or another) gives what the original gives."""
