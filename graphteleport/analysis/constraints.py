@@ -40,6 +40,11 @@ class Unsupported(Exception):
     """Raised by a rule whose preconditions fail; the node's neurons are pinned."""
 
 
+class Pinned(Unsupported):
+    """Raised by a rule for a node that is pinned by nature (a quantized op): the message
+    is the whole reason, not prefixed with the op."""
+
+
 @dataclass(slots=True)
 class Factor:
     """One factor ``τ[ids]^exp`` of a scaling; ``ids`` broadcasts to the target shape."""
@@ -123,6 +128,9 @@ class Constraints:
     blocks: list[Block] = field(default_factory=list)
     wraps: list[Wrap] = field(default_factory=list)
     edges: list[EdgeScale] = field(default_factory=list)
+    # neurons pinned because a node's rule did not apply (unknown op, computed weight,
+    # quantized op): counted in the report with their reason although no weight moves
+    held: list[IntArray] = field(default_factory=list)
 
     def new(self, shape: tuple[int, ...], name: str, op: str) -> IntArray:
         """Allocate ``prod(shape)`` fresh neurons laid out in ``shape``."""
@@ -172,6 +180,7 @@ class Constraints:
             len(self.blocks),
             len(self.wraps),
             len(self.edges),
+            len(self.held),
         )
 
     def rollback(self, mark: tuple[int, ...]) -> None:
@@ -184,3 +193,4 @@ class Constraints:
         del self.blocks[mark[6] :]
         del self.wraps[mark[7] :]
         del self.edges[mark[8] :]
+        del self.held[mark[9] :]

@@ -125,6 +125,7 @@ class Context:
         self.outputs: dict[int, ir.Value] = {}  # the value behind each key of ``values``
         self._pending: dict[int, tuple[ir.Value, IntArray]] = {}
         self.node: ir.Node | None = None
+        self.refusal = ""  # why the last absorb that returned False could not absorb
 
     # -- values -------------------------------------------------------------------------
     def act(self, v: ir.Value | None) -> bool:
@@ -259,7 +260,9 @@ class Context:
         assert node is not None
         src = self.info.source(v)
         if src is None:
-            return self._is_zero(v)
+            if self._is_zero(v):
+                return True
+            return self._refuse(self.info.not_stored(v))
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
         rank = len(shape)
@@ -278,13 +281,38 @@ class Context:
             if target != shape and (
                 not expand or index is not None or self.training or self._shared(ref)
             ):
-                return False  # the rule then leaves the constant as it is, if it can
+                # the rule then leaves the constant as it is, if it can
+                return self._refuse(f"constant {v.name!r} {shape} cannot expand to {target}")
             fitted = [Factor(align(f.ids, len(target)), f.exp) for f in fitted]
         if index is not None and not _consistent_repeats(index, [f.ids for f in fitted], target):
-            return False
-        k = node.inputs.index(v)
+            return self._refuse(f"constant {v.name!r} repeats elements that scale differently")
+        k = self._input_index(node, v)
         self.c.absorbs.append(Absorb(ref, target, fitted, node, k, index, target != shape))
         return True
+
+    def _refuse(self, why: str) -> bool:
+        self.refusal = why
+        return False
+
+    def refused(self, what: str) -> str:
+        """Why the last :meth:`absorb` returned False (``what`` names the constant's role)."""
+        return self.refusal or f"{what} cannot absorb the scaling"
+
+    def _input_index(self, node: ir.Node, v: ir.Value) -> int:
+        """The input slot of ``v`` that this absorb is for: the first one not absorbed yet
+        when the node reads ``v`` at several slots (a BatchNorm whose bias and mean are
+        one tensor of zeros)."""
+        inputs = node.inputs
+        k = inputs.index(v)
+        if inputs.count(v) == 1:
+            return k
+        taken = set()
+        for ab in reversed(self.c.absorbs):  # the current node's absorbs come last
+            if ab.node is not node:
+                break
+            taken.add(ab.input_index)
+        free = [j for j, x in enumerate(inputs) if x is v and j not in taken]
+        return free[0] if free else k
 
     def _shared(self, ref: ConstRef) -> bool:
         """A stored tensor several nodes read (not an exporter's merge of equal values)."""

@@ -7,7 +7,10 @@ graph outputs are pinned.  Weights used by several nodes must scale the same
 way under every use: uses with the same structure are tied factor by factor,
 others become monomials; weights whose elements are all equal (exporters merge
 such initializers, e.g. every LayerNorm weight = 1 at initialization) are
-instead given a private copy per use when their scalings differ.
+instead given a private copy per use when their scalings differ.  A weight some
+read of which is not one of its absorbs (a subgraph body, a function call, an
+unknown op, a graph input or output: :mod:`graphteleport.analysis.uses`) keeps its
+value: its absorbs' factors are pinned.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.constraints import Absorb, Factor, Unsupported
+from graphteleport.analysis.constraints import Absorb, Factor, Pinned, Unsupported
 from graphteleport.analysis.context import Context
 from graphteleport.analysis.graphinfo import GraphInfo
 from graphteleport.analysis.rules import RULES, SHAPE_ONLY, Rule
 from graphteleport.analysis.solve import Solution, solve
+from graphteleport.analysis.uses import foreign_read, subgraphs
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ def apply_rule(ctx: Context, node: ir.Node, rule: Rule | None) -> None:
         _seed_untracked_outputs(ctx, node)
     except Unsupported as e:
         ctx.abort(mark)
-        _pin_node(ctx, node, _reason(node, str(e), rule is None))
+        _pin_node(ctx, node, _reason(node, str(e), rule is None or isinstance(e, Pinned)))
     except (ValueError, IndexError, TypeError, ArithmeticError) as e:  # an unforeseen case
         log.debug("rule for %s failed", node.name, exc_info=True)
         ctx.abort(mark)
@@ -89,8 +93,9 @@ def _op_name(node: ir.Node) -> str:
     return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
 
 
-def _reason(node: ir.Node, message: str, unknown: bool) -> str:
-    return message if unknown else f"{node.op_type}: {message}"
+def _reason(node: ir.Node, message: str, bare: bool) -> str:
+    """The message, prefixed with the op unless it names it already (``bare``)."""
+    return message if bare else f"{node.op_type}: {message}"
 
 
 def _seed_untracked_outputs(ctx: Context, node: ir.Node) -> None:
@@ -100,19 +105,28 @@ def _seed_untracked_outputs(ctx: Context, node: ir.Node) -> None:
 
 
 def _pin_node(ctx: Context, node: ir.Node, reason: str) -> None:
-    """Pin every neuron the node touches: inputs (also those its subgraphs read) and outputs."""
+    """Pin every neuron the node touches: inputs (also those its subgraphs read) and outputs.
+
+    The pinned neurons are *held* (:attr:`Constraints.held`): a working rule would have
+    let weights depend on them, so the report counts them with this reason even when no
+    weight does now.
+    """
+    held = ctx.c.held
     for k, v in enumerate(node.inputs):
         if v is not None and ctx.act(v) and not _unscaled(ctx, k):
             ctx.pin(ctx.ids(v), reason)
+            held.append(ctx.ids(v))
     for v in _captured(node):
         if ctx.act(v):
             ctx.pin(ctx.ids(v), reason)
+            held.append(ctx.ids(v))
     for v in node.outputs:
         if ctx.info.is_float(v) and not ctx.const(v):
             shape = ctx.info.shape(v)
             ids = ctx.new([1] * len(shape) if shape is not None else [], v.name or "")
             ctx.pin(ids, reason)
             ctx.set(v, ids)
+            held.append(ids)
 
 
 def _unscaled(ctx: Context, k: int) -> bool:
@@ -127,18 +141,19 @@ def _unscaled(ctx: Context, k: int) -> bool:
 
 
 def _captured(node: ir.Node) -> list[ir.Value]:
-    """Values of the outer graph read inside the node's subgraphs."""
+    """Values of the outer graphs read inside the node's subgraphs, at any depth: inputs
+    of their nodes, and subgraph outputs that name an outer value directly."""
+    inner: dict[int, ir.Graph] = {}
+    todo = [g for _, g in subgraphs(node)]
+    while todo:
+        g = todo.pop()
+        inner[id(g)] = g
+        todo.extend(sub for n in g for _, sub in subgraphs(n))
     out: list[ir.Value] = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs = [attr.value]
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs = list(attr.value)
-        else:
-            continue
-        for g in graphs:
-            for inner in g.all_nodes() if hasattr(g, "all_nodes") else g:
-                out.extend(v for v in inner.inputs if v is not None and v.graph is not g)
+    for g in inner.values():
+        for n in g:
+            out.extend(v for v in n.inputs if v is not None and id(v.graph) not in inner)
+        out.extend(v for v in g.outputs if id(v.graph) not in inner)
     return out
 
 
@@ -155,6 +170,18 @@ def by_source(absorbs: list[Absorb]) -> dict[int, list[Absorb]]:
     for ab in absorbs:
         out[id(ab.source.value)].append(ab)
     return out
+
+
+def pin_foreign_reads(ctx: Context, sources: Mapping[int, list[Absorb]]) -> None:
+    """Pin every factor of the absorbs of a stored tensor that something other than its
+    absorbs reads (:func:`graphteleport.analysis.uses.foreign_read`): ``S = 1``, so the
+    tensor keeps its value for that reader."""
+    for uses in sources.values():
+        why = foreign_read(ctx.info, uses)
+        if why is not None:
+            for ab in uses:
+                for f in ab.factors:
+                    ctx.pin(f.ids, why)
 
 
 def tie_shared_weights(ctx: Context, sources: Mapping[int, list[Absorb]]) -> set[int]:
@@ -344,11 +371,14 @@ def analyze_model(
     ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
     sources = by_source(ctx.c.absorbs)
+    pin_foreign_reads(ctx, sources)
     private = tie_shared_weights(ctx, sources)
     table = FactorTable(ctx.c.absorbs)
     touched = np.zeros(ctx.c.n, dtype=bool)
     touched[table.ids] = True  # neurons some weight or inserted node depends on
     for ids in _inserted_ids(ctx):
+        touched[ids.reshape(-1)] = True
+    for ids in ctx.c.held:  # pinned where a rule failed: reported with their reason
         touched[ids.reshape(-1)] = True
     solution = solve(ctx.c, touched.nonzero()[0])
     return Analysis(ctx, solution, private, sources, table)

@@ -518,6 +518,26 @@ class GraphInfo:
         return shape[lo:hi]
 
     # -- provenance ---------------------------------------------------------------------
+    def not_stored(self, v: ir.Value) -> str:
+        """Why the constant ``v`` has no stored tensor to rewrite: what computes it
+        (``weight 'W' is computed (Cast from bfloat16 'W_bf16'), not stored``)."""
+        node = v.producer()
+        if v.is_initializer() or (node is not None and node.op_type == "Constant"):
+            return f"weight {v.name!r} may not be rewritten"  # ``writable`` says no
+        if node is None:
+            return f"weight {v.name!r} is not a stored tensor"
+        return f"weight {v.name!r} is computed ({self._computed_by(node)}), not stored"
+
+    def _computed_by(self, node: ir.Node) -> str:
+        x = node.inputs[0] if node.inputs else None
+        dtype = self.dtype(x) if x is not None else None
+        of = f"{dtype.name.lower()} {x.name!r}" if x is not None and dtype is not None else ""
+        if node.op_type in ("Cast", "CastLike"):
+            return f"Cast from {of}" if of else "Cast"
+        if node.op_type == "DequantizeLinear":
+            return f"DequantizeLinear of {of}: quantized tensor (QDQ)"
+        return f"{node.op_type} of constants"
+
     def source(self, v: ir.Value) -> tuple[ConstRef, np.ndarray | None] | None:
         """The stored float tensor a constant is made of, and the element map (None:
         itself); None too when ``writable`` says that tensor may not be rewritten."""

@@ -30,6 +30,7 @@ import networkx as nx
 import numpy as np
 
 from graphteleport.analysis.driver import Analysis
+from graphteleport.analysis.rules import QUANTIZED_OPS
 from graphteleport.analysis.unionfind import compress, union_pairs
 
 MAX_NEURON_QUIVER = 200_000
@@ -109,7 +110,10 @@ class Quiver:
             pairs = np.unique(sol.pair[ids.reshape(-1)])
             for reason in {sol.reason[p] for p in pairs if pinned[p]}:
                 values[reason].append(ctx.outputs[key].name or "")
-        return [PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()]
+        groups = [PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()]
+        if not groups and not sol.touched.any():  # no cofactor at all: say why
+            groups = [PinGroup(nothing_to_rescale(self.analysis), 0, self.neurons, [])]
+        return groups
 
     def to_neurons(self) -> nx.DiGraph:
         """The neuron-level quiver: a vertex per neuron, an arrow per weight entry."""
@@ -127,6 +131,19 @@ class Quiver:
                 for a, b in set(zip(s.reshape(-1).tolist(), t.reshape(-1).tolist())):
                     g.add_edge(a, b, weight=ab.source.name)
         return g
+
+
+def nothing_to_rescale(analysis: Analysis) -> str:
+    """Why a model has no cofactor at all (no weight depends on any float neuron)."""
+    ctx = analysis.ctx
+    quantized = sorted(
+        {n.op_type for n in ctx.info.graph.all_nodes() if n.op_type in QUANTIZED_OPS}
+    )
+    if quantized:
+        return f"nothing to rescale: the model computes with quantized ops ({', '.join(quantized)})"
+    if not ctx.values:
+        return "nothing to rescale: no float tensor is computed from the inputs"
+    return "nothing to rescale: no stored float weight is read by an op the rules know"
 
 
 def _merge_blocks(block_of: np.ndarray, pair: np.ndarray, count: int) -> np.ndarray:

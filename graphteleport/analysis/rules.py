@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.constraints import Flag, Unsupported
+from graphteleport.analysis.constraints import Flag, Pinned, Unsupported
 from graphteleport.analysis.context import Context, align, broadcast_shape, compress
 from graphteleport.analysis.graphinfo import evaluate
 
@@ -117,7 +117,13 @@ def _clip_bounds(ctx: Context, node: ir.Node) -> tuple[Any, Any]:
 
 
 def _cast(ctx: Context, node: ir.Node) -> None:
-    """A float-to-float Cast commutes with scaling (up to rounding); to integers it pins."""
+    """A float-to-float Cast commutes with scaling (up to rounding); to integers it pins.
+    From the integers a quantized op computed, the output is pinned with that op named."""
+    x = _x(node)
+    if not ctx.act(x) and not ctx.const(x) and not ctx.info.is_float(x):
+        origin = quantized_origin(x)
+        if origin is not None:
+            raise Pinned(origin)
     if ctx.info.is_float(node.outputs[0]):
         return _alias(ctx, node)
     ctx.pin(_require_act(ctx, _x(node), "input"), "Cast to a non-float type")
@@ -160,7 +166,7 @@ def _same_cofactor(ctx: Context, node: ir.Node, inputs: list[ir.Value], flag: in
         ctx.tie(a, out)
     for v in inputs:
         if not ctx.act(v) and not ctx.absorb(v, [(out, 1)], expand=True):
-            ctx.pin(out, f"{node.op_type} with a computed constant operand")
+            ctx.pin(out, f"{node.op_type} constant operand: {ctx.refused('constant')}")
     if flag:
         ctx.restrict(out, flag, f"{node.op_type} commutes with τ > 0 only")
     ctx.set(node.outputs[0], out)
@@ -268,7 +274,7 @@ def _matmul(ctx: Context, node: ir.Node) -> None:
         tin = np.broadcast_to(tin, (ctx.shape(a)[-1],))
         out = ctx.new_for(node.outputs[0], [-1])
         if not ctx.absorb(b, [(out.reshape(1, -1), 1), (tin.reshape(-1, 1), -1)]):
-            raise Unsupported("MatMul weight is computed, not stored")
+            raise Unsupported(ctx.refused("MatMul weight"))
         ctx.set(node.outputs[0], out)
         return None
     if ctx.act(b) and len(ctx.shape(a)) >= 2 and len(ctx.shape(b)) >= 2:
@@ -277,7 +283,7 @@ def _matmul(ctx: Context, node: ir.Node) -> None:
         tin = np.broadcast_to(tin, (ctx.shape(b)[-2],))
         out = ctx.new_for(node.outputs[0], [-2])
         if not ctx.absorb(a, [(out.reshape(-1, 1), 1), (tin.reshape(1, -1), -1)]):
-            raise Unsupported("MatMul weight is computed, not stored")
+            raise Unsupported(ctx.refused("MatMul weight"))
         ctx.set(node.outputs[0], out)
         return None
     raise Unsupported("MatMul with a vector operand")
@@ -388,7 +394,7 @@ def _gemm(ctx: Context, node: ir.Node) -> None:
         else [(fo.reshape(1, -1), 1), (fi.reshape(-1, 1), -1)]
     )
     if not ctx.absorb(b, factors):
-        raise Unsupported("Gemm weight is computed, not stored")
+        raise Unsupported(ctx.refused("Gemm weight"))
     c = node.inputs[2] if len(node.inputs) > 2 else None
     if c is not None:
         _bias(ctx, node, c, out)
@@ -402,7 +408,7 @@ def _bias(ctx: Context, node: ir.Node, c: ir.Value, out: IntArray) -> None:
     rank = len(ctx.shape(c))
     ids = out.reshape(out.shape[out.ndim - rank :]) if rank < out.ndim else out
     if not ctx.absorb(c, [(ids, 1)], expand=True):
-        raise Unsupported("bias is computed, not stored")
+        raise Unsupported(ctx.refused("bias"))
 
 
 def _conv_in(ctx: Context, x: ir.Value) -> IntArray:
@@ -438,7 +444,7 @@ def _conv(ctx: Context, node: ir.Node) -> None:
         j = np.arange(per)[None, :]
         fi = tin[(o // (o_count // groups)) * per + j].reshape((o_count, per, *spatial))
     if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
-        raise Unsupported("Conv weight is not a stored constant")
+        raise Unsupported(ctx.refused("Conv weight"))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         _bias(ctx, node, node.inputs[2], out.reshape(-1))
     ctx.set(node.outputs[0], out)
@@ -462,7 +468,7 @@ def _conv_transpose(ctx: Context, node: ir.Node) -> None:
         fo = out.reshape(-1)[(c // (c_count // groups)) * per + j].reshape((c_count, per, *spatial))
     fi = tin.reshape((c_count, 1, *spatial))
     if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
-        raise Unsupported("ConvTranspose weight is not a stored constant")
+        raise Unsupported(ctx.refused("ConvTranspose weight"))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         _bias(ctx, node, node.inputs[2], out.reshape(-1))
     ctx.set(node.outputs[0], out)
@@ -490,7 +496,7 @@ def _batchnorm(ctx: Context, node: ir.Node) -> None:
         and ctx.absorb(mean, [(tin, 1)])
     )
     if not ok:
-        raise Unsupported("BatchNormalization parameters are not stored constants")
+        raise Unsupported(ctx.refused("BatchNormalization parameters"))
     ctx.set(node.outputs[0], out)
 
 
@@ -514,7 +520,7 @@ def _batchnorm_training(
         and ctx.absorb(var, [(tin, 2)])
     )
     if not ok:
-        raise Unsupported("BatchNormalization parameters are not stored tensors")
+        raise Unsupported(ctx.refused("BatchNormalization parameters"))
     ctx.set(node.outputs[0], out)
 
 
@@ -540,7 +546,7 @@ def _norm(ctx: Context, node: ir.Node, axes: list[int], feature: list[int]) -> N
         ids_k = out if node.op_type != "InstanceNormalization" else out.reshape(-1)
         ids_k = ids_k.reshape(ids_k.shape[ids_k.ndim - prank :]) if prank < ids_k.ndim else ids_k
         if not ctx.absorb(v, [(ids_k, 1)], expand=True):
-            raise Unsupported("normalization parameters are computed, not stored")
+            raise Unsupported(ctx.refused("normalization parameters"))
     del rank
     ctx.set(node.outputs[0], out)
     for extra in node.outputs[1:]:
@@ -581,7 +587,7 @@ def _groupnorm(ctx: Context, node: ir.Node) -> None:
     per_channel = own[np.arange(channels) // (channels // size)]
     for k in (1, 2):
         if not ctx.absorb(_x(node, k), [(own, 1)]):
-            raise Unsupported("GroupNormalization parameters are computed, not stored")
+            raise Unsupported(ctx.refused("GroupNormalization parameters"))
     rank = len(ctx.shape(x))  # the output has the input's shape
     ctx.set(node.outputs[0], per_channel.reshape((1, channels) + (1,) * (rank - 2)))
 
@@ -600,7 +606,7 @@ def _gather(ctx: Context, node: ir.Node) -> None:
     axis = int(_attr(node, "axis", 0)) % len(dshape)
     table = ctx.new([1 if k == axis else s for k, s in enumerate(dshape)], data.name or "")
     if not ctx.absorb(data, [(table, 1)]):
-        raise Unsupported("embedding table is computed, not stored")
+        raise Unsupported(ctx.refused("embedding table"))
     ishape = ctx.shape(idx)
     out = table.reshape(dshape[:axis] + (1,) * len(ishape) + dshape[axis + 1 :])
     ctx.set(node.outputs[0], np.ascontiguousarray(out))
@@ -734,7 +740,7 @@ def _concat(ctx: Context, node: ir.Node) -> None:
         ctx.tie(a, out)
     for v in node.inputs:
         if v is not None and not ctx.act(v) and not ctx.absorb(v, [(out, 1)]):
-            ctx.pin(out, "Concat joins a computed constant")
+            ctx.pin(out, f"Concat joins a constant: {ctx.refused('constant')}")
     ctx.set(node.outputs[0], out)
     return None
 
@@ -764,7 +770,7 @@ def _index_input(ctx: Context, node: ir.Node, k: int, v: ir.Value | None) -> np.
     shape = ctx.shape(v)
     fresh = ctx.new(shape, v.name or "")
     if not ctx.absorb(v, [(fresh, 1)]):
-        ctx.pin(fresh, f"{node.op_type} joins a computed constant")
+        ctx.pin(fresh, f"{node.op_type} joins a constant: {ctx.refused('constant')}")
     return fresh + 1
 
 
@@ -779,6 +785,52 @@ def _pad_fill(ctx: Context, node: ir.Node, out: np.ndarray) -> np.ndarray | None
     if mode in ("constant", b"constant") and (nonzero or _attr(node, "value", 0.0)):
         ctx.pin(fresh[out == 0] - 1, "Pad with a non-zero constant")
     return fresh
+
+
+# -- quantized ops ----------------------------------------------------------------------
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+    }
+)
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_INTEGER_HOPS = 16  # producers followed back from an integer tensor to a quantized op
+
+
+def _quantized(ctx: Context, node: ir.Node) -> None:
+    """A quantized op computes on an integer grid fixed by its scales and zero points, so
+    no cofactor passes through it: its float inputs and outputs are pinned, the reason
+    naming the op (``quantized op QLinearConv``), or for the QDQ pair
+    ``quantized tensor (QDQ)`` — a ``DequantizeLinear`` names the quantized op that
+    computed its integers instead, when there is one."""
+    if node.op_type == "DequantizeLinear":
+        raise Pinned(quantized_origin(_x(node)) or "quantized tensor (QDQ)")
+    raise Pinned(_quantized_reason(node))
+
+
+def _quantized_reason(node: ir.Node) -> str:
+    return "quantized tensor (QDQ)" if node.op_type in _QDQ else f"quantized op {node.op_type}"
+
+
+def quantized_origin(v: ir.Value) -> str | None:
+    """The quantized op an integer tensor was computed by (following integer-only ops
+    such as Reshape back to it), as a pin reason; None if there is none."""
+    for _ in range(_INTEGER_HOPS):
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type in QUANTIZED_OPS:
+            return _quantized_reason(node)
+        if not node.inputs or node.inputs[0] is None:
+            return None
+        v = node.inputs[0]
+    return None
 
 
 # -- the table --------------------------------------------------------------------------
@@ -884,6 +936,8 @@ RULES: dict[str, Rule] = {
     "Expand": _index_map,
     "DepthToSpace": _index_map,
     "SpaceToDepth": _index_map,
+    # quantized ops: pinned, with the reason
+    **dict.fromkeys(QUANTIZED_OPS, _quantized),
 }
 
 # Ops that read only their input's shape, never its values: no constraint at all.
