@@ -1,25 +1,27 @@
 """The ``graphteleport`` command: parse, call the library, format the result.
 
-Exit codes: 0 done; 1 verification failed (no model written); 2 bad input or
-usage (one line on stderr, no traceback); 3 an internal error (one line; rerun
-with ``--debug`` for the traceback).
+Exit codes: 0 done; 1 verification failed (no model written; the failed report is,
+with ``--report``); 2 bad input or usage, or not enough memory (one line on stderr,
+no traceback, nothing written); 3 an internal error (one line; rerun with
+``--debug`` for the traceback); 130 interrupted (SIGINT), 143 terminated (SIGTERM):
+temporary files are removed and no partial output is left.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
-import os
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 from graphteleport import __version__
 from graphteleport.cofactors import SAMPLINGS
-from graphteleport.errors import GraphTeleportError, InputError, VerificationError
+from graphteleport.errors import GraphTeleportError, VerificationError
 from graphteleport.passes.teleport import MODES
 from graphteleport.pipeline import TeleportOptions, inspect_file, teleport_file
 
@@ -219,26 +221,36 @@ def format_inspect(r: dict[str, Any]) -> str:
 
 
 # -- running ------------------------------------------------------------------------------------
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    """Write the report atomically (a temp file in the same directory, then rename)."""
-    target = Path(path)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it unwinds like Ctrl-C: every ``finally``
+    runs and the staged temporaries are removed."""
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> NoReturn:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the duration (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=".report-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, target)
-    except OSError as e:
-        raise InputError(f"cannot write report {path}: {e.strerror or e}") from e
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: list[str]) -> int:
     if argv and argv[0] == "inspect":
         args = inspect_parser().parse_args(argv[1:])
-        report = inspect_file(args.model, dict(args.input_shape), args.mode)
+        report = inspect_file(
+            args.model, dict(args.input_shape), args.mode, report_path=args.report
+        )
         if not args.quiet:
             print(format_inspect(report))
-        if args.report:
-            _write_json(args.report, report)
         return 0
     args = teleport_parser().parse_args(argv)
     opts = TeleportOptions(
@@ -259,17 +271,11 @@ def _run(argv: list[str]) -> int:
     # Progress goes to an interactive terminal only: logs and pipes see just the result.
     show = not args.quiet and sys.stderr.isatty()
     progress = (lambda m: print(f"  ... {m}", file=sys.stderr)) if show else (lambda _m: None)
-    try:
-        report = teleport_file(args.model, args.output, opts, progress)
-    except VerificationError as e:
-        failed = getattr(e, "report", None)
-        if failed is not None and args.report:
-            _write_json(args.report, failed)
-        raise
+    # With --report the report is committed with the model, or written alone (exit 1)
+    # after a failed verification.
+    report = teleport_file(args.model, args.output, opts, progress, report_path=args.report)
     if not args.quiet:
         print(format_teleport(report))
-    if args.report:
-        _write_json(args.report, report)
     return 0
 
 
@@ -279,16 +285,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="graphteleport: %(message)s")
     debug = "--debug" in args
     try:
-        return _run(args)
+        with _sigterm_as_interrupt():
+            return _run(args)
     except VerificationError as e:
         print(f"graphteleport: {e}", file=sys.stderr)
         return 1
     except GraphTeleportError as e:
         print(f"graphteleport: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("graphteleport: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        # Staged files are removed on the way out; a commit is never cut in half.
+        name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"graphteleport: {name}; no partial output was left", file=sys.stderr)
+        return code
+    except MemoryError as e:
+        print(
+            f"graphteleport: error: not enough memory ({e or 'MemoryError'}); "
+            "try smaller --input-shape sizes or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as e:  # an internal error: one line, traceback with --debug
         if debug:
             raise

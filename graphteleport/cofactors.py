@@ -24,6 +24,7 @@ still moves every free cofactor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,8 +44,7 @@ def draw(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """``count`` raw draws from the named sampling (before group restriction)."""
-    if cob_range < 0:
-        raise InputError(f"--cob-range must be >= 0, got {cob_range}")
+    check_sampling(sampling, cob_range, center)
     r = float(cob_range)
     bounds = _BOUNDS.get(sampling)
     if bounds is None:
@@ -56,6 +56,53 @@ def draw(
     if low <= 0 <= high:  # a draw of exactly 0 is possible here
         t = np.where(t == 0, np.nextafter(0.0, 1.0), t)
     return t
+
+
+def check_sampling(sampling: str, cob_range: float, center: float = 1.0) -> None:
+    """Raise InputError (one line) unless the sampling can draw non-zero cofactors.
+
+    ``r`` must be a finite number >= 0 and ``c`` a finite number; the draw range
+    ``[low, high]`` (the table above) must have finite ends and a finite width
+    (numpy cannot draw from a wider one), and must not be the single point 0
+    (``positive``/``negative`` with ``r = 0``, ``centered`` with ``c = r = 0``):
+    τ = 0 is no rescaling, ``W / τ`` would divide by zero.
+    """
+    if sampling not in _BOUNDS:
+        raise InputError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
+    r, c = _finite(cob_range, "--cob-range"), _finite(center, "--center")
+    if r < 0:
+        raise InputError(f"--cob-range must be >= 0, got {cob_range}")
+    low, high = _BOUNDS[sampling](r, c)
+    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
+        raise InputError(
+            f"--sampling {sampling} with --cob-range {r:g} and --center {c:g} draws from "
+            f"[{low:g}, {high:g}], too wide to sample; choose a smaller range"
+        )
+    if low == high == 0:
+        raise InputError(
+            f"--sampling {sampling} with --cob-range {r:g}"
+            + (f" and --center {c:g}" if sampling == "centered" else "")
+            + " would draw every cofactor as 0; cofactors must be non-zero (use --cob-range > 0)"
+        )
+
+
+def check_seed(seed: object) -> None:
+    """Raise InputError unless *seed* is None or a non-negative integer (numpy's rule)."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
+
+
+def _finite(x: object, option: str) -> float:
+    """*x* as a finite float, or InputError naming the option."""
+    try:
+        value = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"{option} must be a number, got {x!r}") from None
+    if not math.isfinite(value):
+        raise InputError(f"{option} must be a finite number, got {x}")
+    return value
 
 
 _BOUNDS = {  # sampling -> (r, c) -> the uniform draw's range (inter_landscape: then ± at random)
@@ -122,6 +169,7 @@ def sample(
     exact: bool = False,
 ) -> np.ndarray:
     """One cofactor per pair: drawn for free pairs, 1 for the others."""
+    check_seed(seed)
     rng = np.random.default_rng(seed)
     t = draw(len(groups), sampling, cob_range, center=center, rng=rng)
     if exact:

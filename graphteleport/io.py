@@ -9,10 +9,17 @@ imports or missing weights.  Every failure becomes one :class:`InputError` line.
 Saving is atomic and staged.  :func:`staged_save` writes the model (and its external
 data) into a private temporary directory beside the target, lets the caller check the
 files — the CLI runs onnxruntime on them — and only :meth:`StagedSave.commit` renames
-them into place, data file first, model file last.  Anything else (an exception, or
-leaving the ``with`` block without committing) deletes the temporaries and leaves the
-target untouched.  Paths listed in ``protect`` (the CLI's input model) and the files
-the model still reads its weights from are never overwritten.
+them into place, data file first, model file last, then any companion file staged with
+:meth:`StagedSave.stage_file` (the CLI's report).  Anything else (an exception, a
+signal, or leaving the ``with`` block without committing) deletes the temporaries and
+leaves the targets untouched; SIGINT/SIGTERM are held back during the renames, so a
+commit is all or nothing.  Paths listed in ``protect`` (the CLI's input model) and the
+files the model still reads its weights from are never overwritten.
+
+Paths are checked before any work (:func:`check_paths`): every input must be a regular
+file (a FIFO is never opened), every output a regular file or a new name in an existing
+directory, and no output may name an input or another output — through ``..``,
+symbolic or hard links alike.
 
 Example::
 
@@ -28,10 +35,13 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
@@ -41,11 +51,15 @@ from graphteleport.errors import InputError
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
     "StagedSave",
+    "check_paths",
+    "check_regular_file",
     "external_data_files",
     "initializer_nbytes",
     "load_model",
+    "output_data_path",
     "save_model_atomic",
     "staged_save",
+    "write_file_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -64,26 +78,66 @@ _ONNX_DOMAIN_ALIASES = {"": "", "ai.onnx": ""}
 
 
 def load_model(path: PathLike) -> ir.Model:
-    """Load an ONNX model, memory-mapping its external data, and check it is complete.
+    """Load an ONNX model, memory-mapping its external data, and check it is usable.
 
     Contract: returns an :class:`onnx_ir.Model` whose graph has nodes and outputs,
-    whose nodes' domains are imported, whose inline initializers hold exactly the bytes
-    their shapes need and whose external data files exist and are long enough.
-    Otherwise raises :class:`InputError` with one line naming the file and the
-    problem (missing, a directory, not ONNX, truncated/corrupt, missing weights).
+    whose nodes' domains and ``ai.onnx`` opset are known, whose every graph reads each
+    value only after a node, input or initializer (of it or an enclosing graph) defines
+    it, whose graph outputs are all defined, whose inline initializers hold exactly the
+    bytes their shapes need, whose external data files lie inside the model's folder,
+    exist and are long enough, and which :func:`onnx.checker.check_model` accepts.
+    Otherwise raises :class:`InputError` with one line naming the file and the problem:
+    missing, a directory or another non-regular file (a FIFO is never opened), not
+    ONNX, truncated/corrupt, sparse initializers (not rewritten, so refused), external
+    data outside the folder, undefined or out-of-order values, missing weights.
     Tensor data is not copied: external tensors stay memory-mapped, lazily.
     """
+    if not os.fspath(path):
+        raise InputError("the model file path is empty")
     p = Path(path)
     _check_is_readable_file(p)
-    try:
-        model = ir.load(os.path.abspath(p))
-    except DecodeError as e:
-        raise InputError(_decode_error_message(p)) from e
-    except Exception as e:  # onnx and protobuf raise many types on corrupt input
-        raise InputError(f"cannot load {p} as an ONNX model: {_one_line(e)}") from e
+    proto = _parse(p)
+    _check_no_sparse_initializers(proto, p)
+    model = _deserialize(proto, p)
     _check_complete(model, p)
+    _check_with_onnx_checker(p)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
     return model
+
+
+def check_regular_file(path: PathLike, what: str) -> Path:
+    """Return *path* if it names an existing regular file (links followed), else raise.
+
+    Uses :func:`os.stat` only: a FIFO, device or socket is refused without being
+    opened (opening a FIFO blocks until a writer appears).  *what* names the file in
+    the one-line :class:`InputError` ("model file", "inputs file", ...).
+    """
+    p = Path(path)
+    if not os.fspath(path):
+        raise InputError(f"the {what} path is empty")
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {p}") from None
+    except OSError as e:
+        raise InputError(f"cannot access {what} {p}: {e.strerror or e}") from e
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} is a directory, not a file: {p}")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what} {p} is {_file_kind(mode)}, not a regular file")
+    return p
+
+
+def _file_kind(mode: int) -> str:
+    """'a FIFO', 'a socket', ... for a non-regular file's ``st_mode``."""
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def _check_is_readable_file(p: Path) -> None:
@@ -92,6 +146,7 @@ def _check_is_readable_file(p: Path) -> None:
         raise InputError(f"model file not found: {p}")
     if p.is_dir():
         raise InputError(f"model path is a directory, not an ONNX file: {p}")
+    check_regular_file(p, "model file")
     try:
         with p.open("rb") as f:
             first = f.read(1)
@@ -99,6 +154,77 @@ def _check_is_readable_file(p: Path) -> None:
         raise InputError(f"cannot read model file {p}: {e.strerror or e}") from e
     if not first:
         raise InputError(f"model file is empty: {p}")
+
+
+def _parse(p: Path) -> onnx.ModelProto:
+    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads)."""
+    try:
+        return onnx.load(os.path.abspath(p), load_external_data=False)
+    except DecodeError as e:
+        raise InputError(_decode_error_message(p)) from e
+    except Exception as e:  # onnx and protobuf raise many types on corrupt input
+        raise InputError(f"cannot load {p} as an ONNX model: {_one_line(e)}") from e
+
+
+def _deserialize(proto: onnx.ModelProto, p: Path) -> ir.Model:
+    """*proto* as an onnx_ir model whose external tensors resolve beside *p*.
+
+    This is :func:`onnx_ir.load` after the parse.  onnx_ir's own warnings about a
+    broken graph are silenced: :func:`_check_complete` names the problem in one line.
+    """
+    try:
+        with _quiet_logger("onnx_ir"):
+            model = ir.serde.deserialize_model(proto)
+    except Exception as e:  # onnx_ir raises many types on malformed graphs
+        cause: BaseException = e
+        while cause.__cause__ is not None:  # SerdeError wraps the reason
+            cause = cause.__cause__
+        raise InputError(f"{p} is not a valid ONNX model: {_one_line(cause)}") from e
+    ir_external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(p)))
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Drop the warnings of logger *name* for the duration (restores its level)."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _check_no_sparse_initializers(proto: onnx.ModelProto, p: Path) -> None:
+    """Refuse sparse initializers: onnx_ir drops them, so the output would lack them."""
+    names = list(_sparse_initializer_names(proto.graph))
+    if names:
+        listed = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise InputError(
+            f"{p} has {len(names)} sparse initializer{'s' if len(names) > 1 else ''} "
+            f"({listed}); graphteleport rewrites dense weights only: store them densely"
+        )
+
+
+def _sparse_initializer_names(graph: onnx.GraphProto) -> Iterator[str]:
+    """Names of the sparse initializers of *graph* and of every subgraph in it."""
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _sparse_initializer_names(attr.g)
+            for sub in attr.graphs:
+                yield from _sparse_initializer_names(sub)
+
+
+def _check_with_onnx_checker(p: Path) -> None:
+    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR)."""
+    try:
+        onnx.checker.check_model(os.path.abspath(p))
+    except onnx.checker.ValidationError as e:
+        raise InputError(f"{p} is not a valid ONNX model: {_one_line(e)}") from e
 
 
 def _decode_error_message(p: Path) -> str:
@@ -122,6 +248,9 @@ def _check_complete(model: ir.Model, p: Path) -> None:
         raise InputError(
             f"{p} is not a complete ONNX model ({problem}); the file may be truncated or corrupt"
         )
+    problem = _opset_problem(model) or _scope_problem(model.graph, frozenset())
+    if problem is not None:
+        raise InputError(f"{p} is not a valid ONNX model: {problem}")
     _check_external_data(model, p)
 
 
@@ -141,6 +270,61 @@ def _structure_problem(model: ir.Model) -> str | None:
         if domain not in known:
             return f"node '{node.name}' ({node.op_type}) uses unimported domain '{node.domain}'"
     return None
+
+
+def _opset_problem(model: ir.Model) -> str | None:
+    """An ``ai.onnx`` opset this onnx does not know (0, negative or newer), or None."""
+    newest = onnx.defs.onnx_opset_version()
+    for domain in ("", "ai.onnx"):
+        version = model.opset_imports.get(domain)
+        if version is not None and not 1 <= version <= newest:
+            return f"it imports ai.onnx opset {version}; opsets 1 to {newest} exist"
+    return None
+
+
+def _scope_problem(graph: ir.Graph, outer: frozenset[ir.Value]) -> str | None:
+    """The first value *graph* reads before anything defines it, or None.
+
+    ONNX graphs are topologically sorted: a node may read a graph input, an
+    initializer, an earlier node's output or (in a subgraph) a value defined before
+    the node that owns the subgraph.  A value nothing defines (a dangling name) and
+    one defined only later (unsorted nodes, a cycle) both break that rule; the
+    analysis reads nodes in order, so either would mis-teleport.  Graph outputs must
+    be defined too.
+    """
+    defined = set(outer) | set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value not in defined:
+                return _undefined_read(node, value)
+        for sub in _node_subgraphs(node):
+            problem = _scope_problem(sub, frozenset(defined))
+            if problem is not None:
+                return problem
+        defined.update(node.outputs)
+    for value in graph.outputs:
+        if value not in defined:
+            return f"graph output '{value.name}' is not produced by any node, input or initializer"
+    return None
+
+
+def _undefined_read(node: ir.Node, value: ir.Value) -> str:
+    """Why *node* may not read *value* here (see :func:`_scope_problem`)."""
+    where = f"node '{node.name}' ({node.op_type}) reads '{value.name}'"
+    if value.producer() is not None:
+        return f"{where} before it is produced (the nodes are not topologically sorted, or cycle)"
+    return f"{where}, which no node, graph input or initializer defines"
+
+
+def _node_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
+    """The graphs held by *node*'s attributes (If branches, Loop/Scan bodies)."""
+    for attr in node.attributes.values():
+        if not isinstance(attr, ir.Attr):
+            continue
+        if attr.type == ir.AttributeType.GRAPH:
+            yield attr.as_graph()
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from attr.as_graphs()
 
 
 def _initializer_problem(model: ir.Model) -> str | None:
@@ -163,9 +347,16 @@ def _initializer_problem(model: ir.Model) -> str | None:
 
 
 def _check_external_data(model: ir.Model, p: Path) -> None:
-    """Raise InputError if an external tensor's file is missing or shorter than it needs."""
+    """Raise InputError if an external tensor's file lies outside the model's folder,
+    is missing or is shorter than it needs."""
     sizes: dict[str, int] = {}
-    for tensor in _external_tensors(model):
+    for tensor in _all_external_tensors(model):
+        problem = _location_problem(tensor)
+        if problem is not None:
+            raise InputError(
+                f"external data of tensor '{tensor.name}' of {p} {problem}; "
+                "keep its data file inside the model's folder"
+            )
         data_path = os.fspath(tensor.path)
         if data_path not in sizes:
             if not os.path.isfile(data_path):
@@ -182,6 +373,52 @@ def _check_external_data(model: ir.Model, p: Path) -> None:
             )
 
 
+def _location_problem(tensor: ir.ExternalTensor) -> str | None:
+    """Why onnx_ir would refuse to read *tensor*'s file (it does so late), or None.
+
+    The rules onnx_ir enforces when it first reads the data: the location is
+    relative, stays inside the model's folder lexically (no ``..`` out of it) and
+    after following symbolic links, and the file has a single hard link.
+    """
+    location = os.fspath(tensor.location)
+    if os.path.isabs(location):
+        return f"has an absolute location ({location})"
+    base = os.path.abspath(tensor.base_dir)
+    if not _inside(os.path.normpath(os.path.join(base, location)), base):
+        return f"points outside the model's folder ({location})"
+    real = os.path.realpath(os.path.join(base, location))
+    if not _inside(real, os.path.realpath(base)):
+        return f"is a symbolic link out of the model's folder ({location} -> {real})"
+    with contextlib.suppress(OSError):
+        if os.stat(real).st_nlink > 1:
+            return f"is a file with several hard links ({location}), which onnx_ir refuses"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True if the normalised *path* is *folder* or lies below it."""
+    folder = folder.rstrip(os.sep) + os.sep
+    return path == folder.rstrip(os.sep) or path.startswith(folder)
+
+
+def _all_external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
+    """Every external tensor the model reads: initializers and node attributes
+    (a ``Constant``'s value), in every graph."""
+    yield from _external_tensors(model)
+    for graph in model.graphs():
+        for node in graph:
+            for attr in node.attributes.values():
+                if not isinstance(attr, ir.Attr):
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    tensors = [attr.value]
+                elif attr.type == ir.AttributeType.TENSORS:
+                    tensors = list(attr.value)
+                else:
+                    continue
+                yield from (t for t in tensors if isinstance(t, ir.ExternalTensor))
+
+
 def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
     """Yield every initializer tensor of every graph that lives in an external file."""
     for graph in model.graphs():
@@ -192,7 +429,7 @@ def _external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
 
 def external_data_files(model: ir.Model) -> list[Path]:
     """The external data files the (lazily loaded) *model* still reads its weights from."""
-    return sorted({Path(os.path.abspath(t.path)) for t in _external_tensors(model)})
+    return sorted({Path(os.path.abspath(t.path)) for t in _all_external_tensors(model)})
 
 
 def _one_line(e: BaseException) -> str:
@@ -212,12 +449,14 @@ class StagedSave:
         target: where :meth:`commit` puts the model.
         data_target: where :meth:`commit` puts the external data (``<target>.data``), or None.
 
-    Created by :func:`staged_save`; its temporary directory is removed when the
+    Created by :func:`staged_save`; its temporary directories are removed when the
     ``with`` block ends whether or not :meth:`commit` ran.
     """
 
     def __init__(self, tmpdir: Path, target: Path, data_name: str | None) -> None:
         self._tmpdir = tmpdir
+        self._dirs = {target.parent: tmpdir}  # one private temporary directory per folder
+        self._companions: list[tuple[Path, Path]] = []  # (staged temporary, final path)
         self.target = target
         self.model_path = tmpdir / target.name
         self.data_path = tmpdir / data_name if data_name else None
@@ -226,7 +465,7 @@ class StagedSave:
 
     @property
     def paths(self) -> list[Path]:
-        """The final paths :meth:`commit` writes, model first."""
+        """The final model paths :meth:`commit` writes, model first (companions not included)."""
         return [self.target] + ([self.data_target] if self.data_target else [])
 
     def drop_empty_data(self) -> None:
@@ -235,27 +474,68 @@ class StagedSave:
             self.data_path.unlink()
             self.data_path = self.data_target = None
 
-    def commit(self) -> list[Path]:
-        """Rename the temporaries into place (data first, model last); return the paths.
+    def stage_file(self, target: PathLike, data: bytes) -> Path:
+        """Write *data* to a temporary that :meth:`commit` renames to *target* after the model.
 
-        Each rename is atomic (same directory, so same filesystem).  Raises
+        The temporary lies in a private directory in *target*'s own folder (the model's
+        when they share one), so its rename is atomic and never crosses filesystems.
+        A file that cannot be staged raises :class:`InputError` before anything is
+        committed.  Returns the final path.
+        """
+        final = Path(os.path.abspath(target))
+        check_output_target(final, "output file")
+        if final.parent not in self._dirs:
+            self._dirs[final.parent] = _make_tmpdir(final.parent)
+        fd, name = tempfile.mkstemp(dir=self._dirs[final.parent], suffix=".staged")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise InputError(f"cannot write {final}: {e.strerror or e}") from e
+        self._companions.append((Path(name), final))
+        return final
+
+    def commit(self) -> list[Path]:
+        """Rename the temporaries into place (data, then model, then companions).
+
+        Each rename is atomic (same directory, so same filesystem), and SIGINT/SIGTERM
+        are held back until all are done, so an interrupt never leaves a model without
+        its data or a report without its model.  Returns the model paths.  Raises
         :class:`InputError` if called twice or if a rename fails.
         """
         if self.committed:
             raise InputError(f"{self.target} was already committed")
-        try:
-            if self.data_path is not None and self.data_target is not None:
-                os.replace(self.data_path, self.data_target)
-            os.replace(self.model_path, self.target)
-        except OSError as e:
-            raise InputError(f"cannot write {self.target}: {e.strerror or e}") from e
-        self.committed = True
-        logger.info("wrote %s", ", ".join(map(str, self.paths)))
+        moves = [(self.data_path, self.data_target), (self.model_path, self.target)]
+        moves += self._companions
+        with _signals_held():
+            for tmp, final in moves:
+                if tmp is None or final is None:
+                    continue
+                try:
+                    os.replace(tmp, final)
+                except OSError as e:
+                    raise InputError(f"cannot write {final}: {e.strerror or e}") from e
+            self.committed = True
+        logger.info("wrote %s", ", ".join(str(f) for _, f in moves if f is not None))
         return self.paths
 
     def discard(self) -> None:
-        """Delete the temporary directory and everything in it (idempotent)."""
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        """Delete the temporary directories and everything in them (idempotent)."""
+        for tmpdir in self._dirs.values():
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration; they are delivered on exit."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -279,7 +559,8 @@ def staged_save(
             The files *model* still reads external weights from are always protected.
 
     Yields:
-        a :class:`StagedSave`; call its ``commit()`` inside the ``with`` block.
+        a :class:`StagedSave`; call its ``commit()`` inside the ``with`` block
+        (after :meth:`StagedSave.stage_file` for files committed with the model).
 
     Raises:
         InputError: a protected target, a missing directory, an over-large inline
@@ -291,8 +572,7 @@ def staged_save(
     kept = [(Path(p), "it is a protected input") for p in protect]
     kept += [(p, "the model still reads its weights from it") for p in external_data_files(model)]
     _check_target(target, data_name, kept)
-    tmpdir = _make_tmpdir(target.parent)
-    staged = StagedSave(tmpdir, target, data_name)
+    staged = StagedSave(_make_tmpdir(target.parent), target, data_name)
     try:
         _write(model, staged.model_path, data_name)
         staged.drop_empty_data()
@@ -301,6 +581,97 @@ def staged_save(
         staged.discard()
         if not staged.committed:
             logger.debug("discarded staged output for %s", target)
+
+
+def write_file_atomic(path: PathLike, data: bytes) -> Path:
+    """Write *data* to *path* through a temporary beside it and one atomic rename.
+
+    *path* is checked like an output of :func:`check_paths`; on any failure nothing
+    at *path* changes, no temporary is left and :class:`InputError` is raised.
+    """
+    target = Path(os.path.abspath(path))
+    check_output_target(target, "output file")
+    tmpdir = _make_tmpdir(target.parent)
+    try:
+        tmp = tmpdir / target.name
+        try:
+            tmp.write_bytes(data)
+            with _signals_held():
+                os.replace(tmp, target)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return target
+
+
+def output_data_path(
+    model: ir.Model, path: PathLike, external_data: bool | None = None
+) -> Path | None:
+    """The data file :func:`staged_save` may write beside *path* (``<path>.data``), or None
+    when the model will be saved inline."""
+    if not _wants_external_data(model, external_data):
+        return None
+    target = Path(os.path.abspath(path))
+    return target.parent / f"{target.name}.data"
+
+
+def check_paths(
+    inputs: Sequence[tuple[str, PathLike]], outputs: Sequence[tuple[str, PathLike]]
+) -> None:
+    """Refuse, before any work, files that cannot be used or that a run would destroy.
+
+    Args:
+        inputs: ``(role, path)`` for every file a run reads (the model, its external
+            data, an ``.npz`` of feeds); each must be an existing regular file.
+        outputs: ``(role, path)`` for every file a run writes (the model, its data
+            file, the report); each must be a non-empty path in an existing, writable
+            directory that is either new or a regular file.
+
+    No output may be the same file as an input or as another output: paths are
+    compared after resolving ``..`` and symbolic links, and by inode where both
+    exist (hard links).  ``role`` names the file in the one-line :class:`InputError`.
+    """
+    for role, path in inputs:
+        check_regular_file(path, role)
+    for role, path in outputs:
+        check_output_target(path, role)
+    for i, (role, path) in enumerate(outputs):
+        for in_role, in_path in inputs:
+            if _same_file(Path(path), Path(in_path)):
+                raise InputError(
+                    f"refusing to overwrite {in_role} {in_path} with {role} {path}; "
+                    "choose another path"
+                )
+        for other_role, other in outputs[:i]:
+            if _same_file(Path(path), Path(other)):
+                raise InputError(
+                    f"{role} {path} and {other_role} {other} are the same file; "
+                    "choose different paths"
+                )
+
+
+def check_output_target(path: PathLike, role: str) -> None:
+    """Raise InputError unless *path* can be (re)written by a rename into its folder.
+
+    The folder must exist and be writable; an existing *path* must be a regular file
+    (or a link to one): a directory, FIFO, device or socket is never replaced.
+    """
+    if not os.fspath(path):
+        raise InputError(f"the {role} path is empty")
+    target = Path(os.path.abspath(path))
+    if not target.parent.is_dir():
+        raise InputError(f"output directory does not exist: {target.parent} ({role} {path})")
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except OSError:  # a new file (or a dangling link, which the rename replaces)
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InputError(f"{role} names a directory, not a file: {path}")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"{role} {path} is {_file_kind(mode)}; refusing to replace it")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {target.parent} ({role} {path}): permission denied")
 
 
 def save_model_atomic(
@@ -354,13 +725,15 @@ def _check_target(target: Path, data_name: str | None, protect: Sequence[tuple[P
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    """True if *a* and *b* name the same file (hard links and symlinks included)."""
+    """True if *a* and *b* name the same file (``..``, hard and symbolic links included).
+
+    Existing files are compared by device and inode; otherwise by their real paths
+    (symbolic links followed as far as they exist).
+    """
     try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _make_tmpdir(parent: Path) -> Path:
@@ -375,7 +748,8 @@ def _write(model: ir.Model, model_path: Path, data_name: str | None) -> None:
     """Serialise *model* to *model_path*, weights to *data_name* beside it if given."""
     try:
         if data_name is not None:
-            ir.save(model, model_path, external_data=data_name)
+            with _inlined_external_attributes(model):  # ir.save moves initializers only
+                ir.save(model, model_path, external_data=data_name)
             return
         nbytes = initializer_nbytes(model)
         if nbytes > _PROTOBUF_LIMIT_BYTES:
@@ -383,7 +757,7 @@ def _write(model: ir.Model, model_path: Path, data_name: str | None) -> None:
                 f"model weights total {nbytes / 2**30:.2f} GiB, over the 2 GiB limit of a "
                 "single ONNX file; save with external data"
             )
-        with _inlined_external_tensors(model):
+        with _inlined_external_tensors(model), _inlined_external_attributes(model):
             ir.save(model, model_path)
     except OSError as e:
         raise InputError(f"cannot write {model_path.name}: {e.strerror or e}") from e
@@ -409,3 +783,47 @@ def _inlined_external_tensors(model: ir.Model) -> Iterator[None]:
     finally:
         for value, original in zip(values, originals, strict=True):
             value.const_value = original
+
+
+@contextlib.contextmanager
+def _inlined_external_attributes(model: ir.Model) -> Iterator[None]:
+    """Temporarily give node attributes (a ``Constant``'s value) held in external data
+    in-memory copies, restored after.
+
+    :func:`onnx_ir.save` rewrites the external references of initializers only; an
+    attribute's would keep its old location, relative to the new file's folder, and
+    the saved model would not load.  Such attribute tensors are small constants.
+    """
+    swapped: list[tuple[ir.Node, str, ir.Attr]] = []
+    try:
+        for graph in model.graphs():
+            for node in graph:
+                for name, attr in list(node.attributes.items()):
+                    inlined = _inlined_attribute(attr)
+                    if inlined is not None:
+                        node.attributes[name] = inlined
+                        swapped.append((node, name, attr))
+        yield
+    finally:
+        for node, name, attr in swapped:
+            node.attributes[name] = attr
+
+
+def _inlined_attribute(attr: object) -> ir.Attr | None:
+    """An in-memory copy of a TENSOR/TENSORS attribute with external data, else None."""
+    if not isinstance(attr, ir.Attr) or attr.type not in (
+        ir.AttributeType.TENSOR,
+        ir.AttributeType.TENSORS,
+    ):
+        return None
+    tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else list(attr.value)
+    if not any(isinstance(t, ir.ExternalTensor) for t in tensors):
+        return None
+    loaded = [
+        ir_external_data.convert_tensors_from_external([t])[0]
+        if isinstance(t, ir.ExternalTensor)
+        else t
+        for t in tensors
+    ]
+    value = loaded[0] if attr.type == ir.AttributeType.TENSOR else loaded
+    return ir.Attr(attr.name, attr.type, value, doc_string=attr.doc_string)

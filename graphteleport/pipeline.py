@@ -6,13 +6,20 @@ These are what the CLI runs, usable from Python too::
     report = teleport_file("model.onnx", "out.onnx", TeleportOptions(seed=0))
     report["verification"]["max_rel_err"]
 
-A failed verification raises :class:`VerificationError` after the report is
-complete (``err.report``) and writes no model.
+Every option value and path is checked before any file is read or written
+(:meth:`TeleportOptions.validate`, :func:`check_output_path`): a bad one raises
+:class:`InputError` and nothing is written.  With ``report_path`` the JSON report is
+staged beside the model and committed with it, model first (a report on disk always
+describes a model that was written).  A failed verification raises
+:class:`VerificationError` after the report is complete (``err.report``); it writes
+the failed report (so the user can see why) and no model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,17 +30,27 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from graphteleport import cofactors
 from graphteleport import verify as verify_mod
 from graphteleport.analysis.driver import analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
-from graphteleport.io import load_model, save_model_atomic, staged_save
-from graphteleport.passes.teleport import TeleportPass, TeleportResult
+from graphteleport.io import (
+    StagedSave,
+    check_paths,
+    external_data_files,
+    load_model,
+    output_data_path,
+    staged_save,
+    write_file_atomic,
+)
+from graphteleport.passes.teleport import MODES, TeleportPass, TeleportResult, check_input_shapes
 from graphteleport.tensorcheck import TensorScales
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+PathArg = str | os.PathLike[str]
 _LOW_PRECISION = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 MAX_DRAWS = 1024
 
@@ -55,6 +72,38 @@ class TeleportOptions:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     draws: int = verify_mod.DEFAULT_DRAWS  # random input draws verification compares
     tensor_check: bool = True  # also the per-tensor (node-by-node) check
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` (one line naming the option) for a value that cannot work.
+
+        ``mode`` and ``sampling`` must be known; ``cob_range``/``center``/``seed`` must
+        draw non-zero cofactors (:func:`graphteleport.cofactors.check_sampling`,
+        :func:`~graphteleport.cofactors.check_seed`); ``rtol`` must lie in (0, 1)
+        (0 passes nothing that is not bit-identical — use ``exact`` for that —, 1 or
+        more passes anything); input shapes must be small enough to draw
+        (:func:`~graphteleport.passes.teleport.check_input_shapes`); ``draws`` lies
+        in 1..:data:`MAX_DRAWS` (0 only with ``inputs``).
+        :func:`teleport_file` calls it before touching any file.
+        """
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        cofactors.check_sampling(self.sampling, self.cob_range, self.center)
+        cofactors.check_seed(self.seed)
+        if self.rtol is not None and not (
+            isinstance(self.rtol, int | float) and math.isfinite(self.rtol) and 0 < self.rtol < 1
+        ):
+            raise InputError(
+                f"--rtol must be a number between 0 and 1 (exclusive), got {self.rtol} "
+                "(for bit-identical outputs use --exact)"
+            )
+        check_input_shapes(self.input_shapes)
+        draws = self.draws
+        if isinstance(draws, bool) or not isinstance(draws, int):
+            raise InputError(f"--draws must be an integer, got {draws!r}")
+        if not 0 <= draws <= MAX_DRAWS or (draws == 0 and not self.inputs):
+            raise InputError(
+                f"--draws must be between 1 and {MAX_DRAWS} (0 only with --inputs), got {draws}"
+            )
 
 
 def _quiet(_: str) -> None:
@@ -103,15 +152,25 @@ def inspect_file(
     path: str | os.PathLike[str],
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     mode: str = "absorb",
+    *,
+    report_path: PathArg | None = None,
 ) -> dict[str, Any]:
     """Analyse a model file only: free cofactors, groups, pins with reasons, per mode.
 
     ``report["modes"]`` gives, for absorb and insert mode, the free cofactors and the
     nodes insert mode may wrap (a Mul before and after each, where the drawn
-    cofactors need it) and the edges it may scale.
+    cofactors need it) and the edges it may scale.  With ``report_path`` the report
+    is also written there as JSON, atomically; the path is checked before any work
+    and may not name the model or its external data.
     """
     t0 = time.perf_counter()
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_input_shapes(input_shapes or {})
+    reports = [] if report_path is None else [("--report", report_path)]
+    check_paths([("model file", path)], reports)
     graph = onnx_frontend.load(path, input_shapes)
+    check_paths(_model_inputs(path, None, graph.model), reports)
     model, shapes = graph.model, graph.input_shapes
     per_mode: dict[str, Any] = {}
     report: dict[str, Any] = {}
@@ -131,7 +190,14 @@ def inspect_file(
     )
     if graph.inputs is not None:
         report["input_shapes"] = graph.inputs.to_report()
+    if report_path is not None:
+        write_file_atomic(report_path, report_json(report))
     return report
+
+
+def report_json(report: Mapping[str, Any]) -> bytes:
+    """The report as the JSON bytes ``--report`` writes (values JSON lacks as strings)."""
+    return json.dumps(report, indent=2, default=str).encode()
 
 
 def analysis_report(quiver: Quiver) -> dict[str, Any]:
@@ -153,17 +219,20 @@ def teleport_file(
     dst: str | os.PathLike[str],
     opts: TeleportOptions,
     progress: Progress = _quiet,
+    *,
+    report_path: PathArg | None = None,
 ) -> dict[str, Any]:
-    """Teleport the model at ``src`` into ``dst``, verified unless ``opts.verify`` is False."""
+    """Teleport the model at ``src`` into ``dst``, verified unless ``opts.verify`` is False.
+
+    With ``report_path`` the JSON report is committed together with the model (after
+    it); after a failed verification it is written alone.  Options and paths are
+    checked first; see the module docstring.
+    """
     t0 = time.perf_counter()
-    check_output_path(src, dst)
-    if opts.cob_range < 0:
-        raise InputError(f"--cob-range must be >= 0, got {opts.cob_range}")
-    if not 0 <= opts.draws <= MAX_DRAWS or (opts.draws == 0 and not opts.inputs):
-        raise InputError(
-            f"--draws must be between 1 and {MAX_DRAWS} (0 only with --inputs), got {opts.draws}"
-        )
+    opts.validate()
+    check_output_path(src, dst, report=report_path, inputs=opts.inputs)
     model = load_model(src)
+    check_output_path(src, dst, report=report_path, inputs=opts.inputs, model=model)
     seed = 0 if opts.seed is None else opts.seed
     feeds, shapes, resolved = _feeds(model, opts, seed, src)
     teleport = TeleportPass(
@@ -181,20 +250,78 @@ def teleport_file(
     report = _teleport_report(result, src, dst, opts)
     report["input_shapes"] = resolved.to_report(shapes)
     report["seconds"]["inputs"] = resolved.seconds
-    _save_verified(model, src, dst, feeds, report, opts, progress, result.tensor_scales())
-    report["seconds"]["total"] = time.perf_counter() - t0
+    commit = _committer(report, report_path, t0)
+    try:
+        _save_verified(
+            model, src, dst, feeds, report, opts, progress, result.tensor_scales(), commit=commit
+        )
+    except VerificationError:
+        if report_path is not None:  # the failed report says why; no model is written
+            report["seconds"]["total"] = time.perf_counter() - t0
+            write_file_atomic(report_path, report_json(report))
+        raise
+    report["seconds"].setdefault("total", time.perf_counter() - t0)
     return report
 
 
-def check_output_path(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Refuse, before any work, an output that is the input or lies in no directory."""
-    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
-        raise InputError(f"refusing to overwrite the input model {src}; choose another -o")
-    parent = Path(os.path.abspath(dst)).parent
-    if not parent.is_dir():
-        raise InputError(f"output directory does not exist: {parent}")
-    if Path(dst).is_dir():
-        raise InputError(f"-o names a directory, not a file: {dst}")
+def check_output_path(
+    src: PathArg,
+    dst: PathArg,
+    *,
+    report: PathArg | None = None,
+    inputs: PathArg | None = None,
+    model: ir.Model | None = None,
+) -> None:
+    """Refuse, before any work, paths a run cannot use or would destroy.
+
+    Inputs (the model ``src``, the ``inputs`` .npz, and with ``model`` the external
+    data files it reads) must be regular files; outputs (``dst``, with ``model`` the
+    data file ``dst`` gets when the model keeps external data, and ``report``) must be
+    writable regular or new files; no output may be an input or another output, also
+    through ``..``, symbolic or hard links (:func:`graphteleport.io.check_paths`).
+    Call it without ``model`` before loading and with it after.
+    """
+    outputs: list[tuple[str, PathArg]] = [("-o", dst)]
+    data = output_data_path(model, dst) if model is not None else None
+    if data is not None:
+        outputs.append(("the data file of -o", data))
+    if report is not None:
+        outputs.append(("--report", report))
+    check_paths(_model_inputs(src, inputs, model), outputs)
+
+
+def _model_inputs(
+    src: PathArg, inputs: PathArg | None, model: ir.Model | None
+) -> list[tuple[str, PathArg]]:
+    """The files a run reads, with their roles: model, feeds, the model's external data."""
+    read: list[tuple[str, PathArg]] = [("model file", src)]
+    if inputs is not None:
+        read.append(("inputs file", inputs))
+    if model is not None:
+        read += [("external data file", p) for p in external_data_files(model)]
+    return read
+
+
+def _committer(
+    report: dict[str, Any], report_path: PathArg | None, t0: float
+) -> Callable[[StagedSave], list[Path]]:
+    """The commit of a verified (or unverified) staged model, with its report.
+
+    The report is completed (paths written, total time), staged beside its target
+    and renamed into place right after the model, in one :meth:`StagedSave.commit`
+    (model first: a report on disk always describes a model that is there).  A
+    report that cannot be staged raises :class:`InputError` before anything is
+    renamed, so nothing is written.
+    """
+
+    def commit(staged: StagedSave) -> list[Path]:
+        report["written"] = [str(p) for p in staged.paths]
+        report["seconds"]["total"] = time.perf_counter() - t0
+        if report_path is not None:
+            staged.stage_file(report_path, report_json(report))
+        return staged.commit()
+
+    return commit
 
 
 def _save_verified(
@@ -206,11 +333,14 @@ def _save_verified(
     opts: TeleportOptions,
     progress: Progress,
     scales: TensorScales | None = None,
+    *,
+    commit: Callable[[StagedSave], list[Path]] = StagedSave.commit,
 ) -> None:
     t = time.perf_counter()
     if not opts.verify:
-        report["written"] = [str(p) for p in save_model_atomic(model, dst, protect=[src])]
-        report["seconds"]["save"] = time.perf_counter() - t
+        with staged_save(model, dst, protect=[src]) as staged:
+            report["seconds"]["save"] = time.perf_counter() - t
+            commit(staged)
         return
     with staged_save(model, dst, protect=[src]) as staged:
         report["seconds"]["save"] = time.perf_counter() - t
@@ -226,7 +356,7 @@ def _save_verified(
             err = VerificationError(result.summary() + "; nothing was written")
             err.report = report  # type: ignore[attr-defined]
             raise err
-        report["written"] = [str(p) for p in staged.commit()]
+        commit(staged)
 
 
 def _teleport_report(

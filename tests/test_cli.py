@@ -256,10 +256,11 @@ def test_verification_failure_writes_nothing(
     assert v["passed"] is False and v["max_rel_err"] > 1e-5
 
 
-def test_zero_tolerance_fails_honestly(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Continuous cofactors round at ~1e-7: with --rtol 0 that is a failure (exit 1)."""
+def test_tiny_tolerance_fails_honestly(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Continuous cofactors round at ~1e-7: with --rtol 1e-12 that is a failure (exit 1).
+    (--rtol 0 is refused as a bad value, exit 2: --exact asks for bit-identical outputs.)"""
     before = listing(work)
-    rc, _, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--rtol", "0", "-q")
+    rc, _, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--rtol", "1e-12", "-q")
     assert_one_line_error(rc, err, code=1)
     assert listing(work) == before
 
@@ -313,7 +314,7 @@ def test_failed_run_keeps_an_existing_target(
     work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (work / "o.onnx").write_bytes(b"old")
-    rc, _, _ = cli(capsys, "m.onnx", "-o", "o.onnx", "--rtol", "0", "-q")
+    rc, _, _ = cli(capsys, "m.onnx", "-o", "o.onnx", "--rtol", "1e-12", "-q")
     assert rc == 1
     assert (work / "o.onnx").read_bytes() == b"old"
 

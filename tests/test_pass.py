@@ -73,6 +73,10 @@ def test_sample_takes_the_positive_path_only_for_positive_draws(
     τ ≤ 0; either way its values equal the general restriction of the same draws."""
     codes = np.random.default_rng(1).integers(0, len(GROUPS), 4000)
     free = np.random.default_rng(2).random(4000) < 0.8
+    if cob_range == 0 and sampling in ("positive", "negative"):  # U[0, 0]: every τ = 0
+        with pytest.raises(InputError, match="every cofactor as 0"):
+            draw(4000, sampling, cob_range, center=0.5, rng=np.random.default_rng(3))
+        return
     t = draw(4000, sampling, cob_range, center=0.5, rng=np.random.default_rng(3))
     if _positive_draws(sampling, cob_range, 0.5):
         assert (t > 0).all()

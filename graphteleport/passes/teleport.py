@@ -13,6 +13,7 @@ around activations that are not equivariant for the drawn cofactors
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,23 @@ from graphteleport.tensorcheck import TensorScales
 
 log = logging.getLogger(__name__)
 MODES = ("absorb", "insert")
+#: The most elements an input shape may have (a float32 input of this size is 8 GiB).
+MAX_INPUT_ELEMENTS = 2**31
+
+
+def check_input_shapes(shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raise InputError unless every shape is a tuple of non-negative integers whose
+    product is at most :data:`MAX_INPUT_ELEMENTS` (larger inputs cannot be drawn or run)."""
+    for name, shape in shapes.items():
+        dims = list(shape)
+        if any(isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0 for d in dims):
+            raise InputError(f"input shape {name}: sizes must be non-negative integers, got {dims}")
+        elements = math.prod(int(d) for d in dims)
+        if elements > MAX_INPUT_ELEMENTS:
+            raise InputError(
+                f"input shape {name}={','.join(map(str, dims))} has {elements:.3g} elements, "
+                f"over the limit of 2**31 per input; choose smaller sizes"
+            )
 
 
 @dataclass
@@ -96,10 +114,9 @@ class TeleportPass(ir.passes.InPlacePass):
         super().__init__()
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if sampling not in cofactors.SAMPLINGS:
-            raise InputError(
-                f"unknown sampling {sampling!r}; choose one of {', '.join(cofactors.SAMPLINGS)}"
-            )
+        cofactors.check_sampling(sampling, cob_range, center)
+        cofactors.check_seed(seed)
+        check_input_shapes(input_shapes or {})
         self.mode = mode
         self.sampling = sampling
         self.cob_range = cob_range
