@@ -38,8 +38,10 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import onnx
 import onnx_ir as ir
@@ -527,15 +529,40 @@ class StagedSave:
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the duration; they are delivered on exit."""
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+    """Hold SIGINT and SIGTERM back for the duration; each is handled on exit.
+
+    A blocked signal mask would not do: it covers the calling thread only, and any
+    other thread (onnxruntime's, BLAS's) takes the signal and makes the main thread
+    run the handler at once.  So the Python-level handlers are swapped for one that
+    records the signal, and the original handler runs when the block ends (the
+    default action, for SIG_DFL).  Python runs signal handlers in the main thread
+    only; elsewhere nothing can interrupt the block and nothing is swapped.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[tuple[int, FrameType | None]] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append((signum, frame))
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, hold) for s in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum, frame in caught[:1]:
+            _deliver(previous[signal.Signals(signum)], signum, frame)
+
+
+def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
+    """Run what *handler* (as :func:`signal.signal` returned it) does for *signum*."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
+        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphteleport.errors import InputError
 from graphteleport.io import (
+    check_output_target,
+    check_paths,
     external_data_files,
     load_model,
     save_model_atomic,
     staged_save,
+    write_file_atomic,
 )
 
 
@@ -339,3 +343,91 @@ def test_save_onto_a_directory(mlp_path: Path, tmp_path: Path) -> None:
     (tmp_path / "out.onnx").mkdir()
     with pytest.raises(InputError, match="output path is a directory"):
         save_model_atomic(load_model(mlp_path), tmp_path / "out.onnx")
+
+
+# ----------------------------------------------------------- staged companions, signals, paths
+
+
+def test_staged_companion_in_another_folder_commits_after_the_model(
+    mlp_path: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "reports").mkdir()
+    out, report = tmp_path / "out.onnx", tmp_path / "reports" / "r.json"
+    with staged_save(load_model(mlp_path), out) as staged:
+        staged.stage_file(report, b"{}")
+        temporaries = sorted(p.name for p in tmp_path.rglob(".graphteleport-*"))
+        assert len(temporaries) == 2  # one private folder beside each target
+        assert not out.exists() and not report.exists()
+        staged.commit()
+    assert report.read_bytes() == b"{}" and len(load_model(out).graph) == 3
+    assert not list(tmp_path.rglob(".graphteleport-*"))
+
+
+def test_staged_companion_is_discarded_without_commit(mlp_path: Path, tmp_path: Path) -> None:
+    (tmp_path / "reports").mkdir()
+    with staged_save(load_model(mlp_path), tmp_path / "out.onnx") as staged:
+        staged.stage_file(tmp_path / "reports" / "r.json", b"{}")
+    assert sorted(os.listdir(tmp_path)) == ["mlp.onnx", "reports"]
+    assert os.listdir(tmp_path / "reports") == []
+
+
+def test_commit_holds_sigterm_until_every_file_is_in_place(
+    mlp_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM that arrives during the first rename is delivered after the last one:
+    the model, its data and the report are all there, then the handler runs."""
+
+    class Stop(Exception):
+        pass
+
+    def handler(_signum: int, _frame: object) -> None:
+        raise Stop
+
+    real_replace = os.replace
+    sent: list[int] = []
+
+    def replace_and_signal(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        if not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_replace(src, dst)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+        with staged_save(load_model(mlp_path), out, external_data=True) as staged:
+            staged.stage_file(report, b"{}")
+            monkeypatch.setattr(os, "replace", replace_and_signal)
+            with pytest.raises(Stop):
+                staged.commit()
+            monkeypatch.undo()
+        assert sent and staged.committed
+        assert out.exists() and (tmp_path / "out.onnx.data").exists() and report.exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_output_in_an_unwritable_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)  # root can write anywhere
+    with pytest.raises(InputError, match="permission denied"):
+        check_output_target(tmp_path / "r.json", "--report")
+
+
+def test_check_paths_sees_aliases_of_files_not_yet_written(tmp_path: Path) -> None:
+    """A dangling symlink to a future output is that output."""
+    (tmp_path / "link.json").symlink_to(tmp_path / "o.onnx")
+    with pytest.raises(InputError, match="are the same file"):
+        check_paths([], [("-o", tmp_path / "o.onnx"), ("--report", tmp_path / "link.json")])
+
+
+def test_check_paths_accepts_distinct_files(mlp_path: Path, tmp_path: Path) -> None:
+    check_paths([("model file", mlp_path)], [("-o", tmp_path / "o.onnx")])
+
+
+def test_write_file_atomic_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "r.json"
+    target.write_bytes(b"old")
+    write_file_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["r.json"]
