@@ -355,11 +355,10 @@ def _check_external_data(model: ir.Model, p: Path) -> None:
     for tensor in _all_external_tensors(model):
         problem = _location_problem(tensor)
         if problem is not None:
-            raise InputError(
-                f"external data of tensor '{tensor.name}' of {p} {problem}; "
-                "keep its data file inside the model's folder"
-            )
+            raise InputError(f"external data of tensor '{tensor.name}' of {p} {problem}")
         data_path = os.fspath(tensor.path)
+        if data_path not in sizes and os.path.lexists(data_path):
+            check_regular_file(data_path, "external data file")  # a FIFO would block mmap
         if data_path not in sizes:
             if not os.path.isfile(data_path):
                 raise InputError(
@@ -383,17 +382,21 @@ def _location_problem(tensor: ir.ExternalTensor) -> str | None:
     after following symbolic links, and the file has a single hard link.
     """
     location = os.fspath(tensor.location)
+    inside = "keep the data file in the model's folder, at a relative location"
     if os.path.isabs(location):
-        return f"has an absolute location ({location})"
+        return f"has an absolute location ({location}); {inside}"
     base = os.path.abspath(tensor.base_dir)
     if not _inside(os.path.normpath(os.path.join(base, location)), base):
-        return f"points outside the model's folder ({location})"
+        return f"points outside the model's folder ({location}); {inside}"
     real = os.path.realpath(os.path.join(base, location))
     if not _inside(real, os.path.realpath(base)):
-        return f"is a symbolic link out of the model's folder ({location} -> {real})"
+        return f"is a symbolic link out of the model's folder ({location} -> {real}); {inside}"
     with contextlib.suppress(OSError):
         if os.stat(real).st_nlink > 1:
-            return f"is a file with several hard links ({location}), which onnx_ir refuses"
+            return (
+                f"is a file with several hard links ({location}), which onnx_ir refuses to "
+                "read; give it a copy of its own"
+            )
     return None
 
 

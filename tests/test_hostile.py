@@ -575,6 +575,10 @@ FILES: dict[str, tuple[Setup, str]] = {
         "external data file not found",
     ),
     "external data file truncated": (_truncated_data, "truncated"),
+    "external data file is a FIFO": (
+        lambda d: [relocated(d, _fifo(d, "p.bin")), "-o", "o.onnx"],
+        "p.bin is a FIFO",
+    ),
     "inspect: external data in ..": (
         lambda d: ["inspect", relocated(d, "../w.bin", "sub/e2.onnx")],
         "outside",
