@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -298,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         name, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         print(f"graphteleport: {name}; no partial output was left", file=sys.stderr)
         return code
+    except BrokenPipeError:  # stdout closed early (`graphteleport ... | head`): work is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError as e:
         print(
             f"graphteleport: error: not enough memory ({e or 'MemoryError'}); "

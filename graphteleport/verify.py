@@ -288,7 +288,7 @@ def _session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions: one line, ours
     source = model if isinstance(model, bytes) else os.fspath(model)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

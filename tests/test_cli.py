@@ -455,3 +455,17 @@ def test_readme_main_command_works(tmp_path: Path, fixtures_dir: Path) -> None:
     out = tmp_path / args[args.index("-o") + 1]
     assert max_rel_err(onnx.load(target), onnx.load(out)) <= 1e-5
     assert fixtures_dir.exists()
+
+
+def test_closed_stdout_is_not_an_internal_error(tmp_path: Path) -> None:
+    """`graphteleport ... | head` closes the pipe early: the work is done, exit 0, no noise."""
+    out = tmp_path / "o.onnx"
+    cmd = [sys.executable, "-m", "graphteleport", str(REPO_ROOT / "models/onnx/mlp_small.onnx")]
+    proc = subprocess.Popen(
+        [*cmd, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == "" and out.exists()
