@@ -13,8 +13,18 @@ Samplings (``r`` = ``cob_range``, ``c`` = ``center``):
 Each draw is then restricted to its pair's group: a *positive* pair (ReLU, max
 pooling in absorb mode) takes ``|τ|`` — the drawn sign is resampled to +, never
 refused; a *sign* pair (odd activations) takes ``sign(τ)``; a *pinned* pair takes
-1.  A draw of exactly 0 (possible at the ends of ``positive``/``negative``) is
-moved to the nearest non-zero float.
+1.
+
+Draws stay away from 0: with ``m`` the largest magnitude the sampling's interval
+reaches (``1 + r`` for the landscapes, ``r`` for positive/negative, ``|c| + r``
+centered), a draw with ``|τ| < ε = max(m, 1) · 2^-10`` is redrawn uniformly from the
+rest of the interval (``[low, high]`` without ``(−ε, ε)``), or, where nothing is left
+(``positive`` with ``r < ε``), set to ``±ε`` on the interval's side.  So
+``|τ| ≥ 2^-10`` always (``1/τ ≤ 1024``), and for ``m > 1`` the draws span at most a
+factor 1024 of the interval's reach (:mod:`graphteleport.ranges` then keeps every
+rescaled weight inside its dtype).  Only draws within ``ε`` of 0 change — the others,
+and inter_landscape's signs, are those of the same seed without the floor — and the
+redraws keep the distribution uniform on what remains.
 
 With ``exact=True`` every |τ| is rounded to a power of two in log2
 (``2^round(log2 |τ|)``) so the rewritten weights are exact products; a draw that
@@ -51,10 +61,34 @@ def draw(
         raise InputError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
     low, high = bounds(r, center)
     t = rng.uniform(low, high, count)
-    if sampling == "inter_landscape":
-        t *= rng.choice([-1.0, 1.0], count)
-    if low <= 0 <= high:  # a draw of exactly 0 is possible here
-        t = np.where(t == 0, np.nextafter(0.0, 1.0), t)
+    signs = rng.choice([-1.0, 1.0], count) if sampling == "inter_landscape" else None
+    eps = zero_floor(low, high)
+    if low < eps and high > -eps:  # the interval meets (−ε, ε)
+        t = _away_from_zero(t, low, high, rng)
+    return t if signs is None else t * signs
+
+
+def zero_floor(low: float, high: float) -> float:
+    """``ε = max(m, 1) · 2^-10`` with ``m = max(|low|, |high|)``: no draw has ``|τ| < ε``."""
+    return max(abs(low), abs(high), 1.0) * 2.0**-10
+
+
+def _away_from_zero(t: np.ndarray, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
+    """Redraw every ``|τ| < ε`` uniformly from ``[low, high] \\ (−ε, ε)``; where that is
+    empty, take ``±ε`` on the interval's side (the sign of its midpoint; the interval
+    [0, 0] is refused by :func:`check_sampling`)."""
+    eps = zero_floor(low, high)
+    near = np.abs(t) < eps
+    if not near.any():
+        return t
+    below = max(min(high, -eps) - low, 0.0)  # length of [low, −ε]
+    above = max(high - max(low, eps), 0.0)  # length of [ε, high]
+    k = int(near.sum())
+    if below + above > 0:
+        u = rng.uniform(0.0, below + above, k)
+        t[near] = np.where(u < below, low + u, max(low, eps) + (u - below))
+    else:
+        t[near] = np.copysign(eps, low + high)
     return t
 
 

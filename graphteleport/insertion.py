@@ -13,7 +13,11 @@
   product is 1 (``x·σ(x)``: ``τ · 1/τ``) neither node is added.
 
 Constants are stored in the compact layout of the neurons (e.g. ``[1, C, 1, 1]``
-for NCHW) in the tensor's dtype; powers of two keep everything exact.
+for NCHW) in the tensor's dtype (ONNX's Mul wants both operands alike), rounded once
+from float64; powers of two keep everything exact.  :func:`plan` lists the Muls
+without touching the graph, so that :mod:`graphteleport.ranges` can check every
+constant against its dtype's range (a float16 ``τ = 1e-6`` would be 0) before
+:func:`insert_nodes` adds them.
 """
 
 from __future__ import annotations
@@ -74,9 +78,8 @@ class _Inserter:
         self.names.add(name)
         return name
 
-    def _const(self, value: ir.Value, s: np.ndarray) -> ir.Value:
-        dtype = value.dtype or ir.DataType.FLOAT
-        arr = s.astype(dtype.numpy())
+    def _const(self, value: ir.Value, s: np.ndarray, dtype: ir.DataType) -> ir.Value:
+        arr = s.astype(dtype.numpy())  # from float64: rounded once
         name = self._name(f"{value.name or 'v'}_cofactor")
         c = ir.Value(
             name=name,
@@ -87,69 +90,122 @@ class _Inserter:
         self.graph.register_initializer(c)
         return c
 
-    def _mul(self, x: ir.Value, s: np.ndarray) -> ir.Node:
-        c = self._const(x, s)
+    def _mul(self, x: ir.Value, s: np.ndarray, dtype: ir.DataType) -> ir.Node:
+        c = self._const(x, s, dtype)
         out = ir.Value(name=self._name(f"{x.name or 'v'}_scaled"), type=x.type, shape=x.shape)
         node = ir.Node("", "Mul", [x, c], outputs=[out], name=self._name("cofactor_mul"))
         self.stats.nodes_added += 1
         self.stats.names.append(node.name or "")
         return node
 
-    def scale_input(self, node: ir.Node, k: int, s: np.ndarray) -> None:
-        """``node`` reads input k times s."""
+    def scale_input(self, node: ir.Node, k: int, s: np.ndarray, dtype: ir.DataType) -> None:
+        """``node`` reads input k times s (a constant of ``dtype``, the input's)."""
         x = node.inputs[k]
         assert x is not None
-        mul = self._mul(x, align(s, len(x.shape or ())) if x.shape is not None else s)
+        mul = self._mul(x, align(s, len(x.shape or ())) if x.shape is not None else s, dtype)
         self.graph.insert_before(node, mul)
         node.replace_input_with(k, mul.outputs[0])
 
-    def scale_output(self, node: ir.Node, s: np.ndarray) -> None:
-        """Every consumer of ``node``'s first output reads it times s."""
+    def scale_output(self, node: ir.Node, s: np.ndarray, dtype: ir.DataType) -> None:
+        """Every consumer of ``node``'s first output reads it times s (of ``dtype``)."""
         y = node.outputs[0]
         uses = list(y.uses())
-        mul = self._mul(y, align(s, len(y.shape or ())) if y.shape is not None else s)
+        mul = self._mul(y, align(s, len(y.shape or ())) if y.shape is not None else s, dtype)
         self.graph.insert_after(node, mul)
         for use in uses:
             use.node.replace_input_with(use.idx, mul.outputs[0])
 
 
-def insert_nodes(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> InsertStats:
-    """Add the wraps' and edge scales' Mul nodes for per-neuron cofactors ``tau``."""
-    stats = InsertStats()
-    ins = _Inserter(model, tau, stats)
+@dataclass(slots=True)
+class PlannedMul:
+    """One Mul to insert: input ``index`` of ``node`` times ``s`` (``index`` None: every
+    consumer of the node's first output); ``s = Π τ[f.ids]^f.exp`` over ``factors``
+    (each broadcastable to ``s``), stored as ``dtype``: the scaled value's (declared or
+    inferred; ONNX's Mul takes two operands of one type)."""
+
+    node: ir.Node
+    index: int | None
+    s: np.ndarray
+    factors: list[Factor]
+    dtype: ir.DataType = ir.DataType.FLOAT
+
+    @property
+    def value(self) -> ir.Value:
+        """The value the Mul scales."""
+        v = self.node.outputs[0] if self.index is None else self.node.inputs[self.index]
+        assert v is not None
+        return v
+
+
+@dataclass
+class Plan:
+    """The Muls insert mode adds for one τ, in order, and what they amount to."""
+
+    muls: list[PlannedMul] = field(default_factory=list)
+    wraps: int = 0
+    edge_scales: int = 0
+    merged: int = 0
+    unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
+
+
+def plan(analysis: Analysis, tau: np.ndarray) -> Plan:
+    """The Muls the wraps and edge scales need for per-neuron cofactors ``tau``."""
+    out = Plan()
     edges = {(id(e.node), e.index): e for e in analysis.ctx.c.edges}
     merged: set[tuple[int, int]] = set()
     for w in analysis.ctx.c.wraps:
-        _apply_wrap(ins, w, edges, merged)
+        _plan_wrap(out, w, tau, edges, merged)
     for key, e in edges.items():
         if key not in merged:
-            _apply_edge(ins, e)
+            _plan_edge(out, e, tau)
+    for m in out.muls:
+        m.dtype = analysis.ctx.info.dtype(m.value) or ir.DataType.FLOAT
+    return out
+
+
+def insert_nodes(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> InsertStats:
+    """Add the wraps' and edge scales' Mul nodes for per-neuron cofactors ``tau``."""
+    p = plan(analysis, tau)
+    stats = InsertStats(
+        wraps=p.wraps, edge_scales=p.edge_scales, merged=p.merged, unscaled=p.unscaled
+    )
+    ins = _Inserter(model, tau, stats)
+    for m in p.muls:
+        if m.index is None:
+            ins.scale_output(m.node, m.s, m.dtype)
+        else:
+            ins.scale_input(m.node, m.index, m.s, m.dtype)
     return stats
 
 
-def _apply_wrap(
-    ins: _Inserter, w: Wrap, edges: dict[tuple[int, int], EdgeScale], merged: set[tuple[int, int]]
+def _plan_wrap(
+    out: Plan,
+    w: Wrap,
+    tau: np.ndarray,
+    edges: dict[tuple[int, int], EdgeScale],
+    merged: set[tuple[int, int]],
 ) -> None:
-    t = ins.tau[w.ids]
+    t = tau[w.ids]
     if not _needed(t, w.group):
         return
     node: ir.Node = w.node  # type: ignore[assignment]
-    ins.stats.wraps += 1
-    ins.stats.unscaled.append(node.outputs[0].name or "")
-    ins.scale_input(node, 0, 1.0 / t)
-    post = t
+    out.wraps += 1
+    out.unscaled.append(node.outputs[0].name or "")
+    out.muls.append(PlannedMul(node, 0, 1.0 / t, [Factor(w.ids, -1)]))
+    post, factors = t, [Factor(w.ids, 1)]
     uses = list(node.outputs[0].uses())
     if len(uses) == 1 and (id(uses[0].node), uses[0].idx) in edges:
         key = (id(uses[0].node), uses[0].idx)
         merged.add(key)
-        ins.stats.merged += 1
-        post = post * _product(edges[key].factors, ins.tau)
+        out.merged += 1
+        post = post * _product(edges[key].factors, tau)
+        factors += edges[key].factors
     if np.any(post != 1):
-        ins.scale_output(node, post)
+        out.muls.append(PlannedMul(node, None, post, factors))
 
 
-def _apply_edge(ins: _Inserter, e: EdgeScale) -> None:
-    s = _product(e.factors, ins.tau)
+def _plan_edge(out: Plan, e: EdgeScale, tau: np.ndarray) -> None:
+    s = _product(e.factors, tau)
     if np.any(s != 1):
-        ins.stats.edge_scales += 1
-        ins.scale_input(e.node, e.index, s)  # type: ignore[arg-type]
+        out.edge_scales += 1
+        out.muls.append(PlannedMul(e.node, e.index, s, list(e.factors)))  # type: ignore[arg-type]

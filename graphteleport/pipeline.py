@@ -389,4 +389,5 @@ def _teleport_report(
     )
     free = result.pair_values[result.analysis.solution.free]
     report["cofactor_range"] = [float(free.min()), float(free.max())] if free.size else None
+    report["range_fixes"] = result.range_report()  # pairs moved toward 1 to stay in range
     return report

@@ -19,6 +19,7 @@ import onnx_ir as ir
 from graphteleport.analysis.constraints import Absorb, ConstRef
 from graphteleport.analysis.driver import Analysis
 from graphteleport.analysis.graphinfo import FLOAT_TYPES
+from graphteleport.numerics import Magnitudes, fits_float32, magnitudes, out_of_range
 
 
 @dataclass
@@ -68,20 +69,31 @@ def write(ref: ConstRef, array: np.ndarray) -> None:
         ref.value.shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
 
 
-def _apply(w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``W · S`` in W's dtype (S rounded to it first: exact for powers of two).
+def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarray:
+    """``W · S``, rounded once into W's dtype.
 
-    A constant is broadcast-expanded only along the axes where ``S`` really varies
-    (a scalar becoming per-channel); along the others — a sequence axis whose
-    neurons the analysis tied — W keeps its size, so the model still accepts any
-    length there.
+    float64 weights multiply by S itself; float32 weights by S rounded to float32 (exact
+    for powers of two) where ``float32_scale`` (S is a normal float32).  Otherwise —
+    float16 and bfloat16 weights, or an S outside float32's range — the product is
+    taken in float64, exactly where S is a float32 (11 or 8 bits times 24 fit in 53),
+    then rounded into W's dtype: a float16 weight never sees S rounded to float16 (a
+    cofactor of 1e-6 would be 0 there).  A constant is broadcast-expanded only along
+    the axes where ``S`` really varies (a scalar becoming per-channel); along the
+    others — a sequence axis whose neurons the analysis tied — W keeps its size, so the
+    model still accepts any length there.
     """
     s = _shrink(s, w.shape)
     flat = s.reshape(-1)
-    if flat.size and np.all(flat == flat[0]):
+    uniform = flat.size > 0 and bool(np.all(flat == flat[0]))
+    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
+    if native and uniform:
         return w * w.dtype.type(flat[0])
     target = np.broadcast_shapes(w.shape, s.shape)
-    return np.broadcast_to(w, target) * s.astype(w.dtype)
+    if native:
+        return np.broadcast_to(w, target) * s.astype(w.dtype)
+    if float32_scale:
+        s = s.astype(np.float32).astype(np.float64)
+    return np.multiply(np.broadcast_to(w, target), s, dtype=np.float64).astype(w.dtype)
 
 
 def _shrink(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -116,11 +128,115 @@ def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) ->
     return s.reshape(shape)
 
 
-def _combined(w: np.ndarray, uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
-    """One scaled copy of a weight all of whose uses agree (ties made them agree)."""
+def scales_of(
+    shape: tuple[int, ...], uses: list[Absorb], private: bool, tau: np.ndarray
+) -> list[tuple[list[Absorb], np.ndarray]]:
+    """The scales a weight of ``shape`` is written with, each with the uses it serves:
+    one per use for a *private* weight (an exporter's accidental sharing, written once
+    per differing use), else one that all its uses agree on (ties made them agree)."""
+    if private and all(ab.index is None for ab in uses):
+        return [([ab], scale(ab, tau)) for ab in uses]
     if len(uses) == 1 and uses[0].index is None:
-        return _apply(w, scale(uses[0], tau))
-    return _apply(w, source_scale(w.shape, uses, tau))
+        return [(uses, scale(uses[0], tau))]
+    return [(uses, source_scale(shape, uses, tau))]
+
+
+def scale_bounds(analysis: Analysis, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per weight (in ``analysis.by_source`` order): ``smin ≤ |S| ≤ smax`` over all its uses.
+
+    Each factor's extreme ``|τ^e|`` come from one gather of τ for every absorb
+    (:meth:`FactorTable.values`) and one ``reduceat``; an absorb's bounds are the
+    products of its factors' (its factors lie end to end), a weight's the extremes over
+    its uses.  Never looks at a weight, and costs about as much as the factors' ids.
+    """
+    table = analysis.factor_table
+    fmin, fmax = np.ones(len(table.sizes)), np.ones(len(table.sizes))
+    if table.ids.size:
+        v = np.abs(table.values(tau))
+        nonempty = np.flatnonzero(np.asarray(table.sizes) > 0)
+        fmin[nonempty] = np.minimum.reduceat(v, table.starts[nonempty])
+        fmax[nonempty] = np.maximum.reduceat(v, table.starts[nonempty])
+    absorbs = analysis.absorbs
+    counts = np.fromiter((len(ab.factors) for ab in absorbs), np.int64, len(absorbs))
+    firsts = np.fromiter((table.first[id(ab)] for ab in absorbs), np.int64, len(absorbs))
+    amin, amax = np.ones(len(absorbs)), np.ones(len(absorbs))
+    has = np.flatnonzero(counts)
+    if has.size:
+        with np.errstate(over="ignore", under="ignore"):
+            amin[has] = np.multiply.reduceat(fmin, firsts[has])
+            amax[has] = np.multiply.reduceat(fmax, firsts[has])
+    position = {id(ab): k for k, ab in enumerate(absorbs)}
+    source = np.empty(len(absorbs), np.int64)
+    for j, uses in enumerate(analysis.by_source.values()):
+        for ab in uses:
+            source[position[id(ab)]] = j
+    smin, smax = np.full(len(analysis.by_source), np.inf), np.zeros(len(analysis.by_source))
+    np.minimum.at(smin, source, amin)
+    np.maximum.at(smax, source, amax)
+    return smin, smax
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One weight's new value, computed and not yet stored (``new`` None: unchanged),
+    and the private copies other uses of it get."""
+
+    ref: ConstRef
+    new: np.ndarray | None
+    changed: int = 0
+    grown: int = 0  # elements a broadcast expansion added
+    copies: list[tuple[Absorb, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Every weight's new value (not yet in the model), each weight's magnitudes by
+    ``by_source`` key, and the keys whose quick range check failed."""
+
+    pending: list[_Pending]
+    magnitudes: dict[int, Magnitudes]
+    out_of_range: list[int]
+
+
+def prepare(
+    analysis: Analysis, tau: np.ndarray, known: dict[int, Magnitudes] | None = None
+) -> Prepared:
+    """Compute ``W · S`` for every absorbing weight, reading each weight once, without
+    storing it; measure each weight's :class:`Magnitudes` on the way (``known``: taken
+    from there instead) and check it against the bounds of its ``|S|``
+    (:func:`scale_bounds`, :func:`~graphteleport.numerics.out_of_range`)."""
+    smin, smax = scale_bounds(analysis, tau)
+    pending: list[_Pending] = []
+    mags: dict[int, Magnitudes] = {}
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for j, (key, uses) in enumerate(analysis.by_source.items()):
+            w = read(uses[0].source)
+            mags[key] = known[key] if known and key in known else magnitudes(w)
+            scales = scales_of(w.shape, uses, key in analysis.private, tau)
+            pending.append(_pend(w, uses, scales, fits_float32(smin[j], smax[j])))
+    flagged = out_of_range(list(mags.values()), smin, smax)
+    keys = list(mags)
+    return Prepared(pending, mags, [keys[j] for j in np.flatnonzero(flagged)])
+
+
+def _pend(
+    w: np.ndarray, uses: list[Absorb], scales: list[tuple[list[Absorb], np.ndarray]], f32: bool
+) -> _Pending:
+    """The new value of one weight: the first scale's product is stored in place; a
+    private weight's other uses get copies where their products differ from it and
+    from the original."""
+    news = [_apply(w, s, f32) for _, s in scales]
+    first = news[0]
+    same_shape = first.shape == w.shape
+    changed = int(np.count_nonzero(first != w)) if same_shape else first.size
+    out = _Pending(uses[0].source, first if changed else None, changed, first.size - w.size)
+    if len(news) > 1 and not all(
+        n.shape == first.shape and np.array_equal(n, first) for n in news[1:]
+    ):
+        for (group, _), new in zip(scales[1:], news[1:]):
+            if not (new.shape == w.shape and np.array_equal(new, w)):
+                out.copies.append((group[0], new))
+    return out
 
 
 class _Writer:
@@ -131,14 +247,13 @@ class _Writer:
             o.name for n in self.graph for o in n.outputs
         }
 
-    def store(self, ref: ConstRef, old: np.ndarray, new: np.ndarray) -> None:
-        changed = int(np.count_nonzero(new != old)) if new.shape == old.shape else new.size
-        if not changed:
+    def store(self, p: _Pending) -> None:
+        if p.new is None:
             return
-        write(ref, new)
-        self.stats.elements_total += new.size - old.size  # a broadcast-expanded constant
-        self.stats.changed.append(ref.name)
-        self.stats.elements_changed += changed
+        write(p.ref, p.new)
+        self.stats.elements_total += p.grown  # a broadcast-expanded constant
+        self.stats.changed.append(p.ref.name)
+        self.stats.elements_changed += p.changed
 
     def private_copy(self, ab: Absorb, new: np.ndarray) -> None:
         """Give one use of a shared weight its own initializer."""
@@ -163,18 +278,6 @@ class _Writer:
         self.stats.weights_total += 1
 
 
-def _rewrite_private(writer: _Writer, uses: list[Absorb], tau: np.ndarray) -> None:
-    w = read(uses[0].source)
-    news = [_apply(w, scale(ab, tau)) for ab in uses]
-    same = all(n.shape == news[0].shape and np.array_equal(n, news[0]) for n in news)
-    writer.store(uses[0].source, w, news[0])
-    if same:
-        return
-    for ab, new in zip(uses[1:], news[1:]):
-        if not (new.shape == w.shape and np.array_equal(new, w)):
-            writer.private_copy(ab, new)
-
-
 def count_weights(model: ir.Model) -> tuple[int, int]:
     """(number, elements) of float weights: initializers and Constant-node tensors."""
     count = elements = 0
@@ -192,15 +295,20 @@ def count_weights(model: ir.Model) -> tuple[int, int]:
     return count, elements
 
 
-def rewrite(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> RewriteStats:
-    """Scale every absorbing weight of ``model`` in place by per-neuron cofactors ``tau``."""
+def commit(model: ir.Model, prepared: Prepared) -> RewriteStats:
+    """Store every prepared weight (and private copy) in ``model``."""
     stats = RewriteStats()
     stats.weights_total, stats.elements_total = count_weights(model)
     writer = _Writer(model, stats)
-    for key, uses in analysis.by_source.items():
-        if key in analysis.private and all(ab.index is None for ab in uses):
-            _rewrite_private(writer, uses, tau)
-        else:
-            w = read(uses[0].source)
-            writer.store(uses[0].source, w, _combined(w, uses, tau))
+    for p in prepared.pending:
+        writer.store(p)
+        for ab, new in p.copies:
+            writer.private_copy(ab, new)
     return stats
+
+
+def rewrite(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> RewriteStats:
+    """Scale every absorbing weight of ``model`` in place by per-neuron cofactors ``tau``
+    (no range check: :class:`~graphteleport.passes.teleport.TeleportPass` fits ``tau``
+    to the weights' dtypes first, :mod:`graphteleport.ranges`)."""
+    return commit(model, prepare(analysis, tau))

@@ -8,6 +8,12 @@ weight values change (plus a private copy of a uniform weight an exporter shared
 by accident, where its uses now differ).  Insert mode also adds ``Mul`` nodes
 around activations that are not equivariant for the drawn cofactors
 (:mod:`graphteleport.insertion`).
+
+Before anything is written the draws are fitted to the weights' dtypes
+(:mod:`graphteleport.ranges`): a pair whose weights or inserted constants would
+overflow, underflow to 0 or become subnormal is moved toward 1, or pinned, and
+listed in :attr:`TeleportResult.range_fixes`.  The common case costs one scan of
+each weight's bits, made while its new value is computed.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport import cofactors
+from graphteleport import cofactors, ranges
 from graphteleport.analysis.driver import Analysis, analyze_model
 from graphteleport.errors import InputError
 from graphteleport.insertion import InsertStats, insert_nodes
-from graphteleport.rewrite import RewriteStats, rewrite
+from graphteleport.rewrite import RewriteStats, commit, prepare
 from graphteleport.tensorcheck import TensorScales
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,7 @@ class TeleportResult(ir.passes.PassResult):
     inserted: InsertStats = field(default_factory=InsertStats)
     seconds: dict[str, float] = field(default_factory=dict)
     exact: bool = False
+    range_fixes: list[ranges.RangeFix] = field(default_factory=list)
 
     @property
     def free_cofactors(self) -> int:
@@ -83,6 +90,16 @@ class TeleportResult(ir.passes.PassResult):
             if name not in unscaled and s.size and np.any(s != 1.0):
                 scales[name] = s
         return TensorScales(scales, frozenset(tracked))
+
+    def range_report(self) -> list[dict[str, object]]:
+        """The pairs moved toward 1 to keep weights in range, by reason: how many, and
+        how many of them ended pinned (``τ = ±1``)."""
+        out: dict[str, dict[str, object]] = {}
+        for fix in self.range_fixes:
+            row = out.setdefault(fix.reason, {"reason": fix.reason, "cofactors": 0, "pinned": 0})
+            row["cofactors"] = int(row["cofactors"]) + 1  # type: ignore[call-overload]
+            row["pinned"] = int(row["pinned"]) + fix.pinned  # type: ignore[call-overload]
+        return list(out.values())
 
 
 class TeleportPass(ir.passes.InPlacePass):
@@ -140,8 +157,7 @@ class TeleportPass(ir.passes.InPlacePass):
             seed=self.seed,
             exact=self.exact,
         )
-        tau = sol.cofactors(values)
-        stats = rewrite(model, analysis, tau)
+        tau, stats, fixes = self._rewrite(model, analysis, values)
         inserted = insert_nodes(model, analysis, tau) if self.mode == "insert" else InsertStats()
         t2 = time.perf_counter()
         log.info(
@@ -160,4 +176,28 @@ class TeleportPass(ir.passes.InPlacePass):
             stats=stats,
             seconds={"analyze": t1 - t0, "rewrite": t2 - t1},
             exact=self.exact,
+            range_fixes=fixes,
         )
+
+    def _rewrite(
+        self, model: ir.Model, analysis: Analysis, values: np.ndarray
+    ) -> tuple[np.ndarray, RewriteStats, list[ranges.RangeFix]]:
+        """Fit ``values`` (in place) to the weights' ranges and store the new weights.
+
+        Every ``W · S`` is computed first (each weight read once, its magnitudes measured
+        on the way); only when a weight's quick check failed, or in insert mode (its
+        constants), are the values fitted — and, if any moved, the products recomputed.
+        """
+        sol = analysis.solution
+        tau = sol.cofactors(values)
+        prepared = prepare(analysis, tau)
+        fixes: list[ranges.RangeFix] = []
+        insert = self.mode == "insert"
+        if prepared.out_of_range or insert:
+            fixes = ranges.fit(
+                analysis, values, prepared.magnitudes, insert=insert, exact=self.exact
+            )
+        if fixes:
+            tau = sol.cofactors(values)
+            prepared = prepare(analysis, tau, known=prepared.magnitudes)
+        return tau, commit(model, prepared), fixes

@@ -1,0 +1,198 @@
+"""A float dtype's range, and when ``|w| · a`` leaves it.
+
+The contract the rewrite keeps (:mod:`graphteleport.ranges`): for a weight ``W`` and
+its scale ``S`` (``W' = W · S``), every element ``w`` that is finite and non-zero
+gives a finite, non-zero ``w · s`` in W's dtype, and a normal ``w`` a normal one:
+
+* ``|s| ≤ 1``, or ``|w| · |s| ≤ max``                   — no inf;
+* ``|s| ≥ 1``, or ``|w| · |s| ≥ tiny``   (w normal)     — no subnormal, no 0;
+* ``|s| ≥ 1``, or ``|w| · |s| ≥ min subnormal`` (w subnormal) — no 0.
+
+Rounding to nearest is monotone and the bounds are representable, so bounds on the
+exact product hold for the rounded one; ``MARGIN`` (2^-20 relative) covers ``S``'s own
+rounding to float32 before the product.  Only ``|s| > 1`` can overflow and only
+``|s| < 1`` underflow (``w · 1 = w``), so nothing else is flagged.
+An ``s`` that is itself inf, NaN or 0 (float64 overflow of a product of cofactors) is
+always flagged: it would turn even a zero element into NaN.
+
+Every check needs only three numbers per group of elements that share one ``s`` (a
+*cell*): the largest finite ``|w|``, the smallest normal and the smallest subnormal
+non-zero ``|w|`` (:class:`Magnitudes`).  For a whole weight they come from one scan
+of its bits (:func:`magnitudes`: a float's magnitude orders like its bit pattern with
+the sign cleared), chunked so that no temporary of the weight's size is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+MARGIN = 2.0**-20
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A float dtype's largest finite, smallest normal and smallest subnormal magnitude,
+    and the bit patterns :func:`magnitudes` compares (``uint``: the same-size unsigned
+    type; ``mask``: every bit but the sign)."""
+
+    name: str
+    max: float
+    tiny: float
+    sub: float
+    uint: np.dtype
+    mask: int
+    inf_bits: int
+    tiny_bits: int
+
+    def value(self, bits: int, dtype: np.dtype) -> float:
+        return float(np.array(bits, dtype=self.uint).view(dtype))
+
+
+@cache
+def limits(dtype: np.dtype) -> Limits:
+    """The range of a float dtype, read from its bit layout (so also for ml_dtypes'
+    bfloat16, which ``np.finfo`` does not know): +inf sets every exponent bit and no
+    mantissa bit, so the mantissa is the bits below inf's lowest set bit; the smallest
+    normal is 1 in the exponent's lowest bit, the largest finite is inf's bits − 1."""
+    dtype = np.dtype(dtype)
+    uint = np.dtype(f"u{dtype.itemsize}")
+    inf_bits = int(np.array(np.inf).astype(dtype).view(uint))
+    tiny_bits = inf_bits & -inf_bits
+
+    def value(bits: int) -> float:
+        return float(np.array(bits, dtype=uint).view(dtype))
+
+    return Limits(
+        name=dtype.name,
+        max=value(inf_bits - 1),
+        tiny=value(tiny_bits),
+        sub=value(1),
+        uint=uint,
+        mask=(1 << (8 * dtype.itemsize - 1)) - 1,
+        inf_bits=inf_bits,
+        tiny_bits=tiny_bits,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Magnitudes:
+    """A weight's finite non-zero magnitudes: the largest (0 when none), the smallest
+    normal and the smallest subnormal (inf when none); ``dtype`` is the weight's."""
+
+    hi: float
+    lo_normal: float
+    lo_sub: float
+    dtype: np.dtype
+
+
+def magnitudes(w: np.ndarray) -> Magnitudes:
+    """:class:`Magnitudes` of a whole weight, from its bits.
+
+    With ``b = bits & mask`` (``|w|``'s pattern): ``max b`` is the largest magnitude;
+    ``min (b − 1) mod 2^k`` skips zeros (0 wraps to the largest integer) and gives the
+    smallest non-zero one; where that is subnormal, ``min (b − tiny) mod 2^k`` gives the
+    smallest normal.  An inf or NaN element (``max b ≥ inf``) sends the weight to the
+    float path, which leaves them out.
+    """
+    lim = limits(w.dtype)
+    bits = np.ascontiguousarray(w).reshape(-1).view(lim.uint)
+    if not bits.size:
+        return Magnitudes(0.0, np.inf, np.inf, w.dtype)
+    hi, lo = _scan(bits, lim.mask, 1)
+    if hi >= lim.inf_bits:
+        return _float_magnitudes(w, lim)
+    if hi == 0:  # all zero
+        return Magnitudes(0.0, np.inf, np.inf, w.dtype)
+    nonzero = lo + 1
+    if nonzero >= lim.tiny_bits:  # no subnormal element (the usual case)
+        return Magnitudes(lim.value(hi, w.dtype), lim.value(nonzero, w.dtype), np.inf, w.dtype)
+    _, lo_normal = _scan(bits, lim.mask, lim.tiny_bits)
+    normal = (
+        lim.value(lo_normal + lim.tiny_bits, w.dtype)
+        if lo_normal < lim.inf_bits - lim.tiny_bits
+        else np.inf
+    )
+    return Magnitudes(lim.value(hi, w.dtype), normal, lim.value(nonzero, w.dtype), w.dtype)
+
+
+def _scan(bits: np.ndarray, mask: int, offset: int) -> tuple[int, int]:
+    """``max b`` and ``min (b − offset) mod 2^k`` over ``b = bits & mask``, a chunk at a
+    time in one small buffer."""
+    n = bits.size
+    kind = bits.dtype.type
+    buf = np.empty(min(n, _CHUNK), dtype=bits.dtype)
+    hi, lo = 0, (1 << (8 * bits.dtype.itemsize)) - 1
+    for start in range(0, n, _CHUNK):
+        b = buf[: min(_CHUNK, n - start)]
+        np.bitwise_and(bits[start : start + _CHUNK], kind(mask), out=b)
+        hi = max(hi, int(b.max()))
+        np.subtract(b, kind(offset), out=b)
+        lo = min(lo, int(b.min()))
+    return hi, lo
+
+
+def _float_magnitudes(w: np.ndarray, lim: Limits) -> Magnitudes:
+    hi, lo_n, lo_s = cell_magnitudes(w, tuple(range(w.ndim)), lim)
+    return Magnitudes(float(hi.max()), float(lo_n.min()), float(lo_s.min()), w.dtype)
+
+
+def cell_magnitudes(
+    w: np.ndarray, axes: tuple[int, ...], lim: Limits
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:class:`Magnitudes` of every cell, reducing ``w`` over ``axes`` (kept, size 1):
+    largest finite, smallest normal and smallest subnormal ``|w|`` (float64 arrays)."""
+    x = np.abs(w.astype(np.float64))
+    finite = np.isfinite(x)
+    hi = np.where(finite, x, 0.0).max(axis=axes, keepdims=True, initial=0.0)
+    normal = finite & (x >= lim.tiny)
+    lo_n = np.where(normal, x, np.inf).min(axis=axes, keepdims=True, initial=np.inf)
+    sub = (x > 0) & (x < lim.tiny)
+    lo_s = np.where(sub, x, np.inf).min(axis=axes, keepdims=True, initial=np.inf)
+    return hi, lo_n, lo_s
+
+
+def violations(
+    hi: np.ndarray | float,
+    lo_n: np.ndarray | float,
+    lo_s: np.ndarray | float,
+    a: np.ndarray | float,
+    lim: Limits | tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where cells of magnitudes ``hi, lo_n, lo_s`` times ``a = |s|`` leave the range
+    (``lim``, or arrays ``(max, tiny, sub)`` per cell): ``(over, under)``, broadcast.
+    ``over``: some element would become inf (or ``s`` is not finite); ``under``: some
+    element would become subnormal or 0 (or ``s`` is 0)."""
+    top, tiny, sub = (lim.max, lim.tiny, lim.sub) if isinstance(lim, Limits) else lim
+    a = np.asarray(a, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        over = ~np.isfinite(a) | ((a > 1) & (hi * a > top * (1 - MARGIN)))
+        low = (lo_n * a < tiny * (1 + MARGIN)) | (lo_s * a < sub * (1 + MARGIN))
+        under = (a == 0) | ((a < 1) & low)
+    return over, under
+
+
+def out_of_range(mags: list[Magnitudes], smin: np.ndarray, smax: np.ndarray) -> np.ndarray:
+    """Per weight: whether some ``|s|`` in ``[smin, smax]`` takes an element of a weight
+    of magnitudes ``mags`` out of its dtype's range (:func:`violations` is monotone in
+    ``|s|``: overflow is worst at ``smax``, underflow at ``smin``).  Vectorised."""
+    if not mags:
+        return np.zeros(0, dtype=bool)
+    hi, lo_n, lo_s = (np.array([getattr(m, f) for m in mags]) for f in _FIELDS)
+    lims = [limits(m.dtype) for m in mags]
+    bounds = tuple(np.array([getattr(lim, f) for lim in lims]) for f in ("max", "tiny", "sub"))
+    over, _ = violations(hi, lo_n, lo_s, smax, bounds)  # type: ignore[arg-type]
+    _, under = violations(hi, lo_n, lo_s, smin, bounds)  # type: ignore[arg-type]
+    return np.asarray(over | under, dtype=bool)
+
+
+_FIELDS = ("hi", "lo_normal", "lo_sub")
+
+
+def fits_float32(smin: float, smax: float) -> bool:
+    """``S`` rounds to a normal float32 (float32 weights may then multiply in float32)."""
+    lim = limits(np.dtype(np.float32))
+    return bool(lim.tiny <= smin and smax <= lim.max)

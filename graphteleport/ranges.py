@@ -1,0 +1,215 @@
+"""Fit drawn cofactors to the weights' dtypes: no weight or constant leaves its range.
+
+The contract (:mod:`graphteleport.numerics`): no finite non-zero element of a weight
+the rewrite changes, ``W' = W · S``, becomes inf, NaN, 0 or — from a normal value —
+subnormal in W's dtype, and every Mul constant insert mode adds (``1/τ``, ``τ``,
+products) is a normal number of its dtype.
+
+:func:`fit` takes the drawn values (one per cofactor pair) and the weights'
+:class:`~graphteleport.numerics.Magnitudes`, which :func:`graphteleport.rewrite.prepare`
+measured while computing ``W'``, and repeats:
+
+1. bound ``|S|`` of every weight from its factors' extreme ``|τ|``
+   (:func:`~graphteleport.rewrite.scale_bounds`) and check the bounds against the
+   weight's magnitudes (vectorised: the common path stops here);
+2. for a weight whose bounds fail, check it exactly: each *cell* — the elements
+   sharing one ``s``, found by reducing ``W`` over the axes where ``S`` is constant —
+   against its own ``s``, and take the cofactor pairs of the offending cells' factors;
+3. in insert mode, check every planned Mul constant (:func:`graphteleport.insertion.plan`)
+   and take the pairs its offending elements depend on;
+4. move every pair taken toward 1: halve ``log|τ|`` (``τ ← sign(τ)·|τ|^½``; with
+   ``exact``, halve the power of two's exponent toward 0, so τ stays a power of two).
+   After ``SHRINK_ROUNDS`` rounds a pair still taken is pinned (``τ = 1``): a cell
+   whose pairs are all 1 has ``|s| = 1`` and cannot offend, so the loop ends.
+
+Only pairs that offend move; the others keep their draws.  Each pair moved is
+reported once, with the first reason (:class:`RangeFix`), e.g. "cofactor would
+overflow float16 weight 'W'".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphteleport.analysis.constraints import Absorb, Factor
+from graphteleport.analysis.driver import Analysis
+from graphteleport.insertion import PlannedMul, plan
+from graphteleport.numerics import (
+    Limits,
+    Magnitudes,
+    cell_magnitudes,
+    limits,
+    out_of_range,
+    violations,
+)
+from graphteleport.rewrite import read, scale_bounds, scales_of
+
+log = logging.getLogger(__name__)
+SHRINK_ROUNDS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class RangeFix:
+    """A cofactor pair moved toward 1 so that the weights stay in range: its final
+    value (``|value| = 1``: pinned) and why."""
+
+    pair: int
+    value: float
+    reason: str
+
+    @property
+    def pinned(self) -> bool:
+        return abs(self.value) == 1.0
+
+
+def fit(
+    analysis: Analysis,
+    values: np.ndarray,
+    mags: dict[int, Magnitudes],
+    *,
+    insert: bool = False,
+    exact: bool = False,
+) -> list[RangeFix]:
+    """Move, in place, the ``values`` (one per pair) whose weights or, with ``insert``,
+    Mul constants would leave their dtype's range; return what was moved and why."""
+    check = _Check(analysis, mags, insert)
+    reasons: dict[int, str] = {}
+    rounds = 0
+    while True:
+        bad = check(values)
+        if not bad:
+            break
+        for p, why in bad.items():
+            reasons.setdefault(p, why)
+        pairs = np.fromiter(bad, dtype=np.int64, count=len(bad))
+        values[pairs] = _shrink(values[pairs], exact) if rounds < SHRINK_ROUNDS else 1.0
+        rounds += 1
+    if reasons:
+        log.info("range: %d cofactor pairs moved toward 1 in %d rounds", len(reasons), rounds)
+    return [RangeFix(p, float(values[p]), why) for p, why in sorted(reasons.items())]
+
+
+def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
+    """Halve ``log|τ|``, keeping the sign (and, ``exact``, a power of two: the exponent
+    is halved toward 0, ±1 becoming 0, i.e. ``|τ| = 1``)."""
+    if exact:
+        return np.sign(v) * np.exp2(np.trunc(np.log2(np.abs(v)) / 2))
+    return np.sign(v) * np.sqrt(np.abs(v))
+
+
+class _Check:
+    """One round's check: the offending pairs, each with a reason."""
+
+    def __init__(self, analysis: Analysis, mags: dict[int, Magnitudes], insert: bool) -> None:
+        self.analysis = analysis
+        self.sol = analysis.solution
+        self.items = list(analysis.by_source.items())
+        self.mags = [mags[key] for key, _ in self.items]
+        self.insert = insert
+        self.cells: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    def __call__(self, values: np.ndarray) -> dict[int, str]:
+        tau = self.sol.cofactors(values)
+        bad: dict[int, str] = {}
+        smin, smax = scale_bounds(self.analysis, tau)
+        for j in np.flatnonzero(out_of_range(self.mags, smin, smax)):
+            self._weight(int(j), tau, values, bad)
+        if self.insert:
+            for m in plan(self.analysis, tau).muls:
+                self._constant(m, tau, values, bad)
+        return bad
+
+    def _weight(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> None:
+        """Check weight ``j`` cell by cell; blame the pairs of its offending cells."""
+        key, uses = self.items[j]
+        w = read(uses[0].source)
+        lim = limits(w.dtype)
+        name = uses[0].source.name
+        for k, (group, s) in enumerate(scales_of(w.shape, uses, key in self.analysis.private, tau)):
+            r = max(w.ndim, s.ndim)
+            wr, sr = _rank(w, r), _rank(s, r)
+            if (j, k) not in self.cells:
+                axes = tuple(ax for ax in range(r) if sr.shape[ax] == 1 and wr.shape[ax] > 1)
+                self.cells[j, k] = cell_magnitudes(wr, axes, lim)
+            hi, lo_n, lo_s = self.cells[j, k]
+            over, under = violations(hi, lo_n, lo_s, np.abs(sr), lim)
+            shape = np.broadcast_shapes(hi.shape, sr.shape)
+            for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
+                mask = np.broadcast_to(mask, shape)
+                if mask.any():
+                    why = f"cofactor would {kind} {lim.name} weight {name!r}"
+                    for p in self._blame_uses(group, mask, w.shape, sign, tau, values):
+                        bad.setdefault(int(p), why)
+
+    def _blame_uses(
+        self,
+        uses: list[Absorb],
+        mask: np.ndarray,
+        shape: tuple[int, ...],
+        sign: int,
+        tau: np.ndarray,
+        values: np.ndarray,
+    ) -> np.ndarray:
+        """The pairs behind the ``True`` cells of ``mask`` (:meth:`_blame`): in a scale's
+        compact layout (one use, or uses that agree), or in the weight's own ``shape``
+        (uses that map elements: each use sees the cells its index reads)."""
+        found: list[np.ndarray] = []
+        for ab in uses:
+            if mask.shape == shape and (ab.index is not None or len(uses) > 1):
+                if ab.index is None and ab.expand:
+                    continue  # (not written: pinned by the analysis)
+                flat = mask.reshape(-1)
+                sub = flat if ab.index is None else flat[ab.index.reshape(-1)]
+                found.append(self._blame(ab.factors, sub.reshape(ab.shape), sign, tau, values))
+            else:
+                found.append(self._blame(ab.factors, mask, sign, tau, values))
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def _blame(
+        self,
+        factors: list[Factor],
+        mask: np.ndarray,
+        sign: int,
+        tau: np.ndarray,
+        values: np.ndarray,
+    ) -> np.ndarray:
+        """The pairs that push the ``True`` cells of ``mask`` out: of every factor
+        ``τ[ids]^e`` at those cells, the ids whose ``e · log|τ|`` has the offending
+        ``sign`` (> 0: too large, < 0: too small) — halving those moves ``log|s|`` toward 0
+        and leaves the cell's other terms alone."""
+        ids: list[np.ndarray] = []
+        for f in factors:
+            rank = max(mask.ndim, f.ids.ndim)
+            try:
+                at, hit = np.broadcast_arrays(_rank(f.ids, rank), _rank(mask, rank))
+            except ValueError:  # (a use laid out unlike the scale: its pairs are tied)
+                continue
+            cell = at[hit]
+            ids.append(cell[sign * f.exp * np.log(np.abs(tau[cell])) > 0])
+        if not ids:
+            return np.zeros(0, np.int64)
+        pairs = np.unique(self.sol.pair[np.concatenate(ids)])
+        return pairs[np.abs(values[pairs]) != 1.0]
+
+    def _constant(
+        self, m: PlannedMul, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]
+    ) -> None:
+        """An inserted Mul's constant must be a normal number of its dtype."""
+        lim: Limits = limits(np.dtype(m.dtype.numpy()))
+        a = np.abs(m.s)
+        with np.errstate(invalid="ignore"):
+            over = ~np.isfinite(a) | (a > lim.max)
+            under = a < lim.tiny
+        for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
+            if mask.any():
+                why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
+                for p in self._blame(m.factors, mask, sign, tau, values):
+                    bad.setdefault(int(p), why)
+
+
+def _rank(a: np.ndarray, rank: int) -> np.ndarray:
+    """``a`` with leading size-1 axes up to ``rank`` (numpy's broadcasting alignment)."""
+    return a.reshape((1,) * (rank - a.ndim) + a.shape) if a.ndim < rank else a
