@@ -293,8 +293,8 @@ def test_no_weight_leaves_its_range(
     dtype = weight_dtype(proto)
     err = rel_err(proto, after)
     assert err <= TOL[dtype], f"rel err {err:.3g}"
-    if case["exact"]:
-        assert err == 0.0
+    if case["exact"] and (dtype == np.float32 or case["cob_range"] in ORDINARY):
+        assert err == 0.0  # (float16 at 1e30: activations of 2^±k·h may lose bits)
     assert result.analysis is not None
     free = result.pair_values[result.analysis.solution.free]
     assert (np.abs(free) >= FLOOR).all()
