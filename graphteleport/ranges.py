@@ -110,6 +110,7 @@ class _Check:
         self.mags = [mags[key] for key, _ in self.items]
         self.insert = insert
         self.cells: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}
 
     def __call__(self, values: np.ndarray) -> dict[int, str]:
         tau = self.sol.cofactors(values)
@@ -123,25 +124,29 @@ class _Check:
         return bad
 
     def _weight(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> None:
-        """Check weight ``j`` cell by cell; blame the pairs of its offending cells."""
+        """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
+        weight is read once: its cells' magnitudes are kept for later rounds."""
         key, uses = self.items[j]
-        w = read(uses[0].source)
-        lim = limits(w.dtype)
+        lim = limits(self.mags[j].dtype)
         name = uses[0].source.name
-        for k, (group, s) in enumerate(scales_of(w.shape, uses, key in self.analysis.private, tau)):
-            r = max(w.ndim, s.ndim)
-            wr, sr = _rank(w, r), _rank(s, r)
+        w = read(uses[0].source) if j not in self.shapes else None
+        shape = self.shapes.setdefault(j, w.shape if w is not None else ())
+        for k, (group, s) in enumerate(scales_of(shape, uses, key in self.analysis.private, tau)):
+            r = max(len(shape), s.ndim)
+            sr = _rank(s, r)
             if (j, k) not in self.cells:
+                assert w is not None
+                wr = _rank(w, r)
                 axes = tuple(ax for ax in range(r) if sr.shape[ax] == 1 and wr.shape[ax] > 1)
                 self.cells[j, k] = cell_magnitudes(wr, axes, lim)
             hi, lo_n, lo_s = self.cells[j, k]
             over, under = violations(hi, lo_n, lo_s, np.abs(sr), lim)
-            shape = np.broadcast_shapes(hi.shape, sr.shape)
+            layout = np.broadcast_shapes(hi.shape, sr.shape)
             for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
-                mask = np.broadcast_to(mask, shape)
+                mask = np.broadcast_to(mask, layout)
                 if mask.any():
                     why = f"cofactor would {kind} {lim.name} weight {name!r}"
-                    for p in self._blame_uses(group, mask, w.shape, sign, tau, values):
+                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
                         bad.setdefault(int(p), why)
 
     def _blame_uses(
