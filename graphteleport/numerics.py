@@ -90,45 +90,65 @@ class Magnitudes:
 
 
 def magnitudes(w: np.ndarray) -> Magnitudes:
-    """:class:`Magnitudes` of a whole weight, from its bits.
+    """:class:`Magnitudes` of a whole weight, from its bits (:class:`MagnitudeScan`)."""
+    scan = MagnitudeScan(w.dtype)
+    scan.add(w)
+    return scan.result(w)
+
+
+class MagnitudeScan:
+    """:func:`magnitudes`, fed a contiguous piece of the weight at a time (the rewrite
+    scans each block of rows while it is in cache for the product).
 
     With ``b = bits & mask`` (``|w|``'s pattern): ``max b`` is the largest magnitude;
     ``min (b − 1) mod 2^k`` skips zeros (0 wraps to the largest integer) and gives the
-    smallest non-zero one; where that is subnormal, ``min (b − tiny) mod 2^k`` gives the
-    smallest normal.  An inf or NaN element (``max b ≥ inf``) sends the weight to the
-    float path, which leaves them out.
+    smallest non-zero one.  Where that is subnormal, one more scan of the whole weight,
+    ``min (b − tiny) mod 2^k``, gives the smallest normal; an inf or NaN element
+    (``max b ≥ inf``) sends the weight to the float path, which leaves them out.  Each
+    piece is worked on in chunks of one small buffer: no temporary of the weight's size.
     """
-    lim = limits(w.dtype)
-    bits = np.ascontiguousarray(w).reshape(-1).view(lim.uint)
-    if not bits.size:
-        return Magnitudes(0.0, np.inf, np.inf, w.dtype)
-    hi, lo = _scan(bits, lim.mask, 1)
-    if hi >= lim.inf_bits:
-        return _float_magnitudes(w, lim)
-    if hi == 0:  # all zero
-        return Magnitudes(0.0, np.inf, np.inf, w.dtype)
-    nonzero = lo + 1
-    if nonzero >= lim.tiny_bits:  # no subnormal element (the usual case)
-        return Magnitudes(lim.value(hi, w.dtype), lim.value(nonzero, w.dtype), np.inf, w.dtype)
-    _, lo_normal = _scan(bits, lim.mask, lim.tiny_bits)
-    normal = (
-        lim.value(lo_normal + lim.tiny_bits, w.dtype)
-        if lo_normal < lim.inf_bits - lim.tiny_bits
-        else np.inf
-    )
-    return Magnitudes(lim.value(hi, w.dtype), normal, lim.value(nonzero, w.dtype), w.dtype)
+
+    def __init__(self, dtype: np.dtype) -> None:
+        self.dtype = np.dtype(dtype)
+        self.lim = limits(self.dtype)
+        self.hi = 0
+        self.lo = (1 << (8 * self.dtype.itemsize)) - 1
+        self.buf = np.empty(_CHUNK, dtype=self.lim.uint)
+
+    def add(self, piece: np.ndarray) -> None:
+        """Take a C-contiguous piece of the weight into account."""
+        hi, lo = _scan(piece.reshape(-1).view(self.lim.uint), self.lim.mask, 1, self.buf)
+        self.hi, self.lo = max(self.hi, hi), min(self.lo, lo)
+
+    def result(self, w: np.ndarray) -> Magnitudes:
+        """The magnitudes of ``w``, every piece of which was added."""
+        lim, dtype = self.lim, self.dtype
+        if self.hi >= lim.inf_bits:
+            return _float_magnitudes(w, lim)
+        if self.hi == 0:  # all zero (or empty)
+            return Magnitudes(0.0, np.inf, np.inf, dtype)
+        hi, nonzero = lim.value(self.hi, dtype), self.lo + 1
+        if nonzero >= lim.tiny_bits:  # no subnormal element (the usual case)
+            return Magnitudes(hi, lim.value(nonzero, dtype), np.inf, dtype)
+        bits = np.ascontiguousarray(w).reshape(-1).view(lim.uint)
+        _, lo_normal = _scan(bits, lim.mask, lim.tiny_bits, self.buf)
+        normal = (
+            lim.value(lo_normal + lim.tiny_bits, dtype)
+            if lo_normal < lim.inf_bits - lim.tiny_bits
+            else np.inf
+        )
+        return Magnitudes(hi, normal, lim.value(nonzero, dtype), dtype)
 
 
-def _scan(bits: np.ndarray, mask: int, offset: int) -> tuple[int, int]:
+def _scan(bits: np.ndarray, mask: int, offset: int, buf: np.ndarray) -> tuple[int, int]:
     """``max b`` and ``min (b − offset) mod 2^k`` over ``b = bits & mask``, a chunk at a
-    time in one small buffer."""
+    time in ``buf``."""
     n = bits.size
     kind = bits.dtype.type
-    buf = np.empty(min(n, _CHUNK), dtype=bits.dtype)
     hi, lo = 0, (1 << (8 * bits.dtype.itemsize)) - 1
-    for start in range(0, n, _CHUNK):
-        b = buf[: min(_CHUNK, n - start)]
-        np.bitwise_and(bits[start : start + _CHUNK], kind(mask), out=b)
+    for start in range(0, n, buf.size):
+        b = buf[: min(buf.size, n - start)]
+        np.bitwise_and(bits[start : start + buf.size], kind(mask), out=b)
         hi = max(hi, int(b.max()))
         np.subtract(b, kind(offset), out=b)
         lo = min(lo, int(b.min()))

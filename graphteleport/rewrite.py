@@ -11,6 +11,7 @@ written once.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ import onnx_ir as ir
 from graphteleport.analysis.constraints import Absorb, ConstRef
 from graphteleport.analysis.driver import Analysis
 from graphteleport.analysis.graphinfo import FLOAT_TYPES
-from graphteleport.numerics import Magnitudes, fits_float32, magnitudes, out_of_range
+from graphteleport.numerics import Magnitudes, MagnitudeScan, fits_float32, out_of_range
 
 
 @dataclass
@@ -94,6 +95,43 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
     if float32_scale:
         s = s.astype(np.float32).astype(np.float64)
     return np.multiply(np.broadcast_to(w, target), s, dtype=np.float64).astype(w.dtype)
+
+
+def _product(
+    w: np.ndarray, s: np.ndarray, float32_scale: bool
+) -> tuple[np.ndarray, int, Magnitudes]:
+    """:func:`_apply`, the number of elements it changed, and W's :class:`Magnitudes`, in
+    one read of W: a block of rows (about ``_BLOCK`` elements) at a time, multiplied,
+    scanned and compared while it is in cache.  (A broadcast-expanded or non-contiguous
+    W takes :func:`_apply` and separate passes.)"""
+    s = _shrink(s, w.shape)
+    scan = MagnitudeScan(w.dtype)
+    if w.ndim == 0 or not w.flags.c_contiguous or np.broadcast_shapes(w.shape, s.shape) != w.shape:
+        new = _apply(w, s, float32_scale)
+        scan.add(np.ascontiguousarray(w))
+        changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
+        return new, changed, scan.result(w)
+    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
+    if native:
+        s = s.astype(w.dtype)
+    elif float32_scale:  # exact products in float64, rounded once into W's dtype
+        s = s.astype(np.float32).astype(np.float64)
+    sb = np.broadcast_to(s, w.shape)
+    out = np.empty(w.shape, dtype=w.dtype)
+    rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
+    changed = 0
+    for i in range(0, w.shape[0], rows):
+        wc, oc = w[i : i + rows], out[i : i + rows]
+        if native:
+            np.multiply(wc, sb[i : i + rows], out=oc)
+        else:
+            oc[...] = np.multiply(wc, sb[i : i + rows], dtype=np.float64)
+        scan.add(wc)
+        changed += int(np.count_nonzero(oc != wc))
+    return out, changed, scan.result(w)
+
+
+_BLOCK = 1 << 16
 
 
 def _shrink(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -198,22 +236,20 @@ class Prepared:
     out_of_range: list[int]
 
 
-def prepare(
-    analysis: Analysis, tau: np.ndarray, known: dict[int, Magnitudes] | None = None
-) -> Prepared:
-    """Compute ``W · S`` for every absorbing weight, reading each weight once, without
-    storing it; measure each weight's :class:`Magnitudes` on the way (``known``: taken
-    from there instead) and check it against the bounds of its ``|S|``
-    (:func:`scale_bounds`, :func:`~graphteleport.numerics.out_of_range`)."""
+def prepare(analysis: Analysis, tau: np.ndarray) -> Prepared:
+    """Compute ``W · S`` for every absorbing weight without storing it, measuring each
+    weight's :class:`Magnitudes` in the same read (:func:`_product`), and check them
+    against the bounds of its ``|S|`` (:func:`scale_bounds`,
+    :func:`~graphteleport.numerics.out_of_range`)."""
     smin, smax = scale_bounds(analysis, tau)
     pending: list[_Pending] = []
     mags: dict[int, Magnitudes] = {}
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for j, (key, uses) in enumerate(analysis.by_source.items()):
             w = read(uses[0].source)
-            mags[key] = known[key] if known and key in known else magnitudes(w)
             scales = scales_of(w.shape, uses, key in analysis.private, tau)
-            pending.append(_pend(w, uses, scales, fits_float32(smin[j], smax[j])))
+            p, mags[key] = _pend(w, uses, scales, fits_float32(smin[j], smax[j]))
+            pending.append(p)
     flagged = out_of_range(list(mags.values()), smin, smax)
     keys = list(mags)
     return Prepared(pending, mags, [keys[j] for j in np.flatnonzero(flagged)])
@@ -221,14 +257,12 @@ def prepare(
 
 def _pend(
     w: np.ndarray, uses: list[Absorb], scales: list[tuple[list[Absorb], np.ndarray]], f32: bool
-) -> _Pending:
-    """The new value of one weight: the first scale's product is stored in place; a
-    private weight's other uses get copies where their products differ from it and
-    from the original."""
-    news = [_apply(w, s, f32) for _, s in scales]
-    first = news[0]
-    same_shape = first.shape == w.shape
-    changed = int(np.count_nonzero(first != w)) if same_shape else first.size
+) -> tuple[_Pending, Magnitudes]:
+    """The new value of one weight, and its magnitudes: the first scale's product is
+    stored in place; a private weight's other uses get copies where their products
+    differ from it and from the original."""
+    first, changed, mags = _product(w, scales[0][1], f32)
+    news = [first, *(_apply(w, s, f32) for _, s in scales[1:])]
     out = _Pending(uses[0].source, first if changed else None, changed, first.size - w.size)
     if len(news) > 1 and not all(
         n.shape == first.shape and np.array_equal(n, first) for n in news[1:]
@@ -236,7 +270,7 @@ def _pend(
         for (group, _), new in zip(scales[1:], news[1:]):
             if not (new.shape == w.shape and np.array_equal(new, w)):
                 out.copies.append((group[0], new))
-    return out
+    return out, mags
 
 
 class _Writer:

@@ -185,7 +185,7 @@ class TeleportPass(ir.passes.InPlacePass):
         """Fit ``values`` (in place) to the weights' ranges and store the new weights.
 
         Every ``W · S`` is computed first (each weight read once, its magnitudes measured
-        on the way); only when a weight's quick check failed, or in insert mode (its
+        in the same pass); only when a weight's quick check failed, or in insert mode (its
         constants), are the values fitted — and, if any moved, the products recomputed.
         """
         sol = analysis.solution
@@ -199,5 +199,5 @@ class TeleportPass(ir.passes.InPlacePass):
             )
         if fixes:
             tau = sol.cofactors(values)
-            prepared = prepare(analysis, tau, known=prepared.magnitudes)
+            prepared = prepare(analysis, tau)
         return tau, commit(model, prepared), fixes
