@@ -180,6 +180,14 @@ def format_teleport(r: dict[str, Any]) -> str:
         f"  weights changed: {r['initializers_changed']}/{r['initializers_total']} "
         f"tensors, {r['elements_changed']}/{r['elements_total']} elements ({frac:.2%})"
     )
+    fixes = r.get("range_fixes") or []
+    if fixes:
+        moved = sum(f["cofactors"] for f in fixes)
+        pinned = sum(f["pinned"] for f in fixes)
+        lines.append(
+            f"  kept in range: {moved} cofactors moved toward 1 ({pinned} pinned), e.g. "
+            f"{fixes[0]['reason']}"
+        )
     if r["mode"] == "insert":
         ins = r["inserted"]
         lines.append(
