@@ -9,7 +9,8 @@ process (so every variant shares the machine's noise), verification is timed as
 * **default** — what ``graphteleport MODEL -o OUT`` runs now: outputs on 8 input draws
   at varied scales, and the per-tensor check node by node (recorded and perturbed);
 * **--draws 1** — the per-tensor check with outputs on one draw;
-* **--outputs-only** — outputs on 8 draws, no per-tensor check.
+* **--outputs-only** — outputs on 8 draws, no per-tensor check;
+* **--draws 1 --outputs-only** — the old check through today's code.
 
 Each is the whole library call the CLI makes (sessions created, runs, comparisons);
 the table gives medians and their ratios to the baseline.
@@ -51,6 +52,7 @@ def variants(src: Path, dst: Path, scales: object) -> dict[str, Callable[[], obj
         "default (8 draws + tensors)": lambda: verify.verify_teleport(src, dst, eight, scales),  # type: ignore[arg-type]
         "--draws 1": lambda: verify.verify_teleport(src, dst, one, scales),  # type: ignore[arg-type]
         "--outputs-only": lambda: verify.verify_teleport(src, dst, eight, None),
+        "--draws 1 --outputs-only": lambda: verify.verify_teleport(src, dst, one, None),
     }
 
 
