@@ -203,6 +203,7 @@ def format_teleport(r: dict[str, Any]) -> str:
             f"  verification: {state}: max abs err {v['max_abs_err']:.3g}, "
             f"max rel err {v['max_rel_err']:.3g} (rtol {v['tolerance']['rtol']:g})"
         )
+        lines.append("    " + _proof_scope(v))
     s = r["seconds"]
     lines.append(
         "  time: "
@@ -211,6 +212,16 @@ def format_teleport(r: dict[str, Any]) -> str:
         )
     )
     return "\n".join(lines)
+
+
+def _proof_scope(v: dict[str, Any]) -> str:
+    """What the verification covered, e.g. 'on 8 input draws; 16 tensors node by node'."""
+    draws = v.get("inputs", 1)
+    scope = f"on {draws} input draw{'s' if draws != 1 else ''}"
+    t = v.get("tensors")
+    if t is None:
+        return scope + "; outputs only (--outputs-only)"
+    return scope + f"; {t['tensors']} tensors node by node ({t['elements']} elements compared)"
 
 
 def format_inspect(r: dict[str, Any]) -> str:
