@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -117,13 +117,10 @@ def with_metadata(model: onnx.ModelProto, **props: str) -> onnx.ModelProto:
 
 # -- running the CLI ----------------------------------------------------------------------------
 @pytest.fixture
-def work(tmp_path: Path) -> Iterator[Path]:
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        yield tmp_path
-    finally:
-        os.chdir(cwd)
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``tmp_path``, as the working directory during the test."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -42,6 +42,7 @@ import onnxruntime as ort
 import pytest
 from conftest import REPO_ROOT, const_node, gemm_mlp, make_model, rand, weights
 from onnx import external_data_helper, helper, numpy_helper
+from test_cli import dynamic_model
 
 from graphteleport import cofactors
 from graphteleport.cli import main
@@ -693,16 +694,7 @@ def _(d: Path) -> list[str]:
 
 @case("ok: a dynamic dimension with --input-shape", 0, outputs=("o.onnx",), shapes={"x": [1, 5, 4]})
 def _(d: Path) -> list[str]:
-    n = helper.make_node
-    nodes = [
-        n("MatMul", ["x", "W0"], ["h"]),
-        n("Relu", ["h"], ["a"]),
-        n("MatMul", ["a", "W1"], ["y"]),
-    ]
-    proto = make_model(
-        nodes, {"x": [1, "T", 4]}, {"y": [1, "T", 3]}, {"W0": rand([4, 6]), "W1": rand([6, 3], 1)}
-    )
-    onnx.save(proto, d / "dyn.onnx")
+    dynamic_model(d / "dyn.onnx")  # x[1, T, 4]: T sized by the option
     return ["dyn.onnx", "-o", "o.onnx", "--input-shape", "x=1,3,4"]
 
 

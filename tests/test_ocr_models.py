@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +52,10 @@ CASES = {
 
 
 @pytest.fixture
-def work(tmp_path: Path) -> Iterator[Path]:
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        yield tmp_path
-    finally:
-        os.chdir(cwd)
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``tmp_path``, as the working directory during the test."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def sigmoid_tail_only(report: dict) -> bool:

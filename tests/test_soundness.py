@@ -136,6 +136,11 @@ def nested_if_model() -> onnx.ModelProto:
             "te",
         ),
     )
+    return _outer_if(inner)
+
+
+def _outer_if(inner: onnx.NodeProto) -> onnx.ModelProto:
+    """``z = If(cond, then: inner's output t, else: x @ Wz)``, with the shared cond."""
     node = helper.make_node(
         "If",
         ["cond"],
@@ -236,16 +241,7 @@ def captured_activation_model() -> onnx.ModelProto:
         then_branch=_branch("inner_then", [helper.make_node("Neg", ["a0"], ["ti"])], "ti"),
         else_branch=_branch("inner_else", [helper.make_node("Abs", ["a0"], ["te"])], "te"),
     )
-    node = helper.make_node(
-        "If",
-        ["cond"],
-        ["z"],
-        name="if0",
-        then_branch=_branch("then", [inner], "t"),
-        else_branch=_branch("else", [_matmul_x("Wz", "e", "else_mm")], "e"),
-    )
-    inits = {"Wz": _rand((WIDTHS[0], WIDTHS[1]), 99)}
-    return build([node], [vi("cond", [], TensorProto.BOOL)], [vi("z", [2, WIDTHS[1]])], inits)
+    return _outer_if(inner)
 
 
 # -- quantized and computed weights -------------------------------------------------------------
