@@ -50,18 +50,3 @@ def union_pairs(parent: IntArray, a: IntArray, b: IntArray) -> None:
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
         compress(parent)
 
-
-def solve(
-    n: int, ties: tuple[IntArray, IntArray], relations: tuple[IntArray, IntArray]
-) -> IntArray:
-    """Return the root of each of the ``2n`` doubled nodes after all constraints.
-
-    ``roots[k]`` for ``k < n`` is the class of τ_k; ``roots[k + n]`` that of 1/τ_k.
-    """
-    parent = np.arange(2 * n, dtype=np.int64)
-    ta, tb = ties
-    ra, rb = relations
-    a = np.concatenate([ta, ta + n, ra, ra + n])
-    b = np.concatenate([tb, tb + n, rb + n, rb])
-    union_pairs(parent, a, b)
-    return compress(parent)
