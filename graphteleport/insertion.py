@@ -44,7 +44,9 @@ class InsertStats:
     unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
 
 
-def _needed(t: np.ndarray, group: str) -> bool:
+def wrap_needed(t: np.ndarray, group: str) -> bool:
+    """An activation with cofactors ``t`` needs its ``Mul`` pair: some τ lies outside the
+    group it commutes with (positive: τ < 0; sign: |τ| ≠ 1; any other: τ ≠ 1)."""
     if group == "positive":
         return bool(np.any(t < 0))
     if group == "sign":
@@ -52,7 +54,8 @@ def _needed(t: np.ndarray, group: str) -> bool:
     return bool(np.any(t != 1))
 
 
-def _product(factors: list[Factor], tau: np.ndarray) -> np.ndarray:
+def factor_product(factors: list[Factor], tau: np.ndarray) -> np.ndarray:
+    """``S = Π τ[f.ids]^f.exp`` of an edge scale, float64, in the factors' layout."""
     s: np.ndarray = np.ones((), dtype=np.float64)
     for f in factors:
         s = s * tau[f.ids] ** f.exp
@@ -186,7 +189,7 @@ def _plan_wrap(
     merged: set[tuple[int, int]],
 ) -> None:
     t = tau[w.ids]
-    if not _needed(t, w.group):
+    if not wrap_needed(t, w.group):
         return
     node: ir.Node = w.node  # type: ignore[assignment]
     out.wraps += 1
@@ -198,14 +201,14 @@ def _plan_wrap(
         key = (id(uses[0].node), uses[0].idx)
         merged.add(key)
         out.merged += 1
-        post = post * _product(edges[key].factors, tau)
+        post = post * factor_product(edges[key].factors, tau)
         factors += edges[key].factors
     if np.any(post != 1):
         out.muls.append(PlannedMul(node, None, post, factors))
 
 
 def _plan_edge(out: Plan, e: EdgeScale, tau: np.ndarray) -> None:
-    s = _product(e.factors, tau)
+    s = factor_product(e.factors, tau)
     if np.any(s != 1):
         out.edge_scales += 1
         out.muls.append(PlannedMul(e.node, e.index, s, list(e.factors)))  # type: ignore[arg-type]

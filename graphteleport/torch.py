@@ -50,7 +50,7 @@ from graphteleport.analysis.driver import Analysis, FactorTable, analyze_model
 from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
-from graphteleport.insertion import _needed, _product
+from graphteleport.insertion import factor_product, wrap_needed
 from graphteleport.rewrite import source_scale
 
 IN, OUT = "graphteleport_in", "graphteleport_out"
@@ -536,10 +536,10 @@ def _plan_hooks(
     c = analysis.ctx.c
     needed: dict[str, list[ir.Node]] = defaultdict(list)
     for w in c.wraps:
-        if _needed(tau[w.ids], w.group):
+        if wrap_needed(tau[w.ids], w.group):
             needed[_module_of(model, w.node)].append(w.node)  # type: ignore[arg-type]
     for e in c.edges:
-        if np.any(_product(e.factors, tau) != 1):
+        if np.any(factor_product(e.factors, tau) != 1):
             needed[_module_of(model, e.node)].append(e.node)  # type: ignore[arg-type]
     members = _members(graph)
     values = analysis.ctx.values

@@ -49,4 +49,3 @@ def union_pairs(parent: IntArray, a: IntArray, b: IntArray) -> None:
         a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
         compress(parent)
-
