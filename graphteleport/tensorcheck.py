@@ -48,10 +48,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SATURATING_OPS",
+    "LoadedModel",
     "TensorCheckResult",
     "TensorFailure",
     "TensorScales",
     "check_tensors",
+    "nonfinite_mismatch",
     "saturation_floors",
     "tolerance_scale",
 ]
@@ -90,10 +92,6 @@ class TensorScales:
 
     scales: Mapping[str, np.ndarray]
     tracked: frozenset[str] = frozenset()
-
-    def of(self, name: str) -> np.ndarray | None:
-        """``s_v`` of value *name*, or None when it is 1."""
-        return self.scales.get(name)
 
     def apply(self, name: str, array: np.ndarray) -> np.ndarray:
         """``s_v ⊙ array`` in float64 (complex stays complex); *array* unchanged if s = 1."""
@@ -141,6 +139,20 @@ def tolerance_scale(reference: np.ndarray, floor: float = 0.0, inputs: float = 0
     finite = reference[np.isfinite(reference)] if reference.size else reference
     peak = float(np.max(np.abs(finite), initial=0.0))
     return max(peak, floor, inputs)
+
+
+def nonfinite_mismatch(
+    a: np.ndarray, b: np.ndarray, finite_a: np.ndarray, finite_b: np.ndarray
+) -> str | None:
+    """Why the NaN/inf patterns of *a* (reference) and *b* differ, or None when they
+    agree (same places, same values; NaN equals NaN)."""
+    if np.any(finite_a & ~finite_b):
+        return "NaN/inf in the candidate where the reference is finite"
+    if np.any(~finite_a & finite_b):
+        return "the reference has NaN/inf where the candidate is finite"
+    if not np.array_equal(a[~finite_a], b[~finite_b], equal_nan=True):
+        return "NaN/inf values differ"
+    return None
 
 
 # --------------------------------------------------------------------------- results
@@ -201,8 +213,9 @@ class TensorCheckResult:
 
 
 @dataclasses.dataclass
-class _Model:
-    """A model proto without its external data, and the folder its data lives in.
+class LoadedModel:
+    """A model proto without its external data, and the folder its data lives in
+    (parse a model once: :func:`check_tensors` takes one as its original).
 
     ``skeleton`` is the proto without nodes, initializers and outputs: cut models are
     built on it with just the nodes and initializers they need (a copy of every weight
@@ -215,12 +228,10 @@ class _Model:
     initializers: dict[str, onnx.TensorProto]
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> _Model:
+    def load(cls, path: str | os.PathLike[str]) -> LoadedModel:
         proto = onnx.load(os.fspath(path), load_external_data=False)
         skeleton = onnx.ModelProto()
-        skeleton.CopyFrom(proto) if not proto.graph.initializer else _copy_without_weights(
-            proto, skeleton
-        )
+        _copy_without_weights(proto, skeleton)
         del skeleton.graph.node[:]
         del skeleton.graph.output[:]
         inits = {t.name: t for t in proto.graph.initializer}
@@ -283,7 +294,7 @@ def _plan(original: onnx.GraphProto, teleported: onnx.GraphProto) -> _Plan:
     return _Plan(cut, producer, inputs_of, graph_inputs)
 
 
-def _with_outputs(model: _Model, names: Sequence[str]) -> onnx.ModelProto:
+def _with_outputs(model: LoadedModel, names: Sequence[str]) -> onnx.ModelProto:
     """The model's proto with *names* as its outputs (types left to onnxruntime); shares
     the weights with ``model.proto``, so use it before anything else changes that."""
     proto = onnx.ModelProto()
@@ -302,7 +313,7 @@ class _Cut:
     boundary: list[str]  # cut values read: fed, under a fresh name when in the group
 
 
-def _cut(model: _Model, plan: _Plan, group: Sequence[str]) -> _Cut:
+def _cut(model: LoadedModel, plan: _Plan, group: Sequence[str]) -> _Cut:
     """Walk back from the group's values: a value the original computes (a cut value) is
     a boundary; anything else (constants, a teleported model's inserted ``Mul`` and its
     cofactor) is computed by the kept nodes."""
@@ -327,7 +338,7 @@ def _cut(model: _Model, plan: _Plan, group: Sequence[str]) -> _Cut:
 
 
 def _cut_proto(
-    model: _Model, cut: _Cut, group: Sequence[str], fed: Mapping[str, np.ndarray]
+    model: LoadedModel, cut: _Cut, group: Sequence[str], fed: Mapping[str, np.ndarray]
 ) -> onnx.ModelProto:
     """The model reduced to ``cut.keep``, reading ``cut.boundary`` as graph inputs (typed
     after *fed*) and giving *group* as its outputs."""
@@ -412,7 +423,7 @@ def _mirrored(
 
 
 def check_tensors(
-    original: str | os.PathLike[str],
+    original: str | os.PathLike[str] | LoadedModel,
     teleported: str | os.PathLike[str],
     feeds: Mapping[str, np.ndarray],
     scales: TensorScales,
@@ -429,7 +440,8 @@ def check_tensors(
     :func:`graphteleport.verify.open_proto`).  The original's tensors are recorded on
     *feeds*; *scales* is the analysis' promise.
     """
-    orig, tele = _Model.load(original), _Model.load(teleported)
+    orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
+    tele = LoadedModel.load(teleported)
     plan = _plan(orig.proto.graph, tele.proto.graph)
     floors = saturation_floors(orig.proto.graph)
     acc = _Accumulator()
@@ -471,10 +483,8 @@ def _named(run: Run) -> NamedRun:
 
 def _value_sizes(proto: onnx.ModelProto) -> dict[str, int]:
     """Bytes of every value whose shape onnx's inference knows (unknown dims count 1)."""
-    light = onnx.ModelProto()
-    light.CopyFrom(_without_large_weights(proto))
     try:
-        inferred = onnx.shape_inference.infer_shapes(light)
+        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(proto))
     except Exception:  # advisory only: unknown sizes just share a group
         return {}
     out: dict[str, int] = {}
@@ -603,9 +613,10 @@ def _compare_tensor(
         return fail(f"{expected.dtype} values differ"), 0, np.inf
     a, b = expected.astype(np.complex128 if expected.dtype.kind == "c" else np.float64), got
     b = b.astype(a.dtype)
-    fa, fb = np.isfinite(a), np.isfinite(b)
-    if not np.array_equal(fa, fb) or not np.array_equal(a[~fa], b[~fb], equal_nan=True):
-        return fail("NaN/inf where the original has none, or the reverse"), 0, np.inf
+    fa = np.isfinite(a)
+    why = nonfinite_mismatch(a, b, fa, np.isfinite(b))
+    if why is not None:
+        return fail(why), 0, np.inf
     scale = tolerance_scale(a, floor, in_mag)
     diff = np.abs(a[fa] - b[fa])
     max_abs = float(np.max(diff, initial=0.0))

@@ -42,9 +42,11 @@ from graphteleport.io import (
     save_model_atomic,
 )
 from graphteleport.tensorcheck import (
+    LoadedModel,
     TensorCheckResult,
     TensorScales,
     check_tensors,
+    nonfinite_mismatch,
     saturation_floors,
 )
 
@@ -524,7 +526,7 @@ def _compare_float(
     wide = np.complex128 if a.dtype.kind == "c" else np.float64
     a64, b64 = a.astype(wide), b.astype(wide)
     finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
-    why = _nonfinite_mismatch(a64, b64, finite_a, finite_b)
+    why = nonfinite_mismatch(a64, b64, finite_a, finite_b)
     if why is not None:
         return _report(name, np.inf, np.inf, 0.0, why, exact=False)
     a64, b64 = a64[finite_a], b64[finite_a]
@@ -536,19 +538,6 @@ def _compare_float(
     ok = bool(np.all(diff <= used_atol + rtol * np.abs(a64)))
     why = None if ok else f"max abs err {max_abs:.3g} (max rel err {max_rel:.3g}) exceeds tolerance"
     return _report(name, max_abs, max_rel, used_atol, why, exact=exact, elements=a64.size)
-
-
-def _nonfinite_mismatch(
-    a: np.ndarray, b: np.ndarray, finite_a: np.ndarray, finite_b: np.ndarray
-) -> str | None:
-    """Why the NaN/inf patterns of *a* and *b* differ, or None when they agree."""
-    if np.any(finite_a & ~finite_b):
-        return "NaN/inf in the candidate where the reference is finite"
-    if np.any(~finite_a & finite_b):
-        return "the reference has NaN/inf where the candidate is finite"
-    if not np.array_equal(a[~finite_a], b[~finite_b], equal_nan=True):
-        return "NaN/inf values differ"
-    return None
 
 
 def _compare_exact(name: str, a: np.ndarray, b: np.ndarray, exact: bool) -> OutputReport:
@@ -683,7 +672,8 @@ def verify_teleport(
     start = time.perf_counter()
     if not feed_sets:
         raise InputError("verification needs at least one set of inputs")
-    floors = _output_floors(original)
+    original_model = LoadedModel.load(original)  # parsed once: floors and tensor check
+    floors = saturation_floors(original_model.proto.graph)
     orig_session, tele_session = _session(os.fspath(original)), _session(os.fspath(teleported))
     names = [o.name for o in orig_session.get_outputs()]
 
@@ -705,7 +695,7 @@ def verify_teleport(
     result.batched = stacked is not None
     if scales is not None:  # also after a failure: it names the tensor at fault
         result.tensors = check_tensors(
-            original, teleported, feed_sets[0], scales, open_proto, rtol=rtol, seed=seed
+            original_model, teleported, feed_sets[0], scales, open_proto, rtol=rtol, seed=seed
         )
         if not result.tensors.passed:
             result.passed = result.exact = False
@@ -725,11 +715,6 @@ def _stacked(
     if len(feed_sets) < 2 or not dynamic or len(shapes) != 1:
         return None
     return {k: np.concatenate([f[k] for f in feed_sets]) for k in feed_sets[0]}
-
-
-def _output_floors(path: str | os.PathLike[str]) -> dict[str, float]:
-    proto = onnx.load(os.fspath(path), load_external_data=False)
-    return saturation_floors(proto.graph)
 
 
 def _compare_feeds(

@@ -721,14 +721,12 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh working directory (the cwd during the case); made writable again after."""
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     try:
         yield tmp_path
     finally:
-        os.chdir(cwd)
         for p in tmp_path.rglob("*"):
             if p.is_dir() and not p.is_symlink():
                 p.chmod(0o755)
