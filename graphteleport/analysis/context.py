@@ -40,35 +40,17 @@ def align(ids: IntArray, rank: int) -> IntArray:
 
 
 def broadcast_shape(*shapes: tuple[int, ...]) -> tuple[int, ...]:
-    """``np.broadcast_shapes`` for a few short shapes, in plain Python (called per weight)."""
-    rank = max(len(s) for s in shapes)
-    out = [1] * rank
-    for s in shapes:
-        for k, d in enumerate(s, start=rank - len(s)):
-            if d != 1:
-                if out[k] not in (1, d):
-                    raise ValueError(f"shapes {shapes} do not broadcast")
-                out[k] = d
-    return tuple(out)
-
-
-_INT64 = np.dtype(np.int64)
+    """The shape ``shapes`` broadcast to (numpy's rules); ValueError if they do not."""
+    return tuple(int(d) for d in np.broadcast_shapes(*shapes))
 
 
 def _int_ids(ids: IntArray) -> IntArray:
-    if type(ids) is np.ndarray and (ids.dtype is _INT64 or ids.dtype == _INT64):
-        return ids  # (``is``: numpy's int64 dtype is one object; == is the slow way)
-    return np.asarray(ids, np.int64)
+    return np.asarray(ids, dtype=np.int64)
 
 
 def _fits(part: tuple[int, ...], shape: tuple[int, ...]) -> bool:
     """``part`` has ``shape``'s rank and broadcasts to it."""
-    if len(part) != len(shape):
-        return False
-    for p, s in zip(part, shape):  # noqa: SIM110 - a loop: cheaper than all() on a generator
-        if p != 1 and p != s:
-            return False
-    return True
+    return len(part) == len(shape) and all(p in (1, s) for p, s in zip(part, shape))
 
 
 def _fit_rank(ids: IntArray, rank: int) -> IntArray:
@@ -181,13 +163,8 @@ class Context:
     def new_for(self, v: ir.Value, feature_axes: Sequence[int]) -> IntArray:
         """Fresh neurons for ``v``, one per position along ``feature_axes``."""
         shape = self.shape(v)
-        rank = len(shape)
-        if len(feature_axes) == 1:  # one feature axis (a conv's channels, mostly)
-            a = feature_axes[0] % rank
-            layout = (1,) * a + (int(shape[a]),) + (1,) * (rank - a - 1)
-        else:
-            axes = {a % rank for a in feature_axes}
-            layout = tuple(int(s) if k in axes else 1 for k, s in enumerate(shape))
+        axes = {a % len(shape) for a in feature_axes}
+        layout = tuple(int(d) if k in axes else 1 for k, d in enumerate(shape))
         return self._new(layout, v.name or "")
 
     # -- constraints --------------------------------------------------------------------
@@ -266,17 +243,9 @@ class Context:
         ref, index = src
         shape = self.shape(v)  # from the stored tensor's header: no weight bytes read
         rank = len(shape)
-        fitted = []
-        fits = True
-        for f, e in factors:
-            a = _int_ids(f)
-            if a.ndim != rank:
-                a = _fit_rank(a, rank)
-            if fits and a.shape != shape:
-                fits = _fits(a.shape, shape)
-            fitted.append(Factor(a, e))
+        fitted = [Factor(_fit_rank(_int_ids(f), rank), e) for f, e in factors]
         target = shape  # the usual case: factors laid out in the weight's axes
-        if not fits:
+        if not all(_fits(f.ids.shape, shape) for f in fitted):
             target = broadcast_shape(shape, *[f.ids.shape for f in fitted])
             if target != shape and (
                 not expand or index is not None or self.training or self._shared(ref)
@@ -286,8 +255,17 @@ class Context:
             fitted = [Factor(align(f.ids, len(target)), f.exp) for f in fitted]
         if index is not None and not _consistent_repeats(index, [f.ids for f in fitted], target):
             return self._refuse(f"constant {v.name!r} repeats elements that scale differently")
-        k = self._input_index(node, v)
-        self.c.absorbs.append(Absorb(ref, target, fitted, node, k, index, target != shape))
+        self.c.absorbs.append(
+            Absorb(
+                source=ref,
+                shape=target,
+                factors=fitted,
+                node=node,
+                input_index=self._input_index(node, v),
+                index=index,
+                expand=target != shape,
+            )
+        )
         return True
 
     def _refuse(self, why: str) -> bool:
@@ -341,12 +319,10 @@ class Context:
         return self.c.mark()
 
     def commit(self) -> None:
-        if self._pending:
-            values, outputs = self.values, self.outputs
-            for key, (v, ids) in self._pending.items():
-                values[key] = ids
-                outputs[key] = v
-            self._pending = {}
+        for key, (v, ids) in self._pending.items():
+            self.values[key] = ids
+            self.outputs[key] = v
+        self._pending = {}
 
     def abort(self, mark: tuple[int, ...]) -> None:
         self.c.rollback(mark)

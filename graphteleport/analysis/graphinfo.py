@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -359,8 +360,7 @@ class GraphInfo:
         tensor each constant comes from) with an empty value cache and the given
         ``writable``: to analyse the graph again after its stored tensors changed (the torch
         frontend indexes a trace once)."""
-        other = object.__new__(GraphInfo)  # a shallow copy (copy.copy's generic path is slower)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.writable = writable
         other._values = {}
         return other

@@ -23,8 +23,8 @@ IntArray = np.ndarray
 
 
 def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
-    attrs = node.attributes
-    return attrs[name].value if name in attrs else default  # (Mapping.get raises and catches)
+    a = node.attributes.get(name)
+    return default if a is None else a.value
 
 
 def _x(node: ir.Node, k: int = 0) -> ir.Value:
@@ -150,9 +150,7 @@ def _same_cofactor(ctx: Context, node: ir.Node, inputs: list[ir.Value], flag: in
     acts = [align(ctx.ids(v), rank) for v in inputs if ctx.act(v)]
     if not acts:
         raise Unsupported("no activation input")
-    shape = acts[0].shape
-    if any(a.shape != shape for a in acts[1:]):
-        shape = broadcast_shape(*[a.shape for a in acts])
+    shape = broadcast_shape(*[a.shape for a in acts])
     out = acts[0].copy() if acts[0].shape == shape else np.broadcast_to(acts[0], shape).copy()
     if ctx.rescale_residual and not flag and len(acts) > 1:
         # The output keeps the first branch's cofactors; every other branch is rescaled
