@@ -98,7 +98,10 @@ class TensorScales:
         s = self.scales.get(name)
         if s is None or array.dtype.kind not in "fc" or not array.size:
             return array
-        return array.astype(np.result_type(array.dtype, np.float64)) * _fit(s, array.ndim)
+        out: np.ndarray = array.astype(np.result_type(array.dtype, np.float64)) * _fit(
+            s, array.ndim
+        )
+        return out
 
 
 def _fit(s: np.ndarray, rank: int) -> np.ndarray:

@@ -426,47 +426,38 @@ def _conv(ctx: Context, node: ir.Node) -> None:
     ``g(o) = o // (O/G)`` is the group of output channel o (G = ``group``), so
     grouped and depthwise convolutions pair each output with its own inputs.
     """
-    x, w = _x(node, 0), _x(node, 1)
-    _require_act(ctx, x, "Conv input")
-    wshape = ctx.shape(w)
-    groups = int(_attr(node, "group", 1))
-    tin = _conv_in(ctx, x)
-    out = ctx.new_for(node.outputs[0], [1])
-    o_count, per = wshape[0], wshape[1]
-    spatial = (1,) * (len(wshape) - 2)
-    fo = out.reshape(-1).reshape((o_count, 1, *spatial))
-    if groups == 1:  # keep the factor broadcastable: every output sees every input
-        fi = tin.reshape((1, per, *spatial))
-    else:
-        o = np.arange(o_count)[:, None]
-        j = np.arange(per)[None, :]
-        fi = tin[(o // (o_count // groups)) * per + j].reshape((o_count, per, *spatial))
-    if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
-        raise Unsupported(ctx.refused("Conv weight"))
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        _bias(ctx, node, node.inputs[2], out.reshape(-1))
-    ctx.set(node.outputs[0], out)
+    _conv_like(ctx, node, transposed=False)
 
 
 def _conv_transpose(ctx: Context, node: ir.Node) -> None:
     """``W[c, j, …]`` maps input c to output ``g(c)·O/G + j``: ``W' = W · τ_out / τ_in[c]``."""
+    _conv_like(ctx, node, transposed=True)
+
+
+def _conv_like(ctx: Context, node: ir.Node, transposed: bool) -> None:
+    """Conv (``W[o, j, …]``: output o, input ``g(o)·C/G + j``) and ConvTranspose
+    (``W[c, j, …]``: input c, output ``g(c)·O/G + j``) alike: the weight's first axis
+    holds one side's channels, its second the other side's channels of the same group."""
+    what = "ConvTranspose" if transposed else "Conv"
     x, w = _x(node, 0), _x(node, 1)
-    _require_act(ctx, x, "ConvTranspose input")
+    _require_act(ctx, x, f"{what} input")
     wshape = ctx.shape(w)
     groups = int(_attr(node, "group", 1))
     tin = _conv_in(ctx, x)
     out = ctx.new_for(node.outputs[0], [1])
-    c_count, per = wshape[0], wshape[1]
+    first, second = (tin, out.reshape(-1)) if transposed else (out.reshape(-1), tin)
+    rows, per = wshape[0], wshape[1]
     spatial = (1,) * (len(wshape) - 2)
-    if groups == 1:
-        fo = out.reshape(-1).reshape((1, per, *spatial))
+    f_first = first.reshape((rows, 1, *spatial))
+    if groups == 1:  # keep the factor broadcastable: every row sees every column
+        f_second = second.reshape((1, per, *spatial))
     else:
-        c = np.arange(c_count)[:, None]
+        r = np.arange(rows)[:, None]
         j = np.arange(per)[None, :]
-        fo = out.reshape(-1)[(c // (c_count // groups)) * per + j].reshape((c_count, per, *spatial))
-    fi = tin.reshape((c_count, 1, *spatial))
+        f_second = second[(r // (rows // groups)) * per + j].reshape((rows, per, *spatial))
+    fo, fi = (f_second, f_first) if transposed else (f_first, f_second)
     if not ctx.absorb(w, [(fo, 1), (fi, -1)]):
-        raise Unsupported(ctx.refused("ConvTranspose weight"))
+        raise Unsupported(ctx.refused(f"{what} weight"))
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         _bias(ctx, node, node.inputs[2], out.reshape(-1))
     ctx.set(node.outputs[0], out)
