@@ -705,17 +705,13 @@ def check_output_target(path: PathLike, role: str) -> None:
 
 
 def save_model_atomic(
-    model: ir.Model,
-    path: PathLike,
-    *,
-    external_data: bool | None = None,
-    protect: Sequence[PathLike] = (),
+    model: ir.Model, path: PathLike, *, external_data: bool | None = None
 ) -> list[Path]:
     """Write *model* to *path* atomically and return the paths written (model first).
 
     Same arguments and errors as :func:`staged_save`, committed immediately.
     """
-    with staged_save(model, path, external_data=external_data, protect=protect) as staged:
+    with staged_save(model, path, external_data=external_data) as staged:
         return staged.commit()
 
 
