@@ -300,8 +300,11 @@ def test_failed_write_leaves_no_temporaries(
 
 def test_protect_refuses_the_input_path(mlp_path: Path) -> None:
     before = mlp_path.read_bytes()
-    with pytest.raises(InputError) as info:
-        save_model_atomic(load_model(mlp_path), mlp_path, protect=[mlp_path])
+    with (
+        pytest.raises(InputError) as info,
+        staged_save(load_model(mlp_path), mlp_path, protect=[mlp_path]),
+    ):
+        pass
     assert str(info.value) == (
         f"refusing to overwrite {mlp_path}: it is a protected input (choose another output path)"
     )
