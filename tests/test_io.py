@@ -324,8 +324,11 @@ def test_protect_sees_through_aliases(
     else:
         monkeypatch.chdir(tmp_path)
         alias = Path("mlp.onnx")
-    with pytest.raises(InputError, match="refusing to overwrite"):
-        save_model_atomic(load_model(mlp_path), alias, protect=[mlp_path])
+    with (
+        pytest.raises(InputError, match="refusing to overwrite"),
+        staged_save(load_model(mlp_path), alias, protect=[mlp_path]),
+    ):
+        pass
 
 
 def test_refuses_to_overwrite_weights_the_model_still_reads(mlp_path: Path, tmp_path: Path) -> None:
