@@ -6,19 +6,20 @@ machine's noise, and the medians are compared:
 
 * **baseline**: ``onnx.load(model)`` then ``onnx.save(proto, tmp)`` (with external data
   when the model is benchmarked with external data);
-* **teleport**: what ``graphteleport MODEL -o OUT`` does, minus verification, phase by
-  phase (load, inputs, analyse, rewrite, report, save; see ``teleport_once``);
-* **verify**: the CLI's verification of that output (two onnxruntime runs and the
-  comparison), timed on its own;
-* **pipeline**: ``graphteleport.pipeline.teleport_file(..., verify=False)``, the library
-  call the CLI makes, as a cross-check that the phase-by-phase mirror is faithful.
+* **teleport**: ``graphteleport.pipeline.teleport_file(model, out, --no-verify)``, the
+  call the CLI makes, timed whole; its phases (load, inputs, analyze, rewrite, report,
+  save) are the ones the pipeline records in its report (``report.seconds``), and
+  ``other`` is the rest of the wall time;
+* with ``--commands``, both as commands in fresh interpreters (imports included):
+  ``python -c "onnx.save(onnx.load(...))"`` against ``graphteleport ... --no-verify``.
 
-The default model is a ResNet-50 (Hugging Face ``ResNetForImageClassification`` with
-1000 classes, 25.6 M parameters, about 100 MB of float32 weights) with re-randomised
-BatchNorm statistics, exported once with the dynamo exporter and cached.  Peak memory
-(``VmHWM``, the process's own ``ru_maxrss``) of one baseline and one teleport is measured
-in fresh subprocesses, and
-one extra teleport is profiled (cProfile, or pyinstrument) to show where its time goes.
+Once after the rounds, a verified ``teleport_file`` (the CLI's default proof) gives the
+verification's time and result.  The default model is a ResNet-50 (Hugging Face
+``ResNetForImageClassification`` with 1000 classes, 25.6 M parameters, about 100 MB of
+float32 weights) with re-randomised BatchNorm statistics, exported once with the dynamo
+exporter and cached.  Peak memory (``VmHWM``, the process's own ``ru_maxrss``) of one
+baseline and one teleport is measured in fresh subprocesses, and one extra teleport is
+profiled (cProfile, or pyinstrument) to show where its time goes.
 
 Usage (from the repository root, in the project's venv)::
 
@@ -50,17 +51,20 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # this checkout's graphteleport, also where another is installed
 DEFAULT_CACHE = HERE / ".cache"
 RESNET_INPUT = (1, 3, 224, 224)
 #: onnx_ir's (hence graphteleport's) external-data threshold; the baseline uses the same.
 EXTERNAL_THRESHOLD = 256
 BASELINE_PHASES = ("load", "save")
-TELEPORT_PHASES = ("load", "inputs", "analyse", "rewrite", "report", "save")
+#: The pipeline's own phases (``TeleportReport.seconds``), and what the wall time has beyond.
+TELEPORT_PHASES = ("load", "inputs", "analyze", "rewrite", "report", "save", "other")
 
 Times = dict[str, float]
 
@@ -224,95 +228,54 @@ def baseline_once(src: Path, dst: Path, external_data: bool) -> Times:
     return {"load": t1 - t0, "save": t2 - t1, "total": t2 - t0}
 
 
-def int_ranges(model: Any) -> dict[str, int]:
-    """Integer inputs that index a table get feeds within it (as the CLI does)."""
-    out: dict[str, int] = {}
-    for v in model.graph.inputs:
-        for use in v.uses():
-            node = use.node
-            if node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
-                table = node.inputs[0].const_value
-                if table is not None and table.shape:
-                    out[v.name or ""] = int(table.shape[0])
-    return out
+def options(args: argparse.Namespace, verify: bool) -> Any:
+    """The CLI's options for ``graphteleport SRC -o DST --seed SEED [--no-verify]``."""
+    from graphteleport.pipeline import TeleportOptions
+
+    shapes = {k: tuple(v) for k, v in args.input_shape}
+    return TeleportOptions(seed=args.seed, verify=verify, input_shapes=shapes)
 
 
-def teleport_once(
-    src: Path, dst: Path, input_shapes: Mapping[str, Sequence[int]], seed: int
-) -> tuple[Times, dict[str, Any]]:
-    """What ``graphteleport SRC -o DST --seed SEED`` does before verifying, phase by phase.
+def teleport_once(src: Path, dst: Path, args: argparse.Namespace) -> tuple[Times, Any]:
+    """``teleport_file(SRC, DST, --no-verify)``, the call the CLI makes, timed whole.
 
-    Mirrors ``graphteleport.pipeline.teleport_file``: load (``load_model``), inputs
-    (the verification feeds, whose shapes the analysis uses), analyse and rewrite
-    (``TeleportPass``; its own split, sampling counted in rewrite), report (the CLI's
-    analysis report, built on a networkx quiver), save (``save_model_atomic``).
-    Returns the phase times and what verification needs (feeds, rtol).
+    The phases are the pipeline's own (``report.seconds``); ``other`` is what the
+    wall time has beyond them (path checks, the pass's bookkeeping).
     """
-    import onnx_ir as ir
+    from graphteleport.pipeline import teleport_file
 
-    from graphteleport import verify
-    from graphteleport.analysis.quiver import Quiver
-    from graphteleport.io import load_model, save_model_atomic
-    from graphteleport.passes import TeleportPass, TeleportResult
-    from graphteleport.pipeline import analysis_report
-
-    t0 = time.perf_counter()
-    model = load_model(src)
-    t1 = time.perf_counter()
-    specs = verify.input_specs(model, input_shapes)
-    feeds = verify.make_feeds(specs, seed, int_high=int_ranges(model))
-    shapes = {k: tuple(v.shape) for k, v in feeds.items()}
-    t2 = time.perf_counter()
-    result = cast(TeleportResult, TeleportPass(seed=seed, input_shapes=shapes)(model))
-    t3 = time.perf_counter()
-    assert result.analysis is not None
-    report = analysis_report(Quiver.from_analysis(result.analysis))
-    t4 = time.perf_counter()
-    save_model_atomic(model, dst, protect=[src])
-    t5 = time.perf_counter()
-    analyse = float(result.seconds.get("analyze", 0.0))
-    low = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
-    rtol = 1e-2 if any(v.dtype in low for v in model.graph.outputs) else 1e-5
-    times = {
-        "load": t1 - t0,
-        "inputs": t2 - t1,
-        "analyse": analyse,
-        "rewrite": (t3 - t2) - analyse,
-        "report": t4 - t3,
-        "save": t5 - t4,
-        "total": t5 - t0,
-    }
-    info = {
-        "feeds": feeds,
-        "rtol": rtol,
-        "free_cofactors": report["free_cofactors"],
-        "weights_changed": result.stats.weights_changed,
-        "weights_total": result.stats.weights_total,
-    }
-    return times, info
-
-
-def verify_once(src: Path, dst: Path, feeds: Mapping[str, Any], rtol: float) -> tuple[float, Any]:
-    """The CLI's verification of a teleported file: both models in onnxruntime, compared."""
-    from graphteleport import verify
-
-    t0 = time.perf_counter()
-    result = verify.verify(src, dst, feeds, rtol=rtol)
-    return time.perf_counter() - t0, result
-
-
-def pipeline_once(
-    src: Path, dst: Path, input_shapes: Mapping[str, Sequence[int]], seed: int
-) -> Times:
-    """``teleport_file(..., verify=False)``: the library call behind the CLI, end to end."""
-    from graphteleport.pipeline import TeleportOptions, teleport_file
-
-    shapes = {k: tuple(v) for k, v in input_shapes.items()}
-    opts = TeleportOptions(seed=seed, verify=False, input_shapes=shapes)
+    opts = options(args, verify=False)
     t0 = time.perf_counter()
     report = teleport_file(src, dst, opts)
-    total = time.perf_counter() - t0
-    return {"total": total, **{f"reported_{k}": float(v) for k, v in report["seconds"].items()}}
+    wall = time.perf_counter() - t0
+    times = {k: float(report.seconds.get(k, 0.0)) for k in TELEPORT_PHASES if k != "other"}
+    times["other"] = wall - sum(times.values())
+    times["total"] = wall
+    return times, report
+
+
+def verified_once(src: Path, dst: Path, args: argparse.Namespace) -> Any:
+    """``teleport_file`` with the CLI's default verification; its report."""
+    from graphteleport.pipeline import teleport_file
+
+    return teleport_file(src, dst, options(args, verify=True))
+
+
+def command_once(argv: Sequence[str]) -> float:
+    """Wall time of a command in a fresh interpreter (start-up and imports included)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's graphteleport
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=env)
+    return time.perf_counter() - t0
+
+
+def commands(src: Path, dst_base: Path, dst_tele: Path) -> dict[str, list[str]]:
+    """The two sides as commands: a one-line onnx.load + onnx.save, and the CLI."""
+    save = f"import onnx; onnx.save(onnx.load({str(src)!r}), {str(dst_base)!r})"
+    return {
+        "baseline": ["-c", save],
+        "teleport": ["-m", "graphteleport", str(src), "-o", str(dst_tele), "--no-verify", "-q"],
+    }
 
 
 def settle() -> None:
@@ -362,8 +325,7 @@ def probe(kind: str, src: Path, work: Path, args: argparse.Namespace) -> dict[st
     if kind == "baseline":
         import onnx  # noqa: F401
     else:
-        import graphteleport.pipeline
-        import graphteleport.verify  # noqa: F401
+        import graphteleport.pipeline  # noqa: F401
     out: dict[str, Any] = {"import_s": time.perf_counter() - t0}
     gc.collect()
     out["rss_after_import"] = current_rss_bytes() or peak_rss_bytes()
@@ -373,11 +335,11 @@ def probe(kind: str, src: Path, work: Path, args: argparse.Namespace) -> dict[st
         out["times"] = baseline_once(src, dst, args.external_data)
         out["peak_after_run"] = peak_rss_bytes()
     else:
-        times, info = teleport_once(src, dst, dict(args.input_shape), args.seed)
-        out["times"] = times
+        out["times"], _ = teleport_once(src, dst, args)
         out["peak_after_run"] = peak_rss_bytes()
+        remove_outputs(dst)
         gc.collect()
-        out["verify_s"], _ = verify_once(src, dst, info["feeds"], info["rtol"])
+        out["verify_s"] = verified_once(src, dst, args).seconds["verify"]
         out["peak_after_verify"] = peak_rss_bytes()
     out["ru_maxrss"] = maxrss_bytes()  # inflated by the parent's peak on Linux; see above
     remove_outputs(dst)
@@ -414,13 +376,12 @@ def run_probe(kind: str, src: Path, work: Path, args: argparse.Namespace) -> dic
 
 def profile_teleport(src: Path, dst: Path, args: argparse.Namespace, top: int) -> dict[str, Any]:
     """Profile one teleport (no verification); return the hotspots, save the raw profile."""
-    shapes = dict(args.input_shape)
     if args.profiler == "pyinstrument":
-        return _pyinstrument(src, dst, shapes, args)
+        return _pyinstrument(src, dst, args)
     prof = cProfile.Profile()
     settle()
     prof.enable()
-    teleport_once(src, dst, shapes, args.seed)
+    teleport_once(src, dst, args)
     prof.disable()
     remove_outputs(dst)
     out_path = args.profile_out or (args.cache_dir / "teleport.prof")
@@ -452,9 +413,7 @@ def profile_teleport(src: Path, dst: Path, args: argparse.Namespace, top: int) -
     }
 
 
-def _pyinstrument(
-    src: Path, dst: Path, shapes: Mapping[str, Sequence[int]], args: argparse.Namespace
-) -> dict[str, Any]:
+def _pyinstrument(src: Path, dst: Path, args: argparse.Namespace) -> dict[str, Any]:
     try:
         from pyinstrument import Profiler
     except ImportError as e:
@@ -464,7 +423,7 @@ def _pyinstrument(
     profiler = Profiler(interval=0.001)
     settle()
     profiler.start()
-    teleport_once(src, dst, shapes, args.seed)
+    teleport_once(src, dst, args)
     profiler.stop()
     remove_outputs(dst)
     out_path = args.profile_out or (args.cache_dir / "teleport.html")
@@ -519,45 +478,45 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"  {group:<9}{name:<34}{s['median']:8.3f}   [{s['min']:.3f}, {s['max']:.3f}]")
 
     for k in (*BASELINE_PHASES, "total"):
-        row(
-            "baseline" if k == "load" else "",
-            f"onnx.{k}" if k != "total" else "total",
-            med["baseline"][k],
-        )
+        name = f"onnx.{k}" if k != "total" else "total"
+        row("baseline" if k == "load" else "", name, med["baseline"][k])
     print()
     for k in (*TELEPORT_PHASES, "total"):
-        row("teleport" if k == "load" else "", k, med["teleport"][k])
-    print()
-    row("verify", "verify (2 onnxruntime runs)", med["verify"]["total"])
-    if "pipeline" in med:
-        row("pipeline", "teleport_file(verify=False)", med["pipeline"]["total"])
+        name = {"other": "other (wall - phases)", "total": "total: teleport_file()"}.get(k, k)
+        row("teleport" if k == "load" else "", name, med["teleport"][k])
+    if "commands" in med:
+        print()
+        row("commands", "python -c 'onnx load + save'", med["commands"]["baseline"])
+        row("", "graphteleport --no-verify", med["commands"]["teleport"])
     r = results["ratios"]
+    target = results["config"]["max_ratio"]
     print(
         f"\nteleport / baseline: {r['teleport']:.2f}x"
-        + (
-            f"  (target <= {results['config']['max_ratio']:g})"
-            if results["config"]["max_ratio"] is not None
-            else ""
-        )
+        + (f"  (target <= {target:g})" if target is not None else "")
+        + f"  (of the fastest rounds: {results['ratios_of_minima']['teleport']:.2f}x)"
     )
-    print(f"verify   / baseline: {r['verify']:.2f}x")
-    print(
-        f"(ratio of the fastest rounds: teleport {results['ratios_of_minima']['teleport']:.2f}x,"
-        f" verify {results['ratios_of_minima']['verify']:.2f}x)"
-    )
-    if "pipeline" in r:
-        print(f"pipeline / baseline: {r['pipeline']:.2f}x  (cross-check of the teleport row)")
+    if "commands" in r:
+        print(f"commands / baseline: {r['commands']:.2f}x  (fresh interpreters, imports included)")
     tel = med["teleport"]
     shares = ", ".join(
         f"{k} {100 * tel[k]['median'] / tel['total']['median']:.0f}%" for k in TELEPORT_PHASES
     )
     print(f"teleport phases: {shares}")
     v = results["verification"]
-    print(f"verification: {v['summary']}")
     print(
-        f"free cofactors {results['teleport']['free_cofactors']}, weights changed "
-        f"{results['teleport']['weights_changed']}/{results['teleport']['weights_total']}"
+        f"verified teleport_file (the CLI's default, once): verify {v['seconds']:.3f}s of "
+        f"{v['total_s']:.3f}s; {v['summary']}"
     )
+    t = results["teleport"]
+    print(
+        f"free cofactors {t['free_cofactors']}, weights changed "
+        f"{t['weights_changed']}/{t['weights_total']}"
+    )
+    print_memory(results)
+    print_profile(results.get("profile"))
+
+
+def print_memory(results: dict[str, Any]) -> None:
     mem = results.get("memory")
     if mem:
         print(
@@ -583,25 +542,28 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{results['memory_ratios']['ratio']:.2f}x"
             )
     print(f"this process's peak RSS (all rounds): {results['process_peak_rss'] / 2**20:.0f} MiB")
-    prof = results.get("profile")
-    if prof:
-        print(f"\nprofile of one teleport ({prof['profiler']}, raw profile: {prof['file']})")
-        if "text" in prof:
-            print(prof["text"])
-        else:
-            total = prof["total_s"]
-            print(f"  top by own time (of {total:.3f}s profiled):")
-            for e in prof["top_self"]:
-                print(
-                    f"    {100 * e['self_s'] / total:5.1f}%  {e['self_s']:7.3f}s  "
-                    f"{e['calls']:>8}  {e['function']}"
-                )
-            print("  graphteleport functions by cumulative time:")
-            for e in prof["top_graphteleport_cumulative"]:
-                print(
-                    f"    {100 * e['cum_s'] / total:5.1f}%  {e['cum_s']:7.3f}s  "
-                    f"{e['calls']:>8}  {e['function']}"
-                )
+
+
+def print_profile(prof: dict[str, Any] | None) -> None:
+    if not prof:
+        return
+    print(f"\nprofile of one teleport ({prof['profiler']}, raw profile: {prof['file']})")
+    if "text" in prof:
+        print(prof["text"])
+        return
+    total = prof["total_s"]
+    print(f"  top by own time (of {total:.3f}s profiled):")
+    for e in prof["top_self"]:
+        print(
+            f"    {100 * e['self_s'] / total:5.1f}%  {e['self_s']:7.3f}s  "
+            f"{e['calls']:>8}  {e['function']}"
+        )
+    print("  graphteleport functions by cumulative time:")
+    for e in prof["top_graphteleport_cumulative"]:
+        print(
+            f"    {100 * e['cum_s'] / total:5.1f}%  {e['cum_s']:7.3f}s  "
+            f"{e['calls']:>8}  {e['function']}"
+        )
 
 
 # --------------------------------------------------------------------------- main
@@ -666,7 +628,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="as the CLI's --input-shape (repeatable)",
     )
     p.add_argument(
-        "--no-pipeline", action="store_true", help="skip the teleport_file cross-check rounds"
+        "--commands",
+        action="store_true",
+        help="also time both sides as commands in fresh interpreters each round "
+        "(python -c 'onnx.load + onnx.save' against graphteleport --no-verify)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument(
@@ -714,15 +679,14 @@ def work_dir(args: argparse.Namespace) -> Iterator[Path]:
 
 def timed_rounds(
     src: Path, work: Path, args: argparse.Namespace
-) -> tuple[dict[str, list[Times]], dict[str, Any], Any]:
+) -> tuple[dict[str, list[Times]], Any]:
     """Warm-up and timed rounds; the order of baseline and teleport alternates."""
-    shapes = dict(args.input_shape)
-    samples: dict[str, list[Times]] = {"baseline": [], "teleport": [], "verify": []}
-    if not args.no_pipeline:
-        samples["pipeline"] = []
-    info: dict[str, Any] = {}
-    verification: Any = None
-    dst_base, dst_tele, dst_pipe = (work / f"{n}.onnx" for n in ("baseline", "teleport", "pipe"))
+    samples: dict[str, list[Times]] = {"baseline": [], "teleport": []}
+    if args.commands:
+        samples["commands"] = []
+    report: Any = None
+    dst_base, dst_tele = work / "baseline.onnx", work / "teleport.onnx"
+    argv = commands(src, dst_base, dst_tele)
 
     def baseline() -> Times:
         t = baseline_once(src, dst_base, args.external_data)
@@ -730,21 +694,20 @@ def timed_rounds(
         return t
 
     def teleport() -> Times:
-        nonlocal info, verification
-        t, info = teleport_once(src, dst_tele, shapes, args.seed)
-        settle()
-        v, verification = verify_once(src, dst_tele, info["feeds"], info["rtol"])
+        nonlocal report
+        t, report = teleport_once(src, dst_tele, args)
         remove_outputs(dst_tele)
-        t["verify"] = v
         return t
 
-    def pipeline() -> Times:
-        t = pipeline_once(src, dst_pipe, shapes, args.seed)
-        remove_outputs(dst_pipe)
+    def command() -> Times:
+        t = {}
+        for side, dst in (("baseline", dst_base), ("teleport", dst_tele)):
+            settle()
+            t[side] = command_once(argv[side])
+            remove_outputs(dst)
         return t
 
-    total = args.warmup + args.repeat
-    for i in range(total):
+    for i in range(args.warmup + args.repeat):
         timed = i >= args.warmup
         label = f"round {i - args.warmup + 1}/{args.repeat}" if timed else f"warm-up {i + 1}"
         steps: list[tuple[str, Callable[[], Times]]] = [
@@ -753,8 +716,8 @@ def timed_rounds(
         ]
         if i % 2:
             steps.reverse()
-        if not args.no_pipeline:
-            steps.append(("pipeline", pipeline))
+        if args.commands:
+            steps.append(("commands", command))
         got: dict[str, Times] = {}
         for name, fn in steps:
             settle()
@@ -762,15 +725,19 @@ def timed_rounds(
         settle()
         print(
             f"  {label}: baseline {got['baseline']['total']:.3f}s, teleport "
-            f"{got['teleport']['total']:.3f}s, verify {got['teleport']['verify']:.3f}s"
-            + (f", pipeline {got['pipeline']['total']:.3f}s" if "pipeline" in got else ""),
+            f"{got['teleport']['total']:.3f}s"
+            + (
+                f", commands {got['commands']['baseline']:.3f}s / "
+                f"{got['commands']['teleport']:.3f}s"
+                if "commands" in got
+                else ""
+            ),
             flush=True,
         )
         if timed:
-            samples["verify"].append({"total": got["teleport"].pop("verify")})
             for name, t in got.items():
                 samples[name].append(t)
-    return samples, info, verification
+    return samples, report
 
 
 def versions() -> dict[str, str]:
@@ -811,7 +778,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     with work_dir(args) as work:
-        samples, info, verification = timed_rounds(src, work, args)
+        samples, report = timed_rounds(src, work, args)
+        settle()
+        verified = verified_once(src, work / "verified.onnx", args)
+        remove_outputs(work / "verified.onnx")
         memory: dict[str, Any] = {}
         if not args.no_memory:
             for kind in ("baseline", "teleport"):
@@ -824,10 +794,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile = profile_teleport(src, work / "profiled.onnx", args, args.top)
 
     medians = {k: summarise(v) for k, v in samples.items()}
-    base = medians["baseline"]["total"]["median"]
-    ratios = {k: medians[k]["total"]["median"] / base for k in medians if k != "baseline"}
-    base_min = medians["baseline"]["total"]["min"]
-    ratios_of_minima = {k: medians[k]["total"]["min"] / base_min for k in ratios}
+    base = medians["baseline"]["total"]
+    ratios = {"teleport": medians["teleport"]["total"]["median"] / base["median"]}
+    ratios_of_minima = {"teleport": medians["teleport"]["total"]["min"] / base["min"]}
+    if "commands" in medians:
+        cmd = medians["commands"]
+        ratios["commands"] = cmd["teleport"]["median"] / cmd["baseline"]["median"]
+        ratios_of_minima["commands"] = cmd["teleport"]["min"] / cmd["baseline"]["min"]
+    v = verified.verification
     results: dict[str, Any] = {
         "config": {
             "repeat": args.repeat,
@@ -843,12 +817,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios": ratios,
         "ratios_of_minima": ratios_of_minima,
         "samples": samples,
-        "teleport": {k: info[k] for k in ("free_cofactors", "weights_changed", "weights_total")},
+        "teleport": {
+            "free_cofactors": report.analysis.free_cofactors,
+            "weights_changed": report.stats.weights_changed,
+            "weights_total": report.stats.weights_total,
+        },
         "verification": {
-            "passed": verification.passed,
-            "summary": verification.summary(),
-            "max_abs_err": verification.to_dict()["max_abs_err"],
-            "max_rel_err": verification.to_dict()["max_rel_err"],
+            "passed": v.passed,
+            "summary": v.summary(),
+            "max_abs_err": v.to_dict()["max_abs_err"],
+            "max_rel_err": v.to_dict()["max_rel_err"],
+            "seconds": verified.seconds["verify"],
+            "total_s": verified.seconds["total"],
+            "phases": verified.seconds,
         },
         "memory": memory,
         "memory_ratios": {},
@@ -869,7 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
         print(f"\nwrote {args.json}")
-    if not verification.passed:
+    if not v.passed:
         print("bench_teleport: the teleported model failed verification", file=sys.stderr)
         return 1
     if args.max_ratio is not None and ratios["teleport"] > args.max_ratio:

@@ -38,13 +38,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from graphteleport import verify  # noqa: E402
+from graphteleport.frontends import onnx as onnx_frontend  # noqa: E402
 from graphteleport.io import load_model  # noqa: E402
 from graphteleport.passes.teleport import TeleportPass  # noqa: E402
 
 
 def variants(src: Path, dst: Path, scales: object) -> dict[str, Callable[[], object]]:
     model = load_model(src)
-    specs = verify.input_specs(model)
+    specs = onnx_frontend.input_specs(model)
     eight = verify.draw_feed_sets(specs, 8)
     one = eight[:1]
     return {

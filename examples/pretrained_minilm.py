@@ -15,6 +15,7 @@ that real sentence embeddings (mean-pooled, from the package's own tokenizer) ag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -93,9 +94,9 @@ def run(out: Path) -> dict[str, Any]:
     for mode in ("absorb", "insert"):
         opts = TeleportOptions(mode=mode, seed=0, rtol=1e-4, inputs=str(out / "feeds.npz"))
         if mode == "insert":
-            opts.sampling, opts.cob_range = "inter_landscape", 0.9
+            opts = dataclasses.replace(opts, sampling="inter_landscape", cob_range=0.9)
         dst = out / f"minilm.{mode}.onnx"
-        rep = teleport_file(onnx_path, dst, opts)
+        rep = teleport_file(onnx_path, dst, opts).to_json()
         emb = embed(dst, feeds)
         cos = float((emb * base).sum() / (np.linalg.norm(emb) * np.linalg.norm(base)))
         summary[mode] = {

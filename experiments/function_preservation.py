@@ -74,9 +74,10 @@ def onnx_cell(src: Path, mode: str, opts: dict[str, Any], tmp: Path) -> Cell:
     from graphteleport.pipeline import TeleportOptions, teleport_file
 
     try:
-        report = teleport_file(src, tmp / "out.onnx", TeleportOptions(mode=mode, seed=0, **opts))
+        options = TeleportOptions(mode=mode, seed=0, **opts)
+        report = teleport_file(src, tmp / "out.onnx", options).to_json()
     except VerificationError as e:
-        report = e.report  # type: ignore[attr-defined]
+        report = e.report.to_json()  # type: ignore[attr-defined]
         return Cell(report["verification"]["max_rel_err"], free=report["free_cofactors"],
                     failure="verification failed")  # fmt: skip
     except Exception as e:

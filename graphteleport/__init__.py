@@ -17,6 +17,10 @@ def __getattr__(name: str) -> object:
         from graphteleport import passes
 
         return getattr(passes, name)
+    if name == "CofactorOptions":
+        from graphteleport import options
+
+        return options.CofactorOptions
     if name in ("teleport_file", "inspect_file", "TeleportOptions"):
         from graphteleport import pipeline
 
@@ -26,6 +30,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AnalysisError",
+    "CofactorOptions",
     "GraphTeleportError",
     "InputError",
     "Quiver",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -18,13 +19,14 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from graphteleport import __version__
-from graphteleport.cofactors import SAMPLINGS
 from graphteleport.errors import GraphTeleportError, VerificationError
-from graphteleport.passes.teleport import MODES
+from graphteleport.options import MODES, SAMPLINGS, CofactorOptions
 from graphteleport.pipeline import TeleportOptions, inspect_file, teleport_file
+from graphteleport.reports import AnalysisReport, InputShapes, InspectReport, TeleportReport
+from graphteleport.verify import VerificationResult
 
 EXAMPLES = """examples:
   graphteleport model.onnx -o teleported.onnx
@@ -141,102 +143,105 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 
 # -- formatting ---------------------------------------------------------------------------------
-def format_analysis(r: dict[str, Any]) -> list[str]:
-    groups = ", ".join(f"{k} {v}" for k, v in sorted(r["groups"].items())) or "none"
-    lines = [f"  free cofactors: {r['free_cofactors']} of {r['cofactor_pairs']} ({groups})"]
-    pinned = r["pinned"]
-    total = sum(p["cofactors"] for p in pinned)
+def format_analysis(r: AnalysisReport) -> list[str]:
+    groups = ", ".join(f"{k} {v}" for k, v in sorted(r.groups.items())) or "none"
+    lines = [f"  free cofactors: {r.free_cofactors} of {r.cofactor_pairs} ({groups})"]
+    pinned = r.pinned
+    total = r.pinned_cofactors
     lines.append(
         f"  pinned: {total} cofactor{'s' if total != 1 else ''}" + (" by reason:" if pinned else "")
     )
     for p in pinned[:12]:
-        where = ", ".join(p["values"][:3]) + (", ..." if len(p["values"]) > 3 else "")
-        lines.append(f"    {p['cofactors']:>7}  {p['reason']}" + (f"  [{where}]" if where else ""))
+        where = ", ".join(p.values[:3]) + (", ..." if len(p.values) > 3 else "")
+        lines.append(f"    {p.cofactors:>7}  {p.reason}" + (f"  [{where}]" if where else ""))
     if len(pinned) > 12:
         lines.append(f"    ... {len(pinned) - 12} more reasons in --report")
     return lines
 
 
-def format_inputs(r: dict[str, Any]) -> list[str]:
+def format_inputs(input_shapes: InputShapes | None) -> list[str]:
     """One line for the inputs whose dynamic axes were sized, and how (none if static)."""
     parts = []
-    for name, entry in (r.get("input_shapes") or {}).items():
+    for name, entry in (input_shapes or {}).items():
         if entry["axes"]:
             parts.append(f"{name} [{','.join(map(str, entry['shape']))}] ({entry['brief']})")
     return [f"  input shapes: {', '.join(parts)}"] if parts else []
 
 
-def format_teleport(r: dict[str, Any]) -> str:
-    lines = [f"graphteleport: {r['model']} -> {r['output']}"]
-    rng = f" (r={r['cob_range']})"
+def format_teleport(r: TeleportReport) -> str:
+    o = r.options
+    lines = [f"graphteleport: {r.model} -> {r.output}"]
+    rng = f" (r={o.cob_range})"
     lines.append(
-        f"  mode {r['mode']}, sampling {r['sampling']}{rng}, seed {r['seed']}"
-        + (", exact (powers of two)" if r["exact"] else "")
+        f"  mode {o.mode}, sampling {o.sampling}{rng}, seed {o.seed}"
+        + (", exact (powers of two)" if o.exact else "")
     )
-    lines += format_inputs(r)
-    lines += format_analysis(r)
-    frac = r["elements_changed"] / max(r["elements_total"], 1)
+    lines += format_inputs(r.input_shapes)
+    lines += format_analysis(r.analysis)
+    s = r.stats
+    frac = s.elements_changed / max(s.elements_total, 1)
     lines.append(
-        f"  weights changed: {r['initializers_changed']}/{r['initializers_total']} "
-        f"tensors, {r['elements_changed']}/{r['elements_total']} elements ({frac:.2%})"
+        f"  weights changed: {s.weights_changed}/{s.weights_total} "
+        f"tensors, {s.elements_changed}/{s.elements_total} elements ({frac:.2%})"
     )
-    fixes = r.get("range_fixes") or []
+    fixes = r.range_fixes
     if fixes:
-        moved = sum(f["cofactors"] for f in fixes)
-        pinned = sum(f["pinned"] for f in fixes)
+        moved = sum(f.cofactors for f in fixes)
+        pinned = sum(f.pinned for f in fixes)
         lines.append(
             f"  kept in range: {moved} cofactors moved toward 1 ({pinned} pinned), e.g. "
-            f"{fixes[0]['reason']}"
+            f"{fixes[0].reason}"
         )
-    if r["mode"] == "insert":
-        ins = r["inserted"]
+    if o.mode == "insert":
+        ins = r.inserted
         lines.append(
-            f"  nodes added: {r['nodes_added']} ({ins['wraps']} activations wrapped, "
-            f"{ins['edge_scales']} edges scaled, {ins['merged']} Mul pairs merged)"
+            f"  nodes added: {ins.nodes_added} ({ins.wraps} activations wrapped, "
+            f"{ins.edge_scales} edges scaled, {ins.merged} Mul pairs merged)"
         )
-    v = r.get("verification")
+    v = r.verification
     if v is None:
         lines.append("  verification: skipped (--no-verify)")
     else:
-        state = "passed" + (" (bit-exact)" if v["exact"] else "") if v["passed"] else "FAILED"
+        state = "passed" + (" (bit-exact)" if v.exact else "") if v.passed else "FAILED"
         lines.append(
-            f"  verification: {state}: max abs err {v['max_abs_err']:.3g}, "
-            f"max rel err {v['max_rel_err']:.3g} (rtol {v['tolerance']['rtol']:g})"
+            f"  verification: {state}: max abs err {v.max_abs_err:.3g}, "
+            f"max rel err {v.max_rel_err:.3g} (rtol {v.tolerance['rtol']:g})"
         )
         lines.append("    " + _proof_scope(v))
-    s = r["seconds"]
+    t = r.seconds
     lines.append(
         "  time: "
         + ", ".join(
-            f"{k} {s[k]:.2f}s" for k in ("analyze", "rewrite", "save", "verify", "total") if k in s
+            f"{k} {t[k]:.2f}s" for k in ("analyze", "rewrite", "save", "verify", "total") if k in t
         )
     )
     return "\n".join(lines)
 
 
-def _proof_scope(v: dict[str, Any]) -> str:
+def _proof_scope(v: VerificationResult) -> str:
     """What the verification covered, e.g. 'on 8 input draws; 16 tensors node by node'."""
-    draws = v.get("inputs", 1)
+    draws = v.inputs
     scope = f"on {draws} input draw{'s' if draws != 1 else ''}"
-    t = v.get("tensors")
+    t = v.tensors
     if t is None:
         return scope + "; outputs only (--outputs-only)"
-    return scope + f"; {t['tensors']} tensors node by node ({t['elements']} elements compared)"
+    return scope + f"; {t.tensors} tensors node by node ({t.elements} elements compared)"
 
 
-def format_inspect(r: dict[str, Any]) -> str:
+def format_inspect(r: InspectReport) -> str:
+    a = r.analysis
     lines = [
-        f"graphteleport inspect: {r['model']} (mode {r['mode']})",
-        f"  neurons: {r['neurons']} in {r['neuron_groups']} groups, "
-        f"{r['weights_in_quiver']} weights between groups",
+        f"graphteleport inspect: {r.model} (mode {r.mode})",
+        f"  neurons: {a.neurons} in {a.neuron_groups} groups, "
+        f"{a.weights_in_quiver} weights between groups",
     ]
-    lines += format_inputs(r)
-    lines += format_analysis(r)
-    for mode, m in r["modes"].items():
+    lines += format_inputs(r.input_shapes)
+    lines += format_analysis(a)
+    for mode, m in r.modes.items():
         extra = ""
         if mode == "insert":
-            extra = f"; may wrap {len(m['wrap_nodes'])} nodes, scale {len(m['edge_scales'])} edges"
-        lines.append(f"  {mode} mode: {m['free_cofactors']} free cofactors{extra}")
+            extra = f"; may wrap {len(m.wrap_nodes)} nodes, scale {len(m.edge_scales)} edges"
+        lines.append(f"  {mode} mode: {m.free_cofactors} free cofactors{extra}")
     return "\n".join(lines)
 
 
@@ -266,23 +271,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _run(argv: list[str]) -> int:
     if argv and argv[0] == "inspect":
         args = inspect_parser().parse_args(argv[1:])
-        report = inspect_file(
+        inspected = inspect_file(
             args.model, dict(args.input_shape), args.mode, report_path=args.report
         )
         if not args.quiet:
-            print(format_inspect(report))
+            print(format_inspect(inspected))
         return 0
     args = teleport_parser().parse_args(argv)
+    # Every option value is checked here (InputError: exit 2), before any file is touched.
+    # The cofactor options' flags are named as its fields (--cob-range: cob_range).
     opts = TeleportOptions(
-        mode=args.mode,
-        sampling=args.sampling,
-        cob_range=args.cob_range,
-        center=args.center,
-        seed=args.seed,
-        exact=args.exact,
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(CofactorOptions)},
         verify=not args.no_verify,
         rtol=args.rtol,
-        rescale_residual=args.rescale_residual,
         inputs=args.inputs,
         input_shapes=dict(args.input_shape),
         draws=args.draws,

@@ -1,6 +1,8 @@
 """Draw one cofactor per free cofactor pair, as in the paper's code (DESIGN.md §4).
 
-Samplings (``r`` = ``cob_range``, ``c`` = ``center``):
+Everything a draw depends on comes in one checked
+:class:`~graphteleport.options.CofactorOptions`; samplings (``r`` = ``cob_range``,
+``c`` = ``center``):
 
 ==================  ==========================================
 ``intra_landscape``  τ ~ U[1 − r, 1 + r]          (default, r = 0.5)
@@ -34,34 +36,27 @@ still moves every free cofactor.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from graphteleport.analysis.solve import GROUPS
-from graphteleport.errors import InputError
 
-SAMPLINGS = ("intra_landscape", "inter_landscape", "positive", "negative", "centered")
+if TYPE_CHECKING:
+    from graphteleport.options import CofactorOptions
 
 
-def draw(
-    count: int,
-    sampling: str = "intra_landscape",
-    cob_range: float = 0.5,
-    *,
-    center: float = 1.0,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """``count`` raw draws from the named sampling (before group restriction)."""
-    check_sampling(sampling, cob_range, center)
-    r = float(cob_range)
-    bounds = _BOUNDS.get(sampling)
-    if bounds is None:
-        raise InputError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
-    low, high = bounds(r, center)
+def draw(count: int, options: CofactorOptions, rng: np.random.Generator) -> np.ndarray:
+    """``count`` raw draws from the options' sampling (before group restriction).
+
+    Uniform on ``options.interval`` (:func:`graphteleport.options.interval`), kept at
+    least ``ε`` from 0 (:func:`zero_floor`), then for ``inter_landscape`` a fair-coin
+    sign per draw.  The options were checked when they were made.
+    """
+    low, high = options.interval
     t = rng.uniform(low, high, count)
-    signs = rng.choice([-1.0, 1.0], count) if sampling == "inter_landscape" else None
+    signs = rng.choice([-1.0, 1.0], count) if options.sampling == "inter_landscape" else None
     eps = zero_floor(low, high)
     if low < eps and high > -eps:  # the interval meets (−ε, ε)
         t = _away_from_zero(t, low, high, rng)
@@ -76,7 +71,7 @@ def zero_floor(low: float, high: float) -> float:
 def _away_from_zero(t: np.ndarray, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
     """Redraw every ``|τ| < ε`` uniformly from ``[low, high] \\ (−ε, ε)``; where that is
     empty, take ``±ε`` on the interval's side (the sign of its midpoint; the interval
-    [0, 0] is refused by :func:`check_sampling`)."""
+    [0, 0] is refused by :class:`~graphteleport.options.CofactorOptions`)."""
     eps = zero_floor(low, high)
     near = np.abs(t) < eps
     if not near.any():
@@ -92,68 +87,13 @@ def _away_from_zero(t: np.ndarray, low: float, high: float, rng: np.random.Gener
     return t
 
 
-def check_sampling(sampling: str, cob_range: float, center: float = 1.0) -> None:
-    """Raise InputError (one line) unless the sampling can draw non-zero cofactors.
-
-    ``r`` must be a finite number >= 0 and ``c`` a finite number; the draw range
-    ``[low, high]`` (the table above) must have finite ends and a finite width
-    (numpy cannot draw from a wider one), and must not be the single point 0
-    (``positive``/``negative`` with ``r = 0``, ``centered`` with ``c = r = 0``):
-    τ = 0 is no rescaling, ``W / τ`` would divide by zero.
-    """
-    if sampling not in _BOUNDS:
-        raise InputError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLINGS)}")
-    r, c = _finite(cob_range, "--cob-range"), _finite(center, "--center")
-    if r < 0:
-        raise InputError(f"--cob-range must be >= 0, got {cob_range}")
-    low, high = _BOUNDS[sampling](r, c)
-    if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
-        raise InputError(
-            f"--sampling {sampling} with --cob-range {r:g} and --center {c:g} draws from "
-            f"[{low:g}, {high:g}], too wide to sample; choose a smaller range"
-        )
-    if low == high == 0:
-        raise InputError(
-            f"--sampling {sampling} with --cob-range {r:g}"
-            + (f" and --center {c:g}" if sampling == "centered" else "")
-            + " would draw every cofactor as 0; cofactors must be non-zero (use --cob-range > 0)"
-        )
-
-
-def check_seed(seed: object) -> None:
-    """Raise InputError unless *seed* is None or a non-negative integer (numpy's rule)."""
-    if seed is None:
-        return
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
-
-
-def _finite(x: object, option: str) -> float:
-    """*x* as a finite float, or InputError naming the option."""
-    try:
-        value = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"{option} must be a number, got {x!r}") from None
-    if not math.isfinite(value):
-        raise InputError(f"{option} must be a finite number, got {x}")
-    return value
-
-
-_BOUNDS = {  # sampling -> (r, c) -> the uniform draw's range (inter_landscape: then ± at random)
-    "intra_landscape": lambda r, c: (1 - r, 1 + r),
-    "inter_landscape": lambda r, c: (1 - r, 1 + r),
-    "positive": lambda r, c: (0.0, r),
-    "negative": lambda r, c: (-r, 0.0),
-    "centered": lambda r, c: (c - r, c + r),
-}
-
-
 def to_power_of_two(t: np.ndarray) -> np.ndarray:
     """``sign(τ) · 2^round(log2|τ|)``, never 1 in magnitude (1 moves to 2 or ½)."""
     log = np.log2(np.abs(t))
     k = np.round(log)
     k = np.where(k == 0, np.where(log >= 0, 1.0, -1.0), k)
-    return np.sign(t) * np.exp2(k)
+    out: np.ndarray = np.sign(t) * np.exp2(k)
+    return out
 
 
 def restrict(
@@ -193,25 +133,17 @@ _KEEPS_SIGN = np.array([g in ("any", "sign") for g in GROUPS])
 
 
 def sample(
-    groups: Sequence[str] | np.ndarray,
-    free: np.ndarray,
-    sampling: str = "intra_landscape",
-    cob_range: float = 0.5,
-    *,
-    center: float = 1.0,
-    seed: int | None = None,
-    exact: bool = False,
+    groups: Sequence[str] | np.ndarray, free: np.ndarray, options: CofactorOptions
 ) -> np.ndarray:
-    """One cofactor per pair: drawn for free pairs, 1 for the others."""
-    check_seed(seed)
-    rng = np.random.default_rng(seed)
-    t = draw(len(groups), sampling, cob_range, center=center, rng=rng)
-    if exact:
+    """One cofactor per pair: drawn for free pairs (seeded by ``options.seed``), 1 for
+    the others; powers of two with ``options.exact``."""
+    rng = np.random.default_rng(options.seed)
+    t = draw(len(groups), options, rng)
+    if options.exact:
         t = to_power_of_two(t)  # (keeps signs)
-    return restrict(t, groups, free, positive=_positive_draws(sampling, cob_range, center))
+    return restrict(t, groups, free, positive=_positive_draws(options))
 
 
-def _positive_draws(sampling: str, cob_range: float, center: float) -> bool:
-    """Every draw of ``sampling`` is > 0 (its range lies above 0 and no sign is drawn)."""
-    low = _BOUNDS[sampling](float(cob_range), center)[0]
-    return sampling != "inter_landscape" and low > 0
+def _positive_draws(options: CofactorOptions) -> bool:
+    """Every draw is > 0 (the interval lies above 0 and no sign is drawn)."""
+    return options.sampling != "inter_landscape" and options.interval[0] > 0

@@ -4,33 +4,34 @@ These are what the CLI runs, usable from Python too::
 
     from graphteleport.pipeline import TeleportOptions, teleport_file
     report = teleport_file("model.onnx", "out.onnx", TeleportOptions(seed=0))
-    report["verification"]["max_rel_err"]
+    report.verification.max_rel_err, report.seconds["analyze"]
+    report.to_json()  # the dict --report writes
 
-Every option value and path is checked before any file is read or written
-(:meth:`TeleportOptions.validate`, :func:`check_output_path`): a bad one raises
-:class:`InputError` and nothing is written.  With ``report_path`` the JSON report is
-staged beside the model and committed with it, model first (a report on disk always
-describes a model that was written).  A failed verification raises
-:class:`VerificationError` after the report is complete (``err.report``); it writes
-the failed report (so the user can see why) and no model.
+Every option value is checked when the options are made (:class:`TeleportOptions`,
+:class:`~graphteleport.options.CofactorOptions`) and every path before any file is
+read or written (:func:`check_output_path`): a bad one raises :class:`InputError` and
+nothing is written.  With ``report_path`` the JSON report is staged beside the model
+and committed with it, model first (a report on disk always describes a model that was
+written).  A failed verification raises :class:`VerificationError` after the report is
+complete (``err.report``, a :class:`~graphteleport.reports.TeleportReport`); it writes
+the failed report (so the user can see why) and no model.  Reports record the seconds
+of each phase the job ran (:class:`Stopwatch`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport import cofactors
 from graphteleport import verify as verify_mod
 from graphteleport.analysis.driver import analyze_model
 from graphteleport.analysis.quiver import Quiver
@@ -45,7 +46,16 @@ from graphteleport.io import (
     staged_save,
     write_file_atomic,
 )
-from graphteleport.passes.teleport import MODES, TeleportPass, TeleportResult, check_input_shapes
+from graphteleport.options import MODES, CofactorOptions, check_input_shapes, check_mode
+from graphteleport.passes.teleport import TeleportPass, TeleportResult
+from graphteleport.reports import (
+    AnalysisReport,
+    InputShapes,
+    InspectReport,
+    ModeReport,
+    TeleportReport,
+    report_json,
+)
 from graphteleport.tensorcheck import TensorScales
 
 log = logging.getLogger(__name__)
@@ -55,40 +65,29 @@ _LOW_PRECISION = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 MAX_DRAWS = 1024
 
 
-@dataclass
-class TeleportOptions:
-    """Everything ``graphteleport MODEL -o OUT`` takes (see the CLI's --help)."""
+@dataclass(frozen=True)
+class TeleportOptions(CofactorOptions):
+    """Everything ``graphteleport MODEL -o OUT`` takes (see the CLI's --help): the
+    cofactor options (seed 0 by default, as the CLI's) and how to verify.
 
-    mode: str = "absorb"
-    sampling: str = "intra_landscape"
-    cob_range: float = 0.5
-    center: float = 1.0
+    Checked on creation, as :class:`CofactorOptions` are, and also: ``rtol`` lies in
+    (0, 1) (0 passes nothing that is not bit-identical — use ``exact`` for that —, 1 or
+    more passes anything); input shapes are small enough to draw
+    (:func:`~graphteleport.options.check_input_shapes`); ``draws`` lies in
+    1..:data:`MAX_DRAWS` (0 only with ``inputs``).  A bad value raises
+    :class:`InputError`, one line naming the CLI option.
+    """
+
     seed: int | None = 0
-    exact: bool = False
-    rescale_residual: bool = False
     verify: bool = True
     rtol: float | None = None
     inputs: str | None = None  # an .npz of feeds
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     draws: int = verify_mod.DEFAULT_DRAWS  # random input draws verification compares
     tensor_check: bool = True  # also the per-tensor (node-by-node) check
 
-    def validate(self) -> None:
-        """Raise :class:`InputError` (one line naming the option) for a value that cannot work.
-
-        ``mode`` and ``sampling`` must be known; ``cob_range``/``center``/``seed`` must
-        draw non-zero cofactors (:func:`graphteleport.cofactors.check_sampling`,
-        :func:`~graphteleport.cofactors.check_seed`); ``rtol`` must lie in (0, 1)
-        (0 passes nothing that is not bit-identical — use ``exact`` for that —, 1 or
-        more passes anything); input shapes must be small enough to draw
-        (:func:`~graphteleport.passes.teleport.check_input_shapes`); ``draws`` lies
-        in 1..:data:`MAX_DRAWS` (0 only with ``inputs``).
-        :func:`teleport_file` calls it before touching any file.
-        """
-        if self.mode not in MODES:
-            raise InputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        cofactors.check_sampling(self.sampling, self.cob_range, self.center)
-        cofactors.check_seed(self.seed)
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.rtol is not None and not (
             isinstance(self.rtol, int | float) and math.isfinite(self.rtol) and 0 < self.rtol < 1
         ):
@@ -106,12 +105,36 @@ class TeleportOptions:
             )
 
 
+class Stopwatch:
+    """Wall time per phase of a job (``seconds``, in the order they ran) and in all.
+
+    ``with clock.phase("load"): ...`` adds the block's time to ``seconds["load"]``
+    (also when it raises); :meth:`stop` sets ``seconds["total"]``, the time since the
+    stopwatch was made.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def stop(self) -> None:
+        self.seconds["total"] = time.perf_counter() - self.start
+
+
 def _quiet(_: str) -> None:
     return None
 
 
 def _feeds(
-    model: ir.Model, opts: TeleportOptions, seed: int, src: str | os.PathLike[str]
+    model: ir.Model, opts: TeleportOptions, src: str | os.PathLike[str]
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]], onnx_frontend.ResolvedInputs]:
     """Verification inputs (the user's, then random draws), the concrete input shapes the
     analysis uses (those of the first set), and how the frontend sized the dynamic axes
@@ -123,22 +146,18 @@ def _feeds(
         probe=onnx_frontend.ort_probe(src),
     )
     sets = verify_mod.draw_feed_sets(
-        resolved.specs, opts.draws, seed, npz=opts.inputs, int_high=_int_ranges(model)
+        resolved.specs,
+        opts.draws,
+        _seed(opts),
+        npz=opts.inputs,
+        int_high=onnx_frontend.index_ranges(model),
     )
     return sets, {k: tuple(v.shape) for k, v in sets[0].items()}, resolved
 
 
-def _int_ranges(model: ir.Model) -> dict[str, int]:
-    """Integer inputs that index a table (token ids) get values within the table."""
-    out: dict[str, int] = {}
-    for v in model.graph.inputs:
-        for use in v.uses():
-            node = use.node
-            if node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
-                table = node.inputs[0].const_value
-                if table is not None and table.shape:
-                    out[v.name or ""] = int(table.shape.numpy()[0])
-    return out
+def _seed(opts: TeleportOptions) -> int:
+    """The seed of the verification's draws (the teleport's, 0 for None)."""
+    return 0 if opts.seed is None else opts.seed
 
 
 def _rtol(model: ir.Model, opts: TeleportOptions) -> float:
@@ -154,64 +173,41 @@ def inspect_file(
     mode: str = "absorb",
     *,
     report_path: PathArg | None = None,
-) -> dict[str, Any]:
+) -> InspectReport:
     """Analyse a model file only: free cofactors, groups, pins with reasons, per mode.
 
-    ``report["modes"]`` gives, for absorb and insert mode, the free cofactors and the
+    ``report.modes`` gives, for absorb and insert mode, the free cofactors and the
     nodes insert mode may wrap (a Mul before and after each, where the drawn
     cofactors need it) and the edges it may scale.  With ``report_path`` the report
-    is also written there as JSON, atomically; the path is checked before any work
-    and may not name the model or its external data.
+    is also written there as JSON (:meth:`InspectReport.to_json`), atomically; the
+    path is checked before any work and may not name the model or its external data.
     """
-    t0 = time.perf_counter()
-    if mode not in MODES:
-        raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    clock = Stopwatch()
+    chosen = check_mode(mode)
     check_input_shapes(input_shapes or {})
     reports = [] if report_path is None else [("--report", report_path)]
     check_paths([("model file", path)], reports)
     graph = onnx_frontend.load(path, input_shapes)
     check_paths(_model_inputs(path, None, graph.model), reports)
     model, shapes = graph.model, graph.input_shapes
-    per_mode: dict[str, Any] = {}
-    report: dict[str, Any] = {}
-    for m in ("absorb", "insert"):
+    per_mode: dict[str, ModeReport] = {}
+    quivers: dict[str, Quiver] = {}
+    for m in MODES:
         analysis = analyze_model(model, shapes, m)
-        quiver = Quiver.from_analysis(analysis)
+        quivers[m] = quiver = Quiver.from_analysis(analysis)
         c = analysis.ctx.c
-        per_mode[m] = {
-            "free_cofactors": quiver.free_cofactors,
-            "wrap_nodes": [getattr(w.node, "name", "") for w in c.wraps],
-            "edge_scales": [f"{getattr(e.node, 'name', '')}:{e.index}" for e in c.edges],
-        }
-        if m == mode:
-            report = analysis_report(quiver)
-    report.update(
-        model=str(path), mode=mode, modes=per_mode, seconds={"total": time.perf_counter() - t0}
-    )
-    if graph.inputs is not None:
-        report["input_shapes"] = graph.inputs.to_report()
+        per_mode[m] = ModeReport(
+            free_cofactors=quiver.free_cofactors,
+            wrap_nodes=[getattr(w.node, "name", "") for w in c.wraps],
+            edge_scales=[f"{getattr(e.node, 'name', '')}:{e.index}" for e in c.edges],
+        )
+    figures = AnalysisReport.of(quivers[chosen])
+    clock.stop()
+    inputs = graph.inputs.to_report() if graph.inputs is not None else None
+    report = InspectReport(figures, str(path), chosen, per_mode, clock.seconds, inputs)
     if report_path is not None:
         write_file_atomic(report_path, report_json(report))
     return report
-
-
-def report_json(report: Mapping[str, Any]) -> bytes:
-    """The report as the JSON bytes ``--report`` writes (values JSON lacks as strings)."""
-    return json.dumps(report, indent=2, default=str).encode()
-
-
-def analysis_report(quiver: Quiver) -> dict[str, Any]:
-    """The analysis part of a report (free cofactors, groups, pins, vertices)."""
-    sol = quiver.analysis.solution
-    return {
-        "free_cofactors": quiver.free_cofactors,
-        "neurons": quiver.neurons,
-        "cofactor_pairs": int(sol.touched.sum()),
-        "groups": quiver.groups(),
-        "pinned": [p.to_dict() for p in quiver.pinned()],
-        "neuron_groups": quiver.graph.number_of_nodes(),
-        "weights_in_quiver": quiver.graph.number_of_edges(),
-    }
 
 
 def teleport_file(
@@ -221,46 +217,38 @@ def teleport_file(
     progress: Progress = _quiet,
     *,
     report_path: PathArg | None = None,
-) -> dict[str, Any]:
+) -> TeleportReport:
     """Teleport the model at ``src`` into ``dst``, verified unless ``opts.verify`` is False.
 
-    With ``report_path`` the JSON report is committed together with the model (after
-    it); after a failed verification it is written alone.  Options and paths are
-    checked first; see the module docstring.
+    Returns the report (:meth:`TeleportReport.to_json` gives the dict ``--report``
+    writes), with the seconds of every phase: ``load``, ``inputs`` (input shapes and
+    verification inputs), ``analyze`` and ``rewrite`` (the pass), ``report``, ``save``,
+    ``verify``, ``total``.  With ``report_path`` the JSON report is committed together
+    with the model (after it); after a failed verification it is written alone.  Paths
+    are checked first; see the module docstring.
     """
-    t0 = time.perf_counter()
-    opts.validate()
+    clock = Stopwatch()
     check_output_path(src, dst, report=report_path, inputs=opts.inputs)
-    model = load_model(src)
+    with clock.phase("load"):
+        model = load_model(src)
     check_output_path(src, dst, report=report_path, inputs=opts.inputs, model=model)
-    seed = 0 if opts.seed is None else opts.seed
-    feeds, shapes, resolved = _feeds(model, opts, seed, src)
-    teleport = TeleportPass(
-        mode=opts.mode,
-        sampling=opts.sampling,
-        cob_range=opts.cob_range,
-        center=opts.center,
-        seed=opts.seed,
-        exact=opts.exact,
-        input_shapes=shapes,
-        rescale_residual=opts.rescale_residual,
-    )
+    with clock.phase("inputs"):
+        feeds, shapes, resolved = _feeds(model, opts, src)
     progress("analysing and rewriting")  # every check on the user's input has passed
-    result: Any = teleport(model)
-    report = _teleport_report(result, src, dst, opts)
-    report["input_shapes"] = resolved.to_report(shapes)
-    report["seconds"]["inputs"] = resolved.seconds
-    commit = _committer(report, report_path, t0)
+    result = TeleportPass(options=opts, input_shapes=shapes)(model)
+    clock.seconds.update(result.seconds)
+    with clock.phase("report"):
+        report = _teleport_report(result, src, dst, resolved.to_report(shapes), clock.seconds)
     try:
         _save_verified(
-            model, src, dst, feeds, report, opts, progress, result.tensor_scales(), commit=commit
-        )
+            model, src, feeds, report, opts, progress, result.tensor_scales(),
+            clock=clock, commit=_committer(report, report_path, clock),
+        )  # fmt: skip
     except VerificationError:
         if report_path is not None:  # the failed report says why; no model is written
-            report["seconds"]["total"] = time.perf_counter() - t0
+            clock.stop()
             write_file_atomic(report_path, report_json(report))
         raise
-    report["seconds"].setdefault("total", time.perf_counter() - t0)
     return report
 
 
@@ -303,7 +291,7 @@ def _model_inputs(
 
 
 def _committer(
-    report: dict[str, Any], report_path: PathArg | None, t0: float
+    report: TeleportReport, report_path: PathArg | None, clock: Stopwatch
 ) -> Callable[[StagedSave], list[Path]]:
     """The commit of a verified (or unverified) staged model, with its report.
 
@@ -315,8 +303,8 @@ def _committer(
     """
 
     def commit(staged: StagedSave) -> list[Path]:
-        report["written"] = [str(p) for p in staged.paths]
-        report["seconds"]["total"] = time.perf_counter() - t0
+        report.written = [str(p) for p in staged.paths]
+        clock.stop()
         if report_path is not None:
             staged.stage_file(report_path, report_json(report))
         return staged.commit()
@@ -327,67 +315,54 @@ def _committer(
 def _save_verified(
     model: ir.Model,
     src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
     feeds: list[dict[str, np.ndarray]],
-    report: dict[str, Any],
+    report: TeleportReport,
     opts: TeleportOptions,
     progress: Progress,
-    scales: TensorScales | None = None,
+    scales: TensorScales,
     *,
-    commit: Callable[[StagedSave], list[Path]] = StagedSave.commit,
+    clock: Stopwatch,
+    commit: Callable[[StagedSave], list[Path]],
 ) -> None:
-    t = time.perf_counter()
-    if not opts.verify:
-        with staged_save(model, dst, protect=[src]) as staged:
-            report["seconds"]["save"] = time.perf_counter() - t
-            commit(staged)
-        return
-    with staged_save(model, dst, protect=[src]) as staged:
-        report["seconds"]["save"] = time.perf_counter() - t
-        progress("verifying with onnxruntime")
-        t = time.perf_counter()
-        result = verify_mod.verify_teleport(
-            src, staged.model_path, feeds, scales if opts.tensor_check else None,
-            rtol=_rtol(model, opts), seed=0 if opts.seed is None else opts.seed,
-        )  # fmt: skip
-        report["seconds"]["verify"] = time.perf_counter() - t
-        report["verification"] = result.to_dict()
-        if not result.passed:
-            err = VerificationError(result.summary() + "; nothing was written")
-            err.report = report  # type: ignore[attr-defined]
-            raise err
+    """Stage the model beside ``report.output``, verify it there (unless ``opts.verify``
+    is False) and ``commit`` it; a failed verification raises VerificationError (with
+    ``err.report``) and the staged files are removed."""
+    with contextlib.ExitStack() as stack:
+        with clock.phase("save"):
+            staged = stack.enter_context(staged_save(model, report.output, protect=[src]))
+        if opts.verify:
+            progress("verifying with onnxruntime")
+            with clock.phase("verify"):
+                result = verify_mod.verify_teleport(
+                    src, staged.model_path, feeds, scales if opts.tensor_check else None,
+                    rtol=_rtol(model, opts), seed=_seed(opts),
+                )  # fmt: skip
+            report.verification = result
+            if not result.passed:
+                err = VerificationError(result.summary() + "; nothing was written")
+                err.report = report  # type: ignore[attr-defined]
+                raise err
         commit(staged)
 
 
 def _teleport_report(
-    result: TeleportResult, src: Any, dst: Any, opts: TeleportOptions
-) -> dict[str, Any]:
-    assert result.analysis is not None
-    report = analysis_report(Quiver.from_analysis(result.analysis))
-    stats = result.stats
-    report.update(
+    result: TeleportResult,
+    src: PathArg,
+    dst: PathArg,
+    inputs: InputShapes,
+    seconds: dict[str, float],
+) -> TeleportReport:
+    """The report of a teleport (its verification and written files come later)."""
+    free = result.pair_values[result.analysis.solution.free]
+    return TeleportReport(
+        analysis=AnalysisReport.of(Quiver.from_analysis(result.analysis)),
         model=str(src),
         output=str(dst),
-        mode=opts.mode,
-        sampling=opts.sampling,
-        cob_range=opts.cob_range,
-        seed=opts.seed,
-        exact=opts.exact,
-        initializers_changed=stats.weights_changed,
-        initializers_total=stats.weights_total,
-        elements_changed=stats.elements_changed,
-        elements_total=stats.elements_total,
-        private_copies=stats.copies,
-        nodes_added=result.inserted.nodes_added,
-        inserted={
-            "wraps": result.inserted.wraps,
-            "edge_scales": result.inserted.edge_scales,
-            "merged": result.inserted.merged,
-        },
-        verification=None,
-        seconds=dict(result.seconds),
+        options=result.options,
+        stats=result.stats,
+        inserted=result.inserted,
+        cofactor_range=(float(free.min()), float(free.max())) if free.size else None,
+        range_fixes=result.range_report(),  # pairs moved toward 1 to stay in range
+        input_shapes=inputs,
+        seconds=seconds,
     )
-    free = result.pair_values[result.analysis.solution.free]
-    report["cofactor_range"] = [float(free.min()), float(free.max())] if free.size else None
-    report["range_fixes"] = result.range_report()  # pairs moved toward 1 to stay in range
-    return report

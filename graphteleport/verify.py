@@ -1,14 +1,17 @@
 """Check that a rewritten model computes what the original computes (DESIGN.md §5).
 
-Both models run in onnxruntime on the CPU with graph optimisations *disabled*, so the
-runtime neither hides nor duplicates the rewrite, on the same inputs: random ones drawn
-from the model's declared input types and shapes (:func:`input_specs`,
+This module runs models and compares what they compute.  Both models run in
+onnxruntime on the CPU with graph optimisations *disabled*, so the runtime neither
+hides nor duplicates the rewrite, on the same inputs: random ones drawn for the input
+specs the ONNX frontend resolved (:func:`graphteleport.frontends.onnx.input_specs`,
 :func:`make_feeds`), or the user's own from an ``.npz`` file.  Every output is compared
 (:func:`compare`) and the result reports the largest absolute and relative errors and
 the tolerance used.  Bit-exact rewrites (power-of-two cofactors) report 0 and
-``exact=True``.
+``exact=True``.  :func:`verify_teleport` adds the per-tensor check.
 
 Example::
+
+    from graphteleport.frontends.onnx import input_specs
 
     specs = input_specs("model.onnx", {"input_ids": [1, 16]})
     result = verify("model.onnx", "teleported.onnx", make_feeds(specs, seed=0))
@@ -35,7 +38,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphteleport.errors import InputError, VerificationError
-from graphteleport.frontends.onnx import DEFAULT_SEQUENCE, InputSpec, input_specs
+from graphteleport.frontends.onnx import InputSpec
 from graphteleport.io import (
     external_data_files,
     initializer_nbytes,
@@ -51,16 +54,16 @@ from graphteleport.tensorcheck import (
 )
 
 __all__ = [
-    "DEFAULT_SEQUENCE",
-    "InputSpec",
+    "DEFAULT_DRAWS",
     "ModelSource",
     "OutputReport",
     "VerificationResult",
     "compare",
-    "input_specs",
+    "draw_feed_sets",
     "make_feeds",
     "run",
     "verify",
+    "verify_teleport",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,11 +73,6 @@ ModelSource = str | os.PathLike[str] | bytes | ir.Model
 
 #: In-memory models up to this size are handed to onnxruntime as bytes, larger via a file.
 _MAX_BYTES_MODEL = 1 << 30
-
-
-# --------------------------------------------------------------------------- inputs
-# InputSpec, input_specs and DEFAULT_SEQUENCE live in the ONNX frontend, which resolves
-# input shapes (graphteleport.frontends.onnx.resolve_input_shapes); re-exported here.
 
 
 def _quoted(names: Sequence[str]) -> str:

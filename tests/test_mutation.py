@@ -25,6 +25,7 @@ from onnx import numpy_helper
 
 from graphteleport import verify
 from graphteleport.analysis.constraints import Absorb
+from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 from graphteleport.tensorcheck import TensorScales
@@ -51,7 +52,7 @@ class Case:
 
 def teleported(src: Path, tmp: Path, mode: str = "absorb", seed: int = 0) -> Case:
     model = load_model(src)
-    specs = verify.input_specs(model)
+    specs = onnx_frontend.input_specs(model)
     feeds = verify.draw_feed_sets(specs, verify.DEFAULT_DRAWS, seed)
     shapes = {k: v.shape for k, v in feeds[0].items()}
     result = TeleportPass(mode=mode, seed=seed, input_shapes=shapes)(model)
@@ -70,9 +71,9 @@ class Mutant:
 
 def mutants(case: Case) -> Iterator[Mutant]:
     """One mutant per (weight, free neuron, role) the analysis gives."""
-    sol = case.result.analysis.solution  # type: ignore[union-attr]
+    sol = case.result.analysis.solution
     free = sol.free[sol.pair]
-    for ab in case.result.analysis.absorbs:  # type: ignore[union-attr]
+    for ab in case.result.analysis.absorbs:
         if not _plain(ab):
             continue
         for f in ab.factors:

@@ -30,10 +30,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphteleport import cofactors
-from graphteleport.cofactors import SAMPLINGS, check_sampling, draw, zero_floor
+from graphteleport.cofactors import draw, zero_floor
 from graphteleport.errors import InputError
 from graphteleport.numerics import limits, magnitudes
-from graphteleport.passes.teleport import MODES, TeleportPass, TeleportResult
+from graphteleport.options import MODES, SAMPLINGS, CofactorOptions, Sampling, interval
+from graphteleport.passes.teleport import TeleportPass, TeleportResult
 from graphteleport.pipeline import TeleportOptions, teleport_file
 
 N = helper.make_node
@@ -174,10 +175,10 @@ def run(proto: onnx.ModelProto, **kwargs: Any) -> tuple[TeleportResult, onnx.Mod
     return result, ir.to_proto(model)
 
 
-def valid(sampling: str, cob_range: float, center: float = 1.0) -> bool:
+def valid(sampling: Sampling, cob_range: float, center: float = 1.0) -> bool:
     """The options are accepted (``positive``/``negative`` with r = 0 draw only 0: refused)."""
     try:
-        check_sampling(sampling, cob_range, center)
+        CofactorOptions(sampling=sampling, cob_range=cob_range, center=center)
     except InputError:
         return False
     return True
@@ -197,14 +198,15 @@ def weight_dtype(proto: onnx.ModelProto) -> np.dtype:
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("cob_range", [*RANGES, 1.0, 1.5])
 @pytest.mark.parametrize("center", [1.0, 0.0, 1e-9, -2.0])
-def test_draws_stay_away_from_zero(sampling: str, cob_range: float, center: float) -> None:
+def test_draws_stay_away_from_zero(sampling: Sampling, cob_range: float, center: float) -> None:
     """No |τ| below the floor ``max(m, 1)·2^-10`` (m: the interval's reach), never below
     2^-10; draws already outside the floor are the unfloored draws of the same seed."""
-    low, high = cofactors._BOUNDS[sampling](cob_range, center)
+    low, high = interval(sampling, cob_range, center)
     if not valid(sampling, cob_range, center):
         assert low == high == 0
         return
-    t = draw(5000, sampling, cob_range, center=center, rng=np.random.default_rng(7))
+    opts = CofactorOptions(sampling=sampling, cob_range=cob_range, center=center)
+    t = draw(5000, opts, np.random.default_rng(7))
     eps = zero_floor(low, high)
     assert eps == max(abs(low), abs(high), 1.0) * FLOOR
     assert (np.abs(t) >= eps).all() and np.isfinite(t).all()
@@ -221,15 +223,16 @@ def test_positive_tiny_range_draws_the_floor_not_a_subnormal() -> None:
     """The reported case: positive with a tiny r drew τ ≈ 0 (r = 0: τ = 5e-324, a
     reciprocal of inf; r = 0 itself is now refused as bad input)."""
     for r in (1e-300, 1e-5):
-        t = draw(100, "positive", r, rng=np.random.default_rng(0))
+        t = draw(100, CofactorOptions(sampling="positive", cob_range=r), np.random.default_rng(0))
         np.testing.assert_array_equal(t, FLOOR)
-        t = draw(100, "negative", r, rng=np.random.default_rng(0))
+        t = draw(100, CofactorOptions(sampling="negative", cob_range=r), np.random.default_rng(0))
         np.testing.assert_array_equal(t, -FLOOR)
 
 
 def test_redraws_stay_uniform_on_what_is_left() -> None:
     """positive r = 1: the floor removes [0, 2^-10); the rest stays uniform on [2^-10, 1]."""
-    t = draw(200_000, "positive", 1.0, rng=np.random.default_rng(3))
+    opts = CofactorOptions(sampling="positive", cob_range=1.0)
+    t = draw(200_000, opts, np.random.default_rng(3))
     assert t.min() >= FLOOR
     hist, _ = np.histogram(t, bins=10, range=(FLOOR, 1.0))
     assert hist.min() > 0.95 * hist.mean() and hist.max() < 1.05 * hist.mean()
@@ -326,7 +329,7 @@ def test_no_weight_leaves_its_range(
 @pytest.mark.parametrize("cob_range", RANGES)
 @pytest.mark.parametrize("exact", [False, True])
 def test_no_weight_leaves_its_range_every_combination(
-    sampling: str, cob_range: float, exact: bool
+    sampling: Sampling, cob_range: float, exact: bool
 ) -> None:
     """The full product on a small float16 MLP (weights only, both modes): fast, so that
     no combination is left to chance."""
@@ -365,7 +368,8 @@ def test_inter_landscape_near_one_on_float16(
     assert rel_err(proto, after) <= 1e-2
     assert result.range_fixes, "this draw needs fitting: the test would prove nothing"
     assert moved_fraction(result) >= 0.9
-    raw = cofactors.draw(1000, "inter_landscape", 0.999999, rng=np.random.default_rng(0))
+    opts = CofactorOptions(sampling="inter_landscape", cob_range=0.999999)
+    raw = cofactors.draw(1000, opts, np.random.default_rng(0))
     assert np.abs(raw).min() >= zero_floor(1e-6, 1.999999)
 
 
@@ -394,8 +398,9 @@ def test_float16_weight_near_its_max() -> None:
     assert rel_err(proto, after) <= 1e-2
     assert [f.reason for f in result.range_fixes] == ["cofactor would overflow float16 weight 'W1'"]
     assert moved_fraction(result) == 1.0
-    sol = result.analysis.solution  # type: ignore[union-attr]
-    drawn = cofactors.sample(sol.code, sol.free, "centered", 0.1, center=0.7, seed=0)
+    sol = result.analysis.solution
+    opts = CofactorOptions(sampling="centered", cob_range=0.1, center=0.7, seed=0)
+    drawn = cofactors.sample(sol.code, sol.free, opts)
     fixed = result.range_fixes[0].pair
     assert sol.pair[result.tau != drawn[sol.pair]].tolist() == [fixed] * int(
         np.count_nonzero(result.tau != drawn[sol.pair])
@@ -495,7 +500,7 @@ def test_report_lists_the_fits(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(near_max_model(), src)
     opts = TeleportOptions(**NEAR_MAX)  # type: ignore[arg-type]
-    report = teleport_file(src, tmp_path / "out.onnx", opts)
+    report = teleport_file(src, tmp_path / "out.onnx", opts).to_json()
     assert report["verification"]["passed"]
     assert report["range_fixes"] == [
         {"reason": "cofactor would overflow float16 weight 'W1'", "cofactors": 1, "pinned": 0}

@@ -28,8 +28,9 @@ from onnx import helper
 
 from graphteleport.analysis import analyze
 from graphteleport.analysis.solve import GROUPS
-from graphteleport.cofactors import SAMPLINGS, _positive_draws, draw, restrict, sample
+from graphteleport.cofactors import _positive_draws, draw, restrict, sample
 from graphteleport.errors import InputError
+from graphteleport.options import SAMPLINGS, CofactorOptions, Sampling
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 
 
@@ -67,7 +68,7 @@ def test_restrict_by_codes_matches_restrict_by_names() -> None:
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("cob_range", [0.0, 0.5, 1.0, 1.5])
 def test_sample_takes_the_positive_path_only_for_positive_draws(
-    sampling: str, cob_range: float
+    sampling: Sampling, cob_range: float
 ) -> None:
     """``sample`` promises ``restrict`` positive draws only where the sampling cannot draw
     τ ≤ 0; either way its values equal the general restriction of the same draws."""
@@ -75,12 +76,13 @@ def test_sample_takes_the_positive_path_only_for_positive_draws(
     free = np.random.default_rng(2).random(4000) < 0.8
     if cob_range == 0 and sampling in ("positive", "negative"):  # U[0, 0]: every τ = 0
         with pytest.raises(InputError, match="every cofactor as 0"):
-            draw(4000, sampling, cob_range, center=0.5, rng=np.random.default_rng(3))
+            CofactorOptions(sampling=sampling, cob_range=cob_range, center=0.5)
         return
-    t = draw(4000, sampling, cob_range, center=0.5, rng=np.random.default_rng(3))
-    if _positive_draws(sampling, cob_range, 0.5):
+    opts = CofactorOptions(sampling=sampling, cob_range=cob_range, center=0.5, seed=3)
+    t = draw(4000, opts, np.random.default_rng(3))
+    if _positive_draws(opts):
         assert (t > 0).all()
-    got = sample(codes, free, sampling, cob_range, center=0.5, seed=3)
+    got = sample(codes, free, opts)
     np.testing.assert_array_equal(got, restrict(t, codes, free))
 
 

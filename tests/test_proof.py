@@ -22,6 +22,7 @@ from onnx import helper
 
 from graphteleport import tensorcheck, verify
 from graphteleport.cli import main
+from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model
 from graphteleport.passes.teleport import TeleportPass
 
@@ -71,7 +72,7 @@ def test_sigmoid_tail_still_catches_a_wrong_weight(tmp_path: Path) -> None:
     model = sigmoid_tail_model()
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
-    specs = verify.input_specs(load_model(src))
+    specs = onnx_frontend.input_specs(load_model(src))
     feeds = verify.draw_feed_sets(specs)
     result = TeleportPass(seed=0)(load_model(src))
     bad = result.model
@@ -159,7 +160,7 @@ def test_bad_draws_are_usage_errors(tmp_path: Path, bad: str) -> None:
 @pytest.mark.parametrize("mode", ["absorb", "insert"])
 def test_groups_under_a_small_budget_give_the_same_verdict(tmp_path: Path, mode: str) -> None:
     src = FIXTURES / "resnet_tiny.onnx"
-    specs = verify.input_specs(load_model(src))
+    specs = onnx_frontend.input_specs(load_model(src))
     feeds = verify.draw_feed_sets(specs, 1)
     result = TeleportPass(mode=mode, seed=3, sampling="inter_landscape")(load_model(src))
     out = tmp_path / "t.onnx"
@@ -177,7 +178,7 @@ def test_groups_under_a_small_budget_give_the_same_verdict(tmp_path: Path, mode:
 def test_insert_mode_promise_is_checked(tmp_path: Path) -> None:
     """Insert mode: wrapped outputs are unscaled, and a wrong inserted cofactor fails."""
     src = FIXTURES / "mlp_small.onnx"
-    specs = verify.input_specs(load_model(src))
+    specs = onnx_frontend.input_specs(load_model(src))
     feeds = verify.draw_feed_sets(specs, 2)
     result = TeleportPass(mode="insert", seed=1, sampling="inter_landscape", cob_range=0.9)(
         load_model(src)

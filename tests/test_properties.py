@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from graphteleport.analysis import analyze
-from graphteleport.cofactors import SAMPLINGS
+from graphteleport.options import SAMPLINGS
 
 N = helper.make_node
 ACTS = ("Relu", "LeakyRelu", "")

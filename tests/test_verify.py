@@ -19,15 +19,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphteleport.errors import InputError, VerificationError
+from graphteleport.frontends.onnx import InputSpec, input_specs
 from graphteleport.io import load_model, staged_save
-from graphteleport.verify import (
-    InputSpec,
-    compare,
-    input_specs,
-    make_feeds,
-    run,
-    verify,
-)
+from graphteleport.verify import compare, make_feeds, run, verify
 
 HIDDEN = 64
 RNG_WEIGHTS = np.random.default_rng(0)

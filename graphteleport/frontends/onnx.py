@@ -55,6 +55,7 @@ __all__ = [
     "OnnxGraph",
     "Probe",
     "ResolvedInputs",
+    "index_ranges",
     "input_specs",
     "load",
     "ort_probe",
@@ -190,6 +191,20 @@ def input_specs(
     it as ``-1`` (for feeds that come from an ``.npz`` file).
     """
     return resolve_input_shapes(model, input_shapes, allow_dynamic=allow_dynamic).specs
+
+
+def index_ranges(model: ir.Model) -> dict[str, int]:
+    """``{input: rows}`` for integer inputs that index a table (token ids read by a
+    ``Gather`` of a constant table): random feeds for them stay below the table's rows."""
+    out: dict[str, int] = {}
+    for v in model.graph.inputs:
+        for use in v.uses():
+            node = use.node
+            if node.op_type == "Gather" and use.idx == 1 and node.inputs[0] is not None:
+                table = node.inputs[0].const_value
+                if table is not None and table.shape:
+                    out[v.name or ""] = int(table.shape.numpy()[0])
+    return out
 
 
 def resolve_input_shapes(
@@ -537,7 +552,8 @@ def _session_source(
     if not isinstance(source, ir.Model):
         return os.fspath(source)
     if not external_data_files(source) and initializer_nbytes(source) <= _MAX_BYTES_MODEL:
-        return ir.to_proto(source).SerializeToString()
+        data: bytes = ir.to_proto(source).SerializeToString()
+        return data
     keep["tmp"] = tmp = tempfile.TemporaryDirectory(prefix="graphteleport-probe-")
     path = os.path.join(tmp.name, "model.onnx")
     save_model_atomic(source, path, external_data=True)

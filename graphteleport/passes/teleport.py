@@ -1,6 +1,6 @@
 """TeleportPass: rescale a model's neurons without changing its function.
 
-Analyse the model (:func:`graphteleport.analysis.driver_model`), draw one
+Analyse the model (:func:`graphteleport.analysis.driver.analyze_model`), draw one
 cofactor per free cofactor pair (:mod:`graphteleport.cofactors`), and rewrite the
 weights (:mod:`graphteleport.rewrite`): for a weight between neurons s → t,
 ``W' = τ_t · W / τ_s``.  In absorb mode the graph's nodes are unchanged; only
@@ -19,65 +19,61 @@ each weight's bits, made while its new value is computed.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from graphteleport import cofactors, ranges
 from graphteleport.analysis.driver import Analysis, analyze_model
-from graphteleport.errors import InputError
 from graphteleport.insertion import InsertStats, insert_nodes
+from graphteleport.options import CofactorOptions, check_input_shapes
 from graphteleport.rewrite import RewriteStats, commit, prepare
 from graphteleport.tensorcheck import TensorScales
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from graphteleport.options import OptionFields
+
 log = logging.getLogger(__name__)
-MODES = ("absorb", "insert")
-#: The most elements an input shape may have (a float32 input of this size is 8 GiB).
-MAX_INPUT_ELEMENTS = 2**31
-
-
-def check_input_shapes(shapes: Mapping[str, Sequence[int]]) -> None:
-    """Raise InputError unless every shape is a tuple of non-negative integers whose
-    product is at most :data:`MAX_INPUT_ELEMENTS` (larger inputs cannot be drawn or run)."""
-    for name, shape in shapes.items():
-        dims = list(shape)
-        if any(isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0 for d in dims):
-            raise InputError(f"input shape {name}: sizes must be non-negative integers, got {dims}")
-        elements = math.prod(int(d) for d in dims)
-        if elements > MAX_INPUT_ELEMENTS:
-            raise InputError(
-                f"input shape {name}={','.join(map(str, dims))} has {elements:.3g} elements, "
-                f"over the limit of 2**31 per input; choose smaller sizes"
-            )
 
 
 @dataclass
 class TeleportResult(ir.passes.PassResult):
-    """What the teleport did: the model (changed in place), cofactors and counts."""
+    """What the teleport did: the model (changed in place), cofactors and counts.
 
-    analysis: Analysis | None = None
-    pair_values: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    tau: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    stats: RewriteStats = field(default_factory=RewriteStats)
-    inserted: InsertStats = field(default_factory=InsertStats)
-    seconds: dict[str, float] = field(default_factory=dict)
-    exact: bool = False
-    range_fixes: list[ranges.RangeFix] = field(default_factory=list)
+    Attributes:
+        analysis: the analysis the cofactors were drawn for.
+        options: the options of the teleport.
+        pair_values: one value per cofactor pair (1 where pinned), after range fits.
+        tau: one cofactor per neuron, ``pair_values[pair]`` with the pair's sign.
+        stats: what the weight rewrite changed.
+        inserted: what insert mode added (all zero in absorb mode).
+        range_fixes: pairs moved toward 1 to keep weights in range.
+        seconds: wall time of the pass's phases, ``analyze`` and ``rewrite``.
+    """
+
+    analysis: Analysis
+    options: CofactorOptions
+    pair_values: np.ndarray
+    tau: np.ndarray
+    stats: RewriteStats
+    inserted: InsertStats
+    range_fixes: list[ranges.RangeFix]
+    seconds: dict[str, float]
 
     @property
     def free_cofactors(self) -> int:
-        return int(self.analysis.solution.free.sum()) if self.analysis else 0
+        return int(self.analysis.solution.free.sum())
 
     def tensor_scales(self) -> TensorScales:
         """The promise the per-tensor check verifies: value ``v`` of the teleported model is
         ``s_v ⊙`` the original's, ``s_v = τ[ids(v)]`` (1 for a wrapped activation's output
         in insert mode: its ``Mul(τ)`` comes after it)."""
-        if self.analysis is None:
-            return TensorScales({})
         ctx, unscaled = self.analysis.ctx, set(self.inserted.unscaled)
         scales: dict[str, np.ndarray] = {}
         tracked: set[str] = set()
@@ -91,15 +87,25 @@ class TeleportResult(ir.passes.PassResult):
                 scales[name] = s
         return TensorScales(scales, frozenset(tracked))
 
-    def range_report(self) -> list[dict[str, object]]:
-        """The pairs moved toward 1 to keep weights in range, by reason: how many, and
-        how many of them ended pinned (``τ = ±1``)."""
-        out: dict[str, dict[str, object]] = {}
+    def range_report(self) -> list[RangeFixCount]:
+        """The pairs moved toward 1 to keep weights in range, by reason, in the order
+        the reasons first occur."""
+        out: dict[str, RangeFixCount] = {}
         for fix in self.range_fixes:
-            row = out.setdefault(fix.reason, {"reason": fix.reason, "cofactors": 0, "pinned": 0})
-            row["cofactors"] = int(row["cofactors"]) + 1  # type: ignore[call-overload]
-            row["pinned"] = int(row["pinned"]) + fix.pinned  # type: ignore[call-overload]
+            row = out.setdefault(fix.reason, RangeFixCount(fix.reason))
+            row.cofactors += 1
+            row.pinned += fix.pinned
         return list(out.values())
+
+
+@dataclass
+class RangeFixCount:
+    """How many pairs were moved toward 1 for one reason, and how many of them ended
+    pinned (``τ = ±1``)."""
+
+    reason: str
+    cofactors: int = 0
+    pinned: int = 0
 
 
 class TeleportPass(ir.passes.InPlacePass):
@@ -119,46 +125,34 @@ class TeleportPass(ir.passes.InPlacePass):
     def __init__(
         self,
         *,
-        mode: str = "absorb",
-        sampling: str = "intra_landscape",
-        cob_range: float = 0.5,
-        center: float = 1.0,
-        seed: int | None = None,
-        exact: bool = False,
+        options: CofactorOptions | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
-        rescale_residual: bool = False,
+        **fields: Unpack[OptionFields],
     ) -> None:
+        """``options``, or keyword arguments naming its fields (``mode``, ``sampling``,
+        ``cob_range``, ``center``, ``seed``, ``exact``, ``rescale_residual``; with
+        ``options`` too they replace its values): :meth:`CofactorOptions.build`, which
+        checks them.  ``input_shapes`` sizes the inputs' dynamic axes for the analysis."""
         super().__init__()
-        if mode not in MODES:
-            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        cofactors.check_sampling(sampling, cob_range, center)
-        cofactors.check_seed(seed)
+        self.options = CofactorOptions.build(options, **fields)
         check_input_shapes(input_shapes or {})
-        self.mode = mode
-        self.sampling = sampling
-        self.cob_range = cob_range
-        self.center = center
-        self.seed = seed
-        self.exact = exact
         self.input_shapes = dict(input_shapes or {})
-        self.rescale_residual = rescale_residual
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> TeleportResult:
+        """Teleport the model in place (onnx_ir's pass protocol, with the result typed)."""
+        result = super().__call__(model_or_result)
+        assert isinstance(result, TeleportResult)
+        return result
 
     def call(self, model: ir.Model) -> TeleportResult:
+        opts = self.options
         t0 = time.perf_counter()
-        analysis = analyze_model(model, self.input_shapes, self.mode, self.rescale_residual)
+        analysis = analyze_model(model, self.input_shapes, opts.mode, opts.rescale_residual)
         t1 = time.perf_counter()
         sol = analysis.solution
-        values = cofactors.sample(
-            sol.code,
-            sol.free,
-            self.sampling,
-            self.cob_range,
-            center=self.center,
-            seed=self.seed,
-            exact=self.exact,
-        )
+        values = cofactors.sample(sol.code, sol.free, opts)
         tau, stats, fixes = self._rewrite(model, analysis, values)
-        inserted = insert_nodes(model, analysis, tau) if self.mode == "insert" else InsertStats()
+        inserted = insert_nodes(model, analysis, tau) if opts.mode == "insert" else InsertStats()
         t2 = time.perf_counter()
         log.info(
             "teleported: %d free cofactors, %d/%d weights changed",
@@ -169,14 +163,14 @@ class TeleportPass(ir.passes.InPlacePass):
         return TeleportResult(
             model=model,
             modified=bool(stats.changed) or inserted.nodes_added > 0,
-            inserted=inserted,
             analysis=analysis,
+            options=opts,
             pair_values=values,
             tau=tau,
             stats=stats,
-            seconds={"analyze": t1 - t0, "rewrite": t2 - t1},
-            exact=self.exact,
+            inserted=inserted,
             range_fixes=fixes,
+            seconds={"analyze": t1 - t0, "rewrite": t2 - t1},
         )
 
     def _rewrite(
@@ -192,10 +186,10 @@ class TeleportPass(ir.passes.InPlacePass):
         tau = sol.cofactors(values)
         prepared = prepare(analysis, tau)
         fixes: list[ranges.RangeFix] = []
-        insert = self.mode == "insert"
+        insert = self.options.mode == "insert"
         if prepared.out_of_range or insert:
             fixes = ranges.fit(
-                analysis, values, prepared.magnitudes, insert=insert, exact=self.exact
+                analysis, values, prepared.magnitudes, insert=insert, exact=self.options.exact
             )
         if fixes:
             tau = sol.cofactors(values)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import signal
 import sys
@@ -124,8 +125,8 @@ def zoo_case(name: str, make: Any, shape: tuple[int, ...], out: Path, mode: str)
         print(f"  exported {name} in {time.perf_counter() - t:.1f}s", flush=True)
     opts = TeleportOptions(mode=mode, seed=0, rtol=1e-4)
     if mode == "insert":
-        opts.sampling, opts.cob_range = "inter_landscape", 0.9
-    rep = teleport_file(path, out / f"{name}.{mode}.teleported.onnx", opts)
+        opts = dataclasses.replace(opts, sampling="inter_landscape", cob_range=0.9)
+    rep = teleport_file(path, out / f"{name}.{mode}.teleported.onnx", opts).to_json()
     v = rep["verification"]
     return {
         "case": f"onnx {name} {mode}",
