@@ -37,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -51,7 +51,13 @@ from graphteleport.analysis.quiver import Quiver
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
 from graphteleport.insertion import factor_product, wrap_needed
+from graphteleport.options import CofactorOptions, check_mode
 from graphteleport.rewrite import source_scale
+
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from graphteleport.options import OptionFields
 
 IN, OUT = "graphteleport_in", "graphteleport_out"
 _COFACTOR_BUFFER = re.compile(rf"(.*\.)?({IN}|{OUT})(_\d+)?")  # a hooked module's buffers
@@ -122,27 +128,19 @@ def teleport(
     model: nn.Module,
     example_inputs: Any,
     *,
-    mode: str = "absorb",
-    sampling: str = "intra_landscape",
-    cob_range: float = 0.5,
-    center: float = 1.0,
-    seed: int | None = None,
-    exact: bool = False,
+    options: CofactorOptions | None = None,
     values: np.ndarray | None = None,
+    **fields: Unpack[OptionFields],
 ) -> TorchTeleport:
     """Teleport ``model`` in place; ``values`` gives the cofactor of each pair directly.
 
+    ``options``, or keyword arguments naming its fields (``mode``, ``sampling``,
+    ``cob_range``, ``center``, ``seed``, ``exact``): :meth:`CofactorOptions.build`.
     Tracing and analysis happen on every call; to teleport one module many times (a
     training loop, micro-teleportations), build a :class:`Teleporter` once.
     """
-    return Teleporter(model, example_inputs, mode=mode).teleport(
-        sampling=sampling,
-        cob_range=cob_range,
-        center=center,
-        seed=seed,
-        exact=exact,
-        values=values,
-    )
+    opts = CofactorOptions.build(options, **fields)
+    return Teleporter(model, example_inputs, mode=opts.mode).teleport(options=opts, values=values)
 
 
 class Teleporter:
@@ -154,35 +152,38 @@ class Teleporter:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, *, mode: str = "absorb") -> None:
-        if mode not in ("absorb", "insert"):
-            raise InputError(f"unknown mode {mode!r}; choose absorb or insert")
         self.model = model
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.graph = trace(model, example_inputs)
-        self.analysis = analyze(self.graph, mode)
+        self.analysis = analyze(self.graph, self.mode)
 
     def teleport(
         self,
         *,
-        sampling: str = "intra_landscape",
-        cob_range: float = 0.5,
-        center: float = 1.0,
-        seed: int | None = None,
-        exact: bool = False,
+        options: CofactorOptions | None = None,
         values: np.ndarray | None = None,
+        **fields: Unpack[OptionFields],
     ) -> TorchTeleport:
+        """Draw cofactors (or take ``values``) and rescale the module in place; options
+        as :func:`teleport`'s, in this Teleporter's mode."""
+        if options is None:
+            fields.setdefault("mode", self.mode)
+        opts = CofactorOptions.build(options, **fields)
+        if opts.mode != self.mode or opts.rescale_residual:
+            raise InputError(
+                f"this Teleporter was analysed in {self.mode} mode: options must say "
+                f"mode={self.mode!r} (got {opts.mode!r}) and no rescale_residual"
+            )
         sol = self.analysis.solution
         if values is None:
-            values = cofactors.sample(
-                sol.code, sol.free, sampling, cob_range, center=center, seed=seed, exact=exact
-            )
+            values = cofactors.sample(sol.code, sol.free, opts)
         else:
             values = _given_values(values, sol.num_pairs, sol.code, sol.free)
         tau = sol.cofactors(values)
         model, graph, analysis = self.model, self.graph, self.analysis
         result = TorchTeleport(model, analysis, np.asarray(values), tau, self.mode)
         hooks = _plan_hooks(model, graph, analysis, tau) if self.mode == "insert" else []
-        done = _absorb(graph, analysis, tau, exact)  # nothing changes before every check
+        done = _absorb(graph, analysis, tau, opts.exact)  # nothing changes before every check
         result.factors, result.offsets = done.factors, done.offsets
         result.bn_input, result.bn_var = done.bn_input, graph.bn_var
         for path, s_in, s_out in hooks:
