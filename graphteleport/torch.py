@@ -44,7 +44,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from graphteleport import cofactors
+from graphteleport import cofactors, torch_insert
 from graphteleport.analysis.constraints import Absorb
 from graphteleport.analysis.driver import Analysis, FactorTable, analyze_model
 from graphteleport.analysis.quiver import Quiver
@@ -84,6 +84,8 @@ class TorchTeleport:
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # W' = W·S + O (BN var)
     bn_input: dict[str, np.ndarray] = field(default_factory=dict)  # BN input variance factor
     bn_var: dict[str, np.ndarray] = field(default_factory=dict)  # the trace's, kept current
+    tracer: str = "export"  # "fx" or "export": how the module was traced (frontends.torch.trace)
+    inserted: list[str] = field(default_factory=list)  # insert mode's GraphModule buffers
 
     @property
     def free_cofactors(self) -> int:
@@ -156,6 +158,7 @@ class Teleporter:
         self.mode = check_mode(mode)
         self.graph = trace(model, example_inputs)
         self.analysis = analyze(self.graph, self.mode)
+        self.insertion = torch_insert.Insertion(model, self.graph)  # insert mode's GraphModule
 
     def teleport(
         self,
@@ -182,12 +185,18 @@ class Teleporter:
         tau = sol.cofactors(values)
         model, graph, analysis = self.model, self.graph, self.analysis
         result = TorchTeleport(model, analysis, np.asarray(values), tau, self.mode)
-        hooks = _plan_hooks(model, graph, analysis, tau) if self.mode == "insert" else []
+        result.tracer = graph.tracer
+        hooks: list[tuple[str, list[np.ndarray], list[np.ndarray]]] = []
+        placed: list[torch_insert.Placement] = []
+        if self.mode == "insert":  # hooks where they suffice, else a GraphModule (torch_insert)
+            plan_hooks = lambda: _plan_hooks(model, graph, analysis, tau)  # noqa: E731
+            hooks, placed = self.insertion.plan(analysis, tau, plan_hooks)
         done = _absorb(graph, analysis, tau, opts.exact)  # nothing changes before every check
         result.factors, result.offsets = done.factors, done.offsets
         result.bn_input, result.bn_var = done.bn_input, graph.bn_var
         for path, s_in, s_out in hooks:
             _hook(model.get_submodule(path), path, s_in, s_out, result)
+        self.insertion.apply(placed, result)
         return result
 
 

@@ -47,6 +47,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import graphteleport.frontends.torch as gt_frontend  # noqa: E402
 import graphteleport.torch as gt_torch  # noqa: E402
+from graphteleport import torch_insert  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends.torch import as_args  # noqa: E402
 from graphteleport.rewrite import scale  # noqa: E402
@@ -122,7 +123,8 @@ def assert_preserved(
     """Teleport ``model`` in place and check it: something moved, the function did not —
     in eval mode, in train mode (twice: BN statistics update), on a fresh batch in train and
     eval mode (``rtol_fresh`` in train mode, default ``rtol``), and in eval mode again (after
-    the running statistics moved)."""
+    the running statistics moved).  The function checked is ``result.model``'s: the module
+    itself, or the GraphModule insert mode made."""
     reference = copy.deepcopy(model)
     before = state(model)
     result = teleport(model, example, **kwargs)
@@ -135,7 +137,11 @@ def assert_preserved(
     steps = [(example, False), (example, True), (example, True)]
     steps += [(fresh, True), (fresh, False)] if fresh is not None else []
     for step, (inputs, train) in enumerate([*steps, (example, False)]):
-        err = rel_err(forward(reference, inputs, train, step), forward(model, inputs, train, step))
+        ref, got = (
+            forward(reference, inputs, train, step),
+            forward(result.model, inputs, train, step),
+        )
+        err = rel_err(ref, got)
         limit = rtol_fresh if inputs is fresh and train and rtol_fresh is not None else rtol
         what = f"{'train' if train else 'eval'} forward {step}{' (fresh)' * (inputs is fresh)}"
         assert err <= limit, f"{what}: rel err {err:.2e}"
@@ -216,6 +222,13 @@ def small_variance_bn() -> tuple[nn.Module, torch.Tensor]:
     return model, 1e-2 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+def unmeasured(model: nn.Module, example: Any) -> Any:
+    """A trace without BatchNorm input variances (either tracer)."""
+    graph = gt_frontend.trace(model, example)
+    graph.bn_var = {}
+    return graph
+
+
 def test_batchnorm_eps_correction() -> None:
     """Where eps dominates the variance the correction is what keeps the function: exact in
     eval mode and in train mode on the example batch; the running variance takes
@@ -234,7 +247,7 @@ def test_batchnorm_eps_correction() -> None:
         assert err <= RTOL, f"{'train' if train else 'eval'}: {err:.1e}"
     # the same teleport without the measured variances: eval stays exact, train does not
     plain = copy.deepcopy(reference)
-    with mock.patch.object(gt_frontend, "batchnorm_input_variance", lambda *_: {}):
+    with mock.patch.object(gt_torch, "trace", unmeasured):
         teleport(plain, x, seed=0, cob_range=0.5)
     assert rel_err(forward(reference, x, False), forward(plain, x, False)) <= RTOL
     assert rel_err(forward(reference, x, True), forward(plain, x, True)) > 1e-2
@@ -314,9 +327,15 @@ def test_insert_chained_calls_of_one_module() -> None:
 
 
 def test_failed_insert_leaves_module_unchanged() -> None:
+    """Hooks refused (a functional activation) and the GraphModule refused too (here: its
+    placement patched to fail): one error naming both, and no tensor changed."""
     model = FunctionalSigmoid()
     before = state(model)
-    with pytest.raises(InputError):
+    refused = InputError("no place for it")
+    with (
+        mock.patch.object(torch_insert.GraphInsertion, "place", side_effect=refused),
+        pytest.raises(InputError, match=r"functional call.*no place for it"),
+    ):
         teleport(model, torch.randn(BATCH, 6), mode="insert", seed=0)
     after = state(model)
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
@@ -370,10 +389,19 @@ class FunctionalSigmoid(nn.Module):
         return self.fc2(torch.sigmoid(self.fc1(x)))
 
 
-def test_insert_refuses_functional_activation() -> None:
+def test_insert_wraps_functional_activation_in_a_graph_module() -> None:
+    """``torch.sigmoid`` in ``forward`` has no module to hook: insert mode returns a GraphModule
+    with the Muls around it (preserved in ``assert_preserved``), sharing the module's
+    parameters; the module itself has the rewritten weights but not the Muls."""
     model = FunctionalSigmoid()
-    with pytest.raises(InputError, match="functional"):
-        teleport(model, torch.randn(BATCH, 6), mode="insert", seed=0)
+    x = torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model)
+    result = assert_preserved(model, x, RTOL, mode="insert", seed=0)
+    assert isinstance(result.model, torch.fx.GraphModule)
+    assert result.inserted == ["graphteleport_in_0", "graphteleport_out_1"]
+    assert result.hooked == []
+    assert all(p is q for p, q in zip(model.parameters(), result.model.parameters()))
+    assert rel_err(forward(reference, x, False), forward(model, x, False)) > 1e-3
 
 
 def test_absorb_pins_functional_sigmoid() -> None:

@@ -38,6 +38,7 @@ from torch import nn
 from graphteleport.analysis.graphinfo import GraphInfo
 from graphteleport.errors import InputError
 
+log = logging.getLogger(__name__)
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
@@ -76,6 +77,10 @@ class TorchGraph:
     # per BatchNorm module path: the per-channel variance of its input in a train-mode
     # forward of the example inputs (``batchnorm_input_variance``)
     bn_var: dict[str, np.ndarray] = field(default_factory=dict)
+    # which path traced it: "fx" (graphteleport.frontends.fx, with the GraphModule it
+    # translated) or "export" (torch.onnx.export; ``program.exported_program`` is its graph)
+    tracer: str = "export"
+    fx_module: Any = None  # torch.fx.GraphModule
 
     @property
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -105,7 +110,28 @@ def module_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def trace(model: nn.Module, example_inputs: Any) -> TorchGraph:
+TRACERS = ("auto", "fx", "export")
+
+
+def trace(model: nn.Module, example_inputs: Any, tracer: str = "auto") -> TorchGraph:
+    """``model``'s graph form: through ``torch.fx`` (:mod:`graphteleport.frontends.fx`,
+    milliseconds) where it translates exactly, else (``tracer="auto"``) through the exporter
+    (:func:`export`, seconds); ``tracer`` ``"fx"`` or ``"export"`` takes that path only."""
+    if tracer not in TRACERS:
+        raise InputError(f"unknown tracer {tracer!r}; choose one of {', '.join(TRACERS)}")
+    if tracer != "export":
+        from graphteleport.frontends import fx  # (fx builds on this module)
+
+        try:
+            return fx.trace_fx(model, example_inputs)
+        except fx.Untranslatable as e:
+            if tracer == "fx":
+                raise InputError(f"torch.fx path: {e}") from e
+            log.debug("torch.fx path not taken (%s); tracing with torch.onnx.export", e)
+    return export(model, example_inputs)
+
+
+def export(model: nn.Module, example_inputs: Any) -> TorchGraph:
     """Export ``model`` (in eval mode, restored after) to the graph form."""
     args, kwargs = as_args(example_inputs)
     was_training = model.training
