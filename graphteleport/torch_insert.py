@@ -1,8 +1,8 @@
 """Insert mode on any traceable module: the cofactor ``Mul`` nodes in a ``torch.fx.GraphModule``.
 
 Insert mode wraps activations, ``τ · f(x / τ)``, and scales some edges (a normalisation's
-input, the operand of an op the rules do not know, …); :func:`graphteleport.insertion.plan`
-lists these Muls on the traced ONNX graph.  Where each one sits at the boundary of a
+input, the operand of an op the rules do not know, …): Muls on the traced ONNX graph
+(:func:`planned_muls`).  Where each one sits at the boundary of a
 parameter-free leaf activation module called once per data-flow piece,
 :mod:`graphteleport.torch` applies them with forward hooks on the user's own module.
 Elsewhere — functional activations (``F.relu``, ``torch.tanh``, ``x.sigmoid()``), a module
@@ -60,10 +60,89 @@ T = TypeVar("T")
 _EXPORTED_FX_NODE = re.compile(r"%(\S+) :")  # pkg.torch.onnx.fx_node: "%name : [...] = ..."
 
 
-def planned_muls(analysis: Analysis, tau: np.ndarray) -> list[insertion.PlannedMul]:
-    """The Muls insert mode needs for per-neuron cofactors ``tau`` (the one read of the
-    analysis' wraps and edge scales here)."""
-    return insertion.plan(analysis, tau).muls
+@dataclass
+class Insertions:
+    """What insert mode reads of the analysis: its wraps (``node``, ``ids``, ``group``), edge
+    scales (``node``, ``index``, ``factors`` of ``ids`` and ``exp``), and which neurons are
+    free (the others' τ is 1, whatever is drawn)."""
+
+    wraps: list[Any]
+    edges: list[Any]
+    free: np.ndarray
+
+    @classmethod
+    def of(cls, analysis: Analysis) -> Insertions:
+        """The one place this module reads the analysis."""
+        sol = analysis.solution
+        return cls(analysis.ctx.c.wraps, analysis.ctx.c.edges, sol.free[sol.pair])
+
+
+@dataclass
+class Mul:
+    """Input ``index`` of ONNX ``node`` times ``s`` (``index`` None: its first output, for
+    every reader)."""
+
+    node: ir.Node
+    index: int | None
+    s: np.ndarray
+
+    @property
+    def value(self) -> ir.Value:
+        v = self.node.outputs[0] if self.index is None else self.node.inputs[self.index]
+        assert v is not None
+        return v
+
+
+def planned_muls(analysis: Analysis, tau: np.ndarray) -> list[Mul]:
+    """Every Mul insert mode can need, whatever ``tau`` is, so that the GraphModule's
+    structure (its buffers) depends on the module alone: a pair per wrap, ``1/τ`` before the
+    activation and ``τ`` after it (both 1 where ``tau`` commutes with it), and one per edge
+    scale ``S = Π τ^e``, except where every neuron involved is pinned (τ = 1 always).  A
+    wrap's output Mul whose only reader is an edge scale is merged with it, and left out
+    where the two cancel (``x · σ(x)``: the wrap then always applies)."""
+    found = Insertions.of(analysis)
+    by_input = {(id(e.node), e.index): e for e in found.edges if _moves(e.factors, found.free)}
+    muls: list[Mul] = []
+    for w in found.wraps:
+        if not found.free[w.ids].any():
+            continue
+        node: ir.Node = w.node
+        edge = _sole_edge(node, by_input)
+        exps = [(w.ids, 1), *((f.ids, f.exp) for f in edge.factors)] if edge else []
+        t = tau[w.ids]
+        if not (insertion.wrap_needed(t, w.group) or _cancels(exps)):
+            t = np.ones_like(t)
+        muls.append(Mul(node, 0, 1.0 / t))
+        if edge is not None:
+            by_input.pop((id(edge.node), edge.index))
+            if _cancels(exps):
+                continue
+            t = t * insertion.factor_product(edge.factors, tau)
+        muls.append(Mul(node, None, t))
+    muls += [
+        Mul(e.node, e.index, insertion.factor_product(e.factors, tau)) for e in by_input.values()
+    ]
+    return muls
+
+
+def _moves(factors: list[Any], free: np.ndarray) -> bool:
+    """Some factor of an edge scale involves a free neuron."""
+    return any(free[f.ids].any() for f in factors)
+
+
+def _sole_edge(node: ir.Node, by_input: dict[tuple[int, int], Any]) -> Any:
+    """The edge scale on the only reader of ``node``'s output, if there is one."""
+    uses = list(node.outputs[0].uses())
+    return by_input.get((id(uses[0].node), uses[0].idx)) if len(uses) == 1 else None
+
+
+def _cancels(exps: list[tuple[np.ndarray, int]]) -> bool:
+    """The factors ``τ[ids]^exp`` multiply to 1 whatever τ is (each ``ids`` to a total 0)."""
+    total: dict[tuple[tuple[int, ...], bytes], int] = {}
+    for ids, exp in exps:
+        key = (ids.shape, ids.tobytes())
+        total[key] = total.get(key, 0) + exp
+    return bool(total) and not any(total.values())
 
 
 class Result(Protocol):
@@ -147,7 +226,7 @@ class GraphInsertion:
         self.device = ref.device if ref is not None else torch.device("cpu")
 
     # -- planning ------------------------------------------------------------------------------
-    def place(self, muls: list[insertion.PlannedMul]) -> list[Placement]:
+    def place(self, muls: list[Mul]) -> list[Placement]:
         """Each planned Mul's place in the GraphModule, lowering FX nodes where a Mul falls
         inside one; an ``InputError`` where it cannot be placed."""
         for _ in range(len(muls) + 1):
@@ -157,7 +236,7 @@ class GraphInsertion:
                 self._lower(inside.name, str(inside))
         raise InputError("insert mode: the Muls could not be placed")  # pragma: no cover
 
-    def _place(self, m: insertion.PlannedMul, muls: list[insertion.PlannedMul]) -> Placement:
+    def _place(self, m: Mul, muls: list[Mul]) -> Placement:
         v = m.value
         rank = len(v.shape) if v.shape is not None else m.s.ndim
         s = m.s.reshape((1,) * (rank - m.s.ndim) + m.s.shape) if m.s.ndim < rank else m.s
@@ -169,7 +248,8 @@ class GraphInsertion:
             if not reads and (value.name, reader.name) not in self.buffers:
                 raise InputError(f"insert mode: FX node {reader.name} does not read {value.name}")
             self._check_reads(m, reader, muls)
-        return Placement(value.name, reader.name if reader else None, s, to_torch_dtype(m.dtype))
+        dtype = to_torch_dtype(v.dtype or ir.DataType.FLOAT)
+        return Placement(value.name, reader.name if reader else None, s, dtype)
 
     def _reader(self, node: ir.Node) -> fx.Node:
         """The FX node an ONNX node was translated from (or, once lowered, made into)."""
@@ -200,9 +280,7 @@ class GraphInsertion:
             return found
         raise _Inside(name or "", f"value {v.name!r} is computed inside FX node {name}")
 
-    def _check_reads(
-        self, m: insertion.PlannedMul, reader: fx.Node, muls: list[insertion.PlannedMul]
-    ) -> None:
+    def _check_reads(self, m: Mul, reader: fx.Node, muls: list[Mul]) -> None:
         """Every ONNX read of the value by ``reader``'s translation takes the same Mul: the
         FX node reads the value once, for all of them."""
         planned = {(id(p.node), p.index): p.s for p in muls if p.index is not None}
@@ -250,8 +328,18 @@ class GraphInsertion:
         result.model = self.gm
         result.inserted = sorted(self.buffers.values())
 
+    def _fresh(self, kind: str) -> str:
+        """``graphteleport_<kind>_<k>``, numbered on from the buffers made so far and past
+        the names the GraphModule has (one teleported before has some)."""
+        k = len(self.buffers)
+        while hasattr(self.gm, f"graphteleport_in_{k}") or hasattr(
+            self.gm, f"graphteleport_out_{k}"
+        ):
+            k += 1
+        return f"graphteleport_{kind}_{k}"
+
     def _insert(self, p: Placement, t: torch.Tensor) -> str:
-        name = f"graphteleport_{'out' if p.reader is None else 'in'}_{len(self.buffers)}"
+        name = self._fresh("out" if p.reader is None else "in")
         self.gm.register_buffer(name, t.clone())
         self.buffers[p.key] = name
         graph = self.gm.graph

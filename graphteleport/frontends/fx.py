@@ -79,7 +79,7 @@ def trace_fx(model: nn.Module, example_inputs: Any) -> TorchGraph:
     args, kwargs = as_args(example_inputs)
     values, concrete = bind_inputs(model, args, kwargs)
     gm = symbolic_trace(model, concrete)
-    recorder = record(gm, model, values)
+    recorder = record(gm, model, values, (args, kwargs))
     onnx_model = Translator(gm, recorder.records).run()
     graph = TorchGraph(onnx_model, None, module_tensors(model), args, kwargs)
     graph.tracer, graph.fx_module = "fx", gm
@@ -152,6 +152,7 @@ class Recorder(fx.Interpreter):
         self.measure = measure
         self.variances: dict[str, np.ndarray] = {}
         self.calls: Counter[str] = Counter()
+        self.result: Any = None  # what the forward returned
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -173,37 +174,89 @@ class Recorder(fx.Interpreter):
         return {path: v for path, v in self.variances.items() if self.calls[path] == 1}
 
 
-def record(gm: fx.GraphModule, model: nn.Module, values: list[Any]) -> Recorder:
-    """Run ``gm`` on ``values`` in train mode (BatchNorm input variances measured), or in eval
-    mode where train mode fails (a BatchNorm on one value per channel); the failure of both
-    is :class:`Untranslatable`.  Modes, buffers and random number generators are restored."""
-    try:
-        return _run(gm, model, values, train=True)
-    except Exception:
-        pass
-    try:
-        return _run(gm, model, values, train=False)
-    except Exception as e:
-        detail = " ".join(str(e).split())[:200]
-        raise Untranslatable(f"the traced graph does not run: {type(e).__name__}: {detail}") from e
+def record(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    values: list[Any],
+    call: tuple[tuple[Any, ...], dict[str, Any]],
+) -> Recorder:
+    """Run ``gm`` on ``values`` (recorded) and the module itself on its example inputs
+    ``call``, both from one random state, in train mode (BatchNorm input variances measured)
+    or, where train mode fails (a BatchNorm over one value per channel), in eval mode.  The two
+    must agree, or FX's graph is not the module's function (a tensor mutated through an alias:
+    FX records ``x += y`` as ``x + y``): :class:`Untranslatable`.  Modes, buffers and random
+    number generators are restored."""
+    failure: Exception | None = None
+    for train in (True, False):
+        try:
+            recorder, expected = _run(gm, model, values, call, train)
+        except Exception as e:
+            failure = e
+            continue
+        if not agree(recorder.result, expected):
+            raise Untranslatable("the traced graph computes other values than the module")
+        return recorder
+    detail = " ".join(str(failure).split())[:200]
+    raise Untranslatable(f"the module does not run: {type(failure).__name__}: {detail}")
 
 
-def _run(gm: fx.GraphModule, model: nn.Module, values: list[Any], train: bool) -> Recorder:
-    modes = [(m, m.training) for m in (*model.modules(), gm)]
+def _run(
+    gm: fx.GraphModule,
+    model: nn.Module,
+    values: list[Any],
+    call: tuple[tuple[Any, ...], dict[str, Any]],
+    train: bool,
+) -> tuple[Recorder, Any]:
+    modules = [*model.modules(), gm]
+    modes = [(m, m.training) for m in modules]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({b.device.index for b, _ in buffers if b.device.type == "cuda"})
+    tensors = [*model.parameters(), *model.buffers()]
+    devices = sorted({t.device.index for t in tensors if t.device.type == "cuda"})
     recorder = Recorder(gm, measure=train)
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), quiet():
-            gm.train(train)
-            recorder.run(*values)
+            for m in modules:
+                m.training = train
+            states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+            recorder.result = recorder.run(*values)
+            _restore(buffers)
+            torch.set_rng_state(states[0])
+            for d, state in zip(devices, states[1:]):
+                torch.cuda.set_rng_state(state, d)
+            expected = model(*call[0], **call[1])
     finally:
         for m, mode in modes:
             m.training = mode
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-    return recorder
+        _restore(buffers)
+    return recorder, expected
+
+
+def _restore(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+
+
+def agree(a: Any, b: Any) -> bool:
+    """Two forwards' outputs hold the same values: tensors to rounding (1e-5 relative, the
+    same kernels ran), sequences and dicts item by item, anything else equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and _close(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(map(agree, a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(agree(a[k], b[k]) for k in a)
+    try:
+        return bool(a is b or a == b)
+    except Exception:
+        return False
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or not a.is_floating_point() or a.numel() == 0:
+        return a.dtype == b.dtype and torch.equal(a, b)
+    scale = float(a.detach().nan_to_num(0.0, 0.0, 0.0).abs().max())
+    return torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
 
 
 # -- the translation ------------------------------------------------------------------------------
@@ -311,13 +364,14 @@ class Translator:
         leaves: list[Any] = []
         fx.node.map_aggregate(node.args[0], leaves.append)
         for leaf in leaves:
-            v = self.values.get(leaf.name) if isinstance(leaf, fx.Node) else None
-            if not isinstance(v, ir.Value):
+            found = self.values.get(leaf.name) if isinstance(leaf, fx.Node) else None
+            if found is None:
                 raise Untranslatable(f"an output is not a tensor ({leaf!r})")
-            if v in self.outputs or v.is_graph_input() or v.is_initializer():
-                self.current = leaf
-                v = self.emit("Identity", [v])
-            self.outputs.append(v)
+            for v in found if isinstance(found, tuple) else [found]:
+                if v in self.outputs or v.is_graph_input() or v.is_initializer():
+                    self.current = leaf
+                    v = self.emit("Identity", [v], outputs=[meta_of(v)])[0]
+                self.outputs.append(v)
 
     def _call(self, node: fx.Node) -> None:
         handler, module = _handler(self.gm, node)
@@ -432,9 +486,7 @@ def scopes(node: fx.Node) -> list[str]:
 
 def describe_node(node: fx.Node) -> str:
     """``call_function relu`` style: what an FX node calls."""
-    target = node.target
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or target
-    return f"{node.op} {name}"
+    return f"{node.op} {getattr(node.target, '__name__', None) or node.target}"
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -1029,7 +1081,7 @@ MODULES: dict[type[nn.Module], Handler] = {
 FUNCTIONS: dict[Any, Handler] = {
     torch.relu: _RELU, F.relu: _RELU,
     F.leaky_relu: _LEAKY, F.elu: _ELU, F.gelu: _GELU,
-    torch.sigmoid: _SIGMOID, F.sigmoid: _SIGMOID, torch.tanh: _TANH, F.tanh: _TANH,
+    torch.sigmoid: _SIGMOID, torch.tanh: _TANH,
     F.hardtanh: _HARDTANH, F.relu6: _relu6, torch.clamp: _CLAMP, torch.clip: _CLAMP,
     F.silu: _silu,
     F.softmax: _softmax("Softmax"), torch.softmax: _softmax("Softmax"),
@@ -1050,9 +1102,7 @@ FUNCTIONS: dict[Any, Handler] = {
     torch.permute: _permute, torch.transpose: _transpose, torch.t: _t,
     operator.add: _ADD, torch.add: _ADD, operator.sub: _SUB, torch.sub: _SUB,
     operator.mul: _MUL, torch.mul: _MUL, operator.truediv: _DIV, torch.div: _DIV,
-    operator.iadd: _in_place(_ADD), operator.isub: _in_place(_SUB),
-    operator.imul: _in_place(_MUL), operator.itruediv: _in_place(_DIV),
-    operator.neg: _activation("Neg"), torch.neg: _activation("Neg"),
+    operator.neg: _activation("Neg"), torch.neg: _activation("Neg"), torch.abs: _activation("Abs"),
     operator.matmul: _MATMUL, torch.matmul: _MATMUL, torch.mm: _MATMUL, torch.bmm: _MATMUL,
     torch.cat: _concat, torch.concat: _concat, torch.concatenate: _concat,
     torch.mean: _reduce("ReduceMean"), torch.sum: _reduce("ReduceSum"),
@@ -1074,7 +1124,7 @@ METHODS: dict[str, Handler] = {
     "add": _ADD, "sub": _SUB, "mul": _MUL, "div": _DIV,
     "add_": _in_place(_ADD), "sub_": _in_place(_SUB),
     "mul_": _in_place(_MUL), "div_": _in_place(_DIV),
-    "neg": _activation("Neg"), "matmul": _MATMUL, "mm": _MATMUL, "bmm": _MATMUL,
+    "neg": _activation("Neg"), "abs": _activation("Abs"), "matmul": _MATMUL, "mm": _MATMUL, "bmm": _MATMUL,
     "mean": _reduce("ReduceMean"), "sum": _reduce("ReduceSum"),
     "split": _split, "chunk": _split,
 }  # fmt: skip
