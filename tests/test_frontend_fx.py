@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +22,10 @@ import onnx_ir as ir
 import pytest
 
 torch = pytest.importorskip("torch")
+from conftest import run_ort  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from conftest import run_ort  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends import fx as gt_fx  # noqa: E402
 from graphteleport.frontends.torch import TorchGraph, batchnorm_input_variance, trace  # noqa: E402
@@ -196,16 +195,16 @@ CASES = [
     Case(
         "F.conv2d",
         fn(lambda s, x: F.conv2d(x, s.w, s.b, 2, groups=3), *X4, w=rnd(3, 1, 3, 3), b=rnd(3)),
-    ),  # fmt: skip
+    ),
     Case(
         "F.conv3d",
         fn(lambda s, x: F.conv3d(x, s.w, None, 1, 1), 1, 2, 4, 4, 4, w=rnd(3, 2, 3, 3, 3)),
-    ),  # fmt: skip
+    ),
     Case("F.batch_norm", lambda: (Stats(3), (rnd(*X4),))),
     Case(
         "F.layer_norm",
         fn(lambda s, x: F.layer_norm(x, (5,), s.w, s.b), 2, 3, 5, w=rnd(5), b=rnd(5)),
-    ),  # fmt: skip
+    ),
     Case("F.embedding", lambda: (Fn(lambda s, x: F.embedding(x, s.w), w=rnd(10, 4)), (ids(3),))),
     Case("F.max_pool1d", fn(lambda s, x: F.max_pool1d(x, 2), 2, 3, 8)),
     Case("F.max_pool2d", fn(lambda s, x: F.max_pool2d(x, 3, 1, 1), *X4)),
@@ -242,7 +241,7 @@ CASES = [
     Case("torch.concat", fn2(lambda s, x, y: torch.concat((x, y), dim=0), (2, 3), (1, 3))),
     Case(
         "torch.concatenate", fn2(lambda s, x, y: torch.concatenate([x, y], axis=-1), (2, 3), (2, 1))
-    ),  # fmt: skip
+    ),
     Case("torch.mean", fn(lambda s, x: (torch.mean(x, 1), torch.mean(x)), *X4)),
     Case("torch.sum", fn(lambda s, x: torch.sum(x, (1, 2), keepdim=True), *X4)),
     Case("torch.split", fn(lambda s, x: torch.split(x, 2, dim=1)[1] * 2, 2, 5)),
@@ -333,9 +332,7 @@ def dispatched(graph: TorchGraph) -> set[Any]:
         if node.op == "call_module":
             mro = type(gm.get_submodule(node.target)).__mro__
             keys.update([c for c in mro if c in gt_fx.MODULES][:1])
-        elif node.op == "call_function" and node.target in gt_fx.FUNCTIONS:
-            keys.add(node.target)
-        elif node.op == "call_method" and node.target in gt_fx.METHODS:
+        elif node.target in (gt_fx.FUNCTIONS if node.op == "call_function" else gt_fx.METHODS):
             keys.add(node.target)
     return keys
 

@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
+from test_torch import RTOL, assert_preserved, flat_outputs, forward, hf_model, rel_err  # noqa: E402
 from torch import fx, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from graphteleport.torch import Teleporter, teleport  # noqa: E402
 from models.architectures import randomize_  # noqa: E402
-from test_torch import RTOL, assert_preserved, flat_outputs, forward, hf_model, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -1012,7 +1012,10 @@ def _split(call: Call) -> tuple[ir.Value, ...]:
     dim = int(call.option("dim", 2, 0))
     pieces = call.out
     sizes = [p.shape[dim] for p in pieces]
-    return call.cx.emit("Split", [x, call.ints(sizes)], {"axis": dim}, outputs=pieces)  # type: ignore[no-any-return]
+    outputs: tuple[ir.Value, ...] = call.cx.emit(
+        "Split", [x, call.ints(sizes)], {"axis": dim}, pieces
+    )
+    return outputs
 
 
 def _getitem(call: Call) -> ir.Value:
@@ -1124,7 +1127,8 @@ METHODS: dict[str, Handler] = {
     "add": _ADD, "sub": _SUB, "mul": _MUL, "div": _DIV,
     "add_": _in_place(_ADD), "sub_": _in_place(_SUB),
     "mul_": _in_place(_MUL), "div_": _in_place(_DIV),
-    "neg": _activation("Neg"), "abs": _activation("Abs"), "matmul": _MATMUL, "mm": _MATMUL, "bmm": _MATMUL,
+    "neg": _activation("Neg"), "abs": _activation("Abs"),
+    "matmul": _MATMUL, "mm": _MATMUL, "bmm": _MATMUL,
     "mean": _reduce("ReduceMean"), "sum": _reduce("ReduceSum"),
     "split": _split, "chunk": _split,
 }  # fmt: skip
