@@ -172,6 +172,7 @@ CASES = [
     Case("torch.relu", fn(lambda s, x: torch.relu(x), *X4)),
     Case("F.relu-inplace", fn(lambda s, x: F.relu(x * 2, inplace=True), *X4)),
     Case("F.leaky_relu", fn(lambda s, x: F.leaky_relu(x, 0.2), *X4)),
+    Case("F.leaky_relu-int", fn(lambda s, x: F.leaky_relu(x, 0), *X4)),
     Case("F.elu", fn(lambda s, x: F.elu(x, alpha=0.5), *X4)),
     Case("F.gelu", fn(lambda s, x: F.gelu(x, approximate="tanh"), *X4)),
     Case("torch.sigmoid", fn(lambda s, x: torch.sigmoid(x), *X4)),
