@@ -10,15 +10,17 @@ so both train and eval mode stay right; BatchNorm's ``ε``, which no cofactor ca
 corrected for (:func:`_batchnorm_eps`: eval mode exact, train mode exact on batches like
 the example inputs).
 
-``mode="insert"`` also makes non-equivariant activation *modules* compute
-``τ_out · f(x / τ_in)``: each such leaf module gets two buffers,
+``mode="insert"`` also makes non-equivariant activations compute ``τ_out · f(x / τ_in)``.
+Where every such activation is a parameter-free leaf *module*, each gets two buffers,
 ``graphteleport_in`` (``1/τ_in``) and ``graphteleport_out`` (``τ_out``), applied by
 forward hooks — so ``state_dict()`` carries them and a freshly teleported module that
 loads it computes exactly the same function.  A module called at several places in
 ``forward`` (one ``nn.ReLU`` for a whole block) gets a pair per call
 (``graphteleport_in_1``, …), applied in call order; the calls are told apart by the traced
-data flow and checked against a counted forward of the example inputs.  Activations called
-functionally (``torch.sigmoid(x)`` in ``forward``) cannot carry hooks; insert mode names them.
+data flow and checked against a counted forward of the example inputs.  Where hooks cannot
+do it (activations called functionally, ``torch.sigmoid(x)`` in ``forward``; a LayerNorm's
+input; GPT-2's attention), :mod:`graphteleport.torch_insert` puts the
+``Mul``s in a ``torch.fx.GraphModule``, returned as ``result.model``.
 
 Example::
 

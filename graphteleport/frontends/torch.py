@@ -1,8 +1,10 @@
 """Torch frontend: an ``nn.Module`` to the same graph form as an ONNX file.
 
-The module is traced by ``torch.export`` and translated by torch's own ONNX
-exporter (``torch.onnx.export(dynamo=True, optimize=False)``) into an in-memory
-onnx_ir model, so the analysis is the one ONNX files get: one rule table, two
+:func:`trace` tries ``torch.fx`` first (:mod:`graphteleport.frontends.fx`: milliseconds)
+and falls back to :func:`export`, which this module does: the module is traced by
+``torch.export`` and translated by torch's own ONNX exporter
+(``torch.onnx.export(dynamo=True, optimize=False)``, seconds) into an in-memory onnx_ir
+model.  Either way the analysis is the one ONNX files get: one rule table, three
 frontends.  Without optimisation the exporter keeps every parameter and buffer as
 an initializer named by its ``state_dict`` key (weights a Linear transposes at
 run time stay behind a ``Transpose`` node, which the analysis traces back), and
