@@ -1,7 +1,7 @@
 """The torch frontend's work on a trace (``graphteleport.frontends.torch``), done once per trace:
-constant glue evaluated and stored, computed zero conv biases dropped, the graph's facts indexed
-(``GraphInfo.fresh`` copies them), BatchNorm input variances measured without touching the
-module.  Each test states what an analysis relies on; the function-preservation tests of
+on the exporter's path, constant glue evaluated and stored and computed zero conv biases
+dropped; on both paths, the graph's facts indexed (``GraphInfo.fresh`` copies them) and
+BatchNorm input variances measured without touching the module.  Each test states what an analysis relies on; the function-preservation tests of
 ``test_torch.py`` check the whole."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_zero_conv_bias_is_dropped_and_real_bias_kept() -> None:
     """The exporter gives a bias-free conv a computed zero bias (Shape/Expand/CastLike); the
     trace drops it and the glue that built it.  A real bias stays, as the parameter."""
     model, x = conv_bn(bias=False)
-    graph = trace(model, x)
+    graph = trace(model, x, tracer="export")
     convs = [n for n in graph.model.graph if n.op_type == "Conv"]
     assert len(convs) == 2
     assert len(convs[0].inputs) == 2 or convs[0].inputs[2] is None
@@ -42,11 +42,12 @@ def test_zero_conv_bias_is_dropped_and_real_bias_kept() -> None:
     assert not any(n.op_type in ("Expand", "CastLike") for n in graph.model.graph)
 
 
-def test_graph_facts_are_reused_and_writable_respected() -> None:
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_graph_facts_are_reused_and_writable_respected(tracer: str) -> None:
     """``GraphInfo.fresh`` keeps shapes and provenance but applies each call's ``writable``:
     a tensor the caller may not rewrite is not absorbed (its neurons are pinned instead)."""
     model, x = conv_bn()
-    graph = trace(model, x)
+    graph = trace(model, x, tracer=tracer)
     assert graph.info is not None
     full = analyze(graph)
     assert any(ab.source.name == "0.weight" for ab in full.absorbs)
