@@ -1,8 +1,8 @@
 """The torch frontend's work on a trace (``graphteleport.frontends.torch``), done once per trace:
 on the exporter's path, constant glue evaluated and stored and computed zero conv biases
 dropped; on both paths, the graph's facts indexed (``GraphInfo.fresh`` copies them) and
-BatchNorm input variances measured without touching the module.  Each test states what an analysis relies on; the function-preservation tests of
-``test_torch.py`` check the whole."""
+BatchNorm input variances measured without touching the module.  Each test states what an
+analysis relies on; the function-preservation tests of ``test_torch.py`` check the whole."""
 
 from __future__ import annotations
 
