@@ -191,7 +191,7 @@ class Teleporter:
         hooks: list[tuple[str, list[np.ndarray], list[np.ndarray]]] = []
         placed: list[torch_insert.Placement] = []
         if self.mode == "insert":  # hooks where they suffice, else a GraphModule (torch_insert)
-            plan_hooks = lambda: _plan_hooks(model, graph, analysis, tau)  # noqa: E731
+            plan_hooks = lambda t: _plan_hooks(model, graph, analysis, t)  # noqa: E731
             hooks, placed = self.insertion.plan(analysis, tau, plan_hooks)
         done = _absorb(graph, analysis, tau, opts.exact)  # nothing changes before every check
         result.factors, result.offsets = done.factors, done.offsets

@@ -163,14 +163,17 @@ class Insertion:
         self.inserted: GraphInsertion | None = None
 
     def plan(
-        self, analysis: Analysis, tau: np.ndarray, hooks: Callable[[], list[T]]
+        self, analysis: Analysis, tau: np.ndarray, hooks: Callable[[np.ndarray], list[T]]
     ) -> tuple[list[T], list[Placement]]:
-        """``(hooks(), [])`` where the hooks suffice and no GraphModule was made before, else
-        ``([], placements)``.  Nothing changes (a lowering keeps the GraphModule's function);
-        an ``InputError`` says why neither works."""
+        """``(hooks(tau), [])`` where hooks suffice and no GraphModule was made before, else
+        ``([], placements)``.  Whether hooks suffice is decided for the module, not the draw:
+        ``hooks`` (which raise ``InputError`` where they cannot) must accept cofactors that
+        need every wrap and edge scale (−2 on every free neuron).  Nothing changes (a
+        lowering keeps the GraphModule's function); an ``InputError`` says why neither works."""
         if self.inserted is None:
             try:
-                return hooks(), []
+                hooks(np.where(Insertions.of(analysis).free, -2.0, 1.0))
+                return hooks(tau), []
             except InputError as e:
                 refused = str(e)
         else:

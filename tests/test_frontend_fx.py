@@ -461,3 +461,17 @@ def test_registry_model_same_analysis_as_exporter(name: str) -> None:
     assert fx_graph.bn_var.keys() == measured.keys()
     for path, var in measured.items():
         np.testing.assert_allclose(fx_graph.bn_var[path], var, rtol=1e-10)
+
+
+class Pair(nn.Module):
+    def forward(self, xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return torch.relu(xs[0]) + xs[1]
+
+
+def test_tensors_in_a_container_are_not_baked_in() -> None:
+    """An input that holds tensors in a tuple would be traced as a constant: refused (the
+    exporter takes it)."""
+    pair = (rnd(2, 3), rnd(2, 3, seed=1))
+    with pytest.raises(InputError, match="holds tensors in a container"):
+        trace(Pair(), (pair,), tracer="fx")
+    assert trace(Pair(), (pair,)).tracer == "export"

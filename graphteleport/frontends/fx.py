@@ -81,8 +81,9 @@ def trace_fx(model: nn.Module, example_inputs: Any) -> TorchGraph:
     gm = symbolic_trace(model, concrete)
     recorder = record(gm, model, values, (args, kwargs))
     onnx_model = Translator(gm, recorder.records).run()
-    graph = TorchGraph(onnx_model, None, module_tensors(model), args, kwargs)
-    graph.tracer, graph.fx_module = "fx", gm
+    graph = TorchGraph(
+        onnx_model, None, module_tensors(model), args, kwargs, tracer="fx", fx_module=gm
+    )
     graph.info = GraphInfo(onnx_model, graph.input_shapes)
     graph.bn_var = recorder.batchnorm_variances()
     return graph
@@ -111,7 +112,17 @@ def bind_inputs(
         raise Untranslatable("forward takes *args or **kwargs")
     bound.apply_defaults()
     concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    if any(map(_holds_tensor, concrete.values())):
+        raise Untranslatable("an input holds tensors in a container")
     return list(bound.arguments.values()), concrete
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (tuple, list)) and any(map(_holds_tensor, value))
 
 
 def symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
@@ -120,8 +131,12 @@ def symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule
         with quiet():
             return fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as e:
-        detail = " ".join(str(e).split())[:200]
-        raise Untranslatable(f"torch.fx cannot trace it: {type(e).__name__}: {detail}") from e
+        raise Untranslatable(f"torch.fx cannot trace it: {brief(e)}") from e
+
+
+def brief(e: BaseException | None) -> str:
+    """An exception in one short line: its type and the start of its message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 # -- the recorded forward ------------------------------------------------------------------------
@@ -196,8 +211,7 @@ def record(
         if not agree(recorder.result, expected):
             raise Untranslatable("the traced graph computes other values than the module")
         return recorder
-    detail = " ".join(str(failure).split())[:200]
-    raise Untranslatable(f"the module does not run: {type(failure).__name__}: {detail}")
+    raise Untranslatable(f"the module does not run: {brief(failure)}")
 
 
 def _run(
