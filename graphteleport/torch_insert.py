@@ -2,10 +2,10 @@
 
 Insert mode wraps activations, ``τ · f(x / τ)``, and scales some edges (a normalisation's
 input, the operand of an op the rules do not know, …): Muls on the traced ONNX graph
-(:func:`planned_muls`).  Where each one sits at the boundary of a
-parameter-free leaf activation module called once per data-flow piece,
-:mod:`graphteleport.torch` applies them with forward hooks on the user's own module.
-Elsewhere — functional activations (``F.relu``, ``torch.tanh``, ``x.sigmoid()``), a module
+(:func:`planned_muls`).  Where each Mul the module could need sits at the boundary of a
+parameter-free leaf activation module called once per data-flow piece (decided for the
+module, whatever the draw), :mod:`graphteleport.torch` applies them with forward hooks on
+the user's own module.  Elsewhere — functional activations (``F.relu``, ``torch.tanh``, ``x.sigmoid()``), a module
 called where its hooks cannot tell the calls apart, a LayerNorm's input, GPT-2's attention —
 :class:`Insertion` puts them in a GraphModule, which the teleport returns as ``result.model``:
 
@@ -14,6 +14,8 @@ called where its hooks cannot tell the calls apart, a LayerNorm's input, GPT-2's
   is fixed at its value when traced), or, for a module only the exporter traced,
   ``program.exported_program.module()`` — an inference graph: ``torch.export`` traced eval
   mode, so dropout is gone, BatchNorm is in its eval form and torch refuses ``train()``;
+* it has a Mul for every wrap and edge scale the analysis found (constant 1 where the draw
+  does not need it), so its buffers depend on the module alone;
 * each Mul is ``operator.mul(value, buffer)``, right after the FX node that computes the value
   (a scale of an op's output, for every reader: buffer ``graphteleport_out_<k>``) or right
   before the FX node that reads it (one input: ``graphteleport_in_<k>``); ``state_dict``
