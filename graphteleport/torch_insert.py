@@ -5,13 +5,14 @@ input, the operand of an op the rules do not know, …): Muls on the traced ONNX
 (:func:`planned_muls`).  Where each Mul the module could need sits at the boundary of a
 parameter-free leaf activation module called once per data-flow piece (decided for the
 module, whatever the draw), :mod:`graphteleport.torch` applies them with forward hooks on
-the user's own module.  Elsewhere — functional activations (``F.relu``, ``torch.tanh``, ``x.sigmoid()``), a module
-called where its hooks cannot tell the calls apart, a LayerNorm's input, GPT-2's attention —
-:class:`Insertion` puts them in a GraphModule, which the teleport returns as ``result.model``:
+the user's own module.  Elsewhere — functional activations (``F.relu``, ``torch.tanh``,
+``x.sigmoid()``), a module called where its hooks cannot tell the calls apart, a LayerNorm's
+input, GPT-2's attention — :class:`Insertion` puts them in a GraphModule, which the teleport
+returns as ``result.model``:
 
 * the GraphModule the FX path translated (``graph.fx_module``: train and eval mode work as in
-  the user's module; ``self.training`` read in ``forward`` — a functional dropout, an ``if`` —
-  is fixed at its value when traced), or, for a module only the exporter traced,
+  the user's module: the FX path is only taken where its graph, traced in eval mode, also
+  computes what the module computes in train mode), or, for a module only the exporter traced,
   ``program.exported_program.module()`` — an inference graph: ``torch.export`` traced eval
   mode, so dropout is gone, BatchNorm is in its eval form and torch refuses ``train()``;
 * it has a Mul for every wrap and edge scale the analysis found (constant 1 where the draw

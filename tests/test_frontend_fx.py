@@ -398,6 +398,11 @@ class Aliased(nn.Module):
         return a * 3
 
 
+class FunctionalDropout(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(torch.relu(x), 0.5, self.training)  # FX fixes self.training
+
+
 class Branchy(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x) if x.shape[0] > 1 else torch.tanh(x)
@@ -420,11 +425,12 @@ def hooked() -> nn.Module:
         (DataDependent(), "no translation for call_method item"),
         (ReadAfterInPlace(), "in-place op on a value read again later"),
         (Aliased(), "computes other values than the module"),
+        (FunctionalDropout(), "computes other values than the module"),
         (Branchy(), "torch.fx cannot trace it"),
         (Unknown(), "no translation for call_function erf"),
         (hooked(), "forward hooks"),
     ],
-    ids=["item", "inplace", "alias", "control-flow", "unknown-op", "hooks"],
+    ids=["item", "inplace", "alias", "training", "control-flow", "unknown-op", "hooks"],
 )
 def test_untranslatable_falls_back_to_the_exporter(model: nn.Module, why: str) -> None:
     """What FX cannot express exactly is refused with the reason (``tracer="fx"``) and traced
@@ -435,7 +441,7 @@ def test_untranslatable_falls_back_to_the_exporter(model: nn.Module, why: str) -
     graph = trace(model, x)
     assert graph.tracer == "export" and graph.fx_module is None
     with torch.no_grad():
-        ref = model(x).numpy()
+        ref = model.eval()(x).numpy()  # the exporter's graph is the eval-mode function
     got = run_ort(graph.model, {graph.model.graph.inputs[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
 

@@ -78,7 +78,7 @@ def trace_fx(model: nn.Module, example_inputs: Any) -> TorchGraph:
         raise Untranslatable("the module has forward hooks, which FX does not trace")
     args, kwargs = as_args(example_inputs)
     values, concrete = bind_inputs(model, args, kwargs)
-    gm = symbolic_trace(model, concrete)
+    gm = symbolic_trace(model, concrete)  # in eval mode: see record()
     recorder = record(gm, model, values, (args, kwargs))
     onnx_model = Translator(gm, recorder.records).run()
     graph = TorchGraph(
@@ -126,12 +126,18 @@ def _holds_tensor(value: Any) -> bool:
 
 
 def symbolic_trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace``; any failure is :class:`Untranslatable`."""
+    """``torch.fx.symbolic_trace`` of the module in eval mode (as the exporter traces it;
+    modes restored after); any failure is :class:`Untranslatable`."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
         with quiet():
+            model.eval()
             return fx.symbolic_trace(model, concrete_args=concrete or None)
     except Exception as e:
         raise Untranslatable(f"torch.fx cannot trace it: {brief(e)}") from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def brief(e: BaseException | None) -> str:
@@ -198,9 +204,11 @@ def record(
     """Run ``gm`` on ``values`` (recorded) and the module itself on its example inputs
     ``call``, both from one random state, in train mode (BatchNorm input variances measured)
     or, where train mode fails (a BatchNorm over one value per channel), in eval mode.  The two
-    must agree, or FX's graph is not the module's function (a tensor mutated through an alias:
-    FX records ``x += y`` as ``x + y``): :class:`Untranslatable`.  Modes, buffers and random
-    number generators are restored."""
+    must agree, or FX's graph is not the module's function: :class:`Untranslatable`.  This
+    catches a tensor mutated through an alias (FX records ``x += y`` as ``x + y``) and, since
+    the graph was traced in eval mode, Python that reads ``self.training`` (a functional
+    dropout, an ``if``), which FX fixes at its traced value.  Modes, buffers and random number
+    generators are restored."""
     failure: Exception | None = None
     for train in (True, False):
         try:
