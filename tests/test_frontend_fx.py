@@ -1,6 +1,6 @@
 """The FX frontend (``graphteleport.frontends.fx``): ``symbolic_trace`` translated op by op.
 
-* every entry of the translation tables (:data:`MODULES`, :data:`FUNCTIONS`, :data:`METHODS`)
+* every entry of the translation tables (``fx_ops.MODULES``, ``FUNCTIONS``, ``METHODS``)
   is exercised by a tiny module below (``test_every_translation_is_exercised`` checks which
   entries the traced graphs dispatch to); each one's translated onnx_ir model, serialised and
   run in onnxruntime, computes what torch computes, to 1e-6 of the output's scale;
@@ -28,6 +28,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends import fx as gt_fx  # noqa: E402
+from graphteleport.frontends import fx_ops  # noqa: E402
 from graphteleport.frontends.torch import TorchGraph, batchnorm_input_variance, trace  # noqa: E402
 from graphteleport.torch import analyze  # noqa: E402
 from models.architectures import ARCHITECTURES, randomize_  # noqa: E402
@@ -332,8 +333,8 @@ def dispatched(graph: TorchGraph) -> set[Any]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mro = type(gm.get_submodule(node.target)).__mro__
-            keys.update([c for c in mro if c in gt_fx.MODULES][:1])
-        elif node.target in (gt_fx.FUNCTIONS if node.op == "call_function" else gt_fx.METHODS):
+            keys.update([c for c in mro if c in fx_ops.MODULES][:1])
+        elif node.target in (fx_ops.FUNCTIONS if node.op == "call_function" else fx_ops.METHODS):
             keys.add(node.target)
     return keys
 
@@ -344,7 +345,7 @@ def test_every_translation_is_exercised() -> None:
     keys: set[Any] = set()
     for case in CASES:
         keys |= dispatched(translated(case)[0])
-    table = {*gt_fx.MODULES, *gt_fx.FUNCTIONS, *gt_fx.METHODS}
+    table = {*fx_ops.MODULES, *fx_ops.FUNCTIONS, *fx_ops.METHODS}
     missing = sorted(map(str, table - keys))
     assert missing == []
 

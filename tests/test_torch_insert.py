@@ -28,6 +28,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from test_torch import RTOL, assert_preserved, flat_outputs, forward, hf_model, rel_err  # noqa: E402
+from test_torch import Functional as ReLUs  # noqa: E402
 from torch import fx, nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -239,25 +240,17 @@ def test_graph_module_teleports_again() -> None:
     assert rel_err(forward(reference, x, False), forward(second.model, x, False)) <= RTOL
 
 
-class FunctionalReLU(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
-
-
 def test_graph_module_whatever_the_draw() -> None:
     """Whether a GraphModule is needed, and which Muls it has, depends on the module, not the
-    draw: with positive cofactors (ReLU commutes with them) the functional ReLU still gets its
+    draw: with positive cofactors (ReLU commutes with them) functional ReLUs still get their
     Muls, with constants 1, so a state dict from a teleport with negative cofactors loads."""
-    x = example(8, 6)
-    positive = teleport(seeded(FunctionalReLU, 0), x, mode="insert", seed=0)
+    x = example(4, 3, 8, 8)
+    positive = teleport(seeded(ReLUs, 0), x, mode="insert", seed=0)
     assert (positive.tau > 0).all() and isinstance(positive.model, fx.GraphModule)
+    assert positive.inserted
     for name in positive.inserted:
-        assert torch.equal(positive.model.get_buffer(name), torch.ones(1, 16)), name
-    negative = teleport(seeded(FunctionalReLU, 1), x, seed=1, **INTER)
+        assert bool((positive.model.get_buffer(name) == 1).all()), name
+    negative = teleport(seeded(ReLUs, 1), x, seed=1, **INTER)
     assert (negative.tau < 0).any() and negative.inserted == positive.inserted
     reload(negative.model, positive.model)
     assert torch.equal(forward(negative.model, x, False)[0], forward(positive.model, x, False)[0])
