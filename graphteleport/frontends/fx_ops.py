@@ -5,8 +5,9 @@ name) map what an FX node calls to a *handler*, a small function of one :class:`
 emits the op's ONNX form with the torch op's exact semantics on the recorded shapes, or
 raises :class:`Untranslatable` where it has none (an argument outside what it covers, an
 in-place op whose input is read again).  Functional and method forms share one handler
-(``F.relu``, ``torch.relu``, ``x.relu()`` and ``nn.ReLU``: four entries, one handler).  :mod:`graphteleport.frontends.fx` traces, records and walks the graph; this
-module only translates, so an op is added here, in one place.
+(``F.relu``, ``torch.relu``, ``x.relu()`` and ``nn.ReLU``: four entries, one handler).
+:mod:`graphteleport.frontends.fx` traces, records and walks the graph; this module only
+translates, so an op is added here, in one place.
 """
 
 from __future__ import annotations
