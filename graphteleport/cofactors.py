@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from graphteleport.analysis.solve import GROUPS
+from graphteleport.analysis import GROUPS
 
 if TYPE_CHECKING:
     from graphteleport.options import CofactorOptions
@@ -107,7 +107,7 @@ def restrict(
     with ``free``, pairs that are not free take 1 too; ``positive`` promises every
     ``τ > 0`` (one pass less: no magnitudes or signs to take).
 
-    ``groups``: names, or integer codes indexing :data:`~graphteleport.analysis.solve.GROUPS`.
+    ``groups``: names, or integer codes indexing :data:`~graphteleport.analysis.GROUPS`.
     A value is ``copysign(m, s)``: ``m = |τ|`` where the group keeps the magnitude (any,
     positive) else 1, ``s = τ`` where it keeps the sign (any, sign) else 1 — a few
     vectorised passes (``np.choose`` over four arrays is several times slower).

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.constraints import EdgeScale, Factor, Wrap
-from graphteleport.analysis.context import align
-from graphteleport.analysis.driver import Analysis
+from graphteleport.algebra import product, with_rank, wrap_needed
+from graphteleport.analysis import AnalysisResult, EdgeScale, Factor, Wrap
 
 
 @dataclass
@@ -42,24 +41,6 @@ class InsertStats:
     merged: int = 0
     names: list[str] = field(default_factory=list)
     unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
-
-
-def wrap_needed(t: np.ndarray, group: str) -> bool:
-    """An activation with cofactors ``t`` needs its ``Mul`` pair: some τ lies outside the
-    group it commutes with (positive: τ < 0; sign: |τ| ≠ 1; any other: τ ≠ 1)."""
-    if group == "positive":
-        return bool(np.any(t < 0))
-    if group == "sign":
-        return bool(np.any(np.abs(t) != 1))
-    return bool(np.any(t != 1))
-
-
-def factor_product(factors: list[Factor], tau: np.ndarray) -> np.ndarray:
-    """``S = Π τ[f.ids]^f.exp`` of an edge scale, float64, in the factors' layout."""
-    s: np.ndarray = np.ones((), dtype=np.float64)
-    for f in factors:
-        s = s * tau[f.ids] ** f.exp
-    return s
 
 
 class _Inserter:
@@ -105,7 +86,7 @@ class _Inserter:
         """``node`` reads input k times s (a constant of ``dtype``, the input's)."""
         x = node.inputs[k]
         assert x is not None
-        mul = self._mul(x, align(s, len(x.shape or ())) if x.shape is not None else s, dtype)
+        mul = self._mul(x, with_rank(s, len(x.shape)) if x.shape is not None else s, dtype)
         self.graph.insert_before(node, mul)
         node.replace_input_with(k, mul.outputs[0])
 
@@ -113,7 +94,7 @@ class _Inserter:
         """Every consumer of ``node``'s first output reads it times s (of ``dtype``)."""
         y = node.outputs[0]
         uses = list(y.uses())
-        mul = self._mul(y, align(s, len(y.shape or ())) if y.shape is not None else s, dtype)
+        mul = self._mul(y, with_rank(s, len(y.shape)) if y.shape is not None else s, dtype)
         self.graph.insert_after(node, mul)
         for use in uses:
             use.node.replace_input_with(use.idx, mul.outputs[0])
@@ -130,7 +111,7 @@ class PlannedMul:
     index: int | None
     s: np.ndarray
     factors: list[Factor]
-    dtype: ir.DataType = ir.DataType.FLOAT
+    dtype: ir.DataType
 
     @property
     def value(self) -> ir.Value:
@@ -151,22 +132,20 @@ class Plan:
     unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
 
 
-def plan(analysis: Analysis, tau: np.ndarray) -> Plan:
+def plan(analysis: AnalysisResult, tau: np.ndarray) -> Plan:
     """The Muls the wraps and edge scales need for per-neuron cofactors ``tau``."""
     out = Plan()
-    edges = {(id(e.node), e.index): e for e in analysis.ctx.c.edges}
+    edges = {(id(e.node), e.index): e for e in analysis.edges}
     merged: set[tuple[int, int]] = set()
-    for w in analysis.ctx.c.wraps:
+    for w in analysis.wraps:
         _plan_wrap(out, w, tau, edges, merged)
     for key, e in edges.items():
         if key not in merged:
             _plan_edge(out, e, tau)
-    for m in out.muls:
-        m.dtype = analysis.ctx.info.dtype(m.value) or ir.DataType.FLOAT
     return out
 
 
-def insert_nodes(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> InsertStats:
+def insert_nodes(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> InsertStats:
     """Add the wraps' and edge scales' Mul nodes for per-neuron cofactors ``tau``."""
     p = plan(analysis, tau)
     stats = InsertStats(
@@ -188,27 +167,27 @@ def _plan_wrap(
     edges: dict[tuple[int, int], EdgeScale],
     merged: set[tuple[int, int]],
 ) -> None:
-    t = tau[w.ids]
-    if not wrap_needed(t, w.group):
+    if not wrap_needed(tau[w.ids], w.group):
         return
-    node: ir.Node = w.node  # type: ignore[assignment]
+    node = w.node
     out.wraps += 1
     out.unscaled.append(node.outputs[0].name or "")
-    out.muls.append(PlannedMul(node, 0, 1.0 / t, [Factor(w.ids, -1)]))
-    post, factors = t, [Factor(w.ids, 1)]
+    pre = [Factor(w.ids, -1)]
+    out.muls.append(PlannedMul(node, 0, product(pre, tau), pre, w.input_dtype))
+    factors = [Factor(w.ids, 1)]
     uses = list(node.outputs[0].uses())
     if len(uses) == 1 and (id(uses[0].node), uses[0].idx) in edges:
         key = (id(uses[0].node), uses[0].idx)
         merged.add(key)
         out.merged += 1
-        post = post * factor_product(edges[key].factors, tau)
         factors += edges[key].factors
+    post = product(factors, tau)
     if np.any(post != 1):
-        out.muls.append(PlannedMul(node, None, post, factors))
+        out.muls.append(PlannedMul(node, None, post, factors, w.output_dtype))
 
 
 def _plan_edge(out: Plan, e: EdgeScale, tau: np.ndarray) -> None:
-    s = factor_product(e.factors, tau)
+    s = product(e.factors, tau)
     if np.any(s != 1):
         out.edge_scales += 1
-        out.muls.append(PlannedMul(e.node, e.index, s, list(e.factors)))  # type: ignore[arg-type]
+        out.muls.append(PlannedMul(e.node, e.index, s, list(e.factors), e.dtype))

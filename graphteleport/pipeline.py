@@ -33,8 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport import verify as verify_mod
-from graphteleport.analysis.driver import analyze_model
-from graphteleport.analysis.quiver import Quiver
+from graphteleport.analysis import Quiver, analyze_model
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import (
@@ -195,11 +194,10 @@ def inspect_file(
     for m in MODES:
         analysis = analyze_model(model, shapes, m)
         quivers[m] = quiver = Quiver.from_analysis(analysis)
-        c = analysis.ctx.c
         per_mode[m] = ModeReport(
             free_cofactors=quiver.free_cofactors,
-            wrap_nodes=[getattr(w.node, "name", "") for w in c.wraps],
-            edge_scales=[f"{getattr(e.node, 'name', '')}:{e.index}" for e in c.edges],
+            wrap_nodes=[w.node.name or "" for w in analysis.wraps],
+            edge_scales=[f"{e.node.name or ''}:{e.index}" for e in analysis.edges],
         )
     figures = AnalysisReport.of(quivers[chosen])
     clock.stop()

@@ -10,7 +10,7 @@ products) is a normal number of its dtype.
 measured while computing ``W'``, and repeats:
 
 1. bound ``|S|`` of every weight from its factors' extreme ``|τ|``
-   (:func:`~graphteleport.rewrite.scale_bounds`) and check the bounds against the
+   (:func:`~graphteleport.algebra.scale_bounds`) and check the bounds against the
    weight's magnitudes (vectorised: the common path stops here);
 2. for a weight whose bounds fail, check it exactly: each *cell* — the elements
    sharing one ``s``, found by reducing ``W`` over the axes where ``S`` is constant —
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphteleport.analysis.constraints import Absorb, Factor
-from graphteleport.analysis.driver import Analysis
+from graphteleport.algebra import scales_of, with_rank
+from graphteleport.analysis import Absorb, AnalysisResult, Factor
 from graphteleport.insertion import PlannedMul, plan
 from graphteleport.numerics import (
     Limits,
@@ -45,7 +45,7 @@ from graphteleport.numerics import (
     out_of_range,
     violations,
 )
-from graphteleport.rewrite import read, scale_bounds, scales_of
+from graphteleport.rewrite import weight_bounds
 
 log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
@@ -66,9 +66,9 @@ class RangeFix:
 
 
 def fit(
-    analysis: Analysis,
+    analysis: AnalysisResult,
     values: np.ndarray,
-    mags: dict[int, Magnitudes],
+    mags: list[Magnitudes],
     *,
     insert: bool = False,
     exact: bool = False,
@@ -95,19 +95,17 @@ def fit(
 def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
     """Halve ``log|τ|``, keeping the sign (and, ``exact``, a power of two: the exponent
     is halved toward 0, ±1 becoming 0, i.e. ``|τ| = 1``)."""
-    if exact:
-        return np.sign(v) * np.exp2(np.trunc(np.log2(np.abs(v)) / 2))
-    return np.sign(v) * np.sqrt(np.abs(v))
+    magnitude = np.exp2(np.trunc(np.log2(np.abs(v)) / 2)) if exact else np.sqrt(np.abs(v))
+    return np.asarray(np.sign(v) * magnitude, dtype=np.float64)
 
 
 class _Check:
     """One round's check: the offending pairs, each with a reason."""
 
-    def __init__(self, analysis: Analysis, mags: dict[int, Magnitudes], insert: bool) -> None:
+    def __init__(self, analysis: AnalysisResult, mags: list[Magnitudes], insert: bool) -> None:
         self.analysis = analysis
         self.sol = analysis.solution
-        self.items = list(analysis.by_source.items())
-        self.mags = [mags[key] for key, _ in self.items]
+        self.mags = mags  # per weight, in ``analysis.weights`` order
         self.insert = insert
         self.cells: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
@@ -115,7 +113,7 @@ class _Check:
     def __call__(self, values: np.ndarray) -> dict[int, str]:
         tau = self.sol.cofactors(values)
         bad: dict[int, str] = {}
-        smin, smax = scale_bounds(self.analysis, tau)
+        smin, smax = weight_bounds(self.analysis, tau)
         for j in np.flatnonzero(out_of_range(self.mags, smin, smax)):
             self._weight(int(j), tau, values, bad)
         if self.insert:
@@ -126,17 +124,17 @@ class _Check:
     def _weight(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> None:
         """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
         weight is read once: its cells' magnitudes are kept for later rounds."""
-        key, uses = self.items[j]
+        weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
-        name = uses[0].source.name
-        w = read(uses[0].source) if j not in self.shapes else None
+        name = weight.name
+        w = weight.source.array() if j not in self.shapes else None
         shape = self.shapes.setdefault(j, w.shape if w is not None else ())
-        for k, (group, s) in enumerate(scales_of(shape, uses, key in self.analysis.private, tau)):
+        for k, (group, s) in enumerate(scales_of(shape, weight.uses, weight.private, tau)):
             r = max(len(shape), s.ndim)
-            sr = _rank(s, r)
+            sr = with_rank(s, r)
             if (j, k) not in self.cells:
                 assert w is not None
-                wr = _rank(w, r)
+                wr = with_rank(w, r)
                 axes = tuple(ax for ax in range(r) if sr.shape[ax] == 1 and wr.shape[ax] > 1)
                 self.cells[j, k] = cell_magnitudes(wr, axes, lim)
             hi, lo_n, lo_s = self.cells[j, k]
@@ -189,7 +187,7 @@ class _Check:
         for f in factors:
             rank = max(mask.ndim, f.ids.ndim)
             try:
-                at, hit = np.broadcast_arrays(_rank(f.ids, rank), _rank(mask, rank))
+                at, hit = np.broadcast_arrays(with_rank(f.ids, rank), with_rank(mask, rank))
             except ValueError:  # (a use laid out unlike the scale: its pairs are tied)
                 continue
             cell = at[hit]
@@ -197,7 +195,8 @@ class _Check:
         if not ids:
             return np.zeros(0, np.int64)
         pairs = np.unique(self.sol.pair[np.concatenate(ids)])
-        return pairs[np.abs(values[pairs]) != 1.0]
+        moved: np.ndarray = pairs[np.abs(values[pairs]) != 1.0]
+        return moved
 
     def _constant(
         self, m: PlannedMul, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]
@@ -213,8 +212,3 @@ class _Check:
                 why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
                 for p in self._blame(m.factors, mask, sign, tau, values):
                     bad.setdefault(int(p), why)
-
-
-def _rank(a: np.ndarray, rank: int) -> np.ndarray:
-    """``a`` with leading size-1 axes up to ``rank`` (numpy's broadcasting alignment)."""
-    return a.reshape((1,) * (rank - a.ndim) + a.shape) if a.ndim < rank else a

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from graphteleport.analysis.quiver import PinGroup, Quiver
+from graphteleport.analysis import PinGroup, Quiver
 from graphteleport.insertion import InsertStats
 from graphteleport.options import CofactorOptions, Mode
 from graphteleport.passes.teleport import RangeFixCount

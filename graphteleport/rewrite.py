@@ -1,12 +1,13 @@
 """Rewrite the stored weights for chosen cofactors (absorb mode).
 
-For every constant the analysis said can absorb a scaling,
-``W' = W · S`` with ``S = Π τ[ids]^e`` over the factors its rule gave
-(``W'[o, i] = W[o, i] · τ_out[o] / τ_in[i]`` for a linear layer, ``b' = b · τ_out``
-for a bias, …).  A weight used by several nodes gets one ``S`` (the analysis tied
-its uses), except a uniform weight shared only by an exporter's accident, which
-gets a private copy for each use whose ``S`` differs.  Each weight is read and
-written once.
+For every stored tensor the analysis said can absorb a scaling
+(:attr:`~graphteleport.analysis.AnalysisResult.weights`), ``W' = W · S`` with
+``S = Π τ[ids]^e`` over the factors its rule gave (``W'[o, i] = W[o, i] · τ_out[o] / τ_in[i]``
+for a linear layer, ``b' = b · τ_out`` for a bias, …), as :mod:`graphteleport.algebra`
+computes it.  A weight used by several nodes gets one ``S`` (the analysis tied its
+uses), except a uniform weight shared only by an exporter's accident, which gets a
+private copy for each use whose ``S`` differs.  Each weight is read and written once;
+this module owns how ``W · S`` is rounded into W's dtype.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.constraints import Absorb, ConstRef
-from graphteleport.analysis.driver import Analysis
-from graphteleport.analysis.graphinfo import FLOAT_TYPES
+from graphteleport.algebra import scale_bounds, scales_of
+from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef
 from graphteleport.numerics import Magnitudes, MagnitudeScan, fits_float32, out_of_range
 
 
@@ -38,36 +38,17 @@ class RewriteStats:
         return len(self.changed)
 
 
-def scale(ab: Absorb, tau: np.ndarray) -> np.ndarray:
-    """``S = Π τ[f.ids]^f.exp`` (float64), broadcastable to the absorb's shape.
-
-    The factors are kept in their compact layout (a conv's ``S`` is ``[O, C, 1, 1]``
-    for an ``[O, C, k, k]`` weight), so this is cheap next to the weight itself.
-    """
-    s: np.ndarray = np.ones((1,) * len(ab.shape), dtype=np.float64)
-    for f in ab.factors:
-        t = tau[f.ids]
-        s = s * (t if f.exp == 1 else t**f.exp)
-    return s
-
-
-def read(ref: ConstRef) -> np.ndarray:
-    if ref.is_node:
-        return np.asarray(ref.value.attributes["value"].as_tensor().numpy())  # type: ignore[attr-defined]
-    return np.asarray(ref.value.const_value.numpy())  # type: ignore[attr-defined]
-
-
 def write(ref: ConstRef, array: np.ndarray) -> None:
     """Store ``array`` where ``ref`` lives, keeping its name and dtype."""
     tensor = ir.tensor(array, name=ref.name)
-    if ref.is_node:
-        node = ref.value
-        node.attributes["value"] = ir.AttrTensor("value", tensor)  # type: ignore[attr-defined]
-        if node.outputs[0].type is not None:  # type: ignore[attr-defined]
-            node.outputs[0].shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
+    node = ref.value
+    if isinstance(node, ir.Node):
+        node.attributes["value"] = ir.AttrTensor("value", tensor)
+        if node.outputs[0].type is not None:
+            node.outputs[0].shape = ir.Shape(array.shape)
     else:
-        ref.value.const_value = tensor  # type: ignore[attr-defined]
-        ref.value.shape = ir.Shape(array.shape)  # type: ignore[attr-defined]
+        node.const_value = tensor
+        node.shape = ir.Shape(array.shape)
 
 
 def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarray:
@@ -87,14 +68,18 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
     flat = s.reshape(-1)
     uniform = flat.size > 0 and bool(np.all(flat == flat[0]))
     native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
+    out: np.ndarray
     if native and uniform:
-        return w * w.dtype.type(flat[0])
+        out = w * w.dtype.type(flat[0])
+        return out
     target = np.broadcast_shapes(w.shape, s.shape)
     if native:
-        return np.broadcast_to(w, target) * s.astype(w.dtype)
+        out = np.broadcast_to(w, target) * s.astype(w.dtype)
+        return out
     if float32_scale:
         s = s.astype(np.float32).astype(np.float64)
-    return np.multiply(np.broadcast_to(w, target), s, dtype=np.float64).astype(w.dtype)
+    out = np.multiply(np.broadcast_to(w, target), s, dtype=np.float64).astype(w.dtype)
+    return out
 
 
 def _product(
@@ -148,72 +133,6 @@ def _shrink(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return s
 
 
-def source_scale(shape: tuple[int, ...], uses: list[Absorb], tau: np.ndarray) -> np.ndarray:
-    """The one ``S`` that every use of a weight agrees on: broadcastable to the source's
-    ``shape`` when no use maps elements, else in that shape."""
-    size = int(np.prod(shape, dtype=np.int64))
-    if all(ab.index is None and not ab.expand for ab in uses):  # one use, or tied uses agree
-        return scale(uses[0], tau)  # broadcastable to ``shape``
-    s = np.ones(size, dtype=np.float64)
-    for ab in uses:
-        part = np.broadcast_to(scale(ab, tau), ab.shape).reshape(-1)
-        if ab.index is None:
-            if ab.expand:
-                continue  # pinned by the analysis: a shared weight cannot expand
-            s = part.copy()
-        else:
-            s[ab.index.reshape(-1)] = part
-    return s.reshape(shape)
-
-
-def scales_of(
-    shape: tuple[int, ...], uses: list[Absorb], private: bool, tau: np.ndarray
-) -> list[tuple[list[Absorb], np.ndarray]]:
-    """The scales a weight of ``shape`` is written with, each with the uses it serves:
-    one per use for a *private* weight (an exporter's accidental sharing, written once
-    per differing use), else one that all its uses agree on (ties made them agree)."""
-    if private and all(ab.index is None for ab in uses):
-        return [([ab], scale(ab, tau)) for ab in uses]
-    if len(uses) == 1 and uses[0].index is None:
-        return [(uses, scale(uses[0], tau))]
-    return [(uses, source_scale(shape, uses, tau))]
-
-
-def scale_bounds(analysis: Analysis, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per weight (in ``analysis.by_source`` order): ``smin ≤ |S| ≤ smax`` over all its uses.
-
-    Each factor's extreme ``|τ^e|`` come from one gather of τ for every absorb
-    (:meth:`FactorTable.values`) and one ``reduceat``; an absorb's bounds are the
-    products of its factors' (its factors lie end to end), a weight's the extremes over
-    its uses.  Never looks at a weight, and costs about as much as the factors' ids.
-    """
-    table = analysis.factor_table
-    fmin, fmax = np.ones(len(table.sizes)), np.ones(len(table.sizes))
-    if table.ids.size:
-        v = np.abs(table.values(tau))
-        nonempty = np.flatnonzero(np.asarray(table.sizes) > 0)
-        fmin[nonempty] = np.minimum.reduceat(v, table.starts[nonempty])
-        fmax[nonempty] = np.maximum.reduceat(v, table.starts[nonempty])
-    absorbs = analysis.absorbs
-    counts = np.fromiter((len(ab.factors) for ab in absorbs), np.int64, len(absorbs))
-    firsts = np.fromiter((table.first[id(ab)] for ab in absorbs), np.int64, len(absorbs))
-    amin, amax = np.ones(len(absorbs)), np.ones(len(absorbs))
-    has = np.flatnonzero(counts)
-    if has.size:
-        with np.errstate(over="ignore", under="ignore"):
-            amin[has] = np.multiply.reduceat(fmin, firsts[has])
-            amax[has] = np.multiply.reduceat(fmax, firsts[has])
-    position = {id(ab): k for k, ab in enumerate(absorbs)}
-    source = np.empty(len(absorbs), np.int64)
-    for j, uses in enumerate(analysis.by_source.values()):
-        for ab in uses:
-            source[position[id(ab)]] = j
-    smin, smax = np.full(len(analysis.by_source), np.inf), np.zeros(len(analysis.by_source))
-    np.minimum.at(smin, source, amin)
-    np.maximum.at(smax, source, amax)
-    return smin, smax
-
-
 @dataclass(slots=True)
 class _Pending:
     """One weight's new value, computed and not yet stored (``new`` None: unchanged),
@@ -228,35 +147,44 @@ class _Pending:
 
 @dataclass
 class Prepared:
-    """Every weight's new value (not yet in the model), each weight's magnitudes by
-    ``by_source`` key, and the keys whose quick range check failed."""
+    """Every weight's new value (not yet in the model), each weight's magnitudes (in
+    ``analysis.weights`` order), and the weights whose quick range check failed."""
 
     pending: list[_Pending]
-    magnitudes: dict[int, Magnitudes]
+    magnitudes: list[Magnitudes]
     out_of_range: list[int]
 
 
-def prepare(analysis: Analysis, tau: np.ndarray) -> Prepared:
+def prepare(analysis: AnalysisResult, tau: np.ndarray) -> Prepared:
     """Compute ``W · S`` for every absorbing weight without storing it, measuring each
     weight's :class:`Magnitudes` in the same read (:func:`_product`), and check them
-    against the bounds of its ``|S|`` (:func:`scale_bounds`,
+    against the bounds of its ``|S|`` (:func:`~graphteleport.algebra.scale_bounds`,
     :func:`~graphteleport.numerics.out_of_range`)."""
-    smin, smax = scale_bounds(analysis, tau)
+    smin, smax = weight_bounds(analysis, tau)
     pending: list[_Pending] = []
-    mags: dict[int, Magnitudes] = {}
+    mags: list[Magnitudes] = []
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        for j, (key, uses) in enumerate(analysis.by_source.items()):
-            w = read(uses[0].source)
-            scales = scales_of(w.shape, uses, key in analysis.private, tau)
-            p, mags[key] = _pend(w, uses, scales, fits_float32(smin[j], smax[j]))
+        for j, weight in enumerate(analysis.weights):
+            w = weight.source.array()
+            scales = scales_of(w.shape, weight.uses, weight.private, tau)
+            p, m = _pend(w, weight.uses, scales, fits_float32(smin[j], smax[j]))
             pending.append(p)
-    flagged = out_of_range(list(mags.values()), smin, smax)
-    keys = list(mags)
-    return Prepared(pending, mags, [keys[j] for j in np.flatnonzero(flagged)])
+            mags.append(m)
+    flagged = out_of_range(mags, smin, smax)
+    return Prepared(pending, mags, np.flatnonzero(flagged).tolist())
+
+
+def weight_bounds(analysis: AnalysisResult, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per weight (in ``analysis.weights`` order): ``smin ≤ |S| ≤ smax`` over all its uses
+    (:func:`~graphteleport.algebra.scale_bounds`)."""
+    return scale_bounds(analysis.factor_table, [w.uses for w in analysis.weights], tau)
 
 
 def _pend(
-    w: np.ndarray, uses: list[Absorb], scales: list[tuple[list[Absorb], np.ndarray]], f32: bool
+    w: np.ndarray,
+    uses: tuple[Absorb, ...],
+    scales: list[tuple[list[Absorb], np.ndarray]],
+    f32: bool,
 ) -> tuple[_Pending, Magnitudes]:
     """The new value of one weight, and its magnitudes: the first scale's product is
     stored in place; a private weight's other uses get copies where their products
@@ -304,7 +232,7 @@ class _Writer:
             const_value=ir.tensor(new, name=name),
         )
         self.graph.register_initializer(value)
-        ab.node.replace_input_with(ab.input_index, value)  # type: ignore[attr-defined]
+        ab.node.replace_input_with(ab.input_index, value)
         self.stats.copies.append(name)
         self.stats.changed.append(name)
         self.stats.elements_changed += new.size
@@ -341,7 +269,7 @@ def commit(model: ir.Model, prepared: Prepared) -> RewriteStats:
     return stats
 
 
-def rewrite(model: ir.Model, analysis: Analysis, tau: np.ndarray) -> RewriteStats:
+def rewrite(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> RewriteStats:
     """Scale every absorbing weight of ``model`` in place by per-neuron cofactors ``tau``
     (no range check: :class:`~graphteleport.passes.teleport.TeleportPass` fits ``tau``
     to the weights' dtypes first, :mod:`graphteleport.ranges`)."""

@@ -8,7 +8,8 @@ BatchNorm is analysed in its training form: its input cofactors are positive,
 ``γ' = γ·τ_out``, ``β' = β·τ_out``, running mean ``· τ_in`` and running var ``· τ_in²``,
 so both train and eval mode stay right; BatchNorm's ``ε``, which no cofactor can scale, is
 corrected for (:func:`_batchnorm_eps`: eval mode exact, train mode exact on batches like
-the example inputs).
+the example inputs).  Every ``S`` and correction is computed by :mod:`graphteleport.algebra`,
+from the analysis' result (:class:`~graphteleport.analysis.AnalysisResult`).
 
 ``mode="insert"`` also makes non-equivariant activations compute ``τ_out · f(x / τ_in)``.
 Where every such activation is a parameter-free leaf *module*, each gets two buffers,
@@ -36,7 +37,7 @@ import itertools
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -47,14 +48,21 @@ import torch
 from torch import nn
 
 from graphteleport import cofactors, torch_insert
-from graphteleport.analysis.constraints import Absorb
-from graphteleport.analysis.driver import Analysis, FactorTable, analyze_model
-from graphteleport.analysis.quiver import Quiver
+from graphteleport.algebra import (
+    FactorTable,
+    batchnorm_eps,
+    batchnorm_eps_tangent,
+    log_derivative,
+    power,
+    product,
+    source_scale,
+    wrap_needed,
+)
+from graphteleport.analysis import Absorb, AnalysisResult, Quiver, Weight, analyze_model
 from graphteleport.errors import InputError
 from graphteleport.frontends.torch import TorchGraph, trace
-from graphteleport.insertion import factor_product, wrap_needed
 from graphteleport.options import CofactorOptions, check_mode
-from graphteleport.rewrite import source_scale
+from graphteleport.unionfind import components
 
 if TYPE_CHECKING:
     from typing import Unpack
@@ -77,7 +85,7 @@ class TorchTeleport:
     """
 
     model: nn.Module
-    analysis: Analysis
+    analysis: AnalysisResult
     pair_values: np.ndarray
     tau: np.ndarray
     mode: str
@@ -91,7 +99,7 @@ class TorchTeleport:
 
     @property
     def free_cofactors(self) -> int:
-        return int(self.analysis.solution.free.sum())
+        return self.analysis.free_cofactors
 
     @property
     def changed(self) -> list[str]:
@@ -214,7 +222,7 @@ def _given_values(
     return cofactors.restrict(v, groups, free)
 
 
-def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
+def analyze(graph: TorchGraph, mode: str = "absorb") -> AnalysisResult:
     """The analysis of a traced module: only its own tensors may absorb a scaling.
 
     Cofactor buffers of an earlier insert-mode teleport are left to the hooks: the
@@ -227,7 +235,7 @@ def analyze(graph: TorchGraph, mode: str = "absorb") -> Analysis:
         mode,
         writable=names.__contains__,
         training=True,
-        info=graph.info,
+        index=graph.index,
     )
 
 
@@ -235,7 +243,7 @@ def _is_cofactor_buffer(name: str) -> bool:
     return "graphteleport_" in name and _COFACTOR_BUFFER.fullmatch(name) is not None
 
 
-def _absorb(graph: TorchGraph, analysis: Analysis, tau: np.ndarray, exact: bool) -> _Rewrite:
+def _absorb(graph: TorchGraph, analysis: AnalysisResult, tau: np.ndarray, exact: bool) -> _Rewrite:
     """Multiply every absorbing parameter/buffer in place by its ``S`` (with BatchNorm's
     eps corrections of :func:`_batchnorm_eps`, except in exact mode, whose tensors stay
     power-of-two multiples); return what was applied."""
@@ -301,8 +309,11 @@ class _Rewrite:
     bn_input: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, values: np.ndarray) -> _Corrected | None:
-    """Keep BatchNorm right although its ``ε`` cannot be scaled.
+def _batchnorm_eps(
+    graph: TorchGraph, analysis: AnalysisResult, values: np.ndarray
+) -> _Corrected | None:
+    """Keep BatchNorm right although its ``ε`` cannot be scaled
+    (:func:`graphteleport.algebra.batchnorm_eps`).
 
     The training form scales a channel's input by ``τ`` (> 0), hence its variance by ``τ²``,
     but BatchNorm divides by ``sqrt(var + ε)``.  With ``σ²`` the channel's input variance
@@ -317,7 +328,7 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, values: np.ndarray) ->
 
     Without a measured variance (a functional batch_norm) ``c = 1``: eval stays exact.
     All layers are computed together, in float64, and written into ``values``
-    (:meth:`~graphteleport.analysis.driver.FactorTable.values`) in place: ``S`` over the
+    (:meth:`~graphteleport.algebra.FactorTable.values`) in place: ``S`` over the
     running variance's ``τ_in²`` and ``c`` into ``γ``'s ``τ_out``, so both reach the
     tensors with every other factor; the offsets ``ε(S − 1)`` are returned for
     :func:`_batchnorm_offsets`.
@@ -331,11 +342,9 @@ def _batchnorm_eps(graph: TorchGraph, analysis: Analysis, values: np.ndarray) ->
     sizes = [hi - lo for lo, hi in spans]
     eps = np.asarray([bn.eps for bn in bns]).repeat(sizes)
     sigma2 = np.concatenate([_measured(bn, n) for bn, n in zip(bns, sizes)])
-    c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
-    c = np.where(np.isnan(sigma2), 1.0, c)
-    s = c * c * t2
+    c, s, offsets = batchnorm_eps(t2, sigma2, eps)
     at = 0
-    out = _Corrected(bns, eps * (s - 1), sizes)
+    out = _Corrected(bns, offsets, sizes)
     for bn, (lo, hi), n in zip(bns, spans, sizes):
         values[lo:hi] = s[at : at + n]
         if bn.sigma2 is not None:
@@ -359,7 +368,9 @@ class _Corrected:
     gamma: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _fold_gamma(table: FactorTable, values: np.ndarray, uses: list[Absorb], c: np.ndarray) -> bool:
+def _fold_gamma(
+    table: FactorTable, values: np.ndarray, uses: Sequence[Absorb], c: np.ndarray
+) -> bool:
     """Multiply ``c`` into ``γ``'s factor in ``values`` where ``γ`` is read as stored by one
     factor of its own size, ``τ_out`` (the training form's: :func:`_scales` then reads
     exactly that span); False where it is not."""
@@ -379,7 +390,7 @@ def _batchnorm_offsets(graph: TorchGraph, corrected: _Corrected, done: _Rewrite)
     bns = corrected.bns
     like = graph.tensors[bns[0].var]
     if all(_alike(graph.tensors[bn.var], like) for bn in bns):
-        parts = _to_torch(corrected.offsets, like).split(corrected.sizes)
+        parts = torch.split(_to_torch(corrected.offsets, like), corrected.sizes)
     else:
         ends = list(itertools.accumulate(corrected.sizes))
         parts = tuple(
@@ -422,28 +433,29 @@ class _BatchNorm:
     path: str
     eps: float
     sigma2: np.ndarray | None
-    gamma_uses: list[Absorb]  # how the rewrite reads γ (empty: γ is not a stored tensor)
+    gamma_uses: Sequence[Absorb]  # how the rewrite reads γ (empty: γ is not a stored tensor)
 
 
-def _batchnorms(graph: TorchGraph, analysis: Analysis) -> list[_BatchNorm]:
+def _batchnorms(graph: TorchGraph, analysis: AnalysisResult) -> list[_BatchNorm]:
     """The training-form BatchNorms, one per running variance (a module called twice is
     corrected once, at the use the rewrite reads: the first)."""
     out = []
-    for ab in analysis.absorbs:
-        node: Any = ab.node
+    for weight in analysis.weights:
+        ab = weight.uses[0]
+        node = ab.node
         if ab.input_index != 4 or node.op_type != "BatchNormalization":
             continue
-        uses = analysis.by_source[id(ab.source.value)]
-        if uses[0] is not ab or not all(map(_unmapped, uses)):
+        if not all(map(_unmapped, weight.uses)):
             continue  # (a module's running variance is read as stored)
-        path = ab.source.name.rpartition(".")[0]
+        path = weight.name.rpartition(".")[0]
         gamma = _input_name(node, 1)
         sigma2 = graph.bn_var.get(path) if gamma in graph.tensors else None
         if sigma2 is not None and sigma2.size != _channels(ab):
             sigma2 = None  # not this node's channels (a module traced in another layout)
         eps = node.attributes.get_float("epsilon", 1e-5)
-        gamma_uses = analysis.by_source.get(id(node.inputs[1]), []) if gamma else []
-        out.append(_BatchNorm(ab, ab.source.name, gamma, path, eps, sigma2, gamma_uses))
+        gamma_weight = analysis.weight_named(gamma) if gamma else None
+        gamma_uses = gamma_weight.uses if gamma_weight is not None else ()
+        out.append(_BatchNorm(ab, weight.name, gamma, path, eps, sigma2, gamma_uses))
     return out
 
 
@@ -451,37 +463,37 @@ def _channels(ab: Absorb) -> int:
     return math.prod(ab.shape)
 
 
-def _input_name(node: Any, k: int) -> str:
+def _input_name(node: ir.Node, k: int) -> str:
     v = node.inputs[k] if len(node.inputs) > k else None
     return (v.name or "") if v is not None else ""
 
 
 def _scales(
-    graph: TorchGraph, analysis: Analysis, tau: np.ndarray, values: np.ndarray
+    graph: TorchGraph, analysis: AnalysisResult, tau: np.ndarray, values: np.ndarray
 ) -> dict[str, Factors]:
     """``S`` per tensor as factors (all-ones scales are left out), in its dtype and device.
 
     Tensors with one use (or tied uses) and no element map — all of them, in most models —
     take ``S = Π τ[f.ids]^e`` as a product of small per-axis factors: views, in the
     factors' layouts, of ``values`` (every factor's ``τ[f.ids]^e``, end to end:
-    :meth:`~graphteleport.analysis.driver.FactorTable.values`) converted to torch once per
+    :meth:`~graphteleport.algebra.FactorTable.values`) converted to torch once per
     dtype and device; the rest go through :func:`_mapped_scale`.
     """
     table = analysis.factor_table
     by_kind: dict[tuple[torch.dtype, torch.device], list[tuple[str, int, int]]] = {}
     out: dict[str, Factors] = {}
-    for uses in analysis.by_source.values():
-        first = uses[0]
-        name = first.source.name
+    for weight in analysis.weights:
+        first = weight.uses[0]
+        name = weight.name
         t = graph.tensors[name]
-        if all(map(_unmapped, uses)):
+        if all(map(_unmapped, weight.uses)):
             j = table.first[id(first)]  # (name, factor range) per dtype and device
             by_kind.setdefault((t.dtype, t.device), []).append((name, j, j + len(first.factors)))
-        elif (st := _mapped_scale(uses, tau, t)) is not None:
+        elif (st := _mapped_scale(weight, tau, t)) is not None:
             out[name] = (st,)
     moved = table.moved(values)
     for group in by_kind.values():
-        views = _to_torch(values, graph.tensors[group[0][0]]).split(table.sizes)
+        views = torch.split(_to_torch(values, graph.tensors[group[0][0]]), table.sizes)
         out.update(_factor_views(group, views, table.shapes, moved))
     return out
 
@@ -513,10 +525,10 @@ def _unmapped(ab: Absorb) -> bool:
     return ab.index is None and not ab.expand
 
 
-def _mapped_scale(uses: list[Any], tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
+def _mapped_scale(weight: Weight, tau: np.ndarray, t: torch.Tensor) -> torch.Tensor | None:
     """``S`` of a tensor some use of which maps elements (or is broadcast-expanded), in ``t``'s
-    dtype and device (:func:`~graphteleport.rewrite.source_scale`); None when all ones."""
-    s = source_scale(tuple(t.shape), uses, tau)
+    dtype and device (:func:`~graphteleport.algebra.source_scale`); None when all ones."""
+    s = source_scale(tuple(t.shape), weight.uses, tau)
     return _to_torch(s, t) if (s != 1).any() else None
 
 
@@ -540,26 +552,25 @@ def _scope(node: ir.Node) -> str | None:
 
 
 def _plan_hooks(
-    model: nn.Module, graph: TorchGraph, analysis: Analysis, tau: np.ndarray
+    model: nn.Module, graph: TorchGraph, analysis: AnalysisResult, tau: np.ndarray
 ) -> list[tuple[str, list[np.ndarray], list[np.ndarray]]]:
     """The activation modules to wrap, ``τ_out · f(x / τ_in)``, with their cofactors: one
     ``(1/τ_in, τ_out)`` pair per call of the module (a module called at several places in
     ``forward`` gets one pair per call, in call order)."""
-    c = analysis.ctx.c
     needed: dict[str, list[ir.Node]] = defaultdict(list)
-    for w in c.wraps:
+    for w in analysis.wraps:
         if wrap_needed(tau[w.ids], w.group):
-            needed[_module_of(model, w.node)].append(w.node)  # type: ignore[arg-type]
-    for e in c.edges:
-        if np.any(factor_product(e.factors, tau) != 1):
-            needed[_module_of(model, e.node)].append(e.node)  # type: ignore[arg-type]
+            needed[_module_of(model, w.node)].append(w.node)
+    for e in analysis.edges:
+        if np.any(product(e.factors, tau) != 1):
+            needed[_module_of(model, e.node)].append(e.node)
     members = _members(graph)
-    values = analysis.ctx.values
+    neurons = analysis.neurons
     plan = []
     for path in needed:
-        bounds = [_boundary(path, nodes, analysis) for nodes in _calls(members[path])]
-        s_in = [1.0 / tau[values[id(x)]] for x, _ in bounds]
-        s_out = [tau[values[id(y)]] for _, y in bounds]
+        bounds = [_boundary(path, nodes, neurons) for nodes in _calls(members[path])]
+        s_in = [power(tau[neurons[x]], -1) for x, _ in bounds]
+        s_out = [tau[neurons[y]] for _, y in bounds]
         plan.append((path, s_in, s_out))
     _check_calls(model, graph, plan)
     return plan
@@ -569,23 +580,18 @@ def _calls(nodes: Sequence[ir.Node]) -> list[list[ir.Node]]:
     """A module's nodes split into its calls: the connected pieces of its data flow, in
     graph (execution) order."""
     inside = {id(n): k for k, n in enumerate(nodes)}
-    parent = list(range(len(nodes)))
-
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for k, node in enumerate(nodes):
-        for v in node.inputs:
-            producer = v.producer() if v is not None else None
-            if producer is not None and id(producer) in inside:
-                parent[root(k)] = root(inside[id(producer)])
+    pairs = [
+        (k, inside[id(producer)])
+        for k, node in enumerate(nodes)
+        for v in node.inputs
+        if v is not None and (producer := v.producer()) is not None and id(producer) in inside
+    ]
+    edges = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    label = components(len(nodes), edges[:, 0], edges[:, 1])
     pieces: dict[int, list[ir.Node]] = {}
-    for k, node in enumerate(nodes):
-        pieces.setdefault(root(k), []).append(node)
-    return sorted(pieces.values(), key=lambda piece: inside[id(piece[0])])
+    for k, node in enumerate(nodes):  # labels are each piece's first node: pieces in order
+        pieces.setdefault(int(label[k]), []).append(node)
+    return list(pieces.values())
 
 
 def _check_calls(
@@ -661,23 +667,24 @@ def _members(graph: TorchGraph) -> dict[str, list[ir.Node]]:
     return out
 
 
-def _boundary(path: str, nodes: Sequence[ir.Node], analysis: Analysis) -> tuple[Any, Any]:
-    """The one activation a module reads and the one it returns."""
+def _boundary(
+    path: str, nodes: Sequence[ir.Node], neurons: Mapping[str, np.ndarray]
+) -> tuple[str, str]:
+    """The names of the one activation a module reads and the one it returns."""
     inside = {id(n) for n in nodes}
-    values = analysis.ctx.values
     ins = {
-        id(v): v
+        v.name or ""
         for n in nodes
         for v in n.inputs
         if v is not None
-        and id(v) in values
+        and (v.name or "") in neurons
         and (v.producer() is None or id(v.producer()) not in inside)
     }
     outs = {
-        id(o): o
+        o.name or ""
         for n in nodes
         for o in n.outputs
-        if id(o) in values
+        if (o.name or "") in neurons
         and (o.is_graph_output() or any(id(u.node) not in inside for u in o.uses()))
     }
     if len(ins) != 1 or len(outs) != 1:
@@ -685,7 +692,7 @@ def _boundary(path: str, nodes: Sequence[ir.Node], analysis: Analysis) -> tuple[
             f"insert mode: module {path!r} does not read and return one tensor per call; "
             "use mode='absorb'"
         )
-    return next(iter(ins.values())), next(iter(outs.values()))
+    return next(iter(ins)), next(iter(outs))
 
 
 def _hook(
@@ -760,7 +767,8 @@ def compose(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
     Both must come from the same analysis (same pairs); cofactors multiply.
     """
-    return np.asarray(first) * np.asarray(second)
+    out: np.ndarray = np.asarray(first) * np.asarray(second)
+    return out
 
 
 def orbit_tangent(
@@ -768,9 +776,10 @@ def orbit_tangent(
 ) -> dict[str, torch.Tensor]:
     """The micro-teleportation direction at τ = 1: ``dW/dε`` for ``τ = 1 + ε·v``.
 
-    ``W(τ) = W · Π τ[ids]^e`` gives ``dW/dε = W · Σ e · v[ids]``, plus BatchNorm's eps
-    terms (:func:`_batchnorm_eps`: ``dc = −ε/(σ² + ε) · v_in`` on ``γ``, and
-    ``d rv = (rv + ε)(2v_in + 2dc)``).  ``direction`` is
+    ``W(τ) = W · Π τ[ids]^e`` gives ``dW/dε = W · Σ e · v[ids]``
+    (:func:`graphteleport.algebra.log_derivative`), plus BatchNorm's eps terms
+    (:func:`graphteleport.algebra.batchnorm_eps_tangent`: ``dc = −ε/(σ² + ε) · v_in`` on
+    ``γ``, and ``d rv = (rv + ε)(2v_in + 2dc)``).  ``direction`` is
     ``v`` per cofactor pair (default: standard normal on the free pairs).  The model
     is not changed.  The loss is constant along the orbit, so its gradient is
     orthogonal to this tangent.
@@ -780,27 +789,23 @@ def orbit_tangent(
     sol = analysis.solution
     if direction is None:
         direction = np.random.default_rng(seed).standard_normal(sol.num_pairs)
-    v = np.where(sol.free, direction, 0.0)
-    per_neuron = np.where(sol.inverse, -1.0, 1.0) * v[sol.pair]  # d(1/τ)/dε = −v at τ = 1
+    dtau = sol.tangent(np.where(sol.free, direction, 0.0))  # dτ/dε per neuron
     logd: dict[str, np.ndarray] = {}  # d log W / dε per tensor
-    for uses in analysis.by_source.values():
-        name = uses[0].source.name
-        d = np.zeros(tuple(graph.tensors[name].shape))
-        for ab in uses:
-            part = np.zeros(ab.shape)
-            for f in ab.factors:
-                part = part + f.exp * per_neuron[f.ids]
-            d = _scatter(d, ab, part)
-        logd[name] = d
+    for weight in analysis.weights:
+        d = np.zeros(tuple(graph.tensors[weight.name].shape))
+        for ab in weight.uses:
+            d = _scatter(d, ab, log_derivative(ab, dtau))
+        logd[weight.name] = d
     out = {name: _times(graph.tensors[name].detach(), d) for name, d in logd.items()}
     for bn in _batchnorms(graph, analysis):  # the eps terms of _batchnorm_eps
         dt2 = logd[bn.var]  # d(τ²)/dε at τ = 1
-        dc = np.zeros_like(dt2)
-        if bn.sigma2 is not None and bn.sigma2.shape == dt2.reshape(-1).shape:
-            dc = -bn.eps / (bn.sigma2.reshape(dt2.shape) + bn.eps) * dt2 / 2
+        measured = bn.sigma2 is not None and bn.sigma2.shape == dt2.reshape(-1).shape
+        sigma2 = bn.sigma2.reshape(dt2.shape) if bn.sigma2 is not None and measured else None
+        dc, ds = batchnorm_eps_tangent(dt2, sigma2, bn.eps)
+        if sigma2 is not None:
             gamma = graph.tensors[bn.gamma].detach()
             out[bn.gamma] = _times(gamma, logd.get(bn.gamma, 0.0) + dc.reshape(gamma.shape))
-        out[bn.var] = _times(graph.tensors[bn.var].detach() + bn.eps, dt2 + 2 * dc)
+        out[bn.var] = _times(graph.tensors[bn.var].detach() + bn.eps, ds)
     return out
 
 
@@ -808,7 +813,7 @@ def _times(t: torch.Tensor, d: np.ndarray | float) -> torch.Tensor:
     return t * torch.as_tensor(d, dtype=t.dtype, device=t.device)
 
 
-def _scatter(d: np.ndarray, ab: Any, part: np.ndarray) -> np.ndarray:
+def _scatter(d: np.ndarray, ab: Absorb, part: np.ndarray) -> np.ndarray:
     if ab.index is None:
         return np.broadcast_to(part, d.shape).copy()
     flat = d.reshape(-1).copy()

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -53,8 +53,8 @@ from onnx_ir.tensor_adapters import to_torch_dtype
 from torch import fx, nn
 from torch.nn import functional as F
 
-from graphteleport import insertion
-from graphteleport.analysis.driver import Analysis
+from graphteleport.algebra import Factor, power, product, wrap_needed
+from graphteleport.analysis import AnalysisResult, EdgeScale, Wrap
 from graphteleport.errors import InputError
 from graphteleport.frontends.fx import FX_NODE
 from graphteleport.frontends.torch import TorchGraph, quiet
@@ -69,15 +69,15 @@ class Insertions:
     scales (``node``, ``index``, ``factors`` of ``ids`` and ``exp``), and which neurons are
     free (the others' τ is 1, whatever is drawn)."""
 
-    wraps: list[Any]
-    edges: list[Any]
+    wraps: tuple[Wrap, ...]
+    edges: tuple[EdgeScale, ...]
     free: np.ndarray
 
     @classmethod
-    def of(cls, analysis: Analysis) -> Insertions:
+    def of(cls, analysis: AnalysisResult) -> Insertions:
         """The one place this module reads the analysis."""
         sol = analysis.solution
-        return cls(analysis.ctx.c.wraps, analysis.ctx.c.edges, sol.free[sol.pair])
+        return cls(analysis.wraps, analysis.edges, sol.free[sol.pair])
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Mul:
         return v
 
 
-def planned_muls(analysis: Analysis, tau: np.ndarray) -> list[Mul]:
+def planned_muls(analysis: AnalysisResult, tau: np.ndarray) -> list[Mul]:
     """Every Mul insert mode can need, whatever ``tau`` is, so that the GraphModule's
     structure (its buffers) depends on the module alone: a pair per wrap, ``1/τ`` before the
     activation and ``τ`` after it (both 1 where ``tau`` commutes with it), and one per edge
@@ -109,31 +109,29 @@ def planned_muls(analysis: Analysis, tau: np.ndarray) -> list[Mul]:
     for w in found.wraps:
         if not found.free[w.ids].any():
             continue
-        node: ir.Node = w.node
+        node = w.node
         edge = _sole_edge(node, by_input)
         exps = [(w.ids, 1), *((f.ids, f.exp) for f in edge.factors)] if edge else []
         t = tau[w.ids]
-        if not (insertion.wrap_needed(t, w.group) or _cancels(exps)):
+        if not (wrap_needed(t, w.group) or _cancels(exps)):
             t = np.ones_like(t)
-        muls.append(Mul(node, 0, 1.0 / t))
+        muls.append(Mul(node, 0, power(t, -1)))
         if edge is not None:
             by_input.pop((id(edge.node), edge.index))
             if _cancels(exps):
                 continue
-            t = t * insertion.factor_product(edge.factors, tau)
+            t = t * product(edge.factors, tau)
         muls.append(Mul(node, None, t))
-    muls += [
-        Mul(e.node, e.index, insertion.factor_product(e.factors, tau)) for e in by_input.values()
-    ]
+    muls += [Mul(e.node, e.index, product(e.factors, tau)) for e in by_input.values()]
     return muls
 
 
-def _moves(factors: list[Any], free: np.ndarray) -> bool:
+def _moves(factors: Sequence[Factor], free: np.ndarray) -> bool:
     """Some factor of an edge scale involves a free neuron."""
     return any(free[f.ids].any() for f in factors)
 
 
-def _sole_edge(node: ir.Node, by_input: dict[tuple[int, int], Any]) -> Any:
+def _sole_edge(node: ir.Node, by_input: dict[tuple[int, int], EdgeScale]) -> EdgeScale | None:
     """The edge scale on the only reader of ``node``'s output, if there is one."""
     uses = list(node.outputs[0].uses())
     return by_input.get((id(uses[0].node), uses[0].idx)) if len(uses) == 1 else None
@@ -166,7 +164,7 @@ class Insertion:
         self.inserted: GraphInsertion | None = None
 
     def plan(
-        self, analysis: Analysis, tau: np.ndarray, hooks: Callable[[np.ndarray], list[T]]
+        self, analysis: AnalysisResult, tau: np.ndarray, hooks: Callable[[np.ndarray], list[T]]
     ) -> tuple[list[T], list[Placement]]:
         """``(hooks(tau), [])`` where hooks suffice and no GraphModule was made before, else
         ``([], placements)``.  Whether hooks suffice is decided for the module, not the draw:

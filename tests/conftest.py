@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from graphteleport.analysis.solve import Solution  # noqa: E402
+from graphteleport.analysis import Solution  # noqa: E402
 from graphteleport.passes.teleport import TeleportPass, TeleportResult  # noqa: E402
 
 IR_VERSION = {11: 6, 13: 7, 17: 8, 18: 8}
@@ -203,11 +203,10 @@ class Teleported:
     def tau(self, value_name: str) -> np.ndarray:
         """Per-neuron τ of a value, in its compact layout (size-1 broadcast axes)."""
         assert self.result.analysis is not None
-        ctx = self.result.analysis.ctx
-        for key, v in ctx.outputs.items():
-            if v.name == value_name:
-                return self.result.tau[ctx.values[key]]
-        raise KeyError(f"{value_name!r} carries no neurons")
+        neurons = self.result.analysis.neurons
+        if value_name not in neurons:
+            raise KeyError(f"{value_name!r} carries no neurons")
+        return self.result.tau[neurons[value_name]]
 
     def rel_err(self, feeds: Mapping[str, np.ndarray] | None = None) -> float:
         return max_rel_err(self.before, self.after, feeds)

@@ -185,8 +185,8 @@ def test_analysis_does_not_modify_the_model() -> None:
 def test_factor_table_moved_with_empty_factors() -> None:
     """``moved`` flags each factor with an element off 1, also when factors are empty (in
     the middle and at the end, where reduceat needs its sentinel)."""
-    from graphteleport.analysis.constraints import Absorb, ConstRef, Factor
-    from graphteleport.analysis.driver import FactorTable
+    from graphteleport.algebra import FactorTable
+    from graphteleport.analysis import Absorb, ConstRef, Factor
 
     def absorb(*ids: list[int]) -> Absorb:
         factors = [Factor(np.asarray(i, dtype=np.int64), 1) for i in ids]

@@ -23,8 +23,8 @@ import pytest
 from conftest import REPO_ROOT, gemm_mlp, make_model, max_rel_err, rand, run_ort, weights
 from onnx import helper
 
-import graphteleport.rewrite
-from graphteleport.analysis.constraints import Absorb
+import graphteleport.algebra
+from graphteleport.analysis import Absorb
 from graphteleport.cli import main
 
 FIXTURE = "mlp_small.onnx"
@@ -235,7 +235,7 @@ def test_verification_failure_writes_nothing(
 ) -> None:
     """Corrupt one weight matrix's scaling (×1.5 on top of τ): the check must catch it
     (exit 1), the report still says why, and no model (nor a temp file) is left behind."""
-    real = graphteleport.rewrite.scale
+    real = graphteleport.algebra.scale
     done: list[bool] = []
 
     def corrupt(ab: Absorb, tau: np.ndarray) -> np.ndarray:
@@ -245,7 +245,7 @@ def test_verification_failure_writes_nothing(
             done.append(True)
         return s
 
-    monkeypatch.setattr(graphteleport.rewrite, "scale", corrupt)
+    monkeypatch.setattr(graphteleport.algebra, "scale", corrupt)
     before = listing(work)
     rc, _, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--report", "r.json", "-q")
     assert done, "the corruption was never applied"

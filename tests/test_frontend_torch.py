@@ -1,8 +1,9 @@
 """The torch frontend's work on a trace (``graphteleport.frontends.torch``), done once per trace:
 on the exporter's path, constant glue evaluated and stored and computed zero conv biases
-dropped; on both paths, the graph's facts indexed (``GraphInfo.fresh`` copies them) and
-BatchNorm input variances measured without touching the module.  Each test states what an
-analysis relies on; the function-preservation tests of ``test_torch.py`` check the whole."""
+dropped; on both paths, the graph's facts indexed (``analysis.index_graph``; each analysis
+copies the index) and BatchNorm input variances measured without touching the module.  Each
+test states what an analysis relies on; the function-preservation tests of ``test_torch.py``
+check the whole."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from graphteleport.analysis.driver import analyze_model  # noqa: E402
+from graphteleport.analysis import analyze_model  # noqa: E402
 from graphteleport.frontends.torch import batchnorm_input_variance, trace  # noqa: E402
 from graphteleport.torch import analyze  # noqa: E402
 
@@ -44,11 +45,12 @@ def test_zero_conv_bias_is_dropped_and_real_bias_kept() -> None:
 
 @pytest.mark.parametrize("tracer", ["fx", "export"])
 def test_graph_facts_are_reused_and_writable_respected(tracer: str) -> None:
-    """``GraphInfo.fresh`` keeps shapes and provenance but applies each call's ``writable``:
-    a tensor the caller may not rewrite is not absorbed (its neurons are pinned instead)."""
+    """An indexed graph (``index_graph``) keeps shapes and provenance but applies each call's
+    ``writable``: a tensor the caller may not rewrite is not absorbed (its neurons are pinned
+    instead)."""
     model, x = conv_bn()
     graph = trace(model, x, tracer=tracer)
-    assert graph.info is not None
+    assert graph.index is not None
     full = analyze(graph)
     assert any(ab.source.name == "0.weight" for ab in full.absorbs)
     frozen = analyze_model(
@@ -56,7 +58,7 @@ def test_graph_facts_are_reused_and_writable_respected(tracer: str) -> None:
         graph.input_shapes,
         writable=lambda name: name != "0.weight",
         training=True,
-        info=graph.info,
+        index=graph.index,
     )
     assert not any(ab.source.name == "0.weight" for ab in frozen.absorbs)
     assert frozen.solution.free.sum() < full.solution.free.sum()

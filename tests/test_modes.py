@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import ExportCache  # noqa: E402
 
-from graphteleport.analysis.driver import analyze_model  # noqa: E402
+from graphteleport.analysis import analyze_model  # noqa: E402
 from graphteleport.frontends.torch import trace  # noqa: E402
 from models.architectures import ARCHITECTURES, build, densenet121, mlp, resnet18, vgg  # noqa: E402
 from models.export import export  # noqa: E402

@@ -24,7 +24,7 @@ from conftest import ExportCache
 from onnx import numpy_helper
 
 from graphteleport import verify
-from graphteleport.analysis.constraints import Absorb
+from graphteleport.analysis import Absorb
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model
 from graphteleport.passes.teleport import TeleportPass, TeleportResult

@@ -26,8 +26,7 @@ from conftest import (
 )
 from onnx import helper
 
-from graphteleport.analysis import analyze
-from graphteleport.analysis.solve import GROUPS
+from graphteleport.analysis import GROUPS, analyze
 from graphteleport.cofactors import _positive_draws, draw, restrict, sample
 from graphteleport.errors import InputError
 from graphteleport.options import SAMPLINGS, CofactorOptions, Sampling

@@ -48,9 +48,9 @@ from torch.nn import functional as F  # noqa: E402
 import graphteleport.frontends.torch as gt_frontend  # noqa: E402
 import graphteleport.torch as gt_torch  # noqa: E402
 from graphteleport import torch_insert  # noqa: E402
+from graphteleport.algebra import scale  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends.torch import as_args  # noqa: E402
-from graphteleport.rewrite import scale  # noqa: E402
 from graphteleport.torch import Teleporter, compose, orbit_tangent, teleport  # noqa: E402
 from graphteleport.torch import analyze as gt_analyze  # noqa: E402
 from models.architectures import ARCHITECTURES, build, cnn_2d, mlp  # noqa: E402

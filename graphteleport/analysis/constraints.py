@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 
 import numpy as np
+import onnx_ir as ir
+
+from graphteleport.algebra import Factor as Factor  # (re-exported: the rules' factors)
 
 IntArray = np.ndarray
 
@@ -45,64 +48,78 @@ class Pinned(Unsupported):
     is the whole reason, not prefixed with the op."""
 
 
-@dataclass(slots=True)
-class Factor:
-    """One factor ``τ[ids]^exp`` of a scaling; ``ids`` broadcasts to the target shape."""
-
-    ids: IntArray
-    exp: int
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ConstRef:
-    """Where a constant tensor lives: an initializer value or a Constant node."""
+    """Where a stored tensor lives: an initializer ``value``, or a Constant node."""
 
     name: str
-    value: object  # onnx_ir.Value (initializer) or onnx_ir.Node (Constant)
+    value: ir.Value | ir.Node  # the initializer, or the Constant node (``is_node``)
     is_node: bool = False
 
+    @property
+    def stored(self) -> ir.Value:
+        """The value the tensor is read through (a Constant node's output)."""
+        return self.value.outputs[0] if isinstance(self.value, ir.Node) else self.value
 
-@dataclass(slots=True)
+    def array(self) -> np.ndarray:
+        """The stored tensor, as numpy."""
+        if isinstance(self.value, ir.Node):
+            return np.asarray(self.value.attributes["value"].as_tensor().numpy())
+        tensor = self.value.const_value
+        assert tensor is not None
+        return np.asarray(tensor.numpy())
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Absorb:
-    """A constant used by ``node`` absorbs ``S = Π τ[f.ids]^f.exp``.
+    """A stored tensor read by ``node`` (at input ``input_index``) absorbs
+    ``S = Π τ[f.ids]^f.exp`` (:func:`graphteleport.algebra.scale`).
 
     ``shape`` is the shape S is computed in (the used tensor's shape, possibly a
-    broadcast-expanded one); ``index`` maps each element of that used tensor to a
-    flat element of the source (None: the used tensor *is* the source).
+    broadcast-expanded one, ``expand``); ``index`` maps each element of that used tensor
+    to a flat element of the source (None: the used tensor *is* the source).
     """
 
     source: ConstRef
     shape: tuple[int, ...]
     factors: list[Factor]
-    node: object  # the onnx_ir.Node that uses the constant
+    node: ir.Node
     input_index: int
     index: IntArray | None = None
     expand: bool = False
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Wrap:
     """Insert mode: ``node`` (one activation input, same layout out) becomes τ·f(x/τ).
 
     ``group`` is the group the op already commutes with (any: never, positive:
-    τ > 0, sign: τ = ±1); the nodes are only inserted where some τ falls outside it.
+    τ > 0, sign: τ = ±1); the nodes are only inserted where some τ falls outside it
+    (:func:`graphteleport.algebra.wrap_needed`).  ``input_dtype`` and ``output_dtype``
+    are the types of the node's input 0 and output 0, which its ``Mul(1/τ)`` and
+    ``Mul(τ)`` take (FLOAT where unknown; set when the analysis finishes).
     """
 
-    node: object  # onnx_ir.Node
+    node: ir.Node
     ids: IntArray
     group: str
+    input_dtype: ir.DataType = ir.DataType.FLOAT
+    output_dtype: ir.DataType = ir.DataType.FLOAT
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class EdgeScale:
-    """Insert mode: multiply input ``index`` of ``node`` by ``Π τ[ids]^e`` on its edge."""
+    """Insert mode: multiply input ``index`` of ``node`` by ``Π τ[ids]^e`` on its edge;
+    ``dtype`` is that input's type, which the ``Mul`` takes (FLOAT where unknown; set when
+    the analysis finishes)."""
 
-    node: object  # onnx_ir.Node
+    node: ir.Node
     index: int
     factors: list[Factor]
+    dtype: ir.DataType = ir.DataType.FLOAT
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Block:
     """A run of neurons created together (a layer's outputs): a vertex of the quiver."""
 

@@ -294,7 +294,7 @@ class Context:
 
     def _shared(self, ref: ConstRef) -> bool:
         """A stored tensor several nodes read (not an exporter's merge of equal values)."""
-        value: ir.Value = ref.value.outputs[0] if ref.is_node else ref.value  # type: ignore[attr-defined, assignment]
+        value = ref.stored
         if len(value.uses()) < 2:
             return False
         array = self.info.value(value)

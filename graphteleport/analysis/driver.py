@@ -1,16 +1,20 @@
 """Run the rule table over a graph and solve: the symmetry analysis.
 
-``analyze(model)`` walks the nodes in topological order.  Graph inputs get one
-pinned neuron each; every node's rule (or, when the op is unknown or its rule
-does not apply, a pin of all its neurons with the reason) states constraints;
-graph outputs are pinned.  Weights used by several nodes must scale the same
-way under every use: uses with the same structure are tied factor by factor,
-others become monomials; weights whose elements are all equal (exporters merge
-such initializers, e.g. every LayerNorm weight = 1 at initialization) are
-instead given a private copy per use when their scalings differ.  A weight some
-read of which is not one of its absorbs (a subgraph body, a function call, an
-unknown op, a graph input or output: :mod:`graphteleport.analysis.uses`) keeps its
-value: its absorbs' factors are pinned.
+:func:`analyze_model` indexes the graph (:class:`GraphIndex`, or one given) and walks its
+nodes in topological order.  Graph inputs get one pinned neuron each; every node's rule
+(or, when the op is unknown or its rule does not apply, a pin of all its neurons with the
+reason) states constraints into the rules' context; graph outputs are pinned.  Weights
+used by several nodes must scale the same way under every use: uses with the same
+structure are tied factor by factor, others become monomials; weights whose elements are
+all equal (exporters merge such initializers, e.g. every LayerNorm weight = 1 at
+initialization) are instead given a private copy per use when their scalings differ.  A
+weight some read of which is not one of its absorbs (a subgraph body, a function call, an
+unknown op, a graph input or output: :mod:`graphteleport.analysis.uses`) keeps its value:
+its absorbs' factors are pinned.  The constraints are then solved
+(:mod:`graphteleport.analysis.solve`), and the context is reduced to the narrow
+:class:`~graphteleport.analysis.result.AnalysisResult` — the classes, the neurons of each
+value, each weight's uses and factors, insert mode's nodes — which is all that leaves
+the package.
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis.constraints import Absorb, Factor, Pinned, Unsupported
+from graphteleport.algebra import Factor, FactorTable
+from graphteleport.analysis.constraints import Absorb, Pinned, Unsupported
 from graphteleport.analysis.context import Context
 from graphteleport.analysis.graphinfo import GraphInfo
-from graphteleport.analysis.rules import RULES, SHAPE_ONLY, Rule
+from graphteleport.analysis.result import AnalysisResult, Weight
+from graphteleport.analysis.rules import QUANTIZED_OPS, RULES, SHAPE_ONLY, Rule
 from graphteleport.analysis.solve import Solution, solve
 from graphteleport.analysis.uses import foreign_read, subgraphs
 
 log = logging.getLogger(__name__)
+IntArray = np.ndarray
 
 
 def run_rules(ctx: Context) -> None:
@@ -194,7 +202,7 @@ def tie_shared_weights(ctx: Context, sources: Mapping[int, list[Absorb]]) -> set
     for key, uses in sources.items():
         if len(uses) < 2:
             continue
-        if is_uniform(_source_array(uses[0])):
+        if is_uniform(uses[0].source.array()):
             private.add(key)
             continue
         first = uses[0]
@@ -203,14 +211,7 @@ def tie_shared_weights(ctx: Context, sources: Mapping[int, list[Absorb]]) -> set
     return private
 
 
-def _source_array(ab: Absorb) -> np.ndarray:
-    ref = ab.source
-    if ref.is_node:
-        return np.asarray(ref.value.attributes["value"].as_tensor().numpy())  # type: ignore[attr-defined]
-    return np.asarray(ref.value.const_value.numpy())  # type: ignore[attr-defined]
-
-
-def _in_source_space(ab: Absorb, size: int) -> tuple[IntArrayPair, list[Factor]]:
+def _in_source_space(ab: Absorb, size: int) -> tuple[IntArray, list[Factor]]:
     """Each factor's ids at the source's flat elements, with the elements covered."""
     index = np.arange(size) if ab.index is None else ab.index.reshape(-1)
     if ab.expand:
@@ -218,12 +219,9 @@ def _in_source_space(ab: Absorb, size: int) -> tuple[IntArrayPair, list[Factor]]
     return index, [Factor(np.broadcast_to(f.ids, ab.shape).reshape(-1), f.exp) for f in ab.factors]
 
 
-IntArrayPair = np.ndarray
-
-
 def _consistent(ctx: Context, a: Absorb, b: Absorb) -> None:
     """Uses a and b of one weight must give each element the same scale."""
-    size = _source_array(a).size
+    size = a.source.array().size
     try:
         ia, fa = _in_source_space(a, size)
         ib, fb = _in_source_space(b, size)
@@ -249,105 +247,40 @@ def _inserted_ids(ctx: Context) -> Iterator[np.ndarray]:
         yield from (f.ids for f in e.factors)
 
 
-class FactorTable:
-    """The factors of every absorb laid end to end, so that ``S`` of all of them takes
-    one gather of ``τ``.
+# -- entry point ----------------------------------------------------------------------------
+class GraphIndex:
+    """A graph's static facts, indexed once (:func:`index_graph`): shapes (by shape
+    inference, or one onnxruntime run where it leaves some open), types, which values are
+    constant, and — on demand — their values.
 
-    ``ids`` holds every factor's ids (flat, in absorb order); per factor ``starts`` and
-    ``sizes`` locate it, ``shapes`` give its layout and ``exps`` its exponent;
-    ``first[id(ab)]`` is the index of absorb ``ab``'s first factor.
+    Give it to :func:`analyze_model` (``index=``) to analyse one graph several times
+    without indexing it again (the torch frontend: one trace, a teleport per call); each
+    analysis starts from a copy with its own caches.  A frontend may also read constants
+    through it (:meth:`constant_value`) to fold glue before the analysis.  The graph must
+    not change between indexing and analysis.
     """
 
-    __slots__ = (
-        "_empty",
-        "_inverse",
-        "_powers",
-        "_squares",
-        "_trailing_empty",
-        "exps",
-        "first",
-        "ids",
-        "shapes",
-        "sizes",
-        "starts",
-    )
+    __slots__ = ("_info",)
 
-    def __init__(self, absorbs: Sequence[Absorb]) -> None:
-        arrays: list[np.ndarray] = []
-        self.exps: list[int] = []
-        self.first: dict[int, int] = {}
-        for ab in absorbs:
-            self.first[id(ab)] = len(arrays)
-            for f in ab.factors:
-                arrays.append(f.ids)
-                self.exps.append(f.exp)
-        self.shapes = [a.shape for a in arrays]
-        self.sizes = [a.size for a in arrays]
-        self.starts = np.asarray([0, *self.sizes[:-1]], dtype=np.int64).cumsum()
-        self._empty = [k for k, n in enumerate(self.sizes) if n == 0]
-        self._trailing_empty = bool(self.sizes) and self.sizes[-1] == 0
-        empty = np.zeros(0, dtype=np.int64)
-        self.ids = np.concatenate(arrays, axis=None) if arrays else empty  # flattened
-        exps = np.asarray(self.exps, dtype=np.int64).repeat(self.sizes)
-        self._inverse = (exps == -1).nonzero()[0]
-        other = (np.abs(exps) != 1).nonzero()[0]  # powers other than ±1 (BatchNorm's τ²)
-        self._powers = (other, exps[other].astype(np.float64))
-        self._squares = bool(other.size) and bool((exps[other] == 2).all())
+    def __init__(self, info: GraphInfo) -> None:
+        self._info = info
 
-    def values(self, tau: np.ndarray) -> np.ndarray:
-        """``τ[ids]^e`` of every element, float64 (split by ``sizes`` per factor); almost
-        every exponent is ±1 (a reciprocal, by index: ``np.divide``'s ``where=`` is several
-        times slower), the rest mostly 2 (a square)."""
-        out = tau[self.ids]
-        inv = self._inverse
-        out[inv] = 1.0 / out[inv]
-        other, exps = self._powers
-        if other.size:
-            base = tau[self.ids[other]]
-            out[other] = base * base if self._squares else base**exps
-        return out
+    def is_constant(self, node: ir.Node) -> bool:
+        """Every output of ``node`` is constant: it reads only initializers, Constant
+        nodes, the shape of statically shaped values, or values computed from those."""
+        return id(node) in self._info.constant_nodes
 
-    def span(self, ab: Absorb) -> tuple[int, int]:
-        """Where absorb ``ab``'s first factor lies in ``ids`` (and in :meth:`values`)."""
-        j = self.first[id(ab)]
-        lo = int(self.starts[j])
-        return lo, lo + self.sizes[j]
-
-    def moved(self, values: np.ndarray) -> list[bool]:
-        """Per factor: some element of ``values`` (:meth:`values`) differs from 1."""
-        if not self.ids.size:
-            return [False] * len(self.sizes)
-        differ = values != 1.0
-        if self._trailing_empty:  # a sentinel keeps their start (the end) in range
-            differ = np.append(differ, False)
-        peaks = np.logical_or.reduceat(differ, self.starts)
-        if self._empty:
-            peaks[self._empty] = False  # (reduceat gives an empty span another's element)
-        out: list[bool] = peaks.tolist()
-        return out
+    def constant_value(self, v: ir.Value) -> np.ndarray:
+        """The value of constant ``v``, evaluated node by node with ``onnx.reference`` (and
+        memoised); raises when ``v`` is not constant or cannot be evaluated."""
+        return self._info.value(v)
 
 
-# -- entry point ----------------------------------------------------------------------------
-class Analysis:
-    """The result of the analysis: the rules' context and the solved classes."""
-
-    def __init__(
-        self,
-        ctx: Context,
-        solution: Solution,
-        private: set[int],
-        sources: dict[int, list[Absorb]],
-        table: FactorTable,
-    ) -> None:
-        self.ctx = ctx
-        self.solution = solution
-        self.private = private
-        self.by_source = sources  # the absorbs per stored tensor (:func:`by_source`)
-        self.factor_table = table  # every absorb's factors, end to end
-
-    @property
-    def absorbs(self) -> list[Absorb]:
-        return self.ctx.c.absorbs
+def index_graph(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> GraphIndex:
+    """Index ``model``'s graph (concrete ``input_shapes`` for dynamic dimensions)."""
+    return GraphIndex(GraphInfo(model, input_shapes))
 
 
 def analyze_model(
@@ -358,16 +291,20 @@ def analyze_model(
     *,
     writable: Callable[[str], bool] | None = None,
     training: bool = False,
-    info: GraphInfo | None = None,
-) -> Analysis:
-    """Find every cofactor ``model`` admits (see DESIGN.md §3).
+    index: GraphIndex | None = None,
+) -> AnalysisResult:
+    """Find every cofactor ``model`` admits (see DESIGN.md §3 and the module docstring).
 
     ``writable`` limits the stored tensors that may absorb a scaling (the torch
     frontend: parameters and buffers only); ``training`` keeps BatchNorm right in
-    training mode and stored tensors at their shapes.  ``info``: the graph's facts
-    when already indexed (:meth:`GraphInfo.fresh`); else computed here.
+    training mode and stored tensors at their shapes.  ``index``: the graph's facts when
+    already indexed (:func:`index_graph`, with the same ``input_shapes``); else indexed
+    here.  The model is not changed.
     """
-    info = GraphInfo(model, input_shapes, writable) if info is None else info.fresh(writable)
+    if index is None:
+        info = GraphInfo(model, input_shapes, writable)
+    else:
+        info = index._info.fresh(writable)
     ctx = Context(info, mode, rescale_residual, training)
     run_rules(ctx)
     sources = by_source(ctx.c.absorbs)
@@ -381,4 +318,63 @@ def analyze_model(
     for ids in ctx.c.held:  # pinned where a rule failed: reported with their reason
         touched[ids.reshape(-1)] = True
     solution = solve(ctx.c, touched.nonzero()[0])
-    return Analysis(ctx, solution, private, sources, table)
+    return _result(ctx, solution, sources, private, table)
+
+
+def _result(
+    ctx: Context,
+    solution: Solution,
+    sources: Mapping[int, list[Absorb]],
+    private: set[int],
+    table: FactorTable,
+) -> AnalysisResult:
+    """The narrow result: what the passes need of ``ctx``, and no more."""
+    info = ctx.info
+    return AnalysisResult(
+        solution=solution,
+        neurons=_neurons(ctx),
+        weights=tuple(
+            Weight(uses[0].source, tuple(uses), key in private) for key, uses in sources.items()
+        ),
+        absorbs=tuple(ctx.c.absorbs),
+        factor_table=table,
+        wraps=tuple(
+            replace(
+                w,
+                input_dtype=_dtype(info, w.node.inputs[0]),
+                output_dtype=_dtype(info, w.node.outputs[0]),
+            )
+            for w in ctx.c.wraps
+        ),
+        edges=tuple(replace(e, dtype=_dtype(info, e.node.inputs[e.index])) for e in ctx.c.edges),
+        blocks=tuple(ctx.c.blocks),
+        nothing_to_rescale="" if solution.touched.any() else nothing_to_rescale(ctx),
+    )
+
+
+def _neurons(ctx: Context) -> dict[str, IntArray]:
+    """The neuron ids of every named value that carries neurons, in the order the rules
+    gave them (values without a name cannot be told apart by name, and are left out)."""
+    out: dict[str, IntArray] = {}
+    for key, ids in ctx.values.items():
+        name = ctx.outputs[key].name
+        if name:
+            out[name] = ids
+    return out
+
+
+def _dtype(info: GraphInfo, v: ir.Value | None) -> ir.DataType:
+    """The type of ``v`` (declared or inferred), FLOAT where unknown."""
+    return (info.dtype(v) if v is not None else None) or ir.DataType.FLOAT
+
+
+def nothing_to_rescale(ctx: Context) -> str:
+    """Why a model has no cofactor at all (no weight depends on any float neuron)."""
+    quantized = sorted(
+        {n.op_type for n in ctx.info.graph.all_nodes() if n.op_type in QUANTIZED_OPS}
+    )
+    if quantized:
+        return f"nothing to rescale: the model computes with quantized ops ({', '.join(quantized)})"
+    if not ctx.values:
+        return "nothing to rescale: no float tensor is computed from the inputs"
+    return "nothing to rescale: no stored float weight is read by an op the rules know"

@@ -29,9 +29,9 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from graphteleport.analysis.driver import Analysis
-from graphteleport.analysis.rules import QUANTIZED_OPS
-from graphteleport.analysis.unionfind import compress, union_pairs
+from graphteleport.analysis.constraints import Absorb, Block
+from graphteleport.analysis.result import AnalysisResult
+from graphteleport.unionfind import components
 
 MAX_NEURON_QUIVER = 200_000
 
@@ -57,15 +57,17 @@ class PinGroup:
 class Quiver:
     """Neuron groups and weights of an analysed model (see the module docstring)."""
 
-    def __init__(self, analysis: Analysis, graph: nx.MultiDiGraph, group_of: np.ndarray) -> None:
+    def __init__(
+        self, analysis: AnalysisResult, graph: nx.MultiDiGraph, group_of: np.ndarray
+    ) -> None:
         self.analysis = analysis
         self.graph = graph
         self.group_of = group_of  # per neuron: its vertex
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_analysis(cls, analysis: Analysis) -> Quiver:
-        blocks = analysis.ctx.c.blocks
+    def from_analysis(cls, analysis: AnalysisResult) -> Quiver:
+        blocks = analysis.blocks
         sol = analysis.solution
         block_of = np.repeat(np.arange(len(blocks)), [b.size for b in blocks])
         group_of = _merge_blocks(block_of, sol.pair, len(blocks))
@@ -84,7 +86,7 @@ class Quiver:
     @property
     def free_cofactors(self) -> int:
         """The teleportation dimension: cofactors that are free and move some weight."""
-        return int(self.analysis.solution.free.sum())
+        return self.analysis.free_cofactors
 
     @property
     def neurons(self) -> int:
@@ -105,14 +107,13 @@ class Quiver:
         for p, k in zip(*np.unique(sol.pair[pin_mask], return_counts=True)):
             neurons[sol.reason[p]] += int(k)
         values: dict[str, list[str]] = defaultdict(list)
-        ctx = self.analysis.ctx
-        for key, ids in ctx.values.items():
+        for name, ids in self.analysis.neurons.items():
             pairs = np.unique(sol.pair[ids.reshape(-1)])
             for reason in {sol.reason[p] for p in pairs if pinned[p]}:
-                values[reason].append(ctx.outputs[key].name or "")
+                values[reason].append(name)
         groups = [PinGroup(r, c, neurons[r], values[r]) for r, c in count.most_common()]
         if not groups and not sol.touched.any():  # no cofactor at all: say why
-            groups = [PinGroup(nothing_to_rescale(self.analysis), 0, self.neurons, [])]
+            groups = [PinGroup(self.analysis.nothing_to_rescale, 0, self.neurons, [])]
         return groups
 
     def to_neurons(self) -> nx.DiGraph:
@@ -133,29 +134,16 @@ class Quiver:
         return g
 
 
-def nothing_to_rescale(analysis: Analysis) -> str:
-    """Why a model has no cofactor at all (no weight depends on any float neuron)."""
-    ctx = analysis.ctx
-    quantized = sorted(
-        {n.op_type for n in ctx.info.graph.all_nodes() if n.op_type in QUANTIZED_OPS}
-    )
-    if quantized:
-        return f"nothing to rescale: the model computes with quantized ops ({', '.join(quantized)})"
-    if not ctx.values:
-        return "nothing to rescale: no float tensor is computed from the inputs"
-    return "nothing to rescale: no stored float weight is read by an op the rules know"
-
-
 def _merge_blocks(block_of: np.ndarray, pair: np.ndarray, count: int) -> np.ndarray:
     """Vertex of each neuron: blocks that share a cofactor pair merge."""
     order = np.argsort(pair, kind="stable")
     same = pair[order][1:] == pair[order][:-1]
-    parent = np.arange(max(count, 1), dtype=np.int64)
-    union_pairs(parent, block_of[order][:-1][same], block_of[order][1:][same])
-    return compress(parent)[block_of]
+    labels = components(max(count, 1), block_of[order][:-1][same], block_of[order][1:][same])
+    out: np.ndarray = labels[block_of]
+    return out
 
 
-def _vertex(analysis: Analysis, members: np.ndarray, blocks: list[Any]) -> dict[str, Any]:
+def _vertex(analysis: AnalysisResult, members: np.ndarray, blocks: list[Block]) -> dict[str, Any]:
     sol = analysis.solution
     pairs = np.unique(sol.pair[members])
     free = pairs[sol.free[pairs]]
@@ -171,7 +159,7 @@ def _vertex(analysis: Analysis, members: np.ndarray, blocks: list[Any]) -> dict[
     }
 
 
-def _add_weight(g: nx.MultiDiGraph, ab: Any, group_of: np.ndarray) -> None:
+def _add_weight(g: nx.MultiDiGraph, ab: Absorb, group_of: np.ndarray) -> None:
     src = {int(v) for f in ab.factors if f.exp < 0 for v in np.unique(group_of[f.ids])}
     dst = {int(v) for f in ab.factors if f.exp > 0 for v in np.unique(group_of[f.ids])}
     if not src:

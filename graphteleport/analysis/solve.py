@@ -1,7 +1,7 @@
 """Solve the rules' constraints: classes of neurons that share one cofactor.
 
 The ties and relations go to the signed union-find
-(:mod:`graphteleport.analysis.unionfind`).  Monomials ``Π τ^e = 1`` (products of
+(:mod:`graphteleport.unionfind`).  Monomials ``Π τ^e = 1`` (products of
 two activations, weights shared by several uses) are resolved in rounds: once
 the pins of a round are known, the pinned terms of each monomial drop out and
 pairs of terms that cancel are removed; two remaining terms become a tie or a
@@ -21,8 +21,9 @@ from functools import cached_property
 
 import numpy as np
 
+from graphteleport.algebra import neuron_cofactors, neuron_tangent
 from graphteleport.analysis.constraints import Constraints, Factor, Flag
-from graphteleport.analysis.unionfind import union_pairs
+from graphteleport.unionfind import components, signed_pairs
 
 IntArray = np.ndarray
 MAX_ROUNDS = 12
@@ -31,9 +32,15 @@ PINNED = GROUPS.index("pinned")
 PIN, POSITIVE, SIGN = int(Flag.PIN), int(Flag.POSITIVE), int(Flag.SIGN)  # plain ints: numpy ops
 
 
-@dataclass
+@dataclass(frozen=True)
 class Solution:
-    """The cofactor pairs of every neuron and the group each pair ranges over."""
+    """The cofactor pairs of every neuron and the group each pair ranges over.
+
+    Per neuron: ``pair`` and ``inverse`` (τ = 1/t of its pair); per pair: ``flags``,
+    ``code`` (index into :data:`GROUPS`: any, positive, sign or pinned), ``touched`` (some
+    weight or inserted node depends on it), and, worked out on first use, ``group``,
+    ``reason`` (why it is restricted), ``pinned`` and ``free``.
+    """
 
     n: int
     pair: IntArray  # per neuron: index of its cofactor pair
@@ -46,7 +53,8 @@ class Solution:
     @cached_property
     def group(self) -> np.ndarray:
         """Per pair: any / positive / sign / pinned (a numpy array of str)."""
-        return np.array(GROUPS)[self.code]
+        out: np.ndarray = np.array(GROUPS)[self.code]
+        return out
 
     @property
     def num_pairs(self) -> int:
@@ -70,18 +78,23 @@ class Solution:
 
     @cached_property
     def free(self) -> IntArray:
-        return ~self.pinned & self.touched
+        return np.asarray(~self.pinned & self.touched, dtype=bool)
 
-    def cofactors(self, values: IntArray) -> IntArray:
-        """Per-neuron τ from one value per pair (``values[p]`` for pair p): one gather from
-        the values and their reciprocals laid end to end."""
-        v = np.asarray(values, dtype=np.float64)
-        return np.concatenate((v, 1.0 / v))[self._signed_pair]
+    def cofactors(self, values: np.ndarray) -> np.ndarray:
+        """Per-neuron τ from one value per pair (``values[p]`` for pair p):
+        :func:`~graphteleport.algebra.neuron_cofactors`."""
+        return neuron_cofactors(values, self._signed_pair)
+
+    def tangent(self, direction: np.ndarray) -> np.ndarray:
+        """Per-neuron ``dτ/dε`` at τ = 1 along ``t = 1 + ε·direction`` (one value per pair):
+        :func:`~graphteleport.algebra.neuron_tangent`."""
+        return neuron_tangent(direction, self._signed_pair)
 
     @cached_property
     def _signed_pair(self) -> IntArray:
         """Per neuron: its pair, plus the number of pairs where τ = 1/t."""
-        return self.pair + self.num_pairs * self.inverse
+        out: IntArray = self.pair + self.num_pairs * self.inverse
+        return out
 
 
 def _concat(pairs: list[tuple[IntArray, IntArray]]) -> tuple[IntArray, IntArray]:
@@ -94,23 +107,13 @@ class _Solver:
     def __init__(self, c: Constraints, touched_ids: IntArray) -> None:
         self.c = c
         self.n = c.n
-        ta, tb = _concat(c.ties)
-        n = self.n
         # Doubled-space pairs: node k is τ_k, node k + n is 1/τ_k.
-        if c.relations:
-            ra, rb = _concat(c.relations)
-            self.a = np.concatenate([ta, ta + n, ra, ra + n])
-            self.b = np.concatenate([tb, tb + n, rb + n, rb])
-        else:  # (most models: ties only)
-            self.a = np.concatenate([ta, ta + n])
-            self.b = np.concatenate([tb, tb + n])
+        self.a, self.b = signed_pairs(_concat(c.ties), _concat(c.relations), self.n)
         self.extra_flags: list[tuple[IntArray, int, str]] = []
         self.touched_ids = touched_ids
 
     def roots(self) -> IntArray:
-        parent = np.arange(2 * self.n, dtype=np.int64)
-        union_pairs(parent, self.a, self.b)  # leaves every node pointing at its root
-        return parent
+        return components(2 * self.n, self.a, self.b)
 
     def root_flags(self, roots: IntArray) -> IntArray:
         """Flag bits of every class: the union of its members' (and mirrors') flags."""
@@ -244,4 +247,5 @@ _GROUP_CODES = np.array([_group_code(f) for f in range((PIN | POSITIVE | SIGN) +
 
 def group_codes(flags: IntArray) -> IntArray:
     """:func:`_group_code` of every flag set, by one lookup."""
-    return _GROUP_CODES[flags]
+    out: IntArray = _GROUP_CODES[flags]
+    return out

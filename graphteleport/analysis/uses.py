@@ -30,18 +30,11 @@ _SHAPE_READS = frozenset({"Shape", "Size"})
 _OVERRIDABLE_FROM_IR = 4
 
 
-def stored_value(ref: ConstRef) -> ir.Value:
-    """The value a stored tensor is read through (a Constant node's output)."""
-    if ref.is_node:
-        return ref.value.outputs[0]  # type: ignore[attr-defined]
-    return ref.value  # type: ignore[return-value]
-
-
 def foreign_read(info: GraphInfo, uses: list[Absorb]) -> str | None:
     """Why the stored tensor of ``uses`` (its absorbs, :func:`driver.by_source`) must keep
     its value, or None when every read of it is one of ``uses`` or reads no element."""
     ref = uses[0].source
-    root = stored_value(ref)
+    root = ref.stored
     name = ref.name or root.name or "?"
     if root.is_graph_input() and info.model.ir_version >= _OVERRIDABLE_FROM_IR:
         return f"weight {name!r} is a graph input (callers may override it)"

@@ -47,7 +47,7 @@ import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 from torch import fx, nn
 
-from graphteleport.analysis.graphinfo import GraphInfo
+from graphteleport.analysis import index_graph
 from graphteleport.frontends.fx_ops import (
     Attrs,
     Call,
@@ -81,7 +81,7 @@ def trace_fx(model: nn.Module, example_inputs: Any) -> TorchGraph:
     graph = TorchGraph(
         onnx_model, None, module_tensors(model), args, kwargs, tracer="fx", fx_module=gm
     )
-    graph.info = GraphInfo(onnx_model, graph.input_shapes)
+    graph.index = index_graph(onnx_model, graph.input_shapes)
     graph.bn_var = recorder.batchnorm_variances()
     return graph
 

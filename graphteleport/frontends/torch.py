@@ -17,8 +17,8 @@ the trace reads them instead of evaluating the chain again; a convolution's comp
 zero bias is dropped altogether (:func:`drop_zero_biases`).  Values computed from a
 parameter's or buffer's *elements* are never folded: those change with a teleport.
 The graph's shapes, types and constants are indexed once, too
-(:class:`~graphteleport.analysis.graphinfo.GraphInfo`); each analysis starts from a
-:meth:`~graphteleport.analysis.graphinfo.GraphInfo.fresh` copy with empty value caches.
+(:func:`graphteleport.analysis.index_graph`); each analysis of the trace starts from a
+copy of that index with empty value caches.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from torch import nn
 
-from graphteleport.analysis.graphinfo import GraphInfo
+from graphteleport.analysis import GraphIndex, index_graph
 from graphteleport.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class TorchGraph:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
-    info: GraphInfo | None = None  # shapes, types and constants, indexed at trace time
+    index: GraphIndex | None = None  # shapes, types and constants, indexed at trace time
     # per BatchNorm module path: the per-channel variance of its input in a train-mode
     # forward of the example inputs (``batchnorm_input_variance``)
     bn_var: dict[str, np.ndarray] = field(default_factory=dict)
@@ -155,7 +155,7 @@ def export(model: nn.Module, example_inputs: Any) -> TorchGraph:
     fold_glue(program.model, set(tensors))
     drop_zero_biases(program.model)
     graph = TorchGraph(program.model, program, tensors, args, kwargs)
-    graph.info = GraphInfo(graph.model, graph.input_shapes)  # reused for its structure only
+    graph.index = index_graph(graph.model, graph.input_shapes)  # reused by every analysis
     graph.bn_var = batchnorm_input_variance(model, args, kwargs)
     return graph
 
@@ -216,25 +216,25 @@ def fold_glue(model: ir.Model, module_names: set[str]) -> int:
     """Store the value of each small constant computed without reading the elements of a
     module tensor (``module_names``) as its ``const_value``; return how many.
 
-    Which values are constant, and their values, come from the analysis' own
-    :class:`~graphteleport.analysis.graphinfo.GraphInfo`; ``Shape``/``Size`` read only
+    Which values are constant, and their values, come from the analysis' own index of the
+    graph (:func:`~graphteleport.analysis.index_graph`); ``Shape``/``Size`` read only
     their input's shape and ``CastLike`` only its second input's type, so those inputs do
     not make a value depend on a module tensor.  The nodes stay in the graph (the model
     runs as before); ``onnx_ir`` only writes ``const_value`` for initializers, so
     serialisation is unchanged.
     """
-    info = GraphInfo(model)
+    index = index_graph(model)
     from_module = {id(v) for v in model.graph.initializers.values() if v.name in module_names}
     folded = 0
     for node in model.graph:
         if any(id(v) in from_module for v in _element_inputs(node)):
             from_module.update(id(o) for o in node.outputs)
             continue
-        if id(node) not in info.constant_nodes or node.op_type == "Constant":
+        if not index.is_constant(node) or node.op_type == "Constant":
             continue
         for v in node.outputs:
             try:
-                arr = info.value(v)
+                arr = index.constant_value(v)
             except Exception:  # left to the analysis, which pins what it cannot read
                 break
             if arr.size <= _GLUE_MAX_ELEMENTS:

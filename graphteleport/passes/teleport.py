@@ -1,6 +1,6 @@
 """TeleportPass: rescale a model's neurons without changing its function.
 
-Analyse the model (:func:`graphteleport.analysis.driver.analyze_model`), draw one
+Analyse the model (:func:`graphteleport.analysis.analyze_model`), draw one
 cofactor per free cofactor pair (:mod:`graphteleport.cofactors`), and rewrite the
 weights (:mod:`graphteleport.rewrite`): for a weight between neurons s → t,
 ``W' = τ_t · W / τ_s``.  In absorb mode the graph's nodes are unchanged; only
@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport import cofactors, ranges
-from graphteleport.analysis.driver import Analysis, analyze_model
+from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.options import CofactorOptions, check_input_shapes
 from graphteleport.rewrite import RewriteStats, commit, prepare
@@ -57,7 +57,7 @@ class TeleportResult(ir.passes.PassResult):
         seconds: wall time of the pass's phases, ``analyze`` and ``rewrite``.
     """
 
-    analysis: Analysis
+    analysis: AnalysisResult
     options: CofactorOptions
     pair_values: np.ndarray
     tau: np.ndarray
@@ -74,13 +74,10 @@ class TeleportResult(ir.passes.PassResult):
         """The promise the per-tensor check verifies: value ``v`` of the teleported model is
         ``s_v ⊙`` the original's, ``s_v = τ[ids(v)]`` (1 for a wrapped activation's output
         in insert mode: its ``Mul(τ)`` comes after it)."""
-        ctx, unscaled = self.analysis.ctx, set(self.inserted.unscaled)
+        unscaled = set(self.inserted.unscaled)
         scales: dict[str, np.ndarray] = {}
         tracked: set[str] = set()
-        for key, ids in ctx.values.items():
-            name = ctx.outputs[key].name
-            if not name:
-                continue
+        for name, ids in self.analysis.neurons.items():
             tracked.add(name)
             s = self.tau[ids]
             if name not in unscaled and s.size and np.any(s != 1.0):
@@ -174,7 +171,7 @@ class TeleportPass(ir.passes.InPlacePass):
         )
 
     def _rewrite(
-        self, model: ir.Model, analysis: Analysis, values: np.ndarray
+        self, model: ir.Model, analysis: AnalysisResult, values: np.ndarray
     ) -> tuple[np.ndarray, RewriteStats, list[ranges.RangeFix]]:
         """Fit ``values`` (in place) to the weights' ranges and store the new weights.
 

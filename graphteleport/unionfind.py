@@ -1,4 +1,8 @@
-"""A vectorised union-find over neurons with a ±1 exponent per member.
+"""The one union-find: vectorised, in numpy, with a ±1 exponent per member when asked.
+
+The analysis solves its ties and relations with it (:func:`signed_pairs`,
+:func:`union_pairs`), the quiver merges neuron blocks and the torch frontend splits a
+module's nodes into its calls with it (:func:`components`).
 
 Every neuron ``n`` (``0 <= n < N``) stands for its cofactor τ_n.  A constraint is
 either a *tie* ``τ_a = τ_b`` or a *relation* ``τ_a = 1/τ_b``.  Both become plain
@@ -49,3 +53,24 @@ def union_pairs(parent: IntArray, a: IntArray, b: IntArray) -> None:
         a, b, ra, rb = a[differ], b[differ], ra[differ], rb[differ]
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
         compress(parent)
+
+
+def signed_pairs(
+    ties: tuple[IntArray, IntArray], relations: tuple[IntArray, IntArray], n: int
+) -> tuple[IntArray, IntArray]:
+    """The unions on the doubled set of ``2n`` nodes that state ``ties`` (``τ_a = τ_b``
+    for each ``a[i], b[i]``) and ``relations`` (``τ_a = 1/τ_b``): see the module docstring."""
+    ta, tb = ties
+    ra, rb = relations
+    a = np.concatenate([ta, ta + n, ra, ra + n])
+    b = np.concatenate([tb, tb + n, rb + n, rb])
+    return a, b
+
+
+def components(count: int, a: IntArray, b: IntArray) -> IntArray:
+    """Per element ``0 .. count-1``: the smallest element of its class, once ``a[i]`` and
+    ``b[i]`` are merged for every i (so classes, sorted by label, come in order of their
+    first member)."""
+    parent = np.arange(count, dtype=np.int64)
+    union_pairs(parent, a, b)
+    return parent
