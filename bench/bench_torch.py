@@ -67,6 +67,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import graphteleport.torch as gtorch  # noqa: E402
+import graphteleport.torch.tracing as gtracing  # noqa: E402
 from graphteleport.frontends.torch import trace  # noqa: E402
 from models.architectures import build, parameter_count, resnet18  # noqa: E402
 
@@ -90,7 +91,7 @@ def check_function(model: torch.nn.Module, x: torch.Tensor, graph: Any) -> float
     """One teleport from the cached trace must keep the output (eval mode)."""
     with torch.no_grad():
         before = model(x)
-    with mock.patch.object(gtorch, "trace", lambda *_: graph):
+    with mock.patch.object(gtracing, "trace", lambda *_: graph):
         result = gtorch.teleport(model, x, seed=123)
     with torch.no_grad():
         err = ((model(x) - before).abs().max() / before.abs().max()).item()
@@ -135,7 +136,7 @@ def one_round(
     with torch.no_grad():
         out["forward"] = timed(lambda: model(x))
     out["trace"] = timed(lambda: trace(model, x))
-    with mock.patch.object(gtorch, "trace", lambda *_: graph):
+    with mock.patch.object(gtracing, "trace", lambda *_: graph):
         out["teleport"] = timed(lambda: gtorch.teleport(model, x, seed=k))
         model.load_state_dict(state)
         prepared = gtorch.Teleporter(model, x)  # trace (cached) + analysis, untimed
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times[name].append(t)
     med = print_report(args, model, once, times, err)
     if not args.no_profile:
-        with mock.patch.object(gtorch, "trace", lambda *_: graph):
+        with mock.patch.object(gtracing, "trace", lambda *_: graph):
             profile = hotspots(lambda: gtorch.teleport(model, x, seed=99))
         print("\nhotspots of one teleport (cProfile, cumulative):\n" + profile)
     if err > 1e-3:

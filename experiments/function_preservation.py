@@ -259,7 +259,7 @@ Reading the tables: the ONNX path and, for models without BatchNorm, the torch p
 float32 rounding (torch max {worst(nobn)}).  The torch path keeps BatchNorm in its *training*
 form (its input cofactors positive, γ and β take τ_out).  BatchNorm divides by
 `sqrt(var + eps)` and a teleport cannot scale `eps`, so it corrects for it
-(`graphteleport.torch._batchnorm_eps`): the running variance takes `τ²(rv + eps) − eps`
+(`graphteleport.torch.absorb`): the running variance takes `τ²(rv + eps) − eps`
 (eval mode exact) and γ a factor computed from the input variances measured on the example
 inputs (train mode exact on a batch with those variances).  BatchNorm models on the torch
 path: eval mode and train mode on the example batch within {worst(bn_same)}.  On another

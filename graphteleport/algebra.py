@@ -2,8 +2,9 @@
 
 Everything that computes with cofactors calls this module: the ONNX rewrite
 (:mod:`graphteleport.rewrite`), insert mode (:mod:`graphteleport.insertion`), the
-range fit (:mod:`graphteleport.ranges`), and the torch rewrite, insert hooks and
-``orbit_tangent`` (:mod:`graphteleport.torch`).  It depends on numpy only.
+range fit (:mod:`graphteleport.ranges`), and the torch package's rewrite, insert mode and
+``orbit_tangent`` (:mod:`graphteleport.torch.absorb`, ``.insert``, ``.graphmodule``,
+``.orbit``).  It depends on numpy only.
 
 **Cofactors.**  The analysis (:func:`graphteleport.analysis.analyze_model`) puts every
 neuron in a cofactor pair ``p`` and says whether it is the pair's *inverse* member.  One

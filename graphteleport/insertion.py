@@ -116,9 +116,14 @@ class PlannedMul:
     @property
     def value(self) -> ir.Value:
         """The value the Mul scales."""
-        v = self.node.outputs[0] if self.index is None else self.node.inputs[self.index]
-        assert v is not None
-        return v
+        return scaled_value(self.node, self.index)
+
+
+def scaled_value(node: ir.Node, index: int | None) -> ir.Value:
+    """The value a Mul on ``node`` scales: its input ``index``, or (None) its first output."""
+    v = node.outputs[0] if index is None else node.inputs[index]
+    assert v is not None
+    return v
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The package's structure (issue 13): the analysis has one public face, no private name
-crosses a module boundary, and ``S = Π τ^e`` is computed in one module.
+crosses a module boundary, ``S = Π τ^e`` is computed in one module, and no import cycles
+(each submodule of :mod:`graphteleport.torch` imports first in a fresh interpreter).
 
 The checks read the source with :mod:`ast`, so they see every import, also those inside
 functions; a check that finds nothing to look at fails rather than passes.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import FrozenInstanceError, fields
 from pathlib import Path
@@ -214,3 +217,94 @@ def test_the_result_carries_no_working_state() -> None:
     assert [w.name for w in result.weights] == ["W0", "W1"]
     with pytest.raises(FrozenInstanceError):
         result.solution = result.solution  # type: ignore[misc]
+
+
+TORCH_SUBMODULES = sorted(
+    f"graphteleport.torch.{path.stem}"
+    for path in (PACKAGE / "torch").glob("*.py")
+    if path.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize("module", TORCH_SUBMODULES)
+def test_each_torch_submodule_imports_first(module: str) -> None:
+    """Each submodule of :mod:`graphteleport.torch`, imported first in a fresh interpreter,
+    loads: an import cycle fails here (and in :func:`test_no_import_cycle_at_load_time`)."""
+    pytest.importorskip("torch")
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {module}"],
+        cwd=PACKAGE.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_torch_package_has_its_submodules() -> None:
+    """The import test above sees the package (an empty parametrization would skip)."""
+    assert {"tracing", "absorb", "insert", "orbit"} <= {
+        m.rpartition(".")[2] for m in TORCH_SUBMODULES
+    }
+
+
+def load_time_imports(module: str, tree: ast.Module, known: set[str]) -> set[str]:
+    """The graphteleport modules ``module`` imports when it is loaded: its top-level
+    imports (also under ``if``/``try``), not those in functions or under
+    ``if TYPE_CHECKING:``."""
+    out: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for st in body:
+            if isinstance(st, ast.If) and "TYPE_CHECKING" in ast.unparse(st.test):
+                continue
+            if isinstance(st, ast.If):
+                visit(st.body + st.orelse)
+            elif isinstance(st, ast.Try):
+                visit(st.body + st.orelse + st.finalbody)
+                for handler in st.handlers:
+                    visit(handler.body)
+            elif isinstance(st, ast.Import):
+                out.update(a.name for a in st.names)
+            elif isinstance(st, ast.ImportFrom):
+                source = imported_from(module, st)
+                out.update(
+                    f"{source}.{a.name}" if f"{source}.{a.name}" in known else source
+                    for a in st.names
+                )
+
+    visit(tree.body)
+    return (out & known) - {module}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The cycles a depth-first search of ``graph`` runs into (each as a closed path)."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    found: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                found.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, path)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+def test_no_import_cycle_at_load_time() -> None:
+    """No graphteleport module imports (at load time) one that imports it back."""
+    trees = dict(sources())
+    known = set(trees)
+    graph = {m: load_time_imports(m, tree, known) for m, tree in trees.items()}
+    assert sum(map(len, graph.values())) > 20, "found too few imports to check"
+    assert import_cycles(graph) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]

@@ -12,9 +12,9 @@ What is checked, and at which tolerance:
   layer); uncorrected, a layer would compute ``τ_in x / sqrt(τ_in² var + eps)`` instead of
   ``x / sqrt(var + eps)`` — about ``eps (1/τ_in² − 1) / (2 var)`` relative per layer, ~3e-4
   on VGG-16-BN in train mode, where the batch variance of a deep conv's output at init is
-  ~0.01.  ``graphteleport.torch`` corrects for it (``_batchnorm_eps``): the running variance
-  takes ``τ²(rv + eps) − eps`` (eval mode exact), and ``γ`` a factor computed from the
-  input variances measured on the example inputs (train mode exact on a batch with those
+  ~0.01.  ``graphteleport.torch`` corrects for it (:mod:`graphteleport.torch.absorb`): the
+  running variance takes ``τ²(rv + eps) − eps`` (eval mode exact), and ``γ`` a factor computed
+  from the input variances measured on the example inputs (train mode exact on a batch with those
   variances).  So BN models are checked like the others, to 1e-5, in eval mode and in train
   mode on the example batch; **in train mode on a fresh batch** the remaining error is
   ``eps (1 − 1/τ²)(1/s² − 1/σ²)/2`` (``s²`` that batch's variance, ``σ²`` the measured one):
@@ -46,8 +46,9 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import graphteleport.frontends.torch as gt_frontend  # noqa: E402
-import graphteleport.torch as gt_torch  # noqa: E402
-from graphteleport import torch_insert  # noqa: E402
+import graphteleport.torch.absorb as gt_absorb  # noqa: E402
+import graphteleport.torch.graphmodule as gt_graphmodule  # noqa: E402
+import graphteleport.torch.tracing as gt_tracing  # noqa: E402
 from graphteleport.algebra import scale  # noqa: E402
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.frontends.torch import as_args  # noqa: E402
@@ -247,7 +248,7 @@ def test_batchnorm_eps_correction() -> None:
         assert err <= RTOL, f"{'train' if train else 'eval'}: {err:.1e}"
     # the same teleport without the measured variances: eval stays exact, train does not
     plain = copy.deepcopy(reference)
-    with mock.patch.object(gt_torch, "trace", unmeasured):
+    with mock.patch.object(gt_tracing, "trace", unmeasured):
         teleport(plain, x, seed=0, cob_range=0.5)
     assert rel_err(forward(reference, x, False), forward(plain, x, False)) <= RTOL
     assert rel_err(forward(reference, x, True), forward(plain, x, True)) > 1e-2
@@ -261,7 +262,7 @@ def test_batchnorm_eps_correction_as_a_factor_of_its_own() -> None:
     folded = copy.deepcopy(model)
     teleport(folded, x, seed=0)
     gamma = model[1].weight.detach().clone()
-    with mock.patch.object(gt_torch, "_fold_gamma", lambda *_: False):
+    with mock.patch.object(gt_absorb, "_fold_gamma", lambda *_: False):
         result = teleport(model, x, seed=0)
     assert len(result.factors["1.weight"]) == 2  # τ_out, then c
     for train in (False, True):
@@ -333,7 +334,7 @@ def test_failed_insert_leaves_module_unchanged() -> None:
     before = state(model)
     refused = InputError("no place for it")
     with (
-        mock.patch.object(torch_insert.GraphInsertion, "place", side_effect=refused),
+        mock.patch.object(gt_graphmodule.GraphInsertion, "place", side_effect=refused),
         pytest.raises(InputError, match=r"functional call.*no place for it"),
     ):
         teleport(model, torch.randn(BATCH, 6), mode="insert", seed=0)
@@ -634,6 +635,36 @@ def test_reteleport_insert_mode() -> None:
     assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
     teleport(model, x, seed=2, **kw)
     assert rel_err(forward(reference, x, False), forward(model, x, False)) <= RTOL
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("last_first", [True, False])
+def test_undo_composed_insert_teleports(exact: bool, last_first: bool) -> None:
+    """Two insert-mode teleports of one module: the second multiplies the hook buffers the
+    first registered, but the first result keeps its own factors (not the buffer), so
+    undoing both, in either order, puts every tensor back (bit-exact in exact mode) and the
+    buffers at 1."""
+    model, _ = build(mlp, 0, depth=1, width=4, in_features=3, num_classes=2)
+    x = torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(0))
+    kw = {"mode": "insert", "sampling": "inter_landscape", "cob_range": 0.9, "exact": exact}
+    before = state(model)
+    first = teleport(model, x, seed=1, **kw)
+    kept = {name: [f.clone() for f in fs] for name, fs in first.factors.items()}
+    second = teleport(model, x, seed=2, **kw)
+    assert first.hooked == second.hooked == ["1"]
+    assert not torch.equal(first.factors["1.graphteleport_in"][0], model[1].graphteleport_in)
+    for name, fs in kept.items():
+        assert all(map(torch.equal, fs, first.factors[name])), name
+    for result in (second, first) if last_first else (first, second):
+        result.undo()
+    after = state(model)
+    assert set(after) - set(before) == {"1.graphteleport_in", "1.graphteleport_out"}
+    for name, t in after.items():
+        want = before.get(name, torch.ones_like(t))
+        if exact:
+            assert torch.equal(t, want), name
+        else:
+            torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-7)
 
 
 def test_teleporter_keeps_batchnorm_statistics_current() -> None:

@@ -1,4 +1,4 @@
-"""Insert mode on any traceable module (``graphteleport.torch_insert``).
+"""Insert mode on any traceable module (:mod:`graphteleport.torch.insert`, ``.graphmodule``).
 
 Where hooks on activation modules cannot carry insert mode's Muls, the teleport returns a
 ``torch.fx.GraphModule`` with them (``result.model``).  Checked with inter-landscape cofactors

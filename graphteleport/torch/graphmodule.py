@@ -4,11 +4,11 @@ Insert mode wraps activations, ``τ · f(x / τ)``, and scales some edges (a nor
 input, the operand of an op the rules do not know, …): Muls on the traced ONNX graph
 (:func:`planned_muls`).  Where each Mul the module could need sits at the boundary of a
 parameter-free leaf activation module called once per data-flow piece (decided for the
-module, whatever the draw), :mod:`graphteleport.torch` applies them with forward hooks on
-the user's own module.  Elsewhere — functional activations (``F.relu``, ``torch.tanh``,
+module, whatever the draw), :mod:`graphteleport.torch.insert` applies them with forward
+hooks on the user's own module.  Elsewhere — functional activations (``F.relu``, ``torch.tanh``,
 ``x.sigmoid()``), a module called where its hooks cannot tell the calls apart, a LayerNorm's
-input, GPT-2's attention — :class:`Insertion` puts them in a GraphModule, which the teleport
-returns as ``result.model``:
+input, GPT-2's attention — :class:`GraphInsertion` puts them in a GraphModule, which the
+teleport returns as ``result.model``:
 
 * the GraphModule the FX path translated (``graph.fx_module``: train and eval mode work as in
   the user's module: the FX path is only taken where its graph, traced in eval mode, also
@@ -44,7 +44,7 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -58,8 +58,9 @@ from graphteleport.analysis import AnalysisResult, EdgeScale, Wrap
 from graphteleport.errors import InputError
 from graphteleport.frontends.fx import FX_NODE
 from graphteleport.frontends.torch import TorchGraph, quiet
+from graphteleport.insertion import scaled_value
+from graphteleport.torch.result import TorchTeleport
 
-T = TypeVar("T")
 _EXPORTED_FX_NODE = re.compile(r"%(\S+) :")  # pkg.torch.onnx.fx_node: "%name : [...] = ..."
 
 
@@ -91,9 +92,7 @@ class Mul:
 
     @property
     def value(self) -> ir.Value:
-        v = self.node.outputs[0] if self.index is None else self.node.inputs[self.index]
-        assert v is not None
-        return v
+        return scaled_value(self.node, self.index)
 
 
 def planned_muls(analysis: AnalysisResult, tau: np.ndarray) -> list[Mul]:
@@ -144,53 +143,6 @@ def _cancels(exps: list[tuple[np.ndarray, int]]) -> bool:
         key = (ids.shape, ids.tobytes())
         total[key] = total.get(key, 0) + exp
     return bool(total) and not any(total.values())
-
-
-class Result(Protocol):
-    """What :meth:`Insertion.apply` fills in on a ``TorchTeleport``."""
-
-    model: nn.Module
-    factors: dict[str, tuple[torch.Tensor, ...]]
-    inserted: list[str]
-
-
-class Insertion:
-    """Insert mode's Muls for one traced module: hooks while they suffice (planned by the
-    caller), then a :class:`GraphInsertion`, kept for every later teleport of the trace."""
-
-    def __init__(self, model: nn.Module, graph: TorchGraph) -> None:
-        self.model = model
-        self.graph = graph
-        self.inserted: GraphInsertion | None = None
-
-    def plan(
-        self, analysis: AnalysisResult, tau: np.ndarray, hooks: Callable[[np.ndarray], list[T]]
-    ) -> tuple[list[T], list[Placement]]:
-        """``(hooks(tau), [])`` where hooks suffice and no GraphModule was made before, else
-        ``([], placements)``.  Whether hooks suffice is decided for the module, not the draw:
-        ``hooks`` (which raise ``InputError`` where they cannot) must accept cofactors that
-        need every wrap and edge scale (−2 on every free neuron).  Nothing changes (a
-        lowering keeps the GraphModule's function); an ``InputError`` says why neither works."""
-        if self.inserted is None:
-            try:
-                hooks(np.where(Insertions.of(analysis).free, -2.0, 1.0))
-                return hooks(tau), []
-            except InputError as e:
-                refused = str(e)
-        else:
-            refused = "insert mode: the module was teleported into a GraphModule before"
-        try:
-            inserted = self.inserted or GraphInsertion(self.graph, self.model)
-            placements = inserted.place(planned_muls(analysis, tau))
-        except InputError as e:
-            raise InputError(f"{refused}; and in a GraphModule: {e}") from e
-        self.inserted = inserted
-        return [], placements
-
-    def apply(self, placements: list[Placement], result: Result) -> None:
-        """Insert (or compose with) the placed Muls; ``result.model`` becomes the GraphModule."""
-        if self.inserted is not None:
-            self.inserted.apply(placements, result)
 
 
 @dataclass
@@ -315,7 +267,7 @@ class GraphInsertion:
         self.gm.recompile()
 
     # -- inserting -----------------------------------------------------------------------------
-    def apply(self, placements: list[Placement], result: Result) -> None:
+    def apply(self, placements: list[Placement], result: TorchTeleport) -> None:
         """Insert each placement's Mul and buffer, or multiply the buffer already there (a
         later teleport composes); record each buffer's factor for ``undo``."""
         for p in placements:
