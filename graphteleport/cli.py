@@ -221,7 +221,7 @@ def format_canonical(r: TeleportReport) -> str:
     c = r.canonical or {}
     before, after = c.get("objective_before", 0.0), c.get("objective_after", 0.0)
     lines.append(
-        f"  mode {r.options.mode}; sum of squared weights {before:.6g} -> {after:.6g} "
+        f"  mode {r.options.mode}; sum of squared weights that move {before:.6g} -> {after:.6g} "
         f"in {int(c.get('iterations', 0))} Newton steps "
         f"(max |gradient|/F {c.get('gradient', 0.0):.2g})"
     )

@@ -30,6 +30,7 @@ exporter's accident), whose every use counts, as the rewrite gives each its own 
 use with an element map (``index``) is counted as the use reads it, ``W.flat[index]`` in
 its ``shape``; a broadcast-expanded use (``expand``) counts ``W`` broadcast to its
 ``shape`` (what the rewrite stores once ``S`` varies along the expanded axes).
+Non-finite elements (a mask's ``-inf``) count 0: a positive scale leaves them as they are.
 
 Only *movable* pairs are columns: free pairs whose group is ``any`` or ``positive``
 (``sign`` pairs have ``|t| = 1``; pinned pairs ``t = 1``).  Everything is vectorised
@@ -78,6 +79,7 @@ def reduced_power(use: Absorb, w: np.ndarray, p: float) -> FloatArray:
     """``Q = Σ |W|^p`` (float64) of the use's values summed over the axes where its
     compact layout has size 1: one value per element of :func:`compact_shape`."""
     values = np.abs(used_values(use, w).astype(np.float64))
+    values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
     powered = values * values if p == 2 else values**p
     cshape = compact_shape(use)
     axes = tuple(k for k, (c, s) in enumerate(zip(cshape, use.shape)) if c == 1 and s != 1)
@@ -190,6 +192,22 @@ class OrbitTerms:
     def hessian_diagonal(self, y: FloatArray) -> FloatArray:
         """``diag H = p² · Σ_k coef[k,q]² · y[k]`` for ``y = terms(u)``."""
         return self.p * self.p * self.pair_sums(y, squared=True)
+
+    def moving(self) -> tuple[OrbitTerms, float]:
+        """The rows that move (``q > 0`` and some column), as terms of their own (``spans``
+        empty), and ``Σ q`` of the others: ``F(u) = moving.objective(u) + constant``.  A
+        solver should work on the moving part: a constant row (a pinned mask's huge fill
+        value) would swamp every relative criterion."""
+        has = np.zeros(self.q.size, dtype=bool)
+        has[self.rows] = True
+        keep = has & (self.q > 0)
+        constant = float(self.q[~keep].sum())
+        new_row = np.cumsum(keep) - 1
+        sub = OrbitTerms(
+            self.p, self.q[keep], new_row[self.rows], self.cols, self.coef,
+            self.movable, self.num_pairs, (),
+        )  # fmt: skip
+        return sub, constant
 
     def active(self) -> IntArray:
         """Per pair: a column of some row with ``q > 0`` (F moves along it); F is constant

@@ -410,6 +410,7 @@ def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
     return {
         "objective_before": m.objective_before,
         "objective_after": m.objective_after,
+        "constant": m.constant,
         "iterations": m.iterations,
         "gradient": m.gradient,
     }

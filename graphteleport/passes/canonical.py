@@ -24,7 +24,8 @@ Because ``F`` of a teleported model is ``F`` of the original shifted by the tele
 **The solver** (:func:`minimize`): Newton's method from ``u = 0``, each direction solved
 by conjugate gradients on ``H·d = −g`` preconditioned by ``diag H``, then a backtracking
 line search; it stops when the relative decrease of ``F`` of the last step and
-``max|∂F/∂u| / F`` are both at most ``tol`` (default 1e-12), and raises
+``max|∂F/∂u| / F`` are both at most ``tol`` (default 1e-12; ``F`` here is the part that
+moves, without rows no movable pair reaches, such as a mask's fill value), and raises
 :class:`NotConverged` after ``max_iterations``.
 
 **Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
@@ -39,6 +40,7 @@ range fits included (a pair moved toward 1 to keep a weight in range is listed i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -65,9 +67,10 @@ class NotConverged(GraphTeleportError):
 
 @dataclass(frozen=True)
 class Minimum:
-    """What :func:`minimize` found: ``u`` (one per pair, 0 off the active pairs), ``F``
-    before and after, Newton iterations, ``gradient`` (``max|∂F/∂u| / F`` at ``u``) and
-    ``decrease`` (the relative decrease of ``F`` in the last step)."""
+    """What :func:`minimize` found: ``u`` (one per pair, 0 off the active pairs), the
+    moving part of ``F`` before and after, Newton iterations, ``gradient``
+    (``max|∂F/∂u| / F`` at ``u``), ``decrease`` (the relative decrease of ``F`` in the last
+    step) and ``constant``, the part of ``Σ W²`` no movable pair reaches."""
 
     u: FloatArray
     objective_before: float
@@ -75,13 +78,24 @@ class Minimum:
     iterations: int
     gradient: float
     decrease: float
+    constant: float = 0.0
 
 
 def minimize(
     terms: OrbitTerms, *, tol: float = TOL, max_iterations: int = MAX_ITERATIONS
 ) -> Minimum:
     """``argmin_u F(u)`` over the pairs ``F`` depends on, by preconditioned Newton-CG
-    (module docstring); raises :class:`NotConverged` past ``max_iterations``."""
+    (module docstring); raises :class:`NotConverged` past ``max_iterations``.
+
+    The criteria are relative to the *moving* part of ``F`` (:meth:`OrbitTerms.moving`);
+    ``objective_before``/``after`` are that part, ``constant`` the rest."""
+    terms, constant = terms.moving()
+    found = _newton(terms, tol, max_iterations)
+    return dataclasses.replace(found, constant=constant)
+
+
+def _newton(terms: OrbitTerms, tol: float, max_iterations: int) -> Minimum:
+    """:func:`minimize` on terms whose every row moves."""
     active = terms.movable & terms.active()
     u = np.zeros(terms.num_pairs)
     y = terms.terms(u)
