@@ -233,18 +233,15 @@ def teleport_file(
 
 
 def canonicalize_file(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    opts: TeleportOptions,
-    progress: Progress = _quiet,
-    *,
-    report_path: PathArg | None = None,
-) -> TeleportReport:
+    src: PathArg, dst: PathArg, opts: TeleportOptions,
+    progress: Progress = _quiet, *, report_path: PathArg | None = None,
+) -> TeleportReport:  # fmt: skip
     """Write the canonical form of the model at ``src`` (least sum of squared weights on
     its orbit, :class:`~graphteleport.passes.canonical.CanonicalizePass`) into ``dst``,
     verified like :func:`teleport_file` (``opts.mode`` and the verification options are
     used; the sampling options are not).  The report's ``canonical`` holds ``F`` before
-    and after, the Newton iterations and the final gradient; its seconds add ``solve``."""
+    and after, the Newton iterations and the final gradient; its seconds add ``solve``;
+    ``report_path`` as for :func:`teleport_file`."""
     return _pass_file(
         src, dst, opts, progress, report_path,
         lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes),

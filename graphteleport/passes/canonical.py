@@ -52,7 +52,7 @@ from graphteleport.analysis import analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
 from graphteleport.orbit import OrbitTerms
-from graphteleport.passes.teleport import TeleportResult, apply_values
+from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
 TOL = 1e-12
@@ -227,20 +227,8 @@ class CanonicalizePass(ir.passes.InPlacePass):
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
         t2 = time.perf_counter()
         values = np.exp(found.u)
-        tau, stats, inserted, fixes = apply_values(
-            model, analysis, values, insert=opts.mode == "insert"
-        )
-        t3 = time.perf_counter()
-        return CanonicalResult(
-            model=model,
-            modified=bool(stats.changed) or inserted.nodes_added > 0,
-            analysis=analysis,
-            options=opts,
-            pair_values=values,
-            tau=tau,
-            stats=stats,
-            inserted=inserted,
-            range_fixes=fixes,
-            seconds={"analyze": t1 - t0, "solve": t2 - t1, "rewrite": t3 - t2},
-            minimum=found,
+        applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
+        seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
+        return result_of(
+            CanonicalResult, model, analysis, opts, values, applied, seconds, minimum=found
         )

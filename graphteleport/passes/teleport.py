@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -148,28 +148,51 @@ class TeleportPass(ir.passes.InPlacePass):
         t1 = time.perf_counter()
         sol = analysis.solution
         values = cofactors.sample(sol.code, sol.free, opts)
-        tau, stats, inserted, fixes = apply_values(
+        applied = apply_values(
             model, analysis, values, insert=opts.mode == "insert", exact=opts.exact
         )
         t2 = time.perf_counter()
+        stats = applied[1]
         log.info(
             "teleported: %d free cofactors, %d/%d weights changed",
             int(sol.free.sum()),
             stats.weights_changed,
             stats.weights_total,
         )
-        return TeleportResult(
-            model=model,
-            modified=bool(stats.changed) or inserted.nodes_added > 0,
-            analysis=analysis,
-            options=opts,
-            pair_values=values,
-            tau=tau,
-            stats=stats,
-            inserted=inserted,
-            range_fixes=fixes,
-            seconds={"analyze": t1 - t0, "rewrite": t2 - t1},
-        )
+        seconds = {"analyze": t1 - t0, "rewrite": t2 - t1}
+        return result_of(TeleportResult, model, analysis, opts, values, applied, seconds)
+
+
+Applied = tuple[np.ndarray, RewriteStats, InsertStats, list[ranges.RangeFix]]
+Result = TypeVar("Result", bound=TeleportResult)
+
+
+def result_of(
+    cls: type[Result],
+    model: ir.Model,
+    analysis: AnalysisResult,
+    options: CofactorOptions,
+    values: np.ndarray,
+    applied: Applied,
+    seconds: dict[str, float],
+    **extra: Any,
+) -> Result:
+    """The pass result ``cls`` (a :class:`TeleportResult`) of rewriting ``model`` for
+    ``values`` (``applied``: what :func:`apply_values` returned), with ``extra`` fields."""
+    tau, stats, inserted, fixes = applied
+    return cls(
+        model=model,
+        modified=bool(stats.changed) or inserted.nodes_added > 0,
+        analysis=analysis,
+        options=options,
+        pair_values=values,
+        tau=tau,
+        stats=stats,
+        inserted=inserted,
+        range_fixes=fixes,
+        seconds=seconds,
+        **extra,
+    )
 
 
 def apply_values(
@@ -179,7 +202,7 @@ def apply_values(
     *,
     insert: bool = False,
     exact: bool = False,
-) -> tuple[np.ndarray, RewriteStats, InsertStats, list[ranges.RangeFix]]:
+) -> Applied:
     """Rewrite ``model`` in place for one value per cofactor pair: fit ``values`` (in
     place) to the weights' ranges, store the new weights and, with ``insert``, add insert
     mode's nodes.  Returns per-neuron τ, the rewrite's and insertion's counts and the
