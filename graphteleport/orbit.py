@@ -106,7 +106,8 @@ def movable_pairs(analysis: AnalysisResult) -> IntArray:
 class OrbitTerms:
     """``F(u) = Σ_k q[k] · exp(p · (A·u)[k])`` for one model (module docstring).
 
-    ``A`` is stored as coordinates: ``rows``, ``cols`` (pairs), ``coef`` (merged, non-zero);
+    ``A`` is stored as coordinates: ``rows``, ``cols`` (pairs), ``coef`` (no ``(row, col)``
+    twice: a use whose factors reach a common pair has its entries merged);
     ``q`` holds one statistic per row; ``spans`` gives each counted use's rows
     (``[lo, hi)`` in :func:`counted_uses` order); ``movable`` marks the pairs that are
     columns; ``num_pairs`` is the length of every ``u``.
@@ -141,16 +142,18 @@ class OrbitTerms:
             w = arrays[use.source.name] if arrays is not None else use.source.array()
             q = reduced_power(use, w, p).reshape(-1)
             cshape = compact_shape(use)
+            mine: list[tuple[IntArray, IntArray, FloatArray]] = []
             for f in use.factors:
                 ids = np.broadcast_to(with_rank(f.ids, len(cshape)), cshape).reshape(-1)
                 pairs = sol.pair[ids]
                 keep = movable[pairs]
                 rows = offset + np.flatnonzero(keep)
-                parts.append((rows, pairs[keep], f.exp * sign[ids[keep]]))
+                mine.append((rows, pairs[keep], f.exp * sign[ids[keep]]))
+            parts.extend(_merge(mine, sol.num_pairs) if _overlap(mine) else mine)
             qs.append(q)
             spans.append((offset, offset + q.size))
             offset += q.size
-        rows, cols, coef = _merge(parts, sol.num_pairs)
+        rows, cols, coef = _concat(parts)
         q_all = np.concatenate(qs) if qs else np.zeros(0)
         return cls(float(p), q_all, rows, cols, coef, movable, sol.num_pairs, tuple(spans))
 
@@ -217,17 +220,37 @@ class OrbitTerms:
         return hit
 
 
-def _merge(
-    parts: list[tuple[IntArray, IntArray, FloatArray]], num_pairs: int
+def _concat(
+    parts: list[tuple[IntArray, IntArray, FloatArray]],
 ) -> tuple[IntArray, IntArray, FloatArray]:
-    """Coordinates ``(rows, cols, coef)`` with duplicates summed and zeros dropped."""
+    """The coordinates of ``parts`` laid end to end (int64, int64, float64)."""
     if not parts:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0)
     rows = np.concatenate([r for r, _, _ in parts]).astype(np.int64)
     cols = np.concatenate([c for _, c, _ in parts]).astype(np.int64)
     coef = np.concatenate([v for _, _, v in parts]).astype(np.float64)
+    return rows, cols, coef
+
+
+def _overlap(parts: list[tuple[IntArray, IntArray, FloatArray]]) -> bool:
+    """Two factors of one use reach a common pair (some row may meet a pair twice)."""
+    seen: set[int] = set()
+    for _, cols, _ in parts:
+        mine = set(np.unique(cols).tolist())
+        if seen & mine:
+            return True
+        seen |= mine
+    return False
+
+
+def _merge(
+    parts: list[tuple[IntArray, IntArray, FloatArray]], num_pairs: int
+) -> list[tuple[IntArray, IntArray, FloatArray]]:
+    """One use's coordinates with duplicate ``(row, col)`` summed and zeros dropped (a row
+    meeting a pair twice, as ``τ_out/τ_in`` of one class, has one entry: its net power)."""
+    rows, cols, coef = _concat(parts)
     keys, inverse = np.unique(rows * num_pairs + cols, return_inverse=True)
     summed = np.bincount(inverse.reshape(-1), weights=coef, minlength=keys.size)
     nz = summed != 0
-    return keys[nz] // num_pairs, keys[nz] % num_pairs, summed[nz]
+    return [(keys[nz] // num_pairs, keys[nz] % num_pairs, summed[nz])]

@@ -409,5 +409,6 @@ def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
         "objective_after": m.objective_after,
         "constant": m.constant,
         "iterations": m.iterations,
+        "cg_steps": m.cg_steps,
         "gradient": m.gradient,
     }

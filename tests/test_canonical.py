@@ -58,6 +58,7 @@ MODELS: dict[str, Callable[[ExportCache], onnx.ModelProto]] = {
     "residual_mlp": _arch("residual_mlp"),
     "vgg11_bn-keep": lambda e: onnx.load(e("vgg11_bn", fold_bn=False)),
     "hf-gpt2": _hf("gpt2"),
+    "hf-bert": _hf("bert"),
 }
 
 
@@ -112,6 +113,17 @@ def test_teleports_share_the_canonical_form(model_proto: onnx.ModelProto) -> Non
             assert_same_weights(ir.from_proto(model_proto), moved, REL)
         canon, _ = canonical(moved)
         assert_same_weights(reference, canon, REL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_twenty_seeds(name: str, exported: ExportCache) -> None:
+    proto = MODELS[name](exported)
+    reference, _ = canonical(proto)
+    for seed in range(20):
+        moved = ir.from_proto(proto)
+        TeleportPass(seed=seed, cob_range=0.9)(moved)
+        assert_same_weights(reference, canonical(moved)[0], REL)
 
 
 def test_idempotent_and_verified(model_proto: onnx.ModelProto) -> None:

@@ -70,7 +70,8 @@ class Minimum:
     """What :func:`minimize` found: ``u`` (one per pair, 0 off the active pairs), the
     moving part of ``F`` before and after, Newton iterations, ``gradient``
     (``max|∂F/∂u| / F`` at ``u``), ``decrease`` (the relative decrease of ``F`` in the last
-    step) and ``constant``, the part of ``Σ W²`` no movable pair reaches."""
+    step), ``constant``, the part of ``Σ W²`` no movable pair reaches, and ``cg_steps``, the
+    conjugate-gradient steps of all Newton steps together."""
 
     u: FloatArray
     objective_before: float
@@ -79,6 +80,7 @@ class Minimum:
     gradient: float
     decrease: float
     constant: float = 0.0
+    cg_steps: int = 0
 
 
 def minimize(
@@ -103,14 +105,16 @@ def _newton(terms: OrbitTerms, tol: float, max_iterations: int) -> Minimum:
     if f == 0.0 or not active.any():
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
     decrease = np.inf
+    cg_steps = 0
     for iteration in range(max_iterations + 1):
         g = np.where(active, terms.p * terms.pair_sums(y), 0.0)
         gmax = float(np.abs(g).max()) / f
         if gmax <= tol and decrease <= tol:
-            return Minimum(u, f0, f, iteration, gmax, decrease)
+            return Minimum(u, f0, f, iteration, gmax, decrease, cg_steps=cg_steps)
         if iteration == max_iterations:
             break
-        d = _newton_direction(terms, y, g, active, min(0.1, np.sqrt(gmax)))
+        d, steps = _newton_direction(terms, y, g, active, min(0.1, np.sqrt(gmax)))
+        cg_steps += steps
         u, y, f_new = _line_search(terms, u, f, g, d)
         decrease = max((f - f_new) / f, 0.0)
         f = f_new
@@ -122,9 +126,10 @@ def _newton(terms: OrbitTerms, tol: float, max_iterations: int) -> Minimum:
 
 def _newton_direction(
     terms: OrbitTerms, y: FloatArray, g: FloatArray, active: np.ndarray, rtol: float
-) -> FloatArray:
+) -> tuple[FloatArray, int]:
     """``d ≈ −H⁻¹g`` on the active pairs: conjugate gradients preconditioned by ``diag H``,
-    to a residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range)."""
+    to a residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range);
+    and the number of steps taken."""
     diag = terms.hessian_diagonal(y)
     inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
     x = np.zeros_like(g)
@@ -133,7 +138,8 @@ def _newton_direction(
     p = z.copy()
     rz = float(r @ z)
     gnorm = float(np.linalg.norm(g))
-    for _ in range(MAX_CG):
+    steps = 0
+    for steps in range(1, MAX_CG + 1):  # noqa: B007 (the count is returned)
         hp = np.where(active, terms.hessian_vector(y, p), 0.0)
         php = float(p @ hp)
         if php <= 0.0:
@@ -147,7 +153,7 @@ def _newton_direction(
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return x if x.any() else inv * -g
+    return (x if x.any() else inv * -g), steps
 
 
 def _line_search(
