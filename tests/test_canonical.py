@@ -230,3 +230,27 @@ def test_cli_canonicalize_failed_verification_exits_1(tmp_path: Path) -> None:
     )
     assert code == 1 and "nothing was written" in err
     assert not dst.exists() and not json.loads(report.read_text())["verification"]["passed"]
+
+
+def test_insert_mode_canonical_form_keeps_the_function() -> None:
+    from models import FIXTURES_DIR
+
+    proto = onnx.load(FIXTURES_DIR / "cnn_tiny_keepbn.onnx")
+    model = ir.from_proto(proto)
+    result = CanonicalizePass(mode="insert")(model)
+    assert result.minimum is not None and result.minimum.gradient <= 1e-10
+    assert result.objective_after < result.objective_before
+    assert max_rel_err(proto, ir.to_proto(model)) < 1e-4
+
+
+def test_a_different_network_has_a_different_canonical_form() -> None:
+    proto = gemm_mlp([5, 7, 6, 3])
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    w = onnx.numpy_helper.to_array(other.graph.initializer[0]).copy()
+    w[0, 0] += 0.1  # not a rescaling
+    other.graph.initializer[0].CopyFrom(
+        onnx.numpy_helper.from_array(w, other.graph.initializer[0].name)
+    )
+    with pytest.raises(AssertionError):
+        assert_same_weights(canonical(proto)[0], canonical(other)[0], REL)
