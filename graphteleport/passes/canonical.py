@@ -44,6 +44,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
@@ -219,10 +220,9 @@ class CanonicalizePass(ir.passes.InPlacePass):
         self.max_iterations = max_iterations
 
     def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> CanonicalResult:
-        """Canonicalize the model in place (onnx_ir's pass protocol, with the result typed)."""
-        result = super().__call__(model_or_result)
-        assert isinstance(result, CanonicalResult)
-        return result
+        """Canonicalize the model in place (onnx_ir's pass protocol, with the result typed:
+        :meth:`call` returns a :class:`CanonicalResult`)."""
+        return cast(CanonicalResult, super().__call__(model_or_result))
 
     def call(self, model: ir.Model) -> CanonicalResult:
         opts = self.options
