@@ -16,11 +16,13 @@ linear in ``u``.  Per use the element ratios ``r = B/A`` (where A and B are non-
 summed per cell of the use's compact layout (the elements one ``S`` value covers), and
 ``u`` of the free pairs is the least-squares fit of ``log|r|``: conjugate gradients on the
 normal equations ``MᵀNM u = MᵀN ȳ`` (N: elements per cell, Jacobi-preconditioned),
-matrix-free through :class:`UseMap`'s gather and scatter.  Signs come first: a pair that
-may be negative (groups any and sign) takes the sign its weights' ratios vote for, cell by
-cell, once every other pair of the cell is known (peeling from the pinned inputs, as a
-teleport's signs propagate); pairs no vote reaches stay positive.  A sign group's ``|t|``
-is 1 (``u = 0``).
+matrix-free through the orbit map (:class:`graphteleport.orbit.OrbitTerms`: ``M·u`` is
+``log_scale``, ``Mᵀv`` is ``pair_sums``), then reweighted toward least absolute deviations
+so that a fine-tuned weight does not drag its neighbours' classes.  Signs come first: a
+pair that may be negative (groups any and sign) takes the sign its weights' ratios vote
+for, cell by cell, once every other pair of the cell is known (peeling from the pinned
+inputs, as a teleport's signs propagate); pairs no vote reaches stay positive.  A sign
+group's ``|t|`` is 1 (``u = 0``).
 
 **Verdict.**  ``same`` when every element's ``|log|r| − log|S(u)||`` is at most the
 tolerance (``1e-5`` scaled by the weight dtype's epsilon over float32's), no sign differs
@@ -47,6 +49,7 @@ from graphteleport.analysis import Absorb, AnalysisResult, Solution, analyze_mod
 from graphteleport.errors import InputError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import check_paths, load_model, write_file_atomic
+from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -55,66 +58,19 @@ _EPS32 = float(np.finfo(np.float32).eps)
 _MAX_LISTED = 50
 
 
-# -- the linear map u -> log|S| ----------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class UseMap:
-    """The linear map from ``u = log|t|`` (one value per pair) to ``log|S|`` of one use, in
-    the use's compact layout ``shape`` (every factor's ids broadcast together), and its
-    transpose: ``gather(u)[k] = Σ_f coef_f[k]·u[pairs_f[k]]``, ``scatter(v)`` adds
-    ``coef_f·v`` into the pairs (``coef = exp·σ``; ``σ = −1`` for an inverse member)."""
-
-    shape: tuple[int, ...]
-    pairs: tuple[IntArray, ...]
-    coefs: tuple[FloatArray, ...]
-    odd: tuple[bool, ...]
-
-    @classmethod
-    def of(cls, use: Absorb, sol: Solution) -> UseMap:
-        rank = len(use.shape)
-        ids = [with_rank(np.asarray(f.ids), rank) for f in use.factors]
-        shape = tuple(np.broadcast_shapes(*(i.shape for i in ids))) if ids else (1,) * rank
-        pairs = tuple(np.broadcast_to(sol.pair[i], shape).reshape(-1) for i in ids)
-        sigma = [np.where(sol.inverse[i], -1.0, 1.0) for i in ids]
-        coefs = tuple(
-            np.broadcast_to(f.exp * s, shape).reshape(-1)
-            for f, s in zip(use.factors, sigma, strict=True)
-        )
-        return cls(shape, pairs, coefs, tuple(f.exp % 2 == 1 for f in use.factors))
-
-    @property
-    def cells(self) -> int:
-        return math.prod(self.shape)
-
-    def gather(self, u: FloatArray) -> FloatArray:
-        out = np.zeros(self.cells)
-        for p, c in zip(self.pairs, self.coefs, strict=True):
-            out += c * u[p]
-        return out
-
-    def scatter(self, v: FloatArray, num_pairs: int) -> FloatArray:
-        out = np.zeros(num_pairs)
-        for p, c in zip(self.pairs, self.coefs, strict=True):
-            out += np.bincount(p, weights=c * v, minlength=num_pairs)
-        return out
-
-    def sign(self, s: FloatArray) -> FloatArray:
-        """The sign of ``S`` per cell for pair signs ``s`` (±1): odd factors only."""
-        out = np.ones(self.cells)
-        for p, odd in zip(self.pairs, self.odd, strict=True):
-            if odd:
-                out *= s[p]
-        return out
-
-
 # -- the data of one use -----------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class UseData:
-    """One use of a weight: its map, the ratios ``B/A`` in the use's shape (float64),
-    which elements are fitted (both non-zero and normal), and per compact cell the
-    elements fitted (``n``), their summed ``log|r|`` and their summed sign."""
+    """One counted use of a weight (:func:`~graphteleport.orbit.counted_uses`): its rows in
+    the orbit map (``span``, one per cell of its compact layout ``cshape``), the pairs of
+    its odd factors per cell (they set the sign of ``S``), the ratios ``B/A`` in the use's
+    shape (float64), which elements are fitted (both non-zero and normal), and per cell
+    the elements fitted (``n``), their summed ``log|r|`` and their summed sign."""
 
     weight: str
-    map: UseMap
+    span: tuple[int, int]
+    cshape: tuple[int, ...]
+    odd_pairs: tuple[IntArray, ...]
     ratio: FloatArray
     valid: IntArray
     zero_mismatch: int
@@ -122,36 +78,82 @@ class UseData:
     log_sum: FloatArray
     sign_sum: FloatArray
 
-    @property
-    def mean(self) -> FloatArray:
-        """Per cell the mean ``log|r|`` of its fitted elements (0 where none)."""
-        out: FloatArray = self.log_sum / np.maximum(self.n, 1.0)
-        return out
-
     @classmethod
-    def of(cls, name: str, umap: UseMap, a: FloatArray, b: FloatArray, tiny: float) -> UseData:
-        za, zb = a == 0, b == 0
+    def of(
+        cls,
+        use: Absorb,
+        sol: Solution,
+        span: tuple[int, int],
+        ab: tuple[FloatArray, FloatArray],
+        tiny: float,
+    ) -> UseData:
+        """The data of ``use`` from A's and B's tensor as it reads them (``ab``, float64);
+        elements below ``tiny`` (the dtype's smallest normal) are not fitted."""
+        a, b = ab
+        cshape = compact_shape(use)
         valid = (np.abs(a) >= tiny) & (np.abs(b) >= tiny)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(valid, b / np.where(valid, a, 1.0), 1.0)
-        logs = np.where(valid, np.log(np.abs(ratio)), 0.0)
-        axes = cell_axes(ratio.shape, umap.shape)
+        axes = cell_axes(ratio.shape, cshape)
+
+        def cells(x: np.ndarray) -> FloatArray:
+            out: FloatArray = x.sum(axis=axes, keepdims=True).astype(np.float64).reshape(-1)
+            return out
+
+        odd = tuple(
+            np.broadcast_to(sol.pair[with_rank(f.ids, len(cshape))], cshape).reshape(-1)
+            for f in use.factors
+            if f.exp % 2
+        )
         return cls(
-            weight=name,
-            map=umap,
+            weight=use.source.name,
+            span=span,
+            cshape=cshape,
+            odd_pairs=odd,
             ratio=ratio,
             valid=valid,
-            zero_mismatch=int(np.count_nonzero(za != zb)),
-            n=valid.sum(axis=axes, keepdims=True).astype(np.float64).reshape(-1),
-            log_sum=logs.sum(axis=axes, keepdims=True).reshape(-1),
-            sign_sum=np.where(valid, np.sign(ratio), 0.0).sum(axis=axes, keepdims=True).reshape(-1),
+            zero_mismatch=int(np.count_nonzero((a == 0) != (b == 0))),
+            n=cells(valid),
+            log_sum=cells(np.where(valid, np.log(np.abs(ratio)), 0.0)),
+            sign_sum=cells(np.where(valid, np.sign(ratio), 0.0)),
         )
+
+    def sign(self, s: FloatArray) -> FloatArray:
+        """The sign of ``S`` per cell for pair signs ``s`` (±1): its odd factors' product."""
+        out = np.ones(math.prod(self.cshape))
+        for p in self.odd_pairs:
+            out = out * s[p]
+        return out
 
 
 def cell_axes(full: tuple[int, ...], compact: tuple[int, ...]) -> tuple[int, ...]:
     """The axes of ``full`` that one compact cell spans (size 1 in ``compact``)."""
     ranked = (1,) * (len(full) - len(compact)) + tuple(compact)
     return tuple(ax for ax, (f, c) in enumerate(zip(full, ranked, strict=True)) if c == 1 and f > 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Observations:
+    """Every counted use's data, and per row of the orbit map (``terms``) the elements
+    fitted (``n``), their mean ``log|r|`` and summed sign, concatenated in row order."""
+
+    terms: OrbitTerms
+    uses: tuple[UseData, ...]
+    n: FloatArray
+    mean: FloatArray
+
+    @classmethod
+    def of(cls, terms: OrbitTerms, uses: Sequence[UseData]) -> Observations:
+        n = _rows(terms, uses, lambda d: d.n)
+        log_sum = _rows(terms, uses, lambda d: d.log_sum)
+        return cls(terms, tuple(uses), n, log_sum / np.maximum(n, 1.0))
+
+
+def _rows(terms: OrbitTerms, uses: Sequence[UseData], get: Any) -> FloatArray:
+    out = np.zeros(terms.q.size)
+    for d in uses:
+        out[d.span[0] : d.span[1]] = get(d)
+    return out
 
 
 # -- graph matching ----------------------------------------------------------------------------
@@ -319,60 +321,65 @@ def _finite(x: float) -> float | None:
 
 
 # -- the fit -----------------------------------------------------------------------------------
-def _use_arrays(
-    use: Absorb, a_src: np.ndarray, b_src: np.ndarray, b_used: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """A's and B's tensor as the use reads it, in the use's shape (float64)."""
-    a64, b64 = a_src.astype(np.float64), b_src.astype(np.float64)
-    if use.index is not None:
-        if b64.shape != a64.shape:
-            raise InputError(f"different graphs: {use.source.name} changed shape")
-        return a64.reshape(-1)[use.index], b64.reshape(-1)[use.index]
-    rank = len(use.shape)
-    if b_used is not None:
-        b64 = b_used.astype(np.float64)
-    try:
-        a_full = np.broadcast_to(with_rank(a64, rank), use.shape)
-        b_full = np.broadcast_to(with_rank(b64, rank), use.shape)
-    except ValueError as e:
-        raise InputError(f"different graphs: {use.source.name} has another shape") from e
-    return a_full, b_full
-
-
 def _collect(
     analysis: AnalysisResult, nodes: Mapping[ir.Node, ir.Node]
-) -> tuple[list[UseData], dict[str, np.dtype[Any]]]:
-    """Every use's data, and each weight's dtype."""
+) -> tuple[Observations, dict[str, np.dtype[Any]], list[str]]:
+    """The observations of every counted use, each weight's dtype, and the weights whose
+    uses read different tensors in B (A's uses share one)."""
+    terms = OrbitTerms.build(analysis, p=1.0)
     sol = analysis.solution
-    out: list[UseData] = []
+    spans = dict(zip(map(id, counted_uses(analysis)), terms.spans, strict=True))
+    data: list[UseData] = []
     dtypes: dict[str, np.dtype[Any]] = {}
+    split: list[str] = []
     for w in analysis.weights:
         a_src = w.source.array()
-        if a_src.dtype.kind != "f":
-            continue
         dtypes[w.name] = a_src.dtype
-        tiny = float(np.finfo(a_src.dtype).tiny)
-        for use in w.uses:
-            node_b = nodes[use.node]
-            b_used = _stored(node_b.inputs[use.input_index])
-            b_src = b_used if use.index is None else _source_in_b(use, nodes)
+        read = [_stored(nodes[u.node].inputs[u.input_index]) for u in w.uses]
+        first = read[0]
+        if not w.private and any(
+            r is None or first is None or not _equal(r, first) for r in read[1:]
+        ):
+            split.append(w.name)
+        for use, b_read in zip(w.uses, read, strict=True):
+            if id(use) not in spans:
+                continue
+            b_src = b_read if use.index is None else _source_in_b(use, nodes)
             if b_src is None:
                 raise InputError(f"different graphs: {w.name} is not a stored tensor in B")
-            a_use, b_use = _use_arrays(use, a_src, b_src, b_used)
-            out.append(UseData.of(w.name, UseMap.of(use, sol), a_use, b_use, tiny))
-    return out, dtypes
+            tiny = float(np.finfo(a_src.dtype).tiny)
+            ab = _use_arrays(use, a_src, b_src)
+            data.append(UseData.of(use, sol, spans[id(use)], ab, tiny))
+    return Observations.of(terms, data), dtypes, split
+
+
+def _use_arrays(use: Absorb, a: np.ndarray, b: np.ndarray) -> tuple[FloatArray, FloatArray]:
+    """A's and B's tensor as the use reads it (float64, in its shape); B's may be A's
+    broadcast-expanded (a teleport stores a scalar per channel where ``S`` varies)."""
+    if (use.index is not None and b.shape != a.shape) or (
+        use.index is None and b.size != a.size and not use.expand
+    ):
+        raise InputError(f"different graphs: {use.source.name} has another shape in B")
+    try:
+        b_use = used_values(use, b) if b.size == a.size else _expanded(use, b)
+    except ValueError as e:
+        raise InputError(f"different graphs: {use.source.name} has another shape in B") from e
+    return used_values(use, a).astype(np.float64), np.asarray(b_use, dtype=np.float64)
+
+
+def _expanded(use: Absorb, b: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(with_rank(b, len(use.shape)), use.shape)
 
 
 def _source_in_b(use: Absorb, nodes: Mapping[ir.Node, ir.Node]) -> np.ndarray | None:
     """B's tensor at the place of A's source (found through a node that reads it)."""
-    stored = use.source.stored
-    for consumer, k in stored.uses():
+    for consumer, k in use.source.stored.uses():
         if consumer in nodes:
             return _stored(nodes[consumer].inputs[k])
     return None
 
 
-def _signs(data: Sequence[UseData], sol: Solution) -> FloatArray:
+def _signs(obs: Observations, sol: Solution) -> FloatArray:
     """Pair signs (±1): +1 where the group is positive or pinned; a pair that may be
     negative takes the sign its cells vote for (weighted by elements) once it is the only
     unknown odd factor of the cell, round after round (module docstring)."""
@@ -380,7 +387,7 @@ def _signs(data: Sequence[UseData], sol: Solution) -> FloatArray:
     unknown = sol.free & ((sol.group == "any") | (sol.group == "sign"))
     while unknown.any():
         votes = np.zeros(sol.num_pairs)
-        for d in data:
+        for d in obs.uses:
             _vote(d, s, unknown, votes)
         decided = unknown & (votes != 0)
         if not decided.any():
@@ -391,74 +398,53 @@ def _signs(data: Sequence[UseData], sol: Solution) -> FloatArray:
 
 
 def _vote(d: UseData, s: FloatArray, unknown: IntArray, votes: FloatArray) -> None:
-    count = np.zeros(d.map.cells)
-    which = np.zeros(d.map.cells, np.int64)
-    known = np.ones(d.map.cells)
-    for p, odd in zip(d.map.pairs, d.map.odd, strict=True):
-        if odd:
-            unk = unknown[p]
-            count += unk
-            which += np.where(unk, p, 0)
-            known *= np.where(unk, 1.0, s[p])
+    """Add the votes of a use's cells with exactly one unknown odd factor: the sign of
+    their ratios over the known factors' signs."""
+    size = math.prod(d.cshape)
+    count, which, known = np.zeros(size), np.zeros(size, np.int64), np.ones(size)
+    for p in d.odd_pairs:
+        unk = unknown[p]
+        count += unk
+        which += np.where(unk, p, 0)
+        known *= np.where(unk, 1.0, s[p])
     sel = (count == 1) & (d.sign_sum != 0)
     votes += np.bincount(which[sel], weights=d.sign_sum[sel] * known[sel], minlength=votes.size)
 
 
 def _solve(
-    data: Sequence[UseData],
-    cw: Sequence[FloatArray],
-    sol: Solution,
-    fit: IntArray,
-    *,
-    rtol: float = 1e-12,
+    obs: Observations, w: FloatArray, *, rtol: float = 1e-12
 ) -> tuple[FloatArray, IntArray, int]:
-    """``u`` minimizing ``Σ w·(ȳ − Mu)²`` (``w``: ``cw``, per use and cell; ``ȳ`` the cell's
-    mean ``log|r|``) over the pairs in ``fit`` (others 0), by Jacobi-preconditioned
-    conjugate gradients on the normal equations; also which pairs no fitted element
-    reaches (left at 0) and the iterations."""
-    m = sol.num_pairs
+    """``u`` minimizing ``Σ w·(ȳ − A·u)²`` over the rows (``ȳ`` a row's mean ``log|r|``,
+    ``A`` the orbit map, :class:`~graphteleport.orbit.OrbitTerms`) over its movable pairs,
+    by Jacobi-preconditioned conjugate gradients on ``AᵀWA u = AᵀW ȳ``; also the movable
+    pairs no fitted element reaches (left at 0) and the iterations."""
+    terms = obs.terms
+    diag = terms.pair_sums(w, squared=True)
+    active = terms.movable & (diag > 0)
+    rhs = np.where(active, terms.pair_sums(w * obs.mean), 0.0)
+    inv = np.where(active, 1.0 / np.where(active, diag, 1.0), 0.0)
 
     def normal(u: FloatArray) -> FloatArray:
-        out = np.zeros(m)
-        for d, w in zip(data, cw, strict=True):
-            out += d.map.scatter(w * d.map.gather(u), m)
-        return np.where(fit, out, 0.0)
+        return np.where(active, terms.pair_sums(w * terms.log_scale(u)), 0.0)
 
-    rhs = np.zeros(m)
-    diag = np.zeros(m)
-    for d, w in zip(data, cw, strict=True):
-        rhs += d.map.scatter(w * d.mean, m)
-        for p, c in zip(d.map.pairs, d.map.coefs, strict=True):
-            diag += np.bincount(p, weights=w * c * c, minlength=m)
-    active = fit & (diag > 0)
-    rhs = np.where(active, rhs, 0.0)
-    inv = np.where(active, 1.0 / np.where(active, diag, 1.0), 0.0)
-    u, its = _cg(normal, rhs, inv, rtol, maxiter=10 * m + 100)
-    return np.where(active, u, 0.0), fit & ~active, its
+    u, its = _cg(normal, rhs, inv, rtol, maxiter=10 * terms.num_pairs + 100)
+    return np.where(active, u, 0.0), terms.movable & ~active, its
 
 
 def _robust_fit(
-    data: Sequence[UseData], sol: Solution, fit: IntArray, delta: float, rounds: int = 6
+    obs: Observations, delta: float, rounds: int = 6
 ) -> tuple[FloatArray, IntArray, int]:
     """The least-squares fit, then iteratively reweighted toward least absolute deviations:
-    a cell whose mean residual exceeds ``delta`` weighs ``n·delta/|residual|``.  For a
+    a row whose mean residual exceeds ``delta`` weighs ``n·delta/|residual|``.  For a
     teleport every residual is rounding, under ``delta``, and the first fit stands; after
-    a fine-tune the cells that moved stop dragging the others, so the misfit stays on the
-    weights and classes that changed."""
-    weights = [d.n for d in data]
-    u, undetermined, its = _solve(data, weights, sol, fit)
+    a fine-tune the rows that moved drag the others less, so the misfit stays mostly on
+    the weights and classes that changed."""
+    u, undetermined, its = _solve(obs, obs.n)
     for _ in range(rounds):
-        res = [np.abs(d.mean - d.map.gather(u)) for d in data]
-        if (
-            max(
-                (float(r[d.n > 0].max(initial=0.0)) for r, d in zip(res, data, strict=True)),
-                default=0.0,
-            )
-            <= delta
-        ):
+        res = np.abs(obs.mean - obs.terms.log_scale(u))
+        if float(res[obs.n > 0].max(initial=0.0)) <= delta:
             break
-        weights = [d.n * delta / np.maximum(r, delta) for r, d in zip(res, data, strict=True)]
-        u, undetermined, more = _solve(data, weights, sol, fit)
+        u, undetermined, more = _solve(obs, obs.n * delta / np.maximum(res, delta))
         its += more
     return u, undetermined, its
 
@@ -503,29 +489,39 @@ class _Tally:
 
 
 def _residuals(
-    data: Sequence[UseData], u: FloatArray, s: FloatArray, tol: Mapping[str, float], m: int
+    obs: Observations, u: FloatArray, s: FloatArray, tol: Mapping[str, float]
 ) -> tuple[dict[str, _Tally], FloatArray]:
-    """Per weight its tally, and per pair the elements over tolerance its factors touch."""
+    """Per weight its tally, and per row the elements over tolerance or of another sign."""
     tallies: dict[str, _Tally] = {}
-    bad_per_pair = np.zeros(m)
-    for d in data:
+    logs_all = obs.terms.log_scale(u)
+    bad_rows = np.zeros(logs_all.size)
+    for d in obs.uses:
         t = tallies.setdefault(d.weight, _Tally())
-        logs = d.map.gather(u).reshape(d.map.shape)
-        signs = d.map.sign(s).reshape(d.map.shape)
+        lo, hi = d.span
+        logs = logs_all[lo:hi].reshape(d.cshape)
         with np.errstate(divide="ignore"):
             res = np.where(d.valid, np.abs(np.log(np.abs(d.ratio)) - logs), 0.0)
-        wrong_sign = d.valid & (np.sign(d.ratio) != signs)
+        wrong_sign = d.valid & (np.sign(d.ratio) != d.sign(s).reshape(d.cshape))
         bad = (res > tol[d.weight]) | wrong_sign
         t.elements += int(np.count_nonzero(d.valid))
         t.max_residual = max(t.max_residual, float(res.max(initial=0.0)))
         t.squares += float(np.sum(res * res))
         t.signs += int(np.count_nonzero(wrong_sign))
         t.zeros += d.zero_mismatch
-        if bad.any():
-            per_cell = bad.sum(axis=cell_axes(bad.shape, d.map.shape), keepdims=True).reshape(-1)
-            for p in d.map.pairs:
-                bad_per_pair += np.bincount(p, weights=per_cell, minlength=m)
-    return tallies, bad_per_pair
+        bad_rows[lo:hi] = bad.sum(axis=cell_axes(bad.shape, d.cshape), keepdims=True).ravel()
+    return tallies, bad_rows
+
+
+def _bad_per_pair(obs: Observations, bad_rows: FloatArray, num_pairs: int) -> FloatArray:
+    """Per pair: the misfit elements of the rows that move with it (the orbit map's
+    columns), or, for a pair with ``|t| = 1`` (sign group), whose sign it sets."""
+    terms = obs.terms
+    out = np.bincount(terms.cols, weights=bad_rows[terms.rows], minlength=num_pairs)
+    signs = np.zeros(num_pairs)
+    for d in obs.uses:
+        for p in d.odd_pairs:
+            signs += np.bincount(p, weights=bad_rows[d.span[0] : d.span[1]], minlength=num_pairs)
+    return np.where(terms.movable, out, signs)
 
 
 def _classes(analysis: AnalysisResult, bad: FloatArray, values: FloatArray) -> list[ClassMisfit]:
@@ -572,6 +568,12 @@ def _other_tensors(
     return out
 
 
+def _all_equal(arrays: Sequence[np.ndarray | None]) -> bool:
+    """Every array is stored and equal to the first."""
+    first = arrays[0]
+    return first is not None and all(a is not None and _equal(a, first) for a in arrays[1:])
+
+
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:
     return (
         a.shape == b.shape
@@ -604,18 +606,18 @@ def compare_models(
     nodes = match_graphs(a, b)
     analysis = analyze_model(a, input_shapes, "absorb")
     t1 = time.perf_counter()
-    data, dtypes = _collect(analysis, nodes)
+    obs, dtypes, split = _collect(analysis, nodes)
     sol = analysis.solution
-    signs = _signs(data, sol)
-    fit = sol.free & (sol.group != "sign")
-    u, undetermined, its = _robust_fit(data, sol, fit, tolerance)
+    signs = _signs(obs, sol)
+    u, undetermined, its = _robust_fit(obs, tolerance)
     values = signs * np.exp(u)
     t2 = time.perf_counter()
     tol = {n: tolerance_for(dt, tolerance) for n, dt in dtypes.items()}
-    tallies, bad = _residuals(data, u, signs, tol, sol.num_pairs)
+    tallies, bad_rows = _residuals(obs, u, signs, tol)
+    bad = _bad_per_pair(obs, bad_rows, sol.num_pairs)
     weights = [_weight_fit(n, t) for n, t in tallies.items()]
     misfit = [w.name for w in weights if _misfits(w, tol[w.name])]
-    unexplained = _other_tensors(a, nodes, analysis)
+    unexplained = split + _other_tensors(a, nodes, analysis)
     total = sum(t.elements for t in tallies.values())
     squares = sum(t.squares for t in tallies.values())
     return Comparison(
