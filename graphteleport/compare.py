@@ -38,7 +38,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -234,16 +234,6 @@ class WeightFit:
     sign_mismatches: int
     zero_mismatches: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "elements": self.elements,
-            "max_residual": self.max_residual,
-            "rms_residual": self.rms_residual,
-            "sign_mismatches": self.sign_mismatches,
-            "zero_mismatches": self.zero_mismatches,
-        }
-
 
 @dataclass
 class ClassMisfit:
@@ -256,15 +246,6 @@ class ClassMisfit:
     op: str
     value: float
     elements: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pair": self.pair,
-            "block": self.block,
-            "op": self.op,
-            "value": self.value,
-            "elements": self.elements,
-        }
 
 
 @dataclass
@@ -308,9 +289,9 @@ class Comparison:
             "undetermined_cofactors": self.undetermined,
             "cofactors": {str(int(p)): float(self.pair_values[p]) for p in free},
             "misfit_weights": list(self.misfit_weights),
-            "misfit_classes": [c.to_json() for c in self.misfit_classes],
+            "misfit_classes": [asdict(c) for c in self.misfit_classes],
             "unexplained": list(self.unexplained),
-            "weights": [w.to_json() for w in self.weights],
+            "weights": [asdict(w) for w in self.weights],
             "iterations": self.iterations,
             "seconds": dict(self.seconds),
         }
@@ -477,37 +458,33 @@ def _cg(
 
 
 # -- residuals and classes ---------------------------------------------------------------------
-@dataclass
-class _Tally:
-    """Per weight: elements, residual extremes, squares and mismatches, summed over uses."""
-
-    elements: int = 0
-    max_residual: float = 0.0
-    squares: float = 0.0
-    signs: int = 0
-    zeros: int = 0
+#: A weight's tally (float64, summed over its uses but for the maximum): elements fitted,
+#: squared residuals, sign mismatches, zero mismatches, the largest residual.
+ELEMENTS, SQUARES, SIGNS, ZEROS, LARGEST = range(5)
 
 
 def _residuals(
     obs: Observations, u: FloatArray, s: FloatArray, tol: Mapping[str, float]
-) -> tuple[dict[str, _Tally], FloatArray]:
+) -> tuple[dict[str, FloatArray], FloatArray]:
     """Per weight its tally, and per row the elements over tolerance or of another sign."""
-    tallies: dict[str, _Tally] = {}
+    tallies: dict[str, FloatArray] = {}
     logs_all = obs.terms.log_scale(u)
     bad_rows = np.zeros(logs_all.size)
     for d in obs.uses:
-        t = tallies.setdefault(d.weight, _Tally())
+        t = tallies.setdefault(d.weight, np.zeros(5))
         lo, hi = d.span
         logs = logs_all[lo:hi].reshape(d.cshape)
         with np.errstate(divide="ignore"):
             res = np.where(d.valid, np.abs(np.log(np.abs(d.ratio)) - logs), 0.0)
         wrong_sign = d.valid & (np.sign(d.ratio) != d.sign(s).reshape(d.cshape))
         bad = (res > tol[d.weight]) | wrong_sign
-        t.elements += int(np.count_nonzero(d.valid))
-        t.max_residual = max(t.max_residual, float(res.max(initial=0.0)))
-        t.squares += float(np.sum(res * res))
-        t.signs += int(np.count_nonzero(wrong_sign))
-        t.zeros += d.zero_mismatch
+        t[:LARGEST] += (
+            np.count_nonzero(d.valid),
+            np.sum(res * res),
+            np.count_nonzero(wrong_sign),
+            d.zero_mismatch,
+        )
+        t[LARGEST] = max(t[LARGEST], float(res.max(initial=0.0)))
         bad_rows[lo:hi] = bad.sum(axis=cell_axes(bad.shape, d.cshape), keepdims=True).ravel()
     return tallies, bad_rows
 
@@ -618,8 +595,8 @@ def compare_models(
     weights = [_weight_fit(n, t) for n, t in tallies.items()]
     misfit = [w.name for w in weights if _misfits(w, tol[w.name])]
     unexplained = split + _other_tensors(a, nodes, analysis)
-    total = sum(t.elements for t in tallies.values())
-    squares = sum(t.squares for t in tallies.values())
+    total = sum(t[ELEMENTS] for t in tallies.values())
+    squares = sum(t[SQUARES] for t in tallies.values())
     return Comparison(
         model_a=names[0],
         model_b=names[1],
@@ -639,9 +616,10 @@ def compare_models(
     )
 
 
-def _weight_fit(name: str, t: _Tally) -> WeightFit:
-    rms = math.sqrt(t.squares / t.elements) if t.elements else 0.0
-    return WeightFit(name, t.elements, t.max_residual, rms, t.signs, t.zeros)
+def _weight_fit(name: str, t: FloatArray) -> WeightFit:
+    rms = math.sqrt(t[SQUARES] / t[ELEMENTS]) if t[ELEMENTS] else 0.0
+    counts = [int(t[k]) for k in (ELEMENTS, SIGNS, ZEROS)]
+    return WeightFit(name, counts[0], float(t[LARGEST]), rms, counts[1], counts[2])
 
 
 def _misfits(w: WeightFit, tol: float) -> bool:
@@ -662,23 +640,28 @@ def summary_lines(c: Comparison, limit: int = 8) -> Iterator[str]:
             f"  cofactors: {free.size} free, recovered in [{v.min():.4g}, {v.max():.4g}] "
             f"({int((v < 0).sum())} negative, {c.undetermined} undetermined)"
         )
-    for w in c.weights:
-        if w.name in c.misfit_weights[:limit]:
-            yield (
-                f"  weight {w.name}: max residual {w.max_residual:.3g}, "
-                f"{w.sign_mismatches} signs and {w.zero_mismatches} zeros differ"
-            )
-    if len(c.misfit_weights) > limit:
-        yield f"  ... {len(c.misfit_weights) - limit} more weights do not fit"
-    for k in c.misfit_classes[:limit]:
-        yield (
-            f"  class {k.pair} ({k.op} {k.block!r}, t={k.value:.4g}): "
-            f"{k.elements} elements do not fit"
-        )
-    if len(c.misfit_classes) > limit:
-        yield f"  ... {len(c.misfit_classes) - limit} more classes do not fit"
+    named = set(c.misfit_weights[:limit])
+    weights = [
+        f"  weight {w.name}: max residual {w.max_residual:.3g}, "
+        f"{w.sign_mismatches} signs and {w.zero_mismatches} zeros differ"
+        for w in c.weights
+        if w.name in named
+    ]
+    classes = [
+        f"  class {k.pair} ({k.op} {k.block!r}, t={k.value:.4g}): {k.elements} elements do not fit"
+        for k in c.misfit_classes
+    ]
+    yield from _listed(weights, len(c.misfit_weights), limit, "weights")
+    yield from _listed(classes, len(classes), limit, "classes")
     for name in c.unexplained[:_MAX_LISTED]:
         yield f"  {name}: differs, and no cofactor scales it"
+
+
+def _listed(lines: Sequence[str], total: int, limit: int, what: str) -> Iterator[str]:
+    """The first ``limit`` lines, then how many more ``what`` do not fit."""
+    yield from lines[:limit]
+    if total > limit:
+        yield f"  ... {total - limit} more {what} do not fit"
 
 
 def compare_files(
