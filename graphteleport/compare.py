@@ -419,11 +419,15 @@ def _robust_fit(
     a row whose mean residual exceeds ``delta`` weighs ``n·delta/|residual|``.  For a
     teleport every residual is rounding, under ``delta``, and the first fit stands; after
     a fine-tune the rows that moved drag the others less, so the misfit stays mostly on
-    the weights and classes that changed."""
+    the weights and classes that changed.  Skipped when most elements misfit (a model
+    fine-tuned throughout): then no minority of outliers is there to single out, and the
+    verdict needs no more rounds."""
     u, undetermined, its = _solve(obs, obs.n)
+    total = float(obs.n.sum())
     for _ in range(rounds):
         res = np.abs(obs.mean - obs.terms.log_scale(u))
-        if float(res[obs.n > 0].max(initial=0.0)) <= delta:
+        off = float(obs.n[res > delta].sum())
+        if off == 0 or off > total / 2:  # all fit, or most moved: nothing to localize
             break
         u, undetermined, more = _solve(obs, obs.n * delta / np.maximum(res, delta))
         its += more
