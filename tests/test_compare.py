@@ -75,7 +75,10 @@ def test_architecture_teleports_are_same(exported: ExportCache, arch: str) -> No
         assert negatives > 0
 
 
-def test_hf_bert_teleports_are_same(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hf", ["bert", "gpt2_init"])
+def test_hf_teleports_are_same(tmp_path: Path, hf: str) -> None:
+    """gpt2_init's exporter shares uniform weights by accident: the teleport writes
+    private copies, which compare reads through each use's node."""
     pytest.importorskip("transformers")
     pytest.importorskip("onnxscript")
     repo = Path(__file__).resolve().parent.parent
@@ -83,10 +86,11 @@ def test_hf_bert_teleports_are_same(tmp_path: Path) -> None:
         sys.path.insert(0, str(repo))
     from models.hf import export_entry
 
-    proto = onnx.load(export_entry("bert", tmp_path / "bert.onnx"))
+    proto = onnx.load(export_entry(hf, tmp_path / f"{hf}.onnx"))
     for seed in SEEDS[:2]:
         t = teleport(proto, seed=seed, sampling="inter_landscape")
         assert (t.free_values < 0).any()
+        assert bool(t.result.stats.copies) == (hf == "gpt2_init")
         _check_recovered(t, _compare(t))
 
 
@@ -113,6 +117,24 @@ def test_sgd_step_is_different(fixtures_dir: Path, name: str) -> None:
     assert c.misfit_weights and c.misfit_classes
     assert all(k.block for k in c.misfit_classes)  # each class named by its layer
     assert c.max_residual > 1e-4
+
+
+def test_change_no_cofactor_touches_is_named(fixtures_dir: Path) -> None:
+    """The output layer's bias scales with pinned neurons only: a change there is a misfit
+    weight with no class to blame, the teleport elsewhere recovered."""
+    proto = onnx.load(fixtures_dir / "mlp_small.onnx")
+    t = teleport(proto, seed=4)
+    analysis = t.result.analysis
+    last = analysis.weights[-1]
+    assert not _pairs_of(analysis, last.name)
+    v = last.source.stored
+    assert v.const_value is not None
+    v.const_value = ir.tensor(v.const_value.numpy() * np.float32(1.001), name=v.name)
+    c = _compare(t)
+    assert not c.same
+    assert c.misfit_weights == [last.name] and c.misfit_classes == []
+    free = t.solution.free
+    np.testing.assert_allclose(c.pair_values[free], t.result.pair_values[free], rtol=REL)
 
 
 def test_teleported_sgd_step_is_different(fixtures_dir: Path) -> None:
