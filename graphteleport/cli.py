@@ -17,15 +17,20 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from graphteleport import __version__
 from graphteleport.compare import TOLERANCE_FLOAT32, compare_files, summary_lines
 from graphteleport.errors import GraphTeleportError, VerificationError
 from graphteleport.options import MODES, SAMPLINGS, CofactorOptions
-from graphteleport.pipeline import TeleportOptions, inspect_file, teleport_file
+from graphteleport.pipeline import (
+    TeleportOptions,
+    canonicalize_file,
+    inspect_file,
+    teleport_file,
+)
 from graphteleport.reports import AnalysisReport, InputShapes, InspectReport, TeleportReport
 from graphteleport.verify import VerificationResult
 
@@ -35,6 +40,10 @@ EXAMPLES = """examples:
   graphteleport model.onnx -o t.onnx --input-shape input_ids=1,16 --report report.json
   graphteleport inspect model.onnx
   graphteleport compare model.onnx teleported.onnx --report compare.json
+  graphteleport canonicalize model.onnx -o canonical.onnx --report r.json
+
+subcommands: a first argument 'inspect', 'canonicalize' or 'compare' names the subcommand
+(see 'graphteleport canonicalize --help'); to teleport a file called so, write ./inspect.
 """
 
 
@@ -70,6 +79,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def _verification(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--inputs", metavar="FEEDS.npz", help="verify on these inputs too")
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=8,
+        metavar="N",
+        help="random input draws verification compares outputs on (default 8; 0 with "
+        "--inputs: only yours)",
+    )
+    p.add_argument(
+        "--outputs-only",
+        action="store_true",
+        help="skip the per-tensor check (every intermediate tensor = τ ⊙ the original's)",
+    )
+    p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
 
 
 def teleport_parser() -> argparse.ArgumentParser:
@@ -112,23 +140,30 @@ def teleport_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exact", action="store_true", help="powers-of-two cofactors: bit-identical outputs"
     )
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
-    p.add_argument("--inputs", metavar="FEEDS.npz", help="verify on these inputs too")
-    p.add_argument(
-        "--draws",
-        type=int,
-        default=8,
-        metavar="N",
-        help="random input draws verification compares outputs on (default 8; 0 with "
-        "--inputs: only yours)",
-    )
-    p.add_argument(
-        "--outputs-only",
-        action="store_true",
-        help="skip the per-tensor check (every intermediate tensor = τ ⊙ the original's)",
-    )
-    p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
+    _verification(p)
     p.add_argument("--version", action="version", version=f"graphteleport {__version__}")
+    _common(p)
+    return p
+
+
+def canonicalize_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="graphteleport canonicalize",
+        description="Write the canonical form of a network: the point of its orbit under "
+        "positive cofactors with the least sum of squared weights and biases (unique up to "
+        "the signs of sign-group cofactors), then prove the function is unchanged with "
+        "onnxruntime.  A model and any positive teleport of it get the same canonical form.",
+    )
+    p.add_argument("model", help="the ONNX model to canonicalize (never modified)")
+    p.add_argument("-o", "--output", required=True, help="where to write the canonical model")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="absorb",
+        help="absorb: change weights only (default); insert: also free the cofactors "
+        "that need Mul nodes",
+    )
+    _verification(p)
     _common(p)
     return p
 
@@ -144,13 +179,15 @@ def inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+COMPARE_DESCRIPTION = (
+    "Decide whether model B is model A teleported (absorb mode): the same graph up to "
+    "names, every weight A's times cofactors. Exit 0 same, 1 different, 2 bad input "
+    "(missing file, different graphs)."
+)
+
+
 def compare_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="graphteleport compare",
-        description="Decide whether model B is model A teleported (absorb mode): the same "
-        "graph up to names, every weight A's times cofactors. Exit 0 same, 1 different, "
-        "2 bad input (missing file, different graphs).",
-    )
+    p = _Parser(prog="graphteleport compare", description=COMPARE_DESCRIPTION)
     p.add_argument("model_a", help="the original ONNX model")
     p.add_argument("model_b", help="the model to test against it")
     p.add_argument(
@@ -214,6 +251,27 @@ def format_teleport(r: TeleportReport) -> str:
     )
     lines += format_inputs(r.input_shapes)
     lines += format_analysis(r.analysis)
+    return "\n".join(lines + _outcome(r))
+
+
+def format_canonical(r: TeleportReport) -> str:
+    lines = [f"graphteleport canonicalize: {r.model} -> {r.output}"]
+    c = r.canonical or {}
+    before, after = c.get("objective_before", 0.0), c.get("objective_after", 0.0)
+    lines.append(
+        f"  mode {r.options.mode}; sum of squared weights that move {before:.6g} -> {after:.6g} "
+        f"in {int(c.get('iterations', 0))} Newton steps "
+        f"(max |gradient|/F {c.get('gradient', 0.0):.2g})"
+    )
+    lines += format_inputs(r.input_shapes)
+    lines += format_analysis(r.analysis)
+    return "\n".join(lines + _outcome(r))
+
+
+def _outcome(r: TeleportReport) -> list[str]:
+    """What changed, the verification and the time, as format_teleport prints them."""
+    o = r.options
+    lines: list[str] = []
     s = r.stats
     frac = s.elements_changed / max(s.elements_total, 1)
     lines.append(
@@ -245,13 +303,9 @@ def format_teleport(r: TeleportReport) -> str:
         )
         lines.append("    " + _proof_scope(v))
     t = r.seconds
-    lines.append(
-        "  time: "
-        + ", ".join(
-            f"{k} {t[k]:.2f}s" for k in ("analyze", "rewrite", "save", "verify", "total") if k in t
-        )
-    )
-    return "\n".join(lines)
+    phases = ("analyze", "solve", "rewrite", "save", "verify", "total")
+    lines.append("  time: " + ", ".join(f"{k} {t[k]:.2f}s" for k in phases if k in t))
+    return lines
 
 
 def _proof_scope(v: VerificationResult) -> str:
@@ -315,11 +369,33 @@ def _run(argv: list[str]) -> int:
         if not args.quiet:
             print(format_inspect(inspected))
         return 0
+    if argv and argv[0] == "canonicalize":
+        args = canonicalize_parser().parse_args(argv[1:])
+        opts = _verify_options(args, mode=args.mode)
+        report = canonicalize_file(
+            args.model, args.output, opts, _progress(args), report_path=args.report
+        )
+        if not args.quiet:
+            print(format_canonical(report))
+        return 0
     args = teleport_parser().parse_args(argv)
-    # Every option value is checked here (InputError: exit 2), before any file is touched.
     # The cofactor options' flags are named as its fields (--cob-range: cob_range).
-    opts = TeleportOptions(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(CofactorOptions)},
+    opts = _verify_options(
+        args, **{f.name: getattr(args, f.name) for f in dataclasses.fields(CofactorOptions)}
+    )
+    # With --report the report is committed with the model, or written alone (exit 1)
+    # after a failed verification.
+    report = teleport_file(args.model, args.output, opts, _progress(args), report_path=args.report)
+    if not args.quiet:
+        print(format_teleport(report))
+    return 0
+
+
+def _verify_options(args: argparse.Namespace, **cofactor: Any) -> TeleportOptions:
+    """The options of a verified job from the parsed flags.  Every option value is checked
+    here (InputError: exit 2), before any file is touched."""
+    return TeleportOptions(
+        **cofactor,
         verify=not args.no_verify,
         rtol=args.rtol,
         inputs=args.inputs,
@@ -327,15 +403,13 @@ def _run(argv: list[str]) -> int:
         draws=args.draws,
         tensor_check=not args.outputs_only,
     )
-    # Progress goes to an interactive terminal only: logs and pipes see just the result.
-    show = not args.quiet and sys.stderr.isatty()
-    progress = (lambda m: print(f"  ... {m}", file=sys.stderr)) if show else (lambda _m: None)
-    # With --report the report is committed with the model, or written alone (exit 1)
-    # after a failed verification.
-    report = teleport_file(args.model, args.output, opts, progress, report_path=args.report)
-    if not args.quiet:
-        print(format_teleport(report))
-    return 0
+
+
+def _progress(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress goes to an interactive terminal only: logs and pipes see just the result."""
+    if not args.quiet and sys.stderr.isatty():
+        return lambda m: print(f"  ... {m}", file=sys.stderr)
+    return lambda _m: None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

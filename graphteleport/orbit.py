@@ -30,6 +30,7 @@ exporter's accident), whose every use counts, as the rewrite gives each its own 
 use with an element map (``index``) is counted as the use reads it, ``W.flat[index]`` in
 its ``shape``; a broadcast-expanded use (``expand``) counts ``W`` broadcast to its
 ``shape`` (what the rewrite stores once ``S`` varies along the expanded axes).
+Non-finite elements (a mask's ``-inf``) count 0: a positive scale leaves them as they are.
 
 Only *movable* pairs are columns: free pairs whose group is ``any`` or ``positive``
 (``sign`` pairs have ``|t| = 1``; pinned pairs ``t = 1``).  Everything is vectorised
@@ -78,6 +79,7 @@ def reduced_power(use: Absorb, w: np.ndarray, p: float) -> FloatArray:
     """``Q = Σ |W|^p`` (float64) of the use's values summed over the axes where its
     compact layout has size 1: one value per element of :func:`compact_shape`."""
     values = np.abs(used_values(use, w).astype(np.float64))
+    values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
     powered = values * values if p == 2 else values**p
     cshape = compact_shape(use)
     axes = tuple(k for k, (c, s) in enumerate(zip(cshape, use.shape)) if c == 1 and s != 1)
@@ -104,7 +106,8 @@ def movable_pairs(analysis: AnalysisResult) -> IntArray:
 class OrbitTerms:
     """``F(u) = Σ_k q[k] · exp(p · (A·u)[k])`` for one model (module docstring).
 
-    ``A`` is stored as coordinates: ``rows``, ``cols`` (pairs), ``coef`` (merged, non-zero);
+    ``A`` is stored as coordinates: ``rows``, ``cols`` (pairs), ``coef`` (no ``(row, col)``
+    twice: a use whose factors reach a common pair has its entries merged);
     ``q`` holds one statistic per row; ``spans`` gives each counted use's rows
     (``[lo, hi)`` in :func:`counted_uses` order); ``movable`` marks the pairs that are
     columns; ``num_pairs`` is the length of every ``u``.
@@ -139,16 +142,18 @@ class OrbitTerms:
             w = arrays[use.source.name] if arrays is not None else use.source.array()
             q = reduced_power(use, w, p).reshape(-1)
             cshape = compact_shape(use)
+            mine: list[tuple[IntArray, IntArray, FloatArray]] = []
             for f in use.factors:
                 ids = np.broadcast_to(with_rank(f.ids, len(cshape)), cshape).reshape(-1)
                 pairs = sol.pair[ids]
                 keep = movable[pairs]
                 rows = offset + np.flatnonzero(keep)
-                parts.append((rows, pairs[keep], f.exp * sign[ids[keep]]))
+                mine.append((rows, pairs[keep], f.exp * sign[ids[keep]]))
+            parts.extend(_merge(mine, sol.num_pairs) if _overlap(mine) else mine)
             qs.append(q)
             spans.append((offset, offset + q.size))
             offset += q.size
-        rows, cols, coef = _merge(parts, sol.num_pairs)
+        rows, cols, coef = _concat(parts)
         q_all = np.concatenate(qs) if qs else np.zeros(0)
         return cls(float(p), q_all, rows, cols, coef, movable, sol.num_pairs, tuple(spans))
 
@@ -191,6 +196,22 @@ class OrbitTerms:
         """``diag H = p² · Σ_k coef[k,q]² · y[k]`` for ``y = terms(u)``."""
         return self.p * self.p * self.pair_sums(y, squared=True)
 
+    def moving(self) -> tuple[OrbitTerms, float]:
+        """The rows that move (``q > 0`` and some column), as terms of their own (``spans``
+        empty), and ``Σ q`` of the others: ``F(u) = moving.objective(u) + constant``.  A
+        solver should work on the moving part: a constant row (a pinned mask's huge fill
+        value) would swamp every relative criterion."""
+        has = np.zeros(self.q.size, dtype=bool)
+        has[self.rows] = True
+        keep = has & (self.q > 0)
+        constant = float(self.q[~keep].sum())
+        new_row = np.cumsum(keep) - 1
+        sub = OrbitTerms(
+            self.p, self.q[keep], new_row[self.rows], self.cols, self.coef,
+            self.movable, self.num_pairs, (),
+        )  # fmt: skip
+        return sub, constant
+
     def active(self) -> IntArray:
         """Per pair: a column of some row with ``q > 0`` (F moves along it); F is constant
         along every other pair."""
@@ -199,17 +220,37 @@ class OrbitTerms:
         return hit
 
 
-def _merge(
-    parts: list[tuple[IntArray, IntArray, FloatArray]], num_pairs: int
+def _concat(
+    parts: list[tuple[IntArray, IntArray, FloatArray]],
 ) -> tuple[IntArray, IntArray, FloatArray]:
-    """Coordinates ``(rows, cols, coef)`` with duplicates summed and zeros dropped."""
+    """The coordinates of ``parts`` laid end to end (int64, int64, float64)."""
     if not parts:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0)
     rows = np.concatenate([r for r, _, _ in parts]).astype(np.int64)
     cols = np.concatenate([c for _, c, _ in parts]).astype(np.int64)
     coef = np.concatenate([v for _, _, v in parts]).astype(np.float64)
+    return rows, cols, coef
+
+
+def _overlap(parts: list[tuple[IntArray, IntArray, FloatArray]]) -> bool:
+    """Two factors of one use reach a common pair (some row may meet a pair twice)."""
+    seen: set[int] = set()
+    for _, cols, _ in parts:
+        mine = set(np.unique(cols).tolist())
+        if seen & mine:
+            return True
+        seen |= mine
+    return False
+
+
+def _merge(
+    parts: list[tuple[IntArray, IntArray, FloatArray]], num_pairs: int
+) -> list[tuple[IntArray, IntArray, FloatArray]]:
+    """One use's coordinates with duplicate ``(row, col)`` summed and zeros dropped (a row
+    meeting a pair twice, as ``τ_out/τ_in`` of one class, has one entry: its net power)."""
+    rows, cols, coef = _concat(parts)
     keys, inverse = np.unique(rows * num_pairs + cols, return_inverse=True)
     summed = np.bincount(inverse.reshape(-1), weights=coef, minlength=keys.size)
     nz = summed != 0
-    return keys[nz] // num_pairs, keys[nz] % num_pairs, summed[nz]
+    return [(keys[nz] // num_pairs, keys[nz] % num_pairs, summed[nz])]

@@ -46,6 +46,7 @@ from graphteleport.io import (
     write_file_atomic,
 )
 from graphteleport.options import MODES, CofactorOptions, check_input_shapes, check_mode
+from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 from graphteleport.reports import (
     AnalysisReport,
@@ -225,6 +226,37 @@ def teleport_file(
     with the model (after it); after a failed verification it is written alone.  Paths
     are checked first; see the module docstring.
     """
+    return _pass_file(
+        src, dst, opts, progress, report_path,
+        lambda shapes: TeleportPass(options=opts, input_shapes=shapes),
+    )  # fmt: skip
+
+
+def canonicalize_file(
+    src: PathArg, dst: PathArg, opts: TeleportOptions,
+    progress: Progress = _quiet, *, report_path: PathArg | None = None,
+) -> TeleportReport:  # fmt: skip
+    """Write the canonical form of the model at ``src`` (least sum of squared weights on
+    its orbit, :class:`~graphteleport.passes.canonical.CanonicalizePass`) into ``dst``,
+    verified like :func:`teleport_file` (``opts.mode`` and the verification options are
+    used; the sampling options are not).  The report's ``canonical`` holds ``F`` before
+    and after, the Newton iterations and the final gradient; its seconds add ``solve``;
+    ``report_path`` as for :func:`teleport_file`."""
+    return _pass_file(
+        src, dst, opts, progress, report_path,
+        lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes),
+    )  # fmt: skip
+
+
+def _pass_file(
+    src: PathArg,
+    dst: PathArg,
+    opts: TeleportOptions,
+    progress: Progress,
+    report_path: PathArg | None,
+    make_pass: Callable[[dict[str, tuple[int, ...]]], TeleportPass | CanonicalizePass],
+) -> TeleportReport:
+    """Load, run the pass ``make_pass(input_shapes)`` gives, report, verify, save."""
     clock = Stopwatch()
     check_output_path(src, dst, report=report_path, inputs=opts.inputs)
     with clock.phase("load"):
@@ -233,7 +265,7 @@ def teleport_file(
     with clock.phase("inputs"):
         feeds, shapes, resolved = _feeds(model, opts, src)
     progress("analysing and rewriting")  # every check on the user's input has passed
-    result = TeleportPass(options=opts, input_shapes=shapes)(model)
+    result = make_pass(shapes)(model)
     clock.seconds.update(result.seconds)
     with clock.phase("report"):
         report = _teleport_report(result, src, dst, resolved.to_report(shapes), clock.seconds)
@@ -363,4 +395,20 @@ def _teleport_report(
         range_fixes=result.range_report(),  # pairs moved toward 1 to stay in range
         input_shapes=inputs,
         seconds=seconds,
+        canonical=_canonical_figures(result),
     )
+
+
+def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
+    """A canonical form's optimisation figures for the report (None for a teleport)."""
+    if not isinstance(result, CanonicalResult) or result.minimum is None:
+        return None
+    m = result.minimum
+    return {
+        "objective_before": m.objective_before,
+        "objective_after": m.objective_after,
+        "constant": m.constant,
+        "iterations": m.iterations,
+        "cg_steps": m.cg_steps,
+        "gradient": m.gradient,
+    }

@@ -95,6 +95,7 @@ class TeleportReport:
     seconds: dict[str, float]
     verification: VerificationResult | None = None
     written: list[str] | None = None
+    canonical: dict[str, float] | None = None  # canonicalize: F before/after, iterations
 
     def to_json(self) -> dict[str, Any]:
         o, s, i = self.options, self.stats, self.inserted
@@ -121,6 +122,8 @@ class TeleportReport:
             range_fixes=[asdict(f) for f in self.range_fixes],
             input_shapes=self.input_shapes,
         )
+        if self.canonical is not None:
+            out["canonical"] = dict(self.canonical)
         if self.written is not None:
             out["written"] = list(self.written)
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 
-__all__ = ["TeleportPass", "TeleportResult"]
+__all__ = ["CanonicalResult", "CanonicalizePass", "TeleportPass", "TeleportResult"]

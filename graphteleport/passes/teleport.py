@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -148,47 +148,79 @@ class TeleportPass(ir.passes.InPlacePass):
         t1 = time.perf_counter()
         sol = analysis.solution
         values = cofactors.sample(sol.code, sol.free, opts)
-        tau, stats, fixes = self._rewrite(model, analysis, values)
-        inserted = insert_nodes(model, analysis, tau) if opts.mode == "insert" else InsertStats()
+        applied = apply_values(
+            model, analysis, values, insert=opts.mode == "insert", exact=opts.exact
+        )
         t2 = time.perf_counter()
+        stats = applied[1]
         log.info(
             "teleported: %d free cofactors, %d/%d weights changed",
             int(sol.free.sum()),
             stats.weights_changed,
             stats.weights_total,
         )
-        return TeleportResult(
-            model=model,
-            modified=bool(stats.changed) or inserted.nodes_added > 0,
-            analysis=analysis,
-            options=opts,
-            pair_values=values,
-            tau=tau,
-            stats=stats,
-            inserted=inserted,
-            range_fixes=fixes,
-            seconds={"analyze": t1 - t0, "rewrite": t2 - t1},
-        )
+        seconds = {"analyze": t1 - t0, "rewrite": t2 - t1}
+        return result_of(TeleportResult, model, analysis, opts, values, applied, seconds)
 
-    def _rewrite(
-        self, model: ir.Model, analysis: AnalysisResult, values: np.ndarray
-    ) -> tuple[np.ndarray, RewriteStats, list[ranges.RangeFix]]:
-        """Fit ``values`` (in place) to the weights' ranges and store the new weights.
 
-        Every ``W · S`` is computed first (each weight read once, its magnitudes measured
-        in the same pass); only when a weight's quick check failed, or in insert mode (its
-        constants), are the values fitted — and, if any moved, the products recomputed.
-        """
-        sol = analysis.solution
+Applied = tuple[np.ndarray, RewriteStats, InsertStats, list[ranges.RangeFix]]
+Result = TypeVar("Result", bound=TeleportResult)
+
+
+def result_of(
+    cls: type[Result],
+    model: ir.Model,
+    analysis: AnalysisResult,
+    options: CofactorOptions,
+    values: np.ndarray,
+    applied: Applied,
+    seconds: dict[str, float],
+    **extra: Any,
+) -> Result:
+    """The pass result ``cls`` (a :class:`TeleportResult`) of rewriting ``model`` for
+    ``values`` (``applied``: what :func:`apply_values` returned), with ``extra`` fields."""
+    tau, stats, inserted, fixes = applied
+    return cls(
+        model=model,
+        modified=bool(stats.changed) or inserted.nodes_added > 0,
+        analysis=analysis,
+        options=options,
+        pair_values=values,
+        tau=tau,
+        stats=stats,
+        inserted=inserted,
+        range_fixes=fixes,
+        seconds=seconds,
+        **extra,
+    )
+
+
+def apply_values(
+    model: ir.Model,
+    analysis: AnalysisResult,
+    values: np.ndarray,
+    *,
+    insert: bool = False,
+    exact: bool = False,
+) -> Applied:
+    """Rewrite ``model`` in place for one value per cofactor pair: fit ``values`` (in
+    place) to the weights' ranges, store the new weights and, with ``insert``, add insert
+    mode's nodes.  Returns per-neuron τ, the rewrite's and insertion's counts and the
+    range fixes.
+
+    Every ``W · S`` is computed first (each weight read once, its magnitudes measured in
+    the same pass); only when a weight's quick check failed, or in insert mode (its
+    constants), are the values fitted — and, if any moved, the products recomputed.
+    """
+    sol = analysis.solution
+    tau = sol.cofactors(values)
+    prepared = prepare(analysis, tau)
+    fixes: list[ranges.RangeFix] = []
+    if prepared.out_of_range or insert:
+        fixes = ranges.fit(analysis, values, prepared.magnitudes, insert=insert, exact=exact)
+    if fixes:
         tau = sol.cofactors(values)
         prepared = prepare(analysis, tau)
-        fixes: list[ranges.RangeFix] = []
-        insert = self.options.mode == "insert"
-        if prepared.out_of_range or insert:
-            fixes = ranges.fit(
-                analysis, values, prepared.magnitudes, insert=insert, exact=self.options.exact
-            )
-        if fixes:
-            tau = sol.cofactors(values)
-            prepared = prepare(analysis, tau)
-        return tau, commit(model, prepared), fixes
+    stats = commit(model, prepared)
+    inserted = insert_nodes(model, analysis, tau) if insert else InsertStats()
+    return tau, stats, inserted, fixes

@@ -1,0 +1,240 @@
+"""CanonicalizePass: the point of a model's orbit with the least sum of squared weights.
+
+**The problem.**  With ``u = log t`` on the *movable* cofactor pairs (free, of group
+``any`` or ``positive``; :func:`graphteleport.orbit.movable_pairs`) and ``t = exp(u) > 0``,
+every stored tensor the analysis rescales becomes ``W · S(u)`` and
+
+    ``F(u) = Σ_W Σ |W · S(u)|²  =  Σ_k q_k · exp(2·(A·u)_k)``     (:mod:`graphteleport.orbit`)
+
+The canonical form is the model at ``argmin_u F``.  **Weights and biases both count** —
+every tensor in ``analysis.weights``, normalisation parameters and running statistics
+included: the orbit acts on all of them, and only then is the minimiser unique *as a
+model*.  ``F`` is a sum of exponentials of linear functions, so it is convex; along a
+direction ``d`` it is constant only if ``A·d = 0`` on every row with ``q > 0``, i.e. only
+if no non-zero tensor element moves along ``d`` — then the model itself does not move,
+so the minimising model is unique even where ``u`` is not (ENorm's uniqueness argument,
+extended to biases, BatchNorm, residual classes, heads and tied tensors alike).  Leaving
+biases out would leave directions that move only biases flat, and the form not unique.
+Pairs that touch no non-zero weight keep ``t = 1``.
+
+Because ``F`` of a teleported model is ``F`` of the original shifted by the teleport's
+``log|t|``, the canonical forms of a model and of any positive teleport of it coincide
+(up to the rounding of the stored weights).
+
+**The solver** (:func:`minimize`): Newton's method from ``u = 0``, each direction solved
+by conjugate gradients on ``H·d = −g`` preconditioned by ``diag H``, then a backtracking
+line search; it stops when the relative decrease of ``F`` of the last step and
+``max|∂F/∂u| / F`` are both at most ``tol`` (default 1e-12; ``F`` here is the part that
+moves, without rows no movable pair reaches, such as a mask's fill value), and raises
+:class:`NotConverged` after ``max_iterations``.
+
+**Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
+(``any``, or ``sign`` with odd activations or in insert mode) keeps the signs the model
+has, so the form is canonical *modulo sign* (a random teleport with
+``--sampling inter_landscape`` yields a sign-flipped canonical form).
+
+The rewrite is the teleport's (:func:`graphteleport.passes.teleport.apply_values`):
+range fits included (a pair moved toward 1 to keep a weight in range is listed in
+``range_fixes``, and that model is then not exactly canonical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphteleport.analysis import analyze_model
+from graphteleport.errors import GraphTeleportError
+from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
+from graphteleport.orbit import OrbitTerms
+from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
+
+FloatArray = np.ndarray
+TOL = 1e-12
+MAX_ITERATIONS = 200
+MAX_CG = 2000
+_ARMIJO = 1e-4
+
+
+class NotConverged(GraphTeleportError):
+    """The canonical form's optimisation did not converge (CLI exit 2)."""
+
+
+@dataclass(frozen=True)
+class Minimum:
+    """What :func:`minimize` found: ``u`` (one per pair, 0 off the active pairs), the
+    moving part of ``F`` before and after, Newton iterations, ``gradient``
+    (``max|∂F/∂u| / F`` at ``u``), ``decrease`` (the relative decrease of ``F`` in the last
+    step), ``constant``, the part of ``Σ W²`` no movable pair reaches, and ``cg_steps``, the
+    conjugate-gradient steps of all Newton steps together."""
+
+    u: FloatArray
+    objective_before: float
+    objective_after: float
+    iterations: int
+    gradient: float
+    decrease: float
+    constant: float = 0.0
+    cg_steps: int = 0
+
+
+def minimize(
+    terms: OrbitTerms, *, tol: float = TOL, max_iterations: int = MAX_ITERATIONS
+) -> Minimum:
+    """``argmin_u F(u)`` over the pairs ``F`` depends on, by preconditioned Newton-CG
+    (module docstring); raises :class:`NotConverged` past ``max_iterations``.
+
+    The criteria are relative to the *moving* part of ``F`` (:meth:`OrbitTerms.moving`);
+    ``objective_before``/``after`` are that part, ``constant`` the rest."""
+    terms, constant = terms.moving()
+    found = _newton(terms, tol, max_iterations)
+    return dataclasses.replace(found, constant=constant)
+
+
+def _newton(terms: OrbitTerms, tol: float, max_iterations: int) -> Minimum:
+    """:func:`minimize` on terms whose every row moves."""
+    active = terms.movable & terms.active()
+    u = np.zeros(terms.num_pairs)
+    y = terms.terms(u)
+    f0 = f = float(y.sum())
+    if f == 0.0 or not active.any():
+        return Minimum(u, f0, f0, 0, 0.0, 0.0)
+    decrease = np.inf
+    cg_steps = 0
+    for iteration in range(max_iterations + 1):
+        g = np.where(active, terms.p * terms.pair_sums(y), 0.0)
+        gmax = float(np.abs(g).max()) / f
+        if gmax <= tol and decrease <= tol:
+            return Minimum(u, f0, f, iteration, gmax, decrease, cg_steps=cg_steps)
+        if iteration == max_iterations:
+            break
+        d, steps = _newton_direction(terms, y, g, active, min(0.1, np.sqrt(gmax)))
+        cg_steps += steps
+        u, y, f_new = _line_search(terms, u, f, g, d)
+        decrease = max((f - f_new) / f, 0.0)
+        f = f_new
+    raise NotConverged(
+        f"canonical form: no convergence in {max_iterations} Newton steps "
+        f"(max |gradient|/F {gmax:.3g}, last relative decrease {decrease:.3g})"
+    )
+
+
+def _newton_direction(
+    terms: OrbitTerms, y: FloatArray, g: FloatArray, active: np.ndarray, rtol: float
+) -> tuple[FloatArray, int]:
+    """``d ≈ −H⁻¹g`` on the active pairs: conjugate gradients preconditioned by ``diag H``,
+    to a residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range);
+    and the number of steps taken."""
+    diag = terms.hessian_diagonal(y)
+    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    x = np.zeros_like(g)
+    r = -g
+    z = inv * r
+    p = z.copy()
+    rz = float(r @ z)
+    gnorm = float(np.linalg.norm(g))
+    steps = 0
+    for steps in range(1, MAX_CG + 1):  # noqa: B007 (the count is returned)
+        hp = np.where(active, terms.hessian_vector(y, p), 0.0)
+        php = float(p @ hp)
+        if php <= 0.0:
+            break
+        a = rz / php
+        x += a * p
+        r -= a * hp
+        if float(np.linalg.norm(r)) <= rtol * gnorm:
+            break
+        z = inv * r
+        rz_new = float(r @ z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return (x if x.any() else inv * -g), steps
+
+
+def _line_search(
+    terms: OrbitTerms, u: FloatArray, f: float, g: FloatArray, d: FloatArray
+) -> tuple[FloatArray, FloatArray, float]:
+    """The first of ``u + d, u + d/2, …`` that decreases ``F`` enough (Armijo, with a
+    few ulps of slack for rounding near the minimum), its terms and ``F``."""
+    slope = float(g @ d)
+    step = 1.0
+    with np.errstate(over="ignore"):
+        while step > 1e-30:
+            un = u + step * d
+            yn = terms.terms(un)
+            fn = float(yn.sum())
+            if np.isfinite(fn) and fn <= f + _ARMIJO * step * slope + 8e-16 * f:
+                return un, yn, fn
+            step /= 2
+    return u, terms.terms(u), f
+
+
+@dataclass
+class CanonicalResult(TeleportResult):
+    """What :class:`CanonicalizePass` did: the teleport it applied (``pair_values``:
+    ``t = exp(u)`` on the active pairs, 1 elsewhere) and the optimisation
+    (:class:`Minimum`: ``F`` before and after, iterations, final gradient)."""
+
+    minimum: Minimum | None = None
+
+    @property
+    def objective_before(self) -> float:
+        return self.minimum.objective_before if self.minimum else 0.0
+
+    @property
+    def objective_after(self) -> float:
+        return self.minimum.objective_after if self.minimum else 0.0
+
+
+class CanonicalizePass(ir.passes.InPlacePass):
+    """Rewrite a model in place into its canonical form (module docstring).
+
+    Example::
+
+        model = ir.load("model.onnx")
+        result = CanonicalizePass()(model)
+        print(result.minimum.iterations, result.objective_before, result.objective_after)
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: Mode = "absorb",
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        tol: float = TOL,
+        max_iterations: int = MAX_ITERATIONS,
+    ) -> None:
+        """``mode`` of the analysis (insert mode frees more pairs and may add ``Mul``
+        nodes), ``input_shapes`` for dynamic axes, the solver's ``tol`` and cap."""
+        super().__init__()
+        self.options = CofactorOptions(mode=check_mode(mode), seed=0)
+        check_input_shapes(input_shapes or {})
+        self.input_shapes = dict(input_shapes or {})
+        self.tol = tol
+        self.max_iterations = max_iterations
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> CanonicalResult:
+        """Canonicalize the model in place (onnx_ir's pass protocol, with the result typed)."""
+        result = super().__call__(model_or_result)
+        assert isinstance(result, CanonicalResult)
+        return result
+
+    def call(self, model: ir.Model) -> CanonicalResult:
+        opts = self.options
+        t0 = time.perf_counter()
+        analysis = analyze_model(model, self.input_shapes, opts.mode)
+        t1 = time.perf_counter()
+        terms = OrbitTerms.build(analysis)
+        found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
+        t2 = time.perf_counter()
+        values = np.exp(found.u)
+        applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
+        seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
+        return result_of(
+            CanonicalResult, model, analysis, opts, values, applied, seconds, minimum=found
+        )
