@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from graphteleport import __version__
+from graphteleport.compare import TOLERANCE_FLOAT32, compare_files, summary_lines
 from graphteleport.errors import GraphTeleportError, VerificationError
 from graphteleport.options import MODES, SAMPLINGS, CofactorOptions
 from graphteleport.pipeline import (
@@ -38,10 +39,11 @@ EXAMPLES = """examples:
   graphteleport model.onnx -o t.onnx --sampling inter_landscape --cob-range 0.9 --seed 1
   graphteleport model.onnx -o t.onnx --input-shape input_ids=1,16 --report report.json
   graphteleport inspect model.onnx
+  graphteleport compare model.onnx teleported.onnx --report compare.json
   graphteleport canonicalize model.onnx -o canonical.onnx --report r.json
 
-subcommands: a first argument 'inspect' or 'canonicalize' names the subcommand (see
-'graphteleport canonicalize --help'); to teleport a file called so, write ./inspect.
+subcommands: a first argument 'inspect', 'canonicalize' or 'compare' names the subcommand
+(see 'graphteleport canonicalize --help'); to teleport a file called so, write ./inspect.
 """
 
 
@@ -175,6 +177,42 @@ def inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default="absorb")
     _common(p)
     return p
+
+
+COMPARE_DESCRIPTION = (
+    "Decide whether model B is model A teleported (absorb mode): the same graph up to "
+    "names, every weight A's times cofactors. Exit 0 same, 1 different, 2 bad input "
+    "(missing file, different graphs)."
+)
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphteleport compare", description=COMPARE_DESCRIPTION)
+    p.add_argument("model_a", help="the original ONNX model")
+    p.add_argument("model_b", help="the model to test against it")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=TOLERANCE_FLOAT32,
+        help="residual |log|B/A| - log|S|| allowed in float32, scaled by each weight's "
+        "epsilon (default 1e-5)",
+    )
+    _common(p)
+    return p
+
+
+def _compare(argv: list[str]) -> int:
+    args = compare_parser().parse_args(argv)
+    result = compare_files(
+        args.model_a,
+        args.model_b,
+        dict(args.input_shape),
+        tolerance=args.tolerance,
+        report_path=args.report,
+    )
+    if not args.quiet:
+        print("\n".join(summary_lines(result)))
+    return 0 if result.same else 1
 
 
 # -- formatting ---------------------------------------------------------------------------------
@@ -321,6 +359,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _run(argv: list[str]) -> int:
+    if argv and argv[0] == "compare":
+        return _compare(argv[1:])
     if argv and argv[0] == "inspect":
         args = inspect_parser().parse_args(argv[1:])
         inspected = inspect_file(
