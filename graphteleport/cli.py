@@ -100,6 +100,19 @@ def _verification(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
 
 
+def _model_in_out(p: argparse.ArgumentParser, verb: str, insert_help: str) -> None:
+    """The model to ``verb``, ``-o OUTPUT`` and ``--mode`` (what insert mode adds)."""
+    done = {"teleport": "teleported", "canonicalize": "canonical"}.get(verb, verb)
+    p.add_argument("model", help=f"the ONNX model to {verb} (never modified)")
+    p.add_argument("-o", "--output", required=True, help=f"where to write the {done} model")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="absorb",
+        help=f"absorb: change weights only (default); insert: {insert_help}",
+    )
+
+
 def teleport_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="graphteleport",
@@ -108,14 +121,10 @@ def teleport_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="the ONNX model to teleport (never modified)")
-    p.add_argument("-o", "--output", required=True, help="where to write the teleported model")
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default="absorb",
-        help="absorb: change weights only (default); insert: also add Mul nodes "
-        "so non-equivariant activations and negative cofactors work",
+    _model_in_out(
+        p,
+        "teleport",
+        "also add Mul nodes so non-equivariant activations and negative cofactors work",
     )
     p.add_argument(
         "--rescale-residual",
@@ -154,15 +163,7 @@ def canonicalize_parser() -> argparse.ArgumentParser:
         "the signs of sign-group cofactors), then prove the function is unchanged with "
         "onnxruntime.  A model and any positive teleport of it get the same canonical form.",
     )
-    p.add_argument("model", help="the ONNX model to canonicalize (never modified)")
-    p.add_argument("-o", "--output", required=True, help="where to write the canonical model")
-    p.add_argument(
-        "--mode",
-        choices=MODES,
-        default="absorb",
-        help="absorb: change weights only (default); insert: also free the cofactors "
-        "that need Mul nodes",
-    )
+    _model_in_out(p, "canonicalize", "also free the cofactors that need Mul nodes")
     _verification(p)
     _common(p)
     return p
