@@ -6,7 +6,7 @@ every stored tensor the analysis rescales becomes ``W · S(u)`` and
 
     ``F(u) = Σ_W Σ |W · S(u)|²  =  Σ_k q_k · exp(2·(A·u)_k)``     (:mod:`graphteleport.orbit`)
 
-The canonical form is the model at ``argmin_u F``.  **Weights and biases both count** —
+The canonical form is the model at ``argmin_u F``.  Weights and biases both count —
 every tensor in ``analysis.weights``, normalisation parameters and running statistics
 included: the orbit acts on all of them, and only then is the minimiser unique *as a
 model*.  ``F`` is a sum of exponentials of linear functions, so it is convex; along a
