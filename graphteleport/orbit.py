@@ -35,12 +35,21 @@ Non-finite elements (a mask's ``-inf``) count 0: a positive scale leaves them as
 Only *movable* pairs are columns: free pairs whose group is ``any`` or ``positive``
 (``sign`` pairs have ``|t| = 1``; pinned pairs ``t = 1``).  Everything is vectorised
 over the flat rows; the per-use work is a few numpy calls per factor.
+
+**The products.**  A use whose factors reach no common pair (nearly all: a conv weight
+``τ_out[O,1,1,1] · τ_in[1,C,1,1]^-1``, a bias) is kept as a :class:`Block`: per factor,
+its pairs and coefficients in the factor's own id shape.  Its rows of ``A·u`` are the
+broadcast sum ``Σ_f (coef_f · u[pairs_f])`` over the compact layout (no gather over
+``O·C``), and ``Aᵀv`` sums ``v`` over the axes each factor is constant along before
+scattering onto its pairs (``O + C`` entries, not ``O·C``).  The other uses go through
+the coordinates (``loose``).  Both give ``A`` exactly; only the order of summation
+differs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -103,6 +112,61 @@ def movable_pairs(analysis: AnalysisResult) -> IntArray:
 
 
 @dataclass(frozen=True, eq=False)
+class BlockFactor:
+    """One factor of a :class:`Block`: ``shape`` (its ids' shape at the block's rank),
+    ``axes`` (where it is 1 and the block is not: summed over by ``Aᵀ``), and per id its
+    pair and coefficient ``exp · sign`` (0 where the pair is not movable)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    pairs: IntArray
+    coef: FloatArray
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """The rows ``[lo, hi)`` of one use in its compact layout ``shape``:
+    ``(A·u)[lo:hi] = Σ_f coef_f · u[pairs_f]`` broadcast to ``shape`` (module docstring)."""
+
+    lo: int
+    hi: int
+    shape: tuple[int, ...]
+    factors: tuple[BlockFactor, ...]
+
+
+def block_of(use: Absorb, lo: int, pair: IntArray, sign: FloatArray, movable: IntArray) -> Block:
+    """``use``'s rows from ``lo`` as a :class:`Block` (its factors reach no common pair);
+    factors without a movable pair are left out."""
+    cshape = compact_shape(use)
+    factors: list[BlockFactor] = []
+    for f in use.factors:
+        ids = with_rank(np.asarray(f.ids), len(cshape))
+        pairs = pair[ids.reshape(-1)]
+        keep = movable[pairs]
+        if not keep.any():
+            continue
+        axes = tuple(k for k, (i, c) in enumerate(zip(ids.shape, cshape)) if i == 1 and c != 1)
+        coef = np.where(keep, f.exp * sign[ids.reshape(-1)], 0.0)
+        factors.append(BlockFactor(ids.shape, axes, pairs.astype(np.intp), coef))
+    size = int(np.prod(cshape))
+    return Block(lo, lo + size, cshape, tuple(factors))
+
+
+def block_coordinates(
+    block: Block, f: BlockFactor, movable: IntArray
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """The coordinates ``(rows, cols, coef)`` of factor ``f`` of ``block``: one entry per
+    row of the block and movable pair of ``f`` there (rows in order)."""
+
+    def spread(values: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(values.reshape(f.shape), block.shape).reshape(-1)
+
+    keep = spread(movable[f.pairs])
+    rows = block.lo + np.flatnonzero(keep)
+    return rows, spread(f.pairs)[keep], spread(f.coef)[keep]
+
+
+@dataclass(frozen=True, eq=False)
 class OrbitTerms:
     """``F(u) = Σ_k q[k] · exp(p · (A·u)[k])`` for one model (module docstring).
 
@@ -110,7 +174,8 @@ class OrbitTerms:
     twice: a use whose factors reach a common pair has its entries merged);
     ``q`` holds one statistic per row; ``spans`` gives each counted use's rows
     (``[lo, hi)`` in :func:`counted_uses` order); ``movable`` marks the pairs that are
-    columns; ``num_pairs`` is the length of every ``u``.
+    columns; ``num_pairs`` is the length of every ``u``.  The products use ``blocks``
+    and ``loose``, the coordinates of the rows no block holds (module docstring).
     """
 
     p: float
@@ -121,6 +186,8 @@ class OrbitTerms:
     movable: IntArray
     num_pairs: int
     spans: tuple[tuple[int, int], ...]
+    blocks: tuple[Block, ...] = ()
+    loose: tuple[IntArray, IntArray, FloatArray] | None = None
 
     @classmethod
     def build(
@@ -136,48 +203,77 @@ class OrbitTerms:
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         qs: list[FloatArray] = []
         parts: list[tuple[IntArray, IntArray, FloatArray]] = []
+        loose: list[tuple[IntArray, IntArray, FloatArray]] = []
+        blocks: list[Block] = []
         spans: list[tuple[int, int]] = []
         offset = 0
         for use in counted_uses(analysis):
             w = arrays[use.source.name] if arrays is not None else use.source.array()
             q = reduced_power(use, w, p).reshape(-1)
-            cshape = compact_shape(use)
-            mine: list[tuple[IntArray, IntArray, FloatArray]] = []
-            for f in use.factors:
-                ids = np.broadcast_to(with_rank(f.ids, len(cshape)), cshape).reshape(-1)
-                pairs = sol.pair[ids]
-                keep = movable[pairs]
-                rows = offset + np.flatnonzero(keep)
-                mine.append((rows, pairs[keep], f.exp * sign[ids[keep]]))
-            parts.extend(_merge(mine, sol.num_pairs) if _overlap(mine) else mine)
+            block = block_of(use, offset, sol.pair, sign, movable)
+            mine = [block_coordinates(block, f, movable) for f in block.factors]
+            if _overlap([f.pairs[movable[f.pairs]] for f in block.factors]):
+                merged = _merge(mine, sol.num_pairs)
+                parts.extend(merged)
+                loose.extend(merged)
+            else:
+                parts.extend(mine)
+                blocks.append(block)
             qs.append(q)
             spans.append((offset, offset + q.size))
             offset += q.size
         rows, cols, coef = _concat(parts)
         q_all = np.concatenate(qs) if qs else np.zeros(0)
-        return cls(float(p), q_all, rows, cols, coef, movable, sol.num_pairs, tuple(spans))
+        return cls(
+            float(p), q_all, rows, cols, coef, movable, sol.num_pairs, tuple(spans),
+            tuple(blocks), _concat(loose),
+        )  # fmt: skip
 
     # -- the map and its transpose --------------------------------------------------------------
+    def _coordinates(self) -> tuple[IntArray, IntArray, FloatArray]:
+        """The coordinates the products read: ``loose`` (the blocks hold the rest), or
+        all of them for terms built without blocks."""
+        return self.loose if self.loose is not None else (self.rows, self.cols, self.coef)
+
     def log_scale(self, u: FloatArray) -> FloatArray:
         """``A·u``: ``log|S|`` of every row."""
-        out: FloatArray = np.bincount(
-            self.rows, weights=self.coef * u[self.cols], minlength=self.q.size
-        )
+        rows, cols, coef = self._coordinates()
+        out: FloatArray = np.zeros(self.q.size)
+        if rows.size:
+            out += np.bincount(rows, weights=coef * u[cols], minlength=self.q.size)
+        for b in self.blocks:
+            view = out[b.lo : b.hi].reshape(b.shape)
+            for f in b.factors:
+                view += (f.coef * u[f.pairs]).reshape(f.shape)
         return out
 
     def pair_sums(self, values: FloatArray, squared: bool = False) -> FloatArray:
         """The scatter-add ``Aᵀ·values`` onto the pairs (``squared``: with ``coef²``,
         ``Σ_k coef[k,q]² · values[k]``); 0 on pairs that are not columns."""
-        c = self.coef * self.coef if squared else self.coef
+        rows, cols, coef = self._coordinates()
+        idx = [cols]
+        weights = [(coef * coef if squared else coef) * values[rows]]
+        for b in self.blocks:
+            view = values[b.lo : b.hi].reshape(b.shape)
+            for f in b.factors:
+                sums = view.sum(axis=f.axes) if f.axes else view
+                idx.append(f.pairs)
+                weights.append((f.coef * f.coef if squared else f.coef) * sums.reshape(-1))
         out: FloatArray = np.bincount(
-            self.cols, weights=c * values[self.rows], minlength=self.num_pairs
+            np.concatenate(idx), weights=np.concatenate(weights), minlength=self.num_pairs
         )
-        return out
+        return out.astype(np.float64, copy=False)
 
     # -- the objective ----------------------------------------------------------------------------
     def terms(self, u: FloatArray) -> FloatArray:
         """``y = q · exp(p·A·u)``: each row's ``Σ |W'|^p`` at ``u``."""
-        out: FloatArray = self.q * np.exp(self.p * self.log_scale(u))
+        out = self.log_scale(u)
+        out *= self.p
+        np.exp(out, out=out)
+        overflow = bool(np.isinf(out).any())
+        out *= self.q
+        if overflow:  # 0 · inf: a row that does not count (q = 0) stays 0
+            out[self.q == 0] = 0.0
         return out
 
     def objective(self, u: FloatArray) -> float:
@@ -190,27 +286,25 @@ class OrbitTerms:
 
     def hessian_vector(self, y: FloatArray, v: FloatArray) -> FloatArray:
         """``H·v = p² · Aᵀ (y ⊙ A·v)`` for ``y = terms(u)``."""
-        return self.p * self.p * self.pair_sums(y * self.log_scale(v))
+        av = self.log_scale(v)
+        av *= y
+        return self.p * self.p * self.pair_sums(av)
 
     def hessian_diagonal(self, y: FloatArray) -> FloatArray:
         """``diag H = p² · Σ_k coef[k,q]² · y[k]`` for ``y = terms(u)``."""
         return self.p * self.p * self.pair_sums(y, squared=True)
 
     def moving(self) -> tuple[OrbitTerms, float]:
-        """The rows that move (``q > 0`` and some column), as terms of their own (``spans``
-        empty), and ``Σ q`` of the others: ``F(u) = moving.objective(u) + constant``.  A
-        solver should work on the moving part: a constant row (a pinned mask's huge fill
-        value) would swamp every relative criterion."""
+        """The rows that move (``q > 0`` and some column), as terms of their own (the
+        other rows kept with ``q = 0``, ``spans`` empty), and ``Σ q`` of the others:
+        ``F(u) = moving.objective(u) + constant``.  A solver should work on the moving
+        part: a constant row (a pinned mask's huge fill value) would swamp every relative
+        criterion."""
         has = np.zeros(self.q.size, dtype=bool)
         has[self.rows] = True
         keep = has & (self.q > 0)
         constant = float(self.q[~keep].sum())
-        new_row = np.cumsum(keep) - 1
-        sub = OrbitTerms(
-            self.p, self.q[keep], new_row[self.rows], self.cols, self.coef,
-            self.movable, self.num_pairs, (),
-        )  # fmt: skip
-        return sub, constant
+        return replace(self, q=np.where(keep, self.q, 0.0), spans=()), constant
 
     def active(self) -> IntArray:
         """Per pair: a column of some row with ``q > 0`` (F moves along it); F is constant
@@ -227,16 +321,17 @@ def _concat(
     if not parts:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0)
-    rows = np.concatenate([r for r, _, _ in parts]).astype(np.int64)
-    cols = np.concatenate([c for _, c, _ in parts]).astype(np.int64)
-    coef = np.concatenate([v for _, _, v in parts]).astype(np.float64)
+    rows = np.concatenate([r for r, _, _ in parts], dtype=np.int64, casting="same_kind")
+    cols = np.concatenate([c for _, c, _ in parts], dtype=np.int64, casting="same_kind")
+    coef = np.concatenate([v for _, _, v in parts], dtype=np.float64, casting="same_kind")
     return rows, cols, coef
 
 
-def _overlap(parts: list[tuple[IntArray, IntArray, FloatArray]]) -> bool:
-    """Two factors of one use reach a common pair (some row may meet a pair twice)."""
+def _overlap(pairs: list[IntArray]) -> bool:
+    """Two factors of one use (their movable ``pairs``) reach a common pair (some row may
+    meet a pair twice)."""
     seen: set[int] = set()
-    for _, cols, _ in parts:
+    for cols in pairs:
         mine = set(np.unique(cols).tolist())
         if seen & mine:
             return True
