@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -170,24 +171,43 @@ def block_coordinates(
 class OrbitTerms:
     """``F(u) = Σ_k q[k] · exp(p · (A·u)[k])`` for one model (module docstring).
 
-    ``A`` is stored as coordinates: ``rows``, ``cols`` (pairs), ``coef`` (no ``(row, col)``
-    twice: a use whose factors reach a common pair has its entries merged);
-    ``q`` holds one statistic per row; ``spans`` gives each counted use's rows
-    (``[lo, hi)`` in :func:`counted_uses` order); ``movable`` marks the pairs that are
-    columns; ``num_pairs`` is the length of every ``u``.  The products use ``blocks``
-    and ``loose``, the coordinates of the rows no block holds (module docstring).
+    ``A`` is held as ``blocks`` (module docstring) and ``loose``, the coordinates
+    ``(rows, cols, coef)`` of the rows no block holds (no ``(row, col)`` twice: a use whose
+    factors reach a common pair has its entries merged); :attr:`rows`, :attr:`cols`,
+    :attr:`coef` are all of ``A``'s coordinates, made on first use.  ``q`` holds one
+    statistic per row; ``spans`` gives each counted use's rows (``[lo, hi)`` in
+    :func:`counted_uses` order); ``movable`` marks the pairs that are columns;
+    ``num_pairs`` is the length of every ``u``.
     """
 
     p: float
     q: FloatArray
-    rows: IntArray
-    cols: IntArray
-    coef: FloatArray
     movable: IntArray
     num_pairs: int
     spans: tuple[tuple[int, int], ...]
-    blocks: tuple[Block, ...] = ()
-    loose: tuple[IntArray, IntArray, FloatArray] | None = None
+    blocks: tuple[Block, ...]
+    loose: tuple[IntArray, IntArray, FloatArray]
+
+    @cached_property
+    def coordinates(self) -> tuple[IntArray, IntArray, FloatArray]:
+        """All of ``A``'s coordinates ``(rows, cols, coef)``: the blocks' then ``loose``."""
+        parts = [block_coordinates(b, f, self.movable) for b in self.blocks for f in b.factors]
+        return _concat([*parts, self.loose])
+
+    @property
+    def rows(self) -> IntArray:
+        """Each coordinate's row."""
+        return self.coordinates[0]
+
+    @property
+    def cols(self) -> IntArray:
+        """Each coordinate's column (pair)."""
+        return self.coordinates[1]
+
+    @property
+    def coef(self) -> FloatArray:
+        """Each coordinate's coefficient."""
+        return self.coordinates[2]
 
     @classmethod
     def build(
@@ -202,7 +222,6 @@ class OrbitTerms:
         movable = movable_pairs(analysis)
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         qs: list[FloatArray] = []
-        parts: list[tuple[IntArray, IntArray, FloatArray]] = []
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
         spans: list[tuple[int, int]] = []
@@ -211,33 +230,23 @@ class OrbitTerms:
             w = arrays[use.source.name] if arrays is not None else use.source.array()
             q = reduced_power(use, w, p).reshape(-1)
             block = block_of(use, offset, sol.pair, sign, movable)
-            mine = [block_coordinates(block, f, movable) for f in block.factors]
             if _overlap([f.pairs[movable[f.pairs]] for f in block.factors]):
-                merged = _merge(mine, sol.num_pairs)
-                parts.extend(merged)
-                loose.extend(merged)
+                mine = [block_coordinates(block, f, movable) for f in block.factors]
+                loose.extend(_merge(mine, sol.num_pairs))
             else:
-                parts.extend(mine)
                 blocks.append(block)
             qs.append(q)
             spans.append((offset, offset + q.size))
             offset += q.size
-        rows, cols, coef = _concat(parts)
         q_all = np.concatenate(qs) if qs else np.zeros(0)
         return cls(
-            float(p), q_all, rows, cols, coef, movable, sol.num_pairs, tuple(spans),
-            tuple(blocks), _concat(loose),
-        )  # fmt: skip
+            float(p), q_all, movable, sol.num_pairs, tuple(spans), tuple(blocks), _concat(loose)
+        )
 
     # -- the map and its transpose --------------------------------------------------------------
-    def _coordinates(self) -> tuple[IntArray, IntArray, FloatArray]:
-        """The coordinates the products read: ``loose`` (the blocks hold the rest), or
-        all of them for terms built without blocks."""
-        return self.loose if self.loose is not None else (self.rows, self.cols, self.coef)
-
     def log_scale(self, u: FloatArray) -> FloatArray:
         """``A·u``: ``log|S|`` of every row."""
-        rows, cols, coef = self._coordinates()
+        rows, cols, coef = self.loose
         out: FloatArray = np.zeros(self.q.size)
         if rows.size:
             out += np.bincount(rows, weights=coef * u[cols], minlength=self.q.size)
@@ -250,7 +259,7 @@ class OrbitTerms:
     def pair_sums(self, values: FloatArray, squared: bool = False) -> FloatArray:
         """The scatter-add ``Aᵀ·values`` onto the pairs (``squared``: with ``coef²``,
         ``Σ_k coef[k,q]² · values[k]``); 0 on pairs that are not columns."""
-        rows, cols, coef = self._coordinates()
+        rows, cols, coef = self.loose
         idx = [cols]
         weights = [(coef * coef if squared else coef) * values[rows]]
         for b in self.blocks:
@@ -301,7 +310,11 @@ class OrbitTerms:
         part: a constant row (a pinned mask's huge fill value) would swamp every relative
         criterion."""
         has = np.zeros(self.q.size, dtype=bool)
-        has[self.rows] = True
+        has[self.loose[0]] = True
+        for b in self.blocks:
+            view = has[b.lo : b.hi].reshape(b.shape)
+            for f in b.factors:
+                view |= self.movable[f.pairs].reshape(f.shape)
         keep = has & (self.q > 0)
         constant = float(self.q[~keep].sum())
         return replace(self, q=np.where(keep, self.q, 0.0), spans=()), constant
@@ -309,8 +322,14 @@ class OrbitTerms:
     def active(self) -> IntArray:
         """Per pair: a column of some row with ``q > 0`` (F moves along it); F is constant
         along every other pair."""
+        rows, cols, _ = self.loose
         hit = np.zeros(self.num_pairs, dtype=bool)
-        hit[self.cols[self.q[self.rows] > 0]] = True
+        hit[cols[self.q[rows] > 0]] = True
+        for b in self.blocks:
+            counts = self.q[b.lo : b.hi].reshape(b.shape) > 0
+            for f in b.factors:
+                there = counts.any(axis=f.axes) if f.axes else counts
+                hit[f.pairs[there.reshape(-1) & self.movable[f.pairs]]] = True
         return hit
 
 

@@ -84,3 +84,33 @@ def test_pair_sums_is_the_transpose_of_log_scale() -> None:
     assert float(r @ terms.log_scale(u)) == pytest.approx(float(terms.pair_sums(r) @ u), rel=1e-10)
     assert (movable_pairs(analysis) == terms.movable).all()
     assert sum(hi - lo for lo, hi in terms.spans) == terms.q.size
+
+
+@pytest.mark.parametrize(("name", "proto"), MODELS, ids=[n for n, _ in MODELS])
+def test_blocks_and_coordinates_are_one_map(name: str, proto: onnx.ModelProto) -> None:
+    """The products (per-use broadcast blocks) equal the scatter over A's coordinates:
+    ``A·u``, ``Aᵀr`` and ``Σ coef² r``; moving and active agree with the coordinates."""
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}))
+    u = _random_u(terms, 6)
+    r = np.random.default_rng(7).standard_normal(terms.q.size)
+    rows, cols, coef = terms.rows, terms.cols, terms.coef
+    n, m = terms.q.size, terms.num_pairs
+    np.testing.assert_allclose(
+        terms.log_scale(u), np.bincount(rows, weights=coef * u[cols], minlength=n), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        terms.pair_sums(r), np.bincount(cols, weights=coef * r[rows], minlength=m), atol=1e-9
+    )
+    np.testing.assert_allclose(
+        terms.pair_sums(r, squared=True),
+        np.bincount(cols, weights=coef**2 * r[rows], minlength=m),
+        atol=1e-9,
+    )
+    hit = np.zeros(m, dtype=bool)
+    hit[cols[terms.q[rows] > 0]] = True
+    assert (terms.active() == hit).all()
+    has = np.zeros(n, dtype=bool)
+    has[rows] = True
+    moving, constant = terms.moving()
+    assert (moving.q == np.where(has & (terms.q > 0), terms.q, 0.0)).all()
+    assert constant == pytest.approx(float(terms.q.sum() - moving.q.sum()))
