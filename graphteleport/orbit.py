@@ -189,6 +189,17 @@ class OrbitTerms:
     loose: tuple[IntArray, IntArray, FloatArray]
 
     @cached_property
+    def scratch(self) -> FloatArray:
+        """One row-sized buffer that :meth:`hessian_vector` reuses (a fresh 100 MB array
+        per product costs its page faults again)."""
+        return np.empty(self.q.size)
+
+    @cached_property
+    def blocked(self) -> bool:
+        """Every row belongs to a block (no use is held by ``loose``)."""
+        return sum(b.hi - b.lo for b in self.blocks) == self.q.size
+
+    @cached_property
     def coordinates(self) -> tuple[IntArray, IntArray, FloatArray]:
         """All of ``A``'s coordinates ``(rows, cols, coef)``: the blocks' then ``loose``."""
         parts = [block_coordinates(b, f, self.movable) for b in self.blocks for f in b.factors]
@@ -244,16 +255,25 @@ class OrbitTerms:
         )
 
     # -- the map and its transpose --------------------------------------------------------------
-    def log_scale(self, u: FloatArray) -> FloatArray:
-        """``A·u``: ``log|S|`` of every row."""
+    def log_scale(self, u: FloatArray, out: FloatArray | None = None) -> FloatArray:
+        """``A·u``: ``log|S|`` of every row (into ``out``, float64 of ``q``'s size, if
+        given)."""
         rows, cols, coef = self.loose
-        out: FloatArray = np.zeros(self.q.size)
+        if out is None:
+            out = np.empty(self.q.size)
         if rows.size:
-            out += np.bincount(rows, weights=coef * u[cols], minlength=self.q.size)
+            out[...] = np.bincount(rows, weights=coef * u[cols], minlength=self.q.size)
+        elif not self.blocked:
+            out[...] = 0.0  # else every row is a block's: written below
         for b in self.blocks:
             view = out[b.lo : b.hi].reshape(b.shape)
-            for f in b.factors:
-                view += (f.coef * u[f.pairs]).reshape(f.shape)
+            parts = [(f.coef * u[f.pairs]).reshape(f.shape) for f in b.factors]
+            if len(parts) >= 2:  # one pass over the block for the first two factors
+                np.add(parts[0], parts[1], out=view)
+            else:
+                view[...] = parts[0] if parts else 0.0
+            for part in parts[2:]:
+                view += part
         return out
 
     def pair_sums(self, values: FloatArray, squared: bool = False) -> FloatArray:
@@ -295,7 +315,7 @@ class OrbitTerms:
 
     def hessian_vector(self, y: FloatArray, v: FloatArray) -> FloatArray:
         """``H·v = p² · Aᵀ (y ⊙ A·v)`` for ``y = terms(u)``."""
-        av = self.log_scale(v)
+        av = self.log_scale(v, out=self.scratch)
         av *= y
         return self.p * self.p * self.pair_sums(av)
 
