@@ -497,7 +497,7 @@ def _bad_per_pair(obs: Observations, bad_rows: FloatArray, num_pairs: int) -> Fl
     """Per pair: the misfit elements of the rows that move with it (the orbit map's
     columns), or, for a pair with ``|t| = 1`` (sign group), whose sign it sets."""
     terms = obs.terms
-    out = np.bincount(terms.cols, weights=bad_rows[terms.rows], minlength=num_pairs)
+    out = terms.pair_counts(bad_rows)
     signs = np.zeros(num_pairs)
     for d in obs.uses:
         for p in d.odd_pairs:

@@ -48,7 +48,7 @@ differs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -279,15 +279,28 @@ class OrbitTerms:
     def pair_sums(self, values: FloatArray, squared: bool = False) -> FloatArray:
         """The scatter-add ``Aᵀ·values`` onto the pairs (``squared``: with ``coef²``,
         ``Σ_k coef[k,q]² · values[k]``); 0 on pairs that are not columns."""
+        return self._scatter(values, lambda c, _: c * c if squared else c)
+
+    def pair_counts(self, values: FloatArray) -> FloatArray:
+        """``Σ_k values[k]`` over the rows ``k`` each pair is a column of (``Aᵀ·values``
+        with every entry of ``A`` taken as 1); 0 on pairs that are not columns."""
+        return self._scatter(values, lambda _, pairs: self.movable[pairs].astype(np.float64))
+
+    def _scatter(
+        self, values: FloatArray, weigh: Callable[[FloatArray, IntArray], FloatArray]
+    ) -> FloatArray:
+        """``Σ_k w[k,q] · values[k]`` per pair q, ``w = weigh(coef, pairs)`` of ``A``'s
+        entries: a block factor's row sums of ``values`` over the axes it is constant
+        along, times its weights, scattered onto its pairs; ``loose`` entry by entry."""
         rows, cols, coef = self.loose
         idx = [cols]
-        weights = [(coef * coef if squared else coef) * values[rows]]
+        weights = [weigh(coef, cols) * values[rows]]
         for b in self.blocks:
             view = values[b.lo : b.hi].reshape(b.shape)
             for f in b.factors:
                 sums = view.sum(axis=f.axes) if f.axes else view
                 idx.append(f.pairs)
-                weights.append((f.coef * f.coef if squared else f.coef) * sums.reshape(-1))
+                weights.append(weigh(f.coef, f.pairs) * sums.reshape(-1))
         out: FloatArray = np.bincount(
             np.concatenate(idx), weights=np.concatenate(weights), minlength=self.num_pairs
         )

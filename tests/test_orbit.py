@@ -89,7 +89,7 @@ def test_pair_sums_is_the_transpose_of_log_scale() -> None:
 @pytest.mark.parametrize(("name", "proto"), MODELS, ids=[n for n, _ in MODELS])
 def test_blocks_and_coordinates_are_one_map(name: str, proto: onnx.ModelProto) -> None:
     """The products (per-use broadcast blocks) equal the scatter over A's coordinates:
-    ``A·u``, ``Aᵀr`` and ``Σ coef² r``; moving and active agree with the coordinates."""
+    ``A·u``, ``Aᵀr``, ``Σ coef² r`` and ``Σ r``; moving and active agree with the coordinates."""
     terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}))
     u = _random_u(terms, 6)
     r = np.random.default_rng(7).standard_normal(terms.q.size)
@@ -105,6 +105,9 @@ def test_blocks_and_coordinates_are_one_map(name: str, proto: onnx.ModelProto) -
         terms.pair_sums(r, squared=True),
         np.bincount(cols, weights=coef**2 * r[rows], minlength=m),
         atol=1e-9,
+    )
+    np.testing.assert_allclose(
+        terms.pair_counts(r), np.bincount(cols, weights=r[rows], minlength=m), atol=1e-9
     )
     hit = np.zeros(m, dtype=bool)
     hit[cols[terms.q[rows] > 0]] = True
