@@ -52,23 +52,27 @@ def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
     return load, canon, dict(result.seconds), solve
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="an ONNX model (default: the cached ResNet-50)")
-    p.add_argument("-n", "--rounds", type=int, default=3)
-    args = p.parse_args(argv)
-    if args.model is None:
-        from bench_teleport import DEFAULT_CACHE, ensure_resnet50
+def default_model() -> Path:
+    """The ResNet-50 of ``bench_teleport.py``, exported into its cache on first use."""
+    from bench_teleport import DEFAULT_CACHE, ensure_resnet50
 
-        args.model = ensure_resnet50(DEFAULT_CACHE, external_data=False, seed=0)
+    return ensure_resnet50(DEFAULT_CACHE, external_data=False, seed=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="an ONNX file (default: cached ResNet-50)")
+    parser.add_argument("-n", "--rounds", type=int, default=3, help="rounds (default 3)")
+    args = parser.parse_args(argv)
+    path: Path = args.model or default_model()
     loads: list[float] = []
     canons: list[float] = []
     for _ in range(max(args.rounds, 1)):
-        load, canon, phases, solve = one_round(args.model)
+        load, canon, phases, solve = one_round(path)
         loads.append(load)
         canons.append(canon)
     load_s, canon_s = statistics.median(loads), statistics.median(canons)
-    print(f"model          {args.model}")
+    print(f"model          {path}")
     print(f"onnx.load      {load_s:.3f} s (median of {len(loads)})")
     print(f"canonicalize   {canon_s:.3f} s (no I/O; last round's phases: ", end="")
     print(", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) + ")")
