@@ -117,3 +117,21 @@ def test_blocks_and_coordinates_are_one_map(name: str, proto: onnx.ModelProto) -
     moving, constant = terms.moving()
     assert (moving.q == np.where(has & (terms.q > 0), terms.q, 0.0)).all()
     assert constant == pytest.approx(float(terms.q.sum() - moving.q.sum()))
+
+
+def test_moving_part_plus_constant_is_the_objective_with_a_zero_weight() -> None:
+    """A row with ``q = 0`` that has columns (a zero weight element) leaves the moving
+    part with its own entries: ``moving.objective(u) + constant == objective(u)``."""
+    from onnx import numpy_helper
+
+    proto = gemm_mlp([5, 7, 6, 3])
+    init = proto.graph.initializer[0]
+    w = numpy_helper.to_array(init).copy()
+    w.flat[3] = 0.0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}))
+    assert (terms.q == 0).any()
+    moving, constant = terms.moving()
+    for seed in range(3):
+        u = _random_u(terms, seed)
+        assert moving.objective(u) + constant == pytest.approx(terms.objective(u), rel=1e-12)
