@@ -122,7 +122,9 @@ class TeleportReport:
             range_fixes=[asdict(f) for f in self.range_fixes],
             input_shapes=self.input_shapes,
         )
-        if self.canonical is not None:
+        if self.canonical is not None:  # nothing was drawn: no sampling to report
+            for key in ("sampling", "cob_range", "seed"):
+                del out[key]
             out["canonical"] = dict(self.canonical)
         if self.written is not None:
             out["written"] = list(self.written)

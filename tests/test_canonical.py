@@ -200,6 +200,7 @@ def test_cli_canonicalize_writes_model_and_report(tmp_path: Path) -> None:
     c = data["canonical"]
     assert c["objective_after"] < c["objective_before"] and c["iterations"] > 0
     assert data["verification"]["passed"] and data["written"]
+    assert not {"sampling", "cob_range", "seed"} & set(data)  # nothing was drawn
     expected, _ = canonical(onnx.load(src))
     assert_same_weights(expected, ir.load(dst), 1e-7)
 

@@ -68,7 +68,7 @@ class TeleportResult(ir.passes.PassResult):
 
     @property
     def free_cofactors(self) -> int:
-        return int(self.analysis.solution.free.sum())
+        return self.analysis.free_cofactors
 
     def tensor_scales(self) -> TensorScales:
         """The promise the per-tensor check verifies: value ``v`` of the teleported model is
