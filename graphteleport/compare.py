@@ -549,12 +549,6 @@ def _other_tensors(
     return out
 
 
-def _all_equal(arrays: Sequence[np.ndarray | None]) -> bool:
-    """Every array is stored and equal to the first."""
-    first = arrays[0]
-    return first is not None and all(a is not None and _equal(a, first) for a in arrays[1:])
-
-
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:
     return (
         a.shape == b.shape
