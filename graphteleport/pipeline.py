@@ -396,6 +396,7 @@ def _teleport_report(
         input_shapes=inputs,
         seconds=seconds,
         canonical=_canonical_figures(result),
+        clips_split=len(result.clips.clips),
     )
 
 
