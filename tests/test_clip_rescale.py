@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from conftest import make_model, rand, run_ort, teleport, weights
+from conftest import const_node, make_model, rand, run_ort, teleport, weights
 from onnx import helper
 
 from graphteleport.analysis import GROUPS, analyze_model
@@ -221,3 +221,22 @@ def test_mobilenetv2_verifies(torchvision_mobilenetv2: Path, tmp_path: Path, mod
     )
     assert js["nodes_added"] == 0
     assert js["pinned"] and all("not equivariant" not in p["reason"] for p in js["pinned"])
+
+
+def test_clip_as_graph_output_with_constant_node_bounds() -> None:
+    """Bounds from Constant nodes (removed once unread); the Clip's output is the graph's
+    output, so its classes stay pinned and the bound stays a scalar."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        const_node("lo", np.float32(-2)),
+        const_node("hi", np.float32(2)),
+        helper.make_node("Clip", ["h", "lo", "hi"], ["y"], name="clip"),
+    ]
+    proto = make_model(nodes, {"x": [2, 3, 5, 5]}, {"y": [2, C, 5, 5]}, {"w1": rand((C, 3, 3, 3))})
+    t = teleport(proto, rescale_clip=True)
+    graph = t.model.graph
+    assert [n.op_type for n in graph] == ["Conv", "Max", "Min"]
+    assert graph.outputs[0].name == "y" and graph.outputs[0].producer().op_type == "Min"
+    assert t.result.clips.removed == ["lo", "hi"]
+    assert all(np.asarray(w).size == 1 for k, w in t.w1.items() if k.startswith("clip_"))
+    assert np.array_equal(run_ort(proto, feeds())[0], run_ort(t.model, feeds())[0])
