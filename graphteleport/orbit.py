@@ -87,14 +87,42 @@ def used_values(use: Absorb, w: np.ndarray) -> np.ndarray:
 
 def reduced_power(use: Absorb, w: np.ndarray, p: float) -> FloatArray:
     """``Q = Σ |W|^p`` (float64) of the use's values summed over the axes where its
-    compact layout has size 1: one value per element of :func:`compact_shape`."""
-    values = np.abs(used_values(use, w).astype(np.float64))
+    compact layout has size 1: one value per element of :func:`compact_shape`.
+
+    For ``p`` in 1, 2, 4 one ``einsum`` per use, accumulating in float64 (each product
+    of two float32 is exact in float64); a non-finite element (a mask's ``±inf``) makes
+    its sum non-finite, and only then are the values filtered (they count 0)."""
+    values = used_values(use, w)
+    cshape = compact_shape(use)
+    if p in (1.0, 2.0, 4.0) and values.dtype in _EINSUM_DTYPES:
+        out = _power_sum(values, cshape, p)
+        if np.isfinite(out).all():
+            return out
+    values = np.abs(values.astype(np.float64))
     values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
     powered = values * values if p == 2 else values**p
-    cshape = compact_shape(use)
     axes = tuple(k for k, (c, s) in enumerate(zip(cshape, use.shape)) if c == 1 and s != 1)
-    out: FloatArray = np.sum(powered, axis=axes, keepdims=True).reshape(cshape)
-    return out
+    summed: FloatArray = np.sum(powered, axis=axes, keepdims=True).reshape(cshape)
+    return summed
+
+
+_EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _power_sum(values: np.ndarray, cshape: tuple[int, ...], p: float) -> FloatArray:
+    """``Σ |values|^p`` (p = 1, 2 or 4) over the axes where ``cshape`` is 1, in float64,
+    shaped ``cshape``; non-finite elements make their sums non-finite."""
+    letters = "abcdefghijklmnopqrstuvwxyz"[: values.ndim]
+    kept = "".join(a for a, c in zip(letters, cshape) if c != 1)
+    spec = f"{letters},{letters}->{kept}"
+    if p == 1.0:
+        out = np.einsum(f"{letters}->{kept}", np.abs(values), dtype=np.float64)
+    elif p == 2.0:
+        out = np.einsum(spec, values, values, dtype=np.float64)
+    else:
+        squares = np.square(values, dtype=np.float64)
+        out = np.einsum(spec, squares, squares)
+    return np.asarray(out, dtype=np.float64).reshape(cshape)
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
