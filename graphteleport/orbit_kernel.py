@@ -51,6 +51,25 @@ class Bilinear:
     lo: int
     mid: int
     hi: int
+    q32: np.ndarray | None = None
+
+    def times(self, v: FloatArray) -> FloatArray:
+        """``Q v`` for the Hessian products: by ``q32`` (half the bytes to read) with
+        ``v`` scaled into float32's range, else by ``q``."""
+        if self.q32 is None:
+            out: FloatArray = self.q @ v
+            return out
+        s = float(np.abs(v).max(initial=0.0)) or 1.0
+        return (self.q32 @ (v / s).astype(np.float32)).astype(np.float64) * s
+
+    def times_transposed(self, v: FloatArray) -> FloatArray:
+        """``Qᵀ v`` as :meth:`times`."""
+        if self.q32 is None:
+            out: FloatArray = v @ self.q
+            return out
+        s = float(np.abs(v).max(initial=0.0)) or 1.0
+        product: np.ndarray = (v / s).astype(np.float32) @ self.q32
+        return product.astype(np.float64) * s
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +157,34 @@ def bilinear_terms(block: Block, q: FloatArray, lead: int, sides: _Sides) -> tup
     return Bilinear(matrix, lo, mid, mid + cols.pairs.size), constant
 
 
+#: The largest ``Q`` value a float32 copy holds (well inside float32's range, so that
+#: ``Q·v`` with ``|v| ≤ 1`` cannot overflow).
+SINGLE_MAX = 1e30
+
+
+def with_single(m: Bilinear) -> Bilinear:
+    """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`."""
+    if not m.q.size or not float(m.q.max()) <= SINGLE_MAX:
+        return m
+    return replace(m, q32=m.q.astype(np.float32))
+
+
+def uncovered(terms: OrbitTerms) -> float:
+    """``Σ q`` of the rows neither a block nor a ``loose`` entry holds (a use whose
+    entries all cancel): the gaps between the blocks, less the loose rows."""
+    rows = np.unique(terms.loose[0])
+    total = 0.0
+    lo = 0
+    for b in [*sorted(terms.blocks, key=lambda b: b.lo), Block(terms.q.size, 0, (), ())]:
+        if b.lo > lo:
+            gap = np.ones(b.lo - lo, dtype=bool)
+            mine = rows[(rows >= lo) & (rows < b.lo)]
+            gap[mine - lo] = False
+            total += float(terms.q[lo : b.lo][gap].sum())
+        lo = max(lo, b.hi)
+    return total
+
+
 def restricted(terms: OrbitTerms, blocks: list[Block]) -> OrbitTerms | None:
     """The terms of ``blocks`` and ``terms.loose`` alone (rows renumbered from 0; no
     ``spans``), or ``None`` if there are none."""
@@ -181,17 +228,17 @@ class OrbitKernel:
         return int(self.group.max(initial=-1)) + 1
 
     @classmethod
-    def of(cls, terms: OrbitTerms) -> OrbitKernel:
-        """The kernel of ``terms``: each block bilinear, single or left to ``rest``."""
+    def of(cls, terms: OrbitTerms, float32: bool = True) -> OrbitKernel:
+        """The kernel of ``terms``: each block bilinear, single or left to ``rest``; with
+        ``float32``, the Hessian products read a float32 copy of each bilinear ``Q`` whose
+        values float32 holds (:data:`SINGLE_MAX`): a relative error of about 1e-7 in
+        ``H·v`` only, which an inexact Newton step absorbs — ``F``, its gradient and
+        ``diag H`` stay float64."""
         sides = _Sides([], [], [])
         singles: list[Block] = []
         split: list[tuple[Block, int]] = []
         others: list[Block] = []
-        constant = float(terms.q.sum()) - sum(
-            float(terms.q[b.lo : b.hi].sum()) for b in terms.blocks
-        )
-        if terms.loose[0].size:
-            constant -= float(terms.q[np.unique(terms.loose[0])].sum())
+        constant = uncovered(terms)
         for b in terms.blocks:
             lead = bilinear_split(b)
             if lead is not None:
@@ -207,7 +254,7 @@ class OrbitKernel:
         matrices: list[Bilinear] = []
         for b, lead in split:
             matrix, pinned = bilinear_terms(b, terms.q[b.lo : b.hi], lead, sides)
-            matrices.append(matrix)
+            matrices.append(with_single(matrix) if float32 else matrix)
             constant += pinned
         rest = restricted(terms, others)
         if rest is not None:
@@ -259,8 +306,8 @@ class OrbitKernel:
         scale = at.scale
         for m in self.matrices:
             x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
-            out[m.lo : m.mid] += x * (m.q @ (z * a[m.mid : m.hi]))
-            out[m.mid : m.hi] += z * ((x * a[m.lo : m.mid]) @ m.q)
+            out[m.lo : m.mid] += x * m.times(z * a[m.mid : m.hi])
+            out[m.mid : m.hi] += z * m.times_transposed(x * a[m.lo : m.mid])
         hv = self.p * self.p * self._scatter(self.coef * out)
         if self.rest is not None:
             hv += self.rest.hessian_vector(at.rest, v)
@@ -280,12 +327,9 @@ class OrbitKernel:
         keys = [g * (ng + 1)]
         weights = [np.where(g >= 0, values, 0.0)]
         for m in self.matrices:
-            gr, gc = group[self.index[m.lo]], group[self.index[m.mid]]
-            if gr < 0 or gc < 0:
-                continue
-            cross = bilinear_cross(self, m, at)
-            keys.append(np.array([gr * ng + gc, gc * ng + gr]))
-            weights.append(np.array([cross, cross]))
+            mk, mw = bilinear_cross(self, m, at, group, ng)
+            keys.extend([mk, (mk % ng) * ng + mk // ng])  # (a, b) and (b, a)
+            weights.extend([mw, mw])
         if self.rest is not None:
             rk, rw = rest_coarse(self.rest, at.rest, group, ng)
             keys.append(rk)
@@ -297,17 +341,30 @@ class OrbitKernel:
         return out
 
 
-def bilinear_cross(kernel: OrbitKernel, m: Bilinear, at: KernelPoint) -> float:
-    """``Σ_ij y_ij · coef_i · coef_j`` of a bilinear block at ``at`` (rows i, columns j):
-    ``κ · Σ_i coef_i r_i`` when every column coefficient is ``κ``, likewise by rows, else
-    ``(coef ⊙ x)ᵀ Q (coef ⊙ z)``."""
+def bilinear_cross(
+    kernel: OrbitKernel, m: Bilinear, at: KernelPoint, group: IntArray, ng: int
+) -> tuple[IntArray, FloatArray]:
+    """The cross terms ``Σ_ij y_ij ρ_i κ_j`` of a bilinear block at ``at`` (rows i with
+    coefficient ``ρ_i`` in group ``a_i``, columns j with ``κ_j`` in ``b_j``) summed per
+    ``(a, b)``, as flat keys ``a·ng + b`` and weights: with ``Z`` the columns' ``κ ⊙ z``
+    spread over their groups, ``ρ ⊙ x ⊙ (Q Z)`` — or, when every column has one group and
+    one coefficient ``κ`` (a layer's channels), ``κ · Σ_i ρ_i r_i`` from the row sums."""
     rows, cols = kernel.coef[m.lo : m.mid], kernel.coef[m.mid : m.hi]
-    if (cols == cols[0]).all():
-        return float(cols[0] * (rows @ at.sums[m.lo : m.mid]))
-    if (rows == rows[0]).all():
-        return float(rows[0] * (cols @ at.sums[m.mid : m.hi]))
-    x, z = at.scale[m.lo : m.mid], at.scale[m.mid : m.hi]
-    return float((rows * x) @ (m.q @ (cols * z)))
+    ga, gb = group[kernel.index[m.lo : m.mid]], group[kernel.index[m.mid : m.hi]]
+    rows = np.where(ga >= 0, rows, 0.0)
+    cols = np.where(gb >= 0, cols, 0.0)
+    targets, where = np.unique(gb[gb >= 0], return_inverse=True)
+    if not targets.size or not rows.any():
+        return np.zeros(0, np.intp), np.zeros(0)
+    if targets.size == 1 and (cols[gb >= 0] == cols[gb >= 0][0]).all() and (gb >= 0).all():
+        keep = ga >= 0
+        return ga[keep] * ng + targets[0], (cols[0] * rows * at.sums[m.lo : m.mid])[keep]
+    spread = np.zeros((cols.size, targets.size))
+    on = np.flatnonzero(gb >= 0)
+    spread[on, where.reshape(-1)] = (cols * at.scale[m.mid : m.hi])[on]
+    keep = ga >= 0
+    per = (rows * at.scale[m.lo : m.mid])[keep, None] * (m.q[keep] @ spread)
+    return (ga[keep, None] * ng + targets[None, :]).reshape(-1), per.reshape(-1)
 
 
 def rest_coarse(
