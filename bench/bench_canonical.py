@@ -8,15 +8,24 @@ file read or written).  Medians and their ratio are printed, with the pass's own
 (``result.seconds``) and the solver's counts.  The default model is the cached ResNet-50
 of ``bench_teleport.py``.
 
+``--solve-p`` also times the solve alone for the given exponents (the p-norm balance
+``Σ |W'|^p`` an equalization minimises): ``OrbitTerms.build`` (the statistics ``Q``)
+and :func:`~graphteleport.passes.canonical.minimize` (kernel and Newton-CG), each round
+after the same ``onnx.load``.  The BLAS thread count matters on a shared machine:
+OpenBLAS's threads spin for cores other processes hold, and its gemv slows down many
+times over; the line ``blas`` prints ``OPENBLAS_NUM_THREADS`` as the run saw it.
+
 Usage (from the repository root, in the project's venv)::
 
     python bench/bench_canonical.py               # ResNet-50, 3 rounds
     python bench/bench_canonical.py --model m.onnx -n 5
+    OPENBLAS_NUM_THREADS=1 python bench/bench_canonical.py --solve-p 2 4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,7 +38,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from graphteleport.passes.canonical import CanonicalizePass  # noqa: E402
+from graphteleport.analysis import analyze_model  # noqa: E402
+from graphteleport.orbit import OrbitTerms  # noqa: E402
+from graphteleport.passes.canonical import CanonicalizePass, minimize  # noqa: E402
 
 
 def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
@@ -52,6 +63,20 @@ def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
     return load, canon, dict(result.seconds), solve
 
 
+def solve_round(path: Path, p: float) -> tuple[float, float, str]:
+    """One ``onnx.load``, then the solve alone at exponent ``p``: the seconds of
+    ``OrbitTerms.build`` and of ``minimize``, and a line on the solve."""
+    model = ir.serde.deserialize_model(onnx.load(path))
+    analysis = analyze_model(model, {})
+    t0 = time.perf_counter()
+    terms = OrbitTerms.build(analysis, p=p)
+    t1 = time.perf_counter()
+    m = minimize(terms)
+    t2 = time.perf_counter()
+    line = f"{m.iterations} Newton / {m.cg_steps} CG steps, max|g|/F {m.gradient:.1e}"
+    return t1 - t0, t2 - t1, line
+
+
 def default_model() -> Path:
     """The ResNet-50 of ``bench_teleport.py``, exported into its cache on first use."""
     from bench_teleport import DEFAULT_CACHE, ensure_resnet50
@@ -63,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="an ONNX file (default: cached ResNet-50)")
     parser.add_argument("-n", "--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument(
+        "--solve-p", type=float, nargs="*", default=[], help="also time the solve alone at these p"
+    )
     args = parser.parse_args(argv)
     path: Path = args.model or default_model()
     loads: list[float] = []
@@ -78,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     print(", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) + ")")
     print(f"solve          {solve}")
     print(f"ratio          {canon_s / load_s:.1f}x onnx.load")
+    print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    for p in args.solve_p:
+        rounds = [solve_round(path, p) for _ in range(max(args.rounds, 1))]
+        build = statistics.median(r[0] for r in rounds)
+        solve = statistics.median(r[1] for r in rounds)
+        print(f"solve p={p:g}    build {build:.3f} s + minimize {solve:.3f} s ", end="")
+        print(f"(medians; {(build + solve) / load_s:.1f}x onnx.load) {rounds[-1][2]}")
     return 0
 
 

@@ -62,6 +62,7 @@ TOL = 1e-12
 MAX_ITERATIONS = 200
 MAX_CG = 2000
 _ARMIJO = 1e-4
+_EXTEND = 8.0
 
 
 class NotConverged(GraphTeleportError):
@@ -199,16 +200,32 @@ def _preconditioner(
 
 def _line_search(kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatArray) -> KernelPoint:
     """The kernel at the first of ``u + d, u + d/2, …`` that decreases ``F`` enough
-    (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none."""
+    (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none.
+    A full step that decreased ``F`` by at least the quadratic model's ``−gᵀd/2`` (the
+    exponentials still dominate: far from the minimum, Newton's step on ``e^{p·u}`` is
+    about ``1/p`` long) is extended to ``2d, 4d, …`` while ``F`` keeps decreasing."""
     slope = float(g @ d)
     step = 1.0
     while step > 1e-30:
         bound = at.f + _ARMIJO * step * slope + 8e-16 * at.f
         found = kernel.point(at.u + step * d, bound=bound)
         if found is not None:
-            return found
+            return _extend(kernel, at, found, d) if at.f - found.f >= -slope / 2 else found
         step /= 2
     return at
+
+
+def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatArray) -> KernelPoint:
+    """``found`` (at ``u + d``) or the last of ``u + 2d, u + 4d, …`` (up to
+    :data:`_EXTEND` · d) that kept decreasing ``F``."""
+    step = 2.0
+    while step <= _EXTEND:
+        further = kernel.point(at.u + step * d, bound=found.f)
+        if further is None:
+            break
+        found = further
+        step *= 2
+    return found
 
 
 @dataclass
