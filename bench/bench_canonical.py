@@ -43,16 +43,17 @@ from graphteleport.orbit import OrbitTerms  # noqa: E402
 from graphteleport.passes.canonical import CanonicalizePass, minimize  # noqa: E402
 
 
-def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
+def one_round(path: Path) -> tuple[float, float, dict[str, float], str, float, float]:
     """One ``onnx.load`` and one canonicalize of its result: both times, the pass's
-    phases and a line on the solve."""
-    t0 = time.perf_counter()
+    phases, a line on the solve, and both CPU times (``process_time``: on a shared
+    machine the wall clock also counts the time other processes held the cores)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     proto = onnx.load(path)
-    load = time.perf_counter() - t0
+    load, load_cpu = time.perf_counter() - t0, time.process_time() - c0
     model = ir.serde.deserialize_model(proto)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     result = CanonicalizePass()(model)
-    canon = time.perf_counter() - t1
+    canon, canon_cpu = time.perf_counter() - t1, time.process_time() - c1
     m = result.minimum
     solve = (
         f"{m.iterations} Newton / {m.cg_steps} CG steps, F {m.objective_before:.6g} -> "
@@ -60,7 +61,7 @@ def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
         if m
         else "nothing to solve"
     )
-    return load, canon, dict(result.seconds), solve
+    return load, canon, dict(result.seconds), solve, load_cpu, canon_cpu
 
 
 def solve_round(path: Path, p: float) -> tuple[float, float, str]:
@@ -95,17 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     path: Path = args.model or default_model()
     loads: list[float] = []
     canons: list[float] = []
+    cpus: list[tuple[float, float]] = []
     for _ in range(max(args.rounds, 1)):
-        load, canon, phases, solve = one_round(path)
+        load, canon, phases, solve, load_cpu, canon_cpu = one_round(path)
         loads.append(load)
         canons.append(canon)
+        cpus.append((load_cpu, canon_cpu))
     load_s, canon_s = statistics.median(loads), statistics.median(canons)
+    load_c = statistics.median(c[0] for c in cpus)
+    canon_c = statistics.median(c[1] for c in cpus)
     print(f"model          {path}")
     print(f"onnx.load      {load_s:.3f} s (median of {len(loads)})")
     print(f"canonicalize   {canon_s:.3f} s (no I/O; last round's phases: ", end="")
     print(", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) + ")")
     print(f"solve          {solve}")
     print(f"ratio          {canon_s / load_s:.1f}x onnx.load")
+    print(f"cpu            onnx.load {load_c:.3f} s, canonicalize {canon_c:.3f} s: ", end="")
+    print(f"{canon_c / load_c:.1f}x (process_time medians)")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     for p in args.solve_p:
         rounds = [solve_round(path, p) for _ in range(max(args.rounds, 1))]

@@ -53,23 +53,39 @@ class Bilinear:
     hi: int
     q32: np.ndarray | None = None
 
-    def times(self, v: FloatArray) -> FloatArray:
-        """``Q v`` for the Hessian products: by ``q32`` (half the bytes to read) with
-        ``v`` scaled into float32's range, else by ``q``."""
-        if self.q32 is None:
-            out: FloatArray = self.q @ v
-            return out
-        s = float(np.abs(v).max(initial=0.0)) or 1.0
-        return (self.q32 @ (v / s).astype(np.float32)).astype(np.float64) * s
+    def both(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """``(Q v, Qᵀ w)`` in float64 from ``q``, in one read of it (:func:`fused`)."""
+        return fused(self.q, v, w)
 
-    def times_transposed(self, v: FloatArray) -> FloatArray:
-        """``Qᵀ v`` as :meth:`times`."""
+    def both_fast(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """:meth:`both` for the Hessian products: by ``q32`` (half the bytes to read),
+        ``v`` and ``w`` scaled into float32's range, when there is one."""
         if self.q32 is None:
-            out: FloatArray = v @ self.q
-            return out
-        s = float(np.abs(v).max(initial=0.0)) or 1.0
-        product: np.ndarray = (v / s).astype(np.float32) @ self.q32
-        return product.astype(np.float64) * s
+            return self.both(v, w)
+        sv = float(np.abs(v).max(initial=0.0)) or 1.0
+        sw = float(np.abs(w).max(initial=0.0)) or 1.0
+        qv, qw = fused(self.q32, (v / sv).astype(np.float32), (w / sw).astype(np.float32))
+        return qv.astype(np.float64) * sv, qw.astype(np.float64) * sw
+
+
+#: The bytes of a row chunk :func:`fused` multiplies while it is in cache.
+CHUNK_BYTES = 1 << 18
+
+
+def fused(q: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(q v, qᵀ w)`` in one pass over ``q``: per chunk of rows (about
+    :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv)."""
+    m, n = q.shape
+    step = max(1, CHUNK_BYTES // max(1, n * q.itemsize))
+    if step >= m:
+        return q @ v, w @ q
+    qv = np.empty(m, dtype=q.dtype)
+    qw = np.zeros(n, dtype=q.dtype)
+    for i in range(0, m, step):
+        chunk = q[i : i + step]
+        np.matmul(chunk, v, out=qv[i : i + step])
+        qw += w[i : i + step] @ chunk
+    return qv, qw
 
 
 @dataclass(frozen=True, eq=False)
@@ -272,9 +288,8 @@ class OrbitKernel:
         return out
 
     def point(self, u: FloatArray, bound: float | None = None) -> KernelPoint | None:
-        """The kernel at ``u`` (:class:`KernelPoint`); with ``bound``, ``None`` as soon as
-        ``F(u)`` is known to exceed it or not to be finite (one gemv per bilinear block
-        instead of two)."""
+        """The kernel at ``u`` (:class:`KernelPoint`), one read of each bilinear ``Q``;
+        with ``bound``, ``None`` when ``F(u)`` exceeds it or is not finite."""
         with np.errstate(over="ignore", invalid="ignore"):
             scale = np.exp(self.p * self.coef * u[self.index])
             n = self.single.size
@@ -282,16 +297,15 @@ class OrbitKernel:
             np.multiply(self.single, scale[:n], out=sums[:n])
             f = float(sums[:n].sum())
             for m in self.matrices:
-                qz = m.q @ scale[m.mid : m.hi]
-                np.multiply(scale[m.lo : m.mid], qz, out=sums[m.lo : m.mid])
+                x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
+                qz, qx = m.both(z, x)
+                np.multiply(x, qz, out=sums[m.lo : m.mid])
+                np.multiply(z, qx, out=sums[m.mid : m.hi])
                 f += float(sums[m.lo : m.mid].sum())
             rest = self.rest.terms(u) if self.rest is not None else np.zeros(0)
             f += float(rest.sum())
         if bound is not None and not (np.isfinite(f) and f <= bound):
             return None
-        for m in self.matrices:
-            x = scale[m.lo : m.mid]
-            np.multiply(scale[m.mid : m.hi], x @ m.q, out=sums[m.mid : m.hi])
         gradient = self.p * self._scatter(self.coef * sums)
         diagonal = self.p * self.p * self._scatter(self.coef * self.coef * sums)
         if self.rest is not None:
@@ -300,14 +314,16 @@ class OrbitKernel:
         return KernelPoint(u, f, scale, sums, rest, gradient, diagonal)
 
     def hessian_vector(self, at: KernelPoint, v: FloatArray) -> FloatArray:
-        """``H·v`` at ``at`` (module docstring): per bilinear block two gemv."""
+        """``H·v`` at ``at`` (module docstring): per bilinear block two gemv in one read
+        of its ``Q`` (float32 when the kernel has the copies)."""
         a = self.coef * v[self.index]
         out = at.sums * a
         scale = at.scale
         for m in self.matrices:
             x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
-            out[m.lo : m.mid] += x * m.times(z * a[m.mid : m.hi])
-            out[m.mid : m.hi] += z * m.times_transposed(x * a[m.lo : m.mid])
+            qb, qa = m.both_fast(z * a[m.mid : m.hi], x * a[m.lo : m.mid])
+            out[m.lo : m.mid] += x * qb
+            out[m.mid : m.hi] += z * qa
         hv = self.p * self.p * self._scatter(self.coef * out)
         if self.rest is not None:
             hv += self.rest.hessian_vector(at.rest, v)
