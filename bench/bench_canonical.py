@@ -64,18 +64,19 @@ def one_round(path: Path) -> tuple[float, float, dict[str, float], str, float, f
     return load, canon, dict(result.seconds), solve, load_cpu, canon_cpu
 
 
-def solve_round(path: Path, p: float) -> tuple[float, float, str]:
+def solve_round(path: Path, p: float) -> tuple[float, float, float, str]:
     """One ``onnx.load``, then the solve alone at exponent ``p``: the seconds of
-    ``OrbitTerms.build`` and of ``minimize``, and a line on the solve."""
+    ``OrbitTerms.build`` and of ``minimize`` (wall), the CPU seconds of both, and a line
+    on the solve."""
     model = ir.serde.deserialize_model(onnx.load(path))
     analysis = analyze_model(model, {})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     terms = OrbitTerms.build(analysis, p=p)
     t1 = time.perf_counter()
     m = minimize(terms)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     line = f"{m.iterations} Newton / {m.cg_steps} CG steps, max|g|/F {m.gradient:.1e}"
-    return t1 - t0, t2 - t1, line
+    return t1 - t0, t2 - t1, c2 - c0, line
 
 
 def default_model() -> Path:
@@ -118,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [solve_round(path, p) for _ in range(max(args.rounds, 1))]
         build = statistics.median(r[0] for r in rounds)
         solve = statistics.median(r[1] for r in rounds)
+        cpu = statistics.median(r[2] for r in rounds)
         print(f"solve p={p:g}    build {build:.3f} s + minimize {solve:.3f} s ", end="")
-        print(f"(medians; {(build + solve) / load_s:.1f}x onnx.load) {rounds[-1][2]}")
+        print(f"({(build + solve) / load_s:.1f}x onnx.load; CPU {cpu:.3f} s, ", end="")
+        print(f"{cpu / load_c:.1f}x) {rounds[-1][3]}")
     return 0
 
 

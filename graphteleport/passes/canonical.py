@@ -21,12 +21,20 @@ Because ``F`` of a teleported model is ``F`` of the original shifted by the tele
 ``log|t|``, the canonical forms of a model and of any positive teleport of it coincide
 (up to the rounding of the stored weights).
 
-**The solver** (:func:`minimize`): Newton's method from ``u = 0``, each direction solved
-by conjugate gradients on ``H·d = −g`` preconditioned by ``diag H``, then a backtracking
-line search; it stops when the relative decrease of ``F`` of the last step and
-``max|∂F/∂u| / F`` are both at most ``tol`` (default 1e-12; ``F`` here is the part that
-moves, without rows no movable pair reaches, such as a mask's fill value), and raises
-:class:`NotConverged` after ``max_iterations``.
+**The solver** (:func:`minimize`): Newton's method from ``u = 0`` on the products of
+:class:`~graphteleport.orbit_kernel.OrbitKernel` (per conv/Gemm weight two gemv with its
+``Q`` matrix instead of elementwise work over its rows; the Hessian products read a
+float32 copy).  Each direction is solved by conjugate gradients on ``H·d = −g``,
+preconditioned two-level — ``diag H`` plus a coarse correction with one unknown per
+layer (or residual stream), whose channels moving together Jacobi cannot see — to a
+relative residual ``√(max|g|/F)``, capped at 0.1 and never below ``0.1·tol/(max|g|/F)``
+(what the stopping test needs of the next gradient); then a
+backtracking line search, which extends a full step that beat its quadratic model (far
+from the minimum Newton's step on ``e^{p·u}`` is about ``1/p`` long).  It stops when the
+relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at most
+``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable pair
+reaches, such as a mask's fill value), and raises :class:`NotConverged` after
+``max_iterations``.
 
 **Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
 (``any``, or ``sign`` with odd activations or in insert mode) keeps the signs the model
