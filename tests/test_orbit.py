@@ -282,3 +282,15 @@ def test_reduced_power_counts_non_finite_elements_as_zero(p: float) -> None:
     np.testing.assert_allclose(
         reduced_power(use, w, p), expected_w.sum(axis=axes, keepdims=True), rtol=1e-12
     )
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_trial_value_is_f(name: str, proto: onnx.ModelProto) -> None:
+    """``value(u)`` is ``F(u)``: exactly without the float32 copies, to float32 rounding
+    with them."""
+    for float32, rel in ((False, 1e-12), (True, 1e-6)):
+        kernel, terms = _kernel_and_terms(proto, 2.0, float32=float32)
+        u = _random_u(terms, 5)
+        at = kernel.point(u)
+        assert at is not None
+        assert kernel.value(u) == pytest.approx(at.f, rel=rel)

@@ -224,16 +224,20 @@ def _line_search(kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatAr
 
 
 def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatArray) -> KernelPoint:
-    """``found`` (at ``u + d``) or the last of ``u + 2d, u + 4d, …`` (up to
-    :data:`_EXTEND` · d) that kept decreasing ``F``."""
+    """``found`` (at ``u + d``) or the kernel at the last of ``u + 2d, u + 4d, …`` (up to
+    :data:`_EXTEND` · d) that kept decreasing ``F``: the trials by
+    :meth:`OrbitKernel.value` (one float32 read of ``Q``), the point chosen exactly (kept
+    only if it is below ``found``)."""
+    best, lowest = 1.0, found.f
     step = 2.0
     while step <= _EXTEND:
-        further = kernel.point(at.u + step * d, bound=found.f)
-        if further is None:
+        f = kernel.value(at.u + step * d)
+        if not (np.isfinite(f) and f < lowest):
             break
-        found = further
+        best, lowest = step, f
         step *= 2
-    return found
+    further = kernel.point(at.u + best * d, bound=found.f) if best > 1 else None
+    return further if further is not None else found
 
 
 @dataclass
