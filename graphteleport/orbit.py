@@ -116,7 +116,17 @@ _EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
     """``out = Σ |values|^p`` (p = 1, 2 or 4) over the axes where ``out`` (float64) has
     size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
-    summed over trailing axes (a conv's kernel window) is read as a matrix."""
+    summed over trailing axes (a conv's kernel window) is read as a matrix, and one
+    summed over nothing (a 1×1 conv, a bias) elementwise."""
+    if values.size == out.size and values.flags.c_contiguous:
+        flat = out.reshape(-1)
+        if p == 1.0:
+            np.absolute(values.reshape(-1), out=flat, dtype=np.float64)
+        else:
+            np.square(values.reshape(-1), out=flat, dtype=np.float64)
+            if p == 4.0:
+                np.square(flat, out=flat)
+        return
     kept = [k for k, c in enumerate(out.shape) if c != 1]
     rows = int(np.prod(out.shape))
     if values.flags.c_contiguous and kept == list(range(len(kept))):

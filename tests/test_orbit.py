@@ -263,14 +263,20 @@ def test_coarse_groups_are_layers() -> None:
     assert sorted(np.bincount(groups).tolist()) == [6, 7]
 
 
+@pytest.mark.parametrize("window", [True, False], ids=["window", "elementwise"])
 @pytest.mark.parametrize("p", [1.0, 2.0, 4.0, 3.0])
-def test_reduced_power_counts_non_finite_elements_as_zero(p: float) -> None:
-    """Q of a use is Σ|W|^p over each compact element's window (float64, the einsum path
-    for p = 1, 2, 4 and the generic one else), with ±inf and nan counting 0."""
+def test_reduced_power_counts_non_finite_elements_as_zero(p: float, window: bool) -> None:
+    """Q of a use is Σ|W|^p over each compact element's window (float64: the einsum path
+    for p = 1, 2, 4 — a conv's 3×3 window, or elementwise where the compact layout is the
+    use's shape — and the generic one else), with ±inf and nan counting 0."""
     from graphteleport.orbit import compact_shape, counted_uses, reduced_power
 
     analysis = analyze_model(ir.from_proto(MODELS[1][1]), {})
-    use = next(u for u in counted_uses(analysis) if len(u.shape) == 4 and u.shape[2] > 1)
+    uses = counted_uses(analysis)
+    if window:
+        use = next(u for u in uses if len(u.shape) == 4 and u.shape[2] > 1)
+    else:
+        use = next(u for u in uses if compact_shape(u) == u.shape and np.prod(u.shape) > 1)
     w = use.source.array().copy()
     expected_w = np.abs(w.astype(np.float64)) ** p
     axes = tuple(k for k, c in enumerate(compact_shape(use)) if c == 1 and w.shape[k] != 1)
