@@ -300,3 +300,23 @@ def test_trial_value_is_f(name: str, proto: onnx.ModelProto) -> None:
         at = kernel.point(u)
         assert at is not None
         assert kernel.value(u) == pytest.approx(at.f, rel=rel)
+
+
+def test_minimize_at_an_exact_minimum_stops() -> None:
+    """A model already balanced to the last bit (every weight ±1, zero biases: each hidden
+    neuron's in- and out-norms are equal) has ∂F/∂u = 0 exactly at u = 0; minimize stops
+    there (the CG forcing term must not divide by the zero gradient)."""
+    from onnx import numpy_helper
+
+    from graphteleport.passes.canonical import minimize
+
+    proto = gemm_mlp([3, 3, 3])
+    for init in proto.graph.initializer:
+        w = numpy_helper.to_array(init)
+        fill = np.ones_like(w) if w.ndim == 2 else np.zeros_like(w)
+        init.CopyFrom(numpy_helper.from_array(fill, init.name))
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}))
+    assert terms.movable.any()
+    assert not terms.gradient(np.zeros(terms.num_pairs)).any()
+    found = minimize(terms)
+    assert not found.u.any() and found.gradient == 0.0

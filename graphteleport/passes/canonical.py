@@ -144,7 +144,7 @@ def _forcing(gmax: float, tol: float) -> float:
     """The relative CG residual a Newton step solves to: ``√gmax`` (superlinear
     convergence), but no tighter than ``0.1·tol/gmax`` — what the step's new gradient
     (about the residual) needs to pass the ``tol`` criterion — and at most 0.1."""
-    return min(0.1, max(float(np.sqrt(gmax)), 0.1 * tol / gmax))
+    return min(0.1, max(float(np.sqrt(gmax)), 0.1 * tol / gmax if gmax > 0 else 0.1))
 
 
 def _newton_direction(
