@@ -43,7 +43,8 @@ broadcast sum ``Σ_f (coef_f · u[pairs_f])`` over the compact layout (no gather
 ``O·C``), and ``Aᵀv`` sums ``v`` over the axes each factor is constant along before
 scattering onto its pairs (``O + C`` entries, not ``O·C``).  The other uses go through
 the coordinates (``loose``).  Both give ``A`` exactly; only the order of summation
-differs.
+differs.  A solver uses :class:`graphteleport.orbit_kernel.OrbitKernel`, which reads a
+conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 """
 
 from __future__ import annotations
