@@ -93,13 +93,13 @@ def reduced_power(
     compact layout has size 1: one value per element of :func:`compact_shape` (written
     into ``out``, a float64 array of that size, if given).
 
-    For ``p`` in 1, 2, 4 one ``einsum`` per use, accumulating in float64 (each product
+    For ``p`` in 1, 2, 3, 4 one ``einsum`` per use, accumulating in float64 (each product
     of two float32 is exact in float64); a non-finite element (a mask's ``±inf``) makes
     its sum non-finite, and only then are the values filtered (they count 0)."""
     values = used_values(use, w)
     cshape = compact_shape(use)
     target = np.empty(cshape) if out is None else out.reshape(cshape)
-    if p in (1.0, 2.0, 4.0) and values.dtype in _EINSUM_DTYPES:
+    if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
         _power_sum(values, target, p)
         if np.isfinite(target).all():
             return target
@@ -115,7 +115,7 @@ _EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 
 
 def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
-    """``out = Σ |values|^p`` (p = 1, 2 or 4) over the axes where ``out`` (float64) has
+    """``out = Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out`` (float64) has
     size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
     summed over trailing axes (a conv's kernel window) is read as a matrix, and one
     summed over nothing (a 1×1 conv, a bias) elementwise."""
@@ -125,7 +125,9 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
             np.absolute(values.reshape(-1), out=flat, dtype=np.float64)
         else:
             np.square(values.reshape(-1), out=flat, dtype=np.float64)
-            if p == 4.0:
+            if p == 3.0:
+                flat *= np.abs(values.reshape(-1))
+            elif p == 4.0:
                 np.square(flat, out=flat)
         return
     kept = [k for k, c in enumerate(out.shape) if c != 1]
@@ -141,9 +143,10 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
         np.einsum(f"{letters}->{result}", np.abs(values), dtype=np.float64, out=view)
     elif p == 2.0:
         np.einsum(f"{letters},{letters}->{result}", values, values, dtype=np.float64, out=view)
-    else:
+    else:  # |w|³ = w²·|w|, w⁴ = w²·w²: one rounding each in float64
         squares = np.square(values, dtype=np.float64)
-        np.einsum(f"{letters},{letters}->{result}", squares, squares, out=view)
+        other = np.abs(values).astype(np.float64) if p == 3.0 else squares
+        np.einsum(f"{letters},{letters}->{result}", squares, other, out=view)
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:

@@ -264,10 +264,10 @@ def test_coarse_groups_are_layers() -> None:
 
 
 @pytest.mark.parametrize("window", [True, False], ids=["window", "elementwise"])
-@pytest.mark.parametrize("p", [1.0, 2.0, 4.0, 3.0])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 4.0, 2.5])
 def test_reduced_power_counts_non_finite_elements_as_zero(p: float, window: bool) -> None:
     """Q of a use is Σ|W|^p over each compact element's window (float64: the einsum path
-    for p = 1, 2, 4 — a conv's 3×3 window, or elementwise where the compact layout is the
+    for p = 1, 2, 3, 4 — a conv's 3×3 window, or elementwise where the compact layout is the
     use's shape — and the generic one else), with ±inf and nan counting 0."""
     from graphteleport.orbit import compact_shape, counted_uses, reduced_power
 
