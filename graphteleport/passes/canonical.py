@@ -210,8 +210,8 @@ def _sign_rows(
     analysis: AnalysisResult, flippable: np.ndarray, arrays: Mapping[str, np.ndarray] | None
 ) -> tuple[np.ndarray, np.ndarray, FloatArray]:
     """Every counted use's rows (its compact layout, laid end to end): the coordinates
-    ``(row, pair)`` of the flippable pairs each row holds to an odd power, and per row its
-    first non-zero element (0 where all are zero)."""
+    ``(row, pair)`` of the flippable pairs each row with a non-zero element holds to an
+    odd power, and per row its first non-zero element (0 where all are zero)."""
     pair = analysis.solution.pair
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
@@ -220,28 +220,55 @@ def _sign_rows(
     for use in counted_uses(analysis):
         w = arrays[use.source.name] if arrays is not None else use.source.array()
         cshape = compact_shape(use)
-        firsts.append(_first_nonzero(used_values(use, w), cshape))
-        for f in use.factors:
-            if f.exp % 2 == 0:
-                continue
-            ids = np.broadcast_to(with_rank(np.asarray(f.ids), len(cshape)), cshape)
-            pairs = pair[ids.reshape(-1)]
-            at = np.flatnonzero(flippable[pairs])
-            rows.append(offset + at)
-            cols.append(pairs[at])
-        offset += int(np.prod(cshape))
-    first = np.concatenate(firsts) if firsts else np.zeros(0)
-    return *_odd(rows, cols, analysis.solution.num_pairs), first
+        first = _first_nonzero(used_values(use, w), cshape)
+        odd = [np.asarray(f.ids) for f in use.factors if f.exp % 2]
+        parts = [_odd_factor(ids, cshape, pair, flippable, first) for ids in odd]
+        if len(odd) > 1 and _shared_pair([pair[ids.reshape(-1)] for ids in odd], flippable):
+            parts = [_odd(parts, analysis.solution.num_pairs)]
+        rows.extend(offset + r for r, _ in parts)
+        cols.extend(c for _, c in parts)
+        firsts.append(first)
+        offset += first.size
+    empty = np.zeros(0, np.int64)
+    return (
+        np.concatenate(rows) if rows else empty,
+        np.concatenate(cols) if cols else empty,
+        np.concatenate(firsts) if firsts else np.zeros(0),
+    )
+
+
+def _odd_factor(
+    ids: np.ndarray,
+    cshape: tuple[int, ...],
+    pair: np.ndarray,
+    flippable: np.ndarray,
+    first: FloatArray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One odd factor's coordinates ``(row, pair)`` within its use: the rows of the compact
+    layout ``cshape`` with a non-zero element and a flippable pair there."""
+    pairs = pair[np.broadcast_to(with_rank(np.asarray(ids), len(cshape)), cshape).reshape(-1)]
+    at = np.flatnonzero(flippable[pairs] & (first != 0))
+    return at, pairs[at]
+
+
+def _shared_pair(pairs: list[np.ndarray], flippable: np.ndarray) -> bool:
+    """Two factors of one use (the pairs of their ids) reach a common flippable pair (a
+    row may hold it twice)."""
+    seen = np.zeros(0, np.int64)
+    for p in pairs:
+        mine = np.unique(p[flippable[p]])
+        if np.intersect1d(seen, mine, assume_unique=True).size:
+            return True
+        seen = np.union1d(seen, mine)
+    return False
 
 
 def _odd(
-    rows: list[np.ndarray], cols: list[np.ndarray], num_pairs: int
+    parts: list[tuple[np.ndarray, np.ndarray]], num_pairs: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The ``(row, pair)`` coordinates met an odd number of times (two factors of a row
-    on one pair, ``τ_out/τ_in`` of one class, cancel: ``(±1)² = 1``)."""
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    keys = np.concatenate(rows).astype(np.int64) * num_pairs + np.concatenate(cols)
+    """One use's coordinates met an odd number of times (two factors of a row on one pair,
+    ``τ_out/τ_in`` of one class, cancel: ``(±1)² = 1``)."""
+    keys = np.concatenate([r.astype(np.int64) * num_pairs + c for r, c in parts])
     keys, counts = np.unique(keys, return_counts=True)
     keys = keys[counts % 2 == 1]
     return keys // num_pairs, keys % num_pairs
@@ -249,16 +276,20 @@ def _odd(
 
 def _first_nonzero(values: np.ndarray, cshape: tuple[int, ...]) -> FloatArray:
     """Per row of the compact layout ``cshape`` (row-major), the first non-zero element of
-    the values it covers (those along the axes where ``cshape`` is 1), 0 where none is;
-    non-finite elements count as zero (a mask's fill: never flipped)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = np.where(np.isfinite(v), v, 0.0)
+    the values it covers (those along the axes where ``cshape`` is 1), float64, 0 where
+    none is; non-finite elements count as zero (a mask's fill: never flipped)."""
+    v = np.asarray(values)
     kept = [k for k, c in enumerate(cshape) if c != 1 or v.shape[k] == 1]
     summed = [k for k in range(v.ndim) if k not in kept]
     grid = np.transpose(v, kept + summed).reshape(int(np.prod(cshape)), -1)
-    nonzero = grid != 0
-    at = np.argmax(nonzero, axis=1)
-    out: FloatArray = grid[np.arange(grid.shape[0]), at] if grid.size else np.zeros(grid.shape[0])
+    hit = grid != 0
+    if grid.dtype.kind in "fc":
+        hit &= np.isfinite(grid)
+    if not grid.size:
+        return np.zeros(grid.shape[0])
+    at = np.argmax(hit, axis=1)
+    every = np.arange(grid.shape[0])
+    out: FloatArray = np.where(hit[every, at], grid[every, at], 0).astype(np.float64)
     return out
 
 
@@ -266,19 +297,18 @@ def _decide_signs(
     rows: np.ndarray, cols: np.ndarray, first: FloatArray, num_pairs: int
 ) -> tuple[FloatArray, np.ndarray]:
     """The rounds of the sign rule (module docstring): each round decides every pair that
-    is the one undecided pair of some row with a non-zero element, by its first such row.
-    Returns the signs and which pairs were decided."""
-    keep = first[rows] != 0
-    rows, cols = rows[keep], cols[keep]
+    is the one undecided pair of some row with a non-zero element, by its first such row;
+    rows with no undecided pair left are dropped.  Returns the signs and which pairs were
+    decided."""
     negative = first < 0
     signs = np.ones(num_pairs)
     decided = np.zeros(num_pairs, dtype=bool)
-    while True:
+    while rows.size:
         open_ = ~decided[cols]
         count = np.bincount(rows[open_], minlength=first.size)
         ready = open_ & (count[rows] == 1)
         if not ready.any():
-            return signs, decided
+            break
         flips = np.bincount(rows[~open_ & (signs[cols] < 0)], minlength=first.size)
         r, q = rows[ready], cols[ready]
         order = np.lexsort((r, q))  # per pair, its first row
@@ -287,6 +317,9 @@ def _decide_signs(
         r, q = r[lead], q[lead]
         signs[q] = np.where(negative[r] ^ (flips[r] % 2 == 1), -1.0, 1.0)
         decided[q] = True
+        alive = np.bincount(rows[~decided[cols]], minlength=first.size)[rows] > 0
+        rows, cols = rows[alive], cols[alive]
+    return signs, decided
 
 
 @dataclass
