@@ -24,7 +24,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from graphteleport.errors import InputError  # noqa: E402
 from graphteleport.torch import Optimized, OrbitMap, Teleporter, optimize  # noqa: E402
-from models.architectures import ARCHITECTURES  # noqa: E402
+from models.architectures import ARCHITECTURES, build, mlp  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -187,3 +187,16 @@ def test_orbit_map_with_element_maps() -> None:
     state = model.state_dict()
     for key, w in mapped.items():
         assert _rel(w, state[key]) < 1e-6, key
+
+
+def test_nothing_movable() -> None:
+    """An MLP with odd activations only has sign pairs: no ``log t`` to move, the module
+    is left as it is and the result says the ascent stopped."""
+    model, _ = build(mlp, depth=2, width=8, activation="tanh", in_features=6)
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(4, 6), torch.randint(0, 10, (4,))
+    result = optimize(model, F.cross_entropy, (x, y), steps=3)
+    assert result.stopped and result.taken == 0 and len(result.objective) == 1
+    assert np.all(result.pair_values == 1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

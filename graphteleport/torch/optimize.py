@@ -22,6 +22,10 @@ so the function is kept at every ``u``.
   parameter and buffer by name at ``W(u)`` (for :func:`torch.func.functional_call`).
 
 Every evaluation runs under a fixed RNG seed (dropout draws the same masks each time).
+BatchNorm's running statistics move with ``u`` and ``torch.batch_norm`` gives them no
+gradient, so while the objective is evaluated an eval-mode BatchNorm module computes
+``(x − rm)/√(rv + ε)·γ + β`` by plain ops (its own ``forward`` is restored after); a
+train-mode one reads batch statistics and writes its running statistics into copies.
 
 **The steps.**  Each step goes along the gradient ``g = ∂objective/∂u`` scaled to
 ``max |g| = 1``, so ``lr`` is the largest change of any ``log t`` in one step; ``u`` is
@@ -43,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,8 +73,9 @@ class Optimized:
     :class:`~graphteleport.torch.TorchTeleport`: ``undo()``, ``pair_values`` for
     :func:`~graphteleport.torch.compose`) and the ascent: ``objective`` at ``u = 0`` and
     after each step taken, ``u`` (``log t`` per pair, 0 off the movable pairs), the steps
-    taken and the trial steps refused, the last ``lr``, and whether it stopped early
-    (no step of ``lr / 2^HALVINGS`` improved, or the gradient vanished)."""
+    taken and the trial steps refused, the last ``lr``, whether it stopped early (no step
+    of ``lr / 2^HALVINGS`` improved, the gradient vanished, or no pair is movable) and
+    the objective's ``name``."""
 
     teleport: TorchTeleport
     objective: list[float]
@@ -79,7 +84,7 @@ class Optimized:
     refused: int
     lr: float
     stopped: bool = False
-    name: str = field(default="grad_norm")
+    name: str = "grad_norm"
 
     @property
     def pair_values(self) -> np.ndarray:
