@@ -184,3 +184,19 @@ def test_cli_report_counts_the_signs(tmp_path: Path) -> None:
     assert code == 0
     figures = json.loads(report.read_text())["canonical"]
     assert figures["signs_flipped"] > 0 and figures["signs_undecided"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n != "mlp_5x500"])
+def test_registry_models_share_the_canonical_form(name: str) -> None:
+    """Every registry model (but the 2500-neuron MLP), against a teleport with negative
+    cofactors where its groups allow them."""
+    model, x = _model(name)
+    reference = copy.deepcopy(model)
+    canonicalize(reference, x)
+    moved = copy.deepcopy(model)
+    teleport(moved, x, seed=3, cob_range=0.9, sampling="inter_landscape")
+    canonicalize(moved, x)
+    _same(moved, reference, REL)
+    with torch.no_grad():
+        assert _rel(moved(x), model(x)) < REL
