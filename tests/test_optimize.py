@@ -200,3 +200,23 @@ def test_nothing_movable() -> None:
     assert np.all(result.pair_values == 1.0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n != "mlp_5x500"])
+def test_registry_models_rise(name: str) -> None:
+    """One step on every registry model (but the 2500-neuron MLP): the gradient norm rises
+    and the function is kept (classifiers: cross-entropy; the U-Net: mean squared error)."""
+    model, shape = ARCHITECTURES[name]()
+    x = torch.randn(4, *shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(x)
+    if out.dim() == 2:
+        loss, y = F.cross_entropy, torch.randint(0, out.shape[1], (4,))
+    else:
+        loss, y = F.mse_loss, torch.randn_like(out)
+    reference = copy.deepcopy(model)
+    result = optimize(model, loss, (x, y), steps=1, lr=0.5)
+    _assert_rises(result)
+    with torch.no_grad():
+        assert _rel(model(x), reference(x)) < RTOL
