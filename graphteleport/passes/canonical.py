@@ -36,10 +36,20 @@ relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both 
 reaches, such as a mask's fill value), and raises :class:`NotConverged` after
 ``max_iterations``.
 
-**Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
-(``any``, or ``sign`` with odd activations or in insert mode) keeps the signs the model
-has, so the form is canonical *modulo sign* (a random teleport with
-``--sampling inter_landscape`` yields a sign-flipped canonical form).
+**Signs** (:func:`sign_values`).  ``F`` does not see signs, so a pair whose group allows
+negative cofactors (free, ``any`` or ``sign``: odd activations, linear paths, insert mode)
+is given its sign by a rule.  Flipping pair q flips every stored element whose ``S`` holds
+q's cofactor to an odd total power, and only those.  The pairs are decided in rounds: a
+pair is decided by the first non-zero element (counted uses in analysis order; within a
+use, in the row order of its compact layout, then the first non-zero element of the row)
+that it flips and whose other flippable pairs are all decided already; its sign makes
+that element, with the flips decided so far, positive.  Which element decides which pair
+depends only on the graph and on which elements are zero — the same for a model and
+every teleport of it — and each decision makes the deciding element's sign the same for
+both, so a model and any teleport of it (negative cofactors included) get the same
+signs.  A pair no element decides (all its elements zero, or every one shared with
+another undecided pair) keeps its sign; :attr:`CanonicalResult.sign_undecided` counts
+them.  Positive scales do not change signs, so the rule reads the model as it comes.
 
 The rewrite is the teleport's (:func:`graphteleport.passes.teleport.apply_values`):
 range fits included (a pair moved toward 1 to keep a weight in range is listed in
@@ -57,10 +67,11 @@ from typing import cast
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis import analyze_model
+from graphteleport.algebra import with_rank
+from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
-from graphteleport.orbit import OrbitTerms
+from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
 from graphteleport.orbit_kernel import KernelPoint, OrbitKernel
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
@@ -240,13 +251,152 @@ def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatAr
     return further if further is not None else found
 
 
+#: Group codes (``Solution.code``) whose pairs may take a negative cofactor: any, sign.
+SIGN_CODES = (0, 2)
+
+
+def sign_values(
+    analysis: AnalysisResult, arrays: Mapping[str, np.ndarray] | None = None
+) -> tuple[FloatArray, int]:
+    """±1 per pair by the sign rule (module docstring), read from the stored tensors
+    (``arrays`` by name; default: the model's, ``ConstRef.array()``) — 1 on every pair
+    that may not flip or that no element decides — and the number of flippable pairs no
+    element decides."""
+    sol = analysis.solution
+    flippable = np.asarray(sol.free & np.isin(sol.code, SIGN_CODES), dtype=bool)
+    if not flippable.any():
+        return np.ones(sol.num_pairs), 0
+    rows, cols, first = _sign_rows(analysis, flippable, arrays)
+    signs, decided = _decide_signs(rows, cols, first, sol.num_pairs)
+    return signs, int((flippable & ~decided).sum())
+
+
+def _sign_rows(
+    analysis: AnalysisResult, flippable: np.ndarray, arrays: Mapping[str, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, FloatArray]:
+    """Every counted use's rows (its compact layout, laid end to end): the coordinates
+    ``(row, pair)`` of the flippable pairs each row with a non-zero element holds to an
+    odd power, and per row its first non-zero element (0 where all are zero)."""
+    pair = analysis.solution.pair
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    firsts: list[FloatArray] = []
+    offset = 0
+    for use in counted_uses(analysis):
+        w = arrays[use.source.name] if arrays is not None else use.source.array()
+        cshape = compact_shape(use)
+        first = _first_nonzero(used_values(use, w), cshape)
+        odd = [np.asarray(f.ids) for f in use.factors if f.exp % 2]
+        parts = [_odd_factor(ids, cshape, pair, flippable, first) for ids in odd]
+        if len(odd) > 1 and _shared_pair([pair[ids.reshape(-1)] for ids in odd], flippable):
+            parts = [_odd(parts, analysis.solution.num_pairs)]
+        rows.extend(offset + r for r, _ in parts)
+        cols.extend(c for _, c in parts)
+        firsts.append(first)
+        offset += first.size
+    empty = np.zeros(0, np.int64)
+    return (
+        np.concatenate(rows) if rows else empty,
+        np.concatenate(cols) if cols else empty,
+        np.concatenate(firsts) if firsts else np.zeros(0),
+    )
+
+
+def _odd_factor(
+    ids: np.ndarray,
+    cshape: tuple[int, ...],
+    pair: np.ndarray,
+    flippable: np.ndarray,
+    first: FloatArray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One odd factor's coordinates ``(row, pair)`` within its use: the rows of the compact
+    layout ``cshape`` with a non-zero element and a flippable pair there."""
+    pairs = pair[np.broadcast_to(with_rank(np.asarray(ids), len(cshape)), cshape).reshape(-1)]
+    at = np.flatnonzero(flippable[pairs] & (first != 0))
+    return at, pairs[at]
+
+
+def _shared_pair(pairs: list[np.ndarray], flippable: np.ndarray) -> bool:
+    """Two factors of one use (the pairs of their ids) reach a common flippable pair (a
+    row may hold it twice)."""
+    seen = np.zeros(0, np.int64)
+    for p in pairs:
+        mine = np.unique(p[flippable[p]])
+        if np.intersect1d(seen, mine, assume_unique=True).size:
+            return True
+        seen = np.union1d(seen, mine)
+    return False
+
+
+def _odd(
+    parts: list[tuple[np.ndarray, np.ndarray]], num_pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One use's coordinates met an odd number of times (two factors of a row on one pair,
+    ``τ_out/τ_in`` of one class, cancel: ``(±1)² = 1``)."""
+    keys = np.concatenate([r.astype(np.int64) * num_pairs + c for r, c in parts])
+    keys, counts = np.unique(keys, return_counts=True)
+    keys = keys[counts % 2 == 1]
+    return keys // num_pairs, keys % num_pairs
+
+
+def _first_nonzero(values: np.ndarray, cshape: tuple[int, ...]) -> FloatArray:
+    """Per row of the compact layout ``cshape`` (row-major), the first non-zero element of
+    the values it covers (those along the axes where ``cshape`` is 1), float64, 0 where
+    none is; non-finite elements count as zero (a mask's fill: never flipped)."""
+    v = np.asarray(values)
+    kept = [k for k, c in enumerate(cshape) if c != 1 or v.shape[k] == 1]
+    summed = [k for k in range(v.ndim) if k not in kept]
+    grid = np.transpose(v, kept + summed).reshape(int(np.prod(cshape)), -1)
+    hit = grid != 0
+    if grid.dtype.kind in "fc":
+        hit &= np.isfinite(grid)
+    if not grid.size:
+        return np.zeros(grid.shape[0])
+    at = np.argmax(hit, axis=1)
+    every = np.arange(grid.shape[0])
+    out: FloatArray = np.where(hit[every, at], grid[every, at], 0).astype(np.float64)
+    return out
+
+
+def _decide_signs(
+    rows: np.ndarray, cols: np.ndarray, first: FloatArray, num_pairs: int
+) -> tuple[FloatArray, np.ndarray]:
+    """The rounds of the sign rule (module docstring): each round decides every pair that
+    is the one undecided pair of some row with a non-zero element, by its first such row;
+    rows with no undecided pair left are dropped.  Returns the signs and which pairs were
+    decided."""
+    negative = first < 0
+    signs = np.ones(num_pairs)
+    decided = np.zeros(num_pairs, dtype=bool)
+    while rows.size:
+        open_ = ~decided[cols]
+        count = np.bincount(rows[open_], minlength=first.size)
+        ready = open_ & (count[rows] == 1)
+        if not ready.any():
+            break
+        flips = np.bincount(rows[~open_ & (signs[cols] < 0)], minlength=first.size)
+        r, q = rows[ready], cols[ready]
+        order = np.lexsort((r, q))  # per pair, its first row
+        r, q = r[order], q[order]
+        lead = np.r_[True, q[1:] != q[:-1]]
+        r, q = r[lead], q[lead]
+        signs[q] = np.where(negative[r] ^ (flips[r] % 2 == 1), -1.0, 1.0)
+        decided[q] = True
+        alive = np.bincount(rows[~decided[cols]], minlength=first.size)[rows] > 0
+        rows, cols = rows[alive], cols[alive]
+    return signs, decided
+
+
 @dataclass
 class CanonicalResult(TeleportResult):
     """What :class:`CanonicalizePass` did: the teleport it applied (``pair_values``:
-    ``t = exp(u)`` on the active pairs, 1 elsewhere) and the optimisation
+    ``t = ±exp(u)`` on the active pairs, the sign by the sign rule; ±1 or 1 elsewhere),
+    the pairs the sign rule flipped and could not decide, and the optimisation
     (:class:`Minimum`: ``F`` before and after, iterations, final gradient)."""
 
     minimum: Minimum | None = None
+    flipped: int = 0  # pairs the sign rule gave −1 (:func:`sign_values`)
+    sign_undecided: int = 0  # flippable pairs no element decided (their signs kept)
 
     @property
     def objective_before(self) -> float:
@@ -297,9 +447,12 @@ class CanonicalizePass(ir.passes.InPlacePass):
         terms = OrbitTerms.build(analysis)
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
         t2 = time.perf_counter()
-        values = np.exp(found.u)
+        signs, undecided = sign_values(analysis)
+        values = np.exp(found.u) * signs
         applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
         seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
+        flipped = int((signs < 0).sum())
         return result_of(
-            CanonicalResult, model, analysis, opts, values, applied, seconds, minimum=found
-        )
+            CanonicalResult, model, analysis, opts, values, applied, seconds,
+            minimum=found, flipped=flipped, sign_undecided=undecided,
+        )  # fmt: skip
