@@ -23,7 +23,11 @@ Layout (each module imports only those above it; none imports this package's ``_
 * :mod:`~graphteleport.torch.insert` — insert mode's forward hooks, and the choice between
   hooks and the GraphModule;
 * :mod:`~graphteleport.torch.orbit` — :func:`compose`, :func:`orbit_tangent`;
-* :mod:`~graphteleport.torch.teleporter` — :func:`teleport`, :class:`Teleporter`.
+* :mod:`~graphteleport.torch.teleporter` — :func:`teleport`, :class:`Teleporter`;
+* :mod:`~graphteleport.torch.orbitmap` — :class:`OrbitMap`, the orbit as a differentiable
+  map ``u ↦ W(u)``;
+* :mod:`~graphteleport.torch.optimize` — :func:`optimize`, teleports that raise an
+  objective (gradient norm, sharpness) by gradient steps over ``log t``.
 
 The algebra is not here: every ``S = Π τ^e``, the reciprocals, BatchNorm's ``ε``
 corrections and the orbit's derivatives are computed by :mod:`graphteleport.algebra`, from
@@ -48,9 +52,21 @@ Example::
     result.free_cofactors, result.changed[:3]
 """
 
+from graphteleport.torch.optimize import Optimized, optimize
 from graphteleport.torch.orbit import compose, orbit_tangent
+from graphteleport.torch.orbitmap import OrbitMap
 from graphteleport.torch.result import TorchTeleport
 from graphteleport.torch.teleporter import Teleporter, teleport
 from graphteleport.torch.tracing import analyze
 
-__all__ = ["Teleporter", "TorchTeleport", "analyze", "compose", "orbit_tangent", "teleport"]
+__all__ = [
+    "Optimized",
+    "OrbitMap",
+    "Teleporter",
+    "TorchTeleport",
+    "analyze",
+    "compose",
+    "optimize",
+    "orbit_tangent",
+    "teleport",
+]
