@@ -367,6 +367,12 @@ def section(res: Results) -> str:
         for m in ("grad_norm", "hessian_trace")
     }
     n_arch = len(res.distances)
+
+    def ratio(m: str) -> str:
+        return " and ".join(
+            f"{s.canonical[m] / s.original[m]:.2f}x ({n})" for n, s in res.sharpness.items()
+        )
+
     return f"""## 6. The canonical form: one point per orbit
 
 `python -m experiments.canonical_form` ({res.seconds:.0f} s)
@@ -398,8 +404,8 @@ Rademacher probes).  Cells: the teleports' range relative to `W` → the relativ
 ![canonical form]({img})
 
 Before canonicalizing, a teleport with τ ~ U[0.1, 1.9] moves the weights by
-{min(far):.0%} – {max(far):.0%} of their norm (the nearest teleport of the table by
-{least_before:.1e}); after canonicalizing both, the largest distance over all
+{min(far):.0%} – {max(far):.0%} of their norm on average (the closest single teleport, r = 0.1,
+is {least_before:.1e} away); after canonicalizing both, the largest distance over all
 {n_arch} architectures, samplings and seeds is **{worst_after:.1e}** — float32 rounding: the
 canonical form is one point per orbit, also for BatchNorm, residual, DenseNet concatenation,
 U-Net skip and depthwise classes.  On the trained networks the loss does not move (spread
@@ -407,7 +413,10 @@ U-Net skip and depthwise classes.  On the trained networks the loss does not mov
 trace {moved["hessian_trace"]:.1f}x their values at `W` over these teleports; measured on the
 canonical forms, their spreads are {sharp["grad_norm"]:.0e} and {sharp["hessian_trace"]:.0e}
 (`Σ W²` {sharp["sum_sq"]:.0e}): *canonicalize, then measure* makes a scale-dependent
-sharpness measure a function of the network, not of its parametrization.  What this does not
+sharpness measure a function of the network, not of its parametrization.  The canonical
+point is a reference, not the flattest point of the orbit: at `C(W)` the gradient norm is
+{ratio("grad_norm")} and the Hessian trace {ratio("hessian_trace")} their values at the trained
+`W` (least `Σ W²` is not least curvature).  What this does not
 settle: whether the canonical form's sharpness predicts generalization better than the raw one
 (that needs many trained networks), and the sign part — this section uses positive cofactors;
 the form is canonical modulo sign where a class allows negative ones.

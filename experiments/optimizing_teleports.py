@@ -62,7 +62,7 @@ BATCH = 64
 EVERY = 3  # epochs between the repeated grad-norm teleports
 OPT_BATCH = 500
 OPT_STEPS = 10
-OPT_LR = 0.1  # the largest change of any log t per ascent step
+OPT_LR = 0.2  # the largest change of any log t per ascent step
 RANDOM = {"mode": "absorb", "sampling": "intra_landscape", "cob_range": 0.9}
 ARMS = (
     "plain",
@@ -215,8 +215,8 @@ def seed_arms(
             grad_norm_teleport(model, name, 100 * seed + epoch, log)
 
     arms["grad-norm teleport"] = (opt, LR, None)
-    arms[f"grad-norm teleport every {EVERY} epochs"] = (deepcopy(opt), LR, again)
-    arms["plain, lr × k (grad-norm)"] = (deepcopy(init), LR * k_opt, None)
+    arms[ARMS[4]] = (deepcopy(opt), LR, again)
+    arms[ARMS[5]] = (deepcopy(init), LR * k_opt, None)
     return arms
 
 
