@@ -159,9 +159,10 @@ def canonicalize_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="graphteleport canonicalize",
         description="Write the canonical form of a network: the point of its orbit under "
-        "positive cofactors with the least sum of squared weights and biases (unique up to "
-        "the signs of sign-group cofactors), then prove the function is unchanged with "
-        "onnxruntime.  A model and any positive teleport of it get the same canonical form.",
+        "positive cofactors with the least sum of squared weights and biases (the signs of "
+        "sign-group cofactors by a rule), then prove the function is unchanged with "
+        "onnxruntime.  A model and any teleport of it get the same canonical form "
+        "(negative cofactors too: a sign rule picks the signs).",
     )
     _model_in_out(p, "canonicalize", "also free the cofactors that need Mul nodes")
     _verification(p)

@@ -411,4 +411,6 @@ def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
         "iterations": m.iterations,
         "cg_steps": m.cg_steps,
         "gradient": m.gradient,
+        "signs_flipped": result.flipped,
+        "signs_undecided": result.sign_undecided,
     }

@@ -153,3 +153,37 @@ def test_orbit_map_is_the_teleport(name: str) -> None:
     state = model.state_dict()
     for key, w in mapped.items():
         assert _rel(w, state[key]) < 1e-6, key
+
+
+def test_train_mode_batchnorm_statistics_untouched() -> None:
+    """Evaluating the objective in train mode runs forwards, which update BatchNorm's
+    running statistics; optimize leaves them to the teleport alone: the module ends as a
+    copy teleported by the same pair values."""
+    model, batch, _ = _setup("cnn2d")
+    model.train()
+    twin = copy.deepcopy(model)
+    result = optimize(model, F.cross_entropy, batch, steps=2, lr=0.5)
+    _assert_rises(result)
+    Teleporter(twin, batch[0]).teleport(values=result.pair_values)
+    expected = twin.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_orbit_map_with_element_maps() -> None:
+    """BERT's attention reads weights through element maps (``Absorb.index``): the map
+    scatters each use's ``S`` as the rewrite does."""
+    pytest.importorskip("transformers")
+    from models.hf import HF_MODELS
+
+    model, inputs = HF_MODELS["bert"].build(0)
+    teleporter = Teleporter(model, inputs)
+    assert any(ab.index is not None for w in teleporter.analysis.weights for ab in w.uses)
+    orbit = OrbitMap(teleporter.graph, teleporter.analysis)
+    u = np.random.default_rng(0).normal(scale=0.3, size=orbit.size)
+    with torch.no_grad():
+        mapped = orbit(torch.from_numpy(u))
+    teleporter.teleport(values=orbit.pair_values(u))
+    state = model.state_dict()
+    for key, w in mapped.items():
+        assert _rel(w, state[key]) < 1e-6, key

@@ -28,10 +28,20 @@ line search; it stops when the relative decrease of ``F`` of the last step and
 moves, without rows no movable pair reaches, such as a mask's fill value), and raises
 :class:`NotConverged` after ``max_iterations``.
 
-**Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
-(``any``, or ``sign`` with odd activations or in insert mode) keeps the signs the model
-has, so the form is canonical *modulo sign* (a random teleport with
-``--sampling inter_landscape`` yields a sign-flipped canonical form).
+**Signs** (:func:`sign_values`).  ``F`` does not see signs, so a pair whose group allows
+negative cofactors (free, ``any`` or ``sign``: odd activations, linear paths, insert mode)
+is given its sign by a rule.  Flipping pair q flips every stored element whose ``S`` holds
+q's cofactor to an odd total power, and only those.  The pairs are decided in rounds: a
+pair is decided by the first non-zero element (counted uses in analysis order; within a
+use, in the row order of its compact layout, then the first non-zero element of the row)
+that it flips and whose other flippable pairs are all decided already; its sign makes
+that element, with the flips decided so far, positive.  Which element decides which pair
+depends only on the graph and on which elements are zero — the same for a model and
+every teleport of it — and each decision makes the deciding element's sign the same for
+both, so a model and any teleport of it (negative cofactors included) get the same
+signs.  A pair no element decides (all its elements zero, or every one shared with
+another undecided pair) keeps its sign; :attr:`CanonicalResult.sign_undecided` counts
+them.  Positive scales do not change signs, so the rule reads the model as it comes.
 
 The rewrite is the teleport's (:func:`graphteleport.passes.teleport.apply_values`):
 range fits included (a pair moved toward 1 to keep a weight in range is listed in
@@ -49,10 +59,11 @@ from typing import cast
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis import analyze_model
+from graphteleport.algebra import with_rank
+from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
-from graphteleport.orbit import OrbitTerms
+from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
@@ -175,13 +186,119 @@ def _line_search(
     return u, terms.terms(u), f
 
 
+#: Group codes (``Solution.code``) whose pairs may take a negative cofactor: any, sign.
+SIGN_CODES = (0, 2)
+
+
+def sign_values(
+    analysis: AnalysisResult, arrays: Mapping[str, np.ndarray] | None = None
+) -> tuple[FloatArray, int]:
+    """±1 per pair by the sign rule (module docstring), read from the stored tensors
+    (``arrays`` by name; default: the model's, ``ConstRef.array()``) — 1 on every pair
+    that may not flip or that no element decides — and the number of flippable pairs no
+    element decides."""
+    sol = analysis.solution
+    flippable = np.asarray(sol.free & np.isin(sol.code, SIGN_CODES), dtype=bool)
+    if not flippable.any():
+        return np.ones(sol.num_pairs), 0
+    rows, cols, first = _sign_rows(analysis, flippable, arrays)
+    signs, decided = _decide_signs(rows, cols, first, sol.num_pairs)
+    return signs, int((flippable & ~decided).sum())
+
+
+def _sign_rows(
+    analysis: AnalysisResult, flippable: np.ndarray, arrays: Mapping[str, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, FloatArray]:
+    """Every counted use's rows (its compact layout, laid end to end): the coordinates
+    ``(row, pair)`` of the flippable pairs each row holds to an odd power, and per row its
+    first non-zero element (0 where all are zero)."""
+    pair = analysis.solution.pair
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    firsts: list[FloatArray] = []
+    offset = 0
+    for use in counted_uses(analysis):
+        w = arrays[use.source.name] if arrays is not None else use.source.array()
+        cshape = compact_shape(use)
+        firsts.append(_first_nonzero(used_values(use, w), cshape))
+        for f in use.factors:
+            if f.exp % 2 == 0:
+                continue
+            ids = np.broadcast_to(with_rank(np.asarray(f.ids), len(cshape)), cshape)
+            pairs = pair[ids.reshape(-1)]
+            at = np.flatnonzero(flippable[pairs])
+            rows.append(offset + at)
+            cols.append(pairs[at])
+        offset += int(np.prod(cshape))
+    first = np.concatenate(firsts) if firsts else np.zeros(0)
+    return *_odd(rows, cols, analysis.solution.num_pairs), first
+
+
+def _odd(
+    rows: list[np.ndarray], cols: list[np.ndarray], num_pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(row, pair)`` coordinates met an odd number of times (two factors of a row
+    on one pair, ``τ_out/τ_in`` of one class, cancel: ``(±1)² = 1``)."""
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    keys = np.concatenate(rows).astype(np.int64) * num_pairs + np.concatenate(cols)
+    keys, counts = np.unique(keys, return_counts=True)
+    keys = keys[counts % 2 == 1]
+    return keys // num_pairs, keys % num_pairs
+
+
+def _first_nonzero(values: np.ndarray, cshape: tuple[int, ...]) -> FloatArray:
+    """Per row of the compact layout ``cshape`` (row-major), the first non-zero element of
+    the values it covers (those along the axes where ``cshape`` is 1), 0 where none is;
+    non-finite elements count as zero (a mask's fill: never flipped)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isfinite(v), v, 0.0)
+    kept = [k for k, c in enumerate(cshape) if c != 1 or v.shape[k] == 1]
+    summed = [k for k in range(v.ndim) if k not in kept]
+    grid = np.transpose(v, kept + summed).reshape(int(np.prod(cshape)), -1)
+    nonzero = grid != 0
+    at = np.argmax(nonzero, axis=1)
+    out: FloatArray = grid[np.arange(grid.shape[0]), at] if grid.size else np.zeros(grid.shape[0])
+    return out
+
+
+def _decide_signs(
+    rows: np.ndarray, cols: np.ndarray, first: FloatArray, num_pairs: int
+) -> tuple[FloatArray, np.ndarray]:
+    """The rounds of the sign rule (module docstring): each round decides every pair that
+    is the one undecided pair of some row with a non-zero element, by its first such row.
+    Returns the signs and which pairs were decided."""
+    keep = first[rows] != 0
+    rows, cols = rows[keep], cols[keep]
+    negative = first < 0
+    signs = np.ones(num_pairs)
+    decided = np.zeros(num_pairs, dtype=bool)
+    while True:
+        open_ = ~decided[cols]
+        count = np.bincount(rows[open_], minlength=first.size)
+        ready = open_ & (count[rows] == 1)
+        if not ready.any():
+            return signs, decided
+        flips = np.bincount(rows[~open_ & (signs[cols] < 0)], minlength=first.size)
+        r, q = rows[ready], cols[ready]
+        order = np.lexsort((r, q))  # per pair, its first row
+        r, q = r[order], q[order]
+        lead = np.r_[True, q[1:] != q[:-1]]
+        r, q = r[lead], q[lead]
+        signs[q] = np.where(negative[r] ^ (flips[r] % 2 == 1), -1.0, 1.0)
+        decided[q] = True
+
+
 @dataclass
 class CanonicalResult(TeleportResult):
     """What :class:`CanonicalizePass` did: the teleport it applied (``pair_values``:
-    ``t = exp(u)`` on the active pairs, 1 elsewhere) and the optimisation
+    ``t = ±exp(u)`` on the active pairs, the sign by the sign rule; ±1 or 1 elsewhere),
+    the pairs the sign rule flipped and could not decide, and the optimisation
     (:class:`Minimum`: ``F`` before and after, iterations, final gradient)."""
 
     minimum: Minimum | None = None
+    flipped: int = 0  # pairs the sign rule gave −1 (:func:`sign_values`)
+    sign_undecided: int = 0  # flippable pairs no element decided (their signs kept)
 
     @property
     def objective_before(self) -> float:
@@ -232,9 +349,12 @@ class CanonicalizePass(ir.passes.InPlacePass):
         terms = OrbitTerms.build(analysis)
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
         t2 = time.perf_counter()
-        values = np.exp(found.u)
+        signs, undecided = sign_values(analysis)
+        values = np.exp(found.u) * signs
         applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
         seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
+        flipped = int((signs < 0).sum())
         return result_of(
-            CanonicalResult, model, analysis, opts, values, applied, seconds, minimum=found
-        )
+            CanonicalResult, model, analysis, opts, values, applied, seconds,
+            minimum=found, flipped=flipped, sign_undecided=undecided,
+        )  # fmt: skip

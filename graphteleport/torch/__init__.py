@@ -27,7 +27,8 @@ Layout (each module imports only those above it; none imports this package's ``_
 * :mod:`~graphteleport.torch.orbitmap` — :class:`OrbitMap`, the orbit as a differentiable
   map ``u ↦ W(u)``;
 * :mod:`~graphteleport.torch.optimize` — :func:`optimize`, teleports that raise an
-  objective (gradient norm, sharpness) by gradient steps over ``log t``.
+  objective (gradient norm, sharpness) by gradient steps over ``log t``;
+* :mod:`~graphteleport.torch.canonical` — :func:`canonicalize`, the canonical form.
 
 The algebra is not here: every ``S = Π τ^e``, the reciprocals, BatchNorm's ``ε``
 corrections and the orbit's derivatives are computed by :mod:`graphteleport.algebra`, from
@@ -52,6 +53,7 @@ Example::
     result.free_cofactors, result.changed[:3]
 """
 
+from graphteleport.torch.canonical import TorchCanonical, canonicalize
 from graphteleport.torch.optimize import Optimized, optimize
 from graphteleport.torch.orbit import compose, orbit_tangent
 from graphteleport.torch.orbitmap import OrbitMap
@@ -63,8 +65,10 @@ __all__ = [
     "Optimized",
     "OrbitMap",
     "Teleporter",
+    "TorchCanonical",
     "TorchTeleport",
     "analyze",
+    "canonicalize",
     "compose",
     "optimize",
     "orbit_tangent",

@@ -102,7 +102,7 @@ class OrbitMap:
         tau = self.neuron_cofactors(u)
         views = torch.split(table.values(tau), table.sizes)
         factors = [v.reshape(shape) for v, shape in zip(views, table.shapes)]
-        scales = {r.name: _scale(r, factors) for r in self._recipes}
+        scales = {r.name: _scale(r, factors, tau.device) for r in self._recipes}
         offsets = self._batchnorm_eps(factors, scales)
         out: dict[str, torch.Tensor] = {}
         for r in self._recipes:
@@ -123,7 +123,7 @@ class OrbitMap:
             s, offset = batchnorm_eps_variance(c, t2, bn.eps)
             var = self._base[bn.var]
             scales[bn.var] = s.reshape(var.shape)
-            offsets[bn.var] = offset.reshape(var.shape).to(var.dtype)
+            offsets[bn.var] = offset.reshape(var.shape).to(dtype=var.dtype, device=var.device)
             if bn.sigma2 is not None:
                 gamma = scales.get(bn.gamma)
                 scales[bn.gamma] = c if gamma is None else (gamma.reshape(-1) * c)
@@ -145,31 +145,31 @@ def _recipe(weight: Weight, graph: TorchGraph, first: dict[int, int]) -> _Recipe
     return _Recipe(weight.name, base, tuple((ab, first[id(ab)]) for ab in uses), mapped)
 
 
-def _scale(recipe: _Recipe, factors: list[torch.Tensor]) -> torch.Tensor:
+def _scale(recipe: _Recipe, factors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """``S`` of one tensor: its use's factors multiplied out (broadcastable to the tensor),
     or, where a use maps elements, each use's ``S`` written into the elements it reads
-    (as :func:`graphteleport.algebra.source_scale`)."""
+    (as :func:`graphteleport.algebra.source_scale`); float64, on ``device`` (``u``'s)."""
     if not recipe.uses:
-        return torch.ones(1, dtype=torch.float64, device=recipe.base.device)
+        return torch.ones(1, dtype=torch.float64, device=device)
     if not recipe.mapped:
         ab, j = recipe.uses[0]
-        return _product(factors[j : j + len(ab.factors)], len(ab.shape))
-    s = torch.ones(recipe.base.numel(), dtype=torch.float64, device=recipe.base.device)
+        return _product(factors[j : j + len(ab.factors)], len(ab.shape), device)
+    s = torch.ones(recipe.base.numel(), dtype=torch.float64, device=device)
     for ab, j in recipe.uses:
-        part = _product(factors[j : j + len(ab.factors)], len(ab.shape))
+        part = _product(factors[j : j + len(ab.factors)], len(ab.shape), device)
         part = part.expand(ab.shape).reshape(-1)
         if ab.index is not None:
             at = torch.from_numpy(np.asarray(ab.index, dtype=np.int64).reshape(-1))
-            s = s.index_put((at.to(s.device),), part)
+            s = s.index_put((at.to(device),), part)
         elif not ab.expand:
             s = part
     return s.reshape(recipe.base.shape)
 
 
-def _product(fs: list[torch.Tensor], rank: int) -> torch.Tensor:
+def _product(fs: list[torch.Tensor], rank: int, device: torch.device) -> torch.Tensor:
     """The broadcast product of a use's factor values (each already ``τ[ids]^e``), with at
     least ``rank`` axes."""
-    out = torch.ones((1,) * rank, dtype=torch.float64, device=fs[0].device if fs else None)
+    out = torch.ones((1,) * rank, dtype=torch.float64, device=device)
     for f in fs:
         out = out * f
     return out
