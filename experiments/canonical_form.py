@@ -57,8 +57,11 @@ SAMPLINGS: dict[str, dict[str, Any]] = {
     "intra r=0.5": {"sampling": "intra_landscape", "cob_range": 0.5},
     "intra r=0.9": {"sampling": "intra_landscape", "cob_range": 0.9},
     "centered c=5 r=4": {"sampling": "centered", "center": 5.0, "cob_range": 4.0},
+    "inter r=0.9": {"sampling": "inter_landscape", "cob_range": 0.9},
 }
-"""The CoB samplings (absorb mode): τ ~ U[1 − r, 1 + r], and τ ~ U[1, 9] for a far teleport."""
+"""The CoB samplings (absorb mode): τ ~ U[1 − r, 1 + r], τ ~ U[1, 9] for a far teleport, and
+random signs with |τ| ~ U[0.1, 1.9] (a ReLU-family class takes |τ|; a class that allows
+negative cofactors, such as a linear path, keeps the sign)."""
 SHARP_SAMPLINGS = ("intra r=0.9", "centered c=5 r=4")
 """The samplings of part 2 (the Hessian-vector products make it the slow part)."""
 N_LOSS = 512
@@ -349,9 +352,26 @@ def section(res: Results) -> str:
               "Σ W'²/Σ W² before", "max abs(ΣC(W')²/ΣC(W)² − 1)"]  # fmt: skip
     sharp_header = ["model", "measure", "at W", "at C(W)",
                     *(f"{s}: teleports / W → canonical" for s in SHARP_SAMPLINGS)]  # fmt: skip
-    worst_after = max(max(d.after) for ds in res.distances.values() for d in ds.values())
+    worst_after = max(
+        max(d.after) for ds in res.distances.values() for s, d in ds.items() if s != "inter r=0.9"
+    )
     least_before = min(min(d.before) for ds in res.distances.values() for d in ds.values())
     far = [np.mean(ds["intra r=0.9"].before) for ds in res.distances.values()]
+    sign_after = max(max(ds["inter r=0.9"].after) for ds in res.distances.values())
+    signed = [
+        a
+        for a, ds in res.distances.items()
+        if abs(np.mean(ds["inter r=0.9"].before) - np.mean(ds["intra r=0.9"].before)) > 1e-9
+    ]
+    sign_text = (
+        "the sign rule makes the form canonical under sign flips too"
+        if sign_after < 1e-6
+        else "the form is canonical only modulo sign on some of these models"
+    ) + (
+        f" (in absorb mode a ReLU-family class takes |τ|, so random signs reach only the "
+        f"classes that allow negative cofactors, here in {', '.join(signed) or 'none'}; "
+        f"elsewhere the column equals intra r=0.9)"
+    )
     sharp = {
         m: max(
             _spread([s.canonical[m], *(x[m] for xs in s.after.values() for x in xs)])
@@ -404,22 +424,22 @@ Rademacher probes).  Cells: the teleports' range relative to `W` → the relativ
 ![canonical form]({img})
 
 Before canonicalizing, a teleport with τ ~ U[0.1, 1.9] moves the weights by
-{min(far):.0%} – {max(far):.0%} of their norm on average (the closest single teleport, r = 0.1,
-is {least_before:.1e} away); after canonicalizing both, the largest distance over all
-{n_arch} architectures, samplings and seeds is **{worst_after:.1e}** — float32 rounding: the
-canonical form is one point per orbit, also for BatchNorm, residual, DenseNet concatenation,
-U-Net skip and depthwise classes.  On the trained networks the loss does not move (spread
-{sharp["loss"]:.0e}), while the gradient norm reaches {moved["grad_norm"]:.1f}x and the Hessian
-trace {moved["hessian_trace"]:.1f}x their values at `W` over these teleports; measured on the
-canonical forms, their spreads are {sharp["grad_norm"]:.0e} and {sharp["hessian_trace"]:.0e}
-(`Σ W²` {sharp["sum_sq"]:.0e}): *canonicalize, then measure* makes a scale-dependent
-sharpness measure a function of the network, not of its parametrization.  The canonical
-point is a reference, not the flattest point of the orbit: at `C(W)` the gradient norm is
-{ratio("grad_norm")} and the Hessian trace {ratio("hessian_trace")} their values at the trained
-`W` (least `Σ W²` is not least curvature).  What this does not
-settle: whether the canonical form's sharpness predicts generalization better than the raw one
-(that needs many trained networks), and the sign part — this section uses positive cofactors;
-the form is canonical modulo sign where a class allows negative ones.
+{min(far):.0%} – {max(far):.0%} of their norm on average (the closest single teleport,
+r = 0.1, is {least_before:.1e} away); after canonicalizing both, the largest distance over
+all {n_arch} architectures, positive samplings and seeds is **{worst_after:.1e}** — float32
+rounding: the canonical form is one point per orbit, also for BatchNorm, residual, DenseNet
+concatenation, U-Net skip and depthwise classes; with random signs (inter r=0.9) the largest
+distance after is {sign_after:.1e} — {sign_text}.  On the trained networks the loss does not
+move (spread {sharp["loss"]:.0e}), while the gradient norm reaches {moved["grad_norm"]:.1f}x
+and the Hessian trace {moved["hessian_trace"]:.1f}x their values at `W` over these teleports;
+measured on the canonical forms, their spreads are {sharp["grad_norm"]:.0e} and
+{sharp["hessian_trace"]:.0e} (`Σ W²` {sharp["sum_sq"]:.0e}): *canonicalize, then measure*
+makes a scale-dependent sharpness measure a function of the network, not of its
+parametrization.  The canonical point is a reference, not the flattest point of the orbit: at
+`C(W)` the gradient norm is {ratio("grad_norm")} and the Hessian trace
+{ratio("hessian_trace")} their values at the trained `W` (least `Σ W²` is not least
+curvature).  What this does not settle: whether the canonical form's sharpness predicts
+generalization better than the raw one (that needs many trained networks).
 """
 
 
