@@ -439,11 +439,11 @@ def _spike(res: Results, name: str) -> float:
     """The largest mean ratio, over the repeated teleports, of the training loss in the epoch
     after a teleport to that of the epoch before (mean over the seeds still finite)."""
     loss = res.train_loss[name, ARMS[4]]
-    ratios = [
-        float(np.nanmean(loss[:, e + 1] / loss[:, e]))
-        for e in range(EVERY, loss.shape[1] - 1, EVERY)
-        if np.isfinite(loss[:, e]).any()
-    ]
+    ratios = []
+    for e in range(EVERY, loss.shape[1] - 1, EVERY):
+        r = loss[:, e + 1] / loss[:, e]
+        if np.isfinite(r).any():
+            ratios.append(float(r[np.isfinite(r)].mean()))
     return max(ratios, default=float("nan"))
 
 
