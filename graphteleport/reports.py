@@ -96,6 +96,7 @@ class TeleportReport:
     verification: VerificationResult | None = None
     written: list[str] | None = None
     canonical: dict[str, float] | None = None  # canonicalize: F before/after, iterations
+    equalize: dict[str, Any] | None = None  # equalize: ranges, steps, fraction moved
 
     def to_json(self) -> dict[str, Any]:
         o, s, i = self.options, self.stats, self.inserted
@@ -126,6 +127,10 @@ class TeleportReport:
             for key in ("sampling", "cob_range", "seed"):
                 del out[key]
             out["canonical"] = dict(self.canonical)
+        if self.equalize is not None:  # chosen, not drawn: no sampling to report
+            for key in ("sampling", "cob_range", "seed"):
+                del out[key]
+            out["equalize"] = dict(self.equalize)
         if self.written is not None:
             out["written"] = list(self.written)
         return out
