@@ -308,3 +308,44 @@ def test_cli_smooth_not_available(fixtures_dir: Path, tmp_path: Path) -> None:
         "--method", "smooth", "--calibration", feeds,
     )  # fmt: skip
     assert code == 2 and "not available" in stderr and not out.exists()
+
+
+# -- torch ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mlp", "resnet18", "transformer_mlp"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_torch_equalize_in_place(arch: str, exact: bool) -> None:
+    torch = pytest.importorskip("torch")
+    from graphteleport.torch import equalize
+    from models.architectures import ARCHITECTURES
+
+    model, shape = ARCHITECTURES[arch]()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result = equalize(model, x, exact=exact)
+    with torch.no_grad():
+        after = model(x)
+    assert result.free_cofactors > 0
+    assert any(not torch.equal(params[k], v) for k, v in model.named_parameters())
+    if exact:
+        assert torch.equal(before, after)
+    else:
+        assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    again = {k: v.detach().clone() for k, v in model.named_parameters()}
+    equalize(model, x)  # at the minimum already (exact: within a factor √2 of it)
+    for k, v in model.named_parameters():
+        tol = 0.5 if exact else 1e-5
+        assert torch.allclose(v, again[k], rtol=tol, atol=tol * float(again[k].abs().max())), k
+
+
+def test_torch_equalize_refuses_smooth() -> None:
+    torch = pytest.importorskip("torch")
+    from graphteleport.errors import InputError
+    from graphteleport.torch import equalize
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(InputError, match="cle"):
+        equalize(model, torch.randn(1, 3), method="smooth")
+    with pytest.raises(InputError, match="--p"):
+        equalize(model, torch.randn(1, 3), p=1.0)

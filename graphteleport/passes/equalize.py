@@ -73,7 +73,13 @@ from graphteleport.algebra import scale, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
 from graphteleport.errors import InputError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
-from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
+from graphteleport.orbit import (
+    OrbitTerms,
+    compact_shape,
+    counted_uses,
+    movable_pairs,
+    used_values,
+)
 from graphteleport.passes.canonical import (
     MAX_ITERATIONS,
     TOL,
@@ -171,11 +177,37 @@ def cle_values(
     does not move) and the balance's :class:`Minimum`.  ``arrays`` gives the stored
     tensors by name (default: read from the model).  Raises :class:`NotConverged`."""
     terms = balance_terms(analysis, p, arrays)
+    stuck = one_sided_pairs(analysis, arrays)
+    if stuck.any():
+        terms = dataclasses.replace(terms, movable=terms.movable & ~stuck)
     try:
         found = minimize(terms, tol=tol, max_iterations=max_iterations)
     except NotConverged as e:
         raise NotConverged(f"equalize (p={p:g}): {e}") from None
     return np.exp(found.u), found
+
+
+def one_sided_pairs(
+    analysis: AnalysisResult, arrays: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
+    """Per pair: every non-zero stored tensor it reaches scales by ``t`` (or every one by
+    ``1/t``).  ``B_p`` falls without bound along such a pair — a conv before a BatchNorm
+    in training form, which normalises the conv's scale away, leaves the conv's rows and
+    the running statistics all shrinking together — so it keeps ``t = 1``."""
+    sol = analysis.solution
+    sign = np.where(np.asarray(sol.inverse, dtype=bool), -1, 1)
+    up = np.zeros(sol.num_pairs, dtype=bool)
+    down = np.zeros(sol.num_pairs, dtype=bool)
+    for use in counted_uses(analysis):
+        w = arrays[use.source.name] if arrays is not None else use.source.array()
+        if not np.any(w):
+            continue
+        for f in use.factors:
+            ids = np.asarray(f.ids).reshape(-1)
+            direction = f.exp * sign[ids]
+            up[sol.pair[ids[direction > 0]]] = True
+            down[sol.pair[ids[direction < 0]]] = True
+    return np.asarray(movable_pairs(analysis) & (up ^ down), dtype=bool)
 
 
 def power_of_two(values: FloatArray) -> FloatArray:
