@@ -137,6 +137,12 @@ def teleport_parser() -> argparse.ArgumentParser:
         help="insert mode: let a residual Add rescale one branch (more cofactors)",
     )
     p.add_argument(
+        "--rescale-clip",
+        action="store_true",
+        help="rewrite Clip/ReLU6 as Min(Relu(x), 6) so its bounds absorb the cofactors "
+        "(changes the graph; more cofactors, no Mul nodes)",
+    )
+    p.add_argument(
         "--sampling",
         choices=SAMPLINGS,
         default="intra_landscape",
@@ -366,6 +372,8 @@ def _outcome(r: TeleportReport) -> list[str]:
             f"  kept in range: {moved} cofactors moved toward 1 ({pinned} pinned), e.g. "
             f"{fixes[0].reason}"
         )
+    if r.clips_split:
+        lines.append(f"  Clips made rescalable: {r.clips_split} (Clip -> Min(Relu(x), c))")
     if o.mode == "insert":
         ins = r.inserted
         lines.append(

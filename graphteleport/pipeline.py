@@ -445,6 +445,7 @@ def _teleport_report(
         equalize=result.figures.to_json()
         if isinstance(result, EqualizeResult) and result.figures
         else None,
+        clips_split=len(result.clips.clips),
     )
 
 
