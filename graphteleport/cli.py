@@ -219,6 +219,13 @@ def equalize_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="round the cofactors to powers of two: bit-identical outputs",
     )
+    p.add_argument(
+        "--keep-clips",
+        action="store_true",
+        help="leave Clips (ReLU6) as they are; by default each Clip with constant bounds "
+        "becomes Min(Relu(x), 6), whose bound absorbs the cofactor (no Mul), so its "
+        "channels can be equalized",
+    )
     _verification(p)
     _common(p)
     return p
@@ -483,7 +490,7 @@ def _run(argv: list[str]) -> int:
 
 def _equalize(argv: list[str]) -> int:
     args = equalize_parser().parse_args(argv)
-    opts = _verify_options(args, mode=args.mode, exact=args.exact)
+    opts = _verify_options(args, mode=args.mode, exact=args.exact, rescale_clip=not args.keep_clips)
     report = equalize_file(
         args.model, args.output, opts, _progress(args), report_path=args.report,
         method=args.method, p=args.p, alpha=args.alpha, calibration=args.calibration,

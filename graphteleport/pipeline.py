@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport import verify as verify_mod
+from graphteleport.activations import load_calibration
 from graphteleport.analysis import Quiver, analyze_model
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
@@ -265,15 +265,15 @@ def equalize_file(
     """Equalize the model at ``src`` for per-tensor INT8 quantization
     (:class:`~graphteleport.passes.equalize.EqualizePass`: ``method`` cle with the balance's
     ``p``, or smooth with ``alpha`` and the ``calibration`` .npz) into ``dst``, verified like
-    :func:`teleport_file` (``opts.mode``, ``opts.exact`` and the verification options are
-    used; the sampling options are not).  The report's ``equalize`` holds the per-tensor
-    and per-class ranges before and after, the predicted INT8 steps and the fraction of
-    weight elements moved; its seconds add ``solve`` and ``figures``; ``report_path`` as
-    for :func:`teleport_file`."""
+    :func:`teleport_file` (``opts.mode``, ``opts.exact``, ``opts.rescale_clip`` and the
+    verification options are used; the sampling options are not).  The report's
+    ``equalize`` holds the per-tensor and per-class ranges before and after, the predicted
+    INT8 steps and the fraction of weight elements moved; its seconds add ``solve`` and
+    ``figures``; ``report_path`` as for :func:`teleport_file`."""
     feeds: list[dict[str, np.ndarray]] = []
     if calibration is not None:
         check_paths([("calibration file", calibration)], [])
-        feeds = [read_npz(calibration)]
+        feeds = load_calibration(calibration)
     settings = EqualizePass(
         method=method, mode=opts.mode, p=p, alpha=alpha, exact=opts.exact, calibration=feeds
     ).settings  # every value checked before any file is written
@@ -281,7 +281,8 @@ def equalize_file(
         src, dst, opts, progress, report_path,
         lambda shapes: EqualizePass(
             method=settings.method, mode=opts.mode, p=settings.p, alpha=settings.alpha,
-            exact=settings.exact, calibration=feeds, input_shapes=shapes,
+            exact=settings.exact, rescale_clip=opts.rescale_clip, calibration=feeds,
+            input_shapes=shapes,
         ),
         extra_inputs=[] if calibration is None else [("calibration file", calibration)],
     )  # fmt: skip
@@ -447,18 +448,6 @@ def _teleport_report(
         else None,
         clips_split=len(result.clips.clips),
     )
-
-
-def read_npz(path: PathArg) -> dict[str, np.ndarray]:
-    """Every array of an ``.npz`` archive by name, or InputError with the reason."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise InputError(f"{path} is not an .npz archive (write it with numpy.savez)")
-        with loaded:
-            return {k: loaded[k] for k in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path} is not a readable .npz archive: {e}".splitlines()[0]) from e
 
 
 def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:

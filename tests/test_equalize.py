@@ -6,7 +6,6 @@ out; the CLI's exit codes, atomic writes and report."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from collections.abc import Callable
@@ -295,19 +294,22 @@ def test_cli_bad_files(fixtures_dir: Path, tmp_path: Path) -> None:
     assert notnpz.read_text() == "not an archive"
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("graphteleport.activations") is not None,
-    reason="graphteleport.activations is installed: smooth runs",
-)
-def test_cli_smooth_not_available(fixtures_dir: Path, tmp_path: Path) -> None:
+def test_cli_smooth(fixtures_dir: Path, tmp_path: Path) -> None:
+    proto = onnx.load(fixtures_dir / "resnet_tiny.onnx")
+    samples = [random_feeds(proto, seed=k) for k in range(3)]
     feeds = tmp_path / "feeds.npz"
-    np.savez(feeds, **random_feeds(onnx.load(fixtures_dir / "mlp_small.onnx")))
-    out = tmp_path / "o.onnx"
+    np.savez(feeds, **{n: np.stack([s[n] for s in samples]) for n in samples[0]})
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, _, stderr = cli(
-        "equalize", fixtures_dir / "mlp_small.onnx", "-o", out,
-        "--method", "smooth", "--calibration", feeds,
+        "equalize", fixtures_dir / "resnet_tiny.onnx", "-o", out, "--report", rep,
+        "--method", "smooth", "--calibration", feeds, "--alpha", "0.5",
     )  # fmt: skip
-    assert code == 2 and "not available" in stderr and not out.exists()
+    assert code == 0, stderr
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"]
+    assert report["equalize"]["method"] == "smooth" and report["equalize"]["alpha"] == 0.5
+    assert report["equalize"]["weight_elements_moved"] > 0
+    assert feeds.exists()
 
 
 # -- torch ----------------------------------------------------------------------------------

@@ -69,8 +69,10 @@ from typing import Any, Literal, cast, get_args
 import numpy as np
 import onnx_ir as ir
 
+from graphteleport.activations import activation_ranges, smooth_cofactors
 from graphteleport.algebra import scale, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
+from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.errors import InputError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
 from graphteleport.orbit import (
@@ -488,6 +490,7 @@ class EqualizePass(ir.passes.InPlacePass):
         p: float = DEFAULT_P,
         alpha: float = 0.5,
         exact: bool = False,
+        rescale_clip: bool = True,
         calibration: Feeds | None = None,
         input_shapes: Mapping[str, Sequence[int]] | None = None,
         tol: float = TOL,
@@ -495,10 +498,14 @@ class EqualizePass(ir.passes.InPlacePass):
     ) -> None:
         """``method`` (cle, smooth), ``mode`` of the analysis (insert frees more pairs and
         may add ``Mul`` nodes), the balance's ``p``, smooth's ``alpha`` and ``calibration``
-        feeds, ``exact`` powers of two, ``input_shapes`` for dynamic axes, the solver's
-        ``tol`` and cap.  A bad value raises :class:`InputError`."""
+        feeds, ``exact`` powers of two, ``rescale_clip`` (first rewrite each Clip with
+        constant bounds, ReLU6, as ``Min(Relu(x), 6)`` whose bound absorbs the cofactor:
+        :mod:`graphteleport.clips`), ``input_shapes`` for dynamic axes, the solver's ``tol``
+        and cap.  A bad value raises :class:`InputError`."""
         super().__init__()
-        self.options = CofactorOptions(mode=check_mode(mode), seed=0, exact=bool(exact))
+        self.options = CofactorOptions(
+            mode=check_mode(mode), seed=0, exact=bool(exact), rescale_clip=bool(rescale_clip)
+        )
         self.settings = EqualizeSettings(
             method, check_p(p), alpha, bool(exact), list(calibration or []), tol, max_iterations
         )
@@ -512,6 +519,7 @@ class EqualizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> EqualizeResult:
         opts, s = self.options, self.settings
         t0 = time.perf_counter()
+        clips = split_clips(model) if opts.rescale_clip else ClipSplit()
         analysis = analyze_model(model, self.input_shapes, opts.mode)
         arrays = {w.name: w.source.array() for w in quantized_analysis(analysis).weights}
         t1 = time.perf_counter()
@@ -540,26 +548,18 @@ class EqualizePass(ir.passes.InPlacePass):
             "rewrite": t3 - t2,
             "figures": time.perf_counter() - t3,
         }
-        return result_of(
+        result = result_of(
             EqualizeResult, model, analysis, opts, values, applied, seconds,
-            minimum=found, figures=figures,
+            minimum=found, figures=figures, clips=clips,
         )  # fmt: skip
+        result.modified = result.modified or bool(clips.clips)
+        return result
 
 
 def smooth_values(
     model: ir.Model, analysis: AnalysisResult, feeds: Feeds, alpha: float
 ) -> FloatArray:
-    """SmoothQuant's pair values from activation ranges on ``feeds``
-    (:mod:`graphteleport.activations`); InputError where that module is not installed."""
-    import importlib
-
-    try:
-        activations = importlib.import_module("graphteleport.activations")
-    except ImportError:
-        raise InputError(
-            "--method smooth is not available in this build (graphteleport.activations is "
-            "missing); use --method cle"
-        ) from None
-    ranges = activations.activation_ranges(model, analysis, feeds)
-    out: FloatArray = np.asarray(activations.smooth_cofactors(analysis, ranges, alpha))
-    return out
+    """SmoothQuant's pair values from the activation ranges on ``feeds``
+    (:mod:`graphteleport.activations`)."""
+    ranges = activation_ranges(model, analysis, feeds)
+    return np.asarray(smooth_cofactors(analysis, model, ranges, alpha), dtype=np.float64)
