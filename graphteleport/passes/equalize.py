@@ -77,7 +77,7 @@ import onnx_ir as ir
 
 from graphteleport.activations import activation_ranges, smooth_cofactors
 from graphteleport.algebra import scale, with_rank
-from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
+from graphteleport.analysis import GROUPS, Absorb, AnalysisResult, Weight, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.errors import InputError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
@@ -184,15 +184,21 @@ def cle_values(
     """The pair values ``t = exp(u)`` minimising ``B_p`` (module docstring; 1 on pairs it
     does not move) and the balance's :class:`Minimum`.  ``arrays`` gives the stored
     tensors by name (default: read from the model).  Raises :class:`NotConverged`."""
-    terms = balance_terms(analysis, p, arrays)
     stuck = one_sided_pairs(analysis, arrays)
-    if stuck.any():
-        terms = dataclasses.replace(terms, movable=terms.movable & ~stuck)
+    terms = balance_terms(held(analysis, stuck) if stuck.any() else analysis, p, arrays)
     try:
         found = minimize(terms, tol=tol, max_iterations=max_iterations)
     except NotConverged as e:
         raise NotConverged(f"equalize (p={p:g}): {e}") from None
     return np.exp(found.u), found
+
+
+def held(analysis: AnalysisResult, pairs: np.ndarray) -> AnalysisResult:
+    """``analysis`` with ``pairs`` no longer columns of the orbit terms (their group read
+    as ``sign``, whose ``|t|`` is 1): what the balance is built from when they keep 1."""
+    sol = analysis.solution
+    code = np.where(pairs, GROUPS.index("sign"), sol.code)
+    return dataclasses.replace(analysis, solution=dataclasses.replace(sol, code=code))
 
 
 def one_sided_pairs(
