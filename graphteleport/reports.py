@@ -96,6 +96,7 @@ class TeleportReport:
     verification: VerificationResult | None = None
     written: list[str] | None = None
     canonical: dict[str, float] | None = None  # canonicalize: F before/after, iterations
+    equalize: dict[str, Any] | None = None  # equalize: ranges, steps, fraction moved
     clips_split: int = 0  # Clips rewritten as Min(Relu(x), c) first (rescale_clip)
 
     def to_json(self) -> dict[str, Any]:
@@ -129,6 +130,10 @@ class TeleportReport:
             for key in ("sampling", "cob_range", "seed"):
                 del out[key]
             out["canonical"] = dict(self.canonical)
+        if self.equalize is not None:  # chosen, not drawn: no sampling to report
+            for key in ("sampling", "cob_range", "seed"):
+                del out[key]
+            out["equalize"] = dict(self.equalize)
         if self.written is not None:
             out["written"] = list(self.written)
         return out

@@ -28,7 +28,9 @@ Layout (each module imports only those above it; none imports this package's ``_
   map ``u ↦ W(u)``;
 * :mod:`~graphteleport.torch.optimize` — :func:`optimize`, teleports that raise an
   objective (gradient norm, sharpness) by gradient steps over ``log t``;
-* :mod:`~graphteleport.torch.canonical` — :func:`canonicalize`, the canonical form.
+* :mod:`~graphteleport.torch.canonical` — :func:`canonicalize`, the canonical form;
+* :mod:`~graphteleport.torch.equalizer` — :func:`equalize` (cofactors chosen for INT8
+  quantization, :mod:`graphteleport.passes.equalize`).
 
 The algebra is not here: every ``S = Π τ^e``, the reciprocals, BatchNorm's ``ε``
 corrections and the orbit's derivatives are computed by :mod:`graphteleport.algebra`, from
@@ -54,6 +56,7 @@ Example::
 """
 
 from graphteleport.torch.canonical import TorchCanonical, canonicalize
+from graphteleport.torch.equalizer import equalize
 from graphteleport.torch.optimize import Optimized, optimize
 from graphteleport.torch.orbit import compose, orbit_tangent
 from graphteleport.torch.orbitmap import OrbitMap
@@ -70,6 +73,7 @@ __all__ = [
     "analyze",
     "canonicalize",
     "compose",
+    "equalize",
     "optimize",
     "orbit_tangent",
     "teleport",
