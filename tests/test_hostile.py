@@ -819,7 +819,9 @@ def test_the_suite_covers_every_class() -> None:
 
 # -- signals: SIGTERM cleans up like SIGINT -------------------------------------------------------
 CHILD = """
-import sys, time
+import signal, sys, time
+# a child started from a background job inherits SIGINT ignored: give it Python's handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import graphteleport.io as gio
 real = gio.StagedSave.commit
 def slow_commit(self):  # the model (and report) are staged: the worst moment to stop
