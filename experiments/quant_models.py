@@ -435,33 +435,37 @@ def resnet_small() -> Any:
             return self.relu(self.body(x) + self.short(x))
 
     return nn.Sequential(
-        *_conv_bn(1, 16, 3),
+        *_conv_bn(1, 8, 3),
         nn.ReLU(),
-        Basic(16, 16, 1),
+        Basic(8, 8, 1),
+        Basic(8, 16, 2),
         Basic(16, 32, 2),
-        Basic(32, 64, 2),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(64, 10),
+        nn.Linear(32, 10),
     )
 
 
-CNNS: dict[str, tuple[str, Callable[[], Any]]] = {
-    "mnist_mbv2": ("MobileNetV2-style CNN trained on MNIST (ReLU6, depthwise)", mobilenet_v2_small),
-    "mnist_resnet": ("ResNet-style CNN trained on MNIST (basic blocks)", resnet_small),
+#: name: (title, factory, training epochs)
+CNNS: dict[str, tuple[str, Callable[[], Any], int]] = {
+    "mnist_mbv2": (
+        "MobileNetV2-style CNN trained on MNIST (ReLU6, depthwise)",
+        mobilenet_v2_small,
+        3,
+    ),
+    "mnist_resnet": ("ResNet-style CNN trained on MNIST (basic blocks)", resnet_small, 2),
 }
-EPOCHS = 3
 
 
-def train_cnn(model: Any, x: Any, y: Any, seed: int) -> None:
-    """Adam (lr 2e-3), batch 64, ``EPOCHS`` epochs, seeded batch order."""
+def train_cnn(model: Any, x: Any, y: Any, seed: int, epochs: int) -> None:
+    """Adam (lr 2e-3), batch 64, ``epochs`` epochs, seeded batch order."""
     import torch
     from torch.nn import functional as F
 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             idx = order[i : i + 64]
@@ -509,10 +513,10 @@ def cnn_task(name: str, cache: Path, n_calib: int, n_held: int) -> Task:
     x_train, x_val = data.images(data.x_train), data.images(data.x_val)
     path = cache / f"{name}.onnx"
     if not path.is_file():
-        _title, factory = CNNS[name]
+        _title, factory, epochs = CNNS[name]
         torch.manual_seed(0)
         model = factory()
-        train_cnn(model, x_train, data.y_train, seed=0)
+        train_cnn(model, x_train, data.y_train, seed=0, epochs=epochs)
         with torch.no_grad():
             acc = (model(x_val).argmax(1) == data.y_val).float().mean().item()
         log.info("%s: trained, torch top-1 %.1f %%", name, 100 * acc)
