@@ -23,7 +23,9 @@ Layout (each module imports only those above it; none imports this package's ``_
 * :mod:`~graphteleport.torch.insert` — insert mode's forward hooks, and the choice between
   hooks and the GraphModule;
 * :mod:`~graphteleport.torch.orbit` — :func:`compose`, :func:`orbit_tangent`;
-* :mod:`~graphteleport.torch.teleporter` — :func:`teleport`, :class:`Teleporter`.
+* :mod:`~graphteleport.torch.teleporter` — :func:`teleport`, :class:`Teleporter`;
+* :mod:`~graphteleport.torch.equalizer` — :func:`equalize` (cofactors chosen for INT8
+  quantization, :mod:`graphteleport.passes.equalize`).
 
 The algebra is not here: every ``S = Π τ^e``, the reciprocals, BatchNorm's ``ε``
 corrections and the orbit's derivatives are computed by :mod:`graphteleport.algebra`, from
@@ -48,9 +50,18 @@ Example::
     result.free_cofactors, result.changed[:3]
 """
 
+from graphteleport.torch.equalizer import equalize
 from graphteleport.torch.orbit import compose, orbit_tangent
 from graphteleport.torch.result import TorchTeleport
 from graphteleport.torch.teleporter import Teleporter, teleport
 from graphteleport.torch.tracing import analyze
 
-__all__ = ["Teleporter", "TorchTeleport", "analyze", "compose", "orbit_tangent", "teleport"]
+__all__ = [
+    "Teleporter",
+    "TorchTeleport",
+    "analyze",
+    "compose",
+    "equalize",
+    "orbit_tangent",
+    "teleport",
+]
