@@ -289,6 +289,7 @@ class Row:
     fp32_rel_err: float | None = None
     fp32_preserved: bool | None = None
     seconds: float | None = None
+    date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -360,6 +361,8 @@ def transform(
         cmd += ["--report", str(dst.with_suffix(".report.json")), "-q"]
         env = {**os.environ, "PYTHONPATH": str(equalize_src())}
         return run_tool(cmd, env, dst.parent, dst)
+    if dst.is_file() and dst.stat().st_mtime > src.stat().st_mtime:
+        return "reused (cached peer output, newer than the prepared model)"
     python = peers_dir() / variant.tool / "bin" / "python"
     if not python.is_file():
         raise ToolFailed(f"did not run: no virtualenv at {python.parent.parent}")
@@ -401,7 +404,10 @@ def measure_variant(
     fp32 = work / f"{variant.key}.fp32.onnx"
     try:
         note = transform(variant, prepared, fp32, work / "calibration.npz", gt_status)
-        row.status = f"ok; tool {note}" if note else "ok"
+        if note.startswith("reused"):
+            row.extra["tool"] = note
+        else:
+            row.status = f"ok; tool {note}" if note else "ok"
     except ToolFailed as e:
         row.status = str(e)
         return row
@@ -438,7 +444,9 @@ def measure_task(
     prepared = work / "prepared.onnx"
     if not prepared.is_file():
         prepare(task.path, prepared)
-    np.savez(work / "calibration.npz", **task.calibration)
+    # graphteleport's calibration archive stacks samples on a new leading axis: each sample
+    # is one feed of batch 1
+    np.savez(work / "calibration.npz", **{k: v[:, None] for k, v in task.calibration.items()})
     ref = run_batches(prepared, task.held_back)
     original = run_batches(task.path, task.held_back)
     before = weight_tensors(onnx.load(str(prepared)))
@@ -463,6 +471,16 @@ def measure_task(
         "weight_elements": int(sum(a.size for _, a in before)),
         "rows": [asdict(r) for r in rows],
     }
+
+
+def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s model entry with the rows of ``old`` it did not measure kept (a row from an
+    older run keeps its own date), in the order of ``VARIANTS``."""
+    rows = {r["variant"]: r for r in (old or {}).get("rows", [])}
+    rows.update({r["variant"]: r for r in new["rows"]})
+    order = [v.key for v in VARIANTS]
+    new["rows"] = sorted(rows.values(), key=lambda r: order.index(r["variant"]))
+    return new
 
 
 def summary(row: Row) -> str:
@@ -696,10 +714,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if gt_status:
         log.warning("%s", gt_status)
     variants = [v for v in VARIANTS if v.key in args.variants]
-    # a run over some models updates their entries and keeps the others' (each is dated)
+    # a run over some models (or variants) updates those and keeps the rest (each row dated)
     models = json.loads(JSON_OUT.read_text())["models"] if JSON_OUT.is_file() else {}
     for task in tasks(cache, args.models, args.calibration, args.held_back):
-        models[task.name] = measure_task(task, cache, variants, gt_status)
+        models[task.name] = merge(
+            models.get(task.name), measure_task(task, cache, variants, gt_status)
+        )
     models = {n: models[n] for n in TASK_NAMES if n in models}
     results = {
         "meta": {
