@@ -62,7 +62,7 @@ JSON_OUT = RESULTS / "quantization.json"
 DOC = ROOT / "docs" / "quantization.md"
 PEER_SCRIPTS = ROOT / "experiments" / "quant_peers"
 WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
-FP32_RTOL = 1e-4
+FP32_RTOL = 1e-3  # float32 rounding through a deep net reaches ~1e-4 on softmax outputs
 MIN_OPSET = 13
 TOOL_TIMEOUT_S = 600
 
@@ -694,6 +694,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--held-back", type=int, default=128, help="held-back samples")
     p.add_argument("--cache", default=os.environ.get("GT_QUANT_CACHE"))
     p.add_argument("--assemble", action="store_true", help="only rewrite the document")
+    p.add_argument("--json", default=str(JSON_OUT), help="the results file read and updated")
     return p.parse_args(argv)
 
 
@@ -715,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", gt_status)
     variants = [v for v in VARIANTS if v.key in args.variants]
     # a run over some models (or variants) updates those and keeps the rest (each row dated)
-    models = json.loads(JSON_OUT.read_text())["models"] if JSON_OUT.is_file() else {}
+    out = Path(args.json)
+    models = json.loads(out.read_text())["models"] if out.is_file() else {}
     for task in tasks(cache, args.models, args.calibration, args.held_back):
         models[task.name] = merge(
             models.get(task.name), measure_task(task, cache, variants, gt_status)
@@ -736,10 +738,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "models": models,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    JSON_OUT.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    DOC.write_text(render_doc(results))
-    log.info("wrote %s and %s in %.0f s", JSON_OUT, DOC, results["meta"]["seconds"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if out == JSON_OUT:
+        DOC.write_text(render_doc(results))
+    log.info("wrote %s in %.0f s", out, results["meta"]["seconds"])
     return 0
 
 
