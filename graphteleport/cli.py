@@ -326,8 +326,12 @@ def format_canonical(r: TeleportReport) -> str:
         f"in {int(c.get('iterations', 0))} Newton steps "
         f"(max |gradient|/F {c.get('gradient', 0.0):.2g})"
     )
-    lines += format_inputs(r.input_shapes)
-    lines += format_analysis(r.analysis)
+    return _with_outcome(lines, r)
+
+
+def _with_outcome(lines: list[str], r: TeleportReport) -> str:
+    """``lines`` then the inputs, the analysis and the outcome (:func:`_outcome`)."""
+    lines = lines + format_inputs(r.input_shapes) + format_analysis(r.analysis)
     return "\n".join(lines + _outcome(r))
 
 
@@ -356,9 +360,7 @@ def format_equalize(r: TeleportReport) -> str:
         f"; noise/signal {e.get('predicted_noise_before', 0.0):.3g} -> "
         f"{e.get('predicted_noise_after', 0.0):.3g}"
     )
-    lines += format_inputs(r.input_shapes)
-    lines += format_analysis(r.analysis)
-    return "\n".join(lines + _outcome(r))
+    return _with_outcome(lines, r)
 
 
 def _outcome(r: TeleportReport) -> list[str]:

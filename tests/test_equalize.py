@@ -24,6 +24,7 @@ from conftest import (
     run_ort,
     weights,
 )
+from test_canonical import assert_same_weights
 
 from graphteleport.cli import main
 from graphteleport.passes.equalize import (
@@ -74,17 +75,6 @@ MODELS: dict[str, Callable[[ExportCache], onnx.ModelProto]] = {
 def equalized(proto: onnx.ModelProto, **kwargs: object) -> tuple[ir.Model, EqualizeResult]:
     model = ir.from_proto(proto)
     return model, EqualizePass(**kwargs)(model)  # type: ignore[arg-type]
-
-
-def assert_same_weights(a: ir.Model, b: ir.Model, rel: float) -> None:
-    """Every float tensor of ``a`` equals ``b``'s to ``rel`` of its largest element."""
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name, x in wa.items():
-        y = wb[name]
-        scale = float(np.max(np.abs(x), initial=0.0))
-        err = float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0))
-        assert err <= rel * scale, f"{name}: {err:.3g} > {rel:g} * {scale:.3g}"
 
 
 @pytest.fixture(params=list(MODELS), scope="module")
