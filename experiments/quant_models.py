@@ -49,6 +49,8 @@ class Task:
     held_back: Feeds
     metric_name: str
     metric: Callable[[Outputs, Outputs], float]
+    #: the op types ``quantize_static`` quantizes (``None``: all it knows)
+    quantize_ops: tuple[str, ...] | None = None
 
 
 # -- OCR -----------------------------------------------------------------------------------------
@@ -372,6 +374,9 @@ def minilm_task(cache: Path, n_calib: int, n_held: int) -> Task:
         {k: v[n_calib:] for k, v in feeds.items()},
         "embedding cosine",
         metric,
+        # the weight-bearing ops only, as onnxruntime advises for transformers: quantizing
+        # the attention-mask Add (−3.4e38 where masked) would zero every score's resolution
+        quantize_ops=("MatMul", "Gemm"),
     )
 
 
