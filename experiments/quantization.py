@@ -650,6 +650,12 @@ def tally(models: dict[str, Any]) -> str:
     return "Best graphteleport row's SQNR " + ", ".join(parts) + "."
 
 
+def row_dates(models: dict[str, Any]) -> str:
+    """The span of the rows' dates (a table may merge several invocations, see ``merge``)."""
+    dates = sorted(r.get("date", "?") for m in models.values() for r in m["rows"])
+    return f"on {dates[0]}" if dates[0] == dates[-1] else f"between {dates[0]} and {dates[-1]}"
+
+
 def render_doc(results: dict[str, Any]) -> str:
     meta = results["meta"]
     models = results["models"]
@@ -668,7 +674,8 @@ writes `experiments/results/quantization.json` and this file (`--assemble` rewri
 from the JSON alone).  Peers run from their own virtualenvs under `$GT_QUANT_PEERS` (default
 `/work/peers`: `aimet`, `onnxsim`, `quark`); a missing venv makes its rows "did not run".
 
-Last run: {meta["date"]}, {meta["seconds"]:.0f} s on {meta["cpus"]} CPU cores; onnxruntime
+Rows measured {row_dates(models)}; the last invocation ({meta["date"]}) took
+{meta["seconds"]:.0f} s on {meta["cpus"]} CPU cores; onnxruntime
 {meta["onnxruntime"]}, onnx {meta["onnx"]}; graphteleport from `{meta["equalize_src"]}`
 (commit {meta["commit"]}); peers: {meta["peers"]}.
 
