@@ -487,6 +487,8 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     older run keeps its own date), in the order of ``VARIANTS``; the FP32 verdicts taken
     again under ``FP32_RTOL``."""
     rows = {r["variant"]: r for r in (old or {}).get("rows", [])}
+    for r in rows.values():  # rows of a run before rows were dated: that run's date
+        r.setdefault("date", (old or {}).get("date", "?"))
     rows.update({r["variant"]: r for r in new["rows"]})
     for r in rows.values():  # the verdict under the current threshold
         if r["fp32_rel_err"] is not None:
