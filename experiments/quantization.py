@@ -498,6 +498,18 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
+def merge_files(into: Path, other: Path) -> None:
+    """Merge every model entry of results file ``other`` into ``into`` (rows by variant);
+    ``into``'s meta is kept, with ``other``'s run time added."""
+    results = json.loads(into.read_text())
+    extra = json.loads(other.read_text())
+    for name, entry in extra["models"].items():
+        results["models"][name] = merge(results["models"].get(name), entry)
+    results["meta"]["seconds"] += extra["meta"]["seconds"]
+    results["meta"]["merged_from"] = str(other)
+    into.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
 def summary(row: Row) -> str:
     if row.sqnr_db is None:
         return row.status
@@ -787,13 +799,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default=os.environ.get("GT_QUANT_CACHE"))
     p.add_argument("--assemble", action="store_true", help="only rewrite the document")
     p.add_argument("--json", default=str(JSON_OUT), help="the results file read and updated")
+    p.add_argument(
+        "--merge-from",
+        metavar="JSON",
+        help="merge the rows of another results file (a run with --json) into --json, then "
+        "rewrite the document",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    if args.assemble:
+    if args.merge_from:
+        merge_files(Path(args.json), Path(args.merge_from))
+    if args.assemble or args.merge_from:
         DOC.write_text(render_doc(json.loads(JSON_OUT.read_text())))
         return 0
     import onnx
