@@ -404,21 +404,39 @@ def measure_variant(
     before: list[tuple[str, np.ndarray]],
     gt_status: str | None,
 ) -> Row:
-    """Transform, check FP32, quantize, evaluate: one row."""
-    import onnx
-
+    """One row: :func:`fill_row`, timed (a failed tool's time included)."""
     row = Row(variant.key, variant.label)
     start = time.perf_counter()
+    try:
+        fill_row(row, task, variant, work, prepared, ref, before, gt_status)
+    finally:
+        row.seconds = time.perf_counter() - start
+    return row
+
+
+def fill_row(
+    row: Row,
+    task: Any,
+    variant: Variant,
+    work: Path,
+    prepared: Path,
+    ref: list[np.ndarray],
+    before: list[tuple[str, np.ndarray]],
+    gt_status: str | None,
+) -> None:
+    """Transform, check FP32, quantize, evaluate; a failure ends in ``row.status``."""
+    import onnx
+
     fp32 = work / f"{variant.key}.fp32.onnx"
     try:
         note = transform(variant, prepared, fp32, work / "calibration.npz", gt_status)
-        if note.startswith("reused"):
-            row.extra["tool"] = note
-        else:
-            row.status = f"ok; tool {note}" if note else "ok"
     except ToolFailed as e:
         row.status = str(e)
-        return row
+        return
+    if note.startswith("reused"):
+        row.extra["tool"] = note
+    elif note:
+        row.status = f"ok; tool {note}"
     row.extra.update(report_facts(fp32.with_suffix(".report.json")))
     model = onnx.load(str(fp32))
     row.extra["constants_converted"] = constants_to_initializers(model)
@@ -434,11 +452,9 @@ def measure_variant(
             out = run_batches(q, task.held_back)
         except Exception as e:  # the quantizer's (or the INT8 model's) failure is the result
             row.status = f"INT8 failed: {type(e).__name__}: {last_line(str(e))}"
-            return row
+            return
     row.sqnr_db = sqnr_db(ref, out)
     row.metric = task.metric(out, ref)
-    row.seconds = time.perf_counter() - start
-    return row
 
 
 def measure_task(
@@ -666,8 +682,16 @@ def tally(models: dict[str, Any]) -> str:
 
 def row_dates(models: dict[str, Any]) -> str:
     """The span of the rows' dates (a table may merge several invocations, see ``merge``)."""
-    dates = sorted(r.get("date", "?") for m in models.values() for r in m["rows"])
+    dates = sorted(
+        r["date"] for m in models.values() for r in m["rows"] if r.get("date", "?") != "?"
+    )
+    if not dates:
+        return "at an unrecorded time"
     return f"on {dates[0]}" if dates[0] == dates[-1] else f"between {dates[0]} and {dates[-1]}"
+
+
+def row_seconds(models: dict[str, Any]) -> float:
+    return sum(r.get("seconds") or 0.0 for m in models.values() for r in m["rows"])
 
 
 def render_doc(results: dict[str, Any]) -> str:
@@ -688,8 +712,8 @@ writes `experiments/results/quantization.json` and this file (`--assemble` rewri
 from the JSON alone).  Peers run from their own virtualenvs under `$GT_QUANT_PEERS` (default
 `/work/peers`: `aimet`, `onnxsim`, `quark`); a missing venv makes its rows "did not run".
 
-Rows measured {row_dates(models)}; the last invocation ({meta["date"]}) took
-{meta["seconds"]:.0f} s on {meta["cpus"]} CPU cores; onnxruntime
+Rows measured {row_dates(models)} on {meta["cpus"]} CPU cores (the rows' own times add up
+to {row_seconds(models):.0f} s; rows from runs that did not time them are not counted); onnxruntime
 {meta["onnxruntime"]}, onnx {meta["onnx"]}; graphteleport from `{meta["equalize_src"]}`
 (commit {meta["commit"]}); peers: {meta["peers"]}.
 
