@@ -802,8 +802,8 @@ ResNet-style CNN's and nothing on the MobileNetV2-style CNN or MiniLM; Quark 46 
 79 %, nothing, nothing.  Quark's `apply_CLE` equalizes nothing unless the caller lists op
 types to quantize (its default is none; we list every op type of the model).
 Quark with `ReplaceClip6Relu` changes the FP32 function (rel err 0.11 on the
-MobileNetV2-style CNN) and on both OCR models its output fails in `quantize_static`
-("scale issue")."""
+MobileNetV2-style CNN) and on both OCR models its FP32 output holds NaN (the FP32 column's
+"nan"), so `quantize_static` fails on it ("scale issue")."""
 
 NOTES = """## Notes
 
