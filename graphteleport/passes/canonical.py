@@ -21,12 +21,20 @@ Because ``F`` of a teleported model is ``F`` of the original shifted by the tele
 ``log|t|``, the canonical forms of a model and of any positive teleport of it coincide
 (up to the rounding of the stored weights).
 
-**The solver** (:func:`minimize`): Newton's method from ``u = 0``, each direction solved
-by conjugate gradients on ``H·d = −g`` preconditioned by ``diag H``, then a backtracking
-line search; it stops when the relative decrease of ``F`` of the last step and
-``max|∂F/∂u| / F`` are both at most ``tol`` (default 1e-12; ``F`` here is the part that
-moves, without rows no movable pair reaches, such as a mask's fill value), and raises
-:class:`NotConverged` after ``max_iterations``.
+**The solver** (:func:`minimize`): Newton's method from ``u = 0`` on the products of
+:class:`~graphteleport.orbit_kernel.OrbitKernel` (per conv/Gemm weight two gemv with its
+``Q`` matrix instead of elementwise work over its rows; the Hessian products read a
+float32 copy).  Each direction is solved by conjugate gradients on ``H·d = −g``,
+preconditioned two-level — ``diag H`` plus a coarse correction with one unknown per
+layer (or residual stream), whose channels moving together Jacobi cannot see — to a
+relative residual ``√(max|g|/F)``, capped at 0.1 and never below ``0.1·tol/(max|g|/F)``
+(what the stopping test needs of the next gradient); then a
+backtracking line search, which extends a full step that beat its quadratic model (far
+from the minimum Newton's step on ``e^{p·u}`` is about ``1/p`` long).  It stops when the
+relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at most
+``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable pair
+reaches, such as a mask's fill value), and raises :class:`NotConverged` after
+``max_iterations``.
 
 **Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
 (``any``, or ``sign`` with odd activations or in insert mode) keeps the signs the model
@@ -42,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -53,13 +61,16 @@ from graphteleport.analysis import analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
 from graphteleport.orbit import OrbitTerms
+from graphteleport.orbit_kernel import KernelPoint, OrbitKernel
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
+IntArray = np.ndarray
 TOL = 1e-12
 MAX_ITERATIONS = 200
 MAX_CG = 2000
 _ARMIJO = 1e-4
+_EXTEND = 8.0
 
 
 class NotConverged(GraphTeleportError):
@@ -91,57 +102,68 @@ def minimize(
     (module docstring); raises :class:`NotConverged` past ``max_iterations``.
 
     The criteria are relative to the *moving* part of ``F`` (:meth:`OrbitTerms.moving`);
-    ``objective_before``/``after`` are that part, ``constant`` the rest."""
-    terms, constant = terms.moving()
-    found = _newton(terms, tol, max_iterations)
-    return dataclasses.replace(found, constant=constant)
+    ``objective_before``/``after`` are that part, ``constant`` the rest.  The products are
+    :class:`~graphteleport.orbit_kernel.OrbitKernel`'s (gemv per bilinear block)."""
+    kernel = OrbitKernel.of(terms)
+    found = _newton(kernel, tol, max_iterations)
+    return dataclasses.replace(found, constant=kernel.constant)
 
 
-def _newton(terms: OrbitTerms, tol: float, max_iterations: int) -> Minimum:
-    """:func:`minimize` on terms whose every row moves."""
-    active = terms.movable & terms.active()
-    u = np.zeros(terms.num_pairs)
-    y = terms.terms(u)
-    f0 = f = float(y.sum())
-    if f == 0.0 or not active.any():
+def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
+    """:func:`minimize` on the kernel (its moving part); the pairs solved for are those
+    with ``diag H > 0`` at ``u = 0`` (a column of some row with ``Q > 0``)."""
+    u = np.zeros(kernel.num_pairs)
+    at = kernel.point(u)
+    assert at is not None  # no bound
+    active = at.diagonal > 0
+    group = np.where(active, kernel.group, -1)
+    f0 = at.f
+    if f0 == 0.0 or not active.any():
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
     decrease = np.inf
     cg_steps = 0
     for iteration in range(max_iterations + 1):
-        g = np.where(active, terms.p * terms.pair_sums(y), 0.0)
-        gmax = float(np.abs(g).max()) / f
+        g = np.where(active, at.gradient, 0.0)
+        gmax = float(np.abs(g).max()) / at.f
         if gmax <= tol and decrease <= tol:
-            return Minimum(u, f0, f, iteration, gmax, decrease, cg_steps=cg_steps)
+            return Minimum(at.u, f0, at.f, iteration, gmax, decrease, cg_steps=cg_steps)
         if iteration == max_iterations:
             break
-        d, steps = _newton_direction(terms, y, g, active, min(0.1, np.sqrt(gmax)))
+        d, steps = _newton_direction(kernel, at, g, group, _forcing(gmax, tol))
         cg_steps += steps
-        u, y, f_new = _line_search(terms, u, f, g, d)
-        decrease = max((f - f_new) / f, 0.0)
-        f = f_new
+        f = at.f
+        at = _line_search(kernel, at, g, d)
+        decrease = max((f - at.f) / f, 0.0)
     raise NotConverged(
         f"canonical form: no convergence in {max_iterations} Newton steps "
         f"(max |gradient|/F {gmax:.3g}, last relative decrease {decrease:.3g})"
     )
 
 
+def _forcing(gmax: float, tol: float) -> float:
+    """The relative CG residual a Newton step solves to: ``√gmax`` (superlinear
+    convergence), but no tighter than ``0.1·tol/gmax`` — what the step's new gradient
+    (about the residual) needs to pass the ``tol`` criterion — and at most 0.1."""
+    return min(0.1, max(float(np.sqrt(gmax)), 0.1 * tol / gmax if gmax > 0 else 0.1))
+
+
 def _newton_direction(
-    terms: OrbitTerms, y: FloatArray, g: FloatArray, active: np.ndarray, rtol: float
+    kernel: OrbitKernel, at: KernelPoint, g: FloatArray, group: IntArray, rtol: float
 ) -> tuple[FloatArray, int]:
-    """``d ≈ −H⁻¹g`` on the active pairs: conjugate gradients preconditioned by ``diag H``,
-    to a residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range);
-    and the number of steps taken."""
-    diag = terms.hessian_diagonal(y)
-    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    """``d ≈ −H⁻¹g`` on the active pairs (``g ≠ 0`` only there): conjugate gradients to a
+    residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range),
+    preconditioned by :func:`_preconditioner`; and the number of steps taken."""
+    active = g != 0
+    precondition = _preconditioner(kernel, at, active, group)
     x = np.zeros_like(g)
     r = -g
-    z = inv * r
+    z = precondition(r)
     p = z.copy()
     rz = float(r @ z)
     gnorm = float(np.linalg.norm(g))
     steps = 0
     for steps in range(1, MAX_CG + 1):  # noqa: B007 (the count is returned)
-        hp = np.where(active, terms.hessian_vector(y, p), 0.0)
+        hp = np.where(active, kernel.hessian_vector(at, p), 0.0)
         php = float(p @ hp)
         if php <= 0.0:
             break
@@ -150,29 +172,72 @@ def _newton_direction(
         r -= a * hp
         if float(np.linalg.norm(r)) <= rtol * gnorm:
             break
-        z = inv * r
+        z = precondition(r)
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return (x if x.any() else inv * -g), steps
+    return (x if x.any() else precondition(-g)), steps
 
 
-def _line_search(
-    terms: OrbitTerms, u: FloatArray, f: float, g: FloatArray, d: FloatArray
-) -> tuple[FloatArray, FloatArray, float]:
-    """The first of ``u + d, u + d/2, …`` that decreases ``F`` enough (Armijo, with a
-    few ulps of slack for rounding near the minimum), its terms and ``F``."""
+def _preconditioner(
+    kernel: OrbitKernel, at: KernelPoint, active: np.ndarray, group: IntArray
+) -> Callable[[FloatArray], FloatArray]:
+    """Two-level additive: ``M⁻¹ r = D⁻¹ r + R E⁺ Rᵀ r`` with ``D = diag H`` on the active
+    pairs and the coarse space ``R`` of :attr:`OrbitKernel.group` (one value per layer
+    or residual stream, :meth:`OrbitKernel.coarse`; ``E⁺`` its pseudo-inverse).  The
+    coarse part carries what Jacobi cannot: a layer's channels moving together, whose
+    curvature the neighbouring layers' opposite moves cancel."""
+    diag = at.diagonal
+    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    members = np.flatnonzero(active & (group >= 0))
+    if not members.size:
+        return lambda r: inv * r
+    of = group[members]
+    ng = int(of.max()) + 1
+    values, vectors = np.linalg.eigh(kernel.coarse(at, group)[:ng, :ng])
+    keep = values > 1e-12 * max(float(values.max()), 0.0)
+    pinv = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
+
+    def apply(r: FloatArray) -> FloatArray:
+        out: FloatArray = inv * r
+        out[members] += (pinv @ np.bincount(of, weights=r[members], minlength=ng))[of]
+        return out
+
+    return apply
+
+
+def _line_search(kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatArray) -> KernelPoint:
+    """The kernel at the first of ``u + d, u + d/2, …`` that decreases ``F`` enough
+    (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none.
+    A full step that decreased ``F`` by at least the quadratic model's ``−gᵀd/2`` (the
+    exponentials still dominate: far from the minimum, Newton's step on ``e^{p·u}`` is
+    about ``1/p`` long) is extended to ``2d, 4d, …`` while ``F`` keeps decreasing."""
     slope = float(g @ d)
     step = 1.0
-    with np.errstate(over="ignore"):
-        while step > 1e-30:
-            un = u + step * d
-            yn = terms.terms(un)
-            fn = float(yn.sum())
-            if np.isfinite(fn) and fn <= f + _ARMIJO * step * slope + 8e-16 * f:
-                return un, yn, fn
-            step /= 2
-    return u, terms.terms(u), f
+    while step > 1e-30:
+        bound = at.f + _ARMIJO * step * slope + 8e-16 * at.f
+        found = kernel.point(at.u + step * d, bound=bound)
+        if found is not None:
+            return _extend(kernel, at, found, d) if at.f - found.f >= -slope / 2 else found
+        step /= 2
+    return at
+
+
+def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatArray) -> KernelPoint:
+    """``found`` (at ``u + d``) or the kernel at the last of ``u + 2d, u + 4d, …`` (up to
+    :data:`_EXTEND` · d) that kept decreasing ``F``: the trials by
+    :meth:`OrbitKernel.value` (one float32 read of ``Q``), the point chosen exactly (kept
+    only if it is below ``found``)."""
+    best, lowest = 1.0, found.f
+    step = 2.0
+    while step <= _EXTEND:
+        f = kernel.value(at.u + step * d)
+        if not (np.isfinite(f) and f < lowest):
+            break
+        best, lowest = step, f
+        step *= 2
+    further = kernel.point(at.u + best * d, bound=found.f) if best > 1 else None
+    return further if further is not None else found
 
 
 @dataclass

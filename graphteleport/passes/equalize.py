@@ -77,7 +77,7 @@ import onnx_ir as ir
 
 from graphteleport.activations import activation_ranges, smooth_cofactors
 from graphteleport.algebra import scale, with_rank
-from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
+from graphteleport.analysis import GROUPS, Absorb, AnalysisResult, Weight, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.errors import InputError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
@@ -184,15 +184,21 @@ def cle_values(
     """The pair values ``t = exp(u)`` minimising ``B_p`` (module docstring; 1 on pairs it
     does not move) and the balance's :class:`Minimum`.  ``arrays`` gives the stored
     tensors by name (default: read from the model).  Raises :class:`NotConverged`."""
-    terms = balance_terms(analysis, p, arrays)
     stuck = one_sided_pairs(analysis, arrays)
-    if stuck.any():
-        terms = dataclasses.replace(terms, movable=terms.movable & ~stuck)
+    terms = balance_terms(held(analysis, stuck) if stuck.any() else analysis, p, arrays)
     try:
         found = minimize(terms, tol=tol, max_iterations=max_iterations)
     except NotConverged as e:
         raise NotConverged(f"equalize (p={p:g}): {e}") from None
     return np.exp(found.u), found
+
+
+def held(analysis: AnalysisResult, pairs: np.ndarray) -> AnalysisResult:
+    """``analysis`` with ``pairs`` no longer columns of the orbit terms (their group read
+    as ``sign``, whose ``|t|`` is 1): what the balance is built from when they keep 1."""
+    sol = analysis.solution
+    code = np.where(pairs, GROUPS.index("sign"), sol.code)
+    return dataclasses.replace(analysis, solution=dataclasses.replace(sol, code=code))
 
 
 def one_sided_pairs(
@@ -356,30 +362,51 @@ def figures_of(
 ) -> EqualizeFigures:
     """The per-tensor and per-class figures of rewriting the quantized weights (``arrays``:
     before) for pair ``values`` (per-neuron ``tau``); ``fields`` are the rest of
-    :class:`EqualizeFigures`."""
+    :class:`EqualizeFigures`.  Each tensor is read once (:func:`compact_stats`); the
+    figures after follow from ``S``, constant over the elements each statistic sums.  An
+    element counts as moved where it is non-zero and its ``S``, rounded to the weight's
+    precision, is not 1."""
     only = quantized_analysis(analysis)
-    movable = _moved_pairs(analysis, values)
+    moved_pairs = _moved_pairs(analysis, values)
     tensors: list[TensorRange] = []
     rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []
     for k, use in enumerate(counted_uses(only)):
         w = used_values(use, arrays[use.source.name])
-        s = np.broadcast_to(scale(use, tau), use.shape)
-        before = np.abs(w.astype(np.float64))
-        after = before * np.abs(s)
-        new = (w.astype(np.float64) * s).astype(w.dtype)
+        peak, sq, nonzero = compact_stats(use, w)
+        s = np.abs(np.broadcast_to(scale(use, tau), peak.shape))
+        after = peak * s
+        changed = s.astype(w.dtype if w.dtype.itemsize <= 4 else np.float64) != 1
         tensors.append(
             TensorRange(
                 use.source.name,
                 int(w.size),
-                int(np.count_nonzero(new != w)),
-                float(before.max(initial=0.0)),
+                int(nonzero[changed].sum()),
+                float(peak.max(initial=0.0)),
                 float(after.max(initial=0.0)),
-                float(np.square(before).sum()),
-                float(np.square(after).sum()),
+                float(sq.sum()),
+                float((sq * s * s).sum()),
             )
         )
-        rows.extend(_class_rows(analysis, use, k, before, after, movable))
+        rows.extend(_class_rows(analysis, use, k, peak, after, moved_pairs))
     return EqualizeFigures(tensors=tuple(tensors), classes=_classes(rows, values), **fields)
+
+
+def compact_stats(use: Absorb, w: np.ndarray) -> tuple[FloatArray, FloatArray, np.ndarray]:
+    """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`):
+    ``max|W|``, ``Σ W²`` (float64) and the number of non-zero elements, over the elements
+    of ``w`` (as the use reads it) that share that element's ``S``."""
+    cshape = compact_shape(use)
+    axes = tuple(i for i, (c, n) in enumerate(zip(cshape, use.shape)) if c == 1 and n != 1)
+    a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
+    if not a.size:
+        zero = np.zeros(cshape)
+        return zero, zero, np.zeros(cshape, dtype=np.int64)
+    peak = a.max(axis=axes, keepdims=True).reshape(cshape).astype(np.float64)
+    sq: FloatArray = np.asarray(
+        np.sum(np.square(a), axis=axes, dtype=np.float64, keepdims=True)
+    ).reshape(cshape)
+    nonzero = np.count_nonzero(a, axis=axes, keepdims=True).reshape(cshape)
+    return peak, sq, nonzero
 
 
 def _moved_pairs(analysis: AnalysisResult, values: FloatArray) -> np.ndarray:
@@ -395,21 +422,19 @@ def _class_rows(
     moved: np.ndarray,
 ) -> list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
     """Per factor of ``use`` (tensor ``k``): the moved pairs it reaches and, per id, the
-    largest ``|W|`` before and after over the elements that id scales."""
-    cshape = compact_shape(use)
-    axes = tuple(i for i, (c, s) in enumerate(zip(cshape, use.shape)) if c == 1 and s != 1)
-    b = before.max(axis=axes, keepdims=True).reshape(cshape) if before.size else before
-    a = after.max(axis=axes, keepdims=True).reshape(cshape) if after.size else after
+    largest ``|W|`` before and after over the elements that id scales (``before`` and
+    ``after``: the largest per element of the compact layout)."""
+    cshape = before.shape
     out = []
     for f in use.factors:
         ids = with_rank(np.asarray(f.ids), len(cshape))
         faxes = tuple(i for i, (n, c) in enumerate(zip(ids.shape, cshape)) if n == 1 and c != 1)
         pairs = analysis.solution.pair[ids.reshape(-1)]
         keep = moved[pairs]
-        if not keep.any() or not b.size:
+        if not keep.any() or not before.size:
             continue
-        fb = (b.max(axis=faxes, keepdims=True) if faxes else b).reshape(-1)
-        fa = (a.max(axis=faxes, keepdims=True) if faxes else a).reshape(-1)
+        fb = (before.max(axis=faxes, keepdims=True) if faxes else before).reshape(-1)
+        fa = (after.max(axis=faxes, keepdims=True) if faxes else after).reshape(-1)
         out.append((pairs[keep], k, fb[keep], fa[keep]))
     return out
 
