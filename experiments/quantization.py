@@ -770,6 +770,9 @@ offline.  Protocol (details in `experiments/quantization.py`):
 
 READING = """## Reading of the 2026-12-03 run (graphteleport at the `equalize` branch's df0578c)
 
+(Re-checked at the `equalize` branch's c11aea3, with the faster solver: the `cle` rows of
+ocr_cls, mnist_mbv2 and mnist_resnet came out identical to the digits shown.)
+
 Where equalize wins: on the OCR direction classifier, data-free `cle` lifts per-tensor INT8
 from 25.4 to 38.6 dB (+13.2 dB), above per-channel weights without equalization (34.2 dB)
 and above AIMET (25.2 dB) and onnxsim (38.1 dB), but below AMD Quark's CLE (42.2 dB).  On
