@@ -1,0 +1,129 @@
+"""The quantization benchmark's measuring functions (experiments/quantization.py) on toy
+arrays and a tiny graph: SQNR, FP32 error, the share of weights moved, Constant weights
+presented to the quantizer as initializers, and the CTC decoding of the OCR metric."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_ort
+from onnx import TensorProto, helper, numpy_helper
+
+from experiments.quant_models import ctc_decode, mean_cosine
+from experiments.quantization import (
+    constants_to_initializers,
+    max_rel_err,
+    moved_fraction,
+    quantize,
+    sqnr_db,
+    weight_tensors,
+)
+
+
+def test_sqnr_is_signal_over_noise_in_db_over_all_outputs() -> None:
+    ref = [np.array([3.0, 4.0]), np.array([[0.0]])]  # Σ r² = 25
+    got = [np.array([3.0, 3.0]), np.array([[2.0]])]  # Σ e² = 1 + 4 = 5
+    assert sqnr_db(ref, got) == pytest.approx(10 * math.log10(5.0))
+    assert sqnr_db(ref, ref) == math.inf
+    assert sqnr_db([np.ones(4)], [np.full(4, 1.1)]) == pytest.approx(20.0)
+
+
+def test_max_rel_err_is_per_output_and_takes_the_worst() -> None:
+    ref = [np.array([10.0, -2.0]), np.array([1.0])]
+    got = [np.array([10.0, -1.0]), np.array([1.5])]
+    assert max_rel_err(ref, got) == pytest.approx(0.5)  # 0.1 on the first, 0.5 on the second
+
+
+def _conv_conv(constant_weight: bool = False) -> onnx.ModelProto:
+    """x → Conv(w1, b1) → Relu → Conv(w2) → MatMul(x2, act) : a weight, a bias, a MatMul of
+    two activations (no weight)."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((4, 2, 1, 1)).astype(np.float32)
+    w1[0] *= 30.0  # one channel far larger: the imbalance per-tensor INT8 suffers from
+    b1 = rng.standard_normal(4).astype(np.float32)
+    w2 = rng.standard_normal((3, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2"], ["y0"]),
+        helper.make_node("MatMul", ["y0", "y0"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")]
+    if constant_weight:
+        nodes.insert(0, helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1)))
+    else:
+        inits.append(numpy_helper.from_array(w1, "w1"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3, 3, 3])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_weight_tensors_skip_biases_and_activation_matmuls() -> None:
+    names = [n for n, _ in weight_tensors(_conv_conv())]
+    assert names == ["w1", "w2"]
+
+
+def test_moved_fraction_counts_changed_elements() -> None:
+    before = weight_tensors(_conv_conv())
+    after = [(n, a.copy()) for n, a in before]
+    assert moved_fraction(before, after) == 0.0
+    after[0][1][0] *= 2.0  # 2 of the 8 + 12 elements
+    assert moved_fraction(before, after) == pytest.approx(2 / 20)
+    renamed = [("other", a) for _, a in after[::-1]]  # reordered, renamed: no pairing
+    assert moved_fraction(before, renamed) is None
+    by_name = list(after[::-1])  # reordered, same names: paired by name
+    assert moved_fraction(before, by_name) == pytest.approx(2 / 20)
+
+
+def test_constant_weights_become_initializers_and_count_as_weights() -> None:
+    model = _conv_conv(constant_weight=True)
+    assert [n for n, _ in weight_tensors(model)] == ["w2"]  # the quantizer sees one weight
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 2, 3, 3)).astype(np.float32)}
+    (before,) = run_ort(model, feeds)
+    assert constants_to_initializers(model) == 1
+    assert all(n.op_type != "Constant" for n in model.graph.node)
+    assert [n for n, _ in weight_tensors(model)] == ["w1", "w2"]
+    (after,) = run_ort(model, feeds)
+    np.testing.assert_array_equal(before, after)
+
+
+def test_quantize_static_per_channel_beats_per_tensor_on_an_imbalanced_conv(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_conv(), str(src))
+    rng = np.random.default_rng(2)
+    calib = {"x": rng.standard_normal((16, 2, 3, 3)).astype(np.float32)}
+    held = {"x": rng.standard_normal((16, 2, 3, 3)).astype(np.float32)}
+    (ref,) = run_ort(onnx.load(str(src)), held)
+    sqnr = {}
+    for per_channel in (False, True):
+        dst = tmp_path / f"q{per_channel}.onnx"
+        quantize(src, dst, calib, per_channel)
+        ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        (got,) = run_ort(onnx.load(str(dst)), held)
+        sqnr[per_channel] = sqnr_db([ref], [got])
+    assert 10.0 < sqnr[False] < sqnr[True] < math.inf
+
+
+def test_ctc_decode_merges_repeats_and_drops_blanks() -> None:
+    chars = ["blank", "a", "b", " "]
+    steps = [1, 1, 0, 1, 2, 2, 3, 0]  # a a _ a b b ' ' _  →  "aab "
+    probs = np.eye(4)[steps][None]
+    assert ctc_decode(probs, chars) == ["aab "]
+
+
+def test_mean_cosine() -> None:
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[2.0, 0.0], [-1.0, -1.0]])
+    assert mean_cosine(a, b) == pytest.approx(0.0)  # (1 + −1) / 2
