@@ -99,6 +99,48 @@ def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
     return np.asarray(np.sign(v) * magnitude, dtype=np.float64)
 
 
+_DENSE_CELLS = 1 << 20  # a weight with more single-element cells keeps those at risk only
+_RISK_CHUNK = 1 << 20  # elements measured at a time when finding them
+
+
+@dataclass(frozen=True, slots=True)
+class _AtRisk:
+    """The cells of a large weight whose ``S`` varies along every axis (each element its
+    own cell) that some ``|s|`` in ``[smin, smax]`` takes out of range, as flat positions
+    and magnitudes.  The fit only moves values toward 1, so later rounds' bounds lie
+    inside the first's and every other element stays safe: memory holds the few
+    elements at risk (near 0 or the dtype's largest), not three float64 copies of W."""
+
+    flat: np.ndarray
+    hi: np.ndarray
+    lo_n: np.ndarray
+    lo_s: np.ndarray
+
+    @classmethod
+    def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
+        """Measure ``w`` a chunk at a time and keep its elements at risk."""
+        flat_w = w.reshape(-1)
+        parts: list[tuple[np.ndarray, ...]] = []
+        for start in range(0, flat_w.size, _RISK_CHUNK):
+            hi, lo_n, lo_s = cell_magnitudes(flat_w[start : start + _RISK_CHUNK], (), lim)
+            over, _ = violations(hi, lo_n, lo_s, smax, lim)
+            _, under = violations(hi, lo_n, lo_s, smin, lim)
+            k = np.flatnonzero(over | under)
+            parts.append((k + start, hi[k], lo_n[k], lo_s[k]))
+        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+
+    def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
+        """``(over, under)`` masks in ``s``'s (= W's) shape for this round's scale."""
+        a = np.abs(s.reshape(-1)[self.flat])
+        over_k, under_k = violations(self.hi, self.lo_n, self.lo_s, a, lim)
+        masks = []
+        for hit in (over_k, under_k):
+            mask = np.zeros(s.size, dtype=bool)
+            mask[self.flat[hit]] = True
+            masks.append(mask.reshape(s.shape))
+        return masks[0], masks[1]
+
+
 class _Check:
     """One round's check: the offending pairs, each with a reason."""
 
@@ -107,7 +149,7 @@ class _Check:
         self.sol = analysis.solution
         self.mags = mags  # per weight, in ``analysis.weights`` order
         self.insert = insert
-        self.cells: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
 
     def __call__(self, values: np.ndarray) -> dict[int, str]:
@@ -115,15 +157,24 @@ class _Check:
         bad: dict[int, str] = {}
         smin, smax = weight_bounds(self.analysis, tau)
         for j in np.flatnonzero(out_of_range(self.mags, smin, smax)):
-            self._weight(int(j), tau, values, bad)
+            self._weight(int(j), tau, values, bad, (float(smin[j]), float(smax[j])))
         if self.insert:
             for m in plan(self.analysis, tau).muls:
                 self._constant(m, tau, values, bad)
         return bad
 
-    def _weight(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> None:
+    def _weight(
+        self,
+        j: int,
+        tau: np.ndarray,
+        values: np.ndarray,
+        bad: dict[int, str],
+        bounds: tuple[float, float],
+    ) -> None:
         """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
-        weight is read once: its cells' magnitudes are kept for later rounds."""
+        weight is read once: its cells' magnitudes are kept for later rounds — for a
+        large weight whose every element is a cell, only the elements at risk within
+        ``bounds``, this round's ``smin ≤ |S| ≤ smax`` (:class:`_AtRisk`)."""
         weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
         name = weight.name
@@ -136,10 +187,18 @@ class _Check:
                 assert w is not None
                 wr = with_rank(w, r)
                 axes = tuple(ax for ax in range(r) if sr.shape[ax] == 1 and wr.shape[ax] > 1)
-                self.cells[j, k] = cell_magnitudes(wr, axes, lim)
-            hi, lo_n, lo_s = self.cells[j, k]
-            over, under = violations(hi, lo_n, lo_s, np.abs(sr), lim)
-            layout = np.broadcast_shapes(hi.shape, sr.shape)
+                if not axes and sr.shape == wr.shape and wr.size > _DENSE_CELLS:
+                    self.cells[j, k] = _AtRisk.of(wr, lim, *bounds)
+                else:
+                    self.cells[j, k] = cell_magnitudes(wr, axes, lim)
+            cells = self.cells[j, k]
+            if isinstance(cells, _AtRisk):
+                over, under = cells.violations(sr, lim)
+                layout = sr.shape
+            else:
+                hi, lo_n, lo_s = cells
+                over, under = violations(hi, lo_n, lo_s, np.abs(sr), lim)
+                layout = np.broadcast_shapes(hi.shape, sr.shape)
             for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
                 mask = np.broadcast_to(mask, layout)
                 if mask.any():
