@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphteleport.algebra import scales_of, with_rank
+from graphteleport.algebra import product_at, scales_of, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Factor
 from graphteleport.insertion import PlannedMul, plan
 from graphteleport.numerics import (
@@ -111,10 +111,16 @@ class _AtRisk:
     inside the first's and every other element stays safe: memory holds the few
     elements at risk (near 0 or the dtype's largest), not three float64 copies of W."""
 
+    shape: tuple[int, ...]
     flat: np.ndarray
     hi: np.ndarray
     lo_n: np.ndarray
     lo_s: np.ndarray
+
+    @property
+    def at(self) -> tuple[np.ndarray, ...]:
+        """The elements at risk as one index array per axis."""
+        return tuple(np.unravel_index(self.flat, self.shape))
 
     @classmethod
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
@@ -127,17 +133,19 @@ class _AtRisk:
             _, under = violations(hi, lo_n, lo_s, smin, lim)
             k = np.flatnonzero(over | under)
             parts.append((k + start, hi[k], lo_n[k], lo_s[k]))
-        return cls(*(np.concatenate([p[i] for p in parts]) for i in range(4)))
+        flat, hi, lo_n, lo_s = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        return cls(w.shape, flat, hi, lo_n, lo_s)
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
-        """``(over, under)`` masks in ``s``'s (= W's) shape for this round's scale."""
-        a = np.abs(s.reshape(-1)[self.flat])
-        over_k, under_k = violations(self.hi, self.lo_n, self.lo_s, a, lim)
+        """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
+        elements at risk (in ``flat`` order)."""
+        over_k, under_k = violations(self.hi, self.lo_n, self.lo_s, np.abs(s), lim)
+        size = int(np.prod(self.shape, dtype=np.int64))
         masks = []
         for hit in (over_k, under_k):
-            mask = np.zeros(s.size, dtype=bool)
+            mask = np.zeros(size, dtype=bool)
             mask[self.flat[hit]] = True
-            masks.append(mask.reshape(s.shape))
+            masks.append(mask.reshape(self.shape))
         return masks[0], masks[1]
 
 
@@ -151,6 +159,7 @@ class _Check:
         self.insert = insert
         self.cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
+        self.sparse: dict[int, list[tuple[list[Absorb], _AtRisk]]] = {}
 
     def __call__(self, values: np.ndarray) -> dict[int, str]:
         tau = self.sol.cofactors(values)
@@ -177,9 +186,40 @@ class _Check:
         ``bounds``, this round's ``smin ≤ |S| ≤ smax`` (:class:`_AtRisk`)."""
         weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
-        name = weight.name
         w = weight.source.array() if j not in self.shapes else None
         shape = self.shapes.setdefault(j, w.shape if w is not None else ())
+        if j in self.sparse:  # S at the elements at risk only, not the whole of S
+            checks = [
+                (group, *risk.violations(product_at(group[0].factors, tau, risk.at), lim))
+                for group, risk in self.sparse[j]
+            ]
+        else:
+            checks = self._cells(j, w, shape, tau, lim, bounds)
+        for group, over, under in checks:
+            layout = np.broadcast_shapes(over.shape, under.shape)
+            for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
+                mask = np.broadcast_to(mask, layout)
+                if mask.any():
+                    why = f"cofactor would {kind} {lim.name} weight {weight.name!r}"
+                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
+                        bad.setdefault(int(p), why)
+
+    def _cells(
+        self,
+        j: int,
+        w: np.ndarray | None,
+        shape: tuple[int, ...],
+        tau: np.ndarray,
+        lim: Limits,
+        bounds: tuple[float, float],
+    ) -> list[tuple[list[Absorb], np.ndarray, np.ndarray]]:
+        """Each scale of weight ``j`` with its ``(over, under)`` cell masks, from its cells'
+        magnitudes (measured on the first call, ``w`` given).  A weight whose scales all
+        keep :class:`_AtRisk` cells and whose uses read it whole is checked through
+        :attr:`sparse` in later rounds."""
+        weight = self.analysis.weights[j]
+        checks: list[tuple[list[Absorb], np.ndarray, np.ndarray]] = []
+        risky: list[tuple[list[Absorb], _AtRisk]] = []
         for k, (group, s) in enumerate(scales_of(shape, weight.uses, weight.private, tau)):
             r = max(len(shape), s.ndim)
             sr = with_rank(s, r)
@@ -193,18 +233,15 @@ class _Check:
                     self.cells[j, k] = cell_magnitudes(wr, axes, lim)
             cells = self.cells[j, k]
             if isinstance(cells, _AtRisk):
-                over, under = cells.violations(sr, lim)
-                layout = sr.shape
+                checks.append((group, *cells.violations(sr.reshape(-1)[cells.flat], lim)))
+                risky.append((group, cells))
             else:
                 hi, lo_n, lo_s = cells
-                over, under = violations(hi, lo_n, lo_s, np.abs(sr), lim)
-                layout = np.broadcast_shapes(hi.shape, sr.shape)
-            for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
-                mask = np.broadcast_to(mask, layout)
-                if mask.any():
-                    why = f"cofactor would {kind} {lim.name} weight {name!r}"
-                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
-                        bad.setdefault(int(p), why)
+                checks.append((group, *violations(hi, lo_n, lo_s, np.abs(sr), lim)))
+        simple = all(ab.index is None and not ab.expand for ab in weight.uses)
+        if simple and len(risky) == len(checks):
+            self.sparse[j] = risky
+        return checks
 
     def _blame_uses(
         self,

@@ -169,3 +169,31 @@ def test_quiet_prints_nothing(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "graphteleport", "in/llama.onnx", "-o", "t.onnx", "-q"]
     p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout == "" and p.stderr == ""
+
+
+def test_the_range_fit_of_large_weights_keeps_only_elements_at_risk_and_fits_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float16 weights with elements near 0 make the fit move cofactors; checking large
+    weights through their elements at risk (every weight here, with the limit at 0) must
+    move exactly the same ones as the dense check."""
+    from graphteleport import ranges
+
+    src = _model(tmp_path, "float16")
+
+    def fitted() -> tuple[list[ranges.RangeFix], dict[str, np.ndarray]]:
+        model = load_model(src)
+        result = TeleportPass(seed=5, input_shapes={"ids": (1, SMALL.seq)})(model)
+        weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+        return result.range_fixes, weights  # type: ignore[return-value]
+
+    dense_fixes, dense = fitted()
+    monkeypatch.setattr(ranges, "_DENSE_CELLS", 0)
+    created: list[int] = []
+    of = ranges._AtRisk.of
+    monkeypatch.setattr(ranges._AtRisk, "of", lambda *a: created.append(1) or of(*a))
+    sparse_fixes, sparse = fitted()
+    assert dense_fixes and created  # the fit ran, through the sparse path
+    assert sparse_fixes == dense_fixes
+    for name, value in dense.items():
+        np.testing.assert_array_equal(sparse[name], value, err_msg=name)
