@@ -138,20 +138,17 @@ def _product(
         changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
         return new, changed, scan.result(w)
     native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
-    if native:
-        s = s.astype(w.dtype)
-    elif float32_scale:  # exact products in float64, rounded once into W's dtype
-        s = s.astype(np.float32).astype(np.float64)
     sb = np.broadcast_to(s, w.shape)
     out = np.empty(w.shape, dtype=w.dtype)
     rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
     changed = 0
-    for i in range(0, w.shape[0], rows):
-        wc, oc = w[i : i + rows], out[i : i + rows]
+    for i in range(0, w.shape[0], rows):  # S rounded a block at a time, while in cache
+        wc, oc, sc = w[i : i + rows], out[i : i + rows], sb[i : i + rows]
         if native:
-            np.multiply(wc, sb[i : i + rows], out=oc)
-        else:
-            oc[...] = np.multiply(wc, sb[i : i + rows], dtype=np.float64)
+            np.multiply(wc, sc.astype(w.dtype), out=oc)
+        else:  # exact products in float64 (of S rounded to float32), rounded once into W's
+            sc = sc.astype(np.float32).astype(np.float64) if float32_scale else sc
+            oc[...] = np.multiply(wc, sc, dtype=np.float64)
         scan.add(wc)
         changed += int(np.count_nonzero(oc != wc))
     return out, changed, scan.result(w)
