@@ -885,7 +885,7 @@ class DataFile:
     decodes nor maps the tensor: ``os.copy_file_range`` has the kernel move the bytes
     (on ext4 a copy inside the kernel; btrfs and XFS may share the blocks instead), with
     ``pread``/``pwrite`` where the kernel refuses.  ``on_bytes`` is told the size of
-    every tensor written (a progress bar).  The file is created new (``O_EXCL``).
+    every tensor written (a progress bar's update).  The file is created new (``O_EXCL``).
     """
 
     def __init__(self, path: Path, on_bytes: Callable[[int], None] = _no_progress) -> None:
@@ -894,6 +894,7 @@ class DataFile:
         self.on_bytes = on_bytes
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._sources: dict[str, int] = {}  # open source data files, by path
+        self._reported = 0  # bytes told to on_bytes since the last rewind
 
     def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
         """Append ``array`` (C order) and return it as an external tensor named ``name``."""
@@ -914,9 +915,12 @@ class DataFile:
         return self._appended(tensor.name or "", tensor.dtype, tensor.shape.numpy(), start, length)
 
     def rewind(self) -> None:
-        """Empty the file: tensors returned so far are no longer valid."""
+        """Empty the file: tensors returned so far are no longer valid (``on_bytes`` is
+        told minus what it was told so far)."""
         os.ftruncate(self._file(), 0)
         self.offset = 0
+        self.on_bytes(-self._reported)
+        self._reported = 0
 
     def close(self) -> None:
         """Close the file and the source files (idempotent)."""
@@ -943,6 +947,7 @@ class DataFile:
         self, name: str, dtype: ir.DataType, shape: Sequence[int], start: int, length: int
     ) -> ir.ExternalTensor:
         self.offset = start + length
+        self._reported += length
         self.on_bytes(length)
         return ir.ExternalTensor(
             self.path.name, start, length, dtype,
