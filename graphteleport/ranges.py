@@ -107,15 +107,14 @@ _RISK_CHUNK = 1 << 20  # elements measured at a time when finding them
 class _AtRisk:
     """The cells of a large weight whose ``S`` varies along every axis (each element its
     own cell) that some ``|s|`` in ``[smin, smax]`` takes out of range, as flat positions
-    and magnitudes.  The fit only moves values toward 1, so later rounds' bounds lie
-    inside the first's and every other element stays safe: memory holds the few
-    elements at risk (near 0 or the dtype's largest), not three float64 copies of W."""
+    and magnitudes ``|w|`` (16 bytes an element).  The fit only moves values toward 1, so
+    later rounds' bounds lie inside the first's and every other element stays safe: memory
+    holds the few elements at risk (near 0 or the dtype's largest), not three float64
+    copies of W."""
 
     shape: tuple[int, ...]
     flat: np.ndarray
-    hi: np.ndarray
-    lo_n: np.ndarray
-    lo_s: np.ndarray
+    mag: np.ndarray  # |w| of each element at risk, float64
 
     @property
     def at(self) -> tuple[np.ndarray, ...]:
@@ -126,20 +125,23 @@ class _AtRisk:
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
         """Measure ``w`` a chunk at a time and keep its elements at risk."""
         flat_w = w.reshape(-1)
-        parts: list[tuple[np.ndarray, ...]] = []
+        flats: list[np.ndarray] = []
+        mags: list[np.ndarray] = []
         for start in range(0, flat_w.size, _RISK_CHUNK):
-            hi, lo_n, lo_s = cell_magnitudes(flat_w[start : start + _RISK_CHUNK], (), lim)
+            chunk = flat_w[start : start + _RISK_CHUNK]
+            hi, lo_n, lo_s = cell_magnitudes(chunk, (), lim)
             over, _ = violations(hi, lo_n, lo_s, smax, lim)
             _, under = violations(hi, lo_n, lo_s, smin, lim)
             k = np.flatnonzero(over | under)
-            parts.append((k + start, hi[k], lo_n[k], lo_s[k]))
-        flat, hi, lo_n, lo_s = (np.concatenate([p[i] for p in parts]) for i in range(4))
-        return cls(w.shape, flat, hi, lo_n, lo_s)
+            flats.append(k + start)
+            mags.append(np.abs(chunk[k].astype(np.float64)))
+        return cls(w.shape, np.concatenate(flats), np.concatenate(mags))
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
         """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
         elements at risk (in ``flat`` order)."""
-        over_k, under_k = violations(self.hi, self.lo_n, self.lo_s, np.abs(s), lim)
+        hi, lo_n, lo_s = cell_magnitudes(self.mag, (), lim)  # each element its own cell
+        over_k, under_k = violations(hi, lo_n, lo_s, np.abs(s), lim)
         size = int(np.prod(self.shape, dtype=np.int64))
         masks = []
         for hit in (over_k, under_k):
