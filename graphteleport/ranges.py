@@ -38,6 +38,7 @@ from graphteleport.algebra import product_at, scales_of, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Factor
 from graphteleport.insertion import PlannedMul, plan
 from graphteleport.numerics import (
+    MARGIN,
     Limits,
     Magnitudes,
     cell_magnitudes,
@@ -125,14 +126,17 @@ class _AtRisk:
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
         """Measure ``w`` a chunk at a time and keep its elements at risk."""
         flat_w = w.reshape(-1)
+        low, high = _risk_thresholds(w.dtype, lim, smin, smax)
         flats: list[np.ndarray] = []
         mags: list[np.ndarray] = []
         for start in range(0, flat_w.size, _RISK_CHUNK):
             chunk = flat_w[start : start + _RISK_CHUNK]
-            hi, lo_n, lo_s = cell_magnitudes(chunk, (), lim)
+            x = np.abs(chunk.astype(low.dtype))  # exact: W's values fit this dtype
+            cand = np.flatnonzero(((x > 0) & (x < low)) | (x > high))
+            hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
             over, _ = violations(hi, lo_n, lo_s, smax, lim)
             _, under = violations(hi, lo_n, lo_s, smin, lim)
-            k = np.flatnonzero(over | under)
+            k = cand[over | under]
             flats.append(k + start)
             mags.append(np.abs(chunk[k].astype(np.float64)))
         return cls(w.shape, np.concatenate(flats), np.concatenate(mags))
@@ -149,6 +153,23 @@ class _AtRisk:
             mask[self.flat[hit]] = True
             masks.append(mask.reshape(self.shape))
         return masks[0], masks[1]
+
+
+def _risk_thresholds(
+    dtype: np.dtype, lim: Limits, smin: float, smax: float
+) -> tuple[np.floating, np.floating]:
+    """``(low, high)``: an element can leave the range for some ``|s|`` in
+    ``[smin, smax]`` only if ``0 < |w| < low`` (made subnormal or 0 by ``smin < 1``) or
+    ``|w| > high`` (made inf by ``smax > 1``) — :func:`violations`' bounds solved for
+    ``|w|``, widened by one ulp of the compare dtype (float32 for weights of 4 bytes or
+    less, float64 else) so the quick filter never drops an element the exact check flags."""
+    kind = np.float32 if np.dtype(dtype).itemsize <= 4 else np.float64
+    with np.errstate(divide="ignore", over="ignore"):
+        low = lim.tiny * (1 + MARGIN) / smin if smin < 1 else 0.0
+        high = lim.max * (1 - MARGIN) / smax if smax > 1 else np.inf
+        low_t = np.nextafter(kind(low), kind(np.inf))
+        high_t = np.nextafter(kind(high), kind(0))
+    return low_t, high_t
 
 
 class _Check:
