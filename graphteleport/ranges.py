@@ -46,7 +46,7 @@ from graphteleport.numerics import (
     out_of_range,
     violations,
 )
-from graphteleport.rewrite import weight_bounds
+from graphteleport.rewrite import release, weight_bounds
 
 log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
@@ -218,6 +218,8 @@ class _Check:
             ]
         else:
             checks = self._cells(j, w, shape, tau, lim, bounds)
+            del w  # the cells are kept, the weight's pages need not be
+            release(weight.source)
         for group, over, under in checks:
             layout = np.broadcast_shapes(over.shape, under.shape)
             for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):

@@ -223,7 +223,14 @@ def _stream(p: _Pending, sink: WeightSink) -> None:
     the source tensor's memory map (kept if a view of it is still alive)."""
     if isinstance(p.new, np.ndarray) and not p.ref.is_node:
         p.new = sink.put(p.ref.name, p.new)
-    source = None if p.ref.is_node else p.ref.stored.const_value
+    release(p.ref)
+
+
+def release(ref: ConstRef) -> None:
+    """Close the memory map of the external tensor ``ref`` reads, if any (its pages then
+    leave this process's resident set; a later read maps it again).  Kept while a view
+    of it is alive."""
+    source = None if ref.is_node else ref.stored.const_value
     if isinstance(source, ir.ExternalTensor):
         with contextlib.suppress(BufferError):
             source.release()
