@@ -8,15 +8,24 @@ file read or written).  Medians and their ratio are printed, with the pass's own
 (``result.seconds``) and the solver's counts.  The default model is the cached ResNet-50
 of ``bench_teleport.py``.
 
+``--solve-p`` also times the solve alone for the given exponents (the p-norm balance
+``Σ |W'|^p`` an equalization minimises): ``OrbitTerms.build`` (the statistics ``Q``)
+and :func:`~graphteleport.passes.canonical.minimize` (kernel and Newton-CG), each round
+after the same ``onnx.load``.  The BLAS thread count matters on a shared machine:
+OpenBLAS's threads spin for cores other processes hold, and its gemv slows down many
+times over; the line ``blas`` prints ``OPENBLAS_NUM_THREADS`` as the run saw it.
+
 Usage (from the repository root, in the project's venv)::
 
     python bench/bench_canonical.py               # ResNet-50, 3 rounds
     python bench/bench_canonical.py --model m.onnx -n 5
+    OPENBLAS_NUM_THREADS=1 python bench/bench_canonical.py --solve-p 2 4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,19 +38,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from graphteleport.passes.canonical import CanonicalizePass  # noqa: E402
+from graphteleport.analysis import analyze_model  # noqa: E402
+from graphteleport.orbit import OrbitTerms  # noqa: E402
+from graphteleport.passes.canonical import CanonicalizePass, minimize  # noqa: E402
 
 
-def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
+def one_round(path: Path) -> tuple[float, float, dict[str, float], str, float, float]:
     """One ``onnx.load`` and one canonicalize of its result: both times, the pass's
-    phases and a line on the solve."""
-    t0 = time.perf_counter()
+    phases, a line on the solve, and both CPU times (``process_time``: on a shared
+    machine the wall clock also counts the time other processes held the cores)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     proto = onnx.load(path)
-    load = time.perf_counter() - t0
+    load, load_cpu = time.perf_counter() - t0, time.process_time() - c0
     model = ir.serde.deserialize_model(proto)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     result = CanonicalizePass()(model)
-    canon = time.perf_counter() - t1
+    canon, canon_cpu = time.perf_counter() - t1, time.process_time() - c1
     m = result.minimum
     solve = (
         f"{m.iterations} Newton / {m.cg_steps} CG steps, F {m.objective_before:.6g} -> "
@@ -49,7 +61,22 @@ def one_round(path: Path) -> tuple[float, float, dict[str, float], str]:
         if m
         else "nothing to solve"
     )
-    return load, canon, dict(result.seconds), solve
+    return load, canon, dict(result.seconds), solve, load_cpu, canon_cpu
+
+
+def solve_round(path: Path, p: float) -> tuple[float, float, float, str]:
+    """One ``onnx.load``, then the solve alone at exponent ``p``: the seconds of
+    ``OrbitTerms.build`` and of ``minimize`` (wall), the CPU seconds of both, and a line
+    on the solve."""
+    model = ir.serde.deserialize_model(onnx.load(path))
+    analysis = analyze_model(model, {})
+    t0, c0 = time.perf_counter(), time.process_time()
+    terms = OrbitTerms.build(analysis, p=p)
+    t1 = time.perf_counter()
+    m = minimize(terms)
+    t2, c2 = time.perf_counter(), time.process_time()
+    line = f"{m.iterations} Newton / {m.cg_steps} CG steps, max|g|/F {m.gradient:.1e}"
+    return t1 - t0, t2 - t1, c2 - c0, line
 
 
 def default_model() -> Path:
@@ -63,21 +90,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="an ONNX file (default: cached ResNet-50)")
     parser.add_argument("-n", "--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument(
+        "--solve-p", type=float, nargs="*", default=[], help="also time the solve alone at these p"
+    )
     args = parser.parse_args(argv)
     path: Path = args.model or default_model()
     loads: list[float] = []
     canons: list[float] = []
+    cpus: list[tuple[float, float]] = []
     for _ in range(max(args.rounds, 1)):
-        load, canon, phases, solve = one_round(path)
+        load, canon, phases, solve, load_cpu, canon_cpu = one_round(path)
         loads.append(load)
         canons.append(canon)
+        cpus.append((load_cpu, canon_cpu))
     load_s, canon_s = statistics.median(loads), statistics.median(canons)
+    load_c = statistics.median(c[0] for c in cpus)
+    canon_c = statistics.median(c[1] for c in cpus)
     print(f"model          {path}")
     print(f"onnx.load      {load_s:.3f} s (median of {len(loads)})")
     print(f"canonicalize   {canon_s:.3f} s (no I/O; last round's phases: ", end="")
     print(", ".join(f"{k} {v:.2f} s" for k, v in phases.items()) + ")")
     print(f"solve          {solve}")
     print(f"ratio          {canon_s / load_s:.1f}x onnx.load")
+    print(f"cpu            onnx.load {load_c:.3f} s, canonicalize {canon_c:.3f} s: ", end="")
+    print(f"{canon_c / load_c:.1f}x (process_time medians)")
+    print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    for p in args.solve_p:
+        rounds = [solve_round(path, p) for _ in range(max(args.rounds, 1))]
+        build = statistics.median(r[0] for r in rounds)
+        solve = statistics.median(r[1] for r in rounds)
+        cpu = statistics.median(r[2] for r in rounds)
+        print(f"solve p={p:g}    build {build:.3f} s + minimize {solve:.3f} s ", end="")
+        print(f"({(build + solve) / load_s:.1f}x onnx.load; CPU {cpu:.3f} s, ", end="")
+        print(f"{cpu / load_c:.1f}x) {rounds[-1][3]}")
     return 0
 
 

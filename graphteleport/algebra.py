@@ -57,12 +57,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 IntArray = np.ndarray
 FloatArray = np.ndarray
+Real = Any  # a float array: numpy's, or a (differentiable) torch tensor
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -260,10 +261,12 @@ class FactorTable:
         exps = np.asarray(self.exps, dtype=np.int64).repeat(self.sizes)
         self._powers = [(e, (exps == e).nonzero()[0]) for e in sorted(set(self.exps) - {1})]
 
-    def values(self, tau: FloatArray) -> FloatArray:
+    def values(self, tau: Real) -> Real:
         """``τ[ids]^e`` of every element, float64 (split by ``sizes`` per factor), by
-        :func:`power`: almost every exponent is ±1, the rest mostly 2."""
-        out: FloatArray = tau[self.ids]
+        :func:`power`: almost every exponent is ±1, the rest mostly 2.  ``tau`` may be a
+        torch tensor too (indexing and :func:`power` are all it takes): the result is
+        then differentiable in ``tau`` (:class:`graphteleport.torch.orbitmap.OrbitMap`)."""
+        out = tau[self.ids]
         for exp, at in self._powers:
             out[at] = power(out[at], exp)
         return out
@@ -339,10 +342,24 @@ def batchnorm_eps(
     """``(c, S, offset)`` per channel for input cofactors squared ``t2 = τ²``, measured input
     variances ``sigma2`` (NaN: none measured, ``c = 1``) and ``eps`` (module docstring):
     ``c = sqrt((τ²σ² + ε)/(τ²(σ² + ε)))``, ``S = c²τ²``, ``offset = ε(S − 1)``."""
-    c = np.sqrt((t2 * sigma2 + eps) / (t2 * (sigma2 + eps)))
+    c = np.sqrt(batchnorm_eps_squared(t2, sigma2, eps))
     c = np.where(np.isnan(sigma2), 1.0, c)
+    s, offset = batchnorm_eps_variance(c, t2, eps)
+    return c, s, offset
+
+
+def batchnorm_eps_squared(t2: Real, sigma2: Real, eps: Real | float) -> Real:
+    """``c² = (τ²σ² + ε)/(τ²(σ² + ε))`` (:func:`batchnorm_eps`), by arithmetic only: numpy
+    arrays and torch tensors alike (:class:`graphteleport.torch.orbitmap.OrbitMap`
+    differentiates it)."""
+    return (t2 * sigma2 + eps) / (t2 * (sigma2 + eps))
+
+
+def batchnorm_eps_variance(c: Real, t2: Real, eps: Real | float) -> tuple[Real, Real]:
+    """The running variance's ``S = c²τ²`` and offset ``ε(S − 1)`` (:func:`batchnorm_eps`),
+    by arithmetic only, like :func:`batchnorm_eps_squared`."""
     s = c * c * t2
-    return c, s, eps * (s - 1)
+    return s, eps * (s - 1)
 
 
 def batchnorm_eps_tangent(

@@ -25,9 +25,11 @@ from graphteleport import __version__
 from graphteleport.compare import TOLERANCE_FLOAT32, compare_files, summary_lines
 from graphteleport.errors import GraphTeleportError, VerificationError
 from graphteleport.options import MODES, SAMPLINGS, CofactorOptions
+from graphteleport.passes.equalize import DEFAULT_P, METHODS
 from graphteleport.pipeline import (
     TeleportOptions,
     canonicalize_file,
+    equalize_file,
     inspect_file,
     teleport_file,
 )
@@ -41,9 +43,11 @@ EXAMPLES = """examples:
   graphteleport inspect model.onnx
   graphteleport compare model.onnx teleported.onnx --report compare.json
   graphteleport canonicalize model.onnx -o canonical.onnx --report r.json
+  graphteleport equalize model.onnx -o equalized.onnx --exact --report r.json
 
-subcommands: a first argument 'inspect', 'canonicalize' or 'compare' names the subcommand
-(see 'graphteleport canonicalize --help'); to teleport a file called so, write ./inspect.
+subcommands: a first argument 'inspect', 'canonicalize', 'equalize' or 'compare' names the
+subcommand (see 'graphteleport equalize --help'); to teleport a file called so, write
+./inspect.
 """
 
 
@@ -102,7 +106,8 @@ def _verification(p: argparse.ArgumentParser) -> None:
 
 def _model_in_out(p: argparse.ArgumentParser, verb: str, insert_help: str) -> None:
     """The model to ``verb``, ``-o OUTPUT`` and ``--mode`` (what insert mode adds)."""
-    done = {"teleport": "teleported", "canonicalize": "canonical"}.get(verb, verb)
+    done_as = {"teleport": "teleported", "canonicalize": "canonical", "equalize": "equalized"}
+    done = done_as.get(verb, verb)
     p.add_argument("model", help=f"the ONNX model to {verb} (never modified)")
     p.add_argument("-o", "--output", required=True, help=f"where to write the {done} model")
     p.add_argument(
@@ -132,6 +137,12 @@ def teleport_parser() -> argparse.ArgumentParser:
         help="insert mode: let a residual Add rescale one branch (more cofactors)",
     )
     p.add_argument(
+        "--rescale-clip",
+        action="store_true",
+        help="rewrite Clip/ReLU6 as Min(Relu(x), 6) so its bounds absorb the cofactors "
+        "(changes the graph; more cofactors, no Mul nodes)",
+    )
+    p.add_argument(
         "--sampling",
         choices=SAMPLINGS,
         default="intra_landscape",
@@ -159,11 +170,63 @@ def canonicalize_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="graphteleport canonicalize",
         description="Write the canonical form of a network: the point of its orbit under "
-        "positive cofactors with the least sum of squared weights and biases (unique up to "
-        "the signs of sign-group cofactors), then prove the function is unchanged with "
-        "onnxruntime.  A model and any positive teleport of it get the same canonical form.",
+        "positive cofactors with the least sum of squared weights and biases (the signs of "
+        "sign-group cofactors by a rule), then prove the function is unchanged with "
+        "onnxruntime.  A model and any teleport of it get the same canonical form "
+        "(negative cofactors too: a sign rule picks the signs).",
     )
     _model_in_out(p, "canonicalize", "also free the cofactors that need Mul nodes")
+    _verification(p)
+    _common(p)
+    return p
+
+
+def equalize_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="graphteleport equalize",
+        description="Equalize a network for per-tensor INT8 quantization: choose the "
+        "cofactors that balance the ranges of the quantized weights across every free "
+        "cofactor class (cle: the least sum over tensors of the p-th power mean of |W|; "
+        "smooth: SmoothQuant's activation/weight balance on calibration inputs), then prove "
+        "the function is unchanged with onnxruntime.",
+    )
+    _model_in_out(p, "equalize", "also free the cofactors that need Mul nodes")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="cle",
+        help="cle: data-free cross-layer equalization (default); smooth: activation-aware, "
+        "needs --calibration",
+    )
+    p.add_argument(
+        "--p",
+        type=float,
+        default=DEFAULT_P,
+        metavar="P",
+        help=f"cle: the power mean balanced, 1 < P <= 64 (default {DEFAULT_P:g})",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        metavar="A",
+        help="smooth: migration strength in [0, 1] (default 0.5)",
+    )
+    p.add_argument(
+        "--calibration", metavar="FEEDS.npz", help="smooth: inputs to measure activations on"
+    )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="round the cofactors to powers of two: bit-identical outputs",
+    )
+    p.add_argument(
+        "--keep-clips",
+        action="store_true",
+        help="leave Clips (ReLU6) as they are; by default each Clip with constant bounds "
+        "becomes Min(Relu(x), 6), whose bound absorbs the cofactor (no Mul), so its "
+        "channels can be equalized",
+    )
     _verification(p)
     _common(p)
     return p
@@ -264,9 +327,41 @@ def format_canonical(r: TeleportReport) -> str:
         f"in {int(c.get('iterations', 0))} Newton steps "
         f"(max |gradient|/F {c.get('gradient', 0.0):.2g})"
     )
-    lines += format_inputs(r.input_shapes)
-    lines += format_analysis(r.analysis)
+    return _with_outcome(lines, r)
+
+
+def _with_outcome(lines: list[str], r: TeleportReport) -> str:
+    """``lines`` then the inputs, the analysis and the outcome (:func:`_outcome`)."""
+    lines = lines + format_inputs(r.input_shapes) + format_analysis(r.analysis)
     return "\n".join(lines + _outcome(r))
+
+
+def format_equalize(r: TeleportReport) -> str:
+    e = r.equalize or {}
+    lines = [f"graphteleport equalize: {r.model} -> {r.output}"]
+    how = f"p={e.get('p', 0.0):g}" if e.get("method") == "cle" else f"alpha={e.get('alpha')}"
+    lines.append(
+        f"  method {e.get('method')} ({how}), mode {r.options.mode}"
+        + (", exact (powers of two)" if r.options.exact else "")
+    )
+    if e.get("method") == "cle":
+        lines.append(
+            f"  balance {e.get('objective_before', 0.0):.6g} -> "
+            f"{e.get('objective_after', 0.0):.6g} in {int(e.get('iterations', 0))} Newton steps "
+            f"(max |gradient|/B {e.get('gradient', 0.0):.2g})"
+        )
+    tensors = e.get("tensors", [])
+    lines.append(
+        f"  quantized weights: {len(tensors)} tensors, {e.get('weight_elements_moved', 0)}/"
+        f"{e.get('weight_elements', 0)} elements moved ({e.get('fraction_moved', 0.0):.2%})"
+    )
+    lines.append(
+        "  predicted per-tensor INT8 weight SQNR: mean "
+        f"{e.get('mean_sqnr_db_before', 0.0):.2f} dB -> {e.get('mean_sqnr_db_after', 0.0):.2f} dB"
+        f"; noise/signal {e.get('predicted_noise_before', 0.0):.3g} -> "
+        f"{e.get('predicted_noise_after', 0.0):.3g}"
+    )
+    return _with_outcome(lines, r)
 
 
 def _outcome(r: TeleportReport) -> list[str]:
@@ -287,6 +382,8 @@ def _outcome(r: TeleportReport) -> list[str]:
             f"  kept in range: {moved} cofactors moved toward 1 ({pinned} pinned), e.g. "
             f"{fixes[0].reason}"
         )
+    if r.clips_split:
+        lines.append(f"  Clips made rescalable: {r.clips_split} (Clip -> Min(Relu(x), c))")
     if o.mode == "insert":
         ins = r.inserted
         lines.append(
@@ -304,7 +401,7 @@ def _outcome(r: TeleportReport) -> list[str]:
         )
         lines.append("    " + _proof_scope(v))
     t = r.seconds
-    phases = ("analyze", "solve", "rewrite", "save", "verify", "total")
+    phases = ("analyze", "solve", "rewrite", "figures", "save", "verify", "total")
     lines.append("  time: " + ", ".join(f"{k} {t[k]:.2f}s" for k in phases if k in t))
     return lines
 
@@ -380,6 +477,8 @@ def _run(argv: list[str]) -> int:
         if not args.quiet:
             print(format_canonical(report))
         return 0
+    if argv and argv[0] == "equalize":
+        return _equalize(argv[1:])
     args = teleport_parser().parse_args(argv)
     # The cofactor options' flags are named as its fields (--cob-range: cob_range).
     opts = _verify_options(
@@ -392,6 +491,18 @@ def _run(argv: list[str]) -> int:
     )
     if not args.quiet:
         print(format_teleport(report))
+    return 0
+
+
+def _equalize(argv: list[str]) -> int:
+    args = equalize_parser().parse_args(argv)
+    opts = _verify_options(args, mode=args.mode, exact=args.exact, rescale_clip=not args.keep_clips)
+    report = equalize_file(
+        args.model, args.output, opts, _progress(args), report_path=args.report,
+        method=args.method, p=args.p, alpha=args.alpha, calibration=args.calibration,
+    )  # fmt: skip
+    if not args.quiet:
+        print(format_equalize(report))
     return 0
 
 

@@ -43,36 +43,47 @@ class InsertStats:
     unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
 
 
+class FreshNames:
+    """Names ``BASE_gtK`` unique among a graph's initializers, inputs and node outputs."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken = (
+            {v.name for v in graph.initializers.values()}
+            | {o.name for n in graph for o in n.outputs}
+            | {v.name for v in graph.inputs}
+        )
+
+    def __call__(self, base: str) -> str:
+        k = 0
+        while f"{base}_gt{k}" in self.taken:
+            k += 1
+        name = f"{base}_gt{k}"
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    """Register ``arr`` as a new initializer called ``name`` and return its value."""
+    c = ir.Value(
+        name=name,
+        shape=ir.Shape(arr.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+        const_value=ir.tensor(arr, name=name),
+    )
+    graph.register_initializer(c)
+    return c
+
+
 class _Inserter:
     def __init__(self, model: ir.Model, tau: np.ndarray, stats: InsertStats) -> None:
         self.graph = model.graph
         self.tau = tau
         self.stats = stats
-        self.names = (
-            {v.name for v in self.graph.initializers.values()}
-            | {o.name for n in self.graph for o in n.outputs}
-            | {v.name for v in self.graph.inputs}
-        )
-
-    def _name(self, base: str) -> str:
-        k = 0
-        while f"{base}_gt{k}" in self.names:
-            k += 1
-        name = f"{base}_gt{k}"
-        self.names.add(name)
-        return name
+        self._name = FreshNames(self.graph)
 
     def _const(self, value: ir.Value, s: np.ndarray, dtype: ir.DataType) -> ir.Value:
         arr = s.astype(dtype.numpy())  # from float64: rounded once
-        name = self._name(f"{value.name or 'v'}_cofactor")
-        c = ir.Value(
-            name=name,
-            shape=ir.Shape(arr.shape),
-            type=ir.TensorType(dtype),
-            const_value=ir.tensor(arr, name=name),
-        )
-        self.graph.register_initializer(c)
-        return c
+        return add_initializer(self.graph, self._name(f"{value.name or 'v'}_cofactor"), arr)
 
     def _mul(self, x: ir.Value, s: np.ndarray, dtype: ir.DataType) -> ir.Node:
         c = self._const(x, s, dtype)

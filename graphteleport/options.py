@@ -2,8 +2,8 @@
 
 :class:`CofactorOptions` holds what decides the cofactors a teleport draws and how the
 graph may change: ``mode`` (:data:`Mode`), ``sampling`` (:data:`Sampling`),
-``cob_range`` (``r``), ``center`` (``c``), ``seed``, ``exact`` and
-``rescale_residual``.  Its constructor checks every value and raises
+``cob_range`` (``r``), ``center`` (``c``), ``seed``, ``exact``,
+``rescale_residual`` and ``rescale_clip``.  Its constructor checks every value and raises
 :class:`~graphteleport.errors.InputError` with one line naming the CLI option, which the
 CLI prints as it is; everything downstream (:func:`graphteleport.pipeline.teleport_file`,
 :class:`graphteleport.passes.TeleportPass`, :func:`graphteleport.cofactors.sample`,
@@ -100,6 +100,7 @@ class OptionFields(TypedDict, total=False):
     seed: int | None
     exact: bool
     rescale_residual: bool
+    rescale_clip: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,9 @@ class CofactorOptions:
         seed: numpy's seed (None: fresh entropy); a non-negative integer.
         exact: round every τ to a power of two (bit-identical outputs).
         rescale_residual: insert mode: a residual Add may rescale one branch.
+        rescale_clip: rewrite Clips with constant bounds (ReLU6) as ``Min(Relu(x), 6)``
+            first, so their neurons take τ > 0 with the bounds absorbing τ
+            (:mod:`graphteleport.clips`; ONNX models only).
     """
 
     mode: Mode = "absorb"
@@ -122,6 +126,7 @@ class CofactorOptions:
     seed: int | None = None
     exact: bool = False
     rescale_residual: bool = False
+    rescale_clip: bool = False
 
     def __post_init__(self) -> None:
         """Raise InputError (one line, naming the option) for a value that cannot work."""

@@ -43,7 +43,8 @@ broadcast sum ``Σ_f (coef_f · u[pairs_f])`` over the compact layout (no gather
 ``O·C``), and ``Aᵀv`` sums ``v`` over the axes each factor is constant along before
 scattering onto its pairs (``O + C`` entries, not ``O·C``).  The other uses go through
 the coordinates (``loose``).  Both give ``A`` exactly; only the order of summation
-differs.
+differs.  A solver uses :class:`graphteleport.orbit_kernel.OrbitKernel`, which reads a
+conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 """
 
 from __future__ import annotations
@@ -85,16 +86,67 @@ def used_values(use: Absorb, w: np.ndarray) -> np.ndarray:
     return out
 
 
-def reduced_power(use: Absorb, w: np.ndarray, p: float) -> FloatArray:
+def reduced_power(
+    use: Absorb, w: np.ndarray, p: float, out: FloatArray | None = None
+) -> FloatArray:
     """``Q = Σ |W|^p`` (float64) of the use's values summed over the axes where its
-    compact layout has size 1: one value per element of :func:`compact_shape`."""
-    values = np.abs(used_values(use, w).astype(np.float64))
+    compact layout has size 1: one value per element of :func:`compact_shape` (written
+    into ``out``, a float64 array of that size, if given).
+
+    For ``p`` in 1, 2, 3, 4 one ``einsum`` per use, accumulating in float64 (each product
+    of two float32 is exact in float64); a non-finite element (a mask's ``±inf``) makes
+    its sum non-finite, and only then are the values filtered (they count 0)."""
+    values = used_values(use, w)
+    cshape = compact_shape(use)
+    target = np.empty(cshape) if out is None else out.reshape(cshape)
+    if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
+        _power_sum(values, target, p)
+        if np.isfinite(target).all():
+            return target
+    values = np.abs(values.astype(np.float64))
     values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
     powered = values * values if p == 2 else values**p
-    cshape = compact_shape(use)
     axes = tuple(k for k, (c, s) in enumerate(zip(cshape, use.shape)) if c == 1 and s != 1)
-    out: FloatArray = np.sum(powered, axis=axes, keepdims=True).reshape(cshape)
-    return out
+    target[...] = np.sum(powered, axis=axes, keepdims=True).reshape(cshape)
+    return target
+
+
+_EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
+    """``out = Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out`` (float64) has
+    size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
+    summed over trailing axes (a conv's kernel window) is read as a matrix, and one
+    summed over nothing (a 1×1 conv, a bias) elementwise."""
+    if values.size == out.size and values.flags.c_contiguous:
+        flat = out.reshape(-1)
+        if p == 1.0:
+            np.absolute(values.reshape(-1), out=flat, dtype=np.float64)
+        else:
+            np.square(values.reshape(-1), out=flat, dtype=np.float64)
+            if p == 3.0:
+                flat *= np.abs(values.reshape(-1))
+            elif p == 4.0:
+                np.square(flat, out=flat)
+        return
+    kept = [k for k, c in enumerate(out.shape) if c != 1]
+    rows = int(np.prod(out.shape))
+    if values.flags.c_contiguous and kept == list(range(len(kept))):
+        values = values.reshape(rows, -1)  # the summed axes trail: one row per element
+        letters, target = "ab", out.reshape(rows, 1)
+    else:
+        letters, target = "abcdefghijklmnopqrstuvwxyz"[: values.ndim], out
+    result = "".join(letters[k] for k in range(values.ndim) if target.shape[k] != 1)
+    view = target.reshape([target.shape[k] for k in range(values.ndim) if target.shape[k] != 1])
+    if p == 1.0:
+        np.einsum(f"{letters}->{result}", np.abs(values), dtype=np.float64, out=view)
+    elif p == 2.0:
+        np.einsum(f"{letters},{letters}->{result}", values, values, dtype=np.float64, out=view)
+    else:  # |w|³ = w²·|w|, w⁴ = w²·w²: one rounding each in float64
+        squares = np.square(values, dtype=np.float64)
+        other = np.abs(values).astype(np.float64) if p == 3.0 else squares
+        np.einsum(f"{letters},{letters}->{result}", squares, other, out=view)
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
@@ -232,24 +284,24 @@ class OrbitTerms:
         sol = analysis.solution
         movable = movable_pairs(analysis)
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
-        qs: list[FloatArray] = []
+        uses = counted_uses(analysis)
+        sizes = [int(np.prod(compact_shape(use))) for use in uses]
+        q_all = np.empty(sum(sizes))
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
         spans: list[tuple[int, int]] = []
         offset = 0
-        for use in counted_uses(analysis):
+        for use, size in zip(uses, sizes):
             w = arrays[use.source.name] if arrays is not None else use.source.array()
-            q = reduced_power(use, w, p).reshape(-1)
+            reduced_power(use, w, p, out=q_all[offset : offset + size])
             block = block_of(use, offset, sol.pair, sign, movable)
             if _overlap([f.pairs[movable[f.pairs]] for f in block.factors]):
                 mine = [block_coordinates(block, f, movable) for f in block.factors]
                 loose.extend(_merge(mine, sol.num_pairs))
             else:
                 blocks.append(block)
-            qs.append(q)
-            spans.append((offset, offset + q.size))
-            offset += q.size
-        q_all = np.concatenate(qs) if qs else np.zeros(0)
+            spans.append((offset, offset + size))
+            offset += size
         return cls(
             float(p), q_all, movable, sol.num_pairs, tuple(spans), tuple(blocks), _concat(loose)
         )

@@ -35,6 +35,7 @@ import onnx_ir as ir
 
 from graphteleport import rewrite as rewrite_mod
 from graphteleport import verify as verify_mod
+from graphteleport.activations import load_calibration
 from graphteleport.analysis import Quiver, analyze_model
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
@@ -52,6 +53,7 @@ from graphteleport.io import (
 )
 from graphteleport.options import MODES, CofactorOptions, check_input_shapes, check_mode
 from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
+from graphteleport.passes.equalize import DEFAULT_P, EqualizePass, EqualizeResult, Method
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 from graphteleport.reports import (
     AnalysisReport,
@@ -240,7 +242,7 @@ def teleport_file(
     """
     return _pass_file(
         src, dst, opts, progress, report_path,
-        lambda shapes: TeleportPass(options=opts, input_shapes=shapes), bars,
+        lambda shapes: TeleportPass(options=opts, input_shapes=shapes), bars=bars,
     )  # fmt: skip
 
 
@@ -256,7 +258,45 @@ def canonicalize_file(
     ``report_path`` and ``bars`` as for :func:`teleport_file`."""
     return _pass_file(
         src, dst, opts, progress, report_path,
-        lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes), bars,
+        lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes), bars=bars,
+    )  # fmt: skip
+
+
+def equalize_file(
+    src: PathArg,
+    dst: PathArg,
+    opts: TeleportOptions,
+    progress: Progress = _quiet,
+    *,
+    report_path: PathArg | None = None,
+    method: Method = "cle",
+    p: float = DEFAULT_P,
+    alpha: float = 0.5,
+    calibration: PathArg | None = None,
+) -> TeleportReport:
+    """Equalize the model at ``src`` for per-tensor INT8 quantization
+    (:class:`~graphteleport.passes.equalize.EqualizePass`: ``method`` cle with the balance's
+    ``p``, or smooth with ``alpha`` and the ``calibration`` .npz) into ``dst``, verified like
+    :func:`teleport_file` (``opts.mode``, ``opts.exact``, ``opts.rescale_clip`` and the
+    verification options are used; the sampling options are not).  The report's
+    ``equalize`` holds the per-tensor and per-class ranges before and after, the predicted
+    INT8 steps and the fraction of weight elements moved; its seconds add ``solve`` and
+    ``figures``; ``report_path`` as for :func:`teleport_file`."""
+    feeds: list[dict[str, np.ndarray]] = []
+    if calibration is not None:
+        check_paths([("calibration file", calibration)], [])
+        feeds = load_calibration(calibration)
+    settings = EqualizePass(
+        method=method, mode=opts.mode, p=p, alpha=alpha, exact=opts.exact, calibration=feeds
+    ).settings  # every value checked before any file is written
+    return _pass_file(
+        src, dst, opts, progress, report_path,
+        lambda shapes: EqualizePass(
+            method=settings.method, mode=opts.mode, p=settings.p, alpha=settings.alpha,
+            exact=settings.exact, rescale_clip=opts.rescale_clip, calibration=feeds,
+            input_shapes=shapes,
+        ),
+        extra_inputs=[] if calibration is None else [("calibration file", calibration)],
     )  # fmt: skip
 
 
@@ -266,16 +306,21 @@ def _pass_file(
     opts: TeleportOptions,
     progress: Progress,
     report_path: PathArg | None,
-    make_pass: Callable[[dict[str, tuple[int, ...]]], TeleportPass | CanonicalizePass],
+    make_pass: Callable[
+        [dict[str, tuple[int, ...]]], TeleportPass | CanonicalizePass | EqualizePass
+    ],
+    extra_inputs: Sequence[tuple[str, PathArg]] = (),
     bars: bool = False,
 ) -> TeleportReport:
     """Load, run the pass ``make_pass(input_shapes)`` gives, report, verify, save
     (streamed for a model with external data: see :func:`teleport_file`)."""
     clock = Stopwatch()
-    check_output_path(src, dst, report=report_path, inputs=opts.inputs)
+    check_output_path(src, dst, report=report_path, inputs=opts.inputs, extra=extra_inputs)
     with clock.phase("load"):
         model = load_model(src)
-    check_output_path(src, dst, report=report_path, inputs=opts.inputs, model=model)
+    check_output_path(
+        src, dst, report=report_path, inputs=opts.inputs, model=model, extra=extra_inputs
+    )
     with clock.phase("inputs"):
         feeds, shapes, resolved = _feeds(model, opts, src)
     progress("analysing and rewriting")  # every check on the user's input has passed
@@ -326,6 +371,7 @@ def check_output_path(
     report: PathArg | None = None,
     inputs: PathArg | None = None,
     model: ir.Model | None = None,
+    extra: Sequence[tuple[str, PathArg]] = (),
 ) -> None:
     """Refuse, before any work, paths a run cannot use or would destroy.
 
@@ -334,7 +380,8 @@ def check_output_path(
     data file ``dst`` gets when the model keeps external data, and ``report``) must be
     writable regular or new files; no output may be an input or another output, also
     through ``..``, symbolic or hard links (:func:`graphteleport.io.check_paths`).
-    Call it without ``model`` before loading and with it after.
+    Call it without ``model`` before loading and with it after.  ``extra``: more
+    ``(role, path)`` the run reads (an equalize's calibration file).
     """
     outputs: list[tuple[str, PathArg]] = [("-o", dst)]
     data = output_data_path(model, dst) if model is not None else None
@@ -342,7 +389,7 @@ def check_output_path(
         outputs.append(("the data file of -o", data))
     if report is not None:
         outputs.append(("--report", report))
-    check_paths(_model_inputs(src, inputs, model), outputs)
+    check_paths([*_model_inputs(src, inputs, model), *extra], outputs)
 
 
 def _model_inputs(
@@ -440,6 +487,10 @@ def _teleport_report(
         input_shapes=inputs,
         seconds=seconds,
         canonical=_canonical_figures(result),
+        equalize=result.figures.to_json()
+        if isinstance(result, EqualizeResult) and result.figures
+        else None,
+        clips_split=len(result.clips.clips),
     )
 
 
@@ -455,4 +506,6 @@ def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
         "iterations": m.iterations,
         "cg_steps": m.cg_steps,
         "gradient": m.gradient,
+        "signs_flipped": result.flipped,
+        "signs_undecided": result.sign_undecided,
     }

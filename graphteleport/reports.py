@@ -96,6 +96,8 @@ class TeleportReport:
     verification: VerificationResult | None = None
     written: list[str] | None = None
     canonical: dict[str, float] | None = None  # canonicalize: F before/after, iterations
+    equalize: dict[str, Any] | None = None  # equalize: ranges, steps, fraction moved
+    clips_split: int = 0  # Clips rewritten as Min(Relu(x), c) first (rescale_clip)
 
     def to_json(self) -> dict[str, Any]:
         o, s, i = self.options, self.stats, self.inserted
@@ -122,10 +124,16 @@ class TeleportReport:
             range_fixes=[asdict(f) for f in self.range_fixes],
             input_shapes=self.input_shapes,
         )
+        if o.rescale_clip:  # Clips rewritten as Min(Relu(x), c) first
+            out.update(rescale_clip=True, clips_split=self.clips_split)
         if self.canonical is not None:  # nothing was drawn: no sampling to report
             for key in ("sampling", "cob_range", "seed"):
                 del out[key]
             out["canonical"] = dict(self.canonical)
+        if self.equalize is not None:  # chosen, not drawn: no sampling to report
+            for key in ("sampling", "cob_range", "seed"):
+                del out[key]
+            out["equalize"] = dict(self.equalize)
         if self.written is not None:
             out["written"] = list(self.written)
         return out

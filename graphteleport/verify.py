@@ -61,6 +61,8 @@ __all__ = [
     "compare",
     "draw_feed_sets",
     "make_feeds",
+    "open_proto",
+    "read_npz",
     "run",
     "verify",
     "verify_teleport",
@@ -152,7 +154,7 @@ def _dtype_class(dtype: np.dtype[Any]) -> str:
 
 def _load_npz(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
     """Read and check the user's input arrays (see :func:`make_feeds`)."""
-    arrays = _read_npz(path)
+    arrays = read_npz(path)
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -169,7 +171,7 @@ def _load_npz(path: Path, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
     return {s.name: _check_npz_array(path, s, arrays[s.name]) for s in specs}
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an .npz archive, or InputError with the reason it can't be read."""
     if not path.is_file():
         raise InputError(f"inputs file not found: {path}")

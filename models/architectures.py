@@ -398,6 +398,39 @@ def mobilenetv2_block(
     return nn.Sequential(*layers).eval(), (1, 3, size, size)
 
 
+MOBILENET_V2_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+"""torchvision's MobileNetV2 stages: (expand_ratio t, channels c, repeats n, first stride s)."""
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``: ``v`` rounded to a multiple of ``divisor``, at
+    least ``divisor``, never more than 10 % below ``v``."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def mobilenetv2(width_mult: float = 1.0, num_classes: int = 1000, size: int = 224) -> Built:
+    """MobileNetV2 as torchvision builds it (``torchvision.models.mobilenet_v2``, whose
+    dropout vanishes at export): the :data:`MOBILENET_V2_SETTINGS` stages (channels times
+    ``width_mult``, made divisible by 8), a 32-channel stem and a 1280-channel head, all
+    Conv+BN+ReLU6 with depthwise 3x3 convs and inverted residuals (:func:`mobilenetv2_block`).
+    Exported with BN folded, its ReLU6s are ``Clip(x, 0, 6)``.  3.5 M parameters at
+    ``width_mult`` 1."""
+    blocks: list[tuple[int, int, int]] = []
+    for t, c, n, s in MOBILENET_V2_SETTINGS:
+        blocks += [(t, _divisible(c * width_mult), s if k == 0 else 1) for k in range(n)]
+    stem, head = _divisible(32 * width_mult), _divisible(1280 * max(1.0, width_mult))
+    return mobilenetv2_block(blocks, stem, head, num_classes, size)
+
+
 # --------------------------------------------------------------------------------------------
 # Small 1-D, 2-D and 3-D CNNs
 # --------------------------------------------------------------------------------------------

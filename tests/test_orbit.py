@@ -135,3 +135,209 @@ def test_moving_part_plus_constant_is_the_objective_with_a_zero_weight() -> None
     for seed in range(3):
         u = _random_u(terms, seed)
         assert moving.objective(u) + constant == pytest.approx(terms.objective(u), rel=1e-12)
+
+
+# -- the kernel (graphteleport.orbit_kernel) ------------------------------------------------------
+def _residual_mlp(width: int = 6, seed: int = 0) -> onnx.ModelProto:
+    """``h = x W0 + b0; s = h + (h W1 + b1); y = relu(s) W2 + b2``: the residual class of
+    ``h`` and ``s`` is one class, so ``W1`` meets each of its pairs twice (``loose`` rows)."""
+    from conftest import make_model, rand
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["m0"]),
+        helper.make_node("Add", ["m0", "b0"], ["h"]),
+        helper.make_node("MatMul", ["h", "W1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["r"]),
+        helper.make_node("Add", ["h", "r"], ["s"]),
+        helper.make_node("Relu", ["s"], ["a"]),
+        helper.make_node("MatMul", ["a", "W2"], ["m2"]),
+        helper.make_node("Add", ["m2", "b2"], ["y"]),
+    ]
+    inits = {
+        "W0": rand([4, width], seed),
+        "b0": rand([width], seed + 1),
+        "W1": rand([width, width], seed + 2),
+        "b1": rand([width], seed + 3),
+        "W2": rand([width, 3], seed + 4),
+        "b2": rand([3], seed + 5),
+    }
+    return make_model(nodes, {"x": [2, 4]}, {"y": [2, 3]}, inits)
+
+
+KERNEL_MODELS = [*MODELS, ("residual_mlp", _residual_mlp())]
+
+
+def _kernel_and_terms(proto: onnx.ModelProto, p: float, float32: bool = False) -> tuple:
+    from graphteleport.orbit_kernel import OrbitKernel
+
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=p)
+    return OrbitKernel.of(terms, float32=float32), terms
+
+
+def test_the_kernel_paths_are_all_exercised() -> None:
+    """The fixtures reach every path of the kernel: bilinear blocks, single terms, rest
+    blocks and loose rows (else the equality tests below would test less than they say)."""
+    kernels = [_kernel_and_terms(proto, 2.0)[0] for _, proto in KERNEL_MODELS]
+    assert all(k.single.size for k in kernels)
+    assert sum(bool(k.matrices) for k in kernels) >= 3
+    assert any(k.rest is not None and k.rest.blocks for k in kernels)
+    assert any(k.rest is not None and k.rest.loose[0].size for k in kernels)
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0, 1.5])
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_kernel_is_the_moving_part_of_the_terms(
+    name: str, proto: onnx.ModelProto, p: float
+) -> None:
+    """The kernel's F, gradient, diag H and H·v (float64) equal the row-wise terms' moving
+    part, and its constant theirs."""
+    kernel, terms = _kernel_and_terms(proto, p)
+    moving, constant = terms.moving()
+    assert kernel.constant == pytest.approx(constant, rel=1e-12, abs=1e-300)
+    for seed in range(3):
+        u = _random_u(terms, seed)
+        at = kernel.point(u)
+        assert at is not None
+        y = moving.terms(u)
+        assert at.f == pytest.approx(float(y.sum()), rel=1e-12)
+        scale = float(np.abs(at.gradient).max())
+        np.testing.assert_allclose(at.gradient, moving.gradient(u), rtol=1e-11, atol=1e-13 * scale)
+        np.testing.assert_allclose(at.diagonal, moving.hessian_diagonal(y), rtol=1e-11)
+        v = np.where(terms.movable, np.random.default_rng(seed).standard_normal(terms.num_pairs), 0)
+        hv = moving.hessian_vector(y, v)
+        np.testing.assert_allclose(
+            kernel.hessian_vector(at, v), hv, rtol=1e-10, atol=1e-12 * abs(hv).max()
+        )
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_float32_hessian_products_are_close(name: str, proto: onnx.ModelProto) -> None:
+    """With ``float32``, H·v moves by float32 rounding only (F and the gradient not at all)."""
+    exact, terms = _kernel_and_terms(proto, 2.0)
+    single, _ = _kernel_and_terms(proto, 2.0, float32=True)
+    assert all(m.q32 is not None for m in single.matrices)
+    u = _random_u(terms, 1)
+    a, b = exact.point(u), single.point(u)
+    assert a is not None and b is not None
+    assert a.f == b.f and (a.gradient == b.gradient).all()
+    v = np.where(terms.movable, np.random.default_rng(2).standard_normal(terms.num_pairs), 0)
+    ha = exact.hessian_vector(a, v)
+    np.testing.assert_allclose(
+        single.hessian_vector(b, v), ha, rtol=1e-5, atol=1e-6 * abs(ha).max()
+    )
+
+
+def test_point_with_a_bound_stops_early() -> None:
+    """``point(u, bound)`` is None when F(u) exceeds the bound, the full point otherwise."""
+    kernel, terms = _kernel_and_terms(MODELS[1][1], 2.0)
+    u = _random_u(terms, 3)
+    at = kernel.point(u)
+    assert at is not None
+    assert kernel.point(u, bound=at.f * (1 - 1e-9)) is None
+    again = kernel.point(u, bound=at.f * (1 + 1e-9))
+    assert again is not None and (again.gradient == at.gradient).all()
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_coarse_matrix_is_r_transpose_h_r(name: str, proto: onnx.ModelProto) -> None:
+    """``coarse(at, group)`` is ``Rᵀ H R`` probed column by column with ``hessian_vector``,
+    for the kernel's groups and for a partition into two groups per pair parity."""
+    kernel, terms = _kernel_and_terms(proto, 2.0)
+    at = kernel.point(_random_u(terms, 4))
+    assert at is not None
+    parity = np.where(terms.movable, np.arange(terms.num_pairs) % 2, -1)
+    for group in (kernel.group, parity):
+        ng = int(group.max()) + 1
+        assert ng > 0
+        r = np.zeros((terms.num_pairs, ng))
+        r[np.flatnonzero(group >= 0), group[group >= 0]] = 1.0
+        probed = np.stack([r.T @ kernel.hessian_vector(at, r[:, k]) for k in range(ng)], 1)
+        np.testing.assert_allclose(kernel.coarse(at, group), probed, rtol=1e-10, atol=1e-12)
+
+
+def test_coarse_groups_are_layers() -> None:
+    """gemm_mlp([5, 7, 6, 3]): the hidden layers' pairs make one group each."""
+    kernel, terms = _kernel_and_terms(gemm_mlp([5, 7, 6, 3]), 2.0)
+    groups = kernel.group[terms.movable]
+    assert sorted(np.bincount(groups).tolist()) == [6, 7]
+
+
+@pytest.mark.parametrize("window", [True, False], ids=["window", "elementwise"])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 4.0, 2.5])
+def test_reduced_power_counts_non_finite_elements_as_zero(p: float, window: bool) -> None:
+    """Q of a use is Σ|W|^p over each compact element's window (float64: the einsum path
+    for p = 1, 2, 3, 4 — a conv's 3×3 window, or elementwise where the compact layout is the
+    use's shape — and the generic one else), with ±inf and nan counting 0."""
+    from graphteleport.orbit import compact_shape, counted_uses, reduced_power
+
+    analysis = analyze_model(ir.from_proto(MODELS[1][1]), {})
+    uses = counted_uses(analysis)
+    if window:
+        use = next(u for u in uses if len(u.shape) == 4 and u.shape[2] > 1)
+    else:
+        use = next(u for u in uses if compact_shape(u) == u.shape and np.prod(u.shape) > 1)
+    w = use.source.array().copy()
+    expected_w = np.abs(w.astype(np.float64)) ** p
+    axes = tuple(k for k, c in enumerate(compact_shape(use)) if c == 1 and w.shape[k] != 1)
+    np.testing.assert_allclose(
+        reduced_power(use, w, p), expected_w.sum(axis=axes, keepdims=True), rtol=1e-12
+    )
+    w.flat[0], w.flat[-1] = np.inf, np.nan
+    expected_w.flat[0] = expected_w.flat[-1] = 0.0
+    np.testing.assert_allclose(
+        reduced_power(use, w, p), expected_w.sum(axis=axes, keepdims=True), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_trial_value_is_f(name: str, proto: onnx.ModelProto) -> None:
+    """``value(u)`` is ``F(u)``: exactly without the float32 copies, to float32 rounding
+    with them."""
+    for float32, rel in ((False, 1e-12), (True, 1e-6)):
+        kernel, terms = _kernel_and_terms(proto, 2.0, float32=float32)
+        u = _random_u(terms, 5)
+        at = kernel.point(u)
+        assert at is not None
+        assert kernel.value(u) == pytest.approx(at.f, rel=rel)
+
+
+def test_minimize_at_an_exact_minimum_stops() -> None:
+    """A model already balanced to the last bit (every weight ±1, zero biases: each hidden
+    neuron's in- and out-norms are equal) has ∂F/∂u = 0 exactly at u = 0; minimize stops
+    there (the CG forcing term must not divide by the zero gradient)."""
+    from onnx import numpy_helper
+
+    from graphteleport.passes.canonical import minimize
+
+    proto = gemm_mlp([3, 3, 3])
+    for init in proto.graph.initializer:
+        w = numpy_helper.to_array(init)
+        fill = np.ones_like(w) if w.ndim == 2 else np.zeros_like(w)
+        init.CopyFrom(numpy_helper.from_array(fill, init.name))
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}))
+    assert terms.movable.any()
+    assert not terms.gradient(np.zeros(terms.num_pairs)).any()
+    found = minimize(terms)
+    assert not found.u.any() and found.gradient == 0.0
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 4.0])
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_minimize_on_the_kernel_reaches_the_row_wise_minimum(
+    name: str, proto: onnx.ModelProto, p: float
+) -> None:
+    """minimize (kernel products, float32 Hessian, coarse preconditioner, extended steps)
+    ends where the row-wise terms' gradient vanishes (max|g|/F ≤ 1e-12) for p ≠ 2 too, and
+    F there is below F at nearby points."""
+    from graphteleport.passes.canonical import minimize
+
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=p)
+    found = minimize(terms)
+    f = terms.objective(found.u)
+    assert np.abs(terms.gradient(found.u)).max() <= 1e-12 * f
+    assert f == pytest.approx(found.objective_after + found.constant, rel=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        d = np.where(terms.movable, rng.standard_normal(terms.num_pairs), 0.0)
+        assert terms.objective(found.u + 1e-3 * d) > f

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
+from graphteleport.passes.equalize import EqualizePass, EqualizeResult
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 
-__all__ = ["CanonicalResult", "CanonicalizePass", "TeleportPass", "TeleportResult"]
+__all__ = [
+    "CanonicalResult",
+    "CanonicalizePass",
+    "EqualizePass",
+    "EqualizeResult",
+    "TeleportPass",
+    "TeleportResult",
+]

@@ -21,17 +21,35 @@ Because ``F`` of a teleported model is ``F`` of the original shifted by the tele
 ``log|t|``, the canonical forms of a model and of any positive teleport of it coincide
 (up to the rounding of the stored weights).
 
-**The solver** (:func:`minimize`): Newton's method from ``u = 0``, each direction solved
-by conjugate gradients on ``H·d = −g`` preconditioned by ``diag H``, then a backtracking
-line search; it stops when the relative decrease of ``F`` of the last step and
-``max|∂F/∂u| / F`` are both at most ``tol`` (default 1e-12; ``F`` here is the part that
-moves, without rows no movable pair reaches, such as a mask's fill value), and raises
-:class:`NotConverged` after ``max_iterations``.
+**The solver** (:func:`minimize`): Newton's method from ``u = 0`` on the products of
+:class:`~graphteleport.orbit_kernel.OrbitKernel` (per conv/Gemm weight two gemv with its
+``Q`` matrix instead of elementwise work over its rows; the Hessian products read a
+float32 copy).  Each direction is solved by conjugate gradients on ``H·d = −g``,
+preconditioned two-level — ``diag H`` plus a coarse correction with one unknown per
+layer (or residual stream), whose channels moving together Jacobi cannot see — to a
+relative residual ``√(max|g|/F)``, capped at 0.1 and never below ``0.1·tol/(max|g|/F)``
+(what the stopping test needs of the next gradient); then a
+backtracking line search, which extends a full step that beat its quadratic model (far
+from the minimum Newton's step on ``e^{p·u}`` is about ``1/p`` long).  It stops when the
+relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at most
+``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable pair
+reaches, such as a mask's fill value), and raises :class:`NotConverged` after
+``max_iterations``.
 
-**Signs.**  Only ``|t|`` is canonical: a pair whose group allows negative cofactors
-(``any``, or ``sign`` with odd activations or in insert mode) keeps the signs the model
-has, so the form is canonical *modulo sign* (a random teleport with
-``--sampling inter_landscape`` yields a sign-flipped canonical form).
+**Signs** (:func:`sign_values`).  ``F`` does not see signs, so a pair whose group allows
+negative cofactors (free, ``any`` or ``sign``: odd activations, linear paths, insert mode)
+is given its sign by a rule.  Flipping pair q flips every stored element whose ``S`` holds
+q's cofactor to an odd total power, and only those.  The pairs are decided in rounds: a
+pair is decided by the first non-zero element (counted uses in analysis order; within a
+use, in the row order of its compact layout, then the first non-zero element of the row)
+that it flips and whose other flippable pairs are all decided already; its sign makes
+that element, with the flips decided so far, positive.  Which element decides which pair
+depends only on the graph and on which elements are zero — the same for a model and
+every teleport of it — and each decision makes the deciding element's sign the same for
+both, so a model and any teleport of it (negative cofactors included) get the same
+signs.  A pair no element decides (all its elements zero, or every one shared with
+another undecided pair) keeps its sign; :attr:`CanonicalResult.sign_undecided` counts
+them.  Positive scales do not change signs, so the rule reads the model as it comes.
 
 The rewrite is the teleport's (:func:`graphteleport.passes.teleport.apply_values`):
 range fits included (a pair moved toward 1 to keep a weight in range is listed in
@@ -42,24 +60,28 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.analysis import analyze_model
+from graphteleport.algebra import with_rank
+from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
-from graphteleport.orbit import OrbitTerms
+from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
+from graphteleport.orbit_kernel import KernelPoint, OrbitKernel
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
+IntArray = np.ndarray
 TOL = 1e-12
 MAX_ITERATIONS = 200
 MAX_CG = 2000
 _ARMIJO = 1e-4
+_EXTEND = 8.0
 
 
 class NotConverged(GraphTeleportError):
@@ -91,57 +113,68 @@ def minimize(
     (module docstring); raises :class:`NotConverged` past ``max_iterations``.
 
     The criteria are relative to the *moving* part of ``F`` (:meth:`OrbitTerms.moving`);
-    ``objective_before``/``after`` are that part, ``constant`` the rest."""
-    terms, constant = terms.moving()
-    found = _newton(terms, tol, max_iterations)
-    return dataclasses.replace(found, constant=constant)
+    ``objective_before``/``after`` are that part, ``constant`` the rest.  The products are
+    :class:`~graphteleport.orbit_kernel.OrbitKernel`'s (gemv per bilinear block)."""
+    kernel = OrbitKernel.of(terms)
+    found = _newton(kernel, tol, max_iterations)
+    return dataclasses.replace(found, constant=kernel.constant)
 
 
-def _newton(terms: OrbitTerms, tol: float, max_iterations: int) -> Minimum:
-    """:func:`minimize` on terms whose every row moves."""
-    active = terms.movable & terms.active()
-    u = np.zeros(terms.num_pairs)
-    y = terms.terms(u)
-    f0 = f = float(y.sum())
-    if f == 0.0 or not active.any():
+def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
+    """:func:`minimize` on the kernel (its moving part); the pairs solved for are those
+    with ``diag H > 0`` at ``u = 0`` (a column of some row with ``Q > 0``)."""
+    u = np.zeros(kernel.num_pairs)
+    at = kernel.point(u)
+    assert at is not None  # no bound
+    active = at.diagonal > 0
+    group = np.where(active, kernel.group, -1)
+    f0 = at.f
+    if f0 == 0.0 or not active.any():
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
     decrease = np.inf
     cg_steps = 0
     for iteration in range(max_iterations + 1):
-        g = np.where(active, terms.p * terms.pair_sums(y), 0.0)
-        gmax = float(np.abs(g).max()) / f
+        g = np.where(active, at.gradient, 0.0)
+        gmax = float(np.abs(g).max()) / at.f
         if gmax <= tol and decrease <= tol:
-            return Minimum(u, f0, f, iteration, gmax, decrease, cg_steps=cg_steps)
+            return Minimum(at.u, f0, at.f, iteration, gmax, decrease, cg_steps=cg_steps)
         if iteration == max_iterations:
             break
-        d, steps = _newton_direction(terms, y, g, active, min(0.1, np.sqrt(gmax)))
+        d, steps = _newton_direction(kernel, at, g, group, _forcing(gmax, tol))
         cg_steps += steps
-        u, y, f_new = _line_search(terms, u, f, g, d)
-        decrease = max((f - f_new) / f, 0.0)
-        f = f_new
+        f = at.f
+        at = _line_search(kernel, at, g, d)
+        decrease = max((f - at.f) / f, 0.0)
     raise NotConverged(
         f"canonical form: no convergence in {max_iterations} Newton steps "
         f"(max |gradient|/F {gmax:.3g}, last relative decrease {decrease:.3g})"
     )
 
 
+def _forcing(gmax: float, tol: float) -> float:
+    """The relative CG residual a Newton step solves to: ``√gmax`` (superlinear
+    convergence), but no tighter than ``0.1·tol/gmax`` — what the step's new gradient
+    (about the residual) needs to pass the ``tol`` criterion — and at most 0.1."""
+    return min(0.1, max(float(np.sqrt(gmax)), 0.1 * tol / gmax if gmax > 0 else 0.1))
+
+
 def _newton_direction(
-    terms: OrbitTerms, y: FloatArray, g: FloatArray, active: np.ndarray, rtol: float
+    kernel: OrbitKernel, at: KernelPoint, g: FloatArray, group: IntArray, rtol: float
 ) -> tuple[FloatArray, int]:
-    """``d ≈ −H⁻¹g`` on the active pairs: conjugate gradients preconditioned by ``diag H``,
-    to a residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range);
-    and the number of steps taken."""
-    diag = terms.hessian_diagonal(y)
-    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    """``d ≈ −H⁻¹g`` on the active pairs (``g ≠ 0`` only there): conjugate gradients to a
+    residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range),
+    preconditioned by :func:`_preconditioner`; and the number of steps taken."""
+    active = g != 0
+    precondition = _preconditioner(kernel, at, active, group)
     x = np.zeros_like(g)
     r = -g
-    z = inv * r
+    z = precondition(r)
     p = z.copy()
     rz = float(r @ z)
     gnorm = float(np.linalg.norm(g))
     steps = 0
     for steps in range(1, MAX_CG + 1):  # noqa: B007 (the count is returned)
-        hp = np.where(active, terms.hessian_vector(y, p), 0.0)
+        hp = np.where(active, kernel.hessian_vector(at, p), 0.0)
         php = float(p @ hp)
         if php <= 0.0:
             break
@@ -150,38 +183,220 @@ def _newton_direction(
         r -= a * hp
         if float(np.linalg.norm(r)) <= rtol * gnorm:
             break
-        z = inv * r
+        z = precondition(r)
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
         rz = rz_new
-    return (x if x.any() else inv * -g), steps
+    return (x if x.any() else precondition(-g)), steps
 
 
-def _line_search(
-    terms: OrbitTerms, u: FloatArray, f: float, g: FloatArray, d: FloatArray
-) -> tuple[FloatArray, FloatArray, float]:
-    """The first of ``u + d, u + d/2, …`` that decreases ``F`` enough (Armijo, with a
-    few ulps of slack for rounding near the minimum), its terms and ``F``."""
+def _preconditioner(
+    kernel: OrbitKernel, at: KernelPoint, active: np.ndarray, group: IntArray
+) -> Callable[[FloatArray], FloatArray]:
+    """Two-level additive: ``M⁻¹ r = D⁻¹ r + R E⁺ Rᵀ r`` with ``D = diag H`` on the active
+    pairs and the coarse space ``R`` of :attr:`OrbitKernel.group` (one value per layer
+    or residual stream, :meth:`OrbitKernel.coarse`; ``E⁺`` its pseudo-inverse).  The
+    coarse part carries what Jacobi cannot: a layer's channels moving together, whose
+    curvature the neighbouring layers' opposite moves cancel."""
+    diag = at.diagonal
+    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    members = np.flatnonzero(active & (group >= 0))
+    if not members.size:
+        return lambda r: inv * r
+    of = group[members]
+    ng = int(of.max()) + 1
+    values, vectors = np.linalg.eigh(kernel.coarse(at, group)[:ng, :ng])
+    keep = values > 1e-12 * max(float(values.max()), 0.0)
+    pinv = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
+
+    def apply(r: FloatArray) -> FloatArray:
+        out: FloatArray = inv * r
+        out[members] += (pinv @ np.bincount(of, weights=r[members], minlength=ng))[of]
+        return out
+
+    return apply
+
+
+def _line_search(kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatArray) -> KernelPoint:
+    """The kernel at the first of ``u + d, u + d/2, …`` that decreases ``F`` enough
+    (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none.
+    A full step that decreased ``F`` by at least the quadratic model's ``−gᵀd/2`` (the
+    exponentials still dominate: far from the minimum, Newton's step on ``e^{p·u}`` is
+    about ``1/p`` long) is extended to ``2d, 4d, …`` while ``F`` keeps decreasing."""
     slope = float(g @ d)
     step = 1.0
-    with np.errstate(over="ignore"):
-        while step > 1e-30:
-            un = u + step * d
-            yn = terms.terms(un)
-            fn = float(yn.sum())
-            if np.isfinite(fn) and fn <= f + _ARMIJO * step * slope + 8e-16 * f:
-                return un, yn, fn
-            step /= 2
-    return u, terms.terms(u), f
+    while step > 1e-30:
+        bound = at.f + _ARMIJO * step * slope + 8e-16 * at.f
+        found = kernel.point(at.u + step * d, bound=bound)
+        if found is not None:
+            return _extend(kernel, at, found, d) if at.f - found.f >= -slope / 2 else found
+        step /= 2
+    return at
+
+
+def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatArray) -> KernelPoint:
+    """``found`` (at ``u + d``) or the kernel at the last of ``u + 2d, u + 4d, …`` (up to
+    :data:`_EXTEND` · d) that kept decreasing ``F``: the trials by
+    :meth:`OrbitKernel.value` (one float32 read of ``Q``), the point chosen exactly (kept
+    only if it is below ``found``)."""
+    best, lowest = 1.0, found.f
+    step = 2.0
+    while step <= _EXTEND:
+        f = kernel.value(at.u + step * d)
+        if not (np.isfinite(f) and f < lowest):
+            break
+        best, lowest = step, f
+        step *= 2
+    further = kernel.point(at.u + best * d, bound=found.f) if best > 1 else None
+    return further if further is not None else found
+
+
+#: Group codes (``Solution.code``) whose pairs may take a negative cofactor: any, sign.
+SIGN_CODES = (0, 2)
+
+
+def sign_values(
+    analysis: AnalysisResult, arrays: Mapping[str, np.ndarray] | None = None
+) -> tuple[FloatArray, int]:
+    """±1 per pair by the sign rule (module docstring), read from the stored tensors
+    (``arrays`` by name; default: the model's, ``ConstRef.array()``) — 1 on every pair
+    that may not flip or that no element decides — and the number of flippable pairs no
+    element decides."""
+    sol = analysis.solution
+    flippable = np.asarray(sol.free & np.isin(sol.code, SIGN_CODES), dtype=bool)
+    if not flippable.any():
+        return np.ones(sol.num_pairs), 0
+    rows, cols, first = _sign_rows(analysis, flippable, arrays)
+    signs, decided = _decide_signs(rows, cols, first, sol.num_pairs)
+    return signs, int((flippable & ~decided).sum())
+
+
+def _sign_rows(
+    analysis: AnalysisResult, flippable: np.ndarray, arrays: Mapping[str, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, FloatArray]:
+    """Every counted use's rows (its compact layout, laid end to end): the coordinates
+    ``(row, pair)`` of the flippable pairs each row with a non-zero element holds to an
+    odd power, and per row its first non-zero element (0 where all are zero)."""
+    pair = analysis.solution.pair
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    firsts: list[FloatArray] = []
+    offset = 0
+    for use in counted_uses(analysis):
+        w = arrays[use.source.name] if arrays is not None else use.source.array()
+        cshape = compact_shape(use)
+        first = _first_nonzero(used_values(use, w), cshape)
+        odd = [np.asarray(f.ids) for f in use.factors if f.exp % 2]
+        parts = [_odd_factor(ids, cshape, pair, flippable, first) for ids in odd]
+        if len(odd) > 1 and _shared_pair([pair[ids.reshape(-1)] for ids in odd], flippable):
+            parts = [_odd(parts, analysis.solution.num_pairs)]
+        rows.extend(offset + r for r, _ in parts)
+        cols.extend(c for _, c in parts)
+        firsts.append(first)
+        offset += first.size
+    empty = np.zeros(0, np.int64)
+    return (
+        np.concatenate(rows) if rows else empty,
+        np.concatenate(cols) if cols else empty,
+        np.concatenate(firsts) if firsts else np.zeros(0),
+    )
+
+
+def _odd_factor(
+    ids: np.ndarray,
+    cshape: tuple[int, ...],
+    pair: np.ndarray,
+    flippable: np.ndarray,
+    first: FloatArray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One odd factor's coordinates ``(row, pair)`` within its use: the rows of the compact
+    layout ``cshape`` with a non-zero element and a flippable pair there."""
+    pairs = pair[np.broadcast_to(with_rank(np.asarray(ids), len(cshape)), cshape).reshape(-1)]
+    at = np.flatnonzero(flippable[pairs] & (first != 0))
+    return at, pairs[at]
+
+
+def _shared_pair(pairs: list[np.ndarray], flippable: np.ndarray) -> bool:
+    """Two factors of one use (the pairs of their ids) reach a common flippable pair (a
+    row may hold it twice)."""
+    seen = np.zeros(0, np.int64)
+    for p in pairs:
+        mine = np.unique(p[flippable[p]])
+        if np.intersect1d(seen, mine, assume_unique=True).size:
+            return True
+        seen = np.union1d(seen, mine)
+    return False
+
+
+def _odd(
+    parts: list[tuple[np.ndarray, np.ndarray]], num_pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One use's coordinates met an odd number of times (two factors of a row on one pair,
+    ``τ_out/τ_in`` of one class, cancel: ``(±1)² = 1``)."""
+    keys = np.concatenate([r.astype(np.int64) * num_pairs + c for r, c in parts])
+    keys, counts = np.unique(keys, return_counts=True)
+    keys = keys[counts % 2 == 1]
+    return keys // num_pairs, keys % num_pairs
+
+
+def _first_nonzero(values: np.ndarray, cshape: tuple[int, ...]) -> FloatArray:
+    """Per row of the compact layout ``cshape`` (row-major), the first non-zero element of
+    the values it covers (those along the axes where ``cshape`` is 1), float64, 0 where
+    none is; non-finite elements count as zero (a mask's fill: never flipped)."""
+    v = np.asarray(values)
+    kept = [k for k, c in enumerate(cshape) if c != 1 or v.shape[k] == 1]
+    summed = [k for k in range(v.ndim) if k not in kept]
+    grid = np.transpose(v, kept + summed).reshape(int(np.prod(cshape)), -1)
+    hit = grid != 0
+    if grid.dtype.kind in "fc":
+        hit &= np.isfinite(grid)
+    if not grid.size:
+        return np.zeros(grid.shape[0])
+    at = np.argmax(hit, axis=1)
+    every = np.arange(grid.shape[0])
+    out: FloatArray = np.where(hit[every, at], grid[every, at], 0).astype(np.float64)
+    return out
+
+
+def _decide_signs(
+    rows: np.ndarray, cols: np.ndarray, first: FloatArray, num_pairs: int
+) -> tuple[FloatArray, np.ndarray]:
+    """The rounds of the sign rule (module docstring): each round decides every pair that
+    is the one undecided pair of some row with a non-zero element, by its first such row;
+    rows with no undecided pair left are dropped.  Returns the signs and which pairs were
+    decided."""
+    negative = first < 0
+    signs = np.ones(num_pairs)
+    decided = np.zeros(num_pairs, dtype=bool)
+    while rows.size:
+        open_ = ~decided[cols]
+        count = np.bincount(rows[open_], minlength=first.size)
+        ready = open_ & (count[rows] == 1)
+        if not ready.any():
+            break
+        flips = np.bincount(rows[~open_ & (signs[cols] < 0)], minlength=first.size)
+        r, q = rows[ready], cols[ready]
+        order = np.lexsort((r, q))  # per pair, its first row
+        r, q = r[order], q[order]
+        lead = np.r_[True, q[1:] != q[:-1]]
+        r, q = r[lead], q[lead]
+        signs[q] = np.where(negative[r] ^ (flips[r] % 2 == 1), -1.0, 1.0)
+        decided[q] = True
+        alive = np.bincount(rows[~decided[cols]], minlength=first.size)[rows] > 0
+        rows, cols = rows[alive], cols[alive]
+    return signs, decided
 
 
 @dataclass
 class CanonicalResult(TeleportResult):
     """What :class:`CanonicalizePass` did: the teleport it applied (``pair_values``:
-    ``t = exp(u)`` on the active pairs, 1 elsewhere) and the optimisation
+    ``t = ±exp(u)`` on the active pairs, the sign by the sign rule; ±1 or 1 elsewhere),
+    the pairs the sign rule flipped and could not decide, and the optimisation
     (:class:`Minimum`: ``F`` before and after, iterations, final gradient)."""
 
     minimum: Minimum | None = None
+    flipped: int = 0  # pairs the sign rule gave −1 (:func:`sign_values`)
+    sign_undecided: int = 0  # flippable pairs no element decided (their signs kept)
 
     @property
     def objective_before(self) -> float:
@@ -232,9 +447,12 @@ class CanonicalizePass(ir.passes.InPlacePass):
         terms = OrbitTerms.build(analysis)
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
         t2 = time.perf_counter()
-        values = np.exp(found.u)
+        signs, undecided = sign_values(analysis)
+        values = np.exp(found.u) * signs
         applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
         seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
+        flipped = int((signs < 0).sum())
         return result_of(
-            CanonicalResult, model, analysis, opts, values, applied, seconds, minimum=found
-        )
+            CanonicalResult, model, analysis, opts, values, applied, seconds,
+            minimum=found, flipped=flipped, sign_undecided=undecided,
+        )  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -29,6 +29,7 @@ import onnx_ir as ir
 
 from graphteleport import cofactors, ranges
 from graphteleport.analysis import AnalysisResult, analyze_model
+from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.options import CofactorOptions, check_input_shapes
 from graphteleport.rewrite import RewriteStats, commit, prepare
@@ -55,6 +56,7 @@ class TeleportResult(ir.passes.PassResult):
         inserted: what insert mode added (all zero in absorb mode).
         range_fixes: pairs moved toward 1 to keep weights in range.
         seconds: wall time of the pass's phases, ``analyze`` and ``rewrite``.
+        clips: the Clips rewritten into rescalable form first (``rescale_clip``).
     """
 
     analysis: AnalysisResult
@@ -65,6 +67,7 @@ class TeleportResult(ir.passes.PassResult):
     inserted: InsertStats
     range_fixes: list[ranges.RangeFix]
     seconds: dict[str, float]
+    clips: ClipSplit = field(default_factory=ClipSplit)
 
     @property
     def free_cofactors(self) -> int:
@@ -127,7 +130,8 @@ class TeleportPass(ir.passes.InPlacePass):
         **fields: Unpack[OptionFields],
     ) -> None:
         """``options``, or keyword arguments naming its fields (``mode``, ``sampling``,
-        ``cob_range``, ``center``, ``seed``, ``exact``, ``rescale_residual``; with
+        ``cob_range``, ``center``, ``seed``, ``exact``, ``rescale_residual``,
+        ``rescale_clip``; with
         ``options`` too they replace its values): :meth:`CofactorOptions.build`, which
         checks them.  ``input_shapes`` sizes the inputs' dynamic axes for the analysis."""
         super().__init__()
@@ -144,6 +148,7 @@ class TeleportPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> TeleportResult:
         opts = self.options
         t0 = time.perf_counter()
+        clips = split_clips(model) if opts.rescale_clip else ClipSplit()
         analysis = analyze_model(model, self.input_shapes, opts.mode, opts.rescale_residual)
         t1 = time.perf_counter()
         sol = analysis.solution
@@ -160,7 +165,11 @@ class TeleportPass(ir.passes.InPlacePass):
             stats.weights_total,
         )
         seconds = {"analyze": t1 - t0, "rewrite": t2 - t1}
-        return result_of(TeleportResult, model, analysis, opts, values, applied, seconds)
+        result = result_of(
+            TeleportResult, model, analysis, opts, values, applied, seconds, clips=clips
+        )
+        result.modified = result.modified or bool(clips.clips)
+        return result
 
 
 Applied = tuple[np.ndarray, RewriteStats, InsertStats, list[ranges.RangeFix]]

@@ -23,7 +23,14 @@ Layout (each module imports only those above it; none imports this package's ``_
 * :mod:`~graphteleport.torch.insert` — insert mode's forward hooks, and the choice between
   hooks and the GraphModule;
 * :mod:`~graphteleport.torch.orbit` — :func:`compose`, :func:`orbit_tangent`;
-* :mod:`~graphteleport.torch.teleporter` — :func:`teleport`, :class:`Teleporter`.
+* :mod:`~graphteleport.torch.teleporter` — :func:`teleport`, :class:`Teleporter`;
+* :mod:`~graphteleport.torch.orbitmap` — :class:`OrbitMap`, the orbit as a differentiable
+  map ``u ↦ W(u)``;
+* :mod:`~graphteleport.torch.optimize` — :func:`optimize`, teleports that raise an
+  objective (gradient norm, sharpness) by gradient steps over ``log t``;
+* :mod:`~graphteleport.torch.canonical` — :func:`canonicalize`, the canonical form;
+* :mod:`~graphteleport.torch.equalizer` — :func:`equalize` (cofactors chosen for INT8
+  quantization, :mod:`graphteleport.passes.equalize`).
 
 The algebra is not here: every ``S = Π τ^e``, the reciprocals, BatchNorm's ``ε``
 corrections and the orbit's derivatives are computed by :mod:`graphteleport.algebra`, from
@@ -48,9 +55,26 @@ Example::
     result.free_cofactors, result.changed[:3]
 """
 
+from graphteleport.torch.canonical import TorchCanonical, canonicalize
+from graphteleport.torch.equalizer import equalize
+from graphteleport.torch.optimize import Optimized, optimize
 from graphteleport.torch.orbit import compose, orbit_tangent
+from graphteleport.torch.orbitmap import OrbitMap
 from graphteleport.torch.result import TorchTeleport
 from graphteleport.torch.teleporter import Teleporter, teleport
 from graphteleport.torch.tracing import analyze
 
-__all__ = ["Teleporter", "TorchTeleport", "analyze", "compose", "orbit_tangent", "teleport"]
+__all__ = [
+    "Optimized",
+    "OrbitMap",
+    "Teleporter",
+    "TorchCanonical",
+    "TorchTeleport",
+    "analyze",
+    "canonicalize",
+    "compose",
+    "equalize",
+    "optimize",
+    "orbit_tangent",
+    "teleport",
+]

@@ -95,6 +95,8 @@ class Teleporter:
                 f"this Teleporter was analysed in {self.mode} mode: options must say "
                 f"mode={self.mode!r} (got {opts.mode!r}) and no rescale_residual"
             )
+        if opts.rescale_clip:
+            raise InputError("rescale_clip rewrites an ONNX graph; a module cannot take it")
         return opts
 
     def _values(self, opts: CofactorOptions, values: np.ndarray | None) -> np.ndarray:

@@ -1,0 +1,298 @@
+"""Activation ranges from calibration inputs, and SmoothQuant's cofactors (issue 14).
+
+SmoothQuant (Xiao et al., 2023) makes a linear layer ``Y = X·W`` easier to quantize by
+moving the activations' per-channel outliers into the weights: with ``s_j`` per input
+channel j, ``X'_j = X_j / s_j`` and ``W'_j = s_j · W_j`` (``W_j``: the weights that read
+channel j), chosen as
+
+    s_j = max|X_j|^α / max|W_j|^(1−α),
+
+so that after the move ``max|X'_j| = max|X_j|^(1−α) · max|W_j|^(1−α)`` and ``max|W'_j| =
+max|X_j|^α · max|W_j|^α``: α = 1 gives every activation channel the range 1, α = 0
+leaves the activations and equalizes nothing but the weights' columns, α = ½ balances
+the two.  In teleport terms ``X'_j = τ_j·X_j``: the cofactor of X's channel j is
+``τ_j = 1/s_j``, and the layer that produced X absorbs it (``W'_prod[j, :] = τ_j·...``,
+its bias too) — exactly what a teleport does, so the function is unchanged.
+
+* :func:`activation_ranges` runs the model in onnxruntime (:func:`graphteleport.verify.
+  open_proto`: CPU, optimisations off) on calibration feeds, with every value the
+  analysis tracks added as an output, and returns per value ``max|x|`` over the feeds in
+  the compact layout of its neurons (``[1, C, 1, 1]`` for a conv activation): the
+  per-neuron ranges.
+* :func:`smooth_cofactors` turns them into one value per cofactor pair for
+  :func:`graphteleport.passes.teleport.apply_values`.
+* :func:`load_calibration` reads calibration feeds from an ``.npz``.
+
+**Classes, not channels.**  One cofactor class may hold the channel j of several
+consumers' inputs (a residual stream feeds every block; a ReLU's input and output are
+one class).  Its ``max|X|`` is the largest over all of them, and its ``max|W|`` the
+largest over the consumers' ``W_j`` — the rule: the class is smoothed for its worst
+consumer, whose activation then has the range the formula promises while the others'
+stay at or below it.  A class whose channels are the *inverse* members of their pair
+(``τ = 1/t``) takes ``t = s`` instead of ``1/s``; should a pair have consumers of both
+kinds, ``log t`` is the mean of the two.  Only free classes of the groups ``any`` and
+``positive`` move (t > 0); pinned and sign classes, classes that feed no quantized
+weight, and channels whose ``max|X|`` or ``max|W|`` is 0 keep ``t = 1``.
+
+**Consumers** are the ops a quantizer gives a weight: ``MatMul`` (activation times a
+stored ``[..., K, N]`` weight: channel axis −1, W's input axis −2), ``Gemm`` (``transA =
+0``; B's input axis 0, or 1 with ``transB``) and ``Conv`` (channel axis 1; a grouped or
+depthwise conv's input channel j reads the kernels of its group: ``W[g·O/G:(g+1)·O/G,
+j mod C/G]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from graphteleport.analysis import GROUPS, AnalysisResult
+from graphteleport.errors import InputError
+from graphteleport.io import external_data_files, save_model_atomic
+from graphteleport.verify import open_proto, read_npz
+
+__all__ = ["activation_ranges", "consumer_ranges", "load_calibration", "smooth_cofactors"]
+
+Feeds = Mapping[str, np.ndarray]
+#: Output names and a runner returning the outputs in that order.
+Runner = tuple[list[str], Callable[[Feeds], list[np.ndarray]]]
+#: Ops whose weight input a quantizer quantizes: the consumers smoothing balances against.
+CONSUMERS = frozenset({"MatMul", "Gemm", "Conv"})
+
+
+# --------------------------------------------------------------------------- ranges
+
+
+def activation_ranges(
+    model: ir.Model, analysis: AnalysisResult, feeds: Sequence[Feeds]
+) -> dict[str, np.ndarray]:
+    """Per value of ``analysis.neurons`` that the model computes or takes as input:
+    ``max|x|`` over every feed in ``feeds``, reduced over the axes along which its
+    neurons do not vary (the array has the shape of ``analysis.neurons[name]``).
+    Non-finite elements are ignored.  ``model`` is not changed."""
+    if not feeds:
+        raise InputError("no calibration inputs: give at least one feed")
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    computed = {o.name for n in graph for o in n.outputs}
+    names = [n for n in analysis.neurons if n in computed or n in inputs]
+    outputs = [n for n in names if n not in inputs]
+    ranges: dict[str, np.ndarray] = {}
+    with _runnable(model, outputs) as (output_names, run):
+        for feed in feeds:
+            values = dict(zip(output_names, run(feed), strict=True))
+            values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
+            for name in names:
+                if name in values:
+                    _update(ranges, name, values[name], analysis.neurons[name])
+    return ranges
+
+
+@contextlib.contextmanager
+def _runnable(model: ir.Model, outputs: Sequence[str]) -> Iterator[Runner]:
+    """A runner of ``model`` (onnxruntime, :func:`~graphteleport.verify.open_proto`)
+    whose outputs are its own plus ``outputs``, and their names.  A model with external
+    data is saved to a temporary folder first, so the runner reads its weights there."""
+    with contextlib.ExitStack() as stack:
+        if external_data_files(model):
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="graphteleport-"))
+            path = Path(folder) / "model.onnx"
+            save_model_atomic(model, path, external_data=True)
+            proto = onnx.load(path, load_external_data=False)
+        else:
+            proto, folder = ir.to_proto(model), os.getcwd()
+        have = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in have)
+        run = open_proto(proto, folder)
+        yield run.output_names, run
+
+
+def _update(ranges: dict[str, np.ndarray], name: str, array: np.ndarray, ids: np.ndarray) -> None:
+    """``ranges[name] = max(ranges[name], max|array|)`` in the layout of ``ids``."""
+    r = reduce_to(np.abs(np.where(np.isfinite(array), array, 0)), ids.shape, name)
+    ranges[name] = r if name not in ranges else np.maximum(ranges[name], r)
+
+
+def reduce_to(magnitude: np.ndarray, layout: tuple[int, ...], name: str) -> np.ndarray:
+    """``magnitude`` maxed over the axes where ``layout`` has size 1 (leading axes the
+    layout lacks too); InputError when a feature axis has another size than the
+    analysis saw."""
+    extra = magnitude.ndim - len(layout)
+    if extra < 0:
+        raise InputError(f"value {name!r} has rank {magnitude.ndim}, the analysis saw {layout}")
+    axes = tuple(range(extra)) + tuple(
+        extra + k for k, d in enumerate(layout) if d == 1 and magnitude.shape[extra + k] != 1
+    )
+    if not magnitude.size:
+        return np.zeros(layout)
+    out: np.ndarray = np.max(magnitude, axis=axes, keepdims=True).astype(np.float64)
+    out = out.reshape(out.shape[extra:])
+    if out.shape != layout:
+        raise InputError(
+            f"value {name!r} has shape {list(magnitude.shape)} on the calibration inputs; "
+            f"its feature axes were {list(layout)} when the model was analysed"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+def _const(v: ir.Value | None) -> np.ndarray | None:
+    tensor = None if v is None else ir.convenience.get_const_tensor(v)
+    return None if tensor is None else np.asarray(tensor.numpy())
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return default if a is None else int(a.value)
+
+
+def _weight_columns(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[int, np.ndarray] | None:
+    """(channel axis of the activation input, ``max|W_j|`` per input channel j) of a
+    consumer, or None when the node is not one (see the module docstring)."""
+    w = _const(node.inputs[1] if len(node.inputs) > 1 else None)
+    if w is None or w.dtype.kind != "f" or not w.size:
+        return None
+    a = np.abs(w.astype(np.float64))
+    if node.op_type == "MatMul" and w.ndim >= 2:
+        return -1, np.moveaxis(a, -2, -1).reshape(-1, a.shape[-2]).max(axis=0)
+    if node.op_type == "Gemm" and w.ndim == 2 and not _attr(node, "transA", 0):
+        return 1, a.max(axis=0 if _attr(node, "transB", 0) else 1)  # B: [N, K] or [K, N]
+    if node.op_type == "Conv" and w.ndim >= 3 and len(x_shape) == w.ndim:
+        groups = _attr(node, "group", 1)
+        per = a.reshape(a.shape[0], a.shape[1], -1).max(axis=2)  # [O, C/G]
+        per = per.reshape(groups, a.shape[0] // groups, a.shape[1]).max(axis=1)  # [G, C/G]
+        return 1, per.reshape(-1)
+    return None
+
+
+def consumer_ranges(
+    model: ir.Model, analysis: AnalysisResult, act_ranges: Mapping[str, np.ndarray]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per consumer (``MatMul``/``Gemm``/``Conv`` with a stored weight) whose activation
+    input has neurons and a range: ``(ids, x, w)`` per input channel j — the neuron of
+    channel j (one of them: the others along the rows are tied to it), ``max|X_j|`` and
+    ``max|W_j|``."""
+    for node in model.graph:
+        if node.op_type not in CONSUMERS or node.domain not in ("", "ai.onnx"):
+            continue
+        x = node.inputs[0] if node.inputs else None
+        name = "" if x is None else x.name or ""
+        if name not in act_ranges or name not in analysis.neurons:
+            continue
+        ids, xr = analysis.neurons[name], act_ranges[name]
+        found = _weight_columns(node, ids.shape)
+        if found is None:
+            continue
+        axis, w = found
+        if ids.shape[axis] not in (1, w.size) or xr.shape[axis] not in (1, w.size):
+            continue  # the weight does not read the activation's feature axis
+        yield _per_channel(ids, axis, w.size), _per_channel(xr, axis, w.size), w
+
+
+def _per_channel(a: np.ndarray, axis: int, channels: int) -> np.ndarray:
+    """``a`` (compact layout) per position along ``axis``, the other axes maxed over
+    (ids: the first along them), broadcast to ``channels``."""
+    moved = np.moveaxis(a, axis, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    row = flat.max(axis=0) if a.dtype.kind == "f" else flat[0]
+    return np.broadcast_to(row, (channels,))
+
+
+# --------------------------------------------------------------------------- cofactors
+
+
+def smooth_cofactors(
+    analysis: AnalysisResult,
+    model: ir.Model,
+    act_ranges: Mapping[str, np.ndarray],
+    alpha: float,
+) -> np.ndarray:
+    """One value per cofactor pair (1 where nothing moves), for
+    :func:`~graphteleport.passes.teleport.apply_values`: ``t = 1/s`` per class, with
+    SmoothQuant's ``s = max|X|^α / max|W|^(1−α)`` over the class's consumers (module
+    docstring: the max rule, inverse members, which classes move).  ``act_ranges``:
+    :func:`activation_ranges` of the same ``model`` and ``analysis``."""
+    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and 0 <= alpha <= 1):
+        raise InputError(f"--alpha must be a number in [0, 1], got {alpha!r}")
+    sol = analysis.solution
+    n = sol.num_pairs
+    xmax, wmax = np.zeros((2, n)), np.zeros((2, n))  # row 0: direct members, 1: inverse
+    for ids, x, w in consumer_ranges(model, analysis, act_ranges):
+        pair, inv = sol.pair[ids], sol.inverse[ids].astype(np.int64)
+        np.maximum.at(xmax, (inv, pair), x)
+        np.maximum.at(wmax, (inv, pair), w)
+    movable = sol.free & np.isin(sol.code, [GROUPS.index("any"), GROUPS.index("positive")])
+    logs, counts = np.zeros(n), np.zeros(n)
+    for k, sign in ((0, -1.0), (1, 1.0)):
+        ok = movable & (xmax[k] > 0) & (wmax[k] > 0) & np.isfinite(xmax[k] * wmax[k])
+        log_s = alpha * np.log(xmax[k][ok]) - (1 - alpha) * np.log(wmax[k][ok])
+        logs[ok] += sign * log_s
+        counts[ok] += 1
+    t = np.ones(n)
+    moved = counts > 0
+    t[moved] = np.exp(logs[moved] / counts[moved])
+    return t
+
+
+# --------------------------------------------------------------------------- calibration
+
+_SAMPLE_KEY = re.compile(r"^(?P<name>.+)/(?P<k>\d+)$")
+
+
+def load_calibration(path: str | os.PathLike[str]) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds from an ``.npz`` archive (``numpy.savez``), in one of two forms
+    (per input; all inputs the same number of samples):
+
+    * ``NAME``: an array whose leading axis indexes the samples; sample k feeds input
+      ``NAME`` with ``array[k]`` (so ``array`` is the samples' feeds stacked,
+      ``[S, *input_shape]``);
+    * ``NAME/k`` for k = 0, 1, …, S−1: sample k feeds ``NAME`` with that array as it
+      is (samples of different shapes, e.g. sequence lengths).
+
+    InputError (one line) for an archive that cannot be read, an input given both
+    ways, sample numbers with gaps, or inputs with different numbers of samples.
+    Shapes and dtypes are checked against the model when it runs."""
+    p = Path(path)
+    stacked: dict[str, np.ndarray] = {}
+    numbered: dict[str, dict[int, np.ndarray]] = {}
+    for key, array in read_npz(p).items():
+        m = _SAMPLE_KEY.match(key)
+        if m:
+            numbered.setdefault(m["name"], {})[int(m["k"])] = array
+        elif array.ndim == 0:
+            raise InputError(f"{p}: array {key!r} has no sample axis (stack the samples)")
+        else:
+            stacked[key] = array
+    both = sorted(set(stacked) & set(numbered))
+    if both:
+        raise InputError(f"{p}: input {both[0]!r} is given both stacked and as {both[0]!r}/k")
+    samples = {n: dict(enumerate(a)) for n, a in stacked.items()} | numbered
+    if not samples:
+        raise InputError(f"{p} holds no arrays")
+    return _per_sample(p, samples)
+
+
+def _per_sample(p: Path, samples: dict[str, dict[int, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The feeds, sample by sample, after checking every input has samples 0..S−1."""
+    counts = {name: len(s) for name, s in samples.items()}
+    for name, s in samples.items():
+        if sorted(s) != list(range(len(s))):
+            raise InputError(f"{p}: the samples of {name!r} are not numbered 0..{len(s) - 1}")
+    if len(set(counts.values())) != 1:
+        listed = ", ".join(f"{n}: {c}" for n, c in counts.items())
+        raise InputError(f"{p}: inputs have different numbers of samples ({listed})")
+    (count,) = set(counts.values())
+    if count == 0:
+        raise InputError(f"{p} holds no samples")
+    return [{name: s[k] for name, s in samples.items()} for k in range(count)]

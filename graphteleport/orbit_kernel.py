@@ -1,0 +1,462 @@
+"""Fast products of :class:`~graphteleport.orbit.OrbitTerms` for a solver: matrix-vector
+products with each weight's ``Q`` instead of elementwise work over its rows.
+
+**The algebra.**  Most counted uses are *bilinear*: a conv or Gemm weight's compact layout
+is ``[O, C, 1, 1]`` (or ``[O, C]``) with ``log|S|_ij = α_i + β_j``, one factor varying
+along O and one along C (``α = coef_O · u[pairs_O]``, ``β = coef_C · u[pairs_C]``).  With
+``x = exp(p·α)`` and ``z = exp(p·β)`` its terms are ``y_ij = Q_ij · x_i · z_j``, so
+
+* ``F`` of the block is ``xᵀ(Q z)``; the row sums of ``y`` are ``r = x ⊙ (Q z)`` and the
+  column sums ``c = z ⊙ (Qᵀ x)`` — the gradient ``p · Aᵀy`` scatters ``coef_O ⊙ r`` and
+  ``coef_C ⊙ c`` onto the pairs, and ``diag H = p² · Aᵀ(coef² ⊙ y)`` scatters
+  ``coef² ⊙ r``, ``coef² ⊙ c``: two matrix-vector products (BLAS gemv) per block;
+* ``H v = p² Aᵀ(y ⊙ A v)``: with ``a = coef_O ⊙ v[pairs_O]`` and ``b = coef_C ⊙
+  v[pairs_C]``, the row sums of ``y ⊙ (a_i + b_j)`` are ``r ⊙ a + x ⊙ Q(z ⊙ b)`` and the
+  column sums ``c ⊙ b + z ⊙ Qᵀ(x ⊙ a)``: two more gemv per block.
+
+A use with a single moving factor (a bias, a Gemm whose other side is pinned, a
+classifier read along one axis) has ``y = Q·exp(p·coef·u[pairs])`` constant along the
+other axes: its ``Q`` is summed over them once, and all such uses are one vector of
+*single* terms.  The other uses (factors that vary along one axis together, three
+factors, ``loose`` rows) are a smaller :class:`~graphteleport.orbit.OrbitTerms` of their
+own (``rest``), evaluated row by row.
+
+**The moving part.**  As :meth:`OrbitTerms.moving`: a row that no movable pair reaches (a
+bilinear row whose row and column pairs are both pinned; a single term on a pinned pair)
+is left out and summed into ``constant``; ``F`` of the kernel is the moving part.
+
+Every product is exact (only the order of summation differs from the row-wise
+:class:`~graphteleport.orbit.OrbitTerms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from graphteleport.orbit import Block, OrbitTerms
+
+FloatArray = np.ndarray
+IntArray = np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class Bilinear:
+    """One bilinear block: ``q`` is its ``Q`` as an ``(m, n)`` matrix; its row factor's
+    entries are ``[lo, mid)`` and its column factor's ``[mid, hi)`` of the kernel's sides
+    (:attr:`OrbitKernel.index`)."""
+
+    q: FloatArray
+    lo: int
+    mid: int
+    hi: int
+    q32: np.ndarray | None = None
+
+    def times_fast(self, v: FloatArray) -> FloatArray:
+        """``Q v`` by ``q32`` (``v`` scaled into float32's range) when there is one, else
+        by ``q``: for a trial value of ``F``."""
+        if self.q32 is None:
+            exact: FloatArray = self.q @ v
+            return exact
+        s = float(np.abs(v).max(initial=0.0)) or 1.0
+        product: np.ndarray = self.q32 @ (v / s).astype(np.float32)
+        return product.astype(np.float64) * s
+
+    def both(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """``(Q v, Qᵀ w)`` in float64 from ``q``, in one read of it (:func:`fused`)."""
+        return fused(self.q, v, w)
+
+    def both_fast(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """:meth:`both` for the Hessian products: by ``q32`` (half the bytes to read),
+        ``v`` and ``w`` scaled into float32's range, when there is one."""
+        if self.q32 is None:
+            return self.both(v, w)
+        sv = float(np.abs(v).max(initial=0.0)) or 1.0
+        sw = float(np.abs(w).max(initial=0.0)) or 1.0
+        qv, qw = fused(self.q32, (v / sv).astype(np.float32), (w / sw).astype(np.float32))
+        return qv.astype(np.float64) * sv, qw.astype(np.float64) * sw
+
+
+#: The bytes of a row chunk :func:`fused` multiplies while it is in cache.
+CHUNK_BYTES = 1 << 18
+
+
+def fused(q: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(q v, qᵀ w)`` in one pass over ``q``: per chunk of rows (about
+    :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv)."""
+    m, n = q.shape
+    step = max(1, CHUNK_BYTES // max(1, n * q.itemsize))
+    if step >= m:
+        return q @ v, w @ q
+    qv = np.empty(m, dtype=q.dtype)
+    qw = np.zeros(n, dtype=q.dtype)
+    for i in range(0, m, step):
+        chunk = q[i : i + step]
+        np.matmul(chunk, v, out=qv[i : i + step])
+        qw += w[i : i + step] @ chunk
+    return qv, qw
+
+
+@dataclass(frozen=True, eq=False)
+class KernelPoint:
+    """The kernel at ``u``: ``f`` (the moving part of ``F``), ``scale`` (per side entry
+    ``exp(p · coef · u[pair])``), ``sums`` (per side entry its rows' ``Σ y``: a single
+    term's ``y``, a bilinear block's row sums ``r`` and column sums ``c``), ``rest`` (the
+    rest's ``y``), ``gradient`` (``∂F/∂u``) and ``diagonal`` (``diag H``)."""
+
+    u: FloatArray
+    f: float
+    scale: FloatArray
+    sums: FloatArray
+    rest: FloatArray
+    gradient: FloatArray
+    diagonal: FloatArray
+
+
+def varying(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes along which a factor of ``shape`` is not constant."""
+    return tuple(k for k, n in enumerate(shape) if n != 1)
+
+
+def bilinear_split(block: Block) -> int | None:
+    """For a block of two factors varying along disjoint runs of axes, one before the
+    other: the index (0 or 1) of the factor along the leading axes; else ``None``."""
+    if len(block.factors) != 2:
+        return None
+    first, second = (varying(f.shape) for f in block.factors)
+    if not first or not second:
+        return None
+    if max(first) < min(second):
+        return 0
+    if max(second) < min(first):
+        return 1
+    return None
+
+
+@dataclass
+class _Sides:
+    """The kernel's side entries as they are collected: pairs, coefficients, and the
+    single terms' ``Q`` (the first ``len(single)`` entries)."""
+
+    pairs: list[IntArray]
+    coef: list[FloatArray]
+    single: list[FloatArray]
+    size: int = 0
+
+    def add(self, pairs: IntArray, coef: FloatArray) -> int:
+        """Append entries; returns the offset where they start."""
+        lo = self.size
+        self.pairs.append(pairs)
+        self.coef.append(coef)
+        self.size += pairs.size
+        return lo
+
+
+def single_terms(block: Block, q: FloatArray, sides: _Sides) -> float:
+    """Add a one-factor block's terms (``Q`` summed over the factor's constant axes) to
+    ``sides``; returns the ``Σ Q`` of its entries on pinned pairs (constant)."""
+    (f,) = block.factors
+    view = q.reshape(block.shape)
+    summed = (view.sum(axis=f.axes) if f.axes else view).reshape(-1)
+    moves = f.coef != 0
+    sides.add(f.pairs[moves], f.coef[moves])
+    sides.single.append(summed[moves])
+    return float(summed[~moves].sum())
+
+
+def bilinear_terms(block: Block, q: FloatArray, lead: int, sides: _Sides) -> tuple[Bilinear, float]:
+    """``block`` as a :class:`Bilinear` (factor ``lead`` along its rows), its side entries
+    added to ``sides``; returns it and the ``Σ Q`` of rows whose pairs are both pinned
+    (left out of its ``q``, a copy then)."""
+    rows, cols = block.factors[lead], block.factors[1 - lead]
+    matrix = q.reshape(int(np.prod(rows.shape)), int(np.prod(cols.shape)))
+    pinned_rows, pinned_cols = rows.coef == 0, cols.coef == 0
+    constant = 0.0
+    if pinned_rows.any() and pinned_cols.any():
+        matrix = matrix.copy()
+        part = np.ix_(pinned_rows, pinned_cols)
+        constant = float(matrix[part].sum())
+        matrix[part] = 0.0
+    lo = sides.add(rows.pairs, rows.coef)
+    mid = sides.add(cols.pairs, cols.coef)
+    return Bilinear(matrix, lo, mid, mid + cols.pairs.size), constant
+
+
+#: The largest ``Q`` value a float32 copy holds (well inside float32's range, so that
+#: ``Q·v`` with ``|v| ≤ 1`` cannot overflow).
+SINGLE_MAX = 1e30
+
+
+def with_single(m: Bilinear) -> Bilinear:
+    """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`."""
+    if not m.q.size or not float(m.q.max()) <= SINGLE_MAX:
+        return m
+    return replace(m, q32=m.q.astype(np.float32))
+
+
+def uncovered(terms: OrbitTerms) -> float:
+    """``Σ q`` of the rows neither a block nor a ``loose`` entry holds (a use whose
+    entries all cancel): the gaps between the blocks, less the loose rows."""
+    rows = np.unique(terms.loose[0])
+    total = 0.0
+    lo = 0
+    for b in [*sorted(terms.blocks, key=lambda b: b.lo), Block(terms.q.size, 0, (), ())]:
+        if b.lo > lo:
+            gap = np.ones(b.lo - lo, dtype=bool)
+            mine = rows[(rows >= lo) & (rows < b.lo)]
+            gap[mine - lo] = False
+            total += float(terms.q[lo : b.lo][gap].sum())
+        lo = max(lo, b.hi)
+    return total
+
+
+def restricted(terms: OrbitTerms, blocks: list[Block]) -> OrbitTerms | None:
+    """The terms of ``blocks`` and ``terms.loose`` alone (rows renumbered from 0; no
+    ``spans``), or ``None`` if there are none."""
+    rows, cols, coef = terms.loose
+    if not blocks and not rows.size:
+        return None
+    qs: list[FloatArray] = []
+    moved: list[Block] = []
+    offset = 0
+    for b in blocks:
+        qs.append(terms.q[b.lo : b.hi])
+        moved.append(replace(b, lo=offset, hi=offset + b.hi - b.lo))
+        offset += b.hi - b.lo
+    kept, inverse = np.unique(rows, return_inverse=True)
+    qs.append(terms.q[kept])
+    loose = (offset + inverse.reshape(-1), cols, coef)
+    return replace(terms, q=np.concatenate(qs), spans=(), blocks=tuple(moved), loose=loose)
+
+
+@dataclass(frozen=True, eq=False)
+class OrbitKernel:
+    """The moving part of an :class:`~graphteleport.orbit.OrbitTerms` (module docstring):
+    ``index``/``coef`` are the *side entries* (one per single term, per row and per column
+    of every bilinear block: its pair and coefficient), ``single`` the single terms' ``Q``
+    (the first entries), ``matrices`` the bilinear blocks, ``rest`` the other rows (their
+    moving part) and ``constant`` the ``Σ Q`` left out."""
+
+    p: float
+    num_pairs: int
+    index: IntArray
+    coef: FloatArray
+    single: FloatArray
+    matrices: tuple[Bilinear, ...]
+    rest: OrbitTerms | None
+    constant: float
+    group: IntArray = field(default_factory=lambda: np.zeros(0, np.intp))
+
+    @property
+    def num_groups(self) -> int:
+        """How many coarse groups :attr:`group` names."""
+        return int(self.group.max(initial=-1)) + 1
+
+    @classmethod
+    def of(cls, terms: OrbitTerms, float32: bool = True) -> OrbitKernel:
+        """The kernel of ``terms``: each block bilinear, single or left to ``rest``; with
+        ``float32``, the Hessian products read a float32 copy of each bilinear ``Q`` whose
+        values float32 holds (:data:`SINGLE_MAX`): a relative error of about 1e-7 in
+        ``H·v`` only, which an inexact Newton step absorbs — ``F``, its gradient and
+        ``diag H`` stay float64."""
+        sides = _Sides([], [], [])
+        singles: list[Block] = []
+        split: list[tuple[Block, int]] = []
+        others: list[Block] = []
+        constant = uncovered(terms)
+        for b in terms.blocks:
+            lead = bilinear_split(b)
+            if lead is not None:
+                split.append((b, lead))
+            elif len(b.factors) == 1:
+                singles.append(b)
+            elif b.factors:
+                others.append(b)
+            else:  # no movable pair: every row constant
+                constant += float(terms.q[b.lo : b.hi].sum())
+        for b in singles:
+            constant += single_terms(b, terms.q[b.lo : b.hi], sides)
+        matrices: list[Bilinear] = []
+        for b, lead in split:
+            matrix, pinned = bilinear_terms(b, terms.q[b.lo : b.hi], lead, sides)
+            matrices.append(with_single(matrix) if float32 else matrix)
+            constant += pinned
+        rest = restricted(terms, others)
+        if rest is not None:
+            rest, pinned = rest.moving()
+            constant += pinned
+        index = np.concatenate([*sides.pairs, np.zeros(0, np.intp)]).astype(np.intp)
+        coef = np.concatenate([*sides.coef, np.zeros(0)])
+        single = np.concatenate([*sides.single, np.zeros(0)])
+        kernel = cls(terms.p, terms.num_pairs, index, coef, single, tuple(matrices), rest, constant)
+        return replace(kernel, group=coarse_groups(kernel, terms.blocks))
+
+    def _scatter(self, values: FloatArray) -> FloatArray:
+        """``Σ values`` of the side entries per pair."""
+        out: FloatArray = np.bincount(self.index, weights=values, minlength=self.num_pairs)
+        return out
+
+    def point(self, u: FloatArray, bound: float | None = None) -> KernelPoint | None:
+        """The kernel at ``u`` (:class:`KernelPoint`), one read of each bilinear ``Q``;
+        with ``bound``, ``None`` when ``F(u)`` exceeds it or is not finite."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            scale = np.exp(self.p * self.coef * u[self.index])
+            n = self.single.size
+            sums = np.empty_like(scale)
+            np.multiply(self.single, scale[:n], out=sums[:n])
+            f = float(sums[:n].sum())
+            for m in self.matrices:
+                x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
+                qz, qx = m.both(z, x)
+                np.multiply(x, qz, out=sums[m.lo : m.mid])
+                np.multiply(z, qx, out=sums[m.mid : m.hi])
+                f += float(sums[m.lo : m.mid].sum())
+            rest = self.rest.terms(u) if self.rest is not None else np.zeros(0)
+            f += float(rest.sum())
+        if bound is not None and not (np.isfinite(f) and f <= bound):
+            return None
+        gradient = self.p * self._scatter(self.coef * sums)
+        diagonal = self.p * self.p * self._scatter(self.coef * self.coef * sums)
+        if self.rest is not None:
+            gradient += self.rest.p * self.rest.pair_sums(rest)
+            diagonal += self.rest.hessian_diagonal(rest)
+        return KernelPoint(u, f, scale, sums, rest, gradient, diagonal)
+
+    def value(self, u: FloatArray) -> float:
+        """``F(u)`` for a trial step: one gemv per bilinear block, by its float32 copy
+        where it has one (a relative error of about 1e-7; :meth:`point` is exact)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            scale = np.exp(self.p * self.coef * u[self.index])
+            n = self.single.size
+            f = float(self.single @ scale[:n])
+            for m in self.matrices:
+                f += float(scale[m.lo : m.mid] @ m.times_fast(scale[m.mid : m.hi]))
+            if self.rest is not None:
+                f += self.rest.objective(u)
+        return f
+
+    def hessian_vector(self, at: KernelPoint, v: FloatArray) -> FloatArray:
+        """``H·v`` at ``at`` (module docstring): per bilinear block two gemv in one read
+        of its ``Q`` (float32 when the kernel has the copies)."""
+        a = self.coef * v[self.index]
+        out = at.sums * a
+        scale = at.scale
+        for m in self.matrices:
+            x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
+            qb, qa = m.both_fast(z * a[m.mid : m.hi], x * a[m.lo : m.mid])
+            out[m.lo : m.mid] += x * qb
+            out[m.mid : m.hi] += z * qa
+        hv = self.p * self.p * self._scatter(self.coef * out)
+        if self.rest is not None:
+            hv += self.rest.hessian_vector(at.rest, v)
+        return hv
+
+    # -- the coarse space -----------------------------------------------------------------------
+    def coarse(self, at: KernelPoint, group: IntArray) -> FloatArray:
+        """``E = Rᵀ H R`` at ``at`` for the coarse space ``R`` of ``group`` (per pair its
+        group, ``-1``: none; ``R[q, group[q]] = 1``): with ``ρ_k = Σ_q A[k,q] e_{group[q]}``
+        per row, ``E = p² Σ_k y_k ρ_k ρ_kᵀ`` — the squares from every side entry's
+        ``coef² · Σ y``, a bilinear block's cross term ``Σ_ij y_ij coef_i coef_j`` from its
+        row sums when its column coefficients are one value (one gemv otherwise), and the
+        rest's rows from its coordinates."""
+        ng = int(group.max(initial=-1)) + 1
+        g = group[self.index]
+        values = self.coef * self.coef * at.sums
+        keys = [g * (ng + 1)]
+        weights = [np.where(g >= 0, values, 0.0)]
+        for m in self.matrices:
+            mk, mw = bilinear_cross(self, m, at, group, ng)
+            keys.extend([mk, (mk % ng) * ng + mk // ng])  # (a, b) and (b, a)
+            weights.extend([mw, mw])
+        if self.rest is not None:
+            rk, rw = rest_coarse(self.rest, at.rest, group, ng)
+            keys.append(rk)
+            weights.append(rw)
+        key = np.concatenate(keys)
+        ok = key >= 0
+        flat = np.bincount(key[ok], weights=np.concatenate(weights)[ok], minlength=ng * ng)
+        out: FloatArray = self.p * self.p * flat.reshape(ng, ng)
+        return out
+
+
+def bilinear_cross(
+    kernel: OrbitKernel, m: Bilinear, at: KernelPoint, group: IntArray, ng: int
+) -> tuple[IntArray, FloatArray]:
+    """The cross terms ``Σ_ij y_ij ρ_i κ_j`` of a bilinear block at ``at`` (rows i with
+    coefficient ``ρ_i`` in group ``a_i``, columns j with ``κ_j`` in ``b_j``) summed per
+    ``(a, b)``, as flat keys ``a·ng + b`` and weights: with ``Z`` the columns' ``κ ⊙ z``
+    spread over their groups, ``ρ ⊙ x ⊙ (Q Z)`` — or, when every column has one group and
+    one coefficient ``κ`` (a layer's channels), ``κ · Σ_i ρ_i r_i`` from the row sums."""
+    rows, cols = kernel.coef[m.lo : m.mid], kernel.coef[m.mid : m.hi]
+    ga, gb = group[kernel.index[m.lo : m.mid]], group[kernel.index[m.mid : m.hi]]
+    rows = np.where(ga >= 0, rows, 0.0)
+    cols = np.where(gb >= 0, cols, 0.0)
+    targets, where = np.unique(gb[gb >= 0], return_inverse=True)
+    if not targets.size or not rows.any():
+        return np.zeros(0, np.intp), np.zeros(0)
+    if targets.size == 1 and (cols[gb >= 0] == cols[gb >= 0][0]).all() and (gb >= 0).all():
+        keep = ga >= 0
+        return ga[keep] * ng + targets[0], (cols[0] * rows * at.sums[m.lo : m.mid])[keep]
+    spread = np.zeros((cols.size, targets.size))
+    on = np.flatnonzero(gb >= 0)
+    spread[on, where.reshape(-1)] = (cols * at.scale[m.mid : m.hi])[on]
+    keep = ga >= 0
+    per = (rows * at.scale[m.lo : m.mid])[keep, None] * (m.q[keep] @ spread)
+    return (ga[keep, None] * ng + targets[None, :]).reshape(-1), per.reshape(-1)
+
+
+def rest_coarse(
+    rest: OrbitTerms, y: FloatArray, group: IntArray, ng: int
+) -> tuple[IntArray, FloatArray]:
+    """The rest's part of the coarse matrix (:meth:`OrbitKernel.coarse`, without ``p²``)
+    as flat keys ``a·ng + b`` and weights: per row ``k`` and groups ``a, b`` it touches,
+    ``y_k · ρ_k[a] · ρ_k[b]``."""
+    rows, cols, coef = rest.coordinates
+    g = group[cols]
+    ok = g >= 0
+    keys, inverse = np.unique(rows[ok] * ng + g[ok], return_inverse=True)
+    rho = np.bincount(inverse.reshape(-1), weights=coef[ok], minlength=keys.size)
+    row, grp = keys // max(ng, 1), keys % max(ng, 1)
+    out_keys = [grp * (ng + 1)]
+    out_weights = [y[row] * rho * rho]
+    for shift in range(1, keys.size):
+        same = row[:-shift] == row[shift:]
+        if not same.any():
+            break
+        a, b = grp[:-shift][same], grp[shift:][same]
+        w = (y[row[:-shift]] * rho[:-shift] * rho[shift:])[same]
+        out_keys.extend([a * ng + b, b * ng + a])
+        out_weights.extend([w, w])
+    return np.concatenate(out_keys), np.concatenate(out_weights)
+
+
+#: The most coarse groups :func:`coarse_groups` keeps (the largest; ``E`` is dense).
+MAX_GROUPS = 512
+
+
+def coarse_groups(kernel: OrbitKernel, blocks: tuple[Block, ...]) -> IntArray:
+    """Per pair its coarse group (``-1``: none): the pairs of one block factor (a layer's
+    channels) belong together, so groups are the connected sets of pairs that share a
+    factor — a layer, or a residual stream over all the layers it joins.  Groups of one
+    pair are left out (``diag H`` covers them), as are all but the :data:`MAX_GROUPS`
+    largest."""
+    label = np.arange(kernel.num_pairs)
+    members = [f.pairs[f.coef != 0] for b in blocks for f in b.factors]
+    members = [m for m in members if m.size > 1]
+    changed = True
+    while changed:  # label propagation: each factor takes its least label, then chase
+        before = label.copy()
+        for m in members:
+            label[m] = label[m].min()
+        label = label[label]
+        changed = bool((label != before).any())
+    roots, inverse, counts = np.unique(label, return_inverse=True, return_counts=True)
+    size = counts[inverse]
+    keep = size > 1
+    if roots.size and (counts > 1).sum() > MAX_GROUPS:
+        cut = np.sort(counts)[::-1][MAX_GROUPS - 1]
+        keep &= size >= cut
+    _, group = np.unique(np.where(keep, label, -1), return_inverse=True)
+    group = group.reshape(-1) - (0 if keep.all() else 1)
+    return np.where(keep, group, -1).astype(np.intp)

@@ -1,0 +1,344 @@
+"""EqualizePass and ``graphteleport equalize``: the FP32 function is unchanged (bit-identical
+with --exact) in both modes; equalize(teleport(M)) = equalize(M); the balance reaches its
+minimum and is DFQ's per-channel balance on two layers; an imbalanced channel is evened
+out; the CLI's exit codes, atomic writes and report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import (
+    FIXTURE_NAMES,
+    ExportCache,
+    gemm_mlp,
+    max_rel_err,
+    random_feeds,
+    run_ort,
+    weights,
+)
+from test_canonical import assert_same_weights
+
+from graphteleport.cli import main
+from graphteleport.passes.equalize import (
+    EqualizePass,
+    EqualizeResult,
+    balance_terms,
+    power_of_two,
+)
+from graphteleport.passes.teleport import TeleportPass
+from graphteleport.pipeline import TeleportOptions, equalize_file
+
+REL = 1e-5
+SEEDS = range(10)
+#: Registry architectures (models.architectures.ARCHITECTURES) the invariance runs on.
+REGISTRY = (
+    "mlp",
+    "residual_mlp",
+    "vgg11_bn",
+    "resnet18",
+    "densenet",
+    "unet",
+    "mobilenetv2",
+    "cnn1d",
+    "cnn2d",
+    "cnn3d",
+    "transformer_mlp",
+)
+
+
+def _fixture(name: str) -> Callable[[ExportCache], onnx.ModelProto]:
+    from models import FIXTURES_DIR
+
+    return lambda _exported: onnx.load(FIXTURES_DIR / f"{name}.onnx")
+
+
+def _arch(name: str, fold_bn: bool = True) -> Callable[[ExportCache], onnx.ModelProto]:
+    return lambda exported: onnx.load(exported(name, fold_bn=fold_bn))
+
+
+MODELS: dict[str, Callable[[ExportCache], onnx.ModelProto]] = {
+    **{n: _fixture(n) for n in FIXTURE_NAMES},
+    "gemm_mlp": lambda _e: gemm_mlp([5, 7, 6, 3]),
+    **{n: _arch(n) for n in REGISTRY},
+    "vgg11_bn-keep": _arch("vgg11_bn", fold_bn=False),
+}
+
+
+def equalized(proto: onnx.ModelProto, **kwargs: object) -> tuple[ir.Model, EqualizeResult]:
+    model = ir.from_proto(proto)
+    return model, EqualizePass(**kwargs)(model)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=list(MODELS), scope="module")
+def model_proto(request: pytest.FixtureRequest, exported: ExportCache) -> onnx.ModelProto:
+    return MODELS[request.param](exported)
+
+
+# -- Done-when 1: the function is unchanged ------------------------------------------------------
+@pytest.mark.parametrize("mode", ["absorb", "insert"])
+def test_function_unchanged(model_proto: onnx.ModelProto, mode: str) -> None:
+    feeds = random_feeds(model_proto)
+    model, result = equalized(model_proto, mode=mode)
+    assert result.figures is not None and result.figures.moved > 0
+    assert max_rel_err(model_proto, ir.to_proto(model), feeds) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["absorb", "insert"])
+def test_exact_is_bit_identical(model_proto: onnx.ModelProto, mode: str) -> None:
+    feeds = random_feeds(model_proto)
+    model, result = equalized(model_proto, mode=mode, exact=True)
+    free = result.pair_values[result.analysis.solution.free]
+    assert np.all(power_of_two(free) == free)  # powers of two
+    assert result.figures is not None and result.figures.moved > 0  # and something moved
+    for x, y in zip(run_ort(model_proto, feeds), run_ort(ir.to_proto(model), feeds), strict=True):
+        assert np.array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@pytest.mark.parametrize("mode", ["absorb", "insert"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_pipeline_verifies(name: str, mode: str, exact: bool, tmp_path: Path) -> None:
+    from models import FIXTURES_DIR
+
+    report = equalize_file(
+        FIXTURES_DIR / f"{name}.onnx", tmp_path / "eq.onnx", TeleportOptions(mode=mode, exact=exact)
+    )
+    v = report.verification
+    assert v is not None and v.passed and v.tensors is not None  # per tensor too
+    if exact:
+        assert v.exact and v.max_abs_err == 0.0
+    assert (tmp_path / "eq.onnx").exists()
+
+
+# -- Done-when 4: equalize(teleport(M)) = equalize(M) ---------------------------------------------
+def test_teleports_share_the_equalized_form(model_proto: onnx.ModelProto) -> None:
+    reference, result = equalized(model_proto)
+    assert result.minimum is not None and result.minimum.iterations > 0
+    feeds = random_feeds(model_proto)
+    for seed in SEEDS:
+        moved = ir.from_proto(model_proto)
+        TeleportPass(seed=seed, cob_range=0.9)(moved)
+        assert max_rel_err(model_proto, moved, feeds) < 1e-4
+        with pytest.raises(AssertionError):  # the teleport did move the weights
+            assert_same_weights(ir.from_proto(model_proto), moved, REL)
+        again, _ = equalized(ir.to_proto(moved))
+        assert_same_weights(reference, again, REL)
+
+
+def test_idempotent(model_proto: onnx.ModelProto) -> None:
+    once, _ = equalized(model_proto)
+    twice, second = equalized(ir.to_proto(once))
+    assert_same_weights(once, twice, 1e-6)
+    assert second.minimum is not None
+    assert second.minimum.objective_after == pytest.approx(second.minimum.objective_before, 1e-6)
+
+
+# -- the objective ---------------------------------------------------------------------------------
+def test_gradient_vanishes_at_the_minimum() -> None:
+    from models import FIXTURES_DIR
+
+    proto = onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")
+    _, result = equalized(proto, p=6.0)
+    terms = balance_terms(result.analysis, 6.0, arrays=weights(proto))  # the original's
+    u = np.log(result.pair_values)
+    assert np.abs(terms.gradient(u)).max() <= 1e-10 * terms.objective(u)
+    assert terms.objective(u) < terms.objective(np.zeros_like(u))
+
+
+@pytest.mark.parametrize("p", [2.0, 4.0, 8.0])
+def test_two_layers_balance_power_means_per_channel(p: float) -> None:
+    """One hidden layer, no bias: B_p is separable and its minimum gives row i of W1 and
+    column i of W2 equal p-th power means (DFQ's balance with ranges as power means)."""
+    proto = gemm_mlp([6, 9, 4], bias=False)
+    model, _ = equalized(proto, p=p)
+    w = [x for x in weights(model).values() if x.ndim == 2]
+    w1, w2 = (x.astype(np.float64) for x in w)  # Gemm: [in, out]
+    assert w1.shape == (6, 9) and w2.shape == (9, 4)
+    into = np.mean(np.abs(w1) ** p, axis=0) ** (1 / p)  # per hidden channel
+    out_of = np.mean(np.abs(w2) ** p, axis=1) ** (1 / p)
+    np.testing.assert_allclose(into, out_of, rtol=1e-5)
+    before = [x.astype(np.float64) for x in weights(proto).values() if x.ndim == 2]
+    assert not np.allclose(before[0].std(axis=0), before[1].std(axis=1), rtol=1e-2)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_scaled_channel_is_evened_out(exact: bool) -> None:
+    """A hidden channel scaled x100 (W1's row, the next W2's column /100: the same
+    function) makes W1's ranges uneven; equalizing brings max/mean back down and raises
+    W1's predicted INT8 SQNR — with --exact too (powers of two: within √2 of the optimum)."""
+    proto = gemm_mlp([8, 16, 16, 4], bias=False)
+    w = {i.name: onnx.numpy_helper.to_array(i).copy() for i in proto.graph.initializer}
+    names = [n for n, x in w.items() if x.ndim == 2]
+    w[names[0]][:, 3] *= 100.0  # [in, out]
+    w[names[1]][3] /= 100.0
+    for init in proto.graph.initializer:
+        init.CopyFrom(onnx.numpy_helper.from_array(w[init.name], init.name))
+
+    def imbalance(m: onnx.ModelProto | ir.Model) -> float:
+        r = np.abs(weights(m)[names[0]]).max(axis=0)  # per hidden channel (Gemm: [in, out])
+        return float(r.max() / r.mean())
+
+    model, result = equalized(proto, exact=exact)
+    assert imbalance(proto) > 10.0
+    assert imbalance(model) < (2.0 * np.sqrt(2.0) if exact else 2.0)
+    assert result.figures is not None
+    first = next(t for t in result.figures.tensors if t.name == names[0])
+    assert first.sqnr_db(after=True) > first.sqnr_db(after=False) + 5.0
+    assert max_rel_err(proto, ir.to_proto(model)) < 1e-4
+
+
+def test_figures_count_only_quantized_weights() -> None:
+    proto = gemm_mlp([5, 7, 3], bias=True)
+    _, result = equalized(proto)
+    assert result.figures is not None
+    names = {t.name for t in result.figures.tensors}
+    assert names == {i.name for i in proto.graph.initializer if len(i.dims) == 2}
+    assert result.figures.fraction_moved == 1.0
+    assert all(len(c.tensors) == 2 for c in result.figures.classes)  # W1 row, W2 column
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+def cli(*argv: str | Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors
+            code = int(e.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_writes_model_and_report(fixtures_dir: Path, tmp_path: Path) -> None:
+    out, rep = tmp_path / "eq.onnx", tmp_path / "r.json"
+    code, stdout, stderr = cli(
+        "equalize", fixtures_dir / "resnet_tiny.onnx", "-o", out, "--report", rep, "--exact"
+    )
+    assert code == 0, stderr
+    assert "equalize" in stdout and "bit-exact" in stdout
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"] and report["verification"]["exact"]
+    e = report["equalize"]
+    keys = ("method", "p", "objective_before", "objective_after", "fraction_moved",
+            "predicted_noise_before", "predicted_noise_after", "tensors", "classes")  # fmt: skip
+    for key in keys:
+        assert key in e, key
+    assert e["method"] == "cle" and e["objective_after"] < e["objective_before"]
+    t = e["tensors"][0]
+    assert t["step_before"] == pytest.approx(t["range_before"] / 127)
+    assert e["classes"] and len(e["classes"][0]["ranges"][0]) == 3
+    assert "sampling" not in report and "seed" not in report
+    assert report["written"] == [str(out)]
+
+
+def test_cli_quiet(fixtures_dir: Path, tmp_path: Path) -> None:
+    code, stdout, stderr = cli(
+        "equalize", fixtures_dir / "mlp_small.onnx", "-o", tmp_path / "q.onnx", "-q"
+    )
+    assert (code, stdout, stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--p", "1"], "--p must be above 1"),
+        (["--p", "nan"], "--p must be above 1"),
+        (["--alpha", "2"], "--alpha"),
+        (["--method", "smooth"], "--calibration"),
+        (["--method", "nope"], "invalid choice"),
+        (["--rtol", "0"], "--rtol"),
+    ],
+)
+def test_cli_bad_options(fixtures_dir: Path, tmp_path: Path, extra: list[str], needle: str) -> None:
+    out = tmp_path / "o.onnx"
+    code, _, stderr = cli("equalize", fixtures_dir / "mlp_small.onnx", "-o", out, *extra)
+    assert code == 2 and needle in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_bad_files(fixtures_dir: Path, tmp_path: Path) -> None:
+    src = fixtures_dir / "mlp_small.onnx"
+    cases = [
+        ("equalize", tmp_path / "missing.onnx", "-o", tmp_path / "o.onnx"),
+        ("equalize", src, "-o", src),  # would overwrite the input
+        ("equalize", src, "-o", tmp_path / "o.onnx", "--report", tmp_path / "no" / "r.json"),
+    ]
+    notnpz = tmp_path / "feeds.npz"
+    notnpz.write_text("not an archive")
+    cases.append(
+        ("equalize", src, "-o", tmp_path / "o.onnx", "--method", "smooth", "--calibration", notnpz)
+    )
+    cases.append(("equalize", src, "-o", notnpz, "--method", "smooth", "--calibration", notnpz))
+    for argv in cases:
+        code, _, stderr = cli(*argv)
+        assert code == 2, (argv, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+        assert not (tmp_path / "o.onnx").exists()
+    assert notnpz.read_text() == "not an archive"
+
+
+def test_cli_smooth(fixtures_dir: Path, tmp_path: Path) -> None:
+    proto = onnx.load(fixtures_dir / "resnet_tiny.onnx")
+    samples = [random_feeds(proto, seed=k) for k in range(3)]
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, **{n: np.stack([s[n] for s in samples]) for n in samples[0]})
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, stderr = cli(
+        "equalize", fixtures_dir / "resnet_tiny.onnx", "-o", out, "--report", rep,
+        "--method", "smooth", "--calibration", feeds, "--alpha", "0.5",
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"]
+    assert report["equalize"]["method"] == "smooth" and report["equalize"]["alpha"] == 0.5
+    assert report["equalize"]["weight_elements_moved"] > 0
+    assert feeds.exists()
+
+
+# -- torch ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["mlp", "resnet18", "transformer_mlp"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_torch_equalize_in_place(arch: str, exact: bool) -> None:
+    torch = pytest.importorskip("torch")
+    from graphteleport.torch import equalize
+    from models.architectures import ARCHITECTURES
+
+    model, shape = ARCHITECTURES[arch]()
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result = equalize(model, x, exact=exact)
+    with torch.no_grad():
+        after = model(x)
+    assert result.free_cofactors > 0
+    assert any(not torch.equal(params[k], v) for k, v in model.named_parameters())
+    if exact:
+        assert torch.equal(before, after)
+    else:
+        assert float((after - before).abs().max()) <= 1e-5 * float(before.abs().max())
+    again = {k: v.detach().clone() for k, v in model.named_parameters()}
+    equalize(model, x)  # at the minimum already (exact: within a factor √2 of it)
+    for k, v in model.named_parameters():
+        tol = 0.5 if exact else 1e-5
+        assert torch.allclose(v, again[k], rtol=tol, atol=tol * float(again[k].abs().max())), k
+
+
+def test_torch_equalize_refuses_smooth() -> None:
+    torch = pytest.importorskip("torch")
+    from graphteleport.errors import InputError
+    from graphteleport.torch import equalize
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(InputError, match="cle"):
+        equalize(model, torch.randn(1, 3), method="smooth")
+    with pytest.raises(InputError, match="--p"):
+        equalize(model, torch.randn(1, 3), p=1.0)
