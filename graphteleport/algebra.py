@@ -140,6 +140,21 @@ def product(factors: Sequence[Factor], tau: FloatArray, rank: int = 0) -> FloatA
     return s
 
 
+def product_at(
+    factors: Sequence[Factor], tau: FloatArray, at: tuple[np.ndarray, ...]
+) -> FloatArray:
+    """:func:`product` at some elements only: ``at`` holds one index array per axis of the
+    layout (the use's shape, rank ``len(at)``).  The same factors multiply in the same
+    order, so each value equals the whole product's there, bit for bit."""
+    rank = len(at)
+    s: FloatArray = np.ones(at[0].shape if at else (), dtype=np.float64)
+    for f in factors:
+        ids = with_rank(f.ids, rank)
+        pick = tuple(i if n > 1 else 0 for i, n in zip(at, ids.shape, strict=True))
+        s = s * power(tau[ids[pick]], f.exp)
+    return s
+
+
 def scale(use: Scaling, tau: FloatArray) -> FloatArray:
     """``S`` of one use, broadcastable to its shape (a conv weight's is ``[O, C, 1, 1]``:
     cheap next to the weight itself)."""

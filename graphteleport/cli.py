@@ -471,8 +471,9 @@ def _run(argv: list[str]) -> int:
         args = canonicalize_parser().parse_args(argv[1:])
         opts = _verify_options(args, mode=args.mode)
         report = canonicalize_file(
-            args.model, args.output, opts, _progress(args), report_path=args.report
-        )
+            args.model, args.output, opts, _progress(args), report_path=args.report,
+            bars=_bars(args),
+        )  # fmt: skip
         if not args.quiet:
             print(format_canonical(report))
         return 0
@@ -485,7 +486,9 @@ def _run(argv: list[str]) -> int:
     )
     # With --report the report is committed with the model, or written alone (exit 1)
     # after a failed verification.
-    report = teleport_file(args.model, args.output, opts, _progress(args), report_path=args.report)
+    report = teleport_file(
+        args.model, args.output, opts, _progress(args), report_path=args.report, bars=_bars(args)
+    )
     if not args.quiet:
         print(format_teleport(report))
     return 0
@@ -522,6 +525,11 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
     if not args.quiet and sys.stderr.isatty():
         return lambda m: print(f"  ... {m}", file=sys.stderr)
     return lambda _m: None
+
+
+def _bars(args: argparse.Namespace) -> bool:
+    """Progress bars (phases over 2 s) on an interactive terminal, unless -q."""
+    return not args.quiet and sys.stderr.isatty()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,10 +39,11 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
@@ -52,7 +53,9 @@ from graphteleport.errors import InputError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
+    "DataFile",
     "StagedSave",
+    "StreamedSave",
     "check_paths",
     "check_regular_file",
     "external_data_files",
@@ -61,6 +64,7 @@ __all__ = [
     "output_data_path",
     "save_model_atomic",
     "staged_save",
+    "staged_stream",
     "write_file_atomic",
 ]
 
@@ -599,9 +603,7 @@ def staged_save(
     target = Path(os.path.abspath(path))
     use_external = _wants_external_data(model, external_data)
     data_name = f"{target.name}.data" if use_external else None
-    kept = [(Path(p), "it is a protected input") for p in protect]
-    kept += [(p, "the model still reads its weights from it") for p in external_data_files(model)]
-    _check_target(target, data_name, kept)
+    _check_target(target, data_name, _kept(model, protect))
     staged = StagedSave(_make_tmpdir(target.parent), target, data_name)
     try:
         _write(model, staged.model_path, data_name)
@@ -611,6 +613,14 @@ def staged_save(
         staged.discard()
         if not staged.committed:
             logger.debug("discarded staged output for %s", target)
+
+
+def _kept(model: ir.Model, protect: Sequence[PathLike]) -> list[tuple[Path, str]]:
+    """The files a save must not overwrite, each with the reason: ``protect`` and the
+    files ``model`` still reads its weights from."""
+    kept = [(Path(p), "it is a protected input") for p in protect]
+    kept += [(p, "the model still reads its weights from it") for p in external_data_files(model)]
+    return kept
 
 
 def write_file_atomic(path: PathLike, data: bytes) -> Path:
@@ -853,3 +863,188 @@ def _inlined_attribute(attr: object) -> ir.Attr | None:
     ]
     value = loaded[0] if attr.type == ir.AttributeType.TENSOR else loaded
     return ir.Attr(attr.name, attr.type, value, doc_string=attr.doc_string)
+
+
+# --------------------------------------------------------------------------- streaming
+
+#: Offsets of tensors in a :class:`DataFile` are multiples of this (aligned numpy views).
+DATA_ALIGN = 64
+_COPY_CHUNK = 1 << 26  # bytes per copy_file_range / pwrite call
+
+
+def _no_progress(_: int) -> None:
+    return None
+
+
+class DataFile:
+    """An external data file written one tensor at a time (the streaming save).
+
+    :meth:`put` appends an array's bytes, :meth:`copy` the bytes of another file's
+    external tensor, each at an offset aligned to :data:`DATA_ALIGN`; both return an
+    :class:`onnx_ir.ExternalTensor` that reads them back lazily.  :meth:`copy` never
+    decodes nor maps the tensor: ``os.copy_file_range`` has the kernel move the bytes
+    (on ext4 a copy inside the kernel; btrfs and XFS may share the blocks instead), with
+    ``pread``/``pwrite`` where the kernel refuses.  ``on_bytes`` is told the size of
+    every tensor written (a progress bar's update).  The file is created new (``O_EXCL``).
+    """
+
+    def __init__(self, path: Path, on_bytes: Callable[[int], None] = _no_progress) -> None:
+        self.path = path
+        self.offset = 0
+        self.on_bytes = on_bytes
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._sources: dict[str, int] = {}  # open source data files, by path
+        self._reported = 0  # bytes told to on_bytes since the last rewind
+
+    def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
+        """Append ``array`` (C order) and return it as an external tensor named ``name``."""
+        data = np.ascontiguousarray(array)
+        raw = data.reshape(-1).view(np.uint8).data
+        start = self._start()
+        for i in range(0, len(raw), _COPY_CHUNK):
+            _pwrite_all(self._file(), raw[i : i + _COPY_CHUNK], start + i)
+        dtype = ir.DataType.from_numpy(data.dtype)
+        return self._appended(name, dtype, data.shape, start, len(raw))
+
+    def copy(self, tensor: ir.ExternalTensor) -> ir.ExternalTensor:
+        """Append the bytes of ``tensor`` (another file's), copied by the kernel."""
+        length = tensor.length if tensor.length is not None else tensor.nbytes
+        start = self._start()
+        src = self._source(tensor.path)
+        _copy_range(src, self._file(), tensor.offset or 0, start, length)
+        return self._appended(tensor.name or "", tensor.dtype, tensor.shape.numpy(), start, length)
+
+    def rewind(self) -> None:
+        """Empty the file: tensors returned so far are no longer valid (``on_bytes`` is
+        told minus what it was told so far)."""
+        os.ftruncate(self._file(), 0)
+        self.offset = 0
+        self.on_bytes(-self._reported)
+        self._reported = 0
+
+    def close(self) -> None:
+        """Close the file and the source files (idempotent)."""
+        for fd in [self._fd, *self._sources.values()]:
+            if fd is not None:
+                os.close(fd)
+        self._fd = None
+        self._sources.clear()
+
+    def _file(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path} is closed")
+        return self._fd
+
+    def _source(self, path: str) -> int:
+        if path not in self._sources:
+            self._sources[path] = os.open(path, os.O_RDONLY)
+        return self._sources[path]
+
+    def _start(self) -> int:
+        return -(-self.offset // DATA_ALIGN) * DATA_ALIGN
+
+    def _appended(
+        self, name: str, dtype: ir.DataType, shape: Sequence[int], start: int, length: int
+    ) -> ir.ExternalTensor:
+        self.offset = start + length
+        self._reported += length
+        self.on_bytes(length)
+        return ir.ExternalTensor(
+            self.path.name, start, length, dtype,
+            shape=ir.Shape(list(shape)), name=name, base_dir=str(self.path.parent),
+        )  # fmt: skip
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is at ``offset``."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy ``length`` bytes between files at the given offsets, in the kernel where it
+    can (``os.copy_file_range``), else through a buffer."""
+    done = 0
+    while done < length:
+        n = min(_COPY_CHUNK, length - done)
+        try:
+            got = os.copy_file_range(src, dst, n, src_offset + done, dst_offset + done)
+        except OSError:  # EXDEV, ENOSYS, EINVAL on some filesystems: copy by hand
+            got = os.pwrite(dst, os.pread(src, n, src_offset + done), dst_offset + done)
+        if got <= 0:
+            raise InputError(f"external data ends early (needed {length} bytes at {src_offset})")
+        done += got
+
+
+class StreamedSave(StagedSave):
+    """A :class:`StagedSave` whose external data file is written as the weights are made.
+
+    ``data`` (a :class:`DataFile`, the staged ``<target>.data``) takes rewritten weights
+    while a pass runs (:func:`graphteleport.rewrite.streamed`); :meth:`finish` then
+    appends every other weight — an external one copied by the kernel, an in-memory one
+    over 256 bytes written — and writes the model file, once.  After that the model's
+    initializers read the staged file: they are valid until the ``with`` block of
+    :func:`staged_stream` ends.  Verify and :meth:`commit` as for a :class:`StagedSave`.
+    """
+
+    def __init__(
+        self, tmpdir: Path, target: Path, data_name: str, on_bytes: Callable[[int], None]
+    ) -> None:
+        super().__init__(tmpdir, target, data_name)
+        assert self.data_path is not None
+        self.data = DataFile(self.data_path, on_bytes)
+
+    def finish(self, model: ir.Model) -> None:
+        """Complete the data file with the weights not in it yet and write the model file.
+
+        Raises :class:`InputError` if a file cannot be written.
+        """
+        mine = str(self.data.path)
+        try:
+            for graph in model.graphs():
+                for value in graph.initializers.values():
+                    tensor = value.const_value
+                    if isinstance(tensor, ir.ExternalTensor) and tensor.path != mine:
+                        value.const_value = self.data.copy(tensor)
+                    elif not isinstance(tensor, ir.ExternalTensor | None) and tensor.nbytes > 256:
+                        value.const_value = self.data.put(tensor.name or "", tensor.numpy())
+            self.data.close()
+            with _inlined_external_attributes(model):
+                ir.save(model, self.model_path)
+        except OSError as e:
+            raise InputError(f"cannot write {self.target}: {e.strerror or e}") from e
+        self.drop_empty_data()
+
+
+@contextlib.contextmanager
+def staged_stream(
+    model: ir.Model,
+    path: PathLike,
+    *,
+    protect: Sequence[PathLike] = (),
+    on_bytes: Callable[[int], None] = _no_progress,
+) -> Iterator[StreamedSave]:
+    """Stage ``path`` and ``<path>.data`` for a model whose weights are written one by one.
+
+    The targets are checked as :func:`staged_save` checks them (``protect`` and the
+    files the model reads are never overwritten); the yielded :class:`StreamedSave`
+    lives in a private temporary directory beside ``path`` that is removed when the
+    block ends, committed or not (an exception, SIGINT or SIGTERM leave nothing).
+    """
+    target = Path(os.path.abspath(path))
+    data_name = f"{target.name}.data"
+    _check_target(target, data_name, _kept(model, protect))
+    tmpdir = _make_tmpdir(target.parent)
+    try:
+        staged = StreamedSave(tmpdir, target, data_name, on_bytes)
+    except OSError as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise InputError(f"cannot write to {target.parent}: {e.strerror or e}") from e
+    try:
+        yield staged
+    finally:
+        staged.data.close()
+        staged.discard()
+        if not staged.committed:
+            logger.debug("discarded streamed output for %s", target)

@@ -24,6 +24,7 @@ the sign cleared), chunked so that no temporary of the weight's size is made.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -164,7 +165,31 @@ def cell_magnitudes(
     w: np.ndarray, axes: tuple[int, ...], lim: Limits
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:class:`Magnitudes` of every cell, reducing ``w`` over ``axes`` (kept, size 1):
-    largest finite, smallest normal and smallest subnormal ``|w|`` (float64 arrays)."""
+    largest finite, smallest normal and smallest subnormal ``|w|`` (float64 arrays).
+
+    A large ``w`` is measured a block of rows (axis 0) at a time, the blocks' cells
+    combined (max, min, min) where axis 0 is reduced and stacked where it is not, so
+    the float64 temporaries are a block's, not W's."""
+    rows = max(1, _CELL_BLOCK // max(1, math.prod(w.shape[1:]))) if w.ndim else 0
+    if w.ndim == 0 or rows >= w.shape[0]:
+        return _cells(w, axes, lim)
+    parts = [_cells(w[i : i + rows], axes, lim) for i in range(0, w.shape[0], rows)]
+    if 0 in axes:
+        hi = np.maximum.reduce([p[0] for p in parts])
+        lo_n = np.minimum.reduce([p[1] for p in parts])
+        lo_s = np.minimum.reduce([p[2] for p in parts])
+        return hi, lo_n, lo_s
+    hi, lo_n, lo_s = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    return hi, lo_n, lo_s
+
+
+_CELL_BLOCK = 1 << 22  # elements of W measured at a time by cell_magnitudes
+
+
+def _cells(
+    w: np.ndarray, axes: tuple[int, ...], lim: Limits
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`cell_magnitudes` of one block, in one go."""
     x = np.abs(w.astype(np.float64))
     finite = np.isfinite(x)
     hi = np.where(finite, x, 0.0).max(axis=axes, keepdims=True, initial=0.0)

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from graphteleport import rewrite as rewrite_mod
 from graphteleport import verify as verify_mod
 from graphteleport.activations import load_calibration
 from graphteleport.analysis import Quiver, analyze_model
@@ -39,11 +41,14 @@ from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import (
     StagedSave,
+    StreamedSave,
     check_paths,
     external_data_files,
+    initializer_nbytes,
     load_model,
     output_data_path,
     staged_save,
+    staged_stream,
     write_file_atomic,
 )
 from graphteleport.options import MODES, CofactorOptions, check_input_shapes, check_mode
@@ -218,6 +223,7 @@ def teleport_file(
     progress: Progress = _quiet,
     *,
     report_path: PathArg | None = None,
+    bars: bool = False,
 ) -> TeleportReport:
     """Teleport the model at ``src`` into ``dst``, verified unless ``opts.verify`` is False.
 
@@ -227,26 +233,32 @@ def teleport_file(
     ``verify``, ``total``.  With ``report_path`` the JSON report is committed together
     with the model (after it); after a failed verification it is written alone.  Paths
     are checked first; see the module docstring.
+
+    A model with external data is streamed: its weights are rewritten one at a time
+    straight into the staged ``<dst>.data`` (:func:`graphteleport.rewrite.streamed`),
+    the unchanged ones copied by the kernel, so memory holds one weight, not the model
+    (:func:`graphteleport.io.staged_stream`).  ``bars`` shows a progress bar on stderr
+    while the weights are written, once that takes over 2 s.
     """
     return _pass_file(
         src, dst, opts, progress, report_path,
-        lambda shapes: TeleportPass(options=opts, input_shapes=shapes),
+        lambda shapes: TeleportPass(options=opts, input_shapes=shapes), bars=bars,
     )  # fmt: skip
 
 
 def canonicalize_file(
     src: PathArg, dst: PathArg, opts: TeleportOptions,
-    progress: Progress = _quiet, *, report_path: PathArg | None = None,
+    progress: Progress = _quiet, *, report_path: PathArg | None = None, bars: bool = False,
 ) -> TeleportReport:  # fmt: skip
     """Write the canonical form of the model at ``src`` (least sum of squared weights on
     its orbit, :class:`~graphteleport.passes.canonical.CanonicalizePass`) into ``dst``,
     verified like :func:`teleport_file` (``opts.mode`` and the verification options are
     used; the sampling options are not).  The report's ``canonical`` holds ``F`` before
     and after, the Newton iterations and the final gradient; its seconds add ``solve``;
-    ``report_path`` as for :func:`teleport_file`."""
+    ``report_path`` and ``bars`` as for :func:`teleport_file`."""
     return _pass_file(
         src, dst, opts, progress, report_path,
-        lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes),
+        lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes), bars=bars,
     )  # fmt: skip
 
 
@@ -298,8 +310,10 @@ def _pass_file(
         [dict[str, tuple[int, ...]]], TeleportPass | CanonicalizePass | EqualizePass
     ],
     extra_inputs: Sequence[tuple[str, PathArg]] = (),
+    bars: bool = False,
 ) -> TeleportReport:
-    """Load, run the pass ``make_pass(input_shapes)`` gives, report, verify, save."""
+    """Load, run the pass ``make_pass(input_shapes)`` gives, report, verify, save
+    (streamed for a model with external data: see :func:`teleport_file`)."""
     clock = Stopwatch()
     check_output_path(src, dst, report=report_path, inputs=opts.inputs, extra=extra_inputs)
     with clock.phase("load"):
@@ -310,21 +324,44 @@ def _pass_file(
     with clock.phase("inputs"):
         feeds, shapes, resolved = _feeds(model, opts, src)
     progress("analysing and rewriting")  # every check on the user's input has passed
-    result = make_pass(shapes)(model)
-    clock.seconds.update(result.seconds)
-    with clock.phase("report"):
-        report = _teleport_report(result, src, dst, resolved.to_report(shapes), clock.seconds)
     try:
-        _save_verified(
-            model, src, feeds, report, opts, progress, result.tensor_scales(),
-            clock=clock, commit=_committer(report, report_path, clock),
-        )  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            stream = _open_stream(stack, model, src, dst, bars)
+            with rewrite_mod.streamed(stream.data) if stream else contextlib.nullcontext():
+                result = make_pass(shapes)(model)
+            clock.seconds.update(result.seconds)
+            with clock.phase("report"):
+                inputs = resolved.to_report(shapes)
+                report = _teleport_report(result, src, dst, inputs, clock.seconds)
+            _save_verified(
+                model, src, feeds, report, opts, progress, result.tensor_scales(),
+                clock=clock, commit=_committer(report, report_path, clock), stream=stream,
+            )  # fmt: skip
     except VerificationError:
         if report_path is not None:  # the failed report says why; no model is written
             clock.stop()
             write_file_atomic(report_path, report_json(report))
         raise
     return report
+
+
+def _open_stream(
+    stack: contextlib.ExitStack, model: ir.Model, src: PathArg, dst: PathArg, bars: bool
+) -> StreamedSave | None:
+    """Stage ``dst`` for a streamed rewrite when it gets external data (None otherwise),
+    with a progress bar over the weights' bytes when ``bars``; ``stack`` removes the
+    staged files (and the bar) when the job ends."""
+    if output_data_path(model, dst) is None:
+        return None
+    from tqdm import tqdm  # the CLI's progress bar; imported only for big models
+
+    bar = stack.enter_context(
+        tqdm(
+            total=initializer_nbytes(model), desc="writing weights", unit="B", unit_scale=True,
+            unit_divisor=1024, delay=2.0, leave=False, disable=not bars, file=sys.stderr,
+        )
+    )  # fmt: skip
+    return stack.enter_context(staged_stream(model, dst, protect=[src], on_bytes=bar.update))
 
 
 def check_output_path(
@@ -400,13 +437,20 @@ def _save_verified(
     *,
     clock: Stopwatch,
     commit: Callable[[StagedSave], list[Path]],
+    stream: StreamedSave | None = None,
 ) -> None:
-    """Stage the model beside ``report.output``, verify it there (unless ``opts.verify``
-    is False) and ``commit`` it; a failed verification raises VerificationError (with
-    ``err.report``) and the staged files are removed."""
+    """Stage the model beside ``report.output`` (or finish the ``stream`` it was
+    rewritten into), verify it there (unless ``opts.verify`` is False) and ``commit``
+    it; a failed verification raises VerificationError (with ``err.report``) and the
+    staged files are removed."""
     with contextlib.ExitStack() as stack:
         with clock.phase("save"):
-            staged = stack.enter_context(staged_save(model, report.output, protect=[src]))
+            staged: StagedSave
+            if stream is None:
+                staged = stack.enter_context(staged_save(model, report.output, protect=[src]))
+            else:
+                stream.finish(model)
+                staged = stream
         if opts.verify:
             progress("verifying with onnxruntime")
             with clock.phase("verify"):

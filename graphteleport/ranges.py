@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphteleport.algebra import scales_of, with_rank
+from graphteleport.algebra import product_at, scales_of, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Factor
 from graphteleport.insertion import PlannedMul, plan
 from graphteleport.numerics import (
+    MARGIN,
     Limits,
     Magnitudes,
     cell_magnitudes,
@@ -45,7 +46,7 @@ from graphteleport.numerics import (
     out_of_range,
     violations,
 )
-from graphteleport.rewrite import weight_bounds
+from graphteleport.rewrite import release, weight_bounds
 
 log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
@@ -99,6 +100,78 @@ def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
     return np.asarray(np.sign(v) * magnitude, dtype=np.float64)
 
 
+_DENSE_CELLS = 1 << 20  # a weight with more single-element cells keeps those at risk only
+_RISK_CHUNK = 1 << 20  # elements measured at a time when finding them
+
+
+@dataclass(frozen=True, slots=True)
+class _AtRisk:
+    """The cells of a large weight whose ``S`` varies along every axis (each element its
+    own cell) that some ``|s|`` in ``[smin, smax]`` takes out of range, as flat positions
+    and magnitudes ``|w|`` (16 bytes an element).  The fit only moves values toward 1, so
+    later rounds' bounds lie inside the first's and every other element stays safe: memory
+    holds the few elements at risk (near 0 or the dtype's largest), not three float64
+    copies of W."""
+
+    shape: tuple[int, ...]
+    flat: np.ndarray
+    mag: np.ndarray  # |w| of each element at risk, float64
+
+    @property
+    def at(self) -> tuple[np.ndarray, ...]:
+        """The elements at risk as one index array per axis."""
+        return tuple(np.unravel_index(self.flat, self.shape))
+
+    @classmethod
+    def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
+        """Measure ``w`` a chunk at a time and keep its elements at risk."""
+        flat_w = w.reshape(-1)
+        low, high = _risk_thresholds(w.dtype, lim, smin, smax)
+        flats: list[np.ndarray] = []
+        mags: list[np.ndarray] = []
+        for start in range(0, flat_w.size, _RISK_CHUNK):
+            chunk = flat_w[start : start + _RISK_CHUNK]
+            x = np.abs(chunk.astype(low.dtype))  # exact: W's values fit this dtype
+            cand = np.flatnonzero(((x > 0) & (x < low)) | (x > high))
+            hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
+            over, _ = violations(hi, lo_n, lo_s, smax, lim)
+            _, under = violations(hi, lo_n, lo_s, smin, lim)
+            k = cand[over | under]
+            flats.append(k + start)
+            mags.append(np.abs(chunk[k].astype(np.float64)))
+        return cls(w.shape, np.concatenate(flats), np.concatenate(mags))
+
+    def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
+        """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
+        elements at risk (in ``flat`` order)."""
+        hi, lo_n, lo_s = cell_magnitudes(self.mag, (), lim)  # each element its own cell
+        over_k, under_k = violations(hi, lo_n, lo_s, np.abs(s), lim)
+        size = int(np.prod(self.shape, dtype=np.int64))
+        masks = []
+        for hit in (over_k, under_k):
+            mask = np.zeros(size, dtype=bool)
+            mask[self.flat[hit]] = True
+            masks.append(mask.reshape(self.shape))
+        return masks[0], masks[1]
+
+
+def _risk_thresholds(
+    dtype: np.dtype, lim: Limits, smin: float, smax: float
+) -> tuple[np.floating, np.floating]:
+    """``(low, high)``: an element can leave the range for some ``|s|`` in
+    ``[smin, smax]`` only if ``0 < |w| < low`` (made subnormal or 0 by ``smin < 1``) or
+    ``|w| > high`` (made inf by ``smax > 1``) — :func:`violations`' bounds solved for
+    ``|w|``, widened by one ulp of the compare dtype (float32 for weights of 4 bytes or
+    less, float64 else) so the quick filter never drops an element the exact check flags."""
+    kind = np.float32 if np.dtype(dtype).itemsize <= 4 else np.float64
+    with np.errstate(divide="ignore", over="ignore"):
+        low = lim.tiny * (1 + MARGIN) / smin if smin < 1 else 0.0
+        high = lim.max * (1 - MARGIN) / smax if smax > 1 else np.inf
+        low_t = np.nextafter(kind(low), kind(np.inf))
+        high_t = np.nextafter(kind(high), kind(0))
+    return low_t, high_t
+
+
 class _Check:
     """One round's check: the offending pairs, each with a reason."""
 
@@ -107,28 +180,71 @@ class _Check:
         self.sol = analysis.solution
         self.mags = mags  # per weight, in ``analysis.weights`` order
         self.insert = insert
-        self.cells: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self.cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
+        self.sparse: dict[int, list[tuple[list[Absorb], _AtRisk]]] = {}
 
     def __call__(self, values: np.ndarray) -> dict[int, str]:
         tau = self.sol.cofactors(values)
         bad: dict[int, str] = {}
         smin, smax = weight_bounds(self.analysis, tau)
         for j in np.flatnonzero(out_of_range(self.mags, smin, smax)):
-            self._weight(int(j), tau, values, bad)
+            self._weight(int(j), tau, values, bad, (float(smin[j]), float(smax[j])))
         if self.insert:
             for m in plan(self.analysis, tau).muls:
                 self._constant(m, tau, values, bad)
         return bad
 
-    def _weight(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> None:
+    def _weight(
+        self,
+        j: int,
+        tau: np.ndarray,
+        values: np.ndarray,
+        bad: dict[int, str],
+        bounds: tuple[float, float],
+    ) -> None:
         """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
-        weight is read once: its cells' magnitudes are kept for later rounds."""
+        weight is read once: its cells' magnitudes are kept for later rounds — for a
+        large weight whose every element is a cell, only the elements at risk within
+        ``bounds``, this round's ``smin ≤ |S| ≤ smax`` (:class:`_AtRisk`)."""
         weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
-        name = weight.name
         w = weight.source.array() if j not in self.shapes else None
         shape = self.shapes.setdefault(j, w.shape if w is not None else ())
+        if j in self.sparse:  # S at the elements at risk only, not the whole of S
+            checks = [
+                (group, *risk.violations(product_at(group[0].factors, tau, risk.at), lim))
+                for group, risk in self.sparse[j]
+            ]
+        else:
+            checks = self._cells(j, w, shape, tau, lim, bounds)
+            del w  # the cells are kept, the weight's pages need not be
+            release(weight.source)
+        for group, over, under in checks:
+            layout = np.broadcast_shapes(over.shape, under.shape)
+            for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
+                mask = np.broadcast_to(mask, layout)
+                if mask.any():
+                    why = f"cofactor would {kind} {lim.name} weight {weight.name!r}"
+                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
+                        bad.setdefault(int(p), why)
+
+    def _cells(
+        self,
+        j: int,
+        w: np.ndarray | None,
+        shape: tuple[int, ...],
+        tau: np.ndarray,
+        lim: Limits,
+        bounds: tuple[float, float],
+    ) -> list[tuple[list[Absorb], np.ndarray, np.ndarray]]:
+        """Each scale of weight ``j`` with its ``(over, under)`` cell masks, from its cells'
+        magnitudes (measured on the first call, ``w`` given).  A weight whose scales all
+        keep :class:`_AtRisk` cells and whose uses read it whole is checked through
+        :attr:`sparse` in later rounds."""
+        weight = self.analysis.weights[j]
+        checks: list[tuple[list[Absorb], np.ndarray, np.ndarray]] = []
+        risky: list[tuple[list[Absorb], _AtRisk]] = []
         for k, (group, s) in enumerate(scales_of(shape, weight.uses, weight.private, tau)):
             r = max(len(shape), s.ndim)
             sr = with_rank(s, r)
@@ -136,16 +252,21 @@ class _Check:
                 assert w is not None
                 wr = with_rank(w, r)
                 axes = tuple(ax for ax in range(r) if sr.shape[ax] == 1 and wr.shape[ax] > 1)
-                self.cells[j, k] = cell_magnitudes(wr, axes, lim)
-            hi, lo_n, lo_s = self.cells[j, k]
-            over, under = violations(hi, lo_n, lo_s, np.abs(sr), lim)
-            layout = np.broadcast_shapes(hi.shape, sr.shape)
-            for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
-                mask = np.broadcast_to(mask, layout)
-                if mask.any():
-                    why = f"cofactor would {kind} {lim.name} weight {name!r}"
-                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
-                        bad.setdefault(int(p), why)
+                if not axes and sr.shape == wr.shape and wr.size > _DENSE_CELLS:
+                    self.cells[j, k] = _AtRisk.of(wr, lim, *bounds)
+                else:
+                    self.cells[j, k] = cell_magnitudes(wr, axes, lim)
+            cells = self.cells[j, k]
+            if isinstance(cells, _AtRisk):
+                checks.append((group, *cells.violations(sr.reshape(-1)[cells.flat], lim)))
+                risky.append((group, cells))
+            else:
+                hi, lo_n, lo_s = cells
+                checks.append((group, *violations(hi, lo_n, lo_s, np.abs(sr), lim)))
+        simple = all(ab.index is None and not ab.expand for ab in weight.uses)
+        if simple and len(risky) == len(checks):
+            self.sparse[j] = risky
+        return checks
 
     def _blame_uses(
         self,

@@ -8,12 +8,21 @@ computes it.  A weight used by several nodes gets one ``S`` (the analysis tied i
 uses), except a uniform weight shared only by an exporter's accident, which gets a
 private copy for each use whose ``S`` differs.  Each weight is read and written once;
 this module owns how ``W · S`` is rounded into W's dtype.
+
+Inside :func:`streamed` the rewrite is streamed: each new initializer goes to a
+:class:`WeightSink` (the staged output data file) as soon as it is computed, the
+model keeps the tensor the sink returns, and each external source tensor's
+memory map is closed once read — memory holds one weight at a time, not the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -38,17 +47,49 @@ class RewriteStats:
         return len(self.changed)
 
 
-def write(ref: ConstRef, array: np.ndarray) -> None:
-    """Store ``array`` where ``ref`` lives, keeping its name and dtype."""
-    tensor = ir.tensor(array, name=ref.name)
+class WeightSink(Protocol):
+    """Where a streamed rewrite puts new weights (:class:`graphteleport.io.DataFile`)."""
+
+    def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
+        """Store ``array`` and return a tensor that reads it back."""
+        ...
+
+    def rewind(self) -> None:
+        """Forget everything stored (the rewrite starts over)."""
+        ...
+
+
+_SINK: contextvars.ContextVar[WeightSink | None] = contextvars.ContextVar(
+    "graphteleport_weight_sink", default=None
+)
+
+
+@contextlib.contextmanager
+def streamed(sink: WeightSink) -> Iterator[None]:
+    """Within the block, :func:`prepare` hands every new initializer to ``sink`` as it is
+    computed (Constant-node tensors stay in memory: they are small) and releases each
+    external source tensor's memory map after reading it.  A :func:`prepare` that runs
+    again (values refitted to the weights' ranges) rewinds the sink first."""
+    token = _SINK.set(sink)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
+def write(ref: ConstRef, array: np.ndarray | ir.TensorProtocol) -> None:
+    """Store ``array`` (or a tensor: a streamed weight) where ``ref`` lives, keeping its
+    name and dtype."""
+    tensor = ir.tensor(array, name=ref.name) if isinstance(array, np.ndarray) else array
+    shape = ir.Shape(list(tensor.shape.numpy()))
     node = ref.value
     if isinstance(node, ir.Node):
         node.attributes["value"] = ir.AttrTensor("value", tensor)
         if node.outputs[0].type is not None:
-            node.outputs[0].shape = ir.Shape(array.shape)
+            node.outputs[0].shape = shape
     else:
         node.const_value = tensor
-        node.shape = ir.Shape(array.shape)
+        node.shape = shape
 
 
 def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarray:
@@ -97,20 +138,17 @@ def _product(
         changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
         return new, changed, scan.result(w)
     native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
-    if native:
-        s = s.astype(w.dtype)
-    elif float32_scale:  # exact products in float64, rounded once into W's dtype
-        s = s.astype(np.float32).astype(np.float64)
     sb = np.broadcast_to(s, w.shape)
     out = np.empty(w.shape, dtype=w.dtype)
     rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
     changed = 0
-    for i in range(0, w.shape[0], rows):
-        wc, oc = w[i : i + rows], out[i : i + rows]
+    for i in range(0, w.shape[0], rows):  # S rounded a block at a time, while in cache
+        wc, oc, sc = w[i : i + rows], out[i : i + rows], sb[i : i + rows]
         if native:
-            np.multiply(wc, sb[i : i + rows], out=oc)
-        else:
-            oc[...] = np.multiply(wc, sb[i : i + rows], dtype=np.float64)
+            np.multiply(wc, sc.astype(w.dtype), out=oc)
+        else:  # exact products in float64 (of S rounded to float32), rounded once into W's
+            sc = sc.astype(np.float32).astype(np.float64) if float32_scale else sc
+            oc[...] = np.multiply(wc, sc, dtype=np.float64)
         scan.add(wc)
         changed += int(np.count_nonzero(oc != wc))
     return out, changed, scan.result(w)
@@ -139,7 +177,7 @@ class _Pending:
     and the private copies other uses of it get."""
 
     ref: ConstRef
-    new: np.ndarray | None
+    new: np.ndarray | ir.ExternalTensor | None
     changed: int = 0
     grown: int = 0  # elements a broadcast expansion added
     copies: list[tuple[Absorb, np.ndarray]] = field(default_factory=list)
@@ -163,15 +201,39 @@ def prepare(analysis: AnalysisResult, tau: np.ndarray) -> Prepared:
     smin, smax = weight_bounds(analysis, tau)
     pending: list[_Pending] = []
     mags: list[Magnitudes] = []
+    sink = _SINK.get()
+    if sink is not None:
+        sink.rewind()
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for j, weight in enumerate(analysis.weights):
             w = weight.source.array()
             scales = scales_of(w.shape, weight.uses, weight.private, tau)
             p, m = _pend(w, weight.uses, scales, fits_float32(smin[j], smax[j]))
+            del w, scales
+            if sink is not None:
+                _stream(p, sink)
             pending.append(p)
             mags.append(m)
     flagged = out_of_range(mags, smin, smax)
     return Prepared(pending, mags, np.flatnonzero(flagged).tolist())
+
+
+def _stream(p: _Pending, sink: WeightSink) -> None:
+    """Hand ``p``'s new initializer to ``sink`` (keeping the tensor it returns) and close
+    the source tensor's memory map (kept if a view of it is still alive)."""
+    if isinstance(p.new, np.ndarray) and not p.ref.is_node:
+        p.new = sink.put(p.ref.name, p.new)
+    release(p.ref)
+
+
+def release(ref: ConstRef) -> None:
+    """Close the memory map of the external tensor ``ref`` reads, if any (its pages then
+    leave this process's resident set; a later read maps it again).  Kept while a view
+    of it is alive."""
+    source = None if ref.is_node else ref.stored.const_value
+    if isinstance(source, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):
+            source.release()
 
 
 def weight_bounds(analysis: AnalysisResult, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

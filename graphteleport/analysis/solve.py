@@ -132,27 +132,35 @@ class _Solver:
         return flags
 
     def run(self) -> tuple[IntArray, IntArray]:
-        """The root of every doubled node and the flags of every root."""
+        """The root of every doubled node and the flags of every root.
+
+        Each round reduces every monomial under the round's roots and pins, then adds
+        the ties and pins found, all at once: one ``mirror`` table, one concatenation
+        and one pin look-up per round, so a round costs O(n + Σ|monomial|), not
+        O(n · monomials) — the analysis stays linear in the depth of a transformer,
+        whose every layer brings monomials (Q·Kᵀ, attention·V, SwiGLU's products)."""
         roots = self.roots()
         for _ in range(MAX_ROUNDS):
             flags = self.root_flags(roots)
             if not self.c.monomials:
                 return roots, flags
             pinned = (flags & PIN > 0) | ((flags & POSITIVE > 0) & (flags & SIGN > 0))
-            changed = False
+            found = _Found(roots, self.n)
             for mono in self.c.monomials:
-                changed |= self._resolve(mono, roots, pinned)
-            if not changed:
+                self._resolve(mono, found, pinned)
+            if not found.changed:
                 return roots, flags
+            self.a = np.concatenate([self.a, *found.a])
+            self.b = np.concatenate([self.b, *found.b])
+            if found.pins:
+                self._pin_terms(np.concatenate(found.pins), roots)
             roots = self.roots()
         return roots, self.root_flags(roots)
 
-    def _resolve(self, mono: list[Factor], roots: IntArray, pinned: IntArray) -> bool:
-        """Reduce one monomial under the current pins; True if it added a constraint."""
-        n = self.n
+    def _resolve(self, mono: list[Factor], found: _Found, pinned: IntArray) -> None:
+        """Reduce one monomial under the current pins; what it adds goes to ``found``."""
+        n, roots, mirror = self.n, found.roots, found.mirror
         terms = np.stack([roots[f.ids.ravel() + (0 if f.exp > 0 else n)] for f in mono])
-        mirror = np.empty(2 * n, dtype=np.int64)
-        mirror[roots] = roots[(np.arange(2 * n) + n) % (2 * n)]
         alive = ~pinned[terms]
         for j in range(len(mono)):
             for k in range(j + 1, len(mono)):
@@ -160,24 +168,24 @@ class _Solver:
                 alive[j] &= ~cancel
                 alive[k] &= ~cancel
         if not alive.any():
-            return False
+            return
+        found.changed = True
         order = np.argsort(~alive, axis=0, kind="stable")
         ranked = np.take_along_axis(terms, order, axis=0)
         count = alive.sum(axis=0)
         two = count >= 2
         # τ(r1)·τ(r2) = 1  ⇔  r1 ~ mirror(r2) in the doubled space.
-        self.a = np.concatenate([self.a, ranked[0][two]])
-        self.b = np.concatenate([self.b, mirror[ranked[1][two]]])
-        self._pin_terms(ranked[0][count == 1], roots)
+        found.a.append(ranked[0][two])
+        found.b.append(mirror[ranked[1][two]])
+        found.pins.append(ranked[0][count == 1])
         for j in range(2, len(mono)):
-            self._pin_terms(ranked[j][count > j], roots)
-        return True
+            found.pins.append(ranked[j][count > j])
 
     def _pin_terms(self, terms: IntArray, roots: IntArray) -> None:
         if terms.size:
-            members = np.flatnonzero(
-                np.isin(roots[: self.n], terms) | np.isin(roots[self.n :], terms)
-            )
+            hit = np.zeros(2 * self.n, dtype=bool)
+            hit[terms] = True
+            members = np.flatnonzero(hit[roots[: self.n]] | hit[roots[self.n :]])
             self.extra_flags.append(
                 (
                     members,
@@ -185,6 +193,20 @@ class _Solver:
                     "product of activations (Mul/Div/MatMul of two activations; use --mode insert)",
                 )
             )
+
+
+class _Found:
+    """What one round of :meth:`_Solver.run` adds: ties ``a[i] ~ b[i]`` and terms to pin,
+    found under the round's ``roots`` (and their ``mirror``: the root of 1/τ)."""
+
+    def __init__(self, roots: IntArray, n: int) -> None:
+        self.roots = roots
+        self.mirror = np.empty(2 * n, dtype=np.int64)
+        self.mirror[roots] = roots[(np.arange(2 * n) + n) % (2 * n)]
+        self.a: list[IntArray] = []
+        self.b: list[IntArray] = []
+        self.pins: list[IntArray] = []
+        self.changed = False
 
 
 def solve(c: Constraints, touched_ids: IntArray) -> Solution:
