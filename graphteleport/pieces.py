@@ -222,36 +222,31 @@ class PiecesResult:
     peak_block_bytes: int
 
 
-@dataclasses.dataclass
 class _TensorTotals:
     """The per-tensor check summed over blocks; the first failing block's failure."""
 
-    tensors: int = 0
-    elements: int = 0
-    max_rel: float = 0.0
-    groups: int = 0
-    failures: int = 0
-    failure: TensorFailure | None = None
+    def __init__(self) -> None:
+        self.total = TensorCheckResult(
+            passed=False, tensors=0, elements=0, max_rel_err=0.0, groups=0
+        )
+        self.failure: TensorFailure | None = None
 
     def add(self, r: TensorCheckResult, where: str) -> None:
-        self.tensors += r.tensors
-        self.elements += r.elements
-        self.max_rel = max(self.max_rel, r.max_rel_err)
-        self.groups += r.groups
-        self.failures += r.failures
+        t = self.total
+        t.tensors, t.elements, t.groups = (
+            t.tensors + r.tensors,
+            t.elements + r.elements,
+            t.groups + r.groups,
+        )
+        t.max_rel_err = max(t.max_rel_err, r.max_rel_err)
+        t.failures += r.failures
         if self.failure is None and r.failure is not None:
             self.failure = dataclasses.replace(r.failure, block=where)
 
     def result(self) -> TensorCheckResult:
-        return TensorCheckResult(
-            passed=self.failure is None and self.elements > 0,
-            tensors=self.tensors,
-            elements=self.elements,
-            max_rel_err=self.max_rel,
-            groups=self.groups,
-            failure=self.failure,
-            failures=self.failures,
-        )
+        self.total.failure = self.failure
+        self.total.passed = self.failure is None and self.total.elements > 0
+        return self.total
 
 
 # --------------------------------------------------------------------------- running
