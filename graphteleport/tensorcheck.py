@@ -482,19 +482,23 @@ def check_tensors(
     for k, group in enumerate(groups):
         cuts = (_cut(orig, plan, group), _cut(tele, plan, group))
         needed = list(dict.fromkeys([*cuts[0].boundary, *cuts[1].boundary]))
-        record = _named(open_model(_with_outputs(orig, [*needed, *group]), orig.folder))
-        recorded = record(feeds)
+        # one session at a time: each is released before the next is opened
+        recorded = _named(open_model(_with_outputs(orig, [*needed, *group]), orig.folder))(feeds)
         recorded.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
-        runs = (
-            _named(open_model(_cut_proto(orig, cuts[0], group, recorded), orig.folder)),
-            _named(open_model(_cut_proto(tele, cuts[1], group, recorded), tele.folder)),
-        )
-        for label, arrays in (
-            ("recorded", recorded),
-            ("mirrored", _mirrored(recorded, scales.tracked, seed + 7919 * (k + 1))),
-        ):
-            job = _Job(plan, group, arrays, scales, floors, rtol, label)
-            _check_group(cuts, runs, job, acc)
+        jobs = [
+            _Job(plan, group, arrays, scales, floors, rtol, label)
+            for label, arrays in (
+                ("recorded", recorded),
+                ("mirrored", _mirrored(recorded, scales.tracked, seed + 7919 * (k + 1))),
+            )
+        ]
+        run = _named(open_model(_cut_proto(orig, cuts[0], group, recorded), orig.folder))
+        refs = [run(_group_feeds(job, cuts[0], False)) for job in jobs]
+        run = _named(open_model(_cut_proto(tele, cuts[1], group, recorded), tele.folder))
+        gots = [run(_group_feeds(job, cuts[1], True)) for job in jobs]
+        del run
+        for job, ref, got in zip(jobs, refs, gots, strict=True):
+            _check_group(ref, got, job, acc)
     return acc.result(len(plan.cut), len(groups))
 
 
@@ -589,22 +593,25 @@ class _Job:
     label: str
 
 
-def _check_group(
-    cuts: tuple[_Cut, _Cut], runs: tuple[NamedRun, NamedRun], job: _Job, acc: _Accumulator
-) -> None:
-    """Run both cut models of one group: the original on the tensors, the teleported on
-    ``s ⊙`` them; compare each value of the group with ``s ⊙`` the original's."""
+def _group_feeds(job: _Job, cut: _Cut, scaled: bool) -> dict[str, np.ndarray]:
+    """A cut model's inputs: the job's tensors (graph inputs and boundary), ``s ⊙`` them
+    for the teleported model (*scaled*)."""
     arrays, scales, inside = job.arrays, job.scales, set(job.group)
-    base = {n: arrays[n] for n in job.plan.graph_inputs if n in arrays}
+    names = [n for n in job.plan.graph_inputs if n in arrays] + list(cut.boundary)
+    return {
+        _fed_name(n, inside): scales.apply(n, arrays[n]).astype(arrays[n].dtype)
+        if scaled
+        else arrays[n]
+        for n in names
+    }
 
-    def feeds(cut: _Cut, scaled: bool) -> dict[str, np.ndarray]:
-        out = {n: scales.apply(n, a).astype(a.dtype) if scaled else a for n, a in base.items()}
-        for n in cut.boundary:
-            a = arrays[n]
-            out[_fed_name(n, inside)] = scales.apply(n, a).astype(a.dtype) if scaled else a
-        return out
 
-    ref, got = runs[0](feeds(cuts[0], False)), runs[1](feeds(cuts[1], True))
+def _check_group(
+    ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], job: _Job, acc: _Accumulator
+) -> None:
+    """Compare each value of the group the teleported cut model gave (*got*, run on
+    ``s ⊙`` the tensors) with ``s ⊙`` the original's (*ref*)."""
+    arrays, scales = job.arrays, job.scales
     index = {n: i for i, n in enumerate(job.plan.cut)}
     mags: dict[str, float] = {}  # max|s ⊙ x| of each fed tensor, once per pass
 
