@@ -30,7 +30,9 @@ node, with its mirrored pass.
 
 Each block is a small ONNX model built in memory whose initializers stay references into
 the external data files (onnxruntime reads only that block's weights); its session is
-released before the next is opened.
+released before the next is opened.  Measured (8-layer hidden-2048 float16 LLaMA shape,
+1.08 GB of weights, 8 draws, per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks
+of at most 256 MiB), 3.58 GB whole.
 """
 
 from __future__ import annotations
