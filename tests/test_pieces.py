@@ -211,3 +211,19 @@ def test_float16_tolerance_passes_correct_and_fails_dropped_cofactor(
     bad = tmp_path / "bad.onnx"
     case.with_dropped_cofactor(bad)
     assert not case.check(bad, by, block_bytes=16384).passed
+
+
+def test_pieces_fail_when_a_value_is_missing(resnet_case: Case, tmp_path: Path) -> None:
+    """A block output the teleported model does not compute (renamed) is a failed
+    verification that names it, not a crash."""
+    graph = LoadedModel.load(resnet_case.src).proto.graph
+    value = plan_blocks(graph, 4096)[1].outputs[0]
+    tele = onnx.load(resnet_case.out)
+    for node in tele.graph.node:
+        node.output[:] = [y + "_renamed" if y == value else y for y in node.output]
+        node.input[:] = [x + "_renamed" if x == value else x for x in node.input]
+    bad = tmp_path / "renamed.onnx"
+    onnx.save(tele, bad)
+    result = resnet_case.check(bad, "pieces")
+    assert not result.passed
+    assert any(f"computes no value '{value}'" in f for f in result.failures)
