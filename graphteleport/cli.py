@@ -101,7 +101,18 @@ def _verification(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the per-tensor check (every intermediate tensor = τ ⊙ the original's)",
     )
-    p.add_argument("--rtol", type=float, help="verification tolerance (default 1e-5; fp16 1e-2)")
+    p.add_argument(
+        "--rtol",
+        type=float,
+        help="verification tolerance (default 1e-5; fp16/bf16: from the dtype and depth)",
+    )
+    p.add_argument(
+        "--verify-by",
+        choices=("auto", "whole", "pieces"),
+        default="auto",
+        help="verify both whole models, or block by block (bounded memory); auto: whole "
+        "where its estimate fits in available memory (default)",
+    )
 
 
 def _model_in_out(p: argparse.ArgumentParser, verb: str, insert_help: str) -> None:
@@ -410,6 +421,11 @@ def _proof_scope(v: VerificationResult) -> str:
     """What the verification covered, e.g. 'on 8 input draws; 16 tensors node by node'."""
     draws = v.inputs
     scope = f"on {draws} input draw{'s' if draws != 1 else ''}"
+    scope += (
+        f", block by block ({v.blocks} block{'s' if v.blocks != 1 else ''})"
+        if v.method == "pieces"
+        else ", whole models"
+    )
     t = v.tensors
     if t is None:
         return scope + "; outputs only (--outputs-only)"
@@ -513,6 +529,7 @@ def _verify_options(args: argparse.Namespace, **cofactor: Any) -> TeleportOption
         **cofactor,
         verify=not args.no_verify,
         rtol=args.rtol,
+        verify_by=args.verify_by,
         inputs=args.inputs,
         input_shapes=dict(args.input_shape),
         draws=args.draws,

@@ -68,7 +68,6 @@ from graphteleport.tensorcheck import TensorScales
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 PathArg = str | os.PathLike[str]
-_LOW_PRECISION = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 MAX_DRAWS = 1024
 
 
@@ -91,6 +90,7 @@ class TeleportOptions(CofactorOptions):
     inputs: str | None = None  # an .npz of feeds
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     draws: int = verify_mod.DEFAULT_DRAWS  # random input draws verification compares
+    verify_by: str = "auto"  # whole, pieces or auto (whole where it fits in memory)
     tensor_check: bool = True  # also the per-tensor (node-by-node) check
 
     def __post_init__(self) -> None:
@@ -103,6 +103,9 @@ class TeleportOptions(CofactorOptions):
                 "(for bit-identical outputs use --exact)"
             )
         check_input_shapes(self.input_shapes)
+        if self.verify_by not in verify_mod.VERIFY_BY:
+            choices = ", ".join(verify_mod.VERIFY_BY)
+            raise InputError(f"--verify-by must be one of {choices}, got {self.verify_by!r}")
         draws = self.draws
         if isinstance(draws, bool) or not isinstance(draws, int):
             raise InputError(f"--draws must be an integer, got {draws!r}")
@@ -170,8 +173,7 @@ def _seed(opts: TeleportOptions) -> int:
 def _rtol(model: ir.Model, opts: TeleportOptions) -> float:
     if opts.rtol is not None:
         return opts.rtol
-    low = any(v.dtype in _LOW_PRECISION for v in model.graph.outputs)
-    return 1e-2 if low else 1e-5
+    return verify_mod.default_rtol(model)  # from the dtype and the depth
 
 
 def inspect_file(
@@ -456,7 +458,7 @@ def _save_verified(
             with clock.phase("verify"):
                 result = verify_mod.verify_teleport(
                     src, staged.model_path, feeds, scales if opts.tensor_check else None,
-                    rtol=_rtol(model, opts), seed=_seed(opts),
+                    rtol=_rtol(model, opts), seed=_seed(opts), by=opts.verify_by,
                 )  # fmt: skip
             report.verification = result
             if not result.passed:

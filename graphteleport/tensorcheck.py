@@ -53,8 +53,12 @@ __all__ = [
     "TensorFailure",
     "TensorScales",
     "check_tensors",
+    "compare_tensor",
+    "constant_names",
     "nonfinite_mismatch",
+    "reads",
     "saturation_floors",
+    "sub_model",
     "tolerance_scale",
 ]
 
@@ -172,10 +176,12 @@ class TensorFailure:
     max_rel_err: float
     reason: str
     feeds: str  # "recorded" or "mirrored"
+    block: str = ""  # the block it was found in, when checked by pieces
 
     def describe(self) -> str:
+        where = f" in {self.block}" if self.block else ""
         return (
-            f"tensor '{self.tensor}' (output of {self.op_type} node '{self.node}', "
+            f"tensor '{self.tensor}' (output of {self.op_type} node '{self.node}'{where}, "
             f"{self.feeds} inputs): {self.reason}"
         )
 
@@ -251,7 +257,7 @@ def _copy_without_weights(proto: onnx.ModelProto, out: onnx.ModelProto) -> None:
         proto.graph.initializer.extend(weights)
 
 
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
+def constant_names(graph: onnx.GraphProto) -> set[str]:
     """Values computed from stored tensors alone (weights and what is derived from them)."""
     real_inputs = {v.name for v in graph.input}
     const = {t.name for t in graph.initializer if t.name not in real_inputs}
@@ -280,7 +286,7 @@ class _Plan:
 
 
 def _plan(original: onnx.GraphProto, teleported: onnx.GraphProto) -> _Plan:
-    const = _constant_names(original)
+    const = constant_names(original)
     produced_t = {y for n in teleported.node for y in n.output if y}
     init = {t.name for t in original.initializer}
     graph_inputs = [v.name for v in original.input if v.name not in init]
@@ -332,7 +338,7 @@ def _cut(model: LoadedModel, plan: _Plan, group: Sequence[str]) -> _Cut:
         if k in keep:
             continue
         keep.add(k)
-        for x in _reads(graph.node[k]):
+        for x in reads(graph.node[k]):
             if x in cut:
                 boundary.setdefault(x, None)
             elif x not in stored and x in producer:
@@ -345,21 +351,43 @@ def _cut_proto(
 ) -> onnx.ModelProto:
     """The model reduced to ``cut.keep``, reading ``cut.boundary`` as graph inputs (typed
     after *fed*) and giving *group* as its outputs."""
+    return sub_model(model, cut.keep, {n: fed[n] for n in cut.boundary}, group, rename=group)
+
+
+def sub_model(
+    model: LoadedModel,
+    keep: Sequence[int],
+    fed: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    *,
+    rename: Sequence[str] = (),
+    shaped: bool = True,
+    own_inputs: bool = False,
+) -> onnx.ModelProto:
+    """The model's nodes ``keep`` (indices, in order) as a model of their own: the values
+    in *fed* are graph inputs (typed after the arrays, shaped too when *shaped*), the
+    initializers the nodes read come along (external ones stay references into
+    ``model.folder``: nothing is loaded), *outputs* are its outputs (types left to
+    onnxruntime).  Reads of a name in *rename* read ``name + "__gt_cut"`` instead (a
+    value that is both fed and computed).  With *own_inputs* the fed values are its only
+    graph inputs (else the model's own inputs stay too)."""
     graph = model.proto.graph
-    inside = set(group)
+    inside = set(rename)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.skeleton)
+    if own_inputs:
+        del proto.graph.input[:]
     read: set[str] = set()
-    for k in cut.keep:
+    for k in keep:
         node = proto.graph.node.add()
         node.CopyFrom(graph.node[k])
-        read.update(_reads(node))
+        read.update(reads(node))
         for j, x in enumerate(node.input):
             if x in inside:
                 node.input[j] = x + _CUT_SUFFIX
     proto.graph.initializer.extend(t for n, t in model.initializers.items() if n in read)
-    proto.graph.input.extend(_value_info(_fed_name(n, inside), fed[n]) for n in cut.boundary)
-    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in group)
+    proto.graph.input.extend(_value_info(_fed_name(n, inside), a, shaped) for n, a in fed.items())
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
     return proto
 
 
@@ -367,7 +395,7 @@ def _fed_name(name: str, inside: set[str]) -> str:
     return name + _CUT_SUFFIX if name in inside else name
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
+def reads(node: onnx.NodeProto) -> list[str]:
     """Every name *node* reads: its inputs and the outer values its subgraphs use."""
     names = [x for x in node.input if x]
     for attr in node.attribute:
@@ -375,13 +403,13 @@ def _reads(node: onnx.NodeProto) -> list[str]:
             local = {t.name for t in g.initializer} | {v.name for v in g.input}
             local |= {y for n in g.node for y in n.output}
             for n in g.node:
-                names.extend(x for x in _reads(n) if x not in local)
+                names.extend(x for x in reads(n) if x not in local)
     return names
 
 
-def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+def _value_info(name: str, array: np.ndarray, shaped: bool = True) -> onnx.ValueInfoProto:
     elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-    return onnx.helper.make_tensor_value_info(name, elem, list(array.shape))
+    return onnx.helper.make_tensor_value_info(name, elem, list(array.shape) if shaped else None)
 
 
 # --------------------------------------------------------------------------- running
@@ -427,7 +455,7 @@ def _mirrored(
 
 def check_tensors(
     original: str | os.PathLike[str] | LoadedModel,
-    teleported: str | os.PathLike[str],
+    teleported: str | os.PathLike[str] | LoadedModel,
     feeds: Mapping[str, np.ndarray],
     scales: TensorScales,
     open_model: Opener,
@@ -441,10 +469,12 @@ def check_tensors(
     *open_model* is ``open_model(proto, folder) -> run`` with ``run(feeds) -> list of
     arrays`` in the proto's output order (onnxruntime, optimisations off:
     :func:`graphteleport.verify.open_proto`).  The original's tensors are recorded on
-    *feeds*; *scales* is the analysis' promise.
+    *feeds*; *scales* is the analysis' promise.  Graph inputs are fed as they are to the
+    original and ``s ⊙`` them to the teleported model (``s = 1`` for a whole model's
+    inputs; a block of :mod:`graphteleport.pieces` reads scaled tensors as its inputs).
     """
     orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
-    tele = LoadedModel.load(teleported)
+    tele = teleported if isinstance(teleported, LoadedModel) else LoadedModel.load(teleported)
     plan = _plan(orig.proto.graph, tele.proto.graph)
     floors = saturation_floors(orig.proto.graph)
     acc = _Accumulator()
@@ -452,19 +482,23 @@ def check_tensors(
     for k, group in enumerate(groups):
         cuts = (_cut(orig, plan, group), _cut(tele, plan, group))
         needed = list(dict.fromkeys([*cuts[0].boundary, *cuts[1].boundary]))
-        record = _named(open_model(_with_outputs(orig, [*needed, *group]), orig.folder))
-        recorded = record(feeds)
+        # one session at a time: each is released before the next is opened
+        recorded = _named(open_model(_with_outputs(orig, [*needed, *group]), orig.folder))(feeds)
         recorded.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
-        runs = (
-            _named(open_model(_cut_proto(orig, cuts[0], group, recorded), orig.folder)),
-            _named(open_model(_cut_proto(tele, cuts[1], group, recorded), tele.folder)),
-        )
-        for label, arrays in (
-            ("recorded", recorded),
-            ("mirrored", _mirrored(recorded, scales.tracked, seed + 7919 * (k + 1))),
-        ):
-            job = _Job(plan, group, arrays, scales, floors, rtol, label)
-            _check_group(cuts, runs, job, acc)
+        jobs = [
+            _Job(plan, group, arrays, scales, floors, rtol, label)
+            for label, arrays in (
+                ("recorded", recorded),
+                ("mirrored", _mirrored(recorded, scales.tracked, seed + 7919 * (k + 1))),
+            )
+        ]
+        run = _named(open_model(_cut_proto(orig, cuts[0], group, recorded), orig.folder))
+        refs = [run(_group_feeds(job, cuts[0], False)) for job in jobs]
+        run = _named(open_model(_cut_proto(tele, cuts[1], group, recorded), tele.folder))
+        gots = [run(_group_feeds(job, cuts[1], True)) for job in jobs]
+        del run
+        for job, ref, got in zip(jobs, refs, gots, strict=True):
+            _check_group(ref, got, job, acc)
     return acc.result(len(plan.cut), len(groups))
 
 
@@ -559,22 +593,25 @@ class _Job:
     label: str
 
 
-def _check_group(
-    cuts: tuple[_Cut, _Cut], runs: tuple[NamedRun, NamedRun], job: _Job, acc: _Accumulator
-) -> None:
-    """Run both cut models of one group: the original on the tensors, the teleported on
-    ``s ⊙`` them; compare each value of the group with ``s ⊙`` the original's."""
+def _group_feeds(job: _Job, cut: _Cut, scaled: bool) -> dict[str, np.ndarray]:
+    """A cut model's inputs: the job's tensors (graph inputs and boundary), ``s ⊙`` them
+    for the teleported model (*scaled*)."""
     arrays, scales, inside = job.arrays, job.scales, set(job.group)
-    base = {n: arrays[n] for n in job.plan.graph_inputs if n in arrays}
+    names = [n for n in job.plan.graph_inputs if n in arrays] + list(cut.boundary)
+    return {
+        _fed_name(n, inside): scales.apply(n, arrays[n]).astype(arrays[n].dtype)
+        if scaled
+        else arrays[n]
+        for n in names
+    }
 
-    def feeds(cut: _Cut, scaled: bool) -> dict[str, np.ndarray]:
-        out = dict(base)
-        for n in cut.boundary:
-            a = arrays[n]
-            out[_fed_name(n, inside)] = scales.apply(n, a).astype(a.dtype) if scaled else a
-        return out
 
-    ref, got = runs[0](feeds(cuts[0], False)), runs[1](feeds(cuts[1], True))
+def _check_group(
+    ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], job: _Job, acc: _Accumulator
+) -> None:
+    """Compare each value of the group the teleported cut model gave (*got*, run on
+    ``s ⊙`` the tensors) with ``s ⊙`` the original's (*ref*)."""
+    arrays, scales = job.arrays, job.scales
     index = {n: i for i, n in enumerate(job.plan.cut)}
     mags: dict[str, float] = {}  # max|s ⊙ x| of each fed tensor, once per pass
 
@@ -590,6 +627,24 @@ def _check_group(
             job.rtol, job.floors.get(name, 0.0), in_mag, job.label,
         )  # fmt: skip
         acc.add(index[name], failure, elements, rel)
+
+
+def compare_tensor(
+    name: str,
+    node: onnx.NodeProto,
+    expected: np.ndarray,
+    got: np.ndarray,
+    rtol: float,
+    *,
+    floor: float = 0.0,
+    in_mag: float = 0.0,
+    label: str = "recorded",
+) -> tuple[TensorFailure | None, int, float]:
+    """Compare *got* with *expected* (``s ⊙`` the reference) for the value *name* that
+    *node* computes: the rule of the node-local check (``max|a - b| <= rtol · scale``,
+    scale from :func:`tolerance_scale`; NaN/inf must agree).  Returns (the failure or
+    None, finite elements compared, relative error)."""
+    return _compare_tensor(name, node, expected, got, rtol, floor, in_mag, label)
 
 
 def _compare_tensor(
