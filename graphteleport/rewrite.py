@@ -80,8 +80,11 @@ def streamed(sink: WeightSink) -> Iterator[None]:
 def write(ref: ConstRef, array: np.ndarray | ir.TensorProtocol) -> None:
     """Store ``array`` (or a tensor: a streamed weight) where ``ref`` lives, keeping its
     name and dtype."""
-    tensor = ir.tensor(array, name=ref.name) if isinstance(array, np.ndarray) else array
-    shape = ir.Shape(list(tensor.shape.numpy()))
+    if isinstance(array, np.ndarray | np.generic):  # a 0-d product may come back a scalar
+        tensor: ir.TensorProtocol = ir.tensor(np.asarray(array), name=ref.name)
+    else:
+        tensor = array
+    shape = ir.Shape([int(d) for d in tensor.shape])
     node = ref.value
     if isinstance(node, ir.Node):
         node.attributes["value"] = ir.AttrTensor("value", tensor)

@@ -74,6 +74,19 @@ def test_streamed_output_verifies_and_equals_the_in_memory_rewrite(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_insert_mode_streams_and_verifies(tmp_path: Path, dtype: str) -> None:
+    """Insert mode through the streamed rewrite: scalar constants come back from the
+    product as numpy scalars, and the inserted Muls' constants join the data file (both
+    crashed the streamed save once)."""
+    src = _model(tmp_path / "in", dtype)
+    options = TeleportOptions(seed=1, mode="insert")
+    report = teleport_file(src, tmp_path / "t.onnx", options)
+    assert report.verification is not None and report.verification.passed
+    assert report.stats.weights_changed > 0 and report.inserted.nodes_added > 0
+    assert (tmp_path / "t.onnx.data").stat().st_size > 0
+
+
 # A child that runs the CLI and signals itself right after ``TARGET`` returns (a phase
 # reached): deterministic, unlike a timer.  argv: TARGET SIGNAL CLI-ARGS...
 _CHILD = textwrap.dedent(
