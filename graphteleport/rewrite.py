@@ -84,7 +84,7 @@ def write(ref: ConstRef, array: np.ndarray | ir.TensorProtocol) -> None:
         tensor: ir.TensorProtocol = ir.tensor(np.asarray(array), name=ref.name)
     else:
         tensor = array
-    shape = ir.Shape([int(d) for d in tensor.shape])
+    shape = ir.Shape(tuple(tensor.shape))  # an ir.Shape, or a tuple (a streamed weight)
     node = ref.value
     if isinstance(node, ir.Node):
         node.attributes["value"] = ir.AttrTensor("value", tensor)
