@@ -84,7 +84,7 @@ def write(ref: ConstRef, array: np.ndarray | ir.TensorProtocol) -> None:
         tensor: ir.TensorProtocol = ir.tensor(np.asarray(array), name=ref.name)
     else:
         tensor = array
-    shape = ir.Shape(tuple(tensor.shape))  # an ir.Shape, or a tuple (a streamed weight)
+    shape = ir.Shape(list(tensor.shape.numpy()))
     node = ref.value
     if isinstance(node, ir.Node):
         node.attributes["value"] = ir.AttrTensor("value", tensor)
