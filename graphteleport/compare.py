@@ -15,9 +15,11 @@ weight (:mod:`graphteleport.algebra`), ``S = Π_f τ[f.ids]^f.exp`` with ``τ_n 
 linear in ``u``.  Per use the element ratios ``r = B/A`` (where A and B are non-zero) are
 summed per cell of the use's compact layout (the elements one ``S`` value covers), and
 ``u`` of the free pairs is the least-squares fit of ``log|r|``: conjugate gradients on the
-normal equations ``MᵀNM u = MᵀN ȳ`` (N: elements per cell, Jacobi-preconditioned),
-matrix-free through the orbit map (:class:`graphteleport.orbit.OrbitTerms`: ``M·u`` is
-``log_scale``, ``Mᵀv`` is ``pair_sums``), then reweighted toward least absolute deviations
+normal equations ``MᵀNM u = MᵀN ȳ`` (N: elements per cell), matrix-free: ``MᵀNM`` is
+the Hessian of the orbit objective with ``Q = N`` at ``u = 0``, so its products are
+:class:`graphteleport.orbit_kernel.OrbitKernel`'s (two gemv per conv/Gemm weight) and
+its preconditioner the kernel's two-level one (Jacobi plus one coarse unknown per layer
+or residual stream; :func:`normal_system`), then reweighted toward least absolute deviations
 so that a fine-tuned weight does not drag its neighbours' classes.  Signs come first: a
 pair that may be negative (groups any and sign) takes the sign its weights' ratios vote
 for, cell by cell, once every other pair of the cell is known (peeling from the pinned
@@ -33,11 +35,12 @@ layer that created them) whose elements do not fit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +53,7 @@ from graphteleport.errors import InputError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import check_paths, load_model, write_file_atomic
 from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
+from graphteleport.orbit_kernel import OrbitKernel, two_level
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -392,28 +396,58 @@ def _vote(d: UseData, s: FloatArray, unknown: IntArray, votes: FloatArray) -> No
     votes += np.bincount(which[sel], weights=d.sign_sum[sel] * known[sel], minlength=votes.size)
 
 
+#: How :func:`_solve` forms the normal products: ``"kernel"`` (default) by
+#: :class:`~graphteleport.orbit_kernel.OrbitKernel` (gemv per conv/Gemm weight, two-level
+#: preconditioner), ``"rows"`` row by row through :class:`~graphteleport.orbit.OrbitTerms`
+#: with Jacobi (the reference: tests and ``bench/bench_compare.py`` check one against the other).
+PRODUCTS = ("kernel", "rows")
+
+
+def normal_system(
+    terms: OrbitTerms, w: FloatArray, products: str = "kernel"
+) -> tuple[Callable[[FloatArray], FloatArray], FloatArray, Callable[[FloatArray], FloatArray]]:
+    """The normal matrix ``AᵀWA`` of the orbit map ``A`` (``terms``, built at ``p = 1``)
+    with row weights ``w``, as its product ``v ↦ AᵀWA v``, its diagonal and a
+    preconditioner.  By the kernel: ``AᵀWA`` is the Hessian ``p² Aᵀ diag(y) A`` of the
+    orbit objective with ``Q = w`` at ``u = 0`` (there ``y = Q``), so
+    :meth:`~graphteleport.orbit_kernel.OrbitKernel.hessian_vector` (float64 ``Q``) is the
+    product and :func:`~graphteleport.orbit_kernel.two_level` (Jacobi plus one coarse
+    unknown per layer or residual stream) the preconditioner; by ``"rows"``:
+    ``Aᵀ(w ⊙ A v)`` and Jacobi.  The movable pairs with a zero diagonal are left to the
+    caller."""
+    diag = terms.pair_sums(w, squared=True)
+    active = terms.movable & (diag > 0)
+    if products == "rows":
+        inv = np.where(active, 1.0 / np.where(active, diag, 1.0), 0.0)
+        return (lambda v: terms.pair_sums(w * terms.log_scale(v))), diag, (lambda r: inv * r)
+    kernel = OrbitKernel.of(dataclasses.replace(terms, q=w), float32=False)
+    at = kernel.point(np.zeros(terms.num_pairs))
+    assert at is not None  # no bound
+    group = np.where(active, kernel.group, -1)
+    return (lambda v: kernel.hessian_vector(at, v)), diag, two_level(kernel, at, active, group)
+
+
 def _solve(
-    obs: Observations, w: FloatArray, *, rtol: float = 1e-12
+    obs: Observations, w: FloatArray, products: str, *, rtol: float = 1e-12
 ) -> tuple[FloatArray, IntArray, int]:
     """``u`` minimizing ``Σ w·(ȳ − A·u)²`` over the rows (``ȳ`` a row's mean ``log|r|``,
     ``A`` the orbit map, :class:`~graphteleport.orbit.OrbitTerms`) over its movable pairs,
-    by Jacobi-preconditioned conjugate gradients on ``AᵀWA u = AᵀW ȳ``; also the movable
-    pairs no fitted element reaches (left at 0) and the iterations."""
+    by preconditioned conjugate gradients on ``AᵀWA u = AᵀW ȳ`` (:func:`normal_system`);
+    also the movable pairs no fitted element reaches (left at 0) and the iterations."""
     terms = obs.terms
-    diag = terms.pair_sums(w, squared=True)
+    product, diag, precondition = normal_system(terms, w, products)
     active = terms.movable & (diag > 0)
     rhs = np.where(active, terms.pair_sums(w * obs.mean), 0.0)
-    inv = np.where(active, 1.0 / np.where(active, diag, 1.0), 0.0)
 
     def normal(u: FloatArray) -> FloatArray:
-        return np.where(active, terms.pair_sums(w * terms.log_scale(u)), 0.0)
+        return np.where(active, product(u), 0.0)
 
-    u, its = _cg(normal, rhs, inv, rtol, maxiter=10 * terms.num_pairs + 100)
+    u, its = _cg(normal, rhs, precondition, rtol, maxiter=10 * terms.num_pairs + 100)
     return np.where(active, u, 0.0), terms.movable & ~active, its
 
 
 def _robust_fit(
-    obs: Observations, delta: float, rounds: int = 6
+    obs: Observations, delta: float, products: str = "kernel", rounds: int = 6
 ) -> tuple[FloatArray, IntArray, int]:
     """The least-squares fit, then iteratively reweighted toward least absolute deviations:
     a row whose mean residual exceeds ``delta`` weighs ``n·delta/|residual|``.  For a
@@ -422,25 +456,29 @@ def _robust_fit(
     the weights and classes that changed.  Skipped when most elements misfit (a model
     fine-tuned throughout): then no minority of outliers is there to single out, and the
     verdict needs no more rounds."""
-    u, undetermined, its = _solve(obs, obs.n)
+    u, undetermined, its = _solve(obs, obs.n, products)
     total = float(obs.n.sum())
     for _ in range(rounds):
         res = np.abs(obs.mean - obs.terms.log_scale(u))
         off = float(obs.n[res > delta].sum())
         if off == 0 or off > total / 2:  # all fit, or most moved: nothing to localize
             break
-        u, undetermined, more = _solve(obs, obs.n * delta / np.maximum(res, delta))
+        u, undetermined, more = _solve(obs, obs.n * delta / np.maximum(res, delta), products)
         its += more
     return u, undetermined, its
 
 
 def _cg(
-    op: Any, rhs: FloatArray, inv: FloatArray, rtol: float, maxiter: int
+    op: Callable[[FloatArray], FloatArray],
+    rhs: FloatArray,
+    precondition: Callable[[FloatArray], FloatArray],
+    rtol: float,
+    maxiter: int,
 ) -> tuple[FloatArray, int]:
-    """Preconditioned conjugate gradients for ``op(u) = rhs`` (``inv``: the inverse diagonal)."""
+    """Preconditioned conjugate gradients for ``op(u) = rhs``."""
     u = np.zeros_like(rhs)
     r = rhs.copy()
-    z = inv * r
+    z = precondition(r)
     p = z.copy()
     rz = float(r @ z)
     stop = rtol * max(float(np.linalg.norm(rhs)), 1e-300)
@@ -454,7 +492,7 @@ def _cg(
         alpha = rz / pq
         u += alpha * p
         r -= alpha * q
-        z = inv * r
+        z = precondition(r)
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
         rz = rz_new
@@ -571,12 +609,16 @@ def compare_models(
     *,
     tolerance: float = TOLERANCE_FLOAT32,
     names: tuple[str, str] = ("A", "B"),
+    products: str = "kernel",
 ) -> Comparison:
     """Decide whether ``b`` is ``a`` teleported in absorb mode (module docstring).
 
     Raises :class:`InputError` when the graphs differ (one line naming where).
-    ``tolerance`` is the residual allowed in float32 (scaled by each weight's epsilon).
+    ``tolerance`` is the residual allowed in float32 (scaled by each weight's epsilon);
+    ``products`` how the fit's normal products are formed (:data:`PRODUCTS`).
     """
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     t0 = time.perf_counter()
     nodes = match_graphs(a, b)
     analysis = analyze_model(a, input_shapes, "absorb")
@@ -584,7 +626,7 @@ def compare_models(
     obs, dtypes, split = _collect(analysis, nodes)
     sol = analysis.solution
     signs = _signs(obs, sol)
-    u, undetermined, its = _robust_fit(obs, tolerance)
+    u, undetermined, its = _robust_fit(obs, tolerance, products)
     values = signs * np.exp(u)
     t2 = time.perf_counter()
     tol = {n: tolerance_for(dt, tolerance) for n, dt in dtypes.items()}

@@ -31,6 +31,7 @@ Every product is exact (only the order of summation differs from the row-wise
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -460,3 +461,33 @@ def coarse_groups(kernel: OrbitKernel, blocks: tuple[Block, ...]) -> IntArray:
     _, group = np.unique(np.where(keep, label, -1), return_inverse=True)
     group = group.reshape(-1) - (0 if keep.all() else 1)
     return np.where(keep, group, -1).astype(np.intp)
+
+
+def two_level(
+    kernel: OrbitKernel, at: KernelPoint, active: np.ndarray, group: IntArray
+) -> Callable[[FloatArray], FloatArray]:
+    """A preconditioner for ``H`` at ``at`` on the ``active`` pairs (the Newton-CG of
+    :func:`~graphteleport.passes.canonical.minimize`, the least-squares fit of
+    :mod:`graphteleport.compare`), two-level additive: ``M⁻¹ r = D⁻¹ r + R E⁺ Rᵀ r`` with
+    ``D = diag H`` on the active pairs and the coarse space ``R`` of ``group``
+    (:attr:`OrbitKernel.group` restricted to the active pairs: one value per layer or
+    residual stream, :meth:`OrbitKernel.coarse`; ``E⁺`` its pseudo-inverse).  The coarse
+    part carries what Jacobi cannot: a layer's channels moving together, whose curvature
+    the neighbouring layers' opposite moves cancel."""
+    diag = at.diagonal
+    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    members = np.flatnonzero(active & (group >= 0))
+    if not members.size:
+        return lambda r: inv * r
+    of = group[members]
+    ng = int(of.max()) + 1
+    values, vectors = np.linalg.eigh(kernel.coarse(at, group)[:ng, :ng])
+    keep = values > 1e-12 * max(float(values.max()), 0.0)
+    pinv = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
+
+    def apply(r: FloatArray) -> FloatArray:
+        out: FloatArray = inv * r
+        out[members] += (pinv @ np.bincount(of, weights=r[members], minlength=ng))[of]
+        return out
+
+    return apply

@@ -14,10 +14,11 @@ import onnx_ir as ir
 import pytest
 from conftest import FIXTURE_NAMES, ExportCache, Teleported, gemm_mlp, teleport
 
-from graphteleport.analysis import AnalysisResult
+from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.cli import main
-from graphteleport.compare import Comparison, compare_files, compare_models
+from graphteleport.compare import Comparison, compare_files, compare_models, normal_system
 from graphteleport.errors import InputError
+from graphteleport.orbit import OrbitTerms
 
 REL = 1e-4
 SEEDS = (0, 1, 2)
@@ -106,6 +107,49 @@ def test_model_is_same_as_itself(fixtures_dir: Path) -> None:
     c = compare_models(ir.from_proto(proto), ir.from_proto(proto))
     assert c.same and c.max_residual == 0.0
     np.testing.assert_array_equal(c.pair_values, 1.0)
+
+
+# -- the normal products -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_kernel_normal_products_equal_rows(fixtures_dir: Path, name: str) -> None:
+    """The orbit kernel's ``AᵀWA v`` (its Hessian at ``u = 0`` with ``Q = w``) is the
+    row-wise ``Aᵀ(w ⊙ A v)`` on random weights and vectors; its two-level preconditioner
+    is symmetric positive definite on the active pairs."""
+    analysis = analyze_model(ir.from_proto(onnx.load(fixtures_dir / f"{name}.onnx")), None)
+    terms = OrbitTerms.build(analysis, p=1.0)
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 2.0, terms.q.size) * (rng.random(terms.q.size) > 0.1)
+    kernel, diag, two_level = normal_system(terms, w, "kernel")
+    rows, diag_rows, jacobi = normal_system(terms, w, "rows")
+    np.testing.assert_array_equal(diag, diag_rows)
+    active = terms.movable & (diag > 0)
+    assert active.any()
+    for _ in range(3):
+        v = np.where(active, rng.standard_normal(terms.num_pairs), 0.0)
+        np.testing.assert_allclose(kernel(v)[active], rows(v)[active], rtol=1e-10, atol=1e-12)
+    r, s = (np.where(active, rng.standard_normal(terms.num_pairs), 0.0) for _ in range(2))
+    assert r @ two_level(s) == pytest.approx(s @ two_level(r), rel=1e-10)
+    assert r @ two_level(r) > r @ jacobi(r) > 0  # the coarse part adds, Jacobi stays
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mlp_small"])
+def test_products_give_the_same_comparison(fixtures_dir: Path, name: str) -> None:
+    """Kernel and row-wise products: the same verdicts, cofactors and misfits, for a
+    teleport and for an SGD step."""
+    proto = onnx.load(fixtures_dir / f"{name}.onnx")
+    t = teleport(proto, seed=3)
+    for b in (t.model, _sgd_step(proto)):
+        kernel, rows = (
+            compare_models(ir.from_proto(proto), b, products=k) for k in ("kernel", "rows")
+        )
+        assert kernel.same == rows.same == (b is t.model)
+        assert kernel.misfit_weights == rows.misfit_weights
+        assert [k.pair for k in kernel.misfit_classes] == [k.pair for k in rows.misfit_classes]
+        np.testing.assert_allclose(kernel.pair_values, rows.pair_values, rtol=1e-6)
+        if b is t.model:
+            _check_recovered(t, kernel)
+    with pytest.raises(ValueError, match="products"):
+        compare_models(ir.from_proto(proto), t.model, products="dense")
 
 
 # -- different -----------------------------------------------------------------------------------

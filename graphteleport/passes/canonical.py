@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -72,7 +72,7 @@ from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
 from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
-from graphteleport.orbit_kernel import KernelPoint, OrbitKernel
+from graphteleport.orbit_kernel import KernelPoint, OrbitKernel, two_level
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
@@ -163,9 +163,10 @@ def _newton_direction(
 ) -> tuple[FloatArray, int]:
     """``d ≈ −H⁻¹g`` on the active pairs (``g ≠ 0`` only there): conjugate gradients to a
     residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range),
-    preconditioned by :func:`_preconditioner`; and the number of steps taken."""
+    preconditioned by :func:`~graphteleport.orbit_kernel.two_level`; and the number of
+    steps taken."""
     active = g != 0
-    precondition = _preconditioner(kernel, at, active, group)
+    precondition = two_level(kernel, at, active, group)
     x = np.zeros_like(g)
     r = -g
     z = precondition(r)
@@ -188,33 +189,6 @@ def _newton_direction(
         p = z + (rz_new / rz) * p
         rz = rz_new
     return (x if x.any() else precondition(-g)), steps
-
-
-def _preconditioner(
-    kernel: OrbitKernel, at: KernelPoint, active: np.ndarray, group: IntArray
-) -> Callable[[FloatArray], FloatArray]:
-    """Two-level additive: ``M⁻¹ r = D⁻¹ r + R E⁺ Rᵀ r`` with ``D = diag H`` on the active
-    pairs and the coarse space ``R`` of :attr:`OrbitKernel.group` (one value per layer
-    or residual stream, :meth:`OrbitKernel.coarse`; ``E⁺`` its pseudo-inverse).  The
-    coarse part carries what Jacobi cannot: a layer's channels moving together, whose
-    curvature the neighbouring layers' opposite moves cancel."""
-    diag = at.diagonal
-    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
-    members = np.flatnonzero(active & (group >= 0))
-    if not members.size:
-        return lambda r: inv * r
-    of = group[members]
-    ng = int(of.max()) + 1
-    values, vectors = np.linalg.eigh(kernel.coarse(at, group)[:ng, :ng])
-    keep = values > 1e-12 * max(float(values.max()), 0.0)
-    pinv = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
-
-    def apply(r: FloatArray) -> FloatArray:
-        out: FloatArray = inv * r
-        out[members] += (pinv @ np.bincount(of, weights=r[members], minlength=ng))[of]
-        return out
-
-    return apply
 
 
 def _line_search(kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatArray) -> KernelPoint:
