@@ -20,10 +20,9 @@ pytestmark = pytest.mark.torch
 
 def test_canonical_form_distances(tmp_path: Path) -> None:
     """A teleport moves the weights; after canonicalizing both they agree to rounding."""
-    from experiments.common import registry_model, setup
+    from experiments.common import registry_model
     from models.export import export
 
-    setup()
     model, shape = registry_model("mlp")
     src = export(model, shape, tmp_path / "mlp.onnx")
     found = canonical_form.registry_distances("mlp", src, seeds=2)

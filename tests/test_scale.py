@@ -92,6 +92,8 @@ def test_insert_mode_streams_and_verifies(tmp_path: Path, dtype: str) -> None:
 _CHILD = textwrap.dedent(
     """
     import importlib, os, signal, sys
+    # a child started from a background job inherits SIGINT ignored: give it Python's handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     target, sig = sys.argv[1], getattr(signal, sys.argv[2])
     module, _, attr = target.partition(":")
     owner = importlib.import_module(module)
