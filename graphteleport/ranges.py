@@ -211,6 +211,8 @@ class _Check:
         lim = limits(self.mags[j].dtype)
         w = weight.source.array() if j not in self.shapes else None
         shape = self.shapes.setdefault(j, w.shape if w is not None else ())
+        if j in self.sparse and self._sparse(j, tau, values, bad):
+            return
         if j in self.sparse:  # S at the elements at risk only, not the whole of S
             checks = [
                 (group, *risk.violations(product_at(group[0].factors, tau, risk.at), lim))
@@ -268,6 +270,32 @@ class _Check:
             self.sparse[j] = risky
         return checks
 
+    def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> bool:
+        """Check weight ``j`` through its elements at risk only, blaming the pairs at the
+        offending elements without forming W-sized masks (:func:`_picks`): the same
+        pairs, with the same reasons, as the masks would give.  False (nothing done)
+        where some use's factors are not laid out like the elements at risk."""
+        weight = self.analysis.weights[j]
+        lim = limits(self.mags[j].dtype)
+        found: list[tuple[str, list[np.ndarray]]] = []
+        for group, risk in self.sparse[j]:
+            s = product_at(group[0].factors, tau, risk.at)
+            hi, lo_n, lo_s = cell_magnitudes(risk.mag, (), lim)
+            for hit, kind, sign in zip(
+                violations(hi, lo_n, lo_s, np.abs(s), lim), ("overflow", "underflow"), (1, -1)
+            ):
+                if hit.any():
+                    picks = [_picks(ab, risk, hit) for ab in group]
+                    tied = len(group) > 1 and any(tuple(ab.shape) != risk.shape for ab in group)
+                    if tied or any(p is None for p in picks):
+                        return False
+                    ids = [i for ab, p in zip(group, picks) if p for i in _ids(ab, p, sign, tau)]
+                    found.append((f"cofactor would {kind} {lim.name} weight {weight.name!r}", ids))
+        for why, ids in found:
+            for p in self._moved(ids, values):
+                bad.setdefault(int(p), why)
+        return True
+
     def _blame_uses(
         self,
         uses: list[Absorb],
@@ -313,6 +341,10 @@ class _Check:
                 continue
             cell = at[hit]
             ids.append(cell[sign * f.exp * np.log(np.abs(tau[cell])) > 0])
+        return self._moved(ids, values)
+
+    def _moved(self, ids: list[np.ndarray], values: np.ndarray) -> np.ndarray:
+        """The pairs of the neurons ``ids`` that have not been pinned yet, sorted."""
         if not ids:
             return np.zeros(0, np.int64)
         pairs = np.unique(self.sol.pair[np.concatenate(ids)])
@@ -333,3 +365,32 @@ class _Check:
                 why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
                 for p in self._blame(m.factors, mask, sign, tau, values):
                     bad.setdefault(int(p), why)
+
+
+def _picks(ab: Absorb, risk: _AtRisk, hit: np.ndarray) -> list[tuple[np.ndarray, ...]] | None:
+    """Per factor of ``ab``, the index of each offending element at risk (``hit``) into
+    the factor's ids (0 along its size-1 axes) — where broadcasting those ids to the
+    mask's layout would not grow it; else None (the mask path handles it)."""
+    at = tuple(i[hit] for i in risk.at)
+    rank = len(risk.shape)
+    out: list[tuple[np.ndarray, ...]] = []
+    for f in ab.factors:
+        ids = with_rank(f.ids, rank)
+        if ids.ndim != rank or any(
+            n not in (1, m) for n, m in zip(ids.shape, risk.shape, strict=True)
+        ):
+            return None
+        out.append(tuple(i if n > 1 else np.zeros_like(i) for i, n in zip(at, ids.shape)))
+    return out
+
+
+def _ids(
+    ab: Absorb, picks: list[tuple[np.ndarray, ...]], sign: int, tau: np.ndarray
+) -> list[np.ndarray]:
+    """The neurons of ``ab``'s factors at the picked elements whose ``e · log|τ|`` has
+    the offending ``sign`` (:meth:`_Check._blame`)."""
+    out: list[np.ndarray] = []
+    for f, pick in zip(ab.factors, picks, strict=True):
+        cell = with_rank(f.ids, len(pick))[pick]
+        out.append(cell[sign * f.exp * np.log(np.abs(tau[cell])) > 0])
+    return out

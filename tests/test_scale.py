@@ -212,3 +212,90 @@ def test_the_range_fit_of_large_weights_keeps_only_elements_at_risk_and_fits_the
     assert sparse_fixes == dense_fixes
     for name, value in dense.items():
         np.testing.assert_array_equal(sparse[name], value, err_msg=name)
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, log: list[str]) -> None:
+    """Record each call of ``cls.name`` in ``log`` (its first argument, if any)."""
+    real = getattr(cls, name)
+    monkeypatch.setattr(
+        cls, name, lambda f, *a: log.append(str(a[0]) if a else name) or real(f, *a)
+    )
+
+
+def test_a_float16_model_with_weights_near_zero_is_rewritten_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit runs before the products (:func:`graphteleport.rewrite.narrow`): every weight
+    is written to the output data file once and the sink never rewound for a second
+    rewrite, though the fit moves cofactors; no non-zero element becomes 0, inf or
+    subnormal (from normal)."""
+    src = _model(tmp_path / "in", "float16")
+    puts: list[str] = []
+    rewinds: list[str] = []
+    _counted(monkeypatch, gt_io.DataFile, "put", puts)
+    _counted(monkeypatch, gt_io.DataFile, "rewind", rewinds)
+    report = teleport_file(src, tmp_path / "out.onnx", TeleportOptions(seed=5, verify=False))
+    assert sum(r.cofactors for r in report.range_fixes) > 0  # the fit moved some
+    assert len(rewinds) == 1  # prepare's own, before its first weight
+    assert len(puts) == len(set(puts))  # no tensor written twice
+    assert set(report.stats.changed) <= set(puts)
+    tiny = np.finfo(np.float16).tiny
+    original, new = _initializers(src), _initializers(tmp_path / "out.onnx")
+    for name, w in original.items():
+        a, b = np.abs(w.astype(np.float64)), np.abs(new[name].astype(np.float64))
+        assert np.all(np.isfinite(b)), name
+        assert np.all((b > 0) == (a > 0)), name
+        assert np.all(b[a >= tiny] >= tiny), name
+
+
+def test_fitting_before_the_products_gives_what_fitting_after_them_gave(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit-identical weights and the same fixes whether a float16 model is fitted before
+    its products or, as float32 models are, after them (then computed again)."""
+    from graphteleport.passes import teleport
+
+    src = _model(tmp_path, "float16")
+
+    def run(mode: str) -> tuple[list[object], dict[str, np.ndarray]]:
+        model = load_model(src)
+        result = TeleportPass(seed=5, mode=mode, input_shapes={"ids": (1, SMALL.seq)})(model)
+        weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+        return list(result.range_fixes), weights  # type: ignore[misc]
+
+    for mode in ("absorb", "insert"):
+        before = run(mode)
+        with monkeypatch.context() as m:
+            m.setattr(teleport, "narrow", lambda analysis: False)
+            after = run(mode)
+        assert before[0] and before[0] == after[0], mode
+        assert before[1].keys() == after[1].keys()
+        for name, value in after[1].items():
+            np.testing.assert_array_equal(before[1][name], value, err_msg=f"{mode} {name}")
+
+
+def test_the_fit_after_the_products_still_catches_what_the_early_measure_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safety net: magnitudes measured before the products that disagree with the
+    products' own (here: every weight claimed all zero, so the early fit moves nothing)
+    send the values through the fit again, and the result is what fitting after the
+    products gives."""
+    from graphteleport.numerics import Magnitudes
+    from graphteleport.passes import teleport
+
+    src = _model(tmp_path, "float16")
+
+    def run() -> tuple[list[object], dict[str, np.ndarray]]:
+        model = load_model(src)
+        result = TeleportPass(seed=5, input_shapes={"ids": (1, SMALL.seq)})(model)
+        weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+        return list(result.range_fixes), weights  # type: ignore[misc]
+
+    reference = run()
+    zero = Magnitudes(0.0, np.inf, np.inf, np.dtype(np.float16))
+    monkeypatch.setattr(teleport, "measure", lambda analysis: [zero] * len(analysis.weights))
+    netted = run()
+    assert reference[0] and netted[0] == reference[0]
+    for name, value in reference[1].items():
+        np.testing.assert_array_equal(netted[1][name], value, err_msg=name)

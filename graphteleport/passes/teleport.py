@@ -32,7 +32,7 @@ from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.options import CofactorOptions, check_input_shapes
-from graphteleport.rewrite import RewriteStats, commit, prepare
+from graphteleport.rewrite import RewriteStats, commit, measure, narrow, prepare
 from graphteleport.tensorcheck import TensorScales
 
 if TYPE_CHECKING:
@@ -220,16 +220,36 @@ def apply_values(
     Every ``W · S`` is computed first (each weight read once, its magnitudes measured in
     the same pass); only when a weight's quick check failed, or in insert mode (its
     constants), are the values fitted — and, if any moved, the products recomputed.
+    A model with float16 weights (:func:`~graphteleport.rewrite.narrow`: its fit nearly
+    always moves values) is measured and fitted first instead, so its products are
+    computed once; the fit's last round checked the final values against the
+    magnitudes :func:`prepare` measures again, so they are fitted again only if those
+    differ (the safety net; never in practice).  The same magnitudes give the same fit:
+    the values, and so the outputs, are those of fitting after the products.
     """
     sol = analysis.solution
+    early = measure(analysis) if narrow(analysis) else None
+    fixes: list[ranges.RangeFix] = []
+    if early is not None:
+        fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact)
     tau = sol.cofactors(values)
     prepared = prepare(analysis, tau)
-    fixes: list[ranges.RangeFix] = []
-    if prepared.out_of_range or insert:
-        fixes = ranges.fit(analysis, values, prepared.magnitudes, insert=insert, exact=exact)
-    if fixes:
-        tau = sol.cofactors(values)
-        prepared = prepare(analysis, tau)
+    stale = early is not None and early != prepared.magnitudes  # (the safety net)
+    if stale or (early is None and (prepared.out_of_range or insert)):
+        more = ranges.fit(analysis, values, prepared.magnitudes, insert=insert, exact=exact)
+        if more:
+            fixes = _merged(fixes, more)
+            tau = sol.cofactors(values)
+            prepared = prepare(analysis, tau)
     stats = commit(model, prepared)
     inserted = insert_nodes(model, analysis, tau) if insert else InsertStats()
     return tau, stats, inserted, fixes
+
+
+def _merged(first: list[ranges.RangeFix], then: list[ranges.RangeFix]) -> list[ranges.RangeFix]:
+    """Two fits' fixes as one: each pair once, with its first reason and last value."""
+    out = {f.pair: f for f in first}
+    for f in then:
+        reason = out[f.pair].reason if f.pair in out else f.reason
+        out[f.pair] = ranges.RangeFix(f.pair, f.value, reason)
+    return [out[p] for p in sorted(out)]
