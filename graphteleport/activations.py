@@ -152,11 +152,6 @@ def _const(v: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else np.asarray(tensor.numpy())
 
 
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    a = node.attributes.get(name)
-    return default if a is None else int(a.value)
-
-
 def _weight_columns(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[int, np.ndarray] | None:
     """(channel axis of the activation input, ``max|W_j|`` per input channel j) of a
     consumer, or None when the node is not one (see the module docstring)."""
@@ -166,10 +161,11 @@ def _weight_columns(node: ir.Node, x_shape: tuple[int, ...]) -> tuple[int, np.nd
     a = np.abs(w.astype(np.float64))
     if node.op_type == "MatMul" and w.ndim >= 2:
         return -1, np.moveaxis(a, -2, -1).reshape(-1, a.shape[-2]).max(axis=0)
-    if node.op_type == "Gemm" and w.ndim == 2 and not _attr(node, "transA", 0):
-        return 1, a.max(axis=0 if _attr(node, "transB", 0) else 1)  # B: [N, K] or [K, N]
+    if node.op_type == "Gemm" and w.ndim == 2 and not node.attributes.get_int("transA", 0):
+        trans_b = node.attributes.get_int("transB", 0)
+        return 1, a.max(axis=0 if trans_b else 1)  # B: [N, K] or [K, N]
     if node.op_type == "Conv" and w.ndim >= 3 and len(x_shape) == w.ndim:
-        groups = _attr(node, "group", 1)
+        groups = node.attributes.get_int("group", 1)
         per = a.reshape(a.shape[0], a.shape[1], -1).max(axis=2)  # [O, C/G]
         per = per.reshape(groups, a.shape[0] // groups, a.shape[1]).max(axis=1)  # [G, C/G]
         return 1, per.reshape(-1)

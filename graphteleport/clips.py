@@ -69,7 +69,7 @@ def _bounds(
     """:func:`clip_bounds`, and the bounds' dtype (which is the input's; None for opset
     6's attributes)."""
     if opset < 11:
-        raw = [_attr_float(node, "min"), _attr_float(node, "max")]
+        raw = [node.attributes.get_float("min"), node.attributes.get_float("max")]
         return (_finite_or_none(raw[0]), _finite_or_none(raw[1])), None
     values: list[float | None] = []
     dtype = None
@@ -84,11 +84,6 @@ def _bounds(
         dtype = tensor.dtype
         values.append(_finite_or_none(float(tensor.numpy().reshape(-1)[0])))
     return (values[0], values[1]), dtype
-
-
-def _attr_float(node: ir.Node, name: str) -> float | None:
-    a = node.attributes.get(name)
-    return None if a is None else float(a.value)
 
 
 def _finite_or_none(x: float | None) -> float | None:
