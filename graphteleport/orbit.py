@@ -278,11 +278,15 @@ class OrbitTerms:
         analysis: AnalysisResult,
         p: float = 2.0,
         arrays: Mapping[str, np.ndarray] | None = None,
+        hold: np.ndarray | None = None,
     ) -> OrbitTerms:
         """The terms of ``analysis``'s model with ``Q = Σ |W|^p``; ``arrays`` gives the
-        stored tensors by name (default: read from the model, ``ConstRef.array()``)."""
+        stored tensors by name (default: read from the model, ``ConstRef.array()``);
+        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable)."""
         sol = analysis.solution
         movable = movable_pairs(analysis)
+        if hold is not None:
+            movable = movable & ~np.asarray(hold, dtype=bool)
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         uses = counted_uses(analysis)
         sizes = [int(np.prod(compact_shape(use))) for use in uses]

@@ -77,7 +77,7 @@ import onnx_ir as ir
 
 from graphteleport.activations import activation_ranges, smooth_cofactors
 from graphteleport.algebra import scale, with_rank
-from graphteleport.analysis import GROUPS, Absorb, AnalysisResult, Weight, analyze_model
+from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.errors import InputError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
@@ -134,12 +134,16 @@ def quantized_analysis(analysis: AnalysisResult) -> AnalysisResult:
 
 
 def balance_terms(
-    analysis: AnalysisResult, p: float, arrays: Mapping[str, np.ndarray] | None = None
+    analysis: AnalysisResult,
+    p: float,
+    arrays: Mapping[str, np.ndarray] | None = None,
+    hold: np.ndarray | None = None,
 ) -> OrbitTerms:
     """``B_p`` (module docstring) as orbit terms: ``Σ|W|^p`` of every counted use
     (:func:`graphteleport.orbit.counted_uses`), each use's rows divided by its element
-    count and, for a tensor no quantizer quantizes, times :data:`OTHER_WEIGHT`."""
-    terms = OrbitTerms.build(analysis, p=p, arrays=arrays)
+    count and, for a tensor no quantizer quantizes, times :data:`OTHER_WEIGHT`; the
+    pairs ``hold`` marks keep ``t = 1``."""
+    terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold)
     q = terms.q.copy()
     for (use, counts), (lo, hi) in zip(_counted(analysis), terms.spans, strict=True):
         size = max(int(np.prod(use.shape, dtype=np.int64)), 1)
@@ -184,21 +188,12 @@ def cle_values(
     """The pair values ``t = exp(u)`` minimising ``B_p`` (module docstring; 1 on pairs it
     does not move) and the balance's :class:`Minimum`.  ``arrays`` gives the stored
     tensors by name (default: read from the model).  Raises :class:`NotConverged`."""
-    stuck = one_sided_pairs(analysis, arrays)
-    terms = balance_terms(held(analysis, stuck) if stuck.any() else analysis, p, arrays)
+    terms = balance_terms(analysis, p, arrays, hold=one_sided_pairs(analysis, arrays))
     try:
         found = minimize(terms, tol=tol, max_iterations=max_iterations)
     except NotConverged as e:
         raise NotConverged(f"equalize (p={p:g}): {e}") from None
     return np.exp(found.u), found
-
-
-def held(analysis: AnalysisResult, pairs: np.ndarray) -> AnalysisResult:
-    """``analysis`` with ``pairs`` no longer columns of the orbit terms (their group read
-    as ``sign``, whose ``|t|`` is 1): what the balance is built from when they keep 1."""
-    sol = analysis.solution
-    code = np.where(pairs, GROUPS.index("sign"), sol.code)
-    return dataclasses.replace(analysis, solution=dataclasses.replace(sol, code=code))
 
 
 def one_sided_pairs(
