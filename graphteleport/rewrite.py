@@ -20,15 +20,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.algebra import scale_bounds, scales_of
-from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef
+from graphteleport.algebra import RowScale, row_scale, scale_bounds, scales_of
+from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef, Weight
 from graphteleport.numerics import (
     Magnitudes,
     MagnitudeScan,
@@ -137,23 +137,35 @@ def _product(
     w: np.ndarray, s: np.ndarray, float32_scale: bool
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """:func:`_apply`, the number of elements it changed, and W's :class:`Magnitudes`, in
-    one read of W: a block of rows (about ``_BLOCK`` elements) at a time, multiplied,
-    scanned and compared while it is in cache.  (A broadcast-expanded or non-contiguous
-    W takes :func:`_apply` and separate passes.)"""
+    one read of W (:func:`_product_rows`).  (A broadcast-expanded or non-contiguous W
+    takes :func:`_apply` and separate passes.)"""
     s = _shrink(s, w.shape)
-    scan = MagnitudeScan(w.dtype)
     if w.ndim == 0 or not w.flags.c_contiguous or np.broadcast_shapes(w.shape, s.shape) != w.shape:
+        scan = MagnitudeScan(w.dtype)
         new = _apply(w, s, float32_scale)
         scan.add(np.ascontiguousarray(w))
         changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
         return new, changed, scan.result(w)
-    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
     sb = np.broadcast_to(s, w.shape)
+    return _product_rows(w, lambda i, j: sb[i:j], float32_scale)
+
+
+def _product_rows(
+    w: np.ndarray, rows_of: Callable[[int, int], np.ndarray], float32_scale: bool
+) -> tuple[np.ndarray, int, Magnitudes]:
+    """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
+    :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
+    ``rows_of(i, j)`` (broadcastable to W's rows): a block of rows (about ``_BLOCK``
+    elements) at a time, S formed, rounded, multiplied, scanned and compared while in
+    cache — no W-sized ``S`` or float64 temporary."""
+    scan = MagnitudeScan(w.dtype)
+    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
     out = np.empty(w.shape, dtype=w.dtype)
     rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
     changed = 0
-    for i in range(0, w.shape[0], rows):  # S rounded a block at a time, while in cache
-        wc, oc, sc = w[i : i + rows], out[i : i + rows], sb[i : i + rows]
+    for i in range(0, w.shape[0], rows):
+        wc, oc = w[i : i + rows], out[i : i + rows]
+        sc = np.broadcast_to(rows_of(i, i + rows), wc.shape)
         if native:
             np.multiply(wc, sc.astype(w.dtype), out=oc)
         else:  # exact products in float64 (of S rounded to float32), rounded once into W's
@@ -216,16 +228,32 @@ def prepare(analysis: AnalysisResult, tau: np.ndarray) -> Prepared:
         sink.rewind()
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for j, weight in enumerate(analysis.weights):
-            w = weight.source.array()
-            scales = scales_of(w.shape, weight.uses, weight.private, tau)
-            p, m = _pend(w, weight.uses, scales, fits_float32(smin[j], smax[j]))
-            del w, scales
+            p, m = _compute(weight, tau, fits_float32(smin[j], smax[j]))
             if sink is not None:
                 _stream(p, sink)
             pending.append(p)
             mags.append(m)
     flagged = out_of_range(mags, smin, smax)
     return Prepared(pending, mags, np.flatnonzero(flagged).tolist())
+
+
+def _compute(weight: Weight, tau: np.ndarray, f32: bool) -> tuple[_Pending, Magnitudes]:
+    """One weight's new value and magnitudes: a plain weight's ``S`` formed a block of
+    rows at a time (:class:`~graphteleport.algebra.RowScale`), any other's whole
+    (:func:`~graphteleport.algebra.scales_of`, :func:`_pend`)."""
+    w = weight.source.array()
+    lazy = row_scale(w.shape, weight.uses, weight.private, tau)
+    if lazy is None or not w.flags.c_contiguous:
+        return _pend(w, weight.uses, scales_of(w.shape, weight.uses, weight.private, tau), f32)
+    return _pend_rows(w, weight.uses[0], lazy, f32)
+
+
+def _pend_rows(
+    w: np.ndarray, use: Absorb, lazy: RowScale, f32: bool
+) -> tuple[_Pending, Magnitudes]:
+    """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale`."""
+    new, changed, mags = _product_rows(w, lazy.rows, f32)
+    return _Pending(use.source, new if changed else None, changed), mags
 
 
 def narrow(analysis: AnalysisResult) -> bool:
