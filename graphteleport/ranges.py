@@ -117,11 +117,7 @@ class _AtRisk:
     shape: tuple[int, ...]
     flat: np.ndarray
     mag: np.ndarray  # |w| of each element at risk, float64
-
-    @property
-    def at(self) -> tuple[np.ndarray, ...]:
-        """The elements at risk as one index array per axis."""
-        return tuple(np.unravel_index(self.flat, self.shape))
+    at: tuple[np.ndarray, ...]  # the elements at risk as one index array per axis (every round)
 
     @classmethod
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
@@ -133,7 +129,8 @@ class _AtRisk:
         found = map_parts(_risk_range, parts)
         flats = [f for f, _ in found]
         mags = [m for _, m in found]
-        return cls(w.shape, np.concatenate(flats), np.concatenate(mags))
+        flat = np.concatenate(flats)
+        return cls(w.shape, flat, np.concatenate(mags), tuple(np.unravel_index(flat, w.shape)))
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
         """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
