@@ -917,10 +917,13 @@ class DataFile:
         return self._appended(name, dtype, data.shape, start, len(raw))
 
     def wait(self) -> None:
-        """Wait for the write in flight (raising its error, if any)."""
+        """Wait for the write in flight; its error, if any, as an :class:`InputError`."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        try:
+            if pending is not None:
+                pending.result()
+        except OSError as e:
+            raise InputError(f"cannot write {self.path.name}: {e.strerror or e}") from e
 
     def copy(self, tensor: ir.ExternalTensor) -> ir.ExternalTensor:
         """Append the bytes of ``tensor`` (another file's), copied by the kernel."""
@@ -1078,7 +1081,7 @@ def staged_stream(
     try:
         yield staged
     finally:
-        with contextlib.suppress(OSError):  # (finish() reports a failed write)
+        with contextlib.suppress(OSError, InputError):  # (finish() reports a failed write)
             staged.data.close()
         staged.discard()
         if not staged.committed:
