@@ -157,8 +157,9 @@ def _product_rows(
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
     ``rows_of(i, j)`` (broadcastable to W's rows).  A large W is cut into row ranges
-    worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy releases the GIL), each a block
-    of rows at a time (:func:`_rows_into`): no W-sized ``S`` or float64 temporary."""
+    worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy
+    releases the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized
+    ``S`` or float64 temporary."""
     out = np.empty(w.shape, dtype=w.dtype)
     parts = [(w, out, rows_of, float32_scale, i, j) for i, j in row_parts(w.shape[0], w.size)]
     done = map_parts(_rows_into, parts)
