@@ -26,7 +26,9 @@ _POOL: list[ThreadPoolExecutor] = []
 def workers() -> int:
     """Threads a large weight is cut over: the CPUs this process may use, at most
     :data:`MAX_WORKERS`."""
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere every CPU)
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, min(MAX_WORKERS, cpus))
 
 
 def row_parts(n_rows: int, size: int) -> list[tuple[int, int]]:
