@@ -71,7 +71,13 @@ from graphteleport.algebra import with_rank
 from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.errors import GraphTeleportError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
-from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
+from graphteleport.orbit import (
+    OrbitTerms,
+    compact_shape,
+    counted_uses,
+    stored_arrays,
+    used_values,
+)
 from graphteleport.orbit_kernel import KernelPoint, OrbitKernel, two_level
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
@@ -418,10 +424,12 @@ class CanonicalizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         analysis = analyze_model(model, self.input_shapes, opts.mode)
         t1 = time.perf_counter()
-        terms = OrbitTerms.build(analysis)
+        arrays = stored_arrays(analysis)
+        terms = OrbitTerms.build(analysis, arrays=arrays)
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
         t2 = time.perf_counter()
-        signs, undecided = sign_values(analysis)
+        signs, undecided = sign_values(analysis, arrays)
+        del arrays, terms
         values = np.exp(found.u) * signs
         applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
         seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}

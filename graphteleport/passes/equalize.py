@@ -86,6 +86,7 @@ from graphteleport.orbit import (
     compact_shape,
     counted_uses,
     movable_pairs,
+    stored_arrays,
     used_values,
 )
 from graphteleport.passes.canonical import (
@@ -547,11 +548,13 @@ class EqualizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         clips = split_clips(model) if opts.rescale_clip else ClipSplit()
         analysis = analyze_model(model, self.input_shapes, opts.mode)
-        arrays = {w.name: w.source.array() for w in quantized_analysis(analysis).weights}
+        arrays = stored_arrays(analysis)
         t1 = time.perf_counter()
         found: Minimum | None = None
         if s.method == "cle":
-            values, found = cle_values(analysis, s.p, tol=s.tol, max_iterations=s.max_iterations)
+            values, found = cle_values(
+                analysis, s.p, arrays, tol=s.tol, max_iterations=s.max_iterations
+            )
         else:
             values = smooth_values(model, analysis, s.calibration, s.alpha)
         if s.exact:
