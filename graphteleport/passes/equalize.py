@@ -76,7 +76,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport.activations import activation_ranges, smooth_cofactors
-from graphteleport.algebra import scale, with_rank
+from graphteleport.algebra import power, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.errors import InputError
@@ -358,51 +358,134 @@ def figures_of(
 ) -> EqualizeFigures:
     """The per-tensor and per-class figures of rewriting the quantized weights (``arrays``:
     before) for pair ``values`` (per-neuron ``tau``); ``fields`` are the rest of
-    :class:`EqualizeFigures`.  Each tensor is read once (:func:`compact_stats`); the
-    figures after follow from ``S``, constant over the elements each statistic sums.  An
-    element counts as moved where it is non-zero and its ``S``, rounded to the weight's
-    precision, is not 1."""
+    :class:`EqualizeFigures`.  Each tensor is read once, a slab of its compact layout at a
+    time (:func:`use_figures`); the figures after follow from ``S``, constant over the
+    elements each compact element sums.  An element counts as moved where it is non-zero
+    and its ``S``, rounded to the weight's precision, is not 1."""
     only = quantized_analysis(analysis)
     moved_pairs = _moved_pairs(analysis, values)
     tensors: list[TensorRange] = []
     rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []
     for k, use in enumerate(counted_uses(only)):
         w = used_values(use, arrays[use.source.name])
-        peak, sq, nonzero = compact_stats(use, w)
-        s = np.abs(np.broadcast_to(scale(use, tau), peak.shape))
-        after = peak * s
-        changed = s.astype(w.dtype if w.dtype.itemsize <= 4 else np.float64) != 1
-        tensors.append(
-            TensorRange(
-                use.source.name,
-                int(w.size),
-                int(nonzero[changed].sum()),
-                float(peak.max(initial=0.0)),
-                float(after.max(initial=0.0)),
-                float(sq.sum()),
-                float((sq * s * s).sum()),
-            )
-        )
-        rows.extend(_class_rows(analysis, use, k, peak, after, moved_pairs))
+        figures = use_figures(use, w, tau)
+        tensors.append(TensorRange(use.source.name, int(w.size), *figures.totals()))
+        rows.extend(_class_rows(analysis, use, k, figures, moved_pairs))
     return EqualizeFigures(tensors=tuple(tensors), classes=_classes(rows, values), **fields)
 
 
-def compact_stats(use: Absorb, w: np.ndarray) -> tuple[FloatArray, FloatArray, np.ndarray]:
-    """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`):
-    ``max|W|``, ``Σ W²`` (float64) and the number of non-zero elements, over the elements
-    of ``w`` (as the use reads it) that share that element's ``S``."""
+@dataclass
+class UseFigures:
+    """What :func:`use_figures` gathers of one use: elements moved, ``max|W|`` and
+    ``Σ W²`` before and after, and per factor the largest ``|W|`` before and after over
+    the elements each of its ids scales (in the factor's id shape)."""
+
+    moved: int
+    peaks: list[float]
+    squares: list[float]
+    before: list[FloatArray]
+    after: list[FloatArray]
+
+    def totals(self) -> tuple[int, float, float, float, float]:
+        """``(moved, max before, max after, Σ W² before, Σ W² after)``."""
+        return self.moved, *self.peaks, *self.squares  # type: ignore[return-value]
+
+
+#: The elements :func:`use_figures` reads per slab (its float64 copies stay in cache).
+FIGURES_CHUNK = 1 << 16
+
+
+def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
+    """The figures of one use (``w`` as it reads its tensor) for per-neuron ``tau``: per
+    slab of its compact layout (:func:`graphteleport.orbit.compact_shape`) along the
+    first axis, ``max|W|`` and ``Σ W²`` per compact element (:func:`compact_stats`), its
+    ``|S|`` from the factors' vectors ``|τ^exp|`` multiplied in
+    :func:`~graphteleport.algebra.product`'s order (the same magnitudes), and from them
+    the totals and each factor's largest values (a slab's maxima written where the factor
+    varies along the first axis, merged into a running maximum where it does not)."""
     cshape = compact_shape(use)
-    axes = tuple(i for i, (c, n) in enumerate(zip(cshape, use.shape)) if c == 1 and n != 1)
+    rank = len(cshape)
+    parts = [np.abs(power(tau[with_rank(np.asarray(f.ids), rank)], f.exp)) for f in use.factors]
+    out = UseFigures(0, [0.0, 0.0], [0.0, 0.0], [], [])
+    for f in use.factors:
+        shape = with_rank(np.asarray(f.ids), rank).shape
+        out.before.append(np.zeros(shape))
+        out.after.append(np.zeros(shape))
+    if not w.size:
+        return out
+    dtype = w.dtype if w.dtype.itemsize <= 4 else np.dtype(np.float64)
+    lead = rank > 0 and (cshape[0] != 1 or use.shape[0] == 1)
+    step = max(1, FIGURES_CHUNK // max(int(np.prod(use.shape[1:])), 1)) if lead else 1
+    for i in range(0, cshape[0] if lead else 1, step):
+        sl = slice(i, i + step) if lead else slice(None)
+        peak, sq, nonzero = compact_stats(use, w[sl] if lead else w)
+        s = np.ones((1,) * rank)
+        for part in parts:
+            s = s * (part[sl] if lead and part.shape[0] != 1 else part)
+        if s.shape != peak.shape:
+            s = np.broadcast_to(s, peak.shape)
+        after = peak * s
+        out.moved += int(nonzero[s.astype(dtype) != 1].sum())
+        out.peaks = [max(out.peaks[0], float(peak.max())), max(out.peaks[1], float(after.max()))]
+        out.squares[0] += float(sq.sum())
+        out.squares[1] += float(np.vdot(sq * s, s))
+        for fb, fa in zip(out.before, out.after):
+            faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
+            mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
+            ma = after.max(axis=faxes, keepdims=True) if faxes else after
+            if lead and fb.shape[0] != 1:
+                fb[sl], fa[sl] = mb, ma
+            else:
+                np.maximum(fb, mb, out=fb)
+                np.maximum(fa, ma, out=fa)
+    return out
+
+
+def compact_stats(use: Absorb, w: np.ndarray) -> tuple[FloatArray, FloatArray, np.ndarray]:
+    """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`;
+    ``w`` may be a slab of the use's values along the first axis, giving that slab's):
+    ``max|W|``, ``Σ W²`` (float64) and the number of non-zero elements, over the elements
+    of ``w`` (as the use reads it) that share that element's ``S``.  A contiguous ``w``
+    summed over trailing axes (a conv's kernel window) is read as rows: the maxima by
+    columns, the sums by a matrix-vector product, the zeros counted only if there are
+    any."""
+    cshape = compact_shape(use)
+    if cshape and cshape[0] != 1:
+        cshape = (w.shape[0], *cshape[1:])  # a slab's
+    axes = tuple(i for i, (c, n) in enumerate(zip(cshape, w.shape)) if c == 1 and n != 1)
     a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
+    rows = int(np.prod(cshape))
     if not a.size:
         zero = np.zeros(cshape)
         return zero, zero, np.zeros(cshape, dtype=np.int64)
-    peak = a.max(axis=axes, keepdims=True).reshape(cshape).astype(np.float64)
-    sq: FloatArray = np.asarray(
-        np.sum(np.square(a), axis=axes, dtype=np.float64, keepdims=True)
-    ).reshape(cshape)
-    nonzero = np.count_nonzero(a, axis=axes, keepdims=True).reshape(cshape)
-    return peak, sq, nonzero
+    if not (a.flags.c_contiguous and list(axes) == list(range(a.ndim - len(axes), a.ndim))):
+        peak = a.max(axis=axes, keepdims=True).reshape(cshape).astype(np.float64)
+        sq: FloatArray = np.asarray(
+            np.sum(np.square(a, dtype=np.float64), axis=axes, keepdims=True)
+        ).reshape(cshape)
+        nonzero = np.count_nonzero(a, axis=axes, keepdims=True).reshape(cshape)
+        return peak, sq, nonzero
+    grid = a.reshape(rows, -1).astype(np.float64)
+    width = grid.shape[1]
+    if width == 1:
+        peak, sq = grid[:, 0], np.square(grid[:, 0])
+    else:
+        peak = grid.max(axis=1) if width > 16 else _column_max(grid)
+        sq = np.square(grid) @ np.ones(width)
+    zeros = grid == 0
+    counts = np.full(rows, width, dtype=np.int64)
+    if zeros.any():
+        counts -= np.count_nonzero(zeros, axis=1)
+    return peak.reshape(cshape), sq.reshape(cshape), counts.reshape(cshape)
+
+
+def _column_max(grid: FloatArray) -> FloatArray:
+    """The row maxima of a matrix with few columns, a column at a time (numpy's reduction
+    along a short last axis is many times slower)."""
+    out = grid[:, 0].copy()
+    for j in range(1, grid.shape[1]):
+        np.maximum(out, grid[:, j], out=out)
+    return out
 
 
 def _moved_pairs(analysis: AnalysisResult, values: FloatArray) -> np.ndarray:
@@ -410,28 +493,17 @@ def _moved_pairs(analysis: AnalysisResult, values: FloatArray) -> np.ndarray:
 
 
 def _class_rows(
-    analysis: AnalysisResult,
-    use: Absorb,
-    k: int,
-    before: np.ndarray,
-    after: np.ndarray,
-    moved: np.ndarray,
+    analysis: AnalysisResult, use: Absorb, k: int, figures: UseFigures, moved: np.ndarray
 ) -> list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
     """Per factor of ``use`` (tensor ``k``): the moved pairs it reaches and, per id, the
-    largest ``|W|`` before and after over the elements that id scales (``before`` and
-    ``after``: the largest per element of the compact layout)."""
-    cshape = before.shape
+    largest ``|W|`` before and after over the elements that id scales
+    (:class:`UseFigures`)."""
     out = []
-    for f in use.factors:
-        ids = with_rank(np.asarray(f.ids), len(cshape))
-        faxes = tuple(i for i, (n, c) in enumerate(zip(ids.shape, cshape)) if n == 1 and c != 1)
-        pairs = analysis.solution.pair[ids.reshape(-1)]
+    for f, fb, fa in zip(use.factors, figures.before, figures.after):
+        pairs = analysis.solution.pair[np.asarray(f.ids).reshape(-1)]
         keep = moved[pairs]
-        if not keep.any() or not before.size:
-            continue
-        fb = (before.max(axis=faxes, keepdims=True) if faxes else before).reshape(-1)
-        fa = (after.max(axis=faxes, keepdims=True) if faxes else after).reshape(-1)
-        out.append((pairs[keep], k, fb[keep], fa[keep]))
+        if keep.any():
+            out.append((pairs[keep], k, fb.reshape(-1)[keep], fa.reshape(-1)[keep]))
     return out
 
 
@@ -454,9 +526,11 @@ def _classes(
     out: list[ClassRange] = []
     starts = np.flatnonzero(np.r_[True, kp[1:] != kp[:-1]])
     ends = np.r_[starts[1:], kp.size]
-    for lo, hi in zip(starts.tolist(), ends.tolist()):
-        entries = tuple((int(kt[j]), float(pb[j]), float(pa[j])) for j in range(lo, hi))
-        out.append(ClassRange(int(kp[lo]), float(values[kp[lo]]), entries))
+    kt_, pb_, pa_ = kt.tolist(), pb.tolist(), pa.tolist()  # Python numbers, made at once
+    cofactors = values[kp[starts]].tolist()
+    for lo, hi, pair, t in zip(starts.tolist(), ends.tolist(), kp[starts].tolist(), cofactors):
+        entries = tuple(zip(kt_[lo:hi], pb_[lo:hi], pa_[lo:hi]))
+        out.append(ClassRange(pair, t, entries))
     return tuple(out)
 
 
