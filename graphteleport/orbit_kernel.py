@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -83,15 +84,23 @@ class Bilinear:
 CHUNK_BYTES = 1 << 18
 
 
-def fused(q: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fused(
+    q: np.ndarray,
+    v: np.ndarray,
+    w: np.ndarray,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(q v, qᵀ w)`` in one pass over ``q``: per chunk of rows (about
-    :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv)."""
+    :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv); written
+    into ``out`` (two arrays of ``q``'s dtype) if given."""
     m, n = q.shape
+    qv, qw = out if out is not None else (np.empty(m, dtype=q.dtype), np.empty(n, dtype=q.dtype))
     step = max(1, CHUNK_BYTES // max(1, n * q.itemsize))
     if step >= m:
-        return q @ v, w @ q
-    qv = np.empty(m, dtype=q.dtype)
-    qw = np.zeros(n, dtype=q.dtype)
+        np.matmul(q, v, out=qv)
+        np.matmul(w, q, out=qw)
+        return qv, qw
+    qw[...] = 0.0
     for i in range(0, m, step):
         chunk = q[i : i + step]
         np.matmul(chunk, v, out=qv[i : i + step])
@@ -248,6 +257,7 @@ class OrbitKernel:
     rest: OrbitTerms | None
     constant: float
     group: IntArray = field(default_factory=lambda: np.zeros(0, np.intp))
+    plans: dict[bytes, CoarsePlan] = field(default_factory=dict)  # per group (coarse)
 
     @property
     def num_groups(self) -> int:
@@ -293,26 +303,81 @@ class OrbitKernel:
         kernel = cls(terms.p, terms.num_pairs, index, coef, single, tuple(matrices), rest, constant)
         return replace(kernel, group=coarse_groups(kernel, terms.blocks))
 
+    @cached_property
+    def counted(self) -> FloatArray:
+        """Per side entry 1 if its sums count once in ``F`` (a single term, a bilinear
+        block's row), 0 for a block's column: ``F = counted · sums``."""
+        out = np.ones(self.index.size)
+        for m in self.matrices:
+            out[m.mid : m.hi] = 0.0
+        return out
+
+    @cached_property
+    def segments(self) -> tuple[IntArray, IntArray, IntArray]:
+        """The bilinear blocks' side entries as segments (each block's rows, then its
+        columns): their starts and lengths, and per segment its partner's index (rows ↔
+        columns of the same block)."""
+        bounds = [(m.lo, m.mid, m.hi) for m in self.matrices]
+        starts = np.array([b for lo, mid, _ in bounds for b in (lo, mid)], dtype=np.intp)
+        lengths = np.array([n for lo, mid, hi in bounds for n in (mid - lo, hi - mid)], np.intp)
+        partner = np.arange(starts.size) ^ 1
+        return starts, lengths, partner
+
+    def products(self, w: FloatArray, fast: bool) -> FloatArray:
+        """Per side entry of a bilinear block, the product of its ``Q`` with the other
+        side's entries of ``w``: ``Q w[cols]`` on its rows, ``Qᵀ w[rows]`` on its columns
+        (0 on single terms).  ``fast``: by the float32 copies where there are, each
+        segment of ``w`` scaled by its largest magnitude into float32's range (one
+        vectorised scaling for all blocks, the scales applied back to the products)."""
+        out = np.zeros_like(w)
+        if not self.matrices:
+            return out
+        starts, lengths, partner = self.segments
+        lo = int(starts[0])
+        copies = fast and all(m.q32 is not None for m in self.matrices)
+        if copies:
+            peak = np.maximum.reduceat(np.abs(w[lo:]), starts - lo)
+            peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
+            w32 = (w[lo:] / np.repeat(peak, lengths)).astype(np.float32)
+            out32 = np.empty_like(w32)
+        for m in self.matrices:
+            if copies:
+                a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
+                assert m.q32 is not None
+                fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
+            elif fast:
+                out[m.lo : m.mid], out[m.mid : m.hi] = m.both_fast(w[m.mid : m.hi], w[m.lo : m.mid])
+            else:
+                fused(
+                    m.q,
+                    w[m.mid : m.hi],
+                    w[m.lo : m.mid],
+                    out=(out[m.lo : m.mid], out[m.mid : m.hi]),
+                )
+        if copies:
+            np.multiply(out32, np.repeat(peak[partner], lengths), out=out[lo:])
+        return out
+
     def _scatter(self, values: FloatArray) -> FloatArray:
         """``Σ values`` of the side entries per pair."""
         out: FloatArray = np.bincount(self.index, weights=values, minlength=self.num_pairs)
         return out
 
-    def point(self, u: FloatArray, bound: float | None = None) -> KernelPoint | None:
+    def point(
+        self, u: FloatArray, bound: float | None = None, exact: bool = True
+    ) -> KernelPoint | None:
         """The kernel at ``u`` (:class:`KernelPoint`), one read of each bilinear ``Q``;
-        with ``bound``, ``None`` when ``F(u)`` exceeds it or is not finite."""
+        with ``bound``, ``None`` when ``F(u)`` exceeds it or is not finite.  Not
+        ``exact``: the bilinear products by the float32 copies (half the bytes; a
+        relative error of about 1e-7 per product, in ``F``, the gradient and
+        ``diag H``), for a solver far from the minimum."""
         with np.errstate(over="ignore", invalid="ignore"):
             scale = np.exp(self.p * self.coef * u[self.index])
             n = self.single.size
-            sums = np.empty_like(scale)
+            sums = self.products(scale, fast=not exact)
+            sums *= scale
             np.multiply(self.single, scale[:n], out=sums[:n])
-            f = float(sums[:n].sum())
-            for m in self.matrices:
-                x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
-                qz, qx = m.both(z, x)
-                np.multiply(x, qz, out=sums[m.lo : m.mid])
-                np.multiply(z, qx, out=sums[m.mid : m.hi])
-                f += float(sums[m.lo : m.mid].sum())
+            f = float(sums @ self.counted)
             rest = self.rest.terms(u) if self.rest is not None else np.zeros(0)
             f += float(rest.sum())
         if bound is not None and not (np.isfinite(f) and f <= bound):
@@ -341,13 +406,9 @@ class OrbitKernel:
         """``H·v`` at ``at`` (module docstring): per bilinear block two gemv in one read
         of its ``Q`` (float32 when the kernel has the copies)."""
         a = self.coef * v[self.index]
-        out = at.sums * a
-        scale = at.scale
-        for m in self.matrices:
-            x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
-            qb, qa = m.both_fast(z * a[m.mid : m.hi], x * a[m.lo : m.mid])
-            out[m.lo : m.mid] += x * qb
-            out[m.mid : m.hi] += z * qa
+        out = self.products(at.scale * a, fast=True)
+        out *= at.scale
+        out += at.sums * a
         hv = self.p * self.p * self._scatter(self.coef * out)
         if self.rest is not None:
             hv += self.rest.hessian_vector(at.rest, v)
@@ -360,76 +421,142 @@ class OrbitKernel:
         per row, ``E = p² Σ_k y_k ρ_k ρ_kᵀ`` — the squares from every side entry's
         ``coef² · Σ y``, a bilinear block's cross term ``Σ_ij y_ij coef_i coef_j`` from its
         row sums when its column coefficients are one value (one gemv otherwise), and the
-        rest's rows from its coordinates."""
-        ng = int(group.max(initial=-1)) + 1
-        g = group[self.index]
-        values = self.coef * self.coef * at.sums
-        keys = [g * (ng + 1)]
-        weights = [np.where(g >= 0, values, 0.0)]
-        for m in self.matrices:
-            mk, mw = bilinear_cross(self, m, at, group, ng)
-            keys.extend([mk, (mk % ng) * ng + mk // ng])  # (a, b) and (b, a)
-            weights.extend([mw, mw])
-        if self.rest is not None:
-            rk, rw = rest_coarse(self.rest, at.rest, group, ng)
-            keys.append(rk)
-            weights.append(rw)
-        key = np.concatenate(keys)
-        ok = key >= 0
-        flat = np.bincount(key[ok], weights=np.concatenate(weights)[ok], minlength=ng * ng)
+        rest's rows from its coordinates.  What depends on ``group`` alone (which entries
+        meet which groups: :class:`CoarsePlan`) is made once per ``group``."""
+        key = group.tobytes()
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = CoarsePlan.of(self, group)
+        ng = plan.ng
+        flat = np.bincount(plan.keys, weights=plan.weights(self, at), minlength=ng * ng)
         out: FloatArray = self.p * self.p * flat.reshape(ng, ng)
         return out
 
 
-def bilinear_cross(
-    kernel: OrbitKernel, m: Bilinear, at: KernelPoint, group: IntArray, ng: int
-) -> tuple[IntArray, FloatArray]:
-    """The cross terms ``Σ_ij y_ij ρ_i κ_j`` of a bilinear block at ``at`` (rows i with
-    coefficient ``ρ_i`` in group ``a_i``, columns j with ``κ_j`` in ``b_j``) summed per
-    ``(a, b)``, as flat keys ``a·ng + b`` and weights: with ``Z`` the columns' ``κ ⊙ z``
-    spread over their groups, ``ρ ⊙ x ⊙ (Q Z)`` — or, when every column has one group and
-    one coefficient ``κ`` (a layer's channels), ``κ · Σ_i ρ_i r_i`` from the row sums."""
+@dataclass(frozen=True, eq=False)
+class CrossPlan:
+    """A bilinear block's part of a :class:`CoarsePlan`: its rows in some group
+    (``keep``), their coefficients ``rows``, and either ``factor`` (every column in one
+    group with one coefficient κ: the weights are ``κ · ρ_i · r_i``) or the columns'
+    groups (``on``: the columns in some group, ``where``: the index of each one's group
+    among ``targets``; the weights ``ρ_i x_i (Q Z)_i`` with ``Z`` the columns' ``κ ⊙ z``
+    spread over their groups)."""
+
+    m: Bilinear
+    keep: np.ndarray
+    rows: FloatArray
+    factor: FloatArray | None
+    cols: FloatArray
+    on: IntArray
+    where: IntArray
+    targets: IntArray
+
+    def weights(self, at: KernelPoint) -> FloatArray:
+        """The cross terms at ``at``, in the order of the plan's keys."""
+        m = self.m
+        if self.factor is not None:
+            out: FloatArray = self.factor * at.sums[m.lo : m.mid][self.keep]
+            return out
+        spread = np.zeros((self.cols.size, self.targets.size))
+        spread[self.on, self.where] = (self.cols * at.scale[m.mid : m.hi])[self.on]
+        rows = (self.rows * at.scale[m.lo : m.mid])[self.keep, None]
+        per: FloatArray = (rows * (m.q[self.keep] @ spread)).reshape(-1)
+        return per
+
+
+@dataclass(frozen=True, eq=False)
+class CoarsePlan:
+    """What :meth:`OrbitKernel.coarse` needs of ``group`` alone: ``ng`` groups, the flat
+    keys ``a·ng + b`` of every contribution (side entries, each bilinear block's cross
+    terms both ways round, the rest's rows) and how to weigh them at a point: the side
+    entries in a group (``side``), the blocks' :class:`CrossPlan`, and the rest's
+    contributions ``y[rest_rows] · rest_factor``."""
+
+    ng: int
+    keys: IntArray
+    side: np.ndarray
+    cross: tuple[CrossPlan, ...]
+    rest_rows: IntArray
+    rest_factor: FloatArray
+
+    @classmethod
+    def of(cls, kernel: OrbitKernel, group: IntArray) -> CoarsePlan:
+        """The plan of ``kernel`` for ``group``."""
+        ng = int(group.max(initial=-1)) + 1
+        g = group[kernel.index]
+        side = g >= 0
+        keys = [g[side] * (ng + 1)]
+        cross: list[CrossPlan] = []
+        for m in kernel.matrices:
+            found = cross_plan(kernel, m, group, ng)
+            if found is not None:
+                plan, mk = found
+                cross.append(plan)
+                keys.extend([mk, (mk % ng) * ng + mk // ng])  # (a, b) and (b, a)
+        rest_rows, rest_factor = np.zeros(0, np.intp), np.zeros(0)
+        if kernel.rest is not None:
+            rk, rest_rows, rest_factor = rest_plan(kernel.rest, group, ng)
+            keys.append(rk)
+        return cls(ng, np.concatenate(keys), side, tuple(cross), rest_rows, rest_factor)
+
+    def weights(self, kernel: OrbitKernel, at: KernelPoint) -> FloatArray:
+        """Every contribution's weight at ``at``, in the order of :attr:`keys`."""
+        parts = [(kernel.coef * kernel.coef * at.sums)[self.side]]
+        for c in self.cross:
+            w = c.weights(at)
+            parts.extend([w, w])
+        parts.append(at.rest[self.rest_rows] * self.rest_factor)
+        return np.concatenate(parts)
+
+
+def cross_plan(
+    kernel: OrbitKernel, m: Bilinear, group: IntArray, ng: int
+) -> tuple[CrossPlan, IntArray] | None:
+    """The cross terms ``Σ_ij y_ij ρ_i κ_j`` of a bilinear block (rows i with coefficient
+    ``ρ_i`` in group ``a_i``, columns j with ``κ_j`` in ``b_j``) summed per ``(a, b)``: the
+    block's :class:`CrossPlan` and its flat keys ``a·ng + b`` (``None``: none) — with ``Z``
+    the columns' ``κ ⊙ z`` spread over their groups, ``ρ ⊙ x ⊙ (Q Z)``, or, when every
+    column has one group and one coefficient ``κ`` (a layer's channels), ``κ · ρ_i r_i``
+    from the row sums."""
     rows, cols = kernel.coef[m.lo : m.mid], kernel.coef[m.mid : m.hi]
     ga, gb = group[kernel.index[m.lo : m.mid]], group[kernel.index[m.mid : m.hi]]
     rows = np.where(ga >= 0, rows, 0.0)
     cols = np.where(gb >= 0, cols, 0.0)
     targets, where = np.unique(gb[gb >= 0], return_inverse=True)
     if not targets.size or not rows.any():
-        return np.zeros(0, np.intp), np.zeros(0)
-    if targets.size == 1 and (cols[gb >= 0] == cols[gb >= 0][0]).all() and (gb >= 0).all():
-        keep = ga >= 0
-        return ga[keep] * ng + targets[0], (cols[0] * rows * at.sums[m.lo : m.mid])[keep]
-    spread = np.zeros((cols.size, targets.size))
-    on = np.flatnonzero(gb >= 0)
-    spread[on, where.reshape(-1)] = (cols * at.scale[m.mid : m.hi])[on]
+        return None
     keep = ga >= 0
-    per = (rows * at.scale[m.lo : m.mid])[keep, None] * (m.q[keep] @ spread)
-    return (ga[keep, None] * ng + targets[None, :]).reshape(-1), per.reshape(-1)
+    empty = np.zeros(0, np.intp)
+    if targets.size == 1 and (cols[gb >= 0] == cols[gb >= 0][0]).all() and (gb >= 0).all():
+        plan = CrossPlan(m, keep, rows, cols[0] * rows[keep], cols, empty, empty, targets)
+        return plan, ga[keep] * ng + targets[0]
+    on = np.flatnonzero(gb >= 0)
+    plan = CrossPlan(m, keep, rows, None, cols, on, where.reshape(-1), targets)
+    return plan, (ga[keep, None] * ng + targets[None, :]).reshape(-1)
 
 
-def rest_coarse(
-    rest: OrbitTerms, y: FloatArray, group: IntArray, ng: int
-) -> tuple[IntArray, FloatArray]:
-    """The rest's part of the coarse matrix (:meth:`OrbitKernel.coarse`, without ``p²``)
-    as flat keys ``a·ng + b`` and weights: per row ``k`` and groups ``a, b`` it touches,
-    ``y_k · ρ_k[a] · ρ_k[b]``."""
+def rest_plan(rest: OrbitTerms, group: IntArray, ng: int) -> tuple[IntArray, IntArray, FloatArray]:
+    """The rest's part of a :class:`CoarsePlan`: per row ``k`` and groups ``a, b`` it
+    touches, the contribution ``y_k · ρ_k[a] · ρ_k[b]`` (:meth:`OrbitKernel.coarse`,
+    without ``p²``), as flat keys ``a·ng + b``, the rows ``k`` and the factors
+    ``ρ_k[a] · ρ_k[b]``."""
     rows, cols, coef = rest.coordinates
     g = group[cols]
     ok = g >= 0
     keys, inverse = np.unique(rows[ok] * ng + g[ok], return_inverse=True)
     rho = np.bincount(inverse.reshape(-1), weights=coef[ok], minlength=keys.size)
     row, grp = keys // max(ng, 1), keys % max(ng, 1)
-    out_keys = [grp * (ng + 1)]
-    out_weights = [y[row] * rho * rho]
+    out_keys, out_rows, out_factor = [grp * (ng + 1)], [row], [rho * rho]
     for shift in range(1, keys.size):
         same = row[:-shift] == row[shift:]
         if not same.any():
             break
         a, b = grp[:-shift][same], grp[shift:][same]
-        w = (y[row[:-shift]] * rho[:-shift] * rho[shift:])[same]
+        r, f = row[:-shift][same], (rho[:-shift] * rho[shift:])[same]
         out_keys.extend([a * ng + b, b * ng + a])
-        out_weights.extend([w, w])
-    return np.concatenate(out_keys), np.concatenate(out_weights)
+        out_rows.extend([r, r])
+        out_factor.extend([f, f])
+    return np.concatenate(out_keys), np.concatenate(out_rows), np.concatenate(out_factor)
 
 
 #: The most coarse groups :func:`coarse_groups` keeps (the largest; ``E`` is dense).

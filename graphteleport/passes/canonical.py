@@ -128,7 +128,10 @@ def minimize(
 
 def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
     """:func:`minimize` on the kernel (its moving part); the pairs solved for are those
-    with ``diag H > 0`` at ``u = 0`` (a column of some row with ``Q > 0``)."""
+    with ``diag H > 0`` at ``u = 0`` (a column of some row with ``Q > 0``).  While
+    ``max|g|/F`` is above :data:`FLOAT32_ABOVE` and each step decreased ``F`` by at least
+    :data:`FLOAT32_DECREASE` the points are read through the float32 copies of ``Q``; from
+    there on (and for every figure returned) in float64."""
     u = np.zeros(kernel.num_pairs)
     at = kernel.point(u)
     assert at is not None  # no bound
@@ -139,9 +142,14 @@ def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
     decrease = np.inf
     cg_steps = 0
+    exact = False
     for iteration in range(max_iterations + 1):
         g = np.where(active, at.gradient, 0.0)
         gmax = float(np.abs(g).max()) / at.f
+        if not exact and (gmax <= FLOAT32_ABOVE or decrease < FLOAT32_DECREASE):
+            exact, at = True, _exactly(kernel, at)
+            g = np.where(active, at.gradient, 0.0)
+            gmax = float(np.abs(g).max()) / at.f
         if gmax <= tol and decrease <= tol:
             return Minimum(at.u, f0, at.f, iteration, gmax, decrease, cg_steps=cg_steps)
         if iteration == max_iterations:
@@ -149,12 +157,26 @@ def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
         d, steps = _newton_direction(kernel, at, g, group, _forcing(gmax, tol))
         cg_steps += steps
         f = at.f
-        at = _line_search(kernel, at, g, d)
+        at = _line_search(kernel, at, g, d, exact)
         decrease = max((f - at.f) / f, 0.0)
     raise NotConverged(
         f"canonical form: no convergence in {max_iterations} Newton steps "
         f"(max |gradient|/F {gmax:.3g}, last relative decrease {decrease:.3g})"
     )
+
+
+#: Above this ``max|∂F/∂u| / F`` a Newton step decreases ``F`` by far more than the
+#: float32 copies' rounding (about 1e-7 relative), so its points may be read through them.
+FLOAT32_ABOVE = 1e-3
+#: ... and while each step decreases ``F`` by at least this much, relative.
+FLOAT32_DECREASE = 1e-4
+
+
+def _exactly(kernel: OrbitKernel, at: KernelPoint) -> KernelPoint:
+    """The kernel at ``at.u`` in float64."""
+    found = kernel.point(at.u)
+    assert found is not None  # no bound
+    return found
 
 
 def _forcing(gmax: float, tol: float) -> float:
@@ -197,28 +219,35 @@ def _newton_direction(
     return (x if x.any() else precondition(-g)), steps
 
 
-def _line_search(kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatArray) -> KernelPoint:
+def _line_search(
+    kernel: OrbitKernel, at: KernelPoint, g: FloatArray, d: FloatArray, exact: bool = True
+) -> KernelPoint:
     """The kernel at the first of ``u + d, u + d/2, …`` that decreases ``F`` enough
     (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none.
     A full step that decreased ``F`` by at least the quadratic model's ``−gᵀd/2`` (the
     exponentials still dominate: far from the minimum, Newton's step on ``e^{p·u}`` is
-    about ``1/p`` long) is extended to ``2d, 4d, …`` while ``F`` keeps decreasing."""
+    about ``1/p`` long) is extended to ``2d, 4d, …`` while ``F`` keeps decreasing.  The
+    points are float64 if ``exact``, else read through the float32 copies."""
     slope = float(g @ d)
     step = 1.0
     while step > 1e-30:
         bound = at.f + _ARMIJO * step * slope + 8e-16 * at.f
-        found = kernel.point(at.u + step * d, bound=bound)
+        found = kernel.point(at.u + step * d, bound=bound, exact=exact)
         if found is not None:
-            return _extend(kernel, at, found, d) if at.f - found.f >= -slope / 2 else found
+            if at.f - found.f >= -slope / 2:
+                return _extend(kernel, at, found, d, exact)
+            return found
         step /= 2
     return at
 
 
-def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatArray) -> KernelPoint:
+def _extend(
+    kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatArray, exact: bool
+) -> KernelPoint:
     """``found`` (at ``u + d``) or the kernel at the last of ``u + 2d, u + 4d, …`` (up to
     :data:`_EXTEND` · d) that kept decreasing ``F``: the trials by
-    :meth:`OrbitKernel.value` (one float32 read of ``Q``), the point chosen exactly (kept
-    only if it is below ``found``)."""
+    :meth:`OrbitKernel.value` (one float32 read of ``Q``), the point chosen then read as
+    ``found`` was (kept only if it is below ``found``)."""
     best, lowest = 1.0, found.f
     step = 2.0
     while step <= _EXTEND:
@@ -227,7 +256,7 @@ def _extend(kernel: OrbitKernel, at: KernelPoint, found: KernelPoint, d: FloatAr
             break
         best, lowest = step, f
         step *= 2
-    further = kernel.point(at.u + best * d, bound=found.f) if best > 1 else None
+    further = kernel.point(at.u + best * d, bound=found.f, exact=exact) if best > 1 else None
     return further if further is not None else found
 
 
