@@ -47,17 +47,23 @@ IntArray = np.ndarray
 class Bilinear:
     """One bilinear block: ``q`` is its ``Q`` as an ``(m, n)`` matrix; its row factor's
     entries are ``[lo, mid)`` and its column factor's ``[mid, hi)`` of the kernel's sides
-    (:attr:`OrbitKernel.index`)."""
+    (:attr:`OrbitKernel.index`).  With ``outer = (a, b)`` the block stands for the
+    rank-one ``Q = a bᵀ`` instead (``q`` unused; :meth:`OrbitKernel.rank_one`)."""
 
     q: FloatArray
     lo: int
     mid: int
     hi: int
     q32: np.ndarray | None = None
+    outer: tuple[FloatArray, FloatArray] | None = None
 
     def times_fast(self, v: FloatArray) -> FloatArray:
         """``Q v`` by ``q32`` (``v`` scaled into float32's range) when there is one, else
         by ``q``: for a trial value of ``F``."""
+        if self.outer is not None:
+            a, b = self.outer
+            out: FloatArray = a * float(b @ v)
+            return out
         if self.q32 is None:
             exact: FloatArray = self.q @ v
             return exact
@@ -67,7 +73,19 @@ class Bilinear:
 
     def both(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
         """``(Q v, Qᵀ w)`` in float64 from ``q``, in one read of it (:func:`fused`)."""
+        if self.outer is not None:
+            a, b = self.outer
+            return a * float(b @ v), b * float(a @ w)
         return fused(self.q, v, w)
+
+    def rows_times(self, keep: np.ndarray, m: FloatArray) -> FloatArray:
+        """``Q[keep] @ m`` for a matrix ``m`` (float64)."""
+        if self.outer is not None:
+            a, b = self.outer
+            out: FloatArray = a[keep, None] * (b @ m)[None, :]
+            return out
+        product: FloatArray = self.q[keep] @ m
+        return product
 
     def both_fast(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
         """:meth:`both` for the Hessian products: by ``q32`` (half the bytes to read),
@@ -303,6 +321,33 @@ class OrbitKernel:
         kernel = cls(terms.p, terms.num_pairs, index, coef, single, tuple(matrices), rest, constant)
         return replace(kernel, group=coarse_groups(kernel, terms.blocks))
 
+    def rank_one(self, at: KernelPoint) -> OrbitKernel:
+        """This kernel with each bilinear block's terms ``y = x_i Q_ij z_j`` at ``at``
+        replaced by the rank-one ``r_i c_j / Σr`` of their row sums ``r`` and column sums
+        ``c`` (:attr:`KernelPoint.sums`: the same sums and total; what ``y`` would be if
+        its rows and columns were independent), i.e. ``Q ≈ (r/x)(c/z)ᵀ / Σr``.  Its
+        products cost ``O + C`` per block instead of ``O·C``: a solver's cheap first
+        approximation (:func:`~graphteleport.passes.canonical.minimize`'s start), exact
+        where ``Q`` has rank one; the single terms and the rest are kept as they are."""
+        mats: list[Bilinear] = []
+        for m in self.matrices:
+            r, c = at.sums[m.lo : m.mid], at.sums[m.mid : m.hi]
+            total = float(r.sum())
+            a = r / at.scale[m.lo : m.mid] / total if total > 0 else np.zeros_like(r)
+            mats.append(
+                Bilinear(np.zeros((0, 0)), m.lo, m.mid, m.hi, None, (a, c / at.scale[m.mid : m.hi]))
+            )
+        return replace(self, matrices=tuple(mats), plans={})
+
+    @cached_property
+    def outer(self) -> FloatArray | None:
+        """When every bilinear block is rank one (:meth:`rank_one`): their factors laid
+        out as the side entries are (a block's ``a`` on its rows, ``b`` on its columns,
+        from its first entry on); else ``None``."""
+        if not self.matrices or any(m.outer is None for m in self.matrices):
+            return None
+        return np.concatenate([f for m in self.matrices if m.outer for f in m.outer])
+
     @cached_property
     def counted(self) -> FloatArray:
         """Per side entry 1 if its sums count once in ``F`` (a single term, a bilinear
@@ -334,6 +379,10 @@ class OrbitKernel:
             return out
         starts, lengths, partner = self.segments
         lo = int(starts[0])
+        if self.outer is not None:  # rank one: a (b·w_cols) on rows, b (a·w_rows) on columns
+            dots = np.add.reduceat(self.outer * w[lo:], starts - lo)
+            np.multiply(self.outer, np.repeat(dots[partner], lengths), out=out[lo:])
+            return out
         copies = fast and all(m.q32 is not None for m in self.matrices)
         if copies:
             peak = np.maximum.reduceat(np.abs(w[lo:]), starts - lo)
@@ -341,19 +390,15 @@ class OrbitKernel:
             w32 = (w[lo:] / np.repeat(peak, lengths)).astype(np.float32)
             out32 = np.empty_like(w32)
         for m in self.matrices:
+            rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
             if copies:
                 a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
                 assert m.q32 is not None
                 fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
-            elif fast:
-                out[m.lo : m.mid], out[m.mid : m.hi] = m.both_fast(w[m.mid : m.hi], w[m.lo : m.mid])
+            elif m.outer is not None or (fast and m.q32 is not None):
+                out[rows], out[cols] = (m.both_fast if fast else m.both)(w[cols], w[rows])
             else:
-                fused(
-                    m.q,
-                    w[m.mid : m.hi],
-                    w[m.lo : m.mid],
-                    out=(out[m.lo : m.mid], out[m.mid : m.hi]),
-                )
+                fused(m.q, w[cols], w[rows], out=(out[rows], out[cols]))
         if copies:
             np.multiply(out32, np.repeat(peak[partner], lengths), out=out[lo:])
         return out
@@ -392,6 +437,9 @@ class OrbitKernel:
     def value(self, u: FloatArray) -> float:
         """``F(u)`` for a trial step: one gemv per bilinear block, by its float32 copy
         where it has one (a relative error of about 1e-7; :meth:`point` is exact)."""
+        if self.outer is not None:  # rank one: a point costs no more
+            at = self.point(u)
+            return at.f if at is not None else np.inf
         with np.errstate(over="ignore", invalid="ignore"):
             scale = np.exp(self.p * self.coef * u[self.index])
             n = self.single.size
@@ -460,7 +508,7 @@ class CrossPlan:
         spread = np.zeros((self.cols.size, self.targets.size))
         spread[self.on, self.where] = (self.cols * at.scale[m.mid : m.hi])[self.on]
         rows = (self.rows * at.scale[m.lo : m.mid])[self.keep, None]
-        per: FloatArray = (rows * (m.q[self.keep] @ spread)).reshape(-1)
+        per: FloatArray = (rows * m.rows_times(self.keep, spread)).reshape(-1)
         return per
 
 

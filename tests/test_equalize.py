@@ -417,12 +417,14 @@ def test_figures_match_the_weights(name: str) -> None:
     got = result.figures.tensors
     assert [(t.name, t.elements, t.moved) for t in got] == [t[:3] for t in tensors]
     for t, (*_, mb, ma, sb, sa) in zip(got, tensors, strict=True):
-        assert (t.max_before, t.max_after) == pytest.approx((mb, ma), rel=1e-12)
+        assert t.max_before == mb  # the largest |W|: exact
+        assert t.max_after == pytest.approx(ma, rel=3e-7)  # float32's rounding of W·S
         assert (t.sq_before, t.sq_after) == pytest.approx((sb, sa), rel=1e-6)
     found = {(c.pair, k): (b, a) for c in result.figures.classes for k, b, a in c.tensors}
     assert found.keys() == classes.keys()
     for key, (b, a) in classes.items():
-        assert found[key] == pytest.approx((b, a), rel=1e-12), key
+        assert found[key][0] == b, key
+        assert found[key][1] == pytest.approx(a, rel=3e-7), key
     assert {c.pair: c.cofactor for c in result.figures.classes} == {
         q: result.pair_values[q] for q, _ in classes
     }

@@ -88,6 +88,9 @@ MAX_ITERATIONS = 200
 MAX_CG = 2000
 _ARMIJO = 1e-4
 _EXTEND = 8.0
+#: A step is extended only where it was to decrease ``F`` by more than this, relative
+#: (far from the minimum; near it a decrease that beat the model is rounding).
+_EXTEND_ABOVE = 1e-6
 
 
 class NotConverged(GraphTeleportError):
@@ -99,8 +102,9 @@ class Minimum:
     """What :func:`minimize` found: ``u`` (one per pair, 0 off the active pairs), the
     moving part of ``F`` before and after, Newton iterations, ``gradient``
     (``max|∂F/∂u| / F`` at ``u``), ``decrease`` (the relative decrease of ``F`` in the last
-    step), ``constant``, the part of ``Σ W²`` no movable pair reaches, and ``cg_steps``, the
-    conjugate-gradient steps of all Newton steps together."""
+    step), ``constant``, the part of ``Σ W²`` no movable pair reaches, ``cg_steps``, the
+    conjugate-gradient steps of all Newton steps together, and ``start``, the Newton and
+    CG steps of the rank-one approximation it started from (cheap: ``O + C`` a block)."""
 
     u: FloatArray
     objective_before: float
@@ -110,6 +114,7 @@ class Minimum:
     decrease: float
     constant: float = 0.0
     cg_steps: int = 0
+    start: tuple[int, int] = (0, 0)  # Newton and CG steps of the rank-one start
 
 
 def minimize(
@@ -126,12 +131,11 @@ def minimize(
     return dataclasses.replace(found, constant=kernel.constant)
 
 
-def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
+def _newton(kernel: OrbitKernel, tol: float, max_iterations: int, start: bool = True) -> Minimum:
     """:func:`minimize` on the kernel (its moving part); the pairs solved for are those
-    with ``diag H > 0`` at ``u = 0`` (a column of some row with ``Q > 0``).  While
-    ``max|g|/F`` is above :data:`FLOAT32_ABOVE` and each step decreased ``F`` by at least
-    :data:`FLOAT32_DECREASE` the points are read through the float32 copies of ``Q``; from
-    there on (and for every figure returned) in float64."""
+    with ``diag H > 0`` at ``u = 0`` (a column of some row with ``Q > 0``).  With
+    ``start``, from the minimiser of the kernel's rank-one approximation
+    (:func:`_rank_one_start`) where ``F`` is lower there, else from ``u = 0``."""
     u = np.zeros(kernel.num_pairs)
     at = kernel.point(u)
     assert at is not None  # no bound
@@ -140,6 +144,52 @@ def _newton(kernel: OrbitKernel, tol: float, max_iterations: int) -> Minimum:
     f0 = at.f
     if f0 == 0.0 or not active.any():
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
+    first = (0, 0)
+    if start and kernel.matrices:
+        at, first = _rank_one_start(kernel, at, active, group)
+    found = _iterate(kernel, at, active, group, tol, max_iterations)
+    return dataclasses.replace(found, objective_before=f0, start=first)
+
+
+#: The rank-one start's tolerance (:func:`_rank_one_start`) and its cap on Newton steps.
+START_TOL = 1e-6
+START_ITERATIONS = 50
+
+
+def _rank_one_start(
+    kernel: OrbitKernel, at: KernelPoint, active: np.ndarray, group: IntArray
+) -> tuple[KernelPoint, tuple[int, int]]:
+    """Newton from ``at`` (``u = 0``) on the kernel's rank-one approximation
+    (:meth:`~graphteleport.orbit_kernel.OrbitKernel.rank_one`: each bilinear block's
+    products cost ``O + C``) to :data:`START_TOL`, and the kernel at its minimiser (read
+    through the float32 copies) if ``F`` is lower there than at ``at``, else ``at``; with
+    the Newton and CG steps the approximation took.  Where ``Q`` is close to rank one (the
+    weights' magnitudes nearly a product of a row's and a column's), most of the way is
+    made here; the exact Newton steps then start closer (ResNet-50: 7 → 4 at p = 3)."""
+    cheap = kernel.rank_one(at)
+    origin = cheap.point(at.u)
+    assert origin is not None  # no bound
+    try:
+        found = _iterate(cheap, origin, active, group, START_TOL, START_ITERATIONS)
+    except NotConverged:
+        return at, (0, 0)
+    there = kernel.point(found.u, bound=at.f, exact=False)
+    return (at if there is None else there), (found.iterations, found.cg_steps)
+
+
+def _iterate(
+    kernel: OrbitKernel,
+    at: KernelPoint,
+    active: np.ndarray,
+    group: IntArray,
+    tol: float,
+    max_iterations: int,
+) -> Minimum:
+    """Newton steps from ``at`` until the criteria hold (module docstring).  While
+    ``max|g|/F`` is above :data:`FLOAT32_ABOVE` and each step decreased ``F`` by at least
+    :data:`FLOAT32_DECREASE` the points are read through the float32 copies of ``Q``; from
+    there on (and for every figure returned) in float64."""
+    f0 = at.f
     decrease = np.inf
     cg_steps = 0
     exact = False
@@ -226,7 +276,8 @@ def _line_search(
     (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none.
     A full step that decreased ``F`` by at least the quadratic model's ``−gᵀd/2`` (the
     exponentials still dominate: far from the minimum, Newton's step on ``e^{p·u}`` is
-    about ``1/p`` long) is extended to ``2d, 4d, …`` while ``F`` keeps decreasing.  The
+    about ``1/p`` long; :data:`_EXTEND_ABOVE`) is extended to ``2d, 4d, …`` while ``F``
+    keeps decreasing.  The
     points are float64 if ``exact``, else read through the float32 copies."""
     slope = float(g @ d)
     step = 1.0
@@ -234,7 +285,7 @@ def _line_search(
         bound = at.f + _ARMIJO * step * slope + 8e-16 * at.f
         found = kernel.point(at.u + step * d, bound=bound, exact=exact)
         if found is not None:
-            if at.f - found.f >= -slope / 2:
+            if at.f - found.f >= -slope / 2 and -slope > _EXTEND_ABOVE * at.f:
                 return _extend(kernel, at, found, d, exact)
             return found
         step /= 2

@@ -143,13 +143,13 @@ def balance_terms(
     """``B_p`` (module docstring) as orbit terms: ``Σ|W|^p`` of every counted use
     (:func:`graphteleport.orbit.counted_uses`), each use's rows divided by its element
     count and, for a tensor no quantizer quantizes, times :data:`OTHER_WEIGHT`; the
-    pairs ``hold`` marks keep ``t = 1``."""
+    pairs ``hold`` marks keep ``t = 1``.  (The terms are fresh: their ``q`` is divided in
+    place, not copied.)"""
     terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold)
-    q = terms.q.copy()
     for (use, counts), (lo, hi) in zip(_counted(analysis), terms.spans, strict=True):
         size = max(int(np.prod(use.shape, dtype=np.int64)), 1)
-        q[lo:hi] *= (1.0 if counts else OTHER_WEIGHT) / size
-    return dataclasses.replace(terms, q=q)
+        terms.q[lo:hi] *= (1.0 if counts else OTHER_WEIGHT) / size
+    return terms
 
 
 def _counted(analysis: AnalysisResult) -> list[tuple[Absorb, bool]]:
@@ -424,11 +424,19 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
             s = s * (part[sl] if lead and part.shape[0] != 1 else part)
         if s.shape != peak.shape:
             s = np.broadcast_to(s, peak.shape)
+        rounded = s.astype(dtype)  # S as the rewrite multiplies W by it
+        changed = rounded != 1
+        if isinstance(nonzero, int):
+            out.moved += nonzero * int(np.count_nonzero(changed))
+        else:
+            out.moved += int(nonzero[changed].sum())
+        s = rounded if rounded.dtype == peak.dtype else s.astype(peak.dtype)
         after = peak * s
-        out.moved += int(nonzero[s.astype(dtype) != 1].sum())
         out.peaks = [max(out.peaks[0], float(peak.max())), max(out.peaks[1], float(after.max()))]
-        out.squares[0] += float(sq.sum())
-        out.squares[1] += float(np.vdot(sq * s, s))
+        out.squares[0] += float(sq.sum(dtype=np.float64))
+        sq *= s
+        sq *= s
+        out.squares[1] += float(sq.sum(dtype=np.float64))
         for fb, fa in zip(out.before, out.after):
             faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
             mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
@@ -441,14 +449,15 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
     return out
 
 
-def compact_stats(use: Absorb, w: np.ndarray) -> tuple[FloatArray, FloatArray, np.ndarray]:
+def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
     """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`;
     ``w`` may be a slab of the use's values along the first axis, giving that slab's):
-    ``max|W|``, ``Σ W²`` (float64) and the number of non-zero elements, over the elements
-    of ``w`` (as the use reads it) that share that element's ``S``.  A contiguous ``w``
-    summed over trailing axes (a conv's kernel window) is read as rows: the maxima by
-    columns, the sums by a matrix-vector product, the zeros counted only if there are
-    any."""
+    ``max|W|`` (exact), ``Σ W²`` (in float32 for a weight of at most 32 bits: the report's
+    figure, to about 1e-7) and the number of non-zero elements (one ``int`` when every
+    element is non-zero), over the elements of ``w`` (as the use reads it) that share
+    that element's ``S``.  A contiguous ``w`` summed over trailing axes (a conv's kernel
+    window) is read as rows: the maxima by columns, the sums by a matrix-vector
+    product, the zeros counted only if there are any."""
     cshape = compact_shape(use)
     if cshape and cshape[0] != 1:
         cshape = (w.shape[0], *cshape[1:])  # a slab's
@@ -456,30 +465,29 @@ def compact_stats(use: Absorb, w: np.ndarray) -> tuple[FloatArray, FloatArray, n
     a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
     rows = int(np.prod(cshape))
     if not a.size:
-        zero = np.zeros(cshape)
+        zero = np.zeros(cshape, a.dtype)
         return zero, zero, np.zeros(cshape, dtype=np.int64)
     if not (a.flags.c_contiguous and list(axes) == list(range(a.ndim - len(axes), a.ndim))):
-        peak = a.max(axis=axes, keepdims=True).reshape(cshape).astype(np.float64)
-        sq: FloatArray = np.asarray(
-            np.sum(np.square(a, dtype=np.float64), axis=axes, keepdims=True)
-        ).reshape(cshape)
+        peak = a.max(axis=axes, keepdims=True).reshape(cshape)
+        sq = np.sum(np.square(a), axis=axes, keepdims=True).reshape(cshape)
         nonzero = np.count_nonzero(a, axis=axes, keepdims=True).reshape(cshape)
         return peak, sq, nonzero
-    grid = a.reshape(rows, -1).astype(np.float64)
+    grid = a.reshape(rows, -1)
     width = grid.shape[1]
     if width == 1:
-        peak, sq = grid[:, 0], np.square(grid[:, 0])
+        peak = grid[:, 0]
+        sq = np.square(peak)
     else:
         peak = grid.max(axis=1) if width > 16 else _column_max(grid)
-        sq = np.square(grid) @ np.ones(width)
+        sq = np.square(grid) @ np.ones(width, grid.dtype)
     zeros = grid == 0
-    counts = np.full(rows, width, dtype=np.int64)
-    if zeros.any():
-        counts -= np.count_nonzero(zeros, axis=1)
+    if not zeros.any():
+        return peak.reshape(cshape), sq.reshape(cshape), width
+    counts = width - np.count_nonzero(zeros, axis=1)
     return peak.reshape(cshape), sq.reshape(cshape), counts.reshape(cshape)
 
 
-def _column_max(grid: FloatArray) -> FloatArray:
+def _column_max(grid: np.ndarray) -> np.ndarray:
     """The row maxima of a matrix with few columns, a column at a time (numpy's reduction
     along a short last axis is many times slower)."""
     out = grid[:, 0].copy()
