@@ -26,6 +26,7 @@ Usage (from the repository root, in the project's venv)::
     python bench/bench_equalize.py               # ResNet-50, 3 rounds
     python bench/bench_equalize.py --model m.onnx -n 5 --p 4
     python bench/bench_equalize.py --peer none   # without AIMET's CLE
+    python bench/bench_equalize.py --profile     # also CPU per phase
     python bench/bench_equalize.py --fractions
 """
 
@@ -46,7 +47,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from graphteleport.passes.equalize import DEFAULT_P, EqualizePass, EqualizeResult  # noqa: E402
+from bench_canonical import Phases, solved  # noqa: E402
+
+from graphteleport.analysis import analyze_model  # noqa: E402
+from graphteleport.clips import split_clips  # noqa: E402
+from graphteleport.orbit import stored_arrays  # noqa: E402
+from graphteleport.passes.equalize import (  # noqa: E402
+    DEFAULT_P,
+    EqualizePass,
+    EqualizeResult,
+    balance_terms,
+    figures_of,
+    one_sided_pairs,
+)
+from graphteleport.passes.teleport import apply_values  # noqa: E402
 
 
 def equalize(proto: onnx.ModelProto, **kwargs: object) -> tuple[float, EqualizeResult]:
@@ -132,6 +146,27 @@ def start_peer(venv: str, model: Path) -> Peer | str:
         return f"{python} could not import aimet_onnx or load {model}: {e}"
 
 
+def profile_equalize(path: Path, rounds: int, p: float) -> str:
+    """cle's phases, each timed alone in the pass's order on a fresh copy of the loaded
+    model: the clip split, the analysis, reading the tensors, one-sided pairs, ``Q``, the
+    solve's kernel, rank-one start and Newton steps, the rewrite and the figures."""
+    phases = Phases()
+    for _ in range(rounds):
+        model = ir.serde.deserialize_model(onnx.load(path))
+        phases.start()
+        phases.run("clips", split_clips, model)
+        analysis = phases.run("analyze", analyze_model, model, {})
+        arrays = phases.run("read tensors", stored_arrays, analysis)
+        hold = phases.run("one-sided", one_sided_pairs, analysis, arrays)
+        terms = phases.run("Q", balance_terms, analysis, p, arrays, hold=hold)
+        values = solved(phases, terms)
+        tau, *_ = phases.run("rewrite", apply_values, model, analysis, values)
+        fields = {"method": "cle", "p": p, "exact": False, "alpha": None}
+        fields |= {"objective_before": 0.0, "objective_after": 0.0, "iterations": 0}
+        phases.run("figures", figures_of, analysis, arrays, values, tau, gradient=0.0, **fields)
+    return phases.line()
+
+
 def resnet50() -> Path:
     """The ResNet-50 of ``bench_teleport.py``, exported into its cache on first use."""
     from bench_teleport import DEFAULT_CACHE, ensure_resnet50
@@ -185,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--p", type=float, default=DEFAULT_P, help="the balance's p")
     parser.add_argument("--fractions", action="store_true", help="Done-when 3's fractions")
+    parser.add_argument(
+        "--profile", action="store_true", help="also time each phase alone (CPU, medians)"
+    )
     default_peer = Path(os.environ.get("GT_QUANT_PEERS", "/work/peers")) / "aimet"
     parser.add_argument(
         "--peer",
@@ -229,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"AIMET CLE      not run: {peer}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    if args.profile:
+        print(f"phases         {profile_equalize(path, max(args.rounds, 1), args.p)}")
     return 0
 
 

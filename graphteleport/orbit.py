@@ -101,7 +101,7 @@ def reduced_power(
     target = np.empty(cshape) if out is None else out.reshape(cshape)
     if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
         _power_sum(values, target, p)
-        if np.isfinite(target).all():
+        if np.isfinite(target.sum()):  # (a sum too large for float64 takes the path below)
             return target
     values = np.abs(values.astype(np.float64))
     values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
@@ -155,6 +155,9 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float) -> None:
         chunk = values[i : i + step]
         n = chunk.shape[0] * width
         a, sq = buffer[:n].reshape(chunk.shape), squares[:n].reshape(chunk.shape)
+        if width == 1:  # the powers are the sums: computed where they go
+            a = out[i : i + chunk.shape[0]].reshape(chunk.shape)
+            sq = a if p != 3.0 else sq
         np.absolute(chunk, out=a)
         if p != 1.0:
             np.square(a, out=sq)
@@ -162,9 +165,7 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float) -> None:
             a *= sq
         elif p == 4.0:
             np.square(a, out=a)
-        if width == 1:
-            out[i : i + chunk.shape[0]] = a[:, 0]
-        else:
+        if width != 1:
             np.matmul(a, ones, out=out[i : i + chunk.shape[0]])
 
 

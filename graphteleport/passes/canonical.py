@@ -104,7 +104,9 @@ class Minimum:
     (``max|∂F/∂u| / F`` at ``u``), ``decrease`` (the relative decrease of ``F`` in the last
     step), ``constant``, the part of ``Σ W²`` no movable pair reaches, ``cg_steps``, the
     conjugate-gradient steps of all Newton steps together, and ``start``, the Newton and
-    CG steps of the rank-one approximation it started from (cheap: ``O + C`` a block)."""
+    CG steps of the rank-one approximation it started from (cheap: ``O + C`` a block),
+    and ``cpu``, the CPU seconds (``process_time``) of making the kernel, of that start
+    and of the Newton steps after it."""
 
     u: FloatArray
     objective_before: float
@@ -115,6 +117,7 @@ class Minimum:
     constant: float = 0.0
     cg_steps: int = 0
     start: tuple[int, int] = (0, 0)  # Newton and CG steps of the rank-one start
+    cpu: tuple[float, ...] = ()  # CPU seconds: the kernel, the rank-one start, Newton
 
 
 def minimize(
@@ -126,9 +129,11 @@ def minimize(
     The criteria are relative to the *moving* part of ``F`` (:meth:`OrbitTerms.moving`);
     ``objective_before``/``after`` are that part, ``constant`` the rest.  The products are
     :class:`~graphteleport.orbit_kernel.OrbitKernel`'s (gemv per bilinear block)."""
+    c0 = time.process_time()
     kernel = OrbitKernel.of(terms)
+    made = time.process_time() - c0
     found = _newton(kernel, tol, max_iterations)
-    return dataclasses.replace(found, constant=kernel.constant)
+    return dataclasses.replace(found, constant=kernel.constant, cpu=(made, *found.cpu))
 
 
 def _newton(kernel: OrbitKernel, tol: float, max_iterations: int, start: bool = True) -> Minimum:
@@ -145,10 +150,13 @@ def _newton(kernel: OrbitKernel, tol: float, max_iterations: int, start: bool = 
     if f0 == 0.0 or not active.any():
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
     first = (0, 0)
+    c0 = time.process_time()
     if start and kernel.matrices:
         at, first = _rank_one_start(kernel, at, active, group)
+    c1 = time.process_time()
     found = _iterate(kernel, at, active, group, tol, max_iterations)
-    return dataclasses.replace(found, objective_before=f0, start=first)
+    cpu = (c1 - c0, time.process_time() - c1)
+    return dataclasses.replace(found, objective_before=f0, start=first, cpu=cpu)
 
 
 #: The rank-one start's tolerance (:func:`_rank_one_start`) and its cap on Newton steps.
