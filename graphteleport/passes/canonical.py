@@ -21,14 +21,17 @@ Because ``F`` of a teleported model is ``F`` of the original shifted by the tele
 ``log|t|``, the canonical forms of a model and of any positive teleport of it coincide
 (up to the rounding of the stored weights).
 
-**The solver** (:func:`minimize`): Newton's method from ``u = 0`` on the products of
+**The solver** (:func:`minimize`): Newton's method on the products of
 :class:`~graphteleport.orbit_kernel.OrbitKernel` (per conv/Gemm weight two gemv with its
 ``Q`` matrix instead of elementwise work over its rows; the Hessian products read a
-float32 copy).  Each direction is solved by conjugate gradients on ``H·d = −g``,
-preconditioned two-level — ``diag H`` plus a coarse correction with one unknown per
-layer (or residual stream), whose channels moving together Jacobi cannot see — to a
-relative residual ``√(max|g|/F)``, capped at 0.1 and never below ``0.1·tol/(max|g|/F)``
-(what the stopping test needs of the next gradient); then a
+float32 copy, as do the points while far from the minimum), started at the minimiser of
+the kernel's rank-one approximation (each block's terms at ``u = 0`` replaced by the
+product of their row and column sums: ``O + C`` work per product instead of ``O·C``; the
+start is kept only where it lowers ``F``).  Each direction is solved by conjugate
+gradients on ``H·d = −g``, preconditioned two-level — ``diag H`` plus a coarse correction
+with one unknown per layer (or residual stream), whose channels moving together Jacobi
+cannot see — to a relative residual ``√(max|g|/F)``, capped at 0.1 and never below
+``0.1·tol/(max|g|/F)`` (what the stopping test needs of the next gradient); then a
 backtracking line search, which extends a full step that beat its quadratic model (far
 from the minimum Newton's step on ``e^{p·u}`` is about ``1/p`` long).  It stops when the
 relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at most
@@ -121,18 +124,24 @@ class Minimum:
 
 
 def minimize(
-    terms: OrbitTerms, *, tol: float = TOL, max_iterations: int = MAX_ITERATIONS
+    terms: OrbitTerms,
+    *,
+    tol: float = TOL,
+    max_iterations: int = MAX_ITERATIONS,
+    start: bool = True,
 ) -> Minimum:
     """``argmin_u F(u)`` over the pairs ``F`` depends on, by preconditioned Newton-CG
     (module docstring); raises :class:`NotConverged` past ``max_iterations``.
 
     The criteria are relative to the *moving* part of ``F`` (:meth:`OrbitTerms.moving`);
     ``objective_before``/``after`` are that part, ``constant`` the rest.  The products are
-    :class:`~graphteleport.orbit_kernel.OrbitKernel`'s (gemv per bilinear block)."""
+    :class:`~graphteleport.orbit_kernel.OrbitKernel`'s (gemv per bilinear block); with
+    ``start``, Newton begins at the minimiser of their rank-one approximation
+    (:func:`_rank_one_start`), else at ``u = 0`` (the same minimum)."""
     c0 = time.process_time()
     kernel = OrbitKernel.of(terms)
     made = time.process_time() - c0
-    found = _newton(kernel, tol, max_iterations)
+    found = _newton(kernel, tol, max_iterations, start)
     return dataclasses.replace(found, constant=kernel.constant, cpu=(made, *found.cpu))
 
 
