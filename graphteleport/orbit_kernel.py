@@ -131,7 +131,8 @@ class KernelPoint:
     """The kernel at ``u``: ``f`` (the moving part of ``F``), ``scale`` (per side entry
     ``exp(p · coef · u[pair])``), ``sums`` (per side entry its rows' ``Σ y``: a single
     term's ``y``, a bilinear block's row sums ``r`` and column sums ``c``), ``rest`` (the
-    rest's ``y``), ``gradient`` (``∂F/∂u``) and ``diagonal`` (``diag H``)."""
+    rest's ``y``), ``gradient`` (``∂F/∂u``) and ``diagonal`` (``diag H``); ``exact``:
+    read in float64 (else through the float32 copies)."""
 
     u: FloatArray
     f: float
@@ -140,6 +141,7 @@ class KernelPoint:
     rest: FloatArray
     gradient: FloatArray
     diagonal: FloatArray
+    exact: bool = True
 
 
 def varying(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -432,7 +434,7 @@ class OrbitKernel:
         if self.rest is not None:
             gradient += self.rest.p * self.rest.pair_sums(rest)
             diagonal += self.rest.hessian_diagonal(rest)
-        return KernelPoint(u, f, scale, sums, rest, gradient, diagonal)
+        return KernelPoint(u, f, scale, sums, rest, gradient, diagonal, exact)
 
     def value(self, u: FloatArray) -> float:
         """``F(u)`` for a trial step: one gemv per bilinear block, by its float32 copy

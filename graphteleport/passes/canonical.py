@@ -178,11 +178,12 @@ def _rank_one_start(
 ) -> tuple[KernelPoint, tuple[int, int]]:
     """Newton from ``at`` (``u = 0``) on the kernel's rank-one approximation
     (:meth:`~graphteleport.orbit_kernel.OrbitKernel.rank_one`: each bilinear block's
-    products cost ``O + C``) to :data:`START_TOL`, and the kernel at its minimiser (read
-    through the float32 copies) if ``F`` is lower there than at ``at``, else ``at``; with
-    the Newton and CG steps the approximation took.  Where ``Q`` is close to rank one (the
-    weights' magnitudes nearly a product of a row's and a column's), most of the way is
-    made here; the exact Newton steps then start closer (ResNet-50: 7 → 4 at p = 3)."""
+    products cost ``O + C``) to :data:`START_TOL`, and the kernel at its minimiser if
+    ``F`` is lower there than at ``at``, else ``at``; with the Newton and CG steps the
+    approximation took.  Where ``Q`` is close to rank one (the weights' magnitudes nearly
+    a product of a row's and a column's), most of the way is made here; the exact Newton
+    steps then start closer (ResNet-50: 7 → 4 at p = 3).  The kernel is read there in
+    float64 (it is close: :func:`_iterate` would read it again)."""
     cheap = kernel.rank_one(at)
     origin = cheap.point(at.u)
     assert origin is not None  # no bound
@@ -190,7 +191,7 @@ def _rank_one_start(
         found = _iterate(cheap, origin, active, group, START_TOL, START_ITERATIONS)
     except NotConverged:
         return at, (0, 0)
-    there = kernel.point(found.u, bound=at.f, exact=False)
+    there = kernel.point(found.u, bound=at.f)
     return (at if there is None else there), (found.iterations, found.cg_steps)
 
 
@@ -204,8 +205,10 @@ def _iterate(
 ) -> Minimum:
     """Newton steps from ``at`` until the criteria hold (module docstring).  While
     ``max|g|/F`` is above :data:`FLOAT32_ABOVE` and each step decreased ``F`` by at least
-    :data:`FLOAT32_DECREASE` the points are read through the float32 copies of ``Q``; from
-    there on (and for every figure returned) in float64."""
+    :data:`FLOAT32_DECREASE` the points may be read through the float32 copies of ``Q``;
+    from there on (and for every figure returned) in float64 — a point read in float32
+    is read again then.  The line search reads in float64 already once ``max|g|/F`` is
+    within 10× of that bound (the next point is then likely close: not read twice)."""
     f0 = at.f
     decrease = np.inf
     cg_steps = 0
@@ -213,10 +216,12 @@ def _iterate(
     for iteration in range(max_iterations + 1):
         g = np.where(active, at.gradient, 0.0)
         gmax = float(np.abs(g).max()) / at.f
-        if not exact and (gmax <= FLOAT32_ABOVE or decrease < FLOAT32_DECREASE):
-            exact, at = True, _exactly(kernel, at)
+        close = gmax <= FLOAT32_ABOVE or decrease < FLOAT32_DECREASE
+        if close and not at.exact:
+            at = _exactly(kernel, at)
             g = np.where(active, at.gradient, 0.0)
             gmax = float(np.abs(g).max()) / at.f
+        exact = exact or close or gmax <= 10 * FLOAT32_ABOVE  # the next point: likely close
         if gmax <= tol and decrease <= tol:
             return Minimum(at.u, f0, at.f, iteration, gmax, decrease, cg_steps=cg_steps)
         if iteration == max_iterations:
