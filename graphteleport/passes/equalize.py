@@ -432,7 +432,11 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
             out.moved += int(nonzero[changed].sum())
         s = rounded if rounded.dtype == peak.dtype else s.astype(peak.dtype)
         after = peak * s
-        out.peaks = [max(out.peaks[0], float(peak.max())), max(out.peaks[1], float(after.max()))]
+        if not use.factors:  # else from the factors' maxima, after the slabs
+            out.peaks = [
+                max(out.peaks[0], float(peak.max())),
+                max(out.peaks[1], float(after.max())),
+            ]
         out.squares[0] += float(sq.sum(dtype=np.float64))
         sq *= s
         sq *= s
@@ -446,6 +450,8 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
             else:
                 np.maximum(fb, mb, out=fb)
                 np.maximum(fa, ma, out=fa)
+    if out.before:  # a factor's largest values cover every element once
+        out.peaks = [float(out.before[0].max()), float(out.after[0].max())]
     return out
 
 
