@@ -419,28 +419,26 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
     for i in range(0, cshape[0] if lead else 1, step):
         sl = slice(i, i + step) if lead else slice(None)
         peak, sq, nonzero = compact_stats(use, w[sl] if lead else w)
-        s = np.ones((1,) * rank)
-        for part in parts:
-            s = s * (part[sl] if lead and part.shape[0] != 1 else part)
-        if s.shape != peak.shape:
-            s = np.broadcast_to(s, peak.shape)
-        rounded = s.astype(dtype)  # S as the rewrite multiplies W by it
+        mine = [part[sl] if lead and part.shape[0] != 1 else part for part in parts]
+        rounded = _rounded_scale(mine, peak.shape, dtype)  # S as the rewrite multiplies W
+        s = rounded
         changed = rounded != 1
         if isinstance(nonzero, int):
             out.moved += nonzero * int(np.count_nonzero(changed))
         else:
             out.moved += int(nonzero[changed].sum())
-        s = rounded if rounded.dtype == peak.dtype else s.astype(peak.dtype)
+        if rounded.dtype != peak.dtype:  # (a float16 weight: the figures in float32)
+            s = _rounded_scale(mine, peak.shape, peak.dtype)
         after = peak * s
         if not use.factors:  # else from the factors' maxima, after the slabs
             out.peaks = [
                 max(out.peaks[0], float(peak.max())),
                 max(out.peaks[1], float(after.max())),
             ]
-        out.squares[0] += float(sq.sum(dtype=np.float64))
+        out.squares[0] += float(sq.sum())  # (numpy's pairwise sum: to ~1e-7)
         sq *= s
         sq *= s
-        out.squares[1] += float(sq.sum(dtype=np.float64))
+        out.squares[1] += float(sq.sum())
         for fb, fa in zip(out.before, out.after):
             faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
             mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
@@ -452,6 +450,24 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
                 np.maximum(fa, ma, out=fa)
     if out.before:  # a factor's largest values cover every element once
         out.peaks = [float(out.before[0].max()), float(out.after[0].max())]
+    return out
+
+
+def _rounded_scale(parts: list[FloatArray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``|S| = Π parts`` broadcast to ``shape``, multiplied in float64 in
+    :func:`~graphteleport.algebra.product`'s order and rounded once to ``dtype`` (the last
+    product written straight into a ``dtype`` array: no float64 ``S`` of that size)."""
+    out = np.empty(shape, dtype)
+    if not parts:
+        out[...] = 1.0
+        return out
+    s = parts[0]
+    for part in parts[1:-1]:
+        s = s * part
+    if len(parts) == 1:
+        out[...] = s
+    else:
+        np.multiply(s, parts[-1], out=out)
     return out
 
 
