@@ -185,11 +185,13 @@ def _rank_one_start(
     steps then start closer (ResNet-50: 7 → 4 at p = 3).  The kernel is read there in
     float64 (it is close: :func:`_iterate` would read it again)."""
     cheap = kernel.rank_one(at)
+    if cheap.outer is None or not np.isfinite(cheap.outer).all():
+        return at, (0, 0)
     origin = cheap.point(at.u)
     assert origin is not None  # no bound
     try:
         found = _iterate(cheap, origin, active, group, START_TOL, START_ITERATIONS)
-    except NotConverged:
+    except (NotConverged, np.linalg.LinAlgError):  # then from u = 0, as without the start
         return at, (0, 0)
     there = kernel.point(found.u, bound=at.f)
     return (at if there is None else there), (found.iterations, found.cg_steps)
