@@ -164,6 +164,7 @@ def profile_equalize(path: Path, rounds: int, p: float) -> str:
         fields = {"method": "cle", "p": p, "exact": False, "alpha": None}
         fields |= {"objective_before": 0.0, "objective_after": 0.0, "iterations": 0}
         phases.run("figures", figures_of, analysis, arrays, values, tau, gradient=0.0, **fields)
+        del model, analysis, arrays, terms  # freed before the next round, as after a pass
     return phases.line()
 
 
@@ -236,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     peer = start_peer(args.peer, path) if args.peer != "none" else "left out (--peer none)"
     rounds: list[tuple[float, float, float, float]] = []
     peers: list[tuple[float, float]] = []
+    result: EqualizeResult | None = None
     for _ in range(max(args.rounds, 1)):
+        result = None  # the last round's model and result freed first, as after a pass
         times, result = one_round(path, args.p)
         rounds.append(times)
         if isinstance(peer, Peer):
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(peer, Peer):
         peer.close()
     load_s, run_s, load_c, run_c = (statistics.median(r[k] for r in rounds) for k in range(4))
+    assert result is not None
     f, m = result.figures, result.minimum
     assert f is not None
     print(f"model          {path}")
