@@ -327,7 +327,7 @@ class OrbitTerms:
             w = arrays[use.source.name] if arrays is not None else use.source.array()
             reduced_power(use, w, p, out=q_all[offset : offset + size])
             block = block_of(use, offset, sol.pair, sign, movable)
-            if _overlap([f.pairs[movable[f.pairs]] for f in block.factors]):
+            if _overlap([f.pairs[movable[f.pairs]] for f in block.factors], sol.num_pairs):
                 mine = [block_coordinates(block, f, movable) for f in block.factors]
                 loose.extend(_merge(mine, sol.num_pairs))
             else:
@@ -463,15 +463,17 @@ def _concat(
     return rows, cols, coef
 
 
-def _overlap(pairs: list[IntArray]) -> bool:
+def _overlap(pairs: list[IntArray], num_pairs: int) -> bool:
     """Two factors of one use (their movable ``pairs``) reach a common pair (some row may
-    meet a pair twice)."""
-    seen: set[int] = set()
+    meet a pair twice); a pair repeated within one factor is no overlap.  (A mark per
+    pair, no sorting: most uses have one or two factors of a few hundred ids.)"""
+    if len(pairs) < 2:
+        return False
+    seen = np.zeros(num_pairs, dtype=bool)
     for cols in pairs:
-        mine = set(np.unique(cols).tolist())
-        if seen & mine:
+        if seen[cols].any():
             return True
-        seen |= mine
+        seen[cols] = True
     return False
 
 
