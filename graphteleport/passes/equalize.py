@@ -210,7 +210,7 @@ def one_sided_pairs(
     down = np.zeros(sol.num_pairs, dtype=bool)
     for use in counted_uses(analysis):
         w = arrays[use.source.name] if arrays is not None else use.source.array()
-        if not np.any(w):
+        if not (w.size and (w.flat[0] != 0 or np.any(w))):  # (the first element: mostly)
             continue
         for f in use.factors:
             ids = np.asarray(f.ids).reshape(-1)
