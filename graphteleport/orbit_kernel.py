@@ -220,9 +220,13 @@ SINGLE_MAX = 1e30
 
 def with_single(m: Bilinear) -> Bilinear:
     """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`."""
-    if not m.q.size or not float(m.q.max()) <= SINGLE_MAX:
+    if not m.q.size:
         return m
-    return replace(m, q32=m.q.astype(np.float32))
+    with np.errstate(over="ignore"):  # (a Q beyond float32's range: no copy, below)
+        q32 = m.q.astype(np.float32)
+    if not float(q32.max()) <= SINGLE_MAX:  # the bound read on the copy: half the bytes
+        return m
+    return replace(m, q32=q32)
 
 
 def uncovered(terms: OrbitTerms) -> float:

@@ -404,3 +404,17 @@ def test_minimize_from_the_rank_one_start_reaches_the_same_minimum(p: float) -> 
     assert warm.objective_before == cold.objective_before
     np.testing.assert_allclose(warm.u, cold.u, rtol=0, atol=1e-7)
     assert np.abs(terms.gradient(warm.u)).max() <= 1e-12 * terms.objective(warm.u)
+
+
+def test_float32_copy_only_where_q_fits() -> None:
+    """A bilinear block gets its float32 copy when every ``Q`` is at most SINGLE_MAX (the
+    bound read on the copy), not when one is beyond it or beyond float32's range."""
+    from graphteleport.orbit_kernel import SINGLE_MAX, Bilinear, with_single
+
+    for top, copied in ((1e3, True), (SINGLE_MAX * 0.5, True), (1e35, False), (1e300, False)):
+        q = np.full((3, 4), 2.0)
+        q[1, 2] = top
+        m = with_single(Bilinear(q, 0, 3, 7))
+        assert (m.q32 is not None) == copied, top
+        if copied:
+            assert m.q32 is not None and np.array_equal(m.q32, q.astype(np.float32))
