@@ -50,6 +50,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from graphteleport.errors import InputError
+from graphteleport.wire import save_inline
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
@@ -794,7 +795,7 @@ def _write(model: ir.Model, model_path: Path, data_name: str | None) -> None:
                 "single ONNX file; save with external data"
             )
         with _inlined_external_tensors(model), _inlined_external_attributes(model):
-            ir.save(model, model_path)
+            save_inline(model, model_path)  # ir.save's bytes, weights copied once
     except OSError as e:
         raise InputError(f"cannot write {model_path.name}: {e.strerror or e}") from e
 
