@@ -103,11 +103,12 @@ def load_model(path: PathLike) -> ir.Model:
         raise InputError("the model file path is empty")
     p = Path(path)
     _check_is_readable_file(p)
-    proto = _parse(p)
+    content, proto = _parse(p)
     _check_no_sparse_initializers(proto, p)
     model = _deserialize(proto, p)
     _check_complete(model, p)
-    _check_with_onnx_checker(p)
+    inline = not external_data_files(model)  # then the bytes read are the whole model
+    _check_with_onnx_checker(p, content if inline else None)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
     return model
 
@@ -163,10 +164,15 @@ def _check_is_readable_file(p: Path) -> None:
         raise InputError(f"model file is empty: {p}")
 
 
-def _parse(p: Path) -> onnx.ModelProto:
-    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads)."""
+def _parse(p: Path) -> tuple[bytes | None, onnx.ModelProto]:
+    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads),
+    and the bytes read when they are binary protobuf (the checker takes them rather than
+    reading and decoding the file a second time)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix) or "protobuf"
     try:
-        return onnx.load(os.path.abspath(p), load_external_data=False)
+        content = p.read_bytes()
+        proto = onnx.load_model_from_string(content, format=fmt)  # as onnx.load(p) reads it
+        return (content if fmt == "protobuf" else None), proto
     except DecodeError as e:
         raise InputError(_decode_error_message(p)) from e
     except Exception as e:  # onnx and protobuf raise many types on corrupt input
@@ -226,10 +232,15 @@ def _sparse_initializer_names(graph: onnx.GraphProto) -> Iterator[str]:
                 yield from _sparse_initializer_names(sub)
 
 
-def _check_with_onnx_checker(p: Path) -> None:
-    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR)."""
+def _check_with_onnx_checker(p: Path, content: bytes | None = None) -> None:
+    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR):
+    on ``content``, its bytes already read, when given (a model without external data,
+    under protobuf's 2 GiB: the same check), else on the path."""
+    source: bytes | str = os.path.abspath(p)
+    if content is not None and len(content) <= onnx.checker.MAXIMUM_PROTOBUF:
+        source = content
     try:
-        onnx.checker.check_model(os.path.abspath(p))
+        onnx.checker.check_model(source)
     except onnx.checker.ValidationError as e:
         raise InputError(f"{p} is not a valid ONNX model: {_one_line(e)}") from e
 

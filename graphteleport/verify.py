@@ -31,12 +31,11 @@ import time
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends.onnx import InputSpec
@@ -75,6 +74,9 @@ __all__ = [
     "verify_teleport",
     "whole_model_bytes",
 ]
+
+if TYPE_CHECKING:  # imported where a session is made: a run without verification skips it
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +292,8 @@ def _session(
     model: str | os.PathLike[str] | bytes, external_folder: str | None = None
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimisations off (InputError if it fails)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if external_folder is not None:
         options.add_session_config_entry(
@@ -308,6 +312,8 @@ def _session(
 
 def _to_ort(array: np.ndarray) -> ort.OrtValue:
     """An OrtValue for *array*; types numpy lacks (ml_dtypes) pass as raw bits."""
+    import onnxruntime as ort
+
     array = np.ascontiguousarray(array)
     if array.dtype.kind != "V":
         return ort.OrtValue.ortvalue_from_numpy(array)
