@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -225,8 +226,18 @@ def _payload(tensor: ir.TensorProtocol) -> Chunk | None:
             return None
         return proto.raw_data if proto.HasField("raw_data") else None
     if isinstance(tensor, ir.Tensor) and isinstance(tensor.raw, np.ndarray):
-        return tensor.tobytes()
+        return _array_bytes(tensor.raw) or tensor.tobytes()
     return None
+
+
+def _array_bytes(array: np.ndarray) -> memoryview | None:
+    """The memory of ``array`` when it already is what :meth:`onnx_ir.Tensor.tobytes` gives
+    (little-endian, C order, one element per item: the bitwidths :func:`_payload`
+    accepts), without copying it; else None."""
+    little = sys.byteorder == "little" and array.dtype.byteorder != ">"
+    if not little or not array.flags.c_contiguous:
+        return None
+    return array.reshape(-1).view(np.uint8).data
 
 
 def _placeholder(tensor: ir.TensorProtocol) -> ir.TensorProtocol:

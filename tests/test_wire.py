@@ -173,3 +173,17 @@ def test_teleport_output_same_as_slow_path(tmp_path: Path, monkeypatch: pytest.M
     original = _initializers((src).read_bytes())
     changed = [n for n, a in _initializers(fast).items() if not np.array_equal(a, original[n])]
     assert len(changed) > 10  # the teleport moved the weights
+
+
+def test_non_contiguous_arrays(tmp_path: Path) -> None:
+    """An array whose memory is not the raw bytes (Fortran order, a strided view) is
+    converted as onnx_ir converts it."""
+    model = ir.serde.deserialize_model(_rich_model())
+    for name, change in (("w_f32", np.asfortranarray), ("w_i64", lambda a: a[::2])):
+        value = model.graph.initializers[name]
+        assert value.const_value is not None
+        array = change(value.const_value.numpy())
+        assert not array.flags.c_contiguous
+        value.const_value = ir.Tensor(array, name=name)
+    slow, fast = _both(model, tmp_path)
+    assert fast == slow
