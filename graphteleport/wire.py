@@ -27,6 +27,7 @@ serialises them as before.  Formats other than binary protobuf (``.json``,
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["MIN_SWAP_BYTES", "fields", "save_inline", "varint"]
+__all__ = ["MIN_SWAP_BYTES", "fields", "raw_data_offsets", "save_inline", "varint"]
 
 #: Initializers with fewer bytes than this are serialised by protobuf (not worth a swap).
 MIN_SWAP_BYTES = 1024
@@ -49,6 +50,7 @@ _LENGTH_DELIMITED = 2
 _PLAIN_PROTO_FIELDS = frozenset({"dims", "data_type", "name", "raw_data"})
 
 Chunk = bytes | memoryview
+Buffer = bytes | mmap.mmap
 
 
 def save_inline(model: ir.Model, path: str | os.PathLike[str]) -> None:
@@ -80,7 +82,7 @@ def varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+def _read_varint(buf: Buffer, pos: int) -> tuple[int, int]:
     """The varint at ``buf[pos:]`` and the position after it."""
     value = shift = 0
     while True:
@@ -92,7 +94,7 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+def fields(buf: Buffer, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """The fields of the message encoded in ``buf[start:end]``, in order, as
     ``(number, field start, value start, value end)``: the field's bytes are
     ``buf[field start:value end]``, a length-delimited field's contents
@@ -155,7 +157,7 @@ def _graph_chunks(encoded: bytes, start: int, end: int, payloads: dict[str, Chun
     return out
 
 
-def _tensor_name(encoded: bytes, start: int, end: int) -> str | None:
+def _tensor_name(encoded: Buffer, start: int, end: int) -> str | None:
     for number, _, begin, stop in fields(encoded, start, end):
         if number == _TENSOR_NAME:
             return encoded[begin:stop].decode("utf-8")
@@ -174,6 +176,38 @@ def _tensor_chunks(encoded: bytes, start: int, end: int, payload: Chunk) -> list
         elif stop != first + 2:  # tag 0x4a, length 0
             raise ValueError("a placeholder tensor was encoded with data")
     return [bytes(before), _header(_TENSOR_RAW_DATA, len(payload)), payload, bytes(after)]
+
+
+def raw_data_offsets(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """Where each initializer of the main graph keeps its ``raw_data`` in the binary model
+    file at ``path``: ``{name: (byte offset, length)}``.  The file is memory-mapped and
+    only the fields' headers are read (a few pages of a 100 MB model); initializers without
+    ``raw_data`` are left out, and so is everything when the file is not binary protobuf
+    that this walk can read (empty, truncated, malformed: ``{}``)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _raw_data_offsets(buf)
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return {}
+
+
+def _raw_data_offsets(buf: mmap.mmap) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for number, _, begin, stop in fields(buf, 0, len(buf)):
+        if number != _MODEL_GRAPH:
+            continue
+        for field, _, t_begin, t_stop in fields(buf, begin, stop):
+            if field != _GRAPH_INITIALIZER:
+                continue
+            name, raw = None, None
+            for f, _, v_begin, v_stop in fields(buf, t_begin, t_stop):
+                if f == _TENSOR_NAME:
+                    name = buf[v_begin:v_stop].decode("utf-8")
+                elif f == _TENSOR_RAW_DATA:
+                    raw = (v_begin, v_stop - v_begin)
+            if name is not None and raw is not None:
+                out[name] = raw
+    return out
 
 
 def _header(number: int, length: int) -> bytes:
