@@ -16,6 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from graphteleport import io as gt_io
 from graphteleport import wire
 from graphteleport.pipeline import TeleportOptions, teleport_file
+from graphteleport.tensorcheck import LoadedModel, recording_model
+from graphteleport.verify import open_proto
 
 MODELS = Path(__file__).resolve().parent.parent / "models" / "onnx"
 
@@ -187,3 +189,45 @@ def test_non_contiguous_arrays(tmp_path: Path) -> None:
         value.const_value = ir.Tensor(array, name=name)
     slow, fast = _both(model, tmp_path)
     assert fast == slow
+
+
+def test_raw_data_offsets_point_at_the_weights(tmp_path: Path) -> None:
+    path = tmp_path / "rich.onnx"
+    onnx.save(_rich_model(), path)
+    data = path.read_bytes()
+    offsets = wire.raw_data_offsets(path)
+    proto = onnx.load(path)
+    raw = {t.name: t.raw_data for t in proto.graph.initializer if t.HasField("raw_data")}
+    assert set(offsets) == set(raw) and "w_floatdata" not in offsets
+    for name, (offset, length) in offsets.items():
+        assert data[offset : offset + length] == raw[name]
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    assert wire.raw_data_offsets(tmp_path / "empty.onnx") == {}
+    assert wire.raw_data_offsets(tmp_path / "cut.onnx") == {}
+
+
+def test_cut_models_read_weights_from_the_file(tmp_path: Path) -> None:
+    """The per-tensor check's models carry references to the weights' bytes in the model
+    file, and onnxruntime computes with them what it computes with the weights inline; a
+    model that is a link into another folder keeps them inline (onnxruntime refuses
+    data outside the model's folder)."""
+    path = tmp_path / "rich.onnx"
+    onnx.save(_rich_model(), path)
+    loaded = LoadedModel.load(path)
+    big = loaded.initializers["w_f32"]
+    assert big.data_location == TensorProto.EXTERNAL and not big.HasField("raw_data")
+    assert loaded.initializers["small"].HasField("raw_data")  # small ones stay inline
+    x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    light = recording_model(loaded, ["a", "b"])
+    assert light.ByteSize() < 20_000  # kilobytes, not the weights
+    got = open_proto(light, loaded.folder)({"x": x})
+    inline = onnx.load(path)
+    inline.graph.output.extend([onnx.ValueInfoProto(name="a"), onnx.ValueInfoProto(name="b")])
+    want = open_proto(inline, str(tmp_path))({"x": x})
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "link.onnx").symlink_to(path)
+    linked = LoadedModel.load(other / "link.onnx")
+    assert linked.initializers["w_f32"].HasField("raw_data")
