@@ -148,7 +148,8 @@ def _quiet(_: str) -> None:
 def _feeds(
     model: ir.Model, opts: TeleportOptions, src: str | os.PathLike[str]
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]], onnx_frontend.ResolvedInputs]:
-    """Verification inputs (the user's, then random draws), the concrete input shapes the
+    """Verification inputs (the user's, then random draws; one set when the job is not
+    verified, for its shapes), the concrete input shapes the
     analysis uses (those of the first set), and how the frontend sized the dynamic axes
     (probing ``src`` in onnxruntime where needed)."""
     resolved = onnx_frontend.resolve_input_shapes(
@@ -159,7 +160,7 @@ def _feeds(
     )
     sets = verify_mod.draw_feed_sets(
         resolved.specs,
-        opts.draws,
+        opts.draws if opts.verify else min(opts.draws, 1),  # unverified: the shapes only
         _seed(opts),
         npz=opts.inputs,
         int_high=onnx_frontend.index_ranges(model),

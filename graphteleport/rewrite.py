@@ -148,14 +148,14 @@ def _product(
         changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
         return new, changed, scan.result(w)
     native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
-    sb = np.broadcast_to(s, w.shape)
+    sb = np.broadcast_to(s.astype(w.dtype) if native else s, w.shape)  # rounded once, compact
     out = np.empty(w.shape, dtype=w.dtype)
     rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
     changed = 0
-    for i in range(0, w.shape[0], rows):  # S rounded a block at a time, while in cache
+    for i in range(0, w.shape[0], rows):  # a block at a time, while in cache
         wc, oc, sc = w[i : i + rows], out[i : i + rows], sb[i : i + rows]
         if native:
-            np.multiply(wc, sc.astype(w.dtype), out=oc)
+            np.multiply(wc, sc, out=oc)
         else:  # exact products in float64 (of S rounded to float32), rounded once into W's
             sc = sc.astype(np.float32).astype(np.float64) if float32_scale else sc
             oc[...] = np.multiply(wc, sc, dtype=np.float64)
