@@ -39,7 +39,7 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -50,7 +50,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from graphteleport.errors import InputError
-from graphteleport.wire import save_inline
+from graphteleport.wire import raw_data_spans, save_inline
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
@@ -106,7 +106,8 @@ def load_model(path: PathLike) -> ir.Model:
     content, proto = _parse(p)
     _check_no_sparse_initializers(proto, p)
     model = _deserialize(proto, p)
-    _check_complete(model, p)
+    spans = raw_data_spans(content) if content is not None else {}
+    _check_complete(model, p, {name: length for name, (_, length) in spans.items()})
     inline = not external_data_files(model)  # then the bytes read are the whole model
     _check_with_onnx_checker(p, content if inline else None)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
@@ -257,11 +258,13 @@ def _decode_error_message(p: Path) -> str:
     return f"{p} is not an ONNX model file (protobuf decoding failed)"
 
 
-def _check_complete(model: ir.Model, p: Path) -> None:
-    """Raise InputError if *model* (loaded from *p*) is empty, cut short or lacks weights."""
+def _check_complete(model: ir.Model, p: Path, raw_lengths: Mapping[str, int]) -> None:
+    """Raise InputError if *model* (loaded from *p*) is empty, cut short or lacks weights.
+    *raw_lengths*: the ``raw_data`` lengths of main-graph initializers, read from the file's
+    encoding (:func:`graphteleport.wire.raw_data_spans`; others are measured)."""
     if model.ir_version <= 0 and not model.graph.outputs and len(model.graph) == 0:
         raise InputError(f"{p} is not an ONNX model (no ir_version or graph found)")
-    problem = _structure_problem(model) or _initializer_problem(model)
+    problem = _structure_problem(model) or _initializer_problem(model, raw_lengths)
     if problem is not None:
         raise InputError(
             f"{p} is not a complete ONNX model ({problem}); the file may be truncated or corrupt"
@@ -345,9 +348,11 @@ def _node_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
             yield from attr.as_graphs()
 
 
-def _initializer_problem(model: ir.Model) -> str | None:
-    """Check each inline initializer's raw bytes against its shape and dtype."""
+def _initializer_problem(model: ir.Model, raw_lengths: Mapping[str, int]) -> str | None:
+    """Check each inline initializer's raw bytes against its shape and dtype (the length
+    of a main-graph one from *raw_lengths* when there: reading ``raw_data`` copies it)."""
     for graph in model.graphs():
+        known = raw_lengths if graph is model.graph else {}
         for value in graph.initializers.values():
             tensor = value.const_value
             if not isinstance(tensor, ir.TensorProtoTensor):
@@ -356,9 +361,11 @@ def _initializer_problem(model: ir.Model) -> str | None:
             if not proto.HasField("raw_data") or tensor.dtype == ir.DataType.STRING:
                 continue
             needed = (tensor.size * tensor.dtype.bitwidth + 7) // 8  # sub-byte types packed
-            if len(proto.raw_data) != needed:
+            name = value.name or ""
+            held = known[name] if name and name in known else len(proto.raw_data)
+            if held != needed:
                 return (
-                    f"initializer '{value.name}' holds {len(proto.raw_data)} bytes, "
+                    f"initializer '{value.name}' holds {held} bytes, "
                     f"its shape {tensor.shape} {tensor.dtype.name} needs {needed}"
                 )
     return None

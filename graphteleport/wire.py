@@ -37,7 +37,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["MIN_SWAP_BYTES", "fields", "raw_data_offsets", "save_inline", "varint"]
+__all__ = [
+    "MIN_SWAP_BYTES",
+    "fields",
+    "raw_data_offsets",
+    "raw_data_spans",
+    "save_inline",
+    "varint",
+]
 
 #: Initializers with fewer bytes than this are serialised by protobuf (not worth a swap).
 MIN_SWAP_BYTES = 1024
@@ -186,12 +193,21 @@ def raw_data_offsets(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]
     that this walk can read (empty, truncated, malformed: ``{}``)."""
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _raw_data_offsets(buf)
-    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+            return raw_data_spans(buf)
+    except (OSError, ValueError):  # ValueError: an empty file cannot be mapped
         return {}
 
 
-def _raw_data_offsets(buf: mmap.mmap) -> dict[str, tuple[int, int]]:
+def raw_data_spans(buf: Buffer) -> dict[str, tuple[int, int]]:
+    """:func:`raw_data_offsets` of a model's encoding in memory (``{}`` when it cannot be
+    walked)."""
+    try:
+        return _raw_data_spans(buf)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return {}
+
+
+def _raw_data_spans(buf: Buffer) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for number, _, begin, stop in fields(buf, 0, len(buf)):
         if number != _MODEL_GRAPH:
