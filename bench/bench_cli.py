@@ -22,6 +22,7 @@ Usage (from the repository root, in the project's venv)::
 
     python bench/bench_cli.py                      # ResNet-50 (bench/.cache), 5 rounds
     python bench/bench_cli.py --rounds 7 --model my.onnx --json out.json
+    python bench/bench_cli.py --also ../main         # and main's commands, same rounds
 
 The default model is bench_teleport.py's ResNet-50 (exported and cached there on first
 use).  Exit status: 0 done; 1 a command failed; 2 bad usage.  See bench/README.md.
@@ -45,25 +46,30 @@ REPO = HERE.parent
 TARGETS = {"no-verify": 1.3, "verify": 2.5}
 
 
-def commands(model: Path, work: Path) -> dict[str, list[str]]:
-    """The three commands, by name (each writes into ``work``)."""
+Command = tuple[list[str], Path]  # argv, the checkout it runs from
+
+
+def commands(model: Path, work: Path, others: list[Path]) -> dict[str, Command]:
+    """The commands, by name (each writes into ``work``): load+save, then no-verify and
+    verify from this checkout and from each of ``others`` (named ``...@folder``)."""
     py = sys.executable
     base = f"import onnx; onnx.save(onnx.load({str(model)!r}), {str(work / 'base.onnx')!r})"
     tele = [py, "-m", "graphteleport", str(model), "-o", str(work / "out.onnx"), "-q"]
-    return {
-        "load+save": [py, "-c", base],
-        "no-verify": [*tele, "--no-verify"],
-        "verify": tele,
-    }
+    out: dict[str, Command] = {"load+save": ([py, "-c", base], REPO)}
+    for repo in [REPO, *others]:
+        suffix = "" if repo == REPO else f"@{repo.name}"
+        out["no-verify" + suffix] = ([*tele, "--no-verify"], repo)
+        out["verify" + suffix] = (tele, repo)
+    return out
 
 
-def run_once(argv: list[str], work: Path) -> tuple[float, int]:
+def run_once(argv: list[str], repo: Path, work: Path) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command run to completion."""
     for f in work.iterdir():
         f.unlink()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(repo)}
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env)
+    proc = subprocess.Popen(argv, cwd=repo, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -72,17 +78,17 @@ def run_once(argv: list[str], work: Path) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
-def measure(model: Path, rounds: int) -> dict[str, Any]:
+def measure(model: Path, rounds: int, others: list[Path]) -> dict[str, Any]:
     """Every command once per round, interleaved; medians, peaks and ratios."""
     times: dict[str, list[float]] = {}
     peaks: dict[str, int] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-cli-", dir=HERE / ".cache") as tmp:
         work = Path(tmp)
-        cmds = commands(model, work)
+        cmds = commands(model, work, others)
         for _ in range(rounds):
-            for name, argv in cmds.items():
-                seconds, peak = run_once(argv, work)
+            for name, (argv, repo) in cmds.items():
+                seconds, peak = run_once(argv, repo, work)
                 times.setdefault(name, []).append(seconds)
                 peaks[name] = max(peaks.get(name, 0), peak)
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -93,7 +99,7 @@ def measure(model: Path, rounds: int) -> dict[str, Any]:
         "seconds": times,
         "median": medians,
         "peak_rss_bytes": peaks,
-        "ratio": {k: medians[k] / base for k in TARGETS},
+        "ratio": {k: medians[k] / base for k in medians if k != "load+save"},
         "targets": TARGETS,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
@@ -107,8 +113,9 @@ def report(r: dict[str, Any]) -> None:
         peak = r["peak_rss_bytes"][name] / 2**30
         print(f"  {name:10s} median {med:6.2f} s  peak {peak:.2f} GiB  ({spread})")
     for name, ratio in r["ratio"].items():
-        verdict = "meets" if ratio <= TARGETS[name] else "misses"
-        print(f"  {name}: {ratio:.2f}x load+save ({verdict} the {TARGETS[name]}x target)")
+        target = TARGETS[name.split("@")[0]]
+        verdict = "meets" if ratio <= target else "misses"
+        print(f"  {name}: {ratio:.2f}x load+save ({verdict} the {target}x target)")
     before = " ".join(f"{x:.2f}" for x in r["loadavg_before"])
     after = " ".join(f"{x:.2f}" for x in r["loadavg_after"])
     print(f"  load average before {before}, after {after} ({os.cpu_count()} CPUs)")
@@ -119,6 +126,15 @@ def main() -> int:
     p.add_argument("--model", type=Path, help="ONNX model (default: the cached ResNet-50)")
     p.add_argument("--rounds", type=int, default=5, help="rounds (median over them; >= 1)")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CHECKOUT",
+        help="also time the commands of another graphteleport checkout (e.g. main's) in "
+        "the same rounds",
+    )
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -129,10 +145,11 @@ def main() -> int:
 
         model = ensure_resnet50(DEFAULT_CACHE, external_data=False, seed=0)
     (HERE / ".cache").mkdir(exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "compileall", "-q", str(REPO / "graphteleport")], check=True
-    )
-    r = measure(model.resolve(), args.rounds)
+    others = [o.resolve() for o in args.also]
+    for repo in [REPO, *others]:
+        package = str(repo / "graphteleport")
+        subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True)
+    r = measure(model.resolve(), args.rounds, others)
     report(r)
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=2))
