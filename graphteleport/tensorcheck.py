@@ -112,6 +112,28 @@ class TensorScales:
         out: np.ndarray = np.multiply(array, _fit(s, array.ndim), dtype=wide)  # one pass
         return out
 
+    def peak(self, name: str, array: np.ndarray) -> float:
+        """``max |s_v ⊙ array|`` over its finite elements (:func:`tolerance_scale` of
+        :meth:`apply`), the same float64 number without forming the product for a float
+        array whose elements are all finite: each ``s`` times the largest ``|x|`` it
+        scales (rounding is monotonic, so the largest rounded product is the rounded
+        product of the largest)."""
+        s = self.scales.get(name)
+        fitted = None if s is None else _fit(s, array.ndim)
+        fits = fitted is not None and all(
+            d in (1, n) for d, n in zip(fitted.shape, array.shape, strict=True)
+        )
+        if fitted is None or not fits or array.dtype.kind != "f" or not array.size:
+            return tolerance_scale(self.apply(name, array))
+        axes = tuple(k for k, d in enumerate(fitted.shape) if d == 1)
+        hi = array.max(axis=axes, keepdims=True).astype(np.float64)
+        lo = array.min(axis=axes, keepdims=True).astype(np.float64)
+        largest = np.maximum(hi, -lo)  # max |x| under each s
+        peak = float(np.max(np.abs(fitted) * largest, initial=0.0))
+        if not math.isfinite(peak):  # a NaN/inf somewhere: masked, as tolerance_scale does
+            return tolerance_scale(self.apply(name, array))
+        return peak
+
 
 def _fit(s: np.ndarray, rank: int) -> np.ndarray:
     """``s`` with leading size-1 axes added or dropped to match *rank*."""
@@ -721,7 +743,7 @@ def _check_group(
 
     def magnitude(x: str) -> float:
         if x not in mags:
-            mags[x] = tolerance_scale(scales.apply(x, arrays[x]))
+            mags[x] = scales.peak(x, arrays[x])
         return mags[x]
 
     for name in job.group:

@@ -16,13 +16,11 @@ from onnx import TensorProto, helper, numpy_helper
 from graphteleport import io as gt_io
 from graphteleport import wire
 from graphteleport.pipeline import TeleportOptions, teleport_file
-from graphteleport.tensorcheck import LoadedModel, recording_model
-from graphteleport.verify import open_proto
 
 MODELS = Path(__file__).resolve().parent.parent / "models" / "onnx"
 
 
-def _rich_model() -> onnx.ModelProto:
+def rich_model() -> onnx.ModelProto:
     """Initializers of many dtypes and sizes, one with a doc string, one with metadata,
     one stored as float_data, a Constant node, a subgraph with its own weight."""
     rng = np.random.default_rng(0)
@@ -106,8 +104,8 @@ def _initializers(data: bytes) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("change", [False, True])
-def test_rich_model_same_bytes_as_onnx_ir(tmp_path: Path, change: bool) -> None:
-    model = ir.serde.deserialize_model(_rich_model())
+def testrich_model_same_bytes_as_onnx_ir(tmp_path: Path, change: bool) -> None:
+    model = ir.serde.deserialize_model(rich_model())
     if change:
         model = _changed(model)
     slow, fast = _both(model, tmp_path)
@@ -128,7 +126,7 @@ def test_shipped_models_same_bytes(tmp_path: Path, path: Path) -> None:
 def test_swaps_the_large_plain_tensors_only() -> None:
     """A test that could pass without the fast path would prove nothing: the large raw
     weights must really go around protobuf, the others through it."""
-    model = _changed(ir.serde.deserialize_model(_rich_model()))
+    model = _changed(ir.serde.deserialize_model(rich_model()))
     with wire._placeholders(model) as payloads:
         swapped = set(payloads)
         placeholders = [model.graph.initializers[n].const_value for n in swapped]
@@ -139,7 +137,7 @@ def test_swaps_the_large_plain_tensors_only() -> None:
 
 
 def test_model_unchanged_and_restored_on_error(tmp_path: Path) -> None:
-    model = _changed(ir.serde.deserialize_model(_rich_model()))
+    model = _changed(ir.serde.deserialize_model(rich_model()))
     before = {n: v.const_value for n, v in model.graph.initializers.items()}
     with pytest.raises(OSError):
         wire.save_inline(model, tmp_path / "missing" / "out.onnx")
@@ -180,7 +178,7 @@ def test_teleport_output_same_as_slow_path(tmp_path: Path, monkeypatch: pytest.M
 def test_non_contiguous_arrays(tmp_path: Path) -> None:
     """An array whose memory is not the raw bytes (Fortran order, a strided view) is
     converted as onnx_ir converts it."""
-    model = ir.serde.deserialize_model(_rich_model())
+    model = ir.serde.deserialize_model(rich_model())
     for name, change in (("w_f32", np.asfortranarray), ("w_i64", lambda a: a[::2])):
         value = model.graph.initializers[name]
         assert value.const_value is not None
@@ -193,7 +191,7 @@ def test_non_contiguous_arrays(tmp_path: Path) -> None:
 
 def test_raw_data_offsets_point_at_the_weights(tmp_path: Path) -> None:
     path = tmp_path / "rich.onnx"
-    onnx.save(_rich_model(), path)
+    onnx.save(rich_model(), path)
     data = path.read_bytes()
     offsets = wire.raw_data_offsets(path)
     proto = onnx.load(path)
@@ -205,29 +203,3 @@ def test_raw_data_offsets_point_at_the_weights(tmp_path: Path) -> None:
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
     assert wire.raw_data_offsets(tmp_path / "empty.onnx") == {}
     assert wire.raw_data_offsets(tmp_path / "cut.onnx") == {}
-
-
-def test_cut_models_read_weights_from_the_file(tmp_path: Path) -> None:
-    """The per-tensor check's models carry references to the weights' bytes in the model
-    file, and onnxruntime computes with them what it computes with the weights inline; a
-    model that is a link into another folder keeps them inline (onnxruntime refuses
-    data outside the model's folder)."""
-    path = tmp_path / "rich.onnx"
-    onnx.save(_rich_model(), path)
-    loaded = LoadedModel.load(path)
-    big = loaded.initializers["w_f32"]
-    assert big.data_location == TensorProto.EXTERNAL and not big.HasField("raw_data")
-    assert loaded.initializers["small"].HasField("raw_data")  # small ones stay inline
-    x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
-    light = recording_model(loaded, ["a", "b"])
-    assert light.ByteSize() < 20_000  # kilobytes, not the weights
-    got = open_proto(light, loaded.folder)({"x": x})
-    inline = onnx.load(path)
-    inline.graph.output.extend([onnx.ValueInfoProto(name="a"), onnx.ValueInfoProto(name="b")])
-    want = open_proto(inline, str(tmp_path))({"x": x})
-    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    (other / "link.onnx").symlink_to(path)
-    linked = LoadedModel.load(other / "link.onnx")
-    assert linked.initializers["w_f32"].HasField("raw_data")
