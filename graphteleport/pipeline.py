@@ -149,9 +149,9 @@ def _feeds(
     model: ir.Model, opts: TeleportOptions, src: str | os.PathLike[str]
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]], onnx_frontend.ResolvedInputs]:
     """Verification inputs (the user's, then random draws; one set when the job is not
-    verified, for its shapes), the concrete input shapes the
-    analysis uses (those of the first set), and how the frontend sized the dynamic axes
-    (probing ``src`` in onnxruntime where needed)."""
+    verified, for its shapes), the concrete input shapes the analysis uses (those of the
+    first set), and how the frontend sized the dynamic axes (probing ``src`` in
+    onnxruntime where needed)."""
     resolved = onnx_frontend.resolve_input_shapes(
         model,
         opts.input_shapes,
