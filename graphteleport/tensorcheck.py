@@ -39,14 +39,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
-from graphteleport.wire import raw_data_offsets
+from graphteleport.wire import light_encoding
 
 logger = logging.getLogger(__name__)
 
@@ -258,14 +260,14 @@ class LoadedModel:
     (parse a model once: :func:`check_tensors` takes one as its original).
 
     ``skeleton`` is the proto without nodes, initializers and outputs: cut models are
-    built on it with just the nodes and initializers they need.  ``initializers`` are
-    what a cut model carries: from :meth:`load`, each weight stored as ``raw_data`` of
-    over :data:`LIGHT_BYTES` is a reference to its bytes in the model file itself
-    (external data: location the file, the offset of its ``raw_data``,
-    :func:`graphteleport.wire.raw_data_offsets`), so a cut model is kilobytes and
-    onnxruntime reads the weights from the file, the very bytes the model holds — a copy
-    of every weight per cut model, serialised and parsed again, would dominate the
-    check's time on a large model.
+    built on it with just the nodes and initializers they need (``initializers``, by
+    name).  From :meth:`load`, each weight stored as ``raw_data`` of over
+    :data:`LIGHT_BYTES` is a reference to its bytes in the model file itself (external
+    data: location the file, the offset of its ``raw_data``;
+    :func:`graphteleport.wire.light_encoding`), so the proto is kilobytes, a cut model
+    too, and onnxruntime reads the weights from the file, the very bytes the model
+    holds — a copy of every weight per cut model, serialised and parsed again, would
+    dominate the check's time on a large model.
     """
 
     proto: onnx.ModelProto
@@ -275,12 +277,12 @@ class LoadedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LoadedModel:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
+        proto = _light_proto(path) or onnx.load(os.fspath(path), load_external_data=False)
         skeleton = onnx.ModelProto()
         _copy_without_weights(proto, skeleton)
         del skeleton.graph.node[:]
         del skeleton.graph.output[:]
-        inits = _light_initializers(proto.graph, path)
+        inits = {t.name: t for t in proto.graph.initializer}
         return cls(proto, os.path.dirname(os.path.abspath(path)), skeleton, inits)
 
 
@@ -288,26 +290,22 @@ class LoadedModel:
 LIGHT_BYTES = 1024
 
 
-def _light_initializers(
-    graph: onnx.GraphProto, path: str | os.PathLike[str]
-) -> dict[str, onnx.TensorProto]:
-    """The graph's initializers by name, those with over :data:`LIGHT_BYTES` of
-    ``raw_data`` in the file at ``path`` as references to those bytes (see
-    :class:`LoadedModel`); the rest (small, typed fields, already external) as stored."""
-    offsets = raw_data_offsets(path) if _resolves_in_place(path) else {}
-    location = os.path.basename(os.fspath(path))
-    out: dict[str, onnx.TensorProto] = {}
-    for t in graph.initializer:
-        where = offsets.get(t.name)
-        if where is None or where[1] <= LIGHT_BYTES or t.HasField("data_location"):
-            out[t.name] = t
-            continue
-        ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
-        ref.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", where[0]), ("length", where[1])):
-            ref.external_data.add(key=key, value=str(value))
-        out[t.name] = ref
-    return out
+def _light_proto(path: str | os.PathLike[str]) -> onnx.ModelProto | None:
+    """The model file at ``path`` parsed with its large weights as references into it
+    (:class:`LoadedModel`); None where that cannot be: not binary protobuf, a link into
+    another folder, an encoding the walk cannot read (then the caller parses it whole)."""
+    ext = os.path.splitext(os.fspath(path))[1]
+    binary = onnx.serialization.registry.get_format_from_file_extension(ext) in (None, "protobuf")
+    if not binary or not _resolves_in_place(path):
+        return None
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            light = light_encoding(buf, os.path.basename(os.fspath(path)), LIGHT_BYTES)
+        proto = onnx.ModelProto()
+        proto.ParseFromString(light or b"")
+    except (OSError, ValueError, DecodeError):
+        return None
+    return proto if light else None
 
 
 def _resolves_in_place(path: str | os.PathLike[str]) -> bool:

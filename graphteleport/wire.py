@@ -30,7 +30,7 @@ import contextlib
 import mmap
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ import onnx_ir as ir
 __all__ = [
     "MIN_SWAP_BYTES",
     "fields",
+    "light_encoding",
     "raw_data_offsets",
     "raw_data_spans",
     "save_inline",
@@ -53,6 +54,8 @@ _MODEL_GRAPH = 7  # ModelProto.graph
 _GRAPH_INITIALIZER = 5  # GraphProto.initializer
 _TENSOR_NAME = 8  # TensorProto.name
 _TENSOR_RAW_DATA = 9  # TensorProto.raw_data
+_TENSOR_EXTERNAL_DATA = 13  # TensorProto.external_data
+_TENSOR_DATA_LOCATION = 14  # TensorProto.data_location
 _LENGTH_DELIMITED = 2
 _PLAIN_PROTO_FIELDS = frozenset({"dims", "data_type", "name", "raw_data"})
 
@@ -132,32 +135,82 @@ def splice(encoded: bytes, payloads: dict[str, Chunk]) -> list[Chunk]:
     """The pieces of ``encoded`` (a ModelProto) with the ``raw_data`` of each initializer
     of the main graph named in ``payloads`` set to those bytes (the initializers' and
     the graph's lengths re-encoded).  Raises ValueError if one is not found."""
-    out: list[Chunk] = []
-    pos = 0
-    for number, first, begin, stop in fields(encoded, 0, len(encoded)):
-        if number != _MODEL_GRAPH:
-            continue
-        graph = _graph_chunks(encoded, begin, stop, payloads)
-        out += [encoded[pos:first], _header(_MODEL_GRAPH, _size(graph)), *graph]
-        pos = stop
-    out.append(encoded[pos:])
+
+    def give(buf: Buffer, begin: int, stop: int) -> list[Chunk] | None:
+        name = _tensor_name(buf, begin, stop)
+        return (
+            None if name not in payloads else _tensor_chunks(buf, begin, stop, payloads.pop(name))
+        )
+
+    out = _edit_initializers(encoded, give)
     if payloads:
         raise ValueError(f"initializers not found in the encoding: {sorted(payloads)[:3]}")
     return out
 
 
-def _graph_chunks(encoded: bytes, start: int, end: int, payloads: dict[str, Chunk]) -> list[Chunk]:
-    """The graph message's pieces, initializers in ``payloads`` given their bytes (each
-    name is removed from ``payloads`` once placed)."""
+def light_encoding(buf: Buffer, location: str, min_bytes: int) -> bytes | None:
+    """``buf`` (a ModelProto's encoding, the file ``location``) with the ``raw_data`` of
+    every main-graph initializer over ``min_bytes`` replaced by a reference to where it
+    lies in that file (``data_location`` EXTERNAL; ``external_data`` location, offset,
+    length): the model without copies of its weights, for a reader that needs their
+    shapes, or reads them from the file.  None when ``buf`` cannot be walked."""
+
+    def refer(data: Buffer, begin: int, stop: int) -> list[Chunk] | None:
+        found = {n: (b, e) for n, _, b, e in fields(data, begin, stop)}
+        raw = found.get(_TENSOR_RAW_DATA)
+        if raw is None or raw[1] - raw[0] <= min_bytes or _TENSOR_DATA_LOCATION in found:
+            return None
+        kept = bytearray()
+        for number, first, _, end in fields(data, begin, stop):
+            if number != _TENSOR_RAW_DATA:
+                kept += data[first:end]
+        ref = {"location": location, "offset": str(raw[0]), "length": str(raw[1] - raw[0])}
+        for key, value in ref.items():
+            entry = _string(1, key) + _string(2, value)
+            kept += _header(_TENSOR_EXTERNAL_DATA, len(entry)) + entry
+        kept += varint(_TENSOR_DATA_LOCATION << 3) + varint(1)  # EXTERNAL
+        return [bytes(kept)]
+
+    try:
+        return b"".join(_edit_initializers(buf, refer))
+    except (ValueError, IndexError):
+        return None
+
+
+def _string(number: int, text: str) -> bytes:
+    data = text.encode("utf-8")
+    return _header(number, len(data)) + data
+
+
+Edit = Callable[[Buffer, int, int], list[Chunk] | None]
+
+
+def _edit_initializers(encoded: Buffer, edit: Edit) -> list[Chunk]:
+    """The pieces of ``encoded`` (a ModelProto) with each main-graph initializer that
+    ``edit(encoded, start, end)`` (its contents' span) gives pieces for replaced by them;
+    the initializers' and the graph's lengths re-encoded."""
+    out: list[Chunk] = []
+    pos = 0
+    for number, first, begin, stop in fields(encoded, 0, len(encoded)):
+        if number != _MODEL_GRAPH:
+            continue
+        graph = _graph_chunks(encoded, begin, stop, edit)
+        out += [encoded[pos:first], _header(_MODEL_GRAPH, _size(graph)), *graph]
+        pos = stop
+    out.append(encoded[pos:])
+    return out
+
+
+def _graph_chunks(encoded: Buffer, start: int, end: int, edit: Edit) -> list[Chunk]:
+    """The graph message's pieces, initializers replaced where ``edit`` says."""
     out: list[Chunk] = []
     pos = start
     for number, first, begin, stop in fields(encoded, start, end):
         if number != _GRAPH_INITIALIZER:
             continue
-        name = _tensor_name(encoded, begin, stop)
-        if name not in payloads:
+        tensor = edit(encoded, begin, stop)
+        if tensor is None:
             continue
-        tensor = _tensor_chunks(encoded, begin, stop, payloads.pop(name))
         out += [encoded[pos:first], _header(_GRAPH_INITIALIZER, _size(tensor)), *tensor]
         pos = stop
     out.append(encoded[pos:end])
@@ -171,7 +224,7 @@ def _tensor_name(encoded: Buffer, start: int, end: int) -> str | None:
     return None
 
 
-def _tensor_chunks(encoded: bytes, start: int, end: int, payload: Chunk) -> list[Chunk]:
+def _tensor_chunks(encoded: Buffer, start: int, end: int, payload: Chunk) -> list[Chunk]:
     """The tensor message's pieces with ``raw_data`` = ``payload``, in field order (the
     placeholder's empty ``raw_data``, if encoded, is dropped)."""
     before, after = bytearray(), bytearray()

@@ -203,3 +203,28 @@ def test_raw_data_offsets_point_at_the_weights(tmp_path: Path) -> None:
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
     assert wire.raw_data_offsets(tmp_path / "empty.onnx") == {}
     assert wire.raw_data_offsets(tmp_path / "cut.onnx") == {}
+
+
+def test_light_encoding_refers_to_the_files_bytes(tmp_path: Path) -> None:
+    """The light model is the model with each large raw weight replaced by a reference to
+    its bytes in the file; everything else is the same."""
+    path = tmp_path / "rich.onnx"
+    onnx.save(rich_model(), path)
+    data = path.read_bytes()
+    light = wire.light_encoding(data, "rich.onnx", 1024)
+    assert light is not None
+    got, want = onnx.load_model_from_string(light), onnx.load(path)
+    refs = [t for t in got.graph.initializer if t.HasField("data_location")]
+    moved = sum(int({e.key: e.value for e in t.external_data}["length"]) for t in refs)
+    assert len(refs) >= 5 and len(light) < len(data) - moved + 64 * len(refs)
+    for a, b in zip(got.graph.initializer, want.graph.initializer, strict=True):
+        if not a.HasField("data_location"):
+            assert a == b and (not b.HasField("raw_data") or len(b.raw_data) <= 1024)
+            continue
+        ref = {e.key: e.value for e in a.external_data}
+        offset, length = int(ref["offset"]), int(ref["length"])
+        assert ref["location"] == "rich.onnx" and data[offset : offset + length] == b.raw_data
+        assert (a.name, a.data_type, list(a.dims)) == (b.name, b.data_type, list(b.dims))
+    del got.graph.initializer[:], want.graph.initializer[:]
+    assert got == want
+    assert wire.light_encoding(data[:-7], "rich.onnx", 1024) is None
