@@ -1,4 +1,4 @@
-"""Writing a model file without copying its weights through protobuf.
+"""Model files at the protobuf wire level: written, and read, without copying weights.
 
 :func:`onnx_ir.save` builds a ``ModelProto`` holding every weight (one copy of each
 tensor's bytes), serialises it into one string (a second copy) and writes that.  For an
@@ -22,6 +22,13 @@ plain raw bytes in memory (packed 4-bit and 6-bit types, strings, external data,
 with fields of its own beyond name, dtype, dims and raw data) are not swapped: onnx_ir
 serialises them as before.  Formats other than binary protobuf (``.json``,
 ``.textproto``) take :func:`onnx_ir.save`.
+
+Reading: :func:`raw_data_offsets` (and :func:`raw_data_spans`) say where each weight's
+bytes lie in a model file, walking only the fields' headers; :func:`light_encoding`
+turns a model file into the same model whose large weights are references to those
+bytes (external data), for a reader that needs the graph and the weights' shapes, or
+lets onnxruntime read the weights from the file (the per-tensor check's models,
+:class:`graphteleport.tensorcheck.LoadedModel`).
 """
 
 from __future__ import annotations
