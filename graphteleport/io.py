@@ -40,6 +40,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
@@ -914,21 +915,40 @@ class DataFile:
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._sources: dict[str, int] = {}  # open source data files, by path
         self._reported = 0  # bytes told to on_bytes since the last rewind
+        self._writer: list[ThreadPoolExecutor] = []  # made on the first put
+        self._pending: Future[None] | None = None
 
     def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
-        """Append ``array`` (C order) and return it as an external tensor named ``name``."""
+        """Append ``array`` (C order) and return it as an external tensor named ``name``.
+
+        The bytes are written by a background thread while the caller computes the next
+        weight (one write in flight: ``array`` must not change until the next call); a
+        write error is raised by the next :meth:`put`, :meth:`copy`, :meth:`rewind` or
+        :meth:`close`, and the tensor returned is readable once :meth:`close` returned."""
         data = np.ascontiguousarray(array)
         raw = data.reshape(-1).view(np.uint8).data
         start = self._start()
-        for i in range(0, len(raw), _COPY_CHUNK):
-            _pwrite_all(self._file(), raw[i : i + _COPY_CHUNK], start + i)
+        self.wait()
+        if not self._writer:
+            self._writer.append(ThreadPoolExecutor(1, thread_name_prefix="gt-write"))
+        self._pending = self._writer[0].submit(_pwrite_chunks, self._file(), raw, start)
         dtype = ir.DataType.from_numpy(data.dtype)
         return self._appended(name, dtype, data.shape, start, len(raw))
+
+    def wait(self) -> None:
+        """Wait for the write in flight; its error, if any, as an :class:`InputError`."""
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                pending.result()
+        except OSError as e:
+            raise InputError(f"cannot write {self.path.name}: {e.strerror or e}") from e
 
     def copy(self, tensor: ir.ExternalTensor) -> ir.ExternalTensor:
         """Append the bytes of ``tensor`` (another file's), copied by the kernel."""
         length = tensor.length if tensor.length is not None else tensor.nbytes
         start = self._start()
+        self.wait()
         src = self._source(tensor.path)
         _copy_range(src, self._file(), tensor.offset or 0, start, length)
         return self._appended(tensor.name or "", tensor.dtype, tensor.shape.numpy(), start, length)
@@ -936,13 +956,24 @@ class DataFile:
     def rewind(self) -> None:
         """Empty the file: tensors returned so far are no longer valid (``on_bytes`` is
         told minus what it was told so far)."""
+        self.wait()
         os.ftruncate(self._file(), 0)
         self.offset = 0
         self.on_bytes(-self._reported)
         self._reported = 0
 
     def close(self) -> None:
-        """Close the file and the source files (idempotent)."""
+        """Finish the write in flight and close the file and the source files
+        (idempotent); a failed write raises after everything is closed."""
+        try:
+            self.wait()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        for pool in self._writer:
+            pool.shutdown()
+        self._writer.clear()
         for fd in [self._fd, *self._sources.values()]:
             if fd is not None:
                 os.close(fd)
@@ -972,6 +1003,12 @@ class DataFile:
             self.path.name, start, length, dtype,
             shape=ir.Shape(list(shape)), name=name, base_dir=str(self.path.parent),
         )  # fmt: skip
+
+
+def _pwrite_chunks(fd: int, raw: memoryview, start: int) -> None:
+    """Write ``raw`` at ``start``, :data:`_COPY_CHUNK` bytes per call."""
+    for i in range(0, len(raw), _COPY_CHUNK):
+        _pwrite_all(fd, raw[i : i + _COPY_CHUNK], start + i)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -1063,7 +1100,8 @@ def staged_stream(
     try:
         yield staged
     finally:
-        staged.data.close()
+        with contextlib.suppress(OSError, InputError):  # (finish() reports a failed write)
+            staged.data.close()
         staged.discard()
         if not staged.committed:
             logger.debug("discarded streamed output for %s", target)

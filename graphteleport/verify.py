@@ -305,6 +305,9 @@ def _session(
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors come back as exceptions: one line, ours
+    # idle threads sleep instead of spinning: on a busy machine spinning takes the CPU the
+    # other thread needs (a 1-layer LLaMA-shaped float16 run: 0.75-0.90 -> 0.68-0.70 s CPU)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else os.fspath(model)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
