@@ -39,7 +39,7 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
@@ -51,6 +51,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from graphteleport.errors import InputError
+from graphteleport.wire import raw_data_spans, save_inline
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
@@ -103,11 +104,13 @@ def load_model(path: PathLike) -> ir.Model:
         raise InputError("the model file path is empty")
     p = Path(path)
     _check_is_readable_file(p)
-    proto = _parse(p)
+    content, proto = _parse(p)
     _check_no_sparse_initializers(proto, p)
     model = _deserialize(proto, p)
-    _check_complete(model, p)
-    _check_with_onnx_checker(p)
+    spans = raw_data_spans(content) if content is not None else {}
+    _check_complete(model, p, {name: length for name, (_, length) in spans.items()})
+    inline = not external_data_files(model)  # then the bytes read are the whole model
+    _check_with_onnx_checker(p, content if inline else None)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
     return model
 
@@ -163,10 +166,15 @@ def _check_is_readable_file(p: Path) -> None:
         raise InputError(f"model file is empty: {p}")
 
 
-def _parse(p: Path) -> onnx.ModelProto:
-    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads)."""
+def _parse(p: Path) -> tuple[bytes | None, onnx.ModelProto]:
+    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads),
+    and the bytes read when they are binary protobuf (the checker takes them rather than
+    reading and decoding the file a second time)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix) or "protobuf"
     try:
-        return onnx.load(os.path.abspath(p), load_external_data=False)
+        content = p.read_bytes()
+        proto = onnx.load_model_from_string(content, format=fmt)  # as onnx.load(p) reads it
+        return (content if fmt == "protobuf" else None), proto
     except DecodeError as e:
         raise InputError(_decode_error_message(p)) from e
     except Exception as e:  # onnx and protobuf raise many types on corrupt input
@@ -226,10 +234,15 @@ def _sparse_initializer_names(graph: onnx.GraphProto) -> Iterator[str]:
                 yield from _sparse_initializer_names(sub)
 
 
-def _check_with_onnx_checker(p: Path) -> None:
-    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR)."""
+def _check_with_onnx_checker(p: Path, content: bytes | None = None) -> None:
+    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR):
+    on ``content``, its bytes already read, when given (a model without external data,
+    under protobuf's 2 GiB: the same check), else on the path."""
+    source: bytes | str = os.path.abspath(p)
+    if content is not None and len(content) <= onnx.checker.MAXIMUM_PROTOBUF:
+        source = content
     try:
-        onnx.checker.check_model(os.path.abspath(p))
+        onnx.checker.check_model(source)
     except onnx.checker.ValidationError as e:
         raise InputError(f"{p} is not a valid ONNX model: {_one_line(e)}") from e
 
@@ -246,11 +259,13 @@ def _decode_error_message(p: Path) -> str:
     return f"{p} is not an ONNX model file (protobuf decoding failed)"
 
 
-def _check_complete(model: ir.Model, p: Path) -> None:
-    """Raise InputError if *model* (loaded from *p*) is empty, cut short or lacks weights."""
+def _check_complete(model: ir.Model, p: Path, raw_lengths: Mapping[str, int]) -> None:
+    """Raise InputError if *model* (loaded from *p*) is empty, cut short or lacks weights.
+    *raw_lengths*: the ``raw_data`` lengths of main-graph initializers, read from the file's
+    encoding (:func:`graphteleport.wire.raw_data_spans`; others are measured)."""
     if model.ir_version <= 0 and not model.graph.outputs and len(model.graph) == 0:
         raise InputError(f"{p} is not an ONNX model (no ir_version or graph found)")
-    problem = _structure_problem(model) or _initializer_problem(model)
+    problem = _structure_problem(model) or _initializer_problem(model, raw_lengths)
     if problem is not None:
         raise InputError(
             f"{p} is not a complete ONNX model ({problem}); the file may be truncated or corrupt"
@@ -334,9 +349,11 @@ def _node_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
             yield from attr.as_graphs()
 
 
-def _initializer_problem(model: ir.Model) -> str | None:
-    """Check each inline initializer's raw bytes against its shape and dtype."""
+def _initializer_problem(model: ir.Model, raw_lengths: Mapping[str, int]) -> str | None:
+    """Check each inline initializer's raw bytes against its shape and dtype (the length
+    of a main-graph one from *raw_lengths* when there: reading ``raw_data`` copies it)."""
     for graph in model.graphs():
+        known = raw_lengths if graph is model.graph else {}
         for value in graph.initializers.values():
             tensor = value.const_value
             if not isinstance(tensor, ir.TensorProtoTensor):
@@ -345,9 +362,11 @@ def _initializer_problem(model: ir.Model) -> str | None:
             if not proto.HasField("raw_data") or tensor.dtype == ir.DataType.STRING:
                 continue
             needed = (tensor.size * tensor.dtype.bitwidth + 7) // 8  # sub-byte types packed
-            if len(proto.raw_data) != needed:
+            name = value.name or ""
+            held = known[name] if name and name in known else len(proto.raw_data)
+            if held != needed:
                 return (
-                    f"initializer '{value.name}' holds {len(proto.raw_data)} bytes, "
+                    f"initializer '{value.name}' holds {held} bytes, "
                     f"its shape {tensor.shape} {tensor.dtype.name} needs {needed}"
                 )
     return None
@@ -795,7 +814,7 @@ def _write(model: ir.Model, model_path: Path, data_name: str | None) -> None:
                 "single ONNX file; save with external data"
             )
         with _inlined_external_tensors(model), _inlined_external_attributes(model):
-            ir.save(model, model_path)
+            save_inline(model, model_path)  # ir.save's bytes, weights copied once
     except OSError as e:
         raise InputError(f"cannot write {model_path.name}: {e.strerror or e}") from e
 
