@@ -1097,6 +1097,9 @@ def staged_stream(
     except OSError as e:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise InputError(f"cannot write to {target.parent}: {e.strerror or e}") from e
+    except BaseException:  # an interrupt (SIGINT, SIGTERM) while the staging opens
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
     try:
         yield staged
     finally:

@@ -105,6 +105,8 @@ _CHILD = textwrap.dedent(
 
     def signalled(*args, **kwargs):
         result = original(*args, **kwargs)
+        # what exists in the output folder when the signal lands (the test reads it)
+        print("at signal:", sorted(os.listdir("out")), file=sys.stderr, flush=True)
         os.kill(os.getpid(), sig)
         return result
 
@@ -116,7 +118,7 @@ _CHILD = textwrap.dedent(
 
 PHASES = [
     "graphteleport.pipeline:load_model",  # loaded
-    "graphteleport.pipeline:staged_stream",  # staging opened (before the pass)
+    "graphteleport.io:StreamedSave.__init__",  # staging opened (before the pass)
     "graphteleport.passes.teleport:analyze_model",  # analysed
     "graphteleport.io:DataFile.put",  # a rewritten weight written
     "graphteleport.io:DataFile.copy",  # an unchanged weight copied
@@ -144,6 +146,9 @@ def test_a_signal_in_any_phase_leaves_no_partial_output(
     p = _run_child(tmp_path, target, sig)
     assert p.returncode == (130 if sig == "SIGINT" else 143), p.stderr
     assert "no partial output" in p.stderr
+    # past the load the staging existed when the signal landed: the cleanup is exercised
+    staged_then = "'.graphteleport-" in p.stderr.split("at signal:")[1].splitlines()[0]
+    assert staged_then == (target != PHASES[0]), p.stderr
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == []
     assert sorted(x.name for x in (tmp_path / "in").iterdir()) == ["llama.onnx", "llama.onnx.data"]
 
