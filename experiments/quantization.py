@@ -40,6 +40,8 @@ default ``/work/peers``), ``GT_EQUALIZE_SRC`` (the source tree whose ``graphtele
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -64,7 +66,7 @@ PEER_SCRIPTS = ROOT / "experiments" / "quant_peers"
 WEIGHT_OPS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
 FP32_RTOL = 1e-3  # float32 rounding through a deep net reaches ~1e-4 on softmax outputs
 MIN_OPSET = 13
-TOOL_TIMEOUT_S = 600
+TOOL_TIMEOUT_S = 300
 
 log = logging.getLogger("experiments.quantization")
 
@@ -369,8 +371,6 @@ def transform(
         cmd += ["--report", str(dst.with_suffix(".report.json")), "-q"]
         env = {**os.environ, "PYTHONPATH": str(equalize_src())}
         return run_tool(cmd, env, dst.parent, dst)
-    if dst.is_file() and dst.stat().st_mtime > src.stat().st_mtime:
-        return "reused (cached peer output, newer than the prepared model)"
     python = peers_dir() / variant.tool / "bin" / "python"
     if not python.is_file():
         raise ToolFailed(f"did not run: no virtualenv at {python.parent.parent}")
@@ -394,76 +394,241 @@ def report_facts(path: Path) -> dict[str, Any]:
     }
 
 
+# -- caching -------------------------------------------------------------------------------------
+def graph_digest(path: Path) -> str:
+    """A digest of the model at ``path`` that ignores its metadata (producer, doc string):
+    the graph (nodes, initializers, inputs, outputs) and the opset imports.  Two tools that
+    write the same function with the same weights get the same digest."""
+    import onnx
+
+    model = onnx.load(str(path))
+    h = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    for o in model.opset_import:
+        h.update(f"|{o.domain}:{o.version}".encode())
+    return h.hexdigest()[:20]
+
+
+def feeds_digest(feeds: dict[str, np.ndarray]) -> str:
+    """A digest of named arrays (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(feeds):
+        a = np.ascontiguousarray(feeds[name])
+        h.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def text_digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:20]
+
+
+def tree_digest(folder: Path) -> str:
+    """A digest of every ``.py`` file under ``folder`` (paths and contents)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.py")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+class Cache:
+    """What a run of one model can reuse from an earlier run, in ``WORK/cache.json``:
+
+    * ``transforms``: per variant, the key of the transform that wrote ``KEY.fp32.onnx``
+      (the prepared model's digest, the tool's arguments and the tool's own fingerprint:
+      graphteleport's source files, or the peer script and the peer's version) and its
+      outcome (a failure, a timeout included, is reused like a success);
+    * ``measured``: per measurement key (the transformed FP32 graph's digest, the
+      quantization settings, the calibration and held-back inputs' digests, onnxruntime's
+      version), the row's numbers.  A tool that writes a model equal to one measured
+      before (a peer that moved nothing) reuses that model's measurement;
+    * ``reference``: the prepared model's outputs on the held-back inputs (``ref.npz``)."""
+
+    def __init__(self, work: Path, enabled: bool) -> None:
+        self.path = work / "cache.json"
+        self.enabled = enabled
+        data = json.loads(self.path.read_text()) if enabled and self.path.is_file() else {}
+        self.transforms: dict[str, Any] = data.get("transforms", {})
+        self.measured: dict[str, Any] = data.get("measured", {})
+        self.reference: dict[str, Any] = data.get("reference", {})
+
+    def save(self) -> None:
+        data = {"transforms": self.transforms, "measured": self.measured}
+        data["reference"] = self.reference
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        tmp.replace(self.path)
+
+    def transform(self, variant: str, key: str) -> dict[str, Any] | None:
+        entry = self.transforms.get(variant)
+        return entry if self.enabled and entry and entry["key"] == key else None
+
+    def measurement(self, key: str) -> dict[str, Any] | None:
+        return self.measured.get(key) if self.enabled else None
+
+
+def reference_outputs(
+    task: Any, work: Path, prepared: Path, cache: Cache, held: str
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """The prepared model's outputs on the held-back inputs, and the original model's task
+    metric and distance to them (each computed once per model, inputs and onnxruntime)."""
+    import onnxruntime
+
+    key = text_digest(
+        graph_digest(prepared), graph_digest(task.path), held, onnxruntime.__version__
+    )
+    store = work / "ref.npz"
+    if cache.enabled and cache.reference.get("key") == key and store.is_file():
+        with np.load(store) as z:
+            ref = [z[f"out{i}"] for i in range(len(z.files))]
+        return ref, cache.reference["facts"]
+    ref = run_batches(prepared, task.held_back)
+    original = run_batches(task.path, task.held_back)
+    facts = {
+        "fp32_original_metric": task.metric(original, ref),
+        "prepared_vs_original_rel_err": max_rel_err(original, ref),
+    }
+    np.savez(store, **{f"out{i}": r for i, r in enumerate(ref)})
+    cache.reference = {"key": key, "facts": facts}
+    cache.save()
+    return ref, facts
+
+
+def tool_fingerprint(variant: Variant) -> str:
+    """What a transform's result depends on besides its input and arguments."""
+    if variant.tool == "none":
+        return "none"
+    if variant.tool == "graphteleport":
+        return "graphteleport " + tree_digest(equalize_src() / "graphteleport")
+    script = PEER_SCRIPTS / variant.args[0]
+    text = script.read_text() if script.is_file() else "?"
+    return f"{variant.tool} {peer_version(variant.tool)} {text_digest(text)}"
+
+
 # -- one model -----------------------------------------------------------------------------------
-def measure_variant(
-    task: Any,
-    variant: Variant,
-    work: Path,
-    prepared: Path,
-    ref: list[np.ndarray],
-    before: list[tuple[str, np.ndarray]],
-    gt_status: str | None,
-) -> Row:
-    """One row: :func:`fill_row`, timed (a failed tool's time included)."""
+def measure_variant(task: Any, variant: Variant, ctx: TaskContext) -> Row:
+    """One row: :func:`fill_row`, timed (a failed tool's time included); a row whose
+    transform and measurement both come from the cache keeps its original time."""
     row = Row(variant.key, variant.label)
     start = time.perf_counter()
     try:
-        fill_row(row, task, variant, work, prepared, ref, before, gt_status)
+        fill_row(row, task, variant, ctx)
     finally:
         row.seconds = time.perf_counter() - start
+        if "cached_seconds" in row.extra:
+            row.seconds = row.extra["cached_seconds"]
+        ctx.cache.save()
     return row
 
 
-def fill_row(
-    row: Row,
-    task: Any,
-    variant: Variant,
-    work: Path,
-    prepared: Path,
-    ref: list[np.ndarray],
-    before: list[tuple[str, np.ndarray]],
-    gt_status: str | None,
-) -> None:
-    """Transform, check FP32, quantize, evaluate; a failure ends in ``row.status``."""
-    import onnx
+@dataclass
+class TaskContext:
+    """What every row of one model shares: the work folder, the prepared model, its outputs
+    on the held-back inputs, its weights, graphteleport's availability, the cache and the
+    digests the cache keys are made of."""
 
-    fp32 = work / f"{variant.key}.fp32.onnx"
+    work: Path
+    prepared: Path
+    ref: list[np.ndarray]
+    before: list[tuple[str, np.ndarray]]
+    gt_status: str | None
+    cache: Cache
+    prepared_digest: str
+    data_digest: str
+
+
+def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[str, float]:
+    """:func:`transform` unless the cache holds its outcome for the same key; the tool's
+    note and the seconds it took (then).  Raises :class:`ToolFailed` (again, when cached)."""
+    key = text_digest(ctx.prepared_digest, variant.args, tool_fingerprint(variant))
+    hit = ctx.cache.transform(variant.key, key)
+    if hit and (hit["failure"] or fp32.is_file()):
+        if hit["failure"]:
+            raise ToolFailed(hit["failure"])
+        return hit["note"], hit["seconds"]
+    start = time.perf_counter()
+    entry: dict[str, Any] = {"key": key, "failure": None, "note": ""}
     try:
-        note = transform(variant, prepared, fp32, work / "calibration.npz", gt_status)
+        entry["note"] = transform(
+            variant, ctx.prepared, fp32, ctx.work / "calibration.npz", ctx.gt_status
+        )
+    except ToolFailed as e:
+        entry["failure"] = str(e)
+        raise
+    finally:
+        entry["seconds"] = time.perf_counter() - start
+        if not (entry["failure"] or "").startswith("pending"):
+            ctx.cache.transforms[variant.key] = entry
+    return entry["note"], entry["seconds"]
+
+
+MEASURED_FIELDS = ("status", "sqnr_db", "metric", "moved", "fp32_rel_err", "date")
+
+
+def fill_row(row: Row, task: Any, variant: Variant, ctx: TaskContext) -> None:
+    """Transform, check FP32, quantize, evaluate (each from the cache where it holds the
+    same); a failure ends in ``row.status``."""
+    import onnx
+    import onnxruntime
+
+    fp32 = ctx.work / f"{variant.key}.fp32.onnx"
+    try:
+        note, tool_seconds = cached_transform(variant, ctx, fp32)
     except ToolFailed as e:
         row.status = str(e)
         return
-    if note.startswith("reused"):
-        row.extra["tool"] = note
-    elif note:
+    if note:
         row.status = f"ok; tool {note}"
     row.extra.update(report_facts(fp32.with_suffix(".report.json")))
     model = onnx.load(str(fp32))
     row.extra["constants_converted"] = constants_to_initializers(model)
     onnx.save(model, str(fp32))
-    row.moved = moved_fraction(before, weight_tensors(model))
-    out = ref if variant.tool == "none" else run_batches(fp32, task.held_back)
-    row.fp32_rel_err = max_rel_err(ref, out)
+    key = text_digest(
+        graph_digest(fp32), ctx.prepared_digest, variant.quantized, variant.per_channel,
+        task.quantize_ops, ctx.data_digest, onnxruntime.__version__,
+    )  # fmt: skip
+    hit = ctx.cache.measurement(key)
+    if hit:
+        row.extra["cached"] = True
+        row.extra["cached_seconds"] = tool_seconds + hit["seconds"]
+        for name in MEASURED_FIELDS:
+            setattr(row, name, hit[name] if name != "status" or not note else row.status)
+        return
+    start = time.perf_counter()
+    measure_fp32_int8(row, task, variant, ctx, fp32, model)
+    ctx.cache.measured[key] = {n: getattr(row, n) for n in MEASURED_FIELDS} | {
+        "seconds": time.perf_counter() - start
+    }
+
+
+def measure_fp32_int8(
+    row: Row, task: Any, variant: Variant, ctx: TaskContext, fp32: Path, model: Any
+) -> None:
+    """The row's numbers: weights moved, the FP32 check, then (for a quantized variant) the
+    INT8 model's SQNR and metric; a quantizer failure is the row's status."""
+    row.moved = moved_fraction(ctx.before, weight_tensors(model))
+    out = ctx.ref if variant.tool == "none" else run_batches(fp32, task.held_back)
+    row.fp32_rel_err = max_rel_err(ctx.ref, out)
     row.fp32_preserved = row.fp32_rel_err <= FP32_RTOL
     if variant.quantized:
-        q = work / f"{variant.key}.int8.onnx"
+        q = ctx.work / f"{variant.key}.int8.onnx"
         try:
             quantize(fp32, q, task.calibration, variant.per_channel, task.quantize_ops)
             out = run_batches(q, task.held_back)
         except Exception as e:  # the quantizer's (or the INT8 model's) failure is the result
             row.status = f"INT8 failed: {type(e).__name__}: {last_line(str(e))}"
             return
-    row.sqnr_db = sqnr_db(ref, out)
-    row.metric = task.metric(out, ref)
+    row.sqnr_db = sqnr_db(ctx.ref, out)
+    row.metric = task.metric(out, ctx.ref)
 
 
 def measure_task(
-    task: Any, cache: Path, variants: Sequence[Variant], gt_status: str | None
+    task: Any, cache_dir: Path, variants: Sequence[Variant], gt_status: str | None, use_cache: bool
 ) -> dict[str, Any]:
     """Every variant of one model; the model's entry of the JSON."""
     import onnx
 
-    work = cache / task.name
+    work = cache_dir / task.name
     work.mkdir(parents=True, exist_ok=True)
     prepared = work / "prepared.onnx"
     if not prepared.is_file():
@@ -471,14 +636,18 @@ def measure_task(
     # graphteleport's calibration archive stacks samples on a new leading axis: each sample
     # is one feed of batch 1
     np.savez(work / "calibration.npz", **{k: v[:, None] for k, v in task.calibration.items()})
-    ref = run_batches(prepared, task.held_back)
-    original = run_batches(task.path, task.held_back)
-    before = weight_tensors(onnx.load(str(prepared)))
+    cache = Cache(work, use_cache)
+    held = feeds_digest(task.held_back)
+    ref, facts = reference_outputs(task, work, prepared, cache, held)
+    ctx = TaskContext(
+        work, prepared, ref, weight_tensors(onnx.load(str(prepared))), gt_status, cache,
+        graph_digest(prepared), text_digest(feeds_digest(task.calibration), held),
+    )  # fmt: skip
     rows = []
     for v in variants:
         log.info("%s: %s", task.name, v.label)
-        row = measure_variant(task, v, work, prepared, ref, before, gt_status)
-        log.info("  %s", summary(row))
+        row = measure_variant(task, v, ctx)
+        log.info("  %s%s", summary(row), " (cached)" if row.extra.get("cached") else "")
         rows.append(row)
     n_calib = len(next(iter(task.calibration.values())))
     n_held = len(next(iter(task.held_back.values())))
@@ -488,12 +657,11 @@ def measure_task(
         "source": str(task.path.name),
         "metric_name": task.metric_name,
         "quantized_ops": list(task.quantize_ops) if task.quantize_ops else "all",
-        "fp32_original_metric": task.metric(original, ref),
-        "prepared_vs_original_rel_err": max_rel_err(original, ref),
+        **facts,
         "calibration_samples": n_calib,
         "held_back_samples": n_held,
-        "weight_tensors": len(before),
-        "weight_elements": int(sum(a.size for _, a in before)),
+        "weight_tensors": len(ctx.before),
+        "weight_elements": int(sum(a.size for _, a in ctx.before)),
         "rows": [asdict(r) for r in rows],
     }
 
@@ -847,17 +1015,22 @@ def git_commit(src: Path) -> str:
     return proc.stdout.strip() or "?"
 
 
+PEER_DISTS = {"aimet": "aimet-onnx", "onnxsim": "onnxsim", "quark": "amd-quark"}
+
+
+@functools.cache
+def peer_version(venv: str) -> str:
+    """The installed version of the peer in venv ``venv`` ("no venv" when there is none)."""
+    python = peers_dir() / venv / "bin" / "python"
+    if not python.is_file():
+        return "(no venv)"
+    code = f"from importlib.metadata import version; print(version('{PEER_DISTS[venv]}'))"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return proc.stdout.strip() or "?"
+
+
 def peer_versions() -> str:
-    found = []
-    for venv, dist in (("aimet", "aimet-onnx"), ("onnxsim", "onnxsim"), ("quark", "amd-quark")):
-        python = peers_dir() / venv / "bin" / "python"
-        if not python.is_file():
-            found.append(f"{dist} (no venv)")
-            continue
-        code = f"from importlib.metadata import version; print(version('{dist}'))"
-        proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-        found.append(f"{dist} {proc.stdout.strip() or '?'}")
-    return ", ".join(found)
+    return ", ".join(f"{dist} {peer_version(venv)}" for venv, dist in PEER_DISTS.items())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -870,6 +1043,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--held-back", type=int, default=128, help="held-back samples")
     p.add_argument("--cache", default=os.environ.get("GT_QUANT_CACHE"))
     p.add_argument("--assemble", action="store_true", help="only rewrite the document")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="measure every row again (default: reuse the cached transforms and measurements "
+        "whose inputs are unchanged)",
+    )
     p.add_argument("--json", default=str(JSON_OUT), help="the results file read and updated")
     p.add_argument(
         "--merge-from",
@@ -902,15 +1081,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # a run over some models (or variants) updates those and keeps the rest (each row dated)
     out = Path(args.json)
     models = json.loads(out.read_text())["models"] if out.is_file() else {}
+    fresh: dict[str, Any] = {}
     for task in tasks(cache, args.models, args.calibration, args.held_back):
-        models[task.name] = merge(
-            models.get(task.name), measure_task(task, cache, variants, gt_status)
-        )
+        fresh[task.name] = measure_task(task, cache, variants, gt_status, not args.fresh)
+        models[task.name] = merge(models.get(task.name), fresh[task.name])
     models = {n: models[n] for n in TASK_NAMES if n in models}
     results = {
         "meta": {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "seconds": time.perf_counter() - start,
+            "rows_measured": sum(
+                not r["extra"].get("cached") for m in fresh.values() for r in m["rows"]
+            ),
+            "rows_cached": sum(
+                bool(r["extra"].get("cached")) for m in fresh.values() for r in m["rows"]
+            ),
+            "models_run": list(fresh),
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
             "onnxruntime": onnxruntime.__version__,
