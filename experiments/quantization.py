@@ -274,6 +274,26 @@ VARIANTS = (
         "graphteleport",
         ("--method", "smooth", "--calibration", "{calibration}"),
     ),
+    Variant(
+        "gt_auto",
+        "graphteleport equalize auto",
+        "graphteleport",
+        ("--method", "auto", "--calibration", "{calibration}", "--int8-ops", "{int8_ops}"),
+    ),
+    Variant(
+        "gt_auto_exact",
+        "graphteleport equalize auto --exact",
+        "graphteleport",
+        (
+            "--method",
+            "auto",
+            "--calibration",
+            "{calibration}",
+            "--int8-ops",
+            "{int8_ops}",
+            "--exact",
+        ),
+    ),
     Variant("aimet", "AIMET-ONNX equalize_model", "aimet", ("aimet_cle.py",)),
     Variant("onnxsim", "onnxsim cross_layer_equalize", "onnxsim", ("onnxsim_cle.py",)),
     Variant("quark", "AMD Quark apply_CLE", "quark", ("quark_cle.py",)),
@@ -357,16 +377,23 @@ def run_tool(cmd: list[str], env: dict[str, str], cwd: Path, dst: Path) -> str:
 
 
 def transform(
-    variant: Variant, src: Path, dst: Path, calibration: Path, gt_status: str | None
+    variant: Variant,
+    src: Path,
+    dst: Path,
+    calibration: Path,
+    gt_status: str | None,
+    int8_ops: Sequence[str] | None = None,
 ) -> str:
-    """Write ``variant``'s FP32 model ``dst`` from the prepared ``src``; the tool's output."""
+    """Write ``variant``'s FP32 model ``dst`` from the prepared ``src``; the tool's output
+    (``int8_ops``: the op types the quantizer quantizes, for ``equalize --method auto``)."""
     if variant.tool == "none":
         shutil.copyfile(src, dst)
         return ""
     if variant.tool == "graphteleport":
         if gt_status is not None:
             raise ToolFailed(gt_status)
-        args = [a.format(calibration=calibration) for a in variant.args]
+        ops = ",".join(int8_ops) if int8_ops else "all"
+        args = [a.format(calibration=calibration, int8_ops=ops) for a in variant.args]
         cmd = [sys.executable, "-m", "graphteleport", "equalize", str(src), "-o", str(dst), *args]
         cmd += ["--report", str(dst.with_suffix(".report.json")), "-q"]
         env = {**os.environ, "PYTHONPATH": str(equalize_src())}
@@ -535,12 +562,13 @@ class TaskContext:
     cache: Cache
     prepared_digest: str
     data_digest: str
+    int8_ops: tuple[str, ...] | None = None
 
 
 def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[str, float]:
     """:func:`transform` unless the cache holds its outcome for the same key; the tool's
     note and the seconds it took (then).  Raises :class:`ToolFailed` (again, when cached)."""
-    key = text_digest(ctx.prepared_digest, variant.args, tool_fingerprint(variant))
+    key = text_digest(ctx.prepared_digest, variant.args, ctx.int8_ops, tool_fingerprint(variant))
     hit = ctx.cache.transform(variant.key, key)
     if hit and (hit["failure"] or fp32.is_file()):
         if hit["failure"]:
@@ -550,7 +578,7 @@ def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[st
     entry: dict[str, Any] = {"key": key, "failure": None, "note": ""}
     try:
         entry["note"] = transform(
-            variant, ctx.prepared, fp32, ctx.work / "calibration.npz", ctx.gt_status
+            variant, ctx.prepared, fp32, ctx.work / "calibration.npz", ctx.gt_status, ctx.int8_ops
         )
     except ToolFailed as e:
         entry["failure"] = str(e)
@@ -642,6 +670,7 @@ def measure_task(
     ctx = TaskContext(
         work, prepared, ref, weight_tensors(onnx.load(str(prepared))), gt_status, cache,
         graph_digest(prepared), text_digest(feeds_digest(task.calibration), held),
+        task.quantize_ops,
     )  # fmt: skip
     rows = []
     for v in variants:
