@@ -342,7 +342,8 @@ def quantized_operands(
     """The names of the stored weights (of :data:`QUANTIZED_OPERANDS`) and of the
     computed float activations (graph inputs included) that a per-tensor INT8 quantizer
     quantizes (:func:`quantized_inputs`; a MatMul of two activations quantizes both).
-    A value of unknown type is left out."""
+    A value whose type the model does not state is listed (:func:`channel_extrema` keeps
+    the float ones)."""
     weights: dict[str, None] = {}
     activations: dict[str, None] = {}
     for node in model.graph:
@@ -364,7 +365,7 @@ def _computed_float(v: ir.Value) -> bool:
     producer = v.producer()
     if producer is not None and producer.op_type == "Constant":
         return False
-    return v.dtype is not None and v.dtype.is_floating_point()
+    return v.dtype is None or v.dtype.is_floating_point()
 
 
 def channel_extrema(
@@ -372,7 +373,8 @@ def channel_extrema(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per value of ``names``: ``(min x, max x)`` over every feed, per neuron in the compact
     layout of ``analysis.neurons`` for a value that has neurons, else over the whole value
-    (shape ``()``).  Non-finite elements are ignored."""
+    (shape ``()``).  Non-finite elements are ignored; a value that is not float on the
+    feeds is left out."""
     inputs = {v.name for v in model.graph.inputs}
     extrema: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with _runnable(model, [n for n in names if n not in inputs]) as (output_names, run):
@@ -380,7 +382,7 @@ def channel_extrema(
             values = dict(zip(output_names, run(feed), strict=True))
             values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
             for name in names:
-                if name in values:
+                if name in values and np.asarray(values[name]).dtype.kind == "f":
                     _extend(extrema, name, values[name], analysis.neurons.get(name))
     return extrema
 
