@@ -1047,7 +1047,7 @@ offline.  Protocol (details in `experiments/quantization.py`):
   changed with a few lines; on 1000 every SQNR of it is lower and the spread smaller.)
 - **graphteleport rows**: `equalize --method cle` (p = 3), `--exact`, `--mode insert`,
   `--method smooth` (alpha 0.5), and `--method auto`, which picks among no rescaling, cle
-  with p = 2, 3, 4, 8 and smooth with alpha 0.25, 0.5, 0.75 the candidate whose simulated
+  with p = 2, 3, 4 and smooth with alpha 0.25, 0.5, 0.75 the candidate whose simulated
   per-tensor INT8 model scores the best output SQNR on the *calibration* batch (`--int8-ops`
   given the op types the quantizer quantizes: `all`, or `MatMul,Gemm` for MiniLM); it never
   sees the held-back inputs, so it is the row Done-when 2 judges.  The best of all
