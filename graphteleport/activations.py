@@ -326,10 +326,20 @@ def quantized_inputs(
 ) -> range | tuple[int, ...]:
     """The inputs of a node a per-tensor INT8 quantizer quantizes: the operands of
     :data:`QUANTIZED_OPERANDS`; with ``op_types`` (the quantizer's op types, ``{"all"}``
-    for every one) only those op types', and every input of the other op types it names."""
+    for every one) only those op types', and every input of the other op types it names
+    except :data:`FUSED` ones."""
     if op_type in QUANTIZED_OPERANDS:
         return QUANTIZED_OPERANDS[op_type] if op_types is None or _named(op_type, op_types) else ()
+    if op_type in FUSED:
+        return ()
     return range(count) if op_types is not None and _named(op_type, op_types) else ()
+
+
+#: Activations a quantizer folds into the quantization of their input: onnxruntime's QDQ
+#: quantizer drops a Relu or Clip after a quantized op and quantizes with the range of its
+#: output, so their inputs are not quantized on their own (quantizing the full signed range
+#: of a conv's output before its Relu would price levels the quantizer never spends).
+FUSED = frozenset({"Relu", "Clip"})
 
 
 def _named(op_type: str, op_types: Collection[str]) -> bool:

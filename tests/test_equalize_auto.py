@@ -33,7 +33,7 @@ def test_operands_of_an_mlp() -> None:
     weights, acts = quantized_operands(ir.from_proto(mlp()))
     assert weights == ["w1", "w2"] and acts == ["x", "a"]
     weights, acts = quantized_operands(ir.from_proto(mlp()), ("all",))
-    assert weights == ["w1", "w2"] and acts == ["x", "h", "hb", "a", "z"]
+    assert weights == ["w1", "w2"] and acts == ["x", "h", "a", "z"]  # not Relu's input hb
 
 
 def test_fake_quant_weight_levels() -> None:
