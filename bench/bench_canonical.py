@@ -20,6 +20,7 @@ Usage (from the repository root, in the project's venv)::
     python bench/bench_canonical.py               # ResNet-50, 3 rounds
     python bench/bench_canonical.py --model m.onnx -n 5
     OPENBLAS_NUM_THREADS=1 python bench/bench_canonical.py --solve-p 2 4
+    OPENBLAS_NUM_THREADS=1 python bench/bench_canonical.py --profile   # CPU per phase
 """
 
 from __future__ import annotations
@@ -29,18 +30,23 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
+T = TypeVar("T")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from graphteleport.analysis import analyze_model  # noqa: E402
-from graphteleport.orbit import OrbitTerms  # noqa: E402
-from graphteleport.passes.canonical import CanonicalizePass, minimize  # noqa: E402
+from graphteleport.orbit import OrbitTerms, stored_arrays  # noqa: E402
+from graphteleport.passes.canonical import CanonicalizePass, minimize, sign_values  # noqa: E402
+from graphteleport.passes.teleport import apply_values  # noqa: E402
 
 
 def one_round(path: Path) -> tuple[float, float, dict[str, float], str, float, float]:
@@ -79,6 +85,61 @@ def solve_round(path: Path, p: float) -> tuple[float, float, float, str]:
     return t1 - t0, t2 - t1, c2 - c0, line
 
 
+class Phases:
+    """CPU seconds (``process_time``) per named phase, over rounds: :meth:`run` times one
+    call; :meth:`add` records a figure measured elsewhere; :meth:`line` prints medians."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict[str, float]] = []
+
+    def start(self) -> None:
+        self.rounds.append({})
+
+    def run(self, name: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        c = time.process_time()
+        out = call(*args, **kwargs)
+        self.add(name, time.process_time() - c)
+        return out
+
+    def add(self, name: str, seconds: float) -> None:
+        self.rounds[-1][name] = self.rounds[-1].get(name, 0.0) + seconds
+
+    def line(self) -> str:
+        names = list(self.rounds[0])
+        med = {k: statistics.median(r.get(k, 0.0) for r in self.rounds) for k in names}
+        parts = ", ".join(f"{k} {1000 * v:.0f}" for k, v in med.items())
+        return (
+            f"{parts}; sum {1000 * sum(med.values()):.0f} ms (CPU, medians of {len(self.rounds)})"
+        )
+
+
+def solved(phases: Phases, terms: OrbitTerms) -> np.ndarray:
+    """:func:`minimize` of ``terms``, its kernel, rank-one start and Newton steps recorded
+    as phases (:attr:`Minimum.cpu`); the pair values ``t = exp(u)``."""
+    m = minimize(terms)
+    for name, seconds in zip(("kernel", "rank-one start", "newton"), m.cpu, strict=True):
+        phases.add(name, seconds)
+    return np.asarray(np.exp(m.u))
+
+
+def profile_canonicalize(path: Path, rounds: int) -> str:
+    """Canonicalize's phases, each timed alone in the pass's order on a fresh copy of the
+    loaded model: the analysis, reading the tensors, ``Q``, the solve's kernel, rank-one
+    start and Newton steps, the sign rule, and the rewrite."""
+    phases = Phases()
+    for _ in range(rounds):
+        model = ir.serde.deserialize_model(onnx.load(path))
+        phases.start()
+        analysis = phases.run("analyze", analyze_model, model, {})
+        arrays = phases.run("read tensors", stored_arrays, analysis)
+        terms = phases.run("Q", OrbitTerms.build, analysis, arrays=arrays)
+        values = solved(phases, terms)
+        signs, _ = phases.run("signs", sign_values, analysis, arrays)
+        phases.run("rewrite", apply_values, model, analysis, values * signs)
+        del model, analysis, arrays, terms  # freed before the next round, as after a pass
+    return phases.line()
+
+
 def default_model() -> Path:
     """The ResNet-50 of ``bench_teleport.py``, exported into its cache on first use."""
     from bench_teleport import DEFAULT_CACHE, ensure_resnet50
@@ -92,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument(
         "--solve-p", type=float, nargs="*", default=[], help="also time the solve alone at these p"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also time each phase alone (CPU, medians)"
     )
     args = parser.parse_args(argv)
     path: Path = args.model or default_model()
@@ -114,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio          {canon_s / load_s:.1f}x onnx.load")
     print(f"cpu            onnx.load {load_c:.3f} s, canonicalize {canon_c:.3f} s: ", end="")
     print(f"{canon_c / load_c:.1f}x (process_time medians)")
+    print(f"load average   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    if args.profile:
+        print(f"phases         {profile_canonicalize(path, max(args.rounds, 1))}")
     for p in args.solve_p:
         rounds = [solve_round(path, p) for _ in range(max(args.rounds, 1))]
         build = statistics.median(r[0] for r in rounds)

@@ -1,18 +1,32 @@
 #!/usr/bin/env python
-"""Time and peak memory of ``graphteleport --no-verify`` on a LLaMA-shaped external-data
-model against ``cp`` of the same files, in one run.
+"""Time and peak memory of graphteleport on a LLaMA-shaped external-data model against
+``cp`` of the same files, without and with verification, in one run; and an independent
+check that the output computes what the original does.
 
 The model (``models.llama``: layers × hidden, float32/float16/bfloat16, weights in
 ``NAME.onnx.data``) is generated into ``--dir`` once and reused; it is not part of the
-repository (32 layers at hidden 4096 in float16 is LLaMA-7B's 13.5 GB).  Each side runs
-as its own process under ``/usr/bin/time`` (wall seconds, peak resident set): ``cp``
-first, then graphteleport (with ``--report``, for its phases), then ``cp`` again — the
-page cache then favours neither — and the outputs are deleted after each.  Prints one
-markdown table row (bench/README.md) and, with ``--json``, everything.
+repository (32 layers at hidden 4096 in float16 is LLaMA-7B's 13.5 GB).  Each step runs
+as its own process under ``/usr/bin/time`` (wall seconds, peak resident set):
+
+1. ``cp`` of the two files;
+2. ``graphteleport MODEL -o OUT --no-verify -q --report R`` (its phases from the report);
+3. ``graphteleport MODEL -o OUT -q --report R``: the default verification (``--verify-by
+   auto``: whole where it fits in memory, else by pieces), the output kept for step 4;
+4. the independent check (``--check SRC OUT``, also its own process): both models run in
+   onnxruntime on one fixed token input, each by pieces along its own chain (no scales,
+   no analysis: :func:`graphteleport.pieces.verify_blocks` without the promise, so each
+   block of the output is fed the output's own previous blocks), and the logits are
+   compared here: ``max |a − b| / max |a|`` must be ≤ ``--check-rtol`` (1e-2);
+5. ``cp`` again — the page cache then favours neither side — and the ratios are against
+   the mean of the two copies.
+
+Outputs are deleted after each step.  Prints one markdown table row (bench/README.md) and,
+with ``--json``, everything.
 
     python bench/bench_scale.py --layers 8 --hidden 4096 --dtype float16 --dir /work/bigmodels
 
-Exit status 3 when the ratio to ``cp`` exceeds ``--max-ratio``.
+Exit status 3 when a ratio exceeds ``--max-ratio`` / ``--max-verified-ratio`` or the
+independent check fails.
 """
 
 from __future__ import annotations
@@ -61,14 +75,58 @@ def copy_files(src: Path, out: Path) -> tuple[float, int]:
     return result
 
 
-def teleport(src: Path, out: Path) -> tuple[float, int, dict[str, float]]:
+def teleport(src: Path, out: Path, verify: bool, keep: bool = False) -> dict[str, object]:
+    """One graphteleport run: wall, peak RSS, the report's phases (and verification)."""
     dst, report = out / "t.onnx", out / "t.json"
-    cmd = [sys.executable, "-m", "graphteleport", str(src), "-o", str(dst), "--no-verify", "-q"]
-    wall, rss = timed([*cmd, "--report", str(report)])
-    seconds = json.loads(report.read_text())["seconds"]
-    for f in (dst, dst.with_name(dst.name + ".data"), report):
-        f.unlink()
-    return wall, rss, seconds
+    cmd = [sys.executable, "-m", "graphteleport", str(src), "-o", str(dst), "-q"]
+    wall, rss = timed([*cmd, *([] if verify else ["--no-verify"]), "--report", str(report)])
+    rep = json.loads(report.read_text())
+    v = rep.get("verification") or {}
+    record: dict[str, object] = {"seconds": wall, "rss": rss, "phases": rep["seconds"]}
+    if verify:
+        record["verification"] = {
+            k: v.get(k) for k in ("passed", "method", "blocks", "max_rel_err")
+        }
+    report.unlink()
+    if not keep:
+        for f in (dst, dst.with_name(dst.name + ".data")):
+            f.unlink()
+    return record
+
+
+def independent_check(src: Path, dst: Path, rtol: float, vocab: int) -> dict[str, object]:
+    """Step 4 as its own process under ``/usr/bin/time``: its result and peak RSS."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
+        cmd = [sys.executable, __file__, "--check", str(src), str(dst), "--check-out", res.name]
+        cmd += ["--vocab", str(vocab)]
+        wall, rss = timed([*cmd, "--check-rtol", str(rtol)])
+        record: dict[str, object] = json.loads(Path(res.name).read_text())
+    record.update(seconds=wall, rss=rss)
+    return record
+
+
+def check(src: Path, dst: Path, rtol: float, seq: int, vocab: int) -> dict[str, object]:
+    """Both models' logits on token ids ``rng(0)``, each model by pieces on its own chain,
+    compared: ``max |a − b| / max |a|`` (and the largest absolute difference)."""
+    import numpy as np
+
+    from graphteleport.pieces import verify_blocks
+    from graphteleport.verify import open_proto
+
+    feeds = {"ids": np.random.default_rng(0).integers(0, vocab, (1, seq), dtype=np.int64)}
+    t = time.perf_counter()
+    result = verify_blocks(str(src), str(dst), [feeds], None, open_proto)
+    ref, got = (
+        np.asarray(r[0], dtype=np.float64) for r in (result.reference[0], result.candidate[0])
+    )
+    diff = float(np.max(np.abs(ref - got)))
+    rel = diff / float(np.max(np.abs(ref)))
+    finite = bool(np.isfinite(ref).all() and np.isfinite(got).all())
+    return {
+        "blocks": result.blocks, "rel": rel, "max_abs": diff, "rtol": rtol,
+        "passed": finite and rel <= rtol, "logits": list(ref.shape),
+        "check_seconds": time.perf_counter() - t,
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,36 +138,75 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=Path("/work/bigmodels"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--max-ratio", type=float)
+    ap.add_argument("--max-verified-ratio", type=float)
+    ap.add_argument("--no-verified", action="store_true", help="skip steps 3 and 4")
+    ap.add_argument("--check", nargs=2, type=Path, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--check-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--check-rtol", type=float, default=1e-2)
     a = ap.parse_args(argv)
     shape = LlamaShape(layers=a.layers, hidden=a.hidden, dtype=a.dtype, vocab=a.vocab)
+    if a.check:
+        found = check(*a.check, a.check_rtol, shape.seq, a.vocab)
+        a.check_out.write_text(json.dumps(found))
+        return 0
     a.dir.mkdir(parents=True, exist_ok=True)
     src = model_path(a.dir, shape)
     size = src.stat().st_size + src.with_name(src.name + ".data").stat().st_size
     out = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir))
+    verified: dict[str, object] | None = None
+    checked: dict[str, object] | None = None
     try:
         cp1 = copy_files(src, out)
-        wall, rss, seconds = teleport(src, out)
+        plain = teleport(src, out, verify=False)
+        if not a.no_verified:
+            verified = teleport(src, out, verify=True, keep=True)
+            checked = independent_check(src, out / "t.onnx", a.check_rtol, a.vocab)
+            for f in out.glob("t.onnx*"):
+                f.unlink()
         cp2 = copy_files(src, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    cp_wall = (cp1[0] + cp2[0]) / 2
-    ratio = wall / cp_wall
-    row = (
-        f"| {a.layers} | {a.hidden} | {a.dtype} | {size / 1e9:.2f} GB | {cp_wall:.1f} s "
-        f"| {wall:.1f} s | {ratio:.1f}× | {rss / 2**30:.2f} GiB "
-        f"| {seconds.get('analyze', 0):.2f} s | {seconds.get('rewrite', 0):.1f} s "
-        f"| {seconds.get('save', 0):.1f} s |"
-    )
-    print("| layers | hidden | dtype | files | cp | graphteleport --no-verify | ratio "
-          "| peak RSS | analyze | rewrite | save |")  # fmt: skip
-    print(row)
+    record = {
+        "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2], "cp_mean": (cp1[0] + cp2[0]) / 2,
+        "no_verify": plain, "verified": verified, "check": checked,
+    }  # fmt: skip
+    print_rows(record)
     if a.json:
-        record = {
-            "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2],
-            "teleport": {"seconds": wall, "rss": rss, "phases": seconds}, "ratio": ratio,
-        }  # fmt: skip
         a.json.write_text(json.dumps(record, indent=2))
-    return 3 if a.max_ratio is not None and ratio > a.max_ratio else 0
+    return 3 if failed(record, a.max_ratio, a.max_verified_ratio) else 0
+
+
+def print_rows(r: dict) -> None:  # type: ignore[type-arg]
+    """The markdown table row of bench/README.md."""
+    cp, plain, ver, chk = r["cp_mean"], r["no_verify"], r["verified"], r["check"]
+    ph = plain["phases"]
+    cells = [
+        f"{r['shape']['layers']}", f"{r['bytes'] / 1e9:.2f} GB", f"{cp:.1f} s",
+        f"{plain['seconds']:.1f} s ({plain['seconds'] / cp:.2f}×)", f"{plain['rss'] / 1e9:.2f} GB",
+        f"{ph.get('analyze', 0):.1f} / {ph.get('rewrite', 0):.1f} / {ph.get('save', 0):.1f} s",
+    ]  # fmt: skip
+    if ver is not None and chk is not None:
+        v = ver["verification"]
+        cells += [
+            f"{ver['seconds']:.1f} s ({ver['seconds'] / cp:.2f}×)", f"{ver['rss'] / 1e9:.2f} GB",
+            f"{ver['phases'].get('verify', 0):.1f} s ({v['method']}, {v['blocks']} blocks, "
+            f"{'passed' if v['passed'] else 'FAILED'})",
+            f"{chk['rel']:.1e} ({'ok' if chk['passed'] else 'FAILED'}; {chk['rss'] / 1e9:.2f} GB, "
+            f"{chk['seconds']:.0f} s)",
+        ]  # fmt: skip
+    print("| layers | files | cp | --no-verify | peak RSS | analyze / rewrite / save "
+          "| verified | peak RSS | verify | independent check (logits rel) |")  # fmt: skip
+    print("| " + " | ".join(cells) + " |")
+
+
+def failed(r: dict, max_ratio: float | None, max_verified: float | None) -> bool:  # type: ignore[type-arg]
+    """Whether a ratio exceeds its limit or the independent check failed."""
+    cp = r["cp_mean"]
+    bad = max_ratio is not None and r["no_verify"]["seconds"] / cp > max_ratio
+    if r["verified"] is not None:
+        bad |= max_verified is not None and r["verified"]["seconds"] / cp > max_verified
+        bad |= not r["check"]["passed"] or not r["verified"]["verification"]["passed"]
+    return bool(bad)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,53 @@ def product_at(
     return s
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RowScale:
+    """``S`` of one use, formed a block of rows (axis 0) at a time instead of whole
+    (:func:`row_scale`): ``rows(i, j)`` equals ``product(factors, tau, rank)[i:j]`` bit for
+    bit (the same factors multiply in the same order), so a weight-sized ``S`` is never
+    made.  ``shape`` is the layout's (each axis the weight's size or 1)."""
+
+    factors: Sequence[Factor]
+    tau: FloatArray
+    shape: tuple[int, ...]
+
+    def rows(self, start: int, stop: int) -> FloatArray:
+        """Rows ``start:stop`` of ``S`` (a factor constant along axis 0 is not sliced)."""
+        rank = len(self.shape)
+        s: FloatArray = np.ones((1,) * rank, dtype=np.float64)
+        for f in self.factors:
+            ids = with_rank(f.ids, rank)
+            if ids.shape[0] > 1:
+                ids = ids[start:stop]
+            s = s * power(self.tau[ids], f.exp)
+        return s
+
+
+def row_scale(
+    shape: tuple[int, ...], uses: Sequence[Scaling], private: bool, tau: FloatArray
+) -> RowScale | None:
+    """The one ``S`` a stored tensor of ``shape`` is written with, as a :class:`RowScale`,
+    where :func:`scales_of` would give a single :func:`scale` of ``uses[0]`` whose factors
+    lay out in ``shape``'s rank without growing it (a plain weight); None otherwise (the
+    caller takes :func:`scales_of`)."""
+    if not shape or any(ab.index is not None for ab in uses):
+        return None
+    if len(uses) > 1 and (private or any(ab.expand for ab in uses)):
+        return None
+    rank = len(shape)
+    layouts = [with_rank(f.ids, rank).shape for f in uses[0].factors]
+    if len(uses[0].shape) != rank or any(len(sh) != rank for sh in layouts):
+        return None
+    try:
+        layout = np.broadcast_shapes((1,) * rank, *layouts)
+    except ValueError:
+        return None
+    if any(n not in (1, m) for n, m in zip(layout, shape, strict=True)):
+        return None
+    return RowScale(uses[0].factors, tau, tuple(layout))
+
+
 def scale(use: Scaling, tau: FloatArray) -> FloatArray:
     """``S`` of one use, broadcastable to its shape (a conv weight's is ``[O, C, 1, 1]``:
     cheap next to the weight itself)."""

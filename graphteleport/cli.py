@@ -19,13 +19,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from graphteleport import __version__
-from graphteleport.compare import TOLERANCE_FLOAT32, compare_files, summary_lines
 from graphteleport.errors import GraphTeleportError, VerificationError
 from graphteleport.options import MODES, SAMPLINGS, CofactorOptions
-from graphteleport.passes.equalize import DEFAULT_P, METHODS
 from graphteleport.pipeline import (
     TeleportOptions,
     canonicalize_file,
@@ -34,7 +32,12 @@ from graphteleport.pipeline import (
     teleport_file,
 )
 from graphteleport.reports import AnalysisReport, InputShapes, InspectReport, TeleportReport
-from graphteleport.verify import VerificationResult
+
+if TYPE_CHECKING:
+    from graphteleport.verify import VerificationResult
+
+# Each subcommand imports what only it needs (compare: the orbit's solver; equalize: its
+# pass), so a teleport does not pay for them at start-up.
 
 EXAMPLES = """examples:
   graphteleport model.onnx -o teleported.onnx
@@ -193,6 +196,8 @@ def canonicalize_parser() -> argparse.ArgumentParser:
 
 
 def equalize_parser() -> argparse.ArgumentParser:
+    from graphteleport.passes.equalize import DEFAULT_P, METHODS
+
     p = _Parser(
         prog="graphteleport equalize",
         description="Equalize a network for per-tensor INT8 quantization: choose the "
@@ -270,6 +275,8 @@ COMPARE_DESCRIPTION = (
 
 
 def compare_parser() -> argparse.ArgumentParser:
+    from graphteleport.compare import TOLERANCE_FLOAT32
+
     p = _Parser(prog="graphteleport compare", description=COMPARE_DESCRIPTION)
     p.add_argument("model_a", help="the original ONNX model")
     p.add_argument("model_b", help="the model to test against it")
@@ -285,6 +292,8 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(argv: list[str]) -> int:
+    from graphteleport.compare import compare_files, summary_lines
+
     args = compare_parser().parse_args(argv)
     result = compare_files(
         args.model_a,

@@ -39,7 +39,8 @@ import signal
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
@@ -50,6 +51,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from graphteleport.errors import InputError
+from graphteleport.wire import raw_data_spans, save_inline
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
@@ -102,11 +104,13 @@ def load_model(path: PathLike) -> ir.Model:
         raise InputError("the model file path is empty")
     p = Path(path)
     _check_is_readable_file(p)
-    proto = _parse(p)
+    content, proto = _parse(p)
     _check_no_sparse_initializers(proto, p)
     model = _deserialize(proto, p)
-    _check_complete(model, p)
-    _check_with_onnx_checker(p)
+    spans = raw_data_spans(content) if content is not None else {}
+    _check_complete(model, p, {name: length for name, (_, length) in spans.items()})
+    inline = not external_data_files(model)  # then the bytes read are the whole model
+    _check_with_onnx_checker(p, content if inline else None)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
     return model
 
@@ -162,10 +166,15 @@ def _check_is_readable_file(p: Path) -> None:
         raise InputError(f"model file is empty: {p}")
 
 
-def _parse(p: Path) -> onnx.ModelProto:
-    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads)."""
+def _parse(p: Path) -> tuple[bytes | None, onnx.ModelProto]:
+    """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads),
+    and the bytes read when they are binary protobuf (the checker takes them rather than
+    reading and decoding the file a second time)."""
+    fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix) or "protobuf"
     try:
-        return onnx.load(os.path.abspath(p), load_external_data=False)
+        content = p.read_bytes()
+        proto = onnx.load_model_from_string(content, format=fmt)  # as onnx.load(p) reads it
+        return (content if fmt == "protobuf" else None), proto
     except DecodeError as e:
         raise InputError(_decode_error_message(p)) from e
     except Exception as e:  # onnx and protobuf raise many types on corrupt input
@@ -225,10 +234,15 @@ def _sparse_initializer_names(graph: onnx.GraphProto) -> Iterator[str]:
                 yield from _sparse_initializer_names(sub)
 
 
-def _check_with_onnx_checker(p: Path) -> None:
-    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR)."""
+def _check_with_onnx_checker(p: Path, content: bytes | None = None) -> None:
+    """Run :func:`onnx.checker.check_model` on the file (schemas, attributes, SSA, IR):
+    on ``content``, its bytes already read, when given (a model without external data,
+    under protobuf's 2 GiB: the same check), else on the path."""
+    source: bytes | str = os.path.abspath(p)
+    if content is not None and len(content) <= onnx.checker.MAXIMUM_PROTOBUF:
+        source = content
     try:
-        onnx.checker.check_model(os.path.abspath(p))
+        onnx.checker.check_model(source)
     except onnx.checker.ValidationError as e:
         raise InputError(f"{p} is not a valid ONNX model: {_one_line(e)}") from e
 
@@ -245,11 +259,13 @@ def _decode_error_message(p: Path) -> str:
     return f"{p} is not an ONNX model file (protobuf decoding failed)"
 
 
-def _check_complete(model: ir.Model, p: Path) -> None:
-    """Raise InputError if *model* (loaded from *p*) is empty, cut short or lacks weights."""
+def _check_complete(model: ir.Model, p: Path, raw_lengths: Mapping[str, int]) -> None:
+    """Raise InputError if *model* (loaded from *p*) is empty, cut short or lacks weights.
+    *raw_lengths*: the ``raw_data`` lengths of main-graph initializers, read from the file's
+    encoding (:func:`graphteleport.wire.raw_data_spans`; others are measured)."""
     if model.ir_version <= 0 and not model.graph.outputs and len(model.graph) == 0:
         raise InputError(f"{p} is not an ONNX model (no ir_version or graph found)")
-    problem = _structure_problem(model) or _initializer_problem(model)
+    problem = _structure_problem(model) or _initializer_problem(model, raw_lengths)
     if problem is not None:
         raise InputError(
             f"{p} is not a complete ONNX model ({problem}); the file may be truncated or corrupt"
@@ -333,9 +349,11 @@ def _node_subgraphs(node: ir.Node) -> Iterator[ir.Graph]:
             yield from attr.as_graphs()
 
 
-def _initializer_problem(model: ir.Model) -> str | None:
-    """Check each inline initializer's raw bytes against its shape and dtype."""
+def _initializer_problem(model: ir.Model, raw_lengths: Mapping[str, int]) -> str | None:
+    """Check each inline initializer's raw bytes against its shape and dtype (the length
+    of a main-graph one from *raw_lengths* when there: reading ``raw_data`` copies it)."""
     for graph in model.graphs():
+        known = raw_lengths if graph is model.graph else {}
         for value in graph.initializers.values():
             tensor = value.const_value
             if not isinstance(tensor, ir.TensorProtoTensor):
@@ -344,9 +362,11 @@ def _initializer_problem(model: ir.Model) -> str | None:
             if not proto.HasField("raw_data") or tensor.dtype == ir.DataType.STRING:
                 continue
             needed = (tensor.size * tensor.dtype.bitwidth + 7) // 8  # sub-byte types packed
-            if len(proto.raw_data) != needed:
+            name = value.name or ""
+            held = known[name] if name and name in known else len(proto.raw_data)
+            if held != needed:
                 return (
-                    f"initializer '{value.name}' holds {len(proto.raw_data)} bytes, "
+                    f"initializer '{value.name}' holds {held} bytes, "
                     f"its shape {tensor.shape} {tensor.dtype.name} needs {needed}"
                 )
     return None
@@ -794,7 +814,7 @@ def _write(model: ir.Model, model_path: Path, data_name: str | None) -> None:
                 "single ONNX file; save with external data"
             )
         with _inlined_external_tensors(model), _inlined_external_attributes(model):
-            ir.save(model, model_path)
+            save_inline(model, model_path)  # ir.save's bytes, weights copied once
     except OSError as e:
         raise InputError(f"cannot write {model_path.name}: {e.strerror or e}") from e
 
@@ -895,21 +915,40 @@ class DataFile:
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._sources: dict[str, int] = {}  # open source data files, by path
         self._reported = 0  # bytes told to on_bytes since the last rewind
+        self._writer: list[ThreadPoolExecutor] = []  # made on the first put
+        self._pending: Future[None] | None = None
 
     def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
-        """Append ``array`` (C order) and return it as an external tensor named ``name``."""
+        """Append ``array`` (C order) and return it as an external tensor named ``name``.
+
+        The bytes are written by a background thread while the caller computes the next
+        weight (one write in flight: ``array`` must not change until the next call); a
+        write error is raised by the next :meth:`put`, :meth:`copy`, :meth:`rewind` or
+        :meth:`close`, and the tensor returned is readable once :meth:`close` returned."""
         data = np.ascontiguousarray(array)
         raw = data.reshape(-1).view(np.uint8).data
         start = self._start()
-        for i in range(0, len(raw), _COPY_CHUNK):
-            _pwrite_all(self._file(), raw[i : i + _COPY_CHUNK], start + i)
+        self.wait()
+        if not self._writer:
+            self._writer.append(ThreadPoolExecutor(1, thread_name_prefix="gt-write"))
+        self._pending = self._writer[0].submit(_pwrite_chunks, self._file(), raw, start)
         dtype = ir.DataType.from_numpy(data.dtype)
         return self._appended(name, dtype, data.shape, start, len(raw))
+
+    def wait(self) -> None:
+        """Wait for the write in flight; its error, if any, as an :class:`InputError`."""
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                pending.result()
+        except OSError as e:
+            raise InputError(f"cannot write {self.path.name}: {e.strerror or e}") from e
 
     def copy(self, tensor: ir.ExternalTensor) -> ir.ExternalTensor:
         """Append the bytes of ``tensor`` (another file's), copied by the kernel."""
         length = tensor.length if tensor.length is not None else tensor.nbytes
         start = self._start()
+        self.wait()
         src = self._source(tensor.path)
         _copy_range(src, self._file(), tensor.offset or 0, start, length)
         return self._appended(tensor.name or "", tensor.dtype, tensor.shape.numpy(), start, length)
@@ -917,13 +956,24 @@ class DataFile:
     def rewind(self) -> None:
         """Empty the file: tensors returned so far are no longer valid (``on_bytes`` is
         told minus what it was told so far)."""
+        self.wait()
         os.ftruncate(self._file(), 0)
         self.offset = 0
         self.on_bytes(-self._reported)
         self._reported = 0
 
     def close(self) -> None:
-        """Close the file and the source files (idempotent)."""
+        """Finish the write in flight and close the file and the source files
+        (idempotent); a failed write raises after everything is closed."""
+        try:
+            self.wait()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
+        for pool in self._writer:
+            pool.shutdown()
+        self._writer.clear()
         for fd in [self._fd, *self._sources.values()]:
             if fd is not None:
                 os.close(fd)
@@ -953,6 +1003,12 @@ class DataFile:
             self.path.name, start, length, dtype,
             shape=ir.Shape(list(shape)), name=name, base_dir=str(self.path.parent),
         )  # fmt: skip
+
+
+def _pwrite_chunks(fd: int, raw: memoryview, start: int) -> None:
+    """Write ``raw`` at ``start``, :data:`_COPY_CHUNK` bytes per call."""
+    for i in range(0, len(raw), _COPY_CHUNK):
+        _pwrite_all(fd, raw[i : i + _COPY_CHUNK], start + i)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -1041,10 +1097,14 @@ def staged_stream(
     except OSError as e:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise InputError(f"cannot write to {target.parent}: {e.strerror or e}") from e
+    except BaseException:  # an interrupt (SIGINT, SIGTERM) while the staging opens
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
     try:
         yield staged
     finally:
-        staged.data.close()
+        with contextlib.suppress(OSError, InputError):  # (finish() reports a failed write)
+            staged.data.close()
         staged.discard()
         if not staged.committed:
             logger.debug("discarded streamed output for %s", target)

@@ -121,6 +121,10 @@ class MagnitudeScan:
         hi, lo = _scan(piece.reshape(-1).view(self.lim.uint), self.lim.mask, 1, self.buf)
         self.hi, self.lo = max(self.hi, hi), min(self.lo, lo)
 
+    def merge(self, other: MagnitudeScan) -> None:
+        """Take the pieces ``other`` (of the same weight) saw into account."""
+        self.hi, self.lo = max(self.hi, other.hi), min(self.lo, other.lo)
+
     def result(self, w: np.ndarray) -> Magnitudes:
         """The magnitudes of ``w``, every piece of which was added."""
         lim, dtype = self.lim, self.dtype

@@ -101,7 +101,7 @@ def reduced_power(
     target = np.empty(cshape) if out is None else out.reshape(cshape)
     if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
         _power_sum(values, target, p)
-        if np.isfinite(target).all():
+        if np.isfinite(target.sum()):  # (a sum too large for float64 takes the path below)
             return target
     values = np.abs(values.astype(np.float64))
     values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
@@ -117,26 +117,14 @@ _EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
     """``out = Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out`` (float64) has
     size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
-    summed over trailing axes (a conv's kernel window) is read as a matrix, and one
-    summed over nothing (a 1×1 conv, a bias) elementwise."""
-    if values.size == out.size and values.flags.c_contiguous:
-        flat = out.reshape(-1)
-        if p == 1.0:
-            np.absolute(values.reshape(-1), out=flat, dtype=np.float64)
-        else:
-            np.square(values.reshape(-1), out=flat, dtype=np.float64)
-            if p == 3.0:
-                flat *= np.abs(values.reshape(-1))
-            elif p == 4.0:
-                np.square(flat, out=flat)
-        return
+    summed over trailing axes (a conv's kernel window) or over nothing (a 1×1 conv, a
+    bias) is read as a matrix, one row per element of ``out`` (:func:`_power_rows`)."""
     kept = [k for k, c in enumerate(out.shape) if c != 1]
     rows = int(np.prod(out.shape))
-    if values.flags.c_contiguous and kept == list(range(len(kept))):
-        values = values.reshape(rows, -1)  # the summed axes trail: one row per element
-        letters, target = "ab", out.reshape(rows, 1)
-    else:
-        letters, target = "abcdefghijklmnopqrstuvwxyz"[: values.ndim], out
+    if values.flags.c_contiguous and (values.size == out.size or kept == list(range(len(kept)))):
+        _power_rows(values.reshape(rows, -1), out.reshape(-1), p)
+        return
+    letters, target = "abcdefghijklmnopqrstuvwxyz"[: values.ndim], out
     result = "".join(letters[k] for k in range(values.ndim) if target.shape[k] != 1)
     view = target.reshape([target.shape[k] for k in range(values.ndim) if target.shape[k] != 1])
     if p == 1.0:
@@ -147,6 +135,46 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
         squares = np.square(values, dtype=np.float64)
         other = np.abs(values).astype(np.float64) if p == 3.0 else squares
         np.einsum(f"{letters},{letters}->{result}", squares, other, out=view)
+
+
+#: The float64 elements of a chunk :func:`_power_rows` works on while it is in cache.
+POWER_CHUNK = 1 << 15
+
+
+def _power_rows(values: np.ndarray, out: FloatArray, p: float) -> None:
+    """``out[i] = Σ_j |values[i, j]|^p`` for a matrix ``values`` (p = 1, 2, 3 or 4), a
+    chunk of rows at a time in one float64 buffer: ``|w|`` cast exactly, ``w²`` exact,
+    ``|w|³ = w²·|w|`` and ``w⁴ = (w²)²`` rounded once, the row sums by a matrix-vector
+    product with ones (or the powers themselves for one column)."""
+    rows, width = values.shape
+    step = max(1, POWER_CHUNK // max(width, 1))
+    buffer = np.empty(min(step, rows) * width)
+    squares = np.empty_like(buffer) if p == 3.0 else buffer
+    ones = np.ones(width)
+    for i in range(0, rows, step):
+        chunk = values[i : i + step]
+        n = chunk.shape[0] * width
+        a, sq = buffer[:n].reshape(chunk.shape), squares[:n].reshape(chunk.shape)
+        if width == 1:  # the powers are the sums: computed where they go
+            a = out[i : i + chunk.shape[0]].reshape(chunk.shape)
+            sq = a if p != 3.0 else sq
+        np.absolute(chunk, out=a)
+        if p != 1.0:
+            np.square(a, out=sq)
+        if p == 3.0:
+            a *= sq
+        elif p == 4.0:
+            np.square(a, out=a)
+        if width != 1:
+            np.matmul(a, ones, out=out[i : i + chunk.shape[0]])
+
+
+def stored_arrays(analysis: AnalysisResult) -> dict[str, np.ndarray]:
+    """Every stored tensor ``analysis`` rescales, by name, read once: each
+    ``ConstRef.array()`` copies the tensor's bytes out of its proto, so a pass that reads
+    them several times (the statistics, the sign rule, one-sided pairs, the report's
+    figures) reads them from here."""
+    return {w.source.name: w.source.array() for w in analysis.weights}
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
@@ -299,7 +327,7 @@ class OrbitTerms:
             w = arrays[use.source.name] if arrays is not None else use.source.array()
             reduced_power(use, w, p, out=q_all[offset : offset + size])
             block = block_of(use, offset, sol.pair, sign, movable)
-            if _overlap([f.pairs[movable[f.pairs]] for f in block.factors]):
+            if _overlap([f.pairs[movable[f.pairs]] for f in block.factors], sol.num_pairs):
                 mine = [block_coordinates(block, f, movable) for f in block.factors]
                 loose.extend(_merge(mine, sol.num_pairs))
             else:
@@ -435,15 +463,17 @@ def _concat(
     return rows, cols, coef
 
 
-def _overlap(pairs: list[IntArray]) -> bool:
+def _overlap(pairs: list[IntArray], num_pairs: int) -> bool:
     """Two factors of one use (their movable ``pairs``) reach a common pair (some row may
-    meet a pair twice)."""
-    seen: set[int] = set()
+    meet a pair twice); a pair repeated within one factor is no overlap.  (A mark per
+    pair, no sorting: most uses have one or two factors of a few hundred ids.)"""
+    if len(pairs) < 2:
+        return False
+    seen = np.zeros(num_pairs, dtype=bool)
     for cols in pairs:
-        mine = set(np.unique(cols).tolist())
-        if seen & mine:
+        if seen[cols].any():
             return True
-        seen |= mine
+        seen[cols] = True
     return False
 
 

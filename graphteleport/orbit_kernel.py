@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -46,17 +47,23 @@ IntArray = np.ndarray
 class Bilinear:
     """One bilinear block: ``q`` is its ``Q`` as an ``(m, n)`` matrix; its row factor's
     entries are ``[lo, mid)`` and its column factor's ``[mid, hi)`` of the kernel's sides
-    (:attr:`OrbitKernel.index`)."""
+    (:attr:`OrbitKernel.index`).  With ``outer = (a, b)`` the block stands for the
+    rank-one ``Q = a bᵀ`` instead (``q`` unused; :meth:`OrbitKernel.rank_one`)."""
 
     q: FloatArray
     lo: int
     mid: int
     hi: int
     q32: np.ndarray | None = None
+    outer: tuple[FloatArray, FloatArray] | None = None
 
     def times_fast(self, v: FloatArray) -> FloatArray:
         """``Q v`` by ``q32`` (``v`` scaled into float32's range) when there is one, else
         by ``q``: for a trial value of ``F``."""
+        if self.outer is not None:
+            a, b = self.outer
+            out: FloatArray = a * float(b @ v)
+            return out
         if self.q32 is None:
             exact: FloatArray = self.q @ v
             return exact
@@ -66,7 +73,19 @@ class Bilinear:
 
     def both(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
         """``(Q v, Qᵀ w)`` in float64 from ``q``, in one read of it (:func:`fused`)."""
+        if self.outer is not None:
+            a, b = self.outer
+            return a * float(b @ v), b * float(a @ w)
         return fused(self.q, v, w)
+
+    def rows_times(self, keep: np.ndarray, m: FloatArray) -> FloatArray:
+        """``Q[keep] @ m`` for a matrix ``m`` (float64)."""
+        if self.outer is not None:
+            a, b = self.outer
+            out: FloatArray = a[keep, None] * (b @ m)[None, :]
+            return out
+        product: FloatArray = self.q[keep] @ m
+        return product
 
     def both_fast(self, v: FloatArray, w: FloatArray) -> tuple[FloatArray, FloatArray]:
         """:meth:`both` for the Hessian products: by ``q32`` (half the bytes to read),
@@ -83,15 +102,23 @@ class Bilinear:
 CHUNK_BYTES = 1 << 18
 
 
-def fused(q: np.ndarray, v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fused(
+    q: np.ndarray,
+    v: np.ndarray,
+    w: np.ndarray,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(q v, qᵀ w)`` in one pass over ``q``: per chunk of rows (about
-    :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv)."""
+    :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv); written
+    into ``out`` (two arrays of ``q``'s dtype) if given."""
     m, n = q.shape
+    qv, qw = out if out is not None else (np.empty(m, dtype=q.dtype), np.empty(n, dtype=q.dtype))
     step = max(1, CHUNK_BYTES // max(1, n * q.itemsize))
     if step >= m:
-        return q @ v, w @ q
-    qv = np.empty(m, dtype=q.dtype)
-    qw = np.zeros(n, dtype=q.dtype)
+        np.matmul(q, v, out=qv)
+        np.matmul(w, q, out=qw)
+        return qv, qw
+    qw[...] = 0.0
     for i in range(0, m, step):
         chunk = q[i : i + step]
         np.matmul(chunk, v, out=qv[i : i + step])
@@ -104,7 +131,8 @@ class KernelPoint:
     """The kernel at ``u``: ``f`` (the moving part of ``F``), ``scale`` (per side entry
     ``exp(p · coef · u[pair])``), ``sums`` (per side entry its rows' ``Σ y``: a single
     term's ``y``, a bilinear block's row sums ``r`` and column sums ``c``), ``rest`` (the
-    rest's ``y``), ``gradient`` (``∂F/∂u``) and ``diagonal`` (``diag H``)."""
+    rest's ``y``), ``gradient`` (``∂F/∂u``) and ``diagonal`` (``diag H``); ``exact``:
+    read in float64 (else through the float32 copies)."""
 
     u: FloatArray
     f: float
@@ -113,6 +141,7 @@ class KernelPoint:
     rest: FloatArray
     gradient: FloatArray
     diagonal: FloatArray
+    exact: bool = True
 
 
 def varying(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -191,9 +220,13 @@ SINGLE_MAX = 1e30
 
 def with_single(m: Bilinear) -> Bilinear:
     """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`."""
-    if not m.q.size or not float(m.q.max()) <= SINGLE_MAX:
+    if not m.q.size:
         return m
-    return replace(m, q32=m.q.astype(np.float32))
+    with np.errstate(over="ignore"):  # (a Q beyond float32's range: no copy, below)
+        q32 = m.q.astype(np.float32)
+    if not float(q32.max()) <= SINGLE_MAX:  # the bound read on the copy: half the bytes
+        return m
+    return replace(m, q32=q32)
 
 
 def uncovered(terms: OrbitTerms) -> float:
@@ -248,6 +281,7 @@ class OrbitKernel:
     rest: OrbitTerms | None
     constant: float
     group: IntArray = field(default_factory=lambda: np.zeros(0, np.intp))
+    plans: dict[bytes, CoarsePlan] = field(default_factory=dict)  # per group (coarse)
 
     @property
     def num_groups(self) -> int:
@@ -293,26 +327,108 @@ class OrbitKernel:
         kernel = cls(terms.p, terms.num_pairs, index, coef, single, tuple(matrices), rest, constant)
         return replace(kernel, group=coarse_groups(kernel, terms.blocks))
 
+    def rank_one(self, at: KernelPoint) -> OrbitKernel:
+        """This kernel with each bilinear block's terms ``y = x_i Q_ij z_j`` at ``at``
+        replaced by the rank-one ``r_i c_j / Σr`` of their row sums ``r`` and column sums
+        ``c`` (:attr:`KernelPoint.sums`: the same sums and total; what ``y`` would be if
+        its rows and columns were independent), i.e. ``Q ≈ (r/x)(c/z)ᵀ / Σr``.  Its
+        products cost ``O + C`` per block instead of ``O·C``: a solver's cheap first
+        approximation (:func:`~graphteleport.passes.canonical.minimize`'s start), exact
+        where ``Q`` has rank one; the single terms and the rest are kept as they are."""
+        mats: list[Bilinear] = []
+        for m in self.matrices:
+            r, c = at.sums[m.lo : m.mid], at.sums[m.mid : m.hi]
+            total = float(r.sum())
+            a = r / at.scale[m.lo : m.mid] / total if total > 0 else np.zeros_like(r)
+            mats.append(
+                Bilinear(np.zeros((0, 0)), m.lo, m.mid, m.hi, None, (a, c / at.scale[m.mid : m.hi]))
+            )
+        return replace(self, matrices=tuple(mats), plans={})
+
+    @cached_property
+    def outer(self) -> FloatArray | None:
+        """When every bilinear block is rank one (:meth:`rank_one`): their factors laid
+        out as the side entries are (a block's ``a`` on its rows, ``b`` on its columns,
+        from its first entry on); else ``None``."""
+        if not self.matrices or any(m.outer is None for m in self.matrices):
+            return None
+        return np.concatenate([f for m in self.matrices if m.outer for f in m.outer])
+
+    @cached_property
+    def counted(self) -> FloatArray:
+        """Per side entry 1 if its sums count once in ``F`` (a single term, a bilinear
+        block's row), 0 for a block's column: ``F = counted · sums``."""
+        out = np.ones(self.index.size)
+        for m in self.matrices:
+            out[m.mid : m.hi] = 0.0
+        return out
+
+    @cached_property
+    def segments(self) -> tuple[IntArray, IntArray, IntArray]:
+        """The bilinear blocks' side entries as segments (each block's rows, then its
+        columns): their starts and lengths, and per segment its partner's index (rows ↔
+        columns of the same block)."""
+        bounds = [(m.lo, m.mid, m.hi) for m in self.matrices]
+        starts = np.array([b for lo, mid, _ in bounds for b in (lo, mid)], dtype=np.intp)
+        lengths = np.array([n for lo, mid, hi in bounds for n in (mid - lo, hi - mid)], np.intp)
+        partner = np.arange(starts.size) ^ 1
+        return starts, lengths, partner
+
+    def products(self, w: FloatArray, fast: bool) -> FloatArray:
+        """Per side entry of a bilinear block, the product of its ``Q`` with the other
+        side's entries of ``w``: ``Q w[cols]`` on its rows, ``Qᵀ w[rows]`` on its columns
+        (0 on single terms).  ``fast``: by the float32 copies where there are, each
+        segment of ``w`` scaled by its largest magnitude into float32's range (one
+        vectorised scaling for all blocks, the scales applied back to the products)."""
+        out = np.zeros_like(w)
+        if not self.matrices:
+            return out
+        starts, lengths, partner = self.segments
+        lo = int(starts[0])
+        if self.outer is not None:  # rank one: a (b·w_cols) on rows, b (a·w_rows) on columns
+            dots = np.add.reduceat(self.outer * w[lo:], starts - lo)
+            np.multiply(self.outer, np.repeat(dots[partner], lengths), out=out[lo:])
+            return out
+        copies = fast and all(m.q32 is not None for m in self.matrices)
+        if copies:
+            peak = np.maximum.reduceat(np.abs(w[lo:]), starts - lo)
+            peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
+            w32 = (w[lo:] / np.repeat(peak, lengths)).astype(np.float32)
+            out32 = np.empty_like(w32)
+        for m in self.matrices:
+            rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
+            if copies:
+                a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
+                assert m.q32 is not None
+                fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
+            elif m.outer is not None or (fast and m.q32 is not None):
+                out[rows], out[cols] = (m.both_fast if fast else m.both)(w[cols], w[rows])
+            else:
+                fused(m.q, w[cols], w[rows], out=(out[rows], out[cols]))
+        if copies:
+            np.multiply(out32, np.repeat(peak[partner], lengths), out=out[lo:])
+        return out
+
     def _scatter(self, values: FloatArray) -> FloatArray:
         """``Σ values`` of the side entries per pair."""
         out: FloatArray = np.bincount(self.index, weights=values, minlength=self.num_pairs)
         return out
 
-    def point(self, u: FloatArray, bound: float | None = None) -> KernelPoint | None:
+    def point(
+        self, u: FloatArray, bound: float | None = None, exact: bool = True
+    ) -> KernelPoint | None:
         """The kernel at ``u`` (:class:`KernelPoint`), one read of each bilinear ``Q``;
-        with ``bound``, ``None`` when ``F(u)`` exceeds it or is not finite."""
+        with ``bound``, ``None`` when ``F(u)`` exceeds it or is not finite.  Not
+        ``exact``: the bilinear products by the float32 copies (half the bytes; a
+        relative error of about 1e-7 per product, in ``F``, the gradient and
+        ``diag H``), for a solver far from the minimum."""
         with np.errstate(over="ignore", invalid="ignore"):
             scale = np.exp(self.p * self.coef * u[self.index])
             n = self.single.size
-            sums = np.empty_like(scale)
+            sums = self.products(scale, fast=not exact)
+            sums *= scale
             np.multiply(self.single, scale[:n], out=sums[:n])
-            f = float(sums[:n].sum())
-            for m in self.matrices:
-                x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
-                qz, qx = m.both(z, x)
-                np.multiply(x, qz, out=sums[m.lo : m.mid])
-                np.multiply(z, qx, out=sums[m.mid : m.hi])
-                f += float(sums[m.lo : m.mid].sum())
+            f = float(sums @ self.counted)
             rest = self.rest.terms(u) if self.rest is not None else np.zeros(0)
             f += float(rest.sum())
         if bound is not None and not (np.isfinite(f) and f <= bound):
@@ -322,11 +438,14 @@ class OrbitKernel:
         if self.rest is not None:
             gradient += self.rest.p * self.rest.pair_sums(rest)
             diagonal += self.rest.hessian_diagonal(rest)
-        return KernelPoint(u, f, scale, sums, rest, gradient, diagonal)
+        return KernelPoint(u, f, scale, sums, rest, gradient, diagonal, exact)
 
     def value(self, u: FloatArray) -> float:
         """``F(u)`` for a trial step: one gemv per bilinear block, by its float32 copy
         where it has one (a relative error of about 1e-7; :meth:`point` is exact)."""
+        if self.outer is not None:  # rank one: a point costs no more
+            at = self.point(u)
+            return at.f if at is not None else np.inf
         with np.errstate(over="ignore", invalid="ignore"):
             scale = np.exp(self.p * self.coef * u[self.index])
             n = self.single.size
@@ -341,13 +460,9 @@ class OrbitKernel:
         """``H·v`` at ``at`` (module docstring): per bilinear block two gemv in one read
         of its ``Q`` (float32 when the kernel has the copies)."""
         a = self.coef * v[self.index]
-        out = at.sums * a
-        scale = at.scale
-        for m in self.matrices:
-            x, z = scale[m.lo : m.mid], scale[m.mid : m.hi]
-            qb, qa = m.both_fast(z * a[m.mid : m.hi], x * a[m.lo : m.mid])
-            out[m.lo : m.mid] += x * qb
-            out[m.mid : m.hi] += z * qa
+        out = self.products(at.scale * a, fast=True)
+        out *= at.scale
+        out += at.sums * a
         hv = self.p * self.p * self._scatter(self.coef * out)
         if self.rest is not None:
             hv += self.rest.hessian_vector(at.rest, v)
@@ -360,76 +475,142 @@ class OrbitKernel:
         per row, ``E = p² Σ_k y_k ρ_k ρ_kᵀ`` — the squares from every side entry's
         ``coef² · Σ y``, a bilinear block's cross term ``Σ_ij y_ij coef_i coef_j`` from its
         row sums when its column coefficients are one value (one gemv otherwise), and the
-        rest's rows from its coordinates."""
-        ng = int(group.max(initial=-1)) + 1
-        g = group[self.index]
-        values = self.coef * self.coef * at.sums
-        keys = [g * (ng + 1)]
-        weights = [np.where(g >= 0, values, 0.0)]
-        for m in self.matrices:
-            mk, mw = bilinear_cross(self, m, at, group, ng)
-            keys.extend([mk, (mk % ng) * ng + mk // ng])  # (a, b) and (b, a)
-            weights.extend([mw, mw])
-        if self.rest is not None:
-            rk, rw = rest_coarse(self.rest, at.rest, group, ng)
-            keys.append(rk)
-            weights.append(rw)
-        key = np.concatenate(keys)
-        ok = key >= 0
-        flat = np.bincount(key[ok], weights=np.concatenate(weights)[ok], minlength=ng * ng)
+        rest's rows from its coordinates.  What depends on ``group`` alone (which entries
+        meet which groups: :class:`CoarsePlan`) is made once per ``group``."""
+        key = group.tobytes()
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = CoarsePlan.of(self, group)
+        ng = plan.ng
+        flat = np.bincount(plan.keys, weights=plan.weights(self, at), minlength=ng * ng)
         out: FloatArray = self.p * self.p * flat.reshape(ng, ng)
         return out
 
 
-def bilinear_cross(
-    kernel: OrbitKernel, m: Bilinear, at: KernelPoint, group: IntArray, ng: int
-) -> tuple[IntArray, FloatArray]:
-    """The cross terms ``Σ_ij y_ij ρ_i κ_j`` of a bilinear block at ``at`` (rows i with
-    coefficient ``ρ_i`` in group ``a_i``, columns j with ``κ_j`` in ``b_j``) summed per
-    ``(a, b)``, as flat keys ``a·ng + b`` and weights: with ``Z`` the columns' ``κ ⊙ z``
-    spread over their groups, ``ρ ⊙ x ⊙ (Q Z)`` — or, when every column has one group and
-    one coefficient ``κ`` (a layer's channels), ``κ · Σ_i ρ_i r_i`` from the row sums."""
+@dataclass(frozen=True, eq=False)
+class CrossPlan:
+    """A bilinear block's part of a :class:`CoarsePlan`: its rows in some group
+    (``keep``), their coefficients ``rows``, and either ``factor`` (every column in one
+    group with one coefficient κ: the weights are ``κ · ρ_i · r_i``) or the columns'
+    groups (``on``: the columns in some group, ``where``: the index of each one's group
+    among ``targets``; the weights ``ρ_i x_i (Q Z)_i`` with ``Z`` the columns' ``κ ⊙ z``
+    spread over their groups)."""
+
+    m: Bilinear
+    keep: np.ndarray
+    rows: FloatArray
+    factor: FloatArray | None
+    cols: FloatArray
+    on: IntArray
+    where: IntArray
+    targets: IntArray
+
+    def weights(self, at: KernelPoint) -> FloatArray:
+        """The cross terms at ``at``, in the order of the plan's keys."""
+        m = self.m
+        if self.factor is not None:
+            out: FloatArray = self.factor * at.sums[m.lo : m.mid][self.keep]
+            return out
+        spread = np.zeros((self.cols.size, self.targets.size))
+        spread[self.on, self.where] = (self.cols * at.scale[m.mid : m.hi])[self.on]
+        rows = (self.rows * at.scale[m.lo : m.mid])[self.keep, None]
+        per: FloatArray = (rows * m.rows_times(self.keep, spread)).reshape(-1)
+        return per
+
+
+@dataclass(frozen=True, eq=False)
+class CoarsePlan:
+    """What :meth:`OrbitKernel.coarse` needs of ``group`` alone: ``ng`` groups, the flat
+    keys ``a·ng + b`` of every contribution (side entries, each bilinear block's cross
+    terms both ways round, the rest's rows) and how to weigh them at a point: the side
+    entries in a group (``side``), the blocks' :class:`CrossPlan`, and the rest's
+    contributions ``y[rest_rows] · rest_factor``."""
+
+    ng: int
+    keys: IntArray
+    side: np.ndarray
+    cross: tuple[CrossPlan, ...]
+    rest_rows: IntArray
+    rest_factor: FloatArray
+
+    @classmethod
+    def of(cls, kernel: OrbitKernel, group: IntArray) -> CoarsePlan:
+        """The plan of ``kernel`` for ``group``."""
+        ng = int(group.max(initial=-1)) + 1
+        g = group[kernel.index]
+        side = g >= 0
+        keys = [g[side] * (ng + 1)]
+        cross: list[CrossPlan] = []
+        for m in kernel.matrices:
+            found = cross_plan(kernel, m, group, ng)
+            if found is not None:
+                plan, mk = found
+                cross.append(plan)
+                keys.extend([mk, (mk % ng) * ng + mk // ng])  # (a, b) and (b, a)
+        rest_rows, rest_factor = np.zeros(0, np.intp), np.zeros(0)
+        if kernel.rest is not None:
+            rk, rest_rows, rest_factor = rest_plan(kernel.rest, group, ng)
+            keys.append(rk)
+        return cls(ng, np.concatenate(keys), side, tuple(cross), rest_rows, rest_factor)
+
+    def weights(self, kernel: OrbitKernel, at: KernelPoint) -> FloatArray:
+        """Every contribution's weight at ``at``, in the order of :attr:`keys`."""
+        parts = [(kernel.coef * kernel.coef * at.sums)[self.side]]
+        for c in self.cross:
+            w = c.weights(at)
+            parts.extend([w, w])
+        parts.append(at.rest[self.rest_rows] * self.rest_factor)
+        return np.concatenate(parts)
+
+
+def cross_plan(
+    kernel: OrbitKernel, m: Bilinear, group: IntArray, ng: int
+) -> tuple[CrossPlan, IntArray] | None:
+    """The cross terms ``Σ_ij y_ij ρ_i κ_j`` of a bilinear block (rows i with coefficient
+    ``ρ_i`` in group ``a_i``, columns j with ``κ_j`` in ``b_j``) summed per ``(a, b)``: the
+    block's :class:`CrossPlan` and its flat keys ``a·ng + b`` (``None``: none) — with ``Z``
+    the columns' ``κ ⊙ z`` spread over their groups, ``ρ ⊙ x ⊙ (Q Z)``, or, when every
+    column has one group and one coefficient ``κ`` (a layer's channels), ``κ · ρ_i r_i``
+    from the row sums."""
     rows, cols = kernel.coef[m.lo : m.mid], kernel.coef[m.mid : m.hi]
     ga, gb = group[kernel.index[m.lo : m.mid]], group[kernel.index[m.mid : m.hi]]
     rows = np.where(ga >= 0, rows, 0.0)
     cols = np.where(gb >= 0, cols, 0.0)
     targets, where = np.unique(gb[gb >= 0], return_inverse=True)
     if not targets.size or not rows.any():
-        return np.zeros(0, np.intp), np.zeros(0)
-    if targets.size == 1 and (cols[gb >= 0] == cols[gb >= 0][0]).all() and (gb >= 0).all():
-        keep = ga >= 0
-        return ga[keep] * ng + targets[0], (cols[0] * rows * at.sums[m.lo : m.mid])[keep]
-    spread = np.zeros((cols.size, targets.size))
-    on = np.flatnonzero(gb >= 0)
-    spread[on, where.reshape(-1)] = (cols * at.scale[m.mid : m.hi])[on]
+        return None
     keep = ga >= 0
-    per = (rows * at.scale[m.lo : m.mid])[keep, None] * (m.q[keep] @ spread)
-    return (ga[keep, None] * ng + targets[None, :]).reshape(-1), per.reshape(-1)
+    empty = np.zeros(0, np.intp)
+    if targets.size == 1 and (cols[gb >= 0] == cols[gb >= 0][0]).all() and (gb >= 0).all():
+        plan = CrossPlan(m, keep, rows, cols[0] * rows[keep], cols, empty, empty, targets)
+        return plan, ga[keep] * ng + targets[0]
+    on = np.flatnonzero(gb >= 0)
+    plan = CrossPlan(m, keep, rows, None, cols, on, where.reshape(-1), targets)
+    return plan, (ga[keep, None] * ng + targets[None, :]).reshape(-1)
 
 
-def rest_coarse(
-    rest: OrbitTerms, y: FloatArray, group: IntArray, ng: int
-) -> tuple[IntArray, FloatArray]:
-    """The rest's part of the coarse matrix (:meth:`OrbitKernel.coarse`, without ``p²``)
-    as flat keys ``a·ng + b`` and weights: per row ``k`` and groups ``a, b`` it touches,
-    ``y_k · ρ_k[a] · ρ_k[b]``."""
+def rest_plan(rest: OrbitTerms, group: IntArray, ng: int) -> tuple[IntArray, IntArray, FloatArray]:
+    """The rest's part of a :class:`CoarsePlan`: per row ``k`` and groups ``a, b`` it
+    touches, the contribution ``y_k · ρ_k[a] · ρ_k[b]`` (:meth:`OrbitKernel.coarse`,
+    without ``p²``), as flat keys ``a·ng + b``, the rows ``k`` and the factors
+    ``ρ_k[a] · ρ_k[b]``."""
     rows, cols, coef = rest.coordinates
     g = group[cols]
     ok = g >= 0
     keys, inverse = np.unique(rows[ok] * ng + g[ok], return_inverse=True)
     rho = np.bincount(inverse.reshape(-1), weights=coef[ok], minlength=keys.size)
     row, grp = keys // max(ng, 1), keys % max(ng, 1)
-    out_keys = [grp * (ng + 1)]
-    out_weights = [y[row] * rho * rho]
+    out_keys, out_rows, out_factor = [grp * (ng + 1)], [row], [rho * rho]
     for shift in range(1, keys.size):
         same = row[:-shift] == row[shift:]
         if not same.any():
             break
         a, b = grp[:-shift][same], grp[shift:][same]
-        w = (y[row[:-shift]] * rho[:-shift] * rho[shift:])[same]
+        r, f = row[:-shift][same], (rho[:-shift] * rho[shift:])[same]
         out_keys.extend([a * ng + b, b * ng + a])
-        out_weights.extend([w, w])
-    return np.concatenate(out_keys), np.concatenate(out_weights)
+        out_rows.extend([r, r])
+        out_factor.extend([f, f])
+    return np.concatenate(out_keys), np.concatenate(out_rows), np.concatenate(out_factor)
 
 
 #: The most coarse groups :func:`coarse_groups` keeps (the largest; ``E`` is dense).

@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
 import onnx_ir as ir
 
 from graphteleport import rewrite as rewrite_mod
 from graphteleport import verify as verify_mod
-from graphteleport.activations import load_calibration
 from graphteleport.analysis import Quiver, analyze_model
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
@@ -52,8 +52,6 @@ from graphteleport.io import (
     write_file_atomic,
 )
 from graphteleport.options import MODES, CofactorOptions, check_input_shapes, check_mode
-from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
-from graphteleport.passes.equalize import DEFAULT_P, EqualizePass, EqualizeResult, Method
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
 from graphteleport.reports import (
     AnalysisReport,
@@ -64,6 +62,10 @@ from graphteleport.reports import (
     report_json,
 )
 from graphteleport.tensorcheck import TensorScales
+
+if TYPE_CHECKING:  # the canonical and equalize passes are imported by their jobs only
+    from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
+    from graphteleport.passes.equalize import EqualizePass, EqualizeResult, Method
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -146,9 +148,10 @@ def _quiet(_: str) -> None:
 def _feeds(
     model: ir.Model, opts: TeleportOptions, src: str | os.PathLike[str]
 ) -> tuple[list[dict[str, np.ndarray]], dict[str, tuple[int, ...]], onnx_frontend.ResolvedInputs]:
-    """Verification inputs (the user's, then random draws), the concrete input shapes the
-    analysis uses (those of the first set), and how the frontend sized the dynamic axes
-    (probing ``src`` in onnxruntime where needed)."""
+    """Verification inputs (the user's, then random draws; one set when the job is not
+    verified, for its shapes), the concrete input shapes the analysis uses (those of the
+    first set), and how the frontend sized the dynamic axes (probing ``src`` in
+    onnxruntime where needed)."""
     resolved = onnx_frontend.resolve_input_shapes(
         model,
         opts.input_shapes,
@@ -157,7 +160,7 @@ def _feeds(
     )
     sets = verify_mod.draw_feed_sets(
         resolved.specs,
-        opts.draws,
+        opts.draws if opts.verify else min(opts.draws, 1),  # unverified: the shapes only
         _seed(opts),
         npz=opts.inputs,
         int_high=onnx_frontend.index_ranges(model),
@@ -258,6 +261,8 @@ def canonicalize_file(
     used; the sampling options are not).  The report's ``canonical`` holds ``F`` before
     and after, the Newton iterations and the final gradient; its seconds add ``solve``;
     ``report_path`` and ``bars`` as for :func:`teleport_file`."""
+    from graphteleport.passes.canonical import CanonicalizePass
+
     return _pass_file(
         src, dst, opts, progress, report_path,
         lambda shapes: CanonicalizePass(mode=opts.mode, input_shapes=shapes), bars=bars,
@@ -272,20 +277,25 @@ def equalize_file(
     *,
     report_path: PathArg | None = None,
     method: Method = "cle",
-    p: float = DEFAULT_P,
+    p: float | None = None,
     alpha: float = 0.5,
     calibration: PathArg | None = None,
     int8_ops: Sequence[str] | None = None,
 ) -> TeleportReport:
     """Equalize the model at ``src`` for per-tensor INT8 quantization
     (:class:`~graphteleport.passes.equalize.EqualizePass`: ``method`` cle with the balance's
-    ``p``, or smooth with ``alpha`` and the ``calibration`` .npz) into ``dst``, verified like
+    ``p`` (None: the pass's ``DEFAULT_P``), or smooth with ``alpha`` and the ``calibration``
+    .npz) into ``dst``, verified like
     :func:`teleport_file` (``opts.mode``, ``opts.exact``, ``opts.rescale_clip`` and the
     verification options are used; the sampling options are not).  The report's
     ``equalize`` holds the per-tensor and per-class ranges before and after, the predicted
     INT8 steps and the fraction of weight elements moved; its seconds add ``solve`` and
     ``figures``; ``report_path`` as for :func:`teleport_file`; ``int8_ops``: auto's
     simulated quantizer's op types (:class:`~graphteleport.passes.equalize.EqualizePass`)."""
+    from graphteleport.activations import load_calibration
+    from graphteleport.passes.equalize import DEFAULT_P, EqualizePass
+
+    p = DEFAULT_P if p is None else p
     feeds: list[dict[str, np.ndarray]] = []
     if calibration is not None:
         check_paths([("calibration file", calibration)], [])
@@ -497,16 +507,14 @@ def _teleport_report(
         input_shapes=inputs,
         seconds=seconds,
         canonical=_canonical_figures(result),
-        equalize=result.figures.to_json()
-        if isinstance(result, EqualizeResult) and result.figures
-        else None,
+        equalize=result.figures.to_json() if _is_equalize(result) and result.figures else None,
         clips_split=len(result.clips.clips),
     )
 
 
 def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
     """A canonical form's optimisation figures for the report (None for a teleport)."""
-    if not isinstance(result, CanonicalResult) or result.minimum is None:
+    if not _is_canonical(result) or result.minimum is None:
         return None
     m = result.minimum
     return {
@@ -519,3 +527,16 @@ def _canonical_figures(result: TeleportResult) -> dict[str, float] | None:
         "signs_flipped": result.flipped,
         "signs_undecided": result.sign_undecided,
     }
+
+
+def _is_canonical(result: TeleportResult) -> TypeGuard[CanonicalResult]:
+    """Whether ``result`` is a canonical form's, without importing that pass (an instance
+    exists only once its module is loaded)."""
+    module = sys.modules.get("graphteleport.passes.canonical")
+    return module is not None and isinstance(result, module.CanonicalResult)
+
+
+def _is_equalize(result: TeleportResult) -> TypeGuard[EqualizeResult]:
+    """Whether ``result`` is an equalization's, without importing that pass."""
+    module = sys.modules.get("graphteleport.passes.equalize")
+    return module is not None and isinstance(result, module.EqualizeResult)

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphteleport.algebra import product_at, scales_of, with_rank
-from graphteleport.analysis import Absorb, AnalysisResult, Factor
+from graphteleport.algebra import RowScale, product_at, row_scale, scales_of, with_rank
+from graphteleport.analysis import Absorb, AnalysisResult, Factor, Weight
 from graphteleport.insertion import PlannedMul, plan
 from graphteleport.numerics import (
     MARGIN,
@@ -46,6 +46,7 @@ from graphteleport.numerics import (
     out_of_range,
     violations,
 )
+from graphteleport.parallel import map_parts, row_parts
 from graphteleport.rewrite import release, weight_bounds
 
 log = logging.getLogger(__name__)
@@ -116,30 +117,20 @@ class _AtRisk:
     shape: tuple[int, ...]
     flat: np.ndarray
     mag: np.ndarray  # |w| of each element at risk, float64
-
-    @property
-    def at(self) -> tuple[np.ndarray, ...]:
-        """The elements at risk as one index array per axis."""
-        return tuple(np.unravel_index(self.flat, self.shape))
+    at: tuple[np.ndarray, ...]  # the elements at risk as one index array per axis (every round)
 
     @classmethod
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
         """Measure ``w`` a chunk at a time and keep its elements at risk."""
         flat_w = w.reshape(-1)
-        low, high = _risk_thresholds(w.dtype, lim, smin, smax)
-        flats: list[np.ndarray] = []
-        mags: list[np.ndarray] = []
-        for start in range(0, flat_w.size, _RISK_CHUNK):
-            chunk = flat_w[start : start + _RISK_CHUNK]
-            x = np.abs(chunk.astype(low.dtype))  # exact: W's values fit this dtype
-            cand = np.flatnonzero(((x > 0) & (x < low)) | (x > high))
-            hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
-            over, _ = violations(hi, lo_n, lo_s, smax, lim)
-            _, under = violations(hi, lo_n, lo_s, smin, lim)
-            k = cand[over | under]
-            flats.append(k + start)
-            mags.append(np.abs(chunk[k].astype(np.float64)))
-        return cls(w.shape, np.concatenate(flats), np.concatenate(mags))
+        low, high = _risk_bits(w.dtype, lim, *_risk_thresholds(w.dtype, lim, smin, smax))
+        bounds = (lim, low, high, smin, smax)
+        parts = [(flat_w, bounds, i, j) for i, j in row_parts(flat_w.size, flat_w.size)]
+        found = map_parts(_risk_range, parts)
+        flats = [f for f, _ in found]
+        mags = [m for _, m in found]
+        flat = np.concatenate(flats)
+        return cls(w.shape, flat, np.concatenate(mags), tuple(np.unravel_index(flat, w.shape)))
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
         """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
@@ -153,6 +144,48 @@ class _AtRisk:
             mask[self.flat[hit]] = True
             masks.append(mask.reshape(self.shape))
         return masks[0], masks[1]
+
+
+def _risk_range(
+    flat_w: np.ndarray,
+    bounds: tuple[Limits, np.unsignedinteger, np.unsignedinteger, float, float],
+    start: int,
+    stop: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The elements at risk among ``flat_w[start:stop]`` (flat positions, ``|w|`` as
+    float64), a chunk at a time: a filter on the bits (:func:`_risk_bits`), then the
+    exact check of the few candidates."""
+    lim, low, high, smin, smax = bounds
+    mask = lim.uint.type(lim.mask)
+    flats: list[np.ndarray] = [np.zeros(0, np.int64)]
+    mags: list[np.ndarray] = [np.zeros(0, np.float64)]
+    for at in range(start, stop, _RISK_CHUNK):
+        chunk = flat_w[at : min(at + _RISK_CHUNK, stop)]
+        b = chunk.view(lim.uint) & mask  # |w|'s bits: ordered like |w|
+        cand = np.flatnonzero(((b > 0) & (b < low)) | (b > high))
+        hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
+        over, _ = violations(hi, lo_n, lo_s, smax, lim)
+        _, under = violations(hi, lo_n, lo_s, smin, lim)
+        k = cand[over | under]
+        flats.append(k + at)
+        mags.append(np.abs(chunk[k].astype(np.float64)))
+    return np.concatenate(flats), np.concatenate(mags)
+
+
+def _risk_bits(
+    dtype: np.dtype, lim: Limits, low: np.floating, high: np.floating
+) -> tuple[np.unsignedinteger, np.unsignedinteger]:
+    """The thresholds of :func:`_risk_thresholds` as bit patterns of ``dtype``
+    (magnitudes order like their bits): ``|w| < low`` exactly where ``bits < low_bits``
+    (the first pattern whose value is ``≥ low``) and ``|w| > high`` where
+    ``bits > high_bits`` (the last whose value is ``≤ high``; NaN patterns lie above
+    inf's and are dropped by the exact check), so the filter reads W's bits only."""
+    with np.errstate(over="ignore"):
+        lo_v, hi_v = (np.asarray(float(t)).astype(dtype) for t in (low, high))
+    lo_b, hi_b = (int(v.view(lim.uint)) for v in (lo_v, hi_v))
+    lo_b += int(float(lo_v) < float(low))
+    hi_b -= int(float(hi_v) > float(high))
+    return lim.uint.type(lo_b), lim.uint.type(hi_b)
 
 
 def _risk_thresholds(
@@ -247,23 +280,26 @@ class _Check:
         weight = self.analysis.weights[j]
         checks: list[tuple[list[Absorb], np.ndarray, np.ndarray]] = []
         risky: list[tuple[list[Absorb], _AtRisk]] = []
-        for k, (group, s) in enumerate(scales_of(shape, weight.uses, weight.private, tau)):
-            r = max(len(shape), s.ndim)
-            sr = with_rank(s, r)
+        for k, (group, scale) in enumerate(_scales(shape, weight, tau)):
+            layout = scale.shape
+            r = max(len(shape), len(layout))
+            layout = (1,) * (r - len(layout)) + tuple(layout)
             if (j, k) not in self.cells:
                 assert w is not None
                 wr = with_rank(w, r)
-                axes = tuple(ax for ax in range(r) if sr.shape[ax] == 1 and wr.shape[ax] > 1)
-                if not axes and sr.shape == wr.shape and wr.size > _DENSE_CELLS:
+                axes = tuple(ax for ax in range(r) if layout[ax] == 1 and wr.shape[ax] > 1)
+                if not axes and layout == wr.shape and wr.size > _DENSE_CELLS:
                     self.cells[j, k] = _AtRisk.of(wr, lim, *bounds)
                 else:
                     self.cells[j, k] = cell_magnitudes(wr, axes, lim)
             cells = self.cells[j, k]
             if isinstance(cells, _AtRisk):
-                checks.append((group, *cells.violations(sr.reshape(-1)[cells.flat], lim)))
+                at = _scale_at(scale, group, tau, cells)
+                checks.append((group, *cells.violations(at, lim)))
                 risky.append((group, cells))
             else:
                 hi, lo_n, lo_s = cells
+                sr = with_rank(_whole(scale), r)
                 checks.append((group, *violations(hi, lo_n, lo_s, np.abs(sr), lim)))
         simple = all(ab.index is None and not ab.expand for ab in weight.uses)
         if simple and len(risky) == len(checks):
@@ -365,6 +401,34 @@ class _Check:
                 why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
                 for p in self._blame(m.factors, mask, sign, tau, values):
                     bad.setdefault(int(p), why)
+
+
+def _scales(
+    shape: tuple[int, ...], weight: Weight, tau: np.ndarray
+) -> list[tuple[list[Absorb], np.ndarray | RowScale]]:
+    """The scales of a weight as :func:`~graphteleport.algebra.scales_of` gives them,
+    except that a plain weight's one ``S`` stays a :class:`~graphteleport.algebra.RowScale`
+    (formed only where it is needed: no weight-sized ``S``)."""
+    lazy = row_scale(shape, weight.uses, weight.private, tau)
+    if lazy is not None:
+        return [(list(weight.uses), lazy)]
+    return [(g, s) for g, s in scales_of(shape, weight.uses, weight.private, tau)]
+
+
+def _whole(scale: np.ndarray | RowScale) -> np.ndarray:
+    """``S`` in its compact layout."""
+    return scale.rows(0, scale.shape[0]) if isinstance(scale, RowScale) else scale
+
+
+def _scale_at(
+    scale: np.ndarray | RowScale, group: list[Absorb], tau: np.ndarray, risk: _AtRisk
+) -> np.ndarray:
+    """``S`` at the elements at risk (in ``risk.flat`` order), bit for bit as the whole
+    ``S`` has it there (:func:`~graphteleport.algebra.product_at`)."""
+    if isinstance(scale, RowScale):
+        return product_at(group[0].factors, tau, risk.at)
+    at: np.ndarray = with_rank(scale, len(risk.shape)).reshape(-1)[risk.flat]
+    return at
 
 
 def _picks(ab: Absorb, risk: _AtRisk, hit: np.ndarray) -> list[tuple[np.ndarray, ...]] | None:

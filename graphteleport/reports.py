@@ -53,8 +53,8 @@ class AnalysisReport:
             cofactor_pairs=int(quiver.analysis.solution.touched.sum()),
             groups=quiver.groups(),
             pinned=quiver.pinned(),
-            neuron_groups=quiver.graph.number_of_nodes(),
-            weights_in_quiver=quiver.graph.number_of_edges(),
+            neuron_groups=quiver.vertex_count,
+            weights_in_quiver=quiver.arrow_count,
         )
 
     @property

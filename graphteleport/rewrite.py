@@ -20,15 +20,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.algebra import scale_bounds, scales_of
-from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef
+from graphteleport.algebra import RowScale, row_scale, scale_bounds, scales_of
+from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef, Weight
 from graphteleport.numerics import (
     Magnitudes,
     MagnitudeScan,
@@ -37,6 +37,7 @@ from graphteleport.numerics import (
     magnitudes,
     out_of_range,
 )
+from graphteleport.parallel import map_parts, row_parts
 
 
 @dataclass
@@ -137,31 +138,85 @@ def _product(
     w: np.ndarray, s: np.ndarray, float32_scale: bool
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """:func:`_apply`, the number of elements it changed, and W's :class:`Magnitudes`, in
-    one read of W: a block of rows (about ``_BLOCK`` elements) at a time, multiplied,
-    scanned and compared while it is in cache.  (A broadcast-expanded or non-contiguous
-    W takes :func:`_apply` and separate passes.)"""
+    one read of W (:func:`_product_rows`).  (A broadcast-expanded or non-contiguous W
+    takes :func:`_apply` and separate passes.)"""
     s = _shrink(s, w.shape)
-    scan = MagnitudeScan(w.dtype)
     if w.ndim == 0 or not w.flags.c_contiguous or np.broadcast_shapes(w.shape, s.shape) != w.shape:
+        scan = MagnitudeScan(w.dtype)
         new = _apply(w, s, float32_scale)
         scan.add(np.ascontiguousarray(w))
         changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
         return new, changed, scan.result(w)
-    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
     sb = np.broadcast_to(s, w.shape)
+    return _product_rows(w, lambda i, j: sb[i:j], float32_scale)
+
+
+def _product_rows(
+    w: np.ndarray, rows_of: Callable[[int, int], np.ndarray], float32_scale: bool
+) -> tuple[np.ndarray, int, Magnitudes]:
+    """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
+    :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
+    ``rows_of(i, j)`` (broadcastable to W's rows).  A large W is cut into row ranges
+    worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy
+    releases the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized
+    ``S`` or float64 temporary."""
     out = np.empty(w.shape, dtype=w.dtype)
-    rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
-    changed = 0
-    for i in range(0, w.shape[0], rows):  # S rounded a block at a time, while in cache
-        wc, oc, sc = w[i : i + rows], out[i : i + rows], sb[i : i + rows]
-        if native:
-            np.multiply(wc, sc.astype(w.dtype), out=oc)
-        else:  # exact products in float64 (of S rounded to float32), rounded once into W's
-            sc = sc.astype(np.float32).astype(np.float64) if float32_scale else sc
-            oc[...] = np.multiply(wc, sc, dtype=np.float64)
-        scan.add(wc)
-        changed += int(np.count_nonzero(oc != wc))
+    parts = [(w, out, rows_of, float32_scale, i, j) for i, j in row_parts(w.shape[0], w.size)]
+    done = map_parts(_rows_into, parts)
+    scan = MagnitudeScan(w.dtype)
+    for _, part in done:
+        scan.merge(part)
+    changed = sum(c for c, _ in done)
+    if scan.hi >= scan.lim.inf_bits:  # inf or NaN in W: count as ``!=`` does
+        changed = int(np.count_nonzero(out != w))
     return out, changed, scan.result(w)
+
+
+def _rows_into(
+    w: np.ndarray,
+    out: np.ndarray,
+    rows_of: Callable[[int, int], np.ndarray],
+    float32_scale: bool,
+    start: int,
+    stop: int,
+) -> tuple[int, MagnitudeScan]:
+    """Rows ``start:stop`` of :func:`_product_rows` into ``out``, a block of about
+    ``_BLOCK`` elements at a time in buffers reused across blocks: the elements whose
+    bits changed (a zero that only changed sign not counted; finite W) and the rows'
+    magnitudes."""
+    scan = MagnitudeScan(w.dtype)
+    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
+    row = max(1, math.prod(w.shape[1:]))
+    rows = max(1, _BLOCK // row)
+    s64 = np.empty(rows * row, dtype=np.float64)
+    s32 = np.empty(rows * row, dtype=np.float32)
+    w64 = np.empty(0 if native else rows * row, dtype=np.float64)
+    uint, mask = scan.lim.uint, scan.lim.uint.type(scan.lim.mask)
+    changed = 0
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for i in range(start, stop, rows):
+            wc, oc = w[i : min(i + rows, stop)], out[i : min(i + rows, stop)]
+            sc = np.broadcast_to(rows_of(i, i + len(wc)), wc.shape)
+            b32, b64 = s32[: wc.size].reshape(wc.shape), s64[: wc.size].reshape(wc.shape)
+            if native and w.dtype == np.float32:
+                np.copyto(b32, sc, casting="same_kind")
+                np.multiply(wc, b32, out=oc)
+            elif native:
+                np.multiply(wc, sc, out=oc)
+            else:  # exact products in float64 (of S rounded to float32), rounded once
+                if float32_scale:
+                    np.copyto(b32, sc, casting="same_kind")
+                    sc = b32
+                np.copyto(b64, sc)
+                np.copyto(w64[: wc.size].reshape(wc.shape), wc)  # (faster than a mixed multiply)
+                np.multiply(w64[: wc.size].reshape(wc.shape), b64, out=b64)
+                np.copyto(oc, b64, casting="same_kind")
+            scan.add(wc)
+            wb, ob = wc.view(uint), oc.view(uint)
+            differ = wb != ob
+            changed += int(np.count_nonzero(differ))
+            changed -= int(np.count_nonzero(differ & (((wb | ob) & mask) == 0)))
+    return changed, scan
 
 
 _BLOCK = 1 << 16
@@ -216,16 +271,32 @@ def prepare(analysis: AnalysisResult, tau: np.ndarray) -> Prepared:
         sink.rewind()
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for j, weight in enumerate(analysis.weights):
-            w = weight.source.array()
-            scales = scales_of(w.shape, weight.uses, weight.private, tau)
-            p, m = _pend(w, weight.uses, scales, fits_float32(smin[j], smax[j]))
-            del w, scales
+            p, m = _compute(weight, tau, fits_float32(smin[j], smax[j]))
             if sink is not None:
                 _stream(p, sink)
             pending.append(p)
             mags.append(m)
     flagged = out_of_range(mags, smin, smax)
     return Prepared(pending, mags, np.flatnonzero(flagged).tolist())
+
+
+def _compute(weight: Weight, tau: np.ndarray, f32: bool) -> tuple[_Pending, Magnitudes]:
+    """One weight's new value and magnitudes: a plain weight's ``S`` formed a block of
+    rows at a time (:class:`~graphteleport.algebra.RowScale`), any other's whole
+    (:func:`~graphteleport.algebra.scales_of`, :func:`_pend`)."""
+    w = weight.source.array()
+    lazy = row_scale(w.shape, weight.uses, weight.private, tau)
+    if lazy is None or not w.flags.c_contiguous:
+        return _pend(w, weight.uses, scales_of(w.shape, weight.uses, weight.private, tau), f32)
+    return _pend_rows(w, weight.uses[0], lazy, f32)
+
+
+def _pend_rows(
+    w: np.ndarray, use: Absorb, lazy: RowScale, f32: bool
+) -> tuple[_Pending, Magnitudes]:
+    """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale`."""
+    new, changed, mags = _product_rows(w, lazy.rows, f32)
+    return _Pending(use.source, new if changed else None, changed), mags
 
 
 def narrow(analysis: AnalysisResult) -> bool:
@@ -259,10 +330,27 @@ def measure(analysis: AnalysisResult) -> list[Magnitudes]:
     mags: list[Magnitudes] = []
     for weight in analysis.weights:
         w = weight.source.array()
-        mags.append(magnitudes(np.ascontiguousarray(w)))
+        mags.append(_magnitudes(np.ascontiguousarray(w)))
         del w
         release(weight.source)
     return mags
+
+
+def _magnitudes(w: np.ndarray) -> Magnitudes:
+    """:func:`~graphteleport.numerics.magnitudes` of a C-contiguous ``w``, its row
+    ranges scanned by the workers at once (:func:`~graphteleport.parallel.map_parts`)."""
+    if w.ndim == 0:
+        return magnitudes(w)
+    scans = map_parts(_scan_rows, [(w, i, j) for i, j in row_parts(w.shape[0], w.size)])
+    for other in scans[1:]:
+        scans[0].merge(other)
+    return scans[0].result(w)
+
+
+def _scan_rows(w: np.ndarray, start: int, stop: int) -> MagnitudeScan:
+    scan = MagnitudeScan(w.dtype)
+    scan.add(w[start:stop])
+    return scan
 
 
 def _stream(p: _Pending, sink: WeightSink) -> None:

@@ -20,10 +20,11 @@ at every value ``v`` the original computes: each use of ``v`` reads a fresh grap
 instead, and ``v`` becomes a graph output.  The original's cut model is fed the tensors
 it really computes on the user's inputs (recorded by one run of the whole original), the
 teleported cut model ``s ⊙`` the same tensors; then every node's output is compared with
-``s_out ⊙`` the original's.  A second pass feeds them mirrored, ``−v`` plus Gaussian noise of half
-their RMS, so every neuron is exercised — one that no drawn input activates too.
-Errors do not accumulate across nodes, and the first failing tensor in topological order
-names the node at fault.
+``s_out ⊙`` the original's (on the recorded tensors those are the recorded ones).  A
+second pass feeds them mirrored, ``−v`` plus Gaussian noise of half their RMS, so every
+neuron is exercised — one that no drawn input activates too; the original's cut model
+runs for this pass only.  Errors do not accumulate across nodes, and the first failing
+tensor in topological order names the node at fault.
 
 Comparisons mix relative and absolute error per tensor (see :func:`tolerance_scale`): the
 absolute part is ``rtol`` times the largest of the tensor's magnitude, the magnitude of
@@ -37,12 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
+
+from graphteleport.wire import light_encoding
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ __all__ = [
     "constant_names",
     "nonfinite_mismatch",
     "reads",
+    "recording_model",
+    "recording_names",
     "saturation_floors",
     "sub_model",
     "tolerance_scale",
@@ -102,10 +110,31 @@ class TensorScales:
         s = self.scales.get(name)
         if s is None or array.dtype.kind not in "fc" or not array.size:
             return array
-        out: np.ndarray = array.astype(np.result_type(array.dtype, np.float64)) * _fit(
-            s, array.ndim
-        )
+        wide = np.result_type(array.dtype, np.float64)
+        out: np.ndarray = np.multiply(array, _fit(s, array.ndim), dtype=wide)  # one pass
         return out
+
+    def peak(self, name: str, array: np.ndarray) -> float:
+        """``max |s_v ⊙ array|`` over its finite elements (:func:`tolerance_scale` of
+        :meth:`apply`), the same float64 number without forming the product for a float
+        array whose elements are all finite: each ``s`` times the largest ``|x|`` it
+        scales (rounding is monotonic, so the largest rounded product is the rounded
+        product of the largest)."""
+        s = self.scales.get(name)
+        fitted = None if s is None else _fit(s, array.ndim)
+        fits = fitted is not None and all(
+            d in (1, n) for d, n in zip(fitted.shape, array.shape, strict=True)
+        )
+        if fitted is None or not fits or array.dtype.kind != "f" or not array.size:
+            return tolerance_scale(self.apply(name, array))
+        axes = tuple(k for k, d in enumerate(fitted.shape) if d == 1)
+        hi = array.max(axis=axes, keepdims=True).astype(np.float64)
+        lo = array.min(axis=axes, keepdims=True).astype(np.float64)
+        largest = np.maximum(hi, -lo)  # max |x| under each s
+        peak = float(np.max(np.abs(fitted) * largest, initial=0.0))
+        if not math.isfinite(peak):  # a NaN/inf somewhere: masked, as tolerance_scale does
+            return tolerance_scale(self.apply(name, array))
+        return peak
 
 
 def _fit(s: np.ndarray, rank: int) -> np.ndarray:
@@ -143,8 +172,12 @@ def tolerance_scale(reference: np.ndarray, floor: float = 0.0, inputs: float = 0
     range (:func:`saturation_floors`), ``inputs`` the largest magnitude among the node's
     activation inputs (node-local checks only).
     """
-    finite = reference[np.isfinite(reference)] if reference.size else reference
-    peak = float(np.max(np.abs(finite), initial=0.0))
+    peak = 0.0
+    if reference.size and reference.dtype.kind == "f":  # two reductions, no copy
+        peak = max(float(reference.max()), -float(reference.min()))
+    if reference.size and not (reference.dtype.kind == "f" and math.isfinite(peak)):
+        finite = reference[np.isfinite(reference)]  # NaN/inf (or complex): mask them out
+        peak = float(np.max(np.abs(finite), initial=0.0))
     return max(peak, floor, inputs)
 
 
@@ -227,8 +260,14 @@ class LoadedModel:
     (parse a model once: :func:`check_tensors` takes one as its original).
 
     ``skeleton`` is the proto without nodes, initializers and outputs: cut models are
-    built on it with just the nodes and initializers they need (a copy of every weight
-    per cut model would dominate the check's time on a large model).
+    built on it with just the nodes and initializers they need (``initializers``, by
+    name).  From :meth:`load`, each weight stored as ``raw_data`` of over
+    :data:`LIGHT_BYTES` is a reference to its bytes in the model file itself (external
+    data: location the file, the offset of its ``raw_data``;
+    :func:`graphteleport.wire.light_encoding`), so the proto is kilobytes, a cut model
+    too, and onnxruntime reads the weights from the file, the very bytes the model
+    holds — a copy of every weight per cut model, serialised and parsed again, would
+    dominate the check's time on a large model.
     """
 
     proto: onnx.ModelProto
@@ -238,7 +277,7 @@ class LoadedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LoadedModel:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
+        proto = _light_proto(path) or onnx.load(os.fspath(path), load_external_data=False)
         skeleton = onnx.ModelProto()
         _copy_without_weights(proto, skeleton)
         del skeleton.graph.node[:]
@@ -247,14 +286,55 @@ class LoadedModel:
         return cls(proto, os.path.dirname(os.path.abspath(path)), skeleton, inits)
 
 
-def _copy_without_weights(proto: onnx.ModelProto, out: onnx.ModelProto) -> None:
-    """``out`` = ``proto`` without its initializers (moved out and back, not copied)."""
-    weights = list(proto.graph.initializer)
-    del proto.graph.initializer[:]
+#: Inline weights over this many bytes are read by cut models from the model file.
+LIGHT_BYTES = 1024
+
+
+def _light_proto(path: str | os.PathLike[str]) -> onnx.ModelProto | None:
+    """The model file at ``path`` parsed with its large weights as references into it
+    (:class:`LoadedModel`); None where that cannot be: not binary protobuf, a link into
+    another folder, an encoding the walk cannot read (then the caller parses it whole)."""
+    ext = os.path.splitext(os.fspath(path))[1]
+    binary = onnx.serialization.registry.get_format_from_file_extension(ext) in (None, "protobuf")
+    if not binary or not _resolves_in_place(path):
+        return None
     try:
-        out.CopyFrom(proto)
-    finally:
-        proto.graph.initializer.extend(weights)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            light = light_encoding(buf, os.path.basename(os.fspath(path)), LIGHT_BYTES)
+        proto = onnx.ModelProto()
+        proto.ParseFromString(light or b"")
+    except (OSError, ValueError, DecodeError):
+        return None
+    return proto if light else None
+
+
+def _resolves_in_place(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at ``path`` lies in the folder it is named in, links followed
+    (onnxruntime refuses external data that resolves outside the model's folder: a
+    model that is a symbolic link to another folder keeps its weights inline)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(os.path.realpath(path)) == os.path.realpath(folder)
+
+
+def _copy_without_weights(proto: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """``out`` = ``proto`` without its initializers, copied field by field (the weights
+    are neither copied nor touched)."""
+    _copy_fields(proto, out, skip="graph")
+    _copy_fields(proto.graph, out.graph, skip="initializer")
+
+
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    """Copy every set field of the message ``src`` but ``skip`` into ``dst``."""
+    dst.SetInParent()
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def constant_names(graph: onnx.GraphProto) -> set[str]:
@@ -304,12 +384,12 @@ def _plan(original: onnx.GraphProto, teleported: onnx.GraphProto) -> _Plan:
 
 
 def _with_outputs(model: LoadedModel, names: Sequence[str]) -> onnx.ModelProto:
-    """The model's proto with *names* as its outputs (types left to onnxruntime); shares
-    the weights with ``model.proto``, so use it before anything else changes that."""
+    """The model's proto with *names* as its outputs (types left to onnxruntime), carrying
+    ``model.initializers`` (the large ones references into the model file)."""
     proto = onnx.ModelProto()
     proto.CopyFrom(model.skeleton)
     proto.graph.node.extend(model.proto.graph.node)
-    proto.graph.initializer.extend(model.proto.graph.initializer)
+    proto.graph.initializer.extend(model.initializers.values())
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     return proto
 
@@ -444,12 +524,18 @@ def _mirrored(
             out[name] = a
             continue
         finite = np.isfinite(a)
-        rms = float(np.sqrt(np.mean(np.square(a[finite], dtype=np.float64)))) if finite.any() else 0
+        everywhere = bool(finite.all())  # the usual case: no mask to apply
+        values = a.reshape(-1) if everywhere else a[finite]
+        rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0
         sigma = 0.5 * rms if rms > 0 else 1.0
         noise = rng.standard_normal(a.shape, dtype=np.float32)  # float32: half the cost
-        noisy = np.where(finite, sigma * noise.astype(np.float64) - a, a)
+        noisy = noise.astype(np.float64)
+        noisy *= sigma
+        noisy -= a  # sigma · noise − a, in place
+        if not everywhere:
+            noisy = np.where(finite, noisy, a)
         limit = float(np.finfo(a.dtype).max)
-        out[name] = np.clip(noisy, -limit, limit).astype(a.dtype)
+        out[name] = np.clip(noisy, -limit, limit, out=noisy).astype(a.dtype)
     return out
 
 
@@ -463,6 +549,7 @@ def check_tensors(
     rtol: float = 1e-5,
     seed: int = 0,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    recorded: Mapping[str, np.ndarray] | None = None,
 ) -> TensorCheckResult:
     """Check ``N'(s_in ⊙ x) = s_out ⊙ N(x)`` for every node (see the module docstring).
 
@@ -472,34 +559,70 @@ def check_tensors(
     *feeds*; *scales* is the analysis' promise.  Graph inputs are fed as they are to the
     original and ``s ⊙`` them to the teleported model (``s = 1`` for a whole model's
     inputs; a block of :mod:`graphteleport.pieces` reads scaled tensors as its inputs).
+    *recorded*: the original's tensors on *feeds* when a run already gave them (every
+    value :func:`recording_names` lists: the whole model's own run for its outputs, then
+    no run records them again).
     """
     orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
     tele = teleported if isinstance(teleported, LoadedModel) else LoadedModel.load(teleported)
     plan = _plan(orig.proto.graph, tele.proto.graph)
     floors = saturation_floors(orig.proto.graph)
     acc = _Accumulator()
-    groups = list(_groups(plan, _value_sizes(orig.proto), budget_bytes))
+    groups = list(_groups(plan, _value_sizes(orig), budget_bytes))
     for k, group in enumerate(groups):
         cuts = (_cut(orig, plan, group), _cut(tele, plan, group))
-        needed = list(dict.fromkeys([*cuts[0].boundary, *cuts[1].boundary]))
-        # one session at a time: each is released before the next is opened
-        recorded = _named(open_model(_with_outputs(orig, [*needed, *group]), orig.folder))(feeds)
-        recorded.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
+        names = _recorded_names(cuts, group)
+        if recorded is not None and all(n in recorded for n in names):
+            arrays = {n: recorded[n] for n in names}
+        else:  # one session at a time: each is released before the next is opened
+            arrays = _named(open_model(_with_outputs(orig, names), orig.folder))(feeds)
+        arrays.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
         jobs = [
             _Job(plan, group, arrays, scales, floors, rtol, label)
             for label, arrays in (
-                ("recorded", recorded),
-                ("mirrored", _mirrored(recorded, scales.tracked, seed + 7919 * (k + 1))),
+                ("recorded", arrays),
+                ("mirrored", _mirrored(arrays, scales.tracked, seed + 7919 * (k + 1))),
             )
         ]
-        run = _named(open_model(_cut_proto(orig, cuts[0], group, recorded), orig.folder))
-        refs = [run(_group_feeds(job, cuts[0], False)) for job in jobs]
-        run = _named(open_model(_cut_proto(tele, cuts[1], group, recorded), tele.folder))
+        # on the recorded tensors the original's nodes give the recorded tensors (the same
+        # node on the same inputs): its cut model runs for the mirrored pass only
+        run = _named(open_model(_cut_proto(orig, cuts[0], group, arrays), orig.folder))
+        refs = [{n: arrays[n] for n in group}, run(_group_feeds(jobs[1], cuts[0], False))]
+        run = _named(open_model(_cut_proto(tele, cuts[1], group, arrays), tele.folder))
         gots = [run(_group_feeds(job, cuts[1], True)) for job in jobs]
         del run
         for job, ref, got in zip(jobs, refs, gots, strict=True):
             _check_group(ref, got, job, acc)
     return acc.result(len(plan.cut), len(groups))
+
+
+def _recorded_names(cuts: tuple[_Cut, _Cut], group: Sequence[str]) -> list[str]:
+    """The original's tensors a group's check feeds or compares: the boundaries of both
+    cut models and the group's values."""
+    return list(dict.fromkeys([*cuts[0].boundary, *cuts[1].boundary, *group]))
+
+
+def recording_names(
+    original: LoadedModel, teleported: LoadedModel, budget_bytes: int = DEFAULT_BUDGET_BYTES
+) -> list[str] | None:
+    """The original's tensors :func:`check_tensors` records, when one run records them all
+    (the check takes one group under *budget_bytes*); None when it takes several."""
+    plan = _plan(original.proto.graph, teleported.proto.graph)
+    groups = list(_groups(plan, _value_sizes(original), budget_bytes))
+    if len(groups) != 1:
+        return None
+    cuts = (_cut(original, plan, groups[0]), _cut(teleported, plan, groups[0]))
+    return _recorded_names(cuts, groups[0])
+
+
+def recording_model(model: LoadedModel, names: Sequence[str]) -> onnx.ModelProto:
+    """The whole model with its own outputs (as declared) and then *names* as outputs: one
+    run gives both the outputs and the tensors :func:`check_tensors` records."""
+    own = [o.name for o in model.proto.graph.output]
+    proto = _with_outputs(model, [])
+    proto.graph.output.extend(model.proto.graph.output)
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in own)
+    return proto
 
 
 Feeds = Mapping[str, np.ndarray]
@@ -518,10 +641,10 @@ def _named(run: Run) -> NamedRun:
     return named
 
 
-def _value_sizes(proto: onnx.ModelProto) -> dict[str, int]:
+def _value_sizes(model: LoadedModel) -> dict[str, int]:
     """Bytes of every value whose shape onnx's inference knows (unknown dims count 1)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(proto))
+        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(model))
     except Exception:  # advisory only: unknown sizes just share a group
         return {}
     out: dict[str, int] = {}
@@ -536,13 +659,14 @@ def _value_sizes(proto: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _without_large_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _without_large_weights(model: LoadedModel) -> onnx.ModelProto:
     """The model with every initializer over 1 KiB declared as a graph input instead (shape
-    inference needs their shapes, not their bytes; small ones may be shapes it reads)."""
+    inference needs their shapes, not their bytes; small ones may be shapes it reads).
+    The large ones of :meth:`LoadedModel.load` are references already (no bytes read)."""
     light = onnx.ModelProto()
-    _copy_without_weights(proto, light)
-    for t in proto.graph.initializer:
-        if len(t.raw_data) <= 1024 and not t.HasField("data_location"):
+    _copy_without_weights(model.proto, light)
+    for t in model.initializers.values():
+        if len(t.raw_data) <= LIGHT_BYTES and not t.HasField("data_location"):
             light.graph.initializer.append(t)
         else:
             light.graph.input.append(
@@ -617,7 +741,7 @@ def _check_group(
 
     def magnitude(x: str) -> float:
         if x not in mags:
-            mags[x] = tolerance_scale(scales.apply(x, arrays[x]))
+            mags[x] = scales.peak(x, arrays[x])
         return mags[x]
 
     for name in job.group:
@@ -669,16 +793,19 @@ def _compare_tensor(
         if np.array_equal(expected, got):
             return None, expected.size, 0.0
         return fail(f"{expected.dtype} values differ"), 0, np.inf
-    a, b = expected.astype(np.complex128 if expected.dtype.kind == "c" else np.float64), got
-    b = b.astype(a.dtype)
-    fa = np.isfinite(a)
-    why = nonfinite_mismatch(a, b, fa, np.isfinite(b))
-    if why is not None:
-        return fail(why), 0, np.inf
+    wide = np.complex128 if expected.dtype.kind == "c" else np.float64
+    a, b = expected.astype(wide, copy=False), got.astype(wide, copy=False)
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    if fa.all() and fb.all():  # the usual case: every element compared, no mask
+        diff, compared = np.abs(a - b), a.size
+    else:
+        why = nonfinite_mismatch(a, b, fa, fb)
+        if why is not None:
+            return fail(why), 0, np.inf
+        diff, compared = np.abs(a[fa] - b[fa]), int(fa.sum())
     scale = tolerance_scale(a, floor, in_mag)
-    diff = np.abs(a[fa] - b[fa])
     max_abs = float(np.max(diff, initial=0.0))
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
     if max_abs > rtol * scale:
         return fail(f"max abs err {max_abs:.3g} (rel {rel:.3g}) exceeds rtol", max_abs, rel), 0, rel
-    return None, int(fa.sum()), rel
+    return None, compared, rel

@@ -119,6 +119,12 @@ def test_quiver_arrows_are_weights(small_quiver: Quiver) -> None:
     assert arrows == [("h0", "h1", "W1"), ("h1", "y", "W2"), ("x", "h0", "W0")]
 
 
+def test_quiver_counts_match_its_graph(small_quiver: Quiver) -> None:
+    """The report's counts (no networkx) are the drawn graph's."""
+    assert small_quiver.vertex_count == small_quiver.graph.number_of_nodes() == 4
+    assert small_quiver.arrow_count == small_quiver.graph.number_of_edges() == 3
+
+
 def test_to_neurons_expands_to_the_papers_quiver(small_quiver: Quiver) -> None:
     """Neuron level: 1 + 6 + 5 + 3 = 15 vertices; arrows 1·6 + 6·5 + 5·3 = 51 (the input's
     one neuron stands for its 4 broadcast features)."""

@@ -245,7 +245,17 @@ def test_verification_failure_writes_nothing(
             done.append(True)
         return s
 
+    real_rows = graphteleport.algebra.RowScale.rows
+
+    def corrupt_rows(self: graphteleport.algebra.RowScale, start: int, stop: int) -> np.ndarray:
+        s = real_rows(self, start, stop)  # (a plain weight's S, formed a block of rows at a time)
+        if not done and len(self.shape) == 2:
+            s = s * 1.5
+            done.append(True)
+        return s
+
     monkeypatch.setattr(graphteleport.algebra, "scale", corrupt)
+    monkeypatch.setattr(graphteleport.algebra.RowScale, "rows", corrupt_rows)
     before = listing(work)
     rc, _, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--report", "r.json", "-q")
     assert done, "the corruption was never applied"

@@ -342,3 +342,89 @@ def test_torch_equalize_refuses_smooth() -> None:
         equalize(model, torch.randn(1, 3), method="smooth")
     with pytest.raises(InputError, match="--p"):
         equalize(model, torch.randn(1, 3), p=1.0)
+
+
+# -- the report's figures against the weights --------------------------------------------------
+def _figures_by_brute_force(
+    proto: onnx.ModelProto, result: EqualizeResult
+) -> tuple[list[tuple[str, int, int, float, float, float, float]], dict[tuple[int, int], tuple]]:
+    """Every figure from the definitions, element by element: per quantized tensor (name,
+    elements, moved, max|W| before and after, Σ W² before and after) with ``S`` broadcast
+    to the whole tensor, and per (pair, tensor) the largest |W| before and after over the
+    elements each of its factors' ids scales."""
+    from graphteleport.algebra import scale, with_rank
+    from graphteleport.orbit import counted_uses, used_values
+    from graphteleport.passes.equalize import quantized_analysis
+
+    before = weights(proto)
+    analysis, tau, values = result.analysis, result.tau, result.pair_values
+    moved_pairs = analysis.solution.free & (values != 1.0)
+    tensors = []
+    classes: dict[tuple[int, int], tuple[float, float]] = {}
+    for k, use in enumerate(counted_uses(quantized_analysis(analysis))):
+        w = used_values(use, before[use.source.name])
+        s = np.abs(np.broadcast_to(scale(use, tau), w.shape))
+        a = np.abs(w.astype(np.float64))
+        rounded = s.astype(w.dtype if w.dtype.itemsize <= 4 else np.float64)
+        moved = int(np.count_nonzero((w != 0) & (rounded != 1)))
+        sq = float((a * a).sum())
+        tensors.append(
+            (
+                use.source.name,
+                w.size,
+                moved,
+                a.max(),
+                (a * s).max(),
+                sq,
+                float((a * a * s * s).sum()),
+            )
+        )
+        for f in use.factors:
+            ids = np.broadcast_to(with_rank(np.asarray(f.ids), w.ndim), w.shape)
+            pairs = analysis.solution.pair[ids]
+            for q in np.unique(pairs[moved_pairs[pairs]]):
+                at = pairs == q
+                old = classes.get((int(q), k), (0.0, 0.0))
+                classes[int(q), k] = (max(old[0], a[at].max()), max(old[1], (a * s)[at].max()))
+    return tensors, classes
+
+
+def _with_zeros(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with a row, a column and a few scattered elements of each 2-D weight 0."""
+    for init in proto.graph.initializer:
+        w = onnx.numpy_helper.to_array(init).copy()
+        if w.ndim == 2:
+            w[0] = 0.0
+            w[:, -1] = 0.0
+            w.flat[:: max(w.size // 5, 1)] = 0.0
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    return proto
+
+
+@pytest.mark.parametrize("name", [*FIXTURE_NAMES, "gemm_mlp", "exact", "zeros"])
+def test_figures_match_the_weights(name: str) -> None:
+    """The report's per-tensor and per-class figures (gathered per compact element, from
+    factored S) equal the definitions evaluated element by element: convs and Gemms, with
+    powers of two (some S exactly 1), and with zeros (not counted as moved)."""
+    if name in ("gemm_mlp", "exact", "zeros"):
+        proto = gemm_mlp([5, 7, 6, 3])
+        proto = _with_zeros(proto) if name == "zeros" else proto
+    else:
+        proto = _fixture(name)(None)  # type: ignore[arg-type]
+    _, result = equalized(proto, exact=name == "exact")
+    assert result.figures is not None
+    tensors, classes = _figures_by_brute_force(proto, result)
+    got = result.figures.tensors
+    assert [(t.name, t.elements, t.moved) for t in got] == [t[:3] for t in tensors]
+    for t, (*_, mb, ma, sb, sa) in zip(got, tensors, strict=True):
+        assert t.max_before == mb  # the largest |W|: exact
+        assert t.max_after == pytest.approx(ma, rel=3e-7)  # float32's rounding of W·S
+        assert (t.sq_before, t.sq_after) == pytest.approx((sb, sa), rel=1e-6)
+    found = {(c.pair, k): (b, a) for c in result.figures.classes for k, b, a in c.tensors}
+    assert found.keys() == classes.keys()
+    for key, (b, a) in classes.items():
+        assert found[key][0] == b, key
+        assert found[key][1] == pytest.approx(a, rel=3e-7), key
+    assert {c.pair: c.cofactor for c in result.figures.classes} == {
+        q: result.pair_values[q] for q, _ in classes
+    }

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphteleport import io as gt_io
 from graphteleport.errors import InputError
 from graphteleport.io import (
     check_output_target,
@@ -293,6 +294,7 @@ def test_failed_write_leaves_no_temporaries(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ir, "save", failing_save)
+    monkeypatch.setattr(gt_io, "save_inline", failing_save)  # the inline writer
     with pytest.raises(InputError, match=r"cannot write out\.onnx: No space left on device"):
         save_model_atomic(load_model(mlp_path), tmp_path / "out.onnx")
     assert sorted(os.listdir(tmp_path)) == ["mlp.onnx"]

@@ -341,3 +341,80 @@ def test_minimize_on_the_kernel_reaches_the_row_wise_minimum(
     for _ in range(3):
         d = np.where(terms.movable, rng.standard_normal(terms.num_pairs), 0.0)
         assert terms.objective(found.u + 1e-3 * d) > f
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_rank_one_kernel_keeps_the_sums_and_its_products_are_dense_ones(
+    name: str, proto: onnx.ModelProto
+) -> None:
+    """``rank_one(at)`` replaces each bilinear block's terms by ``r cᵀ/Σr`` of their row and
+    column sums at ``at``: at ``at`` it has the same sums, F, gradient and diag H; its
+    Hessian products elsewhere equal those of a kernel holding ``(r/x)(c/z)ᵀ/Σr`` densely."""
+    from dataclasses import replace
+
+    from graphteleport.orbit_kernel import OrbitKernel
+
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=2.0)
+    kernel = OrbitKernel.of(terms)
+    if not kernel.matrices:
+        pytest.skip("no bilinear block")
+    rng = np.random.default_rng(1)
+    u = np.where(terms.movable, 0.3 * rng.standard_normal(terms.num_pairs), 0.0)
+    at = kernel.point(u)
+    assert at is not None
+    cheap = kernel.rank_one(at)
+    there = cheap.point(u)
+    assert there is not None
+    np.testing.assert_allclose(there.sums, at.sums, rtol=1e-12)
+    assert there.f == pytest.approx(at.f, rel=1e-12)
+    np.testing.assert_allclose(there.gradient, at.gradient, rtol=1e-9, atol=1e-12 * at.f)
+    dense = []
+    for m, c in zip(kernel.matrices, cheap.matrices, strict=True):
+        assert c.outer is not None
+        dense.append(replace(m, q=np.outer(*c.outer), q32=None))
+    reference = replace(kernel, matrices=tuple(dense), plans={})
+    v = rng.standard_normal(terms.num_pairs)
+    w = np.where(terms.movable, 0.2 * rng.standard_normal(terms.num_pairs), 0.0)
+    a, b = cheap.point(w), reference.point(w)
+    assert a is not None and b is not None
+    assert a.f == pytest.approx(b.f, rel=1e-12)
+    np.testing.assert_allclose(
+        cheap.hessian_vector(a, v), reference.hessian_vector(b, v), rtol=1e-9, atol=1e-12 * b.f
+    )
+    np.testing.assert_allclose(
+        cheap.coarse(a, kernel.group),
+        reference.coarse(b, kernel.group),
+        rtol=1e-9,
+        atol=1e-12 * b.f,
+    )
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_minimize_from_the_rank_one_start_reaches_the_same_minimum(p: float) -> None:
+    """With and without the rank-one start, minimize ends at the same ``u`` and ``F``; the
+    start took Newton steps of its own on a model with conv blocks."""
+    from graphteleport.passes.canonical import minimize
+    from models import FIXTURES_DIR
+
+    proto = onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=p)
+    warm, cold = minimize(terms), minimize(terms, start=False)
+    assert warm.start[0] > 0 and cold.start == (0, 0)
+    assert warm.objective_after == pytest.approx(cold.objective_after, rel=1e-12)
+    assert warm.objective_before == cold.objective_before
+    np.testing.assert_allclose(warm.u, cold.u, rtol=0, atol=1e-7)
+    assert np.abs(terms.gradient(warm.u)).max() <= 1e-12 * terms.objective(warm.u)
+
+
+def test_float32_copy_only_where_q_fits() -> None:
+    """A bilinear block gets its float32 copy when every ``Q`` is at most SINGLE_MAX (the
+    bound read on the copy), not when one is beyond it or beyond float32's range."""
+    from graphteleport.orbit_kernel import SINGLE_MAX, Bilinear, with_single
+
+    for top, copied in ((1e3, True), (SINGLE_MAX * 0.5, True), (1e35, False), (1e300, False)):
+        q = np.full((3, 4), 2.0)
+        q[1, 2] = top
+        m = with_single(Bilinear(q, 0, 3, 7))
+        assert (m.q32 is not None) == copied, top
+        if copied:
+            assert m.q32 is not None and np.array_equal(m.q32, q.astype(np.float32))

@@ -6,6 +6,7 @@ The models are small LLaMA-shaped ones from :mod:`models.llama` (a few MB, weigh
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -104,6 +105,8 @@ _CHILD = textwrap.dedent(
 
     def signalled(*args, **kwargs):
         result = original(*args, **kwargs)
+        # what exists in the output folder when the signal lands (the test reads it)
+        print("at signal:", sorted(os.listdir("out")), file=sys.stderr, flush=True)
         os.kill(os.getpid(), sig)
         return result
 
@@ -115,7 +118,7 @@ _CHILD = textwrap.dedent(
 
 PHASES = [
     "graphteleport.pipeline:load_model",  # loaded
-    "graphteleport.pipeline:staged_stream",  # staging opened (before the pass)
+    "graphteleport.io:StreamedSave.__init__",  # staging opened (before the pass)
     "graphteleport.passes.teleport:analyze_model",  # analysed
     "graphteleport.io:DataFile.put",  # a rewritten weight written
     "graphteleport.io:DataFile.copy",  # an unchanged weight copied
@@ -143,6 +146,9 @@ def test_a_signal_in_any_phase_leaves_no_partial_output(
     p = _run_child(tmp_path, target, sig)
     assert p.returncode == (130 if sig == "SIGINT" else 143), p.stderr
     assert "no partial output" in p.stderr
+    # past the load the staging existed when the signal landed: the cleanup is exercised
+    staged_then = "'.graphteleport-" in p.stderr.split("at signal:")[1].splitlines()[0]
+    assert staged_then == (target != PHASES[0]), p.stderr
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == []
     assert sorted(x.name for x in (tmp_path / "in").iterdir()) == ["llama.onnx", "llama.onnx.data"]
 
@@ -299,3 +305,142 @@ def test_the_fit_after_the_products_still_catches_what_the_early_measure_missed(
     assert reference[0] and netted[0] == reference[0]
     for name, value in reference[1].items():
         np.testing.assert_array_equal(netted[1][name], value, err_msg=name)
+
+
+# -- the streamed path's kernels (rows of S, row ranges on threads, bits filter, writes) -------
+
+
+def _factors(o: int, i: int) -> list[object]:
+    from graphteleport.algebra import Factor
+
+    return [
+        Factor(np.arange(o).reshape(o, 1), 1),
+        Factor(np.arange(o, o + i).reshape(1, i), -1),
+        Factor(np.arange(o).reshape(o, 1) % 3, 2),
+    ]
+
+
+def test_rows_of_s_equal_the_whole_product_bit_for_bit() -> None:
+    """:class:`~graphteleport.algebra.RowScale` forms ``S`` a block of rows at a time; each
+    block is the whole product's rows bit for bit, also where a factor is constant along
+    the rows; a use that maps elements or a private weight's several uses get None."""
+    from graphteleport.algebra import product, row_scale
+    from graphteleport.analysis import Absorb
+
+    rng = np.random.default_rng(3)
+    tau = rng.uniform(0.1, 7.0, 64) * rng.choice([-1.0, 1.0], 64)
+    for factors, shape in ((_factors(9, 5), (9, 5)), (_factors(9, 5)[1:2], (9, 5))):
+        use = Absorb(None, shape, factors, None, 0)  # type: ignore[arg-type]
+        lazy = row_scale(shape, [use], False, tau)
+        assert lazy is not None
+        whole = np.broadcast_to(product(factors, tau, 2), shape)  # type: ignore[arg-type]
+        for i, j in ((0, 9), (0, 1), (2, 7), (8, 9)):
+            got = np.broadcast_to(lazy.rows(i, j), (j - i, shape[1]))
+            assert np.array_equal(got, whole[i:j]), (i, j)
+    use = Absorb(None, (9, 5), _factors(9, 5), None, 0)  # type: ignore[arg-type]
+    mapped = Absorb(None, (9, 5), _factors(9, 5), None, 0, index=np.arange(45).reshape(9, 5))  # type: ignore[arg-type]
+    assert row_scale((9, 5), [mapped], False, tau) is None
+    assert row_scale((9, 5), [use, use], True, tau) is None
+    assert row_scale((9, 5, 1), [use], False, tau) is None  # layout of another rank
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("f32", [True, False])
+def test_products_by_row_ranges_on_threads_equal_the_whole_product(
+    dtype: str, f32: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``W · S`` by row ranges on two threads, a block at a time in reused buffers, is
+    :func:`_apply`'s product bit for bit; the count of changed elements is ``new != W``'s
+    (a zero whose sign flipped is not a change; NaN always is) and the magnitudes are
+    :func:`~graphteleport.numerics.magnitudes`'."""
+    import ml_dtypes
+
+    from graphteleport import parallel, rewrite
+    from graphteleport.numerics import magnitudes
+
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
+    monkeypatch.setattr(rewrite, "_BLOCK", 40)  # several blocks per range
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(11)
+    for special in (False, True):
+        w = (rng.standard_normal((37, 13)) * 1e-3).astype(np_dtype)
+        w[::5, ::3] = 0.0
+        w[1::7, ::2] = -0.0
+        w[2, 3] = np.asarray(6e-8, dtype=np.float64).astype(np_dtype)  # subnormal in float16
+        if special:
+            w[4, 4], w[5, 5] = np.nan, np.inf
+        s = rng.uniform(0.3, 3.0, (37, 1)) * rng.choice([-1.0, 1.0], (1, 13))
+        new, changed, mags = rewrite._product_rows(w, lambda i, j, s=s: s[i:j], f32)
+        ref = rewrite._apply(w, s, f32)
+        assert new.dtype == w.dtype
+        assert np.array_equal(new.view(np.uint8), ref.view(np.uint8)), (dtype, f32, special)
+        assert changed == int(np.count_nonzero(ref != w))
+        assert mags == magnitudes(w)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_the_at_risk_filter_on_bits_finds_what_the_exact_check_finds(dtype: str) -> None:
+    """:meth:`ranges._AtRisk.of` filters W's bits against thresholds in W's dtype; the
+    elements it keeps are exactly those the exact per-element check flags for
+    ``smin`` or ``smax`` (zeros, subnormals, the largest values, inf and NaN included)."""
+    import ml_dtypes
+
+    from graphteleport import ranges
+    from graphteleport.numerics import cell_magnitudes, limits, violations
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    lim = limits(np_dtype)
+    rng = np.random.default_rng(5)
+    exps = rng.uniform(np.log2(lim.sub), np.log2(lim.max), 4000)
+    w = (np.exp2(exps) * rng.choice([-1.0, 1.0], 4000)).astype(np_dtype)
+    w[:40] = np.array([0.0, -0.0, np.inf, -np.inf, np.nan] * 8).astype(np_dtype)
+    w[40:60] = np.asarray(lim.max).astype(np_dtype)
+    w[60:80] = np.asarray(lim.tiny).astype(np_dtype)
+    w = w.reshape(80, 50)
+    for smin, smax in ((0.5, 2.0), (1e-3, 1.0), (1.0, 1e3), (0.999, 1.001), (2.0**-20, 2.0**20)):
+        risk = ranges._AtRisk.of(w, lim, smin, smax)
+        hi, lo_n, lo_s = cell_magnitudes(w, (), lim)
+        over, _ = violations(hi, lo_n, lo_s, smax, lim)
+        _, under = violations(hi, lo_n, lo_s, smin, lim)
+        expected = np.flatnonzero((over | under).reshape(-1))
+        assert np.array_equal(np.sort(risk.flat), expected), (dtype, smin, smax)
+        assert tuple(map(tuple, risk.at)) == tuple(map(tuple, np.unravel_index(risk.flat, w.shape)))
+
+
+def test_row_parts_cover_the_rows_once_and_map_parts_keeps_order() -> None:
+    from graphteleport import parallel
+
+    for n, size in ((1, 10**7), (7, 10**7), (1000, 10**7), (1000, 10)):
+        parts = parallel.row_parts(n, size)
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+        assert len(parts) == (
+            1 if size < parallel.PARALLEL_ELEMENTS or n == 1 else parallel.workers()
+        )
+    assert parallel.map_parts(lambda a, b: a * b, [(k, k + 1) for k in range(9)]) == [
+        k * (k + 1) for k in range(9)
+    ]
+
+
+def test_a_failed_background_write_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A weight written by the background thread that fails (the disk full) is reported
+    as one line, exit 2, and the staged files are removed."""
+    import errno
+
+    from graphteleport.cli import main
+
+    src = _model(tmp_path / "in", "float16")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def full(fd: int, raw: memoryview, start: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gt_io, "_pwrite_chunks", full)
+    code = main([str(src), "-o", str(out / "t.onnx"), "--no-verify", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and "No space left on device" in err
+    assert list(out.iterdir()) == []

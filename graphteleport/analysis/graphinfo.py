@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx.reference import ReferenceEvaluator
 
 from graphteleport.analysis.constraints import ConstRef
 from graphteleport.errors import AnalysisError
@@ -260,7 +259,8 @@ def _record(v: ir.Value, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, i
 
 
 def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> list[np.ndarray]:
-    """Run one node on numpy inputs with ``onnx.reference``."""
+    """Run one node on numpy inputs with ``onnx.reference`` (imported here: most graphs need
+    only the own evaluators)."""
     own = _OWN_EVALUATORS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if own is not None:
         return own(node, inputs)
@@ -273,6 +273,8 @@ def evaluate(node: ir.Node, inputs: Sequence[np.ndarray | None], opset: int) -> 
     proto.output.extend(outs)
     opsets = {node.domain or "": opset}
     feeds = {n: x for n, x in zip(names, inputs) if n}
+    from onnx.reference import ReferenceEvaluator
+
     return list(ReferenceEvaluator(proto, opsets=opsets).run(None, feeds))
 
 

@@ -24,14 +24,20 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from graphteleport.analysis.constraints import Absorb, Block
 from graphteleport.analysis.result import AnalysisResult
 from graphteleport.unionfind import components
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+#: An arrow of the quiver: (source vertex, target vertex, weight name) -> its attributes.
+Arrows = dict[tuple[int, int, str], dict[str, Any]]
 
 MAX_NEURON_QUIVER = 200_000
 
@@ -55,14 +61,47 @@ class PinGroup:
 
 
 class Quiver:
-    """Neuron groups and weights of an analysed model (see the module docstring)."""
+    """Neuron groups and weights of an analysed model (see the module docstring).
+
+    The vertices and arrows are plain data; :attr:`graph` draws them as a networkx
+    ``MultiDiGraph`` when first asked (networkx is imported then: a teleport's report
+    needs only the counts, :attr:`vertex_count` and :attr:`arrow_count`).
+    """
 
     def __init__(
-        self, analysis: AnalysisResult, graph: nx.MultiDiGraph, group_of: np.ndarray
+        self,
+        analysis: AnalysisResult,
+        vertices: dict[int, dict[str, Any]],
+        arrows: Arrows,
+        group_of: np.ndarray,
     ) -> None:
         self.analysis = analysis
-        self.graph = graph
+        self.vertices = vertices
+        self.arrows = arrows
         self.group_of = group_of  # per neuron: its vertex
+
+    @cached_property
+    def graph(self) -> nx.MultiDiGraph:
+        """The quiver as a networkx graph: a vertex per neuron group (its attributes: name,
+        ops, size, free, groups, pinned, biases), an arrow per weight between groups
+        (keyed by the weight's name; attributes weight and node)."""
+        import networkx as nx
+
+        g = nx.MultiDiGraph()
+        g.add_nodes_from(self.vertices.items())
+        for (s, t, key), attrs in self.arrows.items():
+            g.add_edge(s, t, key=key, **attrs)
+        return g
+
+    @property
+    def vertex_count(self) -> int:
+        """Neuron groups (the graph's vertices)."""
+        return len(self.vertices)
+
+    @property
+    def arrow_count(self) -> int:
+        """Weights between groups (the graph's arrows)."""
+        return len(self.arrows)
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -71,16 +110,15 @@ class Quiver:
         sol = analysis.solution
         block_of = np.repeat(np.arange(len(blocks)), [b.size for b in blocks])
         group_of = _merge_blocks(block_of, sol.pair, len(blocks))
-        g = nx.MultiDiGraph()
+        vertices: dict[int, dict[str, Any]] = {}
         for vid in np.unique(group_of):
             members = np.flatnonzero(group_of == vid)
-            g.add_node(
-                int(vid),
-                **_vertex(analysis, members, [blocks[k] for k in np.unique(block_of[members])]),
-            )
+            blocks_in = [blocks[k] for k in np.unique(block_of[members])]
+            vertices[int(vid)] = _vertex(analysis, members, blocks_in)
+        arrows: Arrows = {}
         for ab in analysis.absorbs:
-            _add_weight(g, ab, group_of)
-        return cls(analysis, g, group_of)
+            _add_weight(vertices, arrows, ab, group_of)
+        return cls(analysis, vertices, arrows, group_of)
 
     # -- figures ------------------------------------------------------------------------
     @property
@@ -118,6 +156,8 @@ class Quiver:
 
     def to_neurons(self) -> nx.DiGraph:
         """The neuron-level quiver: a vertex per neuron, an arrow per weight entry."""
+        import networkx as nx
+
         sol = self.analysis.solution
         if sol.n > MAX_NEURON_QUIVER:
             raise ValueError(f"{sol.n} neurons: too many for a neuron-level quiver")
@@ -159,13 +199,17 @@ def _vertex(analysis: AnalysisResult, members: np.ndarray, blocks: list[Block]) 
     }
 
 
-def _add_weight(g: nx.MultiDiGraph, ab: Absorb, group_of: np.ndarray) -> None:
+def _add_weight(
+    vertices: dict[int, dict[str, Any]], arrows: Arrows, ab: Absorb, group_of: np.ndarray
+) -> None:
+    """Draw one use of a weight: an arrow from each source group to each target group (one
+    per weight name and pair, as a MultiDiGraph keyed by name), or a bias of its targets."""
     src = {int(v) for f in ab.factors if f.exp < 0 for v in np.unique(group_of[f.ids])}
     dst = {int(v) for f in ab.factors if f.exp > 0 for v in np.unique(group_of[f.ids])}
     if not src:
         for t in dst:
-            g.nodes[t]["biases"].append(ab.source.name)
+            vertices[t]["biases"].append(ab.source.name)
         return
     for s in src:
         for t in dst:
-            g.add_edge(s, t, key=ab.source.name, weight=ab.source.name, node=ab.node.name)
+            arrows[(s, t, ab.source.name)] = {"weight": ab.source.name, "node": ab.node.name}

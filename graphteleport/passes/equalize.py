@@ -83,13 +83,13 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import numpy as np
 import onnx_ir as ir
 
 from graphteleport.activations import Int8Simulation, activation_ranges, smooth_cofactors
-from graphteleport.algebra import scale, with_rank
+from graphteleport.algebra import power, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.errors import InputError
@@ -99,6 +99,7 @@ from graphteleport.orbit import (
     compact_shape,
     counted_uses,
     movable_pairs,
+    stored_arrays,
     used_values,
 )
 from graphteleport.passes.canonical import (
@@ -161,13 +162,13 @@ def balance_terms(
     """``B_p`` (module docstring) as orbit terms: ``Σ|W|^p`` of every counted use
     (:func:`graphteleport.orbit.counted_uses`), each use's rows divided by its element
     count and, for a tensor no quantizer quantizes, times :data:`OTHER_WEIGHT`; the
-    pairs ``hold`` marks keep ``t = 1``."""
+    pairs ``hold`` marks keep ``t = 1``.  (The terms are fresh: their ``q`` is divided in
+    place, not copied.)"""
     terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold)
-    q = terms.q.copy()
     for (use, counts), (lo, hi) in zip(_counted(analysis), terms.spans, strict=True):
         size = max(int(np.prod(use.shape, dtype=np.int64)), 1)
-        q[lo:hi] *= (1.0 if counts else OTHER_WEIGHT) / size
-    return dataclasses.replace(terms, q=q)
+        terms.q[lo:hi] *= (1.0 if counts else OTHER_WEIGHT) / size
+    return terms
 
 
 def _counted(analysis: AnalysisResult) -> list[tuple[Absorb, bool]]:
@@ -236,7 +237,7 @@ def one_sided_pairs(
     down = np.zeros(sol.num_pairs, dtype=bool)
     for use in counted_uses(analysis):
         w = arrays[use.source.name] if arrays is not None else use.source.array()
-        if not np.any(w):
+        if not (w.size and (w.flat[0] != 0 or np.any(w))):  # (the first element: mostly)
             continue
         for f in use.factors:
             ids = np.asarray(f.ids).reshape(-1)
@@ -290,11 +291,11 @@ class TensorRange:
         }
 
 
-@dataclass(frozen=True)
-class ClassRange:
+class ClassRange(NamedTuple):
     """One moved cofactor class: its ``t`` and, per quantized tensor it touches (an index
     into the tensors' list), ``max|W|`` over that tensor's elements it scales, before and
-    after."""
+    after.  (A named tuple: a model has one per channel, ResNet-50 12 k, and a frozen
+    dataclass costs several times more to make.)"""
 
     pair: int
     cofactor: float
@@ -393,51 +394,164 @@ def figures_of(
 ) -> EqualizeFigures:
     """The per-tensor and per-class figures of rewriting the quantized weights (``arrays``:
     before) for pair ``values`` (per-neuron ``tau``); ``fields`` are the rest of
-    :class:`EqualizeFigures`.  Each tensor is read once (:func:`compact_stats`); the
-    figures after follow from ``S``, constant over the elements each statistic sums.  An
-    element counts as moved where it is non-zero and its ``S``, rounded to the weight's
-    precision, is not 1."""
+    :class:`EqualizeFigures`.  Each tensor is read once, a slab of its compact layout at a
+    time (:func:`use_figures`); the figures after follow from ``S``, constant over the
+    elements each compact element sums.  An element counts as moved where it is non-zero
+    and its ``S``, rounded to the weight's precision, is not 1."""
     only = quantized_analysis(analysis)
     moved_pairs = _moved_pairs(analysis, values)
     tensors: list[TensorRange] = []
     rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []
     for k, use in enumerate(counted_uses(only)):
         w = used_values(use, arrays[use.source.name])
-        peak, sq, nonzero = compact_stats(use, w)
-        s = np.abs(np.broadcast_to(scale(use, tau), peak.shape))
-        after = peak * s
-        changed = s.astype(w.dtype if w.dtype.itemsize <= 4 else np.float64) != 1
-        tensors.append(
-            TensorRange(
-                use.source.name,
-                int(w.size),
-                int(nonzero[changed].sum()),
-                float(peak.max(initial=0.0)),
-                float(after.max(initial=0.0)),
-                float(sq.sum()),
-                float((sq * s * s).sum()),
-            )
-        )
-        rows.extend(_class_rows(analysis, use, k, peak, after, moved_pairs))
+        figures = use_figures(use, w, tau)
+        tensors.append(TensorRange(use.source.name, int(w.size), *figures.totals()))
+        rows.extend(_class_rows(analysis, use, k, figures, moved_pairs))
     return EqualizeFigures(tensors=tuple(tensors), classes=_classes(rows, values), **fields)
 
 
-def compact_stats(use: Absorb, w: np.ndarray) -> tuple[FloatArray, FloatArray, np.ndarray]:
-    """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`):
-    ``max|W|``, ``Σ W²`` (float64) and the number of non-zero elements, over the elements
-    of ``w`` (as the use reads it) that share that element's ``S``."""
+@dataclass
+class UseFigures:
+    """What :func:`use_figures` gathers of one use: elements moved, ``max|W|`` and
+    ``Σ W²`` before and after, and per factor the largest ``|W|`` before and after over
+    the elements each of its ids scales (in the factor's id shape)."""
+
+    moved: int
+    peaks: list[float]
+    squares: list[float]
+    before: list[FloatArray]
+    after: list[FloatArray]
+
+    def totals(self) -> tuple[int, float, float, float, float]:
+        """``(moved, max before, max after, Σ W² before, Σ W² after)``."""
+        return self.moved, *self.peaks, *self.squares  # type: ignore[return-value]
+
+
+#: The elements :func:`use_figures` reads per slab (its float64 copies stay in cache).
+FIGURES_CHUNK = 1 << 16
+
+
+def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
+    """The figures of one use (``w`` as it reads its tensor) for per-neuron ``tau``: per
+    slab of its compact layout (:func:`graphteleport.orbit.compact_shape`) along the
+    first axis, ``max|W|`` and ``Σ W²`` per compact element (:func:`compact_stats`), its
+    ``|S|`` from the factors' vectors ``|τ^exp|`` multiplied in
+    :func:`~graphteleport.algebra.product`'s order (the same magnitudes), and from them
+    the totals and each factor's largest values (a slab's maxima written where the factor
+    varies along the first axis, merged into a running maximum where it does not)."""
     cshape = compact_shape(use)
-    axes = tuple(i for i, (c, n) in enumerate(zip(cshape, use.shape)) if c == 1 and n != 1)
+    rank = len(cshape)
+    parts = [np.abs(power(tau[with_rank(np.asarray(f.ids), rank)], f.exp)) for f in use.factors]
+    out = UseFigures(0, [0.0, 0.0], [0.0, 0.0], [], [])
+    for f in use.factors:
+        shape = with_rank(np.asarray(f.ids), rank).shape
+        out.before.append(np.zeros(shape))
+        out.after.append(np.zeros(shape))
+    if not w.size:
+        return out
+    dtype = w.dtype if w.dtype.itemsize <= 4 else np.dtype(np.float64)
+    lead = rank > 0 and (cshape[0] != 1 or use.shape[0] == 1)
+    step = max(1, FIGURES_CHUNK // max(int(np.prod(use.shape[1:])), 1)) if lead else 1
+    for i in range(0, cshape[0] if lead else 1, step):
+        sl = slice(i, i + step) if lead else slice(None)
+        peak, sq, nonzero = compact_stats(use, w[sl] if lead else w)
+        mine = [part[sl] if lead and part.shape[0] != 1 else part for part in parts]
+        rounded = _rounded_scale(mine, peak.shape, dtype)  # S as the rewrite multiplies W
+        s = rounded
+        changed = rounded != 1
+        if isinstance(nonzero, int):
+            out.moved += nonzero * int(np.count_nonzero(changed))
+        else:
+            out.moved += int(nonzero[changed].sum())
+        if rounded.dtype != peak.dtype:  # (a float16 weight: the figures in float32)
+            s = _rounded_scale(mine, peak.shape, peak.dtype)
+        after = peak * s
+        if not use.factors:  # else from the factors' maxima, after the slabs
+            out.peaks = [
+                max(out.peaks[0], float(peak.max())),
+                max(out.peaks[1], float(after.max())),
+            ]
+        out.squares[0] += float(sq.sum())  # (numpy's pairwise sum: to ~1e-7)
+        sq *= s
+        sq *= s
+        out.squares[1] += float(sq.sum())
+        for fb, fa in zip(out.before, out.after):
+            faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
+            mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
+            ma = after.max(axis=faxes, keepdims=True) if faxes else after
+            if lead and fb.shape[0] != 1:
+                fb[sl], fa[sl] = mb, ma
+            else:
+                np.maximum(fb, mb, out=fb)
+                np.maximum(fa, ma, out=fa)
+    if out.before:  # a factor's largest values cover every element once
+        out.peaks = [float(out.before[0].max()), float(out.after[0].max())]
+    return out
+
+
+def _rounded_scale(parts: list[FloatArray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``|S| = Π parts`` broadcast to ``shape``, multiplied in float64 in
+    :func:`~graphteleport.algebra.product`'s order and rounded once to ``dtype`` (the last
+    product written straight into a ``dtype`` array: no float64 ``S`` of that size)."""
+    out = np.empty(shape, dtype)
+    if not parts:
+        out[...] = 1.0
+        return out
+    s = parts[0]
+    for part in parts[1:-1]:
+        s = s * part
+    if len(parts) == 1:
+        out[...] = s
+    else:
+        np.multiply(s, parts[-1], out=out)
+    return out
+
+
+def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
+    """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`;
+    ``w`` may be a slab of the use's values along the first axis, giving that slab's):
+    ``max|W|`` (exact), ``Σ W²`` (in float32 for a weight of at most 32 bits: the report's
+    figure, to about 1e-7) and the number of non-zero elements (one ``int`` when every
+    element is non-zero), over the elements of ``w`` (as the use reads it) that share
+    that element's ``S``.  A contiguous ``w`` summed over trailing axes (a conv's kernel
+    window) is read as rows: the maxima by columns, the sums by a matrix-vector
+    product, the zeros counted only if there are any."""
+    cshape = compact_shape(use)
+    if cshape and cshape[0] != 1:
+        cshape = (w.shape[0], *cshape[1:])  # a slab's
+    axes = tuple(i for i, (c, n) in enumerate(zip(cshape, w.shape)) if c == 1 and n != 1)
     a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
+    rows = int(np.prod(cshape))
     if not a.size:
-        zero = np.zeros(cshape)
+        zero = np.zeros(cshape, a.dtype)
         return zero, zero, np.zeros(cshape, dtype=np.int64)
-    peak = a.max(axis=axes, keepdims=True).reshape(cshape).astype(np.float64)
-    sq: FloatArray = np.asarray(
-        np.sum(np.square(a), axis=axes, dtype=np.float64, keepdims=True)
-    ).reshape(cshape)
-    nonzero = np.count_nonzero(a, axis=axes, keepdims=True).reshape(cshape)
-    return peak, sq, nonzero
+    if not (a.flags.c_contiguous and list(axes) == list(range(a.ndim - len(axes), a.ndim))):
+        peak = a.max(axis=axes, keepdims=True).reshape(cshape)
+        sq = np.sum(np.square(a), axis=axes, keepdims=True).reshape(cshape)
+        nonzero = np.count_nonzero(a, axis=axes, keepdims=True).reshape(cshape)
+        return peak, sq, nonzero
+    grid = a.reshape(rows, -1)
+    width = grid.shape[1]
+    if width == 1:
+        peak = grid[:, 0]
+        sq = np.square(peak)
+    else:
+        peak = grid.max(axis=1) if width > 16 else _column_max(grid)
+        sq = np.square(grid) @ np.ones(width, grid.dtype)
+    zeros = grid == 0
+    if not zeros.any():
+        return peak.reshape(cshape), sq.reshape(cshape), width
+    counts = width - np.count_nonzero(zeros, axis=1)
+    return peak.reshape(cshape), sq.reshape(cshape), counts.reshape(cshape)
+
+
+def _column_max(grid: np.ndarray) -> np.ndarray:
+    """The row maxima of a matrix with few columns, a column at a time (numpy's reduction
+    along a short last axis is many times slower)."""
+    out = grid[:, 0].copy()
+    for j in range(1, grid.shape[1]):
+        np.maximum(out, grid[:, j], out=out)
+    return out
 
 
 def _moved_pairs(analysis: AnalysisResult, values: FloatArray) -> np.ndarray:
@@ -445,28 +559,17 @@ def _moved_pairs(analysis: AnalysisResult, values: FloatArray) -> np.ndarray:
 
 
 def _class_rows(
-    analysis: AnalysisResult,
-    use: Absorb,
-    k: int,
-    before: np.ndarray,
-    after: np.ndarray,
-    moved: np.ndarray,
+    analysis: AnalysisResult, use: Absorb, k: int, figures: UseFigures, moved: np.ndarray
 ) -> list[tuple[np.ndarray, int, np.ndarray, np.ndarray]]:
     """Per factor of ``use`` (tensor ``k``): the moved pairs it reaches and, per id, the
-    largest ``|W|`` before and after over the elements that id scales (``before`` and
-    ``after``: the largest per element of the compact layout)."""
-    cshape = before.shape
+    largest ``|W|`` before and after over the elements that id scales
+    (:class:`UseFigures`)."""
     out = []
-    for f in use.factors:
-        ids = with_rank(np.asarray(f.ids), len(cshape))
-        faxes = tuple(i for i, (n, c) in enumerate(zip(ids.shape, cshape)) if n == 1 and c != 1)
-        pairs = analysis.solution.pair[ids.reshape(-1)]
+    for f, fb, fa in zip(use.factors, figures.before, figures.after):
+        pairs = analysis.solution.pair[np.asarray(f.ids).reshape(-1)]
         keep = moved[pairs]
-        if not keep.any() or not before.size:
-            continue
-        fb = (before.max(axis=faxes, keepdims=True) if faxes else before).reshape(-1)
-        fa = (after.max(axis=faxes, keepdims=True) if faxes else after).reshape(-1)
-        out.append((pairs[keep], k, fb[keep], fa[keep]))
+        if keep.any():
+            out.append((pairs[keep], k, fb.reshape(-1)[keep], fa.reshape(-1)[keep]))
     return out
 
 
@@ -489,9 +592,10 @@ def _classes(
     out: list[ClassRange] = []
     starts = np.flatnonzero(np.r_[True, kp[1:] != kp[:-1]])
     ends = np.r_[starts[1:], kp.size]
-    for lo, hi in zip(starts.tolist(), ends.tolist()):
-        entries = tuple((int(kt[j]), float(pb[j]), float(pa[j])) for j in range(lo, hi))
-        out.append(ClassRange(int(kp[lo]), float(values[kp[lo]]), entries))
+    entries = list(zip(kt.tolist(), pb.tolist(), pa.tolist()))  # Python numbers, at once
+    cofactors = values[kp[starts]].tolist()
+    for lo, hi, pair, t in zip(starts.tolist(), ends.tolist(), kp[starts].tolist(), cofactors):
+        out.append(ClassRange(pair, t, tuple(entries[lo:hi])))
     return tuple(out)
 
 
@@ -593,12 +697,14 @@ class EqualizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         clips = split_clips(model) if opts.rescale_clip else ClipSplit()
         analysis = analyze_model(model, self.input_shapes, opts.mode)
-        arrays = {w.name: w.source.array() for w in quantized_analysis(analysis).weights}
+        arrays = stored_arrays(analysis)
         t1 = time.perf_counter()
         found: Minimum | None = None
         chosen = Choice("", ())
         if s.method == "cle":
-            values, found = cle_values(analysis, s.p, tol=s.tol, max_iterations=s.max_iterations)
+            values, found = cle_values(
+                analysis, s.p, arrays, tol=s.tol, max_iterations=s.max_iterations
+            )
         elif s.method == "smooth":
             values = smooth_values(model, analysis, s.calibration, s.alpha)
         else:

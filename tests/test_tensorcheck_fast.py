@@ -1,0 +1,62 @@
+"""The per-tensor check's fast paths (issue 15): cut models that read their weights from
+the model file, and the peak of ``s ⊙ x`` without the product, give what the slow
+paths give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from test_wire import rich_model
+
+from graphteleport.tensorcheck import LoadedModel, TensorScales, recording_model, tolerance_scale
+from graphteleport.verify import open_proto
+
+
+def test_cut_models_read_weights_from_the_file(tmp_path: Path) -> None:
+    """The per-tensor check's models carry references to the weights' bytes in the model
+    file, and onnxruntime computes with them what it computes with the weights inline; a
+    model that is a link into another folder keeps them inline (onnxruntime refuses
+    data outside the model's folder)."""
+    path = tmp_path / "rich.onnx"
+    onnx.save(rich_model(), path)
+    loaded = LoadedModel.load(path)
+    big = loaded.initializers["w_f32"]
+    assert big.data_location == TensorProto.EXTERNAL and not big.HasField("raw_data")
+    assert loaded.initializers["small"].HasField("raw_data")  # small ones stay inline
+    x = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    light = recording_model(loaded, ["a", "b"])
+    assert light.ByteSize() < 20_000  # kilobytes, not the weights
+    got = open_proto(light, loaded.folder)({"x": x})
+    inline = onnx.load(path)
+    inline.graph.output.extend([onnx.ValueInfoProto(name="a"), onnx.ValueInfoProto(name="b")])
+    want = open_proto(inline, str(tmp_path))({"x": x})
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "link.onnx").symlink_to(path)
+    linked = LoadedModel.load(other / "link.onnx")
+    assert linked.initializers["w_f32"].HasField("raw_data")
+
+
+def test_scales_peak_is_the_products_peak() -> None:
+    """``TensorScales.peak`` (no product formed) gives exactly what the product gives, also
+    with NaN/inf in the tensor or in ``s``, complex values, or an ``s`` wider than x."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((2, 8, 5, 5)) * rng.uniform(0.1, 30, (1, 8, 1, 1))).astype(np.float32)
+    s = np.exp(rng.uniform(-3, 3, (1, 8, 1, 1)))
+    scales = TensorScales({"v": s, "w": s[0, :, 0, 0], "c": s, "wide": s, "v_bad": s})
+    cases = {"v": x, "w": x.transpose(0, 2, 3, 1).copy(), "c": x.astype(np.complex64)}
+    cases["wide"] = x[:, :1]
+    bad = x.copy()
+    bad[1, 3, 2, 2] = np.inf
+    bad[0, 5, 0, 1] = np.nan
+    cases["v_bad"] = bad
+    for name, array in cases.items():
+        assert scales.peak(name, array) == tolerance_scale(scales.apply(name, array)), name
+    s_bad = s.copy()
+    s_bad[0, 2, 0, 0] = np.inf
+    odd = TensorScales({"v": s_bad})
+    assert odd.peak("v", x) == tolerance_scale(odd.apply("v", x))
