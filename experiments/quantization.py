@@ -1146,7 +1146,8 @@ not equivariant").  In
 absorb mode no rescaling can change these steps; insert mode can (a `Mul` either side of
 the hardswish), but then the same imbalance sits in the conv's output activation, which the
 quantizer also quantizes per tensor (insert mode: 2.63 dB, below as is).  Per-channel
-weights recover the weights (8.9 dB, 70 % exact strings) but not the activations (6.5 dB alone: hardswish's
+weights recover the weights (8.9 dB, 70 % exact strings) but not the activations (6.5 dB
+alone: hardswish's
 internals and the SVTR neck's residual/LayerNorm chain, `Mul → Add`, `Conv → Mul`,
 `Div → Mul`, all pinned).  So on this model "≥ per-channel" and "within 1 point of FP32"
 cannot hold for any rescaling.
@@ -1200,7 +1201,8 @@ NOTES = """## Notes
   harness, before the auto rows and with the classifier on 128 lines, took 1094 s wall);
   the OCR recogniser's rows (~1–2.5 min each) and, before main's solver was merged,
   insert mode's 300 s time-out on MiniLM dominate.  After a change under `graphteleport/`
-  only the graphteleport transforms run again (their measurements are reused where the transformed graph is the same): the
+  only the graphteleport transforms run again (their measurements are reused where the
+  transformed graph is the same): the
   18:34 run took 796 s (10 rows measured, 55 from the cache), the 18:46 run 533 s (6
   measured, 59 cached; insert mode's 300 s time-out on MiniLM included), the 18:58 run
   after merging main 330 s (6 measured, 59 cached).  With nothing
