@@ -556,7 +556,7 @@ def tasks(cache: Path, names: Sequence[str], n_calib: int, n_held: int) -> list[
     """The named tasks, prepared in ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
     makers: dict[str, Callable[[], Task]] = {
-        "ocr_cls": lambda: ocr_cls_task(cache, n_calib, n_held),
+        "ocr_cls": lambda: ocr_cls_task(cache, n_calib, 1000),
         "ocr_rec": lambda: ocr_rec_task(cache, n_calib, n_held),
         "minilm": lambda: minilm_task(cache, n_calib, n_held),
         "mnist_mbv2": lambda: cnn_task("mnist_mbv2", cache, n_calib, 1000),

@@ -48,19 +48,30 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from graphteleport.analysis import GROUPS, AnalysisResult
+from graphteleport.algebra import scale, source_scale
+from graphteleport.analysis import GROUPS, Absorb, AnalysisResult
 from graphteleport.errors import InputError
 from graphteleport.io import external_data_files, save_model_atomic
 from graphteleport.verify import open_proto, read_npz
 
-__all__ = ["activation_ranges", "consumer_ranges", "load_calibration", "smooth_cofactors"]
+__all__ = [
+    "Int8Simulation",
+    "activation_ranges",
+    "channel_extrema",
+    "consumer_ranges",
+    "load_calibration",
+    "quantized_inputs",
+    "quantized_operands",
+    "smooth_cofactors",
+]
 
 Feeds = Mapping[str, np.ndarray]
 #: Output names and a runner returning the outputs in that order.
@@ -292,3 +303,271 @@ def _per_sample(p: Path, samples: dict[str, dict[int, np.ndarray]]) -> list[dict
     if count == 0:
         raise InputError(f"{p} holds no samples")
     return [{name: s[k] for name, s in samples.items()} for k in range(count)]
+
+
+# --------------------------------------------------------------------------- INT8 simulation
+
+#: Per op type, the inputs a per-tensor INT8 quantizer stores as INT8 weights (when they
+#: are initializers) or quantizes as UINT8 activations (when they are computed).
+QUANTIZED_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Conv": (0, 1),
+    "ConvTranspose": (0, 1),
+    "Gemm": (0, 1),
+    "MatMul": (0, 1),
+}
+#: Symmetric INT8 weights: ``q = clip(round(w / step), −127, 127)``, ``step = max|w| / 127``.
+WEIGHT_LEVELS = 127
+#: Asymmetric UINT8 activations over ``[min(lo, 0), max(hi, 0)]`` in 255 steps.
+ACTIVATION_LEVELS = 255
+
+
+def quantized_inputs(
+    op_type: str, count: int, op_types: Collection[str] | None
+) -> range | tuple[int, ...]:
+    """The inputs of a node a per-tensor INT8 quantizer quantizes: the operands of
+    :data:`QUANTIZED_OPERANDS`; with ``op_types`` (the quantizer's op types, ``{"all"}``
+    for every one) only those op types', and every input of the other op types it names
+    except :data:`FUSED` ones."""
+    if op_type in QUANTIZED_OPERANDS:
+        return QUANTIZED_OPERANDS[op_type] if op_types is None or _named(op_type, op_types) else ()
+    if op_type in FUSED:
+        return ()
+    return range(count) if op_types is not None and _named(op_type, op_types) else ()
+
+
+#: Activations a quantizer folds into the quantization of their input: onnxruntime's QDQ
+#: quantizer drops a Relu or Clip after a quantized op and quantizes with the range of its
+#: output, so their inputs are not quantized on their own (quantizing the full signed range
+#: of a conv's output before its Relu would price levels the quantizer never spends).
+FUSED = frozenset({"Relu", "Clip"})
+
+
+def _named(op_type: str, op_types: Collection[str]) -> bool:
+    return "all" in op_types or op_type in op_types
+
+
+def quantized_operands(
+    model: ir.Model, op_types: Collection[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """The names of the stored weights (of :data:`QUANTIZED_OPERANDS`) and of the
+    computed float activations (graph inputs included) that a per-tensor INT8 quantizer
+    quantizes (:func:`quantized_inputs`; a MatMul of two activations quantizes both).
+    A value whose type the model does not state is listed (:func:`channel_extrema` keeps
+    the float ones)."""
+    weights: dict[str, None] = {}
+    activations: dict[str, None] = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for i in quantized_inputs(node.op_type, len(node.inputs), op_types):
+            v = node.inputs[i] if i < len(node.inputs) else None
+            if v is None or not v.name:
+                continue
+            stored = v.is_initializer() or v.const_value is not None
+            if stored and node.op_type in QUANTIZED_OPERANDS:
+                weights[v.name] = None
+            elif not stored and _computed_float(v):
+                activations[v.name] = None
+    return list(weights), list(activations)
+
+
+def _computed_float(v: ir.Value) -> bool:
+    producer = v.producer()
+    if producer is not None and producer.op_type == "Constant":
+        return False
+    return v.dtype is None or v.dtype.is_floating_point()
+
+
+def channel_extrema(
+    model: ir.Model, analysis: AnalysisResult, names: Sequence[str], feeds: Sequence[Feeds]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per value of ``names``: ``(min x, max x)`` over every feed, per neuron in the compact
+    layout of ``analysis.neurons`` for a value that has neurons, else over the whole value
+    (shape ``()``).  Non-finite elements are ignored; a value that is not float on the
+    feeds is left out."""
+    inputs = {v.name for v in model.graph.inputs}
+    extrema: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    with _runnable(model, [n for n in names if n not in inputs]) as (output_names, run):
+        for feed in feeds:
+            values = dict(zip(output_names, run(feed), strict=True))
+            values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
+            for name in names:
+                if name in values and np.asarray(values[name]).dtype.kind == "f":
+                    _extend(extrema, name, values[name], analysis.neurons.get(name))
+    return extrema
+
+
+def _extend(
+    extrema: dict[str, tuple[np.ndarray, np.ndarray]],
+    name: str,
+    array: np.ndarray,
+    ids: np.ndarray | None,
+) -> None:
+    """Widen ``extrema[name]`` by ``array``'s per-neuron (or overall) minimum and maximum."""
+    a = np.asarray(array, dtype=np.float64)
+    finite = np.isfinite(a)
+    hi_src, lo_src = np.where(finite, a, -np.inf), np.where(finite, -a, -np.inf)
+    if ids is None:
+        hi, lo = np.asarray(hi_src.max(initial=-np.inf)), -np.asarray(lo_src.max(initial=-np.inf))
+    else:
+        hi, lo = reduce_to(hi_src, ids.shape, name), -reduce_to(lo_src, ids.shape, name)
+    if name in extrema:
+        lo, hi = np.minimum(extrema[name][0], lo), np.maximum(extrema[name][1], hi)
+    extrema[name] = (lo, hi)
+
+
+def fake_quant_weight(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``Q(w·s)/s``: the stored tensor ``w`` as the model rescaled by ``s`` (broadcastable,
+    no zeros) holds it after symmetric per-tensor INT8 quantization, mapped back."""
+    scaled = w.astype(np.float64) * s
+    peak = float(np.max(np.abs(scaled), initial=0.0))
+    if peak == 0.0 or not np.isfinite(peak):
+        return w
+    step = peak / WEIGHT_LEVELS
+    q = np.clip(np.round(scaled / step), -WEIGHT_LEVELS, WEIGHT_LEVELS) * step
+    return np.asarray(q / s, dtype=w.dtype)
+
+
+def activation_qparams(lo: np.ndarray, hi: np.ndarray, tau: np.ndarray) -> tuple[float, int]:
+    """Scale and zero point of the per-tensor UINT8 quantizer of ``τ·x`` (per-neuron
+    ``lo ≤ x ≤ hi``): MinMax over ``[min(τ·x, 0), max(τ·x, 0)]``, as onnxruntime's."""
+    a, b = tau * lo, tau * hi
+    low = min(float(np.minimum(a, b).min(initial=0.0)), 0.0)
+    high = max(float(np.maximum(a, b).max(initial=0.0)), 0.0)
+    scale = (high - low) / ACTIVATION_LEVELS or 1.0
+    return scale, int(np.clip(round(-low / scale), 0, ACTIVATION_LEVELS))
+
+
+@dataclass(frozen=True)
+class Int8Simulation:
+    """A per-tensor INT8 quantizer simulated on calibration inputs, to score cofactors.
+
+    For per-neuron cofactors ``τ`` (absorb mode: every value with neurons scales by its
+    ``τ``, every stored tensor by its ``S``), the model rescaled by ``τ`` and then quantized
+    — weights of :data:`QUANTIZED_OPERANDS` INT8 symmetric per tensor, their computed
+    operands UINT8 per tensor with MinMax ranges — computes the same as the *original*
+    model with each weight ``W`` replaced by ``Q(W·S)/S`` and each quantized activation
+    ``x`` by ``DQ(Q(τ·x))/τ`` (a rescaling commutes with everything between the
+    quantizers).  So one calibration run of the original model (per-neuron extrema,
+    :func:`channel_extrema`) prices any ``τ``: :meth:`sqnr_db` builds that model and runs
+    it on the feeds, and returns its output SQNR against FP32,
+    ``10·log10(Σ r² / Σ (r − q)²)`` over every output of every feed.  Only the quantized
+    operands are simulated (a quantizer that also quantizes every other op's output adds
+    noise no per-channel rescaling of these operands moves).  The model is not changed."""
+
+    proto: onnx.ModelProto
+    feeds: tuple[Feeds, ...]
+    reference: tuple[tuple[np.ndarray, ...], ...]
+    weights: Mapping[str, np.ndarray]
+    uses: Mapping[str, Sequence[Absorb]]
+    extrema: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    neurons: Mapping[str, np.ndarray]
+    op_types: Collection[str] | None = None
+
+    @classmethod
+    def calibrate(
+        cls,
+        model: ir.Model,
+        analysis: AnalysisResult,
+        feeds: Sequence[Feeds],
+        op_types: Collection[str] | None = None,
+    ) -> Int8Simulation:
+        """Measure the FP32 outputs and the quantized activations' extrema on ``feeds``;
+        ``op_types``: the quantizer's op types (:func:`quantized_inputs`)."""
+        if not feeds:
+            raise InputError("no calibration inputs: give at least one feed")
+        weight_names, act_names = quantized_operands(model, op_types)
+        values = {v.name: v for v in model.graph.initializers.values()}
+        arrays = {n: np.asarray(values[n].const_value.numpy()) for n in weight_names if n in values}  # type: ignore[union-attr]
+        uses = {n: w.uses for n in arrays if (w := analysis.weight_named(n)) is not None}
+        extrema = channel_extrema(model, analysis, act_names, feeds)
+        with _runnable(model, []) as (_names, run):
+            reference = tuple(tuple(run(f)) for f in feeds)
+        return cls(
+            ir.to_proto(model), tuple(feeds), reference, arrays, uses, extrema,
+            {n: analysis.neurons[n] for n in extrema if n in analysis.neurons}, op_types,
+        )  # fmt: skip
+
+    def model(self, tau: np.ndarray) -> onnx.ModelProto:
+        """The original model with its quantized operands fake-quantized for ``τ``."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        graph = proto.graph
+        for k, init in enumerate(graph.initializer):
+            if init.name in self.weights:
+                w = self.weights[init.name]
+                q = fake_quant_weight(w, self._weight_scale(init.name, w.shape, tau))
+                graph.initializer[k].CopyFrom(onnx.numpy_helper.from_array(q, init.name))
+        nodes: list[onnx.NodeProto] = []
+        done: dict[str, str] = {}
+        for node in graph.node:
+            default = node.domain in ("", "ai.onnx")
+            for i in (
+                quantized_inputs(node.op_type, len(node.input), self.op_types) if default else ()
+            ):
+                name = node.input[i] if i < len(node.input) else ""
+                if name in self.extrema:
+                    if name not in done:
+                        done[name] = self._fake_quant(graph, nodes, name, tau)
+                    node.input[i] = done[name]
+            nodes.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        return proto
+
+    def _weight_scale(self, name: str, shape: tuple[int, ...], tau: np.ndarray) -> np.ndarray:
+        uses = self.uses.get(name)
+        if not uses:
+            return np.ones(())
+        if all(u.index is None and not u.expand for u in uses):
+            s = np.broadcast_to(scale(uses[0], tau), uses[0].shape).reshape(shape)
+        else:
+            s = source_scale(shape, uses, tau).reshape(shape)
+        return np.where(s == 0, 1.0, s)
+
+    def _fake_quant(
+        self, graph: onnx.GraphProto, nodes: list[onnx.NodeProto], name: str, tau: np.ndarray
+    ) -> str:
+        """Append ``DQ(Q(τ·x))/τ`` of value ``name`` to ``nodes``; its output's name."""
+        lo, hi = self.extrema[name]
+        ids = self.neurons.get(name)
+        t = np.ones(()) if ids is None else np.asarray(tau, np.float64)[ids]
+        scale_, zero = activation_qparams(lo, hi, t)
+        base = f"{name}__int8sim"
+        graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.asarray(scale_, np.float32), f"{base}_scale"),
+            onnx.numpy_helper.from_array(np.asarray(zero, np.uint8), f"{base}_zero"),
+        ])  # fmt: skip
+        moved = not np.all(t == 1.0)
+        src = name
+        if moved:
+            graph.initializer.append(
+                onnx.numpy_helper.from_array(t.astype(np.float32), f"{base}_t")
+            )
+            graph.initializer.append(
+                onnx.numpy_helper.from_array((1.0 / t).astype(np.float32), f"{base}_inv")
+            )
+            nodes.append(onnx.helper.make_node("Mul", [name, f"{base}_t"], [f"{base}_in"]))
+            src = f"{base}_in"
+        q_args = [f"{base}_scale", f"{base}_zero"]
+        nodes.append(onnx.helper.make_node("QuantizeLinear", [src, *q_args], [f"{base}_q"]))
+        nodes.append(
+            onnx.helper.make_node("DequantizeLinear", [f"{base}_q", *q_args], [f"{base}_dq"])
+        )
+        if not moved:
+            return f"{base}_dq"
+        nodes.append(onnx.helper.make_node("Mul", [f"{base}_dq", f"{base}_inv"], [f"{base}_out"]))
+        return f"{base}_out"
+
+    def sqnr_db(self, tau: np.ndarray) -> float:
+        """The simulated INT8 model's output SQNR in dB for cofactors ``τ`` (class
+        docstring); ``inf`` when it computes FP32's outputs exactly."""
+        run = open_proto(self.model(tau), os.getcwd())
+        signal = noise = 0.0
+        for feed, ref in zip(self.feeds, self.reference, strict=True):
+            for r, q in zip(ref, run(feed), strict=True):
+                r64, q64 = np.asarray(r, np.float64), np.asarray(q, np.float64)
+                ok = np.isfinite(r64)
+                signal += float(np.sum(r64[ok] ** 2))
+                noise += float(np.sum((r64[ok] - q64[ok]) ** 2))
+        return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)

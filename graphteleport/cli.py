@@ -212,7 +212,15 @@ def equalize_parser() -> argparse.ArgumentParser:
         choices=METHODS,
         default="cle",
         help="cle: data-free cross-layer equalization (default); smooth: activation-aware, "
-        "needs --calibration",
+        "needs --calibration; auto: the candidate (none, cle for several P, smooth for "
+        "several A) whose simulated per-tensor INT8 model has the best output SQNR on "
+        "--calibration",
+    )
+    p.add_argument(
+        "--int8-ops",
+        metavar="OPS",
+        help="auto: the op types the INT8 quantizer quantizes, comma-separated, or 'all' "
+        "(default: the Conv/Gemm/MatMul operands only)",
     )
     p.add_argument(
         "--p",
@@ -525,6 +533,7 @@ def _equalize(argv: list[str]) -> int:
     report = equalize_file(
         args.model, args.output, opts, _progress(args), report_path=args.report,
         method=args.method, p=args.p, alpha=args.alpha, calibration=args.calibration,
+        int8_ops=None if args.int8_ops is None else tuple(args.int8_ops.split(",")),
     )  # fmt: skip
     if not args.quiet:
         print(format_equalize(report))

@@ -1,0 +1,148 @@
+"""``equalize --method auto`` and the INT8 simulation that scores its candidates
+(graphteleport.activations.Int8Simulation): the simulation of a rescaled model equals the
+simulation of the model at the same cofactors; auto keeps the best-scoring candidate, never
+below the model as it is, and the FP32 function unchanged (bit-identical with --exact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import max_rel_err, random_feeds, run_ort
+from test_equalize import cli
+from test_smooth import OUTLIER, calibration, mlp
+
+from graphteleport.activations import Int8Simulation, fake_quant_weight, quantized_operands
+from graphteleport.analysis import analyze_model
+from graphteleport.errors import InputError
+from graphteleport.orbit import movable_pairs
+from graphteleport.passes.equalize import AUTO_ALPHA, AUTO_P, EqualizePass
+from graphteleport.passes.teleport import apply_values
+
+
+def simulation(proto: onnx.ModelProto, ops: tuple[str, ...] | None = None) -> Int8Simulation:
+    model = ir.from_proto(proto)
+    return Int8Simulation.calibrate(model, analyze_model(model), calibration(), ops)
+
+
+def test_operands_of_an_mlp() -> None:
+    weights, acts = quantized_operands(ir.from_proto(mlp()))
+    assert weights == ["w1", "w2"] and acts == ["x", "a"]
+    weights, acts = quantized_operands(ir.from_proto(mlp()), ("all",))
+    assert weights == ["w1", "w2"] and acts == ["x", "h", "a", "z"]  # not Relu's input hb
+
+
+def test_fake_quant_weight_levels() -> None:
+    w = np.array([[0.5, -1.0], [0.25, 2.0]], np.float32)
+    s = np.array([[1.0], [4.0]])  # row 1 scaled by 4: its 2.0 becomes the peak 8.0
+    q = fake_quant_weight(w, s)
+    levels = np.round(q * s / (8.0 / 127))
+    np.testing.assert_allclose(q * s, levels * (8.0 / 127), rtol=1e-6)
+    assert abs(levels).max() == 127 and q.dtype == w.dtype
+
+
+@pytest.mark.parametrize("ops", [None, ("all",)])
+def test_simulation_of_a_teleport_is_the_simulation_at_its_cofactors(
+    ops: tuple[str, ...] | None,
+) -> None:
+    """Scoring cofactors τ on the model = scoring the model rescaled by τ as it is."""
+    proto = mlp(outlier=20.0)
+    model = ir.from_proto(proto)
+    analysis = analyze_model(model)
+    rng = np.random.default_rng(3)
+    values = np.exp(rng.uniform(-1.5, 1.5, analysis.solution.num_pairs))
+    values = np.where(movable_pairs(analysis), values, 1.0)
+    sim = Int8Simulation.calibrate(model, analysis, calibration(), ops)
+    apply_values(model, analysis, values)  # (fits values in place)
+    at_tau = sim.sqnr_db(analysis.solution.cofactors(values))
+    moved = ir.from_proto(ir.to_proto(model))
+    again = Int8Simulation.calibrate(moved, analyze_model(moved), calibration(), ops)
+    as_is = again.sqnr_db(np.ones(analysis.solution.num_pairs))
+    assert abs(at_tau - as_is) < 0.05, (at_tau, as_is)
+    base = simulation(proto, ops).sqnr_db(np.ones(analysis.solution.num_pairs))
+    assert abs(at_tau - base) > 0.5  # the cofactors do change the score
+
+
+def test_auto_picks_the_best_candidate_and_keeps_the_function() -> None:
+    proto = mlp(outlier=30.0)
+    feeds = random_feeds(proto)
+    model = ir.from_proto(proto)
+    result = EqualizePass(method="auto", calibration=calibration())(model)
+    fig = result.figures
+    assert fig is not None and fig.method == "auto"
+    names = [n for n, _ in fig.candidates]
+    assert names == [
+        "none",
+        *(f"cle p={p:g}" for p in AUTO_P),
+        *(f"smooth alpha={a:g}" for a in AUTO_ALPHA),
+    ]
+    scores = {n: db for n, db in fig.candidates if db is not None}
+    assert fig.chosen == max(scores, key=lambda n: scores[n])
+    assert fig.chosen != "none" and scores[fig.chosen] > scores["none"] + 3.0  # the outlier
+    assert fig.moved > 0
+    assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
+    hidden = result.pair_values[result.analysis.solution.pair[result.analysis.neurons["a"]]]
+    assert hidden.reshape(-1)[OUTLIER] < 1  # the outlier channel's range comes down
+
+
+def test_auto_exact_is_bit_identical() -> None:
+    proto = mlp(outlier=30.0)
+    feeds = random_feeds(proto)
+    model = ir.from_proto(proto)
+    result = EqualizePass(method="auto", exact=True, calibration=calibration())(model)
+    assert result.figures is not None and result.figures.moved > 0
+    for x, y in zip(run_ort(proto, feeds), run_ort(ir.to_proto(model), feeds), strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_auto_leaves_a_balanced_model_alone_when_nothing_scores_better() -> None:
+    """Every candidate is scored; when none beats the model as it is, nothing moves."""
+    proto = mlp()
+    model = ir.from_proto(proto)
+    result = EqualizePass(method="auto", calibration=calibration())(model)
+    fig = result.figures
+    assert fig is not None
+    scores = dict(fig.candidates)
+    best = max(db for db in scores.values() if db is not None)
+    assert scores[fig.chosen] == best
+    if fig.chosen == "none":
+        assert fig.moved == 0
+
+
+def test_auto_refuses_insert_mode_and_missing_calibration() -> None:
+    with pytest.raises(InputError, match="absorb mode only"):
+        EqualizePass(method="auto", mode="insert", calibration=calibration())
+    with pytest.raises(InputError, match="--calibration"):
+        EqualizePass(method="auto")
+    with pytest.raises(InputError, match="--int8-ops"):
+        EqualizePass(method="auto", calibration=calibration(), int8_ops=["Conv;"])
+
+
+def feeds_archive(model: Path, path: Path, samples: int = 3) -> Path:
+    """``samples`` random feeds of ``model``, stacked into an ``.npz`` at ``path``."""
+    proto = onnx.load(model)
+    drawn = [random_feeds(proto, seed=k) for k in range(samples)]
+    np.savez(path, **{n: np.stack([d[n] for d in drawn]) for n in drawn[0]})
+    return path
+
+
+def test_cli_auto(fixtures_dir: Path, tmp_path: Path) -> None:
+    src = fixtures_dir / "resnet_tiny.onnx"
+    feeds = feeds_archive(src, tmp_path / "feeds.npz")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["--method", "auto", "--calibration", feeds]
+    code, _, stderr = cli("equalize", src, "-o", out, "--report", rep, *args, "--int8-ops", "all")
+    assert code == 0, stderr
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"]
+    eq = report["equalize"]
+    assert eq["method"] == "auto" and len(eq["candidates"]) == 1 + len(AUTO_P) + len(AUTO_ALPHA)
+    scored = [db for _, db in eq["candidates"] if db is not None]
+    assert dict(map(tuple, eq["candidates"]))[eq["chosen"]] == max(scored)
+    code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args, "--mode", "insert")
+    assert code == 2 and "absorb mode only" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
