@@ -40,8 +40,10 @@ per channel as the ``O·C·9`` weights beside it).  They count with the weight
 :data:`OTHER_WEIGHT` (1e-6) instead of 0: a class that scales quantized weights on one
 side only (a conv before a kept BatchNorm: the BN absorbs the inverse) would otherwise
 let ``B_p`` fall without bound, and a class that moves only biases would be left where
-a teleport put it.  With every stored tensor counted, the canonical form's uniqueness
-argument holds for the whole model (:mod:`graphteleport.passes.canonical`), and where a
+a teleport put it.  Insert mode's ``Mul`` constants count the same way
+(:func:`inserted_rows`): they too take up scale the weights give off.  With every
+stored tensor counted, the canonical form's uniqueness argument holds for the whole
+model (:mod:`graphteleport.passes.canonical`), and where a
 class has quantized weights on both sides the small weight moves its ``t`` by about
 ``OTHER_WEIGHT`` relative — nothing.
 
