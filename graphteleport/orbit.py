@@ -338,6 +338,17 @@ class OrbitTerms:
             float(p), q_all, movable, sol.num_pairs, tuple(spans), tuple(blocks), _concat(loose)
         )
 
+    def with_rows(
+        self, q: FloatArray, coordinates: tuple[IntArray, IntArray, FloatArray]
+    ) -> OrbitTerms:
+        """These terms and ``len(q)`` more rows after them: ``coordinates`` ``(rows, cols,
+        coef)`` index the new rows from 0 (no ``(row, col)`` twice; entries on pairs that
+        are not columns are dropped); the new rows belong to no span or block."""
+        rows, cols, coef = coordinates
+        keep = self.movable[cols].astype(bool)
+        extra = (np.asarray(rows)[keep] + self.q.size, np.asarray(cols)[keep], coef[keep])
+        return replace(self, q=np.concatenate([self.q, q]), loose=_concat([self.loose, extra]))
+
     # -- the map and its transpose --------------------------------------------------------------
     def log_scale(self, u: FloatArray, out: FloatArray | None = None) -> FloatArray:
         """``A·u``: ``log|S|`` of every row (into ``out``, float64 of ``q``'s size, if

@@ -40,8 +40,10 @@ per channel as the ``O·C·9`` weights beside it).  They count with the weight
 :data:`OTHER_WEIGHT` (1e-6) instead of 0: a class that scales quantized weights on one
 side only (a conv before a kept BatchNorm: the BN absorbs the inverse) would otherwise
 let ``B_p`` fall without bound, and a class that moves only biases would be left where
-a teleport put it.  With every stored tensor counted, the canonical form's uniqueness
-argument holds for the whole model (:mod:`graphteleport.passes.canonical`), and where a
+a teleport put it.  Insert mode's ``Mul`` constants count the same way
+(:func:`inserted_rows`): they too take up scale the weights give off.  With every
+stored tensor counted, the canonical form's uniqueness argument holds for the whole
+model (:mod:`graphteleport.passes.canonical`), and where a
 class has quantized weights on both sides the small weight moves its ``t`` by about
 ``OTHER_WEIGHT`` relative — nothing.
 
@@ -168,7 +170,55 @@ def balance_terms(
     for (use, counts), (lo, hi) in zip(_counted(analysis), terms.spans, strict=True):
         size = max(int(np.prod(use.shape, dtype=np.int64)), 1)
         terms.q[lo:hi] *= (1.0 if counts else OTHER_WEIGHT) / size
-    return terms
+    return terms.with_rows(*inserted_rows(analysis))
+
+
+def inserted_rows(
+    analysis: AnalysisResult,
+) -> tuple[FloatArray, tuple[np.ndarray, np.ndarray, FloatArray]]:
+    """Insert mode's constants as rows of ``B_p`` (``q`` and coordinates ``(rows, cols,
+    coef)`` from row 0), counted like every other tensor no quantizer quantizes: each
+    element ``|Π τ^e|^p`` times :data:`OTHER_WEIGHT` over the constant's size (all ``τ``
+    are 1 at ``u = 0``).  A wrap ``τ·f(x/τ)`` adds its ``Mul(1/τ)`` and ``Mul(τ)`` (not
+    for an activation that commutes with positive scales: ``t > 0`` inserts none there);
+    an edge its ``Mul(Π τ^e)``.  Without them a direction that moves the quantized
+    weights not at all and every other counted tensor the same way — a transformer
+    layer's stream and MLP classes together, the GELU wrapped — lets ``B_p`` fall
+    without bound, the inserted ``Mul`` s taking up the scale."""
+    sign = np.where(np.asarray(analysis.solution.inverse, dtype=bool), -1.0, 1.0)
+    parts: list[list[tuple[np.ndarray, float]]] = []
+    for wrap in analysis.wraps:
+        if wrap.group != "positive":
+            ids = np.asarray(wrap.ids).reshape(-1)
+            parts += [[(ids, -1.0)], [(ids, 1.0)]]
+    for edge in analysis.edges:
+        shape = np.broadcast_shapes(*(np.shape(f.ids) for f in edge.factors))
+        parts.append([(np.broadcast_to(f.ids, shape).reshape(-1), f.exp) for f in edge.factors])
+    pair = analysis.solution.pair
+    q: list[FloatArray] = []
+    coords: list[tuple[np.ndarray, np.ndarray, FloatArray]] = []
+    offset = 0
+    for factors in parts:
+        n = factors[0][0].size
+        rows = np.concatenate([np.arange(n) for _ in factors])
+        cols = np.concatenate([pair[ids] for ids, _ in factors])
+        coef = np.concatenate([e * sign[ids] for ids, e in factors])
+        keys, where = np.unique(rows * analysis.solution.num_pairs + cols, return_inverse=True)
+        merged = np.bincount(where.reshape(-1), weights=coef, minlength=keys.size)
+        coords.append(
+            (
+                offset + keys // analysis.solution.num_pairs,
+                keys % analysis.solution.num_pairs,
+                merged,
+            )
+        )
+        q.append(np.full(n, OTHER_WEIGHT / max(n, 1)))
+        offset += n
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return np.zeros(0), (empty, empty, np.zeros(0))
+    rows_, cols_, coef_ = (np.concatenate(c) for c in zip(*coords, strict=True))
+    return np.concatenate(q), (rows_, cols_, coef_)
 
 
 def _counted(analysis: AnalysisResult) -> list[tuple[Absorb, bool]]:
