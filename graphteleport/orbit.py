@@ -49,7 +49,8 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -57,6 +58,7 @@ import numpy as np
 
 from graphteleport.algebra import with_rank
 from graphteleport.analysis import Absorb, AnalysisResult
+from graphteleport.parallel import PARALLEL_ELEMENTS, map_parts, workers
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -87,11 +89,11 @@ def used_values(use: Absorb, w: np.ndarray) -> np.ndarray:
 
 
 def reduced_power(
-    use: Absorb, w: np.ndarray, p: float, out: FloatArray | None = None
+    use: Absorb, w: np.ndarray, p: float, out: FloatArray | None = None, factor: float = 1.0
 ) -> FloatArray:
-    """``Q = Σ |W|^p`` (float64) of the use's values summed over the axes where its
-    compact layout has size 1: one value per element of :func:`compact_shape` (written
-    into ``out``, a float64 array of that size, if given).
+    """``Q = factor · Σ |W|^p`` (float64) of the use's values summed over the axes where
+    its compact layout has size 1: one value per element of :func:`compact_shape`
+    (written into ``out``, a float64 array of that size, if given).
 
     For ``p`` in 1, 2, 3, 4 one ``einsum`` per use, accumulating in float64 (each product
     of two float32 is exact in float64); a non-finite element (a mask's ``±inf``) makes
@@ -100,7 +102,7 @@ def reduced_power(
     cshape = compact_shape(use)
     target = np.empty(cshape) if out is None else out.reshape(cshape)
     if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
-        _power_sum(values, target, p)
+        _power_sum(values, target, p, factor)
         if np.isfinite(target.sum()):  # (a sum too large for float64 takes the path below)
             return target
     values = np.abs(values.astype(np.float64))
@@ -108,21 +110,23 @@ def reduced_power(
     powered = values * values if p == 2 else values**p
     axes = tuple(k for k, (c, s) in enumerate(zip(cshape, use.shape)) if c == 1 and s != 1)
     target[...] = np.sum(powered, axis=axes, keepdims=True).reshape(cshape)
+    if factor != 1.0:
+        target *= factor
     return target
 
 
 _EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
-    """``out = Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out`` (float64) has
-    size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
+def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> None:
+    """``out = factor · Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out``
+    (float64) has size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
     summed over trailing axes (a conv's kernel window) or over nothing (a 1×1 conv, a
     bias) is read as a matrix, one row per element of ``out`` (:func:`_power_rows`)."""
     kept = [k for k, c in enumerate(out.shape) if c != 1]
     rows = int(np.prod(out.shape))
     if values.flags.c_contiguous and (values.size == out.size or kept == list(range(len(kept)))):
-        _power_rows(values.reshape(rows, -1), out.reshape(-1), p)
+        _power_rows(values.reshape(rows, -1), out.reshape(-1), p, factor)
         return
     letters, target = "abcdefghijklmnopqrstuvwxyz"[: values.ndim], out
     result = "".join(letters[k] for k in range(values.ndim) if target.shape[k] != 1)
@@ -135,22 +139,25 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float) -> None:
         squares = np.square(values, dtype=np.float64)
         other = np.abs(values).astype(np.float64) if p == 3.0 else squares
         np.einsum(f"{letters},{letters}->{result}", squares, other, out=view)
+    if factor != 1.0:
+        view *= factor
 
 
 #: The float64 elements of a chunk :func:`_power_rows` works on while it is in cache.
 POWER_CHUNK = 1 << 15
 
 
-def _power_rows(values: np.ndarray, out: FloatArray, p: float) -> None:
-    """``out[i] = Σ_j |values[i, j]|^p`` for a matrix ``values`` (p = 1, 2, 3 or 4), a
-    chunk of rows at a time in one float64 buffer: ``|w|`` cast exactly, ``w²`` exact,
-    ``|w|³ = w²·|w|`` and ``w⁴ = (w²)²`` rounded once, the row sums by a matrix-vector
-    product with ones (or the powers themselves for one column)."""
+def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> None:
+    """``out[i] = factor · Σ_j |values[i, j]|^p`` for a matrix ``values`` (p = 1, 2, 3 or
+    4), a chunk of rows at a time in one float64 buffer: ``|w|`` cast exactly, ``w²``
+    exact, ``|w|³ = w²·|w|`` and ``w⁴ = (w²)²`` rounded once, the row sums by a
+    matrix-vector product with ``factor`` s (or the powers themselves, times ``factor``
+    while in cache, for one column)."""
     rows, width = values.shape
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
-    ones = np.ones(width)
+    ones = np.full(width, factor)
     for i in range(0, rows, step):
         chunk = values[i : i + step]
         n = chunk.shape[0] * width
@@ -167,6 +174,23 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float) -> None:
             np.square(a, out=a)
         if width != 1:
             np.matmul(a, ones, out=out[i : i + chunk.shape[0]])
+        elif factor != 1.0:
+            a *= factor
+
+
+def shares(sizes: Sequence[int], total: int) -> list[list[int]]:
+    """The indices of ``sizes`` cut into one share per worker thread
+    (:func:`graphteleport.parallel.workers`; one share when ``total`` is under
+    :data:`~graphteleport.parallel.PARALLEL_ELEMENTS`) of about equal sums: largest
+    first, each to the lightest share so far; empty shares left out."""
+    k = workers() if total >= PARALLEL_ELEMENTS else 1
+    out: list[list[int]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        j = loads.index(min(loads))
+        out[j].append(i)
+        loads[j] += sizes[i]
+    return [share for share in out if share]
 
 
 def stored_arrays(analysis: AnalysisResult) -> dict[str, np.ndarray]:
@@ -307,43 +331,53 @@ class OrbitTerms:
         p: float = 2.0,
         arrays: Mapping[str, np.ndarray] | None = None,
         hold: np.ndarray | None = None,
+        scales: Sequence[float] | None = None,
     ) -> OrbitTerms:
         """The terms of ``analysis``'s model with ``Q = Σ |W|^p``; ``arrays`` gives the
         stored tensors by name (default: read from the model, ``ConstRef.array()``);
-        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable)."""
+        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable);
+        ``scales`` gives per counted use (:func:`counted_uses` order) a factor its ``Q``
+        is multiplied by (default 1).  The statistics of large models are computed on
+        both cores (:func:`shares`: each use's rows are its own)."""
         sol = analysis.solution
         movable = movable_pairs(analysis)
         if hold is not None:
             movable = movable & ~np.asarray(hold, dtype=bool)
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         uses = counted_uses(analysis)
+        factors = [1.0] * len(uses) if scales is None else [float(x) for x in scales]
         sizes = [int(np.prod(compact_shape(use))) for use in uses]
-        q_all = np.empty(sum(sizes))
+        bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        q_all = np.empty(bounds[-1])
+
+        def power(share: list[int]) -> None:
+            for k in share:
+                use = uses[k]
+                w = arrays[use.source.name] if arrays is not None else use.source.array()
+                reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
+
+        map_parts(power, [(share,) for share in shares(sizes, bounds[-1])])
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
-        spans: list[tuple[int, int]] = []
-        offset = 0
-        for use, size in zip(uses, sizes):
-            w = arrays[use.source.name] if arrays is not None else use.source.array()
-            reduced_power(use, w, p, out=q_all[offset : offset + size])
+        for use, offset in zip(uses, bounds):
             block = block_of(use, offset, sol.pair, sign, movable)
             if _overlap([f.pairs[movable[f.pairs]] for f in block.factors], sol.num_pairs):
                 mine = [block_coordinates(block, f, movable) for f in block.factors]
                 loose.extend(_merge(mine, sol.num_pairs))
             else:
                 blocks.append(block)
-            spans.append((offset, offset + size))
-            offset += size
-        return cls(
-            float(p), q_all, movable, sol.num_pairs, tuple(spans), tuple(blocks), _concat(loose)
-        )
+        spans = tuple(itertools.pairwise(bounds))
+        return cls(float(p), q_all, movable, sol.num_pairs, spans, tuple(blocks), _concat(loose))
 
     def with_rows(
         self, q: FloatArray, coordinates: tuple[IntArray, IntArray, FloatArray]
     ) -> OrbitTerms:
         """These terms and ``len(q)`` more rows after them: ``coordinates`` ``(rows, cols,
         coef)`` index the new rows from 0 (no ``(row, col)`` twice; entries on pairs that
-        are not columns are dropped); the new rows belong to no span or block."""
+        are not columns are dropped); the new rows belong to no span or block.  With no
+        rows, these terms themselves (``q`` is not copied)."""
+        if not len(q):
+            return self
         rows, cols, coef = coordinates
         keep = self.movable[cols].astype(bool)
         extra = (np.asarray(rows)[keep] + self.q.size, np.asarray(cols)[keep], coef[keep])

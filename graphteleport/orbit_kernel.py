@@ -37,7 +37,8 @@ from functools import cached_property
 
 import numpy as np
 
-from graphteleport.orbit import Block, OrbitTerms
+from graphteleport.orbit import Block, OrbitTerms, shares
+from graphteleport.parallel import map_parts
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -229,6 +230,20 @@ def with_single(m: Bilinear) -> Bilinear:
     return replace(m, q32=q32)
 
 
+def with_singles(matrices: list[Bilinear]) -> list[Bilinear]:
+    """:func:`with_single` of each block, the copies made on both cores for a large
+    kernel (:func:`graphteleport.orbit.shares`)."""
+    sizes = [m.q.size for m in matrices]
+    out = list(matrices)
+
+    def copy(share: list[int]) -> None:
+        for i in share:
+            out[i] = with_single(matrices[i])
+
+    map_parts(copy, [(share,) for share in shares(sizes, sum(sizes))])
+    return out
+
+
 def uncovered(terms: OrbitTerms) -> float:
     """``Σ q`` of the rows neither a block nor a ``loose`` entry holds (a use whose
     entries all cancel): the gaps between the blocks, less the loose rows."""
@@ -315,8 +330,10 @@ class OrbitKernel:
         matrices: list[Bilinear] = []
         for b, lead in split:
             matrix, pinned = bilinear_terms(b, terms.q[b.lo : b.hi], lead, sides)
-            matrices.append(with_single(matrix) if float32 else matrix)
+            matrices.append(matrix)
             constant += pinned
+        if float32:
+            matrices = with_singles(matrices)
         rest = restricted(terms, others)
         if rest is not None:
             rest, pinned = rest.moving()
@@ -353,6 +370,15 @@ class OrbitKernel:
         if not self.matrices or any(m.outer is None for m in self.matrices):
             return None
         return np.concatenate([f for m in self.matrices if m.outer for f in m.outer])
+
+    @cached_property
+    def shares(self) -> tuple[tuple[Bilinear, ...], ...]:
+        """The bilinear blocks cut into one share per worker thread, of about equal ``Q``
+        sizes (:func:`graphteleport.orbit.shares`): the products read each share's
+        blocks on a thread of their own (numpy's BLAS releases the GIL; the blocks write
+        disjoint side entries)."""
+        sizes = [m.q.size for m in self.matrices]
+        return tuple(tuple(self.matrices[i] for i in s) for s in shares(sizes, sum(sizes)))
 
     @cached_property
     def counted(self) -> FloatArray:
@@ -395,16 +421,20 @@ class OrbitKernel:
             peak = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
             w32 = (w[lo:] / np.repeat(peak, lengths)).astype(np.float32)
             out32 = np.empty_like(w32)
-        for m in self.matrices:
-            rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
-            if copies:
-                a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
-                assert m.q32 is not None
-                fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
-            elif m.outer is not None or (fast and m.q32 is not None):
-                out[rows], out[cols] = (m.both_fast if fast else m.both)(w[cols], w[rows])
-            else:
-                fused(m.q, w[cols], w[rows], out=(out[rows], out[cols]))
+
+        def work(share: tuple[Bilinear, ...]) -> None:
+            for m in share:
+                rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
+                if copies:
+                    a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
+                    assert m.q32 is not None
+                    fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
+                elif m.outer is not None or (fast and m.q32 is not None):
+                    out[rows], out[cols] = (m.both_fast if fast else m.both)(w[cols], w[rows])
+                else:
+                    fused(m.q, w[cols], w[rows], out=(out[rows], out[cols]))
+
+        map_parts(work, [(share,) for share in self.shares])
         if copies:
             np.multiply(out32, np.repeat(peak[partner], lengths), out=out[lo:])
         return out

@@ -164,12 +164,13 @@ def balance_terms(
     """``B_p`` (module docstring) as orbit terms: ``Σ|W|^p`` of every counted use
     (:func:`graphteleport.orbit.counted_uses`), each use's rows divided by its element
     count and, for a tensor no quantizer quantizes, times :data:`OTHER_WEIGHT`; the
-    pairs ``hold`` marks keep ``t = 1``.  (The terms are fresh: their ``q`` is divided in
-    place, not copied.)"""
-    terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold)
-    for (use, counts), (lo, hi) in zip(_counted(analysis), terms.spans, strict=True):
-        size = max(int(np.prod(use.shape, dtype=np.int64)), 1)
-        terms.q[lo:hi] *= (1.0 if counts else OTHER_WEIGHT) / size
+    pairs ``hold`` marks keep ``t = 1``.  (The factors are applied as ``Q`` is made:
+    ``OrbitTerms.build``'s ``scales``.)"""
+    scales = [
+        (1.0 if counts else OTHER_WEIGHT) / max(int(np.prod(use.shape, dtype=np.int64)), 1)
+        for use, counts in _counted(analysis)
+    ]
+    terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold, scales=scales)
     return terms.with_rows(*inserted_rows(analysis))
 
 
