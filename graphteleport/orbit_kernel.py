@@ -381,6 +381,11 @@ class OrbitKernel:
         return tuple(tuple(self.matrices[i] for i in s) for s in shares(sizes, sum(sizes)))
 
     @cached_property
+    def low_rank_plan(self) -> LowRankPlan:
+        """What :func:`low_rank` needs of the bilinear blocks alone (made on first use)."""
+        return LowRankPlan.of(self)
+
+    @cached_property
     def counted(self) -> FloatArray:
         """Per side entry 1 if its sums count once in ``F`` (a single term, a bilinear
         block's row), 0 for a block's column: ``F = counted · sums``."""
@@ -700,5 +705,122 @@ def two_level(
         out: FloatArray = inv * r
         out[members] += (pinv @ np.bincount(of, weights=r[members], minlength=ng))[of]
         return out
+
+    return apply
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankPlan:
+    """What :func:`low_rank` needs of a kernel's bilinear blocks alone: ``lo``, where
+    their side entries start; per side entry from there its ``segment`` (a block's rows
+    ``2b``, its columns ``2b + 1``) and its ``slot``; and the pairs those entries reach
+    grouped by the set of segments each meets (a layer's channels, a residual stream's),
+    each group ``(pairs, segments)`` a dense ``len(pairs) × len(segments)`` matrix of
+    slots (row-major, one group after the other): ``UᵀD⁻¹U`` is then one small product
+    per group."""
+
+    lo: int
+    segment: IntArray
+    slot: IntArray
+    groups: tuple[tuple[IntArray, IntArray], ...]
+
+    @classmethod
+    def of(cls, kernel: OrbitKernel) -> LowRankPlan:
+        """The plan of ``kernel`` (its bilinear blocks' side entries, which follow the
+        single terms)."""
+        starts, lengths, _ = kernel.segments
+        lo = int(starts[0])
+        segment = np.repeat(np.arange(starts.size), lengths)
+        pairs = kernel.index[lo:]
+        n = starts.size
+        met = np.zeros((kernel.num_pairs, n), dtype=bool)
+        met[pairs, segment] = True
+        reached = np.flatnonzero(met.any(axis=1))
+        signatures, which = np.unique(met[reached], axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        where = np.zeros(kernel.num_pairs, np.intp)  # a pair's slot row, then its column
+        column = np.zeros((kernel.num_pairs, n), np.intp)
+        groups: list[tuple[IntArray, IntArray]] = []
+        offset = 0
+        for g, signature in enumerate(signatures):
+            members = reached[which == g]
+            segs = np.flatnonzero(signature)
+            where[members] = offset + np.arange(members.size) * segs.size
+            column[np.ix_(members, segs)] = np.arange(segs.size)
+            groups.append((members, segs))
+            offset += members.size * segs.size
+        slot = where[pairs] + column[pairs, segment]
+        return cls(lo, segment, slot, tuple(groups))
+
+    def gram(self, w: FloatArray, inv: FloatArray, n: int) -> FloatArray:
+        """``UᵀD⁻¹U`` (``n × n``, one row and column per segment) for the side entries'
+        values ``w`` (their ``U`` entries) and ``inv = D⁻¹`` per pair."""
+        dense = np.bincount(self.slot, weights=w, minlength=self.size)
+        out = np.zeros((n, n))
+        offset = 0
+        for members, segs in self.groups:
+            v = dense[offset : offset + members.size * segs.size].reshape(members.size, -1)
+            out[np.ix_(segs, segs)] += v.T @ (v * inv[members, None])
+            offset += members.size * segs.size
+        return out
+
+    @cached_property
+    def size(self) -> int:
+        """The slots of all groups."""
+        return sum(m.size * s.size for m, s in self.groups)
+
+
+def capacitance_inverse(gram: FloatArray) -> FloatArray:
+    """The inverse of Woodbury's ``C⁻¹ + UᵀD⁻¹U`` (:func:`low_rank`): by LU; a block
+    without terms (its rows and columns all zero: ``u = v = 0``) is decoupled with a 1 on
+    its diagonal; the pseudo-inverse where LU finds the matrix singular."""
+    empty = ~gram.any(axis=1)
+    gram[empty, empty] = 1.0
+    try:
+        out: FloatArray = np.linalg.inv(gram)
+    except np.linalg.LinAlgError:
+        out = np.linalg.pinv(gram, hermitian=True)
+    return out if np.isfinite(out).all() else np.linalg.pinv(gram, hermitian=True)
+
+
+def low_rank(
+    kernel: OrbitKernel, at: KernelPoint, active: np.ndarray
+) -> Callable[[FloatArray], FloatArray] | None:
+    """A preconditioner for ``H`` at ``at`` on the ``active`` pairs: the inverse of
+    ``H₁``, the Hessian with each bilinear block's terms ``y_ij`` replaced by the rank-one
+    ``r_i c_j / S`` of their row sums ``r``, column sums ``c`` and total ``S``
+    (:meth:`OrbitKernel.rank_one`'s approximation, at ``at``) and every other term
+    (single terms, the rest) by its diagonal.  ``H₁`` keeps ``D = diag H`` exactly and
+    adds, per block with row entries (pairs ``P_i``, coefficients ``α_i``) and columns
+    (``Q_j``, ``β_j``), the cross term ``(p²/S)(u vᵀ + v uᵀ)`` with ``u = Σ α_i r_i
+    e_{P_i}`` and ``v = Σ β_j c_j e_{Q_j}``: ``H₁ = D + U C Uᵀ`` with two columns of
+    ``U`` per block and ``C`` its ``(p²/S)·[[0, 1], [1, 0]]``, inverted by Woodbury's
+    identity ``H₁⁻¹ = D⁻¹ − D⁻¹U (C⁻¹ + UᵀD⁻¹U)⁻¹ UᵀD⁻¹`` (a ``2B × 2B`` system for B
+    blocks; ``UᵀD⁻¹U`` per group of pairs that meet the same blocks,
+    :class:`LowRankPlan`).  ``H₁`` is the Hessian of a sum of non-negative terms (the
+    rank-one ones have the exact row and column sums), so positive semidefinite, and
+    exact where every ``Q`` has rank one (the solver's start).  ``None`` without
+    bilinear blocks."""
+    if not kernel.matrices:
+        return None
+    plan = kernel.low_rank_plan
+    diag = at.diagonal
+    inv = np.where(active & (diag > 0), 1.0 / np.where(diag > 0, diag, 1.0), 0.0)
+    lo, n = plan.lo, int(kernel.segments[0].size)
+    w = kernel.coef[lo:] * at.sums[lo:]
+    gram = plan.gram(w, inv, n)
+    totals = np.add.reduceat(at.sums[lo:], kernel.segments[0] - lo)[::2]  # each block's S
+    pos = np.arange(0, n, 2)
+    gram[pos, pos + 1] += totals / (kernel.p * kernel.p)
+    gram[pos + 1, pos] += totals / (kernel.p * kernel.p)
+    solve = capacitance_inverse(gram)
+    index = kernel.index[lo:]
+
+    def apply(r: FloatArray) -> FloatArray:
+        z: FloatArray = inv * r
+        t = np.add.reduceat(w * z[index], kernel.segments[0] - lo)
+        s = solve @ t
+        z -= inv * np.bincount(index, weights=w * s[plan.segment], minlength=z.size)
+        return z
 
     return apply

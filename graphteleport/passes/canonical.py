@@ -81,7 +81,7 @@ from graphteleport.orbit import (
     stored_arrays,
     used_values,
 )
-from graphteleport.orbit_kernel import KernelPoint, OrbitKernel, two_level
+from graphteleport.orbit_kernel import KernelPoint, OrbitKernel, low_rank, two_level
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
@@ -268,7 +268,7 @@ def _newton_direction(
     preconditioned by :func:`~graphteleport.orbit_kernel.two_level`; and the number of
     steps taken."""
     active = g != 0
-    precondition = two_level(kernel, at, active, group)
+    precondition = low_rank(kernel, at, active) or two_level(kernel, at, active, group)
     x = np.zeros_like(g)
     r = -g
     z = precondition(r)
