@@ -799,7 +799,8 @@ def low_rank(
     blocks; ``UᵀD⁻¹U`` per group of pairs that meet the same blocks,
     :class:`LowRankPlan`).  ``H₁`` is the Hessian of a sum of non-negative terms (the
     rank-one ones have the exact row and column sums), so positive semidefinite, and
-    exact where every ``Q`` has rank one (the solver's start).  ``None`` without
+    ``H`` itself where every ``Q`` has rank one and there is no rest (the solver's
+    start).  ``None`` without
     bilinear blocks."""
     if not kernel.matrices:
         return None

@@ -418,3 +418,59 @@ def test_float32_copy_only_where_q_fits() -> None:
         assert (m.q32 is not None) == copied, top
         if copied:
             assert m.q32 is not None and np.array_equal(m.q32, q.astype(np.float32))
+
+
+def _rank_one_hessian(kernel, at, active: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """``H₁`` of :func:`graphteleport.orbit_kernel.low_rank` written out densely: diag H
+    plus per bilinear block ``(p²/S)(u vᵀ + v uᵀ)`` from its row and column sums."""
+    h = np.diag(np.where(active, at.diagonal, 0.0))
+    for m in kernel.matrices:
+        rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
+        total = float(at.sums[rows].sum())
+        u = np.zeros(kernel.num_pairs)
+        v = np.zeros(kernel.num_pairs)
+        np.add.at(u, kernel.index[rows], kernel.coef[rows] * at.sums[rows])
+        np.add.at(v, kernel.index[cols], kernel.coef[cols] * at.sums[cols])
+        u, v = np.where(active, u, 0.0), np.where(active, v, 0.0)
+        if total > 0:
+            h += kernel.p**2 / total * (np.outer(u, v) + np.outer(v, u))
+    return h
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_low_rank_preconditioner_inverts_the_rank_one_hessian(
+    name: str, proto: onnx.ModelProto
+) -> None:
+    """``low_rank`` applies ``H₁⁻¹`` (Woodbury) on the active pairs: ``H₁ · M(r) = r`` with
+    ``H₁`` written out densely; ``M`` is symmetric and positive; on the rank-one kernel
+    (whose Hessian is ``H₁`` when there is no rest) one preconditioned step solves
+    ``H d = r``."""
+    from graphteleport.orbit_kernel import low_rank
+
+    kernel, terms = _kernel_and_terms(proto, 3.0)
+    if not kernel.matrices:
+        pytest.skip("no bilinear block")
+    rng = np.random.default_rng(4)
+    u = np.where(terms.movable, 0.3 * rng.standard_normal(terms.num_pairs), 0.0)
+    at = kernel.point(u)
+    assert at is not None
+    active = at.diagonal > 0
+    precondition = low_rank(kernel, at, active)
+    assert precondition is not None
+    h1 = _rank_one_hessian(kernel, at, active)
+    r, s = (np.where(active, rng.standard_normal(terms.num_pairs), 0.0) for _ in range(2))
+    z = precondition(r)
+    assert not z[~active].any()
+    np.testing.assert_allclose(h1 @ z, r, rtol=1e-7, atol=1e-8 * np.abs(r).max())
+    assert r @ precondition(s) == pytest.approx(s @ z, rel=1e-9)
+    assert r @ z > 0
+    if kernel.rest is not None:  # (H₁ holds the rest's diagonal only)
+        return
+    cheap = kernel.rank_one(at)
+    there = cheap.point(u)
+    assert there is not None
+    exact = low_rank(cheap, there, active)
+    assert exact is not None
+    d = exact(r)
+    hd = np.where(active, cheap.hessian_vector(there, d), 0.0)
+    np.testing.assert_allclose(hd, r, rtol=1e-7, atol=1e-8 * np.abs(r).max())
