@@ -49,7 +49,9 @@ class Bilinear:
     """One bilinear block: ``q`` is its ``Q`` as an ``(m, n)`` matrix; its row factor's
     entries are ``[lo, mid)`` and its column factor's ``[mid, hi)`` of the kernel's sides
     (:attr:`OrbitKernel.index`).  With ``outer = (a, b)`` the block stands for the
-    rank-one ``Q = a bᵀ`` instead (``q`` unused; :meth:`OrbitKernel.rank_one`)."""
+    rank-one ``Q = a bᵀ`` instead (``q`` unused; :meth:`OrbitKernel.rank_one`).
+    ``ones`` holds ``(Q·1, Qᵀ·1)`` (float64, summed as :func:`fused` sums), made with the
+    float32 copy (:func:`with_single`): the products at ``u = 0``, read then for free."""
 
     q: FloatArray
     lo: int
@@ -57,6 +59,7 @@ class Bilinear:
     hi: int
     q32: np.ndarray | None = None
     outer: tuple[FloatArray, FloatArray] | None = None
+    ones: tuple[FloatArray, FloatArray] | None = None
 
     def times_fast(self, v: FloatArray) -> FloatArray:
         """``Q v`` by ``q32`` (``v`` scaled into float32's range) when there is one, else
@@ -108,22 +111,28 @@ def fused(
     v: np.ndarray,
     w: np.ndarray,
     out: tuple[np.ndarray, np.ndarray] | None = None,
+    copy: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(q v, qᵀ w)`` in one pass over ``q``: per chunk of rows (about
     :data:`CHUNK_BYTES`) both products while the chunk is in cache (two gemv); written
-    into ``out`` (two arrays of ``q``'s dtype) if given."""
+    into ``out`` (two arrays of ``q``'s dtype) if given; each chunk also cast into
+    ``copy`` (an array of ``q``'s shape) if given."""
     m, n = q.shape
     qv, qw = out if out is not None else (np.empty(m, dtype=q.dtype), np.empty(n, dtype=q.dtype))
     step = max(1, CHUNK_BYTES // max(1, n * q.itemsize))
     if step >= m:
-        np.matmul(q, v, out=qv)
-        np.matmul(w, q, out=qw)
-        return qv, qw
-    qw[...] = 0.0
+        step = m
+    else:
+        qw[...] = 0.0
     for i in range(0, m, step):
         chunk = q[i : i + step]
+        if copy is not None:
+            copy[i : i + step] = chunk
         np.matmul(chunk, v, out=qv[i : i + step])
-        qw += w[i : i + step] @ chunk
+        if step == m:
+            np.matmul(w, q, out=qw)
+        else:
+            qw += w[i : i + step] @ chunk
     return qv, qw
 
 
@@ -220,14 +229,17 @@ SINGLE_MAX = 1e30
 
 
 def with_single(m: Bilinear) -> Bilinear:
-    """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`."""
+    """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`, and its ``ones``
+    (``Q·1`` and ``Qᵀ·1``, by :func:`fused` in the same pass over ``Q``)."""
     if not m.q.size:
         return m
+    q32 = np.empty(m.q.shape, np.float32)
+    rows, cols = np.ones(m.q.shape[0]), np.ones(m.q.shape[1])
     with np.errstate(over="ignore"):  # (a Q beyond float32's range: no copy, below)
-        q32 = m.q.astype(np.float32)
+        ones = fused(m.q, cols, rows, copy=q32)
     if not float(q32.max()) <= SINGLE_MAX:  # the bound read on the copy: half the bytes
-        return m
-    return replace(m, q32=q32)
+        return replace(m, ones=ones)
+    return replace(m, q32=q32, ones=ones)
 
 
 def with_singles(matrices: list[Bilinear]) -> list[Bilinear]:
@@ -419,6 +431,11 @@ class OrbitKernel:
         if self.outer is not None:  # rank one: a (b·w_cols) on rows, b (a·w_rows) on columns
             dots = np.add.reduceat(self.outer * w[lo:], starts - lo)
             np.multiply(self.outer, np.repeat(dots[partner], lengths), out=out[lo:])
+            return out
+        if not fast and all(m.ones is not None for m in self.matrices) and (w[lo:] == 1).all():
+            for m in self.matrices:  # at u = 0: the products made with the copies
+                assert m.ones is not None
+                out[m.lo : m.mid], out[m.mid : m.hi] = m.ones
             return out
         copies = fast and all(m.q32 is not None for m in self.matrices)
         if copies:
