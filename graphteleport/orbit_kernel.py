@@ -309,6 +309,7 @@ class OrbitKernel:
     constant: float
     group: IntArray = field(default_factory=lambda: np.zeros(0, np.intp))
     plans: dict[bytes, CoarsePlan] = field(default_factory=dict)  # per group (coarse)
+    low_rank_plans: list[LowRankPlan] = field(default_factory=list)  # (at most one)
 
     @property
     def num_groups(self) -> int:
@@ -392,10 +393,13 @@ class OrbitKernel:
         sizes = [m.q.size for m in self.matrices]
         return tuple(tuple(self.matrices[i] for i in s) for s in shares(sizes, sum(sizes)))
 
-    @cached_property
+    @property
     def low_rank_plan(self) -> LowRankPlan:
-        """What :func:`low_rank` needs of the bilinear blocks alone (made on first use)."""
-        return LowRankPlan.of(self)
+        """What :func:`low_rank` needs of the bilinear blocks alone: made on first use,
+        shared with :meth:`rank_one`'s kernel (the same side entries)."""
+        if not self.low_rank_plans:
+            self.low_rank_plans.append(LowRankPlan.of(self))
+        return self.low_rank_plans[0]
 
     @cached_property
     def counted(self) -> FloatArray:
@@ -744,30 +748,31 @@ class LowRankPlan:
     @classmethod
     def of(cls, kernel: OrbitKernel) -> LowRankPlan:
         """The plan of ``kernel`` (its bilinear blocks' side entries, which follow the
-        single terms)."""
+        single terms).  A pair's set of segments is told by a random weight per segment
+        summed over the set in segment order (sets that agree sum alike); pairs whose sums
+        agree form a group over the union of their segments (so a coincidence of sums
+        would cost room, not correctness)."""
         starts, lengths, _ = kernel.segments
-        lo = int(starts[0])
-        segment = np.repeat(np.arange(starts.size), lengths)
-        pairs = kernel.index[lo:]
         n = starts.size
-        met = np.zeros((kernel.num_pairs, n), dtype=bool)
-        met[pairs, segment] = True
-        reached = np.flatnonzero(met.any(axis=1))
-        signatures, which = np.unique(met[reached], axis=0, return_inverse=True)
-        which = which.reshape(-1)
-        where = np.zeros(kernel.num_pairs, np.intp)  # a pair's slot row, then its column
-        column = np.zeros((kernel.num_pairs, n), np.intp)
+        lo = int(starts[0])
+        segment = np.repeat(np.arange(n), lengths)
+        keys, entry_combo = np.unique(kernel.index[lo:] * n + segment, return_inverse=True)
+        pair, seg = keys // n, keys % n  # each (pair, segment) met once, by pair then segment
+        weight = np.random.default_rng(0).random(n)
+        tag = np.bincount(pair, weights=weight[seg], minlength=kernel.num_pairs)
+        _, group = np.unique(tag[pair], return_inverse=True)
+        group = group.reshape(-1)
+        slot = np.zeros(keys.size, np.intp)
         groups: list[tuple[IntArray, IntArray]] = []
         offset = 0
-        for g, signature in enumerate(signatures):
-            members = reached[which == g]
-            segs = np.flatnonzero(signature)
-            where[members] = offset + np.arange(members.size) * segs.size
-            column[np.ix_(members, segs)] = np.arange(segs.size)
+        for g in range(int(group.max(initial=-1)) + 1):
+            mine = np.flatnonzero(group == g)
+            members, row = np.unique(pair[mine], return_inverse=True)
+            segs = np.unique(seg[mine])
+            slot[mine] = offset + row.reshape(-1) * segs.size + np.searchsorted(segs, seg[mine])
             groups.append((members, segs))
             offset += members.size * segs.size
-        slot = where[pairs] + column[pairs, segment]
-        return cls(lo, segment, slot, tuple(groups))
+        return cls(lo, segment, slot[entry_combo.reshape(-1)], tuple(groups))
 
     def gram(self, w: FloatArray, inv: FloatArray, n: int) -> FloatArray:
         """``UᵀD⁻¹U`` (``n × n``, one row and column per segment) for the side entries'
