@@ -28,12 +28,16 @@ float32 copy, as do the points while far from the minimum), started at the minim
 the kernel's rank-one approximation (each block's terms at ``u = 0`` replaced by the
 product of their row and column sums: ``O + C`` work per product instead of ``O·C``; the
 start is kept only where it lowers ``F``).  Each direction is solved by conjugate
-gradients on ``H·d = −g``, preconditioned two-level — ``diag H`` plus a coarse correction
-with one unknown per layer (or residual stream), whose channels moving together Jacobi
-cannot see — to a relative residual ``√(max|g|/F)``, capped at 0.1 and never below
+gradients on ``H·d = −g``, preconditioned by the inverse of the rank-one Hessian —
+``diag H`` plus each bilinear block's cross term made of its row and column sums,
+inverted by Woodbury's identity (:func:`~graphteleport.orbit_kernel.low_rank`; exact
+where ``Q`` has rank one, so the start's steps take one CG step each; the two-level
+``diag H`` plus one coarse unknown per layer or residual stream where there is no
+bilinear block) — to a relative residual ``√(max|g|/F)``, capped at 0.1 and never below
 ``0.1·tol/(max|g|/F)`` (what the stopping test needs of the next gradient); then a
-backtracking line search, which extends a full step that beat its quadratic model (far
-from the minimum Newton's step on ``e^{p·u}`` is about ``1/p`` long).  It stops when the
+backtracking line search, which extends a full step that beat its quadratic model by
+half as much again (far from the minimum Newton's step on ``e^{p·u}`` is about ``1/p``
+long).  It stops when the
 relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at most
 ``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable pair
 reaches, such as a mask's fill value), and raises :class:`NotConverged` after
@@ -91,6 +95,12 @@ MAX_ITERATIONS = 200
 MAX_CG = 2000
 _ARMIJO = 1e-4
 _EXTEND = 8.0
+#: A full step is extended only where it decreased ``F`` by at least this fraction of
+#: ``−gᵀd`` (the quadratic model predicts half: a step that beat it by half as much again
+#: is in the exponentials' regime; near the minimum the model holds and a trial would
+#: only cost a read of ``Q``).
+_EXTEND_MODEL = 0.75
+
 #: A step is extended only where it was to decrease ``F`` by more than this, relative
 #: (far from the minimum; near it a decrease that beat the model is rounding).
 _EXTEND_ABOVE = 1e-6
@@ -169,7 +179,7 @@ def _newton(kernel: OrbitKernel, tol: float, max_iterations: int, start: bool = 
 
 
 #: The rank-one start's tolerance (:func:`_rank_one_start`) and its cap on Newton steps.
-START_TOL = 1e-6
+START_TOL = 1e-3
 START_ITERATIONS = 50
 
 
@@ -298,9 +308,10 @@ def _line_search(
 ) -> KernelPoint:
     """The kernel at the first of ``u + d, u + d/2, …`` that decreases ``F`` enough
     (Armijo, with a few ulps of slack for rounding near the minimum); ``at`` if none.
-    A full step that decreased ``F`` by at least the quadratic model's ``−gᵀd/2`` (the
-    exponentials still dominate: far from the minimum, Newton's step on ``e^{p·u}`` is
-    about ``1/p`` long; :data:`_EXTEND_ABOVE`) is extended to ``2d, 4d, …`` while ``F``
+    A full step that decreased ``F`` by at least ``0.75·(−gᵀd)``, well beyond the
+    quadratic model's ``−gᵀd/2`` (the exponentials still dominate: far from the minimum,
+    Newton's step on ``e^{p·u}`` is about ``1/p`` long; :data:`_EXTEND_MODEL`,
+    :data:`_EXTEND_ABOVE`) is extended to ``2d, 4d, …`` while ``F``
     keeps decreasing.  The
     points are float64 if ``exact``, else read through the float32 copies."""
     slope = float(g @ d)
@@ -309,7 +320,7 @@ def _line_search(
         bound = at.f + _ARMIJO * step * slope + 8e-16 * at.f
         found = kernel.point(at.u + step * d, bound=bound, exact=exact)
         if found is not None:
-            if at.f - found.f >= -slope / 2 and -slope > _EXTEND_ABOVE * at.f:
+            if at.f - found.f >= _EXTEND_MODEL * -slope and -slope > _EXTEND_ABOVE * at.f:
                 return _extend(kernel, at, found, d, exact)
             return found
         step /= 2
