@@ -230,14 +230,17 @@ SINGLE_MAX = 1e30
 
 def with_single(m: Bilinear) -> Bilinear:
     """``m`` with its float32 copy when ``Q ≤`` :data:`SINGLE_MAX`, and its ``ones``
-    (``Q·1`` and ``Qᵀ·1``, by :func:`fused` in the same pass over ``Q``)."""
+    (``Q·1`` and ``Qᵀ·1``, by :func:`fused` in the same pass over ``Q``).  ``Q`` is
+    non-negative (sums of ``|W|^p``), so the bound holds where every row sum is within
+    it; only otherwise is the copy read for its largest entry."""
     if not m.q.size:
         return m
     q32 = np.empty(m.q.shape, np.float32)
     rows, cols = np.ones(m.q.shape[0]), np.ones(m.q.shape[1])
     with np.errstate(over="ignore"):  # (a Q beyond float32's range: no copy, below)
         ones = fused(m.q, cols, rows, copy=q32)
-    if not float(q32.max()) <= SINGLE_MAX:  # the bound read on the copy: half the bytes
+    peak = float(ones[0].max())  # Q ≥ 0: no entry above its row's sum
+    if not peak <= SINGLE_MAX and not float(q32.max()) <= SINGLE_MAX:  # (then read it)
         return replace(m, ones=ones)
     return replace(m, q32=q32, ones=ones)
 
