@@ -43,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from graphteleport import parallel  # noqa: E402
 from graphteleport.analysis import analyze_model  # noqa: E402
 from graphteleport.orbit import OrbitTerms, stored_arrays  # noqa: E402
 from graphteleport.passes.canonical import CanonicalizePass, minimize, sign_values  # noqa: E402
@@ -157,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="also time each phase alone (CPU, medians)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="graphteleport.parallel's threads (default: the CPUs, at most 2)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        parallel.MAX_WORKERS = max(1, args.threads)
     path: Path = args.model or default_model()
     loads: list[float] = []
     canons: list[float] = []
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{canon_c / load_c:.1f}x (process_time medians)")
     print(f"load average   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    print(f"threads        {parallel.workers()} (graphteleport.parallel; --threads)")
     if args.profile:
         print(f"phases         {profile_canonicalize(path, max(args.rounds, 1))}")
     for p in args.solve_p:

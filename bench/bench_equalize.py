@@ -49,6 +49,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from bench_canonical import Phases, solved  # noqa: E402
 
+from graphteleport import parallel  # noqa: E402
 from graphteleport.analysis import analyze_model  # noqa: E402
 from graphteleport.clips import split_clips  # noqa: E402
 from graphteleport.orbit import stored_arrays  # noqa: E402
@@ -230,7 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         default=str(default_peer),
         help="AIMET-ONNX's venv, or 'none' (default: %(default)s)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="graphteleport.parallel's threads (default: the CPUs, at most 2)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        parallel.MAX_WORKERS = max(1, args.threads)
     if args.fractions:
         return fractions(args.p)
     path: Path = args.model or resnet50()
@@ -271,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"AIMET CLE      not run: {peer}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
+    print(f"threads        {parallel.workers()} (graphteleport.parallel; --threads)")
     if args.profile:
         print(f"phases         {profile_equalize(path, max(args.rounds, 1), args.p)}")
     return 0
