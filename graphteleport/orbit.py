@@ -50,6 +50,7 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -178,12 +179,25 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
             a *= factor
 
 
+def spare_workers() -> int:
+    """The threads worth starting now: :func:`graphteleport.parallel.workers`, less the
+    CPUs other processes keep busy — the 1-minute load average, of which this process
+    is about 1 — rounded, at least 1.  (The work is memory-bound: a second thread on a
+    core another process holds gains nothing and costs CPU — ResNet-50's kernel copies
+    23 → 38–56 ms at load 3.9 on 2 CPUs.)"""
+    cpus = workers()
+    if cpus < 2 or not hasattr(os, "getloadavg"):
+        return cpus
+    busy = max(os.getloadavg()[0] - 1.0, 0.0)
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
 def shares(sizes: Sequence[int], total: int) -> list[list[int]]:
     """The indices of ``sizes`` cut into one share per worker thread
-    (:func:`graphteleport.parallel.workers`; one share when ``total`` is under
+    (:func:`spare_workers`; one share when ``total`` is under
     :data:`~graphteleport.parallel.PARALLEL_ELEMENTS`) of about equal sums: largest
     first, each to the lightest share so far; empty shares left out."""
-    k = workers() if total >= PARALLEL_ELEMENTS else 1
+    k = spare_workers() if total >= PARALLEL_ELEMENTS else 1
     out: list[list[int]] = [[] for _ in range(k)]
     loads = [0] * k
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
@@ -338,7 +352,8 @@ class OrbitTerms:
         ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable);
         ``scales`` gives per counted use (:func:`counted_uses` order) a factor its ``Q``
         is multiplied by (default 1).  The statistics of large models are computed on
-        both cores (:func:`shares`: each use's rows are its own)."""
+        both cores (:func:`shares` of the values each use reads; each use's rows are its
+        own)."""
         sol = analysis.solution
         movable = movable_pairs(analysis)
         if hold is not None:
@@ -356,7 +371,8 @@ class OrbitTerms:
                 w = arrays[use.source.name] if arrays is not None else use.source.array()
                 reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
 
-        map_parts(power, [(share,) for share in shares(sizes, bounds[-1])])
+        work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
+        map_parts(power, [(share,) for share in shares(work, sum(work))])
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
         for use, offset in zip(uses, bounds):
