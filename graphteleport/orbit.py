@@ -103,8 +103,8 @@ def reduced_power(
     cshape = compact_shape(use)
     target = np.empty(cshape) if out is None else out.reshape(cshape)
     if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
-        _power_sum(values, target, p, factor)
-        if np.isfinite(target.sum()):  # (a sum too large for float64 takes the path below)
+        total = _power_sum(values, target, p, factor)
+        if np.isfinite(total):  # (a sum too large for float64 takes the path below)
             return target
     values = np.abs(values.astype(np.float64))
     values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
@@ -119,16 +119,17 @@ def reduced_power(
 _EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> None:
+def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> float:
     """``out = factor · Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out``
-    (float64) has size 1; non-finite elements make their sums non-finite.  A contiguous ``values``
-    summed over trailing axes (a conv's kernel window) or over nothing (a 1×1 conv, a
-    bias) is read as a matrix, one row per element of ``out`` (:func:`_power_rows`)."""
+    (float64) has size 1, and the sum of ``out`` (non-finite where an element is, or
+    where the sum is beyond float64); non-finite elements make their sums non-finite.
+    A contiguous ``values`` summed over trailing axes (a conv's kernel window) or over
+    nothing (a 1×1 conv, a bias) is read as a matrix, one row per element of ``out``
+    (:func:`_power_rows`)."""
     kept = [k for k, c in enumerate(out.shape) if c != 1]
     rows = int(np.prod(out.shape))
     if values.flags.c_contiguous and (values.size == out.size or kept == list(range(len(kept)))):
-        _power_rows(values.reshape(rows, -1), out.reshape(-1), p, factor)
-        return
+        return _power_rows(values.reshape(rows, -1), out.reshape(-1), p, factor)
     letters, target = "abcdefghijklmnopqrstuvwxyz"[: values.ndim], out
     result = "".join(letters[k] for k in range(values.ndim) if target.shape[k] != 1)
     view = target.reshape([target.shape[k] for k in range(values.ndim) if target.shape[k] != 1])
@@ -142,23 +143,26 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.
         np.einsum(f"{letters},{letters}->{result}", squares, other, out=view)
     if factor != 1.0:
         view *= factor
+    return float(view.sum())
 
 
 #: The float64 elements of a chunk :func:`_power_rows` works on while it is in cache.
 POWER_CHUNK = 1 << 15
 
 
-def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> None:
+def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> float:
     """``out[i] = factor · Σ_j |values[i, j]|^p`` for a matrix ``values`` (p = 1, 2, 3 or
     4), a chunk of rows at a time in one float64 buffer: ``|w|`` cast exactly, ``w²``
     exact, ``|w|³ = w²·|w|`` and ``w⁴ = (w²)²`` rounded once, the row sums by a
     matrix-vector product with ``factor`` s (or the powers themselves, times ``factor``
-    while in cache, for one column)."""
+    while in cache, for one column); returns ``Σ out``, summed chunk by chunk while in
+    cache."""
     rows, width = values.shape
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
     ones = np.full(width, factor)
+    total = 0.0
     for i in range(0, rows, step):
         chunk = values[i : i + step]
         n = chunk.shape[0] * width
@@ -177,6 +181,8 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
             np.matmul(a, ones, out=out[i : i + chunk.shape[0]])
         elif factor != 1.0:
             a *= factor
+        total += float(out[i : i + chunk.shape[0]].sum())
+    return total
 
 
 def spare_workers() -> int:
