@@ -389,8 +389,8 @@ class OrbitKernel:
 
     @cached_property
     def shares(self) -> tuple[tuple[Bilinear, ...], ...]:
-        """The bilinear blocks cut into one share per worker thread, of about equal ``Q``
-        sizes (:func:`graphteleport.orbit.shares`): the products read each share's
+        """The bilinear blocks cut into one share per spare worker thread, of about equal
+        ``Q`` sizes (:func:`graphteleport.orbit.shares`): the products read each share's
         blocks on a thread of their own (numpy's BLAS releases the GIL; the blocks write
         disjoint side entries)."""
         sizes = [m.q.size for m in self.matrices]
@@ -825,8 +825,7 @@ def low_rank(
     :class:`LowRankPlan`).  ``H₁`` is the Hessian of a sum of non-negative terms (the
     rank-one ones have the exact row and column sums), so positive semidefinite, and
     ``H`` itself where every ``Q`` has rank one and there is no rest (the solver's
-    start).  ``None`` without
-    bilinear blocks."""
+    start).  ``None`` without bilinear blocks."""
     if not kernel.matrices:
         return None
     plan = kernel.low_rank_plan

@@ -275,8 +275,9 @@ def _newton_direction(
 ) -> tuple[FloatArray, int]:
     """``d ≈ −H⁻¹g`` on the active pairs (``g ≠ 0`` only there): conjugate gradients to a
     residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range),
-    preconditioned by :func:`~graphteleport.orbit_kernel.two_level`; and the number of
-    steps taken."""
+    preconditioned by :func:`~graphteleport.orbit_kernel.low_rank` (by
+    :func:`~graphteleport.orbit_kernel.two_level` where the kernel has no bilinear
+    block); and the number of steps taken."""
     active = g != 0
     precondition = low_rank(kernel, at, active) or two_level(kernel, at, active, group)
     x = np.zeros_like(g)
