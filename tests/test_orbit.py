@@ -343,6 +343,20 @@ def test_minimize_on_the_kernel_reaches_the_row_wise_minimum(
         assert terms.objective(found.u + 1e-3 * d) > f
 
 
+def _bilinear_point(proto: onnx.ModelProto, p: float, seed: int) -> tuple:
+    """The kernel and terms of ``proto`` at exponent ``p`` (skip without a bilinear
+    block), a generator seeded ``seed``, a random ``u`` drawn from it and the kernel
+    there."""
+    kernel, terms = _kernel_and_terms(proto, p)
+    if not kernel.matrices:
+        pytest.skip("no bilinear block")
+    rng = np.random.default_rng(seed)
+    u = np.where(terms.movable, 0.3 * rng.standard_normal(terms.num_pairs), 0.0)
+    at = kernel.point(u)
+    assert at is not None
+    return kernel, terms, rng, u, at
+
+
 @pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
 def test_rank_one_kernel_keeps_the_sums_and_its_products_are_dense_ones(
     name: str, proto: onnx.ModelProto
@@ -352,16 +366,7 @@ def test_rank_one_kernel_keeps_the_sums_and_its_products_are_dense_ones(
     Hessian products elsewhere equal those of a kernel holding ``(r/x)(c/z)ᵀ/Σr`` densely."""
     from dataclasses import replace
 
-    from graphteleport.orbit_kernel import OrbitKernel
-
-    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=2.0)
-    kernel = OrbitKernel.of(terms)
-    if not kernel.matrices:
-        pytest.skip("no bilinear block")
-    rng = np.random.default_rng(1)
-    u = np.where(terms.movable, 0.3 * rng.standard_normal(terms.num_pairs), 0.0)
-    at = kernel.point(u)
-    assert at is not None
+    kernel, terms, rng, u, at = _bilinear_point(proto, 2.0, 1)
     cheap = kernel.rank_one(at)
     there = cheap.point(u)
     assert there is not None
@@ -447,13 +452,7 @@ def test_low_rank_preconditioner_inverts_the_rank_one_hessian(
     ``H d = r``."""
     from graphteleport.orbit_kernel import low_rank
 
-    kernel, terms = _kernel_and_terms(proto, 3.0)
-    if not kernel.matrices:
-        pytest.skip("no bilinear block")
-    rng = np.random.default_rng(4)
-    u = np.where(terms.movable, 0.3 * rng.standard_normal(terms.num_pairs), 0.0)
-    at = kernel.point(u)
-    assert at is not None
+    kernel, terms, rng, u, at = _bilinear_point(proto, 3.0, 4)
     active = at.diagonal > 0
     precondition = low_rank(kernel, at, active)
     assert precondition is not None
