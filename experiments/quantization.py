@@ -1051,10 +1051,13 @@ offline.  Protocol (details in `experiments/quantization.py`):
   changed with a few lines; on 1000 every SQNR of it is lower and the spread smaller.)
 - **graphteleport rows**: `equalize --method cle` (p = 3), `--exact`, `--mode insert`,
   `--method smooth` (alpha 0.5), and `--method auto`, which picks among no rescaling, cle
-  with p = 2, 3, 4 and smooth with alpha 0.25, 0.5, 0.75 the candidate whose simulated
+  with p = 2, 3, 4, smooth with alpha 0.25, 0.5, 0.75 and cle with p = 2, 3, 4 in insert
+  mode (each written into a copy and simulated there) the candidate whose simulated
   per-tensor INT8 model scores the best output SQNR on the *calibration* batch (`--int8-ops`
-  given the op types the quantizer quantizes: `all`, or `MatMul,Gemm` for MiniLM); it never
-  sees the held-back inputs, so it is the row Done-when 2 judges.  The best of all
+  given the op types the quantizer quantizes: `all`, or `MatMul,Gemm` for MiniLM), where
+  that candidate beats cle p = 3 in at least 97.5 % of 1000 bootstrap resamplings of the
+  calibration samples and the noise is spread over at least 8 of them (else cle p = 3);
+  it never sees the held-back inputs, so it is the row Done-when 2 judges.  The best of all
   graphteleport rows is shown too, marked as chosen with hindsight."""
 
 READING = """## Reading of the 2026-12-03 18:58 run (graphteleport at quantq 4f9df15, main merged)

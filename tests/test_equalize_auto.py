@@ -21,11 +21,13 @@ from graphteleport.activations import Int8Simulation, fake_quant_weight, quantiz
 from graphteleport.analysis import analyze_model
 from graphteleport.errors import InputError
 from graphteleport.orbit import movable_pairs
+from graphteleport.passes import equalize
 from graphteleport.passes.equalize import (
     AUTO_ALPHA,
     AUTO_P,
     DEFAULT_P,
     EqualizePass,
+    effective_feeds,
     significant_best,
 )
 from graphteleport.passes.teleport import apply_values
@@ -78,7 +80,7 @@ def test_auto_picks_the_best_candidate_and_keeps_the_function() -> None:
     proto = mlp(outlier=30.0)
     feeds = random_feeds(proto)
     model = ir.from_proto(proto)
-    result = EqualizePass(method="auto", calibration=calibration())(model)
+    result = EqualizePass(method="auto", calibration=calibration(16))(model)
     fig = result.figures
     assert fig is not None and fig.method == "auto"
     names = [n for n, _ in fig.candidates]
@@ -86,9 +88,10 @@ def test_auto_picks_the_best_candidate_and_keeps_the_function() -> None:
         "none",
         *(f"cle p={p:g}" for p in AUTO_P),
         *(f"smooth alpha={a:g}" for a in AUTO_ALPHA),
+        *(f"insert cle p={p:g}" for p in AUTO_P),
     ]
     scores = {n: db for n, db in fig.candidates if db is not None}
-    assert fig.chosen == max(scores, key=lambda n: scores[n])
+    assert fig.chosen in (max(scores, key=lambda n: scores[n]), f"cle p={DEFAULT_P:g}")
     assert fig.chosen != "none" and scores[fig.chosen] > scores["none"] + 3.0  # the outlier
     assert fig.moved > 0
     assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
@@ -134,6 +137,35 @@ def test_significant_best_keeps_a_clear_winner() -> None:
     assert significant_best(signal, noises, "cle p=2") == ("cle p=2", 1.0)
 
 
+def test_significant_best_needs_the_noise_spread_over_feeds() -> None:
+    """Better in every feed, but one feed holds nearly all the noise: not kept."""
+    signal = np.ones(32)
+    default = np.r_[1000.0, np.ones(31)]
+    better = 0.5 * default
+    noises = [("cle p=3", default), ("cle p=2", better)]
+    assert effective_feeds(default) < 2 and effective_feeds(np.ones(32)) == 32
+    assert significant_best(signal, noises, "cle p=3") == ("cle p=3", 1.0)
+    assert significant_best(signal, noises, "cle p=3", min_feeds=1) == ("cle p=2", 1.0)
+
+
+def test_auto_can_choose_an_insert_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An insert-mode choice is applied in insert mode: Mul nodes around the Tanh, the
+    function unchanged (the rule forced to pick it: the plumbing, not the choice)."""
+    proto = mlp(outlier=30.0)
+    for node in proto.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Tanh"
+    monkeypatch.setattr(
+        equalize, "significant_best", lambda signal, noises, default: ("insert cle p=3", 0.0)
+    )
+    model = ir.from_proto(proto)
+    result = EqualizePass(method="auto", calibration=calibration())(model)
+    assert result.figures is not None and result.figures.chosen == "insert cle p=3"
+    assert result.options.mode == "insert"
+    assert sum(n.op_type == "Mul" for n in model.graph) == 2
+    assert max_rel_err(proto, ir.to_proto(model), random_feeds(proto)) < 1e-5
+
+
 def test_significant_best_keeps_the_default_when_one_feed_decides() -> None:
     """The best pooled score comes from one feed carrying most of the noise: without it
     the best loses, so it wins only in the resamplings that draw that feed."""
@@ -143,12 +175,13 @@ def test_significant_best_keeps_the_default_when_one_feed_decides() -> None:
     noises = [("none", default * 2), ("cle p=3", default), ("smooth alpha=0.25", lucky)]
     name, share = significant_best(signal, noises, "cle p=3")
     assert name == "cle p=3" and 0.5 < share < 0.8  # ≈ 1 − (31/32)^32 = 0.64
-    assert significant_best(signal, noises, "cle p=3", level=0.5) == ("smooth alpha=0.25", share)
+    kept = significant_best(signal, noises, "cle p=3", level=0.5, min_feeds=1)
+    assert kept == ("smooth alpha=0.25", share)
     assert significant_best(signal, noises, "cle p=3") == (name, share)  # seeded: repeatable
 
 
 def test_auto_refuses_insert_mode_and_missing_calibration() -> None:
-    with pytest.raises(InputError, match="absorb mode only"):
+    with pytest.raises(InputError, match="chooses the mode itself"):
         EqualizePass(method="auto", mode="insert", calibration=calibration())
     with pytest.raises(InputError, match="--calibration"):
         EqualizePass(method="auto")
@@ -174,10 +207,11 @@ def test_cli_auto(fixtures_dir: Path, tmp_path: Path) -> None:
     report = json.loads(rep.read_text())
     assert report["verification"]["passed"]
     eq = report["equalize"]
-    assert eq["method"] == "auto" and len(eq["candidates"]) == 1 + len(AUTO_P) + len(AUTO_ALPHA)
+    assert eq["method"] == "auto" and len(eq["candidates"]) == 1 + 2 * len(AUTO_P) + len(AUTO_ALPHA)
     scored = [db for _, db in eq["candidates"] if db is not None]
     chosen = dict(map(tuple, eq["candidates"]))[eq["chosen"]]
     assert chosen == max(scored) or eq["chosen"] == f"cle p={DEFAULT_P:g}"
     code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args, "--mode", "insert")
-    assert code == 2 and "absorb mode only" in stderr and len(stderr.strip().splitlines()) == 1
+    assert code == 2 and "chooses the mode itself" in stderr
+    assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
