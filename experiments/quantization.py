@@ -1091,7 +1091,8 @@ only, never on the held-back ones):
 
 **Why Quark scored 1.6 dB more on the classifier, and what changed.**  Quark's result is a
 rescaling on our orbit: fitting `log t` per pair to its weights (least squares over every
-counted row) leaves a residual of 1.4e-7.  It moves 330 of the 394 pairs our analysis
+counted row; `python -m experiments.quant_peer_fit ocr_cls quark`) leaves a residual of
+1.4e-7.  It moves 330 of the 394 pairs our analysis
 frees (the expand/depthwise/SE classes of Conv→Relu→Conv and depthwise triples) and leaves
 four that `cle` also moves (the first block's depthwise output and three linear-bottleneck
 outputs); on the classes both move, its `|log t|` differs from ours both ways (medians
