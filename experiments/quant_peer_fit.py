@@ -3,9 +3,10 @@ against ``equalize`` (docs/quantization.md, "Why Quark scored 1.6 dB more on the
 
 For a model of ``experiments.quantization`` whose cache holds the prepared FP32 model and a
 peer's output (``PEER.fp32.onnx``), fit per cofactor pair ``u = log t`` so that every counted
-row of the prepared model's weights, scaled by ``exp(A·u)``, matches the peer's
-(least squares on ``log(M₁(peer row) / M₁(row))``, :class:`graphteleport.orbit.OrbitTerms`
-with p = 1; absorb mode, Clips kept as they are, since the peers keep them).  A residual
+row of the prepared model's weights, scaled by ``exp(A·u)``, matches the peer's (dense
+least squares over the movable pairs on ``log(M₁(peer row) / M₁(row))``,
+:class:`graphteleport.orbit.OrbitTerms` with p = 1; absorb mode, Clips kept as they are,
+since the peers keep them).  A residual
 near float32 rounding means the peer's result *is* a point of the orbit.  Then, per class
 (the pairs first reached by one value, in graph order): how many pairs the peer and
 ``equalize`` cle (p = 3, on the same analysis) move, and the median ``|log t|`` of each.
@@ -25,8 +26,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import scipy.sparse as sp
-from scipy.sparse.linalg import lsqr
 
 from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.orbit import OrbitTerms, movable_pairs, stored_arrays
@@ -43,10 +42,16 @@ def fit_u(analysis: AnalysisResult, peer: dict[str, np.ndarray]) -> tuple[np.nda
     after = OrbitTerms.build(analysis, p=1, arrays=moved)
     rows, cols, coef = before.coordinates
     ok = (before.q > 0) & (after.q > 0)
-    a = sp.csr_matrix((coef, (rows, cols)), shape=(before.q.size, analysis.solution.num_pairs))
+    keep = np.flatnonzero(movable_pairs(analysis))  # the other pairs have no column
+    column = np.full(analysis.solution.num_pairs, -1)
+    column[keep] = np.arange(keep.size)
+    a = np.zeros((before.q.size, keep.size))
+    np.add.at(a, (rows, column[cols]), coef)
     b = np.log(after.q[ok] / before.q[ok])
-    u = lsqr(a[ok], b, atol=1e-12, btol=1e-12, iter_lim=20000)[0]
-    return u, float(np.abs(a[ok] @ u - b).max(initial=0.0))
+    fit = np.linalg.lstsq(a[ok], b, rcond=None)[0]
+    u = np.zeros(analysis.solution.num_pairs)
+    u[keep] = fit
+    return u, float(np.abs(a[ok] @ fit - b).max(initial=0.0))
 
 
 def classes(model: ir.Model, analysis: AnalysisResult) -> tuple[np.ndarray, list[str]]:
