@@ -67,6 +67,7 @@ __all__ = [
     "activation_ranges",
     "channel_extrema",
     "consumer_ranges",
+    "db_ratio",
     "load_calibration",
     "quantized_inputs",
     "quantized_operands",
@@ -562,12 +563,25 @@ class Int8Simulation:
     def sqnr_db(self, tau: np.ndarray) -> float:
         """The simulated INT8 model's output SQNR in dB for cofactors ``τ`` (class
         docstring); ``inf`` when it computes FP32's outputs exactly."""
+        signal, noise = self.sample_noise(tau)
+        return db_ratio(float(signal.sum()), float(noise.sum()))
+
+    def sample_noise(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per feed (in order): ``Σ r²`` and ``Σ (r − q)²`` over every finite element of
+        every output, float64 — :meth:`sqnr_db`'s sums before they are added up (what a
+        resampling of the feeds needs)."""
         run = open_proto(self.model(tau), os.getcwd())
-        signal = noise = 0.0
-        for feed, ref in zip(self.feeds, self.reference, strict=True):
+        signal = np.zeros(len(self.feeds))
+        noise = np.zeros(len(self.feeds))
+        for k, (feed, ref) in enumerate(zip(self.feeds, self.reference, strict=True)):
             for r, q in zip(ref, run(feed), strict=True):
                 r64, q64 = np.asarray(r, np.float64), np.asarray(q, np.float64)
                 ok = np.isfinite(r64)
-                signal += float(np.sum(r64[ok] ** 2))
-                noise += float(np.sum((r64[ok] - q64[ok]) ** 2))
-        return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
+                signal[k] += float(np.sum(r64[ok] ** 2))
+                noise[k] += float(np.sum((r64[ok] - q64[ok]) ** 2))
+        return signal, noise
+
+
+def db_ratio(signal: float, noise: float) -> float:
+    """``10·log10(signal / noise)``; ``inf`` for no noise."""
+    return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)

@@ -213,8 +213,8 @@ def equalize_parser() -> argparse.ArgumentParser:
         default="cle",
         help="cle: data-free cross-layer equalization (default); smooth: activation-aware, "
         "needs --calibration; auto: the candidate (none, cle for several P, smooth for "
-        "several A) whose simulated per-tensor INT8 model has the best output SQNR on "
-        "--calibration",
+        "several A, cle in insert mode) whose simulated per-tensor INT8 model has the best "
+        "output SQNR on --calibration, where the feeds separate it from cle (else cle)",
     )
     p.add_argument(
         "--int8-ops",

@@ -30,6 +30,7 @@ cannot restructure its forward.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ import onnx_ir as ir
 
 from graphteleport.insertion import FreshNames, add_initializer
 
-__all__ = ["ClipSplit", "clip_bounds", "split_clips"]
+__all__ = ["ClipSplit", "clip_bounds", "join_clips", "split_clips"]
 
 _FLOATS = frozenset(
     {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
@@ -53,6 +54,10 @@ class ClipSplit:
     clips: list[str] = field(default_factory=list)
     nodes_added: int = 0
     removed: list[str] = field(default_factory=list)
+    #: per rewritten Clip (in ``clips``' order): its output's name, which the last new node
+    #: keeps, and its bounds (:func:`join_clips` reads them)
+    outputs: list[str] = field(default_factory=list)
+    bounds: list[tuple[float | None, float | None]] = field(default_factory=list)
 
 
 def clip_bounds(node: ir.Node, opset: int) -> tuple[float | None, float | None] | None:
@@ -169,6 +174,8 @@ def split_clips(model: ir.Model) -> ClipSplit:
         )
         done.clips.append(node.name or old.name or "")
         done.nodes_added += len(new)
+        done.outputs.append(new[-1].outputs[0].name or "")
+        done.bounds.append(bounds[:2])
     done.removed = _drop_unused(graph, bound_values)
     return done
 
@@ -191,3 +198,94 @@ def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> list[str]:
             continue
         removed.append(name)
     return removed
+
+
+def join_clips(model: ir.Model, split: ClipSplit, outputs: Collection[str]) -> ClipSplit:
+    """Undo, in place, :func:`split_clips` for the Clips whose output is named in
+    ``outputs``: their ``Relu``/``Max(x, A)`` and ``Min(·, B)`` become one ``Clip(x, a, b)``
+    again with the original scalar bounds (opset 11 and later: bound inputs; before,
+    attributes), keeping the output name; the same function bit for bit.  Only a form
+    still as :func:`split_clips` wrote it is joined (each node's bound a scalar equal to
+    the original, the intermediate value read once).  Returns ``split`` without the
+    joined Clips (their nodes no longer counted, the bounds they no longer read removed)."""
+    graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    names = FreshNames(graph)
+    values = {n.outputs[0].name: n.outputs[0] for n in graph if n.outputs}
+    kept = ClipSplit(removed=list(split.removed))
+    dropped: list[ir.Value] = []
+    for clip, out, bounds in zip(split.clips, split.outputs, split.bounds, strict=True):
+        chain = _split_chain(values.get(out), bounds) if out in outputs else None
+        if chain is None:
+            kept.clips.append(clip)
+            kept.outputs.append(out)
+            kept.bounds.append(bounds)
+            kept.nodes_added += 1 + (bounds[0] is not None and bounds[1] is not None)
+            continue
+        x = chain[0].inputs[0]
+        assert x is not None
+        dtype = x.dtype or ir.DataType.FLOAT
+        node = _clip_node(graph, names, clip, x, bounds, dtype, opset)
+        dropped.extend(v for n in chain for v in n.inputs[1:] if v is not None)
+        old = chain[-1].outputs[0]
+        ir.convenience.replace_nodes_and_values(
+            graph, chain[0], chain, [node], [old], [node.outputs[0]]
+        )
+        node.outputs[0].name = out
+    kept.removed += _drop_unused(graph, dropped)
+    return kept
+
+
+def _split_chain(
+    value: ir.Value | None, bounds: tuple[float | None, float | None]
+) -> list[ir.Node] | None:
+    """The nodes :func:`split_clips` wrote for a Clip with ``bounds`` whose output is
+    ``value``, first to last, if they are still that form; else None."""
+    lo, hi = bounds
+    chain: list[ir.Node] = []
+    cur = value
+    for op, bound in (("Min", hi), ("Relu" if lo == 0.0 else "Max", lo)):
+        if bound is None:
+            continue
+        node = cur.producer() if cur is not None else None
+        if node is None or node.op_type != op:
+            return None
+        if op != "Relu" and _scalar_value(node.inputs[1]) != bound:
+            return None
+        if chain and len(node.outputs[0].uses()) != 1:
+            return None
+        chain.insert(0, node)
+        cur = node.inputs[0]
+    return chain or None
+
+
+def _scalar_value(v: ir.Value | None) -> float | None:
+    tensor = None if v is None else ir.convenience.get_const_tensor(v)
+    return None if tensor is None or tensor.size != 1 else float(tensor.numpy().reshape(-1)[0])
+
+
+def _clip_node(
+    graph: ir.Graph,
+    names: FreshNames,
+    name: str,
+    x: ir.Value,
+    bounds: tuple[float | None, float | None],
+    dtype: ir.DataType,
+    opset: int,
+) -> ir.Node:
+    """``Clip(x, lo, hi)`` with scalar bounds: fresh initializers (opset 11 and later) or
+    the ``min``/``max`` attributes (opset 6-10); its output a fresh value."""
+    out = ir.Value(name=names(f"{name}_joined"), type=x.type, shape=x.shape)
+    if opset < 11:
+        attrs = [
+            ir.AttrFloat32(k, float(b))
+            for k, b in zip(("min", "max"), bounds, strict=True)
+            if b is not None
+        ]
+        return ir.Node("", "Clip", [x], attributes=attrs, outputs=[out], name=name)
+    inputs: list[ir.Value | None] = [x]
+    for key, b in zip(("low", "high"), bounds, strict=True):
+        inputs.append(None if b is None else _scalar(graph, names, f"{name}_{key}", b, dtype))
+    while inputs[-1] is None:
+        inputs.pop()
+    return ir.Node("", "Clip", inputs, outputs=[out], name=name)

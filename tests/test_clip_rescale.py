@@ -18,7 +18,8 @@ from conftest import const_node, make_model, rand, run_ort, teleport, weights
 from onnx import helper
 
 from graphteleport.analysis import GROUPS, analyze_model
-from graphteleport.clips import clip_bounds, split_clips
+from graphteleport.clips import clip_bounds, join_clips, split_clips
+from graphteleport.passes.equalize import EqualizePass
 from graphteleport.pipeline import TeleportOptions, teleport_file
 
 C = 6  # hidden channels
@@ -240,3 +241,50 @@ def test_clip_as_graph_output_with_constant_node_bounds() -> None:
     assert t.result.clips.removed == ["lo", "hi"]
     assert all(np.asarray(w).size == 1 for k, w in t.w1.items() if k.startswith("clip_"))
     assert np.array_equal(run_ort(proto, feeds())[0], run_ort(t.model, feeds())[0])
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "opset"), [(0.0, 6.0, 17), (-1.0, 1.0, 17), (None, 2.0, 17), (0.0, 6.0, 10)]
+)
+def test_join_undoes_the_split(lo: float | None, hi: float | None, opset: int) -> None:
+    proto = conv_clip_conv(lo, hi, opset)
+    model = ir.from_proto(proto)
+    done = split_clips(model)
+    assert done.outputs == ["a"] and done.bounds == [(lo, hi)]
+    left = join_clips(model, done, ["a"])
+    assert left.clips == [] and left.nodes_added == 0
+    assert [n.op_type for n in model.graph] == ["Conv", "Clip", "Conv"]
+    assert model.graph.node(1).outputs[0].name == "a"
+    assert clip_bounds(model.graph.node(1), opset) == (lo, hi)
+    for seed in range(2):
+        assert np.array_equal(run_ort(proto, feeds(seed))[0], run_ort(model, feeds(seed))[0])
+
+
+def test_join_leaves_other_and_rescaled_forms_split() -> None:
+    model = ir.from_proto(conv_clip_conv())
+    done = split_clips(model)
+    assert join_clips(model, done, ["other"]).clips == ["clip"]  # not asked for
+    (high,) = [v for v in model.graph.initializers.values() if v.name.startswith("clip_high")]
+    high.const_value = ir.tensor(np.full((1, C, 1, 1), 6.0, np.float32), name=high.name)
+    left = join_clips(model, done, ["a"])  # the bound took per-channel values: not a Clip
+    assert left.clips == ["clip"] and left.nodes_added == 2
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu", "Min", "Conv"]
+
+
+def test_equalize_joins_back_the_clips_no_cofactor_moves() -> None:
+    """A Clip on the graph's output stays pinned after the split: equalize keeps it a Clip
+    (a quantizer fuses it into its producer's range); one between two convs stays split."""
+    pinned = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["h", "lo", "hi"], ["y"], name="clip"),
+    ]
+    inits = {"w1": rand((C, 3, 3, 3)), "lo": np.float32(0), "hi": np.float32(6)}
+    proto = make_model(pinned, {"x": [2, 3, 5, 5]}, {"y": [2, C, 5, 5]}, inits)
+    model = ir.from_proto(proto)
+    result = EqualizePass()(model)
+    assert [n.op_type for n in model.graph] == ["Conv", "Clip"] and result.clips.clips == []
+    assert np.array_equal(run_ort(proto, feeds())[0], run_ort(model, feeds())[0])
+    model = ir.from_proto(conv_clip_conv())
+    result = EqualizePass()(model)
+    assert [n.op_type for n in model.graph] == ["Conv", "Relu", "Min", "Conv"]
+    assert result.clips.clips == ["clip"]
