@@ -763,7 +763,9 @@ class EqualizePass(ir.passes.InPlacePass):
         if s.exact:
             values = power_of_two(values)
         t2 = time.perf_counter()
-        applied = apply_values(model, analysis, values, insert=opts.mode == "insert", exact=s.exact)
+        applied = apply_values(
+            model, analysis, values, insert=opts.mode == "insert", exact=s.exact, arrays=arrays
+        )
         t3 = time.perf_counter()
         figures = figures_of(
             analysis, arrays, values, applied[0],
