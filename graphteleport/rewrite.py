@@ -89,7 +89,7 @@ def write(ref: ConstRef, array: np.ndarray | ir.TensorProtocol) -> None:
     """Store ``array`` (or a tensor: a streamed weight) where ``ref`` lives, keeping its
     name and dtype."""
     if isinstance(array, np.ndarray | np.generic):  # a 0-d product may come back a scalar
-        tensor: ir.TensorProtocol = ir.tensor(np.asarray(array), name=ref.name)
+        tensor: ir.TensorProtocol = ir.Tensor(np.asarray(array), name=ref.name)
     else:
         tensor = array
     shape = ir.Shape(list(tensor.shape.numpy()))
@@ -582,7 +582,7 @@ class _Writer:
             name=name,
             shape=ir.Shape(new.shape),
             type=ir.TensorType(ir.DataType.from_numpy(new.dtype)),
-            const_value=ir.tensor(new, name=name),
+            const_value=ir.Tensor(new, name=name),
         )
         self.graph.register_initializer(value)
         ab.node.replace_input_with(ab.input_index, value)
