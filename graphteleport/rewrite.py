@@ -175,7 +175,7 @@ def _product_rows(
     element changes iff it is non-zero and its ``S`` (as multiplied) is not 1 — exact for
     a finite W without subnormal elements whose smallest non-zero ``|w|`` times ``smin``
     (a lower bound of ``|S|``, :func:`~graphteleport.algebra.scale_bounds`) stays above
-    the smallest normal: then ``W·s`` is normal, or overflows, and a product of a normal
+    twice the smallest normal: then ``W·s`` is normal, or overflows, and a product of a normal
     ``w`` and ``s ≠ 1`` rounded to W's precision is never ``w`` again.  Otherwise the
     bits of W and W' are compared (:func:`_changed_bits`)."""
     out = np.empty(w.shape, dtype=w.dtype)
@@ -220,7 +220,8 @@ def _count_exact(scan: MagnitudeScan, mags: Magnitudes, smin: float) -> bool:
     (:func:`_product_rows`)."""
     if mags.hi == 0.0:
         return True
-    return mags.lo_sub == np.inf and mags.lo_normal * smin > scan.lim.tiny
+    # (a margin of 2: S as multiplied, rounded to W's dtype, may lie a little below smin)
+    return mags.lo_sub == np.inf and mags.lo_normal * smin > 2.0 * scan.lim.tiny
 
 
 def _rows_into(
@@ -281,7 +282,7 @@ def _native_rows_into(
             wc, oc = w[i : i + n].reshape(-1, inner), out[i : i + n].reshape(-1, inner)
             g = grid[: n * cells]
             fill(i, i + n, s64[: n * cells].reshape((n, *w.shape[1:split])))
-            if g is not s64:
+            if grid is not s64:  # (float32: S rounded once)
                 np.copyto(g, s64[: n * cells], casting="same_kind")
             np.multiply(wc, g[:, None], out=oc)
             scan.add(wc)
