@@ -479,13 +479,18 @@ def _dtype(ref: ConstRef) -> np.dtype:
     return np.dtype(tensor.dtype.numpy())
 
 
-def measure(analysis: AnalysisResult) -> list[Magnitudes]:
+def measure(
+    analysis: AnalysisResult, arrays: Mapping[str, np.ndarray] | None = None
+) -> list[Magnitudes]:
     """Every absorbing weight's :class:`Magnitudes` (in ``analysis.weights`` order), one
     scan of its bits each, releasing each external tensor's map after it: the same
-    figures :func:`prepare` measures while it computes the products, without them."""
+    figures :func:`prepare` measures while it computes the products, without them.
+    ``arrays``: the tensors already read, as :func:`prepare` takes them."""
+    if _SINK.get() is not None:
+        arrays = None
     mags: list[Magnitudes] = []
     for weight in analysis.weights:
-        w = weight.source.array()
+        w = arrays[weight.source.name] if arrays is not None else weight.source.array()
         mags.append(_magnitudes(np.ascontiguousarray(w)))
         del w
         release(weight.source)

@@ -231,7 +231,7 @@ def apply_values(
     read from there instead of again (:func:`~graphteleport.rewrite.prepare`).
     """
     sol = analysis.solution
-    early = measure(analysis) if narrow(analysis) else None
+    early = measure(analysis, arrays) if narrow(analysis) else None
     fixes: list[ranges.RangeFix] = []
     if early is not None:
         fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact)
