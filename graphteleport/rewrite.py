@@ -166,10 +166,9 @@ def _product_rows(
     size or 1 — None: W's own; ``fill(i, j, out)``, where given, writes those rows into a
     float64 buffer of the grid's shape instead:
     :meth:`~graphteleport.algebra.RowScale.rows_into`).  A large W is cut into row ranges
-    worked on by
-    :func:`~graphteleport.parallel.workers` threads at once (numpy releases the GIL),
-    each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or float64
-    temporary.
+    worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy releases
+    the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or
+    float64 temporary.
 
     The count: where W's dtype multiplies S natively (:func:`_native_rows_into`), an
     element changes iff it is non-zero and its ``S`` (as multiplied) is not 1 — exact for
@@ -302,8 +301,8 @@ def _grid_changed(wc: np.ndarray, g: np.ndarray) -> int:
 
 
 def _changed_bits(w: np.ndarray, out: np.ndarray) -> int:
-    """The elements whose bits differ between ``w`` and ``out`` (a zero that only changed
-    sign not counted; NaN always counted, as ``!=`` does), by row ranges on the workers."""
+    """The elements whose bits differ between a finite ``w`` and ``out`` (a zero that only
+    changed sign not counted), by row ranges on the workers."""
     parts = [(w, out, i, j) for i, j in row_parts(w.shape[0], w.size)]
     return sum(map_parts(_changed_rows, parts))
 
