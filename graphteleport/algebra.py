@@ -177,6 +177,28 @@ class RowScale:
             s = s * power(self.tau[ids], f.exp)
         return s
 
+    def rows_into(self, start: int, stop: int, out: FloatArray) -> None:
+        """Write :meth:`rows` ``start:stop``, broadcast to ``out`` (float64; the leading
+        axes of the layout: the ones after ``out.ndim`` must be 1), into ``out`` without
+        allocating: the same factors multiply in the same order (the leading 1 of
+        :func:`product` multiplies exactly), so the values are :meth:`rows`' bit for bit."""
+        rank, lead = len(self.shape), out.ndim
+        parts = []
+        for f in self.factors:
+            ids = with_rank(f.ids, rank)
+            if ids.shape[0] > 1:
+                ids = ids[start:stop]
+            parts.append(power(self.tau[ids.reshape(ids.shape[:lead])], f.exp))
+        if not parts:
+            out[...] = 1.0
+            return
+        if len(parts) == 1:
+            np.copyto(out, parts[0])
+            return
+        np.multiply(parts[0], parts[1], out=out)
+        for part in parts[2:]:
+            np.multiply(out, part, out=out)
+
 
 def row_scale(
     shape: tuple[int, ...], uses: Sequence[Scaling], private: bool, tau: FloatArray

@@ -37,6 +37,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,6 +68,7 @@ __all__ = [
     "save_model_atomic",
     "staged_save",
     "staged_stream",
+    "view_inline_initializers",
     "write_file_atomic",
 ]
 
@@ -98,7 +100,8 @@ def load_model(path: PathLike) -> ir.Model:
     missing, a directory or another non-regular file (a FIFO is never opened), not
     ONNX, truncated/corrupt, sparse initializers (not rewritten, so refused), external
     data outside the folder, undefined or out-of-order values, missing weights.
-    Tensor data is not copied: external tensors stay memory-mapped, lazily.
+    Tensor data is not copied: external tensors stay memory-mapped, lazily, and inline
+    initializers are views of the bytes read (:func:`view_inline_initializers`).
     """
     if not os.fspath(path):
         raise InputError("the model file path is empty")
@@ -111,6 +114,8 @@ def load_model(path: PathLike) -> ir.Model:
     _check_complete(model, p, {name: length for name, (_, length) in spans.items()})
     inline = not external_data_files(model)  # then the bytes read are the whole model
     _check_with_onnx_checker(p, content if inline else None)
+    if content is not None:
+        view_inline_initializers(model, content, spans)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
     return model
 
@@ -179,6 +184,83 @@ def _parse(p: Path) -> tuple[bytes | None, onnx.ModelProto]:
         raise InputError(_decode_error_message(p)) from e
     except Exception as e:  # onnx and protobuf raise many types on corrupt input
         raise InputError(f"cannot load {p} as an ONNX model: {_one_line(e)}") from e
+
+
+def view_inline_initializers(
+    model: ir.Model, content: bytes, spans: Mapping[str, tuple[int, int]]
+) -> None:
+    """Give each main-graph initializer stored inline a tensor over its bytes in
+    ``content`` (the model file as read; ``spans``: each one's ``(offset, length)`` there,
+    :func:`graphteleport.wire.raw_data_spans`): ``np.frombuffer``, no copy, where reading
+    a proto-backed tensor copies its ``raw_data`` each time.  Only where every proto-backed
+    tensor of the model is such an initializer (no Constant-node tensor, subgraph
+    initializer or function): another would keep the parsed proto, and so a second copy
+    of the weights, alive beside ``content``."""
+    if sys.byteorder != "little" or not spans or model.functions or _held_protos(model):
+        return
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        span = spans.get(value.name or "")
+        if not isinstance(tensor, ir.TensorProtoTensor) or span is None:
+            continue
+        array = _span_array(tensor, content, span)
+        if array is not None:
+            value.const_value = ir.Tensor(
+                array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string
+            )
+
+
+_VIEWED_FIELDS = frozenset({"dims", "data_type", "name", "raw_data", "doc_string"})
+
+
+def _span_array(
+    tensor: ir.TensorProtoTensor, content: bytes, span: tuple[int, int]
+) -> np.ndarray | None:
+    """``tensor``'s values as a read-only view of ``content`` at ``span``, or None where the
+    bytes are not plainly its array (packed or wide types, other proto fields, a length
+    that does not match)."""
+    dtype = tensor.dtype
+    if dtype.bitwidth not in (8, 16, 32, 64) or dtype == ir.DataType.STRING:
+        return None
+    if _other_fields(tensor.raw) or tensor.metadata_props:
+        return None
+    np_dtype = np.dtype(dtype.numpy())
+    offset, length = span
+    if np_dtype.itemsize * tensor.size != length:
+        return None
+    array = np.frombuffer(content, dtype=np_dtype, count=tensor.size, offset=offset)
+    return array.reshape(tensor.shape.numpy())
+
+
+def _other_fields(proto: onnx.TensorProto) -> bool:
+    """Whether ``proto`` sets a field beyond :data:`_VIEWED_FIELDS` (asked field by field:
+    ``ListFields`` would copy ``raw_data``)."""
+    for fd in proto.DESCRIPTOR.fields:
+        if fd.name in _VIEWED_FIELDS:
+            continue
+        if fd.is_repeated:
+            if len(getattr(proto, fd.name)):
+                return True
+        elif proto.HasField(fd.name):
+            return True
+    return False
+
+
+def _held_protos(model: ir.Model) -> bool:
+    """Whether a tensor other than a main-graph initializer is proto-backed."""
+    for graph in model.graphs():
+        if graph is not model.graph and any(
+            isinstance(v.const_value, ir.TensorProtoTensor) for v in graph.initializers.values()
+        ):
+            return True
+        for node in graph:
+            for attr in node.attributes.values():
+                if isinstance(attr, ir.Attr) and attr.type in (
+                    ir.AttributeType.TENSOR,
+                    ir.AttributeType.TENSORS,
+                ):
+                    return True
+    return False
 
 
 def _deserialize(proto: onnx.ModelProto, p: Path) -> ir.Model:

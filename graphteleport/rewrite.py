@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.algebra import RowScale, row_scale, scale_bounds, scales_of
+from graphteleport.algebra import RowScale, row_scale, scale_bounds, scales_of, with_rank
 from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef, Weight
 from graphteleport.numerics import (
     Magnitudes,
@@ -89,7 +89,7 @@ def write(ref: ConstRef, array: np.ndarray | ir.TensorProtocol) -> None:
     """Store ``array`` (or a tensor: a streamed weight) where ``ref`` lives, keeping its
     name and dtype."""
     if isinstance(array, np.ndarray | np.generic):  # a 0-d product may come back a scalar
-        tensor: ir.TensorProtocol = ir.tensor(np.asarray(array), name=ref.name)
+        tensor: ir.TensorProtocol = ir.Tensor(np.asarray(array), name=ref.name)
     else:
         tensor = array
     shape = ir.Shape(list(tensor.shape.numpy()))
@@ -135,7 +135,7 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
 
 
 def _product(
-    w: np.ndarray, s: np.ndarray, float32_scale: bool
+    w: np.ndarray, s: np.ndarray, float32_scale: bool, smin: float = 0.0
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """:func:`_apply`, the number of elements it changed, and W's :class:`Magnitudes`, in
     one read of W (:func:`_product_rows`).  (A broadcast-expanded or non-contiguous W
@@ -147,32 +147,186 @@ def _product(
         scan.add(np.ascontiguousarray(w))
         changed = int(np.count_nonzero(new != w)) if new.shape == w.shape else new.size
         return new, changed, scan.result(w)
-    sb = np.broadcast_to(s, w.shape)
-    return _product_rows(w, lambda i, j: sb[i:j], float32_scale)
+    sr = with_rank(s, w.ndim)
+    lead = sr.shape[0] > 1
+    return _product_rows(w, lambda i, j: sr[i:j] if lead else sr, float32_scale, sr.shape, smin)
 
 
 def _product_rows(
-    w: np.ndarray, rows_of: Callable[[int, int], np.ndarray], float32_scale: bool
+    w: np.ndarray,
+    rows_of: Callable[[int, int], np.ndarray],
+    float32_scale: bool,
+    layout: tuple[int, ...] | None = None,
+    smin: float = 0.0,
+    fill: Fill | None = None,
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
-    ``rows_of(i, j)`` (broadcastable to W's rows).  A large W is cut into row ranges
-    worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy
-    releases the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized
-    ``S`` or float64 temporary."""
+    ``rows_of(i, j)`` (broadcastable to W's rows; ``layout``: S's shape, each axis W's
+    size or 1 — None: W's own; ``fill(i, j, out)``, where given, writes those rows into a
+    float64 buffer of the grid's shape instead:
+    :meth:`~graphteleport.algebra.RowScale.rows_into`).  A large W is cut into row ranges
+    worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy releases
+    the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or
+    float64 temporary.
+
+    The count: where W's dtype multiplies S natively (:func:`_native_rows_into`), an
+    element changes iff it is non-zero and its ``S`` (as multiplied) is not 1 — exact for
+    a finite W without subnormal elements whose smallest non-zero ``|w|`` times ``smin``
+    (a lower bound of ``|S|``, :func:`~graphteleport.algebra.scale_bounds`) stays above
+    twice the smallest normal: then ``W·s`` is normal, or overflows, and a product of a normal
+    ``w`` and ``s ≠ 1`` rounded to W's precision is never ``w`` again.  Otherwise the
+    bits of W and W' are compared (:func:`_changed_bits`)."""
     out = np.empty(w.shape, dtype=w.dtype)
-    parts = [(w, out, rows_of, float32_scale, i, j) for i, j in row_parts(w.shape[0], w.size)]
+    split = _grid_axes(w.shape, layout or w.shape)
+    if fill is None:
+        fill = _filler(rows_of, split)
+    parts = [
+        (w, out, rows_of, fill, float32_scale, split, i, j)
+        for i, j in row_parts(w.shape[0], w.size)
+    ]
     done = map_parts(_rows_into, parts)
     scan = MagnitudeScan(w.dtype)
     for _, part in done:
         scan.merge(part)
     changed = sum(c for c, _ in done)
+    mags = scan.result(w)
     if scan.hi >= scan.lim.inf_bits:  # inf or NaN in W: count as ``!=`` does
         changed = int(np.count_nonzero(out != w))
-    return out, changed, scan.result(w)
+    elif _native(w.dtype, float32_scale) and not _count_exact(scan, mags, smin):
+        changed = _changed_bits(w, out)
+    return out, changed, mags
+
+
+def _grid_axes(shape: tuple[int, ...], layout: tuple[int, ...]) -> int:
+    """The number of leading axes of W its ``S`` may vary along: the trailing axes where
+    ``layout`` is 1 (a conv's kernel window) are multiplied by one value per element of
+    the leading ones (the small ``[O, C]`` grid)."""
+    t = len(shape)
+    while t > 1 and layout[t - 1] == 1:
+        t -= 1
+    return t
+
+
+def _native(dtype: np.dtype, float32_scale: bool) -> bool:
+    """Whether W's dtype multiplies ``S`` natively: float64, or float32 with ``S``
+    rounded to float32."""
+    return dtype == np.float64 or (dtype == np.float32 and float32_scale)
+
+
+def _count_exact(scan: MagnitudeScan, mags: Magnitudes, smin: float) -> bool:
+    """Whether :func:`_native_rows_into`'s count of a finite W is exact
+    (:func:`_product_rows`)."""
+    if mags.hi == 0.0:
+        return True
+    # (a margin of 2: S as multiplied, rounded to W's dtype, may lie a little below smin)
+    return mags.lo_sub == np.inf and mags.lo_normal * smin > 2.0 * scan.lim.tiny
 
 
 def _rows_into(
+    w: np.ndarray,
+    out: np.ndarray,
+    rows_of: Callable[[int, int], np.ndarray],
+    fill: Fill,
+    float32_scale: bool,
+    split: int,
+    start: int,
+    stop: int,
+) -> tuple[int, MagnitudeScan]:
+    """Rows ``start:stop`` of :func:`_product_rows` into ``out``: natively
+    (:func:`_native_rows_into`) or through float64 (:func:`_wide_rows_into`)."""
+    if _native(w.dtype, float32_scale):
+        return _native_rows_into(w, out, fill, split, start, stop)
+    return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
+
+
+Fill = Callable[[int, int, np.ndarray], None]
+
+
+def _filler(rows_of: Callable[[int, int], np.ndarray], split: int) -> Fill:
+    """A :data:`Fill` copying ``rows_of``'s rows (trailing axes from ``split`` on: 1)."""
+
+    def fill(start: int, stop: int, out: np.ndarray) -> None:
+        s = rows_of(start, stop)  # (W's rank; its axes from ``split`` on are 1)
+        np.copyto(out, s.reshape(s.shape[:split]))
+
+    return fill
+
+
+def _native_rows_into(
+    w: np.ndarray,
+    out: np.ndarray,
+    fill: Fill,
+    split: int,
+    start: int,
+    stop: int,
+) -> tuple[int, MagnitudeScan]:
+    """Rows ``start:stop`` of a float32 or float64 ``W · S`` into ``out``, a block of
+    about ``_BLOCK`` elements at a time: ``S`` rounded once to W's dtype on the block's
+    grid (W's first ``split`` axes) and applied by one ``multiply`` per block,
+    broadcast over the trailing axes; the elements changed counted from the grid (non-zero
+    elements where ``S ≠ 1``: exact under :func:`_count_exact`), and the rows'
+    magnitudes."""
+    scan = MagnitudeScan(w.dtype)
+    inner = max(1, math.prod(w.shape[split:]))
+    row = max(1, math.prod(w.shape[1:]))
+    rows = max(1, _BLOCK // row)
+    cells = row // inner  # grid cells per row
+    s64 = np.empty(rows * cells, dtype=np.float64)
+    grid = s64 if w.dtype == np.float64 else np.empty(rows * cells, dtype=w.dtype)
+    changed = 0
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for i in range(start, stop, rows):
+            n = min(i + rows, stop) - i
+            wc, oc = w[i : i + n].reshape(-1, inner), out[i : i + n].reshape(-1, inner)
+            g = grid[: n * cells]
+            fill(i, i + n, s64[: n * cells].reshape((n, *w.shape[1:split])))
+            if grid is not s64:  # (float32: S rounded once)
+                np.copyto(g, s64[: n * cells], casting="same_kind")
+            np.multiply(wc, g[:, None], out=oc)
+            scan.add(wc)
+            changed += _grid_changed(wc, g)
+    return changed, scan
+
+
+def _grid_changed(wc: np.ndarray, g: np.ndarray) -> int:
+    """The non-zero elements of ``wc`` (one row per grid cell) whose cell's ``g`` is not 1."""
+    moved = g != 1
+    k = int(np.count_nonzero(moved))
+    if k == 0:
+        return 0
+    if k == g.size:
+        return int(np.count_nonzero(wc != 0))  # (faster than counting floats)
+    return int(np.count_nonzero(wc[moved] != 0))
+
+
+def _changed_bits(w: np.ndarray, out: np.ndarray) -> int:
+    """The elements whose bits differ between a finite ``w`` and ``out`` (a zero that only
+    changed sign not counted), by row ranges on the workers."""
+    parts = [(w, out, i, j) for i, j in row_parts(w.shape[0], w.size)]
+    return sum(map_parts(_changed_rows, parts))
+
+
+def _changed_rows(w: np.ndarray, out: np.ndarray, start: int, stop: int) -> int:
+    """:func:`_changed_bits` of rows ``start:stop``, a block at a time."""
+    rows = max(1, _BLOCK // max(1, math.prod(w.shape[1:])))
+    return sum(
+        _bits_changed(w[i : min(i + rows, stop)], out[i : min(i + rows, stop)])
+        for i in range(start, stop, rows)
+    )
+
+
+def _bits_changed(wc: np.ndarray, oc: np.ndarray) -> int:
+    """The elements whose bits differ between ``wc`` and ``oc``, a zero that only changed
+    sign not counted."""
+    lim = limits(wc.dtype)
+    uint, mask = lim.uint, lim.uint.type(lim.mask)
+    wb, ob = wc.view(uint), oc.view(uint)
+    differ = wb != ob
+    return int(np.count_nonzero(differ)) - int(np.count_nonzero(differ & (((wb | ob) & mask) == 0)))
+
+
+def _wide_rows_into(
     w: np.ndarray,
     out: np.ndarray,
     rows_of: Callable[[int, int], np.ndarray],
@@ -180,42 +334,32 @@ def _rows_into(
     start: int,
     stop: int,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of :func:`_product_rows` into ``out``, a block of about
-    ``_BLOCK`` elements at a time in buffers reused across blocks: the elements whose
-    bits changed (a zero that only changed sign not counted; finite W) and the rows'
-    magnitudes."""
+    """Rows ``start:stop`` of a float16 or bfloat16 ``W · S`` (or one whose S leaves
+    float32's range) into ``out``, a block of about ``_BLOCK`` elements at a time in
+    buffers reused across blocks: the exact products in float64 (of S rounded to float32
+    where ``float32_scale``), rounded once; the elements whose bits changed (counted by
+    :func:`_bits_changed`; finite W) and the rows' magnitudes."""
     scan = MagnitudeScan(w.dtype)
-    native = w.dtype == np.float64 or (w.dtype == np.float32 and float32_scale)
     row = max(1, math.prod(w.shape[1:]))
     rows = max(1, _BLOCK // row)
     s64 = np.empty(rows * row, dtype=np.float64)
     s32 = np.empty(rows * row, dtype=np.float32)
-    w64 = np.empty(0 if native else rows * row, dtype=np.float64)
-    uint, mask = scan.lim.uint, scan.lim.uint.type(scan.lim.mask)
+    w64 = np.empty(rows * row, dtype=np.float64)
     changed = 0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for i in range(start, stop, rows):
             wc, oc = w[i : min(i + rows, stop)], out[i : min(i + rows, stop)]
             sc = np.broadcast_to(rows_of(i, i + len(wc)), wc.shape)
             b32, b64 = s32[: wc.size].reshape(wc.shape), s64[: wc.size].reshape(wc.shape)
-            if native and w.dtype == np.float32:
+            if float32_scale:
                 np.copyto(b32, sc, casting="same_kind")
-                np.multiply(wc, b32, out=oc)
-            elif native:
-                np.multiply(wc, sc, out=oc)
-            else:  # exact products in float64 (of S rounded to float32), rounded once
-                if float32_scale:
-                    np.copyto(b32, sc, casting="same_kind")
-                    sc = b32
-                np.copyto(b64, sc)
-                np.copyto(w64[: wc.size].reshape(wc.shape), wc)  # (faster than a mixed multiply)
-                np.multiply(w64[: wc.size].reshape(wc.shape), b64, out=b64)
-                np.copyto(oc, b64, casting="same_kind")
+                sc = b32
+            np.copyto(b64, sc)
+            np.copyto(w64[: wc.size].reshape(wc.shape), wc)  # (faster than a mixed multiply)
+            np.multiply(w64[: wc.size].reshape(wc.shape), b64, out=b64)
+            np.copyto(oc, b64, casting="same_kind")
             scan.add(wc)
-            wb, ob = wc.view(uint), oc.view(uint)
-            differ = wb != ob
-            changed += int(np.count_nonzero(differ))
-            changed -= int(np.count_nonzero(differ & (((wb | ob) & mask) == 0)))
+            changed += _bits_changed(wc, oc)
     return changed, scan
 
 
@@ -258,20 +402,27 @@ class Prepared:
     out_of_range: list[int]
 
 
-def prepare(analysis: AnalysisResult, tau: np.ndarray) -> Prepared:
+def prepare(
+    analysis: AnalysisResult, tau: np.ndarray, arrays: Mapping[str, np.ndarray] | None = None
+) -> Prepared:
     """Compute ``W · S`` for every absorbing weight without storing it, measuring each
     weight's :class:`Magnitudes` in the same read (:func:`_product`), and check them
     against the bounds of its ``|S|`` (:func:`~graphteleport.algebra.scale_bounds`,
-    :func:`~graphteleport.numerics.out_of_range`)."""
+    :func:`~graphteleport.numerics.out_of_range`).  ``arrays``: the stored tensors as a
+    pass already read them (:func:`graphteleport.orbit.stored_arrays`), by name, used
+    instead of reading each again (a proto-backed tensor's read is a copy); ignored
+    inside :func:`streamed`, which reads each tensor from its map and releases it."""
     smin, smax = weight_bounds(analysis, tau)
     pending: list[_Pending] = []
     mags: list[Magnitudes] = []
     sink = _SINK.get()
     if sink is not None:
         sink.rewind()
+        arrays = None
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for j, weight in enumerate(analysis.weights):
-            p, m = _compute(weight, tau, fits_float32(smin[j], smax[j]))
+            w = arrays[weight.source.name] if arrays is not None else weight.source.array()
+            p, m = _compute(weight, w, tau, (smin[j], smax[j]))
             if sink is not None:
                 _stream(p, sink)
             pending.append(p)
@@ -280,22 +431,26 @@ def prepare(analysis: AnalysisResult, tau: np.ndarray) -> Prepared:
     return Prepared(pending, mags, np.flatnonzero(flagged).tolist())
 
 
-def _compute(weight: Weight, tau: np.ndarray, f32: bool) -> tuple[_Pending, Magnitudes]:
-    """One weight's new value and magnitudes: a plain weight's ``S`` formed a block of
-    rows at a time (:class:`~graphteleport.algebra.RowScale`), any other's whole
+def _compute(
+    weight: Weight, w: np.ndarray, tau: np.ndarray, bounds: tuple[float, float]
+) -> tuple[_Pending, Magnitudes]:
+    """One weight's (``w``) new value and magnitudes, ``bounds`` its ``|S|``'s: a plain
+    weight's ``S`` formed a block of rows at a time
+    (:class:`~graphteleport.algebra.RowScale`), any other's whole
     (:func:`~graphteleport.algebra.scales_of`, :func:`_pend`)."""
-    w = weight.source.array()
+    f32 = fits_float32(*bounds)
     lazy = row_scale(w.shape, weight.uses, weight.private, tau)
     if lazy is None or not w.flags.c_contiguous:
-        return _pend(w, weight.uses, scales_of(w.shape, weight.uses, weight.private, tau), f32)
-    return _pend_rows(w, weight.uses[0], lazy, f32)
+        scales = scales_of(w.shape, weight.uses, weight.private, tau)
+        return _pend(w, weight.uses, scales, f32, bounds[0])
+    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0])
 
 
 def _pend_rows(
-    w: np.ndarray, use: Absorb, lazy: RowScale, f32: bool
+    w: np.ndarray, use: Absorb, lazy: RowScale, f32: bool, smin: float
 ) -> tuple[_Pending, Magnitudes]:
     """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale`."""
-    new, changed, mags = _product_rows(w, lazy.rows, f32)
+    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, lazy.rows_into)
     return _Pending(use.source, new if changed else None, changed), mags
 
 
@@ -323,13 +478,18 @@ def _dtype(ref: ConstRef) -> np.dtype:
     return np.dtype(tensor.dtype.numpy())
 
 
-def measure(analysis: AnalysisResult) -> list[Magnitudes]:
+def measure(
+    analysis: AnalysisResult, arrays: Mapping[str, np.ndarray] | None = None
+) -> list[Magnitudes]:
     """Every absorbing weight's :class:`Magnitudes` (in ``analysis.weights`` order), one
     scan of its bits each, releasing each external tensor's map after it: the same
-    figures :func:`prepare` measures while it computes the products, without them."""
+    figures :func:`prepare` measures while it computes the products, without them.
+    ``arrays``: the tensors already read, as :func:`prepare` takes them."""
+    if _SINK.get() is not None:
+        arrays = None
     mags: list[Magnitudes] = []
     for weight in analysis.weights:
-        w = weight.source.array()
+        w = arrays[weight.source.name] if arrays is not None else weight.source.array()
         mags.append(_magnitudes(np.ascontiguousarray(w)))
         del w
         release(weight.source)
@@ -382,11 +542,12 @@ def _pend(
     uses: tuple[Absorb, ...],
     scales: list[tuple[list[Absorb], np.ndarray]],
     f32: bool,
+    smin: float,
 ) -> tuple[_Pending, Magnitudes]:
-    """The new value of one weight, and its magnitudes: the first scale's product is
-    stored in place; a private weight's other uses get copies where their products
-    differ from it and from the original."""
-    first, changed, mags = _product(w, scales[0][1], f32)
+    """The new value of one weight, and its magnitudes (``smin``: a lower bound of its
+    ``|S|``): the first scale's product is stored in place; a private weight's other
+    uses get copies where their products differ from it and from the original."""
+    first, changed, mags = _product(w, scales[0][1], f32, smin)
     news = [first, *(_apply(w, s, f32) for _, s in scales[1:])]
     out = _Pending(uses[0].source, first if changed else None, changed, first.size - w.size)
     if len(news) > 1 and not all(
@@ -426,7 +587,7 @@ class _Writer:
             name=name,
             shape=ir.Shape(new.shape),
             type=ir.TensorType(ir.DataType.from_numpy(new.dtype)),
-            const_value=ir.tensor(new, name=name),
+            const_value=ir.Tensor(new, name=name),
         )
         self.graph.register_initializer(value)
         ab.node.replace_input_with(ab.input_index, value)
@@ -464,6 +625,12 @@ def commit(model: ir.Model, prepared: Prepared) -> RewriteStats:
         for ab, new in p.copies:
             writer.private_copy(ab, new)
     return stats
+
+
+def streaming() -> bool:
+    """Whether a :func:`streamed` block is active (its rewrite reads each tensor from its
+    map and releases it: a pass should not hold its tensors across it)."""
+    return _SINK.get() is not None
 
 
 def rewrite(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> RewriteStats:

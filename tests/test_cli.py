@@ -254,8 +254,19 @@ def test_verification_failure_writes_nothing(
             done.append(True)
         return s
 
+    real_rows_into = graphteleport.algebra.RowScale.rows_into
+
+    def corrupt_rows_into(
+        self: graphteleport.algebra.RowScale, start: int, stop: int, out: np.ndarray
+    ) -> None:
+        real_rows_into(self, start, stop, out)  # (the rewrite's float32/float64 path)
+        if not done and len(self.shape) == 2:
+            out *= 1.5
+            done.append(True)
+
     monkeypatch.setattr(graphteleport.algebra, "scale", corrupt)
     monkeypatch.setattr(graphteleport.algebra.RowScale, "rows", corrupt_rows)
+    monkeypatch.setattr(graphteleport.algebra.RowScale, "rows_into", corrupt_rows_into)
     before = listing(work)
     rc, _, err = cli(capsys, "m.onnx", "-o", "o.onnx", "--report", "r.json", "-q")
     assert done, "the corruption was never applied"

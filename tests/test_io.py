@@ -80,6 +80,43 @@ def test_load_valid_model(mlp_path: Path) -> None:
     assert set(weights(model)) == {"W1", "b1", "W2"}
 
 
+def test_inline_initializers_are_views_of_the_file_bytes(mlp_path: Path, tmp_path: Path) -> None:
+    """A loaded model's inline initializers read without a copy: each array is a view of
+    one buffer (the file's bytes), equal to the stored values, of their dtypes and shapes;
+    a model with a Constant-node tensor keeps its proto-backed tensors (viewing only some
+    would keep the parsed proto alive beside the bytes); the model saves back unchanged."""
+    model = load_model(mlp_path)
+    got = weights(model)
+    want = {t.name: numpy_helper.to_array(t) for t in onnx.load(mlp_path).graph.initializer}
+    bases = set()
+    for name, array in got.items():
+        assert isinstance(model.graph.initializers[name].const_value, ir.Tensor), name
+        assert not array.flags.owndata and not array.flags.writeable, name
+        assert array.dtype == want[name].dtype and np.array_equal(array, want[name]), name
+        base = array
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        bases.add(id(base))
+    assert len(bases) == 1  # one buffer: the bytes read
+    out = tmp_path / "again.onnx"
+    save_model_atomic(model, out)
+    again = {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}
+    assert again.keys() == want.keys()
+    assert all(np.array_equal(again[k], want[k]) for k in want)
+
+    proto = mlp_proto()
+    shape = numpy_helper.from_array(np.array([-1, 4], dtype=np.int64), "shape")
+    proto.graph.node.insert(0, helper.make_node("Constant", [], ["s"], value=shape))
+    proto.graph.node.insert(1, helper.make_node("Reshape", ["x0", "s"], ["x"]))
+    proto.graph.input[0].name = "x0"
+    path = tmp_path / "with_constant.onnx"
+    onnx.save(proto, path)
+    kept = load_model(path)
+    assert all(
+        isinstance(v.const_value, ir.TensorProtoTensor) for v in kept.graph.initializers.values()
+    )
+
+
 def test_load_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.onnx"
     assert load_error(path) == f"model file not found: {path}"

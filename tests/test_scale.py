@@ -300,7 +300,7 @@ def test_the_fit_after_the_products_still_catches_what_the_early_measure_missed(
 
     reference = run()
     zero = Magnitudes(0.0, np.inf, np.inf, np.dtype(np.float16))
-    monkeypatch.setattr(teleport, "measure", lambda analysis: [zero] * len(analysis.weights))
+    monkeypatch.setattr(teleport, "measure", lambda analysis, *_: [zero] * len(analysis.weights))
     netted = run()
     assert reference[0] and netted[0] == reference[0]
     for name, value in reference[1].items():
@@ -342,6 +342,68 @@ def test_rows_of_s_equal_the_whole_product_bit_for_bit() -> None:
     assert row_scale((9, 5), [mapped], False, tau) is None
     assert row_scale((9, 5), [use, use], True, tau) is None
     assert row_scale((9, 5, 1), [use], False, tau) is None  # layout of another rank
+
+
+def test_rows_into_writes_the_rows_bit_for_bit() -> None:
+    """:meth:`~graphteleport.algebra.RowScale.rows_into` writes :meth:`rows`' values (the
+    same factors, the same order) into a float64 grid buffer, for three factors, one and
+    none, and a layout whose trailing (kernel) axes are 1."""
+    from graphteleport.algebra import Factor, RowScale
+
+    rng = np.random.default_rng(4)
+    tau = rng.uniform(0.1, 7.0, 64) * rng.choice([-1.0, 1.0], 64)
+    kernel = [Factor(f.ids.reshape(*f.ids.shape, 1, 1), f.exp) for f in _factors(9, 5)]  # type: ignore[attr-defined]
+    for factors, shape in (
+        (_factors(9, 5), (9, 5)),
+        (_factors(9, 5)[1:2], (9, 5)),
+        ([], (9, 5)),
+        (kernel, (9, 5, 1, 1)),
+    ):
+        lazy = RowScale(factors, tau, shape)  # type: ignore[arg-type]
+        for i, j in ((0, 9), (2, 7), (8, 9)):
+            out = np.full((j - i, 5), np.nan)
+            lazy.rows_into(i, j, out)
+            want = np.broadcast_to(lazy.rows(i, j), (j - i, *shape[1:])).reshape(j - i, 5)
+            assert np.array_equal(out, want), (len(factors), shape, i, j)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_native_products_count_changes_from_the_grid(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float32/float64 W·S on the ``[O, C]`` grid (S constant over a 3×3 window) by one
+    broadcast multiply per block, on two threads: the product is :func:`_apply`'s bit for
+    bit, and the count taken from the grid (non-zero elements where S ≠ 1, given a lower
+    bound of |S|) is ``new != W``'s — with zeros, cells whose S is exactly 1 and negative
+    S; and where the grid cannot tell (a subnormal element, an S that takes the smallest
+    elements below the normal range, an unknown bound) the bits are compared instead."""
+    from graphteleport import parallel, rewrite
+    from graphteleport.numerics import limits, magnitudes
+
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
+    monkeypatch.setattr(rewrite, "_BLOCK", 100)  # several blocks per range
+    rng = np.random.default_rng(12)
+    tiny = limits(np.dtype(dtype)).tiny
+    for case in ("plain", "subnormal", "underflow", "unknown"):
+        w = rng.standard_normal((23, 7, 3, 3)).astype(dtype)
+        w[::4, ::3] = 0.0
+        w[1::5, 2] = -0.0
+        s = rng.uniform(0.3, 3.0, (23, 1, 1, 1)) * rng.choice([-1.0, 1.0], (1, 7, 1, 1))
+        s[3] = 1.0  # a row of cells unchanged
+        s[5, 2] = -1.0
+        smin = float(np.abs(s).min())
+        if case == "subnormal":
+            w[2, 3, 1, 1] = tiny / 8
+        if case == "underflow":  # tiny · (1 − ε/2) is a tie that rounds back to tiny
+            w[6, 1, 0, 0] = tiny
+            s[6, 1] = 1.0 - float(np.finfo(dtype).eps) / 2
+        new, changed, mags = rewrite._product_rows(
+            w, lambda i, j, s=s: s[i:j], True, s.shape, 0.0 if case == "unknown" else smin
+        )
+        ref = rewrite._apply(w, s, True)
+        assert np.array_equal(new.view(np.uint8), ref.view(np.uint8)), (dtype, case)
+        assert changed == int(np.count_nonzero(ref != w)), (dtype, case)
+        assert mags == magnitudes(w)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])

@@ -87,6 +87,7 @@ from graphteleport.orbit import (
 )
 from graphteleport.orbit_kernel import KernelPoint, OrbitKernel, low_rank, two_level
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
+from graphteleport.rewrite import streaming
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -545,9 +546,11 @@ class CanonicalizePass(ir.passes.InPlacePass):
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
         t2 = time.perf_counter()
         signs, undecided = sign_values(analysis, arrays)
-        del arrays, terms
+        del terms
         values = np.exp(found.u) * signs
-        applied = apply_values(model, analysis, values, insert=opts.mode == "insert")
+        held = None if streaming() else arrays  # (streamed: each map released once read)
+        del arrays
+        applied = apply_values(model, analysis, values, insert=opts.mode == "insert", arrays=held)
         seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
         flipped = int((signs < 0).sum())
         return result_of(

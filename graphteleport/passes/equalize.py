@@ -93,7 +93,9 @@ producer's output range, but quantizes the whole range of a ``Relu`` before a ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -121,6 +123,7 @@ from graphteleport.orbit import (
     stored_arrays,
     used_values,
 )
+from graphteleport.parallel import map_parts
 from graphteleport.passes.canonical import (
     MAX_ITERATIONS,
     TOL,
@@ -472,14 +475,16 @@ def figures_of(
     :class:`EqualizeFigures`.  Each tensor is read once, a slab of its compact layout at a
     time (:func:`use_figures`); the figures after follow from ``S``, constant over the
     elements each compact element sums.  An element counts as moved where it is non-zero
-    and its ``S``, rounded to the weight's precision, is not 1."""
+    and its ``S``, rounded to the weight's precision, is not 1.  The tensors are worked on
+    by the :mod:`~graphteleport.parallel` workers at once (numpy releases the GIL)."""
     only = quantized_analysis(analysis)
     moved_pairs = _moved_pairs(analysis, values)
     tensors: list[TensorRange] = []
     rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []
-    for k, use in enumerate(counted_uses(only)):
-        w = used_values(use, arrays[use.source.name])
-        figures = use_figures(use, w, tau)
+    uses = counted_uses(only)
+    values_of = [used_values(use, arrays[use.source.name]) for use in uses]
+    work = [(use, w, tau) for use, w in zip(uses, values_of, strict=True)]
+    for k, (use, w, figures) in enumerate(zip(uses, values_of, map_parts(use_figures, work))):
         tensors.append(TensorRange(use.source.name, int(w.size), *figures.totals()))
         rows.extend(_class_rows(analysis, use, k, figures, moved_pairs))
     return EqualizeFigures(tensors=tuple(tensors), classes=_classes(rows, values), **fields)
@@ -613,10 +618,9 @@ def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     else:
         peak = grid.max(axis=1) if width > 16 else _column_max(grid)
         sq = np.square(grid) @ np.ones(width, grid.dtype)
-    zeros = grid == 0
-    if not zeros.any():
+    if grid.min() > 0:  # no zero (a NaN takes the counting path)
         return peak.reshape(cshape), sq.reshape(cshape), width
-    counts = width - np.count_nonzero(zeros, axis=1)
+    counts = width - np.count_nonzero(grid == 0, axis=1)
     return peak.reshape(cshape), sq.reshape(cshape), counts.reshape(cshape)
 
 
@@ -667,11 +671,26 @@ def _classes(
     out: list[ClassRange] = []
     starts = np.flatnonzero(np.r_[True, kp[1:] != kp[:-1]])
     ends = np.r_[starts[1:], kp.size]
-    entries = list(zip(kt.tolist(), pb.tolist(), pa.tolist()))  # Python numbers, at once
-    cofactors = values[kp[starts]].tolist()
-    for lo, hi, pair, t in zip(starts.tolist(), ends.tolist(), kp[starts].tolist(), cofactors):
-        out.append(ClassRange(pair, t, tuple(entries[lo:hi])))
+    with _collector_paused():  # (tens of thousands of tuples: each would count toward a GC)
+        entries = list(zip(kt.tolist(), pb.tolist(), pa.tolist()))  # Python numbers, at once
+        cofactors = values[kp[starts]].tolist()
+        for lo, hi, pair, t in zip(starts.tolist(), ends.tolist(), kp[starts].tolist(), cofactors):
+            out.append(ClassRange(pair, t, tuple(entries[lo:hi])))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside the block (on again after, if it was):
+    a block that makes many small containers and no cycles would otherwise trigger
+    collections that scan every object alive — a loaded model's too."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 # -- the pass -------------------------------------------------------------------------------------
@@ -795,7 +814,9 @@ class EqualizePass(ir.passes.InPlacePass):
         if s.exact:
             values = power_of_two(values)
         t2 = time.perf_counter()
-        applied = apply_values(model, analysis, values, insert=opts.mode == "insert", exact=s.exact)
+        applied = apply_values(
+            model, analysis, values, insert=opts.mode == "insert", exact=s.exact, arrays=arrays
+        )
         t3 = time.perf_counter()
         figures = figures_of(
             analysis, arrays, values, applied[0],

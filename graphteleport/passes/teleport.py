@@ -211,6 +211,7 @@ def apply_values(
     *,
     insert: bool = False,
     exact: bool = False,
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> Applied:
     """Rewrite ``model`` in place for one value per cofactor pair: fit ``values`` (in
     place) to the weights' ranges, store the new weights and, with ``insert``, add insert
@@ -225,22 +226,24 @@ def apply_values(
     computed once; the fit's last round checked the final values against the
     magnitudes :func:`prepare` measures again, so they are fitted again only if those
     differ (the safety net; never in practice).  The same magnitudes give the same fit:
-    the values, and so the outputs, are those of fitting after the products.
+    the values, and so the outputs, are those of fitting after the products.  ``arrays``:
+    the stored tensors the caller already read (:func:`~graphteleport.orbit.stored_arrays`),
+    read from there instead of again (:func:`~graphteleport.rewrite.prepare`).
     """
     sol = analysis.solution
-    early = measure(analysis) if narrow(analysis) else None
+    early = measure(analysis, arrays) if narrow(analysis) else None
     fixes: list[ranges.RangeFix] = []
     if early is not None:
         fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact)
     tau = sol.cofactors(values)
-    prepared = prepare(analysis, tau)
+    prepared = prepare(analysis, tau, arrays)
     stale = early is not None and early != prepared.magnitudes  # (the safety net)
     if stale or (early is None and (prepared.out_of_range or insert)):
         more = ranges.fit(analysis, values, prepared.magnitudes, insert=insert, exact=exact)
         if more:
             fixes = _merged(fixes, more)
             tau = sol.cofactors(values)
-            prepared = prepare(analysis, tau)
+            prepared = prepare(analysis, tau, arrays)
     stats = commit(model, prepared)
     inserted = insert_nodes(model, analysis, tau) if insert else InsertStats()
     return tau, stats, inserted, fixes
