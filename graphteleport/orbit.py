@@ -517,6 +517,55 @@ class OrbitTerms:
         return hit
 
 
+def inserted_rows(
+    analysis: AnalysisResult, weight: Callable[[int], float]
+) -> tuple[FloatArray, tuple[IntArray, IntArray, FloatArray]]:
+    """Insert mode's constants as rows of an objective ``Σ q·|S|^p`` (``q`` and coordinates
+    ``(rows, cols, coef)`` from row 0, for :meth:`OrbitTerms.with_rows`): each element
+    ``|Π τ^e|^p`` of a constant of ``n`` elements with ``q = weight(n)`` (all ``τ`` are 1
+    at ``u = 0``; the canonical form counts them as weights, ``q = 1``; equalize as a
+    tensor no quantizer quantizes, ``q = 1e-6/n``).  A wrap ``τ·f(x/τ)`` adds its ``Mul(1/τ)`` and ``Mul(τ)`` (not
+    for an activation that commutes with positive scales: ``t > 0`` inserts none there);
+    an edge its ``Mul(Π τ^e)``.  Without them a direction that moves the quantized
+    weights not at all and every other counted tensor the same way — a transformer
+    layer's stream and MLP classes together, the GELU wrapped — lets the objective fall
+    without bound, the inserted ``Mul`` s taking up the scale."""
+    sign = np.where(np.asarray(analysis.solution.inverse, dtype=bool), -1.0, 1.0)
+    parts: list[list[tuple[np.ndarray, float]]] = []
+    for wrap in analysis.wraps:
+        if wrap.group != "positive":
+            ids = np.asarray(wrap.ids).reshape(-1)
+            parts += [[(ids, -1.0)], [(ids, 1.0)]]
+    for edge in analysis.edges:
+        shape = np.broadcast_shapes(*(np.shape(f.ids) for f in edge.factors))
+        parts.append([(np.broadcast_to(f.ids, shape).reshape(-1), f.exp) for f in edge.factors])
+    pair = analysis.solution.pair
+    q: list[FloatArray] = []
+    coords: list[tuple[np.ndarray, np.ndarray, FloatArray]] = []
+    offset = 0
+    for factors in parts:
+        n = factors[0][0].size
+        rows = np.concatenate([np.arange(n) for _ in factors])
+        cols = np.concatenate([pair[ids] for ids, _ in factors])
+        coef = np.concatenate([e * sign[ids] for ids, e in factors])
+        keys, where = np.unique(rows * analysis.solution.num_pairs + cols, return_inverse=True)
+        merged = np.bincount(where.reshape(-1), weights=coef, minlength=keys.size)
+        coords.append(
+            (
+                offset + keys // analysis.solution.num_pairs,
+                keys % analysis.solution.num_pairs,
+                merged,
+            )
+        )
+        q.append(np.full(n, weight(n)))
+        offset += n
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return np.zeros(0), (empty, empty, np.zeros(0))
+    rows_, cols_, coef_ = (np.concatenate(c) for c in zip(*coords, strict=True))
+    return np.concatenate(q), (rows_, cols_, coef_)
+
+
 def _concat(
     parts: list[tuple[IntArray, IntArray, FloatArray]],
 ) -> tuple[IntArray, IntArray, FloatArray]:
