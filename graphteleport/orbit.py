@@ -524,12 +524,12 @@ def inserted_rows(
     ``(rows, cols, coef)`` from row 0, for :meth:`OrbitTerms.with_rows`): each element
     ``|Π τ^e|^p`` of a constant of ``n`` elements with ``q = weight(n)`` (all ``τ`` are 1
     at ``u = 0``; the canonical form counts them as weights, ``q = 1``; equalize as a
-    tensor no quantizer quantizes, ``q = 1e-6/n``).  A wrap ``τ·f(x/τ)`` adds its ``Mul(1/τ)`` and ``Mul(τ)`` (not
-    for an activation that commutes with positive scales: ``t > 0`` inserts none there);
-    an edge its ``Mul(Π τ^e)``.  Without them a direction that moves the quantized
-    weights not at all and every other counted tensor the same way — a transformer
-    layer's stream and MLP classes together, the GELU wrapped — lets the objective fall
-    without bound, the inserted ``Mul`` s taking up the scale."""
+    tensor no quantizer quantizes, ``q = 1e-6/n``).  A wrap ``τ·f(x/τ)`` adds its
+    ``Mul(1/τ)`` and ``Mul(τ)`` (not for an activation that commutes with positive scales:
+    ``t > 0`` inserts none there); an edge its ``Mul(Π τ^e)``.  Without them a direction
+    that leaves the weights or moves them all the same way — a transformer layer's
+    stream and MLP classes together, the GELU wrapped — lets the objective fall without
+    bound, the inserted ``Mul`` s taking up the scale."""
     sign = np.where(np.asarray(analysis.solution.inverse, dtype=bool), -1.0, 1.0)
     parts: list[list[tuple[np.ndarray, float]]] = []
     for wrap in analysis.wraps:
