@@ -136,7 +136,7 @@ def profile_canonicalize(path: Path, rounds: int) -> str:
         terms = phases.run("Q", OrbitTerms.build, analysis, arrays=arrays)
         values = solved(phases, terms)
         signs, _ = phases.run("signs", sign_values, analysis, arrays)
-        phases.run("rewrite", apply_values, model, analysis, values * signs)
+        phases.run("rewrite", apply_values, model, analysis, values * signs, arrays=arrays)
         del model, analysis, arrays, terms  # freed before the next round, as after a pass
     return phases.line()
 

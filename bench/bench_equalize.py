@@ -161,7 +161,7 @@ def profile_equalize(path: Path, rounds: int, p: float) -> str:
         hold = phases.run("one-sided", one_sided_pairs, analysis, arrays)
         terms = phases.run("Q", balance_terms, analysis, p, arrays, hold=hold)
         values = solved(phases, terms)
-        tau, *_ = phases.run("rewrite", apply_values, model, analysis, values)
+        tau, *_ = phases.run("rewrite", apply_values, model, analysis, values, arrays=arrays)
         fields = {"method": "cle", "p": p, "exact": False, "alpha": None}
         fields |= {"objective_before": 0.0, "objective_after": 0.0, "iterations": 0}
         phases.run("figures", figures_of, analysis, arrays, values, tau, gradient=0.0, **fields)
