@@ -29,7 +29,8 @@ import re
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -401,6 +402,7 @@ class VerificationResult:
         failures: one human-readable line per problem (empty when passed).
         inputs: how many input draws the outputs were compared on.
         batched: the draws ran as one batch (the model's batch axis is dynamic).
+        overlapped: the draws ran in a second thread beside the per-tensor check.
         tensors: the per-tensor check (:mod:`graphteleport.tensorcheck`), if it ran.
         method: ``"whole"`` (both models whole) or ``"pieces"`` (block by block,
             :mod:`graphteleport.pieces`); ``blocks``: how many blocks (0 when whole).
@@ -419,6 +421,7 @@ class VerificationResult:
     tensors: TensorCheckResult | None = None
     method: str = "whole"
     blocks: int = 0
+    overlapped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``json.dumps`` with ``allow_nan=False`` accepts it).
@@ -439,6 +442,7 @@ class VerificationResult:
             "failures": list(self.failures),
             "inputs": self.inputs,
             "batched": self.batched,
+            "overlapped": self.overlapped,
             "tensors": self.tensors.to_dict() if self.tensors is not None else None,
             "method": self.method,
             "blocks": self.blocks,
@@ -809,10 +813,12 @@ def _verify_whole(
     names = names or [o.name for o in session.get_outputs()]
     stacked = None if extra else _stacked(session, feed_sets)
     sets = [stacked] if stacked is not None else list(feed_sets)
+    beside = bool(extra) and _may_overlap(original_model)  # the later draws: see below
     try:
         first = _run_session(session, [*names, *extra], sets[0], str(original))
         reference = [first[: len(names)]]
-        reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
+        if not beside:
+            reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
     except InputError:
         if stacked is None:
             raise
@@ -820,8 +826,25 @@ def _verify_whole(
         reference = [_run_session(session, names, f, str(original)) for f in sets]
         first = reference[0]
     recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
-    del session, first  # released before the teleported model is loaded
-    candidate = _run_teleported(teleported, names, sets)
+    del first
+
+    def tensor_check() -> TensorCheckResult:
+        assert scales is not None
+        return check_tensors(
+            original_model, tele_model or teleported, feed_sets[0], scales, open_proto,
+            rtol=rtol, seed=seed, recorded=recorded,
+        )  # fmt: skip
+
+    check: TensorCheckResult | None = None
+    if beside:  # the other draws run in a second thread while this one checks tensors
+        rest, candidate, check = _draws_beside(
+            session, names, sets, str(original), teleported, tensor_check
+        )
+        reference += rest
+        del session, rest
+    else:
+        del session  # released before the teleported model is loaded
+        candidate = _run_teleported(teleported, names, sets)
     results = [
         compare(r, c, names, rtol=rtol, floors=[floors.get(n, 0.0) for n in names])
         for r, c in zip(reference, candidate, strict=True)
@@ -829,15 +852,51 @@ def _verify_whole(
     del reference, candidate
     result = _merge(results, len(feed_sets))  # (draws, however they were run)
     result.batched = stacked is not None
+    result.overlapped = check is not None
     if scales is not None:  # also after a failure: it names the tensor at fault
-        _add_tensor_check(
-            result,
-            check_tensors(
-                original_model, tele_model or teleported, feed_sets[0], scales, open_proto,
-                rtol=rtol, seed=seed, recorded=recorded,
-            ),
-        )  # fmt: skip
+        _add_tensor_check(result, check if check is not None else tensor_check())
     return result
+
+
+def _may_overlap(model: LoadedModel) -> bool:
+    """Whether the draws may run beside the per-tensor check (:func:`_draws_beside`):
+    this process may use two CPUs, and twice :func:`whole_model_bytes` is at most 80 %
+    of ``MemAvailable`` (the original's or the teleported model's session is open while
+    the check opens its cut models)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere every CPU)
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    available = available_memory()
+    need = 2 * whole_model_bytes(model.proto.graph)
+    return cpus >= 2 and (available is None or need <= _MEMORY_SHARE * available)
+
+
+def _draws_beside(
+    session: ort.InferenceSession,
+    names: list[str],
+    sets: Sequence[Mapping[str, np.ndarray]],
+    what: str,
+    teleported: str | os.PathLike[str],
+    tensor_check: Callable[[], TensorCheckResult],
+) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]], TensorCheckResult]:
+    """``(the original's outputs on sets[1:], the teleported model's on every set, the
+    per-tensor check)``: the draws run in a worker thread, one session after the other
+    as :func:`_verify_whole` runs them, while this thread runs ``tensor_check()``
+    (onnxruntime and numpy release the GIL: both CPUs work).  Errors come as they
+    would one after the other: the draws' first (a teleported model that does not run
+    is a :class:`VerificationError`), then the check's; an interrupt stops at once
+    (the worker's current run is waited for)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-draws") as pool:
+        rest = pool.submit(lambda: [_run_session(session, names, f, what) for f in sets[1:]])
+        candidate = pool.submit(_run_teleported, teleported, names, sets)
+        try:
+            check = tensor_check()
+        except Exception:
+            rest.result(), candidate.result()  # their errors come first
+            raise
+        except BaseException:
+            candidate.cancel()
+            raise
+        return rest.result(), candidate.result(), check
 
 
 def _reference_session(
