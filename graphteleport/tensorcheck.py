@@ -527,27 +527,39 @@ def _mirrored(
 ) -> dict[str, np.ndarray]:
     """Tracked float tensors mirrored and noised, ``−v + N(0, (RMS/2)²)`` on their finite
     elements (every element that had a sign takes the other: a ReLU neuron dead on the
-    recorded inputs is active here, and zeros become noise); the rest as recorded."""
+    recorded inputs is active here, and zeros become noise); the rest as recorded.
+
+    The noise of each tensor is a window, at a random offset, into one pool of standard
+    normal draws twice the largest tensor's size (drawing every element afresh cost
+    more than the rest of the pass); the arithmetic is in the tensor's dtype (float32
+    at least)."""
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
-        if name not in tracked or a.dtype.kind != "f" or not a.size:
-            out[name] = a
-            continue
-        finite = np.isfinite(a)
-        everywhere = bool(finite.all())  # the usual case: no mask to apply
-        values = a.reshape(-1) if everywhere else a[finite]
-        rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0
-        sigma = 0.5 * rms if rms > 0 else 1.0
-        noise = rng.standard_normal(a.shape, dtype=np.float32)  # float32: half the cost
-        noisy = noise.astype(np.float64)
-        noisy *= sigma
-        noisy -= a  # sigma · noise − a, in place
-        if not everywhere:
-            noisy = np.where(finite, noisy, a)
-        limit = float(np.finfo(a.dtype).max)
-        out[name] = np.clip(noisy, -limit, limit, out=noisy).astype(a.dtype)
+    chosen = [n for n, a in arrays.items() if n in tracked and a.dtype.kind == "f" and a.size]
+    largest = max((arrays[n].size for n in chosen), default=0)
+    pool = rng.standard_normal(2 * largest, dtype=np.float32)
+    out = dict(arrays)
+    for name in chosen:
+        start = int(rng.integers(0, pool.size - arrays[name].size + 1))
+        out[name] = _mirror(arrays[name], pool[start : start + arrays[name].size])
     return out
+
+
+def _mirror(a: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """``sigma · noise − a`` where *a* is finite (else *a*), within *a*'s dtype's range;
+    ``sigma`` is half the RMS of *a*'s finite elements (1 when that is 0)."""
+    finite = np.isfinite(a)
+    everywhere = bool(finite.all())  # the usual case: no mask to apply
+    values = a.reshape(-1) if everywhere else a[finite]
+    rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0
+    sigma = 0.5 * rms if rms > 0 else 1.0
+    work = np.result_type(a.dtype, np.float32)
+    noisy: np.ndarray = np.multiply(noise.reshape(a.shape), sigma, dtype=work)
+    noisy -= a  # sigma · noise − a, in place
+    if not everywhere:
+        noisy = np.where(finite, noisy, a)
+    limit = float(np.finfo(a.dtype).max)
+    np.clip(noisy, -limit, limit, out=noisy)
+    return noisy.astype(a.dtype, copy=False)
 
 
 def check_tensors(

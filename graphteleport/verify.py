@@ -264,37 +264,60 @@ def _run_ir_model(
 class _ProtoRun:
     """A session of a model proto: ``run(feeds)`` gives its outputs in order."""
 
-    def __init__(self, proto: onnx.ModelProto, folder: str) -> None:
-        self._session = _session(proto.SerializeToString(), external_folder=folder)
+    def __init__(
+        self, proto: onnx.ModelProto, folder: str, copy: bool = True, threads: int = 2
+    ) -> None:
+        data = proto.SerializeToString()
+        self._session = _session(data, external_folder=folder, threads=threads)
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self._copy = copy
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return _run_session(self._session, self.output_names, feeds, "the model")
+        return _run_session(self._session, self.output_names, feeds, "the model", self._copy)
 
 
-def open_proto(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+def open_proto(proto: onnx.ModelProto, folder: str, *, copy: bool = True) -> _ProtoRun:
     """A runner for a model proto whose external data (if any) lives in *folder*.
 
     Used for the per-tensor check's cut models (:mod:`graphteleport.tensorcheck`).
-    Errors are :class:`InputError` with onnxruntime's message on one line.
+    Errors are :class:`InputError` with onnxruntime's message on one line.  With
+    ``copy=False`` the outputs are read-only views of onnxruntime's buffers (each keeps
+    its own buffer alive, not the session's weights): for outputs compared and dropped.
     """
-    return _ProtoRun(proto, folder)
+    return _ProtoRun(proto, folder, copy)
+
+
+def _viewing_proto(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+    """:func:`open_proto` with ``copy=False``: the per-tensor check's runner."""
+    return _ProtoRun(proto, folder, copy=False)
+
+
+def _viewing_proto_1(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+    """:func:`_viewing_proto` on one intra-op thread (the other CPU runs the draws)."""
+    return _ProtoRun(proto, folder, copy=False, threads=1)
 
 
 def _run_session(
-    session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray], what: str
+    session: ort.InferenceSession,
+    names: list[str],
+    feeds: Mapping[str, np.ndarray],
+    what: str,
+    copy: bool = True,
 ) -> list[np.ndarray]:
     try:
         values = session.run_with_ort_values(names, {k: _to_ort(v) for k, v in feeds.items()})
     except Exception as e:  # onnxruntime raises its own, unexported exception types
         raise InputError(f"onnxruntime cannot run {what}: {_ort_message(e)}") from e
-    return [_from_ort(name, v) for name, v in zip(names, values, strict=True)]
+    return [_from_ort(name, v, copy) for name, v in zip(names, values, strict=True)]
 
 
 def _session(
-    model: str | os.PathLike[str] | bytes, external_folder: str | None = None
+    model: str | os.PathLike[str] | bytes,
+    external_folder: str | None = None,
+    threads: int = 2,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session with graph optimisations off (InputError if it fails)."""
+    """An onnxruntime CPU session with graph optimisations off, on *threads* intra-op
+    threads (InputError if it fails)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -303,7 +326,7 @@ def _session(
             "session.model_external_initializers_file_folder_path", external_folder
         )
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors come back as exceptions: one line, ours
     # idle threads sleep instead of spinning: on a busy machine spinning takes the CPU the
@@ -330,12 +353,17 @@ def _to_ort(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=int(onnx_type))
 
 
-def _from_ort(name: str, value: ort.OrtValue) -> np.ndarray:
-    """A numpy array for an output OrtValue; bfloat16/float8 are copied out as raw bits."""
+def _from_ort(name: str, value: ort.OrtValue, copy: bool = True) -> np.ndarray:
+    """A numpy array for an output OrtValue (a copy unless ``copy=False``: a read-only
+    view then); bfloat16/float8 are copied out as raw bits."""
     if not value.is_tensor():
         raise InputError(f"output '{name}' is not a tensor; only tensor outputs can be verified")
     onnx_type = ir.DataType(value.element_type())
     if onnx_type not in (ir.DataType.BFLOAT16, *_FLOAT8_TYPES):
+        if not copy:
+            view: np.ndarray = value.numpy()
+            view.flags.writeable = False
+            return view
         return np.array(value.numpy(), copy=True)  # a view would keep the session's memory
     nbytes = value.tensor_size_in_bytes()
     raw = ctypes.string_at(value.data_ptr(), nbytes) if nbytes else b""
@@ -808,12 +836,15 @@ def _verify_whole(
     tensors that check needs (:func:`_reference_session`)."""
     floors = saturation_floors(original_model.proto.graph)
     tele_model = LoadedModel.load(teleported) if scales is not None else None
-    session, extra = _reference_session(original_model, original, tele_model, feed_sets)
+    overlap = _may_overlap(original_model)
+    session, extra = _reference_session(
+        original_model, original, tele_model, feed_sets, 1 if overlap else 2
+    )
     names = [o.name for o in original_model.proto.graph.output] if extra else None
     names = names or [o.name for o in session.get_outputs()]
     stacked = None if extra else _stacked(session, feed_sets)
     sets = [stacked] if stacked is not None else list(feed_sets)
-    beside = bool(extra) and _may_overlap(original_model)  # the later draws: see below
+    beside = bool(extra) and overlap  # the later draws: see below
     try:
         first = _run_session(session, [*names, *extra], sets[0], str(original))
         reference = [first[: len(names)]]
@@ -831,7 +862,8 @@ def _verify_whole(
     def tensor_check() -> TensorCheckResult:
         assert scales is not None
         return check_tensors(
-            original_model, tele_model or teleported, feed_sets[0], scales, open_proto,
+            original_model, tele_model or teleported, feed_sets[0], scales,
+            _viewing_proto_1 if beside else _viewing_proto,
             rtol=rtol, seed=seed, recorded=recorded,
         )  # fmt: skip
 
@@ -887,7 +919,7 @@ def _draws_beside(
     (the worker's current run is waited for)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-draws") as pool:
         rest = pool.submit(lambda: [_run_session(session, names, f, what) for f in sets[1:]])
-        candidate = pool.submit(_run_teleported, teleported, names, sets)
+        candidate = pool.submit(_run_teleported, teleported, names, sets, 1)
         try:
             check = tensor_check()
         except Exception:
@@ -904,18 +936,19 @@ def _reference_session(
     original: str | os.PathLike[str],
     tele_model: LoadedModel | None,
     feed_sets: Sequence[Mapping[str, np.ndarray]],
+    recording_threads: int = 2,
 ) -> tuple[ort.InferenceSession, list[str]]:
     """The original's session for the output check, and the extra values it outputs: the
     tensors the per-tensor check records on the first set, when one run records them all
     and the sets cannot run as one batch (:func:`~graphteleport.tensorcheck.
-    recording_model`: the same graph, its weights read from the same file); else the model
-    file's own session and none."""
+    recording_model`: the same graph, its weights read from the same file, on
+    *recording_threads* intra-op threads); else the model file's own session and none."""
     names = None if tele_model is None else recording_names(original_model, tele_model)
     if names and not _may_stack(original_model.proto.graph, feed_sets):
         proto = recording_model(original_model, names)
         own = {o.name for o in original_model.proto.graph.output}
         data = proto.SerializeToString()
-        session = _session(data, external_folder=original_model.folder)
+        session = _session(data, external_folder=original_model.folder, threads=recording_threads)
         return session, [n for n in names if n not in own]
     return _session(os.fspath(original)), []
 
@@ -948,10 +981,11 @@ def _run_teleported(
     teleported: str | os.PathLike[str],
     names: list[str],
     sets: Sequence[Mapping[str, np.ndarray]],
+    threads: int = 2,
 ) -> list[list[np.ndarray]]:
-    """The teleported model's outputs on every set (a model that does not run, or has
-    other outputs, is a failed verification)."""
-    session = _session(os.fspath(teleported))
+    """The teleported model's outputs on every set, on *threads* intra-op threads (a
+    model that does not run, or has other outputs, is a failed verification)."""
+    session = _session(os.fspath(teleported), threads=threads)
     cand_names = [o.name for o in session.get_outputs()]
     if cand_names != names:
         raise VerificationError(f"output names differ: {cand_names} vs {names}")
