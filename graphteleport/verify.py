@@ -27,6 +27,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -846,7 +847,8 @@ def _verify_whole(
     sets = [stacked] if stacked is not None else list(feed_sets)
     beside = bool(extra) and overlap  # the later draws: see below
     try:
-        first = _run_session(session, [*names, *extra], sets[0], str(original))
+        # a recording run's outputs are views: each keeps its own buffer, not the session
+        first = _run_session(session, [*names, *extra], sets[0], str(original), not extra)
         reference = [first[: len(names)]]
         if not beside:
             reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
@@ -911,24 +913,93 @@ def _draws_beside(
     tensor_check: Callable[[], TensorCheckResult],
 ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]], TensorCheckResult]:
     """``(the original's outputs on sets[1:], the teleported model's on every set, the
-    per-tensor check)``: the draws run in a worker thread, one session after the other
-    as :func:`_verify_whole` runs them, while this thread runs ``tensor_check()``
-    (onnxruntime and numpy release the GIL: both CPUs work).  Errors come as they
-    would one after the other: the draws' first (a teleported model that does not run
-    is a :class:`VerificationError`), then the check's; an interrupt stops at once
-    (the worker's current run is waited for)."""
+    per-tensor check)``: a worker thread takes the draws (:class:`_SharedDraws`) while
+    this thread runs ``tensor_check()`` and then takes what draws are left (onnxruntime
+    and numpy release the GIL: both CPUs work).  Errors come as they would one after
+    the other: the draws' first (a teleported model that does not run is a
+    :class:`VerificationError`), then the check's; an interrupt stops the draws (the
+    worker's current run is waited for)."""
+    draws = _SharedDraws(session, names, sets, what, teleported)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-draws") as pool:
-        rest = pool.submit(lambda: [_run_session(session, names, f, what) for f in sets[1:]])
-        candidate = pool.submit(_run_teleported, teleported, names, sets, 1)
+        worker = pool.submit(draws.work)
         try:
             check = tensor_check()
+            draws.work()
         except Exception:
-            rest.result(), candidate.result()  # their errors come first
+            draws.stop()
+            worker.result()  # its error comes first
             raise
         except BaseException:
-            candidate.cancel()
+            draws.stop()
             raise
-        return rest.result(), candidate.result(), check
+        worker.result()
+    return draws.original(), draws.teleported(), check
+
+
+class _SharedDraws:
+    """The draws of :func:`_draws_beside` as jobs in order, the original's (its session
+    given, sets[1:]) then the teleported model's (every set), taken by whichever thread
+    calls :meth:`work`; the teleported model's session, on one intra-op thread, is
+    opened by the first thread that needs it (:func:`_run_teleported`'s checks)."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        names: list[str],
+        sets: Sequence[Mapping[str, np.ndarray]],
+        what: str,
+        teleported: str | os.PathLike[str],
+    ) -> None:
+        self._sessions: dict[str, ort.InferenceSession] = {"original": session}
+        self._names, self._sets, self._what, self._path = names, sets, what, teleported
+        self._jobs = [("original", k) for k in range(1, len(sets))]
+        self._jobs += [("teleported", k) for k in range(len(sets))]
+        self._done: dict[tuple[str, int], list[np.ndarray]] = {}
+        self._lock, self._opening = threading.Lock(), threading.Lock()
+        self._next = 0
+
+    def work(self) -> None:
+        """Run jobs until none is left (or :meth:`stop`); a failure stops the others."""
+        while (job := self._take()) is not None:
+            try:
+                self._done[job] = self._run(*job)
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self) -> None:
+        with self._lock:
+            self._next = len(self._jobs)
+
+    def original(self) -> list[list[np.ndarray]]:
+        return [self._done[("original", k)] for k in range(1, len(self._sets))]
+
+    def teleported(self) -> list[list[np.ndarray]]:
+        return [self._done[("teleported", k)] for k in range(len(self._sets))]
+
+    def _take(self) -> tuple[str, int] | None:
+        with self._lock:
+            if self._next >= len(self._jobs):
+                return None
+            self._next += 1
+            return self._jobs[self._next - 1]
+
+    def _run(self, which: str, k: int) -> list[np.ndarray]:
+        if which == "original":
+            return _run_session(self._sessions[which], self._names, self._sets[k], self._what)
+        try:
+            session = self._teleported_session()
+            return _run_session(session, self._names, self._sets[k], "the rewritten model")
+        except InputError as e:
+            raise VerificationError(f"the rewritten model does not run: {e}") from e
+
+    def _teleported_session(self) -> ort.InferenceSession:
+        with self._opening:
+            if "teleported" not in self._sessions:
+                self._sessions["teleported"] = _teleported_session(
+                    self._path, self._names, threads=1
+                )
+            return self._sessions["teleported"]
 
 
 def _reference_session(
@@ -985,14 +1056,22 @@ def _run_teleported(
 ) -> list[list[np.ndarray]]:
     """The teleported model's outputs on every set, on *threads* intra-op threads (a
     model that does not run, or has other outputs, is a failed verification)."""
-    session = _session(os.fspath(teleported), threads=threads)
-    cand_names = [o.name for o in session.get_outputs()]
-    if cand_names != names:
-        raise VerificationError(f"output names differ: {cand_names} vs {names}")
+    session = _teleported_session(teleported, names, threads)
     try:
         return [_run_session(session, names, f, "the rewritten model") for f in sets]
     except InputError as e:
         raise VerificationError(f"the rewritten model does not run: {e}") from e
+
+
+def _teleported_session(
+    teleported: str | os.PathLike[str], names: list[str], threads: int
+) -> ort.InferenceSession:
+    """The teleported model's session; other outputs than *names* fail verification."""
+    session = _session(os.fspath(teleported), threads=threads)
+    cand_names = [o.name for o in session.get_outputs()]
+    if cand_names != names:
+        raise VerificationError(f"output names differ: {cand_names} vs {names}")
+    return session
 
 
 def _verify_pieces(
