@@ -845,23 +845,9 @@ def _verify_whole(
     names = names or [o.name for o in session.get_outputs()]
     stacked = None if extra else _stacked(session, feed_sets)
     sets = [stacked] if stacked is not None else list(feed_sets)
-    beside = bool(extra) and overlap  # the later draws: see below
-    try:
-        # a recording run's outputs are views: each keeps its own buffer, not the session
-        first = _run_session(session, [*names, *extra], sets[0], str(original), not extra)
-        reference = [first[: len(names)]]
-        if not beside:
-            reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
-    except InputError:
-        if stacked is None:
-            raise
-        stacked, sets = None, list(feed_sets)  # the batch size is baked into the graph
-        reference = [_run_session(session, names, f, str(original)) for f in sets]
-        first = reference[0]
-    recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
-    del first
+    beside = bool(extra) and overlap  # two threads: the draws beside the record and check
 
-    def tensor_check() -> TensorCheckResult:
+    def tensor_check(recorded: Mapping[str, np.ndarray] | None) -> TensorCheckResult:
         assert scales is not None
         return check_tensors(
             original_model, tele_model or teleported, feed_sets[0], scales,
@@ -870,14 +856,28 @@ def _verify_whole(
         )  # fmt: skip
 
     check: TensorCheckResult | None = None
-    if beside:  # the other draws run in a second thread while this one checks tensors
-        rest, candidate, check = _draws_beside(
-            session, names, sets, str(original), teleported, tensor_check
-        )
-        reference += rest
-        del session, rest
+    recorded: dict[str, np.ndarray] | None
+    if beside:
+        draws = _SharedDraws(session, names, sets, str(original), teleported)
+        record = _recording(session, names, extra, sets[0])
+        recorded, check = _draws_beside(draws, record, tensor_check)
+        del session
+        reference = [[recorded[n] for n in names], *draws.original()]
+        candidate = draws.teleported()
     else:
-        del session  # released before the teleported model is loaded
+        try:
+            # a recording run's outputs are views: each keeps its own buffer, not the session
+            first = _run_session(session, [*names, *extra], sets[0], str(original), not extra)
+            reference = [first[: len(names)]]
+            reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
+        except InputError:
+            if stacked is None:
+                raise
+            stacked, sets = None, list(feed_sets)  # the batch size is baked into the graph
+            reference = [_run_session(session, names, f, str(original)) for f in sets]
+            first = reference[0]
+        recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
+        del session, first  # released before the teleported model is loaded
         candidate = _run_teleported(teleported, names, sets)
     results = [
         compare(r, c, names, rtol=rtol, floors=[floors.get(n, 0.0) for n in names])
@@ -888,7 +888,7 @@ def _verify_whole(
     result.batched = stacked is not None
     result.overlapped = check is not None
     if scales is not None:  # also after a failure: it names the tensor at fault
-        _add_tensor_check(result, check if check is not None else tensor_check())
+        _add_tensor_check(result, check if check is not None else tensor_check(recorded))
     return result
 
 
@@ -904,26 +904,38 @@ def _may_overlap(model: LoadedModel) -> bool:
     return cpus >= 2 and (available is None or need <= _MEMORY_SHARE * available)
 
 
-def _draws_beside(
+def _recording(
     session: ort.InferenceSession,
     names: list[str],
-    sets: Sequence[Mapping[str, np.ndarray]],
-    what: str,
-    teleported: str | os.PathLike[str],
-    tensor_check: Callable[[], TensorCheckResult],
-) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]], TensorCheckResult]:
-    """``(the original's outputs on sets[1:], the teleported model's on every set, the
-    per-tensor check)``: a worker thread takes the draws (:class:`_SharedDraws`) while
-    this thread runs ``tensor_check()`` and then takes what draws are left (onnxruntime
-    and numpy release the GIL: both CPUs work).  Errors come as they would one after
-    the other: the draws' first (a teleported model that does not run is a
-    :class:`VerificationError`), then the check's; an interrupt stops the draws (the
-    worker's current run is waited for)."""
-    draws = _SharedDraws(session, names, sets, what, teleported)
+    extra: list[str],
+    feeds: Mapping[str, np.ndarray],
+) -> Callable[[], dict[str, np.ndarray]]:
+    """The recording run of :func:`_reference_session`'s session on *feeds*: every output
+    by name, as views (each keeps its own buffer, not the session)."""
+
+    def record() -> dict[str, np.ndarray]:
+        first = _run_session(session, [*names, *extra], feeds, "the original model", False)
+        return dict(zip([*names, *extra], first, strict=True))
+
+    return record
+
+
+def _draws_beside(
+    draws: _SharedDraws,
+    record: Callable[[], dict[str, np.ndarray]],
+    tensor_check: Callable[[dict[str, np.ndarray]], TensorCheckResult],
+) -> tuple[dict[str, np.ndarray], TensorCheckResult]:
+    """``(recorded, tensor_check(recorded))`` with ``recorded = record()``, while a worker
+    thread takes the *draws* (:class:`_SharedDraws`); this thread then takes what draws
+    are left (onnxruntime and numpy release the GIL: both CPUs work).  Errors come as
+    they would one after the other: the draws' first (a teleported model that does not
+    run is a :class:`VerificationError`), then the check's; an interrupt stops the draws
+    (the worker's current run is waited for)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-draws") as pool:
         worker = pool.submit(draws.work)
         try:
-            check = tensor_check()
+            recorded = record()
+            check = tensor_check(recorded)
             draws.work()
         except Exception:
             draws.stop()
@@ -933,7 +945,7 @@ def _draws_beside(
             draws.stop()
             raise
         worker.result()
-    return draws.original(), draws.teleported(), check
+    return recorded, check
 
 
 class _SharedDraws:
