@@ -782,8 +782,12 @@ def verify_teleport(
     seed: int = 0,
     by: str = "auto",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    early: EarlyDraws | None = None,
 ) -> VerificationResult:
     """The proof that a teleport kept the function (DESIGN.md §5).
+
+    *early*: the original's draws on *feed_sets*, started while the caller teleported
+    (:func:`early_draws`); used by whole-model verification, unused by pieces.
 
     *by* is ``"whole"``, ``"pieces"`` or ``"auto"`` (:func:`choose_method`: whole when
     its estimated peak fits in the available memory); ``result.method`` says which ran.
@@ -817,7 +821,9 @@ def verify_teleport(
             original_model, teleported, feed_sets, scales, rtol, seed, block_bytes
         )
     else:
-        result = _verify_whole(original_model, original, teleported, feed_sets, scales, rtol, seed)
+        result = _verify_whole(
+            original_model, original, teleported, feed_sets, scales, rtol, seed, early
+        )
     result.seconds = time.perf_counter() - start
     logger.info("%s in %.2fs", result.summary(), result.seconds)
     return result
@@ -831,21 +837,22 @@ def _verify_whole(
     scales: TensorScales | None,
     rtol: float,
     seed: int,
+    early: EarlyDraws | None = None,
 ) -> VerificationResult:
-    """Both whole models, one session at a time (see :func:`verify_teleport`).  With the
-    per-tensor check in one group, the original's run on the first set also records the
-    tensors that check needs (:func:`_reference_session`)."""
+    """Both whole models (see :func:`verify_teleport`).  With the per-tensor check in one
+    group, the original's run on the first set also records the tensors that check needs
+    (:func:`_reference_session`).  Where two threads may run (:func:`_may_overlap`) the
+    draws run beside the recording run and the check (:func:`_draws_beside`); else one
+    session at a time, the original's released before the teleported model's opens."""
     floors = saturation_floors(original_model.proto.graph)
     tele_model = LoadedModel.load(teleported) if scales is not None else None
     overlap = _may_overlap(original_model)
     session, extra = _reference_session(
-        original_model, original, tele_model, feed_sets, 1 if overlap else 2
+        original_model, original, tele_model, feed_sets, 1 if overlap else 2, early is None
     )
-    names = [o.name for o in original_model.proto.graph.output] if extra else None
-    names = names or [o.name for o in session.get_outputs()]
-    stacked = None if extra else _stacked(session, feed_sets)
-    sets = [stacked] if stacked is not None else list(feed_sets)
-    beside = bool(extra) and overlap  # two threads: the draws beside the record and check
+    names = [o.name for o in original_model.proto.graph.output]
+    names = names if extra or session is None else [o.name for o in session.get_outputs()]
+    beside = overlap and (bool(extra) or early is not None)  # two threads (see below)
 
     def tensor_check(recorded: Mapping[str, np.ndarray] | None) -> TensorCheckResult:
         assert scales is not None
@@ -856,28 +863,31 @@ def _verify_whole(
         )  # fmt: skip
 
     check: TensorCheckResult | None = None
-    recorded: dict[str, np.ndarray] | None
-    if beside:
-        draws = _SharedDraws(session, names, sets, str(original), teleported)
-        record = _recording(session, names, extra, sets[0])
+    recorded: dict[str, np.ndarray] | None = None
+    if early is not None:
+        early_names, sets, reference = early.result()
+        if early_names != names:
+            raise InputError(f"the original's outputs differ from its graph's: {early_names}")
+        draws = _SharedDraws(session, names, sets, str(original), teleported, early=True)
+        record = _recording(session, names, extra, feed_sets[0])  # where there is one
+        checker = tensor_check if scales is not None else None
+        recorded, check = _draws_beside(draws, record, checker)
+        del session
+        candidate = draws.teleported()
+    elif beside:
+        assert session is not None
+        draws = _SharedDraws(session, names, feed_sets, str(original), teleported)
+        record = _recording(session, names, extra, feed_sets[0])
         recorded, check = _draws_beside(draws, record, tensor_check)
         del session
+        assert recorded is not None
+        sets = list(feed_sets)
         reference = [[recorded[n] for n in names], *draws.original()]
         candidate = draws.teleported()
     else:
-        try:
-            # a recording run's outputs are views: each keeps its own buffer, not the session
-            first = _run_session(session, [*names, *extra], sets[0], str(original), not extra)
-            reference = [first[: len(names)]]
-            reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
-        except InputError:
-            if stacked is None:
-                raise
-            stacked, sets = None, list(feed_sets)  # the batch size is baked into the graph
-            reference = [_run_session(session, names, f, str(original)) for f in sets]
-            first = reference[0]
-        recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
-        del session, first  # released before the teleported model is loaded
+        assert session is not None
+        sets, reference, recorded = _original_in_turn(session, names, extra, feed_sets, original)
+        del session  # released before the teleported model is loaded
         candidate = _run_teleported(teleported, names, sets)
     results = [
         compare(r, c, names, rtol=rtol, floors=[floors.get(n, 0.0) for n in names])
@@ -885,11 +895,120 @@ def _verify_whole(
     ]
     del reference, candidate
     result = _merge(results, len(feed_sets))  # (draws, however they were run)
-    result.batched = stacked is not None
-    result.overlapped = check is not None
+    result.batched = len(sets) != len(feed_sets)
+    result.overlapped = check is not None or early is not None
     if scales is not None:  # also after a failure: it names the tensor at fault
         _add_tensor_check(result, check if check is not None else tensor_check(recorded))
     return result
+
+
+def _original_in_turn(
+    session: ort.InferenceSession,
+    names: list[str],
+    extra: list[str],
+    feed_sets: Sequence[Mapping[str, np.ndarray]],
+    original: str | os.PathLike[str],
+) -> tuple[list[Mapping[str, np.ndarray]], list[list[np.ndarray]], dict[str, np.ndarray] | None]:
+    """``(the sets as run, the original's outputs on each, the recorded tensors)``: one
+    batch where :func:`_stacked` may (one by one where the batch does not run), the first
+    set's run also recording *extra* (as views: each keeps its own buffer)."""
+    stacked = None if extra else _stacked(session, feed_sets)
+    sets: list[Mapping[str, np.ndarray]] = [stacked] if stacked is not None else list(feed_sets)
+    try:
+        first = _run_session(session, [*names, *extra], sets[0], str(original), not extra)
+        reference = [first[: len(names)]]
+        reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
+    except InputError:
+        if stacked is None:
+            raise
+        sets = list(feed_sets)  # the batch size is baked into the graph
+        reference = [_run_session(session, names, f, str(original)) for f in sets]
+        first = reference[0]
+    recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
+    return sets, reference, recorded
+
+
+class EarlyDraws:
+    """The original model's outputs on every feed set, run from its file in a background
+    thread from now on (one intra-op thread: the caller teleports meanwhile, and the
+    teleport needs no onnxruntime), for :func:`verify_teleport` (``early=``): the very
+    draws whole-model verification would run (:func:`_stacked` into one batch where it
+    may, one by one where that batch does not run).  :meth:`close` stops it after the
+    current run; use it as a context manager."""
+
+    def __init__(
+        self, original: str | os.PathLike[str], feed_sets: Sequence[Mapping[str, np.ndarray]]
+    ) -> None:
+        self._path, self._sets = os.fspath(original), list(feed_sets)
+        self._stopped = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-original")
+        self._future = self._pool.submit(self._run)
+
+    def __enter__(self) -> EarlyDraws:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop after the current run and wait for it."""
+        self._stopped.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def result(self) -> tuple[list[str], list[Mapping[str, np.ndarray]], list[list[np.ndarray]]]:
+        """``(output names, the sets as run, the outputs on each)``: the sets are one
+        stacked batch where the draws ran as one; errors are those of the runs."""
+        return self._future.result()
+
+    def _run(self) -> tuple[list[str], list[Mapping[str, np.ndarray]], list[list[np.ndarray]]]:
+        session = _session(self._path, threads=1)
+        names = [o.name for o in session.get_outputs()]
+        stacked = _stacked(session, self._sets)
+        if stacked is not None:
+            try:
+                return names, [stacked], [_run_session(session, names, stacked, self._path)]
+            except InputError:
+                pass  # the batch size is baked into the graph: one by one
+        outputs = []
+        for feeds in self._sets:
+            if self._stopped.is_set():
+                raise InputError("verification stopped")
+            outputs.append(_run_session(session, names, feeds, self._path))
+        return names, self._sets, outputs
+
+
+def early_draws(
+    original: str | os.PathLike[str],
+    model: ir.Model,
+    feed_sets: Sequence[Mapping[str, np.ndarray]],
+    by: str = "auto",
+) -> EarlyDraws | None:
+    """:class:`EarlyDraws` of *original* (loaded as *model*) on *feed_sets*, started now,
+    where verification will be whole and may use two threads (:func:`_may_overlap`'s
+    rule, the estimate made from *model*'s weights as :func:`whole_model_bytes` does);
+    else None."""
+    low = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    need = sum(
+        v.const_value.nbytes * (4 if v.const_value.dtype in low else 2)
+        for v in model.graph.initializers.values()
+        if v.const_value is not None
+    )
+    if by == "pieces" or not _fits_twice(need) or (by == "auto" and not _fits(need)):
+        return None
+    return EarlyDraws(original, feed_sets)
+
+
+def _fits(need: int) -> bool:
+    """Whether *need* bytes are at most 80 % of ``MemAvailable`` (True where unknown)."""
+    available = available_memory()
+    return available is None or need <= _MEMORY_SHARE * available
+
+
+def _fits_twice(need: int) -> bool:
+    """Two CPUs for this process, and memory for twice *need* (:func:`_fits`)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere every CPU)
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return cpus >= 2 and _fits(2 * need)
 
 
 def _may_overlap(model: LoadedModel) -> bool:
@@ -897,23 +1016,21 @@ def _may_overlap(model: LoadedModel) -> bool:
     this process may use two CPUs, and twice :func:`whole_model_bytes` is at most 80 %
     of ``MemAvailable`` (the original's or the teleported model's session is open while
     the check opens its cut models)."""
-    affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere every CPU)
-    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    available = available_memory()
-    need = 2 * whole_model_bytes(model.proto.graph)
-    return cpus >= 2 and (available is None or need <= _MEMORY_SHARE * available)
+    return _fits_twice(whole_model_bytes(model.proto.graph))
 
 
 def _recording(
-    session: ort.InferenceSession,
+    session: ort.InferenceSession | None,
     names: list[str],
     extra: list[str],
     feeds: Mapping[str, np.ndarray],
-) -> Callable[[], dict[str, np.ndarray]]:
+) -> Callable[[], dict[str, np.ndarray] | None]:
     """The recording run of :func:`_reference_session`'s session on *feeds*: every output
-    by name, as views (each keeps its own buffer, not the session)."""
+    by name, as views (each keeps its own buffer, not the session); None without one."""
 
-    def record() -> dict[str, np.ndarray]:
+    def record() -> dict[str, np.ndarray] | None:
+        if session is None or not extra:
+            return None
         first = _run_session(session, [*names, *extra], feeds, "the original model", False)
         return dict(zip([*names, *extra], first, strict=True))
 
@@ -922,10 +1039,11 @@ def _recording(
 
 def _draws_beside(
     draws: _SharedDraws,
-    record: Callable[[], dict[str, np.ndarray]],
-    tensor_check: Callable[[dict[str, np.ndarray]], TensorCheckResult],
-) -> tuple[dict[str, np.ndarray], TensorCheckResult]:
-    """``(recorded, tensor_check(recorded))`` with ``recorded = record()``, while a worker
+    record: Callable[[], dict[str, np.ndarray] | None],
+    tensor_check: Callable[[dict[str, np.ndarray] | None], TensorCheckResult] | None,
+) -> tuple[dict[str, np.ndarray] | None, TensorCheckResult | None]:
+    """``(recorded, tensor_check(recorded))`` with ``recorded = record()`` (no check
+    without *tensor_check*), while a worker
     thread takes the *draws* (:class:`_SharedDraws`); this thread then takes what draws
     are left (onnxruntime and numpy release the GIL: both CPUs work).  Errors come as
     they would one after the other: the draws' first (a teleported model that does not
@@ -935,7 +1053,7 @@ def _draws_beside(
         worker = pool.submit(draws.work)
         try:
             recorded = record()
-            check = tensor_check(recorded)
+            check = None if tensor_check is None else tensor_check(recorded)
             draws.work()
         except Exception:
             draws.stop()
@@ -956,15 +1074,16 @@ class _SharedDraws:
 
     def __init__(
         self,
-        session: ort.InferenceSession,
+        session: ort.InferenceSession | None,
         names: list[str],
         sets: Sequence[Mapping[str, np.ndarray]],
         what: str,
         teleported: str | os.PathLike[str],
+        early: bool = False,
     ) -> None:
-        self._sessions: dict[str, ort.InferenceSession] = {"original": session}
+        self._sessions = {} if session is None else {"original": session}
         self._names, self._sets, self._what, self._path = names, sets, what, teleported
-        self._jobs = [("original", k) for k in range(1, len(sets))]
+        self._jobs = [] if early else [("original", k) for k in range(1, len(sets))]
         self._jobs += [("teleported", k) for k in range(len(sets))]
         self._done: dict[tuple[str, int], list[np.ndarray]] = {}
         self._lock, self._opening = threading.Lock(), threading.Lock()
@@ -1020,12 +1139,14 @@ def _reference_session(
     tele_model: LoadedModel | None,
     feed_sets: Sequence[Mapping[str, np.ndarray]],
     recording_threads: int = 2,
-) -> tuple[ort.InferenceSession, list[str]]:
+    plain: bool = True,
+) -> tuple[ort.InferenceSession | None, list[str]]:
     """The original's session for the output check, and the extra values it outputs: the
     tensors the per-tensor check records on the first set, when one run records them all
     and the sets cannot run as one batch (:func:`~graphteleport.tensorcheck.
     recording_model`: the same graph, its weights read from the same file, on
-    *recording_threads* intra-op threads); else the model file's own session and none."""
+    *recording_threads* intra-op threads); else the model file's own session (None unless
+    *plain*: the draws were run already) and none."""
     names = None if tele_model is None else recording_names(original_model, tele_model)
     if names and not _may_stack(original_model.proto.graph, feed_sets):
         proto = recording_model(original_model, names)
@@ -1033,7 +1154,7 @@ def _reference_session(
         data = proto.SerializeToString()
         session = _session(data, external_folder=original_model.folder, threads=recording_threads)
         return session, [n for n in names if n not in own]
-    return _session(os.fspath(original)), []
+    return (_session(os.fspath(original)) if plain else None), []
 
 
 def _stacked(

@@ -9,11 +9,13 @@ errors (a teleported model that does not run is a failed verification).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -134,3 +136,53 @@ def verify_mirrored(arrays: dict[str, np.ndarray], tracked: frozenset[str]) -> A
     from graphteleport import tensorcheck
 
     return tensorcheck._mirrored(arrays, tracked, seed=5)
+
+
+@pytest.mark.parametrize("model", ["resnet_tiny.onnx", "mlp_small.onnx"])
+@pytest.mark.parametrize("outputs_only", [False, True])
+def test_early_draws_give_the_same_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, outputs_only: bool
+) -> None:
+    """The original's draws run before the teleported model exists (the CLI starts them
+    before the pass): the same report as the draws run during verification."""
+    src, teleported, feeds, scales = case(tmp_path, model)
+    scales = None if outputs_only else scales
+    out = tmp_path / "t.onnx"
+    ir.save(teleported, out)
+    monkeypatch.setattr(verify, "_may_overlap", lambda _model: True)
+    plain = verify.verify_teleport(src, out, feeds, scales)
+    with verify.EarlyDraws(src, feeds) as early:
+        started = verify.verify_teleport(src, out, feeds, scales, early=early)
+    assert started.overlapped and started.passed and started.inputs == 8
+    same(plain, started)
+
+
+@pytest.mark.parametrize("baked", [False, True])
+def test_early_draws_batch_where_the_model_allows(tmp_path: Path, baked: bool) -> None:
+    """A dynamic batch axis: the early draws run as one batch, unless a Reshape bakes
+    the batch size in (then one by one, as verification itself does)."""
+    from test_proof import batch_model
+
+    src = tmp_path / "m.onnx"
+    onnx.save(batch_model(baked), src)
+    feeds = verify.draw_feed_sets(onnx_frontend.input_specs(load_model(src)))
+    with verify.EarlyDraws(src, feeds) as early:
+        names, sets, outputs = early.result()
+    assert names == ["y"]
+    assert len(sets) == len(outputs) == (8 if baked else 1)
+    stacked = np.concatenate([o[0] for o in outputs])
+    expected = np.concatenate([verify.run(src, f)[0] for f in feeds])
+    np.testing.assert_allclose(stacked, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_cli_starts_the_original_draws_early(tmp_path: Path) -> None:
+    """Two CPUs and memory: the report says the draws ran in a second thread."""
+    from graphteleport.cli import main
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    rc = main([str(FIXTURES / "resnet_tiny.onnx"), "-o", str(out), "--report", str(rep), "-q"])
+    assert rc == 0
+    v = json.loads(rep.read_text())["verification"]
+    two = len(os.sched_getaffinity(0)) >= 2
+    assert v["overlapped"] is two and v["passed"] and v["inputs"] == 8
+    assert v["tensors"]["passed"]
