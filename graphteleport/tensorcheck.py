@@ -64,6 +64,7 @@ __all__ = [
     "reads",
     "recording_model",
     "recording_names",
+    "recording_superset",
     "saturation_floors",
     "sub_model",
     "tolerance_scale",
@@ -649,6 +650,18 @@ def recording_names(
         return None
     cuts = (_cut(original, plan, groups[0]), _cut(teleported, plan, groups[0]))
     return _recorded_names(cuts, groups[0])
+
+
+def recording_superset(
+    original: LoadedModel, budget_bytes: int = DEFAULT_BUDGET_BYTES
+) -> list[str] | None:
+    """Every tensor :func:`recording_names` may list for any teleported model of
+    *original* — every value the original computes but its constants, in topological
+    order — when one run records them all (one group under *budget_bytes*; a teleported
+    model's groups hold a subset of these values); None when the check takes several."""
+    plan = _plan(original.proto.graph, original.proto.graph)
+    groups = list(_groups(plan, _value_sizes(original), budget_bytes))
+    return plan.cut if len(groups) == 1 else None
 
 
 def recording_model(model: LoadedModel, names: Sequence[str]) -> onnx.ModelProto:

@@ -55,6 +55,7 @@ from graphteleport.tensorcheck import (
     nonfinite_mismatch,
     recording_model,
     recording_names,
+    recording_superset,
     saturation_floors,
 )
 
@@ -814,7 +815,8 @@ def verify_teleport(
         raise InputError("verification needs at least one set of inputs")
     if by not in VERIFY_BY:
         raise InputError(f"--verify-by must be one of {', '.join(VERIFY_BY)}, got '{by}'")
-    original_model = LoadedModel.load(original)  # parsed once: floors and tensor check
+    # parsed once: floors and tensor check (by the early draws, where they ran)
+    original_model = early.result().model if early is not None else LoadedModel.load(original)
     method = choose_method(by, original_model)
     if method == "pieces":
         result = _verify_pieces(
@@ -847,12 +849,13 @@ def _verify_whole(
     floors = saturation_floors(original_model.proto.graph)
     tele_model = LoadedModel.load(teleported) if scales is not None else None
     overlap = _may_overlap(original_model)
-    session, extra = _reference_session(
-        original_model, original, tele_model, feed_sets, 1 if overlap else 2, early is None
-    )
+    got = early.result() if early is not None else None
+    session, extra = (None, []) if got is not None else _reference_session(
+        original_model, original, tele_model, feed_sets, 1 if overlap else 2
+    )  # fmt: skip
     names = [o.name for o in original_model.proto.graph.output]
-    names = names if extra or session is None else [o.name for o in session.get_outputs()]
-    beside = overlap and (bool(extra) or early is not None)  # two threads (see below)
+    names = got.names if got is not None else names if extra else _output_names(session)
+    beside = overlap and (bool(extra) or got is not None)  # two threads (see below)
 
     def tensor_check(recorded: Mapping[str, np.ndarray] | None) -> TensorCheckResult:
         assert scales is not None
@@ -864,15 +867,11 @@ def _verify_whole(
 
     check: TensorCheckResult | None = None
     recorded: dict[str, np.ndarray] | None = None
-    if early is not None:
-        early_names, sets, reference = early.result()
-        if early_names != names:
-            raise InputError(f"the original's outputs differ from its graph's: {early_names}")
-        draws = _SharedDraws(session, names, sets, str(original), teleported, early=True)
-        record = _recording(session, names, extra, feed_sets[0])  # where there is one
+    if got is not None:  # the original's draws ran: the teleported's beside the check
+        sets, reference = got.sets, got.outputs
+        draws = _SharedDraws(None, names, sets, str(original), teleported, early=True)
         checker = tensor_check if scales is not None else None
-        recorded, check = _draws_beside(draws, record, checker)
-        del session
+        recorded, check = _draws_beside(draws, lambda: got.recorded, checker)
         candidate = draws.teleported()
     elif beside:
         assert session is not None
@@ -902,6 +901,11 @@ def _verify_whole(
     return result
 
 
+def _output_names(session: ort.InferenceSession | None) -> list[str]:
+    assert session is not None
+    return [o.name for o in session.get_outputs()]
+
+
 def _original_in_turn(
     session: ort.InferenceSession,
     names: list[str],
@@ -928,13 +932,28 @@ def _original_in_turn(
     return sets, reference, recorded
 
 
+@dataclasses.dataclass
+class _Early:
+    """What :class:`EarlyDraws` ran: the original (parsed), its output names, the sets as
+    run (one stacked batch where the draws ran as one), the outputs on each, and the
+    tensors the per-tensor check records (:func:`recording_superset`; None if none)."""
+
+    model: LoadedModel
+    names: list[str]
+    sets: list[Mapping[str, np.ndarray]]
+    outputs: list[list[np.ndarray]]
+    recorded: dict[str, np.ndarray] | None
+
+
 class EarlyDraws:
     """The original model's outputs on every feed set, run from its file in a background
     thread from now on (one intra-op thread: the caller teleports meanwhile, and the
     teleport needs no onnxruntime), for :func:`verify_teleport` (``early=``): the very
     draws whole-model verification would run (:func:`_stacked` into one batch where it
-    may, one by one where that batch does not run).  :meth:`close` stops it after the
-    current run; use it as a context manager."""
+    may, one by one where that batch does not run), the first one by one also recording
+    every tensor the per-tensor check of any teleported model may read
+    (:func:`~graphteleport.tensorcheck.recording_superset`).  :meth:`close` stops it
+    after the current run; use it as a context manager."""
 
     def __init__(
         self, original: str | os.PathLike[str], feed_sets: Sequence[Mapping[str, np.ndarray]]
@@ -955,26 +974,49 @@ class EarlyDraws:
         self._stopped.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def result(self) -> tuple[list[str], list[Mapping[str, np.ndarray]], list[list[np.ndarray]]]:
-        """``(output names, the sets as run, the outputs on each)``: the sets are one
-        stacked batch where the draws ran as one; errors are those of the runs."""
+    def result(self) -> _Early:
+        """What ran (errors are those of the runs)."""
         return self._future.result()
 
-    def _run(self) -> tuple[list[str], list[Mapping[str, np.ndarray]], list[list[np.ndarray]]]:
+    def _run(self) -> _Early:
+        model = LoadedModel.load(self._path)
+        names = [o.name for o in model.proto.graph.output]
+        record = None if _may_stack(model.proto.graph, self._sets) else recording_superset(model)
+        extra = [n for n in record or [] if n not in names]
+        if not extra:
+            return self._plain(model)
+        data = recording_model(model, extra).SerializeToString()
+        session = _session(data, external_folder=model.folder, threads=1)
+        first = _run_session(session, [*names, *extra], self._sets[0], self._path, False)
+        outputs = [first[: len(names)], *self._each(session, names, self._sets[1:])]
+        recorded = dict(zip([*names, *extra], first, strict=True))
+        return _Early(model, names, self._sets, outputs, recorded)
+
+    def _plain(self, model: LoadedModel) -> _Early:
+        """The model file's own session: one batch where :func:`_stacked` may."""
         session = _session(self._path, threads=1)
         names = [o.name for o in session.get_outputs()]
         stacked = _stacked(session, self._sets)
         if stacked is not None:
             try:
-                return names, [stacked], [_run_session(session, names, stacked, self._path)]
+                outputs = [_run_session(session, names, stacked, self._path)]
+                return _Early(model, names, [stacked], outputs, None)
             except InputError:
                 pass  # the batch size is baked into the graph: one by one
+        return _Early(model, names, self._sets, self._each(session, names, self._sets), None)
+
+    def _each(
+        self,
+        session: ort.InferenceSession,
+        names: list[str],
+        sets: Sequence[Mapping[str, np.ndarray]],
+    ) -> list[list[np.ndarray]]:
         outputs = []
-        for feeds in self._sets:
+        for feeds in sets:
             if self._stopped.is_set():
                 raise InputError("verification stopped")
             outputs.append(_run_session(session, names, feeds, self._path))
-        return names, self._sets, outputs
+        return outputs
 
 
 def early_draws(
@@ -1139,14 +1181,12 @@ def _reference_session(
     tele_model: LoadedModel | None,
     feed_sets: Sequence[Mapping[str, np.ndarray]],
     recording_threads: int = 2,
-    plain: bool = True,
-) -> tuple[ort.InferenceSession | None, list[str]]:
+) -> tuple[ort.InferenceSession, list[str]]:
     """The original's session for the output check, and the extra values it outputs: the
     tensors the per-tensor check records on the first set, when one run records them all
     and the sets cannot run as one batch (:func:`~graphteleport.tensorcheck.
     recording_model`: the same graph, its weights read from the same file, on
-    *recording_threads* intra-op threads); else the model file's own session (None unless
-    *plain*: the draws were run already) and none."""
+    *recording_threads* intra-op threads); else the model file's own session and none."""
     names = None if tele_model is None else recording_names(original_model, tele_model)
     if names and not _may_stack(original_model.proto.graph, feed_sets):
         proto = recording_model(original_model, names)
@@ -1154,7 +1194,7 @@ def _reference_session(
         data = proto.SerializeToString()
         session = _session(data, external_folder=original_model.folder, threads=recording_threads)
         return session, [n for n in names if n not in own]
-    return (_session(os.fspath(original)) if plain else None), []
+    return _session(os.fspath(original)), []
 
 
 def _stacked(
