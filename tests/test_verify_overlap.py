@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +192,51 @@ def test_the_cli_starts_the_original_draws_early(tmp_path: Path) -> None:
     two = len(os.sched_getaffinity(0)) >= 2
     assert v["overlapped"] is two and v["passed"] and v["inputs"] == 8
     assert v["tensors"]["passed"]
+
+
+CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import graphteleport.verify as v
+real = v.check_tensors
+def slow_check(*args, **kwargs):  # the draws run in the other threads meanwhile
+    print("checking", flush=True)
+    time.sleep(60)
+    return real(*args, **kwargs)
+v.check_tensors = slow_check
+from graphteleport.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_overlapped_verification_leaves_nothing(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    """Stopped while the per-tensor check and the draws run in their threads: exit
+    130/143 with one line, no temporary, no model, no report; the threads end."""
+    shutil.copy(FIXTURES / "resnet_tiny.onnx", tmp_path / "m.onnx")
+    args = ["m.onnx", "-o", "o.onnx", "--report", "r.json", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], 120)
+        assert ready and child.stdout.readline().strip() == "checking", child.stderr
+        assert [p.name for p in tmp_path.glob(".graphteleport-*")], "nothing staged"
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == code, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
