@@ -31,7 +31,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -819,6 +819,8 @@ def verify_teleport(
     original_model = early.result().model if early is not None else LoadedModel.load(original)
     method = choose_method(by, original_model)
     if method == "pieces":
+        if early is not None:
+            early.close()  # its draws and sessions are not needed: memory for the blocks
         result = _verify_pieces(
             original_model, teleported, feed_sets, scales, rtol, seed, block_bytes
         )
@@ -961,7 +963,7 @@ class EarlyDraws:
         self._path, self._sets = os.fspath(original), list(feed_sets)
         self._stopped = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-original")
-        self._future = self._pool.submit(self._run)
+        self._future: Future[_Early] | None = self._pool.submit(self._run)
 
     def __enter__(self) -> EarlyDraws:
         return self
@@ -970,12 +972,15 @@ class EarlyDraws:
         self.close()
 
     def close(self) -> None:
-        """Stop after the current run and wait for it."""
+        """Stop after the current run, wait for it and drop what ran (its arrays)."""
         self._stopped.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._future = None
 
     def result(self) -> _Early:
-        """What ran (errors are those of the runs)."""
+        """What ran (errors are those of the runs; InputError once closed)."""
+        if self._future is None:
+            raise InputError("the original's verification draws were stopped")
         return self._future.result()
 
     def _run(self) -> _Early:

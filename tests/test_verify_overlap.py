@@ -25,7 +25,7 @@ import onnx_ir as ir
 import pytest
 
 from graphteleport import verify
-from graphteleport.errors import VerificationError
+from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model
 from graphteleport.passes.teleport import TeleportPass
@@ -240,3 +240,15 @@ def test_a_signal_during_overlapped_verification_leaves_nothing(
     assert child.returncode == code, err
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_verification_by_pieces_stops_the_early_draws(tmp_path: Path) -> None:
+    """By pieces, the early draws are not used: closed, their arrays dropped."""
+    src, teleported, feeds, scales = case(tmp_path)
+    out = tmp_path / "t.onnx"
+    ir.save(teleported, out)
+    with verify.EarlyDraws(src, feeds) as early:
+        result = verify.verify_teleport(src, out, feeds, scales, by="pieces", early=early)
+        assert result.method == "pieces" and result.passed and not result.overlapped
+        with pytest.raises(InputError, match="stopped"):
+            early.result()
