@@ -870,10 +870,11 @@ def _verify_whole(
     check: TensorCheckResult | None = None
     recorded: dict[str, np.ndarray] | None = None
     if got is not None:  # the original's draws ran: the teleported's beside the check
-        sets, reference = got.sets, got.outputs
-        draws = _SharedDraws(None, names, sets, str(original), teleported, early=True)
+        sets, done = got.sets, len(got.outputs)
+        draws = _SharedDraws(got.session, names, sets, str(original), teleported, done)
         checker = tensor_check if scales is not None else None
         recorded, check = _draws_beside(draws, lambda: got.recorded, checker)
+        reference = [*got.outputs, *draws.original()]
         candidate = draws.teleported()
     elif beside:
         assert session is not None
@@ -936,15 +937,17 @@ def _original_in_turn(
 
 @dataclasses.dataclass
 class _Early:
-    """What :class:`EarlyDraws` ran: the original (parsed), its output names, the sets as
-    run (one stacked batch where the draws ran as one), the outputs on each, and the
-    tensors the per-tensor check records (:func:`recording_superset`; None if none)."""
+    """What :class:`EarlyDraws` ran: the original (parsed), its output names, the sets to
+    run (one stacked batch where the draws run as one), the outputs on the first of them
+    (the rest are left to ``session``), and the tensors the per-tensor check records
+    (:func:`recording_superset`; None if none)."""
 
     model: LoadedModel
     names: list[str]
     sets: list[Mapping[str, np.ndarray]]
     outputs: list[list[np.ndarray]]
     recorded: dict[str, np.ndarray] | None
+    session: ort.InferenceSession
 
 
 class EarlyDraws:
@@ -978,9 +981,11 @@ class EarlyDraws:
         self._future = None
 
     def result(self) -> _Early:
-        """What ran (errors are those of the runs; InputError once closed)."""
+        """What ran, stopping after the current run (the draws left are the caller's, on
+        the session returned); errors are those of the runs; InputError once closed."""
         if self._future is None:
             raise InputError("the original's verification draws were stopped")
+        self._stopped.set()
         return self._future.result()
 
     def _run(self) -> _Early:
@@ -995,7 +1000,7 @@ class EarlyDraws:
         first = _run_session(session, [*names, *extra], self._sets[0], self._path, False)
         outputs = [first[: len(names)], *self._each(session, names, self._sets[1:])]
         recorded = dict(zip([*names, *extra], first, strict=True))
-        return _Early(model, names, self._sets, outputs, recorded)
+        return _Early(model, names, self._sets, outputs, recorded, session)
 
     def _plain(self, model: LoadedModel) -> _Early:
         """The model file's own session: one batch where :func:`_stacked` may."""
@@ -1005,10 +1010,11 @@ class EarlyDraws:
         if stacked is not None:
             try:
                 outputs = [_run_session(session, names, stacked, self._path)]
-                return _Early(model, names, [stacked], outputs, None)
+                return _Early(model, names, [stacked], outputs, None, session)
             except InputError:
                 pass  # the batch size is baked into the graph: one by one
-        return _Early(model, names, self._sets, self._each(session, names, self._sets), None)
+        outputs = self._each(session, names, self._sets)
+        return _Early(model, names, self._sets, outputs, None, session)
 
     def _each(
         self,
@@ -1016,10 +1022,11 @@ class EarlyDraws:
         names: list[str],
         sets: Sequence[Mapping[str, np.ndarray]],
     ) -> list[list[np.ndarray]]:
+        """The outputs on the first of *sets*, up to a stop (:meth:`result`)."""
         outputs = []
         for feeds in sets:
             if self._stopped.is_set():
-                raise InputError("verification stopped")
+                break
             outputs.append(_run_session(session, names, feeds, self._path))
         return outputs
 
@@ -1115,22 +1122,24 @@ def _draws_beside(
 
 class _SharedDraws:
     """The draws of :func:`_draws_beside` as jobs in order, the original's (its session
-    given, sets[1:]) then the teleported model's (every set), taken by whichever thread
-    calls :meth:`work`; the teleported model's session, on one intra-op thread, is
-    opened by the first thread that needs it (:func:`_run_teleported`'s checks)."""
+    given, the sets after the first *done*) then the teleported model's (every set),
+    taken by whichever thread calls :meth:`work`; the teleported model's session, on one
+    intra-op thread, is opened by the first thread that needs it (:func:`_run_teleported`'s
+    checks)."""
 
     def __init__(
         self,
-        session: ort.InferenceSession | None,
+        session: ort.InferenceSession,
         names: list[str],
         sets: Sequence[Mapping[str, np.ndarray]],
         what: str,
         teleported: str | os.PathLike[str],
-        early: bool = False,
+        done: int = 1,
     ) -> None:
-        self._sessions = {} if session is None else {"original": session}
+        self._sessions = {"original": session}
         self._names, self._sets, self._what, self._path = names, sets, what, teleported
-        self._jobs = [] if early else [("original", k) for k in range(1, len(sets))]
+        self._done_before = done
+        self._jobs = [("original", k) for k in range(done, len(sets))]
         self._jobs += [("teleported", k) for k in range(len(sets))]
         self._done: dict[tuple[str, int], list[np.ndarray]] = {}
         self._lock, self._opening = threading.Lock(), threading.Lock()
@@ -1150,7 +1159,7 @@ class _SharedDraws:
             self._next = len(self._jobs)
 
     def original(self) -> list[list[np.ndarray]]:
-        return [self._done[("original", k)] for k in range(1, len(self._sets))]
+        return [self._done[("original", k)] for k in range(self._done_before, len(self._sets))]
 
     def teleported(self) -> list[list[np.ndarray]]:
         return [self._done[("teleported", k)] for k in range(len(self._sets))]
