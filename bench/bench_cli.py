@@ -10,13 +10,15 @@ Each round runs, in this order and each in a new interpreter:
   input draws and the per-tensor check).
 
 Outputs are deleted before every command (outside the timing).  The script prints each
-command's median wall time over the rounds, its peak resident memory (the child's
-``ru_maxrss``, from ``os.wait4``), the two ratios against load+save (targets: no-verify
-≤ 1.3×, verify ≤ 2.5×) and the load average before and after, since other jobs on the
-machine move every figure.  graphteleport runs from this checkout (``PYTHONPATH``), its
-bytecode compiled first (``compileall``, as ``pip install`` does for an installed
-package: with ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile the
-package's sources again, about 0.09 s).
+command's median wall time over the rounds, its median CPU time (the child's user +
+system time, from ``os.wait4``: on a machine other jobs load, CPU time moves less than
+wall time, though neither is the quiet figure), its peak resident memory (``ru_maxrss``),
+the two ratios against load+save (targets: no-verify ≤ 1.3×, verify ≤ 2.5×) and the
+load average before and after, since other jobs on the machine move every figure.
+graphteleport runs from this checkout (``PYTHONPATH``), its bytecode compiled first
+(``compileall``, as ``pip install`` does for an installed package: with
+``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile the package's sources
+again, about 0.09 s).
 
 Usage (from the repository root, in the project's venv)::
 
@@ -63,8 +65,8 @@ def commands(model: Path, work: Path, others: list[Path]) -> dict[str, Command]:
     return out
 
 
-def run_once(argv: list[str], repo: Path, work: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command run to completion."""
+def run_once(argv: list[str], repo: Path, work: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak RSS (bytes) of one command run to completion."""
     for f in work.iterdir():
         f.unlink()
     env = {**os.environ, "PYTHONPATH": str(repo)}
@@ -75,12 +77,13 @@ def run_once(argv: list[str], repo: Path, work: Path) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(argv)}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 def measure(model: Path, rounds: int, others: list[Path]) -> dict[str, Any]:
     """Every command once per round, interleaved; medians, peaks and ratios."""
     times: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
     peaks: dict[str, int] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-cli-", dir=HERE / ".cache") as tmp:
@@ -88,8 +91,9 @@ def measure(model: Path, rounds: int, others: list[Path]) -> dict[str, Any]:
         cmds = commands(model, work, others)
         for _ in range(rounds):
             for name, (argv, repo) in cmds.items():
-                seconds, peak = run_once(argv, repo, work)
+                seconds, cpu, peak = run_once(argv, repo, work)
                 times.setdefault(name, []).append(seconds)
+                cpus.setdefault(name, []).append(cpu)
                 peaks[name] = max(peaks.get(name, 0), peak)
     medians = {k: statistics.median(v) for k, v in times.items()}
     base = medians["load+save"]
@@ -98,6 +102,8 @@ def measure(model: Path, rounds: int, others: list[Path]) -> dict[str, Any]:
         "rounds": rounds,
         "seconds": times,
         "median": medians,
+        "cpu_seconds": cpus,
+        "cpu_median": {k: statistics.median(v) for k, v in cpus.items()},
         "peak_rss_bytes": peaks,
         "ratio": {k: medians[k] / base for k in medians if k != "load+save"},
         "targets": TARGETS,
@@ -111,7 +117,10 @@ def report(r: dict[str, Any]) -> None:
     for name, med in r["median"].items():
         spread = ", ".join(f"{s:.2f}" for s in r["seconds"][name])
         peak = r["peak_rss_bytes"][name] / 2**30
-        print(f"  {name:10s} median {med:6.2f} s  peak {peak:.2f} GiB  ({spread})")
+        cpu = r["cpu_median"][name]
+        print(
+            f"  {name:10s} median {med:6.2f} s  cpu {cpu:5.2f} s  peak {peak:.2f} GiB  ({spread})"
+        )
     for name, ratio in r["ratio"].items():
         target = TARGETS[name.split("@")[0]]
         verdict = "meets" if ratio <= target else "misses"

@@ -410,7 +410,7 @@ def _tele_feeds(
     the teleported chain's own."""
     if scales is None:
         return {x: tele[x] for x in inputs}
-    return {x: scales.apply(x, orig[x]).astype(orig[x].dtype) for x in inputs}
+    return {x: scales.rounded(x, orig[x]) for x in inputs}
 
 
 def _compare_outputs(

@@ -347,6 +347,7 @@ def _pass_file(
     try:
         with contextlib.ExitStack() as stack:
             stream = _open_stream(stack, model, src, dst, bars)
+            early = stack.enter_context(_early_draws(model, src, feeds, opts, stream))
             with rewrite_mod.streamed(stream.data) if stream else contextlib.nullcontext():
                 result = make_pass(shapes)(model)
             clock.seconds.update(result.seconds)
@@ -356,6 +357,7 @@ def _pass_file(
             _save_verified(
                 model, src, feeds, report, opts, progress, result.tensor_scales(),
                 clock=clock, commit=_committer(report, report_path, clock), stream=stream,
+                early=early,
             )  # fmt: skip
     except VerificationError:
         if report_path is not None:  # the failed report says why; no model is written
@@ -363,6 +365,22 @@ def _pass_file(
             write_file_atomic(report_path, report_json(report))
         raise
     return report
+
+
+def _early_draws(
+    model: ir.Model,
+    src: PathArg,
+    feeds: list[dict[str, np.ndarray]],
+    opts: TeleportOptions,
+    stream: StreamedSave | None,
+) -> contextlib.AbstractContextManager[verify_mod.EarlyDraws | None]:
+    """The original's verification draws, started in a second thread before the pass
+    runs (:func:`graphteleport.verify.early_draws`: whole-model verification with two
+    CPUs and the memory for it; not for a streamed model), closed with the job."""
+    if not opts.verify or stream is not None:
+        return contextlib.nullcontext()
+    early = verify_mod.early_draws(src, model, feeds, opts.verify_by)
+    return early if early is not None else contextlib.nullcontext()
 
 
 def _open_stream(
@@ -458,11 +476,13 @@ def _save_verified(
     clock: Stopwatch,
     commit: Callable[[StagedSave], list[Path]],
     stream: StreamedSave | None = None,
+    early: verify_mod.EarlyDraws | None = None,
 ) -> None:
     """Stage the model beside ``report.output`` (or finish the ``stream`` it was
-    rewritten into), verify it there (unless ``opts.verify`` is False) and ``commit``
-    it; a failed verification raises VerificationError (with ``err.report``) and the
-    staged files are removed."""
+    rewritten into), verify it there (unless ``opts.verify`` is False; with the
+    original's ``early`` draws where they were started) and ``commit`` it; a failed
+    verification raises VerificationError (with ``err.report``) and the staged files
+    are removed."""
     with contextlib.ExitStack() as stack:
         with clock.phase("save"):
             staged: StagedSave
@@ -476,7 +496,7 @@ def _save_verified(
             with clock.phase("verify"):
                 result = verify_mod.verify_teleport(
                     src, staged.model_path, feeds, scales if opts.tensor_check else None,
-                    rtol=_rtol(model, opts), seed=_seed(opts), by=opts.verify_by,
+                    rtol=_rtol(model, opts), seed=_seed(opts), by=opts.verify_by, early=early,
                 )  # fmt: skip
             report.verification = result
             if not result.passed:

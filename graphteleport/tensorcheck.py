@@ -64,6 +64,7 @@ __all__ = [
     "reads",
     "recording_model",
     "recording_names",
+    "recording_superset",
     "saturation_floors",
     "sub_model",
     "tolerance_scale",
@@ -111,6 +112,18 @@ class TensorScales:
             return array
         wide = np.result_type(array.dtype, np.float64)
         out: np.ndarray = np.multiply(array, _fit(s, array.ndim), dtype=wide)  # one pass
+        return out
+
+    def rounded(self, name: str, array: np.ndarray) -> np.ndarray:
+        """:meth:`apply` rounded once to *array*'s dtype (what the teleported model is fed),
+        in one pass: the float64 products are cast chunk by chunk, never held whole."""
+        s = self.scales.get(name)
+        if s is None or array.dtype.kind not in "fc" or not array.size:
+            return array
+        fitted = _fit(s, array.ndim)
+        wide = np.result_type(array.dtype, np.float64)
+        out = np.empty(np.broadcast_shapes(array.shape, fitted.shape), dtype=array.dtype)
+        np.multiply(array, fitted, out=out, dtype=wide, casting="same_kind")
         return out
 
     def peak(self, name: str, array: np.ndarray) -> float:
@@ -515,27 +528,39 @@ def _mirrored(
 ) -> dict[str, np.ndarray]:
     """Tracked float tensors mirrored and noised, ``−v + N(0, (RMS/2)²)`` on their finite
     elements (every element that had a sign takes the other: a ReLU neuron dead on the
-    recorded inputs is active here, and zeros become noise); the rest as recorded."""
+    recorded inputs is active here, and zeros become noise); the rest as recorded.
+
+    The noise of each tensor is a window, at a random offset, into one pool of standard
+    normal draws twice the largest tensor's size (drawing every element afresh cost
+    more than the rest of the pass); the arithmetic is in the tensor's dtype (float32
+    at least)."""
     rng = np.random.default_rng(seed)
-    out: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
-        if name not in tracked or a.dtype.kind != "f" or not a.size:
-            out[name] = a
-            continue
-        finite = np.isfinite(a)
-        everywhere = bool(finite.all())  # the usual case: no mask to apply
-        values = a.reshape(-1) if everywhere else a[finite]
-        rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0
-        sigma = 0.5 * rms if rms > 0 else 1.0
-        noise = rng.standard_normal(a.shape, dtype=np.float32)  # float32: half the cost
-        noisy = noise.astype(np.float64)
-        noisy *= sigma
-        noisy -= a  # sigma · noise − a, in place
-        if not everywhere:
-            noisy = np.where(finite, noisy, a)
-        limit = float(np.finfo(a.dtype).max)
-        out[name] = np.clip(noisy, -limit, limit, out=noisy).astype(a.dtype)
+    chosen = [n for n, a in arrays.items() if n in tracked and a.dtype.kind == "f" and a.size]
+    largest = max((arrays[n].size for n in chosen), default=0)
+    pool = rng.standard_normal(2 * largest, dtype=np.float32)
+    out = dict(arrays)
+    for name in chosen:
+        start = int(rng.integers(0, pool.size - arrays[name].size + 1))
+        out[name] = _mirror(arrays[name], pool[start : start + arrays[name].size])
     return out
+
+
+def _mirror(a: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """``sigma · noise − a`` where *a* is finite (else *a*), within *a*'s dtype's range;
+    ``sigma`` is half the RMS of *a*'s finite elements (1 when that is 0)."""
+    finite = np.isfinite(a)
+    everywhere = bool(finite.all())  # the usual case: no mask to apply
+    values = a.reshape(-1) if everywhere else a[finite]
+    rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0
+    sigma = 0.5 * rms if rms > 0 else 1.0
+    work = np.result_type(a.dtype, np.float32)
+    noisy: np.ndarray = np.multiply(noise.reshape(a.shape), sigma, dtype=work)
+    noisy -= a  # sigma · noise − a, in place
+    if not everywhere:
+        noisy = np.where(finite, noisy, a)
+    limit = float(np.finfo(a.dtype).max)
+    np.clip(noisy, -limit, limit, out=noisy)
+    return noisy.astype(a.dtype, copy=False)
 
 
 def check_tensors(
@@ -583,17 +608,29 @@ def check_tensors(
                 ("mirrored", _mirrored(arrays, scales.tracked, seed + 7919 * (k + 1))),
             )
         ]
-        # the original's cut model runs on both passes: on the recorded tensors its nodes
-        # need not give the whole run's arrays bit for bit (onnxruntime returned shape [1]
-        # for a value the whole LLaMA export's run returned as [], tests/test_hf_models.py)
         run = _named(open_model(_cut_proto(orig, cuts[0], group, arrays), orig.folder))
-        refs = [run(_group_feeds(job, cuts[0], False)) for job in jobs]
+        mirrored_ref = run(_group_feeds(jobs[1], cuts[0], False))
         run = _named(open_model(_cut_proto(tele, cuts[1], group, arrays), tele.folder))
         gots = [run(_group_feeds(job, cuts[1], True)) for job in jobs]
         del run
+        refs = [_recorded_ref(orig, cuts[0], jobs[0], gots[0], open_model), mirrored_ref]
         for job, ref, got in zip(jobs, refs, gots, strict=True):
             _check_group(ref, got, job, acc)
     return acc.result(len(plan.cut), len(groups))
+
+
+def _recorded_ref(
+    orig: LoadedModel, cut: _Cut, job: _Job, got: Mapping[str, np.ndarray], open_model: Opener
+) -> Mapping[str, np.ndarray]:
+    """What the original's nodes give on the recorded tensors: the recorded values of the
+    group themselves (the whole run computed them from those very inputs), unless one's
+    shape differs from the teleported cut model's (onnxruntime returned shape [1] for a
+    value the whole LLaMA export's run returned as [], tests/test_hf_models.py): then the
+    original's cut model runs on them, as it does on the mirrored tensors."""
+    if all(np.shape(job.arrays[n]) == np.shape(got[n]) for n in job.group):
+        return job.arrays
+    run = _named(open_model(_cut_proto(orig, cut, job.group, job.arrays), orig.folder))
+    return run(_group_feeds(job, cut, False))
 
 
 def _recorded_names(cuts: tuple[_Cut, _Cut], group: Sequence[str]) -> list[str]:
@@ -613,6 +650,18 @@ def recording_names(
         return None
     cuts = (_cut(original, plan, groups[0]), _cut(teleported, plan, groups[0]))
     return _recorded_names(cuts, groups[0])
+
+
+def recording_superset(
+    original: LoadedModel, budget_bytes: int = DEFAULT_BUDGET_BYTES
+) -> list[str] | None:
+    """Every tensor :func:`recording_names` may list for any teleported model of
+    *original* — every value the original computes but its constants, in topological
+    order — when one run records them all (one group under *budget_bytes*; a teleported
+    model's groups hold a subset of these values); None when the check takes several."""
+    plan = _plan(original.proto.graph, original.proto.graph)
+    groups = list(_groups(plan, _value_sizes(original), budget_bytes))
+    return plan.cut if len(groups) == 1 else None
 
 
 def recording_model(model: LoadedModel, names: Sequence[str]) -> onnx.ModelProto:
@@ -723,10 +772,7 @@ def _group_feeds(job: _Job, cut: _Cut, scaled: bool) -> dict[str, np.ndarray]:
     arrays, scales, inside = job.arrays, job.scales, set(job.group)
     names = [n for n in job.plan.graph_inputs if n in arrays] + list(cut.boundary)
     return {
-        _fed_name(n, inside): scales.apply(n, arrays[n]).astype(arrays[n].dtype)
-        if scaled
-        else arrays[n]
-        for n in names
+        _fed_name(n, inside): scales.rounded(n, arrays[n]) if scaled else arrays[n] for n in names
     }
 
 
@@ -751,6 +797,21 @@ def _check_group(
             job.rtol, job.floors.get(name, 0.0), in_mag, job.label,
         )  # fmt: skip
         acc.add(index[name], failure, elements, rel)
+
+
+def _max_abs_diff(a: np.ndarray, got: np.ndarray) -> float:
+    """``max |a - got|`` (0 for no elements), computed in ``a``'s dtype, or NaN when an
+    element of either is not finite.  Without a mask: ``a - got`` is finite exactly where
+    both are (inf - x is inf, inf - inf and NaN - x are NaN), and a NaN or inf difference
+    makes the largest or smallest difference NaN or infinite."""
+    if not a.size:
+        return 0.0
+    diff = np.subtract(a, got, dtype=a.dtype)
+    if diff.dtype.kind == "c":
+        peak = float(np.max(np.abs(diff)))
+    else:
+        peak = max(float(diff.max()), -float(diff.min()))
+    return peak if math.isfinite(peak) else math.nan
 
 
 def compare_tensor(
@@ -794,17 +855,18 @@ def _compare_tensor(
             return None, expected.size, 0.0
         return fail(f"{expected.dtype} values differ"), 0, np.inf
     wide = np.complex128 if expected.dtype.kind == "c" else np.float64
-    a, b = expected.astype(wide, copy=False), got.astype(wide, copy=False)
-    fa, fb = np.isfinite(a), np.isfinite(b)
-    if fa.all() and fb.all():  # the usual case: every element compared, no mask
-        diff, compared = np.abs(a - b), a.size
-    else:
+    a = expected.astype(wide, copy=False)
+    max_abs = _max_abs_diff(a, got)  # NaN when some element of either is not finite
+    compared = a.size
+    if not math.isfinite(max_abs):
+        b = got.astype(wide, copy=False)
+        fa, fb = np.isfinite(a), np.isfinite(b)
         why = nonfinite_mismatch(a, b, fa, fb)
         if why is not None:
             return fail(why), 0, np.inf
         diff, compared = np.abs(a[fa] - b[fa]), int(fa.sum())
+        max_abs = float(np.max(diff, initial=0.0))
     scale = tolerance_scale(a, floor, in_mag)
-    max_abs = float(np.max(diff, initial=0.0))
     rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
     if max_abs > rtol * scale:
         return fail(f"max abs err {max_abs:.3g} (rel {rel:.3g}) exceeds rtol", max_abs, rel), 0, rel

@@ -27,9 +27,11 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -53,6 +55,7 @@ from graphteleport.tensorcheck import (
     nonfinite_mismatch,
     recording_model,
     recording_names,
+    recording_superset,
     saturation_floors,
 )
 
@@ -263,37 +266,60 @@ def _run_ir_model(
 class _ProtoRun:
     """A session of a model proto: ``run(feeds)`` gives its outputs in order."""
 
-    def __init__(self, proto: onnx.ModelProto, folder: str) -> None:
-        self._session = _session(proto.SerializeToString(), external_folder=folder)
+    def __init__(
+        self, proto: onnx.ModelProto, folder: str, copy: bool = True, threads: int = 2
+    ) -> None:
+        data = proto.SerializeToString()
+        self._session = _session(data, external_folder=folder, threads=threads)
         self.output_names = [o.name for o in self._session.get_outputs()]
+        self._copy = copy
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return _run_session(self._session, self.output_names, feeds, "the model")
+        return _run_session(self._session, self.output_names, feeds, "the model", self._copy)
 
 
-def open_proto(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+def open_proto(proto: onnx.ModelProto, folder: str, *, copy: bool = True) -> _ProtoRun:
     """A runner for a model proto whose external data (if any) lives in *folder*.
 
     Used for the per-tensor check's cut models (:mod:`graphteleport.tensorcheck`).
-    Errors are :class:`InputError` with onnxruntime's message on one line.
+    Errors are :class:`InputError` with onnxruntime's message on one line.  With
+    ``copy=False`` the outputs are read-only views of onnxruntime's buffers (each keeps
+    its own buffer alive, not the session's weights): for outputs compared and dropped.
     """
-    return _ProtoRun(proto, folder)
+    return _ProtoRun(proto, folder, copy)
+
+
+def _viewing_proto(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+    """:func:`open_proto` with ``copy=False``: the per-tensor check's runner."""
+    return _ProtoRun(proto, folder, copy=False)
+
+
+def _viewing_proto_1(proto: onnx.ModelProto, folder: str) -> _ProtoRun:
+    """:func:`_viewing_proto` on one intra-op thread (the other CPU runs the draws)."""
+    return _ProtoRun(proto, folder, copy=False, threads=1)
 
 
 def _run_session(
-    session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray], what: str
+    session: ort.InferenceSession,
+    names: list[str],
+    feeds: Mapping[str, np.ndarray],
+    what: str,
+    copy: bool = True,
 ) -> list[np.ndarray]:
     try:
         values = session.run_with_ort_values(names, {k: _to_ort(v) for k, v in feeds.items()})
     except Exception as e:  # onnxruntime raises its own, unexported exception types
         raise InputError(f"onnxruntime cannot run {what}: {_ort_message(e)}") from e
-    return [_from_ort(name, v) for name, v in zip(names, values, strict=True)]
+    return [_from_ort(name, v, copy) for name, v in zip(names, values, strict=True)]
 
 
 def _session(
-    model: str | os.PathLike[str] | bytes, external_folder: str | None = None
+    model: str | os.PathLike[str] | bytes,
+    external_folder: str | None = None,
+    threads: int = 2,
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session with graph optimisations off (InputError if it fails)."""
+    """An onnxruntime CPU session with graph optimisations off, on *threads* intra-op
+    threads (InputError if it fails)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -302,7 +328,7 @@ def _session(
             "session.model_external_initializers_file_folder_path", external_folder
         )
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 4  # errors come back as exceptions: one line, ours
     # idle threads sleep instead of spinning: on a busy machine spinning takes the CPU the
@@ -329,12 +355,17 @@ def _to_ort(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=int(onnx_type))
 
 
-def _from_ort(name: str, value: ort.OrtValue) -> np.ndarray:
-    """A numpy array for an output OrtValue; bfloat16/float8 are copied out as raw bits."""
+def _from_ort(name: str, value: ort.OrtValue, copy: bool = True) -> np.ndarray:
+    """A numpy array for an output OrtValue (a copy unless ``copy=False``: a read-only
+    view then); bfloat16/float8 are copied out as raw bits."""
     if not value.is_tensor():
         raise InputError(f"output '{name}' is not a tensor; only tensor outputs can be verified")
     onnx_type = ir.DataType(value.element_type())
     if onnx_type not in (ir.DataType.BFLOAT16, *_FLOAT8_TYPES):
+        if not copy:
+            view: np.ndarray = value.numpy()
+            view.flags.writeable = False
+            return view
         return np.array(value.numpy(), copy=True)  # a view would keep the session's memory
     nbytes = value.tensor_size_in_bytes()
     raw = ctypes.string_at(value.data_ptr(), nbytes) if nbytes else b""
@@ -401,6 +432,7 @@ class VerificationResult:
         failures: one human-readable line per problem (empty when passed).
         inputs: how many input draws the outputs were compared on.
         batched: the draws ran as one batch (the model's batch axis is dynamic).
+        overlapped: the draws ran in a second thread beside the per-tensor check.
         tensors: the per-tensor check (:mod:`graphteleport.tensorcheck`), if it ran.
         method: ``"whole"`` (both models whole) or ``"pieces"`` (block by block,
             :mod:`graphteleport.pieces`); ``blocks``: how many blocks (0 when whole).
@@ -419,6 +451,7 @@ class VerificationResult:
     tensors: TensorCheckResult | None = None
     method: str = "whole"
     blocks: int = 0
+    overlapped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``json.dumps`` with ``allow_nan=False`` accepts it).
@@ -439,6 +472,7 @@ class VerificationResult:
             "failures": list(self.failures),
             "inputs": self.inputs,
             "batched": self.batched,
+            "overlapped": self.overlapped,
             "tensors": self.tensors.to_dict() if self.tensors is not None else None,
             "method": self.method,
             "blocks": self.blocks,
@@ -749,8 +783,12 @@ def verify_teleport(
     seed: int = 0,
     by: str = "auto",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    early: EarlyDraws | None = None,
 ) -> VerificationResult:
     """The proof that a teleport kept the function (DESIGN.md §5).
+
+    *early*: the original's draws on *feed_sets*, started while the caller teleported
+    (:func:`early_draws`); used by whole-model verification, unused by pieces.
 
     *by* is ``"whole"``, ``"pieces"`` or ``"auto"`` (:func:`choose_method`: whole when
     its estimated peak fits in the available memory); ``result.method`` says which ran.
@@ -777,14 +815,19 @@ def verify_teleport(
         raise InputError("verification needs at least one set of inputs")
     if by not in VERIFY_BY:
         raise InputError(f"--verify-by must be one of {', '.join(VERIFY_BY)}, got '{by}'")
-    original_model = LoadedModel.load(original)  # parsed once: floors and tensor check
+    # parsed once: floors and tensor check (by the early draws, where they ran)
+    original_model = early.result().model if early is not None else LoadedModel.load(original)
     method = choose_method(by, original_model)
     if method == "pieces":
+        if early is not None:
+            early.close()  # its draws and sessions are not needed: memory for the blocks
         result = _verify_pieces(
             original_model, teleported, feed_sets, scales, rtol, seed, block_bytes
         )
     else:
-        result = _verify_whole(original_model, original, teleported, feed_sets, scales, rtol, seed)
+        result = _verify_whole(
+            original_model, original, teleported, feed_sets, scales, rtol, seed, early
+        )
     result.seconds = time.perf_counter() - start
     logger.info("%s in %.2fs", result.summary(), result.seconds)
     return result
@@ -798,46 +841,352 @@ def _verify_whole(
     scales: TensorScales | None,
     rtol: float,
     seed: int,
+    early: EarlyDraws | None = None,
 ) -> VerificationResult:
-    """Both whole models, one session at a time (see :func:`verify_teleport`).  With the
-    per-tensor check in one group, the original's run on the first set also records the
-    tensors that check needs (:func:`_reference_session`)."""
+    """Both whole models (see :func:`verify_teleport`).  With the per-tensor check in one
+    group, the original's run on the first set also records the tensors that check needs
+    (:func:`_reference_session`).  Where two threads may run (:func:`_may_overlap`) the
+    draws run beside the recording run and the check (:func:`_draws_beside`); else one
+    session at a time, the original's released before the teleported model's opens."""
     floors = saturation_floors(original_model.proto.graph)
     tele_model = LoadedModel.load(teleported) if scales is not None else None
-    session, extra = _reference_session(original_model, original, tele_model, feed_sets)
-    names = [o.name for o in original_model.proto.graph.output] if extra else None
-    names = names or [o.name for o in session.get_outputs()]
-    stacked = None if extra else _stacked(session, feed_sets)
-    sets = [stacked] if stacked is not None else list(feed_sets)
-    try:
-        first = _run_session(session, [*names, *extra], sets[0], str(original))
-        reference = [first[: len(names)]]
-        reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
-    except InputError:
-        if stacked is None:
-            raise
-        stacked, sets = None, list(feed_sets)  # the batch size is baked into the graph
-        reference = [_run_session(session, names, f, str(original)) for f in sets]
-        first = reference[0]
-    recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
-    del session, first  # released before the teleported model is loaded
-    candidate = _run_teleported(teleported, names, sets)
+    overlap = _may_overlap(original_model)
+    got = early.result() if early is not None else None
+    session, extra = (None, []) if got is not None else _reference_session(
+        original_model, original, tele_model, feed_sets, 1 if overlap else 2
+    )  # fmt: skip
+    names = [o.name for o in original_model.proto.graph.output]
+    names = got.names if got is not None else names if extra else _output_names(session)
+    beside = overlap and (bool(extra) or got is not None)  # two threads (see below)
+
+    def tensor_check(recorded: Mapping[str, np.ndarray] | None) -> TensorCheckResult:
+        assert scales is not None
+        return check_tensors(
+            original_model, tele_model or teleported, feed_sets[0], scales,
+            _viewing_proto_1 if beside else _viewing_proto,
+            rtol=rtol, seed=seed, recorded=recorded,
+        )  # fmt: skip
+
+    check: TensorCheckResult | None = None
+    recorded: dict[str, np.ndarray] | None = None
+    if got is not None:  # the original's draws ran: the teleported's beside the check
+        sets, done = got.sets, len(got.outputs)
+        draws = _SharedDraws(got.session, names, sets, str(original), teleported, done)
+        checker = tensor_check if scales is not None else None
+        recorded, check = _draws_beside(draws, lambda: got.recorded, checker)
+        reference = [*got.outputs, *draws.original()]
+        candidate = draws.teleported()
+    elif beside:
+        assert session is not None
+        draws = _SharedDraws(session, names, feed_sets, str(original), teleported)
+        record = _recording(session, names, extra, feed_sets[0])
+        recorded, check = _draws_beside(draws, record, tensor_check)
+        del session
+        assert recorded is not None
+        sets = list(feed_sets)
+        reference = [[recorded[n] for n in names], *draws.original()]
+        candidate = draws.teleported()
+    else:
+        assert session is not None
+        sets, reference, recorded = _original_in_turn(session, names, extra, feed_sets, original)
+        del session  # released before the teleported model is loaded
+        candidate = _run_teleported(teleported, names, sets)
     results = [
         compare(r, c, names, rtol=rtol, floors=[floors.get(n, 0.0) for n in names])
         for r, c in zip(reference, candidate, strict=True)
     ]
     del reference, candidate
     result = _merge(results, len(feed_sets))  # (draws, however they were run)
-    result.batched = stacked is not None
+    result.batched = len(sets) != len(feed_sets)
+    result.overlapped = check is not None or early is not None
     if scales is not None:  # also after a failure: it names the tensor at fault
-        _add_tensor_check(
-            result,
-            check_tensors(
-                original_model, tele_model or teleported, feed_sets[0], scales, open_proto,
-                rtol=rtol, seed=seed, recorded=recorded,
-            ),
-        )  # fmt: skip
+        _add_tensor_check(result, check if check is not None else tensor_check(recorded))
     return result
+
+
+def _output_names(session: ort.InferenceSession | None) -> list[str]:
+    assert session is not None
+    return [o.name for o in session.get_outputs()]
+
+
+def _original_in_turn(
+    session: ort.InferenceSession,
+    names: list[str],
+    extra: list[str],
+    feed_sets: Sequence[Mapping[str, np.ndarray]],
+    original: str | os.PathLike[str],
+) -> tuple[list[Mapping[str, np.ndarray]], list[list[np.ndarray]], dict[str, np.ndarray] | None]:
+    """``(the sets as run, the original's outputs on each, the recorded tensors)``: one
+    batch where :func:`_stacked` may (one by one where the batch does not run), the first
+    set's run also recording *extra* (as views: each keeps its own buffer)."""
+    stacked = None if extra else _stacked(session, feed_sets)
+    sets: list[Mapping[str, np.ndarray]] = [stacked] if stacked is not None else list(feed_sets)
+    try:
+        first = _run_session(session, [*names, *extra], sets[0], str(original), not extra)
+        reference = [first[: len(names)]]
+        reference += [_run_session(session, names, f, str(original)) for f in sets[1:]]
+    except InputError:
+        if stacked is None:
+            raise
+        sets = list(feed_sets)  # the batch size is baked into the graph
+        reference = [_run_session(session, names, f, str(original)) for f in sets]
+        first = reference[0]
+    recorded = dict(zip([*names, *extra], first, strict=True)) if extra else None
+    return sets, reference, recorded
+
+
+@dataclasses.dataclass
+class _Early:
+    """What :class:`EarlyDraws` ran: the original (parsed), its output names, the sets to
+    run (one stacked batch where the draws run as one), the outputs on the first of them
+    (the rest are left to ``session``), and the tensors the per-tensor check records
+    (:func:`recording_superset`; None if none)."""
+
+    model: LoadedModel
+    names: list[str]
+    sets: list[Mapping[str, np.ndarray]]
+    outputs: list[list[np.ndarray]]
+    recorded: dict[str, np.ndarray] | None
+    session: ort.InferenceSession
+
+
+class EarlyDraws:
+    """The original model's outputs on every feed set, run from its file in a background
+    thread from now on (one intra-op thread: the caller teleports meanwhile, and the
+    teleport needs no onnxruntime), for :func:`verify_teleport` (``early=``): the very
+    draws whole-model verification would run (:func:`_stacked` into one batch where it
+    may, one by one where that batch does not run), the first one by one also recording
+    every tensor the per-tensor check of any teleported model may read
+    (:func:`~graphteleport.tensorcheck.recording_superset`).  :meth:`close` stops it
+    after the current run; use it as a context manager."""
+
+    def __init__(
+        self, original: str | os.PathLike[str], feed_sets: Sequence[Mapping[str, np.ndarray]]
+    ) -> None:
+        self._path, self._sets = os.fspath(original), list(feed_sets)
+        self._stopped = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-original")
+        self._future: Future[_Early] | None = self._pool.submit(self._run)
+
+    def __enter__(self) -> EarlyDraws:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop after the current run, wait for it and drop what ran (its arrays)."""
+        self._stopped.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._future = None
+
+    def result(self) -> _Early:
+        """What ran, stopping after the current run (the draws left are the caller's, on
+        the session returned); errors are those of the runs; InputError once closed."""
+        if self._future is None:
+            raise InputError("the original's verification draws were stopped")
+        self._stopped.set()
+        return self._future.result()
+
+    def _run(self) -> _Early:
+        model = LoadedModel.load(self._path)
+        names = [o.name for o in model.proto.graph.output]
+        record = None if _may_stack(model.proto.graph, self._sets) else recording_superset(model)
+        extra = [n for n in record or [] if n not in names]
+        if not extra:
+            return self._plain(model)
+        data = recording_model(model, extra).SerializeToString()
+        session = _session(data, external_folder=model.folder, threads=1)
+        first = _run_session(session, [*names, *extra], self._sets[0], self._path, False)
+        outputs = [first[: len(names)], *self._each(session, names, self._sets[1:])]
+        recorded = dict(zip([*names, *extra], first, strict=True))
+        return _Early(model, names, self._sets, outputs, recorded, session)
+
+    def _plain(self, model: LoadedModel) -> _Early:
+        """The model file's own session: one batch where :func:`_stacked` may."""
+        session = _session(self._path, threads=1)
+        names = [o.name for o in session.get_outputs()]
+        stacked = _stacked(session, self._sets)
+        if stacked is not None:
+            try:
+                outputs = [_run_session(session, names, stacked, self._path)]
+                return _Early(model, names, [stacked], outputs, None, session)
+            except InputError:
+                pass  # the batch size is baked into the graph: one by one
+        outputs = self._each(session, names, self._sets)
+        return _Early(model, names, self._sets, outputs, None, session)
+
+    def _each(
+        self,
+        session: ort.InferenceSession,
+        names: list[str],
+        sets: Sequence[Mapping[str, np.ndarray]],
+    ) -> list[list[np.ndarray]]:
+        """The outputs on the first of *sets*, up to a stop (:meth:`result`)."""
+        outputs = []
+        for feeds in sets:
+            if self._stopped.is_set():
+                break
+            outputs.append(_run_session(session, names, feeds, self._path))
+        return outputs
+
+
+def early_draws(
+    original: str | os.PathLike[str],
+    model: ir.Model,
+    feed_sets: Sequence[Mapping[str, np.ndarray]],
+    by: str = "auto",
+) -> EarlyDraws | None:
+    """:class:`EarlyDraws` of *original* (loaded as *model*) on *feed_sets*, started now,
+    where verification will be whole and may use two threads (:func:`_may_overlap`'s
+    rule, the estimate made from *model*'s weights as :func:`whole_model_bytes` does);
+    else None."""
+    low = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    need = sum(
+        v.const_value.nbytes * (4 if v.const_value.dtype in low else 2)
+        for v in model.graph.initializers.values()
+        if v.const_value is not None
+    )
+    if by == "pieces" or not _fits_twice(need) or (by == "auto" and not _fits(need)):
+        return None
+    return EarlyDraws(original, feed_sets)
+
+
+def _fits(need: int) -> bool:
+    """Whether *need* bytes are at most 80 % of ``MemAvailable`` (True where unknown)."""
+    available = available_memory()
+    return available is None or need <= _MEMORY_SHARE * available
+
+
+def _fits_twice(need: int) -> bool:
+    """Two CPUs for this process, and memory for twice *need* (:func:`_fits`)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # (Linux; elsewhere every CPU)
+    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return cpus >= 2 and _fits(2 * need)
+
+
+def _may_overlap(model: LoadedModel) -> bool:
+    """Whether the draws may run beside the per-tensor check (:func:`_draws_beside`):
+    this process may use two CPUs, and twice :func:`whole_model_bytes` is at most 80 %
+    of ``MemAvailable`` (the original's or the teleported model's session is open while
+    the check opens its cut models)."""
+    return _fits_twice(whole_model_bytes(model.proto.graph))
+
+
+def _recording(
+    session: ort.InferenceSession | None,
+    names: list[str],
+    extra: list[str],
+    feeds: Mapping[str, np.ndarray],
+) -> Callable[[], dict[str, np.ndarray] | None]:
+    """The recording run of :func:`_reference_session`'s session on *feeds*: every output
+    by name, as views (each keeps its own buffer, not the session); None without one."""
+
+    def record() -> dict[str, np.ndarray] | None:
+        if session is None or not extra:
+            return None
+        first = _run_session(session, [*names, *extra], feeds, "the original model", False)
+        return dict(zip([*names, *extra], first, strict=True))
+
+    return record
+
+
+def _draws_beside(
+    draws: _SharedDraws,
+    record: Callable[[], dict[str, np.ndarray] | None],
+    tensor_check: Callable[[dict[str, np.ndarray] | None], TensorCheckResult] | None,
+) -> tuple[dict[str, np.ndarray] | None, TensorCheckResult | None]:
+    """``(recorded, tensor_check(recorded))`` with ``recorded = record()`` (no check
+    without *tensor_check*), while a worker
+    thread takes the *draws* (:class:`_SharedDraws`); this thread then takes what draws
+    are left (onnxruntime and numpy release the GIL: both CPUs work).  Errors come as
+    they would one after the other: the draws' first (a teleported model that does not
+    run is a :class:`VerificationError`), then the check's; an interrupt stops the draws
+    (the worker's current run is waited for)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gt-draws") as pool:
+        worker = pool.submit(draws.work)
+        try:
+            recorded = record()
+            check = None if tensor_check is None else tensor_check(recorded)
+            draws.work()
+        except Exception:
+            draws.stop()
+            worker.result()  # its error comes first
+            raise
+        except BaseException:
+            draws.stop()
+            raise
+        worker.result()
+    return recorded, check
+
+
+class _SharedDraws:
+    """The draws of :func:`_draws_beside` as jobs in order, the original's (its session
+    given, the sets after the first *done*) then the teleported model's (every set),
+    taken by whichever thread calls :meth:`work`; the teleported model's session, on one
+    intra-op thread, is opened by the first thread that needs it (:func:`_run_teleported`'s
+    checks)."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        names: list[str],
+        sets: Sequence[Mapping[str, np.ndarray]],
+        what: str,
+        teleported: str | os.PathLike[str],
+        done: int = 1,
+    ) -> None:
+        self._sessions = {"original": session}
+        self._names, self._sets, self._what, self._path = names, sets, what, teleported
+        self._done_before = done
+        self._jobs = [("original", k) for k in range(done, len(sets))]
+        self._jobs += [("teleported", k) for k in range(len(sets))]
+        self._done: dict[tuple[str, int], list[np.ndarray]] = {}
+        self._lock, self._opening = threading.Lock(), threading.Lock()
+        self._next = 0
+
+    def work(self) -> None:
+        """Run jobs until none is left (or :meth:`stop`); a failure stops the others."""
+        while (job := self._take()) is not None:
+            try:
+                self._done[job] = self._run(*job)
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self) -> None:
+        with self._lock:
+            self._next = len(self._jobs)
+
+    def original(self) -> list[list[np.ndarray]]:
+        return [self._done[("original", k)] for k in range(self._done_before, len(self._sets))]
+
+    def teleported(self) -> list[list[np.ndarray]]:
+        return [self._done[("teleported", k)] for k in range(len(self._sets))]
+
+    def _take(self) -> tuple[str, int] | None:
+        with self._lock:
+            if self._next >= len(self._jobs):
+                return None
+            self._next += 1
+            return self._jobs[self._next - 1]
+
+    def _run(self, which: str, k: int) -> list[np.ndarray]:
+        if which == "original":
+            return _run_session(self._sessions[which], self._names, self._sets[k], self._what)
+        try:
+            session = self._teleported_session()
+            return _run_session(session, self._names, self._sets[k], "the rewritten model")
+        except InputError as e:
+            raise VerificationError(f"the rewritten model does not run: {e}") from e
+
+    def _teleported_session(self) -> ort.InferenceSession:
+        with self._opening:
+            if "teleported" not in self._sessions:
+                self._sessions["teleported"] = _teleported_session(
+                    self._path, self._names, threads=1
+                )
+            return self._sessions["teleported"]
 
 
 def _reference_session(
@@ -845,18 +1194,19 @@ def _reference_session(
     original: str | os.PathLike[str],
     tele_model: LoadedModel | None,
     feed_sets: Sequence[Mapping[str, np.ndarray]],
+    recording_threads: int = 2,
 ) -> tuple[ort.InferenceSession, list[str]]:
     """The original's session for the output check, and the extra values it outputs: the
     tensors the per-tensor check records on the first set, when one run records them all
     and the sets cannot run as one batch (:func:`~graphteleport.tensorcheck.
-    recording_model`: the same graph, its weights read from the same file); else the model
-    file's own session and none."""
+    recording_model`: the same graph, its weights read from the same file, on
+    *recording_threads* intra-op threads); else the model file's own session and none."""
     names = None if tele_model is None else recording_names(original_model, tele_model)
     if names and not _may_stack(original_model.proto.graph, feed_sets):
         proto = recording_model(original_model, names)
         own = {o.name for o in original_model.proto.graph.output}
         data = proto.SerializeToString()
-        session = _session(data, external_folder=original_model.folder)
+        session = _session(data, external_folder=original_model.folder, threads=recording_threads)
         return session, [n for n in names if n not in own]
     return _session(os.fspath(original)), []
 
@@ -889,17 +1239,26 @@ def _run_teleported(
     teleported: str | os.PathLike[str],
     names: list[str],
     sets: Sequence[Mapping[str, np.ndarray]],
+    threads: int = 2,
 ) -> list[list[np.ndarray]]:
-    """The teleported model's outputs on every set (a model that does not run, or has
-    other outputs, is a failed verification)."""
-    session = _session(os.fspath(teleported))
-    cand_names = [o.name for o in session.get_outputs()]
-    if cand_names != names:
-        raise VerificationError(f"output names differ: {cand_names} vs {names}")
+    """The teleported model's outputs on every set, on *threads* intra-op threads (a
+    model that does not run, or has other outputs, is a failed verification)."""
+    session = _teleported_session(teleported, names, threads)
     try:
         return [_run_session(session, names, f, "the rewritten model") for f in sets]
     except InputError as e:
         raise VerificationError(f"the rewritten model does not run: {e}") from e
+
+
+def _teleported_session(
+    teleported: str | os.PathLike[str], names: list[str], threads: int
+) -> ort.InferenceSession:
+    """The teleported model's session; other outputs than *names* fail verification."""
+    session = _session(os.fspath(teleported), threads=threads)
+    cand_names = [o.name for o in session.get_outputs()]
+    if cand_names != names:
+        raise VerificationError(f"output names differ: {cand_names} vs {names}")
+    return session
 
 
 def _verify_pieces(
