@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -302,3 +306,37 @@ def gemm_mlp(
 
 
 Builder = Callable[..., onnx.ModelProto]
+
+
+def signalled_child(
+    code: str,
+    args: Sequence[str],
+    cwd: Path,
+    ready: str,
+    sig: signal.Signals,
+    before_signal: Callable[[], None] = lambda: None,
+) -> tuple[int, str]:
+    """Run ``python -c code *args`` in ``cwd`` (the repository importable), wait until its
+    stdout prints the line ``ready``, call ``before_signal``, send ``sig``; its exit code
+    and stderr.  The child is killed if anything fails on the way."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        up, _, _ = select.select([child.stdout], [], [], 120)
+        assert up and child.stdout.readline().strip() == ready, child.stderr
+        before_signal()
+        child.send_signal(sig)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return child.returncode, err

@@ -25,13 +25,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import select
 import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +37,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import REPO_ROOT, const_node, gemm_mlp, make_model, rand, weights
+from conftest import REPO_ROOT, const_node, gemm_mlp, make_model, rand, signalled_child, weights
 from onnx import external_data_helper, helper, numpy_helper
 from test_cli import dynamic_model
 
@@ -846,28 +843,13 @@ def test_a_signal_during_work_leaves_nothing(
     args = [fixture(workdir, "resnet_tiny"), "-o", "o.onnx", "--report", "s/r.json", "-q"]
     (workdir / "s").mkdir()  # the report is staged in a second folder
     before = snapshot(workdir)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], 120)
-        assert ready and child.stdout.readline().strip() == "staged", child.stderr
-        staged = [p.name for p in workdir.rglob(".graphteleport-*")]
-        assert len(staged) == 2, f"expected a temporary beside the model and the report: {staged}"
-        child.send_signal(sig)
-        _, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == code, err
+
+    def staged() -> None:
+        names = [p.name for p in workdir.rglob(".graphteleport-*")]
+        assert len(names) == 2, f"expected a temporary beside the model and the report: {names}"
+
+    returncode, err = signalled_child(CHILD, args, workdir, "staged", sig, staged)
+    assert returncode == code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"graphteleport: {word}"), lines
     assert snapshot(workdir) == before

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from conftest import signalled_child
 
 from graphteleport import verify
 from graphteleport.errors import InputError, VerificationError
@@ -244,27 +242,12 @@ def test_a_signal_during_overlapped_verification_leaves_nothing(
     130/143 with one line, no temporary, no model, no report; the threads end."""
     shutil.copy(FIXTURES / "resnet_tiny.onnx", tmp_path / "m.onnx")
     args = ["m.onnx", "-o", "o.onnx", "--report", "r.json", "-q"]
-    env = {**os.environ, "PYTHONPATH": str(FIXTURES.parent.parent)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], 120)
-        assert ready and child.stdout.readline().strip() == "checking", child.stderr
+
+    def staged() -> None:
         assert [p.name for p in tmp_path.glob(".graphteleport-*")], "nothing staged"
-        child.send_signal(sig)
-        _, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.returncode == code, err
+
+    returncode, err = signalled_child(CHILD, args, tmp_path, "checking", sig, staged)
+    assert returncode == code, err
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
