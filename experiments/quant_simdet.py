@@ -5,6 +5,7 @@ Run (after ``python -m experiments.quantization --models MODEL`` has prepared th
 its calibration feeds)::
 
     python -m experiments.quant_simdet ocr_cls [--p 3 2] [--draws 10] [--int8-ops all]
+    python -m experiments.quant_simdet ocr_cls --candidates [--draws 20]
 
 For each ``cle`` exponent p, the model's cofactors as ``auto`` computes them (Clips split,
 the pinned ones joined back, absorb mode, analysed at the first calibration feed's shape)
@@ -13,7 +14,10 @@ are multiplied by ``exp(N(0, sigma))`` per pair — sigma 1e-6 is a few float32 
 feeds, as ``auto`` does.  Printed per sigma: the pooled SQNR's range over the draws, the
 share of the noise on the feed that carries the most, and the SQNR without that feed.  A
 spread wider than the gaps between the candidates means the calibration score cannot rank
-them (docs/quantization.md, "How auto chose").
+them (docs/quantization.md, "How auto chose").  ``--candidates``: instead, every absorb-mode
+candidate of ``auto`` (:func:`graphteleport.passes.equalize.auto_candidates`) scored by its
+noise averaged over the draws at sigma 1e-6 (a score that takes the expectation over the
+rounding lottery), with the range of the draws.
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from graphteleport.activations import Int8Simulation, load_calibration
     from graphteleport.analysis import analyze_model
     from graphteleport.clips import join_clips, split_clips
-    from graphteleport.passes.equalize import cle_values, feed_shapes, pinned_clips
+    from graphteleport.passes.equalize import (
+        EqualizeSettings,
+        auto_candidates,
+        cle_values,
+        feed_shapes,
+        pinned_clips,
+    )
 
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("model")
@@ -42,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--draws", type=int, default=10)
     p.add_argument("--int8-ops", default="all", help="as equalize's (the harness: all)")
     p.add_argument("--cache", default=str(ROOT / "experiments" / ".cache" / "quantization"))
+    p.add_argument("--candidates", action="store_true", help="dithered means of auto's candidates")
     args = p.parse_args(argv)
     work = Path(args.cache) / args.model
     feeds = load_calibration(work / "calibration.npz")
@@ -54,6 +65,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ops = None if args.int8_ops == "none" else tuple(args.int8_ops.split(","))
     sim = Int8Simulation.calibrate(model, analysis, feeds, ops)
     rng = np.random.default_rng(0)
+    if args.candidates:
+        settings = EqualizeSettings("auto", calibration=feeds, int8_ops=ops)
+        for name, values, *_ in auto_candidates(model, analysis, settings):
+            if values is None:
+                continue
+            draws = [
+                sim.sample_noise(
+                    analysis.solution.cofactors(values * np.exp(rng.normal(0, 1e-6, values.shape)))
+                )
+                for _ in range(args.draws)
+            ]
+            signal = draws[0][0].sum()
+            mean = np.mean([noise for _, noise in draws], axis=0)
+            dbs = [10 * np.log10(signal / noise.sum()) for _, noise in draws]
+            print(
+                f"{name}: mean noise {10 * np.log10(signal / mean.sum()):.2f} dB (draws "
+                f"{min(dbs):.2f} .. {max(dbs):.2f}); largest feed's share of the mean "
+                f"{mean.max() / mean.sum():.2f}",
+                flush=True,
+            )
+        return 0
     for exponent in args.p:
         values, _ = cle_values(analysis, exponent)
         for sigma in SIGMAS:

@@ -1125,6 +1125,10 @@ cofactors by `exp(N(0, 1e-6))` (about 8 float32 ulps) moves the simulated score 
 45.36 and 58.02 dB over 10 draws (p = 2: 35.77–57.83 dB; the same levels recur; on
 mnist_mbv2, largest sample 7–9 %: 28.27–28.36 dB; `python -m experiments.quant_simdet
 ocr_cls`).  The candidates' scores, 32.3–58.0 dB, lie within one candidate's lottery.
+A score that takes the lottery's expectation does not rank them either: each absorb
+candidate's noise averaged over 20 such draws (`--candidates`) still sits 96–100 % on
+line 12 and puts smooth alpha 0.5 (48.94 dB; 26.58 dB held-back) above cle p = 3 (46.52;
+33.64 held-back), cle p = 2 first (50.60).
 The "58.0 dB from the CLI, 23.2 dB from Python" of insert p = 4 was something else: two
 candidates.  The simulation is deterministic (the CLI and `EqualizePass`, run twice each,
 repeat every score to all digits; the QDQ models give the same outputs on 1 or 2
