@@ -742,11 +742,12 @@ class EqualizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> EqualizeResult:
         opts, s = self.options, self.settings
         t0 = time.perf_counter()
+        shapes = feed_shapes(model, self.input_shapes, s.calibration)
         clips = split_clips(model) if opts.rescale_clip else ClipSplit()
-        analysis = analyze_model(model, self.input_shapes, opts.mode)
+        analysis = analyze_model(model, shapes, opts.mode)
         if opts.mode == "absorb" and (pinned := pinned_clips(analysis, clips)):
             clips = join_clips(model, clips, pinned)
-            analysis = analyze_model(model, self.input_shapes, opts.mode)
+            analysis = analyze_model(model, shapes, opts.mode)
         arrays = stored_arrays(analysis)
         t1 = time.perf_counter()
         found: Minimum | None = None
@@ -758,11 +759,11 @@ class EqualizePass(ir.passes.InPlacePass):
         elif s.method == "smooth":
             values = smooth_values(model, analysis, s.calibration, s.alpha)
         else:
-            chosen = auto_values(model, analysis, s, self.input_shapes)
+            chosen = auto_values(model, analysis, s, shapes)
             values, found = chosen.values, chosen.minimum
             if chosen.mode == "insert":  # the chosen values index the insert analysis' pairs
                 opts = dataclasses.replace(opts, mode="insert")
-                analysis = analyze_model(model, self.input_shapes, "insert")
+                analysis = analyze_model(model, shapes, "insert")
                 arrays = stored_arrays(analysis)
         if s.exact:
             values = power_of_two(values)
@@ -793,6 +794,27 @@ class EqualizePass(ir.passes.InPlacePass):
         )  # fmt: skip
         result.modified = result.modified or bool(clips.clips)
         return result
+
+
+def feed_shapes(
+    model: ir.Model, given: Mapping[str, Sequence[int]], feeds: Feeds
+) -> dict[str, tuple[int, ...]]:
+    """``given`` completed, for each graph input whose declared shape is not fully static
+    and that ``given`` lacks, by that input's shape in the first calibration feed (none
+    without feeds).  The analysis of a model with symbolic input dimensions is coarser than
+    with concrete ones (a conv's output channels of an input ``[N, 3, H, W]`` become one
+    class), so without this the pass in Python analysed another model than the CLI, which
+    always resolves the input shapes: on the rapidocr direction classifier auto's ``insert
+    cle p=4`` candidate then scored 23.16 dB against the CLI's 58.03 dB (3006 against 3013
+    insert-mode pairs; docs/quantization.md)."""
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in given.items()}
+    first = feeds[0] if feeds else {}
+    for v in model.graph.inputs:
+        name = v.name or ""
+        static = v.shape is not None and all(isinstance(d, int) for d in v.shape)
+        if name not in shapes and not static and name in first:
+            shapes[name] = tuple(int(d) for d in np.shape(first[name]))
+    return shapes
 
 
 def pinned_clips(analysis: AnalysisResult, clips: ClipSplit) -> list[str]:
@@ -949,8 +971,9 @@ def significant_best(
     other inputs.  Resampling the feeds shows part of it: the best candidate then wins in
     a share of resamplings near the chance that the few feeds are drawn.  With ``level`` =
     0.975 the rule keeps the best where the 95 % interval of its gain lies above 0.  But a
-    near-boundary input's noise is itself erratic — on the classifier the same candidate
-    scored 58 dB from the CLI and 23 dB from a Python session on the same files — so a
+    near-boundary input's noise is itself a rounding lottery — on the classifier, cle p=3's
+    cofactors times ``exp(N(0, 1e-6))`` score 45.4 to 58.0 dB over 10 draws (its logits
+    land on the UINT8 grid before the Softmax; ``experiments/quant_simdet.py``) — so a
     ranking that rests on about one feed is not kept even where it resamples well: hence
     ``min_feeds``."""
     scored = [(n, float(z.sum())) for n, z in noises if z is not None]
