@@ -546,7 +546,8 @@ def _mirrored(
 
 
 def _mirror(a: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """``sigma · noise − a`` where *a* is finite (else *a*), within *a*'s dtype's range;
+    """``sigma · noise − a`` where *a* is finite (else *a*), within *a*'s dtype's range
+    (an element that overflowed to ±inf is clipped to the dtype's largest finite value);
     ``sigma`` is half the RMS of *a*'s finite elements (1 when that is 0)."""
     finite = np.isfinite(a)
     everywhere = bool(finite.all())  # the usual case: no mask to apply
@@ -554,8 +555,9 @@ def _mirror(a: np.ndarray, noise: np.ndarray) -> np.ndarray:
     rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0
     sigma = 0.5 * rms if rms > 0 else 1.0
     work = np.result_type(a.dtype, np.float32)
-    noisy: np.ndarray = np.multiply(noise.reshape(a.shape), sigma, dtype=work)
-    noisy -= a  # sigma · noise − a, in place
+    with np.errstate(over="ignore"):  # near the dtype's max (a mask's fill): clipped below
+        noisy: np.ndarray = np.multiply(noise.reshape(a.shape), sigma, dtype=work)
+        noisy -= a  # sigma · noise − a, in place
     if not everywhere:
         noisy = np.where(finite, noisy, a)
     limit = float(np.finfo(a.dtype).max)
