@@ -41,6 +41,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+import onnx_ir as ir  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,8 @@ if str(REPO_ROOT) not in sys.path:  # models/ is not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
 from graphteleport.cli import main  # noqa: E402
+from graphteleport.frontends.onnx import ort_probe, resolve_input_shapes  # noqa: E402
+from graphteleport.passes.teleport import TeleportPass  # noqa: E402
 from models.hf import HF_MODELS, export_entry, export_hf  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -165,10 +168,9 @@ def _feeds(session: Any, batch: int, seq: int, seed: int) -> dict[str, np.ndarra
     return feeds
 
 
-@pytest.mark.parametrize("name", ["resnet_basic", "bert_classifier", "llama"])
-def test_dynamic_batch_and_sequence(hf_dir: Path, name: str) -> None:
-    """Exported with dynamic batch (and sequence) axes, teleported at one shape given by
-    --input-shape, the teleported model must agree with the original at other shapes too."""
+def dynamic_export(hf_dir: Path, name: str) -> tuple[Path, list[str]]:
+    """*name* exported with dynamic batch (and sequence) axes, and the ``--input-shape``
+    arguments that size them (batch 2; sequence 5)."""
     entry = HF_MODELS[name]
     model, inputs = entry.build(0)
     batch = torch.export.Dim("batch", min=1, max=8)
@@ -181,10 +183,14 @@ def test_dynamic_batch_and_sequence(hf_dir: Path, name: str) -> None:
         dims = {k: {0: batch, 1: seq} for k in inputs}
         args = [a for k in inputs for a in ("--input-shape", f"{k}=2,5")]
     inputs = {k: torch.cat([v, v]) for k, v in inputs.items()}
-    src = export_hf(model, inputs, hf_dir / f"{name}_dynamic.onnx", dynamic_shapes=dims)
-    rc, report, out, err = teleport(src, *args)
-    assert rc == 0, err
-    assert report["free_cofactors"] > 0
+    path = hf_dir / f"{name}_dynamic.onnx"
+    if not path.exists():
+        export_hf(model, inputs, path, dynamic_shapes=dims)
+    return path, args
+
+
+def agrees_at_other_shapes(src: Path | str, out: Path | str) -> None:
+    """The two models agree at three other (batch, sequence) sizes."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     original = ort.InferenceSession(str(src), opts)
@@ -193,6 +199,37 @@ def test_dynamic_batch_and_sequence(hf_dir: Path, name: str) -> None:
         feeds = _feeds(original, b, s, seed=10 * b + s)
         for x, y in zip(original.run(None, feeds), teleported.run(None, feeds), strict=True):
             assert np.abs(x - y).max() <= MAX_REL_ERR * np.abs(x).max(), (b, s)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "bert_classifier", "llama"])
+def test_dynamic_batch_and_sequence(hf_dir: Path, name: str) -> None:
+    """Exported with dynamic batch (and sequence) axes, teleported at one shape given by
+    --input-shape, the teleported model must agree with the original at other shapes too."""
+    src, args = dynamic_export(hf_dir, name)
+    rc, report, out, err = teleport(src, *args)
+    assert rc == 0, err
+    assert report["free_cofactors"] > 0
+    agrees_at_other_shapes(src, out)
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "bert_classifier", "llama"])
+def test_dynamic_axes_pass_without_shapes_is_the_clis(hf_dir: Path, name: str) -> None:
+    """``TeleportPass`` from Python without ``input_shapes`` analyses a dynamic export as
+    the CLI does (the analysis sizes the open axes with the CLI's resolver): the same free
+    pairs and weights as with the shapes the CLI resolves; the result runs at other sizes."""
+    src, _ = dynamic_export(hf_dir, name)
+    plain, sized = ir.load(src), ir.load(src)
+    shapes = resolve_input_shapes(sized, probe=ort_probe(src)).shapes
+    without = TeleportPass(seed=4)(plain)
+    with_shapes = TeleportPass(seed=4, input_shapes=shapes)(sized)
+    assert without.free_cofactors == with_shapes.free_cofactors > 0
+    for k, v in plain.graph.initializers.items():
+        w = sized.graph.initializers[k]
+        assert v.const_value is not None and w.const_value is not None
+        np.testing.assert_array_equal(v.const_value.numpy(), w.const_value.numpy())
+    out = hf_dir / f"{name}_dynamic_pass.onnx"
+    ir.save(plain, out)
+    agrees_at_other_shapes(src, out)
 
 
 # -- library bugs found with these models --------------------------------------------------

@@ -26,7 +26,12 @@ import onnx_ir as ir
 
 from graphteleport.algebra import Factor
 from graphteleport.analysis.constraints import Absorb, Block, ConstRef, EdgeScale, Wrap
-from graphteleport.analysis.driver import GraphIndex, analyze_model, index_graph
+from graphteleport.analysis.driver import (
+    GraphIndex,
+    analyze_model,
+    complete_input_shapes,
+    index_graph,
+)
 from graphteleport.analysis.graphinfo import FLOAT_TYPES
 from graphteleport.analysis.quiver import PinGroup, Quiver
 from graphteleport.analysis.result import AnalysisResult, Weight
@@ -61,5 +66,6 @@ __all__ = [
     "Wrap",
     "analyze",
     "analyze_model",
+    "complete_input_shapes",
     "index_graph",
 ]

@@ -35,6 +35,7 @@ from graphteleport.analysis.result import AnalysisResult, Weight
 from graphteleport.analysis.rules import QUANTIZED_OPS, RULES, SHAPE_ONLY, Rule
 from graphteleport.analysis.solve import Solution, solve
 from graphteleport.analysis.uses import foreign_read, subgraphs
+from graphteleport.frontends.onnx import ort_probe, resolve_input_shapes
 
 log = logging.getLogger(__name__)
 IntArray = np.ndarray
@@ -276,11 +277,40 @@ class GraphIndex:
         return self._info.value(v)
 
 
+def complete_input_shapes(
+    model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """``input_shapes`` completed with a concrete shape for every real input (graph input
+    that is not an initializer) whose declared shape has a dynamic axis and that
+    ``input_shapes`` lacks, sized as the CLI sizes it
+    (:func:`graphteleport.frontends.onnx.resolve_input_shapes` with an onnxruntime probe:
+    ``input_shapes`` as overrides, shared symbols, batch 1, integer sequences, declared
+    hints, then the ladder).  Without concrete sizes a value's shape is unknown and its
+    neurons collapse into one class (a conv's output channels of an input ``[N, 3, H, W]``),
+    so an analysis would depend on whether its caller sized the inputs.  Returned
+    unchanged (as tuples) when nothing is missing; raises
+    :class:`~graphteleport.errors.InputError` when an axis cannot be sized (unknown rank,
+    no size at which onnxruntime runs the model)."""
+    given = {name: tuple(int(d) for d in shape) for name, shape in (input_shapes or {}).items()}
+    if not any(_open_input(v, given) for v in model.graph.inputs):
+        return given
+    resolved = resolve_input_shapes(model, given, probe=ort_probe(model))
+    return {**resolved.shapes, **given}
+
+
+def _open_input(v: ir.Value, given: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether real input ``v`` has a dynamic (or unknown) axis ``given`` does not size."""
+    if v.is_initializer() or (v.name or "") in given:
+        return False
+    return v.shape is None or not all(isinstance(d, int) for d in v.shape)
+
+
 def index_graph(
     model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
 ) -> GraphIndex:
-    """Index ``model``'s graph (concrete ``input_shapes`` for dynamic dimensions)."""
-    return GraphIndex(GraphInfo(model, input_shapes))
+    """Index ``model``'s graph (concrete ``input_shapes`` for dynamic dimensions; those
+    missing are sized by :func:`complete_input_shapes`)."""
+    return GraphIndex(GraphInfo(model, complete_input_shapes(model, input_shapes)))
 
 
 def analyze_model(
@@ -299,10 +329,11 @@ def analyze_model(
     frontend: parameters and buffers only); ``training`` keeps BatchNorm right in
     training mode and stored tensors at their shapes.  ``index``: the graph's facts when
     already indexed (:func:`index_graph`, with the same ``input_shapes``); else indexed
-    here.  The model is not changed.
+    here, the dynamic axes ``input_shapes`` does not size sized as the CLI sizes them
+    (:func:`complete_input_shapes`).  The model is not changed.
     """
     if index is None:
-        info = GraphInfo(model, input_shapes, writable)
+        info = GraphInfo(model, complete_input_shapes(model, input_shapes), writable)
     else:
         info = index._info.fresh(writable)
     ctx = Context(info, mode, rescale_residual, training)

@@ -111,7 +111,13 @@ from graphteleport.activations import (
     smooth_cofactors,
 )
 from graphteleport.algebra import power, with_rank
-from graphteleport.analysis import Absorb, AnalysisResult, Weight, analyze_model
+from graphteleport.analysis import (
+    Absorb,
+    AnalysisResult,
+    Weight,
+    analyze_model,
+    complete_input_shapes,
+)
 from graphteleport.clips import ClipSplit, join_clips, split_clips
 from graphteleport.errors import InputError
 from graphteleport.options import CofactorOptions, Mode, check_input_shapes, check_mode
@@ -742,7 +748,8 @@ class EqualizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> EqualizeResult:
         opts, s = self.options, self.settings
         t0 = time.perf_counter()
-        shapes = feed_shapes(model, self.input_shapes, s.calibration)
+        # sized once for every analysis below: the feeds' shapes, then as the CLI sizes them
+        shapes = complete_input_shapes(model, feed_shapes(model, self.input_shapes, s.calibration))
         clips = split_clips(model) if opts.rescale_clip else ClipSplit()
         analysis = analyze_model(model, shapes, opts.mode)
         if opts.mode == "absorb" and (pinned := pinned_clips(analysis, clips)):
@@ -927,6 +934,7 @@ def insert_candidates(
     that did not converge.  Insert mode reaches classes absorb mode pins (a hardswish's
     conv, the recogniser's 1x1 convs of the diagnosis), at the price of the nodes."""
     proto = ir.to_proto(model)
+    input_shapes = complete_input_shapes(model, input_shapes)  # once for every analysis
     for p in AUTO_P:
         name = f"insert cle p={p:g}"
         copy = ir.from_proto(proto)
