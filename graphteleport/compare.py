@@ -18,13 +18,13 @@ summed per cell of the use's compact layout (the elements one ``S`` value covers
 normal equations ``MᵀNM u = MᵀN ȳ`` (N: elements per cell), matrix-free: ``MᵀNM`` is
 the Hessian of the orbit objective with ``Q = N`` at ``u = 0``, so its products are
 :class:`graphteleport.orbit_kernel.OrbitKernel`'s (two gemv per conv/Gemm weight) and
-its preconditioner the kernel's two-level one (Jacobi plus one coarse unknown per layer
-or residual stream; :func:`normal_system`), then reweighted toward least absolute deviations
-so that a fine-tuned weight does not drag its neighbours' classes.  Signs come first: a
-pair that may be negative (groups any and sign) takes the sign its weights' ratios vote
-for, cell by cell, once every other pair of the cell is known (peeling from the pinned
-inputs, as a teleport's signs propagate); pairs no vote reaches stay positive.  A sign
-group's ``|t|`` is 1 (``u = 0``).
+its preconditioner the inverse of its rank-one approximation (each weight's ``N``
+replaced by the rank-one matrix of its row and column sums; :func:`normal_system`), then
+reweighted toward least absolute deviations so that a fine-tuned weight does not drag
+its neighbours' classes.  Signs come first: a pair that may be negative (groups any and
+sign) takes the sign its weights' ratios vote for, cell by cell, once every other pair
+of the cell is known (peeling from the pinned inputs, as a teleport's signs propagate);
+pairs no vote reaches stay positive.  A sign group's ``|t|`` is 1 (``u = 0``).
 
 **Verdict.**  ``same`` when every element's ``|log|r| − log|S(u)||`` is at most the
 tolerance (``1e-5`` scaled by the weight dtype's epsilon over float32's), no sign differs
@@ -53,7 +53,7 @@ from graphteleport.errors import InputError
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import check_paths, load_model, write_file_atomic
 from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
-from graphteleport.orbit_kernel import OrbitKernel, two_level
+from graphteleport.orbit_kernel import OrbitKernel, low_rank, two_level
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -397,7 +397,7 @@ def _vote(d: UseData, s: FloatArray, unknown: IntArray, votes: FloatArray) -> No
 
 
 #: How :func:`_solve` forms the normal products: ``"kernel"`` (default) by
-#: :class:`~graphteleport.orbit_kernel.OrbitKernel` (gemv per conv/Gemm weight, two-level
+#: :class:`~graphteleport.orbit_kernel.OrbitKernel` (gemv per conv/Gemm weight, rank-one
 #: preconditioner), ``"rows"`` row by row through :class:`~graphteleport.orbit.OrbitTerms`
 #: with Jacobi (the reference: tests and ``bench/bench_compare.py`` check one against the other).
 PRODUCTS = ("kernel", "rows")
@@ -411,8 +411,12 @@ def normal_system(
     preconditioner.  By the kernel: ``AᵀWA`` is the Hessian ``p² Aᵀ diag(y) A`` of the
     orbit objective with ``Q = w`` at ``u = 0`` (there ``y = Q``), so
     :meth:`~graphteleport.orbit_kernel.OrbitKernel.hessian_vector` (float64 ``Q``) is the
-    product and :func:`~graphteleport.orbit_kernel.two_level` (Jacobi plus one coarse
-    unknown per layer or residual stream) the preconditioner; by ``"rows"``:
+    product and :func:`~graphteleport.orbit_kernel.low_rank` the preconditioner (the
+    inverse of ``AᵀWA`` with each conv/Gemm weight's ``W`` replaced by the rank-one
+    matrix of its row and column sums, by Woodbury's identity; exact where ``W`` has rank
+    one, as for a model against its own teleport; where there is no such weight,
+    :func:`~graphteleport.orbit_kernel.two_level`, Jacobi plus one coarse unknown per
+    layer or residual stream); by ``"rows"``:
     ``Aᵀ(w ⊙ A v)`` and Jacobi.  The movable pairs with a zero diagonal are left to the
     caller."""
     diag = terms.pair_sums(w, squared=True)
@@ -424,7 +428,8 @@ def normal_system(
     at = kernel.point(np.zeros(terms.num_pairs))
     assert at is not None  # no bound
     group = np.where(active, kernel.group, -1)
-    return (lambda v: kernel.hessian_vector(at, v)), diag, two_level(kernel, at, active, group)
+    precondition = low_rank(kernel, at, active) or two_level(kernel, at, active, group)
+    return (lambda v: kernel.hessian_vector(at, v)), diag, precondition
 
 
 def _solve(
