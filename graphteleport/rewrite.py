@@ -27,8 +27,10 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
+from graphteleport import halfcast
 from graphteleport.algebra import RowScale, row_scale, scale_bounds, scales_of, with_rank
 from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef, Weight
+from graphteleport.halfcast import HALVES
 from graphteleport.numerics import (
     Magnitudes,
     MagnitudeScan,
@@ -107,11 +109,12 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
     """``W · S``, rounded once into W's dtype.
 
     float64 weights multiply by S itself; float32 weights by S rounded to float32 (exact
-    for powers of two) where ``float32_scale`` (S is a normal float32).  Otherwise —
-    float16 and bfloat16 weights, or an S outside float32's range — the product is
-    taken in float64, exactly where S is a float32 (11 or 8 bits times 24 fit in 53),
-    then rounded into W's dtype: a float16 weight never sees S rounded to float16 (a
-    cofactor of 1e-6 would be 0 there).  A constant is broadcast-expanded only along
+    for powers of two) where ``float32_scale`` (S is a normal float32).  float16 and
+    bfloat16 weights, where ``float32_scale``, through float32 (:func:`_half_product`):
+    W widened (exactly), times S rounded to float32, the product rounded to float32 and
+    then to W's dtype — a float16 weight never sees S rounded to float16 (a cofactor of
+    1e-6 would be 0 there).  Otherwise (an S outside float32's range) the product is taken
+    in float64 and rounded once into W's dtype.  A constant is broadcast-expanded only along
     the axes where ``S`` really varies (a scalar becoming per-channel); along the
     others — a sequence axis whose neurons the analysis tied — W keeps its size, so the
     model still accepts any length there.
@@ -128,9 +131,30 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
     if native:
         out = np.broadcast_to(w, target) * s.astype(w.dtype)
         return out
+    if float32_scale and w.dtype in HALVES:
+        return _half_product(np.broadcast_to(w, target), np.broadcast_to(s, target))
     if float32_scale:
         s = s.astype(np.float32).astype(np.float64)
     out = np.multiply(np.broadcast_to(w, target), s, dtype=np.float64).astype(w.dtype)
+    return out
+
+
+def _half_product(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``W · S`` of a float16 or bfloat16 W (``S`` of W's shape, a normal float32 where
+    rounded) through float32: ``round_W(round_32(w · round_32(s)))``.
+
+    The float32 product of an 11-bit (8-bit) w and a 24-bit s is rounded twice, first to
+    24 bits; it differs from the exactly rounded product ``round_W(w · round_32(s))`` only
+    where the first rounding lands on a tie of W's dtype — then by 1 ulp of W's dtype, at
+    most, and rarely (about one element in 2^13 for random data).  Powers of two (the
+    ``--exact`` cofactors) stay exact: the product has at most 11 (8) significant bits,
+    which float32 holds exactly, or, in float32's subnormal range, too few to reach a tie
+    of W's dtype by rounding at float32's last place.  Overflow gives ±inf and underflow ±0
+    as the exact rounding does."""
+    w32 = w.astype(np.float32)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        np.multiply(w32, s.astype(np.float32), out=w32)
+    out: np.ndarray = w32.astype(w.dtype)
     return out
 
 
@@ -237,6 +261,8 @@ def _rows_into(
     (:func:`_native_rows_into`) or through float64 (:func:`_wide_rows_into`)."""
     if _native(w.dtype, float32_scale):
         return _native_rows_into(w, out, fill, split, start, stop)
+    if float32_scale and w.dtype in HALVES:
+        return _half_rows_into(w, out, fill, split, start, stop)
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
 
@@ -326,6 +352,47 @@ def _bits_changed(wc: np.ndarray, oc: np.ndarray) -> int:
     return int(np.count_nonzero(differ)) - int(np.count_nonzero(differ & (((wb | ob) & mask) == 0)))
 
 
+def _half_rows_into(
+    w: np.ndarray,
+    out: np.ndarray,
+    fill: Fill,
+    split: int,
+    start: int,
+    stop: int,
+) -> tuple[int, MagnitudeScan]:
+    """Rows ``start:stop`` of a float16 or bfloat16 ``W · S`` as :func:`_half_product`
+    rounds it, into ``out``, a block of about ``_BLOCK`` elements at a time in float32
+    buffers reused across blocks: ``S`` rounded once to float32 on the block's grid (W's
+    first ``split`` axes), W widened into a buffer (:mod:`graphteleport.halfcast`: torch's
+    vectorised conversions where importable), one ``multiply`` broadcast over the trailing
+    axes, one conversion back into ``out``; the elements whose bits changed (counted by
+    :func:`_bits_changed`: S is not rounded to W's dtype, so an ``s ≠ 1`` may leave ``w``
+    as it was) and the rows' magnitudes."""
+    casts = halfcast.for_size(w.size)
+    scan = MagnitudeScan(w.dtype)
+    inner = max(1, math.prod(w.shape[split:]))
+    row = max(1, math.prod(w.shape[1:]))
+    rows = max(1, _BLOCK // row)
+    cells = row // inner
+    s64 = np.empty(rows * cells, dtype=np.float64)
+    g32 = np.empty(rows * cells, dtype=np.float32)
+    w32 = np.empty(rows * row, dtype=np.float32)
+    changed = 0
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for i in range(start, stop, rows):
+            n = min(i + rows, stop) - i
+            wc, oc, b = w[i : i + n].reshape(-1), out[i : i + n].reshape(-1), w32[: n * row]
+            fill(i, i + n, s64[: n * cells].reshape((n, *w.shape[1:split])))
+            g = g32[: n * cells]
+            np.copyto(g, s64[: n * cells], casting="same_kind")
+            casts.copy(wc, b)
+            np.multiply(b.reshape(-1, inner), g[:, None], out=b.reshape(-1, inner))
+            casts.copy(b, oc)
+            scan.add(wc)
+            changed += _bits_changed(wc, oc)
+    return changed, scan
+
+
 def _wide_rows_into(
     w: np.ndarray,
     out: np.ndarray,
@@ -334,10 +401,10 @@ def _wide_rows_into(
     start: int,
     stop: int,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of a float16 or bfloat16 ``W · S`` (or one whose S leaves
-    float32's range) into ``out``, a block of about ``_BLOCK`` elements at a time in
-    buffers reused across blocks: the exact products in float64 (of S rounded to float32
-    where ``float32_scale``), rounded once; the elements whose bits changed (counted by
+    """Rows ``start:stop`` of a ``W · S`` whose S leaves float32's range into ``out``, a
+    block of about ``_BLOCK`` elements at a time in buffers reused across blocks: the
+    exact products in float64 (of S rounded to float32 where ``float32_scale``), rounded
+    once; the elements whose bits changed (counted by
     :func:`_bits_changed`; finite W) and the rows' magnitudes."""
     scan = MagnitudeScan(w.dtype)
     row = max(1, math.prod(w.shape[1:]))
