@@ -188,7 +188,8 @@ def _product_rows(
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
     ``rows_of(i, j)`` (broadcastable to W's rows; ``layout``: S's shape, each axis W's
     size or 1 — None: W's own; ``fill(i, j, out)``, where given, writes those rows into a
-    float64 buffer of the grid's shape instead:
+    buffer of the grid's shape instead — float64, or float32 (rounding each value once)
+    for a float32, float16 or bfloat16 W with ``float32_scale`` —
     :meth:`~graphteleport.algebra.RowScale.rows_into`).  A large W is cut into row ranges
     worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy releases
     the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or
@@ -274,7 +275,7 @@ def _filler(rows_of: Callable[[int, int], np.ndarray], split: int) -> Fill:
 
     def fill(start: int, stop: int, out: np.ndarray) -> None:
         s = rows_of(start, stop)  # (W's rank; its axes from ``split`` on are 1)
-        np.copyto(out, s.reshape(s.shape[:split]))
+        np.copyto(out, s.reshape(s.shape[:split]), casting="same_kind")
 
     return fill
 
@@ -298,17 +299,14 @@ def _native_rows_into(
     row = max(1, math.prod(w.shape[1:]))
     rows = max(1, _BLOCK // row)
     cells = row // inner  # grid cells per row
-    s64 = np.empty(rows * cells, dtype=np.float64)
-    grid = s64 if w.dtype == np.float64 else np.empty(rows * cells, dtype=w.dtype)
+    grid = np.empty(rows * cells, dtype=w.dtype)
     changed = 0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for i in range(start, stop, rows):
             n = min(i + rows, stop) - i
             wc, oc = w[i : i + n].reshape(-1, inner), out[i : i + n].reshape(-1, inner)
             g = grid[: n * cells]
-            fill(i, i + n, s64[: n * cells].reshape((n, *w.shape[1:split])))
-            if grid is not s64:  # (float32: S rounded once)
-                np.copyto(g, s64[: n * cells], casting="same_kind")
+            fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
             np.multiply(wc, g[:, None], out=oc)
             scan.add(wc)
             changed += _grid_changed(wc, g)
@@ -374,7 +372,6 @@ def _half_rows_into(
     row = max(1, math.prod(w.shape[1:]))
     rows = max(1, _BLOCK // row)
     cells = row // inner
-    s64 = np.empty(rows * cells, dtype=np.float64)
     g32 = np.empty(rows * cells, dtype=np.float32)
     w32 = np.empty(rows * row, dtype=np.float32)
     changed = 0
@@ -382,9 +379,8 @@ def _half_rows_into(
         for i in range(start, stop, rows):
             n = min(i + rows, stop) - i
             wc, oc, b = w[i : i + n].reshape(-1), out[i : i + n].reshape(-1), w32[: n * row]
-            fill(i, i + n, s64[: n * cells].reshape((n, *w.shape[1:split])))
             g = g32[: n * cells]
-            np.copyto(g, s64[: n * cells], casting="same_kind")
+            fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (S rounded once)
             casts.copy(wc, b)
             np.multiply(b.reshape(-1, inner), g[:, None], out=b.reshape(-1, inner))
             casts.copy(b, oc)

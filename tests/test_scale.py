@@ -346,8 +346,9 @@ def test_rows_of_s_equal_the_whole_product_bit_for_bit() -> None:
 
 def test_rows_into_writes_the_rows_bit_for_bit() -> None:
     """:meth:`~graphteleport.algebra.RowScale.rows_into` writes :meth:`rows`' values (the
-    same factors, the same order) into a float64 grid buffer, for three factors, one and
-    none, and a layout whose trailing (kernel) axes are 1."""
+    same factors, the same order) into a float64 grid buffer, and those values rounded
+    once into a float32 one, for three factors, two, one and none, and a layout whose
+    trailing (kernel) axes are 1."""
     from graphteleport.algebra import Factor, RowScale
 
     rng = np.random.default_rng(4)
@@ -356,15 +357,17 @@ def test_rows_into_writes_the_rows_bit_for_bit() -> None:
     for factors, shape in (
         (_factors(9, 5), (9, 5)),
         (_factors(9, 5)[1:2], (9, 5)),
+        (_factors(9, 5)[:2], (9, 5)),
         ([], (9, 5)),
         (kernel, (9, 5, 1, 1)),
     ):
         lazy = RowScale(factors, tau, shape)  # type: ignore[arg-type]
         for i, j in ((0, 9), (2, 7), (8, 9)):
-            out = np.full((j - i, 5), np.nan)
-            lazy.rows_into(i, j, out)
             want = np.broadcast_to(lazy.rows(i, j), (j - i, *shape[1:])).reshape(j - i, 5)
-            assert np.array_equal(out, want), (len(factors), shape, i, j)
+            for dtype in (np.float64, np.float32):  # float32: the float64 values rounded once
+                out = np.full((j - i, 5), np.nan, dtype=dtype)
+                lazy.rows_into(i, j, out)
+                assert np.array_equal(out, want.astype(dtype)), (len(factors), shape, i, j)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
