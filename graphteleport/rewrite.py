@@ -195,7 +195,7 @@ def _product_rows(
     the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or
     float64 temporary.
 
-    The count: where W's dtype multiplies S natively (:func:`_native_rows_into`), an
+    The count: where W's dtype multiplies S natively (:func:`_grid_rows_into`), an
     element changes iff it is non-zero and its ``S`` (as multiplied) is not 1 — exact for
     a finite W without subnormal elements whose smallest non-zero ``|w|`` times ``smin``
     (a lower bound of ``|S|``, :func:`~graphteleport.algebra.scale_bounds`) stays above
@@ -240,7 +240,7 @@ def _native(dtype: np.dtype, float32_scale: bool) -> bool:
 
 
 def _count_exact(scan: MagnitudeScan, mags: Magnitudes, smin: float) -> bool:
-    """Whether :func:`_native_rows_into`'s count of a finite W is exact
+    """Whether :func:`_grid_rows_into`'s count of a finite W is exact
     (:func:`_product_rows`)."""
     if mags.hi == 0.0:
         return True
@@ -258,12 +258,13 @@ def _rows_into(
     start: int,
     stop: int,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of :func:`_product_rows` into ``out``: natively
-    (:func:`_native_rows_into`) or through float64 (:func:`_wide_rows_into`)."""
+    """Rows ``start:stop`` of :func:`_product_rows` into ``out``: on the grid
+    (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32) or
+    through float64 (:func:`_wide_rows_into`)."""
     if _native(w.dtype, float32_scale):
-        return _native_rows_into(w, out, fill, split, start, stop)
+        return _grid_rows_into(w, out, fill, split, start, stop)
     if float32_scale and w.dtype in HALVES:
-        return _half_rows_into(w, out, fill, split, start, stop)
+        return _grid_rows_into(w, out, fill, split, start, stop, halfcast.for_size(w.size))
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
 
@@ -280,26 +281,32 @@ def _filler(rows_of: Callable[[int, int], np.ndarray], split: int) -> Fill:
     return fill
 
 
-def _native_rows_into(
+def _grid_rows_into(
     w: np.ndarray,
     out: np.ndarray,
     fill: Fill,
     split: int,
     start: int,
     stop: int,
+    casts: halfcast.Casts | None = None,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of a float32 or float64 ``W · S`` into ``out``, a block of
-    about ``_BLOCK`` elements at a time: ``S`` rounded once to W's dtype on the block's
-    grid (W's first ``split`` axes) and applied by one ``multiply`` per block,
-    broadcast over the trailing axes; the elements changed counted from the grid (non-zero
-    elements where ``S ≠ 1``: exact under :func:`_count_exact`), and the rows'
-    magnitudes."""
+    """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
+    at a time in buffers reused across blocks, ``S`` rounded once on the block's grid (W's
+    first ``split`` axes) and applied by one ``multiply`` per block, broadcast over the
+    trailing axes; the elements changed and the rows' magnitudes.
+
+    A float32 or float64 W (``casts`` None) is multiplied natively by ``S`` rounded to
+    its dtype, and the elements changed are counted from the grid (non-zero elements
+    where ``S ≠ 1``: exact under :func:`_count_exact`).  A float16 or bfloat16 W as
+    :func:`_half_product` rounds it: ``S`` rounded to float32, W widened into a float32
+    buffer by ``casts`` (:mod:`graphteleport.halfcast`: torch's vectorised conversions
+    where importable), the product converted back into ``out``; the elements whose bits
+    changed are counted (:func:`_bits_changed`: ``S`` is not rounded to W's dtype, so an
+    ``s ≠ 1`` may leave ``w`` as it was)."""
     scan = MagnitudeScan(w.dtype)
-    inner = max(1, math.prod(w.shape[split:]))
-    row = max(1, math.prod(w.shape[1:]))
-    rows = max(1, _BLOCK // row)
-    cells = row // inner  # grid cells per row
-    grid = np.empty(rows * cells, dtype=w.dtype)
+    inner, row, rows, cells = _blocks(w.shape, split)
+    grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
+    w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
     changed = 0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for i in range(start, stop, rows):
@@ -307,10 +314,26 @@ def _native_rows_into(
             wc, oc = w[i : i + n].reshape(-1, inner), out[i : i + n].reshape(-1, inner)
             g = grid[: n * cells]
             fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
-            np.multiply(wc, g[:, None], out=oc)
+            if casts is None:
+                np.multiply(wc, g[:, None], out=oc)
+                changed += _grid_changed(wc, g)
+            else:
+                b = w32[: n * row].reshape(-1, inner)
+                casts.copy(wc.reshape(-1), b.reshape(-1))
+                np.multiply(b, g[:, None], out=b)
+                casts.copy(b.reshape(-1), oc.reshape(-1))
+                changed += _bits_changed(wc, oc)
             scan.add(wc)
-            changed += _grid_changed(wc, g)
     return changed, scan
+
+
+def _blocks(shape: tuple[int, ...], split: int) -> tuple[int, int, int, int]:
+    """A block's geometry for W of ``shape`` whose ``S`` varies along its first ``split``
+    axes: the elements per grid cell, per row, the rows per block (about ``_BLOCK``
+    elements) and the grid cells per row."""
+    inner = max(1, math.prod(shape[split:]))
+    row = max(1, math.prod(shape[1:]))
+    return inner, row, max(1, _BLOCK // row), row // inner
 
 
 def _grid_changed(wc: np.ndarray, g: np.ndarray) -> int:
@@ -348,45 +371,6 @@ def _bits_changed(wc: np.ndarray, oc: np.ndarray) -> int:
     wb, ob = wc.view(uint), oc.view(uint)
     differ = wb != ob
     return int(np.count_nonzero(differ)) - int(np.count_nonzero(differ & (((wb | ob) & mask) == 0)))
-
-
-def _half_rows_into(
-    w: np.ndarray,
-    out: np.ndarray,
-    fill: Fill,
-    split: int,
-    start: int,
-    stop: int,
-) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of a float16 or bfloat16 ``W · S`` as :func:`_half_product`
-    rounds it, into ``out``, a block of about ``_BLOCK`` elements at a time in float32
-    buffers reused across blocks: ``S`` rounded once to float32 on the block's grid (W's
-    first ``split`` axes), W widened into a buffer (:mod:`graphteleport.halfcast`: torch's
-    vectorised conversions where importable), one ``multiply`` broadcast over the trailing
-    axes, one conversion back into ``out``; the elements whose bits changed (counted by
-    :func:`_bits_changed`: S is not rounded to W's dtype, so an ``s ≠ 1`` may leave ``w``
-    as it was) and the rows' magnitudes."""
-    casts = halfcast.for_size(w.size)
-    scan = MagnitudeScan(w.dtype)
-    inner = max(1, math.prod(w.shape[split:]))
-    row = max(1, math.prod(w.shape[1:]))
-    rows = max(1, _BLOCK // row)
-    cells = row // inner
-    g32 = np.empty(rows * cells, dtype=np.float32)
-    w32 = np.empty(rows * row, dtype=np.float32)
-    changed = 0
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        for i in range(start, stop, rows):
-            n = min(i + rows, stop) - i
-            wc, oc, b = w[i : i + n].reshape(-1), out[i : i + n].reshape(-1), w32[: n * row]
-            g = g32[: n * cells]
-            fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (S rounded once)
-            casts.copy(wc, b)
-            np.multiply(b.reshape(-1, inner), g[:, None], out=b.reshape(-1, inner))
-            casts.copy(b, oc)
-            scan.add(wc)
-            changed += _bits_changed(wc, oc)
-    return changed, scan
 
 
 def _wide_rows_into(
