@@ -618,3 +618,27 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
             assert changed == int(np.count_nonzero(ref != w))
     finally:
         halfcast.use(None)
+
+
+def test_a_small_half_precision_model_does_not_import_torch(tmp_path: Path) -> None:
+    """torch (the fast conversions) is imported only for a weight of
+    ``halfcast.LARGE`` elements or more: the CLI on a small float16 model never loads it
+    (its import costs ~1.4 s and ~200 MB), and with the threshold lowered it does."""
+    src = _model(tmp_path / "in", "float16")
+    code = (
+        "import sys; from graphteleport import halfcast; from graphteleport.cli import main; "
+        "halfcast.LARGE = int(sys.argv[1]); "
+        "rc = main([sys.argv[2], '-o', sys.argv[3], '--no-verify', '-q']); "
+        "print(rc, 'torch' in sys.modules, halfcast.chosen().name)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    found = []
+    for large in (1 << 20, 1):
+        dst = tmp_path / f"out{large}" / "t.onnx"
+        dst.parent.mkdir()
+        args = [sys.executable, "-c", code, str(large), str(src), str(dst)]
+        p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        found.append(p.stdout.split())
+    assert found[0][:2] == ["0", "False"], found
+    assert found[1][0] == "0" and (found[1][1] == "True") == (found[1][2] == "torch"), found
