@@ -111,7 +111,7 @@ def independent_check(src: Path, dst: Path, rtol: float, vocab: int) -> dict[str
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
         cmd = [sys.executable, __file__, "--check", str(src), str(dst), "--check-out", res.name]
         cmd += ["--vocab", str(vocab)]
-        wall, rss = timed([*cmd, "--check-rtol", str(rtol)])
+        wall, rss, _ = timed([*cmd, "--check-rtol", str(rtol)])
         record: dict[str, object] = json.loads(Path(res.name).read_text())
     record.update(seconds=wall, rss=rss)
     return record
