@@ -206,8 +206,10 @@ def _product_rows(
     split = _grid_axes(w.shape, layout or w.shape)
     if fill is None:
         fill = _filler(rows_of, split)
+    half = float32_scale and w.dtype in HALVES  # (the backend chosen here, not on a worker)
+    casts = halfcast.for_size(w.size) if half else None
     parts = [
-        (w, out, rows_of, fill, float32_scale, split, i, j)
+        (w, out, rows_of, fill, float32_scale, split, i, j, casts)
         for i, j in row_parts(w.shape[0], w.size)
     ]
     done = map_parts(_rows_into, parts)
@@ -257,14 +259,13 @@ def _rows_into(
     split: int,
     start: int,
     stop: int,
+    casts: halfcast.Casts | None,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of :func:`_product_rows` into ``out``: on the grid
-    (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32) or
-    through float64 (:func:`_wide_rows_into`)."""
-    if _native(w.dtype, float32_scale):
-        return _grid_rows_into(w, out, fill, split, start, stop)
-    if float32_scale and w.dtype in HALVES:
-        return _grid_rows_into(w, out, fill, split, start, stop, halfcast.for_size(w.size))
+    (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32 by
+    ``casts``) or through float64 (:func:`_wide_rows_into`)."""
+    if _native(w.dtype, float32_scale) or casts is not None:
+        return _grid_rows_into(w, out, fill, split, start, stop, casts)
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
 
