@@ -20,6 +20,11 @@ as its own process under ``/usr/bin/time`` (wall seconds, peak resident set):
 5. ``cp`` again — the page cache then favours neither side — and the ratios are against
    the mean of the two copies.
 
+With ``--baseline DIR`` (another checkout, e.g. a worktree of main), step 2 is first run
+by that checkout's graphteleport (its root the working directory) and the two outputs'
+data files are compared as 16-bit words (how many differ, by how many ulps at most): an
+A/B in the same run, CPU seconds (user + system) included.
+
 Outputs are deleted after each step.  Prints one markdown table row (bench/README.md) and,
 with ``--json``, everything.
 
@@ -56,33 +61,40 @@ def model_path(folder: Path, shape: LlamaShape) -> Path:
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run ``cmd`` under GNU time: (wall seconds, peak RSS in bytes); fails loudly."""
+def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, float]:
+    """Run ``cmd`` under GNU time: (wall seconds, peak RSS in bytes, user + system CPU
+    seconds); fails loudly."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
-        full = ["/usr/bin/time", "-f", "%e %M", "-o", out.name, *cmd]
-        proc = subprocess.run(full, capture_output=True, text=True)
+        full = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", out.name, *cmd]
+        proc = subprocess.run(full, capture_output=True, text=True, cwd=cwd)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        wall, rss_kb = out.read().split()[-2:]
-    return float(wall), int(rss_kb) * 1024
+        wall, rss_kb, user, system = out.read().split()[-4:]
+    return float(wall), int(rss_kb) * 1024, float(user) + float(system)
 
 
 def copy_files(src: Path, out: Path) -> tuple[float, int]:
     data = src.with_name(src.name + ".data")
-    result = timed(["cp", str(src), str(data), str(out)])
+    wall, rss, _ = timed(["cp", str(src), str(data), str(out)])
     for f in (src.name, data.name):
         (out / f).unlink()
-    return result
+    return wall, rss
 
 
-def teleport(src: Path, out: Path, verify: bool, keep: bool = False) -> dict[str, object]:
-    """One graphteleport run: wall, peak RSS, the report's phases (and verification)."""
-    dst, report = out / "t.onnx", out / "t.json"
+def teleport(
+    src: Path, out: Path, verify: bool, keep: bool = False, tree: Path | None = None
+) -> dict[str, object]:
+    """One graphteleport run: wall, peak RSS, CPU, the report's phases (and verification);
+    ``tree``: the checkout whose graphteleport runs (its root as the working directory,
+    output ``b.onnx``; None: this one's, ``t.onnx``)."""
+    dst = out / ("b.onnx" if tree else "t.onnx")
+    report = dst.with_suffix(".json")
     cmd = [sys.executable, "-m", "graphteleport", str(src), "-o", str(dst), "-q"]
-    wall, rss = timed([*cmd, *([] if verify else ["--no-verify"]), "--report", str(report)])
+    flags = [*([] if verify else ["--no-verify"]), "--report", str(report)]
+    wall, rss, cpu = timed([*cmd, *flags], cwd=tree or ROOT)
     rep = json.loads(report.read_text())
     v = rep.get("verification") or {}
-    record: dict[str, object] = {"seconds": wall, "rss": rss, "phases": rep["seconds"]}
+    record: dict[str, object] = {"seconds": wall, "rss": rss, "cpu": cpu, "phases": rep["seconds"]}
     if verify:
         record["verification"] = {
             k: v.get(k) for k in ("passed", "method", "blocks", "max_rel_err")
@@ -99,7 +111,7 @@ def independent_check(src: Path, dst: Path, rtol: float, vocab: int) -> dict[str
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
         cmd = [sys.executable, __file__, "--check", str(src), str(dst), "--check-out", res.name]
         cmd += ["--vocab", str(vocab)]
-        wall, rss = timed([*cmd, "--check-rtol", str(rtol)])
+        wall, rss, _ = timed([*cmd, "--check-rtol", str(rtol)])
         record: dict[str, object] = json.loads(Path(res.name).read_text())
     record.update(seconds=wall, rss=rss)
     return record
@@ -140,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-ratio", type=float)
     ap.add_argument("--max-verified-ratio", type=float)
     ap.add_argument("--no-verified", action="store_true", help="skip steps 3 and 4")
+    ap.add_argument(
+        "--baseline", type=Path, help="another checkout (a worktree of main): A/B of step 2"
+    )
     ap.add_argument("--check", nargs=2, type=Path, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--check-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--check-rtol", type=float, default=1e-2)
@@ -154,10 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     size = src.stat().st_size + src.with_name(src.name + ".data").stat().st_size
     out = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir))
     verified: dict[str, object] | None = None
+    baseline: dict[str, object] | None = None
     checked: dict[str, object] | None = None
     try:
         cp1 = copy_files(src, out)
-        plain = teleport(src, out, verify=False)
+        if a.baseline:
+            baseline = teleport(src, out, verify=False, keep=True, tree=a.baseline)
+        plain = teleport(src, out, verify=False, keep=a.baseline is not None)
+        if a.baseline:
+            baseline["ulps"] = compare_words(out / "b.onnx.data", out / "t.onnx.data")
+            for f in (*out.glob("b.onnx*"), *out.glob("t.onnx*")):
+                f.unlink()
         if not a.no_verified:
             verified = teleport(src, out, verify=True, keep=True)
             checked = independent_check(src, out / "t.onnx", a.check_rtol, a.vocab)
@@ -168,9 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
     record = {
         "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2], "cp_mean": (cp1[0] + cp2[0]) / 2,
-        "no_verify": plain, "verified": verified, "check": checked,
+        "no_verify": plain, "verified": verified, "check": checked, "baseline": baseline,
     }  # fmt: skip
     print_rows(record)
+    if baseline is not None:
+        n, b = plain, baseline
+        print(
+            f"baseline {a.baseline}: wall {b['seconds']:.1f} s, CPU {b['cpu']:.1f} s, "
+            f"peak RSS {b['rss'] / 1e9:.2f} GB, rewrite {b['phases'].get('rewrite', 0):.1f} s; "
+            f"this tree: wall {n['seconds']:.1f} s, CPU {n['cpu']:.1f} s, peak RSS "
+            f"{n['rss'] / 1e9:.2f} GB, rewrite {n['phases'].get('rewrite', 0):.1f} s; "
+            f"outputs: {b['ulps']}"
+        )
     if a.json:
         a.json.write_text(json.dumps(record, indent=2))
     return 3 if failed(record, a.max_ratio, a.max_verified_ratio) else 0
@@ -197,6 +228,24 @@ def print_rows(r: dict) -> None:  # type: ignore[type-arg]
     print("| layers | files | cp | --no-verify | peak RSS | analyze / rewrite / save "
           "| verified | peak RSS | verify | independent check (logits rel) |")  # fmt: skip
     print("| " + " | ".join(cells) + " |")
+
+
+def compare_words(a: Path, b: Path) -> dict[str, int]:
+    """Two outputs' data files as 16-bit words (the float16/bfloat16 weights; other
+    tensors' bytes only need to be equal): how many differ, and by how many ulps at most
+    (words ordered like the values they encode)."""
+    import numpy as np
+
+    x, y = (np.memmap(p, dtype=np.uint16, mode="r") for p in (a, b))
+    if x.size != y.size:
+        return {"words": int(x.size), "differ": -1, "max_ulps": -1}
+    differ = worst = 0
+    for i in range(0, x.size, 1 << 24):
+        u, v = (z[i : i + (1 << 24)].astype(np.int64) for z in (x, y))
+        u, v = (np.where(z & 0x8000, -(z & 0x7FFF), z) for z in (u, v))
+        d = np.abs(u - v)
+        differ, worst = differ + int(np.count_nonzero(d)), max(worst, int(d.max(initial=0)))
+    return {"words": int(x.size), "differ": differ, "max_ulps": worst}
 
 
 def failed(r: dict, max_ratio: float | None, max_verified: float | None) -> bool:  # type: ignore[type-arg]

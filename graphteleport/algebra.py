@@ -178,10 +178,13 @@ class RowScale:
         return s
 
     def rows_into(self, start: int, stop: int, out: FloatArray) -> None:
-        """Write :meth:`rows` ``start:stop``, broadcast to ``out`` (float64; the leading
-        axes of the layout: the ones after ``out.ndim`` must be 1), into ``out`` without
-        allocating: the same factors multiply in the same order (the leading 1 of
-        :func:`product` multiplies exactly), so the values are :meth:`rows`' bit for bit."""
+        """Write :meth:`rows` ``start:stop``, broadcast to ``out`` (the leading axes of
+        the layout: the ones after ``out.ndim`` must be 1), into ``out``: the same factors
+        multiply in the same order in float64 (the leading 1 of :func:`product` multiplies
+        exactly), so the values are :meth:`rows`' bit for bit where ``out`` is float64,
+        and those values rounded once where it is float32 (the last product rounded as it
+        is stored: no float64 pass of ``out``'s size; a float64 block is allocated only
+        for three or more factors)."""
         rank, lead = len(self.shape), out.ndim
         parts = []
         for f in self.factors:
@@ -193,11 +196,17 @@ class RowScale:
             out[...] = 1.0
             return
         if len(parts) == 1:
-            np.copyto(out, parts[0])
+            np.copyto(out, parts[0], casting="same_kind")
             return
-        np.multiply(parts[0], parts[1], out=out)
-        for part in parts[2:]:
-            np.multiply(out, part, out=out)
+        if out.dtype == np.float64 or len(parts) == 2:
+            np.multiply(parts[0], parts[1], out=out, casting="same_kind")
+            for part in parts[2:]:  # (float64 only)
+                np.multiply(out, part, out=out)
+            return
+        acc = parts[0] * parts[1]
+        for part in parts[2:-1]:
+            acc = acc * part
+        np.multiply(acc, parts[-1], out=out, casting="same_kind")
 
 
 def row_scale(

@@ -27,8 +27,10 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
+from graphteleport import halfcast
 from graphteleport.algebra import RowScale, row_scale, scale_bounds, scales_of, with_rank
 from graphteleport.analysis import FLOAT_TYPES, Absorb, AnalysisResult, ConstRef, Weight
+from graphteleport.halfcast import HALVES
 from graphteleport.numerics import (
     Magnitudes,
     MagnitudeScan,
@@ -107,11 +109,12 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
     """``W · S``, rounded once into W's dtype.
 
     float64 weights multiply by S itself; float32 weights by S rounded to float32 (exact
-    for powers of two) where ``float32_scale`` (S is a normal float32).  Otherwise —
-    float16 and bfloat16 weights, or an S outside float32's range — the product is
-    taken in float64, exactly where S is a float32 (11 or 8 bits times 24 fit in 53),
-    then rounded into W's dtype: a float16 weight never sees S rounded to float16 (a
-    cofactor of 1e-6 would be 0 there).  A constant is broadcast-expanded only along
+    for powers of two) where ``float32_scale`` (S is a normal float32).  float16 and
+    bfloat16 weights, where ``float32_scale``, through float32 (:func:`_half_product`):
+    W widened (exactly), times S rounded to float32, the product rounded to float32 and
+    then to W's dtype — a float16 weight never sees S rounded to float16 (a cofactor of
+    1e-6 would be 0 there).  Otherwise (an S outside float32's range) the product is taken
+    in float64 and rounded once into W's dtype.  A constant is broadcast-expanded only along
     the axes where ``S`` really varies (a scalar becoming per-channel); along the
     others — a sequence axis whose neurons the analysis tied — W keeps its size, so the
     model still accepts any length there.
@@ -128,9 +131,30 @@ def _apply(w: np.ndarray, s: np.ndarray, float32_scale: bool = True) -> np.ndarr
     if native:
         out = np.broadcast_to(w, target) * s.astype(w.dtype)
         return out
+    if float32_scale and w.dtype in HALVES:
+        return _half_product(np.broadcast_to(w, target), np.broadcast_to(s, target))
     if float32_scale:
         s = s.astype(np.float32).astype(np.float64)
     out = np.multiply(np.broadcast_to(w, target), s, dtype=np.float64).astype(w.dtype)
+    return out
+
+
+def _half_product(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``W · S`` of a float16 or bfloat16 W (``S`` of W's shape, a normal float32 where
+    rounded) through float32: ``round_W(round_32(w · round_32(s)))``.
+
+    The float32 product of an 11-bit (8-bit) w and a 24-bit s is rounded twice, first to
+    24 bits; it differs from the exactly rounded product ``round_W(w · round_32(s))`` only
+    where the first rounding lands on a tie of W's dtype — then by 1 ulp of W's dtype, at
+    most, and rarely (about one element in 2^13 for random data).  Powers of two (the
+    ``--exact`` cofactors) stay exact: the product has at most 11 (8) significant bits,
+    which float32 holds exactly, or, in float32's subnormal range, too few to reach a tie
+    of W's dtype by rounding at float32's last place.  Overflow gives ±inf and underflow ±0
+    as the exact rounding does."""
+    w32 = w.astype(np.float32)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        np.multiply(w32, s.astype(np.float32), out=w32)
+    out: np.ndarray = w32.astype(w.dtype)
     return out
 
 
@@ -164,13 +188,14 @@ def _product_rows(
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
     ``rows_of(i, j)`` (broadcastable to W's rows; ``layout``: S's shape, each axis W's
     size or 1 — None: W's own; ``fill(i, j, out)``, where given, writes those rows into a
-    float64 buffer of the grid's shape instead:
+    buffer of the grid's shape instead — float64, or float32 (rounding each value once)
+    for a float32, float16 or bfloat16 W with ``float32_scale`` —
     :meth:`~graphteleport.algebra.RowScale.rows_into`).  A large W is cut into row ranges
     worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy releases
     the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or
     float64 temporary.
 
-    The count: where W's dtype multiplies S natively (:func:`_native_rows_into`), an
+    The count: where W's dtype multiplies S natively (:func:`_grid_rows_into`), an
     element changes iff it is non-zero and its ``S`` (as multiplied) is not 1 — exact for
     a finite W without subnormal elements whose smallest non-zero ``|w|`` times ``smin``
     (a lower bound of ``|S|``, :func:`~graphteleport.algebra.scale_bounds`) stays above
@@ -181,8 +206,10 @@ def _product_rows(
     split = _grid_axes(w.shape, layout or w.shape)
     if fill is None:
         fill = _filler(rows_of, split)
+    half = float32_scale and w.dtype in HALVES  # (the backend chosen here, not on a worker)
+    casts = halfcast.for_size(w.size) if half else None
     parts = [
-        (w, out, rows_of, fill, float32_scale, split, i, j)
+        (w, out, rows_of, fill, float32_scale, split, i, j, casts)
         for i, j in row_parts(w.shape[0], w.size)
     ]
     done = map_parts(_rows_into, parts)
@@ -215,7 +242,7 @@ def _native(dtype: np.dtype, float32_scale: bool) -> bool:
 
 
 def _count_exact(scan: MagnitudeScan, mags: Magnitudes, smin: float) -> bool:
-    """Whether :func:`_native_rows_into`'s count of a finite W is exact
+    """Whether :func:`_grid_rows_into`'s count of a finite W is exact
     (:func:`_product_rows`)."""
     if mags.hi == 0.0:
         return True
@@ -232,11 +259,13 @@ def _rows_into(
     split: int,
     start: int,
     stop: int,
+    casts: halfcast.Casts | None,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of :func:`_product_rows` into ``out``: natively
-    (:func:`_native_rows_into`) or through float64 (:func:`_wide_rows_into`)."""
-    if _native(w.dtype, float32_scale):
-        return _native_rows_into(w, out, fill, split, start, stop)
+    """Rows ``start:stop`` of :func:`_product_rows` into ``out``: on the grid
+    (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32 by
+    ``casts``) or through float64 (:func:`_wide_rows_into`)."""
+    if _native(w.dtype, float32_scale) or casts is not None:
+        return _grid_rows_into(w, out, fill, split, start, stop, casts)
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
 
@@ -248,45 +277,64 @@ def _filler(rows_of: Callable[[int, int], np.ndarray], split: int) -> Fill:
 
     def fill(start: int, stop: int, out: np.ndarray) -> None:
         s = rows_of(start, stop)  # (W's rank; its axes from ``split`` on are 1)
-        np.copyto(out, s.reshape(s.shape[:split]))
+        np.copyto(out, s.reshape(s.shape[:split]), casting="same_kind")
 
     return fill
 
 
-def _native_rows_into(
+def _grid_rows_into(
     w: np.ndarray,
     out: np.ndarray,
     fill: Fill,
     split: int,
     start: int,
     stop: int,
+    casts: halfcast.Casts | None = None,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of a float32 or float64 ``W · S`` into ``out``, a block of
-    about ``_BLOCK`` elements at a time: ``S`` rounded once to W's dtype on the block's
-    grid (W's first ``split`` axes) and applied by one ``multiply`` per block,
-    broadcast over the trailing axes; the elements changed counted from the grid (non-zero
-    elements where ``S ≠ 1``: exact under :func:`_count_exact`), and the rows'
-    magnitudes."""
+    """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
+    at a time in buffers reused across blocks, ``S`` rounded once on the block's grid (W's
+    first ``split`` axes) and applied by one ``multiply`` per block, broadcast over the
+    trailing axes; the elements changed and the rows' magnitudes.
+
+    A float32 or float64 W (``casts`` None) is multiplied natively by ``S`` rounded to
+    its dtype, and the elements changed are counted from the grid (non-zero elements
+    where ``S ≠ 1``: exact under :func:`_count_exact`).  A float16 or bfloat16 W as
+    :func:`_half_product` rounds it: ``S`` rounded to float32, W widened into a float32
+    buffer by ``casts`` (:mod:`graphteleport.halfcast`: torch's vectorised conversions
+    where importable), the product converted back into ``out``; the elements whose bits
+    changed are counted (:func:`_bits_changed`: ``S`` is not rounded to W's dtype, so an
+    ``s ≠ 1`` may leave ``w`` as it was)."""
     scan = MagnitudeScan(w.dtype)
-    inner = max(1, math.prod(w.shape[split:]))
-    row = max(1, math.prod(w.shape[1:]))
-    rows = max(1, _BLOCK // row)
-    cells = row // inner  # grid cells per row
-    s64 = np.empty(rows * cells, dtype=np.float64)
-    grid = s64 if w.dtype == np.float64 else np.empty(rows * cells, dtype=w.dtype)
+    inner, row, rows, cells = _blocks(w.shape, split)
+    grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
+    w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
     changed = 0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for i in range(start, stop, rows):
             n = min(i + rows, stop) - i
             wc, oc = w[i : i + n].reshape(-1, inner), out[i : i + n].reshape(-1, inner)
             g = grid[: n * cells]
-            fill(i, i + n, s64[: n * cells].reshape((n, *w.shape[1:split])))
-            if grid is not s64:  # (float32: S rounded once)
-                np.copyto(g, s64[: n * cells], casting="same_kind")
-            np.multiply(wc, g[:, None], out=oc)
+            fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
+            if casts is None:
+                np.multiply(wc, g[:, None], out=oc)
+                changed += _grid_changed(wc, g)
+            else:
+                b = w32[: n * row].reshape(-1, inner)
+                casts.copy(wc.reshape(-1), b.reshape(-1))
+                np.multiply(b, g[:, None], out=b)
+                casts.copy(b.reshape(-1), oc.reshape(-1))
+                changed += _bits_changed(wc, oc)
             scan.add(wc)
-            changed += _grid_changed(wc, g)
     return changed, scan
+
+
+def _blocks(shape: tuple[int, ...], split: int) -> tuple[int, int, int, int]:
+    """A block's geometry for W of ``shape`` whose ``S`` varies along its first ``split``
+    axes: the elements per grid cell, per row, the rows per block (about ``_BLOCK``
+    elements) and the grid cells per row."""
+    inner = max(1, math.prod(shape[split:]))
+    row = max(1, math.prod(shape[1:]))
+    return inner, row, max(1, _BLOCK // row), row // inner
 
 
 def _grid_changed(wc: np.ndarray, g: np.ndarray) -> int:
@@ -334,10 +382,10 @@ def _wide_rows_into(
     start: int,
     stop: int,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of a float16 or bfloat16 ``W · S`` (or one whose S leaves
-    float32's range) into ``out``, a block of about ``_BLOCK`` elements at a time in
-    buffers reused across blocks: the exact products in float64 (of S rounded to float32
-    where ``float32_scale``), rounded once; the elements whose bits changed (counted by
+    """Rows ``start:stop`` of a ``W · S`` whose S leaves float32's range into ``out``, a
+    block of about ``_BLOCK`` elements at a time in buffers reused across blocks: the
+    exact products in float64 (of S rounded to float32 where ``float32_scale``), rounded
+    once; the elements whose bits changed (counted by
     :func:`_bits_changed`; finite W) and the rows' magnitudes."""
     scan = MagnitudeScan(w.dtype)
     row = max(1, math.prod(w.shape[1:]))

@@ -346,8 +346,9 @@ def test_rows_of_s_equal_the_whole_product_bit_for_bit() -> None:
 
 def test_rows_into_writes_the_rows_bit_for_bit() -> None:
     """:meth:`~graphteleport.algebra.RowScale.rows_into` writes :meth:`rows`' values (the
-    same factors, the same order) into a float64 grid buffer, for three factors, one and
-    none, and a layout whose trailing (kernel) axes are 1."""
+    same factors, the same order) into a float64 grid buffer, and those values rounded
+    once into a float32 one, for three factors, two, one and none, and a layout whose
+    trailing (kernel) axes are 1."""
     from graphteleport.algebra import Factor, RowScale
 
     rng = np.random.default_rng(4)
@@ -356,15 +357,17 @@ def test_rows_into_writes_the_rows_bit_for_bit() -> None:
     for factors, shape in (
         (_factors(9, 5), (9, 5)),
         (_factors(9, 5)[1:2], (9, 5)),
+        (_factors(9, 5)[:2], (9, 5)),
         ([], (9, 5)),
         (kernel, (9, 5, 1, 1)),
     ):
         lazy = RowScale(factors, tau, shape)  # type: ignore[arg-type]
         for i, j in ((0, 9), (2, 7), (8, 9)):
-            out = np.full((j - i, 5), np.nan)
-            lazy.rows_into(i, j, out)
             want = np.broadcast_to(lazy.rows(i, j), (j - i, *shape[1:])).reshape(j - i, 5)
-            assert np.array_equal(out, want), (len(factors), shape, i, j)
+            for dtype in (np.float64, np.float32):  # float32: the float64 values rounded once
+                out = np.full((j - i, 5), np.nan, dtype=dtype)
+                lazy.rows_into(i, j, out)
+                assert np.array_equal(out, want.astype(dtype)), (len(factors), shape, i, j)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -506,3 +509,136 @@ def test_a_failed_background_write_is_one_line_and_leaves_nothing(
     assert code == 2, err
     assert err.strip().count("\n") == 0 and "No space left on device" in err
     assert list(out.iterdir()) == []
+
+
+def _ordered(a: np.ndarray) -> np.ndarray:
+    """A half-precision array's bits as integers ordered like the values (ulps apart)."""
+    b = a.view(np.uint16).astype(np.int64)
+    return np.where(b & 0x8000, -(b & 0x7FFF), b)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_products_through_float32_are_within_one_ulp_and_exact_for_powers_of_two(
+    dtype: str,
+) -> None:
+    """``_half_product`` (float32, rounded twice) against the exactly rounded product
+    ``round_W(w · round_32(s))`` (taken in float64: 11 or 8 bits times 24 fit in 53):
+    at most 1 ulp of W's dtype apart, equal on almost every element, and equal bit for
+    bit where S is a power of two (normal and subnormal results, overflow, underflow)."""
+    import ml_dtypes
+
+    from graphteleport import rewrite
+    from graphteleport.numerics import limits
+
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    lim = limits(np_dtype)
+    rng = np.random.default_rng(3)
+    n = 1 << 18
+    w = (np.exp2(rng.uniform(np.log2(lim.sub), np.log2(lim.max), n))).astype(np_dtype)
+    w *= rng.choice([-1, 1], n).astype(np_dtype)
+    for s in (
+        rng.uniform(0.01, 100.0, n).astype(np.float32),
+        np.exp2(rng.integers(-40, 40, n)).astype(np.float32),
+    ):
+        got = rewrite._half_product(w, s)
+        with np.errstate(over="ignore"):
+            exact = (w.astype(np.float64) * s.astype(np.float64)).astype(np_dtype)
+        finite = np.isfinite(exact.astype(np.float32)) & np.isfinite(got.astype(np.float32))
+        assert np.array_equal(~np.isfinite(exact.astype(np.float32)), ~finite)  # same overflow
+        ulps = np.abs(_ordered(got[finite]) - _ordered(exact[finite]))
+        assert ulps.max() <= 1, dtype
+        if np.all(np.log2(s) == np.round(np.log2(s))):
+            assert np.array_equal(got.view(np.uint16), exact.view(np.uint16)), dtype
+        else:
+            assert 0 < np.count_nonzero(ulps) < n // 1000, np.count_nonzero(ulps)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_torch_and_numpy_half_conversions_give_the_same_bits() -> None:
+    """:mod:`graphteleport.halfcast`'s two backends: every float16 pattern and bfloat16
+    values of every exponent widen to the same float32, and float32 values (ties,
+    subnormal results, overflow, ±0, ±inf) narrow to the same half-precision bits, also
+    across several pieces."""
+    import ml_dtypes
+
+    from graphteleport import halfcast
+
+    torch_casts = halfcast.torch_casts()
+    if torch_casts is None:
+        pytest.skip("torch not installed")
+    numpy_casts = halfcast.numpy_casts()
+    rng = np.random.default_rng(4)
+    n = 3 * halfcast.PIECE + 5
+    for dtype in halfcast.HALVES:
+        src = rng.integers(0, 1 << 16, n, dtype=np.uint16).view(dtype)
+        src = src[~np.isnan(src.astype(np.float32))]  # (NaN payloads are not promised)
+        wide = [np.empty(src.size, np.float32) for _ in range(2)]
+        for casts, dst in zip((numpy_casts, torch_casts), wide, strict=True):
+            casts.copy(src, dst)
+        assert np.array_equal(wide[0].view(np.uint32), wide[1].view(np.uint32)), dtype
+        lim = ml_dtypes.finfo(dtype)
+        x = np.exp2(rng.uniform(np.log2(float(lim.smallest_subnormal)) - 2, 130, n))
+        x = (x * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+        x[:8] = [0.0, -0.0, np.inf, -np.inf, 1 + 2.0**-11, 1 + 2.0**-8, 65520.0, 2.0**-25]
+        narrow = [np.empty(n, dtype) for _ in range(2)]
+        for casts, dst in zip((numpy_casts, torch_casts), narrow, strict=True):
+            casts.copy(x, dst)
+        assert np.array_equal(narrow[0].view(np.uint16), narrow[1].view(np.uint16)), dtype
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
+    dtype: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The streamed product of a half-precision conv weight (S on its [O, C] grid) and of
+    a matrix, by row ranges on two threads with either conversion backend, is
+    :func:`_half_product`'s bit for bit, with the bits-changed count."""
+    import ml_dtypes
+
+    from graphteleport import halfcast, parallel, rewrite
+
+    casts = halfcast.torch_casts() if backend == "torch" else halfcast.numpy_casts()
+    if casts is None:
+        pytest.skip("torch not installed")
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
+    monkeypatch.setattr(rewrite, "_BLOCK", 300)
+    monkeypatch.setattr(halfcast, "PIECE", 70)  # several pieces per block
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(12)
+    halfcast.use(casts)
+    try:
+        for shape, layout in (((29, 6, 3, 3), (29, 6, 1, 1)), ((41, 17), (41, 17))):
+            w = rng.standard_normal(shape).astype(np_dtype)
+            s = rng.uniform(0.3, 3.0, layout)
+            s[::4] = 1.0
+            new, changed, _ = rewrite._product_rows(w, lambda i, j, s=s: s[i:j], True, layout)
+            ref = rewrite._apply(w, s, True)
+            assert np.array_equal(new.view(np.uint16), ref.view(np.uint16)), (dtype, shape)
+            assert changed == int(np.count_nonzero(ref != w))
+    finally:
+        halfcast.use(None)
+
+
+def test_a_small_half_precision_model_does_not_import_torch(tmp_path: Path) -> None:
+    """torch (the fast conversions) is imported only for a weight of
+    ``halfcast.LARGE`` elements or more: the CLI on a small float16 model never loads it
+    (its import costs ~1.4 s and ~200 MB), and with the threshold lowered it does."""
+    src = _model(tmp_path / "in", "float16")
+    code = (
+        "import sys; from graphteleport import halfcast; from graphteleport.cli import main; "
+        "halfcast.LARGE = int(sys.argv[1]); "
+        "rc = main([sys.argv[2], '-o', sys.argv[3], '--no-verify', '-q']); "
+        "print(rc, 'torch' in sys.modules, halfcast.chosen().name)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    found = []
+    for large in (1 << 20, 1):
+        dst = tmp_path / f"out{large}" / "t.onnx"
+        dst.parent.mkdir()
+        args = [sys.executable, "-c", code, str(large), str(src), str(dst)]
+        p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        found.append(p.stdout.split())
+    assert found[0][:2] == ["0", "False"], found
+    assert found[1][0] == "0" and (found[1][1] == "True") == (found[1][2] == "torch"), found
