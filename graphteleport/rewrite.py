@@ -471,6 +471,7 @@ def prepare(
         for j, weight in enumerate(analysis.weights):
             w = arrays[weight.source.name] if arrays is not None else weight.source.array()
             p, m = _compute(weight, w, tau, (smin[j], smax[j]))
+            del w  # a live view keeps the memory map: _stream could not release it
             if sink is not None:
                 _stream(p, sink)
             pending.append(p)

@@ -642,3 +642,31 @@ def test_a_small_half_precision_model_does_not_import_torch(tmp_path: Path) -> N
         found.append(p.stdout.split())
     assert found[0][:2] == ["0", "False"], found
     assert found[1][0] == "0" and (found[1][1] == "True") == (found[1][2] == "torch"), found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_streamed_rewrite_releases_every_memory_map_it_reads(
+    tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Peak memory grows with the largest tensor, not the model, only if each external
+    tensor's memory map is closed once its product is written: a release refused because
+    a view of the map is still alive (``BufferError``) would keep every page read so far
+    resident (an 8-layer fp16 LLaMA peaked at 4.4 GB instead of 1.0 when ``prepare`` held
+    the array it read across the release)."""
+    import onnx_ir as ir
+
+    src = _model(tmp_path / "in", dtype)
+    refused: list[str] = []
+    real = ir.ExternalTensor.release
+
+    def release(tensor: ir.ExternalTensor) -> None:
+        try:
+            real(tensor)
+        except BufferError:
+            refused.append(str(tensor.name))
+            raise
+
+    monkeypatch.setattr(ir.ExternalTensor, "release", release)
+    report = teleport_file(src, tmp_path / "out.onnx", TeleportOptions(seed=2, verify=False))
+    assert report.stats.weights_changed > 0
+    assert refused == []
