@@ -154,7 +154,7 @@ def _half_product(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     w32 = w.astype(np.float32)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         np.multiply(w32, s.astype(np.float32), out=w32)
-    out: np.ndarray = w32.astype(w.dtype)
+        out: np.ndarray = w32.astype(w.dtype)  # overflow to ±inf: as documented
     return out
 
 
