@@ -620,28 +620,30 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
         halfcast.use(None)
 
 
-def test_a_small_half_precision_model_does_not_import_torch(tmp_path: Path) -> None:
-    """torch (the fast conversions) is imported only for a weight of
-    ``halfcast.LARGE`` elements or more: the CLI on a small float16 model never loads it
-    (its import costs ~1.4 s and ~200 MB), and with the threshold lowered it does."""
+def test_the_cli_never_imports_torch_for_the_half_conversions(tmp_path: Path) -> None:
+    """torch's conversions are used only where the process imported torch already: the
+    CLI on a float16 model (every weight past the size threshold here) never loads it --
+    its libraries cost the verified 7B-shaped run ~0.4 GB of its 2 GB budget -- and a
+    process that has torch loaded gets them."""
     src = _model(tmp_path / "in", "float16")
     code = (
         "import sys; from graphteleport import halfcast; from graphteleport.cli import main; "
-        "halfcast.LARGE = int(sys.argv[1]); "
+        "halfcast.LARGE = 1; "
+        "sys.argv[1] == 'torch' and __import__('torch'); "
         "rc = main([sys.argv[2], '-o', sys.argv[3], '--no-verify', '-q']); "
         "print(rc, 'torch' in sys.modules, halfcast.chosen().name)"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     found = []
-    for large in (1 << 20, 1):
-        dst = tmp_path / f"out{large}" / "t.onnx"
+    for first in ("none", "torch"):
+        dst = tmp_path / f"out-{first}" / "t.onnx"
         dst.parent.mkdir()
-        args = [sys.executable, "-c", code, str(large), str(src), str(dst)]
+        args = [sys.executable, "-c", code, first, str(src), str(dst)]
         p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 0, p.stderr
         found.append(p.stdout.split())
-    assert found[0][:2] == ["0", "False"], found
-    assert found[1][0] == "0" and (found[1][1] == "True") == (found[1][2] == "torch"), found
+    assert found[0] == ["0", "False", "numpy"], found
+    assert found[1] == ["0", "True", "torch"], found
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
