@@ -12,7 +12,8 @@ Two backends give the same bits (both round to nearest, ties to even; widening i
   (:func:`chosen`: the torch API, a user's training script).  graphteleport never imports
   it for this: the import costs ~1.4 s and its libraries ~0.2-0.4 GB of resident memory,
   which put the verified 7B-shaped run over its 2 GB budget (2.29 GB with torch, 1.92 GB
-  without; the rewrite 57 s with torch, 75 s without, on 13.5 GB of fp16).
+  without; the rewrite took 57 s with torch, 75 s and then 56 s in two runs without, on
+  13.5 GB of fp16: the machine's noise is as large as torch's gain there).
 
 A conversion runs in pieces of at most :data:`PIECE` elements: below torch's parallel
 grain (32768) each ``copy_`` runs on the calling thread, so the rewrite's own row-range
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 #: Elements per conversion call (torch's ``GRAIN_SIZE``: a ``copy_`` of this many runs serially).
 PIECE = 1 << 15
-#: Elements from which a half-precision weight asks for :func:`chosen` (below: numpy).
-LARGE = 1 << 20
 HALVES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 Cast = Callable[[np.ndarray, np.ndarray], None]
 
@@ -99,14 +98,6 @@ def chosen() -> Casts:
         _CHOSEN.append((torch_casts() if loaded else None) or numpy_casts())
         log.debug("float16/bfloat16 conversions by %s", _CHOSEN[0].name)
     return _CHOSEN[0]
-
-
-def for_size(n: int) -> Casts:
-    """The backend for a weight of ``n`` elements: :func:`chosen` from :data:`LARGE` on;
-    numpy below, unless a backend was already chosen."""
-    if n >= LARGE or _CHOSEN:
-        return chosen()
-    return numpy_casts()
 
 
 def use(casts: Casts | None) -> None:

@@ -207,7 +207,7 @@ def _product_rows(
     if fill is None:
         fill = _filler(rows_of, split)
     half = float32_scale and w.dtype in HALVES  # (the backend chosen here, not on a worker)
-    casts = halfcast.for_size(w.size) if half else None
+    casts = halfcast.chosen() if half else None
     parts = [
         (w, out, rows_of, fill, float32_scale, split, i, j, casts)
         for i, j in row_parts(w.shape[0], w.size)
