@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from graphteleport import parallel  # noqa: E402
 from graphteleport.analysis import analyze_model  # noqa: E402
-from graphteleport.orbit import OrbitTerms, spare_workers, stored_arrays  # noqa: E402
+from graphteleport.orbit import OrbitTerms, stored_arrays  # noqa: E402
 from graphteleport.passes.canonical import CanonicalizePass, minimize, sign_values  # noqa: E402
 from graphteleport.passes.teleport import apply_values  # noqa: E402
 
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(
-        f"threads        {parallel.workers()} CPUs, {spare_workers()} spare at the end "
-        "(orbit.spare_workers; --threads sets the CPUs)"
+        f"threads        {parallel.workers()} CPUs, {parallel.spare_workers()} spare at the end "
+        "(parallel.spare_workers; --threads sets the CPUs)"
     )
     if args.profile:
         print(f"phases         {profile_canonicalize(path, max(args.rounds, 1))}")

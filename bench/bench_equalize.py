@@ -52,7 +52,7 @@ from bench_canonical import Phases, solved  # noqa: E402
 from graphteleport import parallel  # noqa: E402
 from graphteleport.analysis import analyze_model  # noqa: E402
 from graphteleport.clips import split_clips  # noqa: E402
-from graphteleport.orbit import spare_workers, stored_arrays  # noqa: E402
+from graphteleport.orbit import stored_arrays  # noqa: E402
 from graphteleport.passes.equalize import (  # noqa: E402
     DEFAULT_P,
     EqualizePass,
@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"AIMET CLE      not run: {peer}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(
-        f"threads        {parallel.workers()} CPUs, {spare_workers()} spare at the end "
-        "(orbit.spare_workers; --threads sets the CPUs)"
+        f"threads        {parallel.workers()} CPUs, {parallel.spare_workers()} spare at the end "
+        "(parallel.spare_workers; --threads sets the CPUs)"
     )
     if args.profile:
         print(f"phases         {profile_equalize(path, max(args.rounds, 1), args.p)}")

@@ -50,7 +50,6 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -59,7 +58,7 @@ import numpy as np
 
 from graphteleport.algebra import with_rank
 from graphteleport.analysis import Absorb, AnalysisResult
-from graphteleport.parallel import PARALLEL_ELEMENTS, map_parts, workers
+from graphteleport.parallel import map_parts, shares
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -183,34 +182,6 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
             a *= factor
         total += float(out[i : i + chunk.shape[0]].sum())
     return total
-
-
-def spare_workers() -> int:
-    """The threads worth starting now: :func:`graphteleport.parallel.workers`, less the
-    CPUs other processes keep busy — the 1-minute load average, of which this process
-    is about 1 — rounded, at least 1.  (The work is memory-bound: a second thread on a
-    core another process holds gains nothing and costs CPU — ResNet-50's kernel copies
-    23 → 38–56 ms at load 3.9 on 2 CPUs.)"""
-    cpus = workers()
-    if cpus < 2 or not hasattr(os, "getloadavg"):
-        return cpus
-    busy = max(os.getloadavg()[0] - 1.0, 0.0)
-    return max(1, min(cpus, int(cpus - busy + 0.5)))
-
-
-def shares(sizes: Sequence[int], total: int) -> list[list[int]]:
-    """The indices of ``sizes`` cut into one share per worker thread
-    (:func:`spare_workers`; one share when ``total`` is under
-    :data:`~graphteleport.parallel.PARALLEL_ELEMENTS`) of about equal sums: largest
-    first, each to the lightest share so far; empty shares left out."""
-    k = spare_workers() if total >= PARALLEL_ELEMENTS else 1
-    out: list[list[int]] = [[] for _ in range(k)]
-    loads = [0] * k
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        j = loads.index(min(loads))
-        out[j].append(i)
-        loads[j] += sizes[i]
-    return [share for share in out if share]
 
 
 def stored_arrays(analysis: AnalysisResult) -> dict[str, np.ndarray]:

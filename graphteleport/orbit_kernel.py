@@ -37,8 +37,8 @@ from functools import cached_property
 
 import numpy as np
 
-from graphteleport.orbit import Block, OrbitTerms, shares
-from graphteleport.parallel import map_parts
+from graphteleport.orbit import Block, OrbitTerms
+from graphteleport.parallel import map_parts, shares
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -247,7 +247,7 @@ def with_single(m: Bilinear) -> Bilinear:
 
 def with_singles(matrices: list[Bilinear]) -> list[Bilinear]:
     """:func:`with_single` of each block, the copies made on both cores for a large
-    kernel (:func:`graphteleport.orbit.shares`)."""
+    kernel (:func:`graphteleport.parallel.shares`)."""
     sizes = [m.q.size for m in matrices]
     out = list(matrices)
 
@@ -390,7 +390,7 @@ class OrbitKernel:
     @cached_property
     def shares(self) -> tuple[tuple[Bilinear, ...], ...]:
         """The bilinear blocks cut into one share per spare worker thread, of about equal
-        ``Q`` sizes (:func:`graphteleport.orbit.shares`): the products read each share's
+        ``Q`` sizes (:func:`graphteleport.parallel.shares`): the products read each share's
         blocks on a thread of their own (numpy's BLAS releases the GIL; the blocks write
         disjoint side entries)."""
         sizes = [m.q.size for m in self.matrices]

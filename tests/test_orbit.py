@@ -479,35 +479,35 @@ def test_shares_cover_every_index_once_and_balance(monkeypatch: pytest.MonkeyPat
     """``shares`` cuts indices into one share per spare worker, each index once, sums
     within the largest size of each other; one share under PARALLEL_ELEMENTS; the spare
     workers are the CPUs less the load other processes make."""
-    from graphteleport import orbit
+    from graphteleport import parallel
     from graphteleport.parallel import PARALLEL_ELEMENTS
 
-    monkeypatch.setattr(orbit, "spare_workers", lambda: 2)
+    monkeypatch.setattr(parallel, "spare_workers", lambda: 2)
     sizes = [int(x) for x in np.random.default_rng(0).integers(1, 1000, 50)]
-    cut = orbit.shares(sizes, PARALLEL_ELEMENTS)
+    cut = parallel.shares(sizes, PARALLEL_ELEMENTS)
     assert len(cut) == 2 and sorted(i for s in cut for i in s) == list(range(50))
     sums = [sum(sizes[i] for i in s) for s in cut]
     assert abs(sums[0] - sums[1]) <= max(sizes)
-    assert len(orbit.shares(sizes, PARALLEL_ELEMENTS - 1)) == 1
+    assert len(parallel.shares(sizes, PARALLEL_ELEMENTS - 1)) == 1
     monkeypatch.undo()
-    monkeypatch.setattr(orbit, "workers", lambda: 2)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
     for load, spare in ((0.2, 2), (1.0, 2), (1.4, 2), (1.6, 1), (3.9, 1)):
-        monkeypatch.setattr(orbit.os, "getloadavg", lambda load=load: (load, load, load))
-        assert orbit.spare_workers() == spare, load
+        monkeypatch.setattr(parallel.os, "getloadavg", lambda load=load: (load, load, load))
+        assert parallel.spare_workers() == spare, load
 
 
 def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> None:
     """Q, the kernel's products and the minimum are the same to the bit whether the
     large-array work runs on one thread or two (each use, each block on one thread)."""
-    from graphteleport import orbit
+    from graphteleport import parallel
     from graphteleport.passes.canonical import minimize
     from models import FIXTURES_DIR
 
     analysis = analyze_model(ir.from_proto(onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")), {})
-    monkeypatch.setattr(orbit, "PARALLEL_ELEMENTS", 0)
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)
     found = []
     for threads in (1, 2):
-        monkeypatch.setattr(orbit, "spare_workers", lambda threads=threads: threads)
+        monkeypatch.setattr(parallel, "spare_workers", lambda threads=threads: threads)
         terms = OrbitTerms.build(analysis, p=3.0)
         found.append((terms.q, minimize(terms)))
     (q1, m1), (q2, m2) = found
