@@ -150,11 +150,15 @@ def _half_product(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     ``--exact`` cofactors) stay exact: the product has at most 11 (8) significant bits,
     which float32 holds exactly, or, in float32's subnormal range, too few to reach a tie
     of W's dtype by rounding at float32's last place.  Overflow gives ±inf and underflow ±0
-    as the exact rounding does."""
-    w32 = w.astype(np.float32)
+    as the exact rounding does.  The conversions are :func:`graphteleport.halfcast.chosen`'s,
+    as in the streamed blocks, so both paths give the same bits (a NaN's too)."""
+    casts = halfcast.chosen()
+    w32 = np.empty(w.shape, dtype=np.float32)
+    casts.copy(np.ascontiguousarray(w).reshape(-1), w32.reshape(-1))
+    out = np.empty(w.shape, dtype=w.dtype)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         np.multiply(w32, s.astype(np.float32), out=w32)
-        out: np.ndarray = w32.astype(w.dtype)  # overflow to ±inf: as documented
+        casts.copy(w32.reshape(-1), out.reshape(-1))  # overflow to ±inf: as documented
     return out
 
 
