@@ -36,6 +36,10 @@ shared only by an exporter's accident, one per use (:func:`scales_of`).
 **Activations.**  Insert mode makes an activation f compute ``τ · f(x/τ)``; that equals
 ``f(x)`` where τ lies in the group f commutes with (positive: τ > 0 for the ReLU family;
 sign: τ = ±1 for odd f; any: τ = 1 only) — :func:`wrap_needed` says where it does not.
+Only the part of τ outside that group needs the wrap: with ``τ = g·r``, ``g`` the group's
+part (:func:`group_part`: ``|τ|``, ``sign τ`` or 1) and ``r = τ/g`` the rest,
+``r · f(x'/r) = r · f(g·x) = r·g · f(x) = τ · f(x)`` for ``x' = τx`` — so a ReLU wrap
+stores ``sign τ`` (±1), an odd activation's ``|τ|``, and f's own output is ``g ⊙ f(x)``.
 
 **The log-derivative.**  Along ``τ = 1 + ε·v`` (v per neuron, :func:`neuron_tangent`),
 ``d log S / dε = Σ_f f.exp · v[f.ids]`` at ``ε = 0`` (:func:`log_derivative`): the
@@ -278,6 +282,20 @@ def wrap_needed(t: FloatArray, group: str) -> bool:
     if group == "sign":
         return bool(np.any(np.abs(t) != 1))
     return bool(np.any(t != 1))
+
+
+def group_part(t: FloatArray, group: str) -> FloatArray:
+    """The part of cofactors ``t`` an activation of ``group`` commutes with (module
+    docstring, *Activations*): ``|t|`` (positive), ``sign t`` (sign), 1 (any).  The wrap
+    stores the rest, ``t / group_part(t)``."""
+    part: FloatArray
+    if group == "positive":
+        part = np.abs(t)
+    elif group == "sign":
+        part = np.sign(t)
+    else:
+        part = np.ones_like(t)
+    return part
 
 
 def with_rank(a: np.ndarray, rank: int) -> np.ndarray:

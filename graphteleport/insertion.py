@@ -1,10 +1,11 @@
 """Insert mode: add the cofactor nodes the analysis asked for.
 
 * A *wrap* of an activation f whose input neurons have cofactors τ makes it
-  ``f'(x') = τ · f(x'/τ)``: ``Mul(1/τ)`` before f and ``Mul(τ)`` after it.  Since
-  the incoming weights already scaled ``x' = τx``, ``f'(x') = τ f(x)``.  It is only
-  inserted where some τ is outside the group f commutes with (for ReLU: τ < 0;
-  for an odd f: |τ| ≠ 1; otherwise τ ≠ 1).
+  ``f'(x') = r · f(x'/r)``: ``Mul(1/r)`` before f and ``Mul(r)`` after it, ``r`` the
+  part of τ outside the group f commutes with (``sign τ`` for ReLU, ``|τ|`` for an odd
+  f, τ otherwise).  Since the incoming weights already scaled ``x' = τx``, f sees
+  ``(τ/r)·x`` and ``f'(x') = τ f(x)``.  It is only inserted where some τ is outside
+  that group (for ReLU: τ < 0; for an odd f: |τ| ≠ 1; otherwise τ ≠ 1).
 * An *edge scale* multiplies one input of one node by ``S = Π τ^e``: an operand a
   node must see unscaled (``S = 1/τ``: the gate of x·σ(x), a normalization's
   input, an op we do not understand), or one branch of a residual Add
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.algebra import product, with_rank, wrap_needed
+from graphteleport.algebra import group_part, product, with_rank, wrap_needed
 from graphteleport.analysis import AnalysisResult, EdgeScale, Factor, Wrap
 
 
@@ -40,7 +41,8 @@ class InsertStats:
     edge_scales: int = 0
     merged: int = 0
     names: list[str] = field(default_factory=list)
-    unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
+    # wrapped outputs → their group: f's output is now group_part(τ) ⊙ f(x), not τ ⊙ f(x)
+    wrapped: dict[str, str] = field(default_factory=dict)
 
 
 class FreshNames:
@@ -145,7 +147,8 @@ class Plan:
     wraps: int = 0
     edge_scales: int = 0
     merged: int = 0
-    unscaled: list[str] = field(default_factory=list)  # wrapped outputs: now f(x), not τ f(x)
+    # wrapped outputs → their group: f's output is now group_part(τ) ⊙ f(x), not τ ⊙ f(x)
+    wrapped: dict[str, str] = field(default_factory=dict)
 
 
 def plan(analysis: AnalysisResult, tau: np.ndarray) -> Plan:
@@ -165,7 +168,7 @@ def insert_nodes(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> 
     """Add the wraps' and edge scales' Mul nodes for per-neuron cofactors ``tau``."""
     p = plan(analysis, tau)
     stats = InsertStats(
-        wraps=p.wraps, edge_scales=p.edge_scales, merged=p.merged, unscaled=p.unscaled
+        wraps=p.wraps, edge_scales=p.edge_scales, merged=p.merged, wrapped=p.wrapped
     )
     ins = _Inserter(model, tau, stats)
     for m in p.muls:
@@ -183,23 +186,32 @@ def _plan_wrap(
     edges: dict[tuple[int, int], EdgeScale],
     merged: set[tuple[int, int]],
 ) -> None:
+    """``r · f(x'/r)`` with ``r`` the part of τ outside f's group (``sign τ`` for the
+    ReLU family, ``|τ|`` for odd f, τ otherwise; :func:`~graphteleport.algebra.
+    group_part`): f then sees ``g ⊙ x`` and gives ``g ⊙ f(x)``, ``g = τ/r``, and the
+    ``Mul(r)`` after it restores ``τ ⊙ f(x)``.  A ReLU wrap's constants are ±1, which a
+    positive teleport of the model leaves alone (canonical forms rely on it)."""
     if not wrap_needed(tau[w.ids], w.group):
         return
     node = w.node
     out.wraps += 1
-    out.unscaled.append(node.outputs[0].name or "")
-    pre = [Factor(w.ids, -1)]
-    out.muls.append(PlannedMul(node, 0, product(pre, tau), pre, w.input_dtype))
-    factors = [Factor(w.ids, 1)]
+    out.wrapped[node.outputs[0].name or ""] = w.group
+    t = product([Factor(w.ids, 1)], tau)
+    rest = t / group_part(t, w.group)  # exact: a division by |t|, ±1 or 1
+    moving = [] if w.group == "positive" else [Factor(w.ids, 1)]  # what |rest| follows
+    pre = [Factor(f.ids, -f.exp) for f in moving]
+    out.muls.append(PlannedMul(node, 0, 1.0 / rest, pre, w.input_dtype))
+    extra: list[Factor] = []
     uses = list(node.outputs[0].uses())
     if len(uses) == 1 and (id(uses[0].node), uses[0].idx) in edges:
         key = (id(uses[0].node), uses[0].idx)
         merged.add(key)
         out.merged += 1
-        factors += edges[key].factors
-    post = product(factors, tau)
+        extra = list(edges[key].factors)
+    # the whole τ (any): the factors multiplied in order, as for any other Mul
+    post = product(moving + extra, tau) if w.group == "any" else rest * product(extra, tau)
     if np.any(post != 1):
-        out.muls.append(PlannedMul(node, None, post, factors, w.output_dtype))
+        out.muls.append(PlannedMul(node, None, post, moving + extra, w.output_dtype))
 
 
 def _plan_edge(out: Plan, e: EdgeScale, tau: np.ndarray) -> None:

@@ -9,7 +9,8 @@ a node of the original computes (constants excluded) the analysis promises
     v' = s_v ⊙ v,    s_v = τ[ids(v)]  (1 for values it does not track),
 
 where ``v'`` is the value of the same name in the teleported model (insert mode: the
-output of a wrapped activation is unscaled, ``s_v = 1``; its inserted ``Mul(τ)`` follows).
+output of a wrapped activation carries only the part of τ it commutes with — 1, ``|τ|``
+or ``sign τ`` — and the inserted ``Mul`` of the rest follows).
 A network is the composition of its nodes, so the promise holds for the whole model
 exactly when it holds for every node ``N`` on every input:
 

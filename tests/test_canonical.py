@@ -263,6 +263,27 @@ def test_insert_mode_counts_the_inserted_constants(name: str, exported: ExportCa
         assert_same_weights(reference, moved, REL)
 
 
+def test_insert_mode_relu_wraps_store_signs_only() -> None:
+    """Where the sign rule gives a ReLU pair τ < 0, insert mode wraps the ReLU with the
+    part of τ it does not commute with, ``sign τ``: constants ±1, which a positive
+    teleport of the model leaves alone, so the canonical forms agree inserted constants
+    included (they stored ``τ``, and differed by up to 4.2 relative here, as on T5's ReLU
+    FFN)."""
+    proto = gemm_mlp([6, 8, 8, 4])
+    reference = ir.from_proto(proto)
+    result = CanonicalizePass(mode="insert")(reference)
+    assert result.inserted.wraps == 2
+    assert max_rel_err(proto, ir.to_proto(reference)) < 1e-5
+    inserted = [v for n, v in reference.graph.initializers.items() if "_cofactor" in n]
+    values = np.concatenate([v.const_value.numpy().ravel() for v in inserted])  # type: ignore[union-attr]
+    assert set(values.tolist()) == {-1.0, 1.0}
+    for seed in SEEDS[:3]:
+        moved = ir.from_proto(proto)
+        TeleportPass(seed=seed, cob_range=0.9)(moved)
+        CanonicalizePass(mode="insert")(moved)
+        assert_same_weights(reference, moved, REL)
+
+
 def test_a_different_network_has_a_different_canonical_form() -> None:
     proto = gemm_mlp([5, 7, 6, 3])
     other = onnx.ModelProto()

@@ -176,14 +176,15 @@ def test_groups_under_a_small_budget_give_the_same_verdict(tmp_path: Path, mode:
 
 
 def test_insert_mode_promise_is_checked(tmp_path: Path) -> None:
-    """Insert mode: wrapped outputs are unscaled, and a wrong inserted cofactor fails."""
+    """Insert mode: wrapped outputs carry only their group's part of τ, and a wrong inserted
+    cofactor fails."""
     src = FIXTURES / "mlp_small.onnx"
     specs = onnx_frontend.input_specs(load_model(src))
     feeds = verify.draw_feed_sets(specs, 2)
     result = TeleportPass(mode="insert", seed=1, sampling="inter_landscape", cob_range=0.9)(
         load_model(src)
     )
-    assert result.inserted.unscaled
+    assert result.inserted.wrapped
     out = tmp_path / "t.onnx"
     ir.save(result.model, out)
     assert verify.verify_teleport(src, out, feeds, result.tensor_scales()).passed

@@ -22,11 +22,11 @@ wrapped class (``τ·f(x/τ)``, e.g. around a GELU) whose weights all scale one 
 ``F`` fall without bound, the inserted ``Mul`` s taking up the scale (measured before
 this: ``max|u|`` 91 on a ConvNeXt, 519 on wav2vec2).  An absorb-mode teleport leaves every
 inserted constant at 1 (it moves no wrapped pair, and an edge's pairs only together), so
-the canonical forms of a model and of its absorb-mode teleports still coincide — with one
-exception: a ReLU-like wrap (group ``positive``) is inserted only where the sign rule gave a
-pair a negative cofactor, and its ``Mul(1/τ)``/``Mul(τ)`` carry ``|τ|`` too, which a positive
-teleport of the model changes; the weights still coincide there, these constants do not
-(seen on T5's ReLU FFN).  Storing only ``sign(τ)`` in such a wrap would make them agree.
+the canonical forms of a model and of its absorb-mode teleports still coincide, inserted
+constants included.  A ReLU-like wrap (group ``positive``) is inserted only where the sign
+rule gave a pair a negative cofactor; it stores ``sign τ`` (±1, :mod:`graphteleport.
+insertion`), which a positive teleport does not change (T5's ReLU FFN: these constants
+stored ``τ`` and differed before).
 
 Because ``F`` of a teleported model is ``F`` of the original shifted by the teleport's
 ``log|t|``, the canonical forms of a model and of any positive teleport of it coincide

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport import cofactors, ranges
+from graphteleport.algebra import group_part
 from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.insertion import InsertStats, insert_nodes
@@ -75,15 +76,18 @@ class TeleportResult(ir.passes.PassResult):
 
     def tensor_scales(self) -> TensorScales:
         """The promise the per-tensor check verifies: value ``v`` of the teleported model is
-        ``s_v ⊙`` the original's, ``s_v = τ[ids(v)]`` (1 for a wrapped activation's output
-        in insert mode: its ``Mul(τ)`` comes after it)."""
-        unscaled = set(self.inserted.unscaled)
+        ``s_v ⊙`` the original's, ``s_v = τ[ids(v)]`` — for a wrapped activation's output
+        in insert mode only the part of τ its group commutes with (``|τ|``, ``sign τ`` or
+        1; :mod:`graphteleport.insertion`): its ``Mul`` of the rest comes after it."""
+        wrapped = self.inserted.wrapped
         scales: dict[str, np.ndarray] = {}
         tracked: set[str] = set()
         for name, ids in self.analysis.neurons.items():
             tracked.add(name)
             s = self.tau[ids]
-            if name not in unscaled and s.size and np.any(s != 1.0):
+            if name in wrapped:
+                s = group_part(s, wrapped[name])
+            if s.size and np.any(s != 1.0):
                 scales[name] = s
         return TensorScales(scales, frozenset(tracked))
 
