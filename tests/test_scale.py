@@ -554,18 +554,22 @@ def test_half_products_through_float32_are_within_one_ulp_and_exact_for_powers_o
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-def test_torch_and_numpy_half_conversions_give_the_same_bits() -> None:
-    """:mod:`graphteleport.halfcast`'s two backends: every float16 pattern and bfloat16
-    values of every exponent widen to the same float32, and float32 values (ties,
-    subnormal results, overflow, ±0, ±inf) narrow to the same half-precision bits, also
-    across several pieces."""
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_torch_or_onnxruntime_and_numpy_half_conversions_give_the_same_bits(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:mod:`graphteleport.halfcast`'s backends: every float16 pattern and bfloat16
+    values of every exponent widen to the same float32 as numpy's, and float32 values
+    (ties, subnormal results, overflow, ±0, ±inf) narrow to the same half-precision
+    bits, also across several pieces."""
     import ml_dtypes
 
     from graphteleport import halfcast
 
-    torch_casts = halfcast.torch_casts()
+    monkeypatch.setattr(halfcast, "ORT_PIECE", halfcast.PIECE)  # several runs
+    torch_casts = halfcast.torch_casts() if backend == "torch" else halfcast.ort_casts()
     if torch_casts is None:
-        pytest.skip("torch not installed")
+        pytest.skip(f"{backend} not installed")
     numpy_casts = halfcast.numpy_casts()
     rng = np.random.default_rng(4)
     n = 3 * halfcast.PIECE + 5
@@ -586,7 +590,34 @@ def test_torch_and_numpy_half_conversions_give_the_same_bits() -> None:
         assert np.array_equal(narrow[0].view(np.uint16), narrow[1].view(np.uint16)), dtype
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_onnxruntime_half_conversions_keep_numpys_nan_payloads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A piece holding a NaN is converted again by numpy: the float16 and float32 NaN
+    patterns (signalling ones too) come out as numpy writes them, and the other elements
+    of the piece as before."""
+    from graphteleport import halfcast
+
+    monkeypatch.setattr(halfcast, "ORT_PIECE", 64)
+    casts = halfcast.ort_casts()
+    assert casts is not None
+    half = np.arange(0x7C00, 0x8000, dtype=np.uint16)  # +inf, then every positive NaN
+    half = np.concatenate([half, half | 0x8000, np.arange(0, 300, dtype=np.uint16)]).view(
+        np.float16
+    )
+    wide = np.empty(half.size, np.float32)
+    casts.copy(half, wide)
+    assert np.array_equal(wide.view(np.uint32), half.astype(np.float32).view(np.uint32))
+    single = np.array([0x7F800001, 0x7FC00000, 0xFF800123, 0x7FBFFFFF], dtype=np.uint32)
+    single = np.concatenate([single, np.arange(0x3F800000, 0x3F800000 + 200, dtype=np.uint32)])
+    narrow = np.empty(single.size, np.float16)
+    casts.copy(single.view(np.float32), narrow)
+    assert np.array_equal(
+        narrow.view(np.uint16), single.view(np.float32).astype(np.float16).view(np.uint16)
+    )
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "onnxruntime"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
     dtype: str, backend: str, monkeypatch: pytest.MonkeyPatch
@@ -598,9 +629,12 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
 
     from graphteleport import halfcast, parallel, rewrite
 
-    casts = halfcast.torch_casts() if backend == "torch" else halfcast.numpy_casts()
+    backends = {"torch": halfcast.torch_casts, "numpy": halfcast.numpy_casts}
+    backends["onnxruntime"] = halfcast.ort_casts
+    casts = backends[backend]()
     if casts is None:
-        pytest.skip("torch not installed")
+        pytest.skip(f"{backend} not installed")
+    monkeypatch.setattr(halfcast, "ORT_PIECE", 70)
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
     monkeypatch.setattr(rewrite, "_BLOCK", 300)
     monkeypatch.setattr(halfcast, "PIECE", 70)  # several pieces per block
@@ -641,7 +675,7 @@ def test_the_cli_never_imports_torch_for_the_half_conversions(tmp_path: Path) ->
         p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 0, p.stderr
         found.append(p.stdout.split())
-    assert found[0] == ["0", "False", "numpy"], found
+    assert found[0] == ["0", "False", "onnxruntime"], found
     assert found[1] == ["0", "True", "torch"], found
 
 
