@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -988,6 +989,8 @@ class DataFile:
     (on ext4 a copy inside the kernel; btrfs and XFS may share the blocks instead), with
     ``pread``/``pwrite`` where the kernel refuses.  ``on_bytes`` is told the size of
     every tensor written (a progress bar's update).  The file is created new (``O_EXCL``).
+    :meth:`scratch` lends the caller a buffer to compute the next :meth:`put`'s array in
+    (two kept, reused: no fresh memory to fault in for every weight).
     """
 
     def __init__(self, path: Path, on_bytes: Callable[[int], None] = _no_progress) -> None:
@@ -999,6 +1002,20 @@ class DataFile:
         self._reported = 0  # bytes told to on_bytes since the last rewind
         self._writer: list[ThreadPoolExecutor] = []  # made on the first put
         self._pending: Future[None] | None = None
+        self._buffers: list[np.ndarray] = [np.empty(0, np.uint8) for _ in range(2)]
+        self._busy = -1  # the buffer whose bytes the write in flight reads, if any
+
+    def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined) in one of
+        two buffers this file keeps — never the one the write in flight reads — grown to
+        the largest size asked.  It stays valid until the :meth:`put` after the one that
+        stores it (the caller must not keep it past that: :meth:`put` it or drop it)."""
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        k = 1 if self._busy == 0 else 0
+        if self._buffers[k].size < nbytes:
+            self._buffers[k] = np.empty(0, np.uint8)  # (the old one freed first)
+            self._buffers[k] = np.empty(nbytes, np.uint8)
+        return self._buffers[k][:nbytes].view(dtype).reshape(tuple(shape))
 
     def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
         """Append ``array`` (C order) and return it as an external tensor named ``name``.
@@ -1011,6 +1028,9 @@ class DataFile:
         raw = data.reshape(-1).view(np.uint8).data
         start = self._start()
         self.wait()
+        self._busy = next(
+            (k for k, b in enumerate(self._buffers) if b.size and np.may_share_memory(b, data)), -1
+        )
         if not self._writer:
             self._writer.append(ThreadPoolExecutor(1, thread_name_prefix="gt-write"))
         self._pending = self._writer[0].submit(_pwrite_chunks, self._file(), raw, start)
@@ -1020,6 +1040,7 @@ class DataFile:
     def wait(self) -> None:
         """Wait for the write in flight; its error, if any, as an :class:`InputError`."""
         pending, self._pending = self._pending, None
+        self._busy = -1
         try:
             if pending is not None:
                 pending.result()
@@ -1053,6 +1074,7 @@ class DataFile:
             self._close_files()
 
     def _close_files(self) -> None:
+        self._buffers = [np.empty(0, np.uint8) for _ in range(2)]
         for pool in self._writer:
             pool.shutdown()
         self._writer.clear()

@@ -103,27 +103,31 @@ class MagnitudeScan:
 
     With ``b = bits & mask`` (``|w|``'s pattern): ``max b`` is the largest magnitude;
     ``min (b − 1) mod 2^k`` skips zeros (0 wraps to the largest integer) and gives the
-    smallest non-zero one.  Where that is subnormal, one more scan of the whole weight,
-    ``min (b − tiny) mod 2^k``, gives the smallest normal; an inf or NaN element
-    (``max b ≥ inf``) sends the weight to the float path, which leaves them out.  Each
-    piece is worked on in chunks of one small buffer: no temporary of the weight's size.
+    smallest non-zero one; ``min (b − tiny) mod 2^k`` (zeros and subnormals wrap) the
+    smallest normal — in a chunk without subnormal elements that is ``min (b − 1) + 1 −
+    tiny``, so the extra pass runs only on chunks that hold one, while the chunk is in
+    cache (not a second read of the weight).  An inf or NaN element (``max b ≥ inf``)
+    sends the weight to the float path, which leaves them out.  Each piece is worked on
+    in chunks of one small buffer: no temporary of the weight's size.
     """
 
     def __init__(self, dtype: np.dtype) -> None:
         self.dtype = np.dtype(dtype)
         self.lim = limits(self.dtype)
         self.hi = 0
-        self.lo = (1 << (8 * self.dtype.itemsize)) - 1
+        self.lo = self.lo_normal = (1 << (8 * self.dtype.itemsize)) - 1
         self.buf = np.empty(_CHUNK, dtype=self.lim.uint)
 
     def add(self, piece: np.ndarray) -> None:
         """Take a C-contiguous piece of the weight into account."""
-        hi, lo = _scan(piece.reshape(-1).view(self.lim.uint), self.lim.mask, 1, self.buf)
+        hi, lo, lo_normal = _scan(piece.reshape(-1).view(self.lim.uint), self.lim, self.buf)
         self.hi, self.lo = max(self.hi, hi), min(self.lo, lo)
+        self.lo_normal = min(self.lo_normal, lo_normal)
 
     def merge(self, other: MagnitudeScan) -> None:
         """Take the pieces ``other`` (of the same weight) saw into account."""
         self.hi, self.lo = max(self.hi, other.hi), min(self.lo, other.lo)
+        self.lo_normal = min(self.lo_normal, other.lo_normal)
 
     def result(self, w: np.ndarray) -> Magnitudes:
         """The magnitudes of ``w``, every piece of which was added."""
@@ -135,29 +139,34 @@ class MagnitudeScan:
         hi, nonzero = lim.value(self.hi, dtype), self.lo + 1
         if nonzero >= lim.tiny_bits:  # no subnormal element (the usual case)
             return Magnitudes(hi, lim.value(nonzero, dtype), np.inf, dtype)
-        bits = np.ascontiguousarray(w).reshape(-1).view(lim.uint)
-        _, lo_normal = _scan(bits, lim.mask, lim.tiny_bits, self.buf)
         normal = (
-            lim.value(lo_normal + lim.tiny_bits, dtype)
-            if lo_normal < lim.inf_bits - lim.tiny_bits
+            lim.value(self.lo_normal + lim.tiny_bits, dtype)
+            if self.lo_normal < lim.inf_bits - lim.tiny_bits
             else np.inf
         )
         return Magnitudes(hi, normal, lim.value(nonzero, dtype), dtype)
 
 
-def _scan(bits: np.ndarray, mask: int, offset: int, buf: np.ndarray) -> tuple[int, int]:
-    """``max b`` and ``min (b − offset) mod 2^k`` over ``b = bits & mask``, a chunk at a
-    time in ``buf``."""
+def _scan(bits: np.ndarray, lim: Limits, buf: np.ndarray) -> tuple[int, int, int]:
+    """``max b``, ``min (b − 1) mod 2^k`` and ``min (b − tiny) mod 2^k`` over
+    ``b = bits & mask``, a chunk at a time in ``buf`` (:class:`MagnitudeScan`)."""
     n = bits.size
     kind = bits.dtype.type
-    hi, lo = 0, (1 << (8 * bits.dtype.itemsize)) - 1
+    top = (1 << (8 * bits.dtype.itemsize)) - 1
+    hi, lo, lo_normal = 0, top, top
     for start in range(0, n, buf.size):
         b = buf[: min(buf.size, n - start)]
-        np.bitwise_and(bits[start : start + buf.size], kind(mask), out=b)
+        np.bitwise_and(bits[start : start + buf.size], kind(lim.mask), out=b)
         hi = max(hi, int(b.max()))
-        np.subtract(b, kind(offset), out=b)
-        lo = min(lo, int(b.min()))
-    return hi, lo
+        np.subtract(b, kind(1), out=b)
+        least = int(b.min())
+        lo = min(lo, least)
+        if least + 1 >= lim.tiny_bits:  # no subnormal: the smallest normal is the least
+            lo_normal = min(lo_normal, least + 1 - lim.tiny_bits if least < top else top)
+        else:
+            np.subtract(b, kind(lim.tiny_bits - 1), out=b)
+            lo_normal = min(lo_normal, int(b.min()))
+    return hi, lo, lo_normal
 
 
 def _float_magnitudes(w: np.ndarray, lim: Limits) -> Magnitudes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,6 +66,11 @@ class WeightSink(Protocol):
 
     def rewind(self) -> None:
         """Forget everything stored (the rewrite starts over)."""
+        ...
+
+    def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """An array to compute the next stored weight in, valid until the ``put`` after
+        the one that stores it (:meth:`graphteleport.io.DataFile.scratch`)."""
         ...
 
 
@@ -187,6 +192,7 @@ def _product_rows(
     layout: tuple[int, ...] | None = None,
     smin: float = 0.0,
     fill: Fill | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
@@ -194,7 +200,9 @@ def _product_rows(
     size or 1 — None: W's own; ``fill(i, j, out)``, where given, writes those rows into a
     buffer of the grid's shape instead — float64, or float32 (rounding each value once)
     for a float32, float16 or bfloat16 W with ``float32_scale`` —
-    :meth:`~graphteleport.algebra.RowScale.rows_into`).  A large W is cut into row ranges
+    :meth:`~graphteleport.algebra.RowScale.rows_into`), into ``out`` where given (W's
+    shape and dtype, C-contiguous: a streamed rewrite's reused buffer, :meth:`WeightSink.
+    scratch`), else into a new array.  A large W is cut into row ranges
     worked on by :func:`~graphteleport.parallel.workers` threads at once (numpy releases
     the GIL), each a block of rows at a time (:func:`_rows_into`): no W-sized ``S`` or
     float64 temporary.
@@ -206,7 +214,7 @@ def _product_rows(
     twice the smallest normal: then ``W·s`` is normal, or overflows, and a product of a normal
     ``w`` and ``s ≠ 1`` rounded to W's precision is never ``w`` again.  Otherwise the
     bits of W and W' are compared (:func:`_changed_bits`)."""
-    out = np.empty(w.shape, dtype=w.dtype)
+    out = np.empty(w.shape, dtype=w.dtype) if out is None else out
     split = _grid_axes(w.shape, layout or w.shape)
     if fill is None:
         fill = _filler(rows_of, split)
@@ -496,14 +504,23 @@ def _compute(
     if lazy is None or not w.flags.c_contiguous:
         scales = scales_of(w.shape, weight.uses, weight.private, tau)
         return _pend(w, weight.uses, scales, f32, bounds[0])
-    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0])
+    sink = _SINK.get()
+    streams = sink is not None and not weight.source.is_node and w.ndim > 0
+    out = sink.scratch(w.shape, w.dtype) if sink is not None and streams else None
+    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out)
 
 
 def _pend_rows(
-    w: np.ndarray, use: Absorb, lazy: RowScale, f32: bool, smin: float
+    w: np.ndarray,
+    use: Absorb,
+    lazy: RowScale,
+    f32: bool,
+    smin: float,
+    out: np.ndarray | None = None,
 ) -> tuple[_Pending, Magnitudes]:
-    """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale`."""
-    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, lazy.rows_into)
+    """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale` (its
+    product into ``out`` where given: :func:`_product_rows`)."""
+    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, lazy.rows_into, out)
     return _Pending(use.source, new if changed else None, changed), mags
 
 

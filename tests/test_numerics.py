@@ -275,6 +275,32 @@ def test_magnitudes_match_a_direct_computation(dtype: Any, seed: int) -> None:
     assert magnitudes(np.zeros(5, dtype)).hi == 0.0
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_magnitude_scan_finds_the_smallest_normal_in_any_chunk(dtype: Any) -> None:
+    """The scan measures the smallest normal while each chunk is in cache: a chunk of
+    zeros, one of subnormals and normals, one whose normals are the smallest but which
+    holds no subnormal, added as pieces in any order, give the direct figures."""
+    from graphteleport.numerics import _CHUNK, MagnitudeScan
+
+    lim = limits(np.dtype(dtype))
+    rng = np.random.default_rng(5)
+    zeros = np.zeros(_CHUNK, np.float64)
+    mixed = rng.uniform(4 * lim.tiny, 1.0, _CHUNK)
+    mixed[::97] = lim.tiny * rng.uniform(0.01, 0.99, mixed[::97].size)
+    low = rng.uniform(1.5 * lim.tiny, 1.0, _CHUNK + 11)
+    pieces = [zeros, mixed, low]
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2]):
+        w = np.concatenate([pieces[k] for k in order]).astype(dtype)
+        scan = MagnitudeScan(w.dtype)
+        at = 0
+        for k in order:  # (pieces of several chunks and of one)
+            scan.add(w[at : at + pieces[k].size])
+            at += pieces[k].size
+        assert scan.result(w) == magnitudes(w.astype(np.float64).astype(dtype)), order
+        a = np.abs(w.astype(np.float64))
+        assert scan.result(w).lo_normal == a[a >= lim.tiny].min()
+
+
 # -- the property ----------------------------------------------------------------------------
 cases = st.fixed_dictionaries(
     {
