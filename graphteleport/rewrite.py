@@ -304,9 +304,10 @@ def _grid_rows_into(
     casts: halfcast.Casts | None = None,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
-    at a time in buffers reused across blocks, ``S`` rounded once on the block's grid (W's
-    first ``split`` axes) and applied by one ``multiply`` per block, broadcast over the
-    trailing axes; the elements changed and the rows' magnitudes.
+    (``_HALF_BLOCK`` for a half-precision W) at a time in buffers reused across blocks,
+    ``S`` rounded once on the block's grid (W's first ``split`` axes) and applied by one
+    ``multiply`` per block, broadcast over the trailing axes; the elements changed and
+    the rows' magnitudes.
 
     A float32 or float64 W (``casts`` None) is multiplied natively by ``S`` rounded to
     its dtype, and the elements changed are counted from the grid (non-zero elements
@@ -314,12 +315,13 @@ def _grid_rows_into(
     :func:`_half_product` rounds it: ``S`` rounded to float32, W widened into a float32
     buffer by ``casts`` (:mod:`graphteleport.halfcast`: torch's vectorised conversions
     where importable), the product converted back into ``out``; the elements whose bits
-    changed are counted (:func:`_bits_changed`: ``S`` is not rounded to W's dtype, so an
+    changed are counted (:func:`_half_changed`: ``S`` is not rounded to W's dtype, so an
     ``s ≠ 1`` may leave ``w`` as it was)."""
     scan = MagnitudeScan(w.dtype)
-    inner, row, rows, cells = _blocks(w.shape, split)
+    inner, row, rows, cells = _blocks(w.shape, split, _BLOCK if casts is None else _HALF_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
     w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
+    differ = np.empty(w32.size, dtype=bool)
     changed = 0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for i in range(start, stop, rows):
@@ -335,18 +337,31 @@ def _grid_rows_into(
                 casts.copy(wc.reshape(-1), b.reshape(-1))
                 np.multiply(b, g[:, None], out=b)
                 casts.copy(b.reshape(-1), oc.reshape(-1))
-                changed += _bits_changed(wc, oc)
+                changed += _half_changed(wc, oc, g, differ)
             scan.add(wc)
     return changed, scan
 
 
-def _blocks(shape: tuple[int, ...], split: int) -> tuple[int, int, int, int]:
+def _blocks(shape: tuple[int, ...], split: int, block: int) -> tuple[int, int, int, int]:
     """A block's geometry for W of ``shape`` whose ``S`` varies along its first ``split``
-    axes: the elements per grid cell, per row, the rows per block (about ``_BLOCK``
+    axes: the elements per grid cell, per row, the rows per block (about ``block``
     elements) and the grid cells per row."""
     inner = max(1, math.prod(shape[split:]))
     row = max(1, math.prod(shape[1:]))
-    return inner, row, max(1, _BLOCK // row), row // inner
+    return inner, row, max(1, block // row), row // inner
+
+
+def _half_changed(wc: np.ndarray, oc: np.ndarray, g: np.ndarray, buf: np.ndarray) -> int:
+    """:func:`_bits_changed` of a block whose ``S`` is the grid ``g``: where every ``s``
+    is positive a zero keeps its sign (``±0 · s = ±0``), so no zero changes only its
+    sign and the count is that of the words that differ — one compare into ``buf`` (a
+    reused bool buffer) and a count."""
+    if not (g.size and g.min() > 0):
+        return _bits_changed(wc, oc)
+    uint = limits(wc.dtype).uint
+    differ = buf[: wc.size].reshape(wc.shape)
+    np.not_equal(wc.view(uint), oc.view(uint), out=differ)
+    return int(np.count_nonzero(differ))
 
 
 def _grid_changed(wc: np.ndarray, g: np.ndarray) -> int:
@@ -424,6 +439,11 @@ def _wide_rows_into(
 
 
 _BLOCK = 1 << 16
+#: Elements per block of a half-precision product: onnxruntime's conversions cost ~8 µs
+#: a run (:mod:`graphteleport.halfcast`), so blocks larger than the cache pay — CPU ns an
+#: element for widen + multiply + narrow + count + scan + S, one thread, an 11008 × 4096
+#: float16 weight: 3.5 at 2^15, 2.4 at 2^16, 1.7 at 2^18, 1.6 at 2^20.
+_HALF_BLOCK = 1 << 18
 
 
 def _shrink(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

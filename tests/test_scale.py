@@ -384,7 +384,8 @@ def test_native_products_count_changes_from_the_grid(
     from graphteleport.numerics import limits, magnitudes
 
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
-    monkeypatch.setattr(rewrite, "_BLOCK", 100)  # several blocks per range
+    monkeypatch.setattr(rewrite, "_BLOCK", 100)
+    monkeypatch.setattr(rewrite, "_HALF_BLOCK", 100)  # several blocks per range
     rng = np.random.default_rng(12)
     tiny = limits(np.dtype(dtype)).tiny
     for case in ("plain", "subnormal", "underflow", "unknown"):
@@ -424,7 +425,8 @@ def test_products_by_row_ranges_on_threads_equal_the_whole_product(
     from graphteleport.numerics import magnitudes
 
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
-    monkeypatch.setattr(rewrite, "_BLOCK", 40)  # several blocks per range
+    monkeypatch.setattr(rewrite, "_BLOCK", 40)
+    monkeypatch.setattr(rewrite, "_HALF_BLOCK", 40)  # several blocks per range
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(11)
     for special in (False, True):
@@ -435,6 +437,7 @@ def test_products_by_row_ranges_on_threads_equal_the_whole_product(
         if special:
             w[4, 4], w[5, 5] = np.nan, np.inf
         s = rng.uniform(0.3, 3.0, (37, 1)) * rng.choice([-1.0, 1.0], (1, 13))
+        s[:12] = np.abs(s[:12])  # (blocks whose S is positive: zeros keep their sign)
         new, changed, mags = rewrite._product_rows(w, lambda i, j, s=s: s[i:j], f32)
         ref = rewrite._apply(w, s, f32)
         assert new.dtype == w.dtype
@@ -637,6 +640,7 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
     monkeypatch.setattr(halfcast, "ORT_PIECE", 70)
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
     monkeypatch.setattr(rewrite, "_BLOCK", 300)
+    monkeypatch.setattr(rewrite, "_HALF_BLOCK", 300)
     monkeypatch.setattr(halfcast, "PIECE", 70)  # several pieces per block
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(12)
