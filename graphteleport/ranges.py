@@ -30,6 +30,7 @@ overflow float16 weight 'W'".
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,7 @@ from graphteleport.numerics import (
     violations,
 )
 from graphteleport.parallel import map_parts, row_parts
-from graphteleport.rewrite import release, weight_bounds
+from graphteleport.rewrite import measure_one, measured_array, release, weight_bounds
 
 log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
@@ -67,6 +68,42 @@ class RangeFix:
         return abs(self.value) == 1.0
 
 
+@dataclass
+class Survey:
+    """Every absorbing weight's :class:`~graphteleport.numerics.Magnitudes` (in
+    ``analysis.weights`` order) and, for the weights the first round of :func:`fit`
+    checks cell by cell, their cells, measured in the same read (:func:`survey`)."""
+
+    magnitudes: list[Magnitudes]
+    cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk]
+    shapes: dict[int, tuple[int, ...]]
+
+
+def survey(
+    analysis: AnalysisResult, values: np.ndarray, arrays: Mapping[str, np.ndarray] | None = None
+) -> Survey:
+    """Read each absorbing weight once, releasing its map after it: its magnitudes
+    (:func:`~graphteleport.rewrite.measure_one`) and, where they fail the quick check
+    against the bounds of its ``|S|`` for ``values`` as drawn — the first round of
+    :func:`fit` would then read it again — its cells for that round (:class:`_AtRisk`
+    or :func:`~graphteleport.numerics.cell_magnitudes`), while its pages are resident:
+    one read of the model, not two (a 13.5 GB model does not stay in the page cache).
+    ``arrays``: the tensors already read, as :func:`~graphteleport.rewrite.prepare`
+    takes them."""
+    tau = analysis.solution.cofactors(values)
+    smin, smax = weight_bounds(analysis, tau)
+    check = _Check(analysis, [], False)
+    mags: list[Magnitudes] = []
+    for j, weight in enumerate(analysis.weights):
+        w = measured_array(weight, arrays)
+        mags.append(measure_one(w))
+        if out_of_range(mags[-1:], smin[j : j + 1], smax[j : j + 1])[0]:
+            check.prime(j, w, tau, (float(smin[j]), float(smax[j])))
+        del w
+        release(weight.source)
+    return Survey(mags, check.cells, check.shapes)
+
+
 def fit(
     analysis: AnalysisResult,
     values: np.ndarray,
@@ -74,10 +111,15 @@ def fit(
     *,
     insert: bool = False,
     exact: bool = False,
+    primed: Survey | None = None,
 ) -> list[RangeFix]:
     """Move, in place, the ``values`` (one per pair) whose weights or, with ``insert``,
-    Mul constants would leave their dtype's range; return what was moved and why."""
+    Mul constants would leave their dtype's range; return what was moved and why.
+    ``primed``: :func:`survey`'s cells of ``values`` as given (not read again)."""
     check = _Check(analysis, mags, insert)
+    if primed is not None:
+        check.cells.update(primed.cells)
+        check.shapes.update(primed.shapes)
     reasons: dict[int, str] = {}
     rounds = 0
     while True:
@@ -286,12 +328,7 @@ class _Check:
             layout = (1,) * (r - len(layout)) + tuple(layout)
             if (j, k) not in self.cells:
                 assert w is not None
-                wr = with_rank(w, r)
-                axes = tuple(ax for ax in range(r) if layout[ax] == 1 and wr.shape[ax] > 1)
-                if not axes and layout == wr.shape and wr.size > _DENSE_CELLS:
-                    self.cells[j, k] = _AtRisk.of(wr, lim, *bounds)
-                else:
-                    self.cells[j, k] = cell_magnitudes(wr, axes, lim)
+                self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
             cells = self.cells[j, k]
             if isinstance(cells, _AtRisk):
                 at = _scale_at(scale, group, tau, cells)
@@ -305,6 +342,17 @@ class _Check:
         if simple and len(risky) == len(checks):
             self.sparse[j] = risky
         return checks
+
+    def prime(self, j: int, w: np.ndarray, tau: np.ndarray, bounds: tuple[float, float]) -> None:
+        """Measure the cells of weight ``j`` (``w``) that :meth:`_cells` would measure for
+        ``tau`` (``bounds``: its ``|S|``'s), so that no round reads it again."""
+        weight = self.analysis.weights[j]
+        lim = limits(w.dtype)
+        self.shapes[j] = w.shape
+        for k, (_, scale) in enumerate(_scales(w.shape, weight, tau)):
+            r = max(w.ndim, len(scale.shape))
+            layout = (1,) * (r - len(scale.shape)) + tuple(scale.shape)
+            self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
 
     def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> bool:
         """Check weight ``j`` through its elements at risk only, blaming the pairs at the
@@ -401,6 +449,21 @@ class _Check:
                 why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
                 for p in self._blame(m.factors, mask, sign, tau, values):
                     bad.setdefault(int(p), why)
+
+
+def _measure_cells(
+    w: np.ndarray, layout: tuple[int, ...], lim: Limits, bounds: tuple[float, float]
+) -> tuple[np.ndarray, ...] | _AtRisk:
+    """The cells of ``w`` under a scale of ``layout`` (W's rank or more; each axis W's size
+    or 1): reduced over the axes where the scale is constant
+    (:func:`~graphteleport.numerics.cell_magnitudes`), or — a large W whose every element
+    is a cell — its elements at risk within ``bounds`` (:class:`_AtRisk`)."""
+    r = len(layout)
+    wr = with_rank(w, r)
+    axes = tuple(ax for ax in range(r) if layout[ax] == 1 and wr.shape[ax] > 1)
+    if not axes and layout == wr.shape and wr.size > _DENSE_CELLS:
+        return _AtRisk.of(wr, lim, *bounds)
+    return cell_magnitudes(wr, axes, lim)
 
 
 def _scales(

@@ -575,15 +575,26 @@ def measure(
     scan of its bits each, releasing each external tensor's map after it: the same
     figures :func:`prepare` measures while it computes the products, without them.
     ``arrays``: the tensors already read, as :func:`prepare` takes them."""
-    if _SINK.get() is not None:
-        arrays = None
     mags: list[Magnitudes] = []
     for weight in analysis.weights:
-        w = arrays[weight.source.name] if arrays is not None else weight.source.array()
-        mags.append(_magnitudes(np.ascontiguousarray(w)))
+        w = measured_array(weight, arrays)
+        mags.append(measure_one(w))
         del w
         release(weight.source)
     return mags
+
+
+def measured_array(weight: Weight, arrays: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The stored array of ``weight``: from ``arrays`` (read already) where given and no
+    :func:`streamed` block is active, else read (from its map, for an external tensor)."""
+    if arrays is not None and _SINK.get() is None:
+        return arrays[weight.source.name]
+    return weight.source.array()
+
+
+def measure_one(w: np.ndarray) -> Magnitudes:
+    """One weight's :class:`Magnitudes` (:func:`measure`)."""
+    return _magnitudes(np.ascontiguousarray(w))
 
 
 def _magnitudes(w: np.ndarray) -> Magnitudes:

@@ -280,6 +280,61 @@ def test_fitting_before_the_products_gives_what_fitting_after_them_gave(
             np.testing.assert_array_equal(before[1][name], value, err_msg=f"{mode} {name}")
 
 
+def test_the_survey_reads_each_weight_once_and_the_fit_reads_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float16 model's weights are read twice in all: once by the survey (magnitudes
+    and the first round's cells — the elements at risk of dense weights too, here with
+    ``_DENSE_CELLS`` lowered), once for the products; the fit reads none again, and its
+    fixes and the weights are those of a fit that measures its cells itself."""
+    from graphteleport import ranges
+    from graphteleport.analysis.constraints import ConstRef
+
+    monkeypatch.setattr(ranges, "_DENSE_CELLS", 64)
+    src = _model(tmp_path, "float16")
+
+    def run() -> tuple[list[object], dict[str, np.ndarray], dict[str, int]]:
+        reads: dict[str, int] = {}
+        array = ConstRef.array
+
+        def counted(ref: ConstRef) -> np.ndarray:
+            reads[ref.name] = reads.get(ref.name, 0) + 1
+            return array(ref)
+
+        with monkeypatch.context() as m:
+            m.setattr(ConstRef, "array", counted)
+            model = load_model(src)
+            result = TeleportPass(seed=5, input_shapes={"ids": (1, SMALL.seq)})(model)
+        weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+        return list(result.range_fixes), weights, reads  # type: ignore[misc]
+
+    fixes, weights, reads = run()
+    weights_read = {k: n for k, n in reads.items() if k.endswith(".weight")}  # (not eps, mask)
+    assert fixes and len(weights_read) == 21 and set(weights_read.values()) == {2}, reads
+    monkeypatch.setattr(ranges, "survey", _survey_without_cells)
+    fixes_unprimed, weights_unprimed, reads_unprimed = run()
+    assert fixes_unprimed == fixes
+    assert max(n for k, n in reads_unprimed.items() if k.endswith(".weight")) == 3
+    for name, value in weights.items():
+        np.testing.assert_array_equal(weights_unprimed[name], value, err_msg=name)
+
+
+def _survey_without_cells(analysis: object, values: np.ndarray, arrays: object = None) -> object:
+    from graphteleport import ranges
+
+    found = _REAL_SURVEY(analysis, values, arrays)  # type: ignore[operator]
+    return ranges.Survey(found.magnitudes, {}, {})
+
+
+def _real_survey() -> object:
+    from graphteleport import ranges
+
+    return ranges.survey
+
+
+_REAL_SURVEY = _real_survey()
+
+
 def test_the_fit_after_the_products_still_catches_what_the_early_measure_missed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -287,8 +342,8 @@ def test_the_fit_after_the_products_still_catches_what_the_early_measure_missed(
     products' own (here: every weight claimed all zero, so the early fit moves nothing)
     send the values through the fit again, and the result is what fitting after the
     products gives."""
+    from graphteleport import ranges
     from graphteleport.numerics import Magnitudes
-    from graphteleport.passes import teleport
 
     src = _model(tmp_path, "float16")
 
@@ -300,7 +355,9 @@ def test_the_fit_after_the_products_still_catches_what_the_early_measure_missed(
 
     reference = run()
     zero = Magnitudes(0.0, np.inf, np.inf, np.dtype(np.float16))
-    monkeypatch.setattr(teleport, "measure", lambda analysis, *_: [zero] * len(analysis.weights))
+    monkeypatch.setattr(
+        ranges, "survey", lambda analysis, *_: ranges.Survey([zero] * len(analysis.weights), {}, {})
+    )
     netted = run()
     assert reference[0] and netted[0] == reference[0]
     for name, value in reference[1].items():

@@ -33,7 +33,7 @@ from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.options import CofactorOptions, check_input_shapes
-from graphteleport.rewrite import RewriteStats, commit, measure, narrow, prepare
+from graphteleport.rewrite import RewriteStats, commit, narrow, prepare
 from graphteleport.tensorcheck import TensorScales
 
 if TYPE_CHECKING:
@@ -226,19 +226,22 @@ def apply_values(
     the same pass); only when a weight's quick check failed, or in insert mode (its
     constants), are the values fitted — and, if any moved, the products recomputed.
     A model with float16 weights (:func:`~graphteleport.rewrite.narrow`: its fit nearly
-    always moves values) is measured and fitted first instead, so its products are
-    computed once; the fit's last round checked the final values against the
-    magnitudes :func:`prepare` measures again, so they are fitted again only if those
-    differ (the safety net; never in practice).  The same magnitudes give the same fit:
-    the values, and so the outputs, are those of fitting after the products.  ``arrays``:
+    always moves values) is surveyed and fitted first instead
+    (:func:`~graphteleport.ranges.survey`: each weight read once for its magnitudes and
+    the first round's cells), so its products are computed once; the fit's last round
+    checked the final values against the magnitudes :func:`prepare` measures again, so
+    they are fitted again only if those differ (the safety net; never in practice).  The
+    same magnitudes give the same fit: the values, and so the outputs, are those of
+    fitting after the products.  ``arrays``:
     the stored tensors the caller already read (:func:`~graphteleport.orbit.stored_arrays`),
     read from there instead of again (:func:`~graphteleport.rewrite.prepare`).
     """
     sol = analysis.solution
-    early = measure(analysis, arrays) if narrow(analysis) else None
+    surveyed = ranges.survey(analysis, values, arrays) if narrow(analysis) else None
+    early = surveyed.magnitudes if surveyed is not None else None
     fixes: list[ranges.RangeFix] = []
     if early is not None:
-        fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact)
+        fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact, primed=surveyed)
     tau = sol.cofactors(values)
     prepared = prepare(analysis, tau, arrays)
     stale = early is not None and early != prepared.magnitudes  # (the safety net)
