@@ -48,7 +48,14 @@ from graphteleport.numerics import (
     violations,
 )
 from graphteleport.parallel import map_parts, row_parts
-from graphteleport.rewrite import measure_one, measured_array, release, weight_bounds
+from graphteleport.rewrite import (
+    measure_one,
+    measured_array,
+    prefetch,
+    release,
+    streaming,
+    weight_bounds,
+)
 
 log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
@@ -88,20 +95,26 @@ def survey(
     :func:`fit` would then read it again — its cells for that round (:class:`_AtRisk`
     or :func:`~graphteleport.numerics.cell_magnitudes`), while its pages are resident:
     one read of the model, not two (a 13.5 GB model does not stay in the page cache).
-    ``arrays``: the tensors already read, as :func:`~graphteleport.rewrite.prepare`
-    takes them."""
+    The weights are read last first, each next one prefetched
+    (:func:`~graphteleport.rewrite.prefetch`): :func:`~graphteleport.rewrite.prepare`
+    then starts with the weights read most recently, the ones the page cache still
+    holds, where the same order twice would find the first ones evicted.  ``arrays``:
+    the tensors already read, as :func:`~graphteleport.rewrite.prepare` takes them."""
     tau = analysis.solution.cofactors(values)
     smin, smax = weight_bounds(analysis, tau)
     check = _Check(analysis, [], False)
-    mags: list[Magnitudes] = []
-    for j, weight in enumerate(analysis.weights):
-        w = measured_array(weight, arrays)
-        mags.append(measure_one(w))
-        if out_of_range(mags[-1:], smin[j : j + 1], smax[j : j + 1])[0]:
+    weights = analysis.weights
+    found: dict[int, Magnitudes] = {}
+    for j in reversed(range(len(weights))):  # (last first: see the docstring)
+        if arrays is None or streaming():
+            prefetch(weights[j - 1 : j] if j else [])
+        w = measured_array(weights[j], arrays)
+        found[j] = measure_one(w)
+        if out_of_range([found[j]], smin[j : j + 1], smax[j : j + 1])[0]:
             check.prime(j, w, tau, (float(smin[j]), float(smax[j])))
         del w
-        release(weight.source)
-    return Survey(mags, check.cells, check.shapes)
+        release(weights[j].source)
+    return Survey([found[j] for j in range(len(weights))], check.cells, check.shapes)
 
 
 def fit(
