@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,6 +84,7 @@ class Survey:
     magnitudes: list[Magnitudes]
     cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk]
     shapes: dict[int, tuple[int, ...]]
+    sparse: dict[int, list[tuple[list[Absorb], _AtRisk]]] = field(default_factory=dict)
 
 
 def survey(
@@ -114,7 +115,8 @@ def survey(
             check.prime(j, w, tau, (float(smin[j]), float(smax[j])))
         del w
         release(weights[j].source)
-    return Survey([found[j] for j in range(len(weights))], check.cells, check.shapes)
+    mags = [found[j] for j in range(len(weights))]
+    return Survey(mags, check.cells, check.shapes, check.sparse)
 
 
 def fit(
@@ -133,6 +135,7 @@ def fit(
     if primed is not None:
         check.cells.update(primed.cells)
         check.shapes.update(primed.shapes)
+        check.sparse.update(primed.sparse)
     reasons: dict[int, str] = {}
     rounds = 0
     while True:
@@ -292,13 +295,19 @@ class _Check:
         bounds: tuple[float, float],
     ) -> None:
         """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
-        weight is read once: its cells' magnitudes are kept for later rounds — for a
-        large weight whose every element is a cell, only the elements at risk within
-        ``bounds``, this round's ``smin ≤ |S| ≤ smax`` (:class:`_AtRisk`)."""
+        weight is read once (:meth:`prime`, unless :func:`survey` did): its cells'
+        magnitudes are kept for later rounds — for a large weight whose every element is
+        a cell, only the elements at risk within ``bounds``, this round's
+        ``smin ≤ |S| ≤ smax`` (:class:`_AtRisk`), checked without W-sized masks where
+        its uses allow (:meth:`_sparse`)."""
         weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
-        w = weight.source.array() if j not in self.shapes else None
-        shape = self.shapes.setdefault(j, w.shape if w is not None else ())
+        if j not in self.shapes:
+            w = weight.source.array()
+            self.prime(j, w, tau, bounds)
+            del w  # the cells are kept, the weight's pages need not be
+            release(weight.source)
+        shape = self.shapes[j]
         if j in self.sparse and self._sparse(j, tau, values, bad):
             return
         if j in self.sparse:  # S at the elements at risk only, not the whole of S
@@ -307,9 +316,7 @@ class _Check:
                 for group, risk in self.sparse[j]
             ]
         else:
-            checks = self._cells(j, w, shape, tau, lim, bounds)
-            del w  # the cells are kept, the weight's pages need not be
-            release(weight.source)
+            checks = self._cells(j, shape, tau, lim)
         for group, over, under in checks:
             layout = np.broadcast_shapes(over.shape, under.shape)
             for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
@@ -320,52 +327,42 @@ class _Check:
                         bad.setdefault(int(p), why)
 
     def _cells(
-        self,
-        j: int,
-        w: np.ndarray | None,
-        shape: tuple[int, ...],
-        tau: np.ndarray,
-        lim: Limits,
-        bounds: tuple[float, float],
+        self, j: int, shape: tuple[int, ...], tau: np.ndarray, lim: Limits
     ) -> list[tuple[list[Absorb], np.ndarray, np.ndarray]]:
         """Each scale of weight ``j`` with its ``(over, under)`` cell masks, from its cells'
-        magnitudes (measured on the first call, ``w`` given).  A weight whose scales all
-        keep :class:`_AtRisk` cells and whose uses read it whole is checked through
-        :attr:`sparse` in later rounds."""
+        magnitudes (:meth:`prime`)."""
         weight = self.analysis.weights[j]
         checks: list[tuple[list[Absorb], np.ndarray, np.ndarray]] = []
-        risky: list[tuple[list[Absorb], _AtRisk]] = []
         for k, (group, scale) in enumerate(_scales(shape, weight, tau)):
-            layout = scale.shape
-            r = max(len(shape), len(layout))
-            layout = (1,) * (r - len(layout)) + tuple(layout)
-            if (j, k) not in self.cells:
-                assert w is not None
-                self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
             cells = self.cells[j, k]
             if isinstance(cells, _AtRisk):
                 at = _scale_at(scale, group, tau, cells)
                 checks.append((group, *cells.violations(at, lim)))
-                risky.append((group, cells))
             else:
                 hi, lo_n, lo_s = cells
-                sr = with_rank(_whole(scale), r)
+                sr = with_rank(_whole(scale), max(len(shape), len(scale.shape)))
                 checks.append((group, *violations(hi, lo_n, lo_s, np.abs(sr), lim)))
-        simple = all(ab.index is None and not ab.expand for ab in weight.uses)
-        if simple and len(risky) == len(checks):
-            self.sparse[j] = risky
         return checks
 
     def prime(self, j: int, w: np.ndarray, tau: np.ndarray, bounds: tuple[float, float]) -> None:
-        """Measure the cells of weight ``j`` (``w``) that :meth:`_cells` would measure for
-        ``tau`` (``bounds``: its ``|S|``'s), so that no round reads it again."""
+        """Measure the cells of weight ``j`` (``w``) for ``tau`` (``bounds``: its
+        ``|S|``'s), so that no round reads it again; a weight whose scales all keep
+        :class:`_AtRisk` cells and whose uses read it whole is checked through
+        :attr:`sparse` (the same pairs and reasons as its masks would give)."""
         weight = self.analysis.weights[j]
         lim = limits(w.dtype)
         self.shapes[j] = w.shape
-        for k, (_, scale) in enumerate(_scales(w.shape, weight, tau)):
+        risky: list[tuple[list[Absorb], _AtRisk]] = []
+        scales = _scales(w.shape, weight, tau)
+        for k, (group, scale) in enumerate(scales):
             r = max(w.ndim, len(scale.shape))
             layout = (1,) * (r - len(scale.shape)) + tuple(scale.shape)
-            self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
+            cells = self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
+            if isinstance(cells, _AtRisk):
+                risky.append((group, cells))
+        simple = all(ab.index is None and not ab.expand for ab in weight.uses)
+        if simple and len(risky) == len(scales):
+            self.sparse[j] = risky
 
     def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> bool:
         """Check weight ``j`` through its elements at risk only, blaming the pairs at the
