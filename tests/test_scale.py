@@ -547,6 +547,23 @@ def test_row_parts_cover_the_rows_once_and_map_parts_keeps_order() -> None:
     ]
 
 
+def test_data_file_scratch_never_lends_the_buffer_being_written(tmp_path: Path) -> None:
+    """``DataFile.scratch`` alternates between its two buffers: never the one whose write
+    is in flight, grown when a larger array is asked for; every tensor reads back what
+    was computed in its buffer."""
+    f = gt_io.DataFile(tmp_path / "d.data")
+    tensors, arrays = [], []
+    for k, n in enumerate((1000, 1000, 3000, 10, 3000)):
+        a = f.scratch((n,), np.dtype(np.float32))
+        assert all(not np.shares_memory(a, b) for b in arrays[-1:]), k  # (in flight)
+        a[:] = k + 1
+        tensors.append(f.put(f"t{k}", a))
+        arrays.append(a)
+    f.close()
+    for k, t in enumerate(tensors):
+        assert np.array_equal(t.numpy(), np.full(t.shape.numpy(), k + 1, np.float32)), k
+
+
 def test_a_failed_background_write_is_one_line_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
