@@ -242,6 +242,7 @@ def apply_values(
     fixes: list[ranges.RangeFix] = []
     if early is not None:
         fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact, primed=surveyed)
+    del surveyed  # (its cells — the elements at risk of every weight — not during the products)
     tau = sol.cofactors(values)
     prepared = prepare(analysis, tau, arrays)
     stale = early is not None and early != prepared.magnitudes  # (the safety net)
