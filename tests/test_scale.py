@@ -722,12 +722,15 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
     try:
         for shape, layout in (((29, 6, 3, 3), (29, 6, 1, 1)), ((41, 17), (41, 17))):
             w = rng.standard_normal(shape).astype(np_dtype)
+            if backend != "torch":  # (torch's vector and scalar loops give NaNs other bits)
+                w.reshape(-1)[[-30, -7]] = [np.nan, -np.inf]  # (late blocks: checked again)
             s = rng.uniform(0.3, 3.0, layout)
             s[::4] = 1.0
             new, changed, _ = rewrite._product_rows(w, lambda i, j, s=s: s[i:j], True, layout)
             ref = rewrite._apply(w, s, True)
             assert np.array_equal(new.view(np.uint16), ref.view(np.uint16)), (dtype, shape)
             assert changed == int(np.count_nonzero(ref != w))
+            assert backend == "torch" or np.isnan(new.reshape(-1)[-30])
     finally:
         halfcast.use(None)
 
