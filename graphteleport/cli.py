@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from graphteleport import __version__
 from graphteleport.errors import GraphTeleportError, VerificationError
+from graphteleport.interrupts import signals_held
 
 if TYPE_CHECKING:
     from graphteleport.pipeline import TeleportOptions
@@ -585,40 +586,42 @@ def _bars(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-#: Set while :func:`_collector_paused` holds the collector off; :func:`_imports_done` resumes.
-_collector = {"paused": False}
+#: What :func:`_starting` holds until the job's modules are imported (:func:`_imports_done`).
+_startup = contextlib.ExitStack()
 
 
 @contextlib.contextmanager
-def _collector_paused(process: bool) -> Iterator[None]:
-    """Python's cyclic garbage collector off while the modules are imported (up to
-    :func:`_imports_done`, or the end): imports create some 70 000 long-lived objects, and
-    every full collection meanwhile walks them all for nothing (ResNet-50 ``--no-verify``:
-    two full and ~30 partial collections, 0.08-0.2 s of a 2 s run).  Only when ``main``
-    runs the process (``process``; a caller's own collector is left alone) and the
-    collector is on; as it was afterwards."""
-    if not process or not gc.isenabled():
+def _starting(process: bool) -> Iterator[None]:
+    """From the start until the job's modules are imported (:func:`_imports_done`, or
+    the end):
+
+    * SIGINT and SIGTERM are held (:func:`graphteleport.interrupts.signals_held`) and
+      handled once the imports are done: an interrupt raised while numpy, onnx or
+      onnx_ir initialise their compiled parts can come out as an ``ImportError`` (an
+      internal error, exit 3, instead of a clean exit 130 or 143);
+    * where ``main`` runs the process (``process``; a caller's collector is left alone),
+      Python's cyclic garbage collector is off: imports create some 70 000 long-lived
+      objects, and every full collection meanwhile walks them all for nothing
+      (ResNet-50 ``--no-verify``: two full and ~30 partial collections, 0.08-0.2 s of a
+      2 s run); afterwards those objects are frozen (``gc.freeze``: the job's
+      collections no longer walk them) and it collects as usual.
+    """
+    with _startup:
+        _startup.enter_context(signals_held())
+        if process and gc.isenabled():
+            gc.disable()
+            _startup.callback(_collect_again)
         yield
-        return
-    gc.disable()
-    _collector["paused"] = True
-    try:
-        yield
-    finally:
-        if _collector["paused"]:
-            _collector["paused"] = False
-            gc.enable()
+
+
+def _collect_again() -> None:
+    gc.freeze()
+    gc.enable()
 
 
 def _imports_done() -> None:
-    """The modules a job needs are imported: where :func:`_collector_paused` holds the
-    collector, move every object alive now (modules, classes, functions) out of its
-    generations for good (``gc.freeze``: the job's collections no longer walk them) and
-    collect again as usual."""
-    if _collector["paused"]:
-        _collector["paused"] = False
-        gc.freeze()
-        gc.enable()
+    """End what :func:`_starting` holds: a signal that came meanwhile is handled now."""
+    _startup.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -627,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="graphteleport: %(message)s")
     debug = "--debug" in args
     try:
-        with _sigterm_as_interrupt(), _collector_paused(argv is None):
+        with _sigterm_as_interrupt(), _starting(argv is None):
             return _run(args)
     except VerificationError as e:
         print(f"graphteleport: {e}", file=sys.stderr)

@@ -35,15 +35,12 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import stat
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 import onnx
@@ -52,6 +49,7 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from graphteleport.errors import InputError
+from graphteleport.interrupts import signals_held as _signals_held
 from graphteleport.wire import MIN_SWAP_BYTES, hollow_encoding, raw_data_spans, save_inline
 
 __all__ = [
@@ -671,44 +669,6 @@ class StagedSave:
         """Delete the temporary directories and everything in them (idempotent)."""
         for tmpdir in self._dirs.values():
             shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the duration; each is handled on exit.
-
-    A blocked signal mask would not do: it covers the calling thread only, and any
-    other thread (onnxruntime's, BLAS's) takes the signal and makes the main thread
-    run the handler at once.  So the Python-level handlers are swapped for one that
-    records the signal, and the original handler runs when the block ends (the
-    default action, for SIG_DFL).  Python runs signal handlers in the main thread
-    only; elsewhere nothing can interrupt the block and nothing is swapped.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[tuple[int, FrameType | None]] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        caught.append((signum, frame))
-
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, hold) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for signum, frame in caught[:1]:
-            _deliver(previous[signal.Signals(signum)], signum, frame)
-
-
-def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
-    """Run what *handler* (as :func:`signal.signal` returned it) does for *signum*."""
-    if callable(handler):
-        handler(signum, frame)
-    elif handler != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
-        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
