@@ -214,7 +214,9 @@ def equalize_parser() -> argparse.ArgumentParser:
         help="cle: data-free cross-layer equalization (default); smooth: activation-aware, "
         "needs --calibration; auto: the candidate (none, cle for several P, smooth for "
         "several A, cle in insert mode) whose simulated per-tensor INT8 model has the best "
-        "output SQNR on --calibration, where the feeds separate it from cle (else cle)",
+        "output SQNR on --calibration, where the feeds separate it from the default, cle "
+        "p=3 in insert mode (else that default; absorb mode where insert's balance does "
+        "not converge)",
     )
     p.add_argument(
         "--int8-ops",
