@@ -479,8 +479,8 @@ class Cache:
       before (a peer that moved nothing) reuses that model's measurement;
     * ``reference``: the prepared model's outputs on the held-back inputs (``ref.npz``)."""
 
-    def __init__(self, work: Path, enabled: bool) -> None:
-        self.path = work / "cache.json"
+    def __init__(self, work: Path, enabled: bool, name: str = "cache.json") -> None:
+        self.path = work / name
         self.enabled = enabled
         data = json.loads(self.path.read_text()) if enabled and self.path.is_file() else {}
         self.transforms: dict[str, Any] = data.get("transforms", {})
@@ -660,10 +660,12 @@ def measure_fp32_int8(
     row.metric = task.metric(out, ctx.ref)
 
 
-def measure_task(
-    task: Any, cache_dir: Path, variants: Sequence[Variant], gt_status: str | None, use_cache: bool
-) -> dict[str, Any]:
-    """Every variant of one model; the model's entry of the JSON."""
+def task_context(
+    task: Any, cache_dir: Path, gt_status: str | None, cache: Cache
+) -> tuple[TaskContext, dict[str, float]]:
+    """What every row of ``task`` shares (the prepared model, the reference outputs, the
+    calibration archive, ``cache``: a :class:`Cache` of the model's folder under
+    ``cache_dir``), and the reference's facts."""
     import onnx
 
     work = cache_dir / task.name
@@ -674,7 +676,6 @@ def measure_task(
     # graphteleport's calibration archive stacks samples on a new leading axis: each sample
     # is one feed of batch 1
     np.savez(work / "calibration.npz", **{k: v[:, None] for k, v in task.calibration.items()})
-    cache = Cache(work, use_cache)
     held = feeds_digest(task.held_back)
     ref, facts = reference_outputs(task, work, prepared, cache, held)
     ctx = TaskContext(
@@ -682,6 +683,14 @@ def measure_task(
         graph_digest(prepared), text_digest(feeds_digest(task.calibration), held),
         task.quantize_ops,
     )  # fmt: skip
+    return ctx, facts
+
+
+def measure_task(
+    task: Any, cache_dir: Path, variants: Sequence[Variant], gt_status: str | None, use_cache: bool
+) -> dict[str, Any]:
+    """Every variant of one model; the model's entry of the JSON."""
+    ctx, facts = task_context(task, cache_dir, gt_status, Cache(cache_dir / task.name, use_cache))
     rows = []
     for v in variants:
         log.info("%s: %s", task.name, v.label)
@@ -959,6 +968,23 @@ def diagnosis_section(diag: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def certificate_section() -> str:
+    """The certificate's table (``experiments/quant_certificate.py``), from its JSON."""
+    from experiments import quant_certificate
+
+    path = quant_certificate.OUT
+    return quant_certificate.section(json.loads(path.read_text()) if path.is_file() else {})
+
+
+def autorule_section() -> str:
+    """The candidates' calibration and held-back scores (``experiments/quant_autorule.py``),
+    from its JSON."""
+    from experiments import quant_autorule
+
+    path = quant_autorule.OUT
+    return quant_autorule.section(json.loads(path.read_text()) if path.is_file() else {})
+
+
 def render_doc(results: dict[str, Any]) -> str:
     meta = results["meta"]
     models = results["models"]
@@ -1015,6 +1041,18 @@ ran and kept the FP32 function.
 
 {diagnosis_section(json.loads(DIAGNOSE_JSON.read_text()) if DIAGNOSE_JSON.is_file() else {})}
 
+## The recogniser's accuracy: what no rescaling can change (generated)
+
+{CERTIFICATE}
+
+{certificate_section()}
+
+## auto's default: calibration score against held-back SQNR (generated)
+
+{AUTORULE}
+
+{autorule_section()}
+
 {NOTES}
 """
 
@@ -1059,6 +1097,10 @@ offline.  Protocol (details in `experiments/quantization.py`):
   calibration samples and the noise is spread over at least 8 of them (else cle p = 3);
   it never sees the held-back inputs, so it is the row Done-when 2 judges.  The best of all
   graphteleport rows is shown too, marked as chosen with hindsight."""
+
+CERTIFICATE = """TODO"""
+
+AUTORULE = """TODO"""
 
 READING = """## Reading of the 2026-12-03 22:18 run (graphteleport at quantq2 c439ff2)
 

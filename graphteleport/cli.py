@@ -225,6 +225,13 @@ def equalize_parser() -> argparse.ArgumentParser:
         "(default: the Conv/Gemm/MatMul operands only)",
     )
     p.add_argument(
+        "--auto-candidates",
+        metavar="NAMES",
+        help="auto: compute only these candidates, comma-separated, named as the report's "
+        "'candidates' names them (e.g. 'insert cle p=3'); one alone is the choice — each "
+        "candidate's model as auto writes it (default: all)",
+    )
+    p.add_argument(
         "--p",
         type=float,
         default=DEFAULT_P,
@@ -536,6 +543,9 @@ def _equalize(argv: list[str]) -> int:
         args.model, args.output, opts, _progress(args), report_path=args.report,
         method=args.method, p=args.p, alpha=args.alpha, calibration=args.calibration,
         int8_ops=None if args.int8_ops is None else tuple(args.int8_ops.split(",")),
+        candidates=None if args.auto_candidates is None else tuple(
+            c.strip() for c in args.auto_candidates.split(",")
+        ),
     )  # fmt: skip
     if not args.quiet:
         print(format_equalize(report))

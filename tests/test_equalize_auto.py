@@ -214,6 +214,35 @@ def test_auto_hands_the_insert_default_to_the_rule(monkeypatch: pytest.MonkeyPat
     assert seen[1] == f"cle p={DEFAULT_P:g}" and result.options.mode == "absorb"
 
 
+@pytest.mark.parametrize("name", ["insert cle p=3", "smooth alpha=0.25", "none"])
+def test_one_candidate_alone_is_the_model_auto_writes_for_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``candidates=[name]`` computes that candidate only and keeps it: the same model and
+    score as a full ``auto`` run made to pick it."""
+    proto = tanh_mlp()
+    alone = ir.from_proto(proto)
+    fig = EqualizePass(method="auto", calibration=calibration(), candidates=[name])(alone).figures
+    assert fig is not None and fig.chosen == name and [n for n, _ in fig.candidates] == [name]
+    monkeypatch.setattr(equalize, "significant_best", lambda signal, noises, default: (name, 1.0))
+    full = ir.from_proto(proto)
+    every = EqualizePass(method="auto", calibration=calibration())(full).figures
+    assert every is not None and every.chosen == name
+    assert dict(every.candidates)[name] == pytest.approx(fig.candidates[0][1], abs=1e-9)
+    a, b = ir.to_proto(alone), ir.to_proto(full)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        assert x.name == y.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+
+
+def test_auto_candidates_are_checked() -> None:
+    with pytest.raises(InputError, match="--auto-candidates must name"):
+        EqualizePass(method="auto", calibration=calibration(), candidates=["cle p=5"])
+    with pytest.raises(InputError, match="for --method auto"):
+        EqualizePass(method="cle", candidates=["none"])
+
+
 def test_significant_best_keeps_the_default_when_one_feed_decides() -> None:
     """The best pooled score comes from one feed carrying most of the noise: without it
     the best loses, so it wins only in the resamplings that draw that feed."""
@@ -263,6 +292,15 @@ def test_cli_auto(fixtures_dir: Path, tmp_path: Path) -> None:
     assert code == 2 and "chooses the mode itself" in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+    one = ["--auto-candidates", "cle p=2", "--report", tmp_path / "one.json"]
+    code, _, stderr = cli("equalize", src, "-o", tmp_path / "one.onnx", *args, *one)
+    assert code == 0, stderr
+    eq = json.loads((tmp_path / "one.json").read_text())["equalize"]
+    assert eq["chosen"] == "cle p=2" and [n for n, _ in eq["candidates"]] == ["cle p=2"]
+    bad = ["--auto-candidates", "cle p=5"]
+    code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args, *bad)
+    assert code == 2 and "--auto-candidates must name" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
 
 
 def dynamic_hardswish_cnn() -> onnx.ModelProto:
