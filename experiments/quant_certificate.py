@@ -182,6 +182,35 @@ def check_fixed(
     }
 
 
+#: the harness's peer rows (``experiments.quantization``): their FP32 models in its cache
+PEER_ROWS = ("aimet", "onnxsim", "quark")
+
+
+def check_peers(
+    prepared: Any, work: Path, fixed: Sequence[Site], feeds: Mapping[str, np.ndarray], folder: Path
+) -> dict[str, Any]:
+    """Per peer whose equalized FP32 model the harness left in ``work``: the absorb-mode
+    fixed sites it changed (beyond :data:`CHECK_RTOL`) and those it no longer has — a
+    peer's CLE is a weight-only rescaling, so it must change none."""
+    import onnx
+
+    base = site_values(prepared, fixed, feeds, folder)
+    out: dict[str, Any] = {}
+    for peer in PEER_ROWS:
+        path = work / f"{peer}.fp32.onnx"
+        if not path.is_file():
+            continue
+        after = site_values(onnx.load(str(path)), fixed, feeds, folder)
+        gone = sorted(s.name for s in fixed if s.name not in after)
+        moved = sorted(
+            s.name
+            for s in fixed
+            if s.name in after and relative_change(base[s.name], after[s.name]) > CHECK_RTOL
+        )
+        out[peer] = {"changed": moved, "missing": gone}
+    return out
+
+
 def relative_change(before: np.ndarray, after: np.ndarray | None) -> float:
     """``max|a − b| / max|b|`` (``inf`` when the site is gone)."""
     if after is None or np.shape(after) != np.shape(before):
@@ -269,6 +298,10 @@ def certify(
                     model, shapes, fixed, others, calib, mode, draws, folder
                 )
                 log.info("  check: %s", entry["check"])
+            if mode == "absorb":
+                calib = {k: v[:8] for k, v in task.calibration.items()}
+                entry["peers"] = check_peers(prepared, work, fixed, calib, folder)
+                log.info("  peers: %s", entry["peers"])
             entry["seconds"] = time.perf_counter() - start
             entry["fixed_names"] = sorted(f"{s.kind}:{s.name}" for s in fixed)
             out[mode] = entry
@@ -340,7 +373,19 @@ def section(results: dict[str, Any]) -> str:
         f"{r['seconds']:.0f} s, {r['date']})"
         for n, r in results.items()
     )
-    return "\n".join(lines) + f"\n\nFor scale: {every}."
+    peers = "; ".join(
+        f"{n}: "
+        + ", ".join(
+            f"{peer} changed {len(v['changed'])} and lacks {len(v['missing'])}"
+            for peer, v in r["absorb"]["peers"].items()
+        )
+        for n, r in results.items()
+        if r.get("absorb", {}).get("peers")
+    )
+    peers = (
+        f"  The peers' equalized models, of the absorb-mode fixed sites: {peers}." if peers else ""
+    )
+    return "\n".join(lines) + f"\n\nFor scale: {every}.{peers}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
