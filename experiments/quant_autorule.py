@@ -139,11 +139,11 @@ def section(results: dict[str, Any]) -> str:
 
 def default_summary(results: dict[str, Any]) -> str:
     """Per possible default, its held-back SQNR minus the best candidate's, per model, and
-    the worst of them: the default that loses least where ``auto`` keeps it."""
+    the worst and the mean of them: the default that loses least where ``auto`` keeps it."""
     names = [n for n, _ in candidate_variants()]
     out = [
-        "| default | " + " | ".join(results) + " | worst |",
-        "|---|" + "---|" * (len(results) + 1),
+        "| default | " + " | ".join(results) + " | worst | mean |",
+        "|---|" + "---|" * (len(results) + 2),
     ]
     for n in names:
         gaps = []
@@ -151,8 +151,10 @@ def default_summary(results: dict[str, Any]) -> str:
             held = {r["candidate"]: r["held_back_db"] for r in m["rows"]}
             best = max((v for v in held.values() if v is not None), default=None)
             gaps.append(None if held.get(n) is None or best is None else held[n] - best)
-        worst = min((g for g in gaps if g is not None), default=None)
-        cells = ["—" if g is None else f"{g:+.2f}" for g in [*gaps, worst]]
+        known = [g for g in gaps if g is not None]
+        worst = min(known, default=None)
+        mean = sum(known) / len(known) if known and len(known) == len(gaps) else None
+        cells = ["—" if g is None else f"{g:+.2f}" for g in [*gaps, worst, mean]]
         out.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
