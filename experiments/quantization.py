@@ -1313,12 +1313,13 @@ not equivariant").  In
 absorb mode no rescaling can change these steps; insert mode can (a `Mul` either side of
 the hardswish), and the imbalance then moves into activations the quantizer also
 quantizes per tensor.  Insert mode scored 2.63 dB (below as is) until main counted the
-inserted `Mul` constants in the balance; now `cle --mode insert` scores 7.43 dB (39 %
-exact strings) and `auto`'s insert candidate 8.99 dB (51 %), level with per-channel
-weights (8.9 dB, 70 %), which recover the weights but not the activations (6.5 dB alone:
-hardswish's internals and the SVTR neck's residual/LayerNorm chain, `Mul → Add`,
-`Conv → Mul`, `Div → Mul`, all pinned in absorb mode).  "Within 1 point of FP32" does not
-hold for any row (the best, `auto --exact`, 81 %).
+inserted `Mul` constants in the balance; now `cle --mode insert` scores 7.44 dB (39 %
+exact strings) and `auto`'s insert candidate 9.08 dB (52 %; 8.99 dB on 2026-12-03), level
+with per-channel weights (8.9 dB, 70 %), which recover the weights but not the activations
+(6.5 dB alone: hardswish's internals and the SVTR neck's residual/LayerNorm chain,
+`Mul → Add`, `Conv → Mul`, `Div → Mul`, all pinned in absorb mode).  "Within 1 point of
+FP32" does not hold for any row (the best, `auto --exact`, 81 %); the certificate below
+shows no absorb-mode rescaling can reach it.
 
 **minilm** (all-MiniLM-L6-v2, MatMul/Gemm quantized): the loss is the *residual stream* of a
 post-LN BERT.  Only the activations: 7.7 dB; only the weights: 11.6 dB (per channel:
@@ -1383,7 +1384,9 @@ NOTES = """## Notes
   minutes before) 508 s (3 measured, 62 cached).  With nothing
   changed the one command takes 23 s.  `--models` narrows a run to some models.  On
   2026-12-04 the cache was lost: the baseline and graphteleport rows took 1517 s wall
-  (`--variants`, load average 4–8), the peer rows 905 s (load 7–11).
+  (`--variants`, load average 4–8), the peer rows 905 s (load 7–11); the 16:49 run on
+  the final tree (quantproof2 891dfdb; every graphteleport transform ran again) wrote the
+  same graphs: 812 s, 0 rows measured, 65 from the cache.
 """
 
 
