@@ -216,13 +216,22 @@ def equalize_parser() -> argparse.ArgumentParser:
         help="cle: data-free cross-layer equalization (default); smooth: activation-aware, "
         "needs --calibration; auto: the candidate (none, cle for several P, smooth for "
         "several A, cle in insert mode) whose simulated per-tensor INT8 model has the best "
-        "output SQNR on --calibration, where the feeds separate it from cle (else cle)",
+        "output SQNR on --calibration, where the feeds separate it from the default, cle "
+        "p=3 in insert mode (else that default; absorb mode where insert's balance does "
+        "not converge)",
     )
     p.add_argument(
         "--int8-ops",
         metavar="OPS",
         help="auto: the op types the INT8 quantizer quantizes, comma-separated, or 'all' "
         "(default: the Conv/Gemm/MatMul operands only)",
+    )
+    p.add_argument(
+        "--auto-candidates",
+        metavar="NAMES",
+        help="auto: compute only these candidates, comma-separated, named as the report's "
+        "'candidates' names them (e.g. 'insert cle p=3'); one alone is the choice — each "
+        "candidate's model as auto writes it (default: all)",
     )
     p.add_argument(
         "--p",
@@ -559,6 +568,9 @@ def _equalize(argv: list[str]) -> int:
         args.model, args.output, opts, _progress(args), report_path=args.report,
         method=args.method, p=args.p, alpha=args.alpha, calibration=args.calibration,
         int8_ops=None if args.int8_ops is None else tuple(args.int8_ops.split(",")),
+        candidates=None if args.auto_candidates is None else tuple(
+            c.strip() for c in args.auto_candidates.split(",")
+        ),
     )  # fmt: skip
     if not args.quiet:
         print(format_equalize(report))
