@@ -43,6 +43,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from graphteleport.interrupts import import_held
+
 log = logging.getLogger(__name__)
 
 #: Elements per conversion call (torch's ``GRAIN_SIZE``: a ``copy_`` of this many runs serially).
@@ -105,6 +107,7 @@ def ort_casts() -> Casts | None:
     """The onnxruntime backend (float16; bfloat16 by numpy), or None where onnxruntime
     is not importable or its conversions differ from numpy's on :func:`_probe`."""
     try:
+        import_held("onnxruntime")  # (a signal mid-import: handled after it)
         import onnxruntime
     except ImportError:  # pragma: no cover - a dependency
         return None
