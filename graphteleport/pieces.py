@@ -57,6 +57,7 @@ from graphteleport.tensorcheck import (
     sub_model,
     tolerance_scale,
 )
+from graphteleport.widen import MIN_ELEMENTS, Widened
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -293,21 +294,27 @@ def verify_blocks(
     rtol: float = 1e-5,
     seed: int = 0,
     budget_bytes: int = DEFAULT_BLOCK_BYTES,
+    widen_elements: int | None = MIN_ELEMENTS,
 ) -> PiecesResult:
     """Check the teleport block by block (module docstring).
 
     *open_model* is ``open_model(proto, folder) -> run`` (:func:`graphteleport.verify.
     open_proto`); each block's two sessions live one at a time.  A value the teleported
-    model lacks fails the result (it does not raise).
+    model lacks fails the result (it does not raise).  Each block's float16 weights of
+    at least *widen_elements* elements that only float32-run ops read are widened once
+    for all its sessions (:mod:`graphteleport.widen`; the same outputs, bit for bit);
+    None: never.
     """
     orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
     tele = teleported if isinstance(teleported, LoadedModel) else LoadedModel.load(teleported)
-    pair = _Pair(orig, tele, scales, open_model, rtol, seed)
     graph = orig.proto.graph
     blocks = plan_blocks(graph, budget_bytes)
     names = [o.name for o in graph.output]
     state = _State(feed_sets, blocks, names)
     floors = saturation_floors(graph)
+    wide = Widened(widen_elements) if widen_elements is not None else None
+    opener = wide.opener(open_model) if wide is not None else open_model
+    pair = _Pair(orig, tele, scales, opener, rtol, seed)
     for block in blocks:
         where = block.describe(graph, len(blocks))
         try:
@@ -315,6 +322,9 @@ def verify_blocks(
         except _Missing as e:
             state.failures.append(f"{where}: {e}")
             break
+        finally:
+            if wide is not None:
+                wide.clear()  # the next block reads other weights
         state.release(block.index)
         logger.debug("%s checked", where)
     return state.result(len(blocks), tele_sets=scales is None)
