@@ -101,9 +101,10 @@ def _widenable(proto: onnx.ModelProto, min_elements: int) -> list[onnx.TensorPro
         if int(np.prod(t.dims, dtype=np.int64)) < min_elements:
             continue
         nodes = users.get(t.name, [])
-        if nodes and all(n.op_type in ops and n.domain in ("", "ai.onnx") for n in nodes):
-            if all(t.name in n.input for n in nodes):  # not read from inside a subgraph
-                chosen.append(t)
+        plain = all(n.op_type in ops and n.domain in ("", "ai.onnx") for n in nodes)
+        direct = all(t.name in n.input for n in nodes)  # not read from inside a subgraph
+        if nodes and plain and direct:
+            chosen.append(t)
     return chosen
 
 
@@ -125,9 +126,12 @@ def widen_proto(
     out.graph.initializer.extend(kept)
     casts = [
         onnx.helper.make_node(
-            "Cast", [t.name + _SUFFIX], [t.name], to=onnx.TensorProto.FLOAT16,
+            "Cast",
+            [t.name + _SUFFIX],
+            [t.name],
+            to=onnx.TensorProto.FLOAT16,
             name=t.name + _SUFFIX,
-        )  # fmt: skip
+        )
         for t in chosen
     ]
     nodes = list(out.graph.node)
@@ -213,11 +217,11 @@ def _widened(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
         return out
     info = {e.key: e.value for e in tensor.external_data}
     offset = int(info.get("offset", 0))
-    with open(os.path.join(folder, info["location"]), "rb") as f:
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            half = np.frombuffer(buf, dtype=np.float16, count=out.size, offset=offset)
-            _widen_into(half, out.reshape(-1))
-            del half  # before the map closes
+    path = os.path.join(folder, info["location"])
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        half = np.frombuffer(buf, dtype=np.float16, count=out.size, offset=offset)
+        _widen_into(half, out.reshape(-1))
+        del half  # before the map closes
     return out
 
 
