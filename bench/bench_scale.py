@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,15 +83,21 @@ def copy_files(src: Path, out: Path) -> tuple[float, int]:
 
 
 def teleport(
-    src: Path, out: Path, verify: bool, keep: bool = False, tree: Path | None = None
+    src: Path,
+    out: Path,
+    verify: bool,
+    keep: bool = False,
+    tree: Path | None = None,
+    verify_by: str = "auto",
 ) -> dict[str, object]:
-    """One graphteleport run: wall, peak RSS, CPU, the report's phases (and verification);
-    ``tree``: the checkout whose graphteleport runs (its root as the working directory,
-    output ``b.onnx``; None: this one's, ``t.onnx``)."""
+    """One graphteleport run: wall, peak RSS, CPU, the report's phases (and verification,
+    ``--verify-by verify_by``); ``tree``: the checkout whose graphteleport runs (its root
+    as the working directory, output ``b.onnx``; None: this one's, ``t.onnx``)."""
     dst = out / ("b.onnx" if tree else "t.onnx")
     report = dst.with_suffix(".json")
     cmd = [sys.executable, "-m", "graphteleport", str(src), "-o", str(dst), "-q"]
-    flags = [*([] if verify else ["--no-verify"]), "--report", str(report)]
+    how = ["--verify-by", verify_by] if verify else ["--no-verify"]
+    flags = [*how, "--report", str(report)]
     wall, rss, cpu = timed([*cmd, *flags], cwd=tree or ROOT)
     rep = json.loads(report.read_text())
     v = rep.get("verification") or {}
@@ -155,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baseline", type=Path, help="another checkout (a worktree of main): A/B of step 2"
     )
+    ap.add_argument(
+        "--baseline-verified", action="store_true",
+        help="with --baseline: step 3 too, the baseline's run first",
+    )  # fmt: skip
+    ap.add_argument("--verify-by", default="auto", choices=["auto", "whole", "pieces"])
     ap.add_argument("--check", nargs=2, type=Path, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--check-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--check-rtol", type=float, default=1e-2)
@@ -170,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir))
     verified: dict[str, object] | None = None
     baseline: dict[str, object] | None = None
+    baseline_verified: dict[str, object] | None = None
     checked: dict[str, object] | None = None
     try:
         cp1 = copy_files(src, out)
@@ -181,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             for f in (*out.glob("b.onnx*"), *out.glob("t.onnx*")):
                 f.unlink()
         if not a.no_verified:
-            verified = teleport(src, out, verify=True, keep=True)
+            if a.baseline and a.baseline_verified:
+                baseline_verified = teleport(src, out, True, tree=a.baseline, verify_by=a.verify_by)
+            verified = teleport(src, out, verify=True, keep=True, verify_by=a.verify_by)
             checked = independent_check(src, out / "t.onnx", a.check_rtol, a.vocab)
             for f in out.glob("t.onnx*"):
                 f.unlink()
@@ -191,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2], "cp_mean": (cp1[0] + cp2[0]) / 2,
         "no_verify": plain, "verified": verified, "check": checked, "baseline": baseline,
+        "baseline_verified": baseline_verified, "load": os.getloadavg(),
     }  # fmt: skip
     print_rows(record)
     if baseline is not None:
@@ -202,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{n['rss'] / 1e9:.2f} GB, rewrite {n['phases'].get('rewrite', 0):.1f} s; "
             f"outputs: {b['ulps']}"
         )
+    if baseline_verified is not None and verified is not None:
+        print_verified_ab(a.baseline, baseline_verified, verified)
     if a.json:
         a.json.write_text(json.dumps(record, indent=2))
     return 3 if failed(record, a.max_ratio, a.max_verified_ratio) else 0
@@ -228,6 +246,18 @@ def print_rows(r: dict) -> None:  # type: ignore[type-arg]
     print("| layers | files | cp | --no-verify | peak RSS | analyze / rewrite / save "
           "| verified | peak RSS | verify | independent check (logits rel) |")  # fmt: skip
     print("| " + " | ".join(cells) + " |")
+
+
+def print_verified_ab(tree: Path, base: dict, this: dict) -> None:  # type: ignore[type-arg]
+    """Step 3 of the baseline and of this tree, one line each."""
+    for name, r in ((f"baseline {tree}", base), ("this tree", this)):
+        v = r["verification"]
+        print(
+            f"verified, {name}: wall {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s, peak RSS "
+            f"{r['rss'] / 1e9:.2f} GB, verify {r['phases'].get('verify', 0):.1f} s "
+            f"({v['method']}, {v['blocks']} blocks, {'passed' if v['passed'] else 'FAILED'}, "
+            f"max rel err {v['max_rel_err']:.3g})"
+        )
 
 
 def compare_words(a: Path, b: Path) -> dict[str, int]:
