@@ -53,6 +53,7 @@ from graphteleport.tensorcheck import (
     compare_tensor,
     constant_names,
     reads,
+    recording_names,
     saturation_floors,
     sub_model,
     tolerance_scale,
@@ -373,19 +374,26 @@ class _State:
 def _run_block(
     pair: _Pair, block: Block, state: _State, floors: Mapping[str, float], where: str
 ) -> None:
-    """Run one block of both models on every input set, compare, record its outputs."""
-    tele_nodes, tele_inputs = pair.tele_part(block)
+    """Run one block of both models on every input set, compare, record its outputs.
+    Where the per-tensor check follows, the original's run on the first set also gives
+    the tensors it records (:class:`_Check`: one run fewer a block)."""
+    tele_part = pair.tele_part(block)
     state.peak = max(state.peak, block.weight_bytes)
     outs = block.outputs
-    run = pair.open_model(
-        _block_proto(pair.orig, block.nodes, block.inputs, outs, state), pair.orig.folder
-    )
-    ref = [dict(zip(outs, run({x: s[x] for x in block.inputs}), strict=True)) for s in state.orig]
+    check = _Check.plan(pair, block, tele_part, state)
+    extra = (check.extra if check is not None else None) or []
+    proto = _block_proto(pair.orig, block.nodes, block.inputs, [*outs, *extra], state)
+    run = pair.open_model(proto, pair.orig.folder)
+    ran = [run({x: s[x] for x in block.inputs}) for s in state.orig]
     del run  # one session at a time
-    tele_proto = _block_proto(pair.tele, tele_nodes, tele_inputs, outs, state)
+    ref = [dict(zip(outs, r[: len(outs)], strict=True)) for r in ran]
+    if check is not None:
+        check.record(ran[0][len(outs) :], state.orig[0], block.inputs)
+    del ran
+    tele_proto = _block_proto(pair.tele, *tele_part, outs, state)
     run = pair.open_model(tele_proto, pair.tele.folder)
     got = [
-        dict(zip(outs, run(_tele_feeds(pair.scales, tele_inputs, o, t)), strict=True))
+        dict(zip(outs, run(_tele_feeds(pair.scales, tele_part[1], o, t)), strict=True))
         for o, t in zip(state.orig, state.tele, strict=True)
     ]
     del run
@@ -396,8 +404,8 @@ def _run_block(
         state.got[k].update({n: g[n] for n in state.names if n in g})
     if pair.scales is not None:
         _compare_outputs(pair, block, ref, got, state, floors, where)
-        if state.tensors.failure is None:  # after a failure: the first one names it
-            _tensor_check(pair, block, (tele_nodes, tele_inputs), state, where)
+        if check is not None:  # after a failure: the first one names it
+            check.run(pair, block, state, where)
 
 
 def _block_proto(
@@ -458,30 +466,53 @@ def _compare_outputs(
                 state.failures.append(f"{where}: {failure.describe()}")
 
 
-def _tensor_check(
-    pair: _Pair,
-    block: Block,
-    tele_part: tuple[list[int], list[str]],
-    state: _State,
-    where: str,
-) -> None:
-    """The node-by-node check inside the block, on the first input set."""
-    assert pair.scales is not None
-    state.checked_tensors = True
-    fed = state.orig[0]
-    models = [
-        _as_loaded(m, nodes, inputs, block.outputs, fed)
-        for m, (nodes, inputs) in (
-            (pair.orig, (block.nodes, block.inputs)),
-            (pair.tele, tele_part),
-        )
-    ]
-    feeds = {x: fed[x] for x in block.inputs}
-    r = check_tensors(
-        models[0], models[1], feeds, pair.scales, pair.open_model,
-        rtol=pair.rtol, seed=pair.seed + block.index,
-    )  # fmt: skip
-    state.tensors.add(r, where)
+@dataclasses.dataclass
+class _Check:
+    """The per-tensor check of one block on the first input set: both blocks as models
+    (:func:`_as_loaded`), the original's tensors it records (``extra``, given by the
+    block's own first run where one run records them all, :func:`~graphteleport.
+    tensorcheck.recording_names`: the same nodes on the same inputs), and those
+    tensors once recorded."""
+
+    models: tuple[LoadedModel, LoadedModel]
+    extra: list[str] | None  # None: the check records them itself (several groups)
+    recorded: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def plan(
+        cls, pair: _Pair, block: Block, tele_part: tuple[list[int], list[str]], state: _State
+    ) -> _Check | None:
+        """The check of *block*, or None where none runs (no scales, or an earlier
+        block's check failed: the first failure names the tensor)."""
+        if pair.scales is None or state.tensors.failure is not None:
+            return None
+        fed = state.orig[0]
+        orig = _as_loaded(pair.orig, block.nodes, block.inputs, block.outputs, fed)
+        tele = _as_loaded(pair.tele, *tele_part, block.outputs, fed)
+        names = recording_names(orig, tele)
+        taken = {*block.inputs, *block.outputs}
+        extra = None if names is None else [n for n in names if n not in taken]
+        return cls((orig, tele), extra)
+
+    def record(self, values: Sequence[np.ndarray], fed: Feeds, inputs: Sequence[str]) -> None:
+        """The first set's run gave ``extra`` (and the block outputs it returns anyway)."""
+        if self.extra is not None:
+            self.recorded = {x: fed[x] for x in inputs}
+            self.recorded.update(zip(self.extra, values, strict=True))
+
+    def run(self, pair: _Pair, block: Block, state: _State, where: str) -> None:
+        """Check every tensor of the block, node by node."""
+        assert pair.scales is not None
+        state.checked_tensors = True
+        fed = state.orig[0]
+        recorded = None
+        if self.recorded is not None:
+            recorded = {**self.recorded, **{y: fed[y] for y in block.outputs}}
+        r = check_tensors(
+            self.models[0], self.models[1], {x: fed[x] for x in block.inputs}, pair.scales,
+            pair.open_model, rtol=pair.rtol, seed=pair.seed + block.index, recorded=recorded,
+        )  # fmt: skip
+        state.tensors.add(r, where)
 
 
 def _as_loaded(

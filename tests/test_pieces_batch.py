@@ -163,3 +163,31 @@ def test_whole_and_pieces_agree_on_the_batch(resnet: Teleported) -> None:
     assert whole.batched and pieces.batched
     assert whole.to_dict()["batched"] and pieces.to_dict()["batched"]
     assert pieces.max_rel_err == pytest.approx(whole.max_rel_err, rel=0.5, abs=1e-6)
+
+
+def test_the_first_draw_records_for_the_per_tensor_check(
+    resnet: Teleported, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per block: 2 × 5 draw runs (one by one here) and 3 for the per-tensor check — the
+    original's first draw also gives the tensors the check records; without that (the
+    check recording them itself, as when it takes several groups) 4, and the same
+    findings."""
+    import graphteleport.pieces as pieces
+
+    found = []
+    for merged in (True, False):
+        counting = _Counting()
+        monkeypatch.setattr(verify, "open_proto", counting)
+        monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
+        if not merged:
+            monkeypatch.setattr(pieces, "recording_names", lambda orig, tele: None)
+        result = resnet.check()
+        monkeypatch.undo()
+        assert result.passed and result.tensors is not None
+        found.append((counting.runs, result))
+    (runs, merged), (runs_alone, alone) = found
+    assert runs == merged.blocks * (2 * 5 + 3)
+    assert runs_alone == runs + merged.blocks
+    assert merged.tensors is not None and alone.tensors is not None
+    assert merged.tensors.to_dict() == alone.tensors.to_dict()
+    assert merged.max_rel_err == alone.max_rel_err
