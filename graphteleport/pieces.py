@@ -44,6 +44,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from graphteleport.errors import InputError
+from graphteleport.rows import split_rows, stack_rows, stackable
 from graphteleport.tensorcheck import (
     LoadedModel,
     TensorCheckResult,
@@ -383,20 +385,21 @@ def _run_block(
     check = _Check.plan(pair, block, tele_part, state)
     extra = (check.extra if check is not None else None) or []
     proto = _block_proto(pair.orig, block.nodes, block.inputs, [*outs, *extra], state)
-    run = pair.open_model(proto, pair.orig.folder)
-    ran = [run({x: s[x] for x in block.inputs}) for s in state.orig]
-    del run  # one session at a time
+    feeds = [{x: s[x] for x in block.inputs} for s in state.orig]
+    ran = _run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
     ref = [dict(zip(outs, r[: len(outs)], strict=True)) for r in ran]
     if check is not None:
         check.record(ran[0][len(outs) :], state.orig[0], block.inputs)
     del ran
     tele_proto = _block_proto(pair.tele, *tele_part, outs, state)
-    run = pair.open_model(tele_proto, pair.tele.folder)
-    got = [
-        dict(zip(outs, run(_tele_feeds(pair.scales, tele_part[1], o, t)), strict=True))
+    feeds = [
+        _tele_feeds(pair.scales, tele_part[1], o, t)
         for o, t in zip(state.orig, state.tele, strict=True)
     ]
-    del run
+    got = [
+        dict(zip(outs, r, strict=True))
+        for r in _run_sets(pair.open_model, tele_proto, pair.tele.folder, feeds)
+    ]
     for k, (r, g) in enumerate(zip(ref, got, strict=True)):
         state.orig[k].update(r)
         state.tele[k].update(g)
@@ -406,6 +409,28 @@ def _run_block(
         _compare_outputs(pair, block, ref, got, state, floors, where)
         if check is not None:  # after a failure: the first one names it
             check.run(pair, block, state, where)
+
+
+def _run_sets(
+    open_model: Opener, proto: onnx.ModelProto, folder: str, feeds: Sequence[Feeds]
+) -> list[list[np.ndarray]]:
+    """The block's outputs on every set, from one session: the first set alone, the
+    others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
+    proves no node mixes rows and the shapes fit; else one by one."""
+    rest = list(feeds[1:])
+    stacked = stack_rows(rest, list(feeds[0])) if len(rest) >= 2 else None
+    wide = stackable(proto, feeds[0]) if stacked is not None else None
+    run = open_model(wide or proto, folder)
+    first = run(feeds[0])
+    if stacked is not None and wide is not None:
+        try:
+            split = split_rows(run(stacked), first, len(rest))
+        except InputError as e:  # a shape the rules did not foresee: one by one
+            logger.debug("stacked sets did not run: %s", e)
+            split = None
+        if split is not None:
+            return [first, *split]
+    return [first, *(run(f) for f in rest)]
 
 
 def _block_proto(

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from graphteleport import verify
+from graphteleport import pieces, verify
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model, save_model_atomic
 from graphteleport.passes.teleport import TeleportPass
@@ -112,6 +112,7 @@ def test_batched_pieces_pass_with_fewer_runs(
         monkeypatch.setattr(verify, "open_proto", counting)
         if not batched:
             monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
+            monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)
         result = resnet.check()
         monkeypatch.undo()
         assert result.passed, result.failures
@@ -168,17 +169,16 @@ def test_whole_and_pieces_agree_on_the_batch(resnet: Teleported) -> None:
 def test_the_first_draw_records_for_the_per_tensor_check(
     resnet: Teleported, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Per block: 2 × 5 draw runs (one by one here) and 3 for the per-tensor check — the
-    original's first draw also gives the tensors the check records; without that (the
-    check recording them itself, as when it takes several groups) 4, and the same
-    findings."""
-    import graphteleport.pieces as pieces
-
+    """Per block: 2 × 5 draw runs (one by one here: neither batch nor stacked rows) and
+    3 for the per-tensor check — the original's first draw also gives the tensors the
+    check records; without that (the check recording them itself, as when it takes
+    several groups) 4, and the same findings."""
     found = []
     for merged in (True, False):
         counting = _Counting()
         monkeypatch.setattr(verify, "open_proto", counting)
         monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
+        monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)
         if not merged:
             monkeypatch.setattr(pieces, "recording_names", lambda orig, tele: None)
         result = resnet.check()
