@@ -23,7 +23,9 @@ as its own process under ``/usr/bin/time`` (wall seconds, peak resident set):
 With ``--baseline DIR`` (another checkout, e.g. a worktree of main), step 2 is first run
 by that checkout's graphteleport (its root the working directory) and the two outputs'
 data files are compared as 16-bit words (how many differ, by how many ulps at most): an
-A/B in the same run, CPU seconds (user + system) included.
+A/B in the same run, CPU seconds (user + system) included.  With ``--baseline-verified``
+the A/B is of step 3 instead (the baseline's verified run first; ``--verify-by`` for
+both).
 
 Outputs are deleted after each step.  Prints one markdown table row (bench/README.md) and,
 with ``--json``, everything.
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--baseline-verified", action="store_true",
-        help="with --baseline: step 3 too, the baseline's run first",
+        help="with --baseline: the A/B is of step 3 (the baseline's run first), not step 2",
     )  # fmt: skip
     ap.add_argument("--verify-by", default="auto", choices=["auto", "whole", "pieces"])
     ap.add_argument("--check", nargs=2, type=Path, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
@@ -186,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     checked: dict[str, object] | None = None
     try:
         cp1 = copy_files(src, out)
-        if a.baseline:
+        plain_ab = a.baseline is not None and not a.baseline_verified
+        if plain_ab:
             baseline = teleport(src, out, verify=False, keep=True, tree=a.baseline)
-        plain = teleport(src, out, verify=False, keep=a.baseline is not None)
-        if a.baseline:
+        plain = teleport(src, out, verify=False, keep=plain_ab)
+        if plain_ab:
             baseline["ulps"] = compare_words(out / "b.onnx.data", out / "t.onnx.data")
             for f in (*out.glob("b.onnx*"), *out.glob("t.onnx*")):
                 f.unlink()
