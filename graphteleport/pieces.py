@@ -30,7 +30,15 @@ node, with its mirrored pass.
 
 Each block is a small ONNX model built in memory whose initializers stay references into
 the external data files (onnxruntime reads only that block's weights); its session is
-released before the next is opened.  Measured (8-layer hidden-2048 float16 LLaMA shape,
+released before the next is opened.
+
+**Runs.**  Per block and model, one session runs the first input set alone and the
+others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
+proves no node mixes rows (else one by one; the same outputs either way); the
+original's first run also gives the tensors the per-tensor check records
+(:class:`_Check`), which then runs its mirrored pass and the teleported block's cut model
+(3 runs).  A block's float16 weights read only by ops without a float16 CPU kernel are
+widened once for all its sessions (:class:`graphteleport.widen.Widened`).  Measured (8-layer hidden-2048 float16 LLaMA shape,
 1.08 GB of weights, 8 draws, per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks
 of at most 256 MiB), 3.58 GB whole.
 """
