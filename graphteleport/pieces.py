@@ -38,9 +38,11 @@ proves no node mixes rows (else one by one; the same outputs either way); the
 original's first run also gives the tensors the per-tensor check records
 (:class:`_Check`), which then runs its mirrored pass and the teleported block's cut model
 (3 runs).  A block's float16 weights read only by ops without a float16 CPU kernel are
-widened once for all its sessions (:class:`graphteleport.widen.Widened`).  Measured (8-layer hidden-2048 float16 LLaMA shape,
-1.08 GB of weights, 8 draws, per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks
-of at most 256 MiB), 3.58 GB whole.
+widened once for all its sessions (:class:`graphteleport.widen.Widened`).
+
+Measured (8-layer hidden-2048 float16 LLaMA shape, 1.08 GB of weights, 8 draws,
+per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks of at most 256 MiB), 3.58 GB
+whole.
 """
 
 from __future__ import annotations
