@@ -211,3 +211,19 @@ def test_a_corrupted_widened_weight_still_fails(llama16: Path, tmp_path: Path) -
     found = verify_blocks(str(llama16), str(out), feeds, result.tensor_scales(), verify.open_proto,
                           rtol=1e-2, budget_bytes=40_000, widen_elements=1024)  # fmt: skip
     assert found.failures or (found.tensors is not None and not found.tensors.passed)
+
+
+def test_every_float16_value_widens_exactly(tmp_path: Path) -> None:
+    """Every float16 bit pattern (subnormals, infinities, NaN included) of a weight read
+    from its file widens exactly."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    half = np.tile(bits, 17)[: (1 << 20) + 3].view(np.float16).reshape(-1, 1)
+    proto = _model([], [half], ["w"])
+    onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)  # fmt: skip
+    tensor = onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer[0]
+    wide = widen._widened(tensor, str(tmp_path))
+    expected = half.astype(np.float32)
+    assert wide.dtype == np.float32 and wide.shape == half.shape
+    assert np.array_equal(wide, expected, equal_nan=True)
+    assert np.array_equal(np.isnan(wide), np.isnan(expected))
