@@ -63,7 +63,7 @@ _REDUCE = frozenset(
 _PER_SAMPLE = frozenset(
     {
         "Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool",
-        "GlobalMaxPool", "InstanceNormalization", "LpNormalization", "BatchNormalization",
+        "GlobalMaxPool", "InstanceNormalization", "BatchNormalization",
     }
 )  # fmt: skip
 _SUFFIX = "__gt_rows"
@@ -180,9 +180,9 @@ def _matmul_ok(b: _Block, node: onnx.NodeProto) -> bool:
         return False
     if a in b.rows and w in b.rows:
         return ra == rw >= 3 and b.dim0(a) == b.dim0(w) is not None
-    if a in b.rows:
-        return ra >= 2 and (rw <= 2 or rw < ra or b.dim0(w) == 1)
-    return rw >= 3 and (ra < rw or b.dim0(a) == 1)
+    if a in b.rows:  # a constant of higher rank would put its own axes before the rows
+        return ra >= 2 and rw <= ra and (rw <= 2 or rw < ra or b.dim0(w) == 1)
+    return rw >= 3 and (ra < rw or (ra == rw and b.dim0(a) == 1))
 
 
 def _gemm_ok(b: _Block, node: onnx.NodeProto) -> bool:

@@ -4,7 +4,9 @@ pieces using it on a fixed-batch model.
 - Every block of a batch-1 LLaMA-shaped float16 model is stackable (its ``[1, T, H, D]``
   Reshapes rewritten to copy axis 0) and gives, bit for bit, each set's outputs.
 - Graphs that mix rows are refused: a reduction over axis 0, Shape, a 2-D product of
-  two row values, a Transpose moving axis 0, a Reshape whose first entry is not axis 0.
+  two row values, a Transpose moving axis 0, a Reshape whose first entry is not axis 0,
+  a product with a constant of higher rank (its axes come first), a normalisation over
+  axis 0.
 - Pieces on the fixed-batch model: per block 2 + 2 draw runs instead of 2 per draw, the
   same findings as one by one, and a corrupted teleport still fails.
 """
@@ -85,12 +87,15 @@ def _one_node_model(node: onnx.NodeProto, x_shape: list[int], inits: dict[str, n
         (helper.make_node("Reshape", ["x", "s"], ["y"]), [1, 4, 3], {"s": np.array([2, 2, 3])}),
         (helper.make_node("Softmax", ["x"], ["y"], axis=0), [2, 3], {}),
         (helper.make_node("Expand", ["x", "s"], ["y"]), [1, 3], {"s": np.array([2, 3])}),
+        (helper.make_node("MatMul", ["x", "w"], ["y"]), [4, 3], {"w": np.ones((1, 3, 2))}),
+        (helper.make_node("LpNormalization", ["x"], ["y"], axis=0), [4, 3], {}),
     ],
 )
 def test_what_mixes_rows_is_refused(
     node: onnx.NodeProto, shape: list[int], inits: dict[str, np.ndarray]
 ) -> None:
-    model, fed = _one_node_model(node, shape, {k: v.astype(np.int64) for k, v in inits.items()})
+    typed = {k: v.astype(np.float32 if v.dtype.kind == "f" else np.int64) for k, v in inits.items()}
+    model, fed = _one_node_model(node, shape, typed)
     assert rows.stackable(model, fed) is None
 
 
