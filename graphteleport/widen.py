@@ -146,12 +146,18 @@ def widen_proto(
 
 class Widened:
     """float32 copies of float16 weights, made once and fed to every session opened
-    through :meth:`opener` (module docstring); :meth:`clear` drops them."""
+    through :meth:`opener` (module docstring); :meth:`clear` drops them.
 
-    def __init__(self, min_elements: int = MIN_ELEMENTS) -> None:
+    With *budget_bytes*, the copies held stay within it: the least recently used are
+    dropped first (a run looks its weights up when it runs, so a dropped copy is freed
+    and made again if needed) — one model's weights at a time where a block's two do not
+    fit, at the price of converting them again."""
+
+    def __init__(self, min_elements: int = MIN_ELEMENTS, budget_bytes: int | None = None):
         self.min_elements = min_elements
+        self.budget_bytes = budget_bytes
         self._arrays: dict[tuple[Any, ...], np.ndarray] = {}
-        self.widened = 0  # weights converted (a weight reused is counted once)
+        self.widened = 0  # conversions made (a weight reused is counted once)
 
     def clear(self) -> None:
         self._arrays.clear()
@@ -167,34 +173,46 @@ class Widened:
         def open_model(proto: onnx.ModelProto, folder: str) -> Run:
             wide, chosen = widen_proto(proto, self.min_elements)
             run = base(wide, folder)
-            if not chosen:
-                return run
-            weights = {t.name + _SUFFIX: self.array(t, folder) for t in chosen}
-            return _Fed(run, weights)
+            return _Fed(run, self, chosen, folder) if chosen else run
 
         return open_model
 
     def array(self, tensor: onnx.TensorProto, folder: str) -> np.ndarray:
         """The float32 value of the float16 initializer *tensor* (its external data
-        relative to *folder*), converted on first use."""
+        relative to *folder*), converted on first use (or again, once dropped)."""
         key = _where(tensor, folder)
-        found = self._arrays.get(key)
+        found = self._arrays.pop(key, None)
         if found is None:
-            found = self._arrays[key] = _widened(tensor, folder)
+            self._make_room(4 * int(np.prod(tensor.dims, dtype=np.int64)))
+            found = _widened(tensor, folder)
             self.widened += 1
+        self._arrays[key] = found  # the most recently used last
         return found
+
+    def _make_room(self, need: int) -> None:
+        """Drop the least recently used copies until *need* more bytes fit the budget."""
+        if self.budget_bytes is None:
+            return
+        while self._arrays and self.nbytes + need > self.budget_bytes:
+            del self._arrays[next(iter(self._arrays))]
 
 
 class _Fed:
-    """A run with fixed extra feeds (the widened weights); keeps ``output_names``."""
+    """A run feeding the widened weights of *chosen* (looked up in *cache* at each run:
+    a copy the cache dropped is not kept alive); keeps ``output_names``."""
 
-    def __init__(self, run: Run, weights: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self, run: Run, cache: Widened, chosen: list[onnx.TensorProto], folder: str
+    ) -> None:
         self._run = run
-        self._weights = weights
+        self._cache = cache
+        self._chosen = chosen
+        self._folder = folder
         self.output_names: list[str] = list(getattr(run, "output_names", []))
 
     def __call__(self, feeds: Feeds) -> list[np.ndarray]:
-        return self._run({**feeds, **self._weights})
+        weights = {t.name + _SUFFIX: self._cache.array(t, self._folder) for t in self._chosen}
+        return self._run({**feeds, **weights})
 
 
 def _where(tensor: onnx.TensorProto, folder: str) -> tuple[Any, ...]:

@@ -227,3 +227,26 @@ def test_every_float16_value_widens_exactly(tmp_path: Path) -> None:
     assert wide.dtype == np.float32 and wide.shape == half.shape
     assert np.array_equal(wide, expected, equal_nan=True)
     assert np.array_equal(np.isnan(wide), np.isnan(expected))
+
+
+def test_a_budget_keeps_the_copies_within_it(tmp_path: Path) -> None:
+    """Two models' weights where one fits the budget: each session's weights are made
+    again after the other's (the least recently used dropped), never more held, and the
+    outputs are the same bits."""
+    rng = np.random.default_rng(6)
+    feeds = {"x": _rng_half(rng, 2, 3, 64)}
+    protos = []
+    for k in range(2):
+        w = _rng_half(rng, 64, 64)
+        proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [w], ["w"])
+        onnx.save(proto, tmp_path / f"m{k}.onnx", save_as_external_data=True,
+                  location=f"m{k}.data", size_threshold=0)  # fmt: skip
+        protos.append(onnx.load(tmp_path / f"m{k}.onnx", load_external_data=False))
+    plain = [verify.open_proto(p, str(tmp_path))(feeds) for p in protos]
+    wide = widen.Widened(16, budget_bytes=64 * 64 * 4)
+    runs = [wide.opener(verify.open_proto)(p, str(tmp_path)) for p in protos]
+    for _ in range(2):
+        for run, expected in zip(runs, plain, strict=True):
+            assert _bits(run(feeds)) == _bits(expected)
+            assert wide.nbytes <= 64 * 64 * 4
+    assert wide.widened == 4  # each model's weight made twice: the other's dropped it
