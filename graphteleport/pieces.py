@@ -325,7 +325,9 @@ def verify_blocks(
     names = [o.name for o in graph.output]
     state = _State(feed_sets, blocks, names)
     floors = saturation_floors(graph)
-    wide = Widened(widen_elements) if widen_elements is not None else None
+    # one model's block widened at a time (2 bytes → 4): where both fit, no conversion
+    # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together
+    wide = Widened(widen_elements, 2 * budget_bytes) if widen_elements is not None else None
     opener = wide.opener(open_model) if wide is not None else open_model
     pair = _Pair(orig, tele, scales, opener, rtol, seed)
     for block in blocks:
