@@ -118,7 +118,11 @@ def read_sites(qdq: Any, prepared: Any, per_channel: Any | None) -> list[Site]:
                 inits[n.input[0]].dtype, "constant"
             )
             site = Site(name, kind, group(name, kind), values=dequantize(q, n, inits))
-            pc = pc_dequantized(per_channel, n.input[0], pc_inits) if kind == "weight" else None
+            pc = (
+                pc_dequantized(per_channel, n.input[0], pc_inits)
+                if kind == "weight" and per_channel is not None
+                else None
+            )
             site.per_channel_values = pc
             sites.append(site)
     return dedupe(sites)

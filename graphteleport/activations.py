@@ -566,6 +566,16 @@ class Int8Simulation:
         signal, noise = self.sample_noise(tau)
         return db_ratio(float(signal.sum()), float(noise.sum()))
 
+    def signal(self) -> np.ndarray:
+        """Per feed: ``Σ r²`` over every finite element of every FP32 output (float64), as
+        :meth:`sample_noise` sums it."""
+        out = np.zeros(len(self.feeds))
+        for k, ref in enumerate(self.reference):
+            for r in ref:
+                r64 = np.asarray(r, np.float64)
+                out[k] += float(np.sum(r64[np.isfinite(r64)] ** 2))
+        return out
+
     def sample_noise(self, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per feed (in order): ``Σ r²`` and ``Σ (r − q)²`` over every finite element of
         every output, float64 — :meth:`sqnr_db`'s sums before they are added up (what a

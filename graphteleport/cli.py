@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -23,21 +24,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from graphteleport import __version__
 from graphteleport.errors import GraphTeleportError, VerificationError
-from graphteleport.options import MODES, SAMPLINGS, CofactorOptions
-from graphteleport.pipeline import (
-    TeleportOptions,
-    canonicalize_file,
-    equalize_file,
-    inspect_file,
-    teleport_file,
-)
-from graphteleport.reports import AnalysisReport, InputShapes, InspectReport, TeleportReport
+from graphteleport.interrupts import signals_held
 
 if TYPE_CHECKING:
+    from graphteleport.pipeline import TeleportOptions
+    from graphteleport.reports import AnalysisReport, InputShapes, InspectReport, TeleportReport
     from graphteleport.verify import VerificationResult
 
-# Each subcommand imports what only it needs (compare: the orbit's solver; equalize: its
-# pass), so a teleport does not pay for them at start-up.
+# The pipeline (onnx, onnx_ir, numpy's heavy users) is imported once the arguments are
+# parsed: a usage error, --help or --version answers without it.  Each subcommand imports
+# what only it needs (compare: the orbit's solver; equalize: its pass), so a teleport does
+# not pay for them at start-up.
 
 EXAMPLES = """examples:
   graphteleport model.onnx -o teleported.onnx
@@ -122,6 +119,8 @@ def _model_in_out(p: argparse.ArgumentParser, verb: str, insert_help: str) -> No
     """The model to ``verb``, ``-o OUTPUT`` and ``--mode`` (what insert mode adds)."""
     done_as = {"teleport": "teleported", "canonicalize": "canonical", "equalize": "equalized"}
     done = done_as.get(verb, verb)
+    from graphteleport.options import MODES
+
     p.add_argument("model", help=f"the ONNX model to {verb} (never modified)")
     p.add_argument("-o", "--output", required=True, help=f"where to write the {done} model")
     p.add_argument(
@@ -133,6 +132,8 @@ def _model_in_out(p: argparse.ArgumentParser, verb: str, insert_help: str) -> No
 
 
 def teleport_parser() -> argparse.ArgumentParser:
+    from graphteleport.options import SAMPLINGS
+
     p = _Parser(
         prog="graphteleport",
         description="Teleport a neural network: rescale its neurons so its weights change "
@@ -196,6 +197,7 @@ def canonicalize_parser() -> argparse.ArgumentParser:
 
 
 def equalize_parser() -> argparse.ArgumentParser:
+    _onnx_ir()
     from graphteleport.passes.equalize import DEFAULT_P, METHODS
 
     p = _Parser(
@@ -214,13 +216,22 @@ def equalize_parser() -> argparse.ArgumentParser:
         help="cle: data-free cross-layer equalization (default); smooth: activation-aware, "
         "needs --calibration; auto: the candidate (none, cle for several P, smooth for "
         "several A, cle in insert mode) whose simulated per-tensor INT8 model has the best "
-        "output SQNR on --calibration, where the feeds separate it from cle (else cle)",
+        "output SQNR on --calibration, where the feeds separate it from the default, cle "
+        "p=3 in insert mode (else that default; absorb mode where insert's balance does "
+        "not converge)",
     )
     p.add_argument(
         "--int8-ops",
         metavar="OPS",
         help="auto: the op types the INT8 quantizer quantizes, comma-separated, or 'all' "
         "(default: the Conv/Gemm/MatMul operands only)",
+    )
+    p.add_argument(
+        "--auto-candidates",
+        metavar="NAMES",
+        help="auto: compute only these candidates, comma-separated, named as the report's "
+        "'candidates' names them (e.g. 'insert cle p=3'); one alone is the choice — each "
+        "candidate's model as auto writes it (default: all)",
     )
     p.add_argument(
         "--p",
@@ -257,6 +268,8 @@ def equalize_parser() -> argparse.ArgumentParser:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
+    from graphteleport.options import MODES
+
     p = _Parser(
         prog="graphteleport inspect",
         description="Analyse a model: free cofactors, their groups, what is pinned and why.",
@@ -275,6 +288,7 @@ COMPARE_DESCRIPTION = (
 
 
 def compare_parser() -> argparse.ArgumentParser:
+    _onnx_ir()
     from graphteleport.compare import TOLERANCE_FLOAT32
 
     p = _Parser(prog="graphteleport compare", description=COMPARE_DESCRIPTION)
@@ -292,9 +306,11 @@ def compare_parser() -> argparse.ArgumentParser:
 
 
 def _compare(argv: list[str]) -> int:
+    _onnx_ir()
     from graphteleport.compare import compare_files, summary_lines
 
     args = compare_parser().parse_args(argv)
+    _imports_done()
     result = compare_files(
         args.model_a,
         args.model_b,
@@ -494,6 +510,10 @@ def _run(argv: list[str]) -> int:
         return _compare(argv[1:])
     if argv and argv[0] == "inspect":
         args = inspect_parser().parse_args(argv[1:])
+        _onnx_ir()
+        from graphteleport.pipeline import inspect_file
+
+        _imports_done()
         inspected = inspect_file(
             args.model, dict(args.input_shape), args.mode, report_path=args.report
         )
@@ -502,7 +522,11 @@ def _run(argv: list[str]) -> int:
         return 0
     if argv and argv[0] == "canonicalize":
         args = canonicalize_parser().parse_args(argv[1:])
+        _onnx_ir()
+        from graphteleport.pipeline import canonicalize_file
+
         opts = _verify_options(args, mode=args.mode)
+        _imports_done()
         report = canonicalize_file(
             args.model, args.output, opts, _progress(args), report_path=args.report,
             bars=_bars(args),
@@ -513,10 +537,16 @@ def _run(argv: list[str]) -> int:
     if argv and argv[0] == "equalize":
         return _equalize(argv[1:])
     args = teleport_parser().parse_args(argv)
+    from graphteleport.options import CofactorOptions
+
+    _onnx_ir()
+    from graphteleport.pipeline import teleport_file
+
     # The cofactor options' flags are named as its fields (--cob-range: cob_range).
     opts = _verify_options(
         args, **{f.name: getattr(args, f.name) for f in dataclasses.fields(CofactorOptions)}
     )
+    _imports_done()
     # With --report the report is committed with the model, or written alone (exit 1)
     # after a failed verification.
     report = teleport_file(
@@ -529,11 +559,18 @@ def _run(argv: list[str]) -> int:
 
 def _equalize(argv: list[str]) -> int:
     args = equalize_parser().parse_args(argv)
+    _onnx_ir()
+    from graphteleport.pipeline import equalize_file
+
     opts = _verify_options(args, mode=args.mode, exact=args.exact, rescale_clip=not args.keep_clips)
+    _imports_done()
     report = equalize_file(
         args.model, args.output, opts, _progress(args), report_path=args.report,
         method=args.method, p=args.p, alpha=args.alpha, calibration=args.calibration,
         int8_ops=None if args.int8_ops is None else tuple(args.int8_ops.split(",")),
+        candidates=None if args.auto_candidates is None else tuple(
+            c.strip() for c in args.auto_candidates.split(",")
+        ),
     )  # fmt: skip
     if not args.quiet:
         print(format_equalize(report))
@@ -543,6 +580,8 @@ def _equalize(argv: list[str]) -> int:
 def _verify_options(args: argparse.Namespace, **cofactor: Any) -> TeleportOptions:
     """The options of a verified job from the parsed flags.  Every option value is checked
     here (InputError: exit 2), before any file is touched."""
+    from graphteleport.pipeline import TeleportOptions
+
     return TeleportOptions(
         **cofactor,
         verify=not args.no_verify,
@@ -567,13 +606,65 @@ def _bars(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+#: What :func:`_starting` holds until the job's modules are imported (:func:`_imports_done`).
+_startup = contextlib.ExitStack()
+#: Whether ``main`` runs the process (set by :func:`_starting`).
+_process = {"owned": False}
+
+
+@contextlib.contextmanager
+def _starting(process: bool) -> Iterator[None]:
+    """From the start until the job's modules are imported (:func:`_imports_done`, or
+    the end):
+
+    * SIGINT and SIGTERM are held (:func:`graphteleport.interrupts.signals_held`) and
+      handled once the imports are done: an interrupt raised while numpy, onnx or
+      onnx_ir initialise their compiled parts can come out as an ``ImportError`` (an
+      internal error, exit 3, instead of a clean exit 130 or 143);
+    * where ``main`` runs the process (``process``; a caller's collector is left alone),
+      Python's cyclic garbage collector is off: imports create some 70 000 long-lived
+      objects, and every full collection meanwhile walks them all for nothing
+      (ResNet-50 ``--no-verify``: two full and ~30 partial collections, 0.08-0.2 s of a
+      2 s run); afterwards those objects are frozen (``gc.freeze``: the job's
+      collections no longer walk them) and it collects as usual.
+    """
+    with _startup:
+        _startup.enter_context(signals_held())
+        _process["owned"] = process
+        _startup.callback(_process.update, owned=False)
+        if process and gc.isenabled():
+            gc.disable()
+            _startup.callback(_collect_again)
+        yield
+
+
+def _collect_again() -> None:
+    gc.freeze()
+    gc.enable()
+
+
+def _onnx_ir() -> None:
+    """Where ``main`` runs the process, import onnx_ir with sympy deferred to its first
+    use (:func:`graphteleport.startup.import_onnx_ir`: ~0.25 s less at start-up); else
+    nothing (a caller's process imports as it does)."""
+    if _process["owned"]:
+        from graphteleport.startup import import_onnx_ir
+
+        import_onnx_ir()
+
+
+def _imports_done() -> None:
+    """End what :func:`_starting` holds: a signal that came meanwhile is handled now."""
+    _startup.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graphteleport`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="graphteleport: %(message)s")
     debug = "--debug" in args
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _starting(argv is None):
             return _run(args)
     except VerificationError as e:
         print(f"graphteleport: {e}", file=sys.stderr)

@@ -35,15 +35,12 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import stat
 import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 import onnx
@@ -52,7 +49,8 @@ from google.protobuf.message import DecodeError
 from onnx_ir import external_data as ir_external_data
 
 from graphteleport.errors import InputError
-from graphteleport.wire import raw_data_spans, save_inline
+from graphteleport.interrupts import signals_held as _signals_held
+from graphteleport.wire import MIN_SWAP_BYTES, hollow_encoding, raw_data_spans, save_inline
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD_BYTES",
@@ -101,20 +99,23 @@ def load_model(path: PathLike) -> ir.Model:
     ONNX, truncated/corrupt, sparse initializers (not rewritten, so refused), external
     data outside the folder, undefined or out-of-order values, missing weights.
     Tensor data is not copied: external tensors stay memory-mapped, lazily, and inline
-    initializers are views of the bytes read (:func:`view_inline_initializers`).
+    initializers are views of the bytes read (:func:`view_inline_initializers`); the
+    large ones are not even parsed (:func:`graphteleport.wire.hollow_encoding`).
     """
     if not os.fspath(path):
         raise InputError("the model file path is empty")
     p = Path(path)
     _check_is_readable_file(p)
-    content, proto = _parse(p)
+    content, proto, hollowed = _parse(p)
     _check_no_sparse_initializers(proto, p)
     model = _deserialize(proto, p)
+    del proto  # (the graph is the model's now; a hollow proto held no weights)
     spans = raw_data_spans(content) if content is not None else {}
     _check_complete(model, p, {name: length for name, (_, length) in spans.items()})
     inline = not external_data_files(model)  # then the bytes read are the whole model
     _check_with_onnx_checker(p, content if inline else None)
     if content is not None:
+        _fill_hollow(model, content, spans, hollowed)
         view_inline_initializers(model, content, spans)
     logger.debug("loaded %s: %d nodes, opsets %s", p, len(model.graph), model.opset_imports)
     return model
@@ -171,19 +172,53 @@ def _check_is_readable_file(p: Path) -> None:
         raise InputError(f"model file is empty: {p}")
 
 
-def _parse(p: Path) -> tuple[bytes | None, onnx.ModelProto]:
+Hollowed = Mapping[str, tuple[int, int]]
+
+
+def _parse(p: Path) -> tuple[bytes | None, onnx.ModelProto, Hollowed]:
     """The file's ModelProto, external data not loaded (what :func:`onnx_ir.load` reads),
-    and the bytes read when they are binary protobuf (the checker takes them rather than
-    reading and decoding the file a second time)."""
+    the bytes read when they are binary protobuf (the checker takes them rather than
+    reading and decoding the file a second time), and the initializers whose bytes the
+    proto lacks: binary protobuf is parsed hollow (:func:`~graphteleport.wire.hollow_encoding`:
+    the large weights' ``raw_data`` empty, ``{name: (start, end)}`` of their messages in
+    the bytes; :func:`_fill_hollow` gives them their bytes back), else whole."""
     fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix) or "protobuf"
     try:
         content = p.read_bytes()
-        proto = onnx.load_model_from_string(content, format=fmt)  # as onnx.load(p) reads it
-        return (content if fmt == "protobuf" else None), proto
+        if fmt != "protobuf":
+            return None, onnx.load_model_from_string(content, format=fmt), {}
+        hollow = hollow_encoding(content, MIN_SWAP_BYTES)
+        encoding, hollowed = hollow if hollow is not None else (content, {})
+        # as onnx.load(p) reads it (hollow: the same proto, the large raw_data empty)
+        return content, onnx.load_model_from_string(encoding, format=fmt), hollowed
     except DecodeError as e:
         raise InputError(_decode_error_message(p)) from e
     except Exception as e:  # onnx and protobuf raise many types on corrupt input
         raise InputError(f"cannot load {p} as an ONNX model: {_one_line(e)}") from e
+
+
+def _fill_hollow(model: ir.Model, content: bytes, spans: Mapping[str, tuple[int, int]],
+                 hollowed: Hollowed) -> None:  # fmt: skip
+    """Give each initializer parsed hollow (:func:`_parse`) its bytes: a read-only view of
+    ``content`` where its bytes are plainly its array (:func:`_span_array`), else its own
+    message parsed from ``content`` (``hollowed``: where it lies)."""
+    for name, (start, end) in hollowed.items():
+        value = model.graph.initializers.get(name)
+        tensor = None if value is None else value.const_value
+        if value is None or not isinstance(tensor, ir.TensorProtoTensor):
+            continue
+        span = spans.get(name)
+        array = None
+        if sys.byteorder == "little" and span is not None:
+            array = _span_array(tensor, content, span)
+        if array is not None:
+            value.const_value = ir.Tensor(
+                array, dtype=tensor.dtype, name=tensor.name, doc_string=tensor.doc_string
+            )
+        else:
+            value.const_value = ir.serde.TensorProtoTensor(
+                onnx.TensorProto.FromString(content[start:end])
+            )
 
 
 def view_inline_initializers(
@@ -634,44 +669,6 @@ class StagedSave:
         """Delete the temporary directories and everything in them (idempotent)."""
         for tmpdir in self._dirs.values():
             shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the duration; each is handled on exit.
-
-    A blocked signal mask would not do: it covers the calling thread only, and any
-    other thread (onnxruntime's, BLAS's) takes the signal and makes the main thread
-    run the handler at once.  So the Python-level handlers are swapped for one that
-    records the signal, and the original handler runs when the block ends (the
-    default action, for SIG_DFL).  Python runs signal handlers in the main thread
-    only; elsewhere nothing can interrupt the block and nothing is swapped.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[tuple[int, FrameType | None]] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        caught.append((signum, frame))
-
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, hold) for s in held}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for signum, frame in caught[:1]:
-            _deliver(previous[signal.Signals(signum)], signum, frame)
-
-
-def _deliver(handler: object, signum: int, frame: FrameType | None) -> None:
-    """Run what *handler* (as :func:`signal.signal` returned it) does for *signum*."""
-    if callable(handler):
-        handler(signum, frame)
-    elif handler != signal.SIG_IGN:  # SIG_DFL, or a handler set outside Python
-        signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

@@ -281,6 +281,7 @@ def equalize_file(
     alpha: float = 0.5,
     calibration: PathArg | None = None,
     int8_ops: Sequence[str] | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> TeleportReport:
     """Equalize the model at ``src`` for per-tensor INT8 quantization
     (:class:`~graphteleport.passes.equalize.EqualizePass`: ``method`` cle with the balance's
@@ -291,7 +292,8 @@ def equalize_file(
     ``equalize`` holds the per-tensor and per-class ranges before and after, the predicted
     INT8 steps and the fraction of weight elements moved; its seconds add ``solve`` and
     ``figures``; ``report_path`` as for :func:`teleport_file`; ``int8_ops``: auto's
-    simulated quantizer's op types (:class:`~graphteleport.passes.equalize.EqualizePass`)."""
+    simulated quantizer's op types, ``candidates``: the auto candidates it computes
+    (:class:`~graphteleport.passes.equalize.EqualizePass`)."""
     from graphteleport.activations import load_calibration
     from graphteleport.passes.equalize import DEFAULT_P, EqualizePass
 
@@ -308,13 +310,14 @@ def equalize_file(
         exact=opts.exact,
         calibration=feeds,
         int8_ops=int8_ops,
+        candidates=candidates,
     ).settings  # every value checked before any file is written
     return _pass_file(
         src, dst, opts, progress, report_path,
         lambda shapes: EqualizePass(
             method=settings.method, mode=opts.mode, p=settings.p, alpha=settings.alpha,
             exact=settings.exact, rescale_clip=opts.rescale_clip, calibration=feeds,
-            input_shapes=shapes, int8_ops=settings.int8_ops,
+            input_shapes=shapes, int8_ops=settings.int8_ops, candidates=settings.candidates,
         ),
         extra_inputs=[] if calibration is None else [("calibration file", calibration)],
     )  # fmt: skip

@@ -41,6 +41,7 @@ import onnx_ir as ir
 
 from graphteleport.errors import InputError, VerificationError
 from graphteleport.frontends.onnx import InputSpec
+from graphteleport.interrupts import import_held
 from graphteleport.io import (
     external_data_files,
     initializer_nbytes,
@@ -320,6 +321,7 @@ def _session(
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session with graph optimisations off, on *threads* intra-op
     threads (InputError if it fails)."""
+    import_held("onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -343,6 +345,7 @@ def _session(
 
 def _to_ort(array: np.ndarray) -> ort.OrtValue:
     """An OrtValue for *array*; types numpy lacks (ml_dtypes) pass as raw bits."""
+    import_held("onnxruntime")
     import onnxruntime as ort
 
     array = np.ascontiguousarray(array)

@@ -47,6 +47,7 @@ import onnx_ir as ir
 __all__ = [
     "MIN_SWAP_BYTES",
     "fields",
+    "hollow_encoding",
     "light_encoding",
     "raw_data_offsets",
     "raw_data_spans",
@@ -182,6 +183,46 @@ def light_encoding(buf: Buffer, location: str, min_bytes: int) -> bytes | None:
         return b"".join(_edit_initializers(buf, refer))
     except (ValueError, IndexError):
         return None
+
+
+def hollow_encoding(buf: bytes, min_bytes: int) -> tuple[bytes, dict[str, tuple[int, int]]] | None:
+    """``buf`` (a ModelProto's encoding) with the ``raw_data`` of every main-graph
+    initializer over ``min_bytes`` made empty (the field kept, length 0), and where each
+    such initializer's message lies in ``buf``: ``{name: (start, end)}``.  Parsing the
+    hollow encoding gives the model without a copy of its weights (protobuf copies every
+    ``raw_data`` it parses: 100 MB for ResNet-50); the bytes stay in ``buf``, for views.
+    Only initializers with a name of their own are emptied (a name two share is left
+    whole).  None when ``buf`` cannot be walked."""
+    spans: dict[str, tuple[int, int]] = {}
+    shared: set[str] = set()
+
+    def empty(data: Buffer, begin: int, stop: int) -> list[Chunk] | None:
+        name, raw = None, None
+        for number, _, v_begin, v_stop in fields(data, begin, stop):
+            if number == _TENSOR_NAME:
+                name = data[v_begin:v_stop].decode("utf-8")
+            elif number == _TENSOR_RAW_DATA:
+                raw = (v_begin, v_stop)
+        if name is None or raw is None or raw[1] - raw[0] <= min_bytes:
+            if name is not None and name in spans:
+                shared.add(name)
+            return None
+        if name in spans:
+            shared.add(name)
+            return None
+        spans[name] = (begin, stop)
+        kept = bytearray()
+        for number, first, _, end in fields(data, begin, stop):
+            kept += _header(_TENSOR_RAW_DATA, 0) if number == _TENSOR_RAW_DATA else data[first:end]
+        return [bytes(kept)]
+
+    try:
+        pieces = _edit_initializers(buf, empty)
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+    if shared:  # a name two initializers share: its span would be ambiguous
+        return None
+    return b"".join(pieces), spans
 
 
 def _string(number: int, text: str) -> bytes:

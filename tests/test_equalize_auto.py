@@ -27,6 +27,7 @@ from graphteleport.passes.equalize import (
     AUTO_P,
     DEFAULT_P,
     EqualizePass,
+    auto_default,
     effective_feeds,
     significant_best,
 )
@@ -91,7 +92,7 @@ def test_auto_picks_the_best_candidate_and_keeps_the_function() -> None:
         *(f"insert cle p={p:g}" for p in AUTO_P),
     ]
     scores = {n: db for n, db in fig.candidates if db is not None}
-    assert fig.chosen in (max(scores, key=lambda n: scores[n]), f"cle p={DEFAULT_P:g}")
+    assert fig.chosen in (max(scores, key=lambda n: scores[n]), auto_default(scores))
     assert fig.chosen != "none" and scores[fig.chosen] > scores["none"] + 3.0  # the outlier
     assert fig.moved > 0
     assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
@@ -119,7 +120,7 @@ def test_auto_leaves_a_balanced_model_alone_when_nothing_scores_better() -> None
     assert fig is not None
     scores = dict(fig.candidates)
     best = max(db for db in scores.values() if db is not None)
-    assert scores[fig.chosen] == best or fig.chosen == f"cle p={DEFAULT_P:g}"
+    assert scores[fig.chosen] == best or fig.chosen == auto_default(scores)
     if fig.chosen == "none":
         assert fig.moved == 0
 
@@ -166,6 +167,82 @@ def test_auto_can_choose_an_insert_candidate(monkeypatch: pytest.MonkeyPatch) ->
     assert max_rel_err(proto, ir.to_proto(model), random_feeds(proto)) < 1e-5
 
 
+def test_auto_default_is_insert_cle_where_its_balance_converged() -> None:
+    p3 = f"cle p={DEFAULT_P:g}"
+    assert auto_default(["none", p3, "smooth alpha=0.5", f"insert {p3}"]) == f"insert {p3}"
+    assert auto_default(["none", p3, "insert cle p=2"]) == p3
+    assert auto_default(["none", "cle p=2"]) == "none"
+
+
+def tanh_mlp() -> onnx.ModelProto:
+    """:func:`test_smooth.mlp` with its Relu a Tanh: absorb mode pins the hidden classes,
+    insert mode frees them (a ``Mul`` either side)."""
+    proto = mlp(outlier=30.0)
+    for node in proto.graph.node:
+        if node.op_type == "Relu":
+            node.op_type = "Tanh"
+    return proto
+
+
+def test_auto_hands_the_insert_default_to_the_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule is given insert cle p=3 as the default and, where it keeps the default,
+    the model is rewritten in insert mode (the Muls inserted, the function unchanged);
+    where insert's balance did not converge the default is absorb mode's cle p=3."""
+    seen: list[str] = []
+
+    def keep_default(signal: object, noises: object, default: str) -> tuple[str, float]:
+        seen.append(default)
+        return default, 1.0
+
+    monkeypatch.setattr(equalize, "significant_best", keep_default)
+    proto = tanh_mlp()
+    model = ir.from_proto(proto)
+    result = EqualizePass(method="auto", calibration=calibration())(model)
+    assert seen == [f"insert cle p={DEFAULT_P:g}"]
+    assert result.figures is not None and result.figures.chosen == seen[0]
+    assert result.options.mode == "insert" and sum(n.op_type == "Mul" for n in model.graph) == 2
+    assert max_rel_err(proto, ir.to_proto(model), random_feeds(proto)) < 1e-5
+
+    real = equalize.insert_candidates
+
+    def unconverged_p3(*args: object) -> object:
+        for name, choice, noise in real(*args):  # type: ignore[arg-type]
+            yield (name, None, None) if name == seen[0] else (name, choice, noise)
+
+    monkeypatch.setattr(equalize, "insert_candidates", unconverged_p3)
+    result = EqualizePass(method="auto", calibration=calibration())(ir.from_proto(proto))
+    assert seen[1] == f"cle p={DEFAULT_P:g}" and result.options.mode == "absorb"
+
+
+@pytest.mark.parametrize("name", ["insert cle p=3", "smooth alpha=0.25", "none"])
+def test_one_candidate_alone_is_the_model_auto_writes_for_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``candidates=[name]`` computes that candidate only and keeps it: the same model and
+    score as a full ``auto`` run made to pick it."""
+    proto = tanh_mlp()
+    alone = ir.from_proto(proto)
+    fig = EqualizePass(method="auto", calibration=calibration(), candidates=[name])(alone).figures
+    assert fig is not None and fig.chosen == name and [n for n, _ in fig.candidates] == [name]
+    monkeypatch.setattr(equalize, "significant_best", lambda signal, noises, default: (name, 1.0))
+    full = ir.from_proto(proto)
+    every = EqualizePass(method="auto", calibration=calibration())(full).figures
+    assert every is not None and every.chosen == name
+    assert dict(every.candidates)[name] == pytest.approx(fig.candidates[0][1], abs=1e-9)
+    a, b = ir.to_proto(alone), ir.to_proto(full)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        assert x.name == y.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+
+
+def test_auto_candidates_are_checked() -> None:
+    with pytest.raises(InputError, match="--auto-candidates must name"):
+        EqualizePass(method="auto", calibration=calibration(), candidates=["cle p=5"])
+    with pytest.raises(InputError, match="for --method auto"):
+        EqualizePass(method="cle", candidates=["none"])
+
+
 def test_significant_best_keeps_the_default_when_one_feed_decides() -> None:
     """The best pooled score comes from one feed carrying most of the noise: without it
     the best loses, so it wins only in the resamplings that draw that feed."""
@@ -210,11 +287,20 @@ def test_cli_auto(fixtures_dir: Path, tmp_path: Path) -> None:
     assert eq["method"] == "auto" and len(eq["candidates"]) == 1 + 2 * len(AUTO_P) + len(AUTO_ALPHA)
     scored = [db for _, db in eq["candidates"] if db is not None]
     chosen = dict(map(tuple, eq["candidates"]))[eq["chosen"]]
-    assert chosen == max(scored) or eq["chosen"] == f"cle p={DEFAULT_P:g}"
+    assert chosen == max(scored) or eq["chosen"] == f"insert cle p={DEFAULT_P:g}"
     code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args, "--mode", "insert")
     assert code == 2 and "chooses the mode itself" in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.onnx").exists()
+    one = ["--auto-candidates", "cle p=2", "--report", tmp_path / "one.json"]
+    code, _, stderr = cli("equalize", src, "-o", tmp_path / "one.onnx", *args, *one)
+    assert code == 0, stderr
+    eq = json.loads((tmp_path / "one.json").read_text())["equalize"]
+    assert eq["chosen"] == "cle p=2" and [n for n, _ in eq["candidates"]] == ["cle p=2"]
+    bad = ["--auto-candidates", "cle p=5"]
+    code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args, *bad)
+    assert code == 2 and "--auto-candidates must name" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
 
 
 def dynamic_hardswish_cnn() -> onnx.ModelProto:

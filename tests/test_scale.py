@@ -164,6 +164,72 @@ def test_a_signal_during_the_commit_is_held_until_the_output_is_whole(tmp_path: 
     load_model(tmp_path / "out" / "t.onnx")  # complete and loadable
 
 
+# A child that sends itself ``SIGNAL`` while module ``MODULE`` is being imported (when the
+# import system looks for it), and says whether ``CHECK`` (module:attribute) existed when
+# the CLI's handler ran: the signal must be handled after the import, not in it (an
+# interrupt inside a compiled module's initialisation can come out as an ImportError:
+# exit 3).  argv: MODULE CHECK SIGNAL CLI-ARGS...
+_IMPORT_CHILD = textwrap.dedent(
+    """
+    import importlib, os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    module, check, sig = sys.argv[1], sys.argv[2], getattr(signal, sys.argv[3])
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name == module:
+                sys.meta_path.remove(self)
+                print("signal sent", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), sig)
+            return None
+
+    def imported():
+        owner, _, attr = check.partition(":")
+        return hasattr(sys.modules.get(owner), attr)
+
+    import graphteleport.cli as cli
+
+    raise_terminated = cli._raise_terminated
+    def seen(signum, frame):
+        print("handled; imported:", imported(), file=sys.stderr, flush=True)
+        raise_terminated(signum, frame)
+    cli._raise_terminated = seen
+    default_int = signal.default_int_handler
+    def seen_int(signum, frame):
+        print("handled; imported:", imported(), file=sys.stderr, flush=True)
+        default_int(signum, frame)
+    signal.signal(signal.SIGINT, seen_int)
+    sys.meta_path.insert(0, Finder())
+    sys.exit(cli.main(sys.argv[4:]))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    ("module", "check"),
+    [
+        ("onnx_ir._core", "graphteleport.pipeline:teleport_file"),  # the CLI's imports
+        ("onnxruntime.capi.onnxruntime_pybind11_state", "onnxruntime:InferenceSession"),
+    ],
+)
+def test_a_signal_during_an_import_is_handled_after_it(
+    tmp_path: Path, module: str, check: str, sig: str
+) -> None:
+    _model(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    script = tmp_path / "child.py"
+    script.write_text(_IMPORT_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, str(script), module, check, sig, "in/llama.onnx", "-o", "out/t.onnx"]
+    p = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "signal sent" in p.stderr, p.stderr  # the import happened in this run
+    assert "handled; imported: True" in p.stderr, p.stderr
+    assert p.returncode == (130 if sig == "SIGINT" else 143), p.stderr
+    assert "no partial output" in p.stderr
+    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize("delay", [0.8, 1.6, 2.4])
 def test_an_external_sigterm_at_any_time_leaves_all_or_nothing(
     tmp_path: Path, delay: float

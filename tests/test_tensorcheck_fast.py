@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto
 from test_wire import rich_model
 
+from graphteleport import tensorcheck
 from graphteleport.tensorcheck import LoadedModel, TensorScales, recording_model, tolerance_scale
 from graphteleport.verify import open_proto
 
@@ -60,3 +62,43 @@ def test_scales_peak_is_the_products_peak() -> None:
     s_bad[0, 2, 0, 0] = np.inf
     odd = TensorScales({"v": s_bad})
     assert odd.peak("v", x) == tolerance_scale(odd.apply("v", x))
+
+
+@pytest.mark.parametrize("limit", [7, 64, 1 << 15])
+def test_slab_extremes_equal_the_whole_arrays(limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slab-wise comparison (:func:`_scaled_extremes`) gives the very numbers of the
+    whole-array path — ``max|s ⊙ ref - got|`` and ``max|s ⊙ ref|`` — for slabs smaller
+    than a row, than a channel, and larger than the tensor; leaves NaN/inf, complex
+    values, other shapes and non-broadcasting scales to that path; and visits every
+    element once."""
+    monkeypatch.setattr(tensorcheck, "SLAB_ELEMENTS", limit)
+    rng = np.random.default_rng(7)
+    s = np.exp(rng.uniform(-3, 3, (1, 8, 1, 1)))
+    x = (rng.standard_normal((2, 8, 5, 6)) * rng.uniform(0.1, 30, (1, 8, 1, 1))).astype(np.float32)
+    scales = TensorScales({"v": s, "w": s[0, :, 0, 0], "bad": s[0, :3, 0, 0]})
+    cases = {
+        "v": x,
+        "w": x.transpose(0, 2, 3, 1).copy(),  # s on the last axis
+        "none": x.astype(np.float16),  # no scale: s = 1
+        "long": rng.standard_normal(1000).astype(np.float32),  # one axis, cut in ranges
+    }
+    for name, ref in cases.items():
+        got = (scales.apply(name, ref) * (1 + 1e-6 * rng.standard_normal(ref.shape))).astype(
+            ref.dtype
+        )
+        a = scales.apply(name, ref).astype(np.float64)
+        want = (float(np.max(np.abs(a - got))), tolerance_scale(a), ref.size)
+        assert tensorcheck._scaled_extremes(scales, name, ref, got) == want, name
+    nan = x.copy()
+    nan[1, 2, 3, 4] = np.nan
+    assert tensorcheck._scaled_extremes(scales, "v", nan, x) is None
+    assert tensorcheck._scaled_extremes(scales, "v", x, nan) is None
+    assert tensorcheck._scaled_extremes(scales, "v", x.astype(np.complex64), x) is None
+    assert tensorcheck._scaled_extremes(scales, "v", x, x[:1]) is None
+    assert tensorcheck._scaled_extremes(scales, "bad", x[0, 0], x[0, 0]) is None
+    for shape in [(2, 8, 5, 6), (1000,), (3, 1, 40), (), (4, 0, 3)]:
+        seen = np.zeros(shape, dtype=int)
+        for at in tensorcheck._slabs(shape, limit):
+            assert seen[at].size <= max(limit, shape[-1] if shape else 1)
+            seen[at] += 1
+        assert (seen == 1).all(), shape

@@ -228,3 +228,55 @@ def test_light_encoding_refers_to_the_files_bytes(tmp_path: Path) -> None:
     del got.graph.initializer[:], want.graph.initializer[:]
     assert got == want
     assert wire.light_encoding(data[:-7], "rich.onnx", 1024) is None
+
+
+def test_hollow_encoding_empties_the_large_weights_only(tmp_path: Path) -> None:
+    """The hollow model is the model with each large raw weight's bytes empty (the field
+    kept); each span is the whole message of that weight in the file."""
+    path = tmp_path / "rich.onnx"
+    onnx.save(rich_model(), path)
+    data = path.read_bytes()
+    hollow = wire.hollow_encoding(data, 1024)
+    assert hollow is not None
+    encoding, spans = hollow
+    got, want = onnx.load_model_from_string(encoding), onnx.load(path)
+    emptied = sum(len(t.raw_data) for t in want.graph.initializer if t.name in spans)
+    assert len(spans) >= 5 and len(encoding) < len(data) - emptied + 8 * len(spans)
+    for a, b in zip(got.graph.initializer, want.graph.initializer, strict=True):
+        if a.name not in spans:
+            assert a == b and (not b.HasField("raw_data") or len(b.raw_data) <= 1024)
+            continue
+        assert a.HasField("raw_data") and a.raw_data == b"" and len(b.raw_data) > 1024
+        start, end = spans[a.name]
+        assert onnx.TensorProto.FromString(data[start:end]) == b
+        a.raw_data = b.raw_data
+        assert a == b
+    assert got == want
+    assert wire.hollow_encoding(data[:-7], 1024) is None
+
+
+def test_hollow_encoding_leaves_shared_names_to_the_whole_parse() -> None:
+    model = rich_model()
+    twin = onnx.TensorProto()
+    twin.CopyFrom(model.graph.initializer[0])
+    model.graph.initializer.append(twin)
+    assert wire.hollow_encoding(model.SerializeToString(), 1024) is None
+
+
+def test_load_gives_every_weight_its_bytes(tmp_path: Path) -> None:
+    """Loaded through the hollow parse: every initializer equals onnx.load's, the plain
+    large ones as views of the bytes read, the one with metadata from its own message."""
+    path = tmp_path / "rich.onnx"
+    onnx.save(rich_model(), path)
+    model = gt_io.load_model(path)
+    want = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    got = model.graph.initializers
+    assert set(got) == set(want)
+    for name, array in want.items():
+        tensor = got[name].const_value
+        assert tensor is not None
+        np.testing.assert_array_equal(tensor.numpy(), array, err_msg=name)
+    assert isinstance(got["w_f32"].const_value, ir.Tensor)
+    assert got["w_f32"].const_value.doc_string == "a documented weight"
+    kept = got["w_f16"].const_value
+    assert isinstance(kept, ir.TensorProtoTensor) and kept.raw.metadata_props[0].key == "origin"

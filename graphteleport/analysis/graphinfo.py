@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from graphteleport.analysis.constraints import ConstRef
 from graphteleport.errors import AnalysisError
+from graphteleport.interrupts import import_held
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,7 @@ def run_for_shapes(
     model: ir.Model, names: Sequence[str], shapes: Mapping[str, Sequence[int]]
 ) -> dict[str, np.ndarray]:
     """Values ``names`` of one onnxruntime run on zeros of the inputs' shapes."""
+    import_held("onnxruntime")
     import onnxruntime as ort
 
     proto = ir.to_proto(model)

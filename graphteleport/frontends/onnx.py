@@ -46,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport.errors import InputError
+from graphteleport.interrupts import import_held
 from graphteleport.io import external_data_files, initializer_nbytes, load_model, save_model_atomic
 
 __all__ = [
@@ -514,6 +515,7 @@ def ort_probe(source: ir.Model | str | os.PathLike[str] | bytes) -> Probe:
     state: dict[str, Any] = {}
 
     def probe(feeds: Mapping[str, np.ndarray]) -> None:
+        import_held("onnxruntime")
         import onnxruntime as ort
 
         if "session" not in state:
@@ -527,6 +529,7 @@ def ort_probe(source: ir.Model | str | os.PathLike[str] | bytes) -> Probe:
 
 def _probe_session(source: ir.Model | str | os.PathLike[str] | bytes, keep: dict[str, Any]) -> Any:
     """An onnxruntime CPU session for *source*, graph optimisations off."""
+    import_held("onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
