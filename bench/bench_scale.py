@@ -23,7 +23,9 @@ as its own process under ``/usr/bin/time`` (wall seconds, peak resident set):
 With ``--baseline DIR`` (another checkout, e.g. a worktree of main), step 2 is first run
 by that checkout's graphteleport (its root the working directory) and the two outputs'
 data files are compared as 16-bit words (how many differ, by how many ulps at most): an
-A/B in the same run, CPU seconds (user + system) included.
+A/B in the same run, CPU seconds (user + system) included.  With ``--baseline-verified``
+the A/B is of step 3 instead (the baseline's verified run first; ``--verify-by`` for
+both).
 
 Outputs are deleted after each step.  Prints one markdown table row (bench/README.md) and,
 with ``--json``, everything.
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,15 +85,21 @@ def copy_files(src: Path, out: Path) -> tuple[float, int]:
 
 
 def teleport(
-    src: Path, out: Path, verify: bool, keep: bool = False, tree: Path | None = None
+    src: Path,
+    out: Path,
+    verify: bool,
+    keep: bool = False,
+    tree: Path | None = None,
+    verify_by: str = "auto",
 ) -> dict[str, object]:
-    """One graphteleport run: wall, peak RSS, CPU, the report's phases (and verification);
-    ``tree``: the checkout whose graphteleport runs (its root as the working directory,
-    output ``b.onnx``; None: this one's, ``t.onnx``)."""
+    """One graphteleport run: wall, peak RSS, CPU, the report's phases (and verification,
+    ``--verify-by verify_by``); ``tree``: the checkout whose graphteleport runs (its root
+    as the working directory, output ``b.onnx``; None: this one's, ``t.onnx``)."""
     dst = out / ("b.onnx" if tree else "t.onnx")
     report = dst.with_suffix(".json")
     cmd = [sys.executable, "-m", "graphteleport", str(src), "-o", str(dst), "-q"]
-    flags = [*([] if verify else ["--no-verify"]), "--report", str(report)]
+    how = ["--verify-by", verify_by] if verify else ["--no-verify"]
+    flags = [*how, "--report", str(report)]
     wall, rss, cpu = timed([*cmd, *flags], cwd=tree or ROOT)
     rep = json.loads(report.read_text())
     v = rep.get("verification") or {}
@@ -155,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--baseline", type=Path, help="another checkout (a worktree of main): A/B of step 2"
     )
+    ap.add_argument(
+        "--baseline-verified", action="store_true",
+        help="with --baseline: the A/B is of step 3 (the baseline's run first), not step 2",
+    )  # fmt: skip
+    ap.add_argument("--verify-by", default="auto", choices=["auto", "whole", "pieces"])
     ap.add_argument("--check", nargs=2, type=Path, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--check-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--check-rtol", type=float, default=1e-2)
@@ -170,18 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir))
     verified: dict[str, object] | None = None
     baseline: dict[str, object] | None = None
+    baseline_verified: dict[str, object] | None = None
     checked: dict[str, object] | None = None
     try:
         cp1 = copy_files(src, out)
-        if a.baseline:
+        plain_ab = a.baseline is not None and not a.baseline_verified
+        if plain_ab:
             baseline = teleport(src, out, verify=False, keep=True, tree=a.baseline)
-        plain = teleport(src, out, verify=False, keep=a.baseline is not None)
-        if a.baseline:
+        plain = teleport(src, out, verify=False, keep=plain_ab)
+        if plain_ab:
             baseline["ulps"] = compare_words(out / "b.onnx.data", out / "t.onnx.data")
             for f in (*out.glob("b.onnx*"), *out.glob("t.onnx*")):
                 f.unlink()
         if not a.no_verified:
-            verified = teleport(src, out, verify=True, keep=True)
+            if a.baseline and a.baseline_verified:
+                baseline_verified = teleport(src, out, True, tree=a.baseline, verify_by=a.verify_by)
+            verified = teleport(src, out, verify=True, keep=True, verify_by=a.verify_by)
             checked = independent_check(src, out / "t.onnx", a.check_rtol, a.vocab)
             for f in out.glob("t.onnx*"):
                 f.unlink()
@@ -191,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2], "cp_mean": (cp1[0] + cp2[0]) / 2,
         "no_verify": plain, "verified": verified, "check": checked, "baseline": baseline,
+        "baseline_verified": baseline_verified, "load": os.getloadavg(),
     }  # fmt: skip
     print_rows(record)
     if baseline is not None:
@@ -202,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{n['rss'] / 1e9:.2f} GB, rewrite {n['phases'].get('rewrite', 0):.1f} s; "
             f"outputs: {b['ulps']}"
         )
+    if baseline_verified is not None and verified is not None:
+        print_verified_ab(a.baseline, baseline_verified, verified)
     if a.json:
         a.json.write_text(json.dumps(record, indent=2))
     return 3 if failed(record, a.max_ratio, a.max_verified_ratio) else 0
@@ -210,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_rows(r: dict) -> None:  # type: ignore[type-arg]
     """The markdown table row of bench/README.md."""
     cp, plain, ver, chk = r["cp_mean"], r["no_verify"], r["verified"], r["check"]
+    cp = max(cp, 1e-3)  # a tiny model copies in no measurable time
     ph = plain["phases"]
     cells = [
         f"{r['shape']['layers']}", f"{r['bytes'] / 1e9:.2f} GB", f"{cp:.1f} s",
@@ -228,6 +250,18 @@ def print_rows(r: dict) -> None:  # type: ignore[type-arg]
     print("| layers | files | cp | --no-verify | peak RSS | analyze / rewrite / save "
           "| verified | peak RSS | verify | independent check (logits rel) |")  # fmt: skip
     print("| " + " | ".join(cells) + " |")
+
+
+def print_verified_ab(tree: Path, base: dict, this: dict) -> None:  # type: ignore[type-arg]
+    """Step 3 of the baseline and of this tree, one line each."""
+    for name, r in ((f"baseline {tree}", base), ("this tree", this)):
+        v = r["verification"]
+        print(
+            f"verified, {name}: wall {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s, peak RSS "
+            f"{r['rss'] / 1e9:.2f} GB, verify {r['phases'].get('verify', 0):.1f} s "
+            f"({v['method']}, {v['blocks']} blocks, {'passed' if v['passed'] else 'FAILED'}, "
+            f"max rel err {v['max_rel_err']:.3g})"
+        )
 
 
 def compare_words(a: Path, b: Path) -> dict[str, int]:

@@ -30,9 +30,19 @@ node, with its mirrored pass.
 
 Each block is a small ONNX model built in memory whose initializers stay references into
 the external data files (onnxruntime reads only that block's weights); its session is
-released before the next is opened.  Measured (8-layer hidden-2048 float16 LLaMA shape,
-1.08 GB of weights, 8 draws, per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks
-of at most 256 MiB), 3.58 GB whole.
+released before the next is opened.
+
+**Runs.**  Per block and model, one session runs the first input set alone and the
+others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
+proves no node mixes rows (else one by one; the same outputs either way); the
+original's first run also gives the tensors the per-tensor check records
+(:class:`_Check`), which then runs its mirrored pass and the teleported block's cut model
+(3 runs).  A block's float16 weights read only by ops without a float16 CPU kernel are
+widened once for all its sessions (:class:`graphteleport.widen.Widened`).
+
+Measured (8-layer hidden-2048 float16 LLaMA shape, 1.08 GB of weights, 8 draws,
+per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks of at most 256 MiB), 3.58 GB
+whole.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from graphteleport.errors import InputError
+from graphteleport.rows import split_rows, stack_rows, stackable
 from graphteleport.tensorcheck import (
     LoadedModel,
     TensorCheckResult,
@@ -53,10 +65,12 @@ from graphteleport.tensorcheck import (
     compare_tensor,
     constant_names,
     reads,
+    recording_names,
     saturation_floors,
     sub_model,
     tolerance_scale,
 )
+from graphteleport.widen import MIN_ELEMENTS, Widened
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -293,21 +307,29 @@ def verify_blocks(
     rtol: float = 1e-5,
     seed: int = 0,
     budget_bytes: int = DEFAULT_BLOCK_BYTES,
+    widen_elements: int | None = MIN_ELEMENTS,
 ) -> PiecesResult:
     """Check the teleport block by block (module docstring).
 
     *open_model* is ``open_model(proto, folder) -> run`` (:func:`graphteleport.verify.
     open_proto`); each block's two sessions live one at a time.  A value the teleported
-    model lacks fails the result (it does not raise).
+    model lacks fails the result (it does not raise).  Each block's float16 weights of
+    at least *widen_elements* elements that only float32-run ops read are widened once
+    for all its sessions (:mod:`graphteleport.widen`; the same outputs, bit for bit);
+    None: never.
     """
     orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
     tele = teleported if isinstance(teleported, LoadedModel) else LoadedModel.load(teleported)
-    pair = _Pair(orig, tele, scales, open_model, rtol, seed)
     graph = orig.proto.graph
     blocks = plan_blocks(graph, budget_bytes)
     names = [o.name for o in graph.output]
     state = _State(feed_sets, blocks, names)
     floors = saturation_floors(graph)
+    # one model's block widened at a time (2 bytes → 4): where both fit, no conversion
+    # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together
+    wide = Widened(widen_elements, 2 * budget_bytes) if widen_elements is not None else None
+    opener = wide.opener(open_model) if wide is not None else open_model
+    pair = _Pair(orig, tele, scales, opener, rtol, seed)
     for block in blocks:
         where = block.describe(graph, len(blocks))
         try:
@@ -315,6 +337,9 @@ def verify_blocks(
         except _Missing as e:
             state.failures.append(f"{where}: {e}")
             break
+        finally:
+            if wide is not None:
+                wide.clear()  # the next block reads other weights
         state.release(block.index)
         logger.debug("%s checked", where)
     return state.result(len(blocks), tele_sets=scales is None)
@@ -363,22 +388,30 @@ class _State:
 def _run_block(
     pair: _Pair, block: Block, state: _State, floors: Mapping[str, float], where: str
 ) -> None:
-    """Run one block of both models on every input set, compare, record its outputs."""
-    tele_nodes, tele_inputs = pair.tele_part(block)
+    """Run one block of both models on every input set, compare, record its outputs.
+    Where the per-tensor check follows, the original's run on the first set also gives
+    the tensors it records (:class:`_Check`: one run fewer a block)."""
+    tele_part = pair.tele_part(block)
     state.peak = max(state.peak, block.weight_bytes)
     outs = block.outputs
-    run = pair.open_model(
-        _block_proto(pair.orig, block.nodes, block.inputs, outs, state), pair.orig.folder
-    )
-    ref = [dict(zip(outs, run({x: s[x] for x in block.inputs}), strict=True)) for s in state.orig]
-    del run  # one session at a time
-    tele_proto = _block_proto(pair.tele, tele_nodes, tele_inputs, outs, state)
-    run = pair.open_model(tele_proto, pair.tele.folder)
-    got = [
-        dict(zip(outs, run(_tele_feeds(pair.scales, tele_inputs, o, t)), strict=True))
+    check = _Check.plan(pair, block, tele_part, state)
+    extra = (check.extra if check is not None else None) or []
+    proto = _block_proto(pair.orig, block.nodes, block.inputs, [*outs, *extra], state)
+    feeds = [{x: s[x] for x in block.inputs} for s in state.orig]
+    ran = _run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
+    ref = [dict(zip(outs, r[: len(outs)], strict=True)) for r in ran]
+    if check is not None:
+        check.record(ran[0][len(outs) :], state.orig[0], block.inputs)
+    del ran
+    tele_proto = _block_proto(pair.tele, *tele_part, outs, state)
+    feeds = [
+        _tele_feeds(pair.scales, tele_part[1], o, t)
         for o, t in zip(state.orig, state.tele, strict=True)
     ]
-    del run
+    got = [
+        dict(zip(outs, r, strict=True))
+        for r in _run_sets(pair.open_model, tele_proto, pair.tele.folder, feeds)
+    ]
     for k, (r, g) in enumerate(zip(ref, got, strict=True)):
         state.orig[k].update(r)
         state.tele[k].update(g)
@@ -386,8 +419,30 @@ def _run_block(
         state.got[k].update({n: g[n] for n in state.names if n in g})
     if pair.scales is not None:
         _compare_outputs(pair, block, ref, got, state, floors, where)
-        if state.tensors.failure is None:  # after a failure: the first one names it
-            _tensor_check(pair, block, (tele_nodes, tele_inputs), state, where)
+        if check is not None:  # after a failure: the first one names it
+            check.run(pair, block, state, where)
+
+
+def _run_sets(
+    open_model: Opener, proto: onnx.ModelProto, folder: str, feeds: Sequence[Feeds]
+) -> list[list[np.ndarray]]:
+    """The block's outputs on every set, from one session: the first set alone, the
+    others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
+    proves no node mixes rows and the shapes fit; else one by one."""
+    rest = list(feeds[1:])
+    stacked = stack_rows(rest, list(feeds[0])) if len(rest) >= 2 else None
+    wide = stackable(proto, feeds[0]) if stacked is not None else None
+    run = open_model(wide or proto, folder)
+    first = run(feeds[0])
+    if stacked is not None and wide is not None:
+        try:
+            split = split_rows(run(stacked), first, len(rest))
+        except InputError as e:  # a shape the rules did not foresee: one by one
+            logger.debug("stacked sets did not run: %s", e)
+            split = None
+        if split is not None:
+            return [first, *split]
+    return [first, *(run(f) for f in rest)]
 
 
 def _block_proto(
@@ -448,30 +503,53 @@ def _compare_outputs(
                 state.failures.append(f"{where}: {failure.describe()}")
 
 
-def _tensor_check(
-    pair: _Pair,
-    block: Block,
-    tele_part: tuple[list[int], list[str]],
-    state: _State,
-    where: str,
-) -> None:
-    """The node-by-node check inside the block, on the first input set."""
-    assert pair.scales is not None
-    state.checked_tensors = True
-    fed = state.orig[0]
-    models = [
-        _as_loaded(m, nodes, inputs, block.outputs, fed)
-        for m, (nodes, inputs) in (
-            (pair.orig, (block.nodes, block.inputs)),
-            (pair.tele, tele_part),
-        )
-    ]
-    feeds = {x: fed[x] for x in block.inputs}
-    r = check_tensors(
-        models[0], models[1], feeds, pair.scales, pair.open_model,
-        rtol=pair.rtol, seed=pair.seed + block.index,
-    )  # fmt: skip
-    state.tensors.add(r, where)
+@dataclasses.dataclass
+class _Check:
+    """The per-tensor check of one block on the first input set: both blocks as models
+    (:func:`_as_loaded`), the original's tensors it records (``extra``, given by the
+    block's own first run where one run records them all, :func:`~graphteleport.
+    tensorcheck.recording_names`: the same nodes on the same inputs), and those
+    tensors once recorded."""
+
+    models: tuple[LoadedModel, LoadedModel]
+    extra: list[str] | None  # None: the check records them itself (several groups)
+    recorded: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def plan(
+        cls, pair: _Pair, block: Block, tele_part: tuple[list[int], list[str]], state: _State
+    ) -> _Check | None:
+        """The check of *block*, or None where none runs (no scales, or an earlier
+        block's check failed: the first failure names the tensor)."""
+        if pair.scales is None or state.tensors.failure is not None:
+            return None
+        fed = state.orig[0]
+        orig = _as_loaded(pair.orig, block.nodes, block.inputs, block.outputs, fed)
+        tele = _as_loaded(pair.tele, *tele_part, block.outputs, fed)
+        names = recording_names(orig, tele)
+        taken = {*block.inputs, *block.outputs}
+        extra = None if names is None else [n for n in names if n not in taken]
+        return cls((orig, tele), extra)
+
+    def record(self, values: Sequence[np.ndarray], fed: Feeds, inputs: Sequence[str]) -> None:
+        """The first set's run gave ``extra`` (and the block outputs it returns anyway)."""
+        if self.extra is not None:
+            self.recorded = {x: fed[x] for x in inputs}
+            self.recorded.update(zip(self.extra, values, strict=True))
+
+    def run(self, pair: _Pair, block: Block, state: _State, where: str) -> None:
+        """Check every tensor of the block, node by node."""
+        assert pair.scales is not None
+        state.checked_tensors = True
+        fed = state.orig[0]
+        recorded = None
+        if self.recorded is not None:
+            recorded = {**self.recorded, **{y: fed[y] for y in block.outputs}}
+        r = check_tensors(
+            self.models[0], self.models[1], {x: fed[x] for x in block.inputs}, pair.scales,
+            pair.open_model, rtol=pair.rtol, seed=pair.seed + block.index, recorded=recorded,
+        )  # fmt: skip
+        state.tensors.add(r, where)
 
 
 def _as_loaded(

@@ -47,7 +47,7 @@ from graphteleport.io import (
     initializer_nbytes,
     save_model_atomic,
 )
-from graphteleport.pieces import DEFAULT_BLOCK_BYTES, verify_blocks, weight_sizes
+from graphteleport.pieces import DEFAULT_BLOCK_BYTES, PiecesResult, verify_blocks, weight_sizes
 from graphteleport.tensorcheck import (
     LoadedModel,
     TensorCheckResult,
@@ -1226,6 +1226,25 @@ def _stacked(
     return {k: np.concatenate([f[k] for f in feed_sets]) for k in feed_sets[0]}
 
 
+def _pieces_sets(
+    graph: onnx.GraphProto, feed_sets: Sequence[Mapping[str, np.ndarray]]
+) -> list[Mapping[str, np.ndarray]]:
+    """The sets verification by pieces runs: the first alone (the per-tensor check's,
+    as whole-model verification runs it), the others stacked along axis 0 into one
+    batch where :func:`_may_stack` allows and their shapes agree (a block then runs
+    twice a model, not once a set: ``2 + 2`` runs instead of ``2·draws``); else as given.
+
+    A batch is a legitimate input where every graph input's axis 0 is free, so both
+    models compared on it is a check of the same function; the outputs are compared
+    as one set.  (Draws differing in shape, and graphs whose axis 0 is fixed, run one
+    by one.)"""
+    rest = list(feed_sets[1:])
+    shapes = {tuple((k, v.shape) for k, v in sorted(f.items())) for f in rest}
+    if len(rest) < 2 or len(shapes) != 1 or not _may_stack(graph, rest):
+        return list(feed_sets)
+    return [feed_sets[0], {k: np.concatenate([f[k] for f in rest]) for k in rest[0]}]
+
+
 def _may_stack(graph: onnx.GraphProto, feed_sets: Sequence[Mapping[str, np.ndarray]]) -> bool:
     """Whether :func:`_stacked` could batch the sets, read from the graph (each input's
     declared axis 0 has no fixed size; an input without a shape counts as fixed)."""
@@ -1273,11 +1292,24 @@ def _verify_pieces(
     seed: int,
     block_bytes: int,
 ) -> VerificationResult:
-    """Block by block (:func:`graphteleport.pieces.verify_blocks`), as one result."""
-    found = verify_blocks(
-        original_model, os.fspath(teleported), feed_sets, scales, open_proto,
-        rtol=rtol, seed=seed, budget_bytes=block_bytes,
-    )  # fmt: skip
+    """Block by block (:func:`graphteleport.pieces.verify_blocks`), as one result: the
+    sets as :func:`_pieces_sets` batches them (one by one where that batch does not run)."""
+    sets = _pieces_sets(original_model.proto.graph, feed_sets)
+
+    def by_blocks(sets: Sequence[Mapping[str, np.ndarray]]) -> PiecesResult:
+        return verify_blocks(
+            original_model, os.fspath(teleported), sets, scales, open_proto,
+            rtol=rtol, seed=seed, budget_bytes=block_bytes,
+        )  # fmt: skip
+
+    try:
+        found = by_blocks(sets)
+    except InputError:
+        if len(sets) == len(feed_sets):
+            raise
+        logger.debug("the draws do not run as one batch: one by one")
+        sets = list(feed_sets)  # the batch size is baked into the graph
+        found = by_blocks(sets)
     floors = saturation_floors(original_model.proto.graph)
     names = found.output_names
     results = [
@@ -1285,6 +1317,7 @@ def _verify_pieces(
         for r, c in zip(found.reference, found.candidate, strict=True)
     ]
     result = _merge(results, len(feed_sets))
+    result.batched = len(sets) != len(feed_sets)
     result.failures[:0] = found.failures
     result.max_rel_err = max(result.max_rel_err, found.max_rel_err)
     result.passed = result.passed and not found.failures

@@ -1,0 +1,285 @@
+"""float16 weights widened to float32 once per block, for onnxruntime's CPU provider.
+
+The CPU provider has no float16 kernel for MatMul, Gemm and most arithmetic: its
+``InsertCastTransformer`` runs such a node in float32 between inserted Casts,
+
+    y = Cast₁₆(Op(Cast₃₂(x), Cast₃₂(W))),
+
+and a Cast of an initializer stays in the graph at any optimisation level we use, so
+every run converts every float16 weight of the model (1.9 ns an element on this machine,
+unpacked).  The pieces' verification runs each block ~20 times (draws, both models, the
+per-tensor check), so those conversions were most of its time.
+
+:func:`widen_proto` rewrites a model proto so that ``W`` (float16, read only by such
+nodes) becomes
+
+    W = Cast₁₆(W₃₂),   W₃₂ = float32(W)  (a graph input, fed from an array made once),
+
+— the same function, since float16 → float32 is exact and Cast₁₆ rounds it back to W.
+onnxruntime then inserts its ``Cast₃₂`` after ``Cast₁₆`` as before, and its own
+``RemoveDuplicateCastTransformer`` removes the pair ``Cast₃₂ ∘ Cast₁₆`` of a graph input
+(types float32 → float16 → float32, the first not lossy in its type groups): the node
+reads ``W₃₂`` directly, which is bit for bit what ``Cast₃₂(W)`` gave.  Nothing else
+in the graph changes type or neighbours (the new Cast has no input edge, so the
+transformer's isolated-node rule sees the same graph), and a graph input is never
+prepacked, like the inserted Cast's output: outputs are bit-identical to the plain
+session's (tests/test_widen.py).  A weight also read by an op that has a float16 kernel
+(an embedding's Gather, a tied head's Transpose) is left as it is: its Cast₁₆ would then
+run on every run.
+
+:class:`Widened` holds the float32 arrays of one block (both models), keyed by where
+their bytes live, so every session of the block — the draws, the per-tensor check's
+recording and cut models — feeds the same arrays; the caller drops them after the block.
+Within a byte budget it drops the least recently used first (verification by pieces
+keeps one model's block: where the two do not fit, a model's weights are converted
+again for the per-tensor check, which the 1-layer 7B-shaped model paid no measurable
+time for, against a peak 0.5 GB lower).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import mmap
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graphteleport.tensorcheck import reads
+
+__all__ = ["MIN_ELEMENTS", "Widened", "casting_ops", "widen_proto"]
+
+logger = logging.getLogger(__name__)
+
+#: Weights with fewer elements stay float16 (their casts cost nothing worth a copy).
+MIN_ELEMENTS = 1 << 16
+_SUFFIX = "__gt_wide"
+
+Feeds = Mapping[str, np.ndarray]
+Run = Callable[[Feeds], list[np.ndarray]]
+Opener = Callable[[onnx.ModelProto, str], Run]
+
+
+@functools.cache
+def casting_ops() -> frozenset[str]:
+    """Ops of the default domain that onnxruntime's CPU provider runs in float32 between
+    inserted Casts when fed float16 (no CPU kernel of theirs accepts float16)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    half: set[str] = set()
+    every: set[str] = set()
+    for k in C.get_all_opkernel_def():
+        if k.provider != "CPUExecutionProvider" or k.domain not in ("", "ai.onnx"):
+            continue
+        every.add(k.op_name)
+        if any("tensor(float16)" in types for types in k.type_constraints.values()):
+            half.add(k.op_name)
+    return frozenset(every - half)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each name (subgraph reads count as their node's)."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for x in dict.fromkeys(reads(node)):
+            found.setdefault(x, []).append(node)
+    return found
+
+
+def _widenable(proto: onnx.ModelProto, min_elements: int) -> list[onnx.TensorProto]:
+    """float16 initializers of at least *min_elements*, read only (and directly) by
+    nodes of :func:`casting_ops` in the default domain, and not graph inputs."""
+    graph = proto.graph
+    users = _consumers(graph)
+    inputs = {v.name for v in graph.input}
+    ops = casting_ops()
+    chosen = []
+    for t in graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT16 or t.name in inputs:
+            continue
+        if int(np.prod(t.dims, dtype=np.int64)) < min_elements:
+            continue
+        nodes = users.get(t.name, [])
+        plain = all(n.op_type in ops and n.domain in ("", "ai.onnx") for n in nodes)
+        direct = all(t.name in n.input for n in nodes)  # not read from inside a subgraph
+        if nodes and plain and direct:
+            chosen.append(t)
+    return chosen
+
+
+def widen_proto(
+    proto: onnx.ModelProto, min_elements: int = MIN_ELEMENTS
+) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """*proto* with each widenable float16 weight ``W`` (module docstring) replaced by
+    ``Cast₁₆(W₃₂)`` of a new float32 graph input ``W₃₂`` (named ``W + "__gt_wide"``);
+    returns the new proto and the replaced initializers (their data references, to feed
+    :class:`Widened`).  Without any, *proto* itself and ``[]``."""
+    chosen = _widenable(proto, min_elements)
+    if not chosen:
+        return proto, []
+    names = {t.name for t in chosen}
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    kept = [t for t in out.graph.initializer if t.name not in names]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    casts = [
+        onnx.helper.make_node(
+            "Cast",
+            [t.name + _SUFFIX],
+            [t.name],
+            to=onnx.TensorProto.FLOAT16,
+            name=t.name + _SUFFIX,
+        )
+        for t in chosen
+    ]
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend([*casts, *nodes])
+    out.graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name + _SUFFIX, onnx.TensorProto.FLOAT, list(t.dims))
+        for t in chosen
+    )
+    return out, chosen
+
+
+class Widened:
+    """float32 copies of float16 weights, made once and fed to every session opened
+    through :meth:`opener` (module docstring); :meth:`clear` drops them.
+
+    With *budget_bytes*, the copies held stay within it: the least recently used are
+    dropped first (a run looks its weights up when it runs, so a dropped copy is freed
+    and made again if needed) — one model's weights at a time where a block's two do not
+    fit, at the price of converting them again."""
+
+    def __init__(self, min_elements: int = MIN_ELEMENTS, budget_bytes: int | None = None):
+        self.min_elements = min_elements
+        self.budget_bytes = budget_bytes
+        self._arrays: dict[tuple[Any, ...], np.ndarray] = {}
+        self.widened = 0  # conversions made (a weight reused is counted once)
+
+    def clear(self) -> None:
+        self._arrays.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
+
+    def opener(self, base: Opener) -> Opener:
+        """*base* (``open(proto, folder) -> run``) on widened protos, the float32
+        weights added to every run's feeds."""
+
+        def open_model(proto: onnx.ModelProto, folder: str) -> Run:
+            wide, chosen = widen_proto(proto, self.min_elements)
+            run = base(wide, folder)
+            return _Fed(run, self, chosen, folder) if chosen else run
+
+        return open_model
+
+    def array(self, tensor: onnx.TensorProto, folder: str) -> np.ndarray:
+        """The float32 value of the float16 initializer *tensor* (its external data
+        relative to *folder*), converted on first use (or again, once dropped)."""
+        key = _where(tensor, folder)
+        found = self._arrays.pop(key, None)
+        if found is None:
+            self._make_room(4 * int(np.prod(tensor.dims, dtype=np.int64)))
+            found = _widened(tensor, folder)
+            self.widened += 1
+        self._arrays[key] = found  # the most recently used last
+        return found
+
+    def _make_room(self, need: int) -> None:
+        """Drop the least recently used copies until *need* more bytes fit the budget."""
+        if self.budget_bytes is None:
+            return
+        while self._arrays and self.nbytes + need > self.budget_bytes:
+            del self._arrays[next(iter(self._arrays))]
+
+
+class _Fed:
+    """A run feeding the widened weights of *chosen* (looked up in *cache* at each run:
+    a copy the cache dropped is not kept alive); keeps ``output_names``."""
+
+    def __init__(
+        self, run: Run, cache: Widened, chosen: list[onnx.TensorProto], folder: str
+    ) -> None:
+        self._run = run
+        self._cache = cache
+        self._chosen = chosen
+        self._folder = folder
+        self.output_names: list[str] = list(getattr(run, "output_names", []))
+
+    def __call__(self, feeds: Feeds) -> list[np.ndarray]:
+        weights = {t.name + _SUFFIX: self._cache.array(t, self._folder) for t in self._chosen}
+        return self._run({**feeds, **weights})
+
+
+def _where(tensor: onnx.TensorProto, folder: str) -> tuple[Any, ...]:
+    """Where the bytes of *tensor* live: file, offset and length for external data (two
+    models' weights of one name differ there), else a digest of its inline bytes."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = tuple(sorted((e.key, e.value) for e in tensor.external_data))
+        return (os.path.realpath(folder), tensor.name, info)
+    digest = hashlib.blake2b(tensor.SerializeToString(), digest_size=16).digest()
+    return ("inline", tensor.name, digest)
+
+
+def _widened(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
+    """float32 of a float16 initializer: external bytes read through a memory map (no
+    float16 copy), converted by onnxruntime's Cast (:func:`_widen_into`)."""
+    shape = tuple(int(d) for d in tensor.dims)
+    out = np.empty(shape, dtype=np.float32)
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        _widen_into(numpy_helper.to_array(tensor).reshape(-1), out.reshape(-1))
+        return out
+    info = {e.key: e.value for e in tensor.external_data}
+    offset = int(info.get("offset", 0))
+    path = os.path.join(folder, info["location"])
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        half = np.frombuffer(buf, dtype=np.float16, count=out.size, offset=offset)
+        _widen_into(half, out.reshape(-1))
+        del half  # before the map closes
+    return out
+
+
+def _widen_into(half: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = float32(half)`` (both flat) by onnxruntime's Cast kernel on bound
+    buffers: vectorised, 0.45-0.9 CPU-ns an element with the page faults of a fresh
+    *out* and a memory-mapped *half*, against 2.5-3.2 ns for numpy's element-by-element
+    conversion (a 4096 × 11008 weight, this machine under load); exact either way."""
+    import onnxruntime as ort
+
+    if not half.size:
+        return
+    binding = _cast_session().io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(half))
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(out))
+    _cast_session().run_with_iobinding(binding)
+
+
+@functools.cache
+def _cast_session() -> Any:
+    """A one-thread onnxruntime session of ``y = Cast₃₂(x)`` on flat float16 tensors."""
+    import onnxruntime as ort
+
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.FLOAT)],
+        "widen",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["n"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
