@@ -128,8 +128,9 @@ def test_shared_small_and_float32_weights_are_left_alone() -> None:
     assert widen.widen_proto(as32, 1)[1] == []
 
 
-def test_external_weights_are_read_once_per_block_and_told_apart(tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
+def _external_matmuls(tmp_path: Path, rng: np.random.Generator) -> list[onnx.ModelProto]:
+    """Two one-MatMul float16 models, each weight in its own external data file, loaded
+    without their data (as the pieces' blocks are)."""
     protos = []
     for k in range(2):
         w = _rng_half(rng, 64, 64)
@@ -137,6 +138,12 @@ def test_external_weights_are_read_once_per_block_and_told_apart(tmp_path: Path)
         onnx.save(proto, tmp_path / f"m{k}.onnx", save_as_external_data=True,
                   location=f"m{k}.data", size_threshold=0)  # fmt: skip
         protos.append(onnx.load(tmp_path / f"m{k}.onnx", load_external_data=False))
+    return protos
+
+
+def test_external_weights_are_read_once_per_block_and_told_apart(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    protos = _external_matmuls(tmp_path, rng)
     feeds = {"x": _rng_half(rng, 2, 3, 64)}
     wide = widen.Widened(16)
     open_model = wide.opener(verify.open_proto)
@@ -235,13 +242,7 @@ def test_a_budget_keeps_the_copies_within_it(tmp_path: Path) -> None:
     outputs are the same bits."""
     rng = np.random.default_rng(6)
     feeds = {"x": _rng_half(rng, 2, 3, 64)}
-    protos = []
-    for k in range(2):
-        w = _rng_half(rng, 64, 64)
-        proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [w], ["w"])
-        onnx.save(proto, tmp_path / f"m{k}.onnx", save_as_external_data=True,
-                  location=f"m{k}.data", size_threshold=0)  # fmt: skip
-        protos.append(onnx.load(tmp_path / f"m{k}.onnx", load_external_data=False))
+    protos = _external_matmuls(tmp_path, rng)
     plain = [verify.open_proto(p, str(tmp_path))(feeds) for p in protos]
     wide = widen.Widened(16, budget_bytes=64 * 64 * 4)
     runs = [wide.opener(verify.open_proto)(p, str(tmp_path)) for p in protos]
