@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import mmap
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -48,7 +47,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from graphteleport.wire import light_encoding
+from graphteleport.wire import light_encoding, mapped
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +311,7 @@ def _light_proto(path: str | os.PathLike[str]) -> onnx.ModelProto | None:
     if not binary or not _resolves_in_place(path):
         return None
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with mapped(path) as buf:
             light = light_encoding(buf, os.path.basename(os.fspath(path)), LIGHT_BYTES)
         proto = onnx.ModelProto()
         proto.ParseFromString(light or b"")

@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import mmap
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +50,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphteleport.tensorcheck import reads
+from graphteleport.wire import mapped
 
 __all__ = ["MIN_ELEMENTS", "Widened", "casting_ops", "widen_proto"]
 
@@ -240,7 +240,7 @@ def _widened(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
     info = {e.key: e.value for e in tensor.external_data}
     offset = int(info.get("offset", 0))
     path = os.path.join(folder, info["location"])
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+    with mapped(path) as buf:
         half = np.frombuffer(buf, dtype=np.float16, count=out.size, offset=offset)
         _widen_into(half, out.reshape(-1))
         del half  # before the map closes

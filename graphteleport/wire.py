@@ -286,6 +286,26 @@ def _tensor_chunks(encoded: Buffer, start: int, end: int, payload: Chunk) -> lis
     return [bytes(before), _header(_TENSOR_RAW_DATA, len(payload)), payload, bytes(after)]
 
 
+@contextlib.contextmanager
+def mapped(path: str | os.PathLike[str]) -> Iterator[mmap.mmap]:
+    """A read-only memory map of the file at ``path``, closed when the block ends.
+
+    Where an exception leaves the block while a view of the map is still alive — an
+    interrupt (SIGINT/SIGTERM raised by the CLI's handler) inside a run that reads it
+    leaves the view in the traceback's frames — closing would raise ``BufferError`` over
+    the exception; the map is then left to close with its last view, and the exception
+    goes on.  A map still viewed when the block ends normally is a bug: that raises."""
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield buf
+    except BaseException:
+        with contextlib.suppress(BufferError):
+            buf.close()
+        raise
+    buf.close()
+
+
 def raw_data_offsets(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
     """Where each initializer of the main graph keeps its ``raw_data`` in the binary model
     file at ``path``: ``{name: (byte offset, length)}``.  The file is memory-mapped and
@@ -293,7 +313,7 @@ def raw_data_offsets(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]
     ``raw_data`` are left out, and so is everything when the file is not binary protobuf
     that this walk can read (empty, truncated, malformed: ``{}``)."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with mapped(path) as buf:
             return raw_data_spans(buf)
     except (OSError, ValueError):  # ValueError: an empty file cannot be mapped
         return {}

@@ -251,3 +251,20 @@ def test_a_budget_keeps_the_copies_within_it(tmp_path: Path) -> None:
             assert _bits(run(feeds)) == _bits(expected)
             assert wide.nbytes <= 64 * 64 * 4
     assert wide.widened == 4  # each model's weight made twice: the other's dropped it
+
+
+def test_an_interrupt_inside_the_conversion_is_not_masked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM raised (by the CLI's handler) inside the Cast run that widens a memory-
+    mapped weight reaches the CLI as itself — exit 143, no partial output — not as the
+    map's ``BufferError`` (an internal error, exit 3: seen at 1 of 3 delays on a 2-layer
+    float16 LLaMA before ``wire.mapped``)."""
+    (proto,) = _external_matmuls(tmp_path, np.random.default_rng(7))[:1]
+
+    def interrupted(half: np.ndarray, out: np.ndarray) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(widen, "_widen_into", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        widen._widened(proto.graph.initializer[0], str(tmp_path))

@@ -280,3 +280,26 @@ def test_load_gives_every_weight_its_bytes(tmp_path: Path) -> None:
     assert got["w_f32"].const_value.doc_string == "a documented weight"
     kept = got["w_f16"].const_value
     assert isinstance(kept, ir.TensorProtoTensor) and kept.raw.metadata_props[0].key == "origin"
+
+
+def test_mapped_lets_an_interrupt_through_a_live_view(tmp_path: Path) -> None:
+    """An exception leaving the block while a view of the map is alive (as a SIGTERM
+    inside an onnxruntime run reading it leaves one in the traceback) is raised as is,
+    not replaced by the map's ``BufferError``; the map closes with its last view."""
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(range(64)))
+    with pytest.raises(KeyboardInterrupt), wire.mapped(path) as buf:
+        view = np.frombuffer(buf, dtype=np.uint8)
+        assert view[5] == 5
+        raise KeyboardInterrupt
+    with wire.mapped(path) as buf:
+        assert bytes(buf[:3]) == b"\x00\x01\x02"
+    assert buf.closed
+
+
+def test_mapped_refuses_a_view_left_alive_at_a_normal_end(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(16))
+    with pytest.raises(BufferError), wire.mapped(path) as buf:
+        view = np.frombuffer(buf, dtype=np.uint8)
+    del view
