@@ -49,6 +49,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphteleport import halfcast
 from graphteleport.tensorcheck import reads
 from graphteleport.wire import mapped
 
@@ -231,55 +232,19 @@ def _where(tensor: onnx.TensorProto, folder: str) -> tuple[Any, ...]:
 
 def _widened(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
     """float32 of a float16 initializer: external bytes read through a memory map (no
-    float16 copy), converted by onnxruntime's Cast (:func:`_widen_into`)."""
+    float16 copy), converted by :func:`graphteleport.halfcast.chosen` (onnxruntime's
+    vectorised Cast where torch is not loaded: 0.45-0.9 CPU-ns an element against
+    numpy's 2.5-3.2; exact either way)."""
     shape = tuple(int(d) for d in tensor.dims)
     out = np.empty(shape, dtype=np.float32)
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        _widen_into(numpy_helper.to_array(tensor).reshape(-1), out.reshape(-1))
+        halfcast.chosen().copy(numpy_helper.to_array(tensor).reshape(-1), out.reshape(-1))
         return out
     info = {e.key: e.value for e in tensor.external_data}
     offset = int(info.get("offset", 0))
     path = os.path.join(folder, info["location"])
     with mapped(path) as buf:
         half = np.frombuffer(buf, dtype=np.float16, count=out.size, offset=offset)
-        _widen_into(half, out.reshape(-1))
+        halfcast.chosen().copy(half, out.reshape(-1))
         del half  # before the map closes
     return out
-
-
-def _widen_into(half: np.ndarray, out: np.ndarray) -> None:
-    """``out[:] = float32(half)`` (both flat) by onnxruntime's Cast kernel on bound
-    buffers: vectorised, 0.45-0.9 CPU-ns an element with the page faults of a fresh
-    *out* and a memory-mapped *half*, against 2.5-3.2 ns for numpy's element-by-element
-    conversion (a 4096 × 11008 weight, this machine under load); exact either way."""
-    import onnxruntime as ort
-
-    if not half.size:
-        return
-    binding = _cast_session().io_binding()
-    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(half))
-    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(out))
-    _cast_session().run_with_iobinding(binding)
-
-
-@functools.cache
-def _cast_session() -> Any:
-    """A one-thread onnxruntime session of ``y = Cast₃₂(x)`` on flat float16 tensors."""
-    import onnxruntime as ort
-
-    helper = onnx.helper
-    graph = helper.make_graph(
-        [helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.FLOAT)],
-        "widen",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["n"])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 4
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )

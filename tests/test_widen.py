@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphteleport import verify, widen
+from graphteleport import halfcast, verify, widen
 from graphteleport.io import load_model, save_model_atomic
 from graphteleport.passes.teleport import TeleportPass
 from graphteleport.pieces import PiecesResult, plan_blocks, verify_blocks
@@ -265,6 +265,6 @@ def test_an_interrupt_inside_the_conversion_is_not_masked(
     def interrupted(half: np.ndarray, out: np.ndarray) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(widen, "_widen_into", interrupted)
+    monkeypatch.setattr(halfcast, "chosen", lambda: halfcast.Casts("interrupted", interrupted))
     with pytest.raises(KeyboardInterrupt):
         widen._widened(proto.graph.initializer[0], str(tmp_path))
