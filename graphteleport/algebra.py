@@ -150,13 +150,22 @@ def product_at(
     """:func:`product` at some elements only: ``at`` holds one index array per axis of the
     layout (the use's shape, rank ``len(at)``).  The same factors multiply in the same
     order, so each value equals the whole product's there, bit for bit."""
-    rank = len(at)
     s: FloatArray = np.ones(at[0].shape if at else (), dtype=np.float64)
+    for f, ids in zip(factors, gather_at(factors, at), strict=True):
+        s = s * power(tau[ids], f.exp)
+    return s
+
+
+def gather_at(factors: Sequence[Factor], at: tuple[np.ndarray, ...]) -> list[np.ndarray]:
+    """Per factor, its neuron ids at the elements ``at`` (:func:`product_at`'s gather,
+    which a caller checking the same elements again may keep: ``τ`` is then indexed
+    directly)."""
+    rank = len(at)
+    out: list[np.ndarray] = []
     for f in factors:
         ids = with_rank(f.ids, rank)
-        pick = tuple(i if n > 1 else 0 for i, n in zip(at, ids.shape, strict=True))
-        s = s * power(tau[ids[pick]], f.exp)
-    return s
+        out.append(ids[tuple(i if n > 1 else 0 for i, n in zip(at, ids.shape, strict=True))])
+    return out
 
 
 @dataclass(frozen=True, slots=True, eq=False)

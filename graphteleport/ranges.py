@@ -30,12 +30,12 @@ overflow float16 weight 'W'".
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphteleport.algebra import RowScale, product_at, row_scale, scales_of, with_rank
+from graphteleport.algebra import RowScale, gather_at, power, row_scale, scales_of, with_rank
 from graphteleport.analysis import Absorb, AnalysisResult, Factor, Weight
 from graphteleport.insertion import PlannedMul, plan
 from graphteleport.numerics import (
@@ -176,6 +176,10 @@ class _AtRisk:
     flat: np.ndarray
     mag: np.ndarray  # |w| of each element at risk, float64
     at: tuple[np.ndarray, ...]  # the elements at risk as one index array per axis (every round)
+    cells: tuple[np.ndarray, np.ndarray, np.ndarray]  # each element's cell_magnitudes (once)
+    #: per use's factors: the neurons at each element at risk (``product_at``'s gather,
+    #: made on the first round that needs it and reused: ``at`` does not change)
+    gathered: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
@@ -186,14 +190,27 @@ class _AtRisk:
         parts = [(flat_w, bounds, i, j) for i, j in row_parts(flat_w.size, flat_w.size)]
         found = map_parts(_risk_range, parts)
         flats = [f for f, _ in found]
-        mags = [m for _, m in found]
+        mag = np.concatenate([m for _, m in found])
         flat = np.concatenate(flats)
-        return cls(w.shape, flat, np.concatenate(mags), tuple(np.unravel_index(flat, w.shape)))
+        at = tuple(np.unravel_index(flat, w.shape))
+        return cls(w.shape, flat, mag, at, cell_magnitudes(mag, (), lim))
+
+    def scale(self, factors: Sequence[Factor], tau: np.ndarray) -> np.ndarray:
+        """``S`` at the elements at risk for ``factors`` (one use's), bit for bit
+        :func:`~graphteleport.algebra.product_at`'s: the same factors multiply in the
+        same order; each factor's neurons at the elements are gathered once."""
+        ids = self.gathered.get(id(factors))
+        if ids is None:
+            ids = self.gathered[id(factors)] = gather_at(factors, self.at)
+        s = np.ones(self.flat.shape, dtype=np.float64)
+        for f, i in zip(factors, ids, strict=True):
+            s = s * power(tau[i], f.exp)
+        return s
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
         """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
         elements at risk (in ``flat`` order)."""
-        hi, lo_n, lo_s = cell_magnitudes(self.mag, (), lim)  # each element its own cell
+        hi, lo_n, lo_s = self.cells  # each element its own cell
         over_k, under_k = violations(hi, lo_n, lo_s, np.abs(s), lim)
         size = int(np.prod(self.shape, dtype=np.int64))
         masks = []
@@ -312,7 +329,7 @@ class _Check:
             return
         if j in self.sparse:  # S at the elements at risk only, not the whole of S
             checks = [
-                (group, *risk.violations(product_at(group[0].factors, tau, risk.at), lim))
+                (group, *risk.violations(risk.scale(group[0].factors, tau), lim))
                 for group, risk in self.sparse[j]
             ]
         else:
@@ -373,8 +390,8 @@ class _Check:
         lim = limits(self.mags[j].dtype)
         found: list[tuple[str, list[np.ndarray]]] = []
         for group, risk in self.sparse[j]:
-            s = product_at(group[0].factors, tau, risk.at)
-            hi, lo_n, lo_s = cell_magnitudes(risk.mag, (), lim)
+            s = risk.scale(group[0].factors, tau)
+            hi, lo_n, lo_s = risk.cells
             for hit, kind, sign in zip(
                 violations(hi, lo_n, lo_s, np.abs(s), lim), ("overflow", "underflow"), (1, -1)
             ):
@@ -499,7 +516,7 @@ def _scale_at(
     """``S`` at the elements at risk (in ``risk.flat`` order), bit for bit as the whole
     ``S`` has it there (:func:`~graphteleport.algebra.product_at`)."""
     if isinstance(scale, RowScale):
-        return product_at(group[0].factors, tau, risk.at)
+        return risk.scale(group[0].factors, tau)
     at: np.ndarray = with_rank(scale, len(risk.shape)).reshape(-1)[risk.flat]
     return at
 
