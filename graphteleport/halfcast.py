@@ -64,6 +64,13 @@ class Casts:
     name: str
     copy: Cast
 
+    def copy_finite(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """:attr:`copy` of a ``src`` known to hold no NaN (a finite weight widened, or
+        its product with a finite ``S``: finite or ±inf), skipping the backend's NaN
+        check where it has one (onnxruntime's)."""
+        fast = getattr(self.copy, "finite", None)
+        (fast if fast is not None else self.copy)(src, dst)
+
 
 def _numpy_copy(src: np.ndarray, dst: np.ndarray) -> None:
     """``dst[:] = src`` by numpy (round to nearest even)."""
@@ -131,6 +138,13 @@ class _OrtCopy:
         self.lock = threading.Lock()
 
     def __call__(self, src: np.ndarray, dst: np.ndarray) -> None:
+        self._run(src, dst, True)
+
+    def finite(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """:meth:`__call__` of a ``src`` without NaN: no check for NaN payloads."""
+        self._run(src, dst, False)
+
+    def _run(self, src: np.ndarray, dst: np.ndarray, nan_check: bool) -> None:
         if (src.dtype, dst.dtype) not in ((_F16, _F32), (_F32, _F16)):
             _numpy_copy(src, dst)
             return
@@ -141,7 +155,7 @@ class _OrtCopy:
             binding.bind_input("x", "cpu", 0, a.dtype, a.shape, a.ctypes.data)
             binding.bind_output("y", "cpu", 0, b.dtype, b.shape, b.ctypes.data)
             session.run_with_iobinding(binding)
-            if np.isnan(np.max(a if a.dtype == _F32 else b)):  # (NaN propagates)
+            if nan_check and np.isnan(np.max(a if a.dtype == _F32 else b)):  # (NaN propagates)
                 _numpy_copy(a, b)  # numpy's NaN payloads
 
     def _session(self, src: np.dtype, dst: np.dtype) -> Any:

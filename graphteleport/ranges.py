@@ -49,7 +49,7 @@ from graphteleport.numerics import (
 )
 from graphteleport.parallel import map_parts, row_parts
 from graphteleport.rewrite import (
-    measure_one,
+    measure_finite,
     measured_array,
     prefetch,
     release,
@@ -85,13 +85,23 @@ class Survey:
     cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk]
     shapes: dict[int, tuple[int, ...]]
     sparse: dict[int, list[tuple[list[Absorb], _AtRisk]]] = field(default_factory=dict)
+    #: per weight, whether every element is finite (empty: not recorded)
+    finite: list[bool] = field(default_factory=list)
+
+    def known(self) -> list[Magnitudes | None] | None:
+        """Per weight, its magnitudes where it is finite (else None), for
+        :func:`~graphteleport.rewrite.prepare` not to measure them again; None where
+        finiteness was not recorded."""
+        if len(self.finite) != len(self.magnitudes):
+            return None
+        return [m if f else None for m, f in zip(self.magnitudes, self.finite, strict=True)]
 
 
 def survey(
     analysis: AnalysisResult, values: np.ndarray, arrays: Mapping[str, np.ndarray] | None = None
 ) -> Survey:
     """Read each absorbing weight once, releasing its map after it: its magnitudes
-    (:func:`~graphteleport.rewrite.measure_one`) and, where they fail the quick check
+    (:func:`~graphteleport.rewrite.measure_finite`) and, where they fail the quick check
     against the bounds of its ``|S|`` for ``values`` as drawn — the first round of
     :func:`fit` would then read it again — its cells for that round (:class:`_AtRisk`
     or :func:`~graphteleport.numerics.cell_magnitudes`), while its pages are resident:
@@ -106,17 +116,19 @@ def survey(
     check = _Check(analysis, [], False)
     weights = analysis.weights
     found: dict[int, Magnitudes] = {}
+    finite: dict[int, bool] = {}
     for j in reversed(range(len(weights))):  # (last first: see the docstring)
         if arrays is None or streaming():
             prefetch(weights[j - 1 : j] if j else [])
         w = measured_array(weights[j], arrays)
-        found[j] = measure_one(w)
+        found[j], finite[j] = measure_finite(w)
         if out_of_range([found[j]], smin[j : j + 1], smax[j : j + 1])[0]:
             check.prime(j, w, tau, (float(smin[j]), float(smax[j])))
         del w
         release(weights[j].source)
     mags = [found[j] for j in range(len(weights))]
-    return Survey(mags, check.cells, check.shapes, check.sparse)
+    ok = [finite[j] for j in range(len(weights))]
+    return Survey(mags, check.cells, check.shapes, check.sparse, ok)
 
 
 def fit(
@@ -174,9 +186,10 @@ class _AtRisk:
 
     shape: tuple[int, ...]
     flat: np.ndarray
-    mag: np.ndarray  # |w| of each element at risk, float64
     at: tuple[np.ndarray, ...]  # the elements at risk as one index array per axis (every round)
-    cells: tuple[np.ndarray, np.ndarray, np.ndarray]  # each element's cell_magnitudes (once)
+    #: each element's :func:`~graphteleport.numerics.cell_magnitudes` (``|w|`` or 0 / inf),
+    #: measured once; float32 where W's dtype is 4 bytes or less (its values exactly)
+    cells: tuple[np.ndarray, np.ndarray, np.ndarray]
     #: per use's factors: the neurons at each element at risk (``product_at``'s gather,
     #: made on the first round that needs it and reused: ``at`` does not change)
     gathered: dict[int, list[np.ndarray]] = field(default_factory=dict)
@@ -193,7 +206,9 @@ class _AtRisk:
         mag = np.concatenate([m for _, m in found])
         flat = np.concatenate(flats)
         at = tuple(np.unravel_index(flat, w.shape))
-        return cls(w.shape, flat, mag, at, cell_magnitudes(mag, (), lim))
+        kind = np.float32 if w.dtype.itemsize <= 4 else np.float64
+        hi, lo_n, lo_s = (c.astype(kind) for c in cell_magnitudes(mag, (), lim))
+        return cls(w.shape, flat, at, (hi, lo_n, lo_s))
 
     def scale(self, factors: Sequence[Factor], tau: np.ndarray) -> np.ndarray:
         """``S`` at the elements at risk for ``factors`` (one use's), bit for bit
@@ -201,7 +216,7 @@ class _AtRisk:
         same order; each factor's neurons at the elements are gathered once."""
         ids = self.gathered.get(id(factors))
         if ids is None:
-            ids = self.gathered[id(factors)] = gather_at(factors, self.at)
+            ids = self.gathered[id(factors)] = [_narrow_ids(i) for i in gather_at(factors, self.at)]
         s = np.ones(self.flat.shape, dtype=np.float64)
         for f, i in zip(factors, ids, strict=True):
             s = s * power(tau[i], f.exp)
@@ -219,6 +234,11 @@ class _AtRisk:
             mask[self.flat[hit]] = True
             masks.append(mask.reshape(self.shape))
         return masks[0], masks[1]
+
+
+def _narrow_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as int32 where they fit (kept across rounds: half the memory)."""
+    return ids.astype(np.int32) if ids.size and int(ids.max()) < 2**31 else ids
 
 
 def _risk_range(

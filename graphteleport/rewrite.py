@@ -194,6 +194,7 @@ def _product_rows(
     smin: float = 0.0,
     fill: Fill | None = None,
     out: np.ndarray | None = None,
+    known: Magnitudes | None = None,
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
@@ -214,7 +215,12 @@ def _product_rows(
     (a lower bound of ``|S|``, :func:`~graphteleport.algebra.scale_bounds`) stays above
     twice the smallest normal: then ``W·s`` is normal, or overflows, and a product of a normal
     ``w`` and ``s ≠ 1`` rounded to W's precision is never ``w`` again.  Otherwise the
-    bits of W and W' are compared (:func:`_changed_bits`)."""
+    bits of W and W' are compared (:func:`_changed_bits`).
+
+    ``known``: W's magnitudes as measured already (:func:`~graphteleport.ranges.survey`),
+    given only for a W found finite — then W is not scanned again, and its float16
+    conversions skip their NaN check (:meth:`~graphteleport.halfcast.Casts.copy_finite`:
+    a finite W times a finite ``S`` holds no NaN)."""
     out = np.empty(w.shape, dtype=w.dtype) if out is None else out
     split = _grid_axes(w.shape, layout or w.shape)
     if fill is None:
@@ -222,7 +228,7 @@ def _product_rows(
     half = float32_scale and w.dtype in HALVES  # (the backend chosen here, not on a worker)
     casts = halfcast.chosen() if half else None
     parts = [
-        (w, out, rows_of, fill, float32_scale, split, i, j, casts)
+        (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None)
         for i, j in row_parts(w.shape[0], w.size)
     ]
     done = map_parts(_rows_into, parts)
@@ -230,8 +236,8 @@ def _product_rows(
     for _, part in done:
         scan.merge(part)
     changed = sum(c for c, _ in done)
-    mags = scan.result(w)
-    if scan.hi >= scan.lim.inf_bits:  # inf or NaN in W: count as ``!=`` does
+    mags = scan.result(w) if known is None else known
+    if known is None and scan.hi >= scan.lim.inf_bits:  # inf or NaN in W: count as ``!=`` does
         changed = int(np.count_nonzero(out != w))
     elif _native(w.dtype, float32_scale) and not _count_exact(scan, mags, smin):
         changed = _changed_bits(w, out)
@@ -273,12 +279,14 @@ def _rows_into(
     start: int,
     stop: int,
     casts: halfcast.Casts | None,
+    scan: bool = True,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of :func:`_product_rows` into ``out``: on the grid
     (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32 by
-    ``casts``) or through float64 (:func:`_wide_rows_into`)."""
+    ``casts``) or through float64 (:func:`_wide_rows_into`).  ``scan`` False: W's
+    magnitudes are known and W finite (the grid path neither scans nor checks for NaN)."""
     if _native(w.dtype, float32_scale) or casts is not None:
-        return _grid_rows_into(w, out, fill, split, start, stop, casts)
+        return _grid_rows_into(w, out, fill, split, start, stop, casts, scan)
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
 
@@ -303,6 +311,7 @@ def _grid_rows_into(
     start: int,
     stop: int,
     casts: halfcast.Casts | None = None,
+    scan_rows: bool = True,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
     (``_HALF_BLOCK`` for a half-precision W) at a time in buffers reused across blocks,
@@ -317,7 +326,9 @@ def _grid_rows_into(
     buffer by ``casts`` (:mod:`graphteleport.halfcast`: torch's vectorised conversions
     where importable), the product converted back into ``out``; the elements whose bits
     changed are counted (:func:`_half_changed`: ``S`` is not rounded to W's dtype, so an
-    ``s ≠ 1`` may leave ``w`` as it was)."""
+    ``s ≠ 1`` may leave ``w`` as it was).  ``scan_rows`` False (W's magnitudes known, W
+    finite): the rows are not scanned (the scan returned saw nothing) and the
+    conversions skip their NaN check."""
     scan = MagnitudeScan(w.dtype)
     inner, row, rows, cells = _blocks(w.shape, split, _BLOCK if casts is None else _HALF_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
@@ -335,11 +346,13 @@ def _grid_rows_into(
                 changed += _grid_changed(wc, g)
             else:
                 b = w32[: n * row].reshape(-1, inner)
-                casts.copy(wc.reshape(-1), b.reshape(-1))
+                copy = casts.copy if scan_rows else casts.copy_finite
+                copy(wc.reshape(-1), b.reshape(-1))
                 np.multiply(b, g[:, None], out=b)
-                casts.copy(b.reshape(-1), oc.reshape(-1))
+                copy(b.reshape(-1), oc.reshape(-1))
                 changed += _half_changed(wc, oc, g, differ)
-            scan.add(wc)
+            if scan_rows:
+                scan.add(wc)
     return changed, scan
 
 
@@ -484,7 +497,10 @@ class Prepared:
 
 
 def prepare(
-    analysis: AnalysisResult, tau: np.ndarray, arrays: Mapping[str, np.ndarray] | None = None
+    analysis: AnalysisResult,
+    tau: np.ndarray,
+    arrays: Mapping[str, np.ndarray] | None = None,
+    known: Sequence[Magnitudes | None] | None = None,
 ) -> Prepared:
     """Compute ``W · S`` for every absorbing weight without storing it, measuring each
     weight's :class:`Magnitudes` in the same read (:func:`_product`), and check them
@@ -492,7 +508,10 @@ def prepare(
     :func:`~graphteleport.numerics.out_of_range`).  ``arrays``: the stored tensors as a
     pass already read them (:func:`graphteleport.orbit.stored_arrays`), by name, used
     instead of reading each again (a proto-backed tensor's read is a copy); ignored
-    inside :func:`streamed`, which reads each tensor from its map and releases it."""
+    inside :func:`streamed`, which reads each tensor from its map and releases it.
+    ``known``: per weight, its magnitudes as :func:`~graphteleport.ranges.survey`
+    measured them where it found the weight finite (else None): such a weight's product
+    does not scan it again (:func:`_product_rows`) and they are its magnitudes here."""
     smin, smax = weight_bounds(analysis, tau)
     pending: list[_Pending] = []
     mags: list[Magnitudes] = []
@@ -505,7 +524,7 @@ def prepare(
             if arrays is None:
                 prefetch(analysis.weights[j + 1 : j + 2])
             w = arrays[weight.source.name] if arrays is not None else weight.source.array()
-            p, m = _compute(weight, w, tau, (smin[j], smax[j]))
+            p, m = _compute(weight, w, tau, (smin[j], smax[j]), known[j] if known else None)
             del w  # a live view keeps the memory map: _stream could not release it
             if sink is not None:
                 _stream(p, sink)
@@ -516,12 +535,17 @@ def prepare(
 
 
 def _compute(
-    weight: Weight, w: np.ndarray, tau: np.ndarray, bounds: tuple[float, float]
+    weight: Weight,
+    w: np.ndarray,
+    tau: np.ndarray,
+    bounds: tuple[float, float],
+    known: Magnitudes | None = None,
 ) -> tuple[_Pending, Magnitudes]:
     """One weight's (``w``) new value and magnitudes, ``bounds`` its ``|S|``'s: a plain
     weight's ``S`` formed a block of rows at a time
     (:class:`~graphteleport.algebra.RowScale`), any other's whole
-    (:func:`~graphteleport.algebra.scales_of`, :func:`_pend`)."""
+    (:func:`~graphteleport.algebra.scales_of`, :func:`_pend`); ``known``: its magnitudes
+    if measured already on a finite W (:func:`_product_rows`)."""
     f32 = fits_float32(*bounds)
     lazy = row_scale(w.shape, weight.uses, weight.private, tau)
     if lazy is None or not w.flags.c_contiguous:
@@ -530,7 +554,7 @@ def _compute(
     sink = _SINK.get()
     streams = sink is not None and not weight.source.is_node and w.ndim > 0
     out = sink.scratch(w.shape, w.dtype) if sink is not None and streams else None
-    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out)
+    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out, known)
 
 
 def _pend_rows(
@@ -540,10 +564,12 @@ def _pend_rows(
     f32: bool,
     smin: float,
     out: np.ndarray | None = None,
+    known: Magnitudes | None = None,
 ) -> tuple[_Pending, Magnitudes]:
     """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale` (its
     product into ``out`` where given: :func:`_product_rows`)."""
-    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, lazy.rows_into, out)
+    rows_into = lazy.rows_into
+    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known)
     return _Pending(use.source, new if changed else None, changed), mags
 
 
@@ -597,18 +623,24 @@ def measured_array(weight: Weight, arrays: Mapping[str, np.ndarray] | None) -> n
 
 def measure_one(w: np.ndarray) -> Magnitudes:
     """One weight's :class:`Magnitudes` (:func:`measure`)."""
+    return measure_finite(w)[0]
+
+
+def measure_finite(w: np.ndarray) -> tuple[Magnitudes, bool]:
+    """One weight's :class:`Magnitudes` and whether every element is finite."""
     return _magnitudes(np.ascontiguousarray(w))
 
 
-def _magnitudes(w: np.ndarray) -> Magnitudes:
+def _magnitudes(w: np.ndarray) -> tuple[Magnitudes, bool]:
     """:func:`~graphteleport.numerics.magnitudes` of a C-contiguous ``w``, its row
-    ranges scanned by the workers at once (:func:`~graphteleport.parallel.map_parts`)."""
+    ranges scanned by the workers at once (:func:`~graphteleport.parallel.map_parts`),
+    and whether every element is finite."""
     if w.ndim == 0:
-        return magnitudes(w)
+        return magnitudes(w), bool(np.isfinite(w))
     scans = map_parts(_scan_rows, [(w, i, j) for i, j in row_parts(w.shape[0], w.size)])
     for other in scans[1:]:
         scans[0].merge(other)
-    return scans[0].result(w)
+    return scans[0].result(w), scans[0].hi < scans[0].lim.inf_bits
 
 
 def _scan_rows(w: np.ndarray, start: int, stop: int) -> MagnitudeScan:

@@ -801,6 +801,59 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
         halfcast.use(None)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "numpy"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_products_of_a_weight_measured_already_skip_the_scan_and_give_the_same_bits(
+    dtype: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given the magnitudes the survey measured on a finite W (``known``), the streamed
+    product neither scans W nor checks its conversions for NaN, and gives the same bits,
+    count and magnitudes as measuring — also where ``W · S`` overflows to inf; the
+    survey offers its magnitudes only for finite weights (:meth:`Survey.known`)."""
+    import ml_dtypes
+
+    from graphteleport import halfcast, parallel, ranges, rewrite
+    from graphteleport.numerics import MagnitudeScan, magnitudes
+
+    casts = halfcast.ort_casts() if backend == "onnxruntime" else halfcast.numpy_casts()
+    if casts is None:
+        pytest.skip(f"{backend} not installed")
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
+    monkeypatch.setattr(rewrite, "_HALF_BLOCK", 300)
+    monkeypatch.setattr(halfcast, "ORT_PIECE", 70)
+    scanned: list[int] = []
+    real_add = MagnitudeScan.add
+    monkeypatch.setattr(
+        MagnitudeScan, "add", lambda self, piece: (scanned.append(1), real_add(self, piece))[1]
+    )
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((41, 17)).astype(np_dtype)
+    w[3, 4] = np.asarray(60000.0 if dtype == "float16" else 3e38).astype(np_dtype)  # overflows
+    s = rng.uniform(0.3, 3.0, (41, 17))
+    s[3, 4] = 2.5
+    halfcast.use(casts)
+    try:
+        ref, ref_changed, ref_mags = rewrite._product_rows(w, lambda i, j: s[i:j], True)
+        ref = ref.copy()
+        assert scanned
+        known = magnitudes(w)
+        scanned.clear()
+        new, changed, mags = rewrite._product_rows(w, lambda i, j: s[i:j], True, known=known)
+    finally:
+        halfcast.use(None)
+    assert not scanned
+    assert np.isinf(new[3, 4].astype(np.float64))
+    assert np.array_equal(new.view(np.uint8), ref.view(np.uint8))
+    assert (changed, mags) == (ref_changed, ref_mags)
+    assert rewrite.measure_finite(w) == (ref_mags, True)
+    w[5, 5] = np.nan
+    assert rewrite.measure_finite(w)[1] is False
+    survey = ranges.Survey([known, known], {}, {}, finite=[True, False])
+    assert survey.known() == [known, None]
+    assert ranges.Survey([known], {}, {}).known() is None  # (finiteness not recorded)
+
+
 def test_the_cli_never_imports_torch_for_the_half_conversions(tmp_path: Path) -> None:
     """torch's conversions are used only where the process imported torch already: the
     CLI on a float16 model never loads it --

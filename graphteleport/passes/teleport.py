@@ -229,8 +229,10 @@ def apply_values(
     always moves values) is surveyed and fitted first instead
     (:func:`~graphteleport.ranges.survey`: each weight read once for its magnitudes and
     the first round's cells), so its products are computed once; the fit's last round
-    checked the final values against the magnitudes :func:`prepare` measures again, so
-    they are fitted again only if those differ (the safety net; never in practice).  The
+    checked the final values against the magnitudes :func:`prepare` returns — the
+    survey's for a finite weight (not measured again: :meth:`~graphteleport.ranges.
+    Survey.known`), measured again for any other — so they are fitted again only if
+    those differ (the safety net; never in practice).  The
     same magnitudes give the same fit: the values, and so the outputs, are those of
     fitting after the products.  ``arrays``:
     the stored tensors the caller already read (:func:`~graphteleport.orbit.stored_arrays`),
@@ -242,9 +244,10 @@ def apply_values(
     fixes: list[ranges.RangeFix] = []
     if early is not None:
         fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact, primed=surveyed)
+    known = surveyed.known() if surveyed is not None else None
     del surveyed  # (its cells — the elements at risk of every weight — not during the products)
     tau = sol.cofactors(values)
-    prepared = prepare(analysis, tau, arrays)
+    prepared = prepare(analysis, tau, arrays, known)
     stale = early is not None and early != prepared.magnitudes  # (the safety net)
     if stale or (early is None and (prepared.out_of_range or insert)):
         more = ranges.fit(analysis, values, prepared.magnitudes, insert=insert, exact=exact)
