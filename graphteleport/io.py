@@ -40,7 +40,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -988,6 +988,13 @@ class DataFile:
     every tensor written (a progress bar's update).  The file is created new (``O_EXCL``).
     :meth:`scratch` lends the caller a buffer to compute the next :meth:`put`'s array in
     (two kept, reused: no fresh memory to fault in for every weight).
+
+    :meth:`precopy` copies tensors the final layout is expected to hold at known offsets
+    ahead of time, on a background thread (while the weights are surveyed and fitted,
+    before anything is put): :meth:`copy` then finds such a tensor in place when its
+    actual offset is the planned one, and otherwise drops every copy made ahead of
+    time beyond the bytes written so far (the file truncated, the padding between
+    tensors zeroed again) and copies as usual — the same bytes either way.
     """
 
     def __init__(self, path: Path, on_bytes: Callable[[int], None] = _no_progress) -> None:
@@ -1001,6 +1008,10 @@ class DataFile:
         self._pending: Future[None] | None = None
         self._buffers: list[np.ndarray] = [np.empty(0, np.uint8) for _ in range(2)]
         self._busy = -1  # the buffer whose bytes the write in flight reads, if any
+        self._extents: list[tuple[int, int]] = []  # (start, stop) of every tensor appended
+        # copies made ahead of time: planned start and its job, by (path, offset, length)
+        self._planned: dict[tuple[str, int, int], tuple[int, Future[None]]] = {}
+        self._ahead: list[ThreadPoolExecutor] = []
 
     def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined) in one of
@@ -1025,6 +1036,7 @@ class DataFile:
         raw = data.reshape(-1).view(np.uint8).data
         start = self._start()
         self.wait()
+        self._settle(start, start + len(raw))  # (a copy ahead of time there: done first)
         self._busy = next(
             (k for k, b in enumerate(self._buffers) if b.size and np.may_share_memory(b, data)), -1
         )
@@ -1045,20 +1057,105 @@ class DataFile:
             raise InputError(f"cannot write {self.path.name}: {e.strerror or e}") from e
 
     def copy(self, tensor: ir.ExternalTensor) -> ir.ExternalTensor:
-        """Append the bytes of ``tensor`` (another file's), copied by the kernel."""
+        """Append the bytes of ``tensor`` (another file's), copied by the kernel (or
+        already, by :meth:`precopy`, if planned at this very offset)."""
         length = tensor.length if tensor.length is not None else tensor.nbytes
         start = self._start()
         self.wait()
-        src = self._source(tensor.path)
-        _copy_range(src, self._file(), tensor.offset or 0, start, length)
+        if not self._in_place(tensor, start, length):
+            self._drop_plan()
+            src = self._source(tensor.path)
+            _copy_range(src, self._file(), tensor.offset or 0, start, length)
         return self._appended(tensor.name or "", tensor.dtype, tensor.shape.numpy(), start, length)
+
+    def precopy(self, plan: Sequence[tuple[ir.ExternalTensor, int]]) -> None:
+        """Copy each ``(tensor, start)`` of ``plan`` (another file's tensor, at the
+        offset the final layout is expected to give it, past everything to be put
+        before) on a background thread, in order; :meth:`copy` uses them where the
+        layout turns out as planned.  Only on an empty file, once."""
+        if self.offset or self._planned or not plan:
+            return
+        self._ahead.append(ThreadPoolExecutor(1, thread_name_prefix="gt-ahead"))
+        for tensor, start in plan:
+            length = tensor.length if tensor.length is not None else tensor.nbytes
+            key = (tensor.path, tensor.offset or 0, length)
+            src, dst = self._source(tensor.path), self._file()
+            job = self._ahead[0].submit(_copy_range, src, dst, key[1], start, length)
+            self._planned[key] = (start, job)
+
+    def _in_place(self, tensor: ir.ExternalTensor, start: int, length: int) -> bool:
+        """Whether :meth:`precopy` put ``tensor`` at ``start`` (waiting for its copy;
+        the plan forgets it)."""
+        key = (tensor.path, tensor.offset or 0, length)
+        planned = self._planned.get(key)
+        if planned is None or planned[0] != start:
+            return False
+        try:
+            planned[1].result()
+        except (OSError, InputError):
+            return False  # (copied again below, where a real error is reported)
+        del self._planned[key]
+        return True
+
+    def _settle(self, lo: int = 0, hi: int | None = None) -> None:
+        """Wait for the copies ahead of time into bytes ``lo:hi`` (all: every one; their
+        errors: :meth:`copy` copies again)."""
+        for (_, _, length), (start, job) in self._planned.items():
+            if start + length > lo and (hi is None or start < hi):
+                with contextlib.suppress(OSError, InputError, CancelledError):
+                    job.result()
+
+    def copy_ahead(self, model: ir.Model, first: Sequence[ir.Value]) -> None:
+        """:meth:`precopy` the tensors :meth:`StreamedSave.finish` will copy, where the
+        layout puts them if each initializer of ``first`` (their tensors' own sizes, in
+        this order) is :meth:`put` before and nothing else — the rewritten weights."""
+        mine = {id(v) for v in first}
+        offset = 0
+        for value in first:
+            offset = _aligned(offset) + _size(value.const_value)
+        plan: list[tuple[ir.ExternalTensor, int]] = []
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if id(value) in mine or tensor is None:
+                    continue
+                if isinstance(tensor, ir.ExternalTensor) and tensor.path != str(self.path):
+                    plan.append((tensor, _aligned(offset)))
+                elif isinstance(tensor, ir.ExternalTensor) or tensor.nbytes <= 256:
+                    continue
+                offset = _aligned(offset) + _size(tensor)
+        self.precopy(plan)
+
+    def _drop_plan(self) -> None:
+        """Forget the copies made ahead of time not used yet: the file is cut to the
+        bytes written so far and the padding between the tensors appended after the
+        first such copy's start is zeroed again (it may have written there)."""
+        if not self._planned:
+            return
+        for _, job in self._planned.values():
+            job.cancel()
+        self._settle()
+        first = min(start for start, _ in self._planned.values())
+        self._planned.clear()
+        fd = self._file()
+        os.ftruncate(fd, self.offset)
+        end = 0
+        for lo, hi in self._extents:
+            if lo > end and lo > first:
+                gap = max(end, first)
+                _pwrite_all(fd, memoryview(bytes(lo - gap)), gap)
+            end = hi
 
     def rewind(self) -> None:
         """Empty the file: tensors returned so far are no longer valid (``on_bytes`` is
         told minus what it was told so far)."""
         self.wait()
+        if not self._extents:
+            return  # (nothing appended: the copies ahead of time stay)
+        self._drop_plan()
         os.ftruncate(self._file(), 0)
         self.offset = 0
+        self._extents.clear()
         self.on_bytes(-self._reported)
         self._reported = 0
 
@@ -1067,14 +1164,17 @@ class DataFile:
         (idempotent); a failed write raises after everything is closed."""
         try:
             self.wait()
+            self._drop_plan()  # (copies ahead of time the layout did not use)
         finally:
             self._close_files()
 
     def _close_files(self) -> None:
         self._buffers = [np.empty(0, np.uint8) for _ in range(2)]
-        for pool in self._writer:
-            pool.shutdown()
+        for pool in [*self._writer, *self._ahead]:
+            pool.shutdown(cancel_futures=True)
         self._writer.clear()
+        self._ahead.clear()
+        self._planned.clear()
         for fd in [self._fd, *self._sources.values()]:
             if fd is not None:
                 os.close(fd)
@@ -1092,18 +1192,30 @@ class DataFile:
         return self._sources[path]
 
     def _start(self) -> int:
-        return -(-self.offset // DATA_ALIGN) * DATA_ALIGN
+        return _aligned(self.offset)
 
     def _appended(
         self, name: str, dtype: ir.DataType, shape: Sequence[int], start: int, length: int
     ) -> ir.ExternalTensor:
         self.offset = start + length
+        self._extents.append((start, self.offset))
         self._reported += length
         self.on_bytes(length)
         return ir.ExternalTensor(
             self.path.name, start, length, dtype,
             shape=ir.Shape(list(shape)), name=name, base_dir=str(self.path.parent),
         )  # fmt: skip
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // DATA_ALIGN) * DATA_ALIGN
+
+
+def _size(tensor: ir.TensorProtocol | None) -> int:
+    """The bytes ``tensor`` takes in a data file."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.length is not None:
+        return tensor.length
+    return 0 if tensor is None else tensor.nbytes
 
 
 def _pwrite_chunks(fd: int, raw: memoryview, start: int) -> None:

@@ -178,11 +178,12 @@ _RISK_CHUNK = 1 << 20  # elements measured at a time when finding them
 @dataclass(frozen=True, slots=True)
 class _AtRisk:
     """The cells of a large weight whose ``S`` varies along every axis (each element its
-    own cell) that some ``|s|`` in ``[smin, smax]`` takes out of range, as flat positions
-    and magnitudes ``|w|`` (16 bytes an element).  The fit only moves values toward 1, so
-    later rounds' bounds lie inside the first's and every other element stays safe: memory
-    holds the few elements at risk (near 0 or the dtype's largest), not three float64
-    copies of W."""
+    own cell) that some ``|s|`` in ``[smin, smax]`` takes out of range, as flat positions,
+    indices per axis and cell magnitudes (a matrix: 32 bytes an element, int32 indices
+    and float32 magnitudes where exact, with the neurons the fit's rounds gather).  The
+    fit only moves values toward 1, so later rounds' bounds lie inside the first's and
+    every other element stays safe: memory holds the few elements at risk (near 0 or the
+    dtype's largest), not three float64 copies of W."""
 
     shape: tuple[int, ...]
     flat: np.ndarray
@@ -204,8 +205,8 @@ class _AtRisk:
         found = map_parts(_risk_range, parts)
         flats = [f for f, _ in found]
         mag = np.concatenate([m for _, m in found])
-        flat = np.concatenate(flats)
-        at = tuple(np.unravel_index(flat, w.shape))
+        flat = _narrow_ids(np.concatenate(flats))
+        at = tuple(_narrow_ids(i) for i in np.unravel_index(flat, w.shape))
         kind = np.float32 if w.dtype.itemsize <= 4 else np.float64
         hi, lo_n, lo_s = (c.astype(kind) for c in cell_magnitudes(mag, (), lim))
         return cls(w.shape, flat, at, (hi, lo_n, lo_s))
@@ -237,7 +238,8 @@ class _AtRisk:
 
 
 def _narrow_ids(ids: np.ndarray) -> np.ndarray:
-    """``ids`` as int32 where they fit (kept across rounds: half the memory)."""
+    """``ids`` (indices, ≥ 0) as int32 where they fit (kept across rounds: half the
+    memory)."""
     return ids.astype(np.int32) if ids.size and int(ids.max()) < 2**31 else ids
 
 

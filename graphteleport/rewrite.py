@@ -657,6 +657,27 @@ def _stream(p: _Pending, sink: WeightSink) -> None:
     release(p.ref)
 
 
+def copy_ahead(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> None:
+    """Inside :func:`streamed`, have the sink copy the initializers no weight rewrite
+    touches into the output now, on a background thread, where the layout will hold
+    them if exactly the absorbing initializers whose ``S`` is not 1 for ``tau`` (the
+    drawn cofactors) are rewritten (``copy_ahead`` of :class:`graphteleport.io.DataFile`,
+    which checks that at the end): the disk writes while the weights are surveyed and
+    fitted, not after the products."""
+    sink = _SINK.get()
+    ahead = getattr(sink, "copy_ahead", None)
+    if ahead is None:
+        return
+    first: list[ir.Value] = []
+    for weight in analysis.weights:
+        value = weight.source.stored
+        tensor = value.const_value
+        ones = all(np.all(tau[f.ids] == 1.0) for ab in weight.uses for f in ab.factors)
+        if not (weight.source.is_node or tensor is None or len(tensor.shape) == 0 or ones):
+            first.append(value)
+    ahead(model, first)
+
+
 def prefetch(weights: Sequence[Weight]) -> None:
     """Ask the kernel to read the external data of ``weights`` into the page cache in the
     background (``posix_fadvise(WILLNEED)``), so that the disk reads the next weight

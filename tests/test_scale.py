@@ -630,6 +630,70 @@ def test_data_file_scratch_never_lends_the_buffer_being_written(tmp_path: Path) 
         assert np.array_equal(t.numpy(), np.full(t.shape.numpy(), k + 1, np.float32)), k
 
 
+def _source_tensors(tmp_path: Path) -> list[object]:
+    """Three float32 tensors of 37, 100 and 5 elements in one source data file."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(4)
+    parts = [rng.standard_normal(n).astype(np.float32) for n in (37, 100, 5)]
+    (tmp_path / "src.data").write_bytes(b"".join(p.tobytes() for p in parts))
+    out, at = [], 0
+    for k, p in enumerate(parts):
+        out.append(
+            ir.ExternalTensor("src.data", at, p.nbytes, ir.DataType.FLOAT, shape=ir.Shape(p.shape),
+                              name=f"s{k}", base_dir=str(tmp_path))
+        )  # fmt: skip
+        at += p.nbytes
+    return out
+
+
+_AHEAD_CASES = {  # steps: ("put", bytes) or ("copy", source tensor); copies made again
+    "as planned": ([("put", 100), ("copy", 0), ("copy", 1), ("copy", 2)], 0),
+    "put smaller": ([("put", 40), ("copy", 0), ("copy", 1), ("copy", 2)], 3),
+    "put larger": ([("put", 200), ("copy", 0), ("copy", 1), ("copy", 2)], 3),
+    "one not copied": ([("put", 100), ("copy", 0), ("copy", 1)], 0),
+    "puts between": ([("put", 100), ("copy", 0), ("put", 380), ("put", 4), ("copy", 1)], 1),
+}
+
+
+@pytest.mark.parametrize("case", list(_AHEAD_CASES))
+def test_copies_made_ahead_of_time_give_the_bytes_of_copying_at_the_end(
+    tmp_path: Path, case: str
+) -> None:
+    """``DataFile.precopy`` writes tensors where a layout is expected to put them, before
+    anything is put; whatever the puts and copies then do — as planned, a put smaller or
+    larger than planned (over a planned copy), a planned tensor never copied, unplanned
+    puts leaving padding inside a planned copy's bytes — the file holds exactly the
+    bytes of doing the same puts and copies without the plan, and the copies made ahead
+    are used (not copied again) where the layout held."""
+    src = _source_tensors(tmp_path)
+    steps, again = _AHEAD_CASES[case]
+
+    def run(name: str, plan: bool) -> tuple[bytes, int]:
+        f = gt_io.DataFile(tmp_path / name)
+        copied: list[int] = []
+        real = gt_io._copy_range
+        if plan:  # (as if 100 bytes were put first: offsets 128, 128 + 37*4 -> 320, 768)
+            f.precopy([(src[0], 128), (src[1], 320), (src[2], 768)])
+        f.rewind()  # (a rewrite's first step: keeps the plan on an empty file)
+        gt_io._copy_range = lambda *a: (copied.append(1), real(*a))[1]  # type: ignore[assignment]
+        try:
+            for k, (op, arg) in enumerate(steps):
+                if op == "put":
+                    f.put(f"p{k}", np.full(arg // 4, k + 0.5, dtype=np.float32))
+                else:
+                    f.copy(src[arg])  # type: ignore[arg-type]
+            f.close()
+        finally:
+            gt_io._copy_range = real
+        return (tmp_path / name).read_bytes(), len(copied)
+
+    reference, _ = run("ref.data", False)
+    got, copies_after = run("planned.data", True)
+    assert got == reference
+    assert copies_after == again
+
+
 def test_a_failed_background_write_is_one_line_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

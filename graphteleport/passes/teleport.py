@@ -33,7 +33,7 @@ from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.options import CofactorOptions, check_input_shapes
-from graphteleport.rewrite import RewriteStats, commit, narrow, prepare
+from graphteleport.rewrite import RewriteStats, commit, copy_ahead, narrow, prepare
 from graphteleport.tensorcheck import TensorScales
 
 if TYPE_CHECKING:
@@ -239,6 +239,7 @@ def apply_values(
     read from there instead of again (:func:`~graphteleport.rewrite.prepare`).
     """
     sol = analysis.solution
+    copy_ahead(model, analysis, sol.cofactors(values))  # (streamed: the untouched ones now)
     surveyed = ranges.survey(analysis, values, arrays) if narrow(analysis) else None
     early = surveyed.magnitudes if surveyed is not None else None
     fixes: list[ranges.RangeFix] = []
