@@ -647,6 +647,46 @@ def _source_tensors(tmp_path: Path) -> list[object]:
     return out
 
 
+@pytest.mark.parametrize("spare", [1, 2])
+def test_a_streamed_float16_rewrite_copies_untouched_tensors_ahead_where_a_core_is_free(
+    tmp_path: Path, spare: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both cores free the tensors no rewrite touches are copied during the fit
+    and the save finds them in place (no copy at the end); with one, nothing is copied
+    ahead; the output files are byte for byte those of the other case."""
+    import threading
+
+    from graphteleport import rewrite
+
+    src = _model(tmp_path / "in", "float16")
+    outputs = []
+    precopy, real = gt_io.DataFile.precopy, gt_io._copy_range
+    for free in (spare, 3 - spare):
+        monkeypatch.setattr(rewrite, "spare_workers", lambda free=free: free)
+        planned: list[int] = []
+        at_end: list[int] = []  # copies the save makes itself (on the main thread)
+
+        def counted(*a: object, log: list[int] = at_end) -> None:
+            if threading.current_thread() is threading.main_thread():
+                log.append(1)
+            real(*a)  # type: ignore[arg-type]
+
+        def plan(f: gt_io.DataFile, p: list[object], log: list[int] = planned) -> None:
+            log.append(len(p))
+            precopy(f, p)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(gt_io.DataFile, "precopy", plan)
+        monkeypatch.setattr(gt_io, "_copy_range", counted)
+        out = tmp_path / f"out{free}" / "t.onnx"
+        out.parent.mkdir()
+        report = teleport_file(src, out, TeleportOptions(seed=3, verify=False))
+        assert report.stats.weights_changed > 0
+        assert bool(planned and planned[0] > 0) == (free == 2), (free, planned)
+        assert (len(at_end) == 0) == (free == 2), (free, at_end)
+        outputs.append((out.read_bytes(), out.with_name("t.onnx.data").read_bytes()))
+    assert outputs[0] == outputs[1]
+
+
 _AHEAD_CASES = {  # steps: ("put", bytes) or ("copy", source tensor); copies made again
     "as planned": ([("put", 100), ("copy", 0), ("copy", 1), ("copy", 2)], 0),
     "put smaller": ([("put", 40), ("copy", 0), ("copy", 1), ("copy", 2)], 3),

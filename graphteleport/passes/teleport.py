@@ -33,7 +33,7 @@ from graphteleport.analysis import AnalysisResult, analyze_model
 from graphteleport.clips import ClipSplit, split_clips
 from graphteleport.insertion import InsertStats, insert_nodes
 from graphteleport.options import CofactorOptions, check_input_shapes
-from graphteleport.rewrite import RewriteStats, commit, copy_ahead, narrow, prepare
+from graphteleport.rewrite import RewriteStats, commit, copy_ahead, narrow, prepare, trim_heap
 from graphteleport.tensorcheck import TensorScales
 
 if TYPE_CHECKING:
@@ -239,14 +239,17 @@ def apply_values(
     read from there instead of again (:func:`~graphteleport.rewrite.prepare`).
     """
     sol = analysis.solution
-    copy_ahead(model, analysis, sol.cofactors(values))  # (streamed: the untouched ones now)
     surveyed = ranges.survey(analysis, values, arrays) if narrow(analysis) else None
     early = surveyed.magnitudes if surveyed is not None else None
     fixes: list[ranges.RangeFix] = []
     if early is not None:
+        # (streamed: the untouched tensors copied on the core the fit leaves idle)
+        copy_ahead(model, analysis, sol.cofactors(values))
         fixes = ranges.fit(analysis, values, early, insert=insert, exact=exact, primed=surveyed)
     known = surveyed.known() if surveyed is not None else None
     del surveyed  # (its cells — the elements at risk of every weight — not during the products)
+    if early is not None:
+        trim_heap()
     tau = sol.cofactors(values)
     prepared = prepare(analysis, tau, arrays, known)
     stale = early is not None and early != prepared.magnitudes  # (the safety net)
