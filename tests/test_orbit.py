@@ -513,3 +513,49 @@ def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> 
     (q1, m1), (q2, m2) = found
     assert np.array_equal(q1, q2)
     assert np.array_equal(m1.u, m2.u) and m1.objective_after == m2.objective_after
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_single_q_is_the_float64_q_rounded_once(
+    name: str, proto: onnx.ModelProto, p: float
+) -> None:
+    """``build(single=True)`` holds each float64 statistic rounded once to float32 (the same
+    sums, then one rounding), and the kernel reads it exactly: ``F``, the gradient and the
+    products at a point agree with the float64 kernel's to float32's rounding of ``Q``,
+    and with the row-wise terms of that same float32 ``Q`` to float64 rounding."""
+    from graphteleport.orbit_kernel import OrbitKernel
+
+    analysis = analyze_model(ir.from_proto(proto), {})
+    wide, single = OrbitTerms.build(analysis, p=p), OrbitTerms.build(analysis, p=p, single=True)
+    assert single.q.dtype == np.float32
+    assert np.array_equal(single.q, wide.q.astype(np.float32))
+    u = _random_u(wide, 5)
+    kernel = OrbitKernel.of(single)
+    at = kernel.point(u)
+    assert at is not None
+    assert at.f + kernel.constant == pytest.approx(single.objective(u), rel=1e-12)
+    np.testing.assert_allclose(
+        at.gradient, single.gradient(u), rtol=1e-10, atol=1e-12 * abs(at.gradient).max()
+    )
+    reference = OrbitKernel.of(wide).point(u)
+    assert reference is not None
+    assert at.f == pytest.approx(reference.f, rel=1e-7)
+
+
+@pytest.mark.parametrize(("scale", "p"), [(1e-25, 2.0), (1e11, 3.0)])
+def test_single_q_falls_back_to_float64_where_float32_does_not_hold_it(
+    scale: float, p: float
+) -> None:
+    """A ``Q`` that would round to a subnormal or 0 in float32 (a row that counts would stop
+    counting) or lie above SINGLE_MAX keeps ``q`` in float64, the same as without ``single``."""
+    proto = gemm_mlp([5, 7, 6, 3])
+    for init in proto.graph.initializer:
+        if init.name.startswith("W"):
+            array = onnx.numpy_helper.to_array(init).astype(np.float32)
+            array[0, 0] = np.float32(scale)
+            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    analysis = analyze_model(ir.from_proto(proto), {})
+    single = OrbitTerms.build(analysis, p=p, single=True)
+    assert single.q.dtype == np.float64
+    assert np.array_equal(single.q, OrbitTerms.build(analysis, p=p).q)

@@ -554,7 +554,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
         analysis = analyze_model(model, self.input_shapes, opts.mode)
         t1 = time.perf_counter()
         arrays = stored_arrays(analysis)
-        terms = OrbitTerms.build(analysis, arrays=arrays)
+        terms = OrbitTerms.build(analysis, arrays=arrays, single=True)
         if opts.mode == "insert":  # the inserted constants are weights too (module docstring)
             terms = terms.with_rows(*inserted_rows(analysis, lambda n: 1.0))
         found = minimize(terms, tol=self.tol, max_iterations=self.max_iterations)
