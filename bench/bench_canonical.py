@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(
-        f"threads        {parallel.workers()} CPUs, {parallel.spare_workers()} spare at the end "
-        "(parallel.spare_workers; --threads sets the CPUs)"
+        f"threads        {parallel.workers()} (graphteleport.parallel.workers; --threads sets them)"
     )
     if args.profile:
         print(f"phases         {profile_canonicalize(path, max(args.rounds, 1))}")

@@ -397,7 +397,7 @@ class OrbitKernel:
 
     @cached_property
     def shares(self) -> tuple[tuple[Bilinear, ...], ...]:
-        """The bilinear blocks cut into one share per spare worker thread, of about equal
+        """The bilinear blocks cut into one share per worker thread, of about equal
         ``Q`` sizes (:func:`graphteleport.parallel.shares`): the products read each share's
         blocks on a thread of their own (numpy's BLAS releases the GIL; the blocks write
         disjoint side entries)."""

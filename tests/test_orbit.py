@@ -476,24 +476,21 @@ def test_low_rank_preconditioner_inverts_the_rank_one_hessian(
 
 
 def test_shares_cover_every_index_once_and_balance(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``shares`` cuts indices into one share per spare worker, each index once, sums
-    within the largest size of each other; one share under PARALLEL_ELEMENTS; the spare
-    workers are the CPUs less the load other processes make."""
+    """``shares`` cuts indices into one share per worker, each index once, sums within
+    the largest size of each other; one share under PARALLEL_ELEMENTS or with one CPU."""
     from graphteleport import parallel
     from graphteleport.parallel import PARALLEL_ELEMENTS
 
-    monkeypatch.setattr(parallel, "spare_workers", lambda: 2)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
     sizes = [int(x) for x in np.random.default_rng(0).integers(1, 1000, 50)]
     cut = parallel.shares(sizes, PARALLEL_ELEMENTS)
     assert len(cut) == 2 and sorted(i for s in cut for i in s) == list(range(50))
     sums = [sum(sizes[i] for i in s) for s in cut]
     assert abs(sums[0] - sums[1]) <= max(sizes)
     assert len(parallel.shares(sizes, PARALLEL_ELEMENTS - 1)) == 1
-    monkeypatch.undo()
-    monkeypatch.setattr(parallel, "workers", lambda: 2)
-    for load, spare in ((0.2, 2), (1.0, 2), (1.4, 2), (1.6, 1), (3.9, 1)):
-        monkeypatch.setattr(parallel.os, "getloadavg", lambda load=load: (load, load, load))
-        assert parallel.spare_workers() == spare, load
+    monkeypatch.setattr(parallel, "workers", lambda: 1)
+    (alone,) = parallel.shares(sizes, PARALLEL_ELEMENTS)
+    assert sorted(alone) == list(range(50))
 
 
 def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -505,14 +502,15 @@ def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> 
 
     analysis = analyze_model(ir.from_proto(onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")), {})
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)
-    found = []
-    for threads in (1, 2):
-        monkeypatch.setattr(parallel, "spare_workers", lambda threads=threads: threads)
-        terms = OrbitTerms.build(analysis, p=3.0)
-        found.append((terms.q, minimize(terms)))
-    (q1, m1), (q2, m2) = found
-    assert np.array_equal(q1, q2)
-    assert np.array_equal(m1.u, m2.u) and m1.objective_after == m2.objective_after
+    for single in (False, True):
+        found = []
+        for threads in (1, 2):
+            monkeypatch.setattr(parallel, "workers", lambda threads=threads: threads)
+            terms = OrbitTerms.build(analysis, p=3.0, single=single)
+            found.append((terms.q, minimize(terms)))
+        (q1, m1), (q2, m2) = found
+        assert np.array_equal(q1, q2)
+        assert np.array_equal(m1.u, m2.u) and m1.objective_after == m2.objective_after
 
 
 @pytest.mark.parametrize("p", [2.0, 3.0])
