@@ -230,12 +230,12 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
         elif factor != 1.0:
             a *= factor
         total += float(mine.sum())
-        if narrow:  # (Q ≥ 0: every sum is at most the total, checked below)
+        if narrow:  # (Q ≥ 0: no sum above the running total; checked before the cast)
+            if not total <= SINGLE_MAX or (
+                float(mine.min()) < _SINGLE_TINY and not fits_single(mine)
+            ):
+                raise Narrow  # (also a non-finite element: the float64 path filters it)
             out[i : i + k] = mine
-            if float(mine.min()) < _SINGLE_TINY and not fits_single(mine):
-                raise Narrow
-    if narrow and np.isfinite(total) and not total <= SINGLE_MAX:
-        raise Narrow  # (a non-finite total: the caller's path filters, then checks)
     return total
 
 

@@ -541,12 +541,20 @@ def test_single_q_is_the_float64_q_rounded_once(
     assert at.f == pytest.approx(reference.f, rel=1e-7)
 
 
-@pytest.mark.parametrize(("scale", "p"), [(1e-25, 2.0), (1e11, 3.0)])
+@pytest.mark.parametrize(("scale", "p"), [(1e-25, 2.0), (1e11, 3.0), (1e13, 3.0)])
 def test_single_q_falls_back_to_float64_where_float32_does_not_hold_it(
-    scale: float, p: float
+    scale: float, p: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ``Q`` that would round to a subnormal or 0 in float32 (a row that counts would stop
-    counting) or lie above SINGLE_MAX keeps ``q`` in float64, the same as without ``single``."""
+    counting) or lie above SINGLE_MAX keeps ``q`` in float64, the same as without ``single``
+    — found before any cast (no overflow warning, on the worker threads either)."""
+    import warnings
+
+    from graphteleport import parallel
+
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)  # (the uses on two threads)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    warnings.simplefilter("error", RuntimeWarning)
     proto = gemm_mlp([5, 7, 6, 3])
     for init in proto.graph.initializer:
         if init.name.startswith("W"):
