@@ -409,8 +409,7 @@ class OrbitTerms:
 
         work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
         try:
-            with np.errstate(over="ignore"):
-                map_parts(power, [(share,) for share in shares(work, sum(work))])
+            map_parts(power, [(share,) for share in shares(work, sum(work))])
         except Narrow:
             return cls.build(analysis, p, arrays, hold, scales, single=False)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
