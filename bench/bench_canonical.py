@@ -78,7 +78,7 @@ def solve_round(path: Path, p: float) -> tuple[float, float, float, str]:
     model = ir.serde.deserialize_model(onnx.load(path))
     analysis = analyze_model(model, {})
     t0, c0 = time.perf_counter(), time.process_time()
-    terms = OrbitTerms.build(analysis, p=p)
+    terms = OrbitTerms.build(analysis, p=p, single=True)
     t1 = time.perf_counter()
     m = minimize(terms)
     t2, c2 = time.perf_counter(), time.process_time()
@@ -133,7 +133,7 @@ def profile_canonicalize(path: Path, rounds: int) -> str:
         phases.start()
         analysis = phases.run("analyze", analyze_model, model, {})
         arrays = phases.run("read tensors", stored_arrays, analysis)
-        terms = phases.run("Q", OrbitTerms.build, analysis, arrays=arrays)
+        terms = phases.run("Q", OrbitTerms.build, analysis, arrays=arrays, single=True)
         values = solved(phases, terms)
         signs, _ = phases.run("signs", sign_values, analysis, arrays)
         phases.run("rewrite", apply_values, model, analysis, values * signs, arrays=arrays)
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(
-        f"threads        {parallel.workers()} CPUs, {parallel.spare_workers()} spare at the end "
-        "(parallel.spare_workers; --threads sets the CPUs)"
+        f"threads        {parallel.workers()} (graphteleport.parallel.workers; --threads sets them)"
     )
     if args.profile:
         print(f"phases         {profile_canonicalize(path, max(args.rounds, 1))}")

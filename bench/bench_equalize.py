@@ -280,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"AIMET CLE      not run: {peer}")
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(
-        f"threads        {parallel.workers()} CPUs, {parallel.spare_workers()} spare at the end "
-        "(parallel.spare_workers; --threads sets the CPUs)"
+        f"threads        {parallel.workers()} (graphteleport.parallel.workers; --threads sets them)"
     )
     if args.profile:
         print(f"phases         {profile_equalize(path, max(args.rounds, 1), args.p)}")

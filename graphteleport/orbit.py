@@ -91,13 +91,16 @@ def used_values(use: Absorb, w: np.ndarray) -> np.ndarray:
 def reduced_power(
     use: Absorb, w: np.ndarray, p: float, out: FloatArray | None = None, factor: float = 1.0
 ) -> FloatArray:
-    """``Q = factor · Σ |W|^p`` (float64) of the use's values summed over the axes where
-    its compact layout has size 1: one value per element of :func:`compact_shape`
-    (written into ``out``, a float64 array of that size, if given).
+    """``Q = factor · Σ |W|^p`` of the use's values summed over the axes where its compact
+    layout has size 1: one value per element of :func:`compact_shape` (written into
+    ``out``, a float64 or float32 array of that size, if given; else float64).
 
     For ``p`` in 1, 2, 3, 4 one ``einsum`` per use, accumulating in float64 (each product
     of two float32 is exact in float64); a non-finite element (a mask's ``±inf``) makes
-    its sum non-finite, and only then are the values filtered (they count 0)."""
+    its sum non-finite, and only then are the values filtered (they count 0).  A float32
+    ``out`` gets each float64 sum rounded once; :class:`Narrow` is raised where one would
+    not be a normal float32 (above :data:`SINGLE_MAX` or a positive sum below float32's
+    smallest normal): the caller then works in float64."""
     values = used_values(use, w)
     cshape = compact_shape(use)
     target = np.empty(cshape) if out is None else out.reshape(cshape)
@@ -105,6 +108,9 @@ def reduced_power(
         total = _power_sum(values, target, p, factor)
         if np.isfinite(total):  # (a sum too large for float64 takes the path below)
             return target
+    if target.dtype != np.float64:  # (then Narrow: not finite in float64 either)
+        _narrow_into(reduced_power(use, w, p, None, factor).reshape(-1), target.reshape(-1))
+        return target
     values = np.abs(values.astype(np.float64))
     values = np.where(np.isfinite(values), values, 0.0)  # ±inf stays ±inf: never counts
     powered = values * values if p == 2 else values**p
@@ -115,13 +121,45 @@ def reduced_power(
     return target
 
 
+#: The largest ``Q`` a float32 ``Q`` holds (:func:`reduced_power`; well inside float32's
+#: range, so that the float32 products ``Q·v`` with ``|v| ≤ 1`` cannot overflow).
+SINGLE_MAX = 1e30
+_SINGLE_TINY = float(np.finfo(np.float32).tiny)
+
+
+class Narrow(ArithmeticError):
+    """A ``Q`` that float32 does not hold as a normal number (:func:`reduced_power`)."""
+
+
+def fits_single(wide: FloatArray) -> bool:
+    """Every value of ``wide`` (float64, ``≥ 0``) is a normal float32 at most
+    :data:`SINGLE_MAX`, or 0: finite, not above it, and not positive below float32's
+    smallest normal (it would round to a subnormal or to 0: a row that counts would stop
+    counting)."""
+    if not wide.size:
+        return True
+    hi, lo = float(wide.max()), float(wide.min())
+    if not hi <= SINGLE_MAX:
+        return False
+    return lo >= _SINGLE_TINY or not bool(((wide > 0) & (wide < _SINGLE_TINY)).any())
+
+
+def _narrow_into(wide: FloatArray, out: np.ndarray) -> None:
+    """``out[...] = wide`` (float64 sums, rounded once into float32 ``out``); raises
+    :class:`Narrow` unless :func:`fits_single`."""
+    if not fits_single(wide):
+        raise Narrow
+    out[...] = wide
+
+
 _EINSUM_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> float:
     """``out = factor · Σ |values|^p`` (p = 1, 2, 3 or 4) over the axes where ``out``
-    (float64) has size 1, and the sum of ``out`` (non-finite where an element is, or
-    where the sum is beyond float64); non-finite elements make their sums non-finite.
+    (float64, or float32: each sum rounded once, :func:`_narrow_into`) has size 1, and
+    the sum of ``out`` (non-finite where an element is, or where the sum is beyond
+    float64); non-finite elements make their sums non-finite.
     A contiguous ``values`` summed over trailing axes (a conv's kernel window) or over
     nothing (a 1×1 conv, a bias) is read as a matrix, one row per element of ``out``
     (:func:`_power_rows`)."""
@@ -129,6 +167,12 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.
     rows = int(np.prod(out.shape))
     if values.flags.c_contiguous and (values.size == out.size or kept == list(range(len(kept)))):
         return _power_rows(values.reshape(rows, -1), out.reshape(-1), p, factor)
+    if out.dtype != np.float64:  # float32: summed in float64, each sum rounded once
+        wide = np.empty(out.shape)
+        total = _power_sum(values, wide, p, factor)
+        if np.isfinite(total):
+            _narrow_into(wide.reshape(-1), out.reshape(-1))
+        return total
     letters, target = "abcdefghijklmnopqrstuvwxyz"[: values.ndim], out
     result = "".join(letters[k] for k in range(values.ndim) if target.shape[k] != 1)
     view = target.reshape([target.shape[k] for k in range(values.ndim) if target.shape[k] != 1])
@@ -155,19 +199,24 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
     exact, ``|w|³ = w²·|w|`` and ``w⁴ = (w²)²`` rounded once, the row sums by a
     matrix-vector product with ``factor`` s (or the powers themselves, times ``factor``
     while in cache, for one column); returns ``Σ out``, summed chunk by chunk while in
-    cache."""
+    cache.  A float32 ``out`` gets each float64 row sum rounded once
+    (:func:`_narrow_into`: :class:`Narrow` where float32 does not hold it)."""
     rows, width = values.shape
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
+    narrow = out.dtype != np.float64
+    sums = np.empty(min(step, rows)) if narrow else out
     ones = np.full(width, factor)
     total = 0.0
     for i in range(0, rows, step):
         chunk = values[i : i + step]
-        n = chunk.shape[0] * width
+        k = chunk.shape[0]
+        n = k * width
         a, sq = buffer[:n].reshape(chunk.shape), squares[:n].reshape(chunk.shape)
+        mine = sums[:k] if narrow else out[i : i + k]
         if width == 1:  # the powers are the sums: computed where they go
-            a = out[i : i + chunk.shape[0]].reshape(chunk.shape)
+            a = mine.reshape(chunk.shape)
             sq = a if p != 3.0 else sq
         np.absolute(chunk, out=a)
         if p != 1.0:
@@ -177,10 +226,16 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
         elif p == 4.0:
             np.square(a, out=a)
         if width != 1:
-            np.matmul(a, ones, out=out[i : i + chunk.shape[0]])
+            np.matmul(a, ones, out=mine)
         elif factor != 1.0:
             a *= factor
-        total += float(out[i : i + chunk.shape[0]].sum())
+        total += float(mine.sum())
+        if narrow:  # (Q ≥ 0: no sum above the running total; checked before the cast)
+            if not total <= SINGLE_MAX or (
+                float(mine.min()) < _SINGLE_TINY and not fits_single(mine)
+            ):
+                raise Narrow  # (also a non-finite element: the float64 path filters it)
+            out[i : i + k] = mine
     return total
 
 
@@ -323,6 +378,7 @@ class OrbitTerms:
         arrays: Mapping[str, np.ndarray] | None = None,
         hold: np.ndarray | None = None,
         scales: Sequence[float] | None = None,
+        single: bool = False,
     ) -> OrbitTerms:
         """The terms of ``analysis``'s model with ``Q = Σ |W|^p``; ``arrays`` gives the
         stored tensors by name (default: read from the model, ``ConstRef.array()``);
@@ -330,7 +386,10 @@ class OrbitTerms:
         ``scales`` gives per counted use (:func:`counted_uses` order) a factor its ``Q``
         is multiplied by (default 1).  The statistics of large models are computed on
         both cores (:func:`shares` of the values each use reads; each use's rows are its
-        own)."""
+        own).  With ``single``, ``q`` is float32 (each float64 sum rounded once: a
+        relative change of at most 2⁻²⁴ per row, half the bytes for every later read of
+        it), unless some ``Q`` is not a normal float32 at most :data:`SINGLE_MAX`
+        (:class:`Narrow`): then float64, as without."""
         sol = analysis.solution
         movable = movable_pairs(analysis)
         if hold is not None:
@@ -340,7 +399,7 @@ class OrbitTerms:
         factors = [1.0] * len(uses) if scales is None else [float(x) for x in scales]
         sizes = [int(np.prod(compact_shape(use))) for use in uses]
         bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
-        q_all = np.empty(bounds[-1])
+        q_all = np.empty(bounds[-1], np.float32 if single else np.float64)
 
         def power(share: list[int]) -> None:
             for k in share:
@@ -349,7 +408,10 @@ class OrbitTerms:
                 reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
 
         work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
-        map_parts(power, [(share,) for share in shares(work, sum(work))])
+        try:
+            map_parts(power, [(share,) for share in shares(work, sum(work))])
+        except Narrow:
+            return cls.build(analysis, p, arrays, hold, scales, single=False)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
         for use, offset in zip(uses, bounds):
@@ -374,7 +436,10 @@ class OrbitTerms:
         rows, cols, coef = coordinates
         keep = self.movable[cols].astype(bool)
         extra = (np.asarray(rows)[keep] + self.q.size, np.asarray(cols)[keep], coef[keep])
-        return replace(self, q=np.concatenate([self.q, q]), loose=_concat([self.loose, extra]))
+        q_all = np.concatenate([self.q, q], dtype=np.float64)
+        if self.q.dtype != np.float64 and fits_single(q_all[self.q.size :]):
+            q_all = q_all.astype(np.float32)  # float32 terms stay float32 if the rows fit
+        return replace(self, q=q_all, loose=_concat([self.loose, extra]))
 
     # -- the map and its transpose --------------------------------------------------------------
     def log_scale(self, u: FloatArray, out: FloatArray | None = None) -> FloatArray:
@@ -471,7 +536,7 @@ class OrbitTerms:
             for f in b.factors:
                 view |= self.movable[f.pairs].reshape(f.shape)
         keep = has & (self.q > 0)
-        constant = float(self.q[~keep].sum())
+        constant = float(self.q[~keep].sum(dtype=np.float64))
         return replace(self, q=np.where(keep, self.q, 0.0), spans=()), constant
 
     def active(self) -> IntArray:

@@ -40,25 +40,21 @@ def row_parts(n_rows: int, size: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def spare_workers() -> int:
-    """The threads worth starting now: :func:`workers`, less the
-    CPUs other processes keep busy — the 1-minute load average, of which this process
-    is about 1 — rounded, at least 1.  (The work is memory-bound: a second thread on a
-    core another process holds gains nothing and costs CPU — ResNet-50's kernel copies
-    23 → 38–56 ms at load 3.9 on 2 CPUs.)"""
-    cpus = workers()
-    if cpus < 2 or not hasattr(os, "getloadavg"):
-        return cpus
-    busy = max(os.getloadavg()[0] - 1.0, 0.0)
-    return max(1, min(cpus, int(cpus - busy + 0.5)))
-
-
 def shares(sizes: Sequence[int], total: int) -> list[list[int]]:
     """The indices of ``sizes`` cut into one share per worker thread
-    (:func:`spare_workers`; one share when ``total`` is under
+    (:func:`workers`; one share when ``total`` is under
     :data:`PARALLEL_ELEMENTS`) of about equal sums: largest
-    first, each to the lightest share so far; empty shares left out."""
-    k = spare_workers() if total >= PARALLEL_ELEMENTS else 1
+    first, each to the lightest share so far; empty shares left out.
+
+    Every CPU this process may use, whatever the load: the shares are plain numpy work
+    (no thread spins waiting for a core, as OpenBLAS's do), so a share that finds its
+    core busy waits its turn, and the CPU time is about the same either way.  Measured
+    on ResNet-50 on a 2-CPU machine that other processes kept at load 5–6 (interleaved
+    in one process, 9 rounds each, two runs): canonicalize 476 → 386 and 600 → 569 ms
+    wall (CPU 292 → 292, 392 → 364 ms), cle 607 → 581 and 844 → 851 ms (CPU 433 → 448,
+    511 → 533 ms), against a second share only when the 1-minute load average left a
+    CPU spare (before; that average also counted this process's own recent threads)."""
+    k = workers() if total >= PARALLEL_ELEMENTS else 1
     out: list[list[int]] = [[] for _ in range(k)]
     loads = [0] * k
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):

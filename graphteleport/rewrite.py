@@ -42,7 +42,7 @@ from graphteleport.numerics import (
     magnitudes,
     out_of_range,
 )
-from graphteleport.parallel import map_parts, row_parts, spare_workers
+from graphteleport.parallel import map_parts, row_parts, workers
 
 
 @dataclass
@@ -669,10 +669,10 @@ def copy_ahead(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> No
     its two scanning threads: 32-layer float16 LLaMA, survey 11.7 / 12.4 → 17.5 /
     15.3 s wall; during the fit at load ~4, with no core idle, the fit took 5.0 / 4.9 →
     12.0 / 11.6 s and the whole run 49.5 / 53.1 → 53.5 / 50.6 s: so only where
-    :func:`~graphteleport.parallel.spare_workers` finds both cores free.)"""
+    :func:`core_free`.)"""
     sink = _SINK.get()
     ahead = getattr(sink, "copy_ahead", None)
-    if ahead is None or spare_workers() < 2:  # (no idle core: the copies would slow the fit)
+    if ahead is None or not core_free():  # (no idle core: the copies would slow the fit)
         return
     first: list[ir.Value] = []
     for weight in analysis.weights:
@@ -682,6 +682,14 @@ def copy_ahead(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> No
         if not (weight.source.is_node or tensor is None or len(tensor.shape) == 0 or ones):
             first.append(value)
     ahead(model, first)
+
+
+def core_free() -> bool:
+    """Whether a core is likely idle beside this process's one thread: two or more
+    :func:`~graphteleport.parallel.workers` and a 1-minute load average below their
+    number less 0.5 (other processes' threads, and this process's own recent ones)."""
+    cpus = workers()
+    return cpus >= 2 and hasattr(os, "getloadavg") and os.getloadavg()[0] < cpus - 0.5
 
 
 def trim_heap() -> None:

@@ -286,16 +286,22 @@ class LoadedModel:
     folder: str
     skeleton: onnx.ModelProto
     initializers: dict[str, onnx.TensorProto]
+    #: whether ``proto`` is the light encoding of a binary model file (its large inline
+    #: weights references into the file): a session of ``proto`` then runs the file's
+    #: own bytes without onnxruntime parsing the weights out of protobuf
+    light: bool = False
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LoadedModel:
-        proto = _light_proto(path) or onnx.load(os.fspath(path), load_external_data=False)
+        light = _light_proto(path)
+        proto = light or onnx.load(os.fspath(path), load_external_data=False)
         skeleton = onnx.ModelProto()
         _copy_without_weights(proto, skeleton)
         del skeleton.graph.node[:]
         del skeleton.graph.output[:]
         inits = {t.name: t for t in proto.graph.initializer}
-        return cls(proto, os.path.dirname(os.path.abspath(path)), skeleton, inits)
+        folder = os.path.dirname(os.path.abspath(path))
+        return cls(proto, folder, skeleton, inits, light=light is not None)
 
 
 #: Inline weights over this many bytes are read by cut models from the model file.

@@ -476,24 +476,21 @@ def test_low_rank_preconditioner_inverts_the_rank_one_hessian(
 
 
 def test_shares_cover_every_index_once_and_balance(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``shares`` cuts indices into one share per spare worker, each index once, sums
-    within the largest size of each other; one share under PARALLEL_ELEMENTS; the spare
-    workers are the CPUs less the load other processes make."""
+    """``shares`` cuts indices into one share per worker, each index once, sums within
+    the largest size of each other; one share under PARALLEL_ELEMENTS or with one CPU."""
     from graphteleport import parallel
     from graphteleport.parallel import PARALLEL_ELEMENTS
 
-    monkeypatch.setattr(parallel, "spare_workers", lambda: 2)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
     sizes = [int(x) for x in np.random.default_rng(0).integers(1, 1000, 50)]
     cut = parallel.shares(sizes, PARALLEL_ELEMENTS)
     assert len(cut) == 2 and sorted(i for s in cut for i in s) == list(range(50))
     sums = [sum(sizes[i] for i in s) for s in cut]
     assert abs(sums[0] - sums[1]) <= max(sizes)
     assert len(parallel.shares(sizes, PARALLEL_ELEMENTS - 1)) == 1
-    monkeypatch.undo()
-    monkeypatch.setattr(parallel, "workers", lambda: 2)
-    for load, spare in ((0.2, 2), (1.0, 2), (1.4, 2), (1.6, 1), (3.9, 1)):
-        monkeypatch.setattr(parallel.os, "getloadavg", lambda load=load: (load, load, load))
-        assert parallel.spare_workers() == spare, load
+    monkeypatch.setattr(parallel, "workers", lambda: 1)
+    (alone,) = parallel.shares(sizes, PARALLEL_ELEMENTS)
+    assert sorted(alone) == list(range(50))
 
 
 def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -505,11 +502,66 @@ def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> 
 
     analysis = analyze_model(ir.from_proto(onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")), {})
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)
-    found = []
-    for threads in (1, 2):
-        monkeypatch.setattr(parallel, "spare_workers", lambda threads=threads: threads)
-        terms = OrbitTerms.build(analysis, p=3.0)
-        found.append((terms.q, minimize(terms)))
-    (q1, m1), (q2, m2) = found
-    assert np.array_equal(q1, q2)
-    assert np.array_equal(m1.u, m2.u) and m1.objective_after == m2.objective_after
+    for single in (False, True):
+        found = []
+        for threads in (1, 2):
+            monkeypatch.setattr(parallel, "workers", lambda threads=threads: threads)
+            terms = OrbitTerms.build(analysis, p=3.0, single=single)
+            found.append((terms.q, minimize(terms)))
+        (q1, m1), (q2, m2) = found
+        assert np.array_equal(q1, q2)
+        assert np.array_equal(m1.u, m2.u) and m1.objective_after == m2.objective_after
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_single_q_is_the_float64_q_rounded_once(
+    name: str, proto: onnx.ModelProto, p: float
+) -> None:
+    """``build(single=True)`` holds each float64 statistic rounded once to float32 (the same
+    sums, then one rounding), and the kernel reads it exactly: ``F``, the gradient and the
+    products at a point agree with the float64 kernel's to float32's rounding of ``Q``,
+    and with the row-wise terms of that same float32 ``Q`` to float64 rounding."""
+    from graphteleport.orbit_kernel import OrbitKernel
+
+    analysis = analyze_model(ir.from_proto(proto), {})
+    wide, single = OrbitTerms.build(analysis, p=p), OrbitTerms.build(analysis, p=p, single=True)
+    assert single.q.dtype == np.float32
+    assert np.array_equal(single.q, wide.q.astype(np.float32))
+    u = _random_u(wide, 5)
+    kernel = OrbitKernel.of(single)
+    at = kernel.point(u)
+    assert at is not None
+    assert at.f + kernel.constant == pytest.approx(single.objective(u), rel=1e-12)
+    np.testing.assert_allclose(
+        at.gradient, single.gradient(u), rtol=1e-10, atol=1e-12 * abs(at.gradient).max()
+    )
+    reference = OrbitKernel.of(wide).point(u)
+    assert reference is not None
+    assert at.f == pytest.approx(reference.f, rel=1e-7)
+
+
+@pytest.mark.parametrize(("scale", "p"), [(1e-25, 2.0), (1e11, 3.0), (1e13, 3.0)])
+def test_single_q_falls_back_to_float64_where_float32_does_not_hold_it(
+    scale: float, p: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``Q`` that would round to a subnormal or 0 in float32 (a row that counts would stop
+    counting) or lie above SINGLE_MAX keeps ``q`` in float64, the same as without ``single``
+    — found before any cast (no overflow warning, on the worker threads either)."""
+    import warnings
+
+    from graphteleport import parallel
+
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)  # (the uses on two threads)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    warnings.simplefilter("error", RuntimeWarning)
+    proto = gemm_mlp([5, 7, 6, 3])
+    for init in proto.graph.initializer:
+        if init.name.startswith("W"):
+            array = onnx.numpy_helper.to_array(init).astype(np.float32)
+            array[0, 0] = np.float32(scale)
+            init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+    analysis = analyze_model(ir.from_proto(proto), {})
+    single = OrbitTerms.build(analysis, p=p, single=True)
+    assert single.q.dtype == np.float64
+    assert np.array_equal(single.q, OrbitTerms.build(analysis, p=p).q)

@@ -662,7 +662,7 @@ def test_a_streamed_float16_rewrite_copies_untouched_tensors_ahead_where_a_core_
     outputs = []
     precopy, real = gt_io.DataFile.precopy, gt_io._copy_range
     for free in (spare, 3 - spare):
-        monkeypatch.setattr(rewrite, "spare_workers", lambda free=free: free)
+        monkeypatch.setattr(rewrite, "core_free", lambda free=free: free == 2)
         planned: list[int] = []
         at_end: list[int] = []  # copies the save makes itself (on the main thread)
 

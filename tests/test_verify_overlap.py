@@ -262,3 +262,44 @@ def test_verification_by_pieces_stops_the_early_draws(tmp_path: Path) -> None:
         assert result.method == "pieces" and result.passed and not result.overlapped
         with pytest.raises(InputError, match="stopped"):
             early.result()
+
+
+def test_teleported_session_from_the_light_encoding_runs_the_files_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The teleported model's session is made from its light encoding (weights read from
+    the file in place) and computes what the file's own session does, to the bit; after
+    the file's largest weight is changed on disk, the light session computes the change."""
+    _, teleported, feeds, _ = case(tmp_path)
+    out = tmp_path / "t.onnx"
+    ir.save(teleported, out)
+    parsed = verify.LoadedModel.load(out)
+    assert parsed.light
+    names = [o.name for o in parsed.proto.graph.output]
+    sources: list[type] = []
+    made = verify._session
+    monkeypatch.setattr(
+        verify, "_session", lambda m, *a, **k: sources.append(type(m)) or made(m, *a, **k)
+    )
+    light = verify._teleported_session(out, names, 1, parsed)
+    plain = verify._teleported_session(out, names, 1)
+    assert sources == [bytes, str]
+    for feed in feeds[:3]:
+        for a, b in zip(light.run(names, feed), plain.run(names, feed), strict=True):
+            assert np.array_equal(a, b)
+    before = [a.copy() for a in light.run(names, feeds[0])]
+    name = max(parsed.initializers, key=lambda n: _bytes(parsed, n))
+    offset = next(e.value for e in parsed.initializers[name].external_data if e.key == "offset")
+    with open(out, "r+b") as f:  # the weight's first float changed in place
+        f.seek(int(offset))
+        first = np.frombuffer(f.read(4), np.float32)
+        f.seek(int(offset))
+        f.write((-first - 1).tobytes())
+    changed = verify._teleported_session(out, names, 1, verify.LoadedModel.load(out))
+    after = changed.run(names, feeds[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _bytes(parsed: verify.LoadedModel, name: str) -> int:
+    fields = {e.key: e.value for e in parsed.initializers[name].external_data}
+    return int(fields.get("length", 0))

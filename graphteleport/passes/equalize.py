@@ -213,7 +213,7 @@ def balance_terms(
         (1.0 if counts else OTHER_WEIGHT) / max(int(np.prod(use.shape, dtype=np.int64)), 1)
         for use, counts in _counted(analysis)
     ]
-    terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold, scales=scales)
+    terms = OrbitTerms.build(analysis, p=p, arrays=arrays, hold=hold, scales=scales, single=True)
     return terms.with_rows(*inserted_rows(analysis, lambda n: OTHER_WEIGHT / max(n, 1)))
 
 
