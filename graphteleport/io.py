@@ -990,8 +990,8 @@ class DataFile:
     (two kept, reused: no fresh memory to fault in for every weight).
 
     :meth:`precopy` copies tensors the final layout is expected to hold at known offsets
-    ahead of time, on a background thread (while the weights are surveyed and fitted,
-    before anything is put): :meth:`copy` then finds such a tensor in place when its
+    ahead of time, on a background thread (while the range fit runs, before anything is
+    put: :meth:`copy_ahead`): :meth:`copy` then finds such a tensor in place when its
     actual offset is the planned one, and otherwise drops every copy made ahead of
     time beyond the bytes written so far (the file truncated, the padding between
     tensors zeroed again) and copies as usual — the same bytes either way.
@@ -1092,7 +1092,7 @@ class DataFile:
             return False
         try:
             planned[1].result()
-        except (OSError, InputError):
+        except (OSError, InputError, CancelledError):
             return False  # (copied again below, where a real error is reported)
         del self._planned[key]
         return True
