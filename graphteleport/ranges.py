@@ -256,10 +256,12 @@ def _risk_range(
     mask = lim.uint.type(lim.mask)
     flats: list[np.ndarray] = [np.zeros(0, np.int64)]
     mags: list[np.ndarray] = [np.zeros(0, np.float64)]
+    bits = np.empty(min(_RISK_CHUNK, stop - start), dtype=lim.uint)  # (reused: no allocation
+    small = np.empty(bits.size, dtype=bool)  # a chunk)
     for at in range(start, stop, _RISK_CHUNK):
         chunk = flat_w[at : min(at + _RISK_CHUNK, stop)]
-        b = chunk.view(lim.uint) & mask  # |w|'s bits: ordered like |w|
-        cand = np.flatnonzero(((b > 0) & (b < low)) | (b > high))
+        b = np.bitwise_and(chunk.view(lim.uint), mask, out=bits[: chunk.size])  # |w|'s bits
+        cand = _candidates(b, low, high, small[: chunk.size])
         hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
         over, _ = violations(hi, lo_n, lo_s, smax, lim)
         _, under = violations(hi, lo_n, lo_s, smin, lim)
@@ -267,6 +269,21 @@ def _risk_range(
         flats.append(k + at)
         mags.append(np.abs(chunk[k].astype(np.float64)))
     return np.concatenate(flats), np.concatenate(mags)
+
+
+def _candidates(
+    b: np.ndarray, low: np.unsignedinteger, high: np.unsignedinteger, small: np.ndarray
+) -> np.ndarray:
+    """The positions where ``0 < b < low`` or ``b > high`` (``b``: magnitudes' bits,
+    overwritten; ``small``: a bool buffer of its size), ascending.  A chunk whose largest
+    pattern is at most ``high`` (the usual one) takes one compare: with ``b − 1`` (0 wraps
+    to the largest integer), ``0 < b < low`` is ``b − 1 < low − 1``."""
+    if int(b.max(initial=0)) > int(high):
+        return np.flatnonzero(((b > 0) & (b < low)) | (b > high))
+    if int(low) == 0:
+        return np.zeros(0, np.int64)
+    np.subtract(b, b.dtype.type(1), out=b)
+    return np.flatnonzero(np.less(b, b.dtype.type(int(low) - 1), out=small))
 
 
 def _risk_bits(

@@ -588,14 +588,21 @@ def test_the_at_risk_filter_on_bits_finds_what_the_exact_check_finds(dtype: str)
     w[40:60] = np.asarray(lim.max).astype(np_dtype)
     w[60:80] = np.asarray(lim.tiny).astype(np_dtype)
     w = w.reshape(80, 50)
-    for smin, smax in ((0.5, 2.0), (1e-3, 1.0), (1.0, 1e3), (0.999, 1.001), (2.0**-20, 2.0**20)):
-        risk = ranges._AtRisk.of(w, lim, smin, smax)
-        hi, lo_n, lo_s = cell_magnitudes(w, (), lim)
+    # (and a weight of small magnitudes only: the one-compare path of ranges._candidates)
+    small = (np.exp2(exps.clip(None, 0.0)) * rng.choice([-1.0, 1.0], 4000)).astype(np_dtype)
+    small[:10] = 0.0
+    bounds = ((0.5, 2.0), (1e-3, 1.0), (1.0, 1e3), (0.999, 1.001), (2.0**-20, 2.0**20))
+    found = []
+    for v, (smin, smax) in itertools.product((w, small.reshape(80, 50)), bounds):
+        risk = ranges._AtRisk.of(v, lim, smin, smax)
+        hi, lo_n, lo_s = cell_magnitudes(v, (), lim)
         over, _ = violations(hi, lo_n, lo_s, smax, lim)
         _, under = violations(hi, lo_n, lo_s, smin, lim)
         expected = np.flatnonzero((over | under).reshape(-1))
+        found.append(expected.size)
         assert np.array_equal(np.sort(risk.flat), expected), (dtype, smin, smax)
-        assert tuple(map(tuple, risk.at)) == tuple(map(tuple, np.unravel_index(risk.flat, w.shape)))
+        assert tuple(map(tuple, risk.at)) == tuple(map(tuple, np.unravel_index(risk.flat, v.shape)))
+    assert all(found[:3]) and all(found[5:7])  # (elements at risk in both weights)
 
 
 def test_row_parts_cover_the_rows_once_and_map_parts_keeps_order() -> None:
