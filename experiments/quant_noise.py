@@ -119,9 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def group_gains(
     model_path: Path, task: Any, work: Path, buckets: int = 8
@@ -178,3 +175,7 @@ def group_gains(
         for i in members:
             gains[sites[i].name] = g
     return gains, rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The predicted-noise objective (graphteleport.quantnoise): its statistics, its model
+of a site's noise, its gradient, and the cofactors it chooses."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from conftest import max_rel_err, random_feeds
+from test_smooth import OUTLIER, calibration, mlp
+
+from graphteleport.activations import Int8Simulation
+from graphteleport.analysis import analyze_model
+from graphteleport.orbit import movable_pairs
+from graphteleport.passes.teleport import apply_values
+from graphteleport.quantnoise import (
+    NoiseObjective,
+    Site,
+    activation_sites,
+    lbfgs,
+    noise_values,
+    stored_sites,
+)
+
+
+def sites_of(proto: onnx.ModelProto) -> tuple[ir.Model, object, list[Site]]:
+    model = ir.from_proto(proto)
+    analysis = analyze_model(model)
+    feeds = calibration(8)
+    sites = stored_sites(model, analysis, ("all",)) + activation_sites(
+        model, analysis, feeds, ("all",)
+    )
+    return model, analysis, sites
+
+
+def test_sites_and_their_statistics_match_numpy() -> None:
+    proto = mlp(outlier=20.0)
+    _, analysis, sites = sites_of(proto)
+    by = {s.name: s for s in sites}
+    # x (graph input) and z (before the graph output's Add) stay where they are: no
+    # movable pair reaches them; hb is Relu's input, fused by the quantizer; the Add's b1
+    # is a constant input of a quantized op (UINT8, like an activation)
+    assert set(by) == {"w1", "w2", "b1", "h", "a"}
+    assert by["b1"].kind == "constant" and by["b1"].levels == 255
+    w = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+    h = np.concatenate([f["x"].astype(np.float64) @ w["w1"] for f in calibration(8)])
+    np.testing.assert_allclose(by["h"].hi, np.maximum(h, 0).max(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(by["h"].lo, np.maximum(-h, 0).max(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(by["h"].count, np.full(h.shape[1], h.shape[0]))
+    assert by["h"].signal == pytest.approx(float(np.sum(h * h)), rel=1e-5)
+    assert by["w1"].levels == 127 and by["h"].levels == 255
+    assert by["w1"].signal == pytest.approx(float(np.sum(w["w1"] ** 2)))
+    np.testing.assert_allclose(by["w1"].lo, 0.0)  # symmetric: |W| in hi
+    assert analysis is not None
+
+
+def exact_ratio(w: np.ndarray, s: np.ndarray, levels: int) -> float:
+    """``R = Δ²/12 · Σ_e S_e^{-2} / Σ W²`` of a symmetric site, by its definition."""
+    step = np.max(np.abs(w * s)) / levels
+    return float(step**2 / 12 * np.sum(s**-2.0) / np.sum(w**2))
+
+
+def test_a_sites_ratio_is_its_definition_and_scale_invariant() -> None:
+    """One weight [3, 4] whose rows scale by pair 0..2 and columns by 1/pair 3..6: the
+    objective's R (sharp power mean) is the direct formula, and scaling the whole site
+    leaves it unchanged."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((3, 4))
+    rows = np.concatenate([np.arange(12), np.arange(12)])
+    cols = np.concatenate([np.repeat(np.arange(3), 4), 3 + np.tile(np.arange(4), 3)])
+    coef = np.concatenate([np.ones(12), -np.ones(12)])
+    hi = np.abs(w).reshape(-1)
+    site = Site("w", "weight", 127, hi, np.zeros(12), np.ones(12), float(np.sum(w**2)),
+                rows, cols, coef)  # fmt: skip
+    obj = NoiseObjective([site], 7, p=400.0)
+    u = rng.normal(size=7) * 0.5
+    s = np.exp(u[:3])[:, None] * np.exp(-u[3:])[None, :]
+    assert obj.per_site(u)[0] == pytest.approx(exact_ratio(w, s, 127), rel=1e-2)
+    shifted = u + np.r_[np.full(3, 0.7), np.zeros(4)]  # every row x e^0.7: the whole site
+    assert obj.per_site(shifted)[0] == pytest.approx(obj.per_site(u)[0], rel=1e-9)
+
+
+def test_gradient_matches_finite_differences() -> None:
+    _, analysis, sites = sites_of(mlp(outlier=20.0))
+    n = analysis.solution.num_pairs  # type: ignore[attr-defined]
+    obj = NoiseObjective(sites, n)
+    rng = np.random.default_rng(2)
+    u = rng.normal(size=n) * 0.3
+    f, g = obj.value_and_gradient(u)
+    d = rng.normal(size=n)
+    eps = 1e-6
+    numeric = (obj.value_and_gradient(u + eps * d)[0] - obj.value_and_gradient(u - eps * d)[0]) / (
+        2 * eps
+    )
+    assert numeric == pytest.approx(float(g @ d), rel=1e-5)
+    assert f == pytest.approx(float(obj.per_site(u).sum()))
+
+
+def test_lbfgs_finds_a_quadratics_minimum() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(6, 6))
+    h = a @ a.T + np.eye(6)
+    b = rng.normal(size=6)
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        return float(0.5 * x @ h @ x - b @ x), h @ x - b
+
+    x, iterations = lbfgs(fun, np.zeros(6))
+    np.testing.assert_allclose(x, np.linalg.solve(h, b), rtol=1e-6, atol=1e-8)
+    assert 0 < iterations < 100
+
+
+def test_noise_values_lower_the_predicted_and_simulated_noise_and_keep_the_function() -> None:
+    proto = mlp(outlier=30.0)
+    feeds = random_feeds(proto)
+    model = ir.from_proto(proto)
+    analysis = analyze_model(model)
+    values, figures = noise_values(model, analysis, calibration(8))
+    assert figures["objective_after"] < 0.5 * figures["objective_before"]
+    assert np.all(values[~movable_pairs(analysis)] == 1.0)
+    sim = Int8Simulation.calibrate(model, analysis, calibration(8), ("all",))
+    before = sim.sqnr_db(np.ones(analysis.solution.num_pairs))
+    after = sim.sqnr_db(analysis.solution.cofactors(values))
+    assert after > before + 3.0, (before, after)
+    apply_values(model, analysis, values)
+    assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
