@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--p", type=float, default=4.0, help="the start's insert-mode cle p")
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--smooth-p", type=float, default=16.0, help="the power mean's p (max)")
+    ap.add_argument("--reuse", action="store_true", help="measure the refined file written before")
     ap.add_argument("--gains", action="store_true", help="weight the sites by group gains")
     ap.add_argument("--tag", default="", help="suffix of the refined model's file name")
     ap.add_argument("--json", default=str(ROOT / "experiments" / "results" / "quant_noise.json"))
@@ -106,11 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     refined = work / f"insert_p{args.p:g}_noise{args.tag}.onnx"
     gains = None
+    figures: dict[str, float] = {}
     if args.gains:
-        gains, rows["gains"] = group_gains(start, task, work)  # type: ignore[assignment]
-    figures = write_refined(
-        start, refined, calib, max_iterations=args.iterations, p=args.smooth_p, gains=gains
-    )
+        gains, rows["gains"] = group_gains(start, task, work)
+    if not (args.reuse and refined.is_file()):
+        figures = write_refined(
+            start, refined, calib, max_iterations=args.iterations, p=args.smooth_p, gains=gains
+        )
     rows["refined"] = {"seconds": time.perf_counter() - t0, **figures}
     for key, path in (("start", start), ("refined", refined)):
         rows[key].update(measure(task, path, ref, work))

@@ -404,6 +404,8 @@ def noise_values(
     sites = stored_sites(model, analysis, op_types) + activation_sites(
         model, analysis, feeds, op_types
     )
+    if not sites:  # no movable pair reaches a quantized site
+        return np.ones(analysis.solution.num_pairs), {"sites": 0.0}
     for s in sites:
         s.gain = (gains or {}).get(s.name, 1.0)
     objective = NoiseObjective(sites, analysis.solution.num_pairs, p)

@@ -125,3 +125,47 @@ def test_noise_values_lower_the_predicted_and_simulated_noise_and_keep_the_funct
     assert after > before + 3.0, (before, after)
     apply_values(model, analysis, values)
     assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["absorb", "insert"])
+def test_method_noise_keeps_the_function_and_beats_the_model_as_is(mode: str) -> None:
+    """``equalize --method noise``: on the MLP with an outlier channel (absorb mode), and on
+    its Tanh form in insert mode, whose hidden classes absorb mode pins and the start's
+    Muls free: the function is unchanged and the simulated INT8 model (every op
+    quantized) scores above the model as is."""
+    from test_equalize_auto import tanh_mlp
+
+    from graphteleport.passes.equalize import EqualizePass
+
+    proto = tanh_mlp() if mode == "insert" else mlp(outlier=30.0)
+    feeds = random_feeds(proto)
+    model = ir.from_proto(proto)
+    result = EqualizePass(method="noise", mode=mode, calibration=calibration(8))(model)  # type: ignore[arg-type]
+    assert result.modified
+    assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
+    if mode == "insert":
+        assert result.inserted.nodes_added > 0 and result.options.mode == "insert"
+
+    def simulated(p: onnx.ModelProto) -> float:
+        m = ir.from_proto(p)
+        a = analyze_model(m)
+        sim = Int8Simulation.calibrate(m, a, calibration(8), ("all",))
+        return sim.sqnr_db(np.ones(a.solution.num_pairs))
+
+    assert simulated(ir.to_proto(model)) > simulated(proto) + 3.0
+
+
+def test_method_noise_leaves_a_model_with_nothing_movable() -> None:
+    from test_equalize_auto import tanh_mlp
+
+    model = ir.from_proto(tanh_mlp())
+    values, figures = noise_values(model, analyze_model(model), calibration(2))
+    assert np.all(values == 1.0) and figures["sites"] == 0
+
+
+def test_method_noise_needs_calibration() -> None:
+    from graphteleport.errors import InputError
+    from graphteleport.passes.equalize import EqualizePass
+
+    with pytest.raises(InputError, match="calibration"):
+        EqualizePass(method="noise")

@@ -147,10 +147,10 @@ from graphteleport.passes.canonical import (
     NotConverged,
     minimize,
 )
-from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
+from graphteleport.passes.teleport import Applied, TeleportResult, apply_values, result_of
 
 FloatArray = np.ndarray
-Method = Literal["cle", "smooth", "auto"]
+Method = Literal["cle", "smooth", "auto", "noise"]
 METHODS: tuple[Method, ...] = get_args(Method)
 
 #: The balance's exponent (module docstring, "Choice of p").
@@ -700,7 +700,7 @@ class EqualizeSettings:
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
             raise InputError(f"--alpha must be a number in [0, 1], got {alpha!r}")
-        if self.method in ("smooth", "auto") and not self.calibration:
+        if self.method in ("smooth", "auto", "noise") and not self.calibration:
             raise InputError(
                 f"--method {self.method} needs calibration inputs (--calibration FEEDS.npz)"
             )
@@ -787,12 +787,16 @@ class EqualizePass(ir.passes.InPlacePass):
         t1 = time.perf_counter()
         found: Minimum | None = None
         chosen = Choice("", ())
+        first: Applied | None = None
         if s.method == "cle":
             values, found = cle_values(
                 analysis, s.p, arrays, tol=s.tol, max_iterations=s.max_iterations
             )
         elif s.method == "smooth":
             values = smooth_values(model, analysis, s.calibration, s.alpha)
+        elif s.method == "noise":
+            analysis, values, first = noise_refine(model, analysis, s, opts.mode, shapes)
+            opts, arrays = dataclasses.replace(opts, mode="absorb"), stored_arrays(analysis)
         else:
             chosen = auto_values(model, analysis, s, shapes)
             values, found = chosen.values, chosen.minimum
@@ -806,6 +810,8 @@ class EqualizePass(ir.passes.InPlacePass):
         applied = apply_values(
             model, analysis, values, insert=opts.mode == "insert", exact=s.exact, arrays=arrays
         )
+        if s.method == "noise" and first is not None:  # the balance's Muls
+            applied, opts = (*applied[:2], first[2], applied[3]), self.options
         t3 = time.perf_counter()
         figures = figures_of(
             analysis, arrays, values, applied[0],
@@ -1061,3 +1067,34 @@ def effective_feeds(noise: FloatArray) -> float:
     of feeds it is spread over evenly (1 when one feed holds all of it; 0 for none)."""
     total, squares = float(noise.sum()), float(np.sum(noise**2))
     return total * total / squares if squares > 0 else 0.0
+
+
+def noise_refine(
+    model: ir.Model,
+    analysis: AnalysisResult,
+    s: EqualizeSettings,
+    mode: Mode,
+    shapes: Mapping[str, Sequence[int]],
+) -> tuple[AnalysisResult, FloatArray, Applied | None]:
+    """``--method noise``: the cofactors minimising the predicted per-tensor INT8 noise of
+    every quantized site (:mod:`graphteleport.quantnoise`; ``s.int8_ops``, default every
+    op type) on ``s.calibration``.  In absorb mode on ``analysis`` itself.  In insert mode
+    in two steps: ``cle`` with ``s.p`` on the insert-mode ``analysis``, written into
+    ``model`` (its ``Mul`` s inserted: what the start applied is returned), then the
+    objective on the absorb-mode analysis of that model — where every inserted ``Mul``'s
+    factor is a stored tensor that absorbs, so the classes insert mode freed stay free
+    (the objective prices the factors and the ``Mul`` s' inputs and outputs like every
+    other site).  Returns the analysis the values are for (absorb mode), the values,
+    and the start's rewrite (None in absorb mode)."""
+    from graphteleport.quantnoise import noise_values
+
+    ops = s.int8_ops or ("all",)
+    first: Applied | None = None
+    if mode == "insert":
+        start, _ = cle_values(analysis, s.p, tol=s.tol, max_iterations=s.max_iterations)
+        if s.exact:
+            start = power_of_two(start)
+        first = apply_values(model, analysis, start, insert=True, exact=s.exact)
+        analysis = analyze_model(model, shapes, "absorb")
+    values, _ = noise_values(model, analysis, s.calibration, ops)
+    return analysis, values, first
