@@ -57,6 +57,19 @@ def write_start(prepared: Path, dst: Path, calib: list[dict[str, np.ndarray]], p
     save_model_atomic(model, dst)
 
 
+def write_by_pass(
+    prepared: Path, dst: Path, calib: list[dict[str, np.ndarray]], p: float, exact: bool
+) -> None:
+    import onnx_ir as ir
+
+    from graphteleport.io import save_model_atomic
+    from graphteleport.passes.equalize import EqualizePass
+
+    model = ir.load(str(prepared))
+    EqualizePass(method="noise", mode="insert", p=p, exact=exact, calibration=calib)(model)
+    save_model_atomic(model, dst)
+
+
 def write_refined(
     src: Path, dst: Path, calib: list[dict[str, np.ndarray]], **kw: Any
 ) -> dict[str, float]:
@@ -87,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--p", type=float, default=4.0, help="the start's insert-mode cle p")
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--smooth-p", type=float, default=16.0, help="the power mean's p (max)")
+    ap.add_argument("--exact", action="store_true", help="with --pass: powers of two")
+    ap.add_argument("--pass", dest="via_pass", action="store_true",
+                    help="write the refined model by EqualizePass(method='noise', mode='insert')")
     ap.add_argument("--reuse", action="store_true", help="measure the refined file written before")
     ap.add_argument("--gains", action="store_true", help="weight the sites by group gains")
     ap.add_argument("--tag", default="", help="suffix of the refined model's file name")
@@ -110,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: dict[str, float] = {}
     if args.gains:
         gains, rows["gains"] = group_gains(start, task, work)
-    if not (args.reuse and refined.is_file()):
+    if args.via_pass and not (args.reuse and refined.is_file()):
+        write_by_pass(prepared, refined, calib, args.p, args.exact)
+    elif not (args.reuse and refined.is_file()):
         figures = write_refined(
             start, refined, calib, max_iterations=args.iterations, p=args.smooth_p, gains=gains
         )
