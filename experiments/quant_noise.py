@@ -101,8 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--smooth-p", type=float, default=16.0, help="the power mean's p (max)")
     ap.add_argument("--exact", action="store_true", help="with --pass: powers of two")
-    ap.add_argument("--pass", dest="via_pass", action="store_true",
-                    help="write the refined model by EqualizePass(method='noise', mode='insert')")
+    ap.add_argument(
+        "--pass",
+        dest="via_pass",
+        action="store_true",
+        help="write the refined model by EqualizePass(method='noise', mode='insert')",
+    )
     ap.add_argument("--reuse", action="store_true", help="measure the refined file written before")
     ap.add_argument("--gains", action="store_true", help="weight the sites by group gains")
     ap.add_argument("--tag", default="", help="suffix of the refined model's file name")
@@ -138,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%s: %s", key, rows[key])
     Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
-
 
 
 def group_gains(

@@ -312,12 +312,9 @@ class NoiseObjective:
         site = f["site"]
         # d log R_s / d z_k = 2 (hi_s whi_k + lo_s wlo_k) / rng_s − 2 wnoise_k
         dz = per_site[site] * (
-            2.0 * (hi[site] * whi + lo[site] * wlo) / np.maximum(rng[site], 1e-300)
-            - 2.0 * wnoise
+            2.0 * (hi[site] * whi + lo[site] * wlo) / np.maximum(rng[site], 1e-300) - 2.0 * wnoise
         )
-        grad = np.bincount(
-            f["cols"], weights=f["coef"] * dz[f["rows"]], minlength=self.num_pairs
-        )
+        grad = np.bincount(f["cols"], weights=f["coef"] * dz[f["rows"]], minlength=self.num_pairs)
         return float(per_site.sum()), grad
 
     def per_site(self, u: FloatArray) -> FloatArray:

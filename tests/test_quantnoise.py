@@ -8,7 +8,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 from conftest import max_rel_err, random_feeds
-from test_smooth import OUTLIER, calibration, mlp
+from test_smooth import calibration, mlp
 
 from graphteleport.activations import Int8Simulation
 from graphteleport.analysis import analyze_model
