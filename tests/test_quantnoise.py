@@ -3,6 +3,9 @@ of a site's noise, its gradient, and the cofactors it chooses."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -169,3 +172,25 @@ def test_method_noise_needs_calibration() -> None:
 
     with pytest.raises(InputError, match="calibration"):
         EqualizePass(method="noise")
+
+
+def test_cli_noise_insert(fixtures_dir: Path, tmp_path: Path) -> None:
+    """``graphteleport equalize --method noise --mode insert``: verified, reported as the
+    pass's insert mode; without calibration one line and exit 2, no file."""
+    from test_equalize import cli
+    from test_equalize_auto import feeds_archive
+
+    src = fixtures_dir / "resnet_tiny.onnx"
+    feeds = feeds_archive(src, tmp_path / "feeds.npz")
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    args = ["--method", "noise", "--mode", "insert", "--int8-ops", "all"]
+    code, stdout, stderr = cli(
+        "equalize", src, "-o", out, "--report", rep, *args, "--calibration", feeds
+    )
+    assert code == 0, stderr
+    report = json.loads(rep.read_text())
+    assert report["verification"]["passed"] and report["equalize"]["method"] == "noise"
+    assert "method noise (p=3)" in stdout
+    code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args)
+    assert code == 2 and "needs calibration" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()

@@ -148,6 +148,7 @@ from graphteleport.passes.canonical import (
     minimize,
 )
 from graphteleport.passes.teleport import Applied, TeleportResult, apply_values, result_of
+from graphteleport.tensorcheck import TensorScales
 
 FloatArray = np.ndarray
 Method = Literal["cle", "smooth", "auto", "noise"]
@@ -670,6 +671,15 @@ class EqualizeResult(TeleportResult):
 
     minimum: Minimum | None = None
     figures: EqualizeFigures | None = None
+    #: ``--method noise --mode insert``: the promise of the start's rewrite, which the
+    #: pass's own (``analysis``: of the start's model) scales further
+    start_scales: TensorScales | None = None
+
+    def tensor_scales(self) -> TensorScales:
+        """:meth:`TeleportResult.tensor_scales`, composed after the start's where the
+        values rescale a model the pass rewrote first (:func:`noise_refine`)."""
+        own = super().tensor_scales()
+        return own if self.start_scales is None else compose_scales(self.start_scales, own)
 
 
 Feeds = Sequence[Mapping[str, np.ndarray]]
@@ -788,6 +798,7 @@ class EqualizePass(ir.passes.InPlacePass):
         found: Minimum | None = None
         chosen = Choice("", ())
         first: Applied | None = None
+        start_scales: TensorScales | None = None
         if s.method == "cle":
             values, found = cle_values(
                 analysis, s.p, arrays, tol=s.tol, max_iterations=s.max_iterations
@@ -795,7 +806,7 @@ class EqualizePass(ir.passes.InPlacePass):
         elif s.method == "smooth":
             values = smooth_values(model, analysis, s.calibration, s.alpha)
         elif s.method == "noise":
-            analysis, values, first = noise_refine(model, analysis, s, opts.mode, shapes)
+            analysis, values, first, start_scales = noise_refine(model, analysis, s, opts, shapes)
             opts, arrays = dataclasses.replace(opts, mode="absorb"), stored_arrays(analysis)
         else:
             chosen = auto_values(model, analysis, s, shapes)
@@ -831,7 +842,7 @@ class EqualizePass(ir.passes.InPlacePass):
         }
         result = result_of(
             EqualizeResult, model, analysis, opts, values, applied, seconds,
-            minimum=found, figures=figures, clips=clips,
+            minimum=found, figures=figures, clips=clips, start_scales=start_scales,
         )  # fmt: skip
         result.modified = result.modified or bool(clips.clips)
         return result
@@ -1073,15 +1084,14 @@ def noise_refine(
     model: ir.Model,
     analysis: AnalysisResult,
     s: EqualizeSettings,
-    mode: Mode,
+    opts: CofactorOptions,
     shapes: Mapping[str, Sequence[int]],
-) -> tuple[AnalysisResult, FloatArray, Applied | None]:
+) -> tuple[AnalysisResult, FloatArray, Applied | None, TensorScales | None]:
     """``--method noise``: the cofactors minimising the predicted per-tensor INT8 noise of
     every quantized site (:mod:`graphteleport.quantnoise`; ``s.int8_ops``, default every
     op type) on ``s.calibration``.  In absorb mode on ``analysis`` itself.  In insert mode
     in two steps: ``cle`` with ``s.p`` on the insert-mode ``analysis`` rounded to powers
-    of two, written into ``model`` (its ``Mul`` s inserted, the rewrite exact: what the
-    start applied is returned), then the
+    of two, written into ``model`` (its ``Mul`` s inserted, the rewrite exact), then the
     objective on the absorb-mode analysis of that model — where every inserted ``Mul``'s
     factor is a stored tensor that absorbs, so the classes insert mode freed stay free
     (the objective prices the factors and the ``Mul`` s' inputs and outputs like every
@@ -1089,14 +1099,30 @@ def noise_refine(
     rounding it changes little but the float32 rounding of the rewrite: on the
     recogniser the unrounded start left its FP32 outputs 1.03e-3 (max relative) from
     the original's, over the harness's 1e-3.  Returns the analysis the values are for
-    (absorb mode), the values, and the start's rewrite (None in absorb mode)."""
+    (absorb mode), the values, and the start's rewrite and per-tensor promise (None in
+    absorb mode)."""
     from graphteleport.quantnoise import noise_values
 
     ops = s.int8_ops or ("all",)
     first: Applied | None = None
-    if mode == "insert":
+    scales: TensorScales | None = None
+    if opts.mode == "insert":
         start, _ = cle_values(analysis, s.p, tol=s.tol, max_iterations=s.max_iterations)
-        first = apply_values(model, analysis, power_of_two(start), insert=True, exact=True)
+        start = power_of_two(start)
+        first = apply_values(model, analysis, start, insert=True, exact=True)
+        scales = result_of(TeleportResult, model, analysis, opts, start, first, {}).tensor_scales()
         analysis = analyze_model(model, shapes, "absorb")
     values, _ = noise_values(model, analysis, s.calibration, ops)
-    return analysis, values, first
+    return analysis, values, first, scales
+
+
+def compose_scales(first: TensorScales, then: TensorScales) -> TensorScales:
+    """The promise of two rewrites in turn: value ``v`` is ``then_v ⊙ first_v ⊙`` the
+    original's (each compact layout aligned on its trailing axes)."""
+    out: dict[str, np.ndarray] = {}
+    for name in set(first.scales) | set(then.scales):
+        a = np.asarray(first.scales.get(name, np.ones(())), dtype=np.float64)
+        b = np.asarray(then.scales.get(name, np.ones(())), dtype=np.float64)
+        rank = max(a.ndim, b.ndim)
+        out[name] = with_rank(a, rank) * with_rank(b, rank)
+    return TensorScales(out, first.tracked | then.tracked)
