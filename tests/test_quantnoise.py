@@ -194,3 +194,33 @@ def test_cli_noise_insert(fixtures_dir: Path, tmp_path: Path) -> None:
     code, _, stderr = cli("equalize", src, "-o", tmp_path / "x.onnx", *args)
     assert code == 2 and "needs calibration" in stderr
     assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
+
+
+def test_auto_can_choose_the_noise_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``auto`` keeps ``insert noise`` the pass redoes the refinement on the model:
+    the Muls are inserted, the function is unchanged, and the written model simulates
+    at the candidate's calibration score."""
+    from test_equalize_auto import tanh_mlp
+
+    from graphteleport.passes import equalize
+    from graphteleport.passes.equalize import NOISE_CANDIDATE, EqualizePass
+
+    def pick_noise(signal: object, noises: object, default: str) -> tuple[str, float]:
+        return NOISE_CANDIDATE, 1.0
+
+    monkeypatch.setattr(equalize, "significant_best", pick_noise)
+    proto = tanh_mlp()
+    feeds = random_feeds(proto)
+    model = ir.from_proto(proto)
+    cal = calibration(8)
+    result = EqualizePass(method="auto", calibration=cal, int8_ops=("all",))(model)
+    fig = result.figures
+    assert fig is not None and fig.chosen == NOISE_CANDIDATE
+    assert result.inserted.nodes_added > 0 and result.options.mode == "insert"
+    assert max_rel_err(proto, ir.to_proto(model), feeds) < 1e-5
+    written = ir.from_proto(ir.to_proto(model))
+    plain = analyze_model(written)
+    score = Int8Simulation.calibrate(written, plain, cal, ("all",)).sqnr_db(
+        np.ones(plain.solution.num_pairs)
+    )
+    assert score == pytest.approx(dict(fig.candidates)[NOISE_CANDIDATE], abs=1e-6)

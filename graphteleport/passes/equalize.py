@@ -169,6 +169,8 @@ AUTO_RESAMPLES = 1000
 #: ... and only where the noise of both is spread over at least this many calibration
 #: feeds (Kish's effective count ``(Σ n)² / Σ n²``, :func:`effective_feeds`)
 AUTO_MIN_FEEDS = 8.0
+#: ``auto``'s predicted-noise candidate (:func:`noise_candidate`)
+NOISE_CANDIDATE = "insert noise"
 #: Levels on either side of 0 of a symmetric INT8 quantizer: ``step = max|W| / 127``.
 INT8_LEVELS = 127
 #: The weight in ``B_p`` of a stored tensor no quantizer quantizes (module docstring).
@@ -811,7 +813,15 @@ class EqualizePass(ir.passes.InPlacePass):
         else:
             chosen = auto_values(model, analysis, s, shapes)
             values, found = chosen.values, chosen.minimum
-            if chosen.mode == "insert":  # the chosen values index the insert analysis' pairs
+            if chosen.refine:  # redone on the model: the values index its refined analysis
+                insert = analyze_model(model, shapes, "insert")
+                start_opts = dataclasses.replace(opts, mode="insert")
+                start_s = dataclasses.replace(s, p=chosen.p or s.p)
+                analysis, values, first, start_scales = noise_refine(
+                    model, insert, start_s, start_opts, shapes
+                )
+                opts, arrays = dataclasses.replace(opts, mode="absorb"), stored_arrays(analysis)
+            elif chosen.mode == "insert":  # the chosen values index the insert analysis' pairs
                 opts = dataclasses.replace(opts, mode="insert")
                 analysis = analyze_model(model, shapes, "insert")
                 arrays = stored_arrays(analysis)
@@ -821,8 +831,9 @@ class EqualizePass(ir.passes.InPlacePass):
         applied = apply_values(
             model, analysis, values, insert=opts.mode == "insert", exact=s.exact, arrays=arrays
         )
-        if s.method == "noise" and first is not None:  # the balance's Muls
-            applied, opts = (*applied[:2], first[2], applied[3]), self.options
+        if first is not None:  # the start's Muls (noise, or auto's refined candidate)
+            applied = (*applied[:2], first[2], applied[3])
+            opts = dataclasses.replace(opts, mode="insert")
         t3 = time.perf_counter()
         figures = figures_of(
             analysis, arrays, values, applied[0],
@@ -911,6 +922,9 @@ class Choice:
     confidence: float = 1.0
     #: the analysis mode the values are for (insert: :func:`insert_candidates`)
     mode: Mode = "absorb"
+    #: the values refine the insert-mode start ``cle p`` (:func:`noise_candidate`): the
+    #: pass redoes :func:`noise_refine` on the model
+    refine: bool = False
 
 
 def auto_candidates(
@@ -966,6 +980,12 @@ def auto_values(
         noises.append((name, inserted))
         if choice is not None:
             kept[name] = choice
+    if s.wanted(NOISE_CANDIDATE):
+        starts = {n: z for n, z in noises if n.startswith("insert cle") and z is not None}
+        choice, inserted = noise_candidate(model, s, input_shapes or {}, starts, kept)
+        noises.append((NOISE_CANDIDATE, inserted))
+        if choice is not None:
+            kept[NOISE_CANDIDATE] = choice
     default = auto_default(kept)
     if default not in kept:  # (some candidates only: the first computed stands in)
         default = next(iter(kept))
@@ -983,6 +1003,7 @@ def auto_names() -> tuple[str, ...]:
         *(f"cle p={p:g}" for p in AUTO_P),
         *(f"smooth alpha={a:g}" for a in AUTO_ALPHA),
         *(f"insert cle p={p:g}" for p in AUTO_P),
+        NOISE_CANDIDATE,
     )
 
 
@@ -1126,3 +1147,34 @@ def compose_scales(first: TensorScales, then: TensorScales) -> TensorScales:
         rank = max(a.ndim, b.ndim)
         out[name] = with_rank(a, rank) * with_rank(b, rank)
     return TensorScales(out, first.tracked | then.tracked)
+
+
+def noise_candidate(
+    model: ir.Model,
+    s: EqualizeSettings,
+    input_shapes: Mapping[str, Sequence[int]],
+    starts: Mapping[str, FloatArray],
+    kept: Mapping[str, Choice],
+) -> tuple[Choice | None, FloatArray | None]:
+    """``auto``'s ``insert noise`` candidate: :func:`noise_refine` in insert mode from the
+    insert ``cle`` candidate with the least simulated noise on the calibration feeds
+    (``starts``: their per-feed noise; ``kept``: their choices), written into a copy of
+    ``model`` and simulated there like :func:`insert_candidates`.  ``(None, None)`` when
+    no insert candidate converged."""
+    if not starts:
+        return None, None
+    best = min(starts, key=lambda n: float(starts[n].sum()))
+    p = kept[best].p or s.p
+    copy = ir.from_proto(ir.to_proto(model))
+    shapes = complete_input_shapes(copy, input_shapes)
+    opts = CofactorOptions(mode="insert", seed=0, exact=s.exact, rescale_clip=False)
+    analysis, values, _, _ = noise_refine(
+        copy, analyze_model(copy, shapes, "insert"), dataclasses.replace(s, p=p), opts, shapes
+    )
+    if s.exact:
+        values = power_of_two(values)
+    apply_values(copy, analysis, values.copy(), insert=False, exact=s.exact)
+    plain = analyze_model(copy, shapes, "absorb")
+    sim = Int8Simulation.calibrate(copy, plain, s.calibration, s.int8_ops)
+    noise = sim.sample_noise(plain.solution.cofactors(np.ones(plain.solution.num_pairs)))[1]
+    return Choice(NOISE_CANDIDATE, (), values, None, p, None, refine=True), noise
