@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -139,9 +140,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows["refined"] = {"seconds": time.perf_counter() - t0, **figures}
     for key, path in (("start", start), ("refined", refined)):
         rows[key].update(measure(task, path, ref, work))
-        log.info("%s: %s", key, rows[key])
-    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        rows[key]["predicted"] = predicted(path, calib)
+        log.info("%s: %s", key, {k: v for k, v in rows[key].items() if k != "predicted"})
+    rows["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "held_back": args.held_back,
+        "p": args.p,
+        "exact": bool(args.exact),
+        "by_pass": bool(args.via_pass),
+        "load_average": os.getloadavg()[0],
+    }
+    out = Path(args.json)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(out)
     return 0
+
+
+def predicted(path: Path, calib: list[dict[str, np.ndarray]], top: int = 8) -> dict[str, Any]:
+    """The objective's prediction for the model as it is (``u = 0``): the summed ``R_s``
+    per kind of site (weight, activation, constant) and the ``top`` sites; sites no
+    movable pair reaches are not counted."""
+    import onnx_ir as ir
+
+    from graphteleport.analysis import analyze_model, complete_input_shapes
+    from graphteleport.passes.equalize import feed_shapes
+    from graphteleport.quantnoise import NoiseObjective, activation_sites, stored_sites
+
+    model = ir.load(str(path))
+    shapes = complete_input_shapes(model, feed_shapes(model, {}, calib))
+    analysis = analyze_model(model, shapes, "absorb")
+    sites = stored_sites(model, analysis, ("all",)) + activation_sites(
+        model, analysis, calib, ("all",)
+    )
+    n = analysis.solution.num_pairs
+    r = NoiseObjective(sites, n).per_site(np.zeros(n)) if sites else np.zeros(0)
+    kinds: dict[str, float] = {}
+    for site, x in zip(sites, r, strict=True):
+        kinds[site.kind] = kinds.get(site.kind, 0.0) + float(x)
+    order = np.argsort(-r)[:top]
+    return {
+        "total": float(r.sum()),
+        "by_kind": kinds,
+        "top": [{"site": sites[i].name, "kind": sites[i].kind, "r": float(r[i])} for i in order],
+    }
 
 
 def group_gains(

@@ -65,13 +65,22 @@ equalize to within a factor √2 per class.
 :func:`graphteleport.activations.smooth_cofactors` given activation ranges measured on
 calibration inputs.
 
+``noise`` (activation-aware, every site): the cofactors minimising the *predicted*
+per-tensor INT8 noise of every site the quantizer creates — weights, activations, the
+constant inputs of quantized ops (an inserted ``Mul``'s factor) — each site's step its
+largest channel times that channel's cofactor, its noise relative to its own signal
+(:mod:`graphteleport.quantnoise`: convex in ``u``, from calibration statistics recorded
+once); in insert mode from ``cle`` p's ``Mul`` s (:func:`noise_refine`).  On the rapidocr
+recogniser it is the first rescaling whose per-tensor INT8 model reads the held-back
+lines within 1 point of FP32 (docs/quantization.md).
+
 ``auto`` (calibration-scored): neither balance sees everything a quantizer does (``cle``
 ignores the activations, ``smooth`` balances one consumer at a time, and which ``p`` or
 ``alpha`` is best differs from model to model), so ``auto`` computes the candidates — no
 rescaling at all, ``cle`` for each p of :data:`AUTO_P`, ``smooth`` for each alpha of
-:data:`AUTO_ALPHA`, and ``cle`` for each p in insert mode (:func:`insert_candidates`; each
-rounded to powers of two with ``exact``) — and keeps the one whose simulated per-tensor
-INT8 model (:class:`graphteleport.activations.Int8Simulation`: INT8 weights and UINT8
+:data:`AUTO_ALPHA`, ``cle`` for each p in insert mode (:func:`insert_candidates`), and
+``noise`` refining the best of those (:func:`noise_candidate`; each rounded to powers of
+two with ``exact``) — and keeps the one whose simulated per-tensor INT8 model (:class:`graphteleport.activations.Int8Simulation`: INT8 weights and UINT8
 activations at the quantizer's operands, MinMax ranges) has the best output SQNR on the
 calibration inputs, provided it beats the data-free default (:func:`auto_default`:
 ``cle`` with :data:`DEFAULT_P` in insert mode where that balance converged, else in
