@@ -80,8 +80,9 @@ ignores the activations, ``smooth`` balances one consumer at a time, and which `
 rescaling at all, ``cle`` for each p of :data:`AUTO_P`, ``smooth`` for each alpha of
 :data:`AUTO_ALPHA`, ``cle`` for each p in insert mode (:func:`insert_candidates`), and
 ``noise`` refining the best of those (:func:`noise_candidate`; each rounded to powers of
-two with ``exact``) — and keeps the one whose simulated per-tensor INT8 model (:class:`graphteleport.activations.Int8Simulation`: INT8 weights and UINT8
-activations at the quantizer's operands, MinMax ranges) has the best output SQNR on the
+two with ``exact``) — and keeps the one whose simulated per-tensor INT8 model
+(:class:`graphteleport.activations.Int8Simulation`: INT8 weights and UINT8 activations
+at the quantizer's operands, MinMax ranges) has the best output SQNR on the
 calibration inputs, provided it beats the data-free default (:func:`auto_default`:
 ``cle`` with :data:`DEFAULT_P` in insert mode where that balance converged, else in
 absorb mode) in at least :data:`AUTO_LEVEL` of the bootstrap resamplings of the
