@@ -32,6 +32,7 @@ from experiments.quantization import ROOT, max_rel_err, quantize, run_batches, s
 
 log = logging.getLogger("experiments.quant_noise")
 CACHE = ROOT / "experiments" / ".cache" / "quantization"
+OUT = ROOT / "experiments" / "results" / "quant_noise.json"
 
 
 def measure(task: Any, path: Path, ref: list[np.ndarray], work: Path) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="measure the refined file written before")
     ap.add_argument("--gains", action="store_true", help="weight the sites by group gains")
     ap.add_argument("--tag", default="", help="suffix of the refined model's file name")
-    ap.add_argument("--json", default=str(ROOT / "experiments" / "results" / "quant_noise.json"))
+    ap.add_argument("--json", default=str(OUT))
     args = ap.parse_args(argv)
     task = ocr_rec_task(CACHE, 32, args.held_back)  # (the lines are a prefix of 128's)
     work = CACHE / "ocr_rec" / "noise"
@@ -245,3 +246,43 @@ def group_gains(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the document's section ----------------------------------------------------------------------
+def section(results: dict[str, Any]) -> str:
+    """The start and the refined model: held-back SQNR, exact strings, the FP32 check, the
+    objective's predicted noise by kind of site and its largest sites (markdown)."""
+    if not results or "refined" not in results:
+        return "(not run: `python -m experiments.quant_noise --held-back 128 --pass`)"
+    meta = results.get("meta", {})
+    lines = [
+        "| model | SQNR dB | exact strings % | FP32 max rel err | predicted R: weights / "
+        "activations / constants (sum) |",
+        "|---|---|---|---|---|",
+    ]
+    names = {"start": f"insert cle p={meta.get('p', 4):g}", "refined": "+ noise objective"}
+    for key in ("start", "refined"):
+        r = results[key]
+        pred = r.get("predicted", {})
+        kinds = pred.get("by_kind", {})
+        parts = " / ".join(f"{kinds.get(k, 0.0):.3g}" for k in ("weight", "activation", "constant"))
+        lines.append(
+            f"| {names[key]} | {r['sqnr_db']:.2f} | {r['metric']:.1f} | "
+            f"{r['fp32_rel_err']:.1e} | {parts} ({pred.get('total', 0.0):.3g}) |"
+        )
+    top = results["refined"].get("predicted", {}).get("top", [])
+    if top:
+        lines.append("")
+        lines.append(
+            "Largest predicted sites after refinement: "
+            + ", ".join(f"`{t['site']}` ({t['kind']}, {t['r']:.2g})" for t in top)
+            + "."
+        )
+    lines.append("")
+    lines.append(
+        f"({meta.get('held_back')} held-back lines, {meta.get('date')}, load average "
+        f"{meta.get('load_average', 0.0):.1f}; the start's cofactors "
+        f"{'rounded to powers of two, as `--method noise` does' if meta.get('by_pass') else 'as cle wrote them'}"
+        f"{', --exact' if meta.get('exact') else ''}.)"
+    )
+    return "\n".join(lines)

@@ -1003,6 +1003,15 @@ def autorule_section() -> str:
     return quant_autorule.section(json.loads(path.read_text()) if path.is_file() else {})
 
 
+def noise_section() -> str:
+    """The predicted-noise objective on the recogniser (``experiments/quant_noise.py``),
+    from its JSON."""
+    from experiments import quant_noise
+
+    path = quant_noise.OUT
+    return quant_noise.section(json.loads(path.read_text()) if path.is_file() else {})
+
+
 def render_doc(results: dict[str, Any]) -> str:
     meta = results["meta"]
     models = results["models"]
@@ -1050,6 +1059,12 @@ ran and kept the FP32 function.
 {done_when_table(models)}
 
 {bullets}
+
+## The recogniser within 1 point: the predicted-noise objective (generated)
+
+{NOISE}
+
+{noise_section()}
 
 {READING}
 
