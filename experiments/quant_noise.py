@@ -279,10 +279,10 @@ def section(results: dict[str, Any]) -> str:
             + "."
         )
     lines.append("")
+    how = "written by `--method noise`" if meta.get("by_pass") else "refined from the start"
     lines.append(
         f"({meta.get('held_back')} held-back lines, {meta.get('date')}, load average "
-        f"{meta.get('load_average', 0.0):.1f}; the start's cofactors "
-        f"{'rounded to powers of two, as `--method noise` does' if meta.get('by_pass') else 'as cle wrote them'}"
+        f"{meta.get('load_average', 0.0):.1f}; the refined model {how}"
         f"{', --exact' if meta.get('exact') else ''}.)"
     )
     return "\n".join(lines)

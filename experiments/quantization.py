@@ -1197,6 +1197,28 @@ is a fallback, not a substitute for the rule.  On held-back data insert cle p = 
 at least absorb cle p = 3 on all five models (level on the CNNs, where both write the
 same model)."""
 
+NOISE = """The diagnosis below left the recogniser's loss in sites a weight balance does not see:
+activations (hardswish internals, the SVTR neck) as much as weights.  `--method noise`
+(`graphteleport/quantnoise.py`) prices every site the quantizer creates at once: per site
+`s` — a weight (INT8, step `max|W|/127`), an activation (UINT8 over `[min(x,0),
+max(x,0)]`), a constant input of a quantized op (an inserted `Mul`'s factor) — the step
+is its channels' ranges times their cofactors, maxed (a power mean, p = 16), and its
+noise `Δ²/12` per element, mapped back through the cofactors, relative to the site's own
+signal; the objective is the sum over sites, log-convex in `log t`, from per-neuron
+statistics recorded once in onnxruntime on the calibration batch, solved by L-BFGS.  A
+`Mul`'s factor `c` scales a whole channel, so its rounding is priced as a gain error
+(`δ/c` on every element of that channel).  In insert mode the method starts from cle
+p's `Mul`s (rounded to powers of two, so the start's rewrite is exact) and refines on the
+absorb-mode analysis of that model, where every inserted factor is a stored tensor that
+absorbs.  The harness row `equalize noise --mode insert --p 4` is that model written by
+the CLI (verified like every row); p = 4 is the insert cle candidate `auto` keeps on the
+recogniser's calibration batch, and `auto`'s own `insert noise` candidate starts from
+its best-scoring insert candidate by the same rule.
+`python -m experiments.quant_noise --held-back 128 --pass` (`experiments/results/
+quant_noise.json`) writes the start and the refined model and measures both as the
+harness does:"""
+
+
 READING = """## Reading of the 2026-12-04 runs (graphteleport at quantproof2)
 
 **Done-when 2, part by part** (the `equalize auto` row: chosen on the 32 calibration inputs
