@@ -224,3 +224,19 @@ def test_auto_can_choose_the_noise_candidate(monkeypatch: pytest.MonkeyPatch) ->
         np.ones(plain.solution.num_pairs)
     )
     assert score == pytest.approx(dict(fig.candidates)[NOISE_CANDIDATE], abs=1e-6)
+
+
+def test_the_documents_section_renders_the_results() -> None:
+    from experiments.quant_noise import section
+
+    assert "not run" in section({})
+    row = {
+        "sqnr_db": 12.345,
+        "metric": 96.875,
+        "fp32_rel_err": 7.9e-4,
+        "predicted": {"total": 0.07, "by_kind": {"weight": 0.03, "activation": 0.04},
+                      "top": [{"site": "w9", "kind": "weight", "r": 0.005}]},
+    }  # fmt: skip
+    text = section({"start": row, "refined": row, "meta": {"p": 4, "held_back": 128}})
+    assert "| + noise objective | 12.35 | 96.9 | 7.9e-04 | 0.03 / 0.04 / 0 (0.07) |" in text
+    assert "`w9` (weight, 0.005)" in text and "128 held-back lines" in text
