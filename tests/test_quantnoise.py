@@ -240,3 +240,24 @@ def test_the_documents_section_renders_the_results() -> None:
     text = section({"start": row, "refined": row, "meta": {"p": 4, "held_back": 128}})
     assert "| + noise objective | 12.35 | 96.9 | 7.9e-04 | 0.03 / 0.04 / 0 (0.07) |" in text
     assert "`w9` (weight, 0.005)" in text and "128 held-back lines" in text
+
+
+def test_a_shared_constants_use_at_scale_one_keeps_the_original() -> None:
+    """A constant shared by two uses, the first stored broadcast-expanded (its ``S``
+    varies per channel), the second at ``S = 1`` exactly (powers of two): the second
+    gets a copy of the original, not the first's expansion under the shared name (the
+    rapidocr classifier's ``+3`` of two hardswish blocks of different widths, insert
+    mode with powers of two: the model did not load)."""
+    from types import SimpleNamespace
+
+    from graphteleport.rewrite import _pend
+
+    w = np.array(3.0, np.float32)
+    first, second = SimpleNamespace(source="c"), SimpleNamespace(source="c")
+    per_channel = np.exp2(np.arange(8.0)).reshape(1, 8, 1, 1)
+    scales = [([first], per_channel), ([second], np.ones(()))]
+    out, _ = _pend(w, (first, second), scales, True, 1.0)  # type: ignore[arg-type]
+    assert out.new is not None and np.shape(out.new) == (1, 8, 1, 1)
+    assert [(use, np.asarray(v).tolist()) for use, v in out.copies] == [(second, 3.0)]
+    same = [([first], per_channel), ([second], per_channel)]
+    assert _pend(w, (first, second), same, True, 1.0)[0].copies == []  # type: ignore[arg-type]
