@@ -1121,10 +1121,13 @@ offline.  Protocol (details in `experiments/quantization.py`):
   line near the decision boundary made 95 % of the as-is INT8 noise, and the rows' order
   changed with a few lines; on 1000 every SQNR of it is lower and the spread smaller.)
 - **graphteleport rows**: `equalize --method cle` (p = 3), `--exact`, `--mode insert`,
-  `--method smooth` (alpha 0.5), and `--method auto`, which picks among no rescaling, cle
-  with p = 2, 3, 4, smooth with alpha 0.25, 0.5, 0.75 and cle with p = 2, 3, 4 in insert
-  mode (each written into a copy and simulated there) the candidate whose simulated
-  per-tensor INT8 model scores the best output SQNR on the *calibration* batch (`--int8-ops`
+  `--method smooth` (alpha 0.5), `--method noise --mode insert --p 4` (the predicted
+  INT8 noise of every site, from insert cle p = 4's `Mul`s: its own section below; since
+  2026-12-04 evening), and `--method auto`, which picks among no rescaling, cle
+  with p = 2, 3, 4, smooth with alpha 0.25, 0.5, 0.75, cle with p = 2, 3, 4 in insert
+  mode and `insert noise` (the noise objective from the best of those three; since
+  2026-12-04 evening), each insert candidate written into a copy and simulated there,
+  the candidate whose simulated per-tensor INT8 model scores the best output SQNR on the *calibration* batch (`--int8-ops`
   given the op types the quantizer quantizes: `all`, or `MatMul,Gemm` for MiniLM), where
   that candidate beats the data-free default — cle p = 3 in insert mode where that balance
   converges, else cle p = 3 in absorb mode (since 2026-12-04; before, absorb cle p = 3) —
