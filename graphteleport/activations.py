@@ -71,6 +71,7 @@ __all__ = [
     "load_calibration",
     "quantized_inputs",
     "quantized_operands",
+    "runnable",
     "smooth_cofactors",
 ]
 
@@ -99,7 +100,7 @@ def activation_ranges(
     names = [n for n in analysis.neurons if n in computed or n in inputs]
     outputs = [n for n in names if n not in inputs]
     ranges: dict[str, np.ndarray] = {}
-    with _runnable(model, outputs) as (output_names, run):
+    with runnable(model, outputs) as (output_names, run):
         for feed in feeds:
             values = dict(zip(output_names, run(feed), strict=True))
             values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
@@ -110,7 +111,7 @@ def activation_ranges(
 
 
 @contextlib.contextmanager
-def _runnable(model: ir.Model, outputs: Sequence[str]) -> Iterator[Runner]:
+def runnable(model: ir.Model, outputs: Sequence[str]) -> Iterator[Runner]:
     """A runner of ``model`` (onnxruntime, :func:`~graphteleport.verify.open_proto`)
     whose outputs are its own plus ``outputs``, and their names.  A model with external
     data is saved to a temporary folder first, so the runner reads its weights there."""
@@ -388,7 +389,7 @@ def channel_extrema(
     feeds is left out."""
     inputs = {v.name for v in model.graph.inputs}
     extrema: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    with _runnable(model, [n for n in names if n not in inputs]) as (output_names, run):
+    with runnable(model, [n for n in names if n not in inputs]) as (output_names, run):
         for feed in feeds:
             values = dict(zip(output_names, run(feed), strict=True))
             values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
@@ -482,7 +483,7 @@ class Int8Simulation:
         arrays = {n: np.asarray(values[n].const_value.numpy()) for n in weight_names if n in values}  # type: ignore[union-attr]
         uses = {n: w.uses for n in arrays if (w := analysis.weight_named(n)) is not None}
         extrema = channel_extrema(model, analysis, act_names, feeds)
-        with _runnable(model, []) as (_names, run):
+        with runnable(model, []) as (_names, run):
             reference = tuple(tuple(run(f)) for f in feeds)
         return cls(
             ir.to_proto(model), tuple(feeds), reference, arrays, uses, extrema,

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.activations import _runnable, quantized_inputs, quantized_operands
+from graphteleport.activations import runnable, quantized_inputs, quantized_operands
 from graphteleport.algebra import with_rank
 from graphteleport.analysis import Absorb, AnalysisResult
 from graphteleport.orbit import compact_shape, movable_pairs, used_values
@@ -233,7 +233,7 @@ def activation_sites(
             wanted[name] = (np.asarray(ids).shape, terms)
     stats: dict[str, list[FloatArray]] = {}
     inputs = {v.name for v in model.graph.inputs}
-    with _runnable(model, [n for n in wanted if n not in inputs]) as (output_names, run):
+    with runnable(model, [n for n in wanted if n not in inputs]) as (output_names, run):
         for feed in feeds:
             values = dict(zip(output_names, run(feed), strict=True))
             values.update({n: np.asarray(feed[n]) for n in wanted if n in inputs and n in feed})
