@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.activations import runnable, quantized_inputs, quantized_operands
+from graphteleport.activations import quantized_inputs, quantized_operands, runnable
 from graphteleport.algebra import with_rank
 from graphteleport.analysis import Absorb, AnalysisResult
 from graphteleport.orbit import compact_shape, movable_pairs, used_values
