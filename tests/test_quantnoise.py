@@ -261,3 +261,25 @@ def test_a_shared_constants_use_at_scale_one_keeps_the_original() -> None:
     assert [(use, np.asarray(v).tolist()) for use, v in out.copies] == [(second, 3.0)]
     same = [([first], per_channel), ([second], per_channel)]
     assert _pend(w, (first, second), same, True, 1.0)[0].copies == []  # type: ignore[arg-type]
+
+
+def test_the_simulation_quantizes_the_other_ops_stored_inputs() -> None:
+    """With every op type quantized, the Adds' stored ``b1``, ``b2`` are simulated as
+    onnxruntime's QDQ quantizer stores them: UINT8 per tensor over ``[min(c, 0),
+    max(c, 0)]``."""
+    from graphteleport.activations import fake_quant_constant
+
+    model = ir.from_proto(mlp(outlier=20.0))
+    analysis = analyze_model(model)
+    assert set(Int8Simulation.calibrate(model, analysis, calibration(2), ("all",)).constants) == {
+        "b1",
+        "b2",
+    }
+    assert not Int8Simulation.calibrate(model, analysis, calibration(2)).constants
+    c = np.array([-1.0, 0.3, 2.0], np.float32)
+    s = np.array([1.0, 2.0, 1.0])
+    q = fake_quant_constant(c, s)
+    step = (2.0 - (-1.0)) / 255  # c·s spans [-1, 2]
+    grid = (q * s - (-1.0)) / step
+    np.testing.assert_allclose(grid, np.round(grid), atol=1e-4)
+    assert np.max(np.abs(q - c) * s) <= step / 2 + 1e-6 and q.dtype == c.dtype
