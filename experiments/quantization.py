@@ -385,7 +385,10 @@ def run_tool(
     """Run ``cmd`` (for at most ``timeout`` seconds); raise :class:`ToolFailed` when it
     writes no ``dst`` or exits other than 0 or 1; return a note on an exit 1 that wrote
     ``dst`` (the tool's own check failed, the harness measures the model anyway), else
-    ``""``."""
+    ``""``.  A ``dst`` left by an earlier run is removed first: a tool that exits 1
+    without writing (graphteleport's failed verification writes nothing) was measured on
+    the earlier run's model."""
+    dst.unlink(missing_ok=True)
     try:
         proc = subprocess.run(
             cmd, env=env, cwd=str(cwd), capture_output=True, text=True, timeout=timeout
