@@ -299,6 +299,24 @@ VARIANTS = (
         ),
         timeout=AUTO_TIMEOUT_S,
     ),
+    Variant(
+        "gt_noise_insert",
+        "graphteleport equalize noise --mode insert --p 4",
+        "graphteleport",
+        (
+            "--method",
+            "noise",
+            "--mode",
+            "insert",
+            "--p",
+            "4",
+            "--calibration",
+            "{calibration}",
+            "--int8-ops",
+            "{int8_ops}",
+        ),
+        timeout=AUTO_TIMEOUT_S,
+    ),
     Variant("aimet", "AIMET-ONNX equalize_model", "aimet", ("aimet_cle.py",)),
     Variant("onnxsim", "onnxsim cross_layer_equalize", "onnxsim", ("onnxsim_cle.py",)),
     Variant("quark", "AMD Quark apply_CLE", "quark", ("quark_cle.py",)),
@@ -367,7 +385,10 @@ def run_tool(
     """Run ``cmd`` (for at most ``timeout`` seconds); raise :class:`ToolFailed` when it
     writes no ``dst`` or exits other than 0 or 1; return a note on an exit 1 that wrote
     ``dst`` (the tool's own check failed, the harness measures the model anyway), else
-    ``""``."""
+    ``""``.  A ``dst`` left by an earlier run is removed first: a tool that exits 1
+    without writing (graphteleport's failed verification writes nothing) was measured on
+    the earlier run's model."""
+    dst.unlink(missing_ok=True)
     try:
         proc = subprocess.run(
             cmd, env=env, cwd=str(cwd), capture_output=True, text=True, timeout=timeout
@@ -985,6 +1006,15 @@ def autorule_section() -> str:
     return quant_autorule.section(json.loads(path.read_text()) if path.is_file() else {})
 
 
+def noise_section() -> str:
+    """The predicted-noise objective on the recogniser (``experiments/quant_noise.py``),
+    from its JSON."""
+    from experiments import quant_noise
+
+    path = quant_noise.OUT
+    return quant_noise.section(json.loads(path.read_text()) if path.is_file() else {})
+
+
 def render_doc(results: dict[str, Any]) -> str:
     meta = results["meta"]
     models = results["models"]
@@ -1032,6 +1062,14 @@ ran and kept the FP32 function.
 {done_when_table(models)}
 
 {bullets}
+
+## The recogniser within 1 point: the predicted-noise objective (generated)
+
+{NOISE}
+
+{noise_section()}
+
+{NOISE_READING}
 
 {READING}
 
@@ -1088,17 +1126,20 @@ offline.  Protocol (details in `experiments/quantization.py`):
   line near the decision boundary made 95 % of the as-is INT8 noise, and the rows' order
   changed with a few lines; on 1000 every SQNR of it is lower and the spread smaller.)
 - **graphteleport rows**: `equalize --method cle` (p = 3), `--exact`, `--mode insert`,
-  `--method smooth` (alpha 0.5), and `--method auto`, which picks among no rescaling, cle
-  with p = 2, 3, 4, smooth with alpha 0.25, 0.5, 0.75 and cle with p = 2, 3, 4 in insert
-  mode (each written into a copy and simulated there) the candidate whose simulated
+  `--method smooth` (alpha 0.5), `--method noise --mode insert --p 4` (the predicted INT8
+  noise of every site, from insert cle p = 4's `Mul`s: its own section below; since
+  2026-12-04 evening), and `--method auto`, which picks among no rescaling, cle with p = 2,
+  3, 4, smooth with alpha 0.25, 0.5, 0.75, cle with p = 2, 3, 4 in insert mode and `insert
+  noise` (the noise objective from the best of those three; since 2026-12-04 evening), each
+  insert candidate written into a copy and simulated there, the candidate whose simulated
   per-tensor INT8 model scores the best output SQNR on the *calibration* batch (`--int8-ops`
   given the op types the quantizer quantizes: `all`, or `MatMul,Gemm` for MiniLM), where
   that candidate beats the data-free default — cle p = 3 in insert mode where that balance
-  converges, else cle p = 3 in absorb mode (since 2026-12-04; before, absorb cle p = 3) —
-  in at least 97.5 % of 1000 bootstrap resamplings of the calibration samples and the noise
-  is spread over at least 8 of them (else the default); it never sees the held-back
-  inputs, so it is the row Done-when 2 judges.  The best of all
-  graphteleport rows is shown too, marked as chosen with hindsight."""
+  converges, else cle p = 3 in absorb mode (since 2026-12-04; before, absorb cle p = 3) — in
+  at least 97.5 % of 1000 bootstrap resamplings of the calibration samples and the noise is
+  spread over at least 8 of them (else the default); it never sees the held-back inputs, so
+  it is the row Done-when 2 judges.  The best of all graphteleport rows is shown too, marked
+  as chosen with hindsight."""
 
 CERTIFICATE = """Done-when 2 asks that where per-tensor INT8 loses task accuracy, equalize
 recover it to within 1 point of FP32.  Only the recogniser loses accuracy (95.3 % → 0 %
@@ -1130,10 +1171,11 @@ residual/LayerNorm chain, the diagnosis' offenders — take the recogniser to ab
 exact strings: **no absorb-mode rescaling, ours or a peer's, can bring per-tensor INT8 to
 within 1 point of FP32 here.**  In **insert mode** only constants and a few activations
 stay fixed, and quantized alone they keep FP32's accuracy: there is no certificate, so
-insert mode is not ruled out — but no balance we have gets there (`auto`, which can pick
-insert mode, ends at the figure in the table above).  The criterion is unmet on the
-recogniser, and this is the honest answer to it: impossible for weight-only rescaling,
-open for insert mode."""
+insert mode is not ruled out — and an insert-mode rescaling does get there: `--method
+noise --mode insert` (its section above) reads 96.9 % of the 128 held-back lines after
+per-tensor INT8.  Until it, no balance had (insert cle p = 4, auto's pick, 52 %).  The
+answer on the recogniser: impossible for weight-only rescaling, reached (on these 128
+lines, one model; its section says how firm that is) by an insert-mode one."""
 
 AUTORULE = """`auto` keeps its best candidate only where the calibration feeds separate it from the
 data-free default, so where they cannot (the classifier) the default *is* the result.
@@ -1164,7 +1206,72 @@ is a fallback, not a substitute for the rule.  On held-back data insert cle p = 
 at least absorb cle p = 3 on all five models (level on the CNNs, where both write the
 same model)."""
 
+NOISE = """The diagnosis below left the recogniser's loss in sites a weight balance does not see:
+activations (hardswish internals, the SVTR neck) as much as weights.  `--method noise`
+(`graphteleport/quantnoise.py`) prices every site the quantizer creates at once: per site
+`s` — a weight (INT8, step `max|W|/127`), an activation (UINT8 over `[min(x,0),
+max(x,0)]`), a constant input of a quantized op (an inserted `Mul`'s factor) — the step
+is its channels' ranges times their cofactors, maxed (a power mean, p = 16), and its
+noise `Δ²/12` per element, mapped back through the cofactors, relative to the site's own
+signal; the objective is the sum over sites, log-convex in `log t`, from per-neuron
+statistics recorded once in onnxruntime on the calibration batch, solved by L-BFGS.  A
+`Mul`'s factor `c` scales a whole channel, so its rounding is priced as a gain error
+(`δ/c` on every element of that channel).  In insert mode the method starts from cle
+p's `Mul`s (rounded to powers of two, so the start's rewrite is exact) and refines on the
+absorb-mode analysis of that model, where every inserted factor is a stored tensor that
+absorbs.  The harness row `equalize noise --mode insert --p 4` is that model written by
+the CLI (verified like every row); p = 4 is the insert cle candidate `auto` keeps on the
+recogniser's calibration batch, and `auto`'s own `insert noise` candidate starts from
+its best-scoring insert candidate by the same rule.
+`python -m experiments.quant_noise --held-back 128 --pass` (`experiments/results/
+quant_noise.json`) writes the start and the refined model and measures both as the
+harness does:"""
+
+
+NOISE_READING = """Reading (the start in the table is insert cle p = 4 as cle writes it; the
+method rounds it to powers of two first, which changes the refined SQNR by < 0.01 dB):
+the objective predicts the start's noise is mostly one site — `layer_norm_43.w_0`, the
+SVTR neck's LayerNorm scale, a per-channel `Mul` factor whose per-tensor rounding is a
+gain error on every channel (0.69 of 0.82) — and brings it to 0.0016; what is left is
+the hardswish blocks' 1x1 conv weights (`conv2d_117`, `conv2d_118`: the diagnosis'
+offenders, which insert mode frees) and activations spread over ~350 sites.  Measured on
+the 128 held-back lines: 10.65 → 12.67 dB and 72.7 → 96.9 % exact strings, FP32 95.3 %:
+**within 1 point** (INT8 reads two lines more than FP32 here, luck included), with the
+FP32 function kept (max relative error 7.9e-4 ≤ 1e-3, the CLI's verification passed).
+How firm: one model on 128 lines (a binomial standard error of about 1.6 points); at
+this SQNR the string rate moves by points between models of the same SQNR — the same
+refinement from the unrounded start (12.67 dB too, FP32 rel err 1.03e-3, over the
+threshold) read 94.5 %, from insert cle p = 3 (32 lines) 12.16 dB and 78.1 % against
+p = 4's 11.89 dB and 96.9 % on the same 32 lines.  So the criterion is met by this row
+on the harness's lines, by a margin of 2.6 points, not by a margin that makes it
+certain on every line set.
+
+`auto`, the row Done-when 2 judges, now computes this refinement too (`insert noise`,
+from its best-scoring insert cle candidate) and its simulated quantizer now prices the
+constant inputs of quantized ops (without them it had scored insert cle p = 4 at
+11.32 dB on the calibration lines, 9.08 held-back; now 10.05).  On the recogniser it
+picks `insert noise` (11.33 dB on the calibration lines against 10.05), but rounded to
+powers of two: unrounded, the model it wrote from its own graph (Clips joined where
+absorb mode pins them) failed the CLI's verification by float32 rounding (2.25e-5 on a
+softmax output against 1e-5), so `auto` keeps the whole rewrite exact.  Held-back:
+**11.81 dB, 85.9 %** (before: 9.08 dB, 52.3 %; `auto --exact` picks the same model, was
+9.75 dB, 81.2 %) — 9.4 points below FP32, so `auto` does **not** meet "within 1 point";
+the unrounded `--method noise --mode insert` row does.
+
+What did not work (32 held-back lines, one run each, load 4–8; `quant_noise.py` options):
+pricing a `Mul` factor as additive noise beside its own small signal (the first model)
+reached 12.30 dB / 84.4 %; a sharper max (p = 48) 11.51 dB / 71.9 %; weighting each site
+by a sensitivity measured on the calibration batch per group (kind × depth: noise with the
+group alone quantized over its predicted sum, 0.0006–68 across 24 groups; `--gains`)
+11.37 dB / 71.9 %; `--exact` (the refinement rounded to powers of two too; 128 lines)
+11.50 dB / 82.8 %.  Cost: sites and statistics ~15 s, the solve 75–190 s on the
+recogniser (2 cores at load 4–8), the harness row 145 s in all."""
+
+
 READING = """## Reading of the 2026-12-04 runs (graphteleport at quantproof2)
+
+(The recogniser's accuracy has moved since: the predicted-noise section above.  This
+reading is of the runs before it.)
 
 **Done-when 2, part by part** (the `equalize auto` row: chosen on the 32 calibration inputs
 only, never on the held-back ones).  In brackets the 90 % paired bootstrap interval of

@@ -44,6 +44,7 @@ j mod C/G]``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -71,6 +72,7 @@ __all__ = [
     "load_calibration",
     "quantized_inputs",
     "quantized_operands",
+    "runnable",
     "smooth_cofactors",
 ]
 
@@ -99,7 +101,7 @@ def activation_ranges(
     names = [n for n in analysis.neurons if n in computed or n in inputs]
     outputs = [n for n in names if n not in inputs]
     ranges: dict[str, np.ndarray] = {}
-    with _runnable(model, outputs) as (output_names, run):
+    with runnable(model, outputs) as (output_names, run):
         for feed in feeds:
             values = dict(zip(output_names, run(feed), strict=True))
             values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
@@ -110,7 +112,7 @@ def activation_ranges(
 
 
 @contextlib.contextmanager
-def _runnable(model: ir.Model, outputs: Sequence[str]) -> Iterator[Runner]:
+def runnable(model: ir.Model, outputs: Sequence[str]) -> Iterator[Runner]:
     """A runner of ``model`` (onnxruntime, :func:`~graphteleport.verify.open_proto`)
     whose outputs are its own plus ``outputs``, and their names.  A model with external
     data is saved to a temporary folder first, so the runner reads its weights there."""
@@ -388,7 +390,7 @@ def channel_extrema(
     feeds is left out."""
     inputs = {v.name for v in model.graph.inputs}
     extrema: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    with _runnable(model, [n for n in names if n not in inputs]) as (output_names, run):
+    with runnable(model, [n for n in names if n not in inputs]) as (output_names, run):
         for feed in feeds:
             values = dict(zip(output_names, run(feed), strict=True))
             values.update({n: np.asarray(feed[n]) for n in names if n in inputs and n in feed})
@@ -429,6 +431,36 @@ def fake_quant_weight(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.asarray(q / s, dtype=w.dtype)
 
 
+def fake_quant_constant(c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``DQ(Q(c·s))/s``: a stored input of a quantized op other than a weight, as the
+    model rescaled by ``s`` holds it after the quantizer's per-tensor UINT8 (MinMax over
+    ``[min(c·s, 0), max(c·s, 0)]``, like an activation), mapped back."""
+    scaled = c.astype(np.float64) * np.broadcast_to(s, np.broadcast_shapes(c.shape, np.shape(s)))
+    if not scaled.size or not np.all(np.isfinite(scaled)):
+        return c
+    scale_, zero = activation_qparams(
+        scaled.min(keepdims=True), scaled.max(keepdims=True), np.ones(1)
+    )
+    q = np.clip(np.round(scaled / scale_) + zero, 0, ACTIVATION_LEVELS)
+    return np.asarray(((q - zero) * scale_ / s).reshape(scaled.shape), dtype=c.dtype)
+
+
+def quantized_constants(model: ir.Model, op_types: Collection[str] | None) -> list[str]:
+    """The stored float inputs a per-tensor quantizer quantizes that are not weights of
+    :data:`QUANTIZED_OPERANDS`: the stored inputs :func:`quantized_inputs` names of the
+    other op types (onnxruntime's QDQ quantizer gives them UINT8, like activations)."""
+    weights, _ = quantized_operands(model, op_types)
+    out: dict[str, None] = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type in QUANTIZED_OPERANDS:
+            continue
+        for i in quantized_inputs(node.op_type, len(node.inputs), op_types):
+            v = node.inputs[i] if i < len(node.inputs) else None
+            if v is not None and v.name and v.name not in weights and v.is_initializer():
+                out[v.name] = None
+    return list(out)
+
+
 def activation_qparams(lo: np.ndarray, hi: np.ndarray, tau: np.ndarray) -> tuple[float, int]:
     """Scale and zero point of the per-tensor UINT8 quantizer of ``τ·x`` (per-neuron
     ``lo ≤ x ≤ hi``): MinMax over ``[min(τ·x, 0), max(τ·x, 0)]``, as onnxruntime's."""
@@ -464,6 +496,9 @@ class Int8Simulation:
     extrema: Mapping[str, tuple[np.ndarray, np.ndarray]]
     neurons: Mapping[str, np.ndarray]
     op_types: Collection[str] | None = None
+    #: the stored inputs of the other quantized ops (UINT8 per tensor, like activations:
+    #: an inserted ``Mul``'s factor, a LayerNorm's scale in a decomposed LayerNorm)
+    constants: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def calibrate(
@@ -480,13 +515,24 @@ class Int8Simulation:
         weight_names, act_names = quantized_operands(model, op_types)
         values = {v.name: v for v in model.graph.initializers.values()}
         arrays = {n: np.asarray(values[n].const_value.numpy()) for n in weight_names if n in values}  # type: ignore[union-attr]
-        uses = {n: w.uses for n in arrays if (w := analysis.weight_named(n)) is not None}
+        constants = {
+            n: a for n in quantized_constants(model, op_types)
+            if n in values and (a := np.asarray(values[n].const_value.numpy())).dtype.kind == "f"  # type: ignore[union-attr]
+        }  # fmt: skip
+        uses = {
+            n: w.uses for n in [*arrays, *constants] if (w := analysis.weight_named(n)) is not None
+        }
+        constants = {  # (a constant broadcast-expanded or gathered by a use: left in float)
+            n: c for n, c in constants.items()
+            if all(u.index is None and not u.expand for u in uses.get(n, ()))
+        }  # fmt: skip
         extrema = channel_extrema(model, analysis, act_names, feeds)
-        with _runnable(model, []) as (_names, run):
+        with runnable(model, []) as (_names, run):
             reference = tuple(tuple(run(f)) for f in feeds)
         return cls(
             ir.to_proto(model), tuple(feeds), reference, arrays, uses, extrema,
             {n: analysis.neurons[n] for n in extrema if n in analysis.neurons}, op_types,
+            constants,
         )  # fmt: skip
 
     def model(self, tau: np.ndarray) -> onnx.ModelProto:
@@ -498,6 +544,10 @@ class Int8Simulation:
             if init.name in self.weights:
                 w = self.weights[init.name]
                 q = fake_quant_weight(w, self._weight_scale(init.name, w.shape, tau))
+                graph.initializer[k].CopyFrom(onnx.numpy_helper.from_array(q, init.name))
+            elif init.name in self.constants:
+                c = self.constants[init.name]
+                q = fake_quant_constant(c, self._weight_scale(init.name, c.shape, tau))
                 graph.initializer[k].CopyFrom(onnx.numpy_helper.from_array(q, init.name))
         nodes: list[onnx.NodeProto] = []
         done: dict[str, str] = {}

@@ -218,13 +218,15 @@ def equalize_parser() -> argparse.ArgumentParser:
         "several A, cle in insert mode) whose simulated per-tensor INT8 model has the best "
         "output SQNR on --calibration, where the feeds separate it from the default, cle "
         "p=3 in insert mode (else that default; absorb mode where insert's balance does "
-        "not converge)",
+        "not converge); noise: the least predicted INT8 noise of every quantized site "
+        "(weights, activations, constants) on --calibration (with --mode insert: from cle "
+        "p=P's Muls)",
     )
     p.add_argument(
         "--int8-ops",
         metavar="OPS",
-        help="auto: the op types the INT8 quantizer quantizes, comma-separated, or 'all' "
-        "(default: the Conv/Gemm/MatMul operands only)",
+        help="auto, noise: the op types the INT8 quantizer quantizes, comma-separated, or "
+        "'all' (default: auto the Conv/Gemm/MatMul operands only, noise all)",
     )
     p.add_argument(
         "--auto-candidates",
@@ -383,7 +385,11 @@ def _with_outcome(lines: list[str], r: TeleportReport) -> str:
 def format_equalize(r: TeleportReport) -> str:
     e = r.equalize or {}
     lines = [f"graphteleport equalize: {r.model} -> {r.output}"]
-    how = f"p={e.get('p', 0.0):g}" if e.get("method") == "cle" else f"alpha={e.get('alpha')}"
+    how = (
+        f"p={e.get('p', 0.0):g}"
+        if e.get("method") in ("cle", "noise")
+        else f"alpha={e.get('alpha')}"
+    )
     lines.append(
         f"  method {e.get('method')} ({how}), mode {r.options.mode}"
         + (", exact (powers of two)" if r.options.exact else "")

@@ -749,16 +749,18 @@ def _pend(
 ) -> tuple[_Pending, Magnitudes]:
     """The new value of one weight, and its magnitudes (``smin``: a lower bound of its
     ``|S|``): the first scale's product is stored in place; a private weight's other
-    uses get copies where their products differ from it and from the original."""
+    uses get copies where their products differ from what the weight's name then holds
+    (the first product where it changed, else the original) — a use whose ``S`` is 1
+    keeps the original where the first use's product replaced it (on the rapidocr
+    classifier in insert mode with powers of two: a shared ``+3`` stored per-channel for
+    one hardswish was read by another of a different width)."""
     first, changed, mags = _product(w, scales[0][1], f32, smin)
     news = [first, *(_apply(w, s, f32) for _, s in scales[1:])]
     out = _Pending(uses[0].source, first if changed else None, changed, first.size - w.size)
-    if len(news) > 1 and not all(
-        n.shape == first.shape and np.array_equal(n, first) for n in news[1:]
-    ):
-        for (group, _), new in zip(scales[1:], news[1:]):
-            if not (new.shape == w.shape and np.array_equal(new, w)):
-                out.copies.append((group[0], new))
+    stored = first if changed else w
+    for (group, _), new in zip(scales[1:], news[1:]):
+        if not (new.shape == stored.shape and np.array_equal(new, stored)):
+            out.copies.append((group[0], new))
     return out, mags
 
 

@@ -90,6 +90,7 @@ def test_auto_picks_the_best_candidate_and_keeps_the_function() -> None:
         *(f"cle p={p:g}" for p in AUTO_P),
         *(f"smooth alpha={a:g}" for a in AUTO_ALPHA),
         *(f"insert cle p={p:g}" for p in AUTO_P),
+        "insert noise",
     ]
     scores = {n: db for n, db in fig.candidates if db is not None}
     assert fig.chosen in (max(scores, key=lambda n: scores[n]), auto_default(scores))
@@ -284,7 +285,7 @@ def test_cli_auto(fixtures_dir: Path, tmp_path: Path) -> None:
     report = json.loads(rep.read_text())
     assert report["verification"]["passed"]
     eq = report["equalize"]
-    assert eq["method"] == "auto" and len(eq["candidates"]) == 1 + 2 * len(AUTO_P) + len(AUTO_ALPHA)
+    assert eq["method"] == "auto" and len(eq["candidates"]) == 2 + 2 * len(AUTO_P) + len(AUTO_ALPHA)
     scored = [db for _, db in eq["candidates"] if db is not None]
     chosen = dict(map(tuple, eq["candidates"]))[eq["chosen"]]
     assert chosen == max(scored) or eq["chosen"] == f"insert cle p={DEFAULT_P:g}"

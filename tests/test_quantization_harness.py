@@ -127,3 +127,22 @@ def test_mean_cosine() -> None:
     a = np.array([[1.0, 0.0], [1.0, 1.0]])
     b = np.array([[2.0, 0.0], [-1.0, -1.0]])
     assert mean_cosine(a, b) == pytest.approx(0.0)  # (1 + −1) / 2
+
+
+def test_a_tool_that_exits_1_without_writing_is_not_measured_on_an_old_file(
+    tmp_path: Path,
+) -> None:
+    """An exit 1 counts as "written, the tool's own check failed" only where this run
+    wrote the model: a file left by an earlier run is not measured in its place."""
+    import sys
+
+    from experiments.quantization import ToolFailed, run_tool
+
+    dst = tmp_path / "m.onnx"
+    dst.write_bytes(b"from an earlier run")
+    fail = [sys.executable, "-c", "import sys; sys.exit(1)"]
+    with pytest.raises(ToolFailed, match="exit 1"):
+        run_tool(fail, {}, tmp_path, dst)
+    assert not dst.exists()
+    write = f"import pathlib, sys; pathlib.Path({str(dst)!r}).write_bytes(b'm'); sys.exit(1)"
+    assert run_tool([sys.executable, "-c", write], {}, tmp_path, dst).startswith("exit 1")
