@@ -19,7 +19,8 @@ shapes), marking *row* values (computed from the fed tensors, axis 0 indexing ro
   convolutions, pooling and inference BatchNorm (per sample);
 * ``Reshape`` to a constant shape whose first entry is 0 (copy axis 0), or equals axis 0
   of its input on the first set (``[1, T, H, D]`` of a batch-1 export): that entry is
-  rewritten to 0, the same shape on every set alone (``allowzero`` unset);
+  rewritten to 0, the same shape on every set alone (with ``allowzero=1``, as torch
+  exports it, only a shape without zeros, and the attribute is cleared);
 
 anything else (Shape, Expand, subgraphs, an op not in the table) is not stackable.
 The caller also checks the stacked outputs' shapes (axis 0 = the sets' axis 0 summed).
@@ -193,12 +194,19 @@ def _gemm_ok(b: _Block, node: onnx.NodeProto) -> bool:
 
 
 def _reshape_ok(b: _Block, k: int, node: onnx.NodeProto) -> bool:
-    """Axis 0 copied (0), or a literal equal to the input's axis 0 (rewritten to 0)."""
-    if node.input[1] in b.rows or _attr(node, "allowzero", 0):
+    """Axis 0 copied (0), or a literal equal to the input's axis 0 (rewritten to 0).
+
+    With ``allowzero=1`` a 0 is a literal size, so only a shape without zeros passes —
+    the same reshape either way (torch's exporter writes ``allowzero=1`` on every
+    Reshape) — and the rewrite clears the attribute."""
+    allowzero = bool(_attr(node, "allowzero", 0))
+    if node.input[1] in b.rows:
         return False
     shape = b.value(node.input[1])
     first = b.dim0(node.input[0])
     if shape is None or shape.ndim != 1 or not shape.size:
+        return False
+    if allowzero and not np.all(shape != 0):
         return False
     if int(shape[0]) == 0:
         return True
@@ -303,6 +311,9 @@ def _rewritten(proto: onnx.ModelProto, reshapes: Mapping[int, np.ndarray]) -> on
         name = f"{node.input[1]}{_SUFFIX}{k}"
         out.graph.initializer.append(numpy_helper.from_array(shape.astype(np.int64), name))
         node.input[1] = name
+        kept = [a for a in node.attribute if a.name != "allowzero"]  # (its shape has no 0)
+        del node.attribute[:]
+        node.attribute.extend(kept)
     return out
 
 

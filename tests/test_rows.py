@@ -89,6 +89,11 @@ def _one_node_model(node: onnx.NodeProto, x_shape: list[int], inits: dict[str, n
         (helper.make_node("Expand", ["x", "s"], ["y"]), [1, 3], {"s": np.array([2, 3])}),
         (helper.make_node("MatMul", ["x", "w"], ["y"]), [4, 3], {"w": np.ones((1, 3, 2))}),
         (helper.make_node("LpNormalization", ["x"], ["y"], axis=0), [4, 3], {}),
+        (
+            helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=1),
+            [1, 2, 3],
+            {"s": np.array([1, 0, 6])},
+        ),
     ],
 )
 def test_what_mixes_rows_is_refused(
@@ -179,3 +184,32 @@ def test_a_corrupted_teleport_fails_stacked(
     _, found = _check(llama16, bad, result, monkeypatch, stack=True)
     assert not found.passed
     assert any("block " in f for f in found.failures)
+
+
+def test_a_torch_style_reshape_with_allowzero_is_stacked_bit_for_bit() -> None:
+    """torch's exporter writes ``allowzero=1``: a shape without zeros is the same
+    reshape either way, so it is rewritten to copy axis 0 (and the attribute cleared);
+    the stacked run gives each set's rows."""
+    node = helper.make_node("Reshape", ["x", "s"], ["y"], allowzero=1)
+    model, fed = _one_node_model(node, [1, 2, 3], {"s": np.array([1, 6], np.int64)})
+    ready = rows.stackable(model, fed)
+    assert ready is not None
+    (reshape,) = ready.graph.node
+    assert not [a for a in reshape.attribute if a.name == "allowzero"]
+    rng = np.random.default_rng(0)
+    sets = [{"x": rng.standard_normal((1, 2, 3)).astype(np.float32)} for _ in range(3)]
+    run = ort_run(ready)
+    one = [run(f) for f in sets]
+    stacked = rows.stack_rows(sets, ["x"])
+    assert stacked is not None
+    split = rows.split_rows(run(stacked), one[0], 3)
+    assert split is not None
+    for alone, cut in zip(one, split, strict=True):
+        assert [a.tobytes() for a in alone] == [np.ascontiguousarray(c).tobytes() for c in cut]
+
+
+def ort_run(model: onnx.ModelProto) -> Any:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, dict(feeds))
