@@ -41,7 +41,9 @@ from experiments.quantization import (
     equalize_available,
     equalize_src,
     measure_variant,
+    read_results,
     task_context,
+    write_results,
 )
 from graphteleport.passes.equalize import DEFAULT_P, auto_names
 
@@ -169,15 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=str(OUT))
     args = p.parse_args(argv)
     out = Path(args.json)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = read_results(out)
     start = time.perf_counter()
     for task in tasks(Path(args.cache), args.models, 32, 128):
         results[task.name] = run_model(task, Path(args.cache))
         results[task.name]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         results = {n: results[n] for n in TASK_NAMES if n in results}
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        tmp.replace(out)
+        write_results(out, results)
     log.info("wrote %s in %.0f s (default p = %g)", out, time.perf_counter() - start, DEFAULT_P)
     return 0
 

@@ -42,7 +42,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -54,7 +53,15 @@ from typing import Any
 import numpy as np
 
 from experiments.quant_diagnose import Site, read_sites, with_sites
-from experiments.quantization import ROOT, prepare, quantize, run_batches, sqnr_db
+from experiments.quantization import (
+    ROOT,
+    prepare,
+    quantize,
+    read_results,
+    run_batches,
+    sqnr_db,
+    write_results,
+)
 
 OUT = ROOT / "experiments" / "results" / "quant_certificate.json"
 MODES = ("absorb", "insert")
@@ -399,15 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=str(OUT))
     args = p.parse_args(argv)
     out = Path(args.json)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = read_results(out)
     for name in args.models:
         start = time.perf_counter()
         results[name] = certify(name, Path(args.cache), args.held_back, args.modes, args.check)
         results[name]["seconds"] = time.perf_counter() - start
         results[name]["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
-        tmp.replace(out)
+        write_results(out, results, default=float)
     return 0
 
 

@@ -28,7 +28,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -41,7 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from experiments.quantization import ROOT, prepare, quantize, run_batches, sqnr_db
+from experiments.quantization import (
+    ROOT,
+    prepare,
+    quantize,
+    read_results,
+    run_batches,
+    sqnr_db,
+    write_results,
+)
 
 OUT = ROOT / "experiments" / "results" / "quant_diagnose.json"
 log = logging.getLogger("experiments.quant_diagnose")
@@ -355,11 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=str(OUT))
     args = p.parse_args(argv)
     out = Path(args.json)
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    results = read_results(out)
     for name in args.models:
         log.info("%s", name)
         results[name] = diagnose(name, Path(args.cache), args.held_back, args.per_group)
-        out.write_text(json.dumps(results, indent=1, default=float) + "\n")
+        write_results(out, results, default=float)
     return 0
 
 

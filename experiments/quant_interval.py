@@ -34,7 +34,9 @@ from experiments.quantization import (
     RESULTS,
     ROOT,
     quantize,
+    read_results,
     run_batches,
+    write_results,
 )
 
 OUT = RESULTS / "quant_interval.json"
@@ -109,12 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache", default=str(ROOT / "experiments" / ".cache" / "quantization"))
     args = p.parse_args(argv)
     models = json.loads(JSON_OUT.read_text())["models"]
-    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results = read_results(OUT)
     for name in args.models or list(models):
         results[name] = run_model(name, models[name], Path(args.cache))
-        tmp = OUT.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(OUT)
+        write_results(OUT, results, default=None)
     return 0
 
 

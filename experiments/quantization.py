@@ -73,6 +73,21 @@ log = logging.getLogger("experiments.quantization")
 
 
 # -- metrics -------------------------------------------------------------------------------------
+
+
+def read_results(out: Path) -> dict[str, Any]:
+    """The per-model results an experiment wrote to *out* before ({} if none yet)."""
+    return json.loads(out.read_text()) if out.is_file() else {}
+
+
+def write_results(out: Path, results: dict[str, Any], default: Any = str) -> None:
+    """*results* as indented JSON at *out*, written atomically (a run stopped midway
+    leaves the last complete file); *default* converts what JSON does not know."""
+    from graphteleport.io import write_file_atomic
+
+    write_file_atomic(out, (json.dumps(results, indent=1, default=default) + "\n").encode())
+
+
 def sqnr_db(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
     """``10·log10(Σ r² / Σ (r − q)²)`` over every element of every output, in float64;
     ``inf`` when the outputs are equal."""

@@ -8,13 +8,12 @@ model that declares a free batch but bakes it into a Reshape falls back to one b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import pytest
+from conftest import CountingOpen
 from onnx import numpy_helper
 
 from graphteleport import pieces, verify
@@ -69,27 +68,6 @@ def resnet(tmp_path_factory: pytest.TempPathFactory) -> Teleported:
     return Teleported(src, tmp)
 
 
-class _Counting:
-    """open_proto counting the runs of its sessions and the largest axis 0 fed."""
-
-    def __init__(self) -> None:
-        self.runs = 0
-        self.widest = 0
-        self.open = verify.open_proto
-
-    def __call__(self, proto: onnx.ModelProto, folder: str) -> Any:
-        run = self.open(proto, folder)
-
-        def counted(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-            self.runs += 1
-            sizes = [v.shape[0] for v in feeds.values() if v.ndim]
-            self.widest = max(self.widest, *sizes, 0)
-            return run(feeds)
-
-        counted.output_names = run.output_names  # type: ignore[attr-defined]
-        return counted
-
-
 def test_sets_stack_all_but_the_first(resnet: Teleported) -> None:
     graph = onnx.load(resnet.src).graph
     sets = verify._pieces_sets(graph, resnet.feeds)
@@ -108,7 +86,7 @@ def test_batched_pieces_pass_with_fewer_runs(
 ) -> None:
     found = {}
     for batched in (False, True):
-        counting = _Counting()
+        counting = CountingOpen()
         monkeypatch.setattr(verify, "open_proto", counting)
         if not batched:
             monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
@@ -175,7 +153,7 @@ def test_the_first_draw_records_for_the_per_tensor_check(
     several groups) 4, and the same findings."""
     found = []
     for merged in (True, False):
-        counting = _Counting()
+        counting = CountingOpen()
         monkeypatch.setattr(verify, "open_proto", counting)
         monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
         monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)

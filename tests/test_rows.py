@@ -13,13 +13,14 @@ pieces using it on a fixed-batch model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
+from conftest import CountingOpen, run_ort
 from onnx import TensorProto, helper, numpy_helper
 
 from graphteleport import pieces, rows, verify
@@ -118,22 +119,6 @@ def test_row_preserving_nodes_are_accepted() -> None:
     assert [a.tolist() for a in new] == [[0, 6]]
 
 
-class _Counting:
-    def __init__(self) -> None:
-        self.runs = 0
-        self.open = verify.open_proto
-
-    def __call__(self, proto: onnx.ModelProto, folder: str) -> Any:
-        run = self.open(proto, folder)
-
-        def counted(feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-            self.runs += 1
-            return run(feeds)
-
-        counted.output_names = run.output_names  # type: ignore[attr-defined]
-        return counted
-
-
 @pytest.fixture(scope="module")
 def teleported(llama16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     result = TeleportPass(seed=0)(load_model(llama16))
@@ -143,7 +128,7 @@ def teleported(llama16: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def _check(src: Path, out: Path, result: Any, monkeypatch: pytest.MonkeyPatch, stack: bool):
-    counting = _Counting()
+    counting = CountingOpen()
     monkeypatch.setattr(verify, "open_proto", counting)
     if not stack:
         monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)
@@ -198,7 +183,7 @@ def test_a_torch_style_reshape_with_allowzero_is_stacked_bit_for_bit() -> None:
     assert not [a for a in reshape.attribute if a.name == "allowzero"]
     rng = np.random.default_rng(0)
     sets = [{"x": rng.standard_normal((1, 2, 3)).astype(np.float32)} for _ in range(3)]
-    run = ort_run(ready)
+    run = functools.partial(run_ort, ready)
     one = [run(f) for f in sets]
     stacked = rows.stack_rows(sets, ["x"])
     assert stacked is not None
@@ -206,10 +191,3 @@ def test_a_torch_style_reshape_with_allowzero_is_stacked_bit_for_bit() -> None:
     assert split is not None
     for alone, cut in zip(one, split, strict=True):
         assert [a.tobytes() for a in alone] == [np.ascontiguousarray(c).tobytes() for c in cut]
-
-
-def ort_run(model: onnx.ModelProto) -> Any:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return lambda feeds: session.run(None, dict(feeds))
