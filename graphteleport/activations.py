@@ -359,19 +359,27 @@ def quantized_operands(
     the float ones)."""
     weights: dict[str, None] = {}
     activations: dict[str, None] = {}
+    for node, _, name, v in quantized_uses(model, op_types):
+        stored = v.is_initializer() or v.const_value is not None
+        if stored and node.op_type in QUANTIZED_OPERANDS:
+            weights[name] = None
+        elif not stored and _computed_float(v):
+            activations[name] = None
+    return list(weights), list(activations)
+
+
+def quantized_uses(
+    model: ir.Model, op_types: Collection[str] | None = None
+) -> Iterator[tuple[ir.Node, int, str, ir.Value]]:
+    """Each ``(node, input index, name, value)`` a per-tensor INT8 quantizer quantizes
+    (:func:`quantized_inputs` of every node of the default domain), in graph order."""
     for node in model.graph:
         if node.domain not in ("", "ai.onnx"):
             continue
         for i in quantized_inputs(node.op_type, len(node.inputs), op_types):
             v = node.inputs[i] if i < len(node.inputs) else None
-            if v is None or not v.name:
-                continue
-            stored = v.is_initializer() or v.const_value is not None
-            if stored and node.op_type in QUANTIZED_OPERANDS:
-                weights[v.name] = None
-            elif not stored and _computed_float(v):
-                activations[v.name] = None
-    return list(weights), list(activations)
+            if v is not None and v.name:
+                yield node, i, v.name, v
 
 
 def _computed_float(v: ir.Value) -> bool:

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphteleport.activations import quantized_inputs, quantized_operands, runnable
+from graphteleport.activations import quantized_operands, quantized_uses, runnable
 from graphteleport.algebra import with_rank
 from graphteleport.analysis import Absorb, AnalysisResult
 from graphteleport.orbit import compact_shape, movable_pairs, used_values
@@ -167,14 +167,10 @@ def stored_sites(
     movable = movable_pairs(analysis)
     weights, _ = quantized_operands(model, op_types)
     constants: dict[str, bool] = {}
-    for node in model.graph:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        for i in quantized_inputs(node.op_type, len(node.inputs), op_types):
-            v = node.inputs[i] if i < len(node.inputs) else None
-            if v is not None and v.name and v.name not in weights and v.const_value is not None:
-                gain = node.op_type in MULTIPLIERS and i == 1
-                constants[v.name] = constants.get(v.name, True) and gain
+    for node, i, name, v in quantized_uses(model, op_types):
+        if name not in weights and v.const_value is not None:
+            gain = node.op_type in MULTIPLIERS and i == 1
+            constants[name] = constants.get(name, True) and gain
     out: list[Site] = []
     for name, levels in [(n, WEIGHT_LEVELS) for n in weights] + [
         (n, ACTIVATION_LEVELS) for n in constants
