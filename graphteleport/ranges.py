@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,10 +62,11 @@ log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
 
 
-@dataclass(frozen=True, slots=True)
-class RangeFix:
+class RangeFix(NamedTuple):
     """A cofactor pair moved toward 1 so that the weights stay in range: its final
-    value (``|value| = 1``: pinned) and why."""
+    value (``|value| = 1``: pinned) and why.  (A named tuple: a fit makes one per pair
+    moved, 319 k for the 32-layer float16 LLaMA, where a frozen dataclass's
+    ``__init__`` cost ~0.3 s.)"""
 
     pair: int
     value: float
@@ -148,20 +150,54 @@ def fit(
         check.cells.update(primed.cells)
         check.shapes.update(primed.shapes)
         check.sparse.update(primed.sparse)
-    reasons: dict[int, str] = {}
+    reason = np.full(values.size, -1, np.int64)  # per pair: its first reason (-1: none)
+    texts: dict[str, int] = {}
     rounds = 0
     while True:
-        bad = check(values)
-        if not bad:
+        pairs, whys = check(values).first()
+        if not pairs.size:
             break
-        for p, why in bad.items():
-            reasons.setdefault(p, why)
-        pairs = np.fromiter(bad, dtype=np.int64, count=len(bad))
+        new = reason[pairs] < 0
+        reason[pairs[new]] = [texts.setdefault(why, len(texts)) for why in whys[new].tolist()]
         values[pairs] = _shrink(values[pairs], exact) if rounds < SHRINK_ROUNDS else 1.0
         rounds += 1
-    if reasons:
-        log.info("range: %d cofactor pairs moved toward 1 in %d rounds", len(reasons), rounds)
-    return [RangeFix(p, float(values[p]), why) for p, why in sorted(reasons.items())]
+    moved = np.flatnonzero(reason >= 0)
+    if moved.size:
+        log.info("range: %d cofactor pairs moved toward 1 in %d rounds", moved.size, rounds)
+    said = list(texts)
+    return [
+        RangeFix(p, v, said[k])
+        for p, v, k in zip(moved.tolist(), values[moved].tolist(), reason[moved].tolist())
+    ]
+
+
+class _Blamed:
+    """The pairs one round of :class:`_Check` blames, each with the first reason given
+    for it (what ``dict.setdefault(pair, why)`` in the order given would keep), gathered
+    as arrays: a round blames up to hundreds of thousands of pairs."""
+
+    def __init__(self) -> None:
+        self._found: list[tuple[np.ndarray, str]] = []
+
+    def add(self, pairs: np.ndarray, why: str) -> None:
+        if pairs.size:
+            self._found.append((np.asarray(pairs, dtype=np.int64), why))
+
+    def first(self) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs blamed (ascending, each once) and each one's first reason (an
+        object array of str)."""
+        if not self._found:
+            return np.zeros(0, np.int64), np.zeros(0, dtype=object)
+        pairs = np.concatenate([p for p, _ in self._found])
+        code = np.repeat(np.arange(len(self._found)), [p.size for p, _ in self._found])
+        unique, first = np.unique(pairs, return_index=True)
+        whys = np.array([why for _, why in self._found], dtype=object)
+        return unique, whys[code[first]]
+
+    def as_dict(self) -> dict[int, str]:
+        """``{pair: first reason}`` (small rounds, tests)."""
+        pairs, whys = self.first()
+        return dict(zip(pairs.tolist(), whys.tolist(), strict=True))
 
 
 def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
@@ -211,17 +247,38 @@ class _AtRisk:
         hi, lo_n, lo_s = (c.astype(kind) for c in cell_magnitudes(mag, (), lim))
         return cls(w.shape, flat, at, (hi, lo_n, lo_s))
 
-    def scale(self, factors: Sequence[Factor], tau: np.ndarray) -> np.ndarray:
+    def scale(
+        self, factors: Sequence[Factor], tau: np.ndarray, sub: np.ndarray | None = None
+    ) -> np.ndarray:
         """``S`` at the elements at risk for ``factors`` (one use's), bit for bit
         :func:`~graphteleport.algebra.product_at`'s: the same factors multiply in the
-        same order; each factor's neurons at the elements are gathered once."""
-        ids = self.gathered.get(id(factors))
-        if ids is None:
-            ids = self.gathered[id(factors)] = [_narrow_ids(i) for i in gather_at(factors, self.at)]
-        s = np.ones(self.flat.shape, dtype=np.float64)
+        same order; each factor's neurons at the elements are gathered once.  ``sub``:
+        only at those elements (positions into ``flat``; elementwise, so the same bits)."""
+        ids = self._neurons(factors)
+        if sub is not None:
+            ids = [i[sub] for i in ids]
+        s = np.ones(ids[0].shape if ids else self.flat.shape, dtype=np.float64)
         for f, i in zip(factors, ids, strict=True):
             s = s * power(tau[i], f.exp)
         return s
+
+    def touched(self, factors: Sequence[Factor], moved: np.ndarray) -> np.ndarray:
+        """The elements at risk (positions into ``flat``, ascending) some factor of which
+        has a neuron ``moved`` (per neuron: its pair moved since the last check), the
+        only ones whose ``S`` may differ from that check's; a factor none of whose own
+        neurons moved is not gathered."""
+        hit: np.ndarray | None = None
+        for f, i in zip(factors, self._neurons(factors), strict=True):
+            if moved[f.ids].any():
+                hit = moved[i] if hit is None else np.logical_or(hit, moved[i], out=hit)
+        return np.zeros(0, np.int64) if hit is None else np.flatnonzero(hit)
+
+    def _neurons(self, factors: Sequence[Factor]) -> list[np.ndarray]:
+        """Per factor, its neurons at the elements at risk (gathered once)."""
+        ids = self.gathered.get(id(factors))
+        if ids is None:
+            ids = self.gathered[id(factors)] = [_narrow_ids(i) for i in gather_at(factors, self.at)]
+        return ids
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
         """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
@@ -330,10 +387,16 @@ class _Check:
         self.cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.sparse: dict[int, list[tuple[list[Absorb], _AtRisk]]] = {}
+        self.round = 0  # rounds checked so far
+        self._last: np.ndarray | None = None  # the values of the last round
+        self._stamp = np.zeros(0, np.int64)  # per pair: the round it last moved in
+        self._since: dict[int, np.ndarray] = {}  # per round k: the neurons moved since k
+        self._seen: dict[int, int] = {}  # per sparse weight: the round it was checked in
 
-    def __call__(self, values: np.ndarray) -> dict[int, str]:
+    def __call__(self, values: np.ndarray) -> _Blamed:
+        self._note(values)
         tau = self.sol.cofactors(values)
-        bad: dict[int, str] = {}
+        bad = _Blamed()
         smin, smax = weight_bounds(self.analysis, tau)
         for j in np.flatnonzero(out_of_range(self.mags, smin, smax)):
             self._weight(int(j), tau, values, bad, (float(smin[j]), float(smax[j])))
@@ -347,7 +410,7 @@ class _Check:
         j: int,
         tau: np.ndarray,
         values: np.ndarray,
-        bad: dict[int, str],
+        bad: _Blamed,
         bounds: tuple[float, float],
     ) -> None:
         """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
@@ -379,8 +442,7 @@ class _Check:
                 mask = np.broadcast_to(mask, layout)
                 if mask.any():
                     why = f"cofactor would {kind} {lim.name} weight {weight.name!r}"
-                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
-                        bad.setdefault(int(p), why)
+                    bad.add(self._blame_uses(group, mask, shape, sign, tau, values), why)
 
     def _cells(
         self, j: int, shape: tuple[int, ...], tau: np.ndarray, lim: Limits
@@ -420,30 +482,56 @@ class _Check:
         if simple and len(risky) == len(scales):
             self.sparse[j] = risky
 
-    def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> bool:
+    def _note(self, values: np.ndarray) -> None:
+        """Start a round: stamp the pairs whose values moved since the last one."""
+        self.round += 1
+        self._since.clear()
+        if self._last is None or self._last.shape != values.shape:
+            self._stamp = np.zeros(values.size, np.int64)
+        else:
+            self._stamp[values != self._last] = self.round
+        self._last = values.copy()
+
+    def _moved_since(self, k: int) -> np.ndarray:
+        """Per neuron: whether its pair moved after round ``k`` (made once a round)."""
+        if k not in self._since:
+            self._since[k] = (self._stamp > k)[self.sol.pair]
+        return self._since[k]
+
+    def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: _Blamed) -> bool:
         """Check weight ``j`` through its elements at risk only, blaming the pairs at the
         offending elements without forming W-sized masks (:func:`_picks`): the same
         pairs, with the same reasons, as the masks would give.  False (nothing done)
-        where some use's factors are not laid out like the elements at risk."""
+        where some use's factors are not laid out like the elements at risk.
+
+        After its first check, only the elements whose ``S`` may have changed since the
+        last are checked again (:meth:`_AtRisk.touched`): an element that offended had a
+        pair of the offending sign blamed, which then moved (a pinned pair, ``|τ| = 1``,
+        is never of either sign), so an element none of whose pairs moved did not offend
+        and still does not."""
         weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
+        since = self._seen.get(j)
         found: list[tuple[str, list[np.ndarray]]] = []
         for group, risk in self.sparse[j]:
-            s = risk.scale(group[0].factors, tau)
-            hi, lo_n, lo_s = risk.cells
+            factors = group[0].factors
+            sub = None if since is None else risk.touched(factors, self._moved_since(since))
+            s = risk.scale(factors, tau, sub)
+            hi, lo_n, lo_s = risk.cells if sub is None else (c[sub] for c in risk.cells)
             for hit, kind, sign in zip(
                 violations(hi, lo_n, lo_s, np.abs(s), lim), ("overflow", "underflow"), (1, -1)
             ):
-                if hit.any():
-                    picks = [_picks(ab, risk, hit) for ab in group]
+                at = np.flatnonzero(hit) if sub is None else sub[hit]
+                if at.size:
+                    picks = [_picks(ab, risk, at) for ab in group]
                     tied = len(group) > 1 and any(tuple(ab.shape) != risk.shape for ab in group)
                     if tied or any(p is None for p in picks):
                         return False
                     ids = [i for ab, p in zip(group, picks) if p for i in _ids(ab, p, sign, tau)]
                     found.append((f"cofactor would {kind} {lim.name} weight {weight.name!r}", ids))
         for why, ids in found:
-            for p in self._moved(ids, values):
-                bad.setdefault(int(p), why)
+            bad.add(self._moved(ids, values), why)
+        self._seen[j] = self.round
         return True
 
     def _blame_uses(
@@ -501,9 +589,7 @@ class _Check:
         moved: np.ndarray = pairs[np.abs(values[pairs]) != 1.0]
         return moved
 
-    def _constant(
-        self, m: PlannedMul, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]
-    ) -> None:
+    def _constant(self, m: PlannedMul, tau: np.ndarray, values: np.ndarray, bad: _Blamed) -> None:
         """An inserted Mul's constant must be a normal number of its dtype."""
         lim: Limits = limits(np.dtype(m.dtype.numpy()))
         a = np.abs(m.s)
@@ -513,8 +599,7 @@ class _Check:
         for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
             if mask.any():
                 why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
-                for p in self._blame(m.factors, mask, sign, tau, values):
-                    bad.setdefault(int(p), why)
+                bad.add(self._blame(m.factors, mask, sign, tau, values), why)
 
 
 def _measure_cells(
@@ -561,7 +646,8 @@ def _scale_at(
 
 
 def _picks(ab: Absorb, risk: _AtRisk, hit: np.ndarray) -> list[tuple[np.ndarray, ...]] | None:
-    """Per factor of ``ab``, the index of each offending element at risk (``hit``) into
+    """Per factor of ``ab``, the index of each offending element at risk (``hit``: their
+    positions into ``risk.flat``, ascending, or a mask) into
     the factor's ids (0 along its size-1 axes) — where broadcasting those ids to the
     mask's layout would not grow it; else None (the mask path handles it)."""
     at = tuple(i[hit] for i in risk.at)

@@ -286,6 +286,47 @@ def test_the_range_fit_of_large_weights_keeps_only_elements_at_risk_and_fits_the
         np.testing.assert_array_equal(sparse[name], value, err_msg=name)
 
 
+def test_the_fits_later_rounds_check_only_the_elements_whose_pairs_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a weight's first check, a round checks again only its elements at risk
+    whose pairs moved since (``_AtRisk.touched``): the same pairs move, with the same
+    reasons and values, as when every element at risk is checked every round."""
+    from graphteleport import ranges
+
+    src = _model(tmp_path, "float16")
+    monkeypatch.setattr(ranges, "_DENSE_CELLS", 0)  # (every weight through the sparse path)
+
+    def fitted() -> tuple[list[ranges.RangeFix], dict[str, np.ndarray]]:
+        model = load_model(src)
+        result = TeleportPass(seed=5, input_shapes={"ids": (1, SMALL.seq)})(model)
+        weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+        return result.range_fixes, weights  # type: ignore[return-value]
+
+    sizes: list[tuple[int, int]] = []  # (elements checked again, elements at risk)
+    touched = ranges._AtRisk.touched
+
+    def counted(risk: ranges._AtRisk, *a: object) -> np.ndarray:
+        out = touched(risk, *a)  # type: ignore[arg-type]
+        sizes.append((out.size, risk.flat.size))
+        return out
+
+    monkeypatch.setattr(ranges._AtRisk, "touched", counted)
+    fixes, weights = fitted()
+    assert fixes and sizes and any(n < total for n, total in sizes)  # some elements skipped
+    note = ranges._Check._note
+
+    def every_element(check: ranges._Check, values: np.ndarray) -> None:
+        note(check, values)
+        check._seen.clear()  # (no weight checked before: all its elements again)
+
+    monkeypatch.setattr(ranges._Check, "_note", every_element)
+    all_fixes, all_weights = fitted()
+    assert fixes == all_fixes
+    for name, value in all_weights.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+
+
 def _counted(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, log: list[str]) -> None:
     """Record each call of ``cls.name`` in ``log`` (its first argument, if any)."""
     real = getattr(cls, name)
