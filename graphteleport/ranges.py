@@ -43,6 +43,7 @@ from graphteleport.numerics import (
     MARGIN,
     Limits,
     Magnitudes,
+    MagnitudeScan,
     cell_magnitudes,
     limits,
     out_of_range,
@@ -123,10 +124,15 @@ def survey(
         if arrays is None or streaming():
             prefetch(weights[j - 1 : j] if j else [])
         w = measured_array(weights[j], arrays)
-        found[j], finite[j] = measure_finite(w)
+        bounds = (float(smin[j]), float(smax[j]))
+        risk = None
+        if _one_pass(weights[j], w, tau):
+            risk, found[j], finite[j] = _AtRisk.surveyed(w, limits(w.dtype), *bounds)
+        else:
+            found[j], finite[j] = measure_finite(w)
         if out_of_range([found[j]], smin[j : j + 1], smax[j : j + 1])[0]:
-            check.prime(j, w, tau, (float(smin[j]), float(smax[j])))
-        del w
+            check.prime(j, w, tau, bounds, risk)
+        del w, risk
         release(weights[j].source)
     mags = [found[j] for j in range(len(weights))]
     ok = [finite[j] for j in range(len(weights))]
@@ -234,18 +240,37 @@ class _AtRisk:
     @classmethod
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
         """Measure ``w`` a chunk at a time and keep its elements at risk."""
+        return cls._found(w, lim, smin, smax, False)[0]
+
+    @classmethod
+    def surveyed(
+        cls, w: np.ndarray, lim: Limits, smin: float, smax: float
+    ) -> tuple[_AtRisk, Magnitudes, bool]:
+        """:meth:`of`, and W's :class:`Magnitudes` and whether it is finite
+        (:func:`~graphteleport.rewrite.measure_finite`'s figures) from the same bits:
+        one read of W, each chunk's ``|w|`` bits formed once for both."""
+        risk, scans = cls._found(w, lim, smin, smax, True)
+        for other in scans[1:]:
+            scans[0].merge(other)
+        flat_w = w.reshape(-1)
+        return risk, scans[0].result(flat_w), scans[0].hi < lim.inf_bits
+
+    @classmethod
+    def _found(
+        cls, w: np.ndarray, lim: Limits, smin: float, smax: float, scan: bool
+    ) -> tuple[_AtRisk, list[MagnitudeScan]]:
         flat_w = w.reshape(-1)
         low, high = _risk_bits(w.dtype, lim, *_risk_thresholds(w.dtype, lim, smin, smax))
         bounds = (lim, low, high, smin, smax)
-        parts = [(flat_w, bounds, i, j) for i, j in row_parts(flat_w.size, flat_w.size)]
+        parts = [(flat_w, bounds, i, j, scan) for i, j in row_parts(flat_w.size, flat_w.size)]
         found = map_parts(_risk_range, parts)
-        flats = [f for f, _ in found]
-        mag = np.concatenate([m for _, m in found])
+        flats = [f for f, _, _ in found]
+        mag = np.concatenate([m for _, m, _ in found])
         flat = _narrow_ids(np.concatenate(flats))
         at = tuple(_narrow_ids(i) for i in np.unravel_index(flat, w.shape))
         kind = np.float32 if w.dtype.itemsize <= 4 else np.float64
         hi, lo_n, lo_s = (c.astype(kind) for c in cell_magnitudes(mag, (), lim))
-        return cls(w.shape, flat, at, (hi, lo_n, lo_s))
+        return cls(w.shape, flat, at, (hi, lo_n, lo_s)), [s for _, _, s in found]
 
     def scale(
         self, factors: Sequence[Factor], tau: np.ndarray, sub: np.ndarray | None = None
@@ -305,41 +330,75 @@ def _risk_range(
     bounds: tuple[Limits, np.unsignedinteger, np.unsignedinteger, float, float],
     start: int,
     stop: int,
-) -> tuple[np.ndarray, np.ndarray]:
+    scan: bool = False,
+) -> tuple[np.ndarray, np.ndarray, MagnitudeScan]:
     """The elements at risk among ``flat_w[start:stop]`` (flat positions, ``|w|`` as
-    float64), a chunk at a time: a filter on the bits (:func:`_risk_bits`), then the
-    exact check of the few candidates."""
+    float64), a chunk at a time: a filter on the bits (:func:`_candidates`), then the
+    exact check of the few candidates; with ``scan``, also the elements' magnitudes
+    (:class:`~graphteleport.numerics.MagnitudeScan`'s figures, :func:`_scan_chunk`)
+    from the same bits of each chunk."""
     lim, low, high, smin, smax = bounds
     mask = lim.uint.type(lim.mask)
     flats: list[np.ndarray] = [np.zeros(0, np.int64)]
     mags: list[np.ndarray] = [np.zeros(0, np.float64)]
+    figures = MagnitudeScan(flat_w.dtype)
     bits = np.empty(min(_RISK_CHUNK, stop - start), dtype=lim.uint)  # (reused: no allocation
     small = np.empty(bits.size, dtype=bool)  # a chunk)
     for at in range(start, stop, _RISK_CHUNK):
         chunk = flat_w[at : min(at + _RISK_CHUNK, stop)]
         b = np.bitwise_and(chunk.view(lim.uint), mask, out=bits[: chunk.size])  # |w|'s bits
-        cand = _candidates(b, low, high, small[: chunk.size])
+        top = int(b.max(initial=0))
+        np.subtract(b, b.dtype.type(1), out=b)  # b − 1 (0 wraps to the largest integer)
+        least = int(b.min(initial=np.iinfo(b.dtype).max))
+        cand = _candidates(b, top, least, low, high, small[: chunk.size], chunk, lim)
+        if scan:
+            _scan_chunk(figures, b, top, least)
         hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
         over, _ = violations(hi, lo_n, lo_s, smax, lim)
         _, under = violations(hi, lo_n, lo_s, smin, lim)
         k = cand[over | under]
         flats.append(k + at)
         mags.append(np.abs(chunk[k].astype(np.float64)))
-    return np.concatenate(flats), np.concatenate(mags)
+    return np.concatenate(flats), np.concatenate(mags), figures
+
+
+def _scan_chunk(scan: MagnitudeScan, b: np.ndarray, top: int, least: int) -> None:
+    """Add a chunk to ``scan`` as :func:`~graphteleport.numerics.MagnitudeScan.add`
+    would, from ``b`` = its ``|w|`` bits − 1 (overwritten), ``top`` = their largest and
+    ``least`` = ``min b``: the smallest normal is ``least + 1 − tiny`` where no element is
+    subnormal, else ``min (b − (tiny − 1)) mod 2^k`` (zeros and subnormals wrap)."""
+    lim = scan.lim
+    wrap = np.iinfo(b.dtype).max
+    scan.hi, scan.lo = max(scan.hi, top), min(scan.lo, least)
+    if least + 1 >= lim.tiny_bits:
+        normal = least + 1 - lim.tiny_bits if least < wrap else wrap
+    else:
+        np.subtract(b, b.dtype.type(lim.tiny_bits - 1), out=b)
+        normal = int(b.min())
+    scan.lo_normal = min(scan.lo_normal, normal)
 
 
 def _candidates(
-    b: np.ndarray, low: np.unsignedinteger, high: np.unsignedinteger, small: np.ndarray
+    b: np.ndarray,
+    top: int,
+    least: int,
+    low: np.unsignedinteger,
+    high: np.unsignedinteger,
+    small: np.ndarray,
+    chunk: np.ndarray,
+    lim: Limits,
 ) -> np.ndarray:
-    """The positions where ``0 < b < low`` or ``b > high`` (``b``: magnitudes' bits,
-    overwritten; ``small``: a bool buffer of its size), ascending.  A chunk whose largest
-    pattern is at most ``high`` (the usual one) takes one compare: with ``b − 1`` (0 wraps
-    to the largest integer), ``0 < b < low`` is ``b − 1 < low − 1``."""
-    if int(b.max(initial=0)) > int(high):
-        return np.flatnonzero(((b > 0) & (b < low)) | (b > high))
-    if int(low) == 0:
+    """The positions where ``0 < |w|'s bits < low`` or ``> high``, ascending, given
+    ``b`` = those bits − 1 (0 wraps to the largest integer: ``0 < bits < low`` is
+    ``b < low − 1``; ``small``: a bool buffer of its size), ``top`` = the largest
+    bits and ``least`` = ``min b``.  The usual chunk (``top ≤ high``) takes one compare,
+    none where ``least`` shows nothing below ``low``; one with elements near overflow
+    forms the bits of ``chunk`` again."""
+    if top > int(high):
+        bits = np.bitwise_and(chunk.view(lim.uint), lim.uint.type(lim.mask))
+        return np.flatnonzero(((bits > 0) & (bits < low)) | (bits > high))
+    if int(low) == 0 or least >= int(low) - 1:
         return np.zeros(0, np.int64)
-    np.subtract(b, b.dtype.type(1), out=b)
     return np.flatnonzero(np.less(b, b.dtype.type(int(low) - 1), out=small))
 
 
@@ -462,7 +521,14 @@ class _Check:
                 checks.append((group, *violations(hi, lo_n, lo_s, np.abs(sr), lim)))
         return checks
 
-    def prime(self, j: int, w: np.ndarray, tau: np.ndarray, bounds: tuple[float, float]) -> None:
+    def prime(
+        self,
+        j: int,
+        w: np.ndarray,
+        tau: np.ndarray,
+        bounds: tuple[float, float],
+        risk: _AtRisk | None = None,
+    ) -> None:
         """Measure the cells of weight ``j`` (``w``) for ``tau`` (``bounds``: its
         ``|S|``'s), so that no round reads it again; a weight whose scales all keep
         :class:`_AtRisk` cells and whose uses read it whole is checked through
@@ -475,7 +541,7 @@ class _Check:
         for k, (group, scale) in enumerate(scales):
             r = max(w.ndim, len(scale.shape))
             layout = (1,) * (r - len(scale.shape)) + tuple(scale.shape)
-            cells = self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
+            cells = self.cells[j, k] = _measure_cells(w, layout, lim, bounds, risk)
             if isinstance(cells, _AtRisk):
                 risky.append((group, cells))
         simple = all(ab.index is None and not ab.expand for ab in weight.uses)
@@ -603,7 +669,11 @@ class _Check:
 
 
 def _measure_cells(
-    w: np.ndarray, layout: tuple[int, ...], lim: Limits, bounds: tuple[float, float]
+    w: np.ndarray,
+    layout: tuple[int, ...],
+    lim: Limits,
+    bounds: tuple[float, float],
+    risk: _AtRisk | None = None,
 ) -> tuple[np.ndarray, ...] | _AtRisk:
     """The cells of ``w`` under a scale of ``layout`` (W's rank or more; each axis W's size
     or 1): reduced over the axes where the scale is constant
@@ -613,8 +683,21 @@ def _measure_cells(
     wr = with_rank(w, r)
     axes = tuple(ax for ax in range(r) if layout[ax] == 1 and wr.shape[ax] > 1)
     if not axes and layout == wr.shape and wr.size > _DENSE_CELLS:
+        if risk is not None and risk.shape == wr.shape:  # (found by the survey's one pass)
+            return risk
         return _AtRisk.of(wr, lim, *bounds)
     return cell_magnitudes(wr, axes, lim)
+
+
+def _one_pass(weight: Weight, w: np.ndarray, tau: np.ndarray) -> bool:
+    """Whether the survey measures ``w``'s magnitudes and its elements at risk in one
+    pass (:meth:`_AtRisk.surveyed`): a plain weight (one ``S``, formed by rows) whose
+    ``S`` varies along every axis of W and which :func:`_measure_cells` would keep
+    through its elements at risk — any other is scanned, then measured by cells."""
+    if w.ndim == 0 or w.size <= _DENSE_CELLS or not w.flags.c_contiguous:
+        return False
+    lazy = row_scale(w.shape, weight.uses, weight.private, tau)
+    return lazy is not None and tuple(lazy.shape) == tuple(w.shape)
 
 
 def _scales(
