@@ -160,11 +160,12 @@ def fit(
     texts: dict[str, int] = {}
     rounds = 0
     while True:
-        pairs, whys = check(values).first()
+        pairs, given, whys = check(values).first()
         if not pairs.size:
             break
+        codes = np.array([texts.setdefault(why, len(texts)) for why in whys], dtype=np.int64)
         new = reason[pairs] < 0
-        reason[pairs[new]] = [texts.setdefault(why, len(texts)) for why in whys[new].tolist()]
+        reason[pairs[new]] = codes[given[new]]
         values[pairs] = _shrink(values[pairs], exact) if rounds < SHRINK_ROUNDS else 1.0
         rounds += 1
     moved = np.flatnonzero(reason >= 0)
@@ -189,21 +190,16 @@ class _Blamed:
         if pairs.size:
             self._found.append((np.asarray(pairs, dtype=np.int64), why))
 
-    def first(self) -> tuple[np.ndarray, np.ndarray]:
-        """The pairs blamed (ascending, each once) and each one's first reason (an
-        object array of str)."""
+    def first(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The pairs blamed (ascending, each once), each one's first reason as an index
+        into the reasons given (the third, in the order given; one per :meth:`add`)."""
+        whys = [why for _, why in self._found]
         if not self._found:
-            return np.zeros(0, np.int64), np.zeros(0, dtype=object)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), whys
         pairs = np.concatenate([p for p, _ in self._found])
         code = np.repeat(np.arange(len(self._found)), [p.size for p, _ in self._found])
         unique, first = np.unique(pairs, return_index=True)
-        whys = np.array([why for _, why in self._found], dtype=object)
-        return unique, whys[code[first]]
-
-    def as_dict(self) -> dict[int, str]:
-        """``{pair: first reason}`` (small rounds, tests)."""
-        pairs, whys = self.first()
-        return dict(zip(pairs.tolist(), whys.tolist(), strict=True))
+        return unique, code[first], whys
 
 
 def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
