@@ -23,7 +23,7 @@ Example::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -73,16 +73,27 @@ class Quiver:
     def __init__(
         self,
         analysis: AnalysisResult,
-        vertices: dict[int, dict[str, Any]],
+        vertices: dict[int, dict[str, Any]] | Callable[[], dict[int, dict[str, Any]]],
         arrows: Arrows,
         group_of: np.ndarray,
         reasons: _ReasonCodes | None = None,
     ) -> None:
+        """``vertices``: the vertices, or a function that makes them when first asked
+        (:meth:`from_analysis`: a teleport's report needs only their number)."""
         self.analysis = analysis
-        self.vertices = vertices
+        self._vertices = vertices if isinstance(vertices, dict) else None
+        self._make_vertices = None if isinstance(vertices, dict) else vertices
         self.arrows = arrows
         self.group_of = group_of  # per neuron: its vertex
         self._reasons = reasons  # the pairs' reasons as codes (made on first use if None)
+
+    @property
+    def vertices(self) -> dict[int, dict[str, Any]]:
+        """Per vertex id: its attributes (name, ops, size, free, groups, pinned, biases)."""
+        if self._vertices is None:
+            assert self._make_vertices is not None
+            self._vertices = self._make_vertices()
+        return self._vertices
 
     @property
     def reason_codes(self) -> _ReasonCodes:
@@ -106,8 +117,10 @@ class Quiver:
 
     @property
     def vertex_count(self) -> int:
-        """Neuron groups (the graph's vertices)."""
-        return len(self.vertices)
+        """Neuron groups (the graph's vertices; counted without making them)."""
+        if self._vertices is not None:
+            return len(self._vertices)
+        return int(np.unique(self.group_of).size)
 
     @property
     def arrow_count(self) -> int:
@@ -117,24 +130,21 @@ class Quiver:
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_analysis(cls, analysis: AnalysisResult) -> Quiver:
-        """The quiver of ``analysis``: each vertex's members found by one stable sort of
-        the neurons by vertex (not a scan of every neuron per vertex), its figures by
-        :func:`_tally` of integer codes (32-layer LLaMA, 2.6 M neurons in 293 vertices:
-        the report's quiver and figures 3.6 → 0.4 s)."""
+        """The quiver of ``analysis``; its vertices' attributes are made when first
+        asked (:meth:`_vertices_of`), the arrows now."""
         blocks = analysis.blocks
         sol = analysis.solution
         block_of = np.repeat(np.arange(len(blocks)), [b.size for b in blocks])
         group_of = _merge_blocks(block_of, sol.pair, len(blocks))
         reasons = _ReasonCodes.of(sol.reason)
-        vertices: dict[int, dict[str, Any]] = {}
-        order = np.argsort(group_of, kind="stable")  # (members of a vertex: ascending ids)
-        vids, starts = np.unique(group_of[order], return_index=True)
-        for vid, members in zip(vids.tolist(), np.split(order, starts[1:])):
-            blocks_in = [blocks[k] for k in np.unique(block_of[members])]
-            vertices[vid] = _vertex(analysis, members, blocks_in, reasons)
         arrows: Arrows = {}
+        biases: dict[int, list[str]] = defaultdict(list)
         for ab in analysis.absorbs:
-            _add_weight(vertices, arrows, ab, group_of)
+            _add_weight(biases, arrows, ab, group_of)
+
+        def vertices() -> dict[int, dict[str, Any]]:
+            return _vertices_of(analysis, block_of, group_of, reasons, biases)
+
         return cls(analysis, vertices, arrows, group_of, reasons)
 
     # -- figures ------------------------------------------------------------------------
@@ -204,8 +214,33 @@ def _merge_blocks(block_of: np.ndarray, pair: np.ndarray, count: int) -> np.ndar
     return out
 
 
+def _vertices_of(
+    analysis: AnalysisResult,
+    block_of: np.ndarray,
+    group_of: np.ndarray,
+    reasons: _ReasonCodes,
+    biases: dict[int, list[str]],
+) -> dict[int, dict[str, Any]]:
+    """Every vertex's attributes: its members found by one stable sort of the neurons by
+    vertex (not a scan of every neuron per vertex), its figures by :func:`_tally` of
+    integer codes (32-layer LLaMA, 2.6 M neurons in 293 vertices: the quiver and the
+    report's figures 3.9 → 0.5 s)."""
+    blocks = analysis.blocks
+    vertices: dict[int, dict[str, Any]] = {}
+    order = np.argsort(group_of, kind="stable")  # (members of a vertex: ascending ids)
+    vids, starts = np.unique(group_of[order], return_index=True)
+    for vid, members in zip(vids.tolist(), np.split(order, starts[1:])):
+        blocks_in = [blocks[k] for k in np.unique(block_of[members])]
+        vertices[vid] = _vertex(analysis, members, blocks_in, reasons, biases.get(vid, []))
+    return vertices
+
+
 def _vertex(
-    analysis: AnalysisResult, members: np.ndarray, blocks: list[Block], reasons: _ReasonCodes
+    analysis: AnalysisResult,
+    members: np.ndarray,
+    blocks: list[Block],
+    reasons: _ReasonCodes,
+    biases: list[str],
 ) -> dict[str, Any]:
     sol = analysis.solution
     pairs = np.unique(sol.pair[members])
@@ -218,7 +253,7 @@ def _vertex(
         "free": int(free.size),
         "groups": _tally(sol.code[free], GROUPS),
         "pinned": _tally(reasons.codes[pinned], reasons.names),
-        "biases": [],
+        "biases": list(biases),
     }
 
 
@@ -255,7 +290,7 @@ def _tally(codes: np.ndarray, names: Sequence[str]) -> dict[str, int]:
 
 
 def _add_weight(
-    vertices: dict[int, dict[str, Any]], arrows: Arrows, ab: Absorb, group_of: np.ndarray
+    biases: dict[int, list[str]], arrows: Arrows, ab: Absorb, group_of: np.ndarray
 ) -> None:
     """Draw one use of a weight: an arrow from each source group to each target group (one
     per weight name and pair, as a MultiDiGraph keyed by name), or a bias of its targets."""
@@ -263,7 +298,7 @@ def _add_weight(
     dst = {int(v) for f in ab.factors if f.exp > 0 for v in np.unique(group_of[f.ids])}
     if not src:
         for t in dst:
-            vertices[t]["biases"].append(ab.source.name)
+            biases[t].append(ab.source.name)
         return
     for s in src:
         for t in dst:
