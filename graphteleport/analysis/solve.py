@@ -212,7 +212,7 @@ class _Found:
     def __init__(self, roots: IntArray, n: int) -> None:
         self.roots = roots
         self.mirror = np.empty(2 * n, dtype=np.int64)
-        self.mirror[roots] = roots[(np.arange(2 * n) + n) % (2 * n)]
+        self.mirror[roots] = np.concatenate((roots[n:], roots[:n]))  # node k ↔ k ± n
         self.a: list[IntArray] = []
         self.b: list[IntArray] = []
         self.pins: list[IntArray] = []
