@@ -82,6 +82,45 @@ _SINK: contextvars.ContextVar[WeightSink | None] = contextvars.ContextVar(
 )
 
 
+class BlockWatch(Protocol):
+    """Sees the blocks of one weight's product on the grid path (:func:`_grid_rows_into`)
+    while they are in cache: a pass that wants figures of every ``W`` and its ``S`` (the
+    equalize report) gathers them there instead of reading each weight again."""
+
+    def begin(self, parts: int) -> None:
+        """The product is cut into ``parts`` row ranges, each on one thread."""
+        ...
+
+    def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
+        """Rows ``start:start + len(w)`` of W (``w``, W's trailing shape) and their ``S``
+        on the grid as multiplied (``grid``: one value per cell, W's dtype), in row range
+        ``part``; returns the non-zero elements whose ``S`` is not 1 (the rewrite's count
+        of the elements it changed, :func:`_grid_changed`)."""
+        ...
+
+
+#: Given a plain weight, its array and its ``S``'s layout: a :class:`BlockWatch` of its
+#: product, or None (:func:`observed`).
+Observer = Callable[[Weight, np.ndarray, tuple[int, ...]], BlockWatch | None]
+
+_OBSERVER: contextvars.ContextVar[Observer | None] = contextvars.ContextVar(
+    "graphteleport_block_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observed(observer: Observer) -> Iterator[None]:
+    """Within the block (in memory, not :func:`streamed`), :func:`prepare` asks
+    ``observer`` for a :class:`BlockWatch` of each plain weight's product and shows it
+    each block of the grid path; a weight whose product takes another path is not shown
+    (its watch sees fewer rows than W has)."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
 @contextlib.contextmanager
 def streamed(sink: WeightSink) -> Iterator[None]:
     """Within the block, :func:`prepare` hands every new initializer to ``sink`` as it is
@@ -197,6 +236,7 @@ def _product_rows(
     fill: Fill | None = None,
     out: np.ndarray | None = None,
     known: Magnitudes | None = None,
+    watch: BlockWatch | None = None,
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
@@ -222,16 +262,20 @@ def _product_rows(
     ``known``: W's magnitudes as measured already (:func:`~graphteleport.ranges.survey`),
     given only for a W found finite — then W is not scanned again, and its float16
     conversions skip their NaN check (:meth:`~graphteleport.halfcast.Casts.copy_finite`:
-    a finite W times a finite ``S`` holds no NaN)."""
+    a finite W times a finite ``S`` holds no NaN).  ``watch``: shown each block of the
+    grid path (:class:`BlockWatch`; its count replaces :func:`_grid_changed`'s)."""
     out = np.empty(w.shape, dtype=w.dtype) if out is None else out
     split = _grid_axes(w.shape, layout or w.shape)
     if fill is None:
         fill = _filler(rows_of, split)
     half = float32_scale and w.dtype in HALVES  # (the backend chosen here, not on a worker)
     casts = halfcast.chosen() if half else None
+    ranges = row_parts(w.shape[0], w.size)
+    if watch is not None:
+        watch.begin(len(ranges))
     parts = [
-        (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None)
-        for i, j in row_parts(w.shape[0], w.size)
+        (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None, watch, k)
+        for k, (i, j) in enumerate(ranges)
     ]
     done = map_parts(_rows_into, parts)
     scan = MagnitudeScan(w.dtype)
@@ -282,12 +326,17 @@ def _rows_into(
     stop: int,
     casts: halfcast.Casts | None,
     scan: bool = True,
+    watch: BlockWatch | None = None,
+    part: int = 0,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of :func:`_product_rows` into ``out``: on the grid
     (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32 by
     ``casts``) or through float64 (:func:`_wide_rows_into`).  ``scan`` False: W's
-    magnitudes are known and W finite (the grid path neither scans nor checks for NaN)."""
-    if _native(w.dtype, float32_scale) or casts is not None:
+    magnitudes are known and W finite (the grid path neither scans nor checks for NaN).
+    ``watch`` (row range ``part``) sees the native grid path's blocks only."""
+    if _native(w.dtype, float32_scale):
+        return _grid_rows_into(w, out, fill, split, start, stop, None, scan, watch, part)
+    if casts is not None:
         return _grid_rows_into(w, out, fill, split, start, stop, casts, scan)
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
@@ -314,6 +363,8 @@ def _grid_rows_into(
     stop: int,
     casts: halfcast.Casts | None = None,
     scan_rows: bool = True,
+    watch: BlockWatch | None = None,
+    part: int = 0,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
     (``_HALF_BLOCK`` for a half-precision W) at a time in buffers reused across blocks,
@@ -330,7 +381,8 @@ def _grid_rows_into(
     changed are counted (:func:`_half_changed`: ``S`` is not rounded to W's dtype, so an
     ``s ≠ 1`` may leave ``w`` as it was).  ``scan_rows`` False (W's magnitudes known, W
     finite): the rows are not scanned (the scan returned saw nothing) and the
-    conversions skip their NaN check."""
+    conversions skip their NaN check.  ``watch`` (native W only) is shown each block and
+    its grid, and counts the elements changed (:class:`BlockWatch`)."""
     scan = MagnitudeScan(w.dtype)
     inner, row, rows, cells = _blocks(w.shape, split, _BLOCK if casts is None else _HALF_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
@@ -345,7 +397,10 @@ def _grid_rows_into(
             fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
             if casts is None:
                 np.multiply(wc, g[:, None], out=oc)
-                changed += _grid_changed(wc, g)
+                if watch is None:
+                    changed += _grid_changed(wc, g)
+                else:
+                    changed += watch.see(part, i, w[i : i + n], g)
             else:
                 b = w32[: n * row].reshape(-1, inner)
                 copy = casts.copy if scan_rows else casts.copy_finite
@@ -556,7 +611,9 @@ def _compute(
     sink = _SINK.get()
     streams = sink is not None and not weight.source.is_node and w.ndim > 0
     out = sink.scratch(w.shape, w.dtype) if sink is not None and streams else None
-    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out, known)
+    observer = _OBSERVER.get() if sink is None else None
+    watch = observer(weight, w, lazy.shape) if observer is not None else None
+    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out, known, watch)
 
 
 def _pend_rows(
@@ -567,11 +624,14 @@ def _pend_rows(
     smin: float,
     out: np.ndarray | None = None,
     known: Magnitudes | None = None,
+    watch: BlockWatch | None = None,
 ) -> tuple[_Pending, Magnitudes]:
     """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale` (its
-    product into ``out`` where given: :func:`_product_rows`)."""
+    product into ``out`` where given, shown to ``watch``: :func:`_product_rows`)."""
     rows_into = lazy.rows_into
-    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known)
+    new, changed, mags = _product_rows(
+        w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known, watch
+    )
     return _Pending(use.source, new if changed else None, changed), mags
 
 

@@ -477,3 +477,37 @@ def test_insert_mode_counts_inserted_nodes(seed: int) -> None:
     u = np.log(np.abs(result.pair_values))
     assert np.abs(u).max() < 3.0  # unbounded: |u| grows ~1/p per Newton step
     assert max_rel_err(proto, ir.to_proto(model)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "big"])
+def test_figures_gathered_by_the_rewrite(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures the rewrite gathers as it multiplies (``FiguresObserver``) equal those
+    :func:`figures_of` computes from the weights again: every count and maximum exactly,
+    the sums of squares to float32's summation; also where the rewrite cuts a weight over
+    two threads (``big``: a 1100 × 1024 Gemm weight, its row ranges' figures merged)."""
+    from graphteleport import parallel
+    from graphteleport.passes import equalize as eq
+
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    proto = gemm_mlp([8, 1100, 1024, 4]) if name == "big" else _fixture(name)(None)  # type: ignore[arg-type]
+    seen: list[int] = []
+    gather = eq.FiguresObserver.seen
+
+    def spy(self: eq.FiguresObserver) -> dict[str, tuple[object, eq.UseFigures]]:
+        out = gather(self)
+        seen.append(len(out))
+        return out  # type: ignore[return-value]
+
+    monkeypatch.setattr(eq.FiguresObserver, "seen", spy)
+    _, fused = equalized(proto)
+    monkeypatch.setattr(eq.FiguresObserver, "__call__", lambda *_: None)
+    _, plain = equalized(proto)
+    assert seen[0] > 0 and seen[1] == 0  # the rewrite gathered some; then none
+    a, b = fused.figures, plain.figures
+    assert a is not None and b is not None
+    for x, y in zip(a.tensors, b.tensors, strict=True):
+        assert (x.name, x.elements, x.moved) == (y.name, y.elements, y.moved)
+        assert (x.max_before, x.max_after) == (y.max_before, y.max_after)
+        assert (x.sq_before, x.sq_after) == pytest.approx((y.sq_before, y.sq_after), rel=1e-6)
+    assert a.classes == b.classes
+    assert fused.stats.elements_changed == plain.stats.elements_changed
