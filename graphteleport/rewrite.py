@@ -384,7 +384,8 @@ def _grid_rows_into(
     conversions skip their NaN check.  ``watch`` (native W only) is shown each block and
     its grid, and counts the elements changed (:class:`BlockWatch`)."""
     scan = MagnitudeScan(w.dtype)
-    inner, row, rows, cells = _blocks(w.shape, split, _BLOCK if casts is None else _HALF_BLOCK)
+    block = _BLOCK if casts is None else _HALF_BLOCK
+    inner, row, rows, cells = _blocks(w.shape, split, block if watch is None else WATCHED_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
     w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
     differ = np.empty(w32.size, dtype=bool)
@@ -510,6 +511,11 @@ def _wide_rows_into(
 
 
 _BLOCK = 1 << 16
+#: Elements per block of a product a :class:`BlockWatch` sees: its own work per block is
+#: some twenty numpy calls on the block's cells, so larger blocks pay (ResNet-50 cle,
+#: rewrite + figures CPU, medians of 13 interleaved rounds at load ~6: 2^16 136 ms, 2^17
+#: 123, 2^18 120, 2^19 127).
+WATCHED_BLOCK = 1 << 18
 #: Elements per block of a half-precision product: onnxruntime's conversions cost ~8 µs
 #: a run (:mod:`graphteleport.halfcast`), so blocks larger than the cache pay — CPU ns an
 #: element for widen + multiply + narrow + count + scan + S, one thread, an 11008 × 4096
