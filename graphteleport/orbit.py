@@ -265,12 +265,16 @@ def _single_powers(values: np.ndarray, out: np.ndarray, p: float) -> float | Non
     return total if total <= SINGLE_MAX else None
 
 
-def stored_arrays(analysis: AnalysisResult) -> dict[str, np.ndarray]:
+def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> dict[str, np.ndarray]:
     """Every stored tensor ``analysis`` rescales, by name, read once: each
     ``ConstRef.array()`` copies the tensor's bytes out of its proto, so a pass that reads
     them several times (the statistics, the sign rule, one-sided pairs, the report's
-    figures) reads them from here."""
-    return {w.source.name: w.source.array() for w in analysis.weights}
+    figures) reads them from here.  With ``writable``, each is the pass's own writable
+    C-contiguous copy (an array over the proto's bytes is read-only), which the rewrite
+    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``)."""
+    if not writable:
+        return {w.source.name: w.source.array() for w in analysis.weights}
+    return {w.source.name: np.array(w.source.array(), order="C") for w in analysis.weights}
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:

@@ -511,3 +511,76 @@ def test_figures_gathered_by_the_rewrite(name: str, monkeypatch: pytest.MonkeyPa
         assert (x.sq_before, x.sq_after) == pytest.approx((y.sq_before, y.sq_after), rel=1e-6)
     assert a.classes == b.classes
     assert fused.stats.elements_changed == plain.stats.elements_changed
+
+
+def _tiny_mlp() -> onnx.ModelProto:
+    """gemm_mlp([6, 9, 5, 3]) whose first weight holds a subnormal, a value near float32's
+    smallest normal and a zero: counts that compare W and W', and a range fit."""
+    proto = gemm_mlp([6, 9, 5, 3])
+    for init in proto.graph.initializer:
+        w = onnx.numpy_helper.to_array(init).copy()
+        if w.ndim == 2:
+            w[0, 0], w[1, 1], w[2, 2] = 1e-40, 2e-38, 0.0
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+            break
+    return proto
+
+
+def test_products_written_over_the_pass_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cle writes each watched weight's product over the pass's own copy of W
+    (``stored_arrays(writable=True)``, ``consume``): the same weights, counts and figures
+    as into fresh arrays, also where the count compares W and W' (a subnormal: W is read
+    again from the model) — and some product really was written over its W."""
+    from graphteleport import rewrite
+    from graphteleport.passes import equalize as eq
+
+    over: list[bool] = []
+    product = rewrite._product_rows
+
+    def spy(w: np.ndarray, *args: object, **kwargs: object) -> object:
+        out = product(w, *args, **kwargs)  # type: ignore[arg-type]
+        over.append(out[0] is w)
+        return out
+
+    monkeypatch.setattr(rewrite, "_product_rows", spy)
+    plain = eq.stored_arrays
+    for proto in (_tiny_mlp(), _fixture("resnet_tiny")(None)):  # type: ignore[arg-type]
+        over.clear()
+        a, fused = equalized(proto)
+        assert any(over)
+        monkeypatch.setattr(eq, "stored_arrays", lambda analysis, writable=False: plain(analysis))
+        over.clear()
+        b, fresh = equalized(proto)
+        monkeypatch.setattr(eq, "stored_arrays", plain)
+        assert not any(over)
+        assert fused.stats == fresh.stats
+        assert fused.figures is not None and fresh.figures is not None
+        assert fused.figures.to_json() == fresh.figures.to_json()
+        for name, v in a.graph.initializers.items():
+            other = b.graph.initializers[name].const_value
+            assert v.const_value is not None and other is not None
+            assert np.array_equal(v.const_value.numpy(), other.numpy(), equal_nan=True), name
+
+
+def test_a_second_prepare_reads_the_model() -> None:
+    """With ``consume``, values the range fit moves after the first products are applied
+    from the model's own tensors (the arrays hold the first products by then): the same
+    rewrite as from read-only arrays."""
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import stored_arrays
+    from graphteleport.passes.teleport import apply_values
+
+    results = []
+    for consume in (True, False):
+        model = ir.from_proto(_tiny_mlp())
+        analysis = analyze_model(model, {})
+        values = np.where(analysis.solution.free, 1e-30, 1.0)  # W · 1e-30: out of range
+        values[10:] = 1.0  # (the first hidden layer's only: S ≠ 1 on its weights)
+        arrays = stored_arrays(analysis, writable=consume)
+        tau, stats, _, fixes = apply_values(model, analysis, values, arrays=arrays, consume=consume)
+        assert fixes  # the fit moved some values: a second prepare ran
+        weights = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}  # type: ignore[union-attr]
+        results.append((tau, stats, weights))
+    (t1, s1, w1), (t2, s2, w2) = results
+    assert np.array_equal(t1, t2) and s1 == s2
+    assert all(np.array_equal(w1[n], w2[n]) for n in w1)

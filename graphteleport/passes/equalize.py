@@ -933,7 +933,7 @@ class EqualizePass(ir.passes.InPlacePass):
         if opts.mode == "absorb" and (pinned := pinned_clips(analysis, clips)):
             clips = join_clips(model, clips, pinned)
             analysis = analyze_model(model, shapes, opts.mode)
-        arrays = stored_arrays(analysis)
+        arrays = stored_arrays(analysis, writable=s.method == "cle")  # (cle: consumed)
         t1 = time.perf_counter()
         found: Minimum | None = None
         chosen = Choice("", ())
@@ -969,10 +969,11 @@ class EqualizePass(ir.passes.InPlacePass):
         t2 = time.perf_counter()
         exact = s.exact or chosen.refine
         observer = FiguresObserver(analysis)  # (the figures gathered as the rewrite goes)
-        with observed(observer):
+        with observed(observer):  # (cle: the watched weights' products written over arrays)
             applied = apply_values(
-                model, analysis, values, insert=opts.mode == "insert", exact=exact, arrays=arrays
-            )
+                model, analysis, values, insert=opts.mode == "insert", exact=exact,
+                arrays=arrays, consume=s.method == "cle",
+            )  # fmt: skip
         if first is not None:  # the start's Muls (noise, or auto's refined candidate)
             applied = (*applied[:2], first[2], applied[3])
             opts = dataclasses.replace(opts, mode="insert")
