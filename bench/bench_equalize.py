@@ -161,13 +161,15 @@ def profile_equalize(path: Path, rounds: int, p: float) -> str:
         phases.start()
         phases.run("clips", split_clips, model)
         analysis = phases.run("analyze", analyze_model, model, {})
-        arrays = phases.run("read tensors", stored_arrays, analysis)
+        arrays = phases.run("read tensors", stored_arrays, analysis, True)  # (consumed)
         hold = phases.run("one-sided", one_sided_pairs, analysis, arrays)
         terms = phases.run("Q", balance_terms, analysis, p, arrays, hold=hold)
         values = solved(phases, terms)
         observer = FiguresObserver(analysis)  # (as the pass: the figures gathered there)
         with observed(observer):
-            tau, *_ = phases.run("rewrite", apply_values, model, analysis, values, arrays=arrays)
+            tau, *_ = phases.run(
+                "rewrite", apply_values, model, analysis, values, arrays=arrays, consume=True
+            )
         fields = {"method": "cle", "p": p, "exact": False, "alpha": None}
         fields |= {"objective_before": 0.0, "objective_after": 0.0, "iterations": 0}
         seen = observer.seen()
