@@ -87,8 +87,9 @@ class BlockWatch(Protocol):
     while they are in cache: a pass that wants figures of every ``W`` and its ``S`` (the
     equalize report) gathers them there instead of reading each weight again."""
 
-    def begin(self, parts: int) -> None:
-        """The product is cut into ``parts`` row ranges, each on one thread."""
+    def begin(self, parts: int, overwrite: bool = False) -> None:
+        """The product is cut into ``parts`` row ranges, each on one thread; with
+        ``overwrite`` it is written over W's array (:func:`prepare`'s ``consume``)."""
         ...
 
     def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
@@ -276,7 +277,7 @@ def _product_rows(
     casts = halfcast.chosen() if half else None
     ranges = row_parts(w.shape[0], w.size)
     if watch is not None:
-        watch.begin(len(ranges))
+        watch.begin(len(ranges), overwrite=out is w)
     parts = [
         (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None, watch, k)
         for k, (i, j) in enumerate(ranges)

@@ -584,3 +584,24 @@ def test_a_second_prepare_reads_the_model() -> None:
     (t1, s1, w1), (t2, s2, w2) = results
     assert np.array_equal(t1, t2) and s1 == s2
     assert all(np.array_equal(w1[n], w2[n]) for n in w1)
+
+
+def test_figures_of_an_overwritten_weight_must_be_gathered() -> None:
+    """A weight whose product was written over its array (``consume``) has no W left for
+    ``use_figures``: if its watch did not see every row, ``seen`` refuses instead of
+    letting the figures be computed from the product."""
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import compact_shape, stored_arrays
+    from graphteleport.passes.equalize import FiguresObserver
+
+    analysis = analyze_model(ir.from_proto(gemm_mlp([4, 6, 3])), {})
+    weight = next(w for w in analysis.weights if len(w.uses[0].shape) == 2)
+    w = stored_arrays(analysis)[weight.source.name]
+    observer = FiguresObserver(analysis)
+    watch = observer(weight, w, compact_shape(weight.uses[0]))
+    assert watch is not None
+    watch.begin(1)  # a product into a fresh array that showed no rows: left to use_figures
+    assert observer.seen() == {}
+    watch.begin(1, overwrite=True)  # ... written over W: refused
+    with pytest.raises(RuntimeError, match="not gathered"):
+        observer.seen()

@@ -601,10 +601,12 @@ class FiguresWatch:
         self.rows = rows
         self.parts: list[UseFigures] = []
         self.seen: list[int] = []
+        self.overwrote = False
 
-    def begin(self, parts: int) -> None:
+    def begin(self, parts: int, overwrite: bool = False) -> None:
         self.parts = [_empty_figures(self.use) for _ in range(parts)]
         self.seen = [0] * parts
+        self.overwrote = self.overwrote or overwrite
 
     def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
         peak, sq, nonzero = compact_stats(self.use, w)
@@ -643,6 +645,7 @@ class FiguresObserver:
             if not (weight.private and len(weight.uses) > 1):
                 self.uses[weight.source.name] = weight.uses[0]
         self.watches: dict[str, FiguresWatch] = {}
+        self.made: list[FiguresWatch] = []  # (every watch, a refit's replaced ones too)
 
     def __call__(
         self, weight: Weight, w: np.ndarray, layout: tuple[int, ...]
@@ -653,6 +656,7 @@ class FiguresObserver:
             return None
         watch = FiguresWatch(use, w.shape[0])
         self.watches[weight.source.name] = watch  # (a second rewrite replaces the first's)
+        self.made.append(watch)
         return watch
 
     @staticmethod
@@ -669,12 +673,20 @@ class FiguresObserver:
         return all(layout[k] == w.shape[k] for k in range(split))
 
     def seen(self) -> dict[str, tuple[Absorb, UseFigures]]:
-        """The figures gathered, by tensor name, with their use."""
+        """The figures gathered, by tensor name, with their use.  A weight whose product
+        was written over its array (``consume``) must be here: its array no longer holds
+        W for :func:`use_figures` (a watch that saw every row of the first products sees
+        every row of a refit's too — the fit moves values toward 1, so ``S`` stays in
+        float32's range and the product on the native grid path); RuntimeError
+        otherwise, not figures of the wrong W."""
         out: dict[str, tuple[Absorb, UseFigures]] = {}
         for name, watch in self.watches.items():
             figures = watch.figures()
             if figures is not None:
                 out[name] = (watch.use, figures)
+        lost = {w.use.source.name for w in self.made if w.overwrote} - out.keys()
+        if lost:
+            raise RuntimeError(f"equalize: the figures of {sorted(lost)} were not gathered")
         return out
 
 
