@@ -32,13 +32,18 @@ Each block is a small ONNX model built in memory whose initializers stay referen
 the external data files (onnxruntime reads only that block's weights); its session is
 released before the next is opened.
 
-**Runs.**  Per block and model, one session runs the first input set alone and the
-others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
-proves no node mixes rows (else one by one; the same outputs either way); the
-original's first run also gives the tensors the per-tensor check records
-(:class:`_Check`), which then runs its mirrored pass and the teleported block's cut model
-(3 runs).  A block's float16 weights read only by ops without a float16 CPU kernel are
-widened once for all its sessions (:class:`graphteleport.widen.Widened`).
+**Runs.**  Per block and model, one session runs every input set stacked along axis 0
+in one run where :func:`graphteleport.rows.stackable` proves no node mixes rows (else
+one by one; the same outputs either way, bit for bit); the original's run also gives
+the first set's rows of the tensors the per-tensor check records (:class:`_Check`),
+which then runs its mirrored pass and the teleported block's cut model (3 runs).  At 16
+tokens a run costs about what repacking the block's weights does, so one stacked run
+instead of the first set alone and the others stacked: the whole verified command on
+a 2-layer hidden-4096 float16 LLaMA took CPU 16.3 / 14.4 / 16.2 / 13.8 → 17.0 / 13.2 /
+13.1 / 13.0 s (alternating, load 4.6–5.8; medians 15.3 → 13.1 s), the same findings to
+the bit.  A block's float16 weights read only by ops without a
+float16 CPU kernel are widened once for all its sessions
+(:class:`graphteleport.widen.Widened`).
 
 Measured (8-layer hidden-2048 float16 LLaMA shape, 1.08 GB of weights, 8 draws,
 per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks of at most 256 MiB), 3.58 GB
@@ -400,8 +405,8 @@ def _run_block(
     feeds = [{x: s[x] for x in block.inputs} for s in state.orig]
     ran = _run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
     ref = [dict(zip(outs, r[: len(outs)], strict=True)) for r in ran]
-    if check is not None:
-        check.record(ran[0][len(outs) :], state.orig[0], block.inputs)
+    if check is not None:  # copies: the other sets' rows of a stacked run are freed
+        check.record([np.array(v) for v in ran[0][len(outs) :]], state.orig[0], block.inputs)
     del ran
     tele_proto = _block_proto(pair.tele, *tele_part, outs, state)
     feeds = [
@@ -426,23 +431,22 @@ def _run_block(
 def _run_sets(
     open_model: Opener, proto: onnx.ModelProto, folder: str, feeds: Sequence[Feeds]
 ) -> list[list[np.ndarray]]:
-    """The block's outputs on every set, from one session: the first set alone, the
-    others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
-    proves no node mixes rows and the shapes fit; else one by one."""
-    rest = list(feeds[1:])
-    stacked = stack_rows(rest, list(feeds[0])) if len(rest) >= 2 else None
-    wide = stackable(proto, feeds[0]) if stacked is not None else None
-    run = open_model(wide or proto, folder)
-    first = run(feeds[0])
-    if stacked is not None and wide is not None:
+    """The block's outputs on every set, from one session: all sets stacked along axis 0
+    into one run where :func:`graphteleport.rows.stackable` proves no node mixes rows and
+    the shapes fit; else one by one."""
+    stacked = stack_rows(feeds, list(feeds[0])) if len(feeds) >= 2 else None
+    plan = stackable(proto, feeds[0]) if stacked is not None else None
+    run = open_model(plan.proto if plan is not None else proto, folder)
+    if stacked is not None and plan is not None:
+        names = [o.name for o in plan.proto.graph.output]
         try:
-            split = split_rows(run(stacked), first, len(rest))
+            split = split_rows(run(stacked), names, plan.rows, len(feeds))
         except InputError as e:  # a shape the rules did not foresee: one by one
             logger.debug("stacked sets did not run: %s", e)
             split = None
         if split is not None:
-            return [first, *split]
-    return [first, *(run(f) for f in rest)]
+            return split
+    return [run(f) for f in feeds]
 
 
 def _block_proto(
