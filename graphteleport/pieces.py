@@ -36,14 +36,14 @@ released before the next is opened.
 in one run where :func:`graphteleport.rows.stackable` proves no node mixes rows (else
 one by one; the same outputs either way, bit for bit); the original's run also gives
 the first set's rows of the tensors the per-tensor check records (:class:`_Check`),
-which then runs its mirrored pass and the teleported block's cut model (3 runs).  At 16
-tokens a run costs about what repacking the block's weights does, so one stacked run
-instead of the first set alone and the others stacked: the whole verified command on
-a 2-layer hidden-4096 float16 LLaMA took CPU 16.3 / 14.4 / 16.2 / 13.8 → 17.0 / 13.2 /
-13.1 / 13.0 s (alternating, load 4.6–5.8; medians 15.3 → 13.1 s), the same findings to
-the bit.  A block's float16 weights read only by ops without a
-float16 CPU kernel are widened once for all its sessions
-(:class:`graphteleport.widen.Widened`).
+which then runs its mirrored pass on the original's cut model and both passes on the
+teleported one's, stacked the same way: 4 runs a block.  At 16 tokens a run costs about
+what reading (and repacking) the block's weights does, so fewer, taller runs pay:
+`verify_teleport` by pieces alone on a 2-layer hidden-4096 float16 LLaMA, 8 draws, CPU
+8.78 / 8.84 s with 7 runs a block → 7.98 / 8.53 / 7.56 / 8.35 s with 4 (separate
+processes alternating, load 5.7–6.7), the same findings to the bit.  A block's float16
+weights read only by ops without a float16 CPU kernel are widened once for all its
+sessions (:class:`graphteleport.widen.Widened`).
 
 Measured (8-layer hidden-2048 float16 LLaMA shape, 1.08 GB of weights, 8 draws,
 per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks of at most 256 MiB), 3.58 GB
@@ -59,8 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from graphteleport.errors import InputError
-from graphteleport.rows import split_rows, stack_rows, stackable
+from graphteleport.rows import run_sets
 from graphteleport.tensorcheck import (
     LoadedModel,
     TensorCheckResult,
@@ -403,7 +402,7 @@ def _run_block(
     extra = (check.extra if check is not None else None) or []
     proto = _block_proto(pair.orig, block.nodes, block.inputs, [*outs, *extra], state)
     feeds = [{x: s[x] for x in block.inputs} for s in state.orig]
-    ran = _run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
+    ran = run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
     ref = [dict(zip(outs, r[: len(outs)], strict=True)) for r in ran]
     if check is not None:  # copies: the other sets' rows of a stacked run are freed
         check.record([np.array(v) for v in ran[0][len(outs) :]], state.orig[0], block.inputs)
@@ -415,7 +414,7 @@ def _run_block(
     ]
     got = [
         dict(zip(outs, r, strict=True))
-        for r in _run_sets(pair.open_model, tele_proto, pair.tele.folder, feeds)
+        for r in run_sets(pair.open_model, tele_proto, pair.tele.folder, feeds)
     ]
     for k, (r, g) in enumerate(zip(ref, got, strict=True)):
         state.orig[k].update(r)
@@ -426,27 +425,6 @@ def _run_block(
         _compare_outputs(pair, block, ref, got, state, floors, where)
         if check is not None:  # after a failure: the first one names it
             check.run(pair, block, state, where)
-
-
-def _run_sets(
-    open_model: Opener, proto: onnx.ModelProto, folder: str, feeds: Sequence[Feeds]
-) -> list[list[np.ndarray]]:
-    """The block's outputs on every set, from one session: all sets stacked along axis 0
-    into one run where :func:`graphteleport.rows.stackable` proves no node mixes rows and
-    the shapes fit; else one by one."""
-    stacked = stack_rows(feeds, list(feeds[0])) if len(feeds) >= 2 else None
-    plan = stackable(proto, feeds[0]) if stacked is not None else None
-    run = open_model(plan.proto if plan is not None else proto, folder)
-    if stacked is not None and plan is not None:
-        names = [o.name for o in plan.proto.graph.output]
-        try:
-            split = split_rows(run(stacked), names, plan.rows, len(feeds))
-        except InputError as e:  # a shape the rules did not foresee: one by one
-            logger.debug("stacked sets did not run: %s", e)
-            split = None
-        if split is not None:
-            return split
-    return [run(f) for f in feeds]
 
 
 def _block_proto(
@@ -552,6 +530,7 @@ class _Check:
         r = check_tensors(
             self.models[0], self.models[1], {x: fed[x] for x in block.inputs}, pair.scales,
             pair.open_model, rtol=pair.rtol, seed=pair.seed + block.index, recorded=recorded,
+            stack=True,
         )  # fmt: skip
         state.tensors.add(r, where)
 
