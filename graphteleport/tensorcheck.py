@@ -621,10 +621,13 @@ def check_tensors(
                 ("mirrored", _mirrored(arrays, scales.tracked, seed + 7919 * (k + 1))),
             )
         ]
-        run = _named(open_model(_cut_proto(orig, cuts[0], group, arrays), orig.folder))
-        mirrored_ref = run(_group_feeds(jobs[1], cuts[0], False))
+        # the teleported model first: verification by pieces has just run its block, so
+        # its widened weights are at hand (widen.Widened keeps one model's at a time)
         tele_cut = _cut_proto(tele, cuts[1], group, arrays)
         gots = _both_passes(open_model, tele_cut, tele.folder, jobs, cuts[1], stack)
+        run = _named(open_model(_cut_proto(orig, cuts[0], group, arrays), orig.folder))
+        mirrored_ref = run(_group_feeds(jobs[1], cuts[0], False))
+        del run
         refs = [_recorded_ref(orig, cuts[0], jobs[0], gots[0], open_model), mirrored_ref]
         for job, ref, got in zip(jobs, refs, gots, strict=True):
             _check_group(ref, got, job, acc)
