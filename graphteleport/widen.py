@@ -7,8 +7,8 @@ The CPU provider has no float16 kernel for MatMul, Gemm and most arithmetic: its
 
 and a Cast of an initializer stays in the graph at any optimisation level we use, so
 every run converts every float16 weight of the model (1.9 ns an element on this machine,
-unpacked).  The pieces' verification runs each block ~20 times (draws, both models, the
-per-tensor check), so those conversions were most of its time.
+unpacked).  The pieces' verification runs each block several times (draws, both models,
+the per-tensor check), so those conversions were most of its time.
 
 :func:`widen_proto` rewrites a model proto so that ``W`` (float16, read only by such
 nodes) becomes
