@@ -271,10 +271,21 @@ def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> dict[str,
     them several times (the statistics, the sign rule, one-sided pairs, the report's
     figures) reads them from here.  With ``writable``, each is the pass's own writable
     C-contiguous copy (an array over the proto's bytes is read-only), which the rewrite
-    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``)."""
+    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``),
+    the copies made on the :mod:`~graphteleport.parallel` workers (:func:`shares` of the
+    tensors; numpy's copy releases the GIL)."""
     if not writable:
         return {w.source.name: w.source.array() for w in analysis.weights}
-    return {w.source.name: np.array(w.source.array(), order="C") for w in analysis.weights}
+    weights = analysis.weights
+    copies: list[np.ndarray | None] = [None] * len(weights)
+
+    def read(share: list[int]) -> None:
+        for k in share:
+            copies[k] = np.array(weights[k].source.array(), order="C")
+
+    sizes = [int(np.prod(w.uses[0].shape)) for w in weights]  # (about: for the shares)
+    map_parts(read, [(share,) for share in shares(sizes, sum(sizes))])
+    return {w.source.name: c for w, c in zip(weights, copies, strict=True) if c is not None}
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
