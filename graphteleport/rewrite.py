@@ -599,6 +599,7 @@ def prepare(
     smin, smax = weight_bounds(analysis, tau)
     pending: list[_Pending] = []
     mags: list[Magnitudes] = []
+    written: set[int] = set()  # (``consume``: the arrays written over, by id)
     sink = _SINK.get()
     if sink is not None:
         sink.rewind()
@@ -609,7 +610,10 @@ def prepare(
                 prefetch(analysis.weights[j + 1 : j + 2])
             w = arrays[weight.source.name] if arrays is not None else weight.source.array()
             mine = known[j] if known else None
-            p, m = _compute(weight, w, tau, (smin[j], smax[j]), mine, consume and sink is None)
+            fresh = consume and sink is None and id(w) not in written  # (W not written yet)
+            p, m = _compute(weight, w, tau, (smin[j], smax[j]), mine, fresh)
+            if p.new is w or (p.new is None and fresh):
+                written.add(id(w))  # (an array two weights share is written over once)
             del w  # a live view keeps the memory map: _stream could not release it
             if sink is not None:
                 _stream(p, sink)
