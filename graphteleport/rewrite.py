@@ -609,11 +609,12 @@ def prepare(
             if arrays is None:
                 prefetch(analysis.weights[j + 1 : j + 2])
             w = arrays[weight.source.name] if arrays is not None else weight.source.array()
+            if id(w) in written:  # (an earlier weight of the same name wrote over it)
+                w = weight.source.array()
             mine = known[j] if known else None
-            fresh = consume and sink is None and id(w) not in written  # (W not written yet)
-            p, m = _compute(weight, w, tau, (smin[j], smax[j]), mine, fresh)
-            if p.new is w or (p.new is None and fresh):
-                written.add(id(w))  # (an array two weights share is written over once)
+            p, m = _compute(weight, w, tau, (smin[j], smax[j]), mine, consume and sink is None)
+            if consume and w.flags.writeable:
+                written.add(id(w))
             del w  # a live view keeps the memory map: _stream could not release it
             if sink is not None:
                 _stream(p, sink)

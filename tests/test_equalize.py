@@ -605,3 +605,28 @@ def test_figures_of_an_overwritten_weight_must_be_gathered() -> None:
     watch.begin(1, overwrite=True)  # ... written over W: refused
     with pytest.raises(RuntimeError, match="not gathered"):
         observer.seen()
+
+
+def test_a_consumed_array_is_read_as_w_once_written_over() -> None:
+    """Two weights reading one stored tensor (the same name: one array in ``arrays``): with
+    ``consume`` the second product still multiplies W, read again from the model, not
+    the first weight's product that was written over the array."""
+    import dataclasses
+
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import stored_arrays
+    from graphteleport.rewrite import prepare
+
+    analysis = analyze_model(ir.from_proto(gemm_mlp([4, 6, 3])), {})
+    first = next(w for w in analysis.weights if len(w.uses[0].shape) == 2)
+    twice = dataclasses.replace(analysis, weights=(*analysis.weights, first))
+    values = np.where(analysis.solution.free, 1.5, 1.0)
+    tau = analysis.solution.cofactors(values)
+    k = analysis.weights.index(first)
+    expected = prepare(analysis, tau, stored_arrays(analysis)).pending[k]  # (fresh arrays)
+    prepared = prepare(twice, tau, stored_arrays(analysis, writable=True), consume=True)
+    a, b = prepared.pending[k], prepared.pending[-1]
+    assert isinstance(expected.new, np.ndarray) and expected.changed > 0
+    for p in (a, b):
+        assert isinstance(p.new, np.ndarray) and p.changed == expected.changed
+        assert np.array_equal(p.new, expected.new)
