@@ -132,11 +132,13 @@ def profile_canonicalize(path: Path, rounds: int) -> str:
         model = ir.serde.deserialize_model(onnx.load(path))
         phases.start()
         analysis = phases.run("analyze", analyze_model, model, {})
-        arrays = phases.run("read tensors", stored_arrays, analysis)
+        arrays = phases.run("read tensors", stored_arrays, analysis, True)  # (consumed)
         terms = phases.run("Q", OrbitTerms.build, analysis, arrays=arrays, single=True)
         values = solved(phases, terms)
         signs, _ = phases.run("signs", sign_values, analysis, arrays)
-        phases.run("rewrite", apply_values, model, analysis, values * signs, arrays=arrays)
+        phases.run(
+            "rewrite", apply_values, model, analysis, values * signs, arrays=arrays, consume=True
+        )
         del model, analysis, arrays, terms  # freed before the next round, as after a pass
     return phases.line()
 

@@ -27,6 +27,7 @@ Usage (from the repository root, in the project's venv)::
     python bench/bench_equalize.py --model m.onnx -n 5 --p 4
     python bench/bench_equalize.py --peer none   # without AIMET's CLE
     python bench/bench_equalize.py --profile     # also CPU per phase
+    python bench/bench_equalize.py --floor       # also a bare read and read+write pass
     python bench/bench_equalize.py --fractions
 """
 
@@ -40,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -57,11 +59,13 @@ from graphteleport.passes.equalize import (  # noqa: E402
     DEFAULT_P,
     EqualizePass,
     EqualizeResult,
+    FiguresObserver,
     balance_terms,
     figures_of,
     one_sided_pairs,
 )
 from graphteleport.passes.teleport import apply_values  # noqa: E402
+from graphteleport.rewrite import observed  # noqa: E402
 
 
 def equalize(proto: onnx.ModelProto, **kwargs: object) -> tuple[float, EqualizeResult]:
@@ -157,16 +161,58 @@ def profile_equalize(path: Path, rounds: int, p: float) -> str:
         phases.start()
         phases.run("clips", split_clips, model)
         analysis = phases.run("analyze", analyze_model, model, {})
-        arrays = phases.run("read tensors", stored_arrays, analysis)
+        arrays = phases.run("read tensors", stored_arrays, analysis, True)  # (consumed)
         hold = phases.run("one-sided", one_sided_pairs, analysis, arrays)
         terms = phases.run("Q", balance_terms, analysis, p, arrays, hold=hold)
         values = solved(phases, terms)
-        tau, *_ = phases.run("rewrite", apply_values, model, analysis, values, arrays=arrays)
+        observer = FiguresObserver(analysis)  # (as the pass: the figures gathered there)
+        with observed(observer):
+            tau, *_ = phases.run(
+                "rewrite", apply_values, model, analysis, values, arrays=arrays, consume=True
+            )
         fields = {"method": "cle", "p": p, "exact": False, "alpha": None}
         fields |= {"objective_before": 0.0, "objective_after": 0.0, "iterations": 0}
-        phases.run("figures", figures_of, analysis, arrays, values, tau, gradient=0.0, **fields)
+        seen = observer.seen()
+        fields["gradient"] = 0.0
+        phases.run("figures", figures_of, analysis, arrays, values, tau, seen, **fields)
         del model, analysis, arrays, terms  # freed before the next round, as after a pass
     return phases.line()
+
+
+def floor_round(proto: onnx.ModelProto) -> dict[str, tuple[float, float]]:
+    """The floor passes of one round over the model's float initializers (wall, CPU):
+    reading them out of their protos (what ``stored_arrays`` does), one read of every
+    element (``max``: a vectorised reduction, memory-bound), and one read and write
+    (``W · s`` into fresh arrays, kept to the end of the round as a rewritten model
+    keeps them): the least any pass that rescales every weight does."""
+    model = ir.serde.deserialize_model(proto)
+    out: dict[str, tuple[float, float]] = {}
+    t, c = time.perf_counter(), time.process_time()
+    arrays = [
+        v.const_value.numpy()
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.dtype == ir.DataType.FLOAT
+    ]
+    out["read out of protos"] = (time.perf_counter() - t, time.process_time() - c)
+    t, c = time.perf_counter(), time.process_time()
+    for w in arrays:
+        w.max(initial=0.0)
+    out["read pass"] = (time.perf_counter() - t, time.process_time() - c)
+    t, c = time.perf_counter(), time.process_time()
+    kept = [np.multiply(w, np.float32(1.0001)) for w in arrays]
+    out["read+write pass"] = (time.perf_counter() - t, time.process_time() - c)
+    del kept
+    return out
+
+
+def floor_lines(rounds: list[dict[str, tuple[float, float]]], elements: int) -> list[str]:
+    """The floor passes' medians, one line each."""
+    lines = []
+    for name in rounds[0]:
+        wall = statistics.median(r[name][0] for r in rounds)
+        cpu = statistics.median(r[name][1] for r in rounds)
+        lines.append(f"floor          {name}: {wall:.3f} s, CPU {cpu:.3f} s ({elements} elements)")
+    return lines
 
 
 def resnet50() -> Path:
@@ -232,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         help="AIMET-ONNX's venv, or 'none' (default: %(default)s)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time, each round, a bare read and a read+write pass over the weights",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         help="graphteleport.parallel's threads (default: the CPUs, at most 2)",
@@ -245,13 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     peer = start_peer(args.peer, path) if args.peer != "none" else "left out (--peer none)"
     rounds: list[tuple[float, float, float, float]] = []
     peers: list[tuple[float, float]] = []
+    floors: list[dict[str, tuple[float, float]]] = []
     result: EqualizeResult | None = None
+    proto = onnx.load(path) if args.floor else None
     for _ in range(max(args.rounds, 1)):
         result = None  # the last round's model and result freed first, as after a pass
         times, result = one_round(path, args.p)
         rounds.append(times)
         if isinstance(peer, Peer):
             peers.append(peer.one_round())
+        if proto is not None:
+            floors.append(floor_round(proto))
     if isinstance(peer, Peer):
         peer.close()
     load_s, run_s, load_c, run_c = (statistics.median(r[k] for r in rounds) for k in range(4))
@@ -278,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours / AIMET   {run_s / peer_s:.2f}x wall, {run_c / peer_c:.2f}x CPU")
     else:
         print(f"AIMET CLE      not run: {peer}")
+    for line in floor_lines(floors, result.stats.elements_total) if floors else []:
+        print(line)
     print(f"blas           OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     print(
         f"threads        {parallel.workers()} (graphteleport.parallel.workers; --threads sets them)"

@@ -202,6 +202,11 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
     cache.  A float32 ``out`` gets each float64 row sum rounded once
     (:func:`_narrow_into`: :class:`Narrow` where float32 does not hold it)."""
     rows, width = values.shape
+    single = out.dtype == np.float32 and values.dtype == np.float32 and factor == 1.0
+    if width == 1 and single and p in (1.0, 2.0):
+        total = _single_powers(values.reshape(-1), out, p)
+        if total is not None:
+            return total
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
@@ -239,12 +244,48 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
     return total
 
 
-def stored_arrays(analysis: AnalysisResult) -> dict[str, np.ndarray]:
+def _single_powers(values: np.ndarray, out: np.ndarray, p: float) -> float | None:
+    """``out = |values|^p`` (p = 1 or 2) of a float32 ``values`` into float32 ``out`` (one
+    element per row: no sums), computed in float32 a chunk at a time — the same bits as
+    the float64 path's one rounding (``|w|`` is exact, ``w²`` exact in float64 and
+    correctly rounded in float32) at about a third of its arithmetic — or None where
+    some value is not a normal float32 at most :data:`SINGLE_MAX` (0, inf, NaN too: the
+    caller then takes the float64 path, which raises :class:`Narrow` as it does);
+    returns ``Σ out``.  (At p = 3 and 4, and with a factor, float32 would round two or
+    three times: not the float64 ``Q`` rounded once, so not taken there.)"""
+    total = 0.0
+    for i in range(0, values.size, POWER_CHUNK):
+        a = out[i : i + POWER_CHUNK]
+        np.absolute(values[i : i + POWER_CHUNK], out=a)
+        if p == 2.0:
+            np.square(a, out=a)
+        if not (a.size == 0 or (float(a.min()) >= _SINGLE_TINY and float(a.max()) <= SINGLE_MAX)):
+            return None
+        total += float(a.sum(dtype=np.float64))
+    return total if total <= SINGLE_MAX else None
+
+
+def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> dict[str, np.ndarray]:
     """Every stored tensor ``analysis`` rescales, by name, read once: each
     ``ConstRef.array()`` copies the tensor's bytes out of its proto, so a pass that reads
     them several times (the statistics, the sign rule, one-sided pairs, the report's
-    figures) reads them from here."""
-    return {w.source.name: w.source.array() for w in analysis.weights}
+    figures) reads them from here.  With ``writable``, each is the pass's own writable
+    C-contiguous copy (an array over the proto's bytes is read-only), which the rewrite
+    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``),
+    the copies made on the :mod:`~graphteleport.parallel` workers (:func:`shares` of the
+    tensors; numpy's copy releases the GIL)."""
+    if not writable:
+        return {w.source.name: w.source.array() for w in analysis.weights}
+    weights = analysis.weights
+    copies: list[np.ndarray | None] = [None] * len(weights)
+
+    def read(share: list[int]) -> None:
+        for k in share:
+            copies[k] = np.array(weights[k].source.array(), order="C")
+
+    sizes = [int(np.prod(w.uses[0].shape)) for w in weights]  # (about: for the shares)
+    map_parts(read, [(share,) for share in shares(sizes, sum(sizes))])
+    return {w.source.name: c for w, c in zip(weights, copies, strict=True) if c is not None}
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:

@@ -32,13 +32,18 @@ Each block is a small ONNX model built in memory whose initializers stay referen
 the external data files (onnxruntime reads only that block's weights); its session is
 released before the next is opened.
 
-**Runs.**  Per block and model, one session runs the first input set alone and the
-others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
-proves no node mixes rows (else one by one; the same outputs either way); the
-original's first run also gives the tensors the per-tensor check records
-(:class:`_Check`), which then runs its mirrored pass and the teleported block's cut model
-(3 runs).  A block's float16 weights read only by ops without a float16 CPU kernel are
-widened once for all its sessions (:class:`graphteleport.widen.Widened`).
+**Runs.**  Per block and model, one session runs every input set stacked along axis 0
+in one run where :func:`graphteleport.rows.stackable` proves no node mixes rows (else
+one by one; the same outputs either way, bit for bit); the original's run also gives
+the first set's rows of the tensors the per-tensor check records (:class:`_Check`),
+which then runs its mirrored pass on the original's cut model and both passes on the
+teleported one's, stacked the same way: 4 runs a block.  At 16 tokens a run costs about
+what reading (and repacking) the block's weights does, so fewer, taller runs pay:
+`verify_teleport` by pieces alone on a 2-layer hidden-4096 float16 LLaMA, 8 draws, CPU
+8.78 / 8.84 s with 7 runs a block → 7.98 / 8.53 / 7.56 / 8.35 s with 4 (separate
+processes alternating, load 5.7–6.7), the same findings to the bit.  A block's float16
+weights read only by ops without a float16 CPU kernel are widened once for all its
+sessions (:class:`graphteleport.widen.Widened`).
 
 Measured (8-layer hidden-2048 float16 LLaMA shape, 1.08 GB of weights, 8 draws,
 per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks of at most 256 MiB), 3.58 GB
@@ -54,8 +59,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from graphteleport.errors import InputError
-from graphteleport.rows import split_rows, stack_rows, stackable
+from graphteleport.rows import run_sets
 from graphteleport.tensorcheck import (
     LoadedModel,
     TensorCheckResult,
@@ -398,10 +402,10 @@ def _run_block(
     extra = (check.extra if check is not None else None) or []
     proto = _block_proto(pair.orig, block.nodes, block.inputs, [*outs, *extra], state)
     feeds = [{x: s[x] for x in block.inputs} for s in state.orig]
-    ran = _run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
+    ran = run_sets(pair.open_model, proto, pair.orig.folder, feeds)  # one session at a time
     ref = [dict(zip(outs, r[: len(outs)], strict=True)) for r in ran]
-    if check is not None:
-        check.record(ran[0][len(outs) :], state.orig[0], block.inputs)
+    if check is not None:  # copies: the other sets' rows of a stacked run are freed
+        check.record([np.array(v) for v in ran[0][len(outs) :]], state.orig[0], block.inputs)
     del ran
     tele_proto = _block_proto(pair.tele, *tele_part, outs, state)
     feeds = [
@@ -410,7 +414,7 @@ def _run_block(
     ]
     got = [
         dict(zip(outs, r, strict=True))
-        for r in _run_sets(pair.open_model, tele_proto, pair.tele.folder, feeds)
+        for r in run_sets(pair.open_model, tele_proto, pair.tele.folder, feeds)
     ]
     for k, (r, g) in enumerate(zip(ref, got, strict=True)):
         state.orig[k].update(r)
@@ -421,28 +425,6 @@ def _run_block(
         _compare_outputs(pair, block, ref, got, state, floors, where)
         if check is not None:  # after a failure: the first one names it
             check.run(pair, block, state, where)
-
-
-def _run_sets(
-    open_model: Opener, proto: onnx.ModelProto, folder: str, feeds: Sequence[Feeds]
-) -> list[list[np.ndarray]]:
-    """The block's outputs on every set, from one session: the first set alone, the
-    others stacked along axis 0 into one run where :func:`graphteleport.rows.stackable`
-    proves no node mixes rows and the shapes fit; else one by one."""
-    rest = list(feeds[1:])
-    stacked = stack_rows(rest, list(feeds[0])) if len(rest) >= 2 else None
-    wide = stackable(proto, feeds[0]) if stacked is not None else None
-    run = open_model(wide or proto, folder)
-    first = run(feeds[0])
-    if stacked is not None and wide is not None:
-        try:
-            split = split_rows(run(stacked), first, len(rest))
-        except InputError as e:  # a shape the rules did not foresee: one by one
-            logger.debug("stacked sets did not run: %s", e)
-            split = None
-        if split is not None:
-            return [first, *split]
-    return [first, *(run(f) for f in rest)]
 
 
 def _block_proto(
@@ -548,6 +530,7 @@ class _Check:
         r = check_tensors(
             self.models[0], self.models[1], {x: fed[x] for x in block.inputs}, pair.scales,
             pair.open_model, rtol=pair.rtol, seed=pair.seed + block.index, recorded=recorded,
+            stack=True,
         )  # fmt: skip
         state.tensors.add(r, where)
 

@@ -82,6 +82,46 @@ _SINK: contextvars.ContextVar[WeightSink | None] = contextvars.ContextVar(
 )
 
 
+class BlockWatch(Protocol):
+    """Sees the blocks of one weight's product on the grid path (:func:`_grid_rows_into`)
+    while they are in cache: a pass that wants figures of every ``W`` and its ``S`` (the
+    equalize report) gathers them there instead of reading each weight again."""
+
+    def begin(self, parts: int, overwrite: bool = False) -> None:
+        """The product is cut into ``parts`` row ranges, each on one thread; with
+        ``overwrite`` it is written over W's array (:func:`prepare`'s ``consume``)."""
+        ...
+
+    def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
+        """Rows ``start:start + len(w)`` of W (``w``, W's trailing shape) and their ``S``
+        on the grid as multiplied (``grid``: one value per cell, W's dtype), in row range
+        ``part``; returns the non-zero elements whose ``S`` is not 1 (the rewrite's count
+        of the elements it changed, :func:`_grid_changed`)."""
+        ...
+
+
+#: Given a plain weight, its array and its ``S``'s layout: a :class:`BlockWatch` of its
+#: product, or None (:func:`observed`).
+Observer = Callable[[Weight, np.ndarray, tuple[int, ...]], BlockWatch | None]
+
+_OBSERVER: contextvars.ContextVar[Observer | None] = contextvars.ContextVar(
+    "graphteleport_block_observer", default=None
+)
+
+
+@contextlib.contextmanager
+def observed(observer: Observer) -> Iterator[None]:
+    """Within the block (in memory, not :func:`streamed`), :func:`prepare` asks
+    ``observer`` for a :class:`BlockWatch` of each plain weight's product and shows it
+    each block of the grid path; a weight whose product takes another path is not shown
+    (its watch sees fewer rows than W has)."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
 @contextlib.contextmanager
 def streamed(sink: WeightSink) -> Iterator[None]:
     """Within the block, :func:`prepare` hands every new initializer to ``sink`` as it is
@@ -197,6 +237,8 @@ def _product_rows(
     fill: Fill | None = None,
     out: np.ndarray | None = None,
     known: Magnitudes | None = None,
+    watch: BlockWatch | None = None,
+    original: Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
@@ -222,27 +264,39 @@ def _product_rows(
     ``known``: W's magnitudes as measured already (:func:`~graphteleport.ranges.survey`),
     given only for a W found finite — then W is not scanned again, and its float16
     conversions skip their NaN check (:meth:`~graphteleport.halfcast.Casts.copy_finite`:
-    a finite W times a finite ``S`` holds no NaN)."""
+    a finite W times a finite ``S`` holds no NaN).  ``watch``: shown each block of the
+    grid path (:class:`BlockWatch`; its count replaces :func:`_grid_changed`'s).
+    ``out`` may be W itself on the native grid path (each block is read before it is
+    written); ``original`` then reads W as it was, for the rare counts that compare W
+    and W' (a non-finite W, or a count :func:`_count_exact` does not vouch for)."""
     out = np.empty(w.shape, dtype=w.dtype) if out is None else out
     split = _grid_axes(w.shape, layout or w.shape)
     if fill is None:
         fill = _filler(rows_of, split)
     half = float32_scale and w.dtype in HALVES  # (the backend chosen here, not on a worker)
     casts = halfcast.chosen() if half else None
+    ranges = row_parts(w.shape[0], w.size)
+    if watch is not None:
+        watch.begin(len(ranges), overwrite=out is w)
     parts = [
-        (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None)
-        for i, j in row_parts(w.shape[0], w.size)
+        (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None, watch, k)
+        for k, (i, j) in enumerate(ranges)
     ]
     done = map_parts(_rows_into, parts)
     scan = MagnitudeScan(w.dtype)
     for _, part in done:
         scan.merge(part)
     changed = sum(c for c, _ in done)
-    mags = scan.result(w) if known is None else known
-    if known is None and scan.hi >= scan.lim.inf_bits:  # inf or NaN in W: count as ``!=`` does
-        changed = int(np.count_nonzero(out != w))
+
+    def before() -> np.ndarray:  # W as it was (read again where ``out`` is W itself)
+        return original() if out is w and original is not None else w
+
+    finite = scan.hi < scan.lim.inf_bits  # (a finite W's magnitudes are the scan's alone)
+    mags = scan.result(w if finite else before()) if known is None else known
+    if known is None and not finite:  # inf or NaN in W: count as ``!=`` does
+        changed = int(np.count_nonzero(out != before()))
     elif _native(w.dtype, float32_scale) and not _count_exact(scan, mags, smin):
-        changed = _changed_bits(w, out)
+        changed = _changed_bits(before(), out)
     return out, changed, mags
 
 
@@ -282,12 +336,17 @@ def _rows_into(
     stop: int,
     casts: halfcast.Casts | None,
     scan: bool = True,
+    watch: BlockWatch | None = None,
+    part: int = 0,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of :func:`_product_rows` into ``out``: on the grid
     (:func:`_grid_rows_into`: natively, or a float16/bfloat16 W through float32 by
     ``casts``) or through float64 (:func:`_wide_rows_into`).  ``scan`` False: W's
-    magnitudes are known and W finite (the grid path neither scans nor checks for NaN)."""
-    if _native(w.dtype, float32_scale) or casts is not None:
+    magnitudes are known and W finite (the grid path neither scans nor checks for NaN).
+    ``watch`` (row range ``part``) sees the native grid path's blocks only."""
+    if _native(w.dtype, float32_scale):
+        return _grid_rows_into(w, out, fill, split, start, stop, None, scan, watch, part)
+    if casts is not None:
         return _grid_rows_into(w, out, fill, split, start, stop, casts, scan)
     return _wide_rows_into(w, out, rows_of, float32_scale, start, stop)
 
@@ -314,6 +373,8 @@ def _grid_rows_into(
     stop: int,
     casts: halfcast.Casts | None = None,
     scan_rows: bool = True,
+    watch: BlockWatch | None = None,
+    part: int = 0,
 ) -> tuple[int, MagnitudeScan]:
     """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
     (``_HALF_BLOCK`` for a half-precision W) at a time in buffers reused across blocks,
@@ -330,9 +391,11 @@ def _grid_rows_into(
     changed are counted (:func:`_half_changed`: ``S`` is not rounded to W's dtype, so an
     ``s ≠ 1`` may leave ``w`` as it was).  ``scan_rows`` False (W's magnitudes known, W
     finite): the rows are not scanned (the scan returned saw nothing) and the
-    conversions skip their NaN check."""
+    conversions skip their NaN check.  ``watch`` (native W only) is shown each block and
+    its grid, and counts the elements changed (:class:`BlockWatch`)."""
     scan = MagnitudeScan(w.dtype)
-    inner, row, rows, cells = _blocks(w.shape, split, _BLOCK if casts is None else _HALF_BLOCK)
+    block = _BLOCK if casts is None else _HALF_BLOCK
+    inner, row, rows, cells = _blocks(w.shape, split, block if watch is None else WATCHED_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
     w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
     differ = np.empty(w32.size, dtype=bool)
@@ -343,9 +406,14 @@ def _grid_rows_into(
             wc, oc = w[i : i + n].reshape(-1, inner), out[i : i + n].reshape(-1, inner)
             g = grid[: n * cells]
             fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
-            if casts is None:
+            if casts is None:  # (W read before the product: ``out`` may be W itself)
+                if watch is None:
+                    changed += _grid_changed(wc, g)
+                else:
+                    changed += watch.see(part, i, w[i : i + n], g)
+                if scan_rows:
+                    scan.add(wc)
                 np.multiply(wc, g[:, None], out=oc)
-                changed += _grid_changed(wc, g)
             else:
                 b = w32[: n * row].reshape(-1, inner)
                 copy = casts.copy if scan_rows else casts.copy_finite
@@ -353,8 +421,8 @@ def _grid_rows_into(
                 np.multiply(b, g[:, None], out=b)
                 copy(b.reshape(-1), oc.reshape(-1))
                 changed += _half_changed(wc, oc, g, differ)
-            if scan_rows:
-                scan.add(wc)
+                if scan_rows:
+                    scan.add(wc)
     return changed, scan
 
 
@@ -455,6 +523,11 @@ def _wide_rows_into(
 
 
 _BLOCK = 1 << 16
+#: Elements per block of a product a :class:`BlockWatch` sees: its own work per block is
+#: some twenty numpy calls on the block's cells, so larger blocks pay (ResNet-50 cle,
+#: rewrite + figures CPU, medians of 13 interleaved rounds at load ~6: 2^16 136 ms, 2^17
+#: 123, 2^18 120, 2^19 127).
+WATCHED_BLOCK = 1 << 18
 #: Elements per block of a half-precision product: onnxruntime's conversions cost ~8 µs
 #: a run (:mod:`graphteleport.halfcast`), so blocks larger than the cache pay — CPU ns an
 #: element for widen + multiply + narrow + count + scan + S, one thread, an 11008 × 4096
@@ -503,6 +576,7 @@ def prepare(
     tau: np.ndarray,
     arrays: Mapping[str, np.ndarray] | None = None,
     known: Sequence[Magnitudes | None] | None = None,
+    consume: bool = False,
 ) -> Prepared:
     """Compute ``W · S`` for every absorbing weight without storing it, measuring each
     weight's :class:`Magnitudes` in the same read (:func:`_product`), and check them
@@ -513,10 +587,19 @@ def prepare(
     inside :func:`streamed`, which reads each tensor from its map and releases it.
     ``known``: per weight, its magnitudes as :func:`~graphteleport.ranges.survey`
     measured them where it found the weight finite (else None): such a weight's product
-    does not scan it again (:func:`_product_rows`) and they are its magnitudes here."""
+    does not scan it again (:func:`_product_rows`) and they are its magnitudes here.
+
+    ``consume``: ``arrays`` are the caller's own writable copies
+    (:func:`~graphteleport.orbit.stored_arrays` with ``writable``), which a plain
+    weight's product on the native grid path writes over (no fresh array of W's size: on
+    ResNet-50 102 MB of new pages, 20-50 ms of page faults here) — under an
+    :func:`observed` block only the weights it watches (the observer reads the others
+    again).  The model's tensors are untouched until :func:`commit`: a :func:`prepare`
+    after this one reads them from the model, not from ``arrays``."""
     smin, smax = weight_bounds(analysis, tau)
     pending: list[_Pending] = []
     mags: list[Magnitudes] = []
+    written: set[int] = set()  # (``consume``: the arrays written over, by id)
     sink = _SINK.get()
     if sink is not None:
         sink.rewind()
@@ -526,7 +609,12 @@ def prepare(
             if arrays is None:
                 prefetch(analysis.weights[j + 1 : j + 2])
             w = arrays[weight.source.name] if arrays is not None else weight.source.array()
-            p, m = _compute(weight, w, tau, (smin[j], smax[j]), known[j] if known else None)
+            if id(w) in written:  # (an earlier weight of the same name wrote over it)
+                w = weight.source.array()
+            mine = known[j] if known else None
+            p, m = _compute(weight, w, tau, (smin[j], smax[j]), mine, consume and sink is None)
+            if consume and w.flags.writeable:
+                written.add(id(w))
             del w  # a live view keeps the memory map: _stream could not release it
             if sink is not None:
                 _stream(p, sink)
@@ -542,12 +630,14 @@ def _compute(
     tau: np.ndarray,
     bounds: tuple[float, float],
     known: Magnitudes | None = None,
+    consume: bool = False,
 ) -> tuple[_Pending, Magnitudes]:
     """One weight's (``w``) new value and magnitudes, ``bounds`` its ``|S|``'s: a plain
     weight's ``S`` formed a block of rows at a time
     (:class:`~graphteleport.algebra.RowScale`), any other's whole
     (:func:`~graphteleport.algebra.scales_of`, :func:`_pend`); ``known``: its magnitudes
-    if measured already on a finite W (:func:`_product_rows`)."""
+    if measured already on a finite W (:func:`_product_rows`); ``consume``: ``w`` may be
+    overwritten with the product (:func:`prepare`)."""
     f32 = fits_float32(*bounds)
     lazy = row_scale(w.shape, weight.uses, weight.private, tau)
     if lazy is None or not w.flags.c_contiguous:
@@ -556,7 +646,12 @@ def _compute(
     sink = _SINK.get()
     streams = sink is not None and not weight.source.is_node and w.ndim > 0
     out = sink.scratch(w.shape, w.dtype) if sink is not None and streams else None
-    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out, known)
+    observer = _OBSERVER.get() if sink is None else None
+    watch = observer(weight, w, lazy.shape) if observer is not None else None
+    mine = consume and (watch is not None or observer is None) and known is None
+    if out is None and mine and w.flags.writeable and _native(w.dtype, f32):
+        out = w  # (the caller's own copy: no fresh array of W's size)
+    return _pend_rows(w, weight.uses[0], lazy, f32, bounds[0], out, known, watch)
 
 
 def _pend_rows(
@@ -567,11 +662,15 @@ def _pend_rows(
     smin: float,
     out: np.ndarray | None = None,
     known: Magnitudes | None = None,
+    watch: BlockWatch | None = None,
 ) -> tuple[_Pending, Magnitudes]:
     """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale` (its
-    product into ``out`` where given: :func:`_product_rows`)."""
+    product into ``out`` where given — W itself included, then read again from the
+    model where needed —, shown to ``watch``: :func:`_product_rows`)."""
     rows_into = lazy.rows_into
-    new, changed, mags = _product_rows(w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known)
+    new, changed, mags = _product_rows(
+        w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known, watch, use.source.array
+    )
     return _Pending(use.source, new if changed else None, changed), mags
 
 

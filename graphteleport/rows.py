@@ -23,23 +23,29 @@ shapes), marking *row* values (computed from the fed tensors, axis 0 indexing ro
   exports it, only a shape without zeros, and the attribute is cleared);
 
 anything else (Shape, Expand, subgraphs, an op not in the table) is not stackable.
-The caller also checks the stacked outputs' shapes (axis 0 = the sets' axis 0 summed).
+:func:`split_rows` checks the stacked outputs' shapes (a row value's axis 0 = the sets'
+count times its size on one set, where shape inference knows it) before cutting them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["split_rows", "stack_rows", "stackable"]
+from graphteleport.errors import InputError
+
+__all__ = ["Stacking", "run_sets", "split_rows", "stack_rows", "stackable"]
 
 logger = logging.getLogger(__name__)
 
 Shape = tuple[int | None, ...]
+Feeds = Mapping[str, np.ndarray]
+Opener = Callable[[onnx.ModelProto, str], Callable[[Feeds], list[np.ndarray]]]
 _UNARY = frozenset(
     {
         "Neg", "Sqrt", "Reciprocal", "Sigmoid", "Tanh", "Relu", "Exp", "Log", "Erf", "Abs",
@@ -279,10 +285,19 @@ def _rule(b: _Block, k: int, node: onnx.NodeProto) -> bool:
     return False
 
 
-def stackable(proto: onnx.ModelProto, fed: Mapping[str, np.ndarray]) -> onnx.ModelProto | None:
+class Stacking(NamedTuple):
+    """A block made ready to run stacked input sets: the model (its batch-1 Reshape
+    constants rewritten to copy axis 0) and the values whose axis 0 indexes rows, each
+    with its axis 0 on one set where shape inference knows it (the other values are
+    computed from constants alone: the same for every set)."""
+
+    proto: onnx.ModelProto
+    rows: Mapping[str, int | None]
+
+
+def stackable(proto: onnx.ModelProto, fed: Mapping[str, np.ndarray]) -> Stacking | None:
     """*proto* (a block: its graph inputs are the *fed* values, typed after them) made
-    ready to run input sets stacked along axis 0 — the same model, its batch-1 Reshape
-    constants rewritten to copy axis 0 — or None where some node may mix rows."""
+    ready to run input sets stacked along axis 0, or None where some node may mix rows."""
     b = _Block(proto, fed)
     if any(b.rank(x) in (None, 0) for x in fed):
         return None
@@ -298,14 +313,20 @@ def stackable(proto: onnx.ModelProto, fed: Mapping[str, np.ndarray]) -> onnx.Mod
             logger.debug("not stackable at %s '%s'", node.op_type, node.name)
             return None
         b.rows.update(y for y in node.output if y)
-    return _rewritten(proto, b.reshapes)
+    return Stacking(_rewritten(proto, b.reshapes), {x: b.dim0(x) for x in b.rows})
 
 
 def _rewritten(proto: onnx.ModelProto, reshapes: Mapping[int, np.ndarray]) -> onnx.ModelProto:
-    if not reshapes:
+    """*proto* with the *reshapes* made and every graph input's axis 0 declared free
+    (the stacked sets arrive there); *proto* itself where nothing changes."""
+    fixed = [v for v in proto.graph.input if _fixed_axis0(v)]
+    if not reshapes and not fixed:
         return proto
     out = onnx.ModelProto()
     out.CopyFrom(proto)
+    for v in out.graph.input:
+        if _fixed_axis0(v):
+            v.type.tensor_type.shape.dim[0].dim_param = "rows"
     for k, shape in reshapes.items():
         node = out.graph.node[k]
         name = f"{node.input[1]}{_SUFFIX}{k}"
@@ -315,6 +336,11 @@ def _rewritten(proto: onnx.ModelProto, reshapes: Mapping[int, np.ndarray]) -> on
         del node.attribute[:]
         node.attribute.extend(kept)
     return out
+
+
+def _fixed_axis0(v: onnx.ValueInfoProto) -> bool:
+    dims = v.type.tensor_type.shape.dim
+    return v.type.HasField("tensor_type") and bool(dims) and dims[0].HasField("dim_value")
 
 
 def stack_rows(
@@ -330,15 +356,47 @@ def stack_rows(
 
 
 def split_rows(
-    values: Sequence[np.ndarray], like: Sequence[np.ndarray], n: int
+    values: Sequence[np.ndarray], names: Sequence[str], rows: Mapping[str, int | None], n: int
 ) -> list[list[np.ndarray]] | None:
-    """The outputs *values* of *n* stacked sets cut back into the sets, each output
-    shaped as in *like* (the same outputs of one such set alone); None where a shape
-    does not fit."""
-    for v, one in zip(values, like, strict=True):
-        if not one.ndim or v.shape != (one.shape[0] * n, *one.shape[1:]):
+    """The outputs *values* (named *names*) of *n* stacked sets cut back into the sets:
+    a row value's axis 0 into *n* equal parts in the sets' order (views), any other the
+    same for every set; None where a row value's axis 0 is not *n* times its size on
+    one set (where known), or does not divide by *n*."""
+    for v, name in zip(values, names, strict=True):
+        if name not in rows:
+            continue
+        one = rows[name]
+        if not v.ndim or v.shape[0] % n or (one is not None and v.shape[0] != n * one):
             return None
     return [
-        [v[i * one.shape[0] : (i + 1) * one.shape[0]] for v, one in zip(values, like, strict=True)]
-        for i in range(n)
+        [_part(v, k, n) if name in rows else v for v, name in zip(values, names, strict=True)]
+        for k in range(n)
     ]
+
+
+def _part(v: np.ndarray, k: int, n: int) -> np.ndarray:
+    size = v.shape[0] // n
+    return v[k * size : (k + 1) * size]
+
+
+def run_sets(
+    open_model: Opener, proto: onnx.ModelProto, folder: str, feeds: Sequence[Feeds]
+) -> list[list[np.ndarray]]:
+    """*proto*'s outputs on every input set, from one session (``open_model(proto,
+    folder)`` gives ``run(feeds) -> outputs``): all sets stacked along axis 0 into one
+    run where :func:`stackable` proves no node mixes rows and the shapes fit (the same
+    outputs, bit for bit, at about the cost of one run where the weights' reads dominate);
+    else one by one."""
+    stacked = stack_rows(feeds, list(feeds[0])) if len(feeds) >= 2 else None
+    plan = stackable(proto, feeds[0]) if stacked is not None else None
+    run = open_model(plan.proto if plan is not None else proto, folder)
+    if stacked is not None and plan is not None:
+        names = [o.name for o in plan.proto.graph.output]
+        try:
+            split = split_rows(run(stacked), names, plan.rows, len(feeds))
+        except InputError as e:  # a shape the rules did not foresee: one by one
+            logger.debug("stacked sets did not run: %s", e)
+            split = None
+        if split is not None:
+            return split
+    return [run(f) for f in feeds]

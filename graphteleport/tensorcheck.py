@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from graphteleport.rows import run_sets
 from graphteleport.wire import light_encoding, mapped
 
 logger = logging.getLogger(__name__)
@@ -582,6 +583,7 @@ def check_tensors(
     seed: int = 0,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     recorded: Mapping[str, np.ndarray] | None = None,
+    stack: bool = False,
 ) -> TensorCheckResult:
     """Check ``N'(s_in ⊙ x) = s_out ⊙ N(x)`` for every node (see the module docstring).
 
@@ -593,7 +595,10 @@ def check_tensors(
     inputs; a block of :mod:`graphteleport.pieces` reads scaled tensors as its inputs).
     *recorded*: the original's tensors on *feeds* when a run already gave them (every
     value :func:`recording_names` lists: the whole model's own run for its outputs, then
-    no run records them again).
+    no run records them again).  *stack*: the teleported cut model runs both passes as
+    one run stacked along axis 0 where no node mixes rows (:func:`graphteleport.rows.
+    run_sets`) — it pays where reading the weights dominates a run (a block of a large
+    model at a few tokens), not for a compute-bound one (a conv net).
     """
     orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
     tele = teleported if isinstance(teleported, LoadedModel) else LoadedModel.load(teleported)
@@ -616,15 +621,36 @@ def check_tensors(
                 ("mirrored", _mirrored(arrays, scales.tracked, seed + 7919 * (k + 1))),
             )
         ]
+        # the teleported model first: verification by pieces has just run its block, so
+        # its widened weights are at hand (widen.Widened keeps one model's at a time)
+        tele_cut = _cut_proto(tele, cuts[1], group, arrays)
+        gots = _both_passes(open_model, tele_cut, tele.folder, jobs, cuts[1], stack)
         run = _named(open_model(_cut_proto(orig, cuts[0], group, arrays), orig.folder))
         mirrored_ref = run(_group_feeds(jobs[1], cuts[0], False))
-        run = _named(open_model(_cut_proto(tele, cuts[1], group, arrays), tele.folder))
-        gots = [run(_group_feeds(job, cuts[1], True)) for job in jobs]
         del run
         refs = [_recorded_ref(orig, cuts[0], jobs[0], gots[0], open_model), mirrored_ref]
         for job, ref, got in zip(jobs, refs, gots, strict=True):
             _check_group(ref, got, job, acc)
     return acc.result(len(plan.cut), len(groups))
+
+
+def _both_passes(
+    open_model: Opener,
+    proto: onnx.ModelProto,
+    folder: str,
+    jobs: Sequence[_Job],
+    cut: _Cut,
+    stack: bool,
+) -> list[dict[str, np.ndarray]]:
+    """The teleported cut model on both passes' tensors, with *stack* in one run where no
+    node mixes rows (:func:`graphteleport.rows.run_sets`), else one run each."""
+    feeds = [_group_feeds(job, cut, True) for job in jobs]
+    names = [o.name for o in proto.graph.output]
+    if not stack:
+        run = open_model(proto, folder)
+        return [dict(zip(names, run(f), strict=True)) for f in feeds]
+    ran = run_sets(open_model, proto, folder, feeds)
+    return [dict(zip(names, r, strict=True)) for r in ran]
 
 
 def _recorded_ref(

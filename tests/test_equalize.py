@@ -477,3 +477,156 @@ def test_insert_mode_counts_inserted_nodes(seed: int) -> None:
     u = np.log(np.abs(result.pair_values))
     assert np.abs(u).max() < 3.0  # unbounded: |u| grows ~1/p per Newton step
     assert max_rel_err(proto, ir.to_proto(model)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "big"])
+def test_figures_gathered_by_the_rewrite(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures the rewrite gathers as it multiplies (``FiguresObserver``) equal those
+    :func:`figures_of` computes from the weights again: every count and maximum exactly,
+    the sums of squares to float32's summation; also where the rewrite cuts a weight over
+    two threads (``big``: a 1100 × 1024 Gemm weight, its row ranges' figures merged)."""
+    from graphteleport import parallel
+    from graphteleport.passes import equalize as eq
+
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    proto = gemm_mlp([8, 1100, 1024, 4]) if name == "big" else _fixture(name)(None)  # type: ignore[arg-type]
+    seen: list[int] = []
+    gather = eq.FiguresObserver.seen
+
+    def spy(self: eq.FiguresObserver) -> dict[str, tuple[object, eq.UseFigures]]:
+        out = gather(self)
+        seen.append(len(out))
+        return out  # type: ignore[return-value]
+
+    monkeypatch.setattr(eq.FiguresObserver, "seen", spy)
+    _, fused = equalized(proto)
+    monkeypatch.setattr(eq.FiguresObserver, "__call__", lambda *_: None)
+    _, plain = equalized(proto)
+    assert seen[0] > 0 and seen[1] == 0  # the rewrite gathered some; then none
+    a, b = fused.figures, plain.figures
+    assert a is not None and b is not None
+    for x, y in zip(a.tensors, b.tensors, strict=True):
+        assert (x.name, x.elements, x.moved) == (y.name, y.elements, y.moved)
+        assert (x.max_before, x.max_after) == (y.max_before, y.max_after)
+        assert (x.sq_before, x.sq_after) == pytest.approx((y.sq_before, y.sq_after), rel=1e-6)
+    assert a.classes == b.classes
+    assert fused.stats.elements_changed == plain.stats.elements_changed
+
+
+def _tiny_mlp() -> onnx.ModelProto:
+    """gemm_mlp([6, 9, 5, 3]) whose first weight holds a subnormal, a value near float32's
+    smallest normal and a zero: counts that compare W and W', and a range fit."""
+    proto = gemm_mlp([6, 9, 5, 3])
+    for init in proto.graph.initializer:
+        w = onnx.numpy_helper.to_array(init).copy()
+        if w.ndim == 2:
+            w[0, 0], w[1, 1], w[2, 2] = 1e-40, 2e-38, 0.0
+            init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+            break
+    return proto
+
+
+def test_products_written_over_the_pass_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cle writes each watched weight's product over the pass's own copy of W
+    (``stored_arrays(writable=True)``, ``consume``): the same weights, counts and figures
+    as into fresh arrays, also where the count compares W and W' (a subnormal: W is read
+    again from the model) — and some product really was written over its W."""
+    from graphteleport import rewrite
+    from graphteleport.passes import equalize as eq
+
+    over: list[bool] = []
+    product = rewrite._product_rows
+
+    def spy(w: np.ndarray, *args: object, **kwargs: object) -> object:
+        out = product(w, *args, **kwargs)  # type: ignore[arg-type]
+        over.append(out[0] is w)
+        return out
+
+    monkeypatch.setattr(rewrite, "_product_rows", spy)
+    plain = eq.stored_arrays
+    for proto in (_tiny_mlp(), _fixture("resnet_tiny")(None)):  # type: ignore[arg-type]
+        over.clear()
+        a, fused = equalized(proto)
+        assert any(over)
+        monkeypatch.setattr(eq, "stored_arrays", lambda analysis, writable=False: plain(analysis))
+        over.clear()
+        b, fresh = equalized(proto)
+        monkeypatch.setattr(eq, "stored_arrays", plain)
+        assert not any(over)
+        assert fused.stats == fresh.stats
+        assert fused.figures is not None and fresh.figures is not None
+        assert fused.figures.to_json() == fresh.figures.to_json()
+        for name, v in a.graph.initializers.items():
+            other = b.graph.initializers[name].const_value
+            assert v.const_value is not None and other is not None
+            assert np.array_equal(v.const_value.numpy(), other.numpy(), equal_nan=True), name
+
+
+def test_a_second_prepare_reads_the_model() -> None:
+    """With ``consume``, values the range fit moves after the first products are applied
+    from the model's own tensors (the arrays hold the first products by then): the same
+    rewrite as from read-only arrays."""
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import stored_arrays
+    from graphteleport.passes.teleport import apply_values
+
+    results = []
+    for consume in (True, False):
+        model = ir.from_proto(_tiny_mlp())
+        analysis = analyze_model(model, {})
+        values = np.where(analysis.solution.free, 1e-30, 1.0)  # W · 1e-30: out of range
+        values[10:] = 1.0  # (the first hidden layer's only: S ≠ 1 on its weights)
+        arrays = stored_arrays(analysis, writable=consume)
+        tau, stats, _, fixes = apply_values(model, analysis, values, arrays=arrays, consume=consume)
+        assert fixes  # the fit moved some values: a second prepare ran
+        weights = {n: v.const_value.numpy() for n, v in model.graph.initializers.items()}  # type: ignore[union-attr]
+        results.append((tau, stats, weights))
+    (t1, s1, w1), (t2, s2, w2) = results
+    assert np.array_equal(t1, t2) and s1 == s2
+    assert all(np.array_equal(w1[n], w2[n]) for n in w1)
+
+
+def test_figures_of_an_overwritten_weight_must_be_gathered() -> None:
+    """A weight whose product was written over its array (``consume``) has no W left for
+    ``use_figures``: if its watch did not see every row, ``seen`` refuses instead of
+    letting the figures be computed from the product."""
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import compact_shape, stored_arrays
+    from graphteleport.passes.equalize import FiguresObserver
+
+    analysis = analyze_model(ir.from_proto(gemm_mlp([4, 6, 3])), {})
+    weight = next(w for w in analysis.weights if len(w.uses[0].shape) == 2)
+    w = stored_arrays(analysis)[weight.source.name]
+    observer = FiguresObserver(analysis)
+    watch = observer(weight, w, compact_shape(weight.uses[0]))
+    assert watch is not None
+    watch.begin(1)  # a product into a fresh array that showed no rows: left to use_figures
+    assert observer.seen() == {}
+    watch.begin(1, overwrite=True)  # ... written over W: refused
+    with pytest.raises(RuntimeError, match="not gathered"):
+        observer.seen()
+
+
+def test_a_consumed_array_is_read_as_w_once_written_over() -> None:
+    """Two weights reading one stored tensor (the same name: one array in ``arrays``): with
+    ``consume`` the second product still multiplies W, read again from the model, not
+    the first weight's product that was written over the array."""
+    import dataclasses
+
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import stored_arrays
+    from graphteleport.rewrite import prepare
+
+    analysis = analyze_model(ir.from_proto(gemm_mlp([4, 6, 3])), {})
+    first = next(w for w in analysis.weights if len(w.uses[0].shape) == 2)
+    twice = dataclasses.replace(analysis, weights=(*analysis.weights, first))
+    values = np.where(analysis.solution.free, 1.5, 1.0)
+    tau = analysis.solution.cofactors(values)
+    k = analysis.weights.index(first)
+    expected = prepare(analysis, tau, stored_arrays(analysis)).pending[k]  # (fresh arrays)
+    prepared = prepare(twice, tau, stored_arrays(analysis, writable=True), consume=True)
+    a, b = prepared.pending[k], prepared.pending[-1]
+    assert isinstance(expected.new, np.ndarray) and expected.changed > 0
+    for p in (a, b):
+        assert isinstance(p.new, np.ndarray) and p.changed == expected.changed
+        assert np.array_equal(p.new, expected.new)

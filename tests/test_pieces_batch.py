@@ -16,7 +16,7 @@ import pytest
 from conftest import CountingOpen
 from onnx import numpy_helper
 
-from graphteleport import pieces, verify
+from graphteleport import pieces, rows, verify
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model, save_model_atomic
 from graphteleport.passes.teleport import TeleportPass
@@ -88,9 +88,9 @@ def test_batched_pieces_pass_with_fewer_runs(
     for batched in (False, True):
         counting = CountingOpen()
         monkeypatch.setattr(verify, "open_proto", counting)
+        monkeypatch.setattr(rows, "stackable", lambda proto, fed: None)  # the batch alone
         if not batched:
             monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
-            monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)
         result = resnet.check()
         monkeypatch.undo()
         assert result.passed, result.failures
@@ -156,7 +156,7 @@ def test_the_first_draw_records_for_the_per_tensor_check(
         counting = CountingOpen()
         monkeypatch.setattr(verify, "open_proto", counting)
         monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
-        monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)
+        monkeypatch.setattr(rows, "stackable", lambda proto, fed: None)
         if not merged:
             monkeypatch.setattr(pieces, "recording_names", lambda orig, tele: None)
         result = resnet.check()

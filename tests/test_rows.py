@@ -2,13 +2,14 @@
 pieces using it on a fixed-batch model.
 
 - Every block of a batch-1 LLaMA-shaped float16 model is stackable (its ``[1, T, H, D]``
-  Reshapes rewritten to copy axis 0) and gives, bit for bit, each set's outputs.
+  Reshapes rewritten to copy axis 0) and gives, bit for bit, each set's outputs, the
+  tensors inside the block too (the per-tensor check records them from the stacked run).
 - Graphs that mix rows are refused: a reduction over axis 0, Shape, a 2-D product of
   two row values, a Transpose moving axis 0, a Reshape whose first entry is not axis 0,
   a product with a constant of higher rank (its axes come first), a normalisation over
   axis 0.
-- Pieces on the fixed-batch model: per block 2 + 2 draw runs instead of 2 per draw, the
-  same findings as one by one, and a corrupted teleport still fails.
+- Pieces on the fixed-batch model: per block one draw run a model instead of one per
+  draw, the same findings as one by one, and a corrupted teleport still fails.
 """
 
 from __future__ import annotations
@@ -50,22 +51,34 @@ def test_every_llama_block_stacks_bit_for_bit(llama16: Path) -> None:
     rewritten = 0
     for block in pieces.plan_blocks(model.proto.graph, 40_000):
         feeds = [{x: s[x] for x in block.inputs} for s in sets]
-        proto = sub_model(
-            model, block.nodes, feeds[0], block.outputs, shaped=False, own_inputs=True
-        )
+        inside = [y for k in block.nodes for y in model.proto.graph.node[k].output]
+        outputs = list(dict.fromkeys([*block.outputs, *inside]))
+        proto = sub_model(model, block.nodes, feeds[0], outputs, shaped=False, own_inputs=True)
         ready = rows.stackable(proto, feeds[0])
         assert ready is not None, block.describe(model.proto.graph, 0)
-        rewritten += len(ready.graph.initializer) - len(proto.graph.initializer)
+        rewritten += len(ready.proto.graph.initializer) - len(proto.graph.initializer)
         one = [verify.open_proto(proto, model.folder)(f) for f in feeds]
-        stacked = rows.stack_rows(feeds[1:], list(feeds[0]))
+        stacked = rows.stack_rows(feeds, list(feeds[0]))
         assert stacked is not None
-        split = rows.split_rows(verify.open_proto(ready, model.folder)(stacked), one[0], 3)
+        ran = verify.open_proto(ready.proto, model.folder)(stacked)
+        split = rows.split_rows(ran, outputs, ready.rows, 4)
         assert split is not None
-        for alone, cut in zip(one[1:], split, strict=True):
+        for alone, cut in zip(one, split, strict=True):
             assert [a.tobytes() for a in alone] == [np.ascontiguousarray(c).tobytes() for c in cut]
         for s, r in zip(sets, one, strict=True):
-            s.update(zip(block.outputs, r, strict=True))
+            s.update(zip(block.outputs, r[: len(block.outputs)], strict=True))
     assert rewritten == 2 * 4  # per layer: the q, k, v head splits and the merge
+
+
+def test_a_split_refuses_rows_of_the_wrong_size() -> None:
+    """A row value whose axis 0 is not the sets' count times its size on one set (or
+    does not divide) is not cut; a constant-derived value is every set's."""
+    a = np.zeros((6, 2), np.float32)
+    assert rows.split_rows([a], ["y"], {"y": 2}, 3) is not None
+    assert rows.split_rows([a], ["y"], {"y": 3}, 3) is None
+    assert rows.split_rows([a], ["y"], {"y": None}, 4) is None
+    (first, *_), *_ = split = rows.split_rows([a, a], ["y", "c"], {"y": None}, 2) or [[]]
+    assert first.shape == (3, 2) and all(s[1] is a for s in split)
 
 
 def _one_node_model(node: onnx.NodeProto, x_shape: list[int], inits: dict[str, np.ndarray]):
@@ -108,14 +121,15 @@ def test_what_mixes_rows_is_refused(
 def test_row_preserving_nodes_are_accepted() -> None:
     w = np.ones((3, 4), np.float32)
     model, fed = _one_node_model(helper.make_node("MatMul", ["x", "w"], ["y"]), [1, 2, 3], {"w": w})
-    assert rows.stackable(model, fed) is model  # nothing to rewrite
+    accepted = rows.stackable(model, fed)
+    assert accepted is not None and accepted.proto is model  # nothing to rewrite
     s = np.array([1, 6], np.int64)
     model, fed = _one_node_model(
         helper.make_node("Reshape", ["x", "s"], ["y"]), [1, 2, 3], {"s": s}
     )
     ready = rows.stackable(model, fed)
-    assert ready is not None and ready is not model
-    new = [numpy_helper.to_array(t) for t in ready.graph.initializer if t.name != "s"]
+    assert ready is not None and ready.proto is not model
+    new = [numpy_helper.to_array(t) for t in ready.proto.graph.initializer if t.name != "s"]
     assert [a.tolist() for a in new] == [[0, 6]]
 
 
@@ -131,7 +145,7 @@ def _check(src: Path, out: Path, result: Any, monkeypatch: pytest.MonkeyPatch, s
     counting = CountingOpen()
     monkeypatch.setattr(verify, "open_proto", counting)
     if not stack:
-        monkeypatch.setattr(pieces, "stackable", lambda proto, fed: None)
+        monkeypatch.setattr(rows, "stackable", lambda proto, fed: None)
     found = verify.verify_teleport(
         src, out, _draws(6), result.tensor_scales(), 1e-2, by="pieces", block_bytes=40_000
     )
@@ -147,7 +161,8 @@ def test_pieces_stack_the_draws_of_a_fixed_batch_model(
         _check(llama16, out, result, monkeypatch, stack) for stack in (True, False)
     )
     assert stacked.passed and alone.passed and not stacked.batched
-    assert runs_alone - runs == stacked.blocks * 2 * (6 - 2)  # 2 × 6 draw runs -> 2 × 2
+    # 2 × 6 draw runs -> 2 × 1, and the teleported cut model's two passes -> 1
+    assert runs_alone - runs == stacked.blocks * (2 * (6 - 1) + 1)
     assert stacked.max_rel_err == alone.max_rel_err  # the same bits, stacked or not
     assert stacked.tensors is not None and alone.tensors is not None
     assert stacked.tensors.to_dict() == alone.tensors.to_dict()
@@ -169,6 +184,7 @@ def test_a_corrupted_teleport_fails_stacked(
     _, found = _check(llama16, bad, result, monkeypatch, stack=True)
     assert not found.passed
     assert any("block " in f for f in found.failures)
+    assert found.tensors is not None and not found.tensors.passed  # the stacked cut passes too
 
 
 def test_a_torch_style_reshape_with_allowzero_is_stacked_bit_for_bit() -> None:
@@ -179,15 +195,15 @@ def test_a_torch_style_reshape_with_allowzero_is_stacked_bit_for_bit() -> None:
     model, fed = _one_node_model(node, [1, 2, 3], {"s": np.array([1, 6], np.int64)})
     ready = rows.stackable(model, fed)
     assert ready is not None
-    (reshape,) = ready.graph.node
+    (reshape,) = ready.proto.graph.node
     assert not [a for a in reshape.attribute if a.name == "allowzero"]
     rng = np.random.default_rng(0)
     sets = [{"x": rng.standard_normal((1, 2, 3)).astype(np.float32)} for _ in range(3)]
-    run = functools.partial(run_ort, ready)
+    run = functools.partial(run_ort, ready.proto)
     one = [run(f) for f in sets]
     stacked = rows.stack_rows(sets, ["x"])
     assert stacked is not None
-    split = rows.split_rows(run(stacked), one[0], 3)
+    split = rows.split_rows(run(stacked), ["y"], ready.rows, 3)
     assert split is not None
     for alone, cut in zip(one, split, strict=True):
         assert [a.tobytes() for a in alone] == [np.ascontiguousarray(c).tobytes() for c in cut]

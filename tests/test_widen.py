@@ -8,6 +8,8 @@
 - External data: read from the file, once per block however many sessions use it, and
   two files' tensors of the same name are told apart.
 - Verification by pieces with and without widening gives the same outputs and errors.
+- Buffers are reused: a dropped copy's memory serves the next copy of its size, never
+  while something else holds it, and spares stay within the budget.
 """
 
 from __future__ import annotations
@@ -268,3 +270,52 @@ def test_an_interrupt_inside_the_conversion_is_not_masked(
     monkeypatch.setattr(halfcast, "chosen", lambda: halfcast.Casts("interrupted", interrupted))
     with pytest.raises(KeyboardInterrupt):
         widen._widened(proto.graph.initializer[0], str(tmp_path))
+
+
+def _tensors(tmp_path: Path) -> list[onnx.TensorProto]:
+    return [p.graph.initializer[0] for p in _external_matmuls(tmp_path, np.random.default_rng(8))]
+
+
+def test_a_dropped_copy_lends_its_buffer_to_the_next_of_its_size(tmp_path: Path) -> None:
+    a, b = _tensors(tmp_path)
+    wide = widen.Widened(16, budget_bytes=2 * 64 * 64 * 4)
+    first = wide.array(a, str(tmp_path))
+    pointer = first.ctypes.data
+    del first
+    wide.clear()
+    assert wide.nbytes == 0 and wide.spare_bytes == 64 * 64 * 4
+    second = wide.array(b, str(tmp_path))
+    assert second.ctypes.data == pointer and wide.spare_bytes == 0  # the same memory
+    assert np.array_equal(second, widen._widened(b, str(tmp_path)))
+    assert wide.widened == 2
+
+
+def test_a_buffer_held_elsewhere_is_never_reused(tmp_path: Path) -> None:
+    a, b = _tensors(tmp_path)
+    for budget in (None, 64 * 64 * 4):  # dropped by clear, or for room
+        wide = widen.Widened(16, budget_bytes=budget)
+        held = wide.array(a, str(tmp_path))
+        before = held.copy()
+        if budget is None:
+            wide.clear()
+        other = wide.array(b, str(tmp_path))
+        assert not np.shares_memory(held, other)
+        assert np.array_equal(held, before)  # untouched
+        assert not np.array_equal(held, other)
+
+
+def test_spare_buffers_stay_within_the_budget(tmp_path: Path) -> None:
+    """Copies of other sizes take the spares' room: held + spare never pass the budget."""
+    (a, _), budget = _tensors(tmp_path), 64 * 64 * 4 + 1000
+    small = np.random.default_rng(9).standard_normal((32, 32)).astype(np.float16)
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [small], ["w"])
+    onnx.save(proto, tmp_path / "s.onnx", save_as_external_data=True, location="s.data",
+              size_threshold=0)  # fmt: skip
+    c = onnx.load(tmp_path / "s.onnx", load_external_data=False).graph.initializer[0]
+    wide = widen.Widened(16, budget_bytes=budget)
+    wide.array(a, str(tmp_path))
+    wide.clear()
+    assert wide.spare_bytes == 64 * 64 * 4
+    got = wide.array(c, str(tmp_path))
+    assert wide.nbytes + wide.spare_bytes <= budget and wide.spare_bytes == 0
+    assert np.array_equal(got, small.astype(np.float32))

@@ -558,7 +558,7 @@ class CanonicalizePass(ir.passes.InPlacePass):
         t0 = time.perf_counter()
         analysis = analyze_model(model, self.input_shapes, opts.mode)
         t1 = time.perf_counter()
-        arrays = stored_arrays(analysis)
+        arrays = stored_arrays(analysis, writable=not streaming())  # (consumed by the rewrite)
         terms = OrbitTerms.build(analysis, arrays=arrays, single=True)
         if opts.mode == "insert":  # the inserted constants are weights too (module docstring)
             terms = terms.with_rows(*inserted_rows(analysis, lambda n: 1.0))
@@ -569,7 +569,10 @@ class CanonicalizePass(ir.passes.InPlacePass):
         values = np.exp(found.u) * signs
         held = None if streaming() else arrays  # (streamed: each map released once read)
         del arrays
-        applied = apply_values(model, analysis, values, insert=opts.mode == "insert", arrays=held)
+        insert = opts.mode == "insert"
+        applied = apply_values(
+            model, analysis, values, insert=insert, arrays=held, consume=held is not None
+        )
         seconds = {"analyze": t1 - t0, "solve": t2 - t1, "rewrite": time.perf_counter() - t2}
         flipped = int((signs < 0).sum())
         return result_of(

@@ -158,6 +158,7 @@ from graphteleport.passes.canonical import (
     minimize,
 )
 from graphteleport.passes.teleport import Applied, TeleportResult, apply_values, result_of
+from graphteleport.rewrite import observed
 from graphteleport.tensorcheck import TensorScales
 
 FloatArray = np.ndarray
@@ -449,6 +450,7 @@ def figures_of(
     arrays: Mapping[str, np.ndarray],
     values: FloatArray,
     tau: FloatArray,
+    seen: Mapping[str, tuple[Absorb, UseFigures]] | None = None,
     **fields: Any,
 ) -> EqualizeFigures:
     """The per-tensor and per-class figures of rewriting the quantized weights (``arrays``:
@@ -457,15 +459,25 @@ def figures_of(
     time (:func:`use_figures`); the figures after follow from ``S``, constant over the
     elements each compact element sums.  An element counts as moved where it is non-zero
     and its ``S``, rounded to the weight's precision, is not 1.  The tensors are worked on
-    by the :mod:`~graphteleport.parallel` workers at once (numpy releases the GIL)."""
+    by the :mod:`~graphteleport.parallel` workers at once (numpy releases the GIL).
+    ``seen``: the figures of some uses as the rewrite gathered them (:class:`FiguresObserver`,
+    by tensor name with the use), not computed again."""
     only = quantized_analysis(analysis)
     moved_pairs = _moved_pairs(analysis, values)
     tensors: list[TensorRange] = []
     rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []
     uses = counted_uses(only)
     values_of = [used_values(use, arrays[use.source.name]) for use in uses]
-    work = [(use, w, tau) for use, w in zip(uses, values_of, strict=True)]
-    for k, (use, w, figures) in enumerate(zip(uses, values_of, map_parts(use_figures, work))):
+    gathered: list[UseFigures | None] = []
+    for use in uses:
+        mine, figures = (seen or {}).get(use.source.name, (None, None))
+        gathered.append(figures if mine is use else None)
+    todo = [k for k, f in enumerate(gathered) if f is None]
+    done = map_parts(use_figures, [(uses[k], values_of[k], tau) for k in todo])
+    for k, figures in zip(todo, done, strict=True):
+        gathered[k] = figures
+    for k, (use, w, figures) in enumerate(zip(uses, values_of, gathered)):
+        assert figures is not None
         tensors.append(TensorRange(use.source.name, int(w.size), *figures.totals()))
         rows.extend(_class_rows(analysis, use, k, figures, moved_pairs))
     return EqualizeFigures(tensors=tuple(tensors), classes=_classes(rows, values), **fields)
@@ -503,11 +515,7 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
     cshape = compact_shape(use)
     rank = len(cshape)
     parts = [np.abs(power(tau[with_rank(np.asarray(f.ids), rank)], f.exp)) for f in use.factors]
-    out = UseFigures(0, [0.0, 0.0], [0.0, 0.0], [], [])
-    for f in use.factors:
-        shape = with_rank(np.asarray(f.ids), rank).shape
-        out.before.append(np.zeros(shape))
-        out.after.append(np.zeros(shape))
+    out = _empty_figures(use)
     if not w.size:
         return out
     dtype = w.dtype if w.dtype.itemsize <= 4 else np.dtype(np.float64)
@@ -519,35 +527,167 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
         mine = [part[sl] if lead and part.shape[0] != 1 else part for part in parts]
         rounded = _rounded_scale(mine, peak.shape, dtype)  # S as the rewrite multiplies W
         s = rounded
-        changed = rounded != 1
-        if isinstance(nonzero, int):
-            out.moved += nonzero * int(np.count_nonzero(changed))
-        else:
-            out.moved += int(nonzero[changed].sum())
         if rounded.dtype != peak.dtype:  # (a float16 weight: the figures in float32)
             s = _rounded_scale(mine, peak.shape, peak.dtype)
-        after = peak * s
-        if not use.factors:  # else from the factors' maxima, after the slabs
-            out.peaks = [
-                max(out.peaks[0], float(peak.max())),
-                max(out.peaks[1], float(after.max())),
-            ]
-        out.squares[0] += float(sq.sum())  # (numpy's pairwise sum: to ~1e-7)
-        sq *= s
-        sq *= s
-        out.squares[1] += float(sq.sum())
-        for fb, fa in zip(out.before, out.after):
-            faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
-            mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
-            ma = after.max(axis=faxes, keepdims=True) if faxes else after
-            if lead and fb.shape[0] != 1:
-                fb[sl], fa[sl] = mb, ma
-            else:
-                np.maximum(fb, mb, out=fb)
-                np.maximum(fa, ma, out=fa)
+        _add_slab(out, cshape, sl if lead else None, peak, sq, nonzero, rounded, s)
     if out.before:  # a factor's largest values cover every element once
         out.peaks = [float(out.before[0].max()), float(out.after[0].max())]
     return out
+
+
+def _empty_figures(use: Absorb) -> UseFigures:
+    """The :class:`UseFigures` of no element of ``use`` yet."""
+    rank = len(compact_shape(use))
+    out = UseFigures(0, [0.0, 0.0], [0.0, 0.0], [], [])
+    for f in use.factors:
+        shape = with_rank(np.asarray(f.ids), rank).shape
+        out.before.append(np.zeros(shape))
+        out.after.append(np.zeros(shape))
+    return out
+
+
+def _add_slab(
+    out: UseFigures,
+    cshape: tuple[int, ...],
+    sl: slice | None,
+    peak: np.ndarray,
+    sq: np.ndarray,
+    nonzero: np.ndarray | int,
+    rounded: np.ndarray,
+    s: np.ndarray,
+) -> int:
+    """Take one slab of a use into ``out`` (:func:`use_figures`): its compact elements'
+    ``max|W|`` (``peak``), ``Σ W²`` (``sq``, overwritten) and non-zero counts, their ``|S|``
+    as the rewrite multiplies W (``rounded``: an element moved where non-zero and that is
+    not 1) and in the figures' precision (``s``); ``sl`` the slab's rows (None: the whole
+    use).  Returns the elements it moved.  (No peaks here for a use without factors.)"""
+    changed = rounded != 1
+    if isinstance(nonzero, int):
+        moved = nonzero * int(np.count_nonzero(changed))
+    else:
+        moved = int(nonzero[changed].sum())
+    out.moved += moved
+    after = peak * s
+    if not out.before:  # else from the factors' maxima, after the slabs
+        out.peaks = [max(out.peaks[0], float(peak.max())), max(out.peaks[1], float(after.max()))]
+    out.squares[0] += float(sq.sum())  # (numpy's pairwise sum: to ~1e-7)
+    sq *= s
+    sq *= s
+    out.squares[1] += float(sq.sum())
+    for fb, fa in zip(out.before, out.after):
+        faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
+        mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
+        ma = after.max(axis=faxes, keepdims=True) if faxes else after
+        if sl is not None and fb.shape[0] != 1:
+            fb[sl], fa[sl] = mb, ma
+        else:
+            np.maximum(fb, mb, out=fb)
+            np.maximum(fa, ma, out=fa)
+    return moved
+
+
+class FiguresWatch:
+    """:func:`use_figures` of one use gathered from the rewrite's blocks as it multiplies
+    them (:class:`graphteleport.rewrite.BlockWatch`): each block's ``W`` is in cache and
+    its ``S`` on the grid is the one multiplied (what :func:`_rounded_scale` makes, bit
+    for bit: the same factors in the same order, rounded once; ``|S|`` of it), so the
+    figures neither read W again nor form ``S`` again.  Each row range (thread) gathers
+    into its own :class:`UseFigures`, merged at the end: counts and sums added, the
+    factors' maxima (0 where a range wrote none) by the largest."""
+
+    def __init__(self, use: Absorb, rows: int) -> None:
+        self.use = use
+        self.cshape = compact_shape(use)
+        self.rows = rows
+        self.parts: list[UseFigures] = []
+        self.seen: list[int] = []
+        self.overwrote = False
+
+    def begin(self, parts: int, overwrite: bool = False) -> None:
+        self.parts = [_empty_figures(self.use) for _ in range(parts)]
+        self.seen = [0] * parts
+        self.overwrote = self.overwrote or overwrite
+
+    def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
+        peak, sq, nonzero = compact_stats(self.use, w)
+        s = grid.reshape(peak.shape)
+        if s.size and s.min() < 0:  # (a negative cofactor: the figures take |S|)
+            s = np.abs(s)
+        self.seen[part] += len(w)
+        sl = slice(start, start + len(w))
+        return _add_slab(self.parts[part], self.cshape, sl, peak, sq, nonzero, s, s)
+
+    def figures(self) -> UseFigures | None:
+        """The use's figures, or None where the rewrite did not show every row."""
+        if not self.parts or sum(self.seen) != self.rows:
+            return None
+        out = self.parts[0]
+        for other in self.parts[1:]:
+            out.moved += other.moved
+            out.squares = [a + b for a, b in zip(out.squares, other.squares)]
+            for mine, theirs in zip(out.before + out.after, other.before + other.after):
+                np.maximum(mine, theirs, out=mine)
+        out.peaks = [float(out.before[0].max()), float(out.after[0].max())]
+        return out
+
+
+class FiguresObserver:
+    """The rewrite's :data:`graphteleport.rewrite.Observer` for :func:`figures_of`: a
+    :class:`FiguresWatch` of each weight whose counted quantized use (the figures' use) is
+    the use the rewrite's ``S`` comes from, read as stored (no index, no expansion, its
+    shape W's), with factors, a float32 or float64 W, and an ``S`` layout that is the
+    use's compact layout and varies along every leading axis the rewrite's grid covers
+    (so each block's grid is the slab's compact elements)."""
+
+    def __init__(self, analysis: AnalysisResult) -> None:
+        self.uses: dict[str, Absorb] = {}
+        for weight in quantized_analysis(analysis).weights:
+            if not (weight.private and len(weight.uses) > 1):
+                self.uses[weight.source.name] = weight.uses[0]
+        self.watches: dict[str, FiguresWatch] = {}
+        self.made: list[FiguresWatch] = []  # (every watch, a refit's replaced ones too)
+
+    def __call__(
+        self, weight: Weight, w: np.ndarray, layout: tuple[int, ...]
+    ) -> FiguresWatch | None:
+        use = self.uses.get(weight.source.name)
+        if use is None or use is not weight.uses[0] or not self._fits(use, w, layout):
+            self.watches.pop(weight.source.name, None)
+            return None
+        watch = FiguresWatch(use, w.shape[0])
+        self.watches[weight.source.name] = watch  # (a second rewrite replaces the first's)
+        self.made.append(watch)
+        return watch
+
+    @staticmethod
+    def _fits(use: Absorb, w: np.ndarray, layout: tuple[int, ...]) -> bool:
+        if use.index is not None or use.expand or tuple(use.shape) != w.shape or not w.size:
+            return False
+        if not use.factors or w.dtype not in (np.float32, np.float64):
+            return False
+        if compact_shape(use) != tuple(layout):
+            return False
+        split = len(layout)
+        while split > 1 and layout[split - 1] == 1:  # (rewrite._grid_axes)
+            split -= 1
+        return all(layout[k] == w.shape[k] for k in range(split))
+
+    def seen(self) -> dict[str, tuple[Absorb, UseFigures]]:
+        """The figures gathered, by tensor name, with their use.  A weight whose product
+        was written over its array (``consume``) must be here: its array no longer holds
+        W for :func:`use_figures` (a watch that saw every row of the first products sees
+        every row of a refit's too — the fit moves values toward 1, so ``S`` stays in
+        float32's range and the product on the native grid path); RuntimeError
+        otherwise, not figures of the wrong W."""
+        out: dict[str, tuple[Absorb, UseFigures]] = {}
+        for name, watch in self.watches.items():
+            figures = watch.figures()
+            if figures is not None:
+                out[name] = (watch.use, figures)
+        lost = {w.use.source.name for w in self.made if w.overwrote} - out.keys()
+        if lost:
+            raise RuntimeError(f"equalize: the figures of {sorted(lost)} were not gathered")
+        return out
 
 
 def _rounded_scale(parts: list[FloatArray], shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -805,7 +945,7 @@ class EqualizePass(ir.passes.InPlacePass):
         if opts.mode == "absorb" and (pinned := pinned_clips(analysis, clips)):
             clips = join_clips(model, clips, pinned)
             analysis = analyze_model(model, shapes, opts.mode)
-        arrays = stored_arrays(analysis)
+        arrays = stored_arrays(analysis, writable=s.method == "cle")  # (cle: consumed)
         t1 = time.perf_counter()
         found: Minimum | None = None
         chosen = Choice("", ())
@@ -840,15 +980,18 @@ class EqualizePass(ir.passes.InPlacePass):
             values = power_of_two(values)
         t2 = time.perf_counter()
         exact = s.exact or chosen.refine
-        applied = apply_values(
-            model, analysis, values, insert=opts.mode == "insert", exact=exact, arrays=arrays
-        )
+        observer = FiguresObserver(analysis)  # (the figures gathered as the rewrite goes)
+        with observed(observer):  # (cle: the watched weights' products written over arrays)
+            applied = apply_values(
+                model, analysis, values, insert=opts.mode == "insert", exact=exact,
+                arrays=arrays, consume=s.method == "cle",
+            )  # fmt: skip
         if first is not None:  # the start's Muls (noise, or auto's refined candidate)
             applied = (*applied[:2], first[2], applied[3])
             opts = dataclasses.replace(opts, mode="insert")
         t3 = time.perf_counter()
         figures = figures_of(
-            analysis, arrays, values, applied[0],
+            analysis, arrays, values, applied[0], observer.seen(),
             method=s.method, p=chosen.p or s.p, exact=s.exact,
             alpha=chosen.alpha if s.method == "auto" else s.alpha if s.method == "smooth" else None,
             candidates=chosen.scores, chosen=chosen.name,

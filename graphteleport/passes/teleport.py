@@ -216,6 +216,7 @@ def apply_values(
     insert: bool = False,
     exact: bool = False,
     arrays: Mapping[str, np.ndarray] | None = None,
+    consume: bool = False,
 ) -> Applied:
     """Rewrite ``model`` in place for one value per cofactor pair: fit ``values`` (in
     place) to the weights' ranges, store the new weights and, with ``insert``, add insert
@@ -236,7 +237,9 @@ def apply_values(
     same magnitudes give the same fit: the values, and so the outputs, are those of
     fitting after the products.  ``arrays``:
     the stored tensors the caller already read (:func:`~graphteleport.orbit.stored_arrays`),
-    read from there instead of again (:func:`~graphteleport.rewrite.prepare`).
+    read from there instead of again (:func:`~graphteleport.rewrite.prepare`);
+    ``consume``: they are the caller's own copies, which the products may overwrite
+    (``prepare``'s ``consume``: a second ``prepare`` then reads the model's tensors).
     """
     sol = analysis.solution
     surveyed = ranges.survey(analysis, values, arrays) if narrow(analysis) else None
@@ -251,14 +254,14 @@ def apply_values(
     if early is not None:
         trim_heap()
     tau = sol.cofactors(values)
-    prepared = prepare(analysis, tau, arrays, known)
+    prepared = prepare(analysis, tau, arrays, known, consume=consume)
     stale = early is not None and early != prepared.magnitudes  # (the safety net)
     if stale or (early is None and (prepared.out_of_range or insert)):
         more = ranges.fit(analysis, values, prepared.magnitudes, insert=insert, exact=exact)
         if more:
             fixes = _merged(fixes, more)
             tau = sol.cofactors(values)
-            prepared = prepare(analysis, tau, arrays)
+            prepared = prepare(analysis, tau, None if consume else arrays)
     stats = commit(model, prepared)
     inserted = insert_nodes(model, analysis, tau) if insert else InsertStats()
     return tau, stats, inserted, fixes
