@@ -990,10 +990,17 @@ def test_own_slice_and_concat_evaluators_match_onnx_reference() -> None:
     data = np.arange(4 * 5 * 6, dtype=np.int64).reshape(4, 5, 6)
     big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     cases = [  # (starts, ends, axes, steps)
-        ([1], [3], [0], [1]), ([0], [big], [2], [2]), ([-2], [big], [-1], None),
-        ([3], [small], [1], [-1]), ([big], [-big], [2], [-2]), ([-1], [0], [0], [-1]),
-        ([10], [20], [1], None), ([-10], [2], [2], [1]), ([1, 0], [-1, 4], None, None),
-        ([0, 5, 1], [4, 0, 6], [0, 2, 1], [3, -2, 2]), ([2], [-7], [1], [-1]),
+        ([1], [3], [0], [1]),
+        ([0], [big], [2], [2]),
+        ([-2], [big], [-1], None),
+        ([3], [small], [1], [-1]),
+        ([big], [-big], [2], [-2]),
+        ([-1], [0], [0], [-1]),
+        ([10], [20], [1], None),
+        ([-10], [2], [2], [1]),
+        ([1, 0], [-1, 4], None, None),
+        ([0, 5, 1], [4, 0, 6], [0, 2, 1], [3, -2, 2]),
+        ([2], [-7], [1], [-1]),
     ]
     for starts, ends, axes, steps in cases:
         given = [np.array(starts), np.array(ends)]
