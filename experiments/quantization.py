@@ -857,7 +857,8 @@ def accuracy_sentence(metric_name: str, fp: dict[str, Any], base: dict[str, Any]
     if best:
         gap = fp["metric"] - best["metric"]
         verdict = "within" if gap <= 1.0 else "**not** within"
-        text += f"; equalize auto ends {gap:.1f} points below FP32 ({verdict} 1 point)"
+        side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
+        text += f"; equalize auto ends {side} FP32 ({verdict} 1 point)"
     return text
 
 
