@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,6 +43,7 @@ from graphteleport.numerics import (
     MARGIN,
     Limits,
     Magnitudes,
+    MagnitudeScan,
     cell_magnitudes,
     limits,
     out_of_range,
@@ -61,10 +63,11 @@ log = logging.getLogger(__name__)
 SHRINK_ROUNDS = 12
 
 
-@dataclass(frozen=True, slots=True)
-class RangeFix:
+class RangeFix(NamedTuple):
     """A cofactor pair moved toward 1 so that the weights stay in range: its final
-    value (``|value| = 1``: pinned) and why."""
+    value (``|value| = 1``: pinned) and why.  (A named tuple: a fit makes one per pair
+    moved, 319 k for the 32-layer float16 LLaMA, where a frozen dataclass's
+    ``__init__`` cost ~0.3 s.)"""
 
     pair: int
     value: float
@@ -121,10 +124,15 @@ def survey(
         if arrays is None or streaming():
             prefetch(weights[j - 1 : j] if j else [])
         w = measured_array(weights[j], arrays)
-        found[j], finite[j] = measure_finite(w)
+        bounds = (float(smin[j]), float(smax[j]))
+        risk = None
+        if _one_pass(weights[j], w, tau):
+            risk, found[j], finite[j] = _AtRisk.surveyed(w, limits(w.dtype), *bounds)
+        else:
+            found[j], finite[j] = measure_finite(w)
         if out_of_range([found[j]], smin[j : j + 1], smax[j : j + 1])[0]:
-            check.prime(j, w, tau, (float(smin[j]), float(smax[j])))
-        del w
+            check.prime(j, w, tau, bounds, risk)
+        del w, risk
         release(weights[j].source)
     mags = [found[j] for j in range(len(weights))]
     ok = [finite[j] for j in range(len(weights))]
@@ -148,20 +156,50 @@ def fit(
         check.cells.update(primed.cells)
         check.shapes.update(primed.shapes)
         check.sparse.update(primed.sparse)
-    reasons: dict[int, str] = {}
+    reason = np.full(values.size, -1, np.int64)  # per pair: its first reason (-1: none)
+    texts: dict[str, int] = {}
     rounds = 0
     while True:
-        bad = check(values)
-        if not bad:
+        pairs, given, whys = check(values).first()
+        if not pairs.size:
             break
-        for p, why in bad.items():
-            reasons.setdefault(p, why)
-        pairs = np.fromiter(bad, dtype=np.int64, count=len(bad))
+        codes = np.array([texts.setdefault(why, len(texts)) for why in whys], dtype=np.int64)
+        new = reason[pairs] < 0
+        reason[pairs[new]] = codes[given[new]]
         values[pairs] = _shrink(values[pairs], exact) if rounds < SHRINK_ROUNDS else 1.0
         rounds += 1
-    if reasons:
-        log.info("range: %d cofactor pairs moved toward 1 in %d rounds", len(reasons), rounds)
-    return [RangeFix(p, float(values[p]), why) for p, why in sorted(reasons.items())]
+    moved = np.flatnonzero(reason >= 0)
+    if moved.size:
+        log.info("range: %d cofactor pairs moved toward 1 in %d rounds", moved.size, rounds)
+    said = list(texts)
+    return [
+        RangeFix(p, v, said[k])
+        for p, v, k in zip(moved.tolist(), values[moved].tolist(), reason[moved].tolist())
+    ]
+
+
+class _Blamed:
+    """The pairs one round of :class:`_Check` blames, each with the first reason given
+    for it (what ``dict.setdefault(pair, why)`` in the order given would keep), gathered
+    as arrays: a round blames up to hundreds of thousands of pairs."""
+
+    def __init__(self) -> None:
+        self._found: list[tuple[np.ndarray, str]] = []
+
+    def add(self, pairs: np.ndarray, why: str) -> None:
+        if pairs.size:
+            self._found.append((np.asarray(pairs, dtype=np.int64), why))
+
+    def first(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The pairs blamed (ascending, each once), each one's first reason as an index
+        into the reasons given (the third, in the order given; one per :meth:`add`)."""
+        whys = [why for _, why in self._found]
+        if not self._found:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), whys
+        pairs = np.concatenate([p for p, _ in self._found])
+        code = np.repeat(np.arange(len(self._found)), [p.size for p, _ in self._found])
+        unique, first = np.unique(pairs, return_index=True)
+        return unique, code[first], whys
 
 
 def _shrink(v: np.ndarray, exact: bool) -> np.ndarray:
@@ -198,30 +236,70 @@ class _AtRisk:
     @classmethod
     def of(cls, w: np.ndarray, lim: Limits, smin: float, smax: float) -> _AtRisk:
         """Measure ``w`` a chunk at a time and keep its elements at risk."""
+        return cls._found(w, lim, smin, smax, False)[0]
+
+    @classmethod
+    def surveyed(
+        cls, w: np.ndarray, lim: Limits, smin: float, smax: float
+    ) -> tuple[_AtRisk, Magnitudes, bool]:
+        """:meth:`of`, and W's :class:`Magnitudes` and whether it is finite
+        (:func:`~graphteleport.rewrite.measure_finite`'s figures) from the same bits:
+        one read of W, each chunk's ``|w|`` bits formed once for both."""
+        risk, scans = cls._found(w, lim, smin, smax, True)
+        for other in scans[1:]:
+            scans[0].merge(other)
+        flat_w = w.reshape(-1)
+        return risk, scans[0].result(flat_w), scans[0].hi < lim.inf_bits
+
+    @classmethod
+    def _found(
+        cls, w: np.ndarray, lim: Limits, smin: float, smax: float, scan: bool
+    ) -> tuple[_AtRisk, list[MagnitudeScan]]:
         flat_w = w.reshape(-1)
         low, high = _risk_bits(w.dtype, lim, *_risk_thresholds(w.dtype, lim, smin, smax))
         bounds = (lim, low, high, smin, smax)
-        parts = [(flat_w, bounds, i, j) for i, j in row_parts(flat_w.size, flat_w.size)]
+        parts = [(flat_w, bounds, i, j, scan) for i, j in row_parts(flat_w.size, flat_w.size)]
         found = map_parts(_risk_range, parts)
-        flats = [f for f, _ in found]
-        mag = np.concatenate([m for _, m in found])
+        flats = [f for f, _, _ in found]
+        mag = np.concatenate([m for _, m, _ in found])
         flat = _narrow_ids(np.concatenate(flats))
         at = tuple(_narrow_ids(i) for i in np.unravel_index(flat, w.shape))
         kind = np.float32 if w.dtype.itemsize <= 4 else np.float64
         hi, lo_n, lo_s = (c.astype(kind) for c in cell_magnitudes(mag, (), lim))
-        return cls(w.shape, flat, at, (hi, lo_n, lo_s))
+        return cls(w.shape, flat, at, (hi, lo_n, lo_s)), [s for _, _, s in found]
 
-    def scale(self, factors: Sequence[Factor], tau: np.ndarray) -> np.ndarray:
+    def scale(
+        self, factors: Sequence[Factor], tau: np.ndarray, sub: np.ndarray | None = None
+    ) -> np.ndarray:
         """``S`` at the elements at risk for ``factors`` (one use's), bit for bit
         :func:`~graphteleport.algebra.product_at`'s: the same factors multiply in the
-        same order; each factor's neurons at the elements are gathered once."""
-        ids = self.gathered.get(id(factors))
-        if ids is None:
-            ids = self.gathered[id(factors)] = [_narrow_ids(i) for i in gather_at(factors, self.at)]
-        s = np.ones(self.flat.shape, dtype=np.float64)
+        same order; each factor's neurons at the elements are gathered once.  ``sub``:
+        only at those elements (positions into ``flat``; elementwise, so the same bits)."""
+        ids = self._neurons(factors)
+        if sub is not None:
+            ids = [i[sub] for i in ids]
+        s = np.ones(ids[0].shape if ids else self.flat.shape, dtype=np.float64)
         for f, i in zip(factors, ids, strict=True):
             s = s * power(tau[i], f.exp)
         return s
+
+    def touched(self, factors: Sequence[Factor], moved: np.ndarray) -> np.ndarray:
+        """The elements at risk (positions into ``flat``, ascending) some factor of which
+        has a neuron ``moved`` (per neuron: its pair moved since the last check), the
+        only ones whose ``S`` may differ from that check's; a factor none of whose own
+        neurons moved is not gathered."""
+        hit: np.ndarray | None = None
+        for f, i in zip(factors, self._neurons(factors), strict=True):
+            if moved[f.ids].any():
+                hit = moved[i] if hit is None else np.logical_or(hit, moved[i], out=hit)
+        return np.zeros(0, np.int64) if hit is None else np.flatnonzero(hit)
+
+    def _neurons(self, factors: Sequence[Factor]) -> list[np.ndarray]:
+        """Per factor, its neurons at the elements at risk (gathered once)."""
+        ids = self.gathered.get(id(factors))
+        if ids is None:
+            ids = self.gathered[id(factors)] = [_narrow_ids(i) for i in gather_at(factors, self.at)]
+        return ids
 
     def violations(self, s: np.ndarray, lim: Limits) -> tuple[np.ndarray, np.ndarray]:
         """``(over, under)`` masks in W's shape, given ``s``, this round's scale at the
@@ -248,41 +326,75 @@ def _risk_range(
     bounds: tuple[Limits, np.unsignedinteger, np.unsignedinteger, float, float],
     start: int,
     stop: int,
-) -> tuple[np.ndarray, np.ndarray]:
+    scan: bool = False,
+) -> tuple[np.ndarray, np.ndarray, MagnitudeScan]:
     """The elements at risk among ``flat_w[start:stop]`` (flat positions, ``|w|`` as
-    float64), a chunk at a time: a filter on the bits (:func:`_risk_bits`), then the
-    exact check of the few candidates."""
+    float64), a chunk at a time: a filter on the bits (:func:`_candidates`), then the
+    exact check of the few candidates; with ``scan``, also the elements' magnitudes
+    (:class:`~graphteleport.numerics.MagnitudeScan`'s figures, :func:`_scan_chunk`)
+    from the same bits of each chunk."""
     lim, low, high, smin, smax = bounds
     mask = lim.uint.type(lim.mask)
     flats: list[np.ndarray] = [np.zeros(0, np.int64)]
     mags: list[np.ndarray] = [np.zeros(0, np.float64)]
+    figures = MagnitudeScan(flat_w.dtype)
     bits = np.empty(min(_RISK_CHUNK, stop - start), dtype=lim.uint)  # (reused: no allocation
     small = np.empty(bits.size, dtype=bool)  # a chunk)
     for at in range(start, stop, _RISK_CHUNK):
         chunk = flat_w[at : min(at + _RISK_CHUNK, stop)]
         b = np.bitwise_and(chunk.view(lim.uint), mask, out=bits[: chunk.size])  # |w|'s bits
-        cand = _candidates(b, low, high, small[: chunk.size])
+        top = int(b.max(initial=0))
+        np.subtract(b, b.dtype.type(1), out=b)  # b − 1 (0 wraps to the largest integer)
+        least = int(b.min(initial=np.iinfo(b.dtype).max))
+        cand = _candidates(b, top, least, low, high, small[: chunk.size], chunk, lim)
+        if scan:
+            _scan_chunk(figures, b, top, least)
         hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
         over, _ = violations(hi, lo_n, lo_s, smax, lim)
         _, under = violations(hi, lo_n, lo_s, smin, lim)
         k = cand[over | under]
         flats.append(k + at)
         mags.append(np.abs(chunk[k].astype(np.float64)))
-    return np.concatenate(flats), np.concatenate(mags)
+    return np.concatenate(flats), np.concatenate(mags), figures
+
+
+def _scan_chunk(scan: MagnitudeScan, b: np.ndarray, top: int, least: int) -> None:
+    """Add a chunk to ``scan`` as :func:`~graphteleport.numerics.MagnitudeScan.add`
+    would, from ``b`` = its ``|w|`` bits − 1 (overwritten), ``top`` = their largest and
+    ``least`` = ``min b``: the smallest normal is ``least + 1 − tiny`` where no element is
+    subnormal, else ``min (b − (tiny − 1)) mod 2^k`` (zeros and subnormals wrap)."""
+    lim = scan.lim
+    wrap = np.iinfo(b.dtype).max
+    scan.hi, scan.lo = max(scan.hi, top), min(scan.lo, least)
+    if least + 1 >= lim.tiny_bits:
+        normal = least + 1 - lim.tiny_bits if least < wrap else wrap
+    else:
+        np.subtract(b, b.dtype.type(lim.tiny_bits - 1), out=b)
+        normal = int(b.min())
+    scan.lo_normal = min(scan.lo_normal, normal)
 
 
 def _candidates(
-    b: np.ndarray, low: np.unsignedinteger, high: np.unsignedinteger, small: np.ndarray
+    b: np.ndarray,
+    top: int,
+    least: int,
+    low: np.unsignedinteger,
+    high: np.unsignedinteger,
+    small: np.ndarray,
+    chunk: np.ndarray,
+    lim: Limits,
 ) -> np.ndarray:
-    """The positions where ``0 < b < low`` or ``b > high`` (``b``: magnitudes' bits,
-    overwritten; ``small``: a bool buffer of its size), ascending.  A chunk whose largest
-    pattern is at most ``high`` (the usual one) takes one compare: with ``b − 1`` (0 wraps
-    to the largest integer), ``0 < b < low`` is ``b − 1 < low − 1``."""
-    if int(b.max(initial=0)) > int(high):
-        return np.flatnonzero(((b > 0) & (b < low)) | (b > high))
-    if int(low) == 0:
+    """The positions where ``0 < |w|'s bits < low`` or ``> high``, ascending, given
+    ``b`` = those bits − 1 (0 wraps to the largest integer: ``0 < bits < low`` is
+    ``b < low − 1``; ``small``: a bool buffer of its size), ``top`` = the largest
+    bits and ``least`` = ``min b``.  The usual chunk (``top ≤ high``) takes one compare,
+    none where ``least`` shows nothing below ``low``; one with elements near overflow
+    forms the bits of ``chunk`` again."""
+    if top > int(high):
+        bits = np.bitwise_and(chunk.view(lim.uint), lim.uint.type(lim.mask))
+        return np.flatnonzero(((bits > 0) & (bits < low)) | (bits > high))
+    if int(low) == 0 or least >= int(low) - 1:
         return np.zeros(0, np.int64)
-    np.subtract(b, b.dtype.type(1), out=b)
     return np.flatnonzero(np.less(b, b.dtype.type(int(low) - 1), out=small))
 
 
@@ -330,10 +442,16 @@ class _Check:
         self.cells: dict[tuple[int, int], tuple[np.ndarray, ...] | _AtRisk] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
         self.sparse: dict[int, list[tuple[list[Absorb], _AtRisk]]] = {}
+        self.round = 0  # rounds checked so far
+        self._last: np.ndarray | None = None  # the values of the last round
+        self._stamp = np.zeros(0, np.int64)  # per pair: the round it last moved in
+        self._since: dict[int, np.ndarray] = {}  # per round k: the neurons moved since k
+        self._seen: dict[int, int] = {}  # per sparse weight: the round it was checked in
 
-    def __call__(self, values: np.ndarray) -> dict[int, str]:
+    def __call__(self, values: np.ndarray) -> _Blamed:
+        self._note(values)
         tau = self.sol.cofactors(values)
-        bad: dict[int, str] = {}
+        bad = _Blamed()
         smin, smax = weight_bounds(self.analysis, tau)
         for j in np.flatnonzero(out_of_range(self.mags, smin, smax)):
             self._weight(int(j), tau, values, bad, (float(smin[j]), float(smax[j])))
@@ -347,7 +465,7 @@ class _Check:
         j: int,
         tau: np.ndarray,
         values: np.ndarray,
-        bad: dict[int, str],
+        bad: _Blamed,
         bounds: tuple[float, float],
     ) -> None:
         """Check weight ``j`` cell by cell; blame the pairs of its offending cells.  The
@@ -379,8 +497,7 @@ class _Check:
                 mask = np.broadcast_to(mask, layout)
                 if mask.any():
                     why = f"cofactor would {kind} {lim.name} weight {weight.name!r}"
-                    for p in self._blame_uses(group, mask, shape, sign, tau, values):
-                        bad.setdefault(int(p), why)
+                    bad.add(self._blame_uses(group, mask, shape, sign, tau, values), why)
 
     def _cells(
         self, j: int, shape: tuple[int, ...], tau: np.ndarray, lim: Limits
@@ -400,7 +517,14 @@ class _Check:
                 checks.append((group, *violations(hi, lo_n, lo_s, np.abs(sr), lim)))
         return checks
 
-    def prime(self, j: int, w: np.ndarray, tau: np.ndarray, bounds: tuple[float, float]) -> None:
+    def prime(
+        self,
+        j: int,
+        w: np.ndarray,
+        tau: np.ndarray,
+        bounds: tuple[float, float],
+        risk: _AtRisk | None = None,
+    ) -> None:
         """Measure the cells of weight ``j`` (``w``) for ``tau`` (``bounds``: its
         ``|S|``'s), so that no round reads it again; a weight whose scales all keep
         :class:`_AtRisk` cells and whose uses read it whole is checked through
@@ -413,37 +537,63 @@ class _Check:
         for k, (group, scale) in enumerate(scales):
             r = max(w.ndim, len(scale.shape))
             layout = (1,) * (r - len(scale.shape)) + tuple(scale.shape)
-            cells = self.cells[j, k] = _measure_cells(w, layout, lim, bounds)
+            cells = self.cells[j, k] = _measure_cells(w, layout, lim, bounds, risk)
             if isinstance(cells, _AtRisk):
                 risky.append((group, cells))
         simple = all(ab.index is None and not ab.expand for ab in weight.uses)
         if simple and len(risky) == len(scales):
             self.sparse[j] = risky
 
-    def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]) -> bool:
+    def _note(self, values: np.ndarray) -> None:
+        """Start a round: stamp the pairs whose values moved since the last one."""
+        self.round += 1
+        self._since.clear()
+        if self._last is None or self._last.shape != values.shape:
+            self._stamp = np.zeros(values.size, np.int64)
+        else:
+            self._stamp[values != self._last] = self.round
+        self._last = values.copy()
+
+    def _moved_since(self, k: int) -> np.ndarray:
+        """Per neuron: whether its pair moved after round ``k`` (made once a round)."""
+        if k not in self._since:
+            self._since[k] = (self._stamp > k)[self.sol.pair]
+        return self._since[k]
+
+    def _sparse(self, j: int, tau: np.ndarray, values: np.ndarray, bad: _Blamed) -> bool:
         """Check weight ``j`` through its elements at risk only, blaming the pairs at the
         offending elements without forming W-sized masks (:func:`_picks`): the same
         pairs, with the same reasons, as the masks would give.  False (nothing done)
-        where some use's factors are not laid out like the elements at risk."""
+        where some use's factors are not laid out like the elements at risk.
+
+        After its first check, only the elements whose ``S`` may have changed since the
+        last are checked again (:meth:`_AtRisk.touched`): an element that offended had a
+        pair of the offending sign blamed, which then moved (a pinned pair, ``|τ| = 1``,
+        is never of either sign), so an element none of whose pairs moved did not offend
+        and still does not."""
         weight = self.analysis.weights[j]
         lim = limits(self.mags[j].dtype)
+        since = self._seen.get(j)
         found: list[tuple[str, list[np.ndarray]]] = []
         for group, risk in self.sparse[j]:
-            s = risk.scale(group[0].factors, tau)
-            hi, lo_n, lo_s = risk.cells
+            factors = group[0].factors
+            sub = None if since is None else risk.touched(factors, self._moved_since(since))
+            s = risk.scale(factors, tau, sub)
+            hi, lo_n, lo_s = risk.cells if sub is None else (c[sub] for c in risk.cells)
             for hit, kind, sign in zip(
                 violations(hi, lo_n, lo_s, np.abs(s), lim), ("overflow", "underflow"), (1, -1)
             ):
-                if hit.any():
-                    picks = [_picks(ab, risk, hit) for ab in group]
+                at = np.flatnonzero(hit) if sub is None else sub[hit]
+                if at.size:
+                    picks = [_picks(ab, risk, at) for ab in group]
                     tied = len(group) > 1 and any(tuple(ab.shape) != risk.shape for ab in group)
                     if tied or any(p is None for p in picks):
                         return False
                     ids = [i for ab, p in zip(group, picks) if p for i in _ids(ab, p, sign, tau)]
                     found.append((f"cofactor would {kind} {lim.name} weight {weight.name!r}", ids))
         for why, ids in found:
-            for p in self._moved(ids, values):
-                bad.setdefault(int(p), why)
+            bad.add(self._moved(ids, values), why)
+        self._seen[j] = self.round
         return True
 
     def _blame_uses(
@@ -501,9 +651,7 @@ class _Check:
         moved: np.ndarray = pairs[np.abs(values[pairs]) != 1.0]
         return moved
 
-    def _constant(
-        self, m: PlannedMul, tau: np.ndarray, values: np.ndarray, bad: dict[int, str]
-    ) -> None:
+    def _constant(self, m: PlannedMul, tau: np.ndarray, values: np.ndarray, bad: _Blamed) -> None:
         """An inserted Mul's constant must be a normal number of its dtype."""
         lim: Limits = limits(np.dtype(m.dtype.numpy()))
         a = np.abs(m.s)
@@ -513,12 +661,15 @@ class _Check:
         for mask, kind, sign in ((over, "overflow", 1), (under, "underflow", -1)):
             if mask.any():
                 why = f"cofactor would {kind} the {lim.name} Mul constant on {m.value.name!r}"
-                for p in self._blame(m.factors, mask, sign, tau, values):
-                    bad.setdefault(int(p), why)
+                bad.add(self._blame(m.factors, mask, sign, tau, values), why)
 
 
 def _measure_cells(
-    w: np.ndarray, layout: tuple[int, ...], lim: Limits, bounds: tuple[float, float]
+    w: np.ndarray,
+    layout: tuple[int, ...],
+    lim: Limits,
+    bounds: tuple[float, float],
+    risk: _AtRisk | None = None,
 ) -> tuple[np.ndarray, ...] | _AtRisk:
     """The cells of ``w`` under a scale of ``layout`` (W's rank or more; each axis W's size
     or 1): reduced over the axes where the scale is constant
@@ -528,8 +679,21 @@ def _measure_cells(
     wr = with_rank(w, r)
     axes = tuple(ax for ax in range(r) if layout[ax] == 1 and wr.shape[ax] > 1)
     if not axes and layout == wr.shape and wr.size > _DENSE_CELLS:
+        if risk is not None and risk.shape == wr.shape:  # (found by the survey's one pass)
+            return risk
         return _AtRisk.of(wr, lim, *bounds)
     return cell_magnitudes(wr, axes, lim)
+
+
+def _one_pass(weight: Weight, w: np.ndarray, tau: np.ndarray) -> bool:
+    """Whether the survey measures ``w``'s magnitudes and its elements at risk in one
+    pass (:meth:`_AtRisk.surveyed`): a plain weight (one ``S``, formed by rows) whose
+    ``S`` varies along every axis of W and which :func:`_measure_cells` would keep
+    through its elements at risk — any other is scanned, then measured by cells."""
+    if w.ndim == 0 or w.size <= _DENSE_CELLS or not w.flags.c_contiguous:
+        return False
+    lazy = row_scale(w.shape, weight.uses, weight.private, tau)
+    return lazy is not None and tuple(lazy.shape) == tuple(w.shape)
 
 
 def _scales(
@@ -561,7 +725,8 @@ def _scale_at(
 
 
 def _picks(ab: Absorb, risk: _AtRisk, hit: np.ndarray) -> list[tuple[np.ndarray, ...]] | None:
-    """Per factor of ``ab``, the index of each offending element at risk (``hit``) into
+    """Per factor of ``ab``, the index of each offending element at risk (``hit``: their
+    positions into ``risk.flat``, ascending, or a mask) into
     the factor's ids (0 along its size-1 axes) — where broadcasting those ids to the
     mask's layout would not grow it; else None (the mask path handles it)."""
     at = tuple(i[hit] for i in risk.at)

@@ -222,3 +222,58 @@ def test_group_codes_of_every_flag_set() -> None:
             "pinned" if pin or (pos and sign) else "sign" if sign else "positive" if pos else "any"
         )
         assert group == want, (f, group, want)
+
+
+def _counted_figures(q: Quiver) -> tuple[list[dict[str, object]], dict[str, int], list[object]]:
+    """The quiver's figures counted directly from their definitions, pair by pair and
+    neuron by neuron (Counter in pair order), to check the vectorised counts against."""
+    from collections import Counter
+
+    sol = q.analysis.solution
+    pinned = sol.pinned & sol.touched
+    vertices = []
+    for vid in sorted(q.vertices):
+        pairs = sorted(set(sol.pair[q.group_of == vid].tolist()))
+        vertices.append({
+            "free": sum(bool(sol.free[p]) for p in pairs),
+            "groups": dict(Counter(str(sol.group[p]) for p in pairs if sol.free[p])),
+            "pinned": dict(Counter(sol.reason[p] for p in pairs if pinned[p])),
+        })  # fmt: skip
+    groups = dict(Counter(str(g) for g, f in zip(sol.group, sol.free) if f))
+    count = Counter(sol.reason[p] for p in range(sol.num_pairs) if pinned[p])
+    neurons = Counter(sol.reason[p] for p in sol.pair.tolist() if pinned[p])
+    values: dict[str, list[str]] = {}
+    for name, ids in q.analysis.neurons.items():
+        for r in {sol.reason[p] for p in sol.pair[ids.reshape(-1)].tolist() if pinned[p]}:
+            values.setdefault(r, []).append(name)
+    pins = [(r, c, neurons[r], values[r]) for r, c in count.most_common()]
+    return vertices, groups, pins
+
+
+def _residual_tanh_sigmoid() -> onnx.ModelProto:
+    proto = residual_gemm_net(depth=3, width=4)
+    for node in proto.graph.node:  # a Tanh (sign) and a Sigmoid (pinned in absorb mode)
+        if node.output[0] in ("r0", "r2"):
+            node.op_type = "Tanh" if node.output[0] == "r0" else "Sigmoid"
+    return proto
+
+
+@pytest.mark.parametrize("mode", ["absorb", "insert"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_quivers_figures_are_the_counts_by_their_definitions(mode: str, residual: bool) -> None:
+    """Vertices' free / groups / pinned, the free cofactors by group and the pins by
+    reason (their order too: most cofactors first, ties in pair order) as counted neuron
+    by neuron: an MLP with sign, positive and pinned (several reasons) layers, and a
+    residual net whose blocks merge into one vertex."""
+    if residual:
+        proto = _residual_tanh_sigmoid()
+    else:
+        proto = gemm_mlp([4, 6, 5, 4, 3], ["Tanh", "Relu", "Sigmoid"])
+    q = analyze(ir.from_proto(proto), mode=mode)
+    vertices, groups, pins = _counted_figures(q)
+    got = [{k: q.vertices[v][k] for k in ("free", "groups", "pinned")} for v in sorted(q.vertices)]
+    assert got == vertices
+    assert q.groups() == groups and list(q.groups()) == list(groups)
+    assert [(p.reason, p.cofactors, p.neurons, p.values) for p in q.pinned()] == pins
+    if not residual and mode == "absorb":  # (the model exercises several of each)
+        assert list(groups) == ["sign", "positive"] and len(pins) == 3

@@ -971,3 +971,56 @@ def test_squeeze_ids_matches_the_full_reshape(
 def test_squeeze_ids_leaves_real_reshapes_to_the_full_path() -> None:
     assert squeeze_ids(np.arange(6).reshape(2, 3), (2, 3), (3, 2)) is None
     assert squeeze_ids(np.arange(6).reshape(2, 3), (2, 3), (6,)) is None
+
+
+def _reference(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) -> np.ndarray:
+    from onnx.reference import ReferenceEvaluator
+
+    return np.asarray(ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)[0])
+
+
+def test_own_slice_and_concat_evaluators_match_onnx_reference() -> None:
+    """The analysis evaluates a RoPE's Slice and Concat in numpy (``graphinfo._slice``,
+    ``_concat``, so ``onnx.reference`` is not imported): the same arrays as onnx's own
+    evaluator, for starts and ends inside, past and before each end, negative ones,
+    INT64 extremes, negative steps and axes, missing axes and steps, opset 9's
+    attribute form, and concatenation along every axis."""
+    from graphteleport.analysis.graphinfo import evaluate
+
+    data = np.arange(4 * 5 * 6, dtype=np.int64).reshape(4, 5, 6)
+    big, small = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    cases = [  # (starts, ends, axes, steps)
+        ([1], [3], [0], [1]),
+        ([0], [big], [2], [2]),
+        ([-2], [big], [-1], None),
+        ([3], [small], [1], [-1]),
+        ([big], [-big], [2], [-2]),
+        ([-1], [0], [0], [-1]),
+        ([10], [20], [1], None),
+        ([-10], [2], [2], [1]),
+        ([1, 0], [-1, 4], None, None),
+        ([0, 5, 1], [4, 0, 6], [0, 2, 1], [3, -2, 2]),
+        ([2], [-7], [1], [-1]),
+    ]
+    for starts, ends, axes, steps in cases:
+        given = [np.array(starts), np.array(ends)]
+        names = ["x", "s", "e"]
+        if axes is not None or steps is not None:
+            given.append(np.array(axes if axes is not None else range(len(starts))))
+            names.append("a")
+        if steps is not None:
+            given.append(np.array(steps))
+            names.append("k")
+        proto = helper.make_node("Slice", names, ["y"])
+        want = _reference(proto, dict(zip(names, [data, *given], strict=True)), 18)
+        got = evaluate(ir.serde.deserialize_node(proto), [data, *given], 18)[0]
+        assert got.dtype == want.dtype and np.array_equal(got, want), (starts, ends, axes, steps)
+    old = helper.make_node("Slice", ["x"], ["y"], starts=[1, -3], ends=[big, -1], axes=[0, 2])
+    want = _reference(old, {"x": data}, 9)
+    assert np.array_equal(evaluate(ir.serde.deserialize_node(old), [data], 9)[0], want)
+    parts = [data, data + 1000]
+    for axis in (0, 1, 2, -1, -3):
+        proto = helper.make_node("Concat", ["p", "q"], ["y"], axis=axis)
+        want = _reference(proto, {"p": parts[0], "q": parts[1]}, 18)
+        got = evaluate(ir.serde.deserialize_node(proto), parts, 18)[0]
+        assert np.array_equal(got, want), axis

@@ -277,13 +277,56 @@ def test_the_range_fit_of_large_weights_keeps_only_elements_at_risk_and_fits_the
     dense_fixes, dense = fitted()
     monkeypatch.setattr(ranges, "_DENSE_CELLS", 0)
     created: list[int] = []
-    of = ranges._AtRisk.of
-    monkeypatch.setattr(ranges._AtRisk, "of", lambda *a: created.append(1) or of(*a))
+    found = ranges._AtRisk._found  # (of and the survey's one pass: surveyed)
+    monkeypatch.setattr(
+        ranges._AtRisk, "_found", classmethod(lambda _, *a: created.append(1) or found(*a))
+    )
     sparse_fixes, sparse = fitted()
     assert dense_fixes and created  # the fit ran, through the sparse path
     assert sparse_fixes == dense_fixes
     for name, value in dense.items():
         np.testing.assert_array_equal(sparse[name], value, err_msg=name)
+
+
+def test_the_fits_later_rounds_check_only_the_elements_whose_pairs_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a weight's first check, a round checks again only its elements at risk
+    whose pairs moved since (``_AtRisk.touched``): the same pairs move, with the same
+    reasons and values, as when every element at risk is checked every round."""
+    from graphteleport import ranges
+
+    src = _model(tmp_path, "float16")
+    monkeypatch.setattr(ranges, "_DENSE_CELLS", 0)  # (every weight through the sparse path)
+
+    def fitted() -> tuple[list[ranges.RangeFix], dict[str, np.ndarray]]:
+        model = load_model(src)
+        result = TeleportPass(seed=5, input_shapes={"ids": (1, SMALL.seq)})(model)
+        weights = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+        return result.range_fixes, weights  # type: ignore[return-value]
+
+    sizes: list[tuple[int, int]] = []  # (elements checked again, elements at risk)
+    touched = ranges._AtRisk.touched
+
+    def counted(risk: ranges._AtRisk, *a: object) -> np.ndarray:
+        out = touched(risk, *a)  # type: ignore[arg-type]
+        sizes.append((out.size, risk.flat.size))
+        return out
+
+    monkeypatch.setattr(ranges._AtRisk, "touched", counted)
+    fixes, weights = fitted()
+    assert fixes and sizes and any(n < total for n, total in sizes)  # some elements skipped
+    note = ranges._Check._note
+
+    def every_element(check: ranges._Check, values: np.ndarray) -> None:
+        note(check, values)
+        check._seen.clear()  # (no weight checked before: all its elements again)
+
+    monkeypatch.setattr(ranges._Check, "_note", every_element)
+    all_fixes, all_weights = fitted()
+    assert fixes == all_fixes
+    for name, value in all_weights.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
 
 
 def _counted(monkeypatch: pytest.MonkeyPatch, cls: type, name: str, log: list[str]) -> None:
@@ -603,6 +646,46 @@ def test_the_at_risk_filter_on_bits_finds_what_the_exact_check_finds(dtype: str)
         assert np.array_equal(np.sort(risk.flat), expected), (dtype, smin, smax)
         assert tuple(map(tuple, risk.at)) == tuple(map(tuple, np.unravel_index(risk.flat, v.shape)))
     assert all(found[:3]) and all(found[5:7])  # (elements at risk in both weights)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("chunk", [300, 1 << 20])
+def test_the_surveys_one_pass_finds_the_magnitudes_and_elements_at_risk_of_two(
+    dtype: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:meth:`ranges._AtRisk.surveyed` (one read of W) gives the elements at risk of
+    :meth:`ranges._AtRisk.of` and the magnitudes and finiteness of
+    :func:`graphteleport.rewrite.measure_finite` (two reads): weights with zeros,
+    subnormals, the largest values, inf and NaN, only small or only normal values; in
+    one chunk and in many (some without a subnormal, some with nothing at risk)."""
+    import ml_dtypes
+
+    from graphteleport import ranges
+    from graphteleport.numerics import limits
+    from graphteleport.rewrite import measure_finite
+
+    monkeypatch.setattr(ranges, "_RISK_CHUNK", chunk)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    lim = limits(np_dtype)
+    rng = np.random.default_rng(7)
+    exps = rng.uniform(np.log2(lim.sub), np.log2(lim.max), 4000)
+    signs = rng.choice([-1.0, 1.0], 4000)
+    wide = (np.exp2(exps) * signs).astype(np_dtype)
+    special = wide.copy()
+    special[1000:1040] = np.array([0.0, -0.0, np.inf, -np.inf, np.nan] * 8).astype(np_dtype)
+    special[2000:2020] = np.asarray(lim.max).astype(np_dtype)
+    small = (np.exp2(exps.clip(None, 0.0)) * signs).astype(np_dtype)
+    small[:10] = 0.0
+    normal = (rng.uniform(1.0, 2.0, 4000) * signs).astype(np_dtype)
+    bounds = ((0.5, 2.0), (1e-3, 1.0), (1.0, 1e3), (2.0**-20, 2.0**20))
+    for v, (smin, smax) in itertools.product((wide, special, small, normal), bounds):
+        v = v.reshape(80, 50)
+        risk, mags, finite = ranges._AtRisk.surveyed(v, lim, smin, smax)
+        ref = ranges._AtRisk.of(v, lim, smin, smax)
+        assert np.array_equal(risk.flat, ref.flat), (dtype, smin, smax)
+        for got, want in zip((*risk.at, *risk.cells), (*ref.at, *ref.cells), strict=True):
+            assert got.dtype == want.dtype and np.array_equal(got, want)
+        assert (mags, finite) == measure_finite(v), (dtype, smin, smax)
 
 
 def test_row_parts_cover_the_rows_once_and_map_parts_keeps_order() -> None:

@@ -199,6 +199,37 @@ def _transpose(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.nd
     return [np.transpose(data, _ints(node, "perm"))]
 
 
+def _slice(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """Slice (starts, ends, axes, steps as inputs; before opset 10 the first three as
+    attributes): ONNX clamps each start and end into the axis exactly as a Python
+    ``slice`` does (a negative value counts from the end; past either end, the end;
+    with a negative step, the first element's index −1 for "before the start")."""
+    data = inputs[0]
+    assert data is not None
+    if len(inputs) >= 3:
+        starts, ends = inputs[1], inputs[2]
+        assert starts is not None and ends is not None
+        axes_in = inputs[3] if len(inputs) > 3 else None
+        steps_in = inputs[4] if len(inputs) > 4 else None
+        start, end = [int(x) for x in starts], [int(x) for x in ends]
+        axes = [int(a) for a in axes_in] if axes_in is not None else list(range(len(start)))
+        steps = [int(k) for k in steps_in] if steps_in is not None else [1] * len(start)
+    else:
+        start, end = _ints(node, "starts") or [], _ints(node, "ends") or []
+        axes = _ints(node, "axes") or list(range(len(start)))
+        steps = [1] * len(start)
+    cut = [slice(None)] * data.ndim
+    for a, b, e, k in zip(axes, start, end, steps, strict=True):
+        cut[a % data.ndim] = slice(b, e, k)
+    return [data[tuple(cut)].copy()]
+
+
+def _concat(node: ir.Node, inputs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    axis = node.attributes.get("axis")
+    assert axis is not None and all(x is not None for x in inputs)
+    return [np.concatenate(list(inputs), axis=axis.as_int())]
+
+
 # Ops evaluated directly in numpy: the shape glue exporters wrap constants in (a conv's
 # zero bias is Shape/Expand/CastLike in torch's dynamo export) and the index maps of
 # provenance.  Each is one numpy call; a ReferenceEvaluator per node costs ~100 µs.
@@ -210,6 +241,8 @@ _OWN_EVALUATORS = {
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
     "Transpose": _transpose,
+    "Slice": _slice,  # (with Concat, a RoPE's rotate-half: no onnx.reference import)
+    "Concat": _concat,
 }
 
 

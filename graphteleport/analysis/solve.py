@@ -23,7 +23,7 @@ import numpy as np
 
 from graphteleport.algebra import neuron_cofactors, neuron_tangent
 from graphteleport.analysis.constraints import Constraints, Factor, Flag
-from graphteleport.unionfind import components, signed_pairs
+from graphteleport.unionfind import components, signed_pairs, union_pairs
 
 IntArray = np.ndarray
 MAX_ROUNDS = 12
@@ -150,12 +150,22 @@ class _Solver:
                 self._resolve(mono, found, pinned)
             if not found.changed:
                 return roots, flags
-            self.a = np.concatenate([self.a, *found.a])
-            self.b = np.concatenate([self.b, *found.b])
             if found.pins:
                 self._pin_terms(np.concatenate(found.pins), roots)
-            roots = self.roots()
+            roots = self._joined(roots, found)
         return roots, self.root_flags(roots)
+
+    def _joined(self, roots: IntArray, found: _Found) -> IntArray:
+        """``roots`` with the round's new ties merged in: the union-find goes on from the
+        last round's classes (each labelled by its smallest node, as :func:`components`
+        labels them, so the labels are those of a union over every pair) instead of
+        starting over from every pair (32-layer LLaMA, 2 rounds: the second 0.105 → 0.021
+        CPU-s)."""
+        if not found.a:
+            return roots
+        parent = roots.copy()
+        union_pairs(parent, np.concatenate(found.a), np.concatenate(found.b))
+        return parent
 
     def _resolve(self, mono: list[Factor], found: _Found, pinned: IntArray) -> None:
         """Reduce one monomial under the current pins; what it adds goes to ``found``."""
@@ -202,7 +212,7 @@ class _Found:
     def __init__(self, roots: IntArray, n: int) -> None:
         self.roots = roots
         self.mirror = np.empty(2 * n, dtype=np.int64)
-        self.mirror[roots] = roots[(np.arange(2 * n) + n) % (2 * n)]
+        self.mirror[roots] = np.concatenate((roots[n:], roots[:n]))  # node k ↔ k ± n
         self.a: list[IntArray] = []
         self.b: list[IntArray] = []
         self.pins: list[IntArray] = []
