@@ -768,13 +768,20 @@ def merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
 
 def merge_files(into: Path, other: Path) -> None:
     """Merge every model entry of results file ``other`` into ``into`` (rows by variant);
-    ``into``'s meta is kept, with ``other``'s run time added."""
+    ``into``'s meta is kept, with ``other``'s run time, models run and rows measured and
+    cached added (the invocation line then describes both runs)."""
     results = json.loads(into.read_text())
     extra = json.loads(other.read_text())
     for name, entry in extra["models"].items():
         results["models"][name] = merge(results["models"].get(name), entry)
-    results["meta"]["seconds"] += extra["meta"]["seconds"]
-    results["meta"]["merged_from"] = str(other)
+    meta, more = results["meta"], extra["meta"]
+    meta["seconds"] += more["seconds"]
+    for key in ("rows_measured", "rows_cached"):
+        if key in meta and key in more:
+            meta[key] += more[key]
+    if "models_run" in meta and "models_run" in more:
+        meta["models_run"] = list(dict.fromkeys(meta["models_run"] + more["models_run"]))
+    meta["merged_from"] = str(other)
     into.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
@@ -955,10 +962,11 @@ def invocation(meta: dict[str, Any]) -> str:
     """What the last invocation did: its wall time and how many rows it measured."""
     if "rows_measured" not in meta:
         return ""
+    merged = " (with a run merged in by `--merge-from`: their times added)"
     return (
         f"The last invocation ({meta['date']}, models {', '.join(meta['models_run'])}) took "
-        f"{meta['seconds']:.0f} s: {meta['rows_measured']} rows measured, "
-        f"{meta['rows_cached']} from the cache."
+        f"{meta['seconds']:.0f} s{merged if 'merged_from' in meta else ''}: "
+        f"{meta['rows_measured']} rows measured, {meta['rows_cached']} from the cache."
     )
 
 
@@ -1509,7 +1517,9 @@ NOTES = """## Notes
   kernels; with optimisations off the same two files agree bit for bit (checked).  The
   threshold, max relative error 1e-3, is loose on purpose: float32 rounding through the
   recogniser's SVTR neck reaches 1e-4…9e-4 on its softmax outputs for every rescaling
-  tool, while a changed function shows 1e-1.
+  tool, while a changed function shows 1e-1.  (The CLI's own verification, on random
+  draws at rtol 1e-5, holds such a softmax output to the tolerance its logits would be
+  held to since 2026-12-04: `verify.normalized_allowance`, the predicted-noise section.)
 - Peers, each installed with pip into its own Python 3.11 venv: `onnxsim` (0.8.1; it does
   have a CLE, `onnxsim.cross_layer_equalize(model)`: Conv → [Relu/PRelu/LeakyRelu] → Conv
   pairs with `group == 1`), `aimet-onnx` (2.42.0, `aimet_onnx.cross_layer_equalization.

@@ -1335,7 +1335,7 @@ def noise_candidate(
     Clips joined (held-back 11.09 dB, 86.7 % exact strings), 12.80 dB split (held-back:
     the harness's ``noise --mode insert --p 4`` row, 12.67 dB, 96.9 %).
 
-    Not rounded without ``exact`` (it was from 2026-12-04 19:30 to 12-05): unrounded, the
+    Not rounded without ``exact`` (it was on 2026-12-04, 19:30-22:00 UTC): unrounded, the
     candidate ``auto`` chose on the rapidocr recogniser failed the CLI's verification,
     2.25e-5 on its softmax output against rtol 1e-5 — float32 rounding, not a wrong
     rescaling: in float64 the rewritten model computes the original's outputs to 2.6e-6,
