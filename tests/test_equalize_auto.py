@@ -361,3 +361,51 @@ def test_auto_analyses_symbolic_inputs_at_the_calibration_shapes() -> None:
     assert cands == cands2 and chosen == chosen2
     assert weights.keys() == weights2.keys()
     assert all(np.array_equal(weights[n], weights2[n]) for n in weights)
+
+
+def clip_tanh_mlp() -> onnx.ModelProto:
+    """:func:`test_smooth.mlp` with ``Clip(0, 6) → Tanh`` for its Relu: absorb mode pins
+    the Clip's neurons (the Tanh after it), so auto joins the split Clip back; insert mode
+    frees them."""
+    proto = mlp(outlier=30.0)
+    nodes = list(proto.graph.node)
+    k = next(i for i, n in enumerate(nodes) if n.op_type == "Relu")
+    clip = onnx.helper.make_node("Clip", ["hb", "lo", "hi"], ["c"])
+    nodes[k : k + 1] = [clip, onnx.helper.make_node("Tanh", ["c"], ["a"])]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    for name, v in (("lo", 0.0), ("hi", 6.0)):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(v, np.float32), name))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_auto_noise_candidate_is_the_model_method_noise_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """auto's ``insert noise`` refines the graph with every Clip split (those joined back
+    split again), as ``--method noise --mode insert`` does: the same model (bit-identical
+    outputs, the same ops, no Clip left) and the score it was chosen by is that model's
+    simulated score."""
+    proto = clip_tanh_mlp()
+    monkeypatch.setattr(
+        equalize, "significant_best", lambda signal, noises, default: ("insert noise", 1.0)
+    )
+    auto = ir.from_proto(proto)
+    names = ("insert cle p=3", "insert noise")
+    fig = EqualizePass(method="auto", calibration=calibration(), candidates=names)(auto).figures
+    assert fig is not None and fig.chosen == "insert noise"
+    noise = ir.from_proto(proto)
+    EqualizePass(method="noise", mode="insert", p=3, calibration=calibration())(noise)
+    a, b = ir.to_proto(auto), ir.to_proto(noise)
+    assert sorted(n.op_type for n in a.graph.node) == sorted(n.op_type for n in b.graph.node)
+    assert "Clip" not in {n.op_type for n in a.graph.node}
+    feeds = random_feeds(proto)
+    for x, y in zip(run_ort(a, feeds), run_ort(b, feeds), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert max_rel_err(proto, a, feeds) < 1e-5
+    written = ir.from_proto(a)
+    analysis = analyze_model(written)
+    sim = Int8Simulation.calibrate(written, analysis, calibration(), None)
+    score = sim.sqnr_db(np.ones(analysis.solution.num_pairs))
+    assert dict(fig.candidates)["insert noise"] == pytest.approx(score, abs=1e-5)

@@ -4,6 +4,7 @@ presented to the quantizer as initializers, and the CTC decoding of the OCR metr
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 from experiments.quant_models import ctc_decode, mean_cosine
 from experiments.quantization import (
     constants_to_initializers,
+    invocation,
     max_rel_err,
+    merge_files,
     moved_fraction,
     quantize,
     sqnr_db,
@@ -146,3 +149,24 @@ def test_a_tool_that_exits_1_without_writing_is_not_measured_on_an_old_file(
     assert not dst.exists()
     write = f"import pathlib, sys; pathlib.Path({str(dst)!r}).write_bytes(b'm'); sys.exit(1)"
     assert run_tool([sys.executable, "-c", write], {}, tmp_path, dst).startswith("exit 1")
+
+
+def test_merge_files_describes_both_runs(tmp_path: Path) -> None:
+    """A run merged in with ``--merge-from``: its rows replace the same variants', its
+    time, models and row counts add to the invocation line's."""
+
+    def results(models: list[str], seconds: float, measured: int, cached: int) -> dict:
+        rows = [{"variant": "gt_auto", "fp32_rel_err": 0.0, "sqnr_db": seconds}]
+        meta = {"date": "d", "seconds": seconds, "rows_measured": measured}
+        meta |= {"rows_cached": cached, "models_run": models}
+        return {"meta": meta, "models": {m: {"rows": rows} for m in models}}
+
+    into, other = tmp_path / "a.json", tmp_path / "b.json"
+    into.write_text(json.dumps(results(["ocr_rec"], 10.0, 1, 13)))
+    other.write_text(json.dumps(results(["ocr_cls", "ocr_rec"], 20.0, 40, 16)))
+    merge_files(into, other)
+    merged = json.loads(into.read_text())
+    assert merged["models"]["ocr_rec"]["rows"][0]["sqnr_db"] == 20.0
+    line = invocation(merged["meta"])
+    assert "models ocr_rec, ocr_cls" in line and "took 30 s (with a run merged" in line
+    assert "41 rows measured, 29 from" in line
