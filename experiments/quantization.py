@@ -1087,6 +1087,8 @@ ran and kept the FP32 function.
 
 {bullets}
 
+{PADDING}
+
 ## The recogniser within 1 point: the predicted-noise objective (generated)
 
 {NOISE}
@@ -1443,6 +1445,20 @@ roundings: insert p = 4 on the recogniser (9.75 dB, 81.2 %), insert p = 2 on Min
 elsewhere (the classifier: 30.79 → 30.56 dB with the new default; per-channel weights
 32.15)."""
 
+
+PADDING = """**MiniLM's SQNR counts its padding.**  The SQNR column compares every element of
+the model's output, the last hidden state `[batch, 32 tokens, 384]`; 62 % of the
+held-back lines' token positions are padding, whose outputs no consumer reads (the metric
+pools the attended positions only).  Measured on the cached INT8 models of this table
+(2026-12-04, 128 held-back lines): per-tensor as is 4.97 dB over every element, 7.00 dB
+at attended positions; per-channel weights 6.65 / 8.31 dB; `cle --mode insert` 7.62 /
+10.47 dB (cosine 0.9645); `noise --mode insert --p 4` 6.85 / **18.49 dB** (cosine
+0.9944).  Over every element the score ranks these backwards.  `auto` now scores an
+encoder's candidates at attended positions only (`graphteleport.activations.attended`),
+and on MiniLM picks the noise candidate (the `auto` rows above; its all-element SQNR can
+then be below per-channel's while it is far above it where the outputs are read).  The
+table's SQNR is still over every element, as it was measured for every row; measuring
+MiniLM at attended positions needs every MiniLM row measured again."""
 
 DIAGNOSIS = """How: `python -m experiments.quant_diagnose ocr_rec minilm` quantizes the prepared
 model with the harness's own `quantize_static` settings, reads every *site* the quantizer

@@ -83,9 +83,10 @@ rescaling at all, ``cle`` for each p of :data:`AUTO_P`, ``smooth`` for each alph
 two with ``exact``) — and keeps the one whose simulated per-tensor INT8 model
 (:class:`graphteleport.activations.Int8Simulation`: INT8 weights and UINT8 activations
 at the quantizer's operands, MinMax ranges) has the best output SQNR on the
-calibration inputs, provided it beats the data-free default (:func:`auto_default`:
-``cle`` with :data:`DEFAULT_P` in insert mode where that balance converged, else in
-absorb mode) in at least :data:`AUTO_LEVEL` of the bootstrap resamplings of the
+calibration inputs (a Hugging Face encoder's outputs at its attended positions only:
+:func:`graphteleport.activations.attended`), provided it beats the data-free default
+(:func:`auto_default`: ``cle`` with :data:`DEFAULT_P` in insert mode where that balance
+converged, else in absorb mode) in at least :data:`AUTO_LEVEL` of the bootstrap resamplings of the
 calibration feeds and the noise is spread over at least :data:`AUTO_MIN_FEEDS` of them
 (:func:`significant_best`); otherwise the default stays.  Why insert mode: it reaches
 every class absorb mode does and more (a class pinned by a hardswish or a scalar ``Mul``
@@ -115,6 +116,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import logging
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +126,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphteleport.activations import (
+    PADDING_INPUT,
     Int8Simulation,
     activation_ranges,
     db_ratio,
@@ -162,6 +165,8 @@ from graphteleport.rewrite import observed
 from graphteleport.tensorcheck import TensorScales
 
 FloatArray = np.ndarray
+logger = logging.getLogger(__name__)
+
 Method = Literal["cle", "smooth", "auto", "noise"]
 METHODS: tuple[Method, ...] = get_args(Method)
 
@@ -1118,6 +1123,8 @@ def auto_values(
     default.  The candidates: :func:`auto_candidates` on ``analysis`` (absorb
     mode), then :func:`insert_candidates`."""
     sim = Int8Simulation.calibrate(model, analysis, s.calibration, s.int8_ops)
+    if sim.masked:
+        logger.info("auto: scoring the outputs at attended positions (%s)", PADDING_INPUT)
     noises: list[tuple[str, FloatArray | None]] = []
     kept: dict[str, Choice] = {}
     signal = sim.signal()
