@@ -645,11 +645,12 @@ def _both_passes(
     """The teleported cut model on both passes' tensors, with *stack* in one run where no
     node mixes rows (:func:`graphteleport.rows.run_sets`), else one run each."""
     feeds = [_group_feeds(job, cut, True) for job in jobs]
-    names = [o.name for o in proto.graph.output]
-    if not stack:
+    if stack:
+        ran = run_sets(open_model, proto, folder, feeds)
+    else:
         run = open_model(proto, folder)
-        return [dict(zip(names, run(f), strict=True)) for f in feeds]
-    ran = run_sets(open_model, proto, folder, feeds)
+        ran = [run(f) for f in feeds]
+    names = [o.name for o in proto.graph.output]
     return [dict(zip(names, r, strict=True)) for r in ran]
 
 

@@ -283,15 +283,6 @@ def _where(tensor: onnx.TensorProto, folder: str) -> tuple[Any, ...]:
     return ("inline", tensor.name, digest)
 
 
-def _widened(tensor: onnx.TensorProto, folder: str) -> np.ndarray:
-    """float32 of a float16 initializer (external bytes relative to *folder*), in new
-    memory: :func:`_widen_into`."""
-    shape = tuple(int(d) for d in tensor.dims)
-    out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)
-    _widen_into(tensor, folder, out, np.empty(0, np.float16))
-    return out.reshape(shape)
-
-
 #: float16 elements read from the file per piece (8 MiB).
 PIECE = 1 << 22
 

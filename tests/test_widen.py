@@ -231,7 +231,7 @@ def test_every_float16_value_widens_exactly(tmp_path: Path) -> None:
     onnx.save(proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
               size_threshold=0)  # fmt: skip
     tensor = onnx.load(tmp_path / "m.onnx", load_external_data=False).graph.initializer[0]
-    wide = widen._widened(tensor, str(tmp_path))
+    wide = widen.Widened(1).array(tensor, str(tmp_path))
     expected = half.astype(np.float32)
     assert wide.dtype == np.float32 and wide.shape == half.shape
     assert np.array_equal(wide, expected, equal_nan=True)
@@ -269,7 +269,7 @@ def test_an_interrupt_inside_the_conversion_is_not_masked(
 
     monkeypatch.setattr(halfcast, "chosen", lambda: halfcast.Casts("interrupted", interrupted))
     with pytest.raises(KeyboardInterrupt):
-        widen._widened(proto.graph.initializer[0], str(tmp_path))
+        widen.Widened(1).array(proto.graph.initializer[0], str(tmp_path))
 
 
 def _tensors(tmp_path: Path) -> list[onnx.TensorProto]:
@@ -286,7 +286,7 @@ def test_a_dropped_copy_lends_its_buffer_to_the_next_of_its_size(tmp_path: Path)
     assert wide.nbytes == 0 and wide.spare_bytes == 64 * 64 * 4
     second = wide.array(b, str(tmp_path))
     assert second.ctypes.data == pointer and wide.spare_bytes == 0  # the same memory
-    assert np.array_equal(second, widen._widened(b, str(tmp_path)))
+    assert np.array_equal(second, widen.Widened(1).array(b, str(tmp_path)))
     assert wide.widened == 2
 
 
