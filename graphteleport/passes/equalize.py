@@ -1206,10 +1206,7 @@ def insert_candidates(
         if s.exact:
             values = power_of_two(values)
         apply_values(copy, analysis, values.copy(), insert=True, exact=s.exact)
-        plain = analyze_model(copy, input_shapes, "absorb")
-        sim = Int8Simulation.calibrate(copy, plain, s.calibration, s.int8_ops)
-        ones = plain.solution.cofactors(np.ones(plain.solution.num_pairs))
-        noise = sim.sample_noise(ones)[1]
+        noise = noise_as_is(copy, input_shapes, s)
         yield name, Choice(name, (), values, found, p, None, mode="insert"), noise
 
 
@@ -1366,7 +1363,15 @@ def noise_candidate(
     if s.exact:
         values = power_of_two(values)
     apply_values(copy, analysis, values.copy(), insert=False, exact=s.exact)
-    plain = analyze_model(copy, shapes, "absorb")
-    sim = Int8Simulation.calibrate(copy, plain, s.calibration, s.int8_ops)
-    noise = sim.sample_noise(plain.solution.cofactors(np.ones(plain.solution.num_pairs)))[1]
+    noise = noise_as_is(copy, shapes, s)
     return Choice(NOISE_CANDIDATE, (), values, None, p, None, refine=True), noise
+
+
+def noise_as_is(
+    model: ir.Model, shapes: Mapping[str, Sequence[int]], s: EqualizeSettings
+) -> FloatArray:
+    """Per calibration feed, the simulated INT8 noise of *model* as it is (a rewritten
+    candidate: cofactors 1 on its own absorb-mode analysis)."""
+    plain = analyze_model(model, shapes, "absorb")
+    sim = Int8Simulation.calibrate(model, plain, s.calibration, s.int8_ops)
+    return sim.sample_noise(plain.solution.cofactors(np.ones(plain.solution.num_pairs)))[1]
