@@ -164,10 +164,14 @@ def test_auto_picks_whole_for_small_models(
     assert result.passed and result.method == "pieces"
 
 
-def test_memory_estimate_counts_16_bit_weights_four_times(tmp_path: Path) -> None:
+def test_memory_estimate_counts_16_bit_weights_five_times(tmp_path: Path) -> None:
     g32 = LoadedModel.load(llama(tmp_path, "float32")).proto.graph
     g16 = LoadedModel.load(llama(tmp_path, "float16")).proto.graph
-    assert verify.whole_model_bytes(g16) == verify.whole_model_bytes(g32)  # 4×2 = 2×4
+    # per float32 byte: 2 (itself, prepacked); per float16 byte 5 (itself, its float32
+    # cast, prepacked) — 2.5 per float32 byte of the same weights (a few non-float
+    # tensors, counted 2 in both, keep the ratio just under 5/4)
+    ratio = verify.whole_model_bytes(g16) / verify.whole_model_bytes(g32)
+    assert 1.24 < ratio <= 1.25
     assert verify.available_memory() is None or verify.available_memory() > 0  # type: ignore[operator]
 
 
