@@ -205,6 +205,22 @@ def test_figures_count_only_quantized_weights() -> None:
     assert all(len(c.tensors) == 2 for c in result.figures.classes)  # W1 row, W2 column
 
 
+def test_class_entries_are_made_when_read() -> None:
+    """The pass leaves the report's class entries as arrays (``class_table``); the
+    :class:`ClassRange` tuples are made on the first read of ``classes``, once, and are
+    what the table holds: one per moved class, its cofactor the pass's value."""
+    _, result = equalized(gemm_mlp([5, 7, 6, 3]))
+    figures = result.figures
+    assert figures is not None
+    assert "classes" not in vars(figures)  # (not made by the pass)
+    classes = figures.classes
+    assert classes is figures.classes and classes == figures.class_table.entries()
+    pairs = [c.pair for c in classes]
+    assert pairs == sorted(set(pairs)) and len(pairs) > 0
+    assert all(c.cofactor == result.pair_values[c.pair] for c in classes)
+    assert figures.to_json()["classes"] == [c.to_json() for c in classes]
+
+
 # -- the CLI ---------------------------------------------------------------------------------------
 def cli(*argv: str | Path) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()

@@ -115,6 +115,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import time
@@ -383,7 +384,8 @@ class EqualizeFigures:
     exact: bool
     alpha: float | None
     tensors: tuple[TensorRange, ...]
-    classes: tuple[ClassRange, ...]
+    #: the moved classes' entries (:attr:`classes`, made from it when first read)
+    class_table: ClassTable
     objective_before: float
     objective_after: float
     iterations: int
@@ -392,6 +394,11 @@ class EqualizeFigures:
     #: a balance that did not converge) and the one chosen
     candidates: tuple[tuple[str, float | None], ...] = ()
     chosen: str = ""
+
+    @functools.cached_property
+    def classes(self) -> tuple[ClassRange, ...]:
+        """Per moved cofactor class, its ranges before and after (:class:`ClassRange`)."""
+        return self.class_table.entries()
 
     @property
     def elements(self) -> int:
@@ -485,7 +492,7 @@ def figures_of(
         assert figures is not None
         tensors.append(TensorRange(use.source.name, int(w.size), *figures.totals()))
         rows.extend(_class_rows(analysis, use, k, figures, moved_pairs))
-    return EqualizeFigures(tensors=tuple(tensors), classes=_classes(rows, values), **fields)
+    return EqualizeFigures(tensors=tuple(tensors), class_table=_classes(rows, values), **fields)
 
 
 @dataclass
@@ -780,10 +787,10 @@ def _class_rows(
 
 def _classes(
     rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]], values: FloatArray
-) -> tuple[ClassRange, ...]:
-    """The rows grouped by pair then tensor (largest range of each)."""
+) -> ClassTable:
+    """The rows grouped by pair then tensor (largest range of each), as arrays."""
     if not rows:
-        return ()
+        return ClassTable.empty()
     pairs = np.concatenate([r[0] for r in rows])
     tens = np.concatenate([np.full(r[0].size, r[1]) for r in rows])
     before = np.concatenate([r[2] for r in rows])
@@ -794,15 +801,51 @@ def _classes(
     pb = np.maximum.reduceat(before, key)
     pa = np.maximum.reduceat(after, key)
     kp, kt = pairs[key], tens[key]
-    out: list[ClassRange] = []
     starts = np.flatnonzero(np.r_[True, kp[1:] != kp[:-1]])
-    ends = np.r_[starts[1:], kp.size]
-    with _collector_paused():  # (tens of thousands of tuples: each would count toward a GC)
-        entries = list(zip(kt.tolist(), pb.tolist(), pa.tolist()))  # Python numbers, at once
-        cofactors = values[kp[starts]].tolist()
-        for lo, hi, pair, t in zip(starts.tolist(), ends.tolist(), kp[starts].tolist(), cofactors):
-            out.append(ClassRange(pair, t, tuple(entries[lo:hi])))
-    return tuple(out)
+    return ClassTable(kp[starts], values[kp[starts]], starts, kt, pb, pa)
+
+
+class ClassTable:
+    """The report's class entries as arrays (:func:`_classes`): per moved class its pair,
+    cofactor and first entry; per entry (class by class, tensors ascending) the tensor's
+    index and its largest ``|W|`` before and after.  :meth:`entries` makes the
+    :class:`ClassRange` tuples — a model has one class per channel (ResNet-50: 11 456), so
+    they are made when the report is read (:attr:`EqualizeFigures.classes`), not by the
+    pass."""
+
+    def __init__(
+        self,
+        pairs: np.ndarray,
+        cofactors: FloatArray,
+        starts: np.ndarray,
+        tensors: np.ndarray,
+        before: FloatArray,
+        after: FloatArray,
+    ) -> None:
+        self.pairs, self.cofactors, self.starts = pairs, cofactors, starts
+        self.tensors, self.before, self.after = tensors, before, after
+
+    @staticmethod
+    def empty() -> ClassTable:
+        none = np.zeros(0, dtype=np.intp)
+        return ClassTable(none, np.zeros(0), none, none, np.zeros(0), np.zeros(0))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassTable) and self.entries() == other.entries()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def entries(self) -> tuple[ClassRange, ...]:
+        """The :class:`ClassRange` of each class, in pair order."""
+        out: list[ClassRange] = []
+        ends = np.r_[self.starts[1:], self.tensors.size]
+        with _collector_paused():  # (tens of thousands of tuples: each would count toward a GC)
+            entries = list(zip(self.tensors.tolist(), self.before.tolist(), self.after.tolist()))
+            for lo, hi, pair, t in zip(
+                self.starts.tolist(), ends.tolist(), self.pairs.tolist(), self.cofactors.tolist()
+            ):
+                out.append(ClassRange(pair, t, tuple(entries[lo:hi])))
+        return tuple(out)
 
 
 @contextlib.contextmanager
