@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -65,9 +65,16 @@ def shares(sizes: Sequence[int], total: int) -> list[list[int]]:
 
 
 def map_parts(fn: Callable[..., T], args: Sequence[tuple[Any, ...]]) -> list[T]:
-    """``[fn(*a) for a in args]``, on the shared pool when there is more than one."""
+    """``[fn(*a) for a in args]``: when there is more than one, the first on the calling
+    thread while the shared pool works on the others (one thread handed work, not all:
+    the caller would only wait), every one finished before it returns or raises."""
     if len(args) <= 1:
         return [fn(*a) for a in args]
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="gt-rows"))
-    return list(_POOL[0].map(lambda a: fn(*a), args))
+    rest = [_POOL[0].submit(fn, *a) for a in args[1:]]
+    try:
+        first = fn(*args[0])
+    finally:
+        wait(rest)
+    return [first, *(f.result() for f in rest)]

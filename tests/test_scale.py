@@ -703,6 +703,31 @@ def test_row_parts_cover_the_rows_once_and_map_parts_keeps_order() -> None:
     ]
 
 
+def test_map_parts_runs_the_first_part_here_and_waits_for_every_part() -> None:
+    """``map_parts`` works on the first part on the calling thread, the others on the
+    pool, and returns or raises only once every part has finished."""
+    import threading
+    import time
+
+    from graphteleport import parallel
+
+    here = threading.get_ident()
+    ids = parallel.map_parts(threading.get_ident, [(), ()])
+    assert ids[0] == here and ids[1] != here
+    done: list[int] = []
+
+    def work(k: int) -> int:
+        time.sleep(0.05 * k)
+        done.append(k)
+        if k == 0:
+            raise ValueError("first part")
+        return k
+
+    with pytest.raises(ValueError, match="first part"):
+        parallel.map_parts(work, [(0,), (1,)])
+    assert sorted(done) == [0, 1]  # (the pool's part finished before the first's error)
+
+
 def test_data_file_scratch_never_lends_the_buffer_being_written(tmp_path: Path) -> None:
     """``DataFile.scratch`` alternates between its two buffers: never the one whose write
     is in flight, grown when a larger array is asked for; every tensor reads back what
