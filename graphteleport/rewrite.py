@@ -92,11 +92,14 @@ class BlockWatch(Protocol):
         ``overwrite`` it is written over W's array (:func:`prepare`'s ``consume``)."""
         ...
 
-    def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
+    def see(
+        self, part: int, start: int, w: np.ndarray, grid: np.ndarray, zero: bool | None = None
+    ) -> int:
         """Rows ``start:start + len(w)`` of W (``w``, W's trailing shape) and their ``S``
         on the grid as multiplied (``grid``: one value per cell, W's dtype), in row range
-        ``part``; returns the non-zero elements whose ``S`` is not 1 (the rewrite's count
-        of the elements it changed, :func:`_grid_changed`)."""
+        ``part`` (``zero``: whether they hold a ``±0``, where the rewrite's scan knows);
+        returns the non-zero elements whose ``S`` is not 1 (the rewrite's count of the
+        elements it changed, :func:`_grid_changed`)."""
         ...
 
 
@@ -407,12 +410,11 @@ def _grid_rows_into(
             g = grid[: n * cells]
             fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
             if casts is None:  # (W read before the product: ``out`` may be W itself)
+                zero = scan.add(wc) if scan_rows else None
                 if watch is None:
-                    changed += _grid_changed(wc, g)
+                    changed += _grid_changed(wc, g, zero)
                 else:
-                    changed += watch.see(part, i, w[i : i + n], g)
-                if scan_rows:
-                    scan.add(wc)
+                    changed += watch.see(part, i, w[i : i + n], g, zero)
                 np.multiply(wc, g[:, None], out=oc)
             else:
                 b = w32[: n * row].reshape(-1, inner)
@@ -448,13 +450,16 @@ def _half_changed(wc: np.ndarray, oc: np.ndarray, g: np.ndarray, buf: np.ndarray
     return int(np.count_nonzero(differ))
 
 
-def _grid_changed(wc: np.ndarray, g: np.ndarray) -> int:
-    """The non-zero elements of ``wc`` (one row per grid cell) whose cell's ``g`` is not 1."""
+def _grid_changed(wc: np.ndarray, g: np.ndarray, zero: bool | None = None) -> int:
+    """The non-zero elements of ``wc`` (one row per grid cell) whose cell's ``g`` is not 1
+    (``zero``: whether ``wc`` holds a ``±0``, where known)."""
     moved = g != 1
     k = int(np.count_nonzero(moved))
     if k == 0:
         return 0
     if k == g.size:
+        if zero is False:
+            return int(wc.size)
         return int(np.count_nonzero(wc != 0))  # (faster than counting floats)
     return int(np.count_nonzero(wc[moved] != 0))
 

@@ -279,7 +279,8 @@ def test_magnitudes_match_a_direct_computation(dtype: Any, seed: int) -> None:
 def test_magnitude_scan_finds_the_smallest_normal_in_any_chunk(dtype: Any) -> None:
     """The scan measures the smallest normal while each chunk is in cache: a chunk of
     zeros, one of subnormals and normals, one whose normals are the smallest but which
-    holds no subnormal, added as pieces in any order, give the direct figures."""
+    holds no subnormal, added as pieces in any order, give the direct figures; each
+    ``add`` says whether its piece holds a zero."""
     from graphteleport.numerics import _CHUNK, MagnitudeScan
 
     lim = limits(np.dtype(dtype))
@@ -294,7 +295,8 @@ def test_magnitude_scan_finds_the_smallest_normal_in_any_chunk(dtype: Any) -> No
         scan = MagnitudeScan(w.dtype)
         at = 0
         for k in order:  # (pieces of several chunks and of one)
-            scan.add(w[at : at + pieces[k].size])
+            piece = w[at : at + pieces[k].size]
+            assert scan.add(piece) == bool(np.any(piece == 0)), (order, k)  # (holds a ±0)
             at += pieces[k].size
         assert scan.result(w) == magnitudes(w.astype(np.float64).astype(dtype)), order
         a = np.abs(w.astype(np.float64))

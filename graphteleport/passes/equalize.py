@@ -620,8 +620,10 @@ class FiguresWatch:
         self.seen = [0] * parts
         self.overwrote = self.overwrote or overwrite
 
-    def see(self, part: int, start: int, w: np.ndarray, grid: np.ndarray) -> int:
-        peak, sq, nonzero = compact_stats(self.use, w)
+    def see(
+        self, part: int, start: int, w: np.ndarray, grid: np.ndarray, zero: bool | None = None
+    ) -> int:
+        peak, sq, nonzero = compact_stats(self.use, w, zero)
         s = grid.reshape(peak.shape)
         if s.size and s.min() < 0:  # (a negative cofactor: the figures take |S|)
             s = np.abs(s)
@@ -720,7 +722,9 @@ def _rounded_scale(parts: list[FloatArray], shape: tuple[int, ...], dtype: np.dt
     return out
 
 
-def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
+def compact_stats(
+    use: Absorb, w: np.ndarray, zero: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
     """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`;
     ``w`` may be a slab of the use's values along the first axis, giving that slab's):
     ``max|W|`` (exact), ``Σ W²`` (in float32 for a weight of at most 32 bits: the report's
@@ -728,7 +732,8 @@ def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     element is non-zero), over the elements of ``w`` (as the use reads it) that share
     that element's ``S``.  A contiguous ``w`` summed over trailing axes (a conv's kernel
     window) is read as rows: the maxima by columns, the sums by a matrix-vector
-    product, the zeros counted only if there are any."""
+    product, the zeros counted only if there are any (``zero``: whether ``w`` holds a
+    ``±0``, where known; else looked for)."""
     cshape = compact_shape(use)
     if cshape and cshape[0] != 1:
         cshape = (w.shape[0], *cshape[1:])  # a slab's
@@ -736,8 +741,8 @@ def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
     rows = int(np.prod(cshape))
     if not a.size:
-        zero = np.zeros(cshape, a.dtype)
-        return zero, zero, np.zeros(cshape, dtype=np.int64)
+        empty = np.zeros(cshape, a.dtype)
+        return empty, empty, np.zeros(cshape, dtype=np.int64)
     if not (a.flags.c_contiguous and list(axes) == list(range(a.ndim - len(axes), a.ndim))):
         peak = a.max(axis=axes, keepdims=True).reshape(cshape)
         sq = np.sum(np.square(a), axis=axes, keepdims=True).reshape(cshape)
@@ -751,7 +756,7 @@ def compact_stats(use: Absorb, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     else:
         peak = grid.max(axis=1) if width > 16 else _column_max(grid)
         sq = np.square(grid) @ np.ones(width, grid.dtype)
-    if grid.min() > 0:  # no zero (a NaN takes the counting path)
+    if zero is False or (zero is None and grid.min() > 0):  # no zero (NaN: counted)
         return peak.reshape(cshape), sq.reshape(cshape), width
     counts = width - np.count_nonzero(grid == 0, axis=1)
     return peak.reshape(cshape), sq.reshape(cshape), counts.reshape(cshape)
