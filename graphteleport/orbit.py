@@ -58,7 +58,7 @@ import numpy as np
 
 from graphteleport.algebra import with_rank
 from graphteleport.analysis import Absorb, AnalysisResult
-from graphteleport.parallel import map_parts, shares
+from graphteleport.parallel import map_parts, one_blas_thread, shares
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -450,7 +450,8 @@ class OrbitTerms:
 
         work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
         try:
-            map_parts(power, [(share,) for share in shares(work, sum(work))])
+            with one_blas_thread():  # (the row sums' gemv: both cores already, by shares)
+                map_parts(power, [(share,) for share in shares(work, sum(work))])
         except Narrow:
             return cls.build(analysis, p, arrays, hold, scales, single=False)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []

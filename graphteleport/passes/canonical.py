@@ -103,6 +103,7 @@ from graphteleport.orbit import (
     used_values,
 )
 from graphteleport.orbit_kernel import KernelPoint, OrbitKernel, low_rank, two_level
+from graphteleport.parallel import one_blas_thread
 from graphteleport.passes.teleport import TeleportResult, apply_values, result_of
 from graphteleport.rewrite import streaming
 
@@ -165,11 +166,13 @@ def minimize(
     ``objective_before``/``after`` are that part, ``constant`` the rest.  The products are
     :class:`~graphteleport.orbit_kernel.OrbitKernel`'s (gemv per bilinear block); with
     ``start``, Newton begins at the minimiser of their rank-one approximation
-    (:func:`_rank_one_start`), else at ``u = 0`` (the same minimum)."""
-    c0 = time.process_time()
-    kernel = OrbitKernel.of(terms)
-    made = time.process_time() - c0
-    found = _newton(kernel, tol, max_iterations, start)
+    (:func:`_rank_one_start`), else at ``u = 0`` (the same minimum).  BLAS runs on one
+    thread meanwhile (:func:`graphteleport.parallel.one_blas_thread`)."""
+    with one_blas_thread():  # (memory-bound gemv, already on both cores: parallel)
+        c0 = time.process_time()
+        kernel = OrbitKernel.of(terms)
+        made = time.process_time() - c0
+        found = _newton(kernel, tol, max_iterations, start)
     return dataclasses.replace(found, constant=kernel.constant, cpu=(made, *found.cpu))
 
 
