@@ -130,7 +130,7 @@ def test_idempotent_and_verified(model_proto: onnx.ModelProto) -> None:
     once, first = canonical(model_proto)
     assert first.minimum is not None
     assert first.objective_after < first.objective_before
-    assert first.minimum.gradient <= 1e-10
+    assert first.minimum.gradient <= 1e-8  # (a last step ≤ STEP_TOL taken unread: ~1e-10)
     twice, second = canonical(ir.from_proto(ir.to_proto(once)))
     # (the float32 rounding of the stored weights moves F by ~1e-8)
     assert second.objective_after == pytest.approx(first.objective_after, rel=1e-6)
