@@ -347,8 +347,8 @@ def _newton_direction(
 ) -> tuple[FloatArray, int, FloatArray]:
     """``d ≈ −H⁻¹g`` on the active pairs (``g ≠ 0`` only there): conjugate gradients to a
     residual of ``rtol·|g|`` (H is positive semidefinite and ``g`` lies in its range) —
-    and on to :data:`FINAL_RTOL`·``|g|`` where ``d`` is then at most ``final`` in every
-    entry (:func:`_iterate`'s last step) —, preconditioned by
+    or of :data:`FINAL_RTOL`·``|g|`` instead where ``d`` is at most ``final`` in every
+    entry (:func:`_iterate`'s last step: that residual bounds its error) —, preconditioned by
     :func:`~graphteleport.orbit_kernel.low_rank` (by
     :func:`~graphteleport.orbit_kernel.two_level` where the kernel has no bilinear
     block); the number of steps taken and the residual ``−g − H·d``."""
@@ -370,7 +370,8 @@ def _newton_direction(
         x += a * p
         r -= a * hp
         norm = float(np.linalg.norm(r))
-        if norm <= rtol * gnorm and (norm <= FINAL_RTOL * gnorm or float(np.abs(x).max()) > final):
+        last = float(np.abs(x).max()) <= final  # (then the last step: FINAL_RTOL)
+        if norm <= (FINAL_RTOL if last else rtol) * gnorm:
             break
         z = precondition(r)
         rz_new = float(r @ z)
