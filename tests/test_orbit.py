@@ -532,15 +532,20 @@ def test_single_q_is_the_float64_q_rounded_once(
     name: str, proto: onnx.ModelProto, p: float
 ) -> None:
     """``build(single=True)`` holds each float64 statistic rounded once to float32 (the same
-    sums, then one rounding), and the kernel reads it exactly: ``F``, the gradient and the
-    products at a point agree with the float64 kernel's to float32's rounding of ``Q``,
-    and with the row-wise terms of that same float32 ``Q`` to float64 rounding."""
+    sums, then one rounding) — except one-element rows at p = 3, computed in float32
+    (``w²·|w|``: two roundings, orbit._single_powers) — and the kernel reads it exactly:
+    ``F``, the gradient and the products at a point agree with the float64 kernel's to
+    float32's rounding of ``Q``, and with the row-wise terms of that same float32 ``Q``
+    to float64 rounding."""
     from graphteleport.orbit_kernel import OrbitKernel
 
     analysis = analyze_model(ir.from_proto(proto), {})
     wide, single = OrbitTerms.build(analysis, p=p), OrbitTerms.build(analysis, p=p, single=True)
     assert single.q.dtype == np.float32
-    assert np.array_equal(single.q, wide.q.astype(np.float32))
+    if p == 2.0:
+        assert np.array_equal(single.q, wide.q.astype(np.float32))
+    else:  # (at most two roundings of 2⁻²⁴ each)
+        np.testing.assert_allclose(single.q, wide.q, rtol=2.5 * 2.0**-24, atol=0)
     u = _random_u(wide, 5)
     kernel = OrbitKernel.of(single)
     at = kernel.point(u)
