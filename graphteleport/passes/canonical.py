@@ -53,11 +53,15 @@ bilinear block) — to a relative residual ``√(max|g|/F)``, capped at 0.1 and 
 ``0.1·tol/(max|g|/F)`` (what the stopping test needs of the next gradient); then a
 backtracking line search, which extends a full step that beat its quadratic model by
 half as much again (far from the minimum Newton's step on ``e^{p·u}`` is about ``1/p``
-long).  It stops when the
-relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at most
-``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable pair
-reaches, such as a mask's fill value), and raises :class:`NotConverged` after
-``max_iterations``.
+long).  It stops when a
+Newton step from a point read in float64 is at most :data:`STEP_TOL` (1e-5) in every
+entry of ``u`` — that step taken without reading ``Q`` again: ``u`` is then within about
+1e-8 of the minimum (the bound in :func:`_iterate`), about a float32 ulp of every weight —
+or when the relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at
+most ``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable
+pair reaches, such as a mask's fill value), and raises :class:`NotConverged` after
+``max_iterations``.  BLAS runs on one thread meanwhile
+(:func:`graphteleport.parallel.one_blas_thread`).
 
 **Signs** (:func:`sign_values`).  ``F`` does not see signs, so a pair whose group allows
 negative cofactors (free, ``any`` or ``sign``: odd activations, linear paths, insert mode)
