@@ -138,11 +138,13 @@ class Minimum:
     """What :func:`minimize` found: ``u`` (one per pair, 0 off the active pairs), the
     moving part of ``F`` before and after, Newton iterations, ``gradient``
     (``max|∂F/∂u| / F`` at ``u``), ``decrease`` (the relative decrease of ``F`` in the last
-    step), ``constant``, the part of ``Σ W²`` no movable pair reaches, ``cg_steps``, the
-    conjugate-gradient steps of all Newton steps together, and ``start``, the Newton and
-    CG steps of the rank-one approximation it started from (cheap: ``O + C`` a block),
-    and ``cpu``, the CPU seconds (``process_time``) of making the kernel, of that start
-    and of the Newton steps after it."""
+    step) — where the last step was taken unread (:data:`STEP_TOL`), ``F`` after, the
+    gradient and the decrease are the quadratic model's prediction —, ``constant``, the
+    part of ``Σ W²`` no movable pair reaches, ``cg_steps``, the conjugate-gradient steps
+    of all Newton steps together, and ``start``, the Newton and CG steps of the rank-one
+    approximation it started from (cheap: ``O + C`` a block), and ``cpu``, the CPU
+    seconds (``process_time``) of making the kernel, of that start and of the Newton
+    steps after it."""
 
     u: FloatArray
     objective_before: float
