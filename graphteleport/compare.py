@@ -54,6 +54,7 @@ from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import check_paths, load_model, write_file_atomic
 from graphteleport.orbit import OrbitTerms, compact_shape, counted_uses, used_values
 from graphteleport.orbit_kernel import OrbitKernel, low_rank, two_level
+from graphteleport.parallel import one_blas_thread
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -631,7 +632,8 @@ def compare_models(
     obs, dtypes, split = _collect(analysis, nodes)
     sol = analysis.solution
     signs = _signs(obs, sol)
-    u, undetermined, its = _robust_fit(obs, tolerance, products)
+    with one_blas_thread():  # (the kernel's gemv, memory-bound: see parallel)
+        u, undetermined, its = _robust_fit(obs, tolerance, products)
     values = signs * np.exp(u)
     t2 = time.perf_counter()
     tol = {n: tolerance_for(dt, tolerance) for n, dt in dtypes.items()}

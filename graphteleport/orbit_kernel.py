@@ -745,6 +745,50 @@ def two_level(
     return apply
 
 
+def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, IntArray]:
+    """``np.unique(values, return_inverse=True)`` of a 1-D array (the sorted distinct
+    values and each value's index among them) by one stable argsort: the same result;
+    numpy 2.4's own took 2.4 ms on 49 k integers here against 0.3 ms (the low-rank
+    plan of ResNet-50: 8.4 → 3.6 ms)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    new = np.ones(ordered.size, dtype=bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    inverse = np.empty(ordered.size, np.intp)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], inverse
+
+
+def _group_slots(
+    group: IntArray, pair: IntArray, seg: IntArray, n: int
+) -> tuple[IntArray, tuple[tuple[IntArray, IntArray], ...]]:
+    """:meth:`LowRankPlan.of`'s slots: for entries ``(pair, seg)`` (sorted by pair, then
+    segment; each once) in groups ``group`` (``0 … G−1``), each group's sorted pairs
+    (``members``) and segments (``segs``), and per entry its slot ``offset_g + row ·
+    len(segs) + col`` (``row``, ``col``: its pair's and segment's ranks in the group) in
+    the groups' dense matrices laid end to end — by one stable sort on the group, not a
+    pass over all entries per group."""
+    ng = int(group.max(initial=-1)) + 1
+    order = np.argsort(group, kind="stable")  # (within a group: by pair, then segment)
+    g, p, s = group[order], pair[order], seg[order]
+    new = np.ones(g.size, dtype=bool)
+    new[1:] = (p[1:] != p[:-1]) | (g[1:] != g[:-1])
+    rank = np.cumsum(new) - 1
+    first = np.searchsorted(g, np.arange(ng))
+    row = rank - rank[first][g]
+    counts = np.bincount(g, weights=new, minlength=ng).astype(np.intp)
+    combos, _ = unique_inverse(g * n + s)  # (group, segment), by group then segment
+    owner, cols = combos // n, combos % n
+    width = np.bincount(owner, minlength=ng)
+    col = np.searchsorted(combos, g * n + s) - np.searchsorted(owner, np.arange(ng))[g]
+    offset = np.concatenate([[0], np.cumsum(counts * width)[:-1]]).astype(np.intp)
+    slot = np.empty(g.size, np.intp)
+    slot[order] = offset[g] + row * width[g] + col
+    members = np.split(p[new], np.cumsum(counts)[:-1])
+    segs = np.split(cols, np.cumsum(width)[:-1])
+    return slot, tuple(zip(members, segs, strict=True))
+
+
 @dataclass(frozen=True, eq=False)
 class LowRankPlan:
     """What :func:`low_rank` needs of a kernel's bilinear blocks alone: ``lo``, where
@@ -771,22 +815,12 @@ class LowRankPlan:
         n = starts.size
         lo = int(starts[0])
         segment = np.repeat(np.arange(n), lengths)
-        keys, entry_combo = np.unique(kernel.index[lo:] * n + segment, return_inverse=True)
+        keys, entry_combo = unique_inverse(kernel.index[lo:] * n + segment)
         pair, seg = keys // n, keys % n  # each (pair, segment) met once, by pair then segment
         weight = np.random.default_rng(0).random(n)
         tag = np.bincount(pair, weights=weight[seg], minlength=kernel.num_pairs)
-        _, group = np.unique(tag[pair], return_inverse=True)
-        group = group.reshape(-1)
-        slot = np.zeros(keys.size, np.intp)
-        groups: list[tuple[IntArray, IntArray]] = []
-        offset = 0
-        for g in range(int(group.max(initial=-1)) + 1):
-            mine = np.flatnonzero(group == g)
-            members, row = np.unique(pair[mine], return_inverse=True)
-            segs = np.unique(seg[mine])
-            slot[mine] = offset + row.reshape(-1) * segs.size + np.searchsorted(segs, seg[mine])
-            groups.append((members, segs))
-            offset += members.size * segs.size
+        _, group = unique_inverse(tag[pair])
+        slot, groups = _group_slots(group.reshape(-1), pair, seg, n)
         return cls(lo, segment, slot[entry_combo.reshape(-1)], tuple(groups))
 
     def gram(self, w: FloatArray, inv: FloatArray, n: int) -> FloatArray:

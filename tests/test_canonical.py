@@ -130,7 +130,7 @@ def test_idempotent_and_verified(model_proto: onnx.ModelProto) -> None:
     once, first = canonical(model_proto)
     assert first.minimum is not None
     assert first.objective_after < first.objective_before
-    assert first.minimum.gradient <= 1e-10
+    assert first.minimum.gradient <= 1e-8  # (a last step ≤ STEP_TOL taken unread: ~1e-10)
     twice, second = canonical(ir.from_proto(ir.to_proto(once)))
     # (the float32 rounding of the stored weights moves F by ~1e-8)
     assert second.objective_after == pytest.approx(first.objective_after, rel=1e-6)
@@ -247,7 +247,7 @@ def test_insert_mode_canonical_form_keeps_the_function() -> None:
     proto = onnx.load(FIXTURES_DIR / "cnn_tiny_keepbn.onnx")
     model = ir.from_proto(proto)
     result = CanonicalizePass(mode="insert")(model)
-    assert result.minimum is not None and result.minimum.gradient <= 1e-10
+    assert result.minimum is not None and result.minimum.gradient <= 1e-8  # (last step unread)
     assert result.objective_after < result.objective_before
     assert max_rel_err(proto, ir.to_proto(model)) < 1e-4
 

@@ -115,7 +115,7 @@ def test_batchnorm_train_mode_is_kept_and_undo() -> None:
     before = copy.deepcopy(model)
     result = canonicalize(model, x)
     assert result.objective_after < result.objective_before
-    assert result.minimum.gradient <= 1e-10
+    assert result.minimum.gradient <= 1e-8  # (a last step ≤ STEP_TOL taken unread)
     with torch.no_grad():
         model.train(), before.train()
         assert _rel(model(x), before(x)) < REL  # batch statistics: the training form

@@ -26,7 +26,7 @@ of them at once.  Dividing by ``n_W`` makes a tensor's share independent of its 
 
 ``B_p`` is ``Σ_k q_k exp(p·(A·u)_k)`` (:mod:`graphteleport.orbit`, with ``q`` divided by
 ``n_W`` per tensor), convex; it is solved to convergence by the canonical form's
-Newton-CG (:func:`graphteleport.passes.canonical.minimize`, ``max|∂B/∂u|/B ≤ 1e-12``).
+Newton-CG (:func:`graphteleport.passes.canonical.minimize`: ``u`` to about 1e-8).
 Along a direction ``d`` it is flat only if no non-zero quantized weight moves, so the
 quantized weights at the minimum are unique, and because a teleport only shifts ``u``,
 ``equalize(teleport(M)) = equalize(M)`` (to float32 rounding).
