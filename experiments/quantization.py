@@ -51,7 +51,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ TOOL_TIMEOUT_S = 300
 AUTO_TIMEOUT_S = 1500
 
 log = logging.getLogger("experiments.quantization")
+Feeds = Mapping[str, np.ndarray]
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -88,17 +89,39 @@ def write_results(out: Path, results: dict[str, Any], default: Any = str) -> Non
     write_file_atomic(out, (json.dumps(results, indent=1, default=default) + "\n").encode())
 
 
-def sqnr_db(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
-    """``10·log10(Σ r² / Σ (r − q)²)`` over every element of every output, in float64;
-    ``inf`` when the outputs are equal."""
-    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
-    noise = sum(
-        float(np.sum((np.asarray(r, np.float64) - np.asarray(q, np.float64)) ** 2))
-        for r, q in zip(ref, got)
-    )
+def sqnr_db(
+    ref: Sequence[np.ndarray], got: Sequence[np.ndarray], feeds: Feeds | None = None
+) -> float:
+    """``10·log10(Σ r² / Σ (r − q)²)`` in float64 over every element of every output, or,
+    given the *feeds* that produced them, over the elements :func:`counted` keeps (the
+    attended positions of an output, where the feeds carry a padding mask); ``inf`` when
+    those elements are equal."""
+    signal = noise = 0.0
+    for r, q, keep in zip(ref, got, counted(feeds, ref)):
+        r64, q64 = np.asarray(r, np.float64), np.asarray(q, np.float64)
+        if keep is not None:
+            r64, q64 = r64[keep], q64[keep]
+        signal += float(np.sum(r64**2))
+        noise += float(np.sum((r64 - q64) ** 2))
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def counted(feeds: Feeds | None, outputs: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+    """Per output, the elements an SQNR counts: ``graphteleport.activations.attended`` —
+    where *feeds* carry a padding mask (``attention_mask``, ``[batch, tokens]``) and the
+    output's first two axes are those positions, the attended positions only (the padded
+    positions' outputs are read by no consumer); else ``None``, every element (so too
+    without feeds)."""
+    from graphteleport.activations import attended
+
+    return [None if feeds is None else attended(feeds, r) for r in outputs]
+
+
+def masked(feeds: Feeds, outputs: Sequence[np.ndarray]) -> bool:
+    """Whether an SQNR on *outputs* of *feeds* counts attended positions only."""
+    return any(keep is not None for keep in counted(feeds, outputs))
 
 
 def max_rel_err(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
@@ -351,7 +374,10 @@ class Row:
     variant: str
     label: str
     status: str = "ok"
+    #: over every element, or at attended positions where the feeds carry a padding mask
     sqnr_db: float | None = None
+    #: over every element where ``sqnr_db`` counts attended positions only (else None)
+    sqnr_all_db: float | None = None
     metric: float | None = None
     moved: float | None = None
     fp32_rel_err: float | None = None
@@ -607,6 +633,8 @@ class TaskContext:
     prepared_digest: str
     data_digest: str
     int8_ops: tuple[str, ...] | None = None
+    #: whether the SQNR counts attended positions only (:func:`masked`)
+    attended: bool = False
 
 
 def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[str, float]:
@@ -636,7 +664,10 @@ def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[st
     return entry["note"], entry["seconds"]
 
 
-MEASURED_FIELDS = ("status", "sqnr_db", "metric", "moved", "fp32_rel_err", "date")
+MEASURED_FIELDS = ("status", "sqnr_db", "sqnr_all_db", "metric", "moved", "fp32_rel_err", "date")
+#: a part of the measurement key of a model whose SQNR counts attended positions only (none
+#: where it counts every element, so those keys are what they were before this part)
+ATTENDED_KEY = "sqnr at attended positions (activations.attended)"
 
 
 def fill_row(row: Row, task: Any, variant: Variant, ctx: TaskContext) -> None:
@@ -660,13 +691,14 @@ def fill_row(row: Row, task: Any, variant: Variant, ctx: TaskContext) -> None:
     key = text_digest(
         graph_digest(fp32), ctx.prepared_digest, variant.quantized, variant.per_channel,
         task.quantize_ops, ctx.data_digest, onnxruntime.__version__,
+        *((ATTENDED_KEY,) if ctx.attended else ()),
     )  # fmt: skip
     hit = ctx.cache.measurement(key)
     if hit:
         row.extra["cached"] = True
         row.extra["cached_seconds"] = tool_seconds + hit["seconds"]
         for name in MEASURED_FIELDS:
-            setattr(row, name, hit[name] if name != "status" or not note else row.status)
+            setattr(row, name, hit.get(name) if name != "status" or not note else row.status)
         return
     start = time.perf_counter()
     measure_fp32_int8(row, task, variant, ctx, fp32, model)
@@ -692,7 +724,9 @@ def measure_fp32_int8(
         except Exception as e:  # the quantizer's (or the INT8 model's) failure is the result
             row.status = f"INT8 failed: {type(e).__name__}: {last_line(str(e))}"
             return
-    row.sqnr_db = sqnr_db(ctx.ref, out)
+    row.sqnr_db = sqnr_db(ctx.ref, out, task.held_back)
+    if ctx.attended:
+        row.sqnr_all_db = sqnr_db(ctx.ref, out)
     row.metric = task.metric(out, ctx.ref)
 
 
@@ -717,7 +751,7 @@ def task_context(
     ctx = TaskContext(
         work, prepared, ref, weight_tensors(onnx.load(str(prepared))), gt_status, cache,
         graph_digest(prepared), text_digest(feeds_digest(task.calibration), held),
-        task.quantize_ops,
+        task.quantize_ops, masked(task.held_back, ref),
     )  # fmt: skip
     return ctx, facts
 
@@ -741,6 +775,7 @@ def measure_task(
         "source": str(task.path.name),
         "metric_name": task.metric_name,
         "quantized_ops": list(task.quantize_ops) if task.quantize_ops else "all",
+        "sqnr_counts": "attended positions" if ctx.attended else "every element",
         **facts,
         "calibration_samples": n_calib,
         "held_back_samples": n_held,
