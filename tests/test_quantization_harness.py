@@ -91,6 +91,8 @@ def _masked_entry() -> dict:
 
     rows = [row("int8", "as is", 7.0, 5.0), row("int8_pc", "per-channel", 8.3, 6.65)]
     rows.append(row("gt_auto", "auto", 18.5, 5.38))
+    rows.append(row("aimet", "a peer", 7.0, 4.97))
+    rows.append(row("quark_relu", "a peer changing FP32", 7.0, 9.0) | {"fp32_rel_err": 0.1})
     return {"metric_name": "embedding cosine", "sqnr_counts": "attended positions", "rows": rows}
 
 
@@ -98,8 +100,8 @@ def test_the_document_shows_the_every_element_sqnr_beside_the_attended_one() -> 
     text = table({"minilm": _masked_entry()})
     assert "minilm (embedding cosine; SQNR at attended positions) | auto | 18.50 | 5.38 |" in text
     (line,) = every_element_sentences({"minilm": _masked_entry()})
-    assert "scores 5.38 dB" in line and "≥ as is 5.00 (+0.38)" in line
-    assert "**<** per-channel 6.65 (-1.27)" in line
+    assert "scores 5.38 dB: ≥ as is: yes (+0.38); ≥ per-channel: **no** (-1.27)" in line
+    assert "≥ every peer: yes (+0.41) (a peer, 4.97)" in line  # not the one changing FP32
     plain = _masked_entry() | {"sqnr_counts": "every element", "metric_name": "accuracy"}
     assert "| auto | 18.50 |  | 0.9 |" in table({"cnn": plain})
     assert every_element_sentences({"cnn": plain}) == []
