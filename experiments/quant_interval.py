@@ -6,9 +6,11 @@ The harness (``experiments.quantization``; run it first) leaves every row's INT8
 the FP32 reference outputs in its cache.  This runs the INT8 models of ``auto``, the
 per-channel row and the best peer that kept the FP32 function on the held-back inputs
 again, takes each sample's noise ``Σ (r − q)²`` (over every output, the sample's slice of
-the batch axis), and resamples the samples 1000 times (seeded): the difference of the
-pooled SQNRs ``10·log10(Σ n_other / Σ n_auto)`` per resampling, its 5th and 95th
-percentiles (a 90 % interval) and the largest share of either row's noise one sample holds.
+the batch axis; for a model whose feeds carry a padding mask, MiniLM, at its attended
+positions only, as the harness's SQNR counts them: ``quantization.counted``), and
+resamples the samples 1000 times (seeded): the difference of the pooled SQNRs
+``10·log10(Σ n_other / Σ n_auto)`` per resampling, its 5th and 95th percentiles (a 90 %
+interval) and the largest share of either row's noise one sample holds.
 
 Run::
 
@@ -33,6 +35,8 @@ from experiments.quantization import (
     PEERS,
     RESULTS,
     ROOT,
+    Feeds,
+    counted,
     quantize,
     read_results,
     run_batches,
@@ -44,13 +48,19 @@ RESAMPLES = 1000
 log = logging.getLogger("experiments.quant_interval")
 
 
-def sample_noise(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> np.ndarray:
-    """Per sample (the batch axis of every output): ``Σ (r − q)²`` in float64."""
+def sample_noise(
+    ref: Sequence[np.ndarray], got: Sequence[np.ndarray], feeds: Feeds | None = None
+) -> np.ndarray:
+    """Per sample (the batch axis of every output): ``Σ (r − q)²`` in float64, over the
+    elements the harness's SQNR counts for *feeds* (:func:`counted`; every element
+    without feeds)."""
     n = len(ref[0])
     out = np.zeros(n)
-    for r, q in zip(ref, got, strict=True):
-        d = np.asarray(r, np.float64) - np.asarray(q, np.float64)
-        out += (d.reshape(n, -1) ** 2).sum(axis=1)
+    for r, q, keep in zip(ref, got, counted(feeds, ref), strict=True):
+        d2 = (np.asarray(r, np.float64) - np.asarray(q, np.float64)) ** 2
+        if keep is not None:
+            d2 = np.where(keep, d2, 0.0)
+        out += d2.reshape(n, -1).sum(axis=1)
     return out
 
 
@@ -98,7 +108,8 @@ def run_model(name: str, entry: dict[str, Any], cache: Path) -> dict[str, Any]:
         ref = [z[f"out{i}"] for i in range(len(z.files))]
     noise = {}
     for key in ["gt_auto", *rivals(entry)]:
-        noise[key] = sample_noise(ref, run_batches(int8_model(task, work, key), task.held_back))
+        got = run_batches(int8_model(task, work, key), task.held_back)
+        noise[key] = sample_noise(ref, got, task.held_back)
     out = {key: interval(noise["gt_auto"], noise[key]) for key in noise if key != "gt_auto"}
     log.info("%s: %s", name, out)
     return out

@@ -18,7 +18,10 @@ all-MiniLM-L6-v2, two CNNs trained here on MNIST):
    the same calibration batch for every variant, weights QInt8 symmetric per tensor (one row
    per model also per channel, without equalization: the row to beat), activations QUInt8.
 4. *Measure* on held-back inputs, against the prepared FP32 model's outputs ``r``:
-   SQNR = 10·log10(Σ r² / Σ (r − q)²) in dB over all output elements; the task metric; the
+   SQNR = 10·log10(Σ r² / Σ (r − q)²) in dB over all output elements — for a model whose
+   feeds carry a padding mask (MiniLM's ``attention_mask``) over the attended positions
+   only (``graphteleport.activations.attended``; the padded positions' outputs are read
+   by no consumer), with the every-element SQNR kept beside it; the task metric; the
    fraction of weight elements (the weight operand of every Conv/Gemm/MatMul, biases
    excluded) whose value the tool changed; and whether the transformed FP32 model still
    computes the same function (max over outputs of max|r − f| / max|r|).
@@ -51,7 +54,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,7 @@ TOOL_TIMEOUT_S = 300
 AUTO_TIMEOUT_S = 1500
 
 log = logging.getLogger("experiments.quantization")
+Feeds = Mapping[str, np.ndarray]
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -88,17 +92,39 @@ def write_results(out: Path, results: dict[str, Any], default: Any = str) -> Non
     write_file_atomic(out, (json.dumps(results, indent=1, default=default) + "\n").encode())
 
 
-def sqnr_db(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
-    """``10·log10(Σ r² / Σ (r − q)²)`` over every element of every output, in float64;
-    ``inf`` when the outputs are equal."""
-    signal = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
-    noise = sum(
-        float(np.sum((np.asarray(r, np.float64) - np.asarray(q, np.float64)) ** 2))
-        for r, q in zip(ref, got)
-    )
+def sqnr_db(
+    ref: Sequence[np.ndarray], got: Sequence[np.ndarray], feeds: Feeds | None = None
+) -> float:
+    """``10·log10(Σ r² / Σ (r − q)²)`` in float64 over every element of every output, or,
+    given the *feeds* that produced them, over the elements :func:`counted` keeps (the
+    attended positions of an output, where the feeds carry a padding mask); ``inf`` when
+    those elements are equal."""
+    signal = noise = 0.0
+    for r, q, keep in zip(ref, got, counted(feeds, ref)):
+        r64, q64 = np.asarray(r, np.float64), np.asarray(q, np.float64)
+        if keep is not None:
+            r64, q64 = r64[keep], q64[keep]
+        signal += float(np.sum(r64**2))
+        noise += float(np.sum((r64 - q64) ** 2))
     if noise == 0.0:
         return math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+def counted(feeds: Feeds | None, outputs: Sequence[np.ndarray]) -> list[np.ndarray | None]:
+    """Per output, the elements an SQNR counts: ``graphteleport.activations.attended`` —
+    where *feeds* carry a padding mask (``attention_mask``, ``[batch, tokens]``) and the
+    output's first two axes are those positions, the attended positions only (the padded
+    positions' outputs are read by no consumer); else ``None``, every element (so too
+    without feeds)."""
+    from graphteleport.activations import attended
+
+    return [None if feeds is None else attended(feeds, r) for r in outputs]
+
+
+def masked(feeds: Feeds, outputs: Sequence[np.ndarray]) -> bool:
+    """Whether an SQNR on *outputs* of *feeds* counts attended positions only."""
+    return any(keep is not None for keep in counted(feeds, outputs))
 
 
 def max_rel_err(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
@@ -351,7 +377,10 @@ class Row:
     variant: str
     label: str
     status: str = "ok"
+    #: over every element, or at attended positions where the feeds carry a padding mask
     sqnr_db: float | None = None
+    #: over every element where ``sqnr_db`` counts attended positions only (else None)
+    sqnr_all_db: float | None = None
     metric: float | None = None
     moved: float | None = None
     fp32_rel_err: float | None = None
@@ -607,6 +636,8 @@ class TaskContext:
     prepared_digest: str
     data_digest: str
     int8_ops: tuple[str, ...] | None = None
+    #: whether the SQNR counts attended positions only (:func:`masked`)
+    attended: bool = False
 
 
 def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[str, float]:
@@ -636,7 +667,10 @@ def cached_transform(variant: Variant, ctx: TaskContext, fp32: Path) -> tuple[st
     return entry["note"], entry["seconds"]
 
 
-MEASURED_FIELDS = ("status", "sqnr_db", "metric", "moved", "fp32_rel_err", "date")
+MEASURED_FIELDS = ("status", "sqnr_db", "sqnr_all_db", "metric", "moved", "fp32_rel_err", "date")
+#: a part of the measurement key of a model whose SQNR counts attended positions only (none
+#: where it counts every element, so those keys are what they were before this part)
+ATTENDED_KEY = "sqnr at attended positions (activations.attended)"
 
 
 def fill_row(row: Row, task: Any, variant: Variant, ctx: TaskContext) -> None:
@@ -660,13 +694,14 @@ def fill_row(row: Row, task: Any, variant: Variant, ctx: TaskContext) -> None:
     key = text_digest(
         graph_digest(fp32), ctx.prepared_digest, variant.quantized, variant.per_channel,
         task.quantize_ops, ctx.data_digest, onnxruntime.__version__,
+        *((ATTENDED_KEY,) if ctx.attended else ()),
     )  # fmt: skip
     hit = ctx.cache.measurement(key)
     if hit:
         row.extra["cached"] = True
         row.extra["cached_seconds"] = tool_seconds + hit["seconds"]
         for name in MEASURED_FIELDS:
-            setattr(row, name, hit[name] if name != "status" or not note else row.status)
+            setattr(row, name, hit.get(name) if name != "status" or not note else row.status)
         return
     start = time.perf_counter()
     measure_fp32_int8(row, task, variant, ctx, fp32, model)
@@ -692,7 +727,9 @@ def measure_fp32_int8(
         except Exception as e:  # the quantizer's (or the INT8 model's) failure is the result
             row.status = f"INT8 failed: {type(e).__name__}: {last_line(str(e))}"
             return
-    row.sqnr_db = sqnr_db(ctx.ref, out)
+    row.sqnr_db = sqnr_db(ctx.ref, out, task.held_back)
+    if ctx.attended:
+        row.sqnr_all_db = sqnr_db(ctx.ref, out)
     row.metric = task.metric(out, ctx.ref)
 
 
@@ -717,7 +754,7 @@ def task_context(
     ctx = TaskContext(
         work, prepared, ref, weight_tensors(onnx.load(str(prepared))), gt_status, cache,
         graph_digest(prepared), text_digest(feeds_digest(task.calibration), held),
-        task.quantize_ops,
+        task.quantize_ops, masked(task.held_back, ref),
     )  # fmt: skip
     return ctx, facts
 
@@ -741,6 +778,7 @@ def measure_task(
         "source": str(task.path.name),
         "metric_name": task.metric_name,
         "quantized_ops": list(task.quantize_ops) if task.quantize_ops else "all",
+        "sqnr_counts": "attended positions" if ctx.attended else "every element",
         **facts,
         "calibration_samples": n_calib,
         "held_back_samples": n_held,
@@ -822,15 +860,24 @@ def fmt_sqnr(x: float | None) -> str:
     return "∞" if math.isinf(x) else f"{x:.2f}"
 
 
+def attended_only(m: dict[str, Any]) -> bool:
+    """Whether model entry *m*'s SQNR counts attended positions only (:func:`counted`)."""
+    return bool(m.get("sqnr_counts") == "attended positions")
+
+
 def table(models: dict[str, Any]) -> str:
-    header = ["model", "variant", "SQNR dB", "metric", "moved", "FP32 preserved", "status"]
+    header = ["model", "variant", "SQNR dB", "SQNR dB, every element", "metric", "moved"]
+    header += ["FP32 preserved", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in models.items():
+        where = "; SQNR at attended positions" if attended_only(m) else ""
         for r in m["rows"]:
+            every = fmt_sqnr(r.get("sqnr_all_db")) if attended_only(m) else ""
             cells = [
-                f"{name} ({m['metric_name']})",
+                f"{name} ({m['metric_name']}{where})",
                 r["label"],
                 fmt_sqnr(r["sqnr_db"]),
+                every,
                 fmt_metric(r["metric"], m["metric_name"]),
                 fmt_share(r["moved"]),
                 fmt_fp32(r),
@@ -855,8 +902,13 @@ def accuracy_sentence(metric_name: str, fp: dict[str, Any], base: dict[str, Any]
     """What per-tensor INT8 as is costs in the task metric, and where ``best`` (the
     equalized row Done-when 2 judges) ends (within 1 point of FP32 where as is loses more)."""
     if "cosine" in metric_name:
-        tail = f", equalize auto {best['metric']:.4f}" if best else ""
-        return f"embedding cosine to FP32: {base['metric']:.4f} as is{tail}"
+        text = f"embedding cosine to FP32: {base['metric']:.4f} as is"
+        if best:  # a cosine in points: 100 x its distance to FP32's
+            gap = 100 * (fp["metric"] - best["metric"])
+            verdict = "within" if gap <= 1.0 else "**not** within"
+            text += f", equalize auto {best['metric']:.4f} ({gap:.2f} points below FP32: "
+            text += f"{verdict} 1 point)"
+        return text
     loss = fp["metric"] - base["metric"]
     if loss <= 1.0:
         return f"per-tensor INT8 as is loses no accuracy ({-loss:+.1f} points vs FP32)"
@@ -916,6 +968,18 @@ def margin(mine: float, other: float | None) -> str:
     return f"{verdict} ({mine - other:+.2f})"
 
 
+def rivals(rows: dict[str, dict[str, Any]], field: str = "sqnr_db") -> list[Any]:
+    """The rows Done-when 2 compares ``auto`` with, among *rows* (by variant; None where
+    absent): as is, per-channel, and the peer with the largest *field* among those that
+    ran and kept the FP32 function."""
+    peers = [
+        r for k, r in rows.items()
+        if k in PEERS and (r["fp32_rel_err"] or 0) <= FP32_RTOL and r.get(field) is not None
+    ]  # fmt: skip
+    peer = max(peers, key=lambda r: r[field]) if peers else None
+    return [rows.get("int8"), rows.get("int8_pc"), peer]
+
+
 def done_when_table(models: dict[str, Any]) -> str:
     """Done-when 2 per model: the ``auto`` row's SQNR (and, with hindsight, the best
     graphteleport row's) against as is, per-channel and the best peer that ran and kept
@@ -928,10 +992,8 @@ def done_when_table(models: dict[str, Any]) -> str:
     lines = [head]
     for name, m in models.items():
         rows = ok_rows(m)
-        peers = [r for k, r in rows.items() if k in PEERS and (r["fp32_rel_err"] or 0) <= FP32_RTOL]
-        peer = max(peers, key=lambda r: r["sqnr_db"]) if peers else None
-        rivals = [rows.get("int8"), rows.get("int8_pc"), peer]
-        values = [r["sqnr_db"] if r else None for r in rivals]
+        *_, peer = others = rivals(rows)
+        values = [r["sqnr_db"] if r else None for r in others]
         gt = [r for k, r in rows.items() if k.startswith("gt_")]
         auto = rows.get(DONE_WHEN_ROW)
         best = max(gt, key=lambda r: r["sqnr_db"]) if gt else None
@@ -946,6 +1008,31 @@ def done_when_table(models: dict[str, Any]) -> str:
             cells += ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def every_element_sentences(models: dict[str, Any]) -> list[str]:
+    """For each model whose SQNR counts attended positions only: the ``auto`` row's margins
+    as :func:`done_when_table` takes them, over every element instead (nothing hidden)."""
+    out = []
+    for name, m in models.items():
+        rows = {k: r for k, r in ok_rows(m).items() if r.get("sqnr_all_db") is not None}
+        auto = rows.get(DONE_WHEN_ROW)
+        if not attended_only(m) or auto is None:
+            continue
+        mine = auto["sqnr_all_db"]
+        named = zip(("as is", "per-channel", "every peer"), rivals(rows, "sqnr_all_db"))
+        margins = "; ".join(
+            f"≥ {what}: {margin(mine, r['sqnr_all_db'])}"
+            + (f" ({r['label']}, {r['sqnr_all_db']:.2f})" if what == "every peer" else "")
+            for what, r in named
+            if r is not None
+        )
+        out.append(
+            f"- **{name}**: the SQNR above counts attended positions only; over every "
+            f"element (the padded positions' outputs included) `equalize auto` scores "
+            f"{mine:.2f} dB: {margins}."
+        )
+    return out
 
 
 def row_dates(models: dict[str, Any]) -> str:
@@ -1043,6 +1130,7 @@ def render_doc(results: dict[str, Any]) -> str:
     meta = results["meta"]
     models = results["models"]
     bullets = "\n".join(findings(models))
+    every_element = "\n".join(every_element_sentences(models))
     return f"""# INT8 quantization after equalization
 
 {INTRO}
@@ -1072,7 +1160,13 @@ to {row_seconds(models):.0f} s: what measuring every row from scratch costs); on
 ## Results
 
 Columns: **SQNR** of the INT8 model's outputs against the prepared FP32 model's, in dB, over
-all held-back inputs; **metric**, the task metric on the same inputs; **moved**, the share of
+all held-back inputs — over every output element, but for a model whose feeds carry a
+padding mask (MiniLM, marked "SQNR at attended positions") over the attended positions
+only: `graphteleport.activations.attended`, the elements whose token position has
+`attention_mask` 1, what a consumer reads (the task metric pools those positions);
+**SQNR, every element**, for such a model the same SQNR over every element, the padded
+positions' outputs included (empty for the others, whose SQNR is that already);
+**metric**, the task metric on the same inputs; **moved**, the share of
 Conv/Gemm/MatMul weight elements the tool changed; **FP32 preserved**, whether the tool's FP32
 output (before quantization) matches the prepared model (max relative error ≤ {FP32_RTOL:g}).
 
@@ -1080,10 +1174,13 @@ output (before quantization) matches the prepared model (max relative error ≤ 
 
 ## Done-when 2 (generated from the numbers above)
 
-SQNR in dB; "yes (+x)" where the row is at least the other by x dB.  Peers count where they
-ran and kept the FP32 function.
+SQNR in dB, as in the table (MiniLM's at attended positions; the same comparison over
+every element follows the table); "yes (+x)" where the row is at least the other by x dB.
+Peers count where they ran and kept the FP32 function.
 
 {done_when_table(models)}
+
+{every_element}
 
 {bullets}
 
@@ -1151,6 +1248,14 @@ offline.  Protocol (details in `experiments/quantization.py`):
   direction classifier and the CNNs.  (The classifier had 128 until 2026-12-03: there one
   line near the decision boundary made 95 % of the as-is INT8 noise, and the rows' order
   changed with a few lines; on 1000 every SQNR of it is lower and the spread smaller.)
+- **SQNR**: of the INT8 model's outputs against the prepared FP32 model's, over every
+  output element — for MiniLM over its attended positions only (since 2026-12-05): its
+  output is the last hidden state `[batch, 32 tokens, 384]`, and 62 % of the held-back
+  lines' token positions are padding, whose outputs no consumer reads (the metric pools
+  the attended positions; `auto` scores its candidates there too).  The elements are
+  `graphteleport.activations.attended`'s: where the feeds carry `attention_mask`
+  `[batch, tokens]` and the output's first two axes are those positions, the positions
+  with mask 1.  MiniLM's every-element SQNR is measured too and shown beside it.
 - **graphteleport rows**: `equalize --method cle` (p = 3), `--exact`, `--mode insert`,
   `--method smooth` (alpha 0.5), `--method noise --mode insert --p 4` (the predicted INT8
   noise of every site, from insert cle p = 4's `Mul`s: its own section below; since
@@ -1306,7 +1411,8 @@ corruption.  The split graph's unrounded model passes the plain rule as well (5.
 other four models `auto` keeps its earlier choices (the table's auto rows).
 
 The same row on the other models is no general improvement: the classifier 34.26 dB
-(auto 37.21), MiniLM 6.85 dB (auto 7.62) but embedding cosine 0.9944 (auto 0.9645),
+(auto 37.21), MiniLM 6.85 dB (auto 7.62) over every element but embedding cosine 0.9944
+(auto 0.9645; at attended positions 18.49 dB: the padding paragraph above),
 the MobileNetV2-style CNN 28.41 dB (auto 29.70), the ResNet-style CNN 24.43 dB, below
 the model as is (28.05).  The objective's model of a site's noise (independent,
 uniform rounding; every site's relative noise weighted alike) fits the recogniser,
@@ -1446,19 +1552,29 @@ elsewhere (the classifier: 30.79 → 30.56 dB with the new default; per-channel 
 32.15)."""
 
 
-PADDING = """**MiniLM's SQNR counts its padding.**  The SQNR column compares every element of
-the model's output, the last hidden state `[batch, 32 tokens, 384]`; 62 % of the
-held-back lines' token positions are padding, whose outputs no consumer reads (the metric
-pools the attended positions only).  Measured on the cached INT8 models of this table
-(2026-12-04, 128 held-back lines): per-tensor as is 4.97 dB over every element, 7.00 dB
-at attended positions; per-channel weights 6.65 / 8.31 dB; `cle --mode insert` 7.62 /
-10.47 dB (cosine 0.9645); `noise --mode insert --p 4` 6.85 / **18.49 dB** (cosine
-0.9944).  Over every element the score ranks these backwards.  `auto` now scores an
-encoder's candidates at attended positions only (`graphteleport.activations.attended`),
-and on MiniLM picks the noise candidate (the `auto` rows above; its all-element SQNR can
-then be below per-channel's while it is far above it where the outputs are read).  The
-table's SQNR is still over every element, as it was measured for every row; measuring
-MiniLM at attended positions needs every MiniLM row measured again."""
+PADDING = """**MiniLM's SQNR counts its attended positions.**  MiniLM's output is the last
+hidden state `[batch, 32 tokens, 384]`; 62 % of the held-back lines' token positions are
+padding (49 % of the output's energy), whose outputs no consumer reads: the metric pools
+the attended positions only, and so does `auto`'s score (`graphteleport.activations.
+attended`).  Until 2026-12-04 the table's SQNR counted every element and ranked the rows
+backwards; since 2026-12-05 MiniLM's counts the same elements as `auto`'s score, with the
+every-element SQNR in the column beside it and the sentence under the Done-when table.
+Every MiniLM row was measured again for it (2026-12-04 23:50 – 2026-12-05 00:24 UTC,
+branch `minilmatt`; 2052 s at nice 15, load average 2.5–4, nearly all of it the three
+`auto`/`noise` transforms running again on a changed `graphteleport/`; every row's
+every-element SQNR and cosine repeat the earlier table's to the digits shown, so the
+graphs are the same).  Attended / every element, dB: as is 7.00 / 4.97, per-channel
+weights 8.31 / 6.65, `cle` 7.00 / 4.80, `cle --exact` 7.03 / 5.02, `cle --mode insert`
+10.47 / 7.62 (cosine 0.9645), `smooth` 6.98 / 4.86, **`auto` 18.27 / 5.38 (cosine
+0.9941)**, `auto --exact` 16.78 / 4.38 (0.9917), `noise --mode insert --p 4` 18.49 / 6.85
+(0.9944), the four peer rows (no weight moved) 7.00 / 4.97.  At attended positions
+`auto` is +9.97 dB over per-channel weights (90 % paired bootstrap interval over the 128
+lines [+9.87, +10.06], `python -m experiments.quant_interval minilm`) and +11.27 dB over
+every peer [+11.17, +11.36]; its embedding cosine is 0.59 points below FP32's, within 1
+point.  Over every element it is 1.27 dB below per-channel: 97 % of `auto`'s
+every-element noise lies at the padded positions (as is 68 %, per-channel 65 %, `cle
+--mode insert` 74 %) — noise no consumer reads, which its score, chosen where the outputs
+are read, does not count."""
 
 DIAGNOSIS = """How: `python -m experiments.quant_diagnose ocr_rec minilm` quantizes the prepared
 model with the harness's own `quantize_static` settings, reads every *site* the quantizer

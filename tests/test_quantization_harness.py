@@ -1,5 +1,6 @@
 """The quantization benchmark's measuring functions (experiments/quantization.py) on toy
-arrays and a tiny graph: SQNR, FP32 error, the share of weights moved, Constant weights
+arrays and a tiny graph: SQNR (over every element, or at attended positions where the
+feeds carry a padding mask), FP32 error, the share of weights moved, Constant weights
 presented to the quantizer as initializers, and the CTC decoding of the OCR metric."""
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ import pytest
 from conftest import run_ort
 from onnx import TensorProto, helper, numpy_helper
 
+from experiments.quant_interval import sample_noise
 from experiments.quant_models import ctc_decode, mean_cosine
 from experiments.quantization import (
     constants_to_initializers,
+    every_element_sentences,
     invocation,
+    masked,
     max_rel_err,
     merge_files,
     moved_fraction,
     quantize,
     sqnr_db,
+    table,
     weight_tensors,
 )
 
@@ -33,6 +38,73 @@ def test_sqnr_is_signal_over_noise_in_db_over_all_outputs() -> None:
     assert sqnr_db(ref, got) == pytest.approx(10 * math.log10(5.0))
     assert sqnr_db(ref, ref) == math.inf
     assert sqnr_db([np.ones(4)], [np.full(4, 1.1)]) == pytest.approx(20.0)
+
+
+def _padded() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Feeds of 2 lines x 3 tokens, the last token of the first line and the last two of
+    the second padding, and a hidden state ``[2, 3, 2]`` of ones."""
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    return {"input_ids": np.zeros((2, 3), np.int64), "attention_mask": mask}, np.ones((2, 3, 2))
+
+
+def test_sqnr_with_a_padding_mask_counts_attended_positions_only() -> None:
+    feeds, ref = _padded()
+    got = ref.copy()
+    got[0, 2] += 5.0  # padding only: every element differs in no attended position
+    got[1, 1:] -= 3.0
+    assert masked(feeds, [ref])
+    assert sqnr_db([ref], [got], feeds) == math.inf
+    assert sqnr_db([ref], [got]) == pytest.approx(10 * math.log10(12 / (2 * 25 + 4 * 9)))
+    got[0, 0, 1] = 1.5  # one attended element off by 0.5: signal 3 positions x 2 = 6
+    assert sqnr_db([ref], [got], feeds) == pytest.approx(10 * math.log10(6 / 0.25))
+
+
+def test_sqnr_counts_every_element_of_an_output_the_mask_does_not_index() -> None:
+    """A pooled output ``[batch, 2]`` (its second axis is no token axis), or feeds without
+    an ``attention_mask``: every element counts, as without feeds."""
+    feeds, _ = _padded()
+    ref, got = np.ones((2, 2)), np.array([[1.0, 1.0], [1.0, 2.0]])
+    assert not masked(feeds, [ref])
+    assert sqnr_db([ref], [got], feeds) == pytest.approx(10 * math.log10(4.0))
+    hidden = np.ones((2, 3, 2))
+    plain = {"input_ids": feeds["input_ids"]}
+    assert not masked(plain, [hidden])
+    assert sqnr_db([hidden], [hidden * 1.1], plain) == pytest.approx(20.0)
+
+
+def test_interval_sample_noise_leaves_padding_out() -> None:
+    feeds, ref = _padded()
+    got = ref.copy()
+    got[0, 2] += 5.0  # padding
+    got[1, 0, 0] += 0.5  # attended
+    assert sample_noise([ref], [got], feeds) == pytest.approx([0.0, 0.25])
+    assert sample_noise([ref], [got]) == pytest.approx([50.0, 0.25])
+
+
+def _masked_entry() -> dict:
+    """A model entry as the harness writes it for a model with a padding mask: auto ahead
+    of per-channel at attended positions, behind it over every element."""
+
+    def row(variant: str, label: str, attended: float, every: float) -> dict:
+        r = {"variant": variant, "label": label, "status": "ok", "sqnr_db": attended}
+        return r | {"sqnr_all_db": every, "metric": 0.9, "moved": 0.0, "fp32_rel_err": 0.0}
+
+    rows = [row("int8", "as is", 7.0, 5.0), row("int8_pc", "per-channel", 8.3, 6.65)]
+    rows.append(row("gt_auto", "auto", 18.5, 5.38))
+    rows.append(row("aimet", "a peer", 7.0, 4.97))
+    rows.append(row("quark_relu", "a peer changing FP32", 7.0, 9.0) | {"fp32_rel_err": 0.1})
+    return {"metric_name": "embedding cosine", "sqnr_counts": "attended positions", "rows": rows}
+
+
+def test_the_document_shows_the_every_element_sqnr_beside_the_attended_one() -> None:
+    text = table({"minilm": _masked_entry()})
+    assert "minilm (embedding cosine; SQNR at attended positions) | auto | 18.50 | 5.38 |" in text
+    (line,) = every_element_sentences({"minilm": _masked_entry()})
+    assert "scores 5.38 dB: ≥ as is: yes (+0.38); ≥ per-channel: **no** (-1.27)" in line
+    assert "≥ every peer: yes (+0.41) (a peer, 4.97)" in line  # not the one changing FP32
+    plain = _masked_entry() | {"sqnr_counts": "every element", "metric_name": "accuracy"}
+    assert "| auto | 18.50 |  | 0.9 |" in table({"cnn": plain})
+    assert every_element_sentences({"cnn": plain}) == []
 
 
 def test_max_rel_err_is_per_output_and_takes_the_worst() -> None:
