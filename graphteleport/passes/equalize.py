@@ -604,7 +604,8 @@ def _add_slab(
     ``max|W|`` (``peak``), ``Σ W²`` (``sq``; None: one element each) and non-zero counts,
     their ``|S|`` as the rewrite multiplies W (``rounded``: an element moved where
     non-zero and that is not 1) and in the figures' precision (``s``); ``sl`` the slab's
-    rows (None: the whole use).  Returns the elements it moved.  (No peaks here for a use without factors.)"""
+    rows (None: the whole use).  Returns the elements it moved.  (No peaks here for a use
+    without factors.)"""
     changed = rounded != 1
     if isinstance(nonzero, int):
         moved = nonzero * int(np.count_nonzero(changed))
@@ -652,9 +653,15 @@ class FiguresWatch:
         self.overwrote = self.overwrote or overwrite
 
     def see(
-        self, part: int, start: int, w: np.ndarray, grid: np.ndarray, zero: bool | None = None
+        self,
+        part: int,
+        start: int,
+        w: np.ndarray,
+        grid: np.ndarray,
+        zero: bool | None = None,
+        mags: np.ndarray | None = None,
     ) -> int:
-        peak, sq, nonzero = compact_stats(self.use, w, zero)
+        peak, sq, nonzero = compact_stats(self.use, w, zero, mags)
         s = grid.reshape(peak.shape)
         if s.size and s.min() < 0:  # (a negative cofactor: the figures take |S|)
             s = np.abs(s)
@@ -754,7 +761,7 @@ def _rounded_scale(parts: list[FloatArray], shape: tuple[int, ...], dtype: np.dt
 
 
 def compact_stats(
-    use: Absorb, w: np.ndarray, zero: bool | None = None
+    use: Absorb, w: np.ndarray, zero: bool | None = None, mags: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | int]:
     """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`;
     ``w`` may be a slab of the use's values along the first axis, giving that slab's):
@@ -766,12 +773,14 @@ def compact_stats(
     that element's ``S``.  A contiguous ``w`` summed over trailing axes (a conv's kernel
     window) is read as rows: the maxima by columns, the sums by a matrix-vector
     product, the zeros counted only if there are any (``zero``: whether ``w`` holds a
-    ``±0``, where known; else looked for)."""
+    ``±0``, where known; else looked for; ``mags``: ``|w|`` where known, a float32 or
+    float64 ``w``'s shape)."""
     cshape = compact_shape(use)
     if cshape and cshape[0] != 1:
         cshape = (w.shape[0], *cshape[1:])  # a slab's
     axes = tuple(i for i, (c, n) in enumerate(zip(cshape, w.shape)) if c == 1 and n != 1)
-    a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
+    wide = w if w.dtype.itemsize >= 4 else w.astype(np.float32)
+    a = mags if mags is not None else np.abs(wide)  # (mags: the scan's |w|, the same bits)
     rows = int(np.prod(cshape))
     if not a.size:
         empty = np.zeros(cshape, a.dtype)
