@@ -104,9 +104,9 @@ class BlockWatch(Protocol):
         """Rows ``start:start + len(w)`` of W (``w``, W's trailing shape) and their ``S``
         on the grid as multiplied (``grid``: one value per cell, W's dtype), in row range
         ``part`` (``zero``: whether they hold a ``±0``, and ``mags``: their ``|w|``, where
-        the rewrite's scan knows);
-        returns the non-zero elements whose ``S`` is not 1 (the rewrite's count of the
-        elements it changed, :func:`_grid_changed`)."""
+        the rewrite's scan knows: its buffer, valid during the call only); returns the
+        non-zero elements whose ``S`` is not 1 (the rewrite's count of the elements it
+        changed, :func:`_grid_changed`)."""
         ...
 
 
@@ -402,7 +402,9 @@ def _grid_rows_into(
     ``s ≠ 1`` may leave ``w`` as it was).  ``scan_rows`` False (W's magnitudes known, W
     finite): the rows are not scanned (the scan returned saw nothing) and the
     conversions skip their NaN check.  ``watch`` (native W only) is shown each block and
-    its grid, and counts the elements changed (:class:`BlockWatch`)."""
+    its grid, and counts the elements changed (:class:`BlockWatch`); where the rows are
+    scanned, the scan keeps the block's masked bits whole (``|W|``, bit for bit) and the
+    watch is shown them too, so it does not form ``|W|`` again."""
     scan = MagnitudeScan(w.dtype)
     block = _BLOCK if casts is None else _HALF_BLOCK
     inner, row, rows, cells = _blocks(w.shape, split, block if watch is None else WATCHED_BLOCK)

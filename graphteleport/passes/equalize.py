@@ -768,11 +768,10 @@ def compact_stats(
     ``max|W|`` (exact), ``Σ W²`` (in float32 for a weight of at most 32 bits: the report's
     figure, to about 1e-7; None where each compact element is one element of a contiguous
     ``w``: ``peak²``, summed by :func:`_square_sums`) and the number of non-zero elements
-    (one ``int`` when every
-    element is non-zero), over the elements of ``w`` (as the use reads it) that share
-    that element's ``S``.  A contiguous ``w`` summed over trailing axes (a conv's kernel
-    window) is read as rows: the maxima by columns, the sums by a matrix-vector
-    product, the zeros counted only if there are any (``zero``: whether ``w`` holds a
+    (one ``int`` when every element is non-zero), over the elements of ``w`` (as the use
+    reads it) that share that element's ``S``.  A contiguous ``w`` summed over trailing
+    axes (a conv's kernel window) is read as rows: the maxima by columns, the sums by a
+    matrix-vector product, the zeros counted only if there are any (``zero``: whether ``w`` holds a
     ``±0``, where known; else looked for; ``mags``: ``|w|`` where known, a float32 or
     float64 ``w``'s shape)."""
     cshape = compact_shape(use)
