@@ -118,10 +118,18 @@ class MagnitudeScan:
         self.lo = self.lo_normal = (1 << (8 * self.dtype.itemsize)) - 1
         self.buf = np.empty(_CHUNK, dtype=self.lim.uint)
 
-    def add(self, piece: np.ndarray) -> bool:
+    def add(self, piece: np.ndarray, keep: np.ndarray | None = None) -> bool:
         """Take a C-contiguous piece of the weight into account; returns whether it holds
-        a zero (``±0``)."""
-        hi, lo, lo_normal, zero = _scan(piece.reshape(-1).view(self.lim.uint), self.lim, self.buf)
+        a zero (``±0``).  ``keep`` (W's unsigned integer dtype, at least the piece's
+        size): the piece's ``b = bits & mask`` are written there whole (``|w|``'s bits,
+        for a caller that wants ``|w|`` too) and scanned there instead of by chunks."""
+        bits = piece.reshape(-1).view(self.lim.uint)
+        if keep is not None:
+            kept = keep[: bits.size]
+            np.bitwise_and(bits, bits.dtype.type(self.lim.mask), out=kept)
+            hi, lo, lo_normal, zero = _scan(kept, self.lim, self.buf, masked=True)
+        else:
+            hi, lo, lo_normal, zero = _scan(bits, self.lim, self.buf)
         self.hi, self.lo = max(self.hi, hi), min(self.lo, lo)
         self.lo_normal = min(self.lo_normal, lo_normal)
         return zero
@@ -149,31 +157,37 @@ class MagnitudeScan:
         return Magnitudes(hi, normal, lim.value(nonzero, dtype), dtype)
 
 
-def _scan(bits: np.ndarray, lim: Limits, buf: np.ndarray) -> tuple[int, int, int, bool]:
+def _scan(
+    bits: np.ndarray, lim: Limits, buf: np.ndarray, masked: bool = False
+) -> tuple[int, int, int, bool]:
     """``max b``, ``min (b − 1) mod 2^k`` and ``min (b − tiny) mod 2^k`` over
-    ``b = bits & mask``, a chunk at a time in ``buf`` (:class:`MagnitudeScan`), and
-    whether some ``b`` is 0.  A chunk without zeros (``min b > 0``, the usual case) has
-    ``min (b − 1) = min b − 1``: no subtraction pass."""
+    ``b = bits & mask`` (``masked``: ``bits`` are ``b`` already, left as they are), a
+    chunk at a time in ``buf`` (:class:`MagnitudeScan`), and whether some ``b`` is 0.  A
+    chunk without zeros (``min b > 0``, the usual case) has ``min (b − 1) = min b − 1``:
+    no subtraction pass."""
     n = bits.size
     kind = bits.dtype.type
     top = (1 << (8 * bits.dtype.itemsize)) - 1
     hi, lo, lo_normal, zero = 0, top, top, False
     for start in range(0, n, buf.size):
         b = buf[: min(buf.size, n - start)]
-        np.bitwise_and(bits[start : start + buf.size], kind(lim.mask), out=b)
-        hi = max(hi, int(b.max()))
-        smallest = int(b.min())
+        src = bits[start : start + buf.size]
+        if not masked:
+            np.bitwise_and(src, kind(lim.mask), out=b)
+            src = b
+        hi = max(hi, int(src.max()))
+        smallest = int(src.min())
         if smallest > 0:
             least, shift = smallest - 1, 0  # (b as it is)
         else:
             zero = True
-            np.subtract(b, kind(1), out=b)
-            least, shift = int(b.min()), 1  # (b − 1)
+            np.subtract(src, kind(1), out=b)
+            src, least, shift = b, int(b.min()), 1  # (b − 1)
         lo = min(lo, least)
         if least + 1 >= lim.tiny_bits:  # no subnormal: the smallest normal is the least
             lo_normal = min(lo_normal, least + 1 - lim.tiny_bits if least < top else top)
         else:
-            np.subtract(b, kind(lim.tiny_bits - shift), out=b)  # (b − tiny)
+            np.subtract(src, kind(lim.tiny_bits - shift), out=b)  # (b − tiny)
             lo_normal = min(lo_normal, int(b.min()))
     return hi, lo, lo_normal, zero
 

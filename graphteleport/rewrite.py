@@ -93,13 +93,20 @@ class BlockWatch(Protocol):
         ...
 
     def see(
-        self, part: int, start: int, w: np.ndarray, grid: np.ndarray, zero: bool | None = None
+        self,
+        part: int,
+        start: int,
+        w: np.ndarray,
+        grid: np.ndarray,
+        zero: bool | None = None,
+        mags: np.ndarray | None = None,
     ) -> int:
         """Rows ``start:start + len(w)`` of W (``w``, W's trailing shape) and their ``S``
         on the grid as multiplied (``grid``: one value per cell, W's dtype), in row range
-        ``part`` (``zero``: whether they hold a ``±0``, where the rewrite's scan knows);
-        returns the non-zero elements whose ``S`` is not 1 (the rewrite's count of the
-        elements it changed, :func:`_grid_changed`)."""
+        ``part`` (``zero``: whether they hold a ``±0``, and ``mags``: their ``|w|``, where
+        the rewrite's scan knows: its buffer, valid during the call only); returns the
+        non-zero elements whose ``S`` is not 1 (the rewrite's count of the elements it
+        changed, :func:`_grid_changed`)."""
         ...
 
 
@@ -395,13 +402,17 @@ def _grid_rows_into(
     ``s ≠ 1`` may leave ``w`` as it was).  ``scan_rows`` False (W's magnitudes known, W
     finite): the rows are not scanned (the scan returned saw nothing) and the
     conversions skip their NaN check.  ``watch`` (native W only) is shown each block and
-    its grid, and counts the elements changed (:class:`BlockWatch`)."""
+    its grid, and counts the elements changed (:class:`BlockWatch`); where the rows are
+    scanned, the scan keeps the block's masked bits whole (``|W|``, bit for bit) and the
+    watch is shown them too, so it does not form ``|W|`` again."""
     scan = MagnitudeScan(w.dtype)
     block = _BLOCK if casts is None else _HALF_BLOCK
     inner, row, rows, cells = _blocks(w.shape, split, block if watch is None else WATCHED_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
     w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
     differ = np.empty(w32.size, dtype=bool)
+    kept = min(rows, stop - start) * row if watch is not None and scan_rows else 0
+    keep = np.empty(kept, dtype=scan.lim.uint)  # (the watched blocks' |W|: see the scan)
     changed = 0
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         for i in range(start, stop, rows):
@@ -410,11 +421,14 @@ def _grid_rows_into(
             g = grid[: n * cells]
             fill(i, i + n, g.reshape((n, *w.shape[1:split])))  # (float32: S rounded once)
             if casts is None:  # (W read before the product: ``out`` may be W itself)
-                zero = scan.add(wc) if scan_rows else None
                 if watch is None:
+                    zero = scan.add(wc) if scan_rows else None
                     changed += _grid_changed(wc, g, zero)
-                else:
-                    changed += watch.see(part, i, w[i : i + n], g, zero)
+                else:  # (|W| from the scan's masked bits where it scans)
+                    zero = scan.add(wc, keep) if scan_rows else None
+                    wb = w[i : i + n]
+                    mags = keep[: wb.size].view(w.dtype).reshape(wb.shape) if scan_rows else None
+                    changed += watch.see(part, i, wb, g, zero, mags)
                 np.multiply(wc, g[:, None], out=oc)
             else:
                 b = w32[: n * row].reshape(-1, inner)

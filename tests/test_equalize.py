@@ -646,3 +646,27 @@ def test_a_consumed_array_is_read_as_w_once_written_over() -> None:
     for p in (a, b):
         assert isinstance(p.new, np.ndarray) and p.changed == expected.changed
         assert np.array_equal(p.new, expected.new)
+
+
+@pytest.mark.parametrize(
+    ("cells", "window"), [((6, 5, 1, 1), 1), ((6, 5, 1, 1), 9), ((7,), 1), ((1, 4), 3)]
+)
+def test_square_sums_are_the_definitions_over_the_elements(
+    cells: tuple[int, ...], window: int
+) -> None:
+    """``_square_sums`` from per-cell statistics (``Σ W²`` per cell, or none for a
+    one-element cell) equals ``Σ W²`` and ``Σ (W·s)²`` summed element by element in
+    float64, to float32's rounding of the products and the row sums."""
+    from graphteleport.passes.equalize import _square_sums
+
+    rng = np.random.default_rng(len(cells) * 10 + window)
+    w = rng.standard_normal((*cells, window)).astype(np.float32)
+    w.flat[::4] = 0.0
+    s = (rng.random(cells) * 3 + 0.25).astype(np.float32)
+    a = np.abs(w)
+    peak = a.max(axis=-1)
+    sq = None if window == 1 else (np.square(a) @ np.ones(window, np.float32))
+    before, after = _square_sums(peak, sq, peak * s, s)
+    w64, s64 = w.astype(np.float64), s.astype(np.float64)[..., None]
+    assert before == pytest.approx(float(np.sum(w64**2)), rel=1e-6)
+    assert after == pytest.approx(float(np.sum((w64 * s64) ** 2)), rel=1e-6)

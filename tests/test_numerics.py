@@ -303,6 +303,29 @@ def test_magnitude_scan_finds_the_smallest_normal_in_any_chunk(dtype: Any) -> No
         assert scan.result(w).lo_normal == a[a >= lim.tiny].min()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_magnitude_scan_that_keeps_the_masked_bits_finds_the_same(dtype: Any) -> None:
+    """``add`` with ``keep`` (the rewrite's watched blocks) scans the masked bits it
+    leaves there — ``|w|``'s bits, not overwritten by the chunks' subtractions — and finds
+    what the scan by chunks finds: pieces with zeros, subnormals and signs."""
+    from graphteleport.numerics import _CHUNK, MagnitudeScan
+
+    lim = limits(np.dtype(dtype))
+    rng = np.random.default_rng(7)
+    n = 2 * _CHUNK + 13
+    w = (rng.uniform(2 * lim.tiny, 1.0, n) * rng.choice([-1.0, 1.0], n)).astype(dtype)
+    w[5 :: _CHUNK + 3] = 0.0
+    w[-1] = -0.0
+    w[_CHUNK + 7] = np.asarray(lim.tiny * 0.5).astype(dtype)  # (a subnormal)
+    plain, kept = MagnitudeScan(w.dtype), MagnitudeScan(w.dtype)
+    keep = np.empty(n + 5, dtype=kept.lim.uint)
+    for piece in (w[:9], w[9 : _CHUNK + 100], w[_CHUNK + 100 :]):
+        assert plain.add(piece) == kept.add(piece, keep) == bool(np.any(piece == 0))
+        got = keep[: piece.size].view(w.dtype)
+        assert np.array_equal(got.view(kept.lim.uint), np.abs(piece).view(kept.lim.uint))
+    assert kept.result(w) == plain.result(w) == magnitudes(w)
+
+
 # -- the property ----------------------------------------------------------------------------
 cases = st.fixed_dictionaries(
     {

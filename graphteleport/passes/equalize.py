@@ -547,6 +547,38 @@ def use_figures(use: Absorb, w: np.ndarray, tau: FloatArray) -> UseFigures:
     return out
 
 
+def _square_sums(
+    peak: np.ndarray, sq: np.ndarray | None, after: np.ndarray, s: np.ndarray
+) -> tuple[float, float]:
+    """``(Σ W², Σ W'²)`` over a slab's compact elements from their statistics
+    (:func:`_add_slab`).  Each compact element (cell) shares one ``s``, so
+    ``Σ_cell (W·s)² = s² · Σ_cell W²`` and the slab's ``Σ W'² = Σ_cells sq · s²``; a cell
+    of one element (``sq`` None) has ``sq = peak²`` and ``W' = ±after``, so its sums are
+    ``Σ peak²`` and ``Σ after²``.  Each row of cells (first axis) is summed by one dot
+    product in the figures' precision (``np.vecdot``, a matrix-vector product for the
+    plain sum), the rows' sums added in float64: to ~1e-7 relative, like the pairwise
+    ``sum`` it replaces; ``s`` is the one multiplied, so the terms carry only the
+    products' rounding (≤ 1–2 ulp relative each)."""
+    if sq is None:
+        p, a = _cell_rows(peak), _cell_rows(after)
+        return _row_total(np.vecdot(p, p)), _row_total(np.vecdot(a, a))
+    q, t = _cell_rows(sq), _cell_rows(s)
+    plain = q @ np.ones(q.shape[1], q.dtype)
+    return _row_total(plain), _row_total(np.vecdot(q * t, t))
+
+
+def _cell_rows(x: np.ndarray) -> np.ndarray:
+    """A slab's cells as a matrix: one row per index of the first axis (a vector, or one
+    index only: one row)."""
+    if x.ndim > 1 and x.shape[0] != x.size:
+        return x.reshape(x.shape[0], -1)
+    return x.reshape(1, -1)
+
+
+def _row_total(rows: np.ndarray) -> float:
+    return float(rows.sum(dtype=np.float64))
+
+
 def _empty_figures(use: Absorb) -> UseFigures:
     """The :class:`UseFigures` of no element of ``use`` yet."""
     rank = len(compact_shape(use))
@@ -563,16 +595,17 @@ def _add_slab(
     cshape: tuple[int, ...],
     sl: slice | None,
     peak: np.ndarray,
-    sq: np.ndarray,
+    sq: np.ndarray | None,
     nonzero: np.ndarray | int,
     rounded: np.ndarray,
     s: np.ndarray,
 ) -> int:
     """Take one slab of a use into ``out`` (:func:`use_figures`): its compact elements'
-    ``max|W|`` (``peak``), ``Σ W²`` (``sq``, overwritten) and non-zero counts, their ``|S|``
-    as the rewrite multiplies W (``rounded``: an element moved where non-zero and that is
-    not 1) and in the figures' precision (``s``); ``sl`` the slab's rows (None: the whole
-    use).  Returns the elements it moved.  (No peaks here for a use without factors.)"""
+    ``max|W|`` (``peak``), ``Σ W²`` (``sq``; None: one element each) and non-zero counts,
+    their ``|S|`` as the rewrite multiplies W (``rounded``: an element moved where
+    non-zero and that is not 1) and in the figures' precision (``s``); ``sl`` the slab's
+    rows (None: the whole use).  Returns the elements it moved.  (No peaks here for a use
+    without factors.)"""
     changed = rounded != 1
     if isinstance(nonzero, int):
         moved = nonzero * int(np.count_nonzero(changed))
@@ -582,10 +615,9 @@ def _add_slab(
     after = peak * s
     if not out.before:  # else from the factors' maxima, after the slabs
         out.peaks = [max(out.peaks[0], float(peak.max())), max(out.peaks[1], float(after.max()))]
-    out.squares[0] += float(sq.sum())  # (numpy's pairwise sum: to ~1e-7)
-    sq *= s
-    sq *= s
-    out.squares[1] += float(sq.sum())
+    before_sq, after_sq = _square_sums(peak, sq, after, s)
+    out.squares[0] += before_sq
+    out.squares[1] += after_sq
     for fb, fa in zip(out.before, out.after):
         faxes = tuple(k for k, n in enumerate(fb.shape) if n == 1 and cshape[k] != 1)
         mb = peak.max(axis=faxes, keepdims=True) if faxes else peak
@@ -621,9 +653,15 @@ class FiguresWatch:
         self.overwrote = self.overwrote or overwrite
 
     def see(
-        self, part: int, start: int, w: np.ndarray, grid: np.ndarray, zero: bool | None = None
+        self,
+        part: int,
+        start: int,
+        w: np.ndarray,
+        grid: np.ndarray,
+        zero: bool | None = None,
+        mags: np.ndarray | None = None,
     ) -> int:
-        peak, sq, nonzero = compact_stats(self.use, w, zero)
+        peak, sq, nonzero = compact_stats(self.use, w, zero, mags)
         s = grid.reshape(peak.shape)
         if s.size and s.min() < 0:  # (a negative cofactor: the figures take |S|)
             s = np.abs(s)
@@ -723,22 +761,25 @@ def _rounded_scale(parts: list[FloatArray], shape: tuple[int, ...], dtype: np.dt
 
 
 def compact_stats(
-    use: Absorb, w: np.ndarray, zero: bool | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | int]:
+    use: Absorb, w: np.ndarray, zero: bool | None = None, mags: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | int]:
     """Per element of ``use``'s compact layout (:func:`graphteleport.orbit.compact_shape`;
     ``w`` may be a slab of the use's values along the first axis, giving that slab's):
     ``max|W|`` (exact), ``Σ W²`` (in float32 for a weight of at most 32 bits: the report's
-    figure, to about 1e-7) and the number of non-zero elements (one ``int`` when every
-    element is non-zero), over the elements of ``w`` (as the use reads it) that share
-    that element's ``S``.  A contiguous ``w`` summed over trailing axes (a conv's kernel
-    window) is read as rows: the maxima by columns, the sums by a matrix-vector
-    product, the zeros counted only if there are any (``zero``: whether ``w`` holds a
-    ``±0``, where known; else looked for)."""
+    figure, to about 1e-7; None where each compact element is one element of a contiguous
+    ``w``: ``peak²``, summed by :func:`_square_sums`) and the number of non-zero elements
+    (one ``int`` when every element is non-zero), over the elements of ``w`` (as the use
+    reads it) that share that element's ``S``.  A contiguous ``w`` summed over trailing
+    axes (a conv's kernel window) is read as rows: the maxima by columns, the sums by a
+    matrix-vector product, the zeros counted only if there are any (``zero``: whether ``w`` holds a
+    ``±0``, where known; else looked for; ``mags``: ``|w|`` where known, a float32 or
+    float64 ``w``'s shape)."""
     cshape = compact_shape(use)
     if cshape and cshape[0] != 1:
         cshape = (w.shape[0], *cshape[1:])  # a slab's
     axes = tuple(i for i, (c, n) in enumerate(zip(cshape, w.shape)) if c == 1 and n != 1)
-    a = np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
+    wide = w if w.dtype.itemsize >= 4 else w.astype(np.float32)
+    a = mags if mags is not None else np.abs(wide)  # (mags: the scan's |w|, the same bits)
     rows = int(np.prod(cshape))
     if not a.size:
         empty = np.zeros(cshape, a.dtype)
@@ -750,16 +791,15 @@ def compact_stats(
         return peak, sq, nonzero
     grid = a.reshape(rows, -1)
     width = grid.shape[1]
-    if width == 1:
-        peak = grid[:, 0]
-        sq = np.square(peak)
+    if width == 1:  # (Σ W² per cell: peak², left to the sums, :func:`_square_sums`)
+        peak, sq = grid[:, 0], None
     else:
         peak = grid.max(axis=1) if width > 16 else _column_max(grid)
-        sq = np.square(grid) @ np.ones(width, grid.dtype)
+        sq = (np.square(grid) @ np.ones(width, grid.dtype)).reshape(cshape)
     if zero is False or (zero is None and grid.min() > 0):  # no zero (NaN: counted)
-        return peak.reshape(cshape), sq.reshape(cshape), width
+        return peak.reshape(cshape), sq, width
     counts = width - np.count_nonzero(grid == 0, axis=1)
-    return peak.reshape(cshape), sq.reshape(cshape), counts.reshape(cshape)
+    return peak.reshape(cshape), sq, counts.reshape(cshape)
 
 
 def _column_max(grid: np.ndarray) -> np.ndarray:
