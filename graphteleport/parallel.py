@@ -13,6 +13,7 @@ spin for cores other processes hold).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,6 @@ MAX_WORKERS = 2
 #: Elements below which a weight is worked on as one range.
 PARALLEL_ELEMENTS = 1 << 20
 _POOL: list[ThreadPoolExecutor] = []
-_BLAS: list[Any] = []  # threadpoolctl's controller, made on first use (None: not there)
 
 
 def workers() -> int:
@@ -96,15 +96,19 @@ def one_blas_thread() -> Iterator[None]:
     run each: 1.409 s wall with OpenBLAS's default threads, 0.523 s with
     ``OPENBLAS_NUM_THREADS=1`` (the rank-one start 840 → 33 ms CPU, Newton 473 → 111).
     Without ``threadpoolctl`` the block runs as it is."""
-    if not _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # (a dependency; an environment without it runs unlimited)
-            _BLAS.append(None)
-        else:
-            _BLAS.append(ThreadpoolController())
-    if _BLAS[0] is None:
+    controller = _blas_controller()
+    if controller is None:
         yield
         return
-    with _BLAS[0].limit(limits=1, user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         yield
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's controller, made once (None: threadpoolctl is not there)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # (a dependency; an environment without it runs unlimited)
+        return None
+    return ThreadpoolController()

@@ -886,8 +886,6 @@ def _scaled(array: np.ndarray, factor: float) -> np.ndarray:
 #: How verification may run: both whole models, block by block, or chosen by memory.
 VERIFY_BY = ("auto", "whole", "pieces")
 _LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-#: Bytes one whole-model session holds per stored weight byte (:func:`session_bytes`).
-_SESSION_FACTOR = {"low": 5, "other": 2}
 #: Share of MemAvailable whole-model verification may plan to use.
 _MEMORY_SHARE = 0.8
 
@@ -1504,8 +1502,7 @@ def session_bytes(weights: Iterable[tuple[int, bool]]) -> int:
     (5.5× with the process itself), the draws beside the check (two sessions) 13.0 GB.
     The factor 4 used before made 15.0 GB of an 8-layer model (3.76 GB) "fit" in 80 %
     of 21 GB available, where one session needs about 19.6 GB."""
-    factor = _SESSION_FACTOR
-    return int(sum(n * factor["low" if low else "other"] for n, low in weights))
+    return int(sum(n * (5 if low else 2) for n, low in weights))
 
 
 def available_memory() -> int | None:

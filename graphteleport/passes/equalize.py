@@ -778,8 +778,8 @@ def compact_stats(
     if cshape and cshape[0] != 1:
         cshape = (w.shape[0], *cshape[1:])  # a slab's
     axes = tuple(i for i, (c, n) in enumerate(zip(cshape, w.shape)) if c == 1 and n != 1)
-    wide = w if w.dtype.itemsize >= 4 else w.astype(np.float32)
-    a = mags if mags is not None else np.abs(wide)  # (mags: the scan's |w|, the same bits)
+    # (mags: the scan's |w|, the same bits; else formed here, half precision widened)
+    a = mags if mags is not None else np.abs(w if w.dtype.itemsize >= 4 else w.astype(np.float32))
     rows = int(np.prod(cshape))
     if not a.size:
         empty = np.zeros(cshape, a.dtype)
@@ -850,6 +850,7 @@ def _classes(
     return ClassTable(kp[starts], values[kp[starts]], starts, kt, pb, pa)
 
 
+@dataclass(frozen=True, eq=False)
 class ClassTable:
     """The report's class entries as arrays (:func:`_classes`): per moved class its pair,
     cofactor and first entry; per entry (class by class, tensors ascending) the tensor's
@@ -858,17 +859,12 @@ class ClassTable:
     they are made when the report is read (:attr:`EqualizeFigures.classes`), not by the
     pass."""
 
-    def __init__(
-        self,
-        pairs: np.ndarray,
-        cofactors: FloatArray,
-        starts: np.ndarray,
-        tensors: np.ndarray,
-        before: FloatArray,
-        after: FloatArray,
-    ) -> None:
-        self.pairs, self.cofactors, self.starts = pairs, cofactors, starts
-        self.tensors, self.before, self.after = tensors, before, after
+    pairs: np.ndarray
+    cofactors: FloatArray
+    starts: np.ndarray
+    tensors: np.ndarray
+    before: FloatArray
+    after: FloatArray
 
     @staticmethod
     def empty() -> ClassTable:
