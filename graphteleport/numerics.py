@@ -134,6 +134,14 @@ class MagnitudeScan:
         self.lo_normal = min(self.lo_normal, lo_normal)
         return zero
 
+    def add_reduced(self, b: np.ndarray, top: int, least: int) -> None:
+        """Take a chunk into account from its masked bits − 1 (``b``, overwritten), their
+        largest ``top`` and ``least = min b``, for a caller that formed them already (the
+        range survey's risk filter, :mod:`graphteleport.ranges`): what :meth:`add` finds,
+        without its own passes."""
+        self.hi, self.lo = max(self.hi, top), min(self.lo, least)
+        self.lo_normal = min(self.lo_normal, _least_normal(b, least, 1, self.lim, b))
+
     def merge(self, other: MagnitudeScan) -> None:
         """Take the pieces ``other`` (of the same weight) saw into account."""
         self.hi, self.lo = max(self.hi, other.hi), min(self.lo, other.lo)
@@ -184,12 +192,20 @@ def _scan(
             np.subtract(src, kind(1), out=b)
             src, least, shift = b, int(b.min()), 1  # (b − 1)
         lo = min(lo, least)
-        if least + 1 >= lim.tiny_bits:  # no subnormal: the smallest normal is the least
-            lo_normal = min(lo_normal, least + 1 - lim.tiny_bits if least < top else top)
-        else:
-            np.subtract(src, kind(lim.tiny_bits - shift), out=b)  # (b − tiny)
-            lo_normal = min(lo_normal, int(b.min()))
+        lo_normal = min(lo_normal, _least_normal(src, least, shift, lim, b))
     return hi, lo, lo_normal, zero
+
+
+def _least_normal(src: np.ndarray, least: int, shift: int, lim: Limits, out: np.ndarray) -> int:
+    """``min (b − tiny) mod 2^k`` over a chunk whose masked bits ``b`` are given as ``src
+    = b − shift`` (``shift`` 0 or 1), with ``least = min (b − 1) mod 2^k``: where no
+    element is a zero or subnormal that is ``least + 1 − tiny`` (no pass), else one
+    subtraction into ``out`` (zeros and subnormals wrap to the top)."""
+    top = np.iinfo(src.dtype).max
+    if least + 1 >= lim.tiny_bits:  # no subnormal: the smallest normal is the least
+        return least + 1 - lim.tiny_bits if least < top else top
+    np.subtract(src, src.dtype.type(lim.tiny_bits - shift), out=out)  # (b − tiny)
+    return int(out.min())
 
 
 def _float_magnitudes(w: np.ndarray, lim: Limits) -> Magnitudes:

@@ -331,7 +331,7 @@ def _risk_range(
     """The elements at risk among ``flat_w[start:stop]`` (flat positions, ``|w|`` as
     float64), a chunk at a time: a filter on the bits (:func:`_candidates`), then the
     exact check of the few candidates; with ``scan``, also the elements' magnitudes
-    (:class:`~graphteleport.numerics.MagnitudeScan`'s figures, :func:`_scan_chunk`)
+    (:meth:`~graphteleport.numerics.MagnitudeScan.add_reduced`)
     from the same bits of each chunk."""
     lim, low, high, smin, smax = bounds
     mask = lim.uint.type(lim.mask)
@@ -348,7 +348,7 @@ def _risk_range(
         least = int(b.min(initial=np.iinfo(b.dtype).max))
         cand = _candidates(b, top, least, low, high, small[: chunk.size], chunk, lim)
         if scan:
-            _scan_chunk(figures, b, top, least)
+            figures.add_reduced(b, top, least)
         hi, lo_n, lo_s = cell_magnitudes(chunk[cand], (), lim)
         over, _ = violations(hi, lo_n, lo_s, smax, lim)
         _, under = violations(hi, lo_n, lo_s, smin, lim)
@@ -356,22 +356,6 @@ def _risk_range(
         flats.append(k + at)
         mags.append(np.abs(chunk[k].astype(np.float64)))
     return np.concatenate(flats), np.concatenate(mags), figures
-
-
-def _scan_chunk(scan: MagnitudeScan, b: np.ndarray, top: int, least: int) -> None:
-    """Add a chunk to ``scan`` as :func:`~graphteleport.numerics.MagnitudeScan.add`
-    would, from ``b`` = its ``|w|`` bits − 1 (overwritten), ``top`` = their largest and
-    ``least`` = ``min b``: the smallest normal is ``least + 1 − tiny`` where no element is
-    subnormal, else ``min (b − (tiny − 1)) mod 2^k`` (zeros and subnormals wrap)."""
-    lim = scan.lim
-    wrap = np.iinfo(b.dtype).max
-    scan.hi, scan.lo = max(scan.hi, top), min(scan.lo, least)
-    if least + 1 >= lim.tiny_bits:
-        normal = least + 1 - lim.tiny_bits if least < wrap else wrap
-    else:
-        np.subtract(b, b.dtype.type(lim.tiny_bits - 1), out=b)
-        normal = int(b.min())
-    scan.lo_normal = min(scan.lo_normal, normal)
 
 
 def _candidates(
