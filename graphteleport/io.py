@@ -967,6 +967,8 @@ def _inlined_attribute(attr: object) -> ir.Attr | None:
 
 # --------------------------------------------------------------------------- streaming
 
+#: In-memory initializers of at most this many bytes stay inline in a streamed model.
+INLINE_MAX = 256
 #: Offsets of tensors in a :class:`DataFile` are multiples of this (aligned numpy views).
 DATA_ALIGN = 64
 _COPY_CHUNK = 1 << 26  # bytes per copy_file_range / pwrite call
@@ -1276,7 +1278,10 @@ class StreamedSave(StagedSave):
                     tensor = value.const_value
                     if isinstance(tensor, ir.ExternalTensor) and tensor.path != mine:
                         value.const_value = self.data.copy(tensor)
-                    elif not isinstance(tensor, ir.ExternalTensor | None) and tensor.nbytes > 256:
+                    elif (
+                        not isinstance(tensor, ir.ExternalTensor | None)
+                        and tensor.nbytes > INLINE_MAX
+                    ):
                         value.const_value = self.data.put(tensor.name or "", tensor.numpy())
             self.data.close()
             with _inlined_external_attributes(model):

@@ -79,7 +79,9 @@ from graphteleport.widen import MIN_ELEMENTS, Widened
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
     "Block",
+    "BlockRunner",
     "PiecesResult",
+    "block_weights",
     "plan_blocks",
     "verify_blocks",
     "weight_sizes",
@@ -180,6 +182,14 @@ def plan_blocks(graph: onnx.GraphProto, budget_bytes: int = DEFAULT_BLOCK_BYTES)
     if chunk:
         chunks.append(chunk)
     return _blocks(graph, chunks, const, walker, sizes)
+
+
+def block_weights(graph: onnx.GraphProto, block: Block) -> list[str]:
+    """The initializers *block* reads (its nodes and the constant nodes they need), in
+    the order its nodes first read them."""
+    stored = {t.name for t in graph.initializer}
+    names = (x for k in block.nodes for x in reads(graph.node[k]) if x in stored)
+    return list(dict.fromkeys(names))
 
 
 def _fed_from_outside(stored: set[str], produced: set[str]) -> Callable[[str], bool]:
@@ -324,29 +334,65 @@ def verify_blocks(
     """
     orig = original if isinstance(original, LoadedModel) else LoadedModel.load(original)
     tele = teleported if isinstance(teleported, LoadedModel) else LoadedModel.load(teleported)
-    graph = orig.proto.graph
-    blocks = plan_blocks(graph, budget_bytes)
-    names = [o.name for o in graph.output]
-    state = _State(feed_sets, blocks, names)
-    floors = saturation_floors(graph)
-    # one model's block widened at a time (2 bytes → 4): where both fit, no conversion
-    # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together
-    wide = Widened(widen_elements, 2 * budget_bytes) if widen_elements is not None else None
-    opener = wide.opener(open_model) if wide is not None else open_model
-    pair = _Pair(orig, tele, scales, opener, rtol, seed)
-    for block in blocks:
-        where = block.describe(graph, len(blocks))
-        try:
-            _run_block(pair, block, state, floors, where)
-        except _Missing as e:
-            state.failures.append(f"{where}: {e}")
+    runner = BlockRunner(
+        orig, tele, feed_sets, scales, open_model,
+        rtol=rtol, seed=seed, budget_bytes=budget_bytes, widen_elements=widen_elements,
+    )  # fmt: skip
+    for block in runner.blocks:
+        if not runner.run(block):
             break
+    return runner.result()
+
+
+class BlockRunner:
+    """:func:`verify_blocks` one block at a time, in order (``blocks``): :meth:`run`
+    checks a block, :meth:`result` says what all blocks run found.  The teleported
+    model's proto is read as each block runs, so its weights may be filled in as they
+    are written (:mod:`graphteleport.fused`)."""
+
+    def __init__(
+        self,
+        orig: LoadedModel,
+        tele: LoadedModel,
+        feed_sets: Sequence[Feeds],
+        scales: TensorScales | None,
+        open_model: Opener,
+        *,
+        rtol: float = 1e-5,
+        seed: int = 0,
+        budget_bytes: int = DEFAULT_BLOCK_BYTES,
+        widen_elements: int | None = MIN_ELEMENTS,
+    ) -> None:
+        self.graph = orig.proto.graph
+        self.blocks = plan_blocks(self.graph, budget_bytes)
+        self.state = _State(feed_sets, self.blocks, [o.name for o in self.graph.output])
+        self.floors = saturation_floors(self.graph)
+        self.scales = scales
+        # one model's block widened at a time (2 bytes → 4): where both fit, no conversion
+        # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together
+        wide = None if widen_elements is None else Widened(widen_elements, 2 * budget_bytes)
+        self.wide = wide
+        opener = self.wide.opener(open_model) if self.wide is not None else open_model
+        self.pair = _Pair(orig, tele, scales, opener, rtol, seed)
+
+    def run(self, block: Block) -> bool:
+        """Check ``block`` (the one after the last run); False where the teleported
+        model lacks a value it gives (a failure: no later block can run)."""
+        where = block.describe(self.graph, len(self.blocks))
+        try:
+            _run_block(self.pair, block, self.state, self.floors, where)
+        except _Missing as e:
+            self.state.failures.append(f"{where}: {e}")
+            return False
         finally:
-            if wide is not None:
-                wide.clear()  # the next block reads other weights
-        state.release(block.index)
+            if self.wide is not None:
+                self.wide.clear()  # the next block reads other weights
+        self.state.release(block.index)
         logger.debug("%s checked", where)
-    return state.result(len(blocks), tele_sets=scales is None)
+        return True
+
+    def result(self) -> PiecesResult:
+        return self.state.result(len(self.blocks), tele_sets=self.scales is None)
 
 
 class _State:

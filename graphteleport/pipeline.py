@@ -61,9 +61,10 @@ from graphteleport.reports import (
     TeleportReport,
     report_json,
 )
-from graphteleport.tensorcheck import TensorScales
+from graphteleport.tensorcheck import LoadedModel, TensorScales
 
 if TYPE_CHECKING:  # the canonical and equalize passes are imported by their jobs only
+    from graphteleport.fused import FusedSink
     from graphteleport.passes.canonical import CanonicalizePass, CanonicalResult
     from graphteleport.passes.equalize import EqualizePass, EqualizeResult, Method
 
@@ -351,7 +352,8 @@ def _pass_file(
         with contextlib.ExitStack() as stack:
             stream = _open_stream(stack, model, src, dst, bars)
             early = stack.enter_context(_early_draws(model, src, feeds, opts, stream))
-            with rewrite_mod.streamed(stream.data) if stream else contextlib.nullcontext():
+            fused = _fused(stack, model, src, feeds, opts, stream)
+            with _streamed(stream, fused):
                 result = make_pass(shapes)(model)
             clock.seconds.update(result.seconds)
             with clock.phase("report"):
@@ -360,7 +362,7 @@ def _pass_file(
             _save_verified(
                 model, src, feeds, report, opts, progress, result.tensor_scales(),
                 clock=clock, commit=_committer(report, report_path, clock), stream=stream,
-                early=early,
+                early=early, fused=fused,
             )  # fmt: skip
     except VerificationError:
         if report_path is not None:  # the failed report says why; no model is written
@@ -368,6 +370,43 @@ def _pass_file(
             write_file_atomic(report_path, report_json(report))
         raise
     return report
+
+
+def _fused(
+    stack: contextlib.ExitStack,
+    model: ir.Model,
+    src: PathArg,
+    feeds: list[dict[str, np.ndarray]],
+    opts: TeleportOptions,
+    stream: StreamedSave | None,
+) -> FusedSink | None:
+    """The sink that verifies each block as the streamed rewrite writes it
+    (:mod:`graphteleport.fused`), where the model is streamed and verified by pieces
+    (:func:`graphteleport.verify.choose_method`); None otherwise.  ``stack`` stops its
+    thread when the job ends."""
+    if stream is None or not opts.verify:
+        return None
+    original = LoadedModel.load(src)
+    if verify_mod.choose_method(opts.verify_by, original) != "pieces":
+        return None
+    from graphteleport.fused import FusedSink, FusedVerification
+    from graphteleport.passes.teleport import promised_scales
+
+    verification = FusedVerification(
+        original, feeds, promised_scales if opts.tensor_check else None,
+        str(stream.data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
+    )  # fmt: skip
+    stack.callback(verification.close)
+    return FusedSink(stream.data, model, verification)
+
+
+def _streamed(
+    stream: StreamedSave | None, fused: FusedSink | None
+) -> contextlib.AbstractContextManager[None]:
+    """The pass's weights streamed into ``stream`` (through ``fused`` where given)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    return rewrite_mod.streamed(fused if fused is not None else stream.data)
 
 
 def _early_draws(
@@ -480,12 +519,14 @@ def _save_verified(
     commit: Callable[[StagedSave], list[Path]],
     stream: StreamedSave | None = None,
     early: verify_mod.EarlyDraws | None = None,
+    fused: FusedSink | None = None,
 ) -> None:
     """Stage the model beside ``report.output`` (or finish the ``stream`` it was
     rewritten into), verify it there (unless ``opts.verify`` is False; with the
-    original's ``early`` draws where they were started) and ``commit`` it; a failed
-    verification raises VerificationError (with ``err.report``) and the staged files
-    are removed."""
+    original's ``early`` draws where they were started; by the blocks ``fused`` checked
+    while the weights were written, where that check stands for the written files) and
+    ``commit`` it; a failed verification raises VerificationError (with ``err.report``)
+    and the staged files are removed."""
     with contextlib.ExitStack() as stack:
         with clock.phase("save"):
             staged: StagedSave
@@ -496,9 +537,13 @@ def _save_verified(
                 staged = stream
         if opts.verify:
             progress("verifying with onnxruntime")
+            promise = scales if opts.tensor_check else None
             with clock.phase("verify"):
-                result = verify_mod.verify_teleport(
-                    src, staged.model_path, feeds, scales if opts.tensor_check else None,
+                done = None if fused is None else fused.verification.result(
+                    str(staged.model_path), promise, _rtol(model, opts)
+                )  # fmt: skip
+                result = done or verify_mod.verify_teleport(
+                    src, staged.model_path, feeds, promise,
                     rtol=_rtol(model, opts), seed=_seed(opts), by=opts.verify_by, early=early,
                 )  # fmt: skip
             report.verification = result

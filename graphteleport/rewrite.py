@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import onnx_ir as ir
@@ -74,6 +74,26 @@ class WeightSink(Protocol):
     def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """An array to compute the next stored weight in, valid until the ``put`` after
         the one that stores it (:meth:`graphteleport.io.DataFile.scratch`)."""
+        ...
+
+
+@runtime_checkable
+class OrderedSink(WeightSink, Protocol):
+    """A sink that chooses the order the weights are computed in and is told as each is
+    done (:class:`graphteleport.fused.FusedSink`: each block of the graph verified as
+    soon as its weights are written)."""
+
+    def order(self, analysis: AnalysisResult, tau: np.ndarray) -> Sequence[int]:
+        """The indices of ``analysis.weights`` in the order to compute them (called by
+        every :func:`prepare`, after :meth:`rewind`, with its cofactors ``tau``)."""
+        ...
+
+    def done(
+        self, index: int, ref: ConstRef, new: np.ndarray | ir.TensorProtocol | None, copies: bool
+    ) -> None:
+        """Weight ``index`` (stored at ``ref``) is computed: ``new`` the tensor :meth:`put`
+        returned (None: unchanged; an array: a Constant node's, kept in memory);
+        ``copies``: some use of it gets a private copy."""
         ...
 
 
@@ -620,13 +640,17 @@ def prepare(
     mags: list[Magnitudes] = []
     written: set[int] = set()  # (``consume``: the arrays written over, by id)
     sink = _SINK.get()
+    order: Sequence[int] = range(len(analysis.weights))
     if sink is not None:
         sink.rewind()
         arrays = None
+        order = _order(sink, analysis, tau)
+    slots: list[tuple[_Pending, Magnitudes] | None] = [None] * len(analysis.weights)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        for j, weight in enumerate(analysis.weights):
+        for n, j in enumerate(order):
+            weight = analysis.weights[j]
             if arrays is None:
-                prefetch(analysis.weights[j + 1 : j + 2])
+                prefetch([analysis.weights[k] for k in order[n + 1 : n + 2]])
             w = arrays[weight.source.name] if arrays is not None else weight.source.array()
             if id(w) in written:  # (an earlier weight of the same name wrote over it)
                 w = weight.source.array()
@@ -636,9 +660,12 @@ def prepare(
                 written.add(id(w))
             del w  # a live view keeps the memory map: _stream could not release it
             if sink is not None:
-                _stream(p, sink)
-            pending.append(p)
-            mags.append(m)
+                _stream(p, sink, j)
+            slots[j] = (p, m)
+    for slot in slots:
+        assert slot is not None
+        pending.append(slot[0])
+        mags.append(slot[1])
     flagged = out_of_range(mags, smin, smax)
     return Prepared(pending, mags, np.flatnonzero(flagged).tolist())
 
@@ -769,12 +796,23 @@ def _scan_rows(w: np.ndarray, start: int, stop: int) -> MagnitudeScan:
     return scan
 
 
-def _stream(p: _Pending, sink: WeightSink) -> None:
-    """Hand ``p``'s new initializer to ``sink`` (keeping the tensor it returns) and close
-    the source tensor's memory map (kept if a view of it is still alive)."""
+def _stream(p: _Pending, sink: WeightSink, index: int) -> None:
+    """Hand ``p``'s new initializer to ``sink`` (keeping the tensor it returns), close
+    the source tensor's memory map (kept if a view of it is still alive) and tell a sink
+    that follows the weights (:class:`OrderedSink`) that weight ``index`` is done."""
     if isinstance(p.new, np.ndarray) and not p.ref.is_node:
         p.new = sink.put(p.ref.name, p.new)
     release(p.ref)
+    if isinstance(sink, OrderedSink):
+        sink.done(index, p.ref, p.new, bool(p.copies))
+
+
+def _order(sink: WeightSink, analysis: AnalysisResult, tau: np.ndarray) -> Sequence[int]:
+    """The order a streamed :func:`prepare` computes the weights in: the sink's where it
+    chooses one (:class:`OrderedSink`), else ``analysis.weights``' own."""
+    if isinstance(sink, OrderedSink):
+        return sink.order(analysis, tau)
+    return range(len(analysis.weights))
 
 
 def copy_ahead(model: ir.Model, analysis: AnalysisResult, tau: np.ndarray) -> None:

@@ -76,6 +76,8 @@ __all__ = [
     "normalized_allowance",
     "normalized_outputs",
     "open_proto",
+    "pieces_result",
+    "pieces_sets",
     "read_npz",
     "run",
     "verify",
@@ -438,6 +440,8 @@ class VerificationResult:
         inputs: how many input draws the outputs were compared on.
         batched: the draws ran as one batch (the model's batch axis is dynamic).
         overlapped: the draws ran in a second thread beside the per-tensor check.
+        fused: by pieces, each block as soon as the streamed rewrite wrote it
+            (:mod:`graphteleport.fused`).
         tensors: the per-tensor check (:mod:`graphteleport.tensorcheck`), if it ran.
         method: ``"whole"`` (both models whole) or ``"pieces"`` (block by block,
             :mod:`graphteleport.pieces`); ``blocks``: how many blocks (0 when whole).
@@ -457,6 +461,7 @@ class VerificationResult:
     method: str = "whole"
     blocks: int = 0
     overlapped: bool = False
+    fused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (``json.dumps`` with ``allow_nan=False`` accepts it).
@@ -481,6 +486,7 @@ class VerificationResult:
             "tensors": self.tensors.to_dict() if self.tensors is not None else None,
             "method": self.method,
             "blocks": self.blocks,
+            "fused": self.fused,
         }
 
     def summary(self) -> str:
@@ -1346,7 +1352,7 @@ def _stacked(
     return {k: np.concatenate([f[k] for f in feed_sets]) for k in feed_sets[0]}
 
 
-def _pieces_sets(
+def pieces_sets(
     graph: onnx.GraphProto, feed_sets: Sequence[Mapping[str, np.ndarray]]
 ) -> list[Mapping[str, np.ndarray]]:
     """The sets verification by pieces runs: the first alone (the per-tensor check's,
@@ -1426,8 +1432,8 @@ def _verify_pieces(
     block_bytes: int,
 ) -> VerificationResult:
     """Block by block (:func:`graphteleport.pieces.verify_blocks`), as one result: the
-    sets as :func:`_pieces_sets` batches them (one by one where that batch does not run)."""
-    sets = _pieces_sets(original_model.proto.graph, feed_sets)
+    sets as :func:`pieces_sets` batches them (one by one where that batch does not run)."""
+    sets = pieces_sets(original_model.proto.graph, feed_sets)
 
     def by_blocks(sets: Sequence[Mapping[str, np.ndarray]]) -> PiecesResult:
         return verify_blocks(
@@ -1443,6 +1449,15 @@ def _verify_pieces(
         logger.debug("the draws do not run as one batch: one by one")
         sets = list(feed_sets)  # the batch size is baked into the graph
         found = by_blocks(sets)
+    return pieces_result(original_model, found, len(feed_sets), len(sets), rtol)
+
+
+def pieces_result(
+    original_model: LoadedModel, found: PiecesResult, draws: int, sets: int, rtol: float
+) -> VerificationResult:
+    """The verification result of what the blocks found (*draws* input draws, run as
+    *sets* sets: :func:`pieces_sets`): the graph outputs compared on every set, the
+    blocks' failures first, the per-tensor check's."""
     floors = saturation_floors(original_model.proto.graph)
     norms = normalized_outputs(original_model.proto)
     names = found.output_names
@@ -1451,8 +1466,8 @@ def _verify_pieces(
                 normalized=[norms.get(n) for n in names])
         for r, c in zip(found.reference, found.candidate, strict=True)
     ]  # fmt: skip
-    result = _merge(results, len(feed_sets))
-    result.batched = len(sets) != len(feed_sets)
+    result = _merge(results, draws)
+    result.batched = sets != draws
     result.failures[:0] = found.failures
     result.max_rel_err = max(result.max_rel_err, found.max_rel_err)
     result.passed = result.passed and not found.failures

@@ -1,4 +1,4 @@
-"""Verification by pieces with the draws as one batch (graphteleport.verify._pieces_sets).
+"""Verification by pieces with the draws as one batch (graphteleport.verify.pieces_sets).
 
 Where every graph input's axis 0 is free, the first draw runs alone (the per-tensor
 check's) and the others as one batch: a block runs 2 + 2 times for the draws instead of
@@ -70,15 +70,15 @@ def resnet(tmp_path_factory: pytest.TempPathFactory) -> Teleported:
 
 def test_sets_stack_all_but_the_first(resnet: Teleported) -> None:
     graph = onnx.load(resnet.src).graph
-    sets = verify._pieces_sets(graph, resnet.feeds)
+    sets = verify.pieces_sets(graph, resnet.feeds)
     assert len(sets) == 2 and sets[0] is resnet.feeds[0]
     stacked = np.concatenate([f["input"] for f in resnet.feeds[1:]])
     assert np.array_equal(sets[1]["input"], stacked)
     fixed = onnx.load(FIXTURES / "resnet_tiny.onnx").graph
-    assert verify._pieces_sets(fixed, resnet.feeds) == list(resnet.feeds)
-    assert verify._pieces_sets(graph, resnet.feeds[:2]) == list(resnet.feeds[:2])
+    assert verify.pieces_sets(fixed, resnet.feeds) == list(resnet.feeds)
+    assert verify.pieces_sets(graph, resnet.feeds[:2]) == list(resnet.feeds[:2])
     odd = [*resnet.feeds[:3], {"input": resnet.feeds[0]["input"][:, :, :8]}]
-    assert verify._pieces_sets(graph, odd) == odd  # shapes differ
+    assert verify.pieces_sets(graph, odd) == odd  # shapes differ
 
 
 def test_batched_pieces_pass_with_fewer_runs(
@@ -90,7 +90,7 @@ def test_batched_pieces_pass_with_fewer_runs(
         monkeypatch.setattr(verify, "open_proto", counting)
         monkeypatch.setattr(rows, "stackable", lambda proto, fed: None)  # the batch alone
         if not batched:
-            monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
+            monkeypatch.setattr(verify, "pieces_sets", lambda graph, sets: list(sets))
         result = resnet.check()
         monkeypatch.undo()
         assert result.passed, result.failures
@@ -128,7 +128,7 @@ def test_a_batch_baked_into_the_graph_runs_one_by_one(tmp_path: Path) -> None:
     src = tmp_path / "llama.onnx"
     make_llama(src, LlamaShape(layers=1, hidden=32, dtype="float32", vocab=64, seq=4))
     case = Teleported(_free_batch(src, tmp_path / "free.onnx"), tmp_path, draws=3)
-    assert len(verify._pieces_sets(onnx.load(case.src).graph, case.feeds)) == 2
+    assert len(verify.pieces_sets(onnx.load(case.src).graph, case.feeds)) == 2
     result = case.check()
     assert result.passed and not result.batched and result.inputs == 3
 
@@ -155,7 +155,7 @@ def test_the_first_draw_records_for_the_per_tensor_check(
     for merged in (True, False):
         counting = CountingOpen()
         monkeypatch.setattr(verify, "open_proto", counting)
-        monkeypatch.setattr(verify, "_pieces_sets", lambda graph, sets: list(sets))
+        monkeypatch.setattr(verify, "pieces_sets", lambda graph, sets: list(sets))
         monkeypatch.setattr(rows, "stackable", lambda proto, fed: None)
         if not merged:
             monkeypatch.setattr(pieces, "recording_names", lambda orig, tele: None)

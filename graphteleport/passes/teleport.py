@@ -79,17 +79,7 @@ class TeleportResult(ir.passes.PassResult):
         ``s_v ⊙`` the original's, ``s_v = τ[ids(v)]`` — for a wrapped activation's output
         in insert mode only the part of τ its group commutes with (``|τ|``, ``sign τ`` or
         1; :mod:`graphteleport.insertion`): its ``Mul`` of the rest comes after it."""
-        wrapped = self.inserted.wrapped
-        scales: dict[str, np.ndarray] = {}
-        tracked: set[str] = set()
-        for name, ids in self.analysis.neurons.items():
-            tracked.add(name)
-            s = self.tau[ids]
-            if name in wrapped:
-                s = group_part(s, wrapped[name])
-            if s.size and np.any(s != 1.0):
-                scales[name] = s
-        return TensorScales(scales, frozenset(tracked))
+        return promised_scales(self.analysis, self.tau, self.inserted.wrapped)
 
     def range_report(self) -> list[RangeFixCount]:
         """The pairs moved toward 1 to keep weights in range, by reason, in the order
@@ -100,6 +90,24 @@ class TeleportResult(ir.passes.PassResult):
             row.cofactors += 1
             row.pinned += fix.pinned
         return list(out.values())
+
+
+def promised_scales(
+    analysis: AnalysisResult, tau: np.ndarray, wrapped: Mapping[str, str] | None = None
+) -> TensorScales:
+    """:meth:`TeleportResult.tensor_scales` of ``analysis`` for per-neuron ``tau``
+    (``wrapped``: insert mode's wrapped activations, :attr:`InsertStats.wrapped`)."""
+    wrapped = wrapped or {}
+    scales: dict[str, np.ndarray] = {}
+    tracked: set[str] = set()
+    for name, ids in analysis.neurons.items():
+        tracked.add(name)
+        s = tau[ids]
+        if name in wrapped:
+            s = group_part(s, wrapped[name])
+        if s.size and np.any(s != 1.0):
+            scales[name] = s
+    return TensorScales(scales, frozenset(tracked))
 
 
 @dataclass
