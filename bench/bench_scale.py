@@ -106,7 +106,7 @@ def teleport(
     record: dict[str, object] = {"seconds": wall, "rss": rss, "cpu": cpu, "phases": rep["seconds"]}
     if verify:
         record["verification"] = {
-            k: v.get(k) for k in ("passed", "method", "blocks", "max_rel_err")
+            k: v.get(k) for k in ("passed", "method", "blocks", "max_rel_err", "fused")
         }
     report.unlink()
     if not keep:
