@@ -48,6 +48,11 @@ sessions (:class:`graphteleport.widen.Widened`).
 Measured (8-layer hidden-2048 float16 LLaMA shape, 1.08 GB of weights, 8 draws,
 per-tensor check on): peak RSS 1.05 GB by pieces (5 blocks of at most 256 MiB), 3.58 GB
 whole.
+
+**Fused.**  :class:`BlockRunner` runs one block at a time, in order, reading the
+teleported model's initializers as each block runs: :mod:`graphteleport.fused` drives
+it from a thread while the streamed rewrite writes the blocks' weights, each block
+checked as soon as its weights are in the output file.
 """
 
 from __future__ import annotations

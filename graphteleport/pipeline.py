@@ -243,8 +243,12 @@ def teleport_file(
     A model with external data is streamed: its weights are rewritten one at a time
     straight into the staged ``<dst>.data`` (:func:`graphteleport.rewrite.streamed`),
     the unchanged ones copied by the kernel, so memory holds one weight, not the model
-    (:func:`graphteleport.io.staged_stream`).  ``bars`` shows a progress bar on stderr
-    while the weights are written, once that takes over 2 s.
+    (:func:`graphteleport.io.staged_stream`).  Where such a model is verified by pieces
+    (``--verify-by pieces``, or ``auto`` when the whole models do not fit in memory),
+    each block is checked as soon as its weights are written, on a second thread, while
+    they are in the page cache (:mod:`graphteleport.fused`; the written model is
+    verified again afterwards where it is not what the blocks ran).  ``bars`` shows a
+    progress bar on stderr while the weights are written, once that takes over 2 s.
     """
     return _pass_file(
         src, dst, opts, progress, report_path,
