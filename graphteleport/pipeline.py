@@ -400,8 +400,9 @@ def _fused(
         original, feeds, promised_scales if opts.tensor_check else None,
         str(stream.data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
     )  # fmt: skip
-    stack.callback(verification.close)
-    return FusedSink(stream.data, model, verification)
+    sink = FusedSink(stream.data, model, verification)
+    stack.callback(sink.close)
+    return sink
 
 
 def _streamed(
