@@ -222,66 +222,6 @@ class FusedVerification:
         return _differs(self.original.proto, written, {n: self.inits[n] for n in self.reads})
 
 
-class _Yielding:
-    """The rewrite's threads a few nice steps down while blocks are sent: the verifier,
-    the critical path, gets the cores first and the rewrite fills in what it leaves
-    (8-layer float16 LLaMA, one process per run, alternating, load 3.9-5.3 from other
-    jobs: 40.4 / 31.7 / 32.6 / 22.1 s against 54.0 / 43.1 / 55.2 / 23.4 s).  The
-    calling thread and the rewrite's pools (``gt-rows``, ``gt-write``, by name) are
-    lowered, then restored — only where this process may raise a thread's priority back
-    (probed on a throwaway thread): a caller's thread is never left lowered."""
-
-    STEP = 5
-    NAMES = ("gt-rows", "gt-write")
-
-    def __init__(self) -> None:
-        self.saved: int | None = None  # the calling thread's nice value, while lowered
-        self.caller = 0  # that thread's id
-
-    def lower(self) -> None:
-        if self.saved is not None or not hasattr(os, "setpriority") or not _may_restore():
-            return
-        me = self.caller = threading.get_native_id()
-        self.saved = os.getpriority(os.PRIO_PROCESS, me)
-        for tid in {me, *self._pools()}:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, self.saved + self.STEP)
-
-    def restore(self) -> None:
-        saved, self.saved = self.saved, None
-        if saved is None:
-            return
-        for tid in {self.caller, *self._pools()}:
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid, saved)
-
-    def _pools(self) -> list[int]:
-        return [
-            t.native_id
-            for t in threading.enumerate()
-            if t.native_id is not None and t.name.startswith(self.NAMES)
-        ]
-
-
-def _may_restore() -> bool:
-    """Whether a thread of this process may take its nice value back down (a new thread
-    is lowered one step and raised again)."""
-    ok: list[bool] = []
-
-    def probe() -> None:
-        tid = threading.get_native_id()
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, tid, nice + 1)
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-            ok.append(os.getpriority(os.PRIO_PROCESS, tid) == nice)
-
-    thread = threading.Thread(target=probe, name="gt-probe")
-    thread.start()
-    thread.join()
-    return bool(ok and ok[0])
-
-
 class FusedSink:
     """The streamed rewrite's sink (:class:`graphteleport.rewrite.OrderedSink`) over the
     output ``data`` file of ``model`` (module docstring: *Order*)."""
@@ -297,7 +237,6 @@ class FusedSink:
         self._put: dict[str, ir.ExternalTensor] = {}  # weights the rewrite wrote
         self._where: dict[str, Placed | None] = {}  # placed initializers (None: inline)
         self._restore: list[tuple[ir.Value, ir.TensorProtocol | None]] = []
-        self._yielding = _Yielding()
 
     # the WeightSink protocol: the data file's
     def put(self, name: str, array: np.ndarray) -> ir.ExternalTensor:
@@ -306,15 +245,9 @@ class FusedSink:
     def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         return self.data.scratch(shape, dtype)
 
-    def close(self) -> None:
-        """Stop the verifier thread and restore the rewrite's priority (idempotent)."""
-        self._yielding.restore()
-        self.verification.close()
-
     def rewind(self) -> None:
         """Empty the file; after blocks were sent, the fused check is given up (the
         weights are computed again for other values)."""
-        self._yielding.restore()
         self.data.rewind()
         if self._next:
             self.verification.abandon("the weights were computed again")
@@ -341,7 +274,6 @@ class FusedSink:
         for k in blocks:
             if self._left:
                 self._left[k] += 1
-        self._yielding.lower()
         self._send_ready()
         return sorted(natural, key=blocks.__getitem__)
 
@@ -353,7 +285,6 @@ class FusedSink:
             return
         if copies or (ref.is_node and new is not None):
             self.verification.abandon("the rewrite changes the graph, not only its weights")
-            self._yielding.restore()
             return
         if isinstance(new, ir.ExternalTensor):
             self._put[ref.name] = new
@@ -368,8 +299,6 @@ class FusedSink:
             self.data.wait()  # (the bytes the thread reads are in the file)
             self.verification.send(self._next, placed)
             self._next += 1
-        if self._next == len(self._left):
-            self._yielding.restore()  # (the rewrite's last blocks: nothing left to yield to)
 
     def _place(self, name: str) -> Placed | None:
         """Where initializer ``name`` is in the output file, put or copied there now if

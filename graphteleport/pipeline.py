@@ -400,9 +400,8 @@ def _fused(
         original, feeds, promised_scales if opts.tensor_check else None,
         str(stream.data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
     )  # fmt: skip
-    sink = FusedSink(stream.data, model, verification)
-    stack.callback(sink.close)
-    return sink
+    stack.callback(verification.close)
+    return FusedSink(stream.data, model, verification)
 
 
 def _streamed(

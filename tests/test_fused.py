@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -200,29 +199,3 @@ def test_a_signal_during_fused_verification_leaves_nothing(
     assert "no partial output" in p.stderr
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == []
     assert sorted(x.name for x in (tmp_path / "in").iterdir()) == ["llama.onnx", "llama.onnx.data"]
-
-
-def test_the_rewrite_yields_to_the_verifier_and_gets_its_priority_back(
-    tmp_path: Path, small_blocks: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """While blocks are sent the calling thread runs a few nice steps down (where the
-    process may raise it back), and it is restored once the last block is sent."""
-    me = threading.get_native_id()
-    before = os.getpriority(os.PRIO_PROCESS, me)
-    seen: list[int] = []
-    send = fused.FusedVerification.send
-
-    def watch(self: fused.FusedVerification, index: int, placed: dict[str, fused.Placed]) -> None:
-        seen.append(os.getpriority(os.PRIO_PROCESS, me))
-        send(self, index, placed)
-
-    monkeypatch.setattr(fused.FusedVerification, "send", watch)
-    src = _model(tmp_path / "in")
-    report = teleport_file(src, tmp_path / "t.onnx", TeleportOptions(seed=2, verify_by="pieces"))
-    assert report.verification is not None and report.verification.fused
-    assert os.getpriority(os.PRIO_PROCESS, me) == before
-    lowered = min(before + fused._Yielding.STEP, 19)  # (the kernel's limit)
-    assert set(seen) == ({lowered} if fused._may_restore() else {before})
-    monkeypatch.setattr(fused, "_may_restore", lambda: False)  # never left lowered
-    teleport_file(src, tmp_path / "u.onnx", TeleportOptions(seed=2, verify_by="pieces"))
-    assert os.getpriority(os.PRIO_PROCESS, me) == before
