@@ -26,7 +26,8 @@ rewrite changed weights and nothing else (absorb mode, no private copies, no
 Constant-node weights rewritten): :meth:`FusedVerification.result` therefore compares
 the written model file, once saved, with what the blocks ran — every node (op, inputs,
 outputs, attributes), every initializer a block read (type, shape, and its offset and
-length in the data file, or its inline bytes), the opsets — and the promise (scales)
+length in the data file, or its inline bytes), the graph's inputs and declared value
+types, the opsets — and the promise (scales)
 and tolerance with the pass's final ones.  Any difference, a second
 :func:`~graphteleport.rewrite.prepare` (values refitted: the file is rewound), an error
 in the thread, or a block not run gives None: the caller verifies the written files as
@@ -361,12 +362,21 @@ def _differs(
     if [o.name for o in a.output] != [o.name for o in b.output]:
         return "the written model's outputs are not the original's"
     stored = {t.name: t for t in b.initializer}
+    if _declared(a, stored) != _declared(b, stored):
+        return "the written model declares other inputs or value types"
     for name, ran in inits.items():
         if name not in stored:
             return f"the written model lacks initializer '{name}'"
         if not _same_tensor(ran, stored[name]):
             return f"the written initializer '{name}' is not the one verified"
     return None
+
+
+def _declared(graph: onnx.GraphProto, stored: Mapping[str, object]) -> set[bytes]:
+    """The graph's inputs and value types other than the initializers' own (a saved
+    model declares every initializer's type, as its tensor has it)."""
+    infos = [*graph.input, *graph.value_info]
+    return {v.SerializeToString(deterministic=True) for v in infos if v.name not in stored}
 
 
 def _opsets(model: onnx.ModelProto) -> set[tuple[str, int]]:

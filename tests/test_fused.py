@@ -199,3 +199,23 @@ def test_a_signal_during_fused_verification_leaves_nothing(
     assert "no partial output" in p.stderr
     assert sorted(x.name for x in (tmp_path / "out").iterdir()) == []
     assert sorted(x.name for x in (tmp_path / "in").iterdir()) == ["llama.onnx", "llama.onnx.data"]
+
+
+def test_a_written_model_declaring_other_value_types_is_not_the_one_verified(
+    tmp_path: Path,
+) -> None:
+    src = _model(tmp_path / "in")
+    original = onnx.load(str(src), load_external_data=False)
+    inits = {t.name: t for t in original.graph.initializer}
+    declared = onnx.ModelProto()
+    declared.CopyFrom(original)  # a saved model types its initializers: that is the same
+    declared.graph.value_info.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in original.graph.initializer
+    )
+    assert fused._differs(original, declared, inits) is None
+    typed = onnx.ModelProto()
+    typed.CopyFrom(declared)  # a computed value typed otherwise
+    name = original.graph.node[-1].input[0]
+    typed.graph.value_info.append(onnx.helper.make_tensor_value_info(name, 10, [7]))
+    assert "declares" in (fused._differs(original, typed, inits) or "")
