@@ -50,14 +50,15 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
+import onnx_ir as ir
 
 from graphteleport.algebra import with_rank
-from graphteleport.analysis import Absorb, AnalysisResult
+from graphteleport.analysis import Absorb, AnalysisResult, ConstRef
 from graphteleport.parallel import map_parts, one_blas_thread, shares
 
 FloatArray = np.ndarray
@@ -251,7 +252,10 @@ def _single_powers(
     ``out`` (one element per row: no sums), computed in float32 a chunk at a time, or None
     where some value is not a normal float32 at most :data:`SINGLE_MAX` (0, inf, NaN too:
     the caller then takes the float64 path, which raises :class:`Narrow` as it does);
-    returns ``Σ out``.
+    returns ``Σ out``, each chunk summed in float32 (numpy's pairwise sum, a relative
+    error of at most ~1e-6: the callers use the total only to tell whether it is finite
+    and within :data:`SINGLE_MAX`, not as a statistic).  At even p the first pass squares
+    ``w`` itself (``w² = |w|²``, the same bits) instead of taking ``|w|`` first.
 
     **Rounding.**  At p = 1 or 2 without a factor these are the float64 path's bits
     (``|w|`` is exact, ``w²`` exact in float64 and correctly rounded in float32).  At p = 3
@@ -267,47 +271,126 @@ def _single_powers(
     spare = np.empty(min(POWER_CHUNK, values.size), np.float32) if p == 3.0 else None
     scale = np.float32(factor)
     for i in range(0, values.size, POWER_CHUNK):
-        a = out[i : i + POWER_CHUNK]
-        np.absolute(values[i : i + POWER_CHUNK], out=a)
+        a, chunk = out[i : i + POWER_CHUNK], values[i : i + POWER_CHUNK]
         with np.errstate(over="ignore"):  # (an inf is found below: then None)
+            if p in (1.0, 3.0):
+                np.absolute(chunk, out=a)
+            else:  # w² = |w|²: the same bits, one pass fewer
+                np.square(chunk, out=a)
             if p == 3.0:
                 assert spare is not None
                 sq = spare[: a.size]
                 np.multiply(a, a, out=sq)
                 a *= sq
-            elif p != 1.0:
+            elif p == 4.0:
                 np.square(a, out=a)
-                if p == 4.0:
-                    np.square(a, out=a)
             if factor != 1.0:
                 a *= scale
         if not (a.size == 0 or (float(a.min()) >= _SINGLE_TINY and float(a.max()) <= SINGLE_MAX)):
             return None
-        total += float(a.sum(dtype=np.float64))
+        total += float(a.sum())  # (float32 pairwise: ≤ 2¹⁵ terms ≤ 1e30 each, no overflow)
     return total if total <= SINGLE_MAX else None
 
 
-def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> dict[str, np.ndarray]:
+def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> Mapping[str, np.ndarray]:
     """Every stored tensor ``analysis`` rescales, by name, read once: each
     ``ConstRef.array()`` copies the tensor's bytes out of its proto, so a pass that reads
     them several times (the statistics, the sign rule, one-sided pairs, the report's
     figures) reads them from here.  With ``writable``, each is the pass's own writable
     C-contiguous copy (an array over the proto's bytes is read-only), which the rewrite
-    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``),
-    the copies made on the :mod:`~graphteleport.parallel` workers (:func:`shares` of the
-    tensors; numpy's copy releases the GIL)."""
+    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``):
+    a :class:`StoredCopies`, which copies each tensor when it is first read."""
     if not writable:
         return {w.source.name: w.source.array() for w in analysis.weights}
-    weights = analysis.weights
-    copies: list[np.ndarray | None] = [None] * len(weights)
+    return StoredCopies([w.source for w in analysis.weights])
 
-    def read(share: list[int]) -> None:
-        for k in share:
-            copies[k] = np.array(weights[k].source.array(), order="C")
 
-    sizes = [int(np.prod(w.uses[0].shape)) for w in weights]  # (about: for the shares)
-    map_parts(read, [(share,) for share in shares(sizes, sum(sizes))])
-    return {w.source.name: c for w, c in zip(weights, copies, strict=True) if c is not None}
+#: The alignment (bytes) of each tensor's range in a :class:`StoredCopies` slab.
+SLAB_ALIGN = 64
+
+
+class StoredCopies(Mapping[str, np.ndarray]):
+    """The stored tensors of ``sources`` by name, each the pass's own writable
+    C-contiguous copy, made when the tensor is first read (:func:`stored_arrays`).
+
+    **One slab.**  The copies are views of one allocation, each tensor an aligned range
+    planned from its stored shape and dtype (:func:`_layout`; a tensor whose array does
+    not come out as planned — a packed 4-bit type unpacked, a dtype numpy lacks — gets
+    a copy of its own): one large block that numpy asks the kernel to back with huge
+    pages, not ~100 arrays of 0.1–10 MB faulted in 4 KiB pages (ResNet-50: 102 MB; the
+    read's page faults 5–7 k → ~400).  The slab lives as long as any of its views — the
+    rewritten model's tensors, where the rewrite wrote over them.
+
+    **Read when first used.**  A tensor's bytes are copied out of its proto when it is
+    first looked up, so the first reader (:meth:`OrbitTerms.build`, which makes ``Q``
+    from it on the :mod:`~graphteleport.parallel` workers) reads the copy while it is
+    still in cache, instead of a pass over all the tensors first and a second over the
+    same bytes from memory.  Lookups of *different* names may run on different threads
+    at once (each writes only its own range); the first lookups of one name must not
+    (``build`` gives all the uses of one tensor to one thread)."""
+
+    def __init__(self, sources: Sequence[ConstRef]) -> None:
+        self._sources: dict[str, ConstRef] = {}
+        for source in sources:
+            self._sources.setdefault(source.name, source)
+        self._layouts = {name: _layout(s) for name, s in self._sources.items()}
+        sizes = [_nbytes(x) for x in self._layouts.values()]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        self._starts = dict(zip(self._layouts, starts, strict=False))
+        self._slab = np.empty(starts[-1], np.uint8)
+        self._read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        found = self._read.get(name)
+        if found is None:
+            found = self._read[name] = self._copy(name)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def _copy(self, name: str) -> np.ndarray:
+        """The copy of tensor ``name``: into its slab range when its array comes out as
+        planned, else an array of its own."""
+        w, layout = self._sources[name].array(), self._layouts[name]
+        if layout is None or w.shape != layout[0] or w.dtype != layout[1]:
+            return np.array(w, order="C")
+        start = self._starts[name]
+        mine = self._slab[start : start + w.nbytes].view(w.dtype).reshape(w.shape)
+        np.copyto(mine, w)
+        return mine
+
+
+def _nbytes(layout: tuple[tuple[int, ...], np.dtype] | None) -> int:
+    """The bytes of a tensor of ``layout`` (0 for None), rounded up to a multiple of
+    :data:`SLAB_ALIGN`."""
+    if layout is None:
+        return 0
+    shape, dtype = layout
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    return -(-nbytes // SLAB_ALIGN) * SLAB_ALIGN
+
+
+def _layout(source: ConstRef) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and numpy dtype ``source.array()`` will have, from the stored tensor's
+    header (no data read); None where they are not known so (the copy then checks)."""
+    value = source.value
+    if isinstance(value, ir.Node):
+        attribute = value.attributes.get("value")
+        tensor = attribute.as_tensor() if attribute is not None else None
+    else:
+        tensor = value.const_value
+    if tensor is None:
+        return None
+    try:
+        shape = tuple(d if isinstance(d, int) else int(str(d)) for d in tensor.shape)
+        dtype = np.dtype(tensor.dtype.numpy())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return shape, dtype
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
@@ -448,11 +531,13 @@ class OrbitTerms:
         ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable);
         ``scales`` gives per counted use (:func:`counted_uses` order) a factor its ``Q``
         is multiplied by (default 1).  The statistics of large models are computed on
-        both cores (:func:`shares` of the values each use reads; each use's rows are its
-        own).  With ``single``, ``q`` is float32 (each float64 sum rounded once: a
-        relative change of at most 2⁻²⁴ per row, half the bytes for every later read of
-        it), unless some ``Q`` is not a normal float32 at most :data:`SINGLE_MAX`
-        (:class:`Narrow`): then float64, as without."""
+        both cores (:func:`shares` of the values each tensor's counted uses read; each
+        use's rows are its own); all the uses of one tensor go to one thread, which
+        looks it up in ``arrays`` first — a :class:`StoredCopies` copies it then, so its
+        ``Q`` reads the copy in cache.  With ``single``, ``q`` is float32 (each float64
+        sum rounded once: a relative change of at most 2⁻²⁴ per row, half the bytes for
+        every later read of it), unless some ``Q`` is not a normal float32 at most
+        :data:`SINGLE_MAX` (:class:`Narrow`): then float64, as without."""
         sol = analysis.solution
         movable = movable_pairs(analysis)
         if hold is not None:
@@ -464,13 +549,18 @@ class OrbitTerms:
         bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
         q_all = np.empty(bounds[-1], np.float32 if single else np.float64)
 
+        tensors: dict[str, list[int]] = {}  # the counted uses of each stored tensor
+        for k, use in enumerate(uses):
+            tensors.setdefault(use.source.name, []).append(k)
+        groups = list(tensors.values())
+
         def power(share: list[int]) -> None:
-            for k in share:
+            for k in itertools.chain.from_iterable(groups[g] for g in share):
                 use = uses[k]
                 w = arrays[use.source.name] if arrays is not None else use.source.array()
                 reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
 
-        work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
+        work = [sum(int(np.prod(uses[k].shape)) for k in group) for group in groups]
         try:
             with one_blas_thread():  # (the row sums' gemv: both cores already, by shares)
                 map_parts(power, [(share,) for share in shares(work, sum(work))])
