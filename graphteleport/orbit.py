@@ -522,13 +522,16 @@ class OrbitTerms:
         analysis: AnalysisResult,
         p: float = 2.0,
         arrays: Mapping[str, np.ndarray] | None = None,
-        hold: np.ndarray | None = None,
+        hold: np.ndarray | Callable[[], np.ndarray] | None = None,
         scales: Sequence[float] | None = None,
         single: bool = False,
     ) -> OrbitTerms:
         """The terms of ``analysis``'s model with ``Q = Σ |W|^p``; ``arrays`` gives the
         stored tensors by name (default: read from the model, ``ConstRef.array()``);
-        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable);
+        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable) — or is a
+        function that gives them, called once ``Q`` is made (``Q`` does not depend on
+        them: a caller whose test of the pairs reads every tensor then reads them after
+        the build has, in its own order, not before);
         ``scales`` gives per counted use (:func:`counted_uses` order) a factor its ``Q``
         is multiplied by (default 1).  The statistics of large models are computed on
         both cores (:func:`shares` of the values each tensor's counted uses read; each
@@ -539,9 +542,6 @@ class OrbitTerms:
         every later read of it), unless some ``Q`` is not a normal float32 at most
         :data:`SINGLE_MAX` (:class:`Narrow`): then float64, as without."""
         sol = analysis.solution
-        movable = movable_pairs(analysis)
-        if hold is not None:
-            movable = movable & ~np.asarray(hold, dtype=bool)
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         uses = counted_uses(analysis)
         factors = [1.0] * len(uses) if scales is None else [float(x) for x in scales]
@@ -566,6 +566,9 @@ class OrbitTerms:
                 map_parts(power, [(share,) for share in shares(work, sum(work))])
         except Narrow:
             return cls.build(analysis, p, arrays, hold, scales, single=False)
+        movable = movable_pairs(analysis)
+        if hold is not None:
+            movable = movable & ~np.asarray(hold() if callable(hold) else hold, dtype=bool)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
         for use, offset in zip(uses, bounds):

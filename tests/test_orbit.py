@@ -408,18 +408,21 @@ def test_rank_one_kernel_keeps_the_sums_and_its_products_are_dense_ones(
 
 @pytest.mark.parametrize("p", [2.0, 3.0])
 def test_minimize_from_the_rank_one_start_reaches_the_same_minimum(p: float) -> None:
-    """With and without the rank-one start, minimize ends at the same ``u`` and ``F``; the
-    start took Newton steps of its own on a model with conv blocks."""
+    """With and without the rank-one start, and with it made once or again where it
+    arrived, minimize ends at the same ``u`` and ``F``; the start took Newton steps of its
+    own on a model with conv blocks, more when made again."""
     from graphteleport.passes.canonical import minimize
     from models import FIXTURES_DIR
 
     proto = onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")
     terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=p)
     warm, cold = minimize(terms), minimize(terms, start=False)
-    assert warm.start[0] > 0 and cold.start == (0, 0)
-    assert warm.objective_after == pytest.approx(cold.objective_after, rel=1e-12)
-    assert warm.objective_before == cold.objective_before
-    np.testing.assert_allclose(warm.u, cold.u, rtol=0, atol=1e-7)
+    once = minimize(terms, restarts=0)  # (the start not made again where it arrived)
+    assert warm.start[0] > once.start[0] > 0 and cold.start == (0, 0)
+    for other in (cold, once):
+        assert warm.objective_after == pytest.approx(other.objective_after, rel=1e-12)
+        assert warm.objective_before == other.objective_before
+        np.testing.assert_allclose(warm.u, other.u, rtol=0, atol=1e-7)
     # (each ends with a last step ≤ STEP_TOL taken unread: u within ~1e-8 of the minimum)
     assert np.abs(terms.gradient(warm.u)).max() <= 1e-8 * terms.objective(warm.u)
 
@@ -583,3 +586,95 @@ def test_single_q_falls_back_to_float64_where_float32_does_not_hold_it(
     single = OrbitTerms.build(analysis, p=p, single=True)
     assert single.q.dtype == np.float64
     assert np.array_equal(single.q, OrbitTerms.build(analysis, p=p).q)
+
+
+def _with_a_constant_node(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``proto`` with initializer ``name`` stored as a Constant node instead."""
+    from conftest import const_node
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    (init,) = [i for i in out.graph.initializer if i.name == name]
+    out.graph.initializer.remove(init)
+    out.graph.node.insert(0, const_node(name, onnx.numpy_helper.to_array(init)))
+    return out
+
+
+def test_stored_copies_are_the_tensors_in_one_slab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stored_arrays(writable=True)``: each tensor's own writable C-contiguous copy, bit
+    for bit, made when first looked up (initializers and Constant nodes alike); the
+    planned ones are disjoint views of one slab, a tensor whose array does not come out
+    as planned gets an array of its own, and writing a copy changes nothing else."""
+    from graphteleport import orbit
+    from models import FIXTURES_DIR
+
+    cases = [
+        onnx.load(FIXTURES_DIR / "resnet_tiny.onnx"),
+        _with_a_constant_node(gemm_mlp([5, 7, 6, 3]), "W1"),
+    ]
+    for proto in cases:
+        analysis = analyze_model(ir.from_proto(proto), {})
+        copies = orbit.stored_arrays(analysis, writable=True)
+        assert isinstance(copies, orbit.StoredCopies)
+        assert set(copies) == {w.source.name for w in analysis.weights}
+        assert len(copies) == len(set(copies))
+        arrays = {name: copies[name] for name in copies}
+        bases = {id(a.base) for a in arrays.values()}
+        assert len(bases) == 1 and all(a.base is not None for a in arrays.values())
+        for w in analysis.weights:
+            mine, stored = arrays[w.source.name], w.source.array()
+            assert mine.flags.writeable and mine.flags.c_contiguous
+            assert mine.dtype == stored.dtype and np.array_equal(mine, stored)
+            assert copies[w.source.name] is mine  # (read once)
+        first, *others = arrays.values()
+        first[...] = 7.0
+        assert not any(np.shares_memory(first, a) for a in others)
+        assert not np.array_equal(analysis.weights[0].source.array(), first)
+    planned = orbit._layout
+    odd = analysis.weights[0].source.name  # (its array said to be float64: not as planned)
+    monkeypatch.setattr(
+        orbit,
+        "_layout",
+        lambda s: (planned(s)[0], np.dtype(np.float64)) if s.name == odd else planned(s),  # type: ignore[index]
+    )
+    copies = orbit.stored_arrays(analysis, writable=True)
+    own = copies[odd]
+    assert own.base is None and own.flags.writeable
+    assert np.array_equal(own, analysis.weights[0].source.array())
+
+
+def test_build_over_stored_copies_is_the_same_q(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Q built over a :class:`StoredCopies` (each tensor copied by the build's thread as
+    it first reads it; all the uses of a tensor on one thread) is the Q built over the
+    model's own arrays, to the bit, on one thread or two."""
+    from graphteleport import parallel
+    from graphteleport.orbit import stored_arrays
+    from models import FIXTURES_DIR
+
+    analysis = analyze_model(ir.from_proto(onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")), {})
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)
+    expected = OrbitTerms.build(analysis, p=2.0, single=True).q
+    for threads in (1, 2):
+        monkeypatch.setattr(parallel, "workers", lambda threads=threads: threads)
+        copies = stored_arrays(analysis, writable=True)
+        terms = OrbitTerms.build(analysis, p=2.0, arrays=copies, single=True)
+        assert np.array_equal(terms.q, expected)
+        assert len(copies._read) == len(copies)  # (the build read every tensor)
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_last_step_unread_only_below_final_gradient(
+    name: str, proto: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last-step rule takes a step unread only where the gradient it predicts is at
+    most FINAL_GRADIENT·F: with that bound 0 the solve is the one without the rule, bit
+    for bit; with it, a solve that ends by the rule reports a gradient within it."""
+    from graphteleport.passes import canonical
+
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=2.0, single=True)
+    ruled = canonical.minimize(terms)
+    if ruled.gradient > canonical.TOL:  # (ended by the rule: its prediction)
+        assert ruled.gradient <= canonical.FINAL_GRADIENT
+    monkeypatch.setattr(canonical, "FINAL_GRADIENT", 0.0)
+    never, plain = canonical.minimize(terms), canonical.minimize(terms, step_tol=0.0)
+    assert np.array_equal(never.u, plain.u) and never.iterations == plain.iterations
