@@ -87,8 +87,9 @@ range fits included (a pair moved toward 1 to keep a weight in range is listed i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -212,7 +213,7 @@ def _newton(
     at = kernel.point(u)
     assert at is not None  # no bound
     active = at.diagonal > 0
-    group = np.where(active, kernel.group, -1)
+    group = functools.cache(lambda: np.where(active, kernel.group, -1))  # (if ever needed)
     f0 = at.f
     if f0 == 0.0 or not active.any():
         return Minimum(u, f0, f0, 0, 0.0, 0.0)
@@ -230,7 +231,7 @@ def _rank_one_start(
     kernel: OrbitKernel,
     at: KernelPoint,
     active: np.ndarray,
-    group: IntArray,
+    group: Callable[[], IntArray],
     restarts: int = START_RESTARTS,
 ) -> tuple[KernelPoint, tuple[int, int]]:
     """Newton from ``at`` (``u = 0``) on the kernel's rank-one approximation at ``at``
@@ -298,7 +299,7 @@ def _iterate(
     kernel: OrbitKernel,
     at: KernelPoint,
     active: np.ndarray,
-    group: IntArray,
+    group: Callable[[], IntArray],
     tol: float,
     max_iterations: int,
     step_tol: float = 0.0,
@@ -391,7 +392,7 @@ def _newton_direction(
     kernel: OrbitKernel,
     at: KernelPoint,
     g: FloatArray,
-    group: IntArray,
+    group: Callable[[], IntArray],
     rtol: float,
     final: float = 0.0,
 ) -> tuple[FloatArray, int, FloatArray]:
@@ -404,7 +405,7 @@ def _newton_direction(
     :func:`~graphteleport.orbit_kernel.two_level` where the kernel has no bilinear
     block); the number of steps taken and the residual ``−g − H·d``."""
     active = g != 0
-    precondition = low_rank(kernel, at, active) or two_level(kernel, at, active, group)
+    precondition = low_rank(kernel, at, active) or two_level(kernel, at, active, group())
     x = np.zeros_like(g)
     r = -g
     z = precondition(r)
