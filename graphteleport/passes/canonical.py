@@ -43,11 +43,11 @@ would not hold it — which the Hessian products and the points far from the min
 as it is and the other points widen to float64 in cache), started at the minimiser of
 the kernel's rank-one approximation (each block's terms at ``u = 0`` replaced by the
 product of their row and column sums: ``O + C`` work per product instead of ``O·C``; the
-start is kept only where it lowers ``F``), that approximation made again at the point it
-reached (:data:`START_RESTARTS`, :func:`_rank_one_start`).  Each direction is solved by conjugate
-gradients on ``H·d = −g``, preconditioned by the inverse of the rank-one Hessian —
-``diag H`` plus each bilinear block's cross term made of its row and column sums,
-inverted by Woodbury's identity (:func:`~graphteleport.orbit_kernel.low_rank`; exact
+start is kept only where it lowers ``F``), that approximation made again at the point
+it reached (:data:`START_RESTARTS`, :func:`_rank_one_start`).  Each direction is solved
+by conjugate gradients on ``H·d = −g``, preconditioned by the inverse of the rank-one
+Hessian — ``diag H`` plus each bilinear block's cross term made of its row and column
+sums, inverted by Woodbury's identity (:func:`~graphteleport.orbit_kernel.low_rank`; exact
 where ``Q`` has rank one, so the start's steps take one CG step each; the two-level
 ``diag H`` plus one coarse unknown per layer or residual stream where there is no
 bilinear block) — to a relative residual ``√(max|g|/F)``, capped at 0.1 and never below
@@ -56,7 +56,8 @@ backtracking line search, which extends a full step that beat its quadratic mode
 half as much again (far from the minimum Newton's step on ``e^{p·u}`` is about ``1/p``
 long).  It stops when a
 Newton step from a point read in float64 is at most :data:`STEP_TOL` (1e-5) in every
-entry of ``u`` — that step taken without reading ``Q`` again: ``u`` is then within about
+entry of ``u`` and predicts a gradient of at most :data:`FINAL_GRADIENT` (3e-11) relative
+— that step taken without reading ``Q`` again: ``u`` is then within about
 1e-8 of the minimum (the bound in :func:`_iterate`), about a float32 ulp of every weight —
 or when the relative decrease of ``F`` of the last step and ``max|∂F/∂u| / F`` are both at
 most ``tol`` (default 1e-12; ``F`` here is the part that moves, without rows no movable
