@@ -34,7 +34,6 @@ Usage (from the repository root, in the project's venv)::
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import subprocess
@@ -154,8 +153,7 @@ def start_peer(venv: str, model: Path) -> Peer | str:
 
 def profile_equalize(path: Path, rounds: int, p: float) -> str:
     """cle's phases, each timed alone in the pass's order on a fresh copy of the loaded
-    model: the clip split, the analysis, reading the tensors (copied as ``Q`` first reads
-    them: ``orbit.StoredCopies``), ``Q`` with the one-sided pairs tested after it, the
+    model: the clip split, the analysis, reading the tensors, one-sided pairs, ``Q``, the
     solve's kernel, rank-one start and Newton steps, the rewrite and the figures."""
     phases = Phases()
     for _ in range(rounds):
@@ -164,8 +162,8 @@ def profile_equalize(path: Path, rounds: int, p: float) -> str:
         phases.run("clips", split_clips, model)
         analysis = phases.run("analyze", analyze_model, model, {})
         arrays = phases.run("read tensors", stored_arrays, analysis, True)  # (consumed)
-        hold = functools.partial(one_sided_pairs, analysis, arrays)  # (after Q, as the pass)
-        terms = phases.run("Q + one-sided", balance_terms, analysis, p, arrays, hold=hold)
+        hold = phases.run("one-sided", one_sided_pairs, analysis, arrays)
+        terms = phases.run("Q", balance_terms, analysis, p, arrays, hold=hold)
         values = solved(phases, terms)
         observer = FiguresObserver(analysis)  # (as the pass: the figures gathered there)
         with observed(observer):

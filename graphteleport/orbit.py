@@ -50,15 +50,14 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
-import onnx_ir as ir
 
 from graphteleport.algebra import with_rank
-from graphteleport.analysis import Absorb, AnalysisResult, ConstRef
+from graphteleport.analysis import Absorb, AnalysisResult
 from graphteleport.parallel import map_parts, one_blas_thread, shares
 
 FloatArray = np.ndarray
@@ -292,119 +291,27 @@ def _single_powers(
     return total if total <= SINGLE_MAX else None
 
 
-def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> Mapping[str, np.ndarray]:
+def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> dict[str, np.ndarray]:
     """Every stored tensor ``analysis`` rescales, by name, read once: each
     ``ConstRef.array()`` copies the tensor's bytes out of its proto, so a pass that reads
     them several times (the statistics, the sign rule, one-sided pairs, the report's
     figures) reads them from here.  With ``writable``, each is the pass's own writable
     C-contiguous copy (an array over the proto's bytes is read-only), which the rewrite
-    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``):
-    a :class:`StoredCopies`, which copies each tensor when it is first read."""
+    may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``),
+    the copies made on the :mod:`~graphteleport.parallel` workers (:func:`shares` of the
+    tensors; numpy's copy releases the GIL)."""
     if not writable:
         return {w.source.name: w.source.array() for w in analysis.weights}
-    return StoredCopies([w.source for w in analysis.weights])
+    weights = analysis.weights
+    copies: list[np.ndarray | None] = [None] * len(weights)
 
+    def read(share: list[int]) -> None:
+        for k in share:
+            copies[k] = np.array(weights[k].source.array(), order="C")
 
-#: The alignment (bytes) of each tensor's range in a :class:`StoredCopies` slab.
-SLAB_ALIGN = 64
-
-
-class StoredCopies(Mapping[str, np.ndarray]):
-    """The stored tensors of ``sources`` by name, each the pass's own writable
-    C-contiguous copy, made when the tensor is first read (:func:`stored_arrays`).
-
-    **One slab.**  The copies are views of one allocation, each tensor an aligned range
-    planned from its stored shape and dtype (:func:`_layout`): one large block that numpy
-    asks the kernel to back with huge pages, not ~100 arrays of 0.1–10 MB faulted in
-    4 KiB pages (ResNet-50: 102 MB; the read's page faults 5–7 k → ~400).  The slab lives
-    as long as any of its views — the rewritten model's tensors, where the rewrite wrote
-    over them — so a tensor the rewrite does not write over keeps its range alive with
-    the model instead of being freed after the pass (ResNet-50: 4 KB of 102 MB in
-    canonicalize, 110 KB in cle); only float32 and float64 tensors (:data:`SLAB_DTYPES`,
-    the ones the rewrite can write over) are put there.  The others, and a tensor whose
-    array does not come out as planned (a dtype numpy lacks), get a copy of their own.
-
-    **Read when first used.**  A tensor's bytes are copied out of its proto when it is
-    first looked up, so the first reader (:meth:`OrbitTerms.build`, which makes ``Q``
-    from it on the :mod:`~graphteleport.parallel` workers) reads the copy while it is
-    still in cache, instead of a pass over all the tensors first and a second over the
-    same bytes from memory.  Lookups of *different* names may run on different threads
-    at once (each writes only its own range); the first lookups of one name must not
-    (``build`` gives all the uses of one tensor to one thread)."""
-
-    def __init__(self, sources: Sequence[ConstRef]) -> None:
-        self._sources: dict[str, ConstRef] = {}
-        for source in sources:
-            self._sources.setdefault(source.name, source)
-        self._layouts = {name: _slab_layout(s) for name, s in self._sources.items()}
-        sizes = [_nbytes(x) for x in self._layouts.values()]
-        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
-        self._starts = dict(zip(self._layouts, starts, strict=False))
-        self._slab = np.empty(starts[-1], np.uint8)
-        self._read: dict[str, np.ndarray] = {}
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        found = self._read.get(name)
-        if found is None:
-            found = self._read[name] = self._copy(name)
-        return found
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._sources)
-
-    def __len__(self) -> int:
-        return len(self._sources)
-
-    def _copy(self, name: str) -> np.ndarray:
-        """The copy of tensor ``name``: into its slab range when its array comes out as
-        planned, else an array of its own."""
-        w, layout = self._sources[name].array(), self._layouts[name]
-        if layout is None or w.shape != layout[0] or w.dtype != layout[1]:
-            return np.array(w, order="C")
-        start = self._starts[name]
-        mine = self._slab[start : start + w.nbytes].view(w.dtype).reshape(w.shape)
-        np.copyto(mine, w)
-        return mine
-
-
-def _nbytes(layout: tuple[tuple[int, ...], np.dtype] | None) -> int:
-    """The bytes of a tensor of ``layout`` (0 for None), rounded up to a multiple of
-    :data:`SLAB_ALIGN`."""
-    if layout is None:
-        return 0
-    shape, dtype = layout
-    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    return -(-nbytes // SLAB_ALIGN) * SLAB_ALIGN
-
-
-#: The dtypes a :class:`StoredCopies` slab holds: those the rewrite writes its product
-#: over (:func:`graphteleport.rewrite.prepare`'s ``consume``).
-SLAB_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _slab_layout(source: ConstRef) -> tuple[tuple[int, ...], np.dtype] | None:
-    """:func:`_layout` where its dtype is one of :data:`SLAB_DTYPES`, else None."""
-    layout = _layout(source)
-    return layout if layout is not None and layout[1] in SLAB_DTYPES else None
-
-
-def _layout(source: ConstRef) -> tuple[tuple[int, ...], np.dtype] | None:
-    """The shape and numpy dtype ``source.array()`` will have, from the stored tensor's
-    header (no data read); None where they are not known so (the copy then checks)."""
-    value = source.value
-    if isinstance(value, ir.Node):
-        attribute = value.attributes.get("value")
-        tensor = attribute.as_tensor() if attribute is not None else None
-    else:
-        tensor = value.const_value
-    if tensor is None:
-        return None
-    try:
-        shape = tuple(d if isinstance(d, int) else int(str(d)) for d in tensor.shape)
-        dtype = np.dtype(tensor.dtype.numpy())
-    except (TypeError, ValueError, AttributeError):
-        return None
-    return shape, dtype
+    sizes = [int(np.prod(w.uses[0].shape)) for w in weights]  # (about: for the shares)
+    map_parts(read, [(share,) for share in shares(sizes, sum(sizes))])
+    return {w.source.name: c for w, c in zip(weights, copies, strict=True) if c is not None}
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
@@ -536,26 +443,24 @@ class OrbitTerms:
         analysis: AnalysisResult,
         p: float = 2.0,
         arrays: Mapping[str, np.ndarray] | None = None,
-        hold: np.ndarray | Callable[[], np.ndarray] | None = None,
+        hold: np.ndarray | None = None,
         scales: Sequence[float] | None = None,
         single: bool = False,
     ) -> OrbitTerms:
         """The terms of ``analysis``'s model with ``Q = Σ |W|^p``; ``arrays`` gives the
         stored tensors by name (default: read from the model, ``ConstRef.array()``);
-        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable) — or is a
-        function that gives them, called once ``Q`` is made (``Q`` does not depend on
-        them: a caller whose test of the pairs reads every tensor then reads them after
-        the build has, in its own order, not before);
+        ``hold`` marks pairs that keep ``t = 1`` (not columns, though movable);
         ``scales`` gives per counted use (:func:`counted_uses` order) a factor its ``Q``
         is multiplied by (default 1).  The statistics of large models are computed on
-        both cores (:func:`shares` of the values each tensor's counted uses read; each
-        use's rows are its own); all the uses of one tensor go to one thread, which
-        looks it up in ``arrays`` first — a :class:`StoredCopies` copies it then, so its
-        ``Q`` reads the copy in cache.  With ``single``, ``q`` is float32 (each float64
-        sum rounded once: a relative change of at most 2⁻²⁴ per row, half the bytes for
-        every later read of it), unless some ``Q`` is not a normal float32 at most
-        :data:`SINGLE_MAX` (:class:`Narrow`): then float64, as without."""
+        both cores (:func:`shares` of the values each use reads; each use's rows are its
+        own).  With ``single``, ``q`` is float32 (each float64 sum rounded once: a
+        relative change of at most 2⁻²⁴ per row, half the bytes for every later read of
+        it), unless some ``Q`` is not a normal float32 at most :data:`SINGLE_MAX`
+        (:class:`Narrow`): then float64, as without."""
         sol = analysis.solution
+        movable = movable_pairs(analysis)
+        if hold is not None:
+            movable = movable & ~np.asarray(hold, dtype=bool)
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         uses = counted_uses(analysis)
         factors = [1.0] * len(uses) if scales is None else [float(x) for x in scales]
@@ -563,26 +468,18 @@ class OrbitTerms:
         bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
         q_all = np.empty(bounds[-1], np.float32 if single else np.float64)
 
-        tensors: dict[str, list[int]] = {}  # the counted uses of each stored tensor
-        for k, use in enumerate(uses):
-            tensors.setdefault(use.source.name, []).append(k)
-        groups = list(tensors.values())
-
         def power(share: list[int]) -> None:
-            for k in itertools.chain.from_iterable(groups[g] for g in share):
+            for k in share:
                 use = uses[k]
                 w = arrays[use.source.name] if arrays is not None else use.source.array()
                 reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
 
-        work = [sum(int(np.prod(uses[k].shape)) for k in group) for group in groups]
+        work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
         try:
             with one_blas_thread():  # (the row sums' gemv: both cores already, by shares)
                 map_parts(power, [(share,) for share in shares(work, sum(work))])
         except Narrow:
             return cls.build(analysis, p, arrays, hold, scales, single=False)
-        movable = movable_pairs(analysis)
-        if hold is not None:
-            movable = movable & ~np.asarray(hold() if callable(hold) else hold, dtype=bool)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
         for use, offset in zip(uses, bounds):

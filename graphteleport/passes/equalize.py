@@ -119,7 +119,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, cast, get_args
 
@@ -222,13 +222,12 @@ def balance_terms(
     analysis: AnalysisResult,
     p: float,
     arrays: Mapping[str, np.ndarray] | None = None,
-    hold: np.ndarray | Callable[[], np.ndarray] | None = None,
+    hold: np.ndarray | None = None,
 ) -> OrbitTerms:
     """``B_p`` (module docstring) as orbit terms: ``Σ|W|^p`` of every counted use
     (:func:`graphteleport.orbit.counted_uses`), each use's rows divided by its element
     count and, for a tensor no quantizer quantizes, times :data:`OTHER_WEIGHT`; the
-    pairs ``hold`` marks keep ``t = 1`` (a function: called once ``Q`` is made,
-    ``OrbitTerms.build``).  (The factors are applied as ``Q`` is made:
+    pairs ``hold`` marks keep ``t = 1``.  (The factors are applied as ``Q`` is made:
     ``OrbitTerms.build``'s ``scales``.)"""
     scales = [
         (1.0 if counts else OTHER_WEIGHT) / max(int(np.prod(use.shape, dtype=np.int64)), 1)
@@ -283,9 +282,7 @@ def cle_values(
     """The pair values ``t = exp(u)`` minimising ``B_p`` (module docstring; 1 on pairs it
     does not move) and the balance's :class:`Minimum`.  ``arrays`` gives the stored
     tensors by name (default: read from the model).  Raises :class:`NotConverged`."""
-    # (the one-sided pairs tested after Q's build has read the tensors: a StoredCopies
-    # copies each as the build reads it, in cache for its Q)
-    terms = balance_terms(analysis, p, arrays, hold=lambda: one_sided_pairs(analysis, arrays))
+    terms = balance_terms(analysis, p, arrays, hold=one_sided_pairs(analysis, arrays))
     try:
         # (no restart of the rank-one start: on ResNet-50's cle it saves no Newton step
         # and costs a read of Q — START_RESTARTS's 1 helps the canonical form, p = 2)
