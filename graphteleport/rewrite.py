@@ -559,15 +559,16 @@ def _wide_rows_into(
 _BLOCK = 1 << 16
 #: Elements per block of a native product on the grid (:func:`_grid_rows_into`, not
 #: watched): a block's fixed cost (some ten numpy calls — ``S`` on the grid, the scan, the
-#: count, the product — and the GIL handed between the row ranges' threads) is paid ~100
-#: times a pass on ResNet-50 instead of ~400 (canonicalize's rewrite, interleaved in one
-#: process, 15-21 rounds: 2^16 → 2^17 wall ratio 0.80 (load 0.3), 2^16 → 2^18 0.80–0.83,
-#: 2^17 → 2^18 1.02, 2^18 → 2^19 1.06–1.12, 2^18 → 2^20 1.20).
+#: count, the product — and the GIL handed between the row ranges' threads) is paid ~210
+#: times a pass on ResNet-50's calling thread instead of ~340 (canonicalize's rewrite,
+#: interleaved in one process, 15-21 rounds: 2^16 → 2^17 wall ratio 0.80 (load 0.3),
+#: 2^16 → 2^18 0.80–0.83, 2^17 → 2^18 1.02, 2^18 → 2^19 1.06–1.12, 2^18 → 2^20 1.20).
 GRID_BLOCK = 1 << 17
 #: Elements per block of a product a :class:`BlockWatch` sees: its own work per block is
 #: some twenty numpy calls on the block's cells, so larger blocks pay (ResNet-50 cle,
 #: rewrite + figures CPU, medians of 13 interleaved rounds at load ~6: 2^16 136 ms, 2^17
-#: 123, 2^18 120, 2^19 127).
+#: 123, 2^18 120, 2^19 127).  Not larger: from 2^19 the figures' matrix-vector sums cross
+#: OpenBLAS's threading threshold and its threads spin (cle's rewrite CPU 94 → 173 ms).
 WATCHED_BLOCK = 1 << 18
 #: Elements per block of a half-precision product: onnxruntime's conversions cost ~8 µs
 #: a run (:mod:`graphteleport.halfcast`), so blocks larger than the cache pay — CPU ns an
