@@ -447,14 +447,15 @@ def _grid_rows_into(
 
 def _times_grid(wc: np.ndarray, g: np.ndarray, oc: np.ndarray) -> None:
     """``oc = wc · g`` for a block of rows of ``inner`` elements sharing each grid value:
-    where ``inner > 1`` with ``g`` repeated ``inner`` times and one flat multiply — numpy's
-    broadcast over a short last axis runs its inner loop per row (2^17 float32 elements,
-    3×3 windows: 59.5 µs broadcast against 44.8 repeated; 2 to 49 elements a row all
-    faster), the same products."""
+    where ``inner > 1`` with ``g`` repeated ``inner`` times into an operand of ``wc``'s
+    shape (numpy runs the contiguous product as one flat loop), where numpy's broadcast
+    over a short last axis runs its inner loop per row (2^17 float32 elements, 3×3
+    windows: 59.5 µs broadcast against 44.8 repeated; 2 to 49 elements a row all faster);
+    the same products."""
     if wc.shape[1] == 1:
         np.multiply(wc, g[:, None], out=oc)
     else:
-        np.multiply(wc.reshape(-1), g.repeat(wc.shape[1]), out=oc.reshape(-1))
+        np.multiply(wc, g.repeat(wc.shape[1]).reshape(wc.shape), out=oc)
 
 
 def _blocks(shape: tuple[int, ...], split: int, block: int) -> tuple[int, int, int, int]:
