@@ -437,7 +437,7 @@ def _grid_rows_into(
                 b = w32[: n * row].reshape(-1, inner)
                 copy = casts.copy if scan_rows else casts.copy_finite
                 copy(wc.reshape(-1), b.reshape(-1))
-                np.multiply(b, g[:, None], out=b)
+                _times_grid(b, g, b)
                 copy(b.reshape(-1), oc.reshape(-1))
                 changed += _half_changed(wc, oc, g, differ)
                 if scan_rows:
