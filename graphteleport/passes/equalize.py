@@ -648,11 +648,13 @@ class FiguresWatch:
         self.parts: list[UseFigures] = []
         self.seen: list[int] = []
         self.overwrote = False
+        self.positive = False
 
-    def begin(self, parts: int, overwrite: bool = False) -> None:
+    def begin(self, parts: int, overwrite: bool = False, positive: bool = False) -> None:
         self.parts = [_empty_figures(self.use) for _ in range(parts)]
         self.seen = [0] * parts
         self.overwrote = self.overwrote or overwrite
+        self.positive = positive
 
     def see(
         self,
@@ -665,7 +667,7 @@ class FiguresWatch:
     ) -> int:
         peak, sq, nonzero = compact_stats(self.use, w, zero, mags)
         s = grid.reshape(peak.shape)
-        if s.size and s.min() < 0:  # (a negative cofactor: the figures take |S|)
+        if not self.positive and s.size and s.min() < 0:  # (a negative τ: the figures take |S|)
             s = np.abs(s)
         self.seen[part] += len(w)
         sl = slice(start, start + len(w))
