@@ -1432,8 +1432,11 @@ recogniser (2 cores at load 4–8), the harness row 145 s in all."""
 
 READING = """## Reading of the 2026-12-04 runs (graphteleport at quantproof2)
 
-(The recogniser's accuracy has moved since: the predicted-noise section above.  This
-reading is of the runs before it.)
+(The recogniser's accuracy has moved since: the predicted-noise section above.  So have
+MiniLM's margins: since 2026-12-05 its SQNR counts the attended positions only, where
+`auto` scores 18.27 dB, +9.97 over per-channel weights [+9.87, +10.06] and +11.27 over
+as is and every peer — the generated summary above; over every element it is −1.27 dB
+below per-channel.  This reading is of the runs before both.)
 
 **Done-when 2, part by part** (the `equalize auto` row: chosen on the 32 calibration inputs
 only, never on the held-back ones).  In brackets the 90 % paired bootstrap interval of

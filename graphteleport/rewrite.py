@@ -107,9 +107,10 @@ class BlockWatch(Protocol):
     while they are in cache: a pass that wants figures of every ``W`` and its ``S`` (the
     equalize report) gathers them there instead of reading each weight again."""
 
-    def begin(self, parts: int, overwrite: bool = False) -> None:
+    def begin(self, parts: int, overwrite: bool = False, positive: bool = False) -> None:
         """The product is cut into ``parts`` row ranges, each on one thread; with
-        ``overwrite`` it is written over W's array (:func:`prepare`'s ``consume``)."""
+        ``overwrite`` it is written over W's array (:func:`prepare`'s ``consume``); with
+        ``positive`` every ``S`` shown is positive (no factor's ``τ`` is negative)."""
         ...
 
     def see(
@@ -269,6 +270,7 @@ def _product_rows(
     known: Magnitudes | None = None,
     watch: BlockWatch | None = None,
     original: Callable[[], np.ndarray] | None = None,
+    positive: bool = False,
 ) -> tuple[np.ndarray, int, Magnitudes]:
     """``W · S`` as :func:`_apply` rounds it, the number of elements changed and W's
     :class:`Magnitudes`, for a C-contiguous W (ndim ≥ 1) whose ``S`` rows ``i:j`` are
@@ -295,7 +297,8 @@ def _product_rows(
     given only for a W found finite — then W is not scanned again, and its float16
     conversions skip their NaN check (:meth:`~graphteleport.halfcast.Casts.copy_finite`:
     a finite W times a finite ``S`` holds no NaN).  ``watch``: shown each block of the
-    grid path (:class:`BlockWatch`; its count replaces :func:`_grid_changed`'s).
+    grid path (:class:`BlockWatch`; its count replaces :func:`_grid_changed`'s; ``positive``:
+    every ``S`` is, :meth:`BlockWatch.begin`).
     ``out`` may be W itself on the native grid path (each block is read before it is
     written); ``original`` then reads W as it was, for the rare counts that compare W
     and W' (a non-finite W, or a count :func:`_count_exact` does not vouch for)."""
@@ -307,7 +310,7 @@ def _product_rows(
     casts = halfcast.chosen() if half else None
     ranges = row_parts(w.shape[0], w.size)
     if watch is not None:
-        watch.begin(len(ranges), overwrite=out is w)
+        watch.begin(len(ranges), overwrite=out is w, positive=positive)
     parts = [
         (w, out, rows_of, fill, float32_scale, split, i, j, casts, known is None, watch, k)
         for k, (i, j) in enumerate(ranges)
@@ -406,11 +409,11 @@ def _grid_rows_into(
     watch: BlockWatch | None = None,
     part: int = 0,
 ) -> tuple[int, MagnitudeScan]:
-    """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about ``_BLOCK`` elements
-    (``_HALF_BLOCK`` for a half-precision W) at a time in buffers reused across blocks,
-    ``S`` rounded once on the block's grid (W's first ``split`` axes) and applied by one
-    ``multiply`` per block, broadcast over the trailing axes; the elements changed and
-    the rows' magnitudes.
+    """Rows ``start:stop`` of ``W · S`` into ``out``, a block of about :data:`GRID_BLOCK`
+    elements (:data:`WATCHED_BLOCK` where watched, ``_HALF_BLOCK`` for a half-precision W)
+    at a time in buffers reused across blocks, ``S`` rounded once on the block's grid (W's
+    first ``split`` axes) and applied by one ``multiply`` per block, broadcast over the
+    trailing axes; the elements changed and the rows' magnitudes.
 
     A float32 or float64 W (``casts`` None) is multiplied natively by ``S`` rounded to
     its dtype, and the elements changed are counted from the grid (non-zero elements
@@ -426,7 +429,7 @@ def _grid_rows_into(
     scanned, the scan keeps the block's masked bits whole (``|W|``, bit for bit) and the
     watch is shown them too, so it does not form ``|W|`` again."""
     scan = MagnitudeScan(w.dtype)
-    block = _BLOCK if casts is None else _HALF_BLOCK
+    block = GRID_BLOCK if casts is None else _HALF_BLOCK
     inner, row, rows, cells = _blocks(w.shape, split, block if watch is None else WATCHED_BLOCK)
     grid = np.empty(rows * cells, dtype=w.dtype if casts is None else np.float32)
     w32 = np.empty(0 if casts is None else rows * row, dtype=np.float32)
@@ -449,17 +452,30 @@ def _grid_rows_into(
                     wb = w[i : i + n]
                     mags = keep[: wb.size].view(w.dtype).reshape(wb.shape) if scan_rows else None
                     changed += watch.see(part, i, wb, g, zero, mags)
-                np.multiply(wc, g[:, None], out=oc)
+                _times_grid(wc, g, oc)
             else:
                 b = w32[: n * row].reshape(-1, inner)
                 copy = casts.copy if scan_rows else casts.copy_finite
                 copy(wc.reshape(-1), b.reshape(-1))
-                np.multiply(b, g[:, None], out=b)
+                _times_grid(b, g, b)
                 copy(b.reshape(-1), oc.reshape(-1))
                 changed += _half_changed(wc, oc, g, differ)
                 if scan_rows:
                     scan.add(wc)
     return changed, scan
+
+
+def _times_grid(wc: np.ndarray, g: np.ndarray, oc: np.ndarray) -> None:
+    """``oc = wc · g`` for a block of rows of ``inner`` elements sharing each grid value:
+    where ``inner > 1`` with ``g`` repeated ``inner`` times into an operand of ``wc``'s
+    shape (numpy runs the contiguous product as one flat loop), where numpy's broadcast
+    over a short last axis runs its inner loop per row (2^17 float32 elements, 3×3
+    windows: 59.5 µs broadcast against 44.8 repeated; 2 to 49 elements a row all faster);
+    the same products."""
+    if wc.shape[1] == 1:
+        np.multiply(wc, g[:, None], out=oc)
+    else:
+        np.multiply(wc, g.repeat(wc.shape[1]).reshape(wc.shape), out=oc)
 
 
 def _blocks(shape: tuple[int, ...], split: int, block: int) -> tuple[int, int, int, int]:
@@ -562,10 +578,18 @@ def _wide_rows_into(
 
 
 _BLOCK = 1 << 16
+#: Elements per block of a native product on the grid (:func:`_grid_rows_into`, not
+#: watched): a block's fixed cost (some ten numpy calls — ``S`` on the grid, the scan, the
+#: count, the product — and the GIL handed between the row ranges' threads) is paid ~210
+#: times a pass on ResNet-50's calling thread instead of ~340 (canonicalize's rewrite,
+#: interleaved in one process, 15-21 rounds: 2^16 → 2^17 wall ratio 0.80 (load 0.3),
+#: 2^16 → 2^18 0.80–0.83, 2^17 → 2^18 1.02, 2^18 → 2^19 1.06–1.12, 2^18 → 2^20 1.20).
+GRID_BLOCK = 1 << 17
 #: Elements per block of a product a :class:`BlockWatch` sees: its own work per block is
 #: some twenty numpy calls on the block's cells, so larger blocks pay (ResNet-50 cle,
 #: rewrite + figures CPU, medians of 13 interleaved rounds at load ~6: 2^16 136 ms, 2^17
-#: 123, 2^18 120, 2^19 127).
+#: 123, 2^18 120, 2^19 127).  Not larger: from 2^19 the figures' matrix-vector sums cross
+#: OpenBLAS's threading threshold and its threads spin (cle's rewrite CPU 94 → 173 ms).
 WATCHED_BLOCK = 1 << 18
 #: Elements per block of a half-precision product: onnxruntime's conversions cost ~8 µs
 #: a run (:mod:`graphteleport.halfcast`), so blocks larger than the cache pay — CPU ns an
@@ -713,11 +737,18 @@ def _pend_rows(
     """:func:`_pend` of a weight with one :class:`~graphteleport.algebra.RowScale` (its
     product into ``out`` where given — W itself included, then read again from the
     model where needed —, shown to ``watch``: :func:`_product_rows`)."""
-    rows_into = lazy.rows_into
+    rows_into, original = lazy.rows_into, use.source.array
+    positive = watch is not None and _positive(lazy)
     new, changed, mags = _product_rows(
-        w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known, watch, use.source.array
+        w, lazy.rows, f32, lazy.shape, smin, rows_into, out, known, watch, original, positive
     )
     return _Pending(use.source, new if changed else None, changed), mags
+
+
+def _positive(lazy: RowScale) -> bool:
+    """Whether every ``S`` of ``lazy`` is positive: each factor's ``τ`` over its ids is (a
+    product of positive powers; ``τ`` is never 0)."""
+    return all(bool(np.all(lazy.tau[np.asarray(f.ids)] > 0)) for f in lazy.factors)
 
 
 def narrow(analysis: AnalysisResult) -> bool:

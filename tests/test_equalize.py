@@ -670,3 +670,41 @@ def test_square_sums_are_the_definitions_over_the_elements(
     w64, s64 = w.astype(np.float64), s.astype(np.float64)[..., None]
     assert before == pytest.approx(float(np.sum(w64**2)), rel=1e-6)
     assert after == pytest.approx(float(np.sum((w64 * s64) ** 2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gemm_mlp", "resnet_tiny"])
+def test_watched_figures_take_the_magnitude_of_a_negative_s(name: str) -> None:
+    """The figures the rewrite's watch gathers (:class:`FiguresObserver`) equal
+    :func:`use_figures`' (which takes ``|τ^exp|``) for positive cofactors and where some are
+    negative — the watch skips its look for a negative ``S`` only where the rewrite says
+    every factor's ``τ`` is positive."""
+    from graphteleport.analysis import analyze_model
+    from graphteleport.orbit import stored_arrays
+    from graphteleport.passes.equalize import FiguresObserver, use_figures
+    from graphteleport.rewrite import observed, prepare
+
+    proto = gemm_mlp([6, 9, 5, 3]) if name == "gemm_mlp" else _fixture(name)(None)  # type: ignore[arg-type]
+    model = ir.from_proto(proto)
+    analysis = analyze_model(model, {})
+    arrays = stored_arrays(analysis)
+    rng = np.random.default_rng(3)
+    for signs in (False, True):
+        values = rng.uniform(0.4, 2.5, analysis.solution.free.size)
+        if signs:
+            values *= rng.choice([-1.0, 1.0], values.size)
+        tau = analysis.solution.cofactors(values)
+        observer = FiguresObserver(analysis)
+        with observed(observer):
+            prepare(analysis, tau, arrays)
+        seen = observer.seen()
+        assert seen
+        negative = 0
+        for tensor, (use, got) in seen.items():
+            want = use_figures(use, arrays[tensor], tau)
+            assert got.moved == want.moved, tensor
+            assert got.peaks == pytest.approx(want.peaks, rel=3e-7), tensor
+            assert got.squares == pytest.approx(want.squares, rel=1e-6), tensor
+            for g, w in zip(got.before + got.after, want.before + want.after, strict=True):
+                assert np.allclose(g, w, rtol=3e-7, atol=0), tensor
+            negative += any(bool(np.any(tau[np.asarray(f.ids)] < 0)) for f in use.factors)
+        assert (negative > 0) == signs

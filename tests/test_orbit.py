@@ -408,18 +408,21 @@ def test_rank_one_kernel_keeps_the_sums_and_its_products_are_dense_ones(
 
 @pytest.mark.parametrize("p", [2.0, 3.0])
 def test_minimize_from_the_rank_one_start_reaches_the_same_minimum(p: float) -> None:
-    """With and without the rank-one start, minimize ends at the same ``u`` and ``F``; the
-    start took Newton steps of its own on a model with conv blocks."""
+    """With and without the rank-one start, and with it made once or again where it
+    arrived, minimize ends at the same ``u`` and ``F``; the start took Newton steps of its
+    own on a model with conv blocks, more when made again."""
     from graphteleport.passes.canonical import minimize
     from models import FIXTURES_DIR
 
     proto = onnx.load(FIXTURES_DIR / "resnet_tiny.onnx")
     terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=p)
     warm, cold = minimize(terms), minimize(terms, start=False)
-    assert warm.start[0] > 0 and cold.start == (0, 0)
-    assert warm.objective_after == pytest.approx(cold.objective_after, rel=1e-12)
-    assert warm.objective_before == cold.objective_before
-    np.testing.assert_allclose(warm.u, cold.u, rtol=0, atol=1e-7)
+    once = minimize(terms, restarts=0)  # (the start not made again where it arrived)
+    assert warm.start[0] > once.start[0] > 0 and cold.start == (0, 0)
+    for other in (cold, once):
+        assert warm.objective_after == pytest.approx(other.objective_after, rel=1e-12)
+        assert warm.objective_before == other.objective_before
+        np.testing.assert_allclose(warm.u, other.u, rtol=0, atol=1e-7)
     # (each ends with a last step ≤ STEP_TOL taken unread: u within ~1e-8 of the minimum)
     assert np.abs(terms.gradient(warm.u)).max() <= 1e-8 * terms.objective(warm.u)
 
@@ -583,3 +586,21 @@ def test_single_q_falls_back_to_float64_where_float32_does_not_hold_it(
     single = OrbitTerms.build(analysis, p=p, single=True)
     assert single.q.dtype == np.float64
     assert np.array_equal(single.q, OrbitTerms.build(analysis, p=p).q)
+
+
+@pytest.mark.parametrize(("name", "proto"), KERNEL_MODELS, ids=[n for n, _ in KERNEL_MODELS])
+def test_last_step_unread_only_below_final_gradient(
+    name: str, proto: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last-step rule takes a step unread only where the gradient it predicts is at
+    most FINAL_GRADIENT·F: with that bound 0 the solve is the one without the rule, bit
+    for bit; with it, a solve that ends by the rule reports a gradient within it."""
+    from graphteleport.passes import canonical
+
+    terms = OrbitTerms.build(analyze_model(ir.from_proto(proto), {}), p=2.0, single=True)
+    ruled = canonical.minimize(terms)
+    if ruled.gradient > canonical.TOL:  # (ended by the rule: its prediction)
+        assert ruled.gradient <= canonical.FINAL_GRADIENT
+    monkeypatch.setattr(canonical, "FINAL_GRADIENT", 0.0)
+    never, plain = canonical.minimize(terms), canonical.minimize(terms, step_tol=0.0)
+    assert np.array_equal(never.u, plain.u) and never.iterations == plain.iterations

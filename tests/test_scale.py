@@ -551,6 +551,7 @@ def test_native_products_count_changes_from_the_grid(
 
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
     monkeypatch.setattr(rewrite, "_BLOCK", 100)
+    monkeypatch.setattr(rewrite, "GRID_BLOCK", 100)
     monkeypatch.setattr(rewrite, "_HALF_BLOCK", 100)  # several blocks per range
     rng = np.random.default_rng(12)
     tiny = limits(np.dtype(dtype)).tiny
@@ -592,6 +593,7 @@ def test_products_by_row_ranges_on_threads_equal_the_whole_product(
 
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
     monkeypatch.setattr(rewrite, "_BLOCK", 40)
+    monkeypatch.setattr(rewrite, "GRID_BLOCK", 40)
     monkeypatch.setattr(rewrite, "_HALF_BLOCK", 40)  # several blocks per range
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(11)
@@ -999,6 +1001,7 @@ def test_half_products_by_blocks_on_either_backend_equal_the_whole_product(
     monkeypatch.setattr(halfcast, "ORT_PIECE", 70)
     monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 64)
     monkeypatch.setattr(rewrite, "_BLOCK", 300)
+    monkeypatch.setattr(rewrite, "GRID_BLOCK", 300)
     monkeypatch.setattr(rewrite, "_HALF_BLOCK", 300)
     monkeypatch.setattr(halfcast, "PIECE", 70)  # several pieces per block
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)

@@ -284,7 +284,9 @@ def cle_values(
     tensors by name (default: read from the model).  Raises :class:`NotConverged`."""
     terms = balance_terms(analysis, p, arrays, hold=one_sided_pairs(analysis, arrays))
     try:
-        found = minimize(terms, tol=tol, max_iterations=max_iterations)
+        # (no restart of the rank-one start: on ResNet-50's cle it saves no Newton step
+        # and costs a read of Q — START_RESTARTS's 1 helps the canonical form, p = 2)
+        found = minimize(terms, tol=tol, max_iterations=max_iterations, restarts=0)
     except NotConverged as e:
         raise NotConverged(f"equalize (p={p:g}): {e}") from None
     return np.exp(found.u), found
@@ -646,11 +648,13 @@ class FiguresWatch:
         self.parts: list[UseFigures] = []
         self.seen: list[int] = []
         self.overwrote = False
+        self.positive = False
 
-    def begin(self, parts: int, overwrite: bool = False) -> None:
+    def begin(self, parts: int, overwrite: bool = False, positive: bool = False) -> None:
         self.parts = [_empty_figures(self.use) for _ in range(parts)]
         self.seen = [0] * parts
         self.overwrote = self.overwrote or overwrite
+        self.positive = positive
 
     def see(
         self,
@@ -663,7 +667,7 @@ class FiguresWatch:
     ) -> int:
         peak, sq, nonzero = compact_stats(self.use, w, zero, mags)
         s = grid.reshape(peak.shape)
-        if s.size and s.min() < 0:  # (a negative cofactor: the figures take |S|)
+        if not self.positive and s.size and s.min() < 0:  # (a negative τ: the figures take |S|)
             s = np.abs(s)
         self.seen[part] += len(w)
         sl = slice(start, start + len(w))
