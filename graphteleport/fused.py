@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx.external_data_helper import ExternalDataInfo
 
 from graphteleport import pieces
 from graphteleport.analysis import AnalysisResult, ConstRef
@@ -134,9 +135,14 @@ class FusedVerification:
     def send(self, index: int, placed: dict[str, Placed]) -> None:
         """Hand block ``index`` (its initializers now at ``placed``) to the thread,
         waiting while it is :data:`AHEAD` blocks behind (not once it has ended)."""
+        self._offer((index, placed))
+
+    def _offer(self, item: tuple[int, dict[str, Placed]] | None) -> None:
+        """Put ``item`` on the queue, waiting while it is full, unless the thread has
+        ended (then nothing takes it)."""
         while not self._ended.is_set():
             try:
-                self._queue.put((index, placed), timeout=0.1)
+                self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
@@ -201,12 +207,8 @@ class FusedVerification:
 
     def _queue_end(self) -> None:
         """Tell the thread no block follows (it ends once the queue is empty)."""
-        while self._thread is not None and not self._ended.is_set():
-            try:
-                self._queue.put(None, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if self._thread is not None:
+            self._offer(None)
 
     def _why_not(self, model_path: str, scales: TensorScales | None, rtol: float) -> str | None:
         if self.abandoned is not None:
@@ -272,8 +274,8 @@ class FusedSink:
             self._first.update(dict.fromkeys(names, k))
         blocks = [self._first.get(w.source.name, 0) for w in analysis.weights]
         self._left = [0] * len(self._reads)
-        for k in blocks:
-            if self._left:
+        if self._left:  # (no blocks: nothing is sent)
+            for k in blocks:
                 self._left[k] += 1
         self._send_ready()
         return sorted(natural, key=blocks.__getitem__)
@@ -401,8 +403,9 @@ def _same_tensor(ran: onnx.TensorProto, stored: onnx.TensorProto) -> bool:
 
 
 def _where(t: onnx.TensorProto) -> tuple[str, int, int] | None:
+    """An external initializer's (location, offset, length; -1: not given), by onnx's
+    own reading of its entries."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return None
-    entries = {e.key: e.value for e in t.external_data}
-    offset, length = int(entries.get("offset", 0)), int(entries.get("length", -1))
-    return entries.get("location", ""), offset, length
+    info = ExternalDataInfo(t)
+    return info.location, info.offset or 0, -1 if info.length is None else info.length
