@@ -55,10 +55,11 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
+import onnx_ir as ir
 
 from graphteleport.algebra import with_rank
-from graphteleport.analysis import Absorb, AnalysisResult
-from graphteleport.parallel import map_parts, one_blas_thread, shares
+from graphteleport.analysis import Absorb, AnalysisResult, ConstRef
+from graphteleport.parallel import each, one_blas_thread
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -298,20 +299,69 @@ def stored_arrays(analysis: AnalysisResult, writable: bool = False) -> dict[str,
     figures) reads them from here.  With ``writable``, each is the pass's own writable
     C-contiguous copy (an array over the proto's bytes is read-only), which the rewrite
     may write its product into (:func:`graphteleport.rewrite.prepare`'s ``consume``),
-    the copies made on the :mod:`~graphteleport.parallel` workers (:func:`shares` of the
-    tensors; numpy's copy releases the GIL)."""
+    the copies made on the :mod:`~graphteleport.parallel` workers (:func:`each` tensor
+    on the thread that takes it; numpy's copy releases the GIL).
+
+    **One slab.**  The copies are views of one array (:func:`_slab`), not one allocation
+    each: most of ResNet-50's tensors are under numpy's 4 MB huge-page threshold, so
+    their fresh memory was faulted in 4 KiB pages — a cle pass took 8–9 k minor faults,
+    1–2 k with the slab (whole passes, with :func:`~graphteleport.parallel.each`: wall
+    per-round 0.93, bench/README.md).  The slab lives as long as any of its views (the
+    rewritten model's weights are most of them): no more memory than the copies took
+    before."""
     if not writable:
         return {w.source.name: w.source.array() for w in analysis.weights}
     weights = analysis.weights
+    places = [_place(w.source) for w in weights]
+    slab, offsets = _slab(places)
     copies: list[np.ndarray | None] = [None] * len(weights)
 
-    def read(share: list[int]) -> None:
-        for k in share:
-            copies[k] = np.array(weights[k].source.array(), order="C")
+    def read(k: int) -> None:
+        w, place = weights[k].source.array(), places[k]
+        if place is None or (w.dtype, w.shape) != place:  # (its own array, as it came)
+            copies[k] = np.array(w, order="C")
+            return
+        copy = slab[offsets[k] : offsets[k] + w.nbytes].view(w.dtype).reshape(w.shape)
+        np.copyto(copy, w)
+        copies[k] = copy
 
-    sizes = [int(np.prod(w.uses[0].shape)) for w in weights]  # (about: for the shares)
-    map_parts(read, [(share,) for share in shares(sizes, sum(sizes))])
+    each(read, [int(np.prod(w.uses[0].shape)) for w in weights])  # (sizes: about)
     return {w.source.name: c for w, c in zip(weights, copies, strict=True) if c is not None}
+
+
+#: Each copy in the slab starts on a multiple of this many bytes (a cache line).
+SLAB_ALIGN = 64
+
+Place = tuple[np.dtype, tuple[int, ...]]
+
+
+def _place(ref: ConstRef) -> Place | None:
+    """The dtype and shape ``ref.array()`` has, where the initializer says them without
+    being read (a plain numeric type, a static shape), else None (its copy: its own)."""
+    tensor = None if ref.is_node or isinstance(ref.value, ir.Node) else ref.value.const_value
+    if tensor is None or tensor.dtype.bitwidth not in (8, 16, 32, 64):
+        return None
+    try:
+        dtype = np.dtype(tensor.dtype.numpy())
+    except TypeError:
+        return None
+    dims = tuple(d for d in tensor.shape if isinstance(d, int))
+    return (dtype, dims) if len(dims) == len(tensor.shape) else None
+
+
+def _slab(places: Sequence[Place | None]) -> tuple[np.ndarray, list[int]]:
+    """One byte array for every placed copy, starting on a multiple of :data:`SLAB_ALIGN`
+    bytes, and each one's offset in it (aligned too; that of the next for those without a
+    place)."""
+    offsets, end = [], 0
+    for place in places:
+        offsets.append(end)
+        if place is not None:
+            n = place[0].itemsize * int(np.prod(place[1], dtype=np.int64))
+            end += -(-n // SLAB_ALIGN) * SLAB_ALIGN
+    raw = np.empty(end + SLAB_ALIGN, np.uint8)
+    shift = -raw.ctypes.data % SLAB_ALIGN
+    return raw[shift : shift + end], offsets
 
 
 def counted_uses(analysis: AnalysisResult) -> list[Absorb]:
@@ -468,16 +518,15 @@ class OrbitTerms:
         bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
         q_all = np.empty(bounds[-1], np.float32 if single else np.float64)
 
-        def power(share: list[int]) -> None:
-            for k in share:
-                use = uses[k]
-                w = arrays[use.source.name] if arrays is not None else use.source.array()
-                reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
+        def power(k: int) -> None:
+            use = uses[k]
+            w = arrays[use.source.name] if arrays is not None else use.source.array()
+            reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
 
         work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
         try:
-            with one_blas_thread():  # (the row sums' gemv: both cores already, by shares)
-                map_parts(power, [(share,) for share in shares(work, sum(work))])
+            with one_blas_thread():  # (the row sums' gemv: both cores already, by each)
+                each(power, work)
         except Narrow:
             return cls.build(analysis, p, arrays, hold, scales, single=False)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []

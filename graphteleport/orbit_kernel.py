@@ -39,7 +39,7 @@ import numpy as np
 
 from graphteleport.orbit import SINGLE_MAX as SINGLE_MAX
 from graphteleport.orbit import Block, OrbitTerms
-from graphteleport.parallel import map_parts, shares
+from graphteleport.parallel import each
 
 FloatArray = np.ndarray
 IntArray = np.ndarray
@@ -259,15 +259,14 @@ def with_single(m: Bilinear) -> Bilinear:
 
 def with_singles(matrices: list[Bilinear]) -> list[Bilinear]:
     """:func:`with_single` of each block, the copies made on both cores for a large
-    kernel (:func:`graphteleport.parallel.shares`)."""
+    kernel (:func:`graphteleport.parallel.each`)."""
     sizes = [m.q.size for m in matrices]
     out = list(matrices)
 
-    def copy(share: list[int]) -> None:
-        for i in share:
-            out[i] = with_single(matrices[i])
+    def copy(i: int) -> None:
+        out[i] = with_single(matrices[i])
 
-    map_parts(copy, [(share,) for share in shares(sizes, sum(sizes))])
+    each(copy, sizes)
     return out
 
 
@@ -407,13 +406,11 @@ class OrbitKernel:
         return np.concatenate([f for m in self.matrices if m.outer for f in m.outer])
 
     @cached_property
-    def shares(self) -> tuple[tuple[Bilinear, ...], ...]:
-        """The bilinear blocks cut into one share per worker thread, of about equal
-        ``Q`` sizes (:func:`graphteleport.parallel.shares`): the products read each share's
-        blocks on a thread of their own (numpy's BLAS releases the GIL; the blocks write
-        disjoint side entries)."""
-        sizes = [m.q.size for m in self.matrices]
-        return tuple(tuple(self.matrices[i] for i in s) for s in shares(sizes, sum(sizes)))
+    def sizes(self) -> tuple[int, ...]:
+        """The bilinear blocks' ``Q`` sizes: the products read the blocks on both worker
+        threads, each taking the largest left (:func:`graphteleport.parallel.each`;
+        numpy's BLAS releases the GIL; the blocks write disjoint side entries)."""
+        return tuple(m.q.size for m in self.matrices)
 
     @property
     def low_rank_plan(self) -> LowRankPlan:
@@ -470,19 +467,19 @@ class OrbitKernel:
             w32 = (w[lo:] / np.repeat(peak, lengths)).astype(np.float32)
             out32 = np.empty_like(w32)
 
-        def work(share: tuple[Bilinear, ...]) -> None:
-            for m in share:
-                rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
-                if copies:
-                    a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
-                    assert m.q32 is not None
-                    fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
-                elif m.outer is not None or (fast and m.q32 is not None):
-                    out[rows], out[cols] = (m.both_fast if fast else m.both)(w[cols], w[rows])
-                else:
-                    fused(m.q, w[cols], w[rows], out=(out[rows], out[cols]))
+        def work(i: int) -> None:
+            m = self.matrices[i]
+            rows, cols = slice(m.lo, m.mid), slice(m.mid, m.hi)
+            if copies:
+                a, b, c = m.lo - lo, m.mid - lo, m.hi - lo
+                assert m.q32 is not None
+                fused(m.q32, w32[b:c], w32[a:b], out=(out32[a:b], out32[b:c]))
+            elif m.outer is not None or (fast and m.q32 is not None):
+                out[rows], out[cols] = (m.both_fast if fast else m.both)(w[cols], w[rows])
+            else:
+                fused(m.q, w[cols], w[rows], out=(out[rows], out[cols]))
 
-        map_parts(work, [(share,) for share in self.shares])
+        each(work, self.sizes)
         if copies:
             np.multiply(out32, np.repeat(peak[partner], lengths), out=out[lo:])
         return out

@@ -6,6 +6,9 @@ threads would cost more than they save); :func:`map_parts` runs a function on ea
 and returns the results in order.  The pool has :func:`workers` threads — the CPUs this
 process may use, at most :data:`MAX_WORKERS` — and is made on first use.
 
+:func:`each` runs a function on every item of a list, both workers taking the largest
+item left until none is (many small tensors or blocks, none cut).
+
 :func:`one_blas_thread` runs a block with the BLAS library's own threads limited to one
 (the orbit solve's matrix-vector products: they are memory-bound, and OpenBLAS's threads
 spin for cores other processes hold).
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -84,6 +88,39 @@ def map_parts(fn: Callable[..., T], args: Sequence[tuple[Any, ...]]) -> list[T]:
     finally:
         wait(rest)
     return [first, *(f.result() for f in rest)]
+
+
+def each(fn: Callable[[int], object], sizes: Sequence[int]) -> None:
+    """``fn(i)`` for every index ``i`` of ``sizes`` (the items' work, about), on the
+    workers when the total is large (as :func:`shares`): each thread takes the largest
+    item not yet taken, until none is left, so a thread that gets its core late, or
+    items that take longer than their size says, leave the other thread the rest rather
+    than keeping it waiting; the items must write disjoint outputs (the results are then
+    the same whichever thread takes an item).  A failing item stops the handing out; the
+    first exception is raised once both threads are done."""
+    k = workers() if sum(sizes) >= PARALLEL_ELEMENTS else 1
+    if k == 1 or len(sizes) <= 1:
+        for i in range(len(sizes)):
+            fn(i)
+        return
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    lock = threading.Lock()
+    left = iter(order)
+    failed: list[bool] = []
+
+    def take() -> None:
+        while not failed:
+            with lock:
+                i = next(left, None)
+            if i is None:
+                return
+            try:
+                fn(i)
+            except BaseException:
+                failed.append(True)
+                raise
+
+    map_parts(take, [()] * min(k, len(sizes)))
 
 
 @contextmanager

@@ -3,6 +3,8 @@ match finite differences, and pair_sums is Aᵀ."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -507,6 +509,89 @@ def test_shares_cover_every_index_once_and_balance(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(parallel, "workers", lambda: 1)
     (alone,) = parallel.shares(sizes, PARALLEL_ELEMENTS)
     assert sorted(alone) == list(range(50))
+
+
+def test_each_runs_every_index_once_and_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``each`` calls ``fn`` once per index — on both workers when the total is large (the
+    two threads each take some), in order on the caller otherwise — and raises an
+    item's exception once the threads are done, handing out no item after it."""
+    import threading
+    import time
+
+    from graphteleport import parallel
+
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    sizes = [int(x) for x in np.random.default_rng(1).integers(1, 1000, 60)]
+    seen: list[tuple[int, int | None]] = []
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=10.0)  # (each thread's first item waits for the other's)
+
+    def slow(i: int) -> None:
+        with lock:
+            first = threading.get_ident() not in {t for _, t in seen}
+            seen.append((i, threading.get_ident()))
+        if first and parallel.PARALLEL_ELEMENTS == 0:
+            both.wait()
+
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)
+    parallel.each(slow, sizes)
+    assert sorted(i for i, _ in seen) == list(range(60))
+    assert len({t for _, t in seen}) == 2
+    seen.clear()
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", sum(sizes) + 1)
+    parallel.each(slow, sizes)
+    assert [i for i, _ in seen] == list(range(60))  # (serial: in index order)
+    monkeypatch.setattr(parallel, "PARALLEL_ELEMENTS", 0)
+    calls: list[int] = []
+    failed = threading.Event()
+
+    def failing(i: int) -> None:
+        calls.append(i)
+        if i == int(np.argmax(sizes)):  # (the largest: handed out first)
+            failed.set()
+            raise ValueError("item")
+        failed.wait(5.0)  # (the others wait for the failure, then take a while)
+        time.sleep(0.02)
+
+    with pytest.raises(ValueError, match="item"):
+        parallel.each(failing, sizes)
+    assert len(calls) <= 3  # the failing item, and what the other thread had taken
+
+
+def test_writable_copies_are_views_of_one_slab() -> None:
+    """``stored_arrays(writable=True)``: each tensor's own writable C-contiguous copy, equal
+    to the stored tensor, the placed ones (plain dtypes, static shapes) views of one
+    array at aligned offsets that do not overlap; writing one changes neither the model
+    nor another copy."""
+    from graphteleport.orbit import SLAB_ALIGN, stored_arrays
+    from models import FIXTURES_DIR
+
+    model = ir.from_proto(onnx.load(FIXTURES_DIR / "resnet_tiny.onnx"))
+    analysis = analyze_model(model, {})
+    plain = stored_arrays(analysis)
+    copies = stored_arrays(analysis, writable=True)
+    assert copies.keys() == plain.keys() and len(copies) > 3
+
+    def owner(a: np.ndarray) -> np.ndarray:
+        while isinstance(a.base, np.ndarray):
+            a = a.base
+        return a
+
+    assert len({id(owner(c)) for c in copies.values()}) == 1
+    spans = []
+    for name, c in copies.items():
+        assert c.flags.writeable and c.flags.c_contiguous
+        assert c.dtype == plain[name].dtype and np.array_equal(c, plain[name])
+        start = c.__array_interface__["data"][0]
+        assert start % SLAB_ALIGN == 0
+        spans.append((start, start + c.nbytes))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    first, second = list(copies)[:2]
+    before = copies[second].copy()
+    copies[first][...] = 7.0
+    assert np.array_equal(copies[second], before)
+    assert np.array_equal(stored_arrays(analysis)[first], plain[first])
 
 
 def test_threads_change_no_bit_of_the_solve(monkeypatch: pytest.MonkeyPatch) -> None:
