@@ -36,8 +36,10 @@ released before the next is opened.
 in one run where :func:`graphteleport.rows.stackable` proves no node mixes rows (else
 one by one; the same outputs either way, bit for bit); the original's run also gives
 the first set's rows of the tensors the per-tensor check records (:class:`_Check`),
-which then runs its mirrored pass on the original's cut model and both passes on the
-teleported one's, stacked the same way: 4 runs a block.  At 16 tokens a run costs about
+which then runs its mirrored pass on the original's cut model (right after the
+original's block run, while its widened weights are at hand: :class:`~graphteleport.
+tensorcheck.OriginalFirst`) and both passes on the teleported one's, stacked the same
+way: 4 runs a block, each model's weights widened once.  At 16 tokens a run costs about
 what reading (and repacking) the block's weights does, so fewer, taller runs pay:
 `verify_teleport` by pieces alone on a 2-layer hidden-4096 float16 LLaMA, 8 draws, CPU
 8.78 / 8.84 s with 7 runs a block → 7.98 / 8.53 / 7.56 / 8.35 s with 4 (separate
