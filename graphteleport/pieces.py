@@ -36,8 +36,10 @@ released before the next is opened.
 in one run where :func:`graphteleport.rows.stackable` proves no node mixes rows (else
 one by one; the same outputs either way, bit for bit); the original's run also gives
 the first set's rows of the tensors the per-tensor check records (:class:`_Check`),
-which then runs its mirrored pass on the original's cut model and both passes on the
-teleported one's, stacked the same way: 4 runs a block.  At 16 tokens a run costs about
+which then runs its mirrored pass on the original's cut model (right after the
+original's block run, while its widened weights are at hand: :class:`~graphteleport.
+tensorcheck.OriginalFirst`) and both passes on the teleported one's, stacked the same
+way: 4 runs a block, each model's weights widened once.  At 16 tokens a run costs about
 what reading (and repacking) the block's weights does, so fewer, taller runs pay:
 `verify_teleport` by pieces alone on a 2-layer hidden-4096 float16 LLaMA, 8 draws, CPU
 8.78 / 8.84 s with 7 runs a block → 7.98 / 8.53 / 7.56 / 8.35 s with 4 (separate
@@ -67,6 +69,7 @@ import onnx
 from graphteleport.rows import run_sets
 from graphteleport.tensorcheck import (
     LoadedModel,
+    OriginalFirst,
     TensorCheckResult,
     TensorFailure,
     TensorScales,
@@ -458,6 +461,8 @@ def _run_block(
     if check is not None:  # copies: the other sets' rows of a stacked run are freed
         check.record([np.array(v) for v in ran[0][len(outs) :]], state.orig[0], block.inputs)
     del ran
+    if check is not None:  # the original's check runs while its widened weights are at hand
+        check.start(pair, block, state.orig[0], ref[0])
     tele_proto = _block_proto(pair.tele, *tele_part, outs, state)
     feeds = [
         _tele_feeds(pair.scales, tele_part[1], o, t)
@@ -547,6 +552,7 @@ class _Check:
     models: tuple[LoadedModel, LoadedModel]
     extra: list[str] | None  # None: the check records them itself (several groups)
     recorded: dict[str, np.ndarray] | None = None
+    started: OriginalFirst | None = None
 
     @classmethod
     def plan(
@@ -570,10 +576,27 @@ class _Check:
             self.recorded = {x: fed[x] for x in inputs}
             self.recorded.update(zip(self.extra, values, strict=True))
 
+    def start(self, pair: _Pair, block: Block, fed: Feeds, outputs: Feeds) -> None:
+        """The original's half of the check (:class:`~graphteleport.tensorcheck.
+        OriginalFirst`), where one run recorded every tensor: on the first set's inputs
+        *fed*, the block's *outputs* on them recorded with the rest."""
+        if self.recorded is None or pair.scales is None:
+            return
+        recorded = {**self.recorded, **{y: outputs[y] for y in block.outputs}}
+        self.started = OriginalFirst.start(
+            self.models[0], self.models[1], {x: fed[x] for x in block.inputs}, pair.scales,
+            pair.open_model, recorded, rtol=pair.rtol, seed=pair.seed + block.index,
+        )  # fmt: skip
+
     def run(self, pair: _Pair, block: Block, state: _State, where: str) -> None:
-        """Check every tensor of the block, node by node."""
+        """Check every tensor of the block, node by node (the teleported half, where
+        :meth:`start` ran the original's)."""
         assert pair.scales is not None
         state.checked_tensors = True
+        if self.started is not None:
+            state.tensors.add(self.started.finish(pair.open_model, stack=True), where)
+            self.started = None
+            return
         fed = state.orig[0]
         recorded = None
         if self.recorded is not None:

@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SATURATING_OPS",
     "LoadedModel",
+    "OriginalFirst",
     "TensorCheckResult",
     "TensorFailure",
     "TensorScales",
@@ -607,6 +608,105 @@ def check_tensors(
     acc = _Accumulator()
     groups = list(_groups(plan, _value_sizes(orig), budget_bytes))
     for k, group in enumerate(groups):
+        half = _OriginalHalf.run(orig, tele, plan, group, feeds, scales, open_model, recorded)
+        half.finish(_Checked(plan, floors, rtol, _group_seed(seed, k)), open_model, stack, acc)
+    return acc.result(len(plan.cut), len(groups))
+
+
+def _group_seed(seed: int, k: int) -> int:
+    """The seed of group *k*'s mirrored draws."""
+    return seed + 7919 * (k + 1)
+
+
+class OriginalFirst:
+    """:func:`check_tensors` of a check that takes one group whose tensors are all
+    recorded already, in two halves: :meth:`start` runs the original's cut model on the
+    mirrored pass (right after the caller's run of the original, whose widened weights
+    are then at hand), :meth:`finish` the teleported's and the comparisons.  The same
+    runs on the same inputs as :func:`check_tensors`, hence the same result."""
+
+    def __init__(self, half: _OriginalHalf, checked: _Checked, tensors: int) -> None:
+        self._half, self._checked, self._tensors = half, checked, tensors
+
+    @classmethod
+    def start(
+        cls,
+        original: LoadedModel,
+        teleported: LoadedModel,
+        feeds: Mapping[str, np.ndarray],
+        scales: TensorScales,
+        open_model: Opener,
+        recorded: Mapping[str, np.ndarray],
+        *,
+        rtol: float = 1e-5,
+        seed: int = 0,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    ) -> OriginalFirst | None:
+        """The first half (the original's tensors recorded by a run of its own where
+        *recorded* lacks one); None where the check takes several groups
+        (:func:`check_tensors` then runs it whole, a group at a time)."""
+        plan = _plan(original.proto.graph, teleported.proto.graph)
+        groups = list(_groups(plan, _value_sizes(original), budget_bytes))
+        if len(groups) != 1:
+            return None
+        half = _OriginalHalf.run(
+            original, teleported, plan, groups[0], feeds, scales, open_model, recorded
+        )
+        floors = saturation_floors(original.proto.graph)
+        checked = _Checked(plan, floors, rtol, _group_seed(seed, 0))
+        half.mirror(checked, open_model)
+        return cls(half, checked, len(plan.cut))
+
+    def finish(self, open_model: Opener, stack: bool = False) -> TensorCheckResult:
+        """The teleported half; the check's result."""
+        acc = _Accumulator()
+        self._half.finish(self._checked, open_model, stack, acc)
+        return acc.result(self._tensors, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """What every group of one check shares: the plan, the floors, the tolerance, and
+    the mirrored pass's seed for the group."""
+
+    plan: _Plan
+    floors: Mapping[str, float]
+    rtol: float
+    seed: int
+
+
+@dataclasses.dataclass
+class _OriginalHalf:
+    """One group's check after the original's runs: its recorded tensors, the cut
+    models, and the original's cut model run on the mirrored pass (made from the
+    recorded tensors).  :meth:`finish` runs the teleported cut model on both passes and
+    compares.  The original's runs come first, together: where a caller has just run
+    the original (verification by pieces), its widened weights (:mod:`graphteleport.
+    widen`) are still at hand, and each model's are converted once."""
+
+    orig: LoadedModel
+    tele: LoadedModel
+    cuts: tuple[_Cut, _Cut]
+    group: Sequence[str]
+    arrays: dict[str, np.ndarray]
+    scales: TensorScales
+    mirrored_ref: Mapping[str, np.ndarray] | None = None
+    mirrored: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def run(
+        cls,
+        orig: LoadedModel,
+        tele: LoadedModel,
+        plan: _Plan,
+        group: Sequence[str],
+        feeds: Mapping[str, np.ndarray],
+        scales: TensorScales,
+        open_model: Opener,
+        recorded: Mapping[str, np.ndarray] | None,
+    ) -> _OriginalHalf:
+        """Record the group's tensors (unless *recorded* has them all); the mirrored
+        pass is made and run by :meth:`mirror`."""
         cuts = (_cut(orig, plan, group), _cut(tele, plan, group))
         names = _recorded_names(cuts, group)
         if recorded is not None and all(n in recorded for n in names):
@@ -614,24 +714,31 @@ def check_tensors(
         else:  # one session at a time: each is released before the next is opened
             arrays = _named(open_model(_with_outputs(orig, names), orig.folder))(feeds)
         arrays.update({n: np.asarray(feeds[n]) for n in plan.graph_inputs if n in feeds})
+        return cls(orig, tele, cuts, group, arrays, scales)
+
+    def mirror(self, checked: _Checked, open_model: Opener) -> list[_Job]:
+        """Both passes' jobs; the original's cut model run on the mirrored one (once)."""
+        if self.mirrored is None:
+            self.mirrored = _mirrored(self.arrays, self.scales.tracked, checked.seed)
         jobs = [
-            _Job(plan, group, arrays, scales, floors, rtol, label)
-            for label, arrays in (
-                ("recorded", arrays),
-                ("mirrored", _mirrored(arrays, scales.tracked, seed + 7919 * (k + 1))),
-            )
+            _Job(checked.plan, self.group, arrays, self.scales, checked.floors, checked.rtol, label)
+            for label, arrays in (("recorded", self.arrays), ("mirrored", self.mirrored))
         ]
-        # the teleported model first: verification by pieces has just run its block, so
-        # its widened weights are at hand (widen.Widened keeps one model's at a time)
-        tele_cut = _cut_proto(tele, cuts[1], group, arrays)
-        gots = _both_passes(open_model, tele_cut, tele.folder, jobs, cuts[1], stack)
-        run = _named(open_model(_cut_proto(orig, cuts[0], group, arrays), orig.folder))
-        mirrored_ref = run(_group_feeds(jobs[1], cuts[0], False))
-        del run
-        refs = [_recorded_ref(orig, cuts[0], jobs[0], gots[0], open_model), mirrored_ref]
-        for job, ref, got in zip(jobs, refs, gots, strict=True):
+        if self.mirrored_ref is None:
+            cut = _cut_proto(self.orig, self.cuts[0], self.group, self.arrays)
+            run = _named(open_model(cut, self.orig.folder))
+            self.mirrored_ref = run(_group_feeds(jobs[1], self.cuts[0], False))
+        return jobs
+
+    def finish(self, checked: _Checked, open_model: Opener, stack: bool, acc: _Accumulator) -> None:
+        """The teleported cut model on both passes, each value compared."""
+        jobs = self.mirror(checked, open_model)
+        assert self.mirrored_ref is not None
+        tele_cut = _cut_proto(self.tele, self.cuts[1], self.group, self.arrays)
+        gots = _both_passes(open_model, tele_cut, self.tele.folder, jobs, self.cuts[1], stack)
+        recorded_ref = _recorded_ref(self.orig, self.cuts[0], jobs[0], gots[0], open_model)
+        for job, ref, got in zip(jobs, [recorded_ref, self.mirrored_ref], gots, strict=True):
             _check_group(ref, got, job, acc)
-    return acc.result(len(plan.cut), len(groups))
 
 
 def _both_passes(

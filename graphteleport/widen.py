@@ -31,9 +31,10 @@ run on every run.
 their bytes live, so every session of the block — the draws, the per-tensor check's
 recording and cut models — feeds the same arrays; the caller drops them after the block.
 Within a byte budget it drops the least recently used first (verification by pieces
-keeps one model's block: where the two do not fit, a model's weights are converted
-again for the per-tensor check, which the 1-layer 7B-shaped model paid no measurable
-time for, against a peak 0.5 GB lower).
+keeps one model's block, a peak 0.5 GB lower for the 7B shape; it runs all of the
+original's runs of a block — its block run, its half of the per-tensor check — before
+the teleported's, so each model's weights are converted once a block: 8 layers of the
+7B shape, 170 → 114 conversions; at 32 layers a median −8 % of the verified run's CPU, four runs).
 """
 
 from __future__ import annotations

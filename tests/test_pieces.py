@@ -22,12 +22,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphteleport import verify
+from graphteleport import verify, widen
 from graphteleport.cli import main
 from graphteleport.frontends import onnx as onnx_frontend
 from graphteleport.io import load_model, save_model_atomic
 from graphteleport.passes.teleport import TeleportPass, TeleportResult
-from graphteleport.pieces import plan_blocks
+from graphteleport.pieces import block_weights, plan_blocks, verify_blocks
 from graphteleport.tensorcheck import LoadedModel
 from models.llama import LlamaShape, make_llama
 
@@ -231,3 +231,42 @@ def test_pieces_fail_when_a_value_is_missing(resnet_case: Case, tmp_path: Path) 
     result = resnet_case.check(bad, "pieces")
     assert not result.passed
     assert any(f"computes no value '{value}'" in f for f in result.failures)
+
+
+def test_each_models_weights_are_widened_once_a_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float16 weights widened for onnxruntime (graphteleport.widen): the per-tensor
+    check's run of the original comes right after the original's block run, so each
+    model's weights are converted once for each block reading them, though the cache
+    holds one model's block at a time (here: blocks of 16 KiB, a cache of 32 KiB)."""
+    case = Case(llama(tmp_path, "float16", layers=3), tmp_path, draws=2)
+    converted: list[tuple[str, str]] = []
+    widen_into = widen._widen_into
+
+    def counted(
+        tensor: onnx.TensorProto, folder: str, out: np.ndarray, half: np.ndarray
+    ) -> np.ndarray:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        converted.append((location, tensor.name))
+        return widen_into(tensor, folder, out, half)
+
+    monkeypatch.setattr(widen, "_widen_into", counted)
+    found = verify_blocks(
+        str(case.src), str(case.out), case.feeds, case.scales, verify.open_proto,
+        rtol=case.rtol, budget_bytes=16384, widen_elements=256,
+    )  # fmt: skip
+    assert not found.failures and found.tensors is not None and found.tensors.passed
+    graph = LoadedModel.load(case.src).proto.graph
+    readers: dict[str, int] = {}
+    for block in plan_blocks(graph, 16384):
+        for name in block_weights(graph, block):
+            readers[name] = readers.get(name, 0) + 1
+    counts: dict[tuple[str, str], int] = {}
+    for key in converted:
+        counts[key] = counts.get(key, 0) + 1
+    assert {location for location, _ in counts} == {
+        case.src.name + ".data",
+        case.out.name + ".data",
+    }
+    assert all(n <= readers[name] for (_, name), n in counts.items()), counts
