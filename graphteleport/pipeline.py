@@ -354,7 +354,7 @@ def _pass_file(
     progress("analysing and rewriting")  # every check on the user's input has passed
     try:
         with contextlib.ExitStack() as stack:
-            stream = _open_stream(stack, model, src, dst, bars)
+            stream = _open_stream(stack, model, src, dst, bars, direct=not opts.verify)
             early = stack.enter_context(_early_draws(model, src, feeds, opts, stream))
             fused = _fused(stack, model, src, feeds, opts, stream)
             with _streamed(stream, fused):
@@ -430,11 +430,17 @@ def _early_draws(
 
 
 def _open_stream(
-    stack: contextlib.ExitStack, model: ir.Model, src: PathArg, dst: PathArg, bars: bool
+    stack: contextlib.ExitStack,
+    model: ir.Model,
+    src: PathArg,
+    dst: PathArg,
+    bars: bool,
+    direct: bool = False,
 ) -> StreamedSave | None:
     """Stage ``dst`` for a streamed rewrite when it gets external data (None otherwise),
     with a progress bar over the weights' bytes when ``bars``; ``stack`` removes the
-    staged files (and the bar) when the job ends."""
+    staged files (and the bar) when the job ends.  ``direct`` (unverified runs: nothing
+    reads the data file back) writes it past the page cache (:class:`graphteleport.io.DataFile`)."""
     if output_data_path(model, dst) is None:
         return None
     from tqdm import tqdm  # the CLI's progress bar; imported only for big models
@@ -445,7 +451,8 @@ def _open_stream(
             unit_divisor=1024, delay=2.0, leave=False, disable=not bars, file=sys.stderr,
         )
     )  # fmt: skip
-    return stack.enter_context(staged_stream(model, dst, protect=[src], on_bytes=bar.update))
+    staged = staged_stream(model, dst, protect=[src], on_bytes=bar.update, direct=direct)
+    return stack.enter_context(staged)
 
 
 def check_output_path(

@@ -6,6 +6,7 @@ The models are small LLaMA-shaped ones from :mod:`models.llama` (a few MB, weigh
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import signal
@@ -1127,3 +1128,97 @@ def test_the_streamed_rewrite_releases_every_memory_map_it_reads(
     report = teleport_file(src, tmp_path / "out.onnx", TeleportOptions(seed=2, verify=False))
     assert report.stats.weights_changed > 0
     assert refused == []
+
+
+def _direct_run(tmp_path: Path, name: str, direct: bool) -> tuple[bytes, int]:
+    """Puts (scratch buffers and plain arrays, sizes across the 4096-byte blocks) and
+    copies (of a source file's tensors) into a new :class:`DataFile`: its bytes and how
+    many bytes went direct."""
+    import onnx_ir as ir
+
+    rng = np.random.default_rng(7)
+    parts = [rng.integers(0, 65535, n, dtype=np.uint16) for n in (5000, 3, 40000, 2048, 9001)]
+    (tmp_path / "dsrc.data").write_bytes(b"".join(p.tobytes() for p in parts))
+    src, at = [], 1  # (odd source offsets: the bounce buffer reads them as they come)
+    for k, p in enumerate(parts):
+        src.append(ir.ExternalTensor("dsrc.data", at - 1 + (k % 2), p.nbytes - 2 * (k % 2),
+                                     ir.DataType.UINT8, shape=ir.Shape([p.nbytes - 2 * (k % 2)]),
+                                     name=f"s{k}", base_dir=str(tmp_path)))  # fmt: skip
+        at += p.nbytes
+    f = gt_io.DataFile(tmp_path / name, direct=direct)
+    direct_bytes = [0]
+    if f._direct is not None:
+        real = f._direct._write_blocks
+
+        def counted(blocks: memoryview, offset: int) -> int:
+            done = real(blocks, offset)
+            direct_bytes[0] += done
+            return done
+
+        f._direct._write_blocks = counted  # type: ignore[method-assign]
+    for k, n in enumerate((70000, 3, 12289, 4096, 100000, 7)):
+        if k % 2 == 0:
+            a = f.scratch((n,), np.dtype(np.uint16))
+            a[:] = rng.integers(0, 65535, n, dtype=np.uint16)
+        else:
+            a = rng.integers(0, 65535, n, dtype=np.uint16)
+        f.put(f"p{k}", a)
+        f.copy(src[k % len(src)])  # type: ignore[arg-type]
+    f.close()
+    return (tmp_path / name).read_bytes(), direct_bytes[0]
+
+
+def test_direct_writes_give_the_bytes_of_buffered_ones(tmp_path: Path) -> None:
+    """A :class:`DataFile` written with ``direct`` (whole blocks past the page cache, the
+    ends through it; copies through an aligned buffer) holds exactly the bytes of one
+    written through the page cache; where the filesystem takes ``O_DIRECT``, most of
+    them went direct."""
+    reference, none = _direct_run(tmp_path, "ref.data", False)
+    got, direct_bytes = _direct_run(tmp_path, "direct.data", True)
+    assert none == 0
+    assert got == reference
+    if gt_io._Direct.open(tmp_path / "ref.data") is None:
+        pytest.skip("this filesystem refuses O_DIRECT: the fallback was tested")
+    assert direct_bytes > len(reference) // 2, (direct_bytes, len(reference))
+
+
+def test_refused_direct_writes_fall_back_to_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a direct write fails with EINVAL (a filesystem that opens with ``O_DIRECT``
+    but refuses the write), the bytes go through the page cache: the same file."""
+    import errno as errno_mod
+
+    reference, _ = _direct_run(tmp_path, "ref.data", False)
+    real = os.pwrite
+    refused: list[int] = []
+
+    def pwrite(fd: int, data: object, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(fd)
+            raise OSError(errno_mod.EINVAL, "refused")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    got, direct_bytes = _direct_run(tmp_path, "direct.data", True)
+    assert got == reference and direct_bytes == 0
+    if gt_io._Direct.open(tmp_path / "ref.data") is not None:
+        assert refused
+
+
+def test_an_unverified_streamed_run_writes_the_files_a_buffered_one_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--no-verify`` writes the data file direct (:class:`graphteleport.io.DataFile`):
+    the model and data files are byte for byte those written through the page cache."""
+    src = _model(tmp_path / "in", "float16")
+    outputs = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(gt_io._Direct, "open", classmethod(lambda cls, path: None))
+        out = tmp_path / f"out{direct}" / "t.onnx"
+        out.parent.mkdir()
+        report = teleport_file(src, out, TeleportOptions(seed=3, verify=False))
+        assert report.stats.weights_changed > 0
+        outputs.append((out.read_bytes(), out.with_name("t.onnx.data").read_bytes()))
+    assert outputs[0] == outputs[1]
