@@ -208,6 +208,8 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
         total = _single_powers(values.reshape(-1), out, p, factor)
         if total is not None:
             return total
+    elif single and p == 3.0:
+        return _single_cubes(values, out, factor)
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
@@ -242,6 +244,45 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
             ):
                 raise Narrow  # (also a non-finite element: the float64 path filters it)
             out[i : i + k] = mine
+    return total
+
+
+def _single_cubes(values: np.ndarray, out: np.ndarray, factor: float = 1.0) -> float:
+    """``out[i] = factor · Σ_j |values[i, j]|³`` for a float32 matrix ``values`` (a conv's
+    k×k windows) into float32 ``out``, in float32 a chunk of rows at a time: ``|w|``
+    exact, ``w²·|w|`` rounded twice, the row sums by a matrix-vector product with
+    ``float32(factor)``s (:func:`_power_rows` does the same in float64); returns ``Σ out``,
+    summed chunk by chunk in float64.  Raises :class:`Narrow` as :func:`_power_rows`
+    does: a sum above :data:`SINGLE_MAX` (an overflow to inf included, found on the sums,
+    the warning silenced), a non-finite element, a positive sum below float32's smallest
+    normal.
+
+    **Rounding.**  Each row ``Σ_j c·|w_j|³`` of ``n`` terms carries a relative error of at
+    most ``(n + 3)·2⁻²⁴`` (two roundings of each cube, the factor's, ``n − 1`` additions
+    of positive terms, in any order) instead of the float64 path's ``2⁻²⁴``: for a 3×3
+    window ``12·2⁻²⁴ ≈ 7e-7``.  As for :func:`_single_powers`, that is of the order of the
+    stored weights' own float32 rounding (``3·2⁻²⁴`` per ``|w|³``) and moves the minimum
+    ``u`` far below what the invariance asks of the weights.  ResNet-50's cle (p = 3,
+    11.3 M elements in 3×3 windows): this part of the build ~1.3 → ~0.8 ns an element."""
+    rows, width = values.shape
+    step = max(1, POWER_CHUNK // width)
+    a = np.empty((min(step, rows), width), np.float32)
+    squares = np.empty_like(a)
+    weights = np.full(width, factor, np.float32)
+    total = 0.0
+    for i in range(0, rows, step):
+        chunk = values[i : i + step]
+        k = chunk.shape[0]
+        mine, part, sq = out[i : i + k], a[:k], squares[:k]
+        with np.errstate(over="ignore", invalid="ignore"):  # (found on the sums below)
+            np.absolute(chunk, out=part)
+            np.multiply(part, part, out=sq)
+            part *= sq
+            np.matmul(part, weights, out=mine)
+        total += float(mine.sum(dtype=np.float64))
+        # (Q ≥ 0: no sum above the running total; a NaN or inf makes it non-finite)
+        if not total <= SINGLE_MAX or (float(mine.min()) < _SINGLE_TINY and not fits_single(mine)):
+            raise Narrow
     return total
 
 
