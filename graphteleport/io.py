@@ -41,6 +41,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -1024,6 +1025,7 @@ class DataFile:
         self.on_bytes = on_bytes
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._direct = _Direct.open(path) if direct else None
+        self._waited = 0.0  # seconds the caller waited for writes in flight (logged)
         self._sources: dict[str, int] = {}  # open source data files, by path
         self._reported = 0  # bytes told to on_bytes since the last rewind
         self._writer: list[ThreadPoolExecutor] = []  # made on the first put
@@ -1077,7 +1079,9 @@ class DataFile:
         self._busy = -1
         try:
             if pending is not None:
+                t = time.perf_counter()
                 pending.result()
+                self._waited += time.perf_counter() - t
         except OSError as e:
             raise InputError(f"cannot write {self.path.name}: {e.strerror or e}") from e
 
@@ -1194,6 +1198,11 @@ class DataFile:
             self._close_files()
 
     def _close_files(self) -> None:
+        if self._fd is not None:
+            logger.debug(
+                "%s: %d bytes, %s, %.2f s waited for writes", self.path.name, self.offset,
+                "direct" if self._direct is not None else "buffered", self._waited,
+            )  # fmt: skip
         self._buffers = [np.empty(0, np.uint8) for _ in range(2)]
         for pool in [*self._writer, *self._ahead]:
             pool.shutdown(cancel_futures=True)
