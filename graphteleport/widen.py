@@ -35,6 +35,8 @@ keeps one model's block, a peak 0.5 GB lower for the 7B shape; it runs all of th
 original's runs of a block — its block run, its half of the per-tensor check — before
 the teleported's, so each model's weights are converted once a block: 8 layers of the
 7B shape, 170 → 114 conversions; at 32 layers a median −8 % of the verified run's CPU, four runs).
+Its copies live in one pool kept across blocks (:class:`Widened`), so they are written
+into memory already mapped rather than fresh pages.
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ class Widened:
     ``np.empty`` memory).  The pool decides only *where* a copy is written, never which
     copies are dropped (that stays least-recently-used within the budget): where no
     extent is free the copy gets fresh memory outside it (counted in :attr:`fresh`).
-    8 layers of the 7B shape: 42 of 114 conversions into fresh memory → 1 (the pool's
-    first touches).  Without a budget every copy gets fresh memory."""
+    8 layers of the 7B shape: 42 of 114 conversions into fresh memory → 7 (the pool's
+    first touches: the first block, the LM head), the widening's CPU −37 %, peak RSS
+    +0.1 GB (the pool stays resident).  Without a budget every copy gets fresh memory."""
 
     def __init__(self, min_elements: int = MIN_ELEMENTS, budget_bytes: int | None = None):
         self.min_elements = min_elements
