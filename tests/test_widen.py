@@ -276,18 +276,20 @@ def _tensors(tmp_path: Path) -> list[onnx.TensorProto]:
     return [p.graph.initializer[0] for p in _external_matmuls(tmp_path, np.random.default_rng(8))]
 
 
-def test_a_dropped_copy_lends_its_buffer_to_the_next_of_its_size(tmp_path: Path) -> None:
+def test_a_dropped_copy_lends_its_memory_to_the_next_copy(tmp_path: Path) -> None:
+    """After :meth:`clear` the next copy is written where the last one was (the pool's
+    memory, already written): no fresh memory, the right values."""
     a, b = _tensors(tmp_path)
     wide = widen.Widened(16, budget_bytes=2 * 64 * 64 * 4)
     first = wide.array(a, str(tmp_path))
     pointer = first.ctypes.data
     del first
     wide.clear()
-    assert wide.nbytes == 0 and wide.spare_bytes == 64 * 64 * 4
+    assert wide.nbytes == 0 and wide.pool_bytes == 2 * 64 * 64 * 4
     second = wide.array(b, str(tmp_path))
-    assert second.ctypes.data == pointer and wide.spare_bytes == 0  # the same memory
+    assert second.ctypes.data == pointer  # the same memory
     assert np.array_equal(second, widen.Widened(1).array(b, str(tmp_path)))
-    assert wide.widened == 2
+    assert (wide.widened, wide.fresh) == (2, 1)
 
 
 def test_a_buffer_held_elsewhere_is_never_reused(tmp_path: Path) -> None:
@@ -304,18 +306,43 @@ def test_a_buffer_held_elsewhere_is_never_reused(tmp_path: Path) -> None:
         assert not np.array_equal(held, other)
 
 
-def test_spare_buffers_stay_within_the_budget(tmp_path: Path) -> None:
-    """Copies of other sizes take the spares' room: held + spare never pass the budget."""
-    (a, _), budget = _tensors(tmp_path), 64 * 64 * 4 + 1000
-    small = np.random.default_rng(9).standard_normal((32, 32)).astype(np.float16)
-    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [small], ["w"])
-    onnx.save(proto, tmp_path / "s.onnx", save_as_external_data=True, location="s.data",
-              size_threshold=0)  # fmt: skip
-    c = onnx.load(tmp_path / "s.onnx", load_external_data=False).graph.initializer[0]
-    wide = widen.Widened(16, budget_bytes=budget)
-    wide.array(a, str(tmp_path))
+def _small(tmp_path: Path, n: int) -> tuple[onnx.TensorProto, np.ndarray]:
+    small = np.random.default_rng(n).standard_normal((n, 64)).astype(np.float16)
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [small.T.copy()], ["w"])
+    onnx.save(proto, tmp_path / f"s{n}.onnx", save_as_external_data=True,
+              location=f"s{n}.data", size_threshold=0)  # fmt: skip
+    loaded = onnx.load(tmp_path / f"s{n}.onnx", load_external_data=False)
+    return loaded.graph.initializer[0], small.T.astype(np.float32)
+
+
+def test_copies_of_other_sizes_share_the_pool_without_fresh_memory(tmp_path: Path) -> None:
+    """Blocks of different shapes (one large copy, then two of half its size, then the
+    large one again) are written into the same pool: one fresh write (its first), the
+    right values, and the copies of one block never overlap."""
+    big, small = _small(tmp_path, 64), [_small(tmp_path, 32), _small(tmp_path, 31)]
+    wide = widen.Widened(16, budget_bytes=64 * 64 * 4)
+    for _ in range(2):
+        assert np.array_equal(wide.array(big[0], str(tmp_path)), big[1])
+        wide.clear()
+        got = [wide.array(t, str(tmp_path)) for t, _ in small]
+        assert not np.shares_memory(got[0], got[1])
+        for g, (_, expected) in zip(got, small, strict=True):
+            assert np.array_equal(g, expected)
+        del got, g  # nothing holds the copies: their room is free again
+        wide.clear()
+    assert (wide.widened, wide.fresh, wide.pool_bytes) == (6, 1, 64 * 64 * 4)
+
+
+def test_the_pool_leaves_which_copies_are_dropped_unchanged(tmp_path: Path) -> None:
+    """With or without free room in the pool, the same copies are converted: where the
+    pool has no free extent (a copy held elsewhere keeps its own), fresh memory."""
+    big, half = _small(tmp_path, 64), _small(tmp_path, 32)
+    wide = widen.Widened(16, budget_bytes=64 * 64 * 4)
+    held = wide.array(big[0], str(tmp_path))
+    got = wide.array(half[0], str(tmp_path))  # drops the big copy (budget), held here
+    assert not np.shares_memory(held, got) and np.array_equal(held, big[1])
+    assert np.array_equal(got, half[1]) and (wide.widened, wide.fresh) == (2, 2)
+    del held
     wide.clear()
-    assert wide.spare_bytes == 64 * 64 * 4
-    got = wide.array(c, str(tmp_path))
-    assert wide.nbytes + wide.spare_bytes <= budget and wide.spare_bytes == 0
-    assert np.array_equal(got, small.astype(np.float32))
+    again = wide.array(big[0], str(tmp_path))  # the big copy's extent is free again
+    assert np.array_equal(again, big[1]) and (wide.widened, wide.fresh) == (3, 2)
