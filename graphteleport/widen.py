@@ -180,8 +180,7 @@ class Widened:
         self.budget_bytes = budget_bytes
         self._arrays: dict[tuple[Any, ...], np.ndarray] = {}
         self._pool: np.ndarray | None = None  # flat float32, budget_bytes // 4 elements
-        self._placed: dict[int, tuple[int, int]] = {}  # id(copy) -> its extent in the pool
-        self._pinned: list[tuple[int, int, weakref.ref[np.ndarray]]] = []  # held elsewhere
+        self._pinned: list[weakref.ref[np.ndarray]] = []  # dropped, still held elsewhere
         self._written: list[tuple[int, int]] = []  # extents of the pool written so far
         self._half = np.empty(0, np.float16)  # the file's bytes, a piece at a time
         self.widened = 0  # conversions made (a weight reused is counted once)
@@ -227,8 +226,6 @@ class Widened:
             out = self._buffer(n)
             self._half = _widen_into(tensor, folder, out, self._half)
             found = out.reshape(shape)
-            if id(out) in self._placed:
-                self._placed[id(found)] = self._placed.pop(id(out))
             self.widened += 1
         self._arrays[key] = found  # the most recently used last
         return found
@@ -243,9 +240,14 @@ class Widened:
     def _release(self, array: np.ndarray) -> None:
         """Free the extent of a dropped copy — kept taken while anything else holds the
         copy (besides this call's name and ``getrefcount``'s argument)."""
-        start, n = self._placed.pop(id(array), (-1, 0))
-        if start >= 0 and sys.getrefcount(array) > 2:
-            self._pinned.append((start, n, weakref.ref(array)))
+        if self._extent(array) is not None and sys.getrefcount(array) > 2:
+            self._pinned.append(weakref.ref(array))
+
+    def _extent(self, array: np.ndarray) -> tuple[int, int] | None:
+        """Where *array* lies in the pool (start, elements), or None (its own memory)."""
+        if self._pool is None or array.base is not self._pool:
+            return None
+        return (array.ctypes.data - self._pool.ctypes.data) // 4, array.size
 
     def _buffer(self, n: int) -> np.ndarray:
         """A flat float32 buffer of *n* elements: the smallest free extent of the pool
@@ -258,9 +260,7 @@ class Widened:
         if not _covers(self._written, start, start + n):
             self.fresh += 1
             self._written = _merged([*self._written, (start, start + n)])
-        out = self._pool[start : start + n]
-        self._placed[id(out)] = (start, n)
-        return out
+        return self._pool[start : start + n]
 
     def _free_extent(self, n: int) -> int:
         """The start of the smallest free extent of at least *n* elements (-1: none)."""
@@ -268,8 +268,9 @@ class Widened:
             return -1
         if self._pool is None:
             self._pool = np.empty(self.budget_bytes // 4, dtype=np.float32)
-        self._pinned = [p for p in self._pinned if p[2]() is not None]
-        taken = sorted([*self._placed.values(), *((s, k) for s, k, _ in self._pinned)])
+        held = [*self._arrays.values(), *(r() for r in self._pinned)]
+        self._pinned = [r for r in self._pinned if r() is not None]
+        taken = sorted(e for a in held if a is not None and (e := self._extent(a)) is not None)
         best, room, at = -1, self._pool.size + 1, 0
         for s, k in [*taken, (self._pool.size, 0)]:
             if s - at >= n and s - at < room:
