@@ -94,8 +94,10 @@ class FusedVerification:
         rtol: float,
         seed: int = 0,
         budget_bytes: int | None = None,
+        direct: Sequence[str] = (),
     ) -> None:
         self.original = original
+        self.direct = direct  # data files written past the page cache (read so too)
         self.draws = len(feed_sets)
         self.sets = pieces_sets(original.proto.graph, feed_sets)
         self.promise = promise
@@ -123,7 +125,7 @@ class FusedVerification:
         )
         self.runner = BlockRunner(
             self.original, tele, self.sets, self.scales, open_proto,
-            rtol=self.rtol, seed=self.seed, budget_bytes=self.budget_bytes,
+            rtol=self.rtol, seed=self.seed, budget_bytes=self.budget_bytes, direct=self.direct,
         )  # fmt: skip
         self._thread = threading.Thread(target=self._work, name="gt-fused", daemon=True)
         self._thread.start()

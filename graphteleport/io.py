@@ -1037,6 +1037,11 @@ class DataFile:
         self._planned: dict[tuple[str, int, int], tuple[int, Future[None]]] = {}
         self._ahead: list[ThreadPoolExecutor] = []
 
+    @property
+    def direct(self) -> bool:
+        """Whether the whole blocks of the tensors put go past the page cache."""
+        return self._direct is not None and self._direct.fd is not None
+
     def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined) in one of
         two buffers this file keeps — never the one the write in flight reads — grown to

@@ -354,9 +354,11 @@ def _pass_file(
     progress("analysing and rewriting")  # every check on the user's input has passed
     try:
         with contextlib.ExitStack() as stack:
-            stream = _open_stream(stack, model, src, dst, bars, direct=not opts.verify)
+            original = _fused_original(model, src, dst, opts)
+            direct = not opts.verify or original is not None
+            stream = _open_stream(stack, model, src, dst, bars, direct=direct)
             early = stack.enter_context(_early_draws(model, src, feeds, opts, stream))
-            fused = _fused(stack, model, src, feeds, opts, stream)
+            fused = _fused(stack, model, original, feeds, opts, stream)
             with _streamed(stream, fused):
                 result = make_pass(shapes)(model)
             clock.seconds.update(result.seconds)
@@ -376,29 +378,43 @@ def _pass_file(
     return report
 
 
-def _fused(
-    stack: contextlib.ExitStack,
-    model: ir.Model,
-    src: PathArg,
-    feeds: list[dict[str, np.ndarray]],
-    opts: TeleportOptions,
-    stream: StreamedSave | None,
-) -> FusedSink | None:
-    """The sink that verifies each block as the streamed rewrite writes it
-    (:mod:`graphteleport.fused`), where the model is streamed and verified by pieces
-    (:func:`graphteleport.verify.choose_method`); None otherwise.  ``stack`` stops its
-    thread when the job ends."""
-    if stream is None or not opts.verify:
+def _fused_original(
+    model: ir.Model, src: PathArg, dst: PathArg, opts: TeleportOptions
+) -> LoadedModel | None:
+    """The original (its graph; weights left in their files), where the written model
+    will be verified block by block as it is written (:mod:`graphteleport.fused`):
+    streamed (external data) and verified by pieces (:func:`graphteleport.verify.
+    choose_method`); None otherwise."""
+    if not opts.verify or output_data_path(model, dst) is None:
         return None
     original = LoadedModel.load(src)
     if verify_mod.choose_method(opts.verify_by, original) != "pieces":
         return None
+    return original
+
+
+def _fused(
+    stack: contextlib.ExitStack,
+    model: ir.Model,
+    original: LoadedModel | None,
+    feeds: list[dict[str, np.ndarray]],
+    opts: TeleportOptions,
+    stream: StreamedSave | None,
+) -> FusedSink | None:
+    """The sink that verifies each block of ``original`` (:func:`_fused_original`) as
+    the streamed rewrite writes it (:mod:`graphteleport.fused`); None without it.  A
+    data file written past the page cache is read back so too.  ``stack`` stops its
+    thread when the job ends."""
+    if stream is None or original is None:
+        return None
     from graphteleport.fused import FusedSink, FusedVerification
     from graphteleport.passes.teleport import promised_scales
 
+    data = stream.data
     verification = FusedVerification(
         original, feeds, promised_scales if opts.tensor_check else None,
-        str(stream.data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
+        str(data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
+        direct=[str(data.path)] if data.direct else [],
     )  # fmt: skip
     stack.callback(verification.close)
     return FusedSink(stream.data, model, verification)

@@ -41,13 +41,16 @@ into memory already mapped rather than fresh pages.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import logging
+import mmap
 import os
 import sys
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -175,14 +178,20 @@ class Widened:
     first touches: the first block, the LM head), the widening's CPU −37 %, peak RSS
     +0.1 GB (the pool stays resident).  Without a budget every copy gets fresh memory."""
 
-    def __init__(self, min_elements: int = MIN_ELEMENTS, budget_bytes: int | None = None):
+    def __init__(
+        self,
+        min_elements: int = MIN_ELEMENTS,
+        budget_bytes: int | None = None,
+        direct: Collection[str] = (),
+    ):
         self.min_elements = min_elements
         self.budget_bytes = budget_bytes
+        self.direct = frozenset(os.path.realpath(p) for p in direct)  # read past the cache
         self._arrays: dict[tuple[Any, ...], np.ndarray] = {}
         self._pool: np.ndarray | None = None  # flat float32, budget_bytes // 4 elements
         self._pinned: list[weakref.ref[np.ndarray]] = []  # dropped, still held elsewhere
         self._written: list[tuple[int, int]] = []  # extents of the pool written so far
-        self._half = np.empty(0, np.float16)  # the file's bytes, a piece at a time
+        self._pieces = _Pieces()  # the file's bytes, a piece at a time
         self.widened = 0  # conversions made (a weight reused is counted once)
         self.fresh = 0  # conversions that wrote into memory never written before
 
@@ -224,7 +233,7 @@ class Widened:
             n = int(np.prod(shape, dtype=np.int64))
             self._make_room(4 * n)
             out = self._buffer(n)
-            self._half = _widen_into(tensor, folder, out, self._half)
+            _widen_into(tensor, folder, out, self._pieces, self.direct)
             found = out.reshape(shape)
             self.widened += 1
         self._arrays[key] = found  # the most recently used last
@@ -325,41 +334,123 @@ def _where(tensor: onnx.TensorProto, folder: str) -> tuple[Any, ...]:
 
 #: float16 elements read from the file per piece (8 MiB).
 PIECE = 1 << 22
+#: Direct reads (``O_DIRECT``) start and end on multiples of this many bytes, into memory
+#: aligned alike.
+DIRECT_ALIGN = 4096
+_READER: list[ThreadPoolExecutor] = []  # the thread reading the next piece
+
+
+class _Pieces:
+    """Two page-aligned buffers of a piece (:data:`PIECE` float16 elements and a
+    :data:`DIRECT_ALIGN` block), made on first use and reused: one is converted while
+    the next piece is read into the other."""
+
+    def __init__(self) -> None:
+        self.buffers: list[mmap.mmap] = []
+
+    def get(self, k: int) -> mmap.mmap:
+        while len(self.buffers) <= k:
+            self.buffers.append(mmap.mmap(-1, 2 * PIECE + DIRECT_ALIGN))
+        return self.buffers[k]
 
 
 def _widen_into(
-    tensor: onnx.TensorProto, folder: str, out: np.ndarray, half: np.ndarray
-) -> np.ndarray:
+    tensor: onnx.TensorProto,
+    folder: str,
+    out: np.ndarray,
+    pieces: _Pieces,
+    direct: Collection[str] = (),
+) -> None:
     """Write the float32 of a float16 initializer into the flat *out*: external bytes
-    read piece by piece (``os.preadv`` into *half*, a reused float16 buffer, grown to
-    :data:`PIECE` where smaller; returned) — no memory map to fault in — and converted
-    by :func:`graphteleport.halfcast.chosen` (onnxruntime's vectorised Cast where torch
-    is not loaded: 0.45-0.9 CPU-ns an element against numpy's 2.5-3.2; exact either
-    way)."""
+    read piece by piece into *pieces* — the next piece on a helper thread while this one
+    is converted, no memory map to fault in — and converted by :func:`graphteleport.
+    halfcast.chosen` (onnxruntime's vectorised Cast where torch is not loaded: 0.45-0.9
+    CPU-ns an element against numpy's 2.5-3.2; exact either way).  A file of *direct*
+    (real paths: one written past the page cache, :class:`graphteleport.io.DataFile`)
+    is read with ``O_DIRECT`` in whole aligned blocks (where the system refuses, through
+    the page cache): the disk's DMA fills the buffers, no page-cache page is made."""
     cast = halfcast.chosen()
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         cast.copy(numpy_helper.to_array(tensor).reshape(-1), out)
-        return half
-    if half.size < min(PIECE, out.size):
-        half = np.empty(min(PIECE, max(out.size, 1)), np.float16)
+        return
     info = {e.key: e.value for e in tensor.external_data}
-    offset = int(info.get("offset", 0))
-    fd = os.open(os.path.join(folder, info["location"]), os.O_RDONLY)
+    offset, nbytes = int(info.get("offset", 0)), 2 * out.size
+    path = os.path.join(folder, info["location"])
+    fds = _Fds.open(path, os.path.realpath(path) in direct)
+    lo = offset - offset % DIRECT_ALIGN if fds.direct is not None else offset
+    spans = [
+        (a, min(a + 2 * PIECE, offset + nbytes)) for a in range(lo, offset + nbytes, 2 * PIECE)
+    ]
+    if not _READER:
+        _READER.append(ThreadPoolExecutor(1, thread_name_prefix="gt-widen-read"))
+    job: Future[int] | None = None
     try:
-        for i in range(0, out.size, half.size):
-            k = min(half.size, out.size - i)
-            _read_exactly(fd, half[:k], offset + 2 * i, tensor.name)
-            cast.copy(half[:k], out[i : i + k])
+        if spans:
+            job = _READER[0].submit(fds.read, pieces.get(0), *spans[0])
+        for j, (a, b) in enumerate(spans):
+            assert job is not None
+            got, job = job.result(), None
+            if j + 1 < len(spans):
+                job = _READER[0].submit(fds.read, pieces.get((j + 1) % 2), *spans[j + 1])
+            first = max(a, offset)  # the tensor's bytes in this piece: first:b
+            if got < b - a:
+                raise InputError(f"the data file of weight '{tensor.name}' ends before its bytes")
+            half = np.frombuffer(pieces.get(j % 2), np.float16, (b - first) // 2, first - a)
+            cast.copy(half, out[(first - offset) // 2 : (b - offset) // 2])
     finally:
-        os.close(fd)
-    return half
+        if job is not None:
+            job.exception()  # (the buffer is not written once this returns)
+        fds.close()
 
 
-def _read_exactly(fd: int, into: np.ndarray, offset: int, name: str) -> None:
-    view = into.data.cast("B")
+class _Fds:
+    """A data file open for reading: through the page cache, and with ``O_DIRECT``
+    where asked and the system allows (``direct``; None otherwise)."""
+
+    def __init__(self, cached: int, direct: int | None) -> None:
+        self.cached, self.direct = cached, direct
+
+    @classmethod
+    def open(cls, path: str, direct: bool) -> _Fds:
+        cached = os.open(path, os.O_RDONLY)
+        flag = getattr(os, "O_DIRECT", 0)
+        if not (direct and flag):
+            return cls(cached, None)
+        try:
+            return cls(cached, os.open(path, os.O_RDONLY | flag))
+        except OSError:  # EINVAL: tmpfs and others
+            return cls(cached, None)
+
+    def read(self, into: mmap.mmap, a: int, b: int) -> int:
+        """Read bytes ``a:b`` of the file into the start of *into*; returns how many
+        (fewer only at the end of the file).  Direct: the whole blocks covering them
+        (``a`` is aligned), through the page cache after a refusal."""
+        view = memoryview(into)
+        if self.direct is not None:
+            stop = -(-b // DIRECT_ALIGN) * DIRECT_ALIGN
+            try:
+                return min(_read_all(self.direct, view[: stop - a], a, DIRECT_ALIGN), b - a)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = None  # (EINVAL: not aligned as this filesystem wants)
+        return _read_all(self.cached, view[: b - a], a, 1)
+
+    def close(self) -> None:
+        for fd in (self.cached, self.direct):
+            if fd is not None:
+                os.close(fd)
+
+
+def _read_all(fd: int, view: memoryview, offset: int, align: int) -> int:
+    """``os.preadv`` into *view* at *offset* until it is full or the file ends (a read
+    that is short, or not a multiple of *align*); returns the bytes read."""
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise InputError(f"the data file of weight '{name}' ends before its bytes")
+            break
         done += got
+        if got % align:
+            break
+    return done
