@@ -64,24 +64,25 @@ def model_path(folder: Path, shape: LlamaShape) -> Path:
     return path
 
 
-def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, float]:
-    """Run ``cmd`` under GNU time: (wall seconds, peak RSS in bytes, user + system CPU
-    seconds); fails loudly."""
+def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, float, float]:
+    """Run ``cmd`` under GNU time: (wall seconds, peak RSS in bytes, user CPU seconds,
+    system CPU seconds); fails loudly."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
         full = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", out.name, *cmd]
         proc = subprocess.run(full, capture_output=True, text=True, cwd=cwd)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         wall, rss_kb, user, system = out.read().split()[-4:]
-    return float(wall), int(rss_kb) * 1024, float(user) + float(system)
+    return float(wall), int(rss_kb) * 1024, float(user), float(system)
 
 
-def copy_files(src: Path, out: Path) -> tuple[float, int]:
+def copy_files(src: Path, out: Path) -> tuple[float, int, float, float]:
+    """``cp`` of the model's two files: (wall, peak RSS, user, system) as :func:`timed`."""
     data = src.with_name(src.name + ".data")
-    wall, rss, _ = timed(["cp", str(src), str(data), str(out)])
+    took = timed(["cp", str(src), str(data), str(out)])
     for f in (src.name, data.name):
         (out / f).unlink()
-    return wall, rss
+    return took
 
 
 def teleport(
@@ -100,10 +101,13 @@ def teleport(
     cmd = [sys.executable, "-m", "graphteleport", str(src), "-o", str(dst), "-q"]
     how = ["--verify-by", verify_by] if verify else ["--no-verify"]
     flags = [*how, "--report", str(report)]
-    wall, rss, cpu = timed([*cmd, *flags], cwd=tree or ROOT)
+    wall, rss, user, system = timed([*cmd, *flags], cwd=tree or ROOT)
     rep = json.loads(report.read_text())
     v = rep.get("verification") or {}
-    record: dict[str, object] = {"seconds": wall, "rss": rss, "cpu": cpu, "phases": rep["seconds"]}
+    record: dict[str, object] = {
+        "seconds": wall, "rss": rss, "cpu": user + system, "user": user, "sys": system,
+        "phases": rep["seconds"],
+    }  # fmt: skip
     if verify:
         record["verification"] = {
             k: v.get(k) for k in ("passed", "method", "blocks", "max_rel_err", "fused")
@@ -120,7 +124,7 @@ def independent_check(src: Path, dst: Path, rtol: float, vocab: int) -> dict[str
     with tempfile.NamedTemporaryFile("r", suffix=".json") as res:
         cmd = [sys.executable, __file__, "--check", str(src), str(dst), "--check-out", res.name]
         cmd += ["--vocab", str(vocab)]
-        wall, rss, _ = timed([*cmd, "--check-rtol", str(rtol)])
+        wall, rss, _, _ = timed([*cmd, "--check-rtol", str(rtol)])
         record: dict[str, object] = json.loads(Path(res.name).read_text())
     record.update(seconds=wall, rss=rss)
     return record
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         a.check_out.write_text(json.dumps(found))
         return 0
     a.dir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
     src = model_path(a.dir, shape)
     size = src.stat().st_size + src.with_name(src.name + ".data").stat().st_size
     out = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir))
@@ -209,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2], "cp_mean": (cp1[0] + cp2[0]) / 2,
         "no_verify": plain, "verified": verified, "check": checked, "baseline": baseline,
-        "baseline_verified": baseline_verified, "load": os.getloadavg(),
+        "baseline_verified": baseline_verified, "load": os.getloadavg(), "load_start": load_start,
     }  # fmt: skip
     print_rows(record)
+    print_cpu(record)
     if baseline is not None:
         n, b = plain, baseline
         print(
@@ -252,12 +258,26 @@ def print_rows(r: dict) -> None:  # type: ignore[type-arg]
     print("| " + " | ".join(cells) + " |")
 
 
+def print_cpu(r: dict) -> None:  # type: ignore[type-arg]
+    """Each step's CPU, user and system (``cp``'s too), and the load average."""
+    steps = [(f"cp {k + 1}", c[0], c[2], c[3]) for k, c in enumerate(r["cp"])]
+    for name in ("no_verify", "verified"):
+        if r[name] is not None:
+            steps.append((name, r[name]["seconds"], r[name]["user"], r[name]["sys"]))
+    for name, wall, user, system in steps:
+        print(f"{name}: wall {wall:.1f} s, CPU user {user:.1f} s, system {system:.1f} s")
+    for when, key in (("start", "load_start"), ("end", "load")):
+        loads = " / ".join(f"{x:.2f}" for x in r[key])
+        print(f"load average (1, 5, 15 min) at the {when}: {loads}")
+
+
 def print_verified_ab(tree: Path, base: dict, this: dict) -> None:  # type: ignore[type-arg]
     """Step 3 of the baseline and of this tree, one line each."""
     for name, r in ((f"baseline {tree}", base), ("this tree", this)):
         v = r["verification"]
         print(
-            f"verified, {name}: wall {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s, peak RSS "
+            f"verified, {name}: wall {r['seconds']:.1f} s, CPU {r['cpu']:.1f} s (user "
+            f"{r['user']:.1f}, system {r['sys']:.1f}), peak RSS "
             f"{r['rss'] / 1e9:.2f} GB, verify {r['phases'].get('verify', 0):.1f} s "
             f"({v['method']}, {v['blocks']} blocks, {'passed' if v['passed'] else 'FAILED'}, "
             f"max rel err {v['max_rel_err']:.3g})"

@@ -349,9 +349,17 @@ class _Pieces:
         self.buffers: list[mmap.mmap] = []
 
     def get(self, k: int) -> mmap.mmap:
+        need = _piece_bytes() + DIRECT_ALIGN
         while len(self.buffers) <= k:
-            self.buffers.append(mmap.mmap(-1, 2 * PIECE + DIRECT_ALIGN))
+            self.buffers.append(mmap.mmap(-1, need))
+        if len(self.buffers[k]) < need:  # (PIECE grown since)
+            self.buffers[k] = mmap.mmap(-1, need)
         return self.buffers[k]
+
+
+def _piece_bytes() -> int:
+    """Bytes of a piece: :data:`PIECE` float16 elements, whole :data:`DIRECT_ALIGN` blocks."""
+    return -(-2 * PIECE // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 def _widen_into(
@@ -376,11 +384,10 @@ def _widen_into(
     info = {e.key: e.value for e in tensor.external_data}
     offset, nbytes = int(info.get("offset", 0)), 2 * out.size
     path = os.path.join(folder, info["location"])
-    fds = _Fds.open(path, os.path.realpath(path) in direct)
+    fds = _Fds.open(path, offset % 2 == 0 and os.path.realpath(path) in direct)
     lo = offset - offset % DIRECT_ALIGN if fds.direct is not None else offset
-    spans = [
-        (a, min(a + 2 * PIECE, offset + nbytes)) for a in range(lo, offset + nbytes, 2 * PIECE)
-    ]
+    step, end = _piece_bytes(), offset + nbytes
+    spans = [(a, min(a + step, end)) for a in range(lo, end, step)]
     if not _READER:
         _READER.append(ThreadPoolExecutor(1, thread_name_prefix="gt-widen-read"))
     job: Future[int] | None = None

@@ -219,3 +219,45 @@ def test_a_written_model_declaring_other_value_types_is_not_the_one_verified(
     name = original.graph.node[-1].input[0]
     typed.graph.value_info.append(onnx.helper.make_tensor_value_info(name, 10, [7]))
     assert "declares" in (fused._differs(original, typed, inits) or "")
+
+
+def test_the_verified_run_writes_and_reads_its_data_past_the_page_cache(
+    tmp_path: Path, small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused verified run writes its data file as ``--no-verify`` does (direct: the
+    same weights) and its verifier reads the teleported blocks' widened weights back with
+    ``O_DIRECT`` asked (the original's through the page cache), passing as before."""
+    from graphteleport import widen
+
+    src = _model(tmp_path / "in", "float16")
+    asked: list[tuple[str, bool]] = []
+    open_fds = widen._Fds.open
+
+    def spy(path: str, direct: bool) -> widen._Fds:
+        asked.append((Path(path).name, direct))
+        return open_fds(path, direct)
+
+    made, directs = pieces.Widened, []
+    data_file = gt_io.DataFile
+
+    def data(*args: object, direct: bool = False, **kw: object) -> gt_io.DataFile:
+        directs.append(direct)
+        return data_file(*args, direct=direct, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(widen._Fds, "open", spy)
+    monkeypatch.setattr(  # (the small model's weights widened too)
+        pieces, "Widened", lambda n, budget, direct=(): made(256, budget, direct=direct)
+    )
+    monkeypatch.setattr(gt_io, "DataFile", data)
+    report = teleport_file(src, tmp_path / "t.onnx", TeleportOptions(seed=2, verify_by="pieces"))
+    got = report.verification
+    assert got is not None and got.passed and got.fused and got.tensors is not None
+    assert directs == [True]
+    names = {name for name, _ in asked}
+    assert names == {"llama.onnx.data", "t.onnx.data"}
+    assert all(direct == (name == "t.onnx.data") for name, direct in asked)
+    teleport_file(src, tmp_path / "n.onnx", TeleportOptions(seed=2, verify=False))
+    assert directs == [True, True]
+    written, plain = _arrays(tmp_path / "t.onnx"), _arrays(tmp_path / "n.onnx")
+    assert written.keys() == plain.keys()  # (laid out in block order: compared by name)
+    assert all(written[k].tobytes() == plain[k].tobytes() for k in written)
