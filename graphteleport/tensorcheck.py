@@ -142,13 +142,22 @@ class TensorScales:
         if fitted is None or not fits or array.dtype.kind != "f" or not array.size:
             return tolerance_scale(self.apply(name, array))
         axes = tuple(k for k, d in enumerate(fitted.shape) if d == 1)
-        hi = array.max(axis=axes, keepdims=True).astype(np.float64)
-        lo = array.min(axis=axes, keepdims=True).astype(np.float64)
+        wide = _reducible(array)
+        hi = wide.max(axis=axes, keepdims=True).astype(np.float64)
+        lo = wide.min(axis=axes, keepdims=True).astype(np.float64)
         largest = np.maximum(hi, -lo)  # max |x| under each s
         peak = float(np.max(np.abs(fitted) * largest, initial=0.0))
         if not math.isfinite(peak):  # a NaN/inf somewhere: masked, as tolerance_scale does
             return tolerance_scale(self.apply(name, array))
         return peak
+
+
+def _reducible(array: np.ndarray) -> np.ndarray:
+    """*array* for ``max``/``min``: a float16 one widened to float32 first (exact, and
+    order-preserving: the same extremes, NaN still NaN), since numpy reduces float16
+    element by element — max and min of a [128, 11008] activation 11.0 ns an element
+    against 1.8 for the float32 copy and its vectorised reductions; others as they are."""
+    return array.astype(np.float32) if array.dtype == np.float16 else array
 
 
 def _fit(s: np.ndarray, rank: int) -> np.ndarray:
@@ -187,8 +196,9 @@ def tolerance_scale(reference: np.ndarray, floor: float = 0.0, inputs: float = 0
     activation inputs (node-local checks only).
     """
     peak = 0.0
-    if reference.size and reference.dtype.kind == "f":  # two reductions, no copy
-        peak = max(float(reference.max()), -float(reference.min()))
+    if reference.size and reference.dtype.kind == "f":  # two reductions
+        wide = _reducible(reference)
+        peak = max(float(wide.max()), -float(wide.min()))
     if reference.size and not (reference.dtype.kind == "f" and math.isfinite(peak)):
         finite = reference[np.isfinite(reference)]  # NaN/inf (or complex): mask them out
         peak = float(np.max(np.abs(finite), initial=0.0))
