@@ -1,7 +1,12 @@
 """Verification by pieces fused with the streamed rewrite: each block of the graph
 (:func:`graphteleport.pieces.plan_blocks`) is checked as soon as the rewrite has
-written its weights, while the original's (just read) and the teleported model's
-(just written) are in the page cache, the rewrite going on beside it.
+written its weights, while the original's (just read) are in the page cache, the
+rewrite going on beside it.  The output data file is written past the page cache where
+the filesystem allows (:class:`graphteleport.io.DataFile` ``direct``, as ``--no-verify``
+writes it: no page-cache page made and filled for 13.5 GB), and the verifier reads the
+teleported weights it widens back with ``O_DIRECT`` too (``direct``, :func:`graphteleport.
+widen._widen_into`: the disk's DMA, the next piece read on a helper thread while one
+is converted); the few it does not widen (an embedding's Gather) onnxruntime reads.
 
 **Order.**  :class:`FusedSink` is the streamed rewrite's sink
 (:class:`graphteleport.rewrite.OrderedSink`): it has the weights computed in the order
@@ -61,8 +66,9 @@ __all__ = ["AHEAD", "FusedSink", "FusedVerification"]
 
 logger = logging.getLogger(__name__)
 
-#: Blocks the rewrite may run ahead of the verifier (written, not yet checked): ~3 GB of
-#: source and output pages for the 7B shape, which the page cache keeps.  Measured
+#: Blocks the rewrite may run ahead of the verifier (written, not yet checked): ~2 GB of
+#: source pages for the 7B shape, which the page cache keeps.  Measured (output written
+#: through the page cache then)
 #: (32-layer float16 LLaMA, one run each, load 3.3-4.3 from other jobs): 8 → 105.5 s,
 #: 2 → 133.6 s (the two stages' stalls add up), 64 → 190.2 s (the verifier, far behind,
 #: read its blocks back from disk); 8-layer, two rounds: 35.4 / 24.1 s against 47.3 /

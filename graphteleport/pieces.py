@@ -378,9 +378,8 @@ class BlockRunner:
         self.floors = saturation_floors(self.graph)
         self.scales = scales
         # one model's block widened at a time (2 bytes → 4): where both fit, no conversion
-        # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together
-        # (``direct``: data files written past the page cache, read so: :mod:`~graphteleport.
-        # widen`)
+        # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together;
+        # ``direct``: data files written past the page cache, read back so (widen)
         wide = (
             None
             if widen_elements is None

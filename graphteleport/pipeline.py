@@ -245,8 +245,9 @@ def teleport_file(
     the unchanged ones copied by the kernel, so memory holds one weight, not the model
     (:func:`graphteleport.io.staged_stream`).  Where such a model is verified by pieces
     (``--verify-by pieces``, or ``auto`` when the whole models do not fit in memory),
-    each block is checked as soon as its weights are written, on a second thread, while
-    they are in the page cache (:mod:`graphteleport.fused`; the written model is
+    each block is checked as soon as its weights are written, on a second thread
+    (:mod:`graphteleport.fused`: the data file written and read back past the page
+    cache, as ``--no-verify`` writes it; the written model is
     verified again afterwards where it is not what the blocks ran).  ``bars`` shows a
     progress bar on stderr while the weights are written, once that takes over 2 s.
     """
@@ -455,8 +456,9 @@ def _open_stream(
 ) -> StreamedSave | None:
     """Stage ``dst`` for a streamed rewrite when it gets external data (None otherwise),
     with a progress bar over the weights' bytes when ``bars``; ``stack`` removes the
-    staged files (and the bar) when the job ends.  ``direct`` (unverified runs: nothing
-    reads the data file back) writes it past the page cache (:class:`graphteleport.io.DataFile`)."""
+    staged files (and the bar) when the job ends.  ``direct`` (unverified runs, and
+    fused verification, which reads it back past the page cache too) writes it past the
+    page cache (:class:`graphteleport.io.DataFile`)."""
     if output_data_path(model, dst) is None:
         return None
     from tqdm import tqdm  # the CLI's progress bar; imported only for big models
