@@ -407,3 +407,20 @@ def test_a_short_file_read_past_the_page_cache_is_refused(tmp_path: Path) -> Non
     for wide in (widen.Widened(1, direct=[str(tmp_path / "w.data")]), widen.Widened(1)):
         with pytest.raises(InputError, match="ends before its bytes"):
             wide.array(proto, str(tmp_path))
+
+
+def test_a_weight_holding_nan_payloads_runs_as_onnxruntimes_own_cast() -> None:
+    """The widened copy stands for onnxruntime's own ``Cast₃₂(W)``: a weight holding NaNs
+    of several payloads (quiet and signalling, both signs) and infinities gives the plain
+    session's output bits."""
+    rng = np.random.default_rng(9)
+    w = _rng_half(rng, 64, 96)
+    bits = w.view(np.uint16)
+    nans = [0x7C01, 0x7D55, 0x7E00, 0x7FFF, 0xFC01, 0xFE00, 0x7C00, 0xFC00]  # (+-inf last)
+    for k, pattern in enumerate(nans):
+        bits[k, 3 * k] = pattern
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [w], ["w"])
+    feeds = {"x": _rng_half(rng, 2, 3, 64)}
+    plain, got, wide = _both(proto, ".", feeds, 1)
+    assert wide.widened == 1 and np.isnan(plain[0]).any()
+    assert _bits(got) == _bits(plain)
