@@ -37,9 +37,9 @@ the teleported's, so each model's weights are converted once a block: 8 layers o
 7B shape, 170 → 114 conversions; at 32 layers a median −8 % of the verified run's CPU, four runs).
 Its copies live in one pool kept across blocks (:class:`Widened`), so they are written
 into memory already mapped rather than fresh pages.  The file's bytes are read a piece at
-a time into two reused buffers, the next piece on a helper thread while one is converted;
-a data file written past the page cache (the fused verification's output) is read so
-too, with ``O_DIRECT`` (:func:`_widen_into`).
+a time into two reused buffers; a data file written past the page cache (the fused
+verification's output) is read so too, with ``O_DIRECT``, the next piece on a helper
+thread while one is converted (:func:`_widen_into`).
 """
 
 from __future__ import annotations
