@@ -1,12 +1,7 @@
 """Verification by pieces fused with the streamed rewrite: each block of the graph
 (:func:`graphteleport.pieces.plan_blocks`) is checked as soon as the rewrite has
-written its weights, while the original's (just read) are in the page cache, the
-rewrite going on beside it.  The output data file is written past the page cache where
-the filesystem allows (:class:`graphteleport.io.DataFile` ``direct``, as ``--no-verify``
-writes it: no page-cache page made and filled for 13.5 GB), and the verifier reads the
-teleported weights it widens back with ``O_DIRECT`` too (``direct``, :func:`graphteleport.
-widen._widen_into`: the disk's DMA, the next piece read on a helper thread while one
-is converted); the few it does not widen (an embedding's Gather) onnxruntime reads.
+written its weights, while the original's (just read) and the teleported model's
+(just written) are in the page cache, the rewrite going on beside it.
 
 **Order.**  :class:`FusedSink` is the streamed rewrite's sink
 (:class:`graphteleport.rewrite.OrderedSink`): it has the weights computed in the order
@@ -66,9 +61,8 @@ __all__ = ["AHEAD", "FusedSink", "FusedVerification"]
 
 logger = logging.getLogger(__name__)
 
-#: Blocks the rewrite may run ahead of the verifier (written, not yet checked): ~2 GB of
-#: source pages for the 7B shape, which the page cache keeps.  Measured (output written
-#: through the page cache then)
+#: Blocks the rewrite may run ahead of the verifier (written, not yet checked): ~3 GB of
+#: source and output pages for the 7B shape, which the page cache keeps.  Measured
 #: (32-layer float16 LLaMA, one run each, load 3.3-4.3 from other jobs): 8 → 105.5 s,
 #: 2 → 133.6 s (the two stages' stalls add up), 64 → 190.2 s (the verifier, far behind,
 #: read its blocks back from disk); 8-layer, two rounds: 35.4 / 24.1 s against 47.3 /
@@ -100,10 +94,8 @@ class FusedVerification:
         rtol: float,
         seed: int = 0,
         budget_bytes: int | None = None,
-        direct: Sequence[str] = (),
     ) -> None:
         self.original = original
-        self.direct = direct  # data files written past the page cache (read so too)
         self.draws = len(feed_sets)
         self.sets = pieces_sets(original.proto.graph, feed_sets)
         self.promise = promise
@@ -131,7 +123,7 @@ class FusedVerification:
         )
         self.runner = BlockRunner(
             self.original, tele, self.sets, self.scales, open_proto,
-            rtol=self.rtol, seed=self.seed, budget_bytes=self.budget_bytes, direct=self.direct,
+            rtol=self.rtol, seed=self.seed, budget_bytes=self.budget_bytes,
         )  # fmt: skip
         self._thread = threading.Thread(target=self._work, name="gt-fused", daemon=True)
         self._thread.start()

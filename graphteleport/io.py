@@ -998,13 +998,11 @@ class DataFile:
     :meth:`scratch` lends the caller a buffer to compute the next :meth:`put`'s array in
     (two kept, reused: no fresh memory to fault in for every weight).
 
-    With ``direct`` (where nothing reads the file back through the page cache while it
-    is written: the CLI's ``--no-verify``, and the fused verification, whose reader
-    reads it with ``O_DIRECT`` too: :func:`graphteleport.widen._widen_into`), the whole
-    :data:`DIRECT_ALIGN`-byte blocks of each tensor are written with ``O_DIRECT`` from
-    the caller's memory (a :meth:`scratch` buffer is aligned for it; a copied tensor goes
-    through a reused aligned buffer, read with ``pread``), the partial blocks at its ends
-    through the page cache: the bytes in the
+    With ``direct`` (where nothing reads the file back while it is written: the CLI's
+    ``--no-verify``), the whole :data:`DIRECT_ALIGN`-byte blocks of each tensor are
+    written with ``O_DIRECT`` from the caller's memory (a :meth:`scratch` buffer is
+    aligned for it; a copied tensor goes through a reused aligned buffer, read with
+    ``pread``), the partial blocks at its ends through the page cache: the bytes in the
     file are the same, but the kernel allocates and fills no page-cache page for them.
     Measured on this project's 2-core VM, buffered writes into fresh page-cache pages cost
     ~2 CPU-s per GB of system time (the first touch of guest memory; a `cp` pays it too),
@@ -1038,11 +1036,6 @@ class DataFile:
         # copies made ahead of time: planned start and its job, by (path, offset, length)
         self._planned: dict[tuple[str, int, int], tuple[int, Future[None]]] = {}
         self._ahead: list[ThreadPoolExecutor] = []
-
-    @property
-    def direct(self) -> bool:
-        """Whether the whole blocks of the tensors put go past the page cache."""
-        return self._direct is not None and self._direct.fd is not None
 
     def scratch(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         """A C-contiguous array of ``shape`` and ``dtype`` (contents undefined) in one of

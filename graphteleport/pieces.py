@@ -370,7 +370,6 @@ class BlockRunner:
         seed: int = 0,
         budget_bytes: int = DEFAULT_BLOCK_BYTES,
         widen_elements: int | None = MIN_ELEMENTS,
-        direct: Sequence[str] = (),
     ) -> None:
         self.graph = orig.proto.graph
         self.blocks = plan_blocks(self.graph, budget_bytes)
@@ -378,13 +377,8 @@ class BlockRunner:
         self.floors = saturation_floors(self.graph)
         self.scales = scales
         # one model's block widened at a time (2 bytes → 4): where both fit, no conversion
-        # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together;
-        # ``direct``: data files written past the page cache, read back so (widen)
-        wide = (
-            None
-            if widen_elements is None
-            else Widened(widen_elements, 2 * budget_bytes, direct=direct)
-        )
+        # is made twice; the LM head's (0.5 GB each for the 7B shape) are not held together
+        wide = None if widen_elements is None else Widened(widen_elements, 2 * budget_bytes)
         self.wide = wide
         opener = self.wide.opener(open_model) if self.wide is not None else open_model
         self.pair = _Pair(orig, tele, scales, opener, rtol, seed)

@@ -245,9 +245,8 @@ def teleport_file(
     the unchanged ones copied by the kernel, so memory holds one weight, not the model
     (:func:`graphteleport.io.staged_stream`).  Where such a model is verified by pieces
     (``--verify-by pieces``, or ``auto`` when the whole models do not fit in memory),
-    each block is checked as soon as its weights are written, on a second thread
-    (:mod:`graphteleport.fused`: the data file written and read back past the page
-    cache, as ``--no-verify`` writes it; the written model is
+    each block is checked as soon as its weights are written, on a second thread, while
+    they are in the page cache (:mod:`graphteleport.fused`; the written model is
     verified again afterwards where it is not what the blocks ran).  ``bars`` shows a
     progress bar on stderr while the weights are written, once that takes over 2 s.
     """
@@ -355,11 +354,9 @@ def _pass_file(
     progress("analysing and rewriting")  # every check on the user's input has passed
     try:
         with contextlib.ExitStack() as stack:
-            original = _fused_original(model, src, dst, opts)
-            direct = not opts.verify or original is not None
-            stream = _open_stream(stack, model, src, dst, bars, direct=direct)
+            stream = _open_stream(stack, model, src, dst, bars, direct=not opts.verify)
             early = stack.enter_context(_early_draws(model, src, feeds, opts, stream))
-            fused = _fused(stack, model, original, feeds, opts, stream)
+            fused = _fused(stack, model, src, feeds, opts, stream)
             with _streamed(stream, fused):
                 result = make_pass(shapes)(model)
             clock.seconds.update(result.seconds)
@@ -379,43 +376,29 @@ def _pass_file(
     return report
 
 
-def _fused_original(
-    model: ir.Model, src: PathArg, dst: PathArg, opts: TeleportOptions
-) -> LoadedModel | None:
-    """The original (its graph; weights left in their files), where the written model
-    will be verified block by block as it is written (:mod:`graphteleport.fused`):
-    streamed (external data) and verified by pieces (:func:`graphteleport.verify.
-    choose_method`); None otherwise."""
-    if not opts.verify or output_data_path(model, dst) is None:
-        return None
-    original = LoadedModel.load(src)
-    if verify_mod.choose_method(opts.verify_by, original) != "pieces":
-        return None
-    return original
-
-
 def _fused(
     stack: contextlib.ExitStack,
     model: ir.Model,
-    original: LoadedModel | None,
+    src: PathArg,
     feeds: list[dict[str, np.ndarray]],
     opts: TeleportOptions,
     stream: StreamedSave | None,
 ) -> FusedSink | None:
-    """The sink that verifies each block of ``original`` (:func:`_fused_original`) as
-    the streamed rewrite writes it (:mod:`graphteleport.fused`); None without it.  A
-    data file written past the page cache is read back so too.  ``stack`` stops its
+    """The sink that verifies each block as the streamed rewrite writes it
+    (:mod:`graphteleport.fused`), where the model is streamed and verified by pieces
+    (:func:`graphteleport.verify.choose_method`); None otherwise.  ``stack`` stops its
     thread when the job ends."""
-    if stream is None or original is None:
+    if stream is None or not opts.verify:
+        return None
+    original = LoadedModel.load(src)
+    if verify_mod.choose_method(opts.verify_by, original) != "pieces":
         return None
     from graphteleport.fused import FusedSink, FusedVerification
     from graphteleport.passes.teleport import promised_scales
 
-    data = stream.data
     verification = FusedVerification(
         original, feeds, promised_scales if opts.tensor_check else None,
-        str(data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
-        direct=[str(data.path)] if data.direct else [],
+        str(stream.data.path.parent), rtol=_rtol(model, opts), seed=_seed(opts),
     )  # fmt: skip
     stack.callback(verification.close)
     return FusedSink(stream.data, model, verification)
@@ -456,9 +439,8 @@ def _open_stream(
 ) -> StreamedSave | None:
     """Stage ``dst`` for a streamed rewrite when it gets external data (None otherwise),
     with a progress bar over the weights' bytes when ``bars``; ``stack`` removes the
-    staged files (and the bar) when the job ends.  ``direct`` (unverified runs, and
-    fused verification, which reads it back past the page cache too) writes it past the
-    page cache (:class:`graphteleport.io.DataFile`)."""
+    staged files (and the bar) when the job ends.  ``direct`` (unverified runs: nothing
+    reads the data file back) writes it past the page cache (:class:`graphteleport.io.DataFile`)."""
     if output_data_path(model, dst) is None:
         return None
     from tqdm import tqdm  # the CLI's progress bar; imported only for big models

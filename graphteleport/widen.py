@@ -36,24 +36,18 @@ original's runs of a block — its block run, its half of the per-tensor check �
 the teleported's, so each model's weights are converted once a block: 8 layers of the
 7B shape, 170 → 114 conversions; at 32 layers a median −8 % of the verified run's CPU, four runs).
 Its copies live in one pool kept across blocks (:class:`Widened`), so they are written
-into memory already mapped rather than fresh pages.  The file's bytes are read a piece at
-a time into two reused buffers; a data file written past the page cache (the fused
-verification's output) is read so too, with ``O_DIRECT``, the next piece on a helper
-thread while one is converted (:func:`_widen_into`).
+into memory already mapped rather than fresh pages.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import logging
-import mmap
 import os
 import sys
 import weakref
-from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -181,20 +175,14 @@ class Widened:
     first touches: the first block, the LM head), the widening's CPU −37 %, peak RSS
     +0.1 GB (the pool stays resident).  Without a budget every copy gets fresh memory."""
 
-    def __init__(
-        self,
-        min_elements: int = MIN_ELEMENTS,
-        budget_bytes: int | None = None,
-        direct: Collection[str] = (),
-    ):
+    def __init__(self, min_elements: int = MIN_ELEMENTS, budget_bytes: int | None = None):
         self.min_elements = min_elements
         self.budget_bytes = budget_bytes
-        self.direct = frozenset(os.path.realpath(p) for p in direct)  # read past the cache
         self._arrays: dict[tuple[Any, ...], np.ndarray] = {}
         self._pool: np.ndarray | None = None  # flat float32, budget_bytes // 4 elements
         self._pinned: list[weakref.ref[np.ndarray]] = []  # dropped, still held elsewhere
         self._written: list[tuple[int, int]] = []  # extents of the pool written so far
-        self._pieces = _Pieces()  # the file's bytes, a piece at a time
+        self._half = np.empty(0, np.float16)  # the file's bytes, a piece at a time
         self.widened = 0  # conversions made (a weight reused is counted once)
         self.fresh = 0  # conversions that wrote into memory never written before
 
@@ -236,7 +224,7 @@ class Widened:
             n = int(np.prod(shape, dtype=np.int64))
             self._make_room(4 * n)
             out = self._buffer(n)
-            _widen_into(tensor, folder, out, self._pieces, self.direct)
+            self._half = _widen_into(tensor, folder, out, self._half)
             found = out.reshape(shape)
             self.widened += 1
         self._arrays[key] = found  # the most recently used last
@@ -337,143 +325,43 @@ def _where(tensor: onnx.TensorProto, folder: str) -> tuple[Any, ...]:
 
 #: float16 elements read from the file per piece (8 MiB).
 PIECE = 1 << 22
-#: Direct reads (``O_DIRECT``) start and end on multiples of this many bytes, into memory
-#: aligned alike.
-DIRECT_ALIGN = 4096
-_READER: list[ThreadPoolExecutor] = []  # the thread reading the next piece
-
-
-class _Pieces:
-    """Two page-aligned buffers of a piece (:data:`PIECE` float16 elements and a
-    :data:`DIRECT_ALIGN` block), made on first use and reused: one is converted while
-    the next piece is read into the other."""
-
-    def __init__(self) -> None:
-        self.buffers: list[mmap.mmap] = []
-
-    def get(self, k: int) -> mmap.mmap:
-        need = _piece_bytes() + DIRECT_ALIGN
-        while len(self.buffers) <= k:
-            self.buffers.append(mmap.mmap(-1, need))
-        if len(self.buffers[k]) < need:  # (PIECE grown since)
-            self.buffers[k] = mmap.mmap(-1, need)
-        return self.buffers[k]
-
-
-def _piece_bytes() -> int:
-    """Bytes of a piece: :data:`PIECE` float16 elements, whole :data:`DIRECT_ALIGN` blocks."""
-    return -(-2 * PIECE // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
 def _widen_into(
-    tensor: onnx.TensorProto,
-    folder: str,
-    out: np.ndarray,
-    pieces: _Pieces,
-    direct: Collection[str] = (),
-) -> None:
+    tensor: onnx.TensorProto, folder: str, out: np.ndarray, half: np.ndarray
+) -> np.ndarray:
     """Write the float32 of a float16 initializer into the flat *out*: external bytes
-    read piece by piece into *pieces* — no memory map to fault in — and converted by
-    :func:`graphteleport.halfcast.chosen` (onnxruntime's vectorised Cast where torch is
-    not loaded: 0.45-0.9 CPU-ns an element against numpy's 2.5-3.2; exact either way),
-    without its check for NaN payloads (``copy_finite``): the copy stands for
+    read piece by piece (``os.preadv`` into *half*, a reused float16 buffer, grown to
+    :data:`PIECE` where smaller; returned) — no memory map to fault in — and converted
+    by :func:`graphteleport.halfcast.chosen` (onnxruntime's vectorised Cast where torch
+    is not loaded: 0.45-0.9 CPU-ns an element against numpy's 2.5-3.2; exact either
+    way), without its check for NaN payloads (``copy_finite``): the copy stands for
     onnxruntime's own ``Cast₃₂(W)``, the same conversion, whose NaNs are onnxruntime's
-    too (a piece of 2^22 elements into the pool, alone: 0.27 → 0.18 ns an element).
-    A file of *direct* (real paths: one written past the page cache, :class:`graphteleport.
-    io.DataFile`) is read with ``O_DIRECT`` in whole aligned blocks, the next piece on a
-    helper thread while this one is converted: the disk's DMA fills the buffers, no
-    page-cache page is made.  Other files (and where the system refuses ``O_DIRECT``)
-    are read through the page cache on this thread: a copy from the cache (~1.1 ms a
-    piece) costs less than handing it to a thread that must first get a core."""
+    too (a piece of 2^22 elements into the pool, alone: 0.27 → 0.18 ns an element)."""
     cast = halfcast.chosen()
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         cast.copy_finite(numpy_helper.to_array(tensor).reshape(-1), out)
-        return
+        return half
+    if half.size < min(PIECE, out.size):
+        half = np.empty(min(PIECE, max(out.size, 1)), np.float16)
     info = {e.key: e.value for e in tensor.external_data}
-    offset, nbytes = int(info.get("offset", 0)), 2 * out.size
-    path = os.path.join(folder, info["location"])
-    fds = _Fds.open(path, offset % 2 == 0 and os.path.realpath(path) in direct)
-    lo = offset - offset % DIRECT_ALIGN if fds.direct is not None else offset
-    step, end = _piece_bytes(), offset + nbytes
-    spans = [(a, min(a + step, end)) for a in range(lo, end, step)]
-    if not _READER:
-        _READER.append(ThreadPoolExecutor(1, thread_name_prefix="gt-widen-read"))
-    job: Future[int] | None = None
-
-    def start(k: int, a: int, b: int) -> Future[int]:
-        if fds.direct is not None:
-            return _READER[0].submit(fds.read, pieces.get(k), a, b)
-        done: Future[int] = Future()
-        done.set_result(fds.read(pieces.get(k), a, b))
-        return done
-
+    offset = int(info.get("offset", 0))
+    fd = os.open(os.path.join(folder, info["location"]), os.O_RDONLY)
     try:
-        if spans:
-            job = start(0, *spans[0])
-        for j, (a, b) in enumerate(spans):
-            assert job is not None
-            got, job = job.result(), None
-            if j + 1 < len(spans):
-                job = start((j + 1) % 2, *spans[j + 1])
-            first = max(a, offset)  # the tensor's bytes in this piece: first:b
-            if got < b - a:
-                raise InputError(f"the data file of weight '{tensor.name}' ends before its bytes")
-            half = np.frombuffer(pieces.get(j % 2), np.float16, (b - first) // 2, first - a)
-            cast.copy_finite(half, out[(first - offset) // 2 : (b - offset) // 2])
+        for i in range(0, out.size, half.size):
+            k = min(half.size, out.size - i)
+            _read_exactly(fd, half[:k], offset + 2 * i, tensor.name)
+            cast.copy_finite(half[:k], out[i : i + k])
     finally:
-        if job is not None:
-            job.exception()  # (the buffer is not written once this returns)
-        fds.close()
+        os.close(fd)
+    return half
 
 
-class _Fds:
-    """A data file open for reading: through the page cache, and with ``O_DIRECT``
-    where asked and the system allows (``direct``; None otherwise)."""
-
-    def __init__(self, cached: int, direct: int | None) -> None:
-        self.cached, self.direct = cached, direct
-
-    @classmethod
-    def open(cls, path: str, direct: bool) -> _Fds:
-        cached = os.open(path, os.O_RDONLY)
-        flag = getattr(os, "O_DIRECT", 0)
-        if not (direct and flag):
-            return cls(cached, None)
-        try:
-            return cls(cached, os.open(path, os.O_RDONLY | flag))
-        except OSError:  # EINVAL: tmpfs and others
-            return cls(cached, None)
-
-    def read(self, into: mmap.mmap, a: int, b: int) -> int:
-        """Read bytes ``a:b`` of the file into the start of *into*; returns how many
-        (fewer only at the end of the file).  Direct: the whole blocks covering them
-        (``a`` is aligned), through the page cache after a refusal."""
-        view = memoryview(into)
-        if self.direct is not None:
-            stop = -(-b // DIRECT_ALIGN) * DIRECT_ALIGN
-            try:
-                return min(_read_all(self.direct, view[: stop - a], a, DIRECT_ALIGN), b - a)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self.direct = None  # (EINVAL: not aligned as this filesystem wants)
-        return _read_all(self.cached, view[: b - a], a, 1)
-
-    def close(self) -> None:
-        for fd in (self.cached, self.direct):
-            if fd is not None:
-                os.close(fd)
-
-
-def _read_all(fd: int, view: memoryview, offset: int, align: int) -> int:
-    """``os.preadv`` into *view* at *offset* until it is full or the file ends (a read
-    that is short, or not a multiple of *align*); returns the bytes read."""
+def _read_exactly(fd: int, into: np.ndarray, offset: int, name: str) -> None:
+    view = into.data.cast("B")
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            break
+            raise InputError(f"the data file of weight '{name}' ends before its bytes")
         done += got
-        if got % align:
-            break
-    return done

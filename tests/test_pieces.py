@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -245,10 +244,12 @@ def test_each_models_weights_are_widened_once_a_block(
     converted: list[tuple[str, str]] = []
     widen_into = widen._widen_into
 
-    def counted(tensor: onnx.TensorProto, folder: str, *rest: Any) -> None:
+    def counted(
+        tensor: onnx.TensorProto, folder: str, out: np.ndarray, half: np.ndarray
+    ) -> np.ndarray:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         converted.append((location, tensor.name))
-        widen_into(tensor, folder, *rest)
+        return widen_into(tensor, folder, out, half)
 
     monkeypatch.setattr(widen, "_widen_into", counted)
     found = verify_blocks(

@@ -348,67 +348,6 @@ def test_the_pool_leaves_which_copies_are_dropped_unchanged(tmp_path: Path) -> N
     assert np.array_equal(again, big[1]) and (wide.widened, wide.fresh) == (3, 2)
 
 
-@pytest.mark.parametrize("piece", [1500, 4096, 1 << 22])
-def test_a_file_read_past_the_page_cache_widens_alike(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
-) -> None:
-    """Weights of a data file written with ``O_DIRECT`` (DataFile(direct=True): offsets
-    64-aligned, not 4096) read back with ``O_DIRECT`` in aligned pieces, the next one on
-    the helper thread, give the bits numpy's widening of the arrays gives, whatever the
-    piece size (a tensor in one piece, in several, ending mid-block or at the file's end)."""
-    from graphteleport.io import DataFile
-
-    monkeypatch.setattr(widen, "PIECE", piece)
-    rng = np.random.default_rng(7)
-    sizes = [5000, 3, 70_000, 4096, 2049]  # elements; the last one ends the file
-    arrays = [_rng_half(rng, n) * np.float16(3) for n in sizes]
-    data = DataFile(tmp_path / "w.data", direct=True)
-    try:
-        placed = [data.put(f"w{k}", a) for k, a in enumerate(arrays)]
-        wrote_direct = data.direct  # (False where the filesystem refuses: tmpfs)
-    finally:
-        data.close()
-    assert any((t.offset or 0) % widen.DIRECT_ALIGN for t in placed)
-    opened: list[bool] = []
-    open_fds = widen._Fds.open
-
-    def spy(path: str, direct: bool) -> widen._Fds:
-        fds = open_fds(path, direct)
-        opened.append(fds.direct is not None)
-        return fds
-
-    monkeypatch.setattr(widen._Fds, "open", spy)
-    cached = widen.Widened(1)
-    direct_reads = widen.Widened(1, direct=[str(tmp_path / "w.data")])
-    for k, (a, t) in enumerate(zip(arrays, placed, strict=True)):
-        proto = onnx.TensorProto(name=f"w{k}", data_type=F16, dims=[a.size])
-        proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", "w.data"), ("offset", t.offset), ("length", t.length)):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, str(value)
-        want = a.astype(np.float32).view(np.uint32)
-        for wide in (direct_reads, cached):
-            got = wide.array(proto, str(tmp_path))
-            assert np.array_equal(got.view(np.uint32), want)
-    assert opened == [wrote_direct, False] * len(arrays)
-
-
-def test_a_short_file_read_past_the_page_cache_is_refused(tmp_path: Path) -> None:
-    """A tensor whose bytes the data file does not hold is one clear error, read with
-    ``O_DIRECT`` or not."""
-    from graphteleport.errors import InputError
-
-    (tmp_path / "w.data").write_bytes(np.arange(3000, dtype=np.float16).tobytes())
-    proto = onnx.TensorProto(name="w", data_type=F16, dims=[4000])
-    proto.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", "w.data"), ("offset", "64")):
-        entry = proto.external_data.add()
-        entry.key, entry.value = key, value
-    for wide in (widen.Widened(1, direct=[str(tmp_path / "w.data")]), widen.Widened(1)):
-        with pytest.raises(InputError, match="ends before its bytes"):
-            wide.array(proto, str(tmp_path))
-
-
 def test_a_weight_holding_nan_payloads_runs_as_onnxruntimes_own_cast() -> None:
     """The widened copy stands for onnxruntime's own ``Cast₃₂(W)``: a weight holding NaNs
     of several payloads (quiet and signalling, both signs) and infinities gives the plain
