@@ -64,6 +64,26 @@ def test_scales_peak_is_the_products_peak() -> None:
     assert odd.peak("v", x) == tolerance_scale(odd.apply("v", x))
 
 
+def test_float16_extremes_are_float16s_own() -> None:
+    """The magnitudes of float16 tensors, reduced through float32, are the float16
+    reductions' numbers: subnormals, ±0, the largest finite values, one tensor all
+    negative, and NaN/inf (masked as before); ``peak`` per channel as the product's."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((4, 8, 6)) * rng.uniform(1e-6, 5e3, (1, 8, 1))).astype(np.float16)
+    x.reshape(-1)[:6] = np.array([6.1e-8, -0.0, 0.0, 65504, -65504, 1e-7], dtype=np.float16)
+    negative = -np.abs(x) - np.float16(1)
+    bad = x.copy()
+    bad[1, 2, 3], bad[2, 5, 1] = np.nan, -np.inf
+    for a in (x, negative, bad, np.zeros((3, 2), np.float16)):
+        finite = a[np.isfinite(a)]
+        want = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
+        assert tolerance_scale(a) == want
+    s = np.exp(rng.uniform(-3, 3, (1, 8, 1)))
+    scales = TensorScales({"v": s})
+    for a in (x, negative, bad):
+        assert scales.peak("v", a) == tolerance_scale(scales.apply("v", a))
+
+
 @pytest.mark.parametrize("limit", [7, 64, 1 << 15])
 def test_slab_extremes_equal_the_whole_arrays(limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The slab-wise comparison (:func:`_scaled_extremes`) gives the very numbers of the
