@@ -192,7 +192,7 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.
 
 #: The float64 elements of a chunk :func:`_power_rows` works on while it is in cache.
 POWER_CHUNK = 1 << 15
-#: The elements of a chunk the float32 paths (:func:`_single_powers`, :func:`_single_cubes`)
+#: The elements of a chunk the float32 paths (:func:`_single_powers`, :func:`_single_windows`)
 #: work on: 512 KB a buffer, the chunk's few numpy calls paid ~110 times on ResNet-50
 #: instead of ~440. cle's ``balance_terms``, interleaved against 2^15 (21 rounds, load
 #: ~4): 2^16 CPU −4 %, 2^17 −5 to −8 %, 2^18 −7 %, 2^19 +1 %.
@@ -213,8 +213,8 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
         total = _single_powers(values.reshape(-1), out, p, factor)
         if total is not None:
             return total
-    elif single and p == 3.0:
-        return _single_cubes(values, out, factor)
+    elif single and (p == 3.0 or (p == 2.0 and width <= SINGLE_WIDTH)):
+        return _single_windows(values, out, p, factor)
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
@@ -252,23 +252,34 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
     return total
 
 
-def _single_cubes(values: np.ndarray, out: np.ndarray, factor: float = 1.0) -> float:
-    """``out[i] = factor · Σ_j |values[i, j]|³`` for a float32 matrix ``values`` (a conv's
-    k×k windows) into float32 ``out``, in float32 a chunk of rows at a time: ``|w|``
-    exact, ``w²·|w|`` rounded twice, the row sums by a matrix-vector product with
-    ``float32(factor)``s (:func:`_power_rows` does the same in float64); returns ``Σ out``,
-    summed chunk by chunk in float64.  Raises :class:`Narrow` as :func:`_power_rows`
-    does: a sum above :data:`SINGLE_MAX` (an overflow to inf included, found on the sums,
-    the warning silenced), a non-finite element, a positive sum below float32's smallest
-    normal.
+#: The exponents whose rows of a few elements (at most :data:`SINGLE_WIDTH`: a conv's
+#: k×k windows) the float32 build sums in float32 (:func:`_single_windows`), and the
+#: widest such row at p = 2 (at p = 3, every width: its float64 path costs twice as much).
+SINGLE_WIDTH = 64
 
-    **Rounding.**  Each row ``Σ_j c·|w_j|³`` of ``n`` terms carries a relative error of at
-    most ``(n + 3)·2⁻²⁴`` (two roundings of each cube, the factor's, ``n − 1`` additions
-    of positive terms, in any order) instead of the float64 path's ``2⁻²⁴``: for a 3×3
-    window ``12·2⁻²⁴ ≈ 7e-7``.  As for :func:`_single_powers`, that is of the order of the
-    stored weights' own float32 rounding (``3·2⁻²⁴`` per ``|w|³``) and moves the minimum
-    ``u`` far below what the invariance asks of the weights.  ResNet-50's cle (p = 3,
-    11.3 M elements in 3×3 windows): this part of the build ~1.3 → ~0.8 ns an element."""
+
+def _single_windows(values: np.ndarray, out: np.ndarray, p: float, factor: float = 1.0) -> float:
+    """``out[i] = factor · Σ_j |values[i, j]|^p`` (p = 2 or 3) for a float32 matrix
+    ``values`` (a conv's k×k windows) into float32 ``out``, in float32 a chunk of rows at
+    a time: ``w²`` rounded once, ``|w|³ = w²·|w|`` twice, the row sums by a matrix-vector
+    product with ``float32(factor)``s (:func:`_power_rows` does the same in float64);
+    returns ``Σ out``, summed chunk by chunk in float64.  Raises :class:`Narrow` as
+    :func:`_power_rows` does: a sum above :data:`SINGLE_MAX` (an overflow to inf
+    included, found on the sums, the warning silenced), a non-finite element, a positive
+    sum below float32's smallest normal — or a zero sum of a row with a non-zero element
+    (every power underflowed: a row that counts would stop counting).
+
+    **Rounding.**  Each row ``Σ_j c·|w_j|^p`` of ``n`` terms carries a relative error of
+    at most ``(n + 2)·2⁻²⁴`` at p = 2 and ``(n + 3)·2⁻²⁴`` at p = 3 (one or two roundings
+    of each power, the factor's, ``n − 1`` additions of positive terms, in any order;
+    float32's gradual underflow adds at most ``2⁻¹⁵⁰`` a term, below that relative to a
+    normal sum) instead of the float64 path's ``2⁻²⁴``: for a 3×3 window ``11·2⁻²⁴ ≈
+    7e-7``.  As for :func:`_single_powers`, that is of the order of the stored weights'
+    own float32 rounding (``p·2⁻²⁴`` per ``|w|^p``) and moves the minimum ``u`` far
+    below what the invariance asks of the weights (ResNet-50's canonical form: 1e-8).
+    ResNet-50's cle (p = 3, 11.3 M elements in 3×3 windows): this part of the build
+    ~1.3 → ~0.8 ns an element; its canonical form (p = 2): ``OrbitTerms.build`` CPU
+    33.9 → 28.0 ms (per-round 0.81–0.83, 21 rounds, load 4)."""
     rows, width = values.shape
     step = max(1, SINGLE_CHUNK // width)
     a = np.empty((min(step, rows), width), np.float32)
@@ -280,15 +291,25 @@ def _single_cubes(values: np.ndarray, out: np.ndarray, factor: float = 1.0) -> f
         k = chunk.shape[0]
         mine, part, sq = out[i : i + k], a[:k], squares[:k]
         with np.errstate(over="ignore", invalid="ignore"):  # (found on the sums below)
-            np.absolute(chunk, out=part)
-            np.multiply(part, part, out=sq)
-            part *= sq
+            if p == 2.0:
+                np.square(chunk, out=part)
+            else:
+                np.absolute(chunk, out=part)
+                np.multiply(part, part, out=sq)
+                part *= sq
             np.matmul(part, weights, out=mine)
         total += float(mine.sum(dtype=np.float64))
         # (Q ≥ 0: no sum above the running total; a NaN or inf makes it non-finite)
-        if not total <= SINGLE_MAX or (float(mine.min()) < _SINGLE_TINY and not fits_single(mine)):
+        if not total <= SINGLE_MAX or (float(mine.min()) < _SINGLE_TINY and not _held(mine, chunk)):
             raise Narrow
     return total
+
+
+def _held(sums: np.ndarray, rows: np.ndarray) -> bool:
+    """The float32 row sums ``sums`` of ``rows`` (:func:`_single_windows`) hold what they
+    sum: each is a normal float32 or 0 (:func:`fits_single`), and 0 only where its row is."""
+    zero = sums == 0
+    return fits_single(sums) and not (zero.any() and bool((rows[zero] != 0).any()))
 
 
 def _single_powers(
