@@ -49,6 +49,7 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -205,6 +206,14 @@ POWER_CHUNK = 1 << 15
 SINGLE_CHUNK = 1 << 17
 
 
+@functools.cache
+def _ones32() -> np.ndarray:
+    """:data:`SINGLE_CHUNK` float32 ones, read-only (:func:`_single_powers`' dot products)."""
+    ones = np.ones(SINGLE_CHUNK, np.float32)
+    ones.setflags(write=False)
+    return ones
+
+
 def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> float:
     """``out[i] = factor · Σ_j |values[i, j]|^p`` for a matrix ``values`` (p = 1, 2, 3 or
     4), a chunk of rows at a time in one float64 buffer: ``|w|`` cast exactly, ``w²``
@@ -345,7 +354,7 @@ def _single_powers(
     ResNet-50's cle (p = 3, 14.2 M one-element rows) ``OrbitTerms.build`` CPU −9 ms."""
     total = 0.0
     spare = np.empty(min(SINGLE_CHUNK, values.size), np.float32) if p == 3.0 else None
-    ones = np.ones(min(SINGLE_CHUNK, values.size), np.float32)
+    ones = _ones32()
     scale = np.float32(factor)
     for i in range(0, values.size, SINGLE_CHUNK):
         a, chunk = out[i : i + SINGLE_CHUNK], values[i : i + SINGLE_CHUNK]
