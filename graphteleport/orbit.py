@@ -267,9 +267,9 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
     return total
 
 
-#: The exponents whose rows of a few elements (at most :data:`SINGLE_WIDTH`: a conv's
-#: k×k windows) the float32 build sums in float32 (:func:`_single_windows`), and the
-#: widest such row at p = 2 (at p = 3, every width: its float64 path costs twice as much).
+#: The widest row (in elements: a conv's k×k window) the float32 build sums in float32 at
+#: p = 2 (:func:`_single_windows`; the error grows with the width); at p = 3 every width
+#: is (its float64 path costs twice as much).
 SINGLE_WIDTH = 64
 
 
