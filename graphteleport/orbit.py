@@ -49,7 +49,9 @@ conv/Gemm weight's ``Q`` as a matrix (gemv) instead of row by row.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -90,7 +92,12 @@ def used_values(use: Absorb, w: np.ndarray) -> np.ndarray:
 
 
 def reduced_power(
-    use: Absorb, w: np.ndarray, p: float, out: FloatArray | None = None, factor: float = 1.0
+    use: Absorb,
+    w: np.ndarray,
+    p: float,
+    out: FloatArray | None = None,
+    factor: float = 1.0,
+    cshape: tuple[int, ...] | None = None,
 ) -> FloatArray:
     """``Q = factor · Σ |W|^p`` of the use's values summed over the axes where its compact
     layout has size 1: one value per element of :func:`compact_shape` (written into
@@ -103,7 +110,7 @@ def reduced_power(
     not be a normal float32 (above :data:`SINGLE_MAX` or a positive sum below float32's
     smallest normal): the caller then works in float64."""
     values = used_values(use, w)
-    cshape = compact_shape(use)
+    cshape = compact_shape(use) if cshape is None else cshape
     target = np.empty(cshape) if out is None else out.reshape(cshape)
     if p in (1.0, 2.0, 3.0, 4.0) and values.dtype in _EINSUM_DTYPES:
         total = _power_sum(values, target, p, factor)
@@ -165,7 +172,7 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.
     nothing (a 1×1 conv, a bias) is read as a matrix, one row per element of ``out``
     (:func:`_power_rows`)."""
     kept = [k for k, c in enumerate(out.shape) if c != 1]
-    rows = int(np.prod(out.shape))
+    rows = math.prod(out.shape)
     if values.flags.c_contiguous and (values.size == out.size or kept == list(range(len(kept)))):
         return _power_rows(values.reshape(rows, -1), out.reshape(-1), p, factor)
     if out.dtype != np.float64:  # float32: summed in float64, each sum rounded once
@@ -192,11 +199,19 @@ def _power_sum(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.
 
 #: The float64 elements of a chunk :func:`_power_rows` works on while it is in cache.
 POWER_CHUNK = 1 << 15
-#: The elements of a chunk the float32 paths (:func:`_single_powers`, :func:`_single_cubes`)
+#: The elements of a chunk the float32 paths (:func:`_single_powers`, :func:`_single_windows`)
 #: work on: 512 KB a buffer, the chunk's few numpy calls paid ~110 times on ResNet-50
 #: instead of ~440. cle's ``balance_terms``, interleaved against 2^15 (21 rounds, load
 #: ~4): 2^16 CPU −4 %, 2^17 −5 to −8 %, 2^18 −7 %, 2^19 +1 %.
 SINGLE_CHUNK = 1 << 17
+
+
+@functools.cache
+def _ones32() -> np.ndarray:
+    """:data:`SINGLE_CHUNK` float32 ones, read-only (:func:`_single_powers`' dot products)."""
+    ones = np.ones(SINGLE_CHUNK, np.float32)
+    ones.setflags(write=False)
+    return ones
 
 
 def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1.0) -> float:
@@ -213,8 +228,8 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
         total = _single_powers(values.reshape(-1), out, p, factor)
         if total is not None:
             return total
-    elif single and p == 3.0:
-        return _single_cubes(values, out, factor)
+    elif single and (p == 3.0 or (p == 2.0 and width <= SINGLE_WIDTH)):
+        return _single_windows(values, out, p, factor)
     step = max(1, POWER_CHUNK // max(width, 1))
     buffer = np.empty(min(step, rows) * width)
     squares = np.empty_like(buffer) if p == 3.0 else buffer
@@ -252,23 +267,34 @@ def _power_rows(values: np.ndarray, out: FloatArray, p: float, factor: float = 1
     return total
 
 
-def _single_cubes(values: np.ndarray, out: np.ndarray, factor: float = 1.0) -> float:
-    """``out[i] = factor · Σ_j |values[i, j]|³`` for a float32 matrix ``values`` (a conv's
-    k×k windows) into float32 ``out``, in float32 a chunk of rows at a time: ``|w|``
-    exact, ``w²·|w|`` rounded twice, the row sums by a matrix-vector product with
-    ``float32(factor)``s (:func:`_power_rows` does the same in float64); returns ``Σ out``,
-    summed chunk by chunk in float64.  Raises :class:`Narrow` as :func:`_power_rows`
-    does: a sum above :data:`SINGLE_MAX` (an overflow to inf included, found on the sums,
-    the warning silenced), a non-finite element, a positive sum below float32's smallest
-    normal.
+#: The widest row (in elements: a conv's k×k window) the float32 build sums in float32 at
+#: p = 2 (:func:`_single_windows`; the error grows with the width); at p = 3 every width
+#: is (its float64 path costs twice as much).
+SINGLE_WIDTH = 64
 
-    **Rounding.**  Each row ``Σ_j c·|w_j|³`` of ``n`` terms carries a relative error of at
-    most ``(n + 3)·2⁻²⁴`` (two roundings of each cube, the factor's, ``n − 1`` additions
-    of positive terms, in any order) instead of the float64 path's ``2⁻²⁴``: for a 3×3
-    window ``12·2⁻²⁴ ≈ 7e-7``.  As for :func:`_single_powers`, that is of the order of the
-    stored weights' own float32 rounding (``3·2⁻²⁴`` per ``|w|³``) and moves the minimum
-    ``u`` far below what the invariance asks of the weights.  ResNet-50's cle (p = 3,
-    11.3 M elements in 3×3 windows): this part of the build ~1.3 → ~0.8 ns an element."""
+
+def _single_windows(values: np.ndarray, out: np.ndarray, p: float, factor: float = 1.0) -> float:
+    """``out[i] = factor · Σ_j |values[i, j]|^p`` (p = 2 or 3) for a float32 matrix
+    ``values`` (a conv's k×k windows) into float32 ``out``, in float32 a chunk of rows at
+    a time: ``w²`` rounded once, ``|w|³ = w²·|w|`` twice, the row sums by a matrix-vector
+    product with ``float32(factor)``s (:func:`_power_rows` does the same in float64);
+    returns ``Σ out``, summed chunk by chunk in float64.  Raises :class:`Narrow` as
+    :func:`_power_rows` does: a sum above :data:`SINGLE_MAX` (an overflow to inf
+    included, found on the sums, the warning silenced), a non-finite element, a positive
+    sum below float32's smallest normal — or a zero sum of a row with a non-zero element
+    (every power underflowed: a row that counts would stop counting).
+
+    **Rounding.**  Each row ``Σ_j c·|w_j|^p`` of ``n`` terms carries a relative error of
+    at most ``(n + 2)·2⁻²⁴`` at p = 2 and ``(n + 3)·2⁻²⁴`` at p = 3 (one or two roundings
+    of each power, the factor's, ``n − 1`` additions of positive terms, in any order;
+    float32's gradual underflow adds at most ``2⁻¹⁵⁰`` a term, below that relative to a
+    normal sum) instead of the float64 path's ``2⁻²⁴``: for a 3×3 window ``11·2⁻²⁴ ≈
+    7e-7``.  As for :func:`_single_powers`, that is of the order of the stored weights'
+    own float32 rounding (``p·2⁻²⁴`` per ``|w|^p``) and moves the minimum ``u`` far
+    below what the invariance asks of the weights (ResNet-50's canonical form: 1e-8).
+    ResNet-50's cle (p = 3, 11.3 M elements in 3×3 windows): this part of the build
+    ~1.3 → ~0.8 ns an element; its canonical form (p = 2): ``OrbitTerms.build`` CPU
+    33.9 → 28.0 ms (per-round 0.81–0.83, 21 rounds, load 4)."""
     rows, width = values.shape
     step = max(1, SINGLE_CHUNK // width)
     a = np.empty((min(step, rows), width), np.float32)
@@ -280,15 +306,25 @@ def _single_cubes(values: np.ndarray, out: np.ndarray, factor: float = 1.0) -> f
         k = chunk.shape[0]
         mine, part, sq = out[i : i + k], a[:k], squares[:k]
         with np.errstate(over="ignore", invalid="ignore"):  # (found on the sums below)
-            np.absolute(chunk, out=part)
-            np.multiply(part, part, out=sq)
-            part *= sq
+            if p == 2.0:
+                np.square(chunk, out=part)
+            else:
+                np.absolute(chunk, out=part)
+                np.multiply(part, part, out=sq)
+                part *= sq
             np.matmul(part, weights, out=mine)
         total += float(mine.sum(dtype=np.float64))
         # (Q ≥ 0: no sum above the running total; a NaN or inf makes it non-finite)
-        if not total <= SINGLE_MAX or (float(mine.min()) < _SINGLE_TINY and not fits_single(mine)):
+        if not total <= SINGLE_MAX or (float(mine.min()) < _SINGLE_TINY and not _held(mine, chunk)):
             raise Narrow
     return total
+
+
+def _held(sums: np.ndarray, rows: np.ndarray) -> bool:
+    """The float32 row sums ``sums`` of ``rows`` (:func:`_single_windows`) hold what they
+    sum: each is a normal float32 or 0 (:func:`fits_single`), and 0 only where its row is."""
+    zero = sums == 0
+    return fits_single(sums) and not (zero.any() and bool((rows[zero] != 0).any()))
 
 
 def _single_powers(
@@ -318,7 +354,7 @@ def _single_powers(
     ResNet-50's cle (p = 3, 14.2 M one-element rows) ``OrbitTerms.build`` CPU −9 ms."""
     total = 0.0
     spare = np.empty(min(SINGLE_CHUNK, values.size), np.float32) if p == 3.0 else None
-    ones = np.ones(min(SINGLE_CHUNK, values.size), np.float32)
+    ones = _ones32()
     scale = np.float32(factor)
     for i in range(0, values.size, SINGLE_CHUNK):
         a, chunk = out[i : i + SINGLE_CHUNK], values[i : i + SINGLE_CHUNK]
@@ -452,10 +488,18 @@ class Block:
     factors: tuple[BlockFactor, ...]
 
 
-def block_of(use: Absorb, lo: int, pair: IntArray, sign: FloatArray, movable: IntArray) -> Block:
-    """``use``'s rows from ``lo`` as a :class:`Block` (its factors reach no common pair);
-    factors without a movable pair are left out."""
-    cshape = compact_shape(use)
+def block_of(
+    use: Absorb,
+    lo: int,
+    pair: IntArray,
+    sign: FloatArray,
+    movable: IntArray,
+    cshape: tuple[int, ...] | None = None,
+) -> Block:
+    """``use``'s rows from ``lo`` as a :class:`Block` (its factors reach no common pair;
+    ``cshape``: its :func:`compact_shape`, if at hand); factors without a movable pair are
+    left out."""
+    cshape = compact_shape(use) if cshape is None else cshape
     factors: list[BlockFactor] = []
     for f in use.factors:
         ids = with_rank(np.asarray(f.ids), len(cshape))
@@ -466,8 +510,7 @@ def block_of(use: Absorb, lo: int, pair: IntArray, sign: FloatArray, movable: In
         axes = tuple(k for k, (i, c) in enumerate(zip(ids.shape, cshape)) if i == 1 and c != 1)
         coef = np.where(keep, f.exp * sign[ids.reshape(-1)], 0.0)
         factors.append(BlockFactor(ids.shape, axes, pairs.astype(np.intp), coef))
-    size = int(np.prod(cshape))
-    return Block(lo, lo + size, cshape, tuple(factors))
+    return Block(lo, lo + math.prod(cshape), cshape, tuple(factors))
 
 
 def block_coordinates(
@@ -564,16 +607,16 @@ class OrbitTerms:
         sign = np.where(np.asarray(sol.inverse, dtype=bool), -1.0, 1.0)
         uses = counted_uses(analysis)
         factors = [1.0] * len(uses) if scales is None else [float(x) for x in scales]
-        sizes = [int(np.prod(compact_shape(use))) for use in uses]
-        bounds = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
+        cshapes = [compact_shape(use) for use in uses]  # (each once: ~7 µs a call)
+        bounds = [0, *itertools.accumulate(math.prod(c) for c in cshapes)]
         q_all = np.empty(bounds[-1], np.float32 if single else np.float64)
 
         def power(k: int) -> None:
             use = uses[k]
             w = arrays[use.source.name] if arrays is not None else use.source.array()
-            reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k])
+            reduced_power(use, w, p, q_all[bounds[k] : bounds[k + 1]], factors[k], cshapes[k])
 
-        work = [int(np.prod(use.shape)) for use in uses]  # the values each use reads
+        work = [math.prod(use.shape) for use in uses]  # the values each use reads
         try:
             with one_blas_thread():  # (the row sums' gemv: both cores already, by each)
                 each(power, work)
@@ -581,8 +624,8 @@ class OrbitTerms:
             return cls.build(analysis, p, arrays, hold, scales, single=False)
         loose: list[tuple[IntArray, IntArray, FloatArray]] = []
         blocks: list[Block] = []
-        for use, offset in zip(uses, bounds):
-            block = block_of(use, offset, sol.pair, sign, movable)
+        for use, offset, cshape in zip(uses, bounds, cshapes):
+            block = block_of(use, offset, sol.pair, sign, movable, cshape)
             if _overlap([f.pairs[movable[f.pairs]] for f in block.factors], sol.num_pairs):
                 mine = [block_coordinates(block, f, movable) for f in block.factors]
                 loose.extend(_merge(mine, sol.num_pairs))
