@@ -20,6 +20,11 @@ as its own process under ``/usr/bin/time`` (wall seconds, peak resident set):
 5. ``cp`` again — the page cache then favours neither side — and the ratios are against
    the mean of the two copies.
 
+With ``--cold`` every timed step starts with the source's two files dropped from the page
+cache (``os.sync`` first, then ``POSIX_FADV_DONTNEED``): each step reads them from the
+disk, so the ratios do not depend on what the step before left cached (``cp`` alone took
+12–25 s between runs on this machine, as the source was more or less cached).
+
 With ``--baseline DIR`` (another checkout, e.g. a worktree of main), step 2 is first run
 by that checkout's graphteleport (its root the working directory) and the two outputs'
 data files are compared as 16-bit words (how many differ, by how many ulps at most): an
@@ -74,6 +79,19 @@ def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, float, f
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         wall, rss_kb, user, system = out.read().split()[-4:]
     return float(wall), int(rss_kb) * 1024, float(user), float(system)
+
+
+def drop_cached(paths: tuple[Path, ...]) -> None:
+    """Write back what is dirty (``os.sync``) and drop ``paths`` from the page cache
+    (``POSIX_FADV_DONTNEED``): the next step reads them from the disk, whatever the step
+    before it left cached (``--cold``)."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def copy_files(src: Path, out: Path) -> tuple[float, int, float, float]:
@@ -172,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline-verified", action="store_true",
         help="with --baseline: the A/B is of step 3 (the baseline's run first), not step 2",
     )  # fmt: skip
+    ap.add_argument(
+        "--cold", action="store_true",
+        help="drop the source files from the page cache before each timed step",
+    )  # fmt: skip
     ap.add_argument("--verify-by", default="auto", choices=["auto", "whole", "pieces"])
     ap.add_argument("--check", nargs=2, type=Path, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--check-out", type=Path, help=argparse.SUPPRESS)
@@ -187,15 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     src = model_path(a.dir, shape)
     size = src.stat().st_size + src.with_name(src.name + ".data").stat().st_size
     out = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=a.dir))
+    sources = (src, src.with_name(src.name + ".data"))
+
+    def ready() -> None:  # (before each timed step)
+        if a.cold:
+            drop_cached(sources)
+
     verified: dict[str, object] | None = None
     baseline: dict[str, object] | None = None
     baseline_verified: dict[str, object] | None = None
     checked: dict[str, object] | None = None
     try:
+        ready()
         cp1 = copy_files(src, out)
         plain_ab = a.baseline is not None and not a.baseline_verified
         if plain_ab:
+            ready()
             baseline = teleport(src, out, verify=False, keep=True, tree=a.baseline)
+        ready()
         plain = teleport(src, out, verify=False, keep=plain_ab)
         if plain_ab:
             baseline["ulps"] = compare_words(out / "b.onnx.data", out / "t.onnx.data")
@@ -203,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
                 f.unlink()
         if not a.no_verified:
             if a.baseline and a.baseline_verified:
+                ready()
                 baseline_verified = teleport(src, out, True, tree=a.baseline, verify_by=a.verify_by)
+            ready()
             verified = teleport(src, out, verify=True, keep=True, verify_by=a.verify_by)
             checked = independent_check(src, out / "t.onnx", a.check_rtol, a.vocab)
             for f in out.glob("t.onnx*"):
                 f.unlink()
+        ready()
         cp2 = copy_files(src, out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -215,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": shape.__dict__, "bytes": size, "cp": [cp1, cp2], "cp_mean": (cp1[0] + cp2[0]) / 2,
         "no_verify": plain, "verified": verified, "check": checked, "baseline": baseline,
         "baseline_verified": baseline_verified, "load": os.getloadavg(), "load_start": load_start,
+        "cold": a.cold,
     }  # fmt: skip
     print_rows(record)
     print_cpu(record)
@@ -269,6 +304,8 @@ def print_cpu(r: dict) -> None:  # type: ignore[type-arg]
     for when, key in (("start", "load_start"), ("end", "load")):
         loads = " / ".join(f"{x:.2f}" for x in r[key])
         print(f"load average (1, 5, 15 min) at the {when}: {loads}")
+    cache = "the source dropped before each step (--cold)" if r["cold"] else "as left"
+    print(f"page cache: {cache}")
 
 
 def print_verified_ab(tree: Path, base: dict, this: dict) -> None:  # type: ignore[type-arg]
