@@ -1272,6 +1272,17 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+def read_exactly(fd: int, view: memoryview, offset: int, short: str) -> None:
+    """``os.preadv`` into the byte view ``view`` from ``offset`` of ``fd`` until it is full;
+    :class:`InputError` with the line ``short`` where the file ends first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise InputError(short)
+        done += got
+
+
 def _copy_range(src: int, dst: int, src_offset: int, dst_offset: int, length: int) -> None:
     """Copy ``length`` bytes between files at the given offsets, in the kernel where it
     can (``os.copy_file_range``), else through a buffer."""
@@ -1362,12 +1373,8 @@ class _Direct:
         if k not in self._bounce:
             self._bounce[k] = mmap.mmap(-1, _BOUNCE)
         view = memoryview(self._bounce[k])[:n]
-        got = 0
-        while got < n:
-            r = os.preadv(src, [view[got:]], src_offset + got)
-            if r <= 0:
-                raise InputError(f"external data ends early (needed {n} bytes at {src_offset})")
-            got += r
+        short = f"external data ends early (needed {n} bytes at {src_offset})"
+        read_exactly(src, view, src_offset, short)
         return self._write_blocks(view, offset)
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ import onnx
 from onnx import numpy_helper
 
 from graphteleport import halfcast
-from graphteleport.errors import InputError
+from graphteleport.io import read_exactly
 from graphteleport.tensorcheck import reads
 
 __all__ = ["MIN_ELEMENTS", "Widened", "casting_ops", "widen_proto"]
@@ -347,21 +347,12 @@ def _widen_into(
     info = {e.key: e.value for e in tensor.external_data}
     offset = int(info.get("offset", 0))
     fd = os.open(os.path.join(folder, info["location"]), os.O_RDONLY)
+    short = f"the data file of weight '{tensor.name}' ends before its bytes"
     try:
         for i in range(0, out.size, half.size):
             k = min(half.size, out.size - i)
-            _read_exactly(fd, half[:k], offset + 2 * i, tensor.name)
+            read_exactly(fd, half[:k].data.cast("B"), offset + 2 * i, short)
             cast.copy_finite(half[:k], out[i : i + k])
     finally:
         os.close(fd)
     return half
-
-
-def _read_exactly(fd: int, into: np.ndarray, offset: int, name: str) -> None:
-    view = into.data.cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise InputError(f"the data file of weight '{name}' ends before its bytes")
-        done += got

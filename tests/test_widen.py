@@ -22,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphteleport import halfcast, verify, widen
+from graphteleport.errors import InputError
 from graphteleport.io import load_model, save_model_atomic
 from graphteleport.passes.teleport import TeleportPass
 from graphteleport.pieces import PiecesResult, plan_blocks, verify_blocks
@@ -363,3 +364,13 @@ def test_a_weight_holding_nan_payloads_runs_as_onnxruntimes_own_cast() -> None:
     plain, got, wide = _both(proto, ".", feeds, 1)
     assert wide.widened == 1 and np.isnan(plain[0]).any()
     assert _bits(got) == _bits(plain)
+
+
+def test_a_data_file_that_ends_early_is_one_line_naming_the_weight(tmp_path: Path) -> None:
+    """A weight whose external bytes run past the end of its data file (truncated after
+    the model was written) is an :class:`InputError` naming it, not a short copy."""
+    (a, _) = _tensors(tmp_path)
+    data = tmp_path / "m0.data"
+    data.write_bytes(data.read_bytes()[:1000])  # 64 × 64 float16 need 8192 bytes
+    with pytest.raises(InputError, match="the data file of weight 'w' ends before its bytes"):
+        widen.Widened(1).array(a, str(tmp_path))
